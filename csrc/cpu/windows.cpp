@@ -1,0 +1,56 @@
+// CPU kernels: Swin roll + window partition and window merge + reverse roll, one pass each.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "mixkernels/cpu_common.h"
+
+namespace mixkernels::cpu {
+namespace {
+
+// Row r of the windows tensor, (window, n), is token ((wi*wh + n/ww + sh) % H, (wj*ww + n%ww + sw) % W).
+struct WindowMap {
+  int64_t H, W, wh, ww, sh, sw, nWw, nW, N;
+  int64_t token_of(int64_t r) const {
+    const int64_t win = r / N, n = r % N;
+    const int64_t b = win / nW, w = win % nW;
+    const int64_t y = ((w / nWw) * wh + n / ww + sh) % H;
+    const int64_t x = ((w % nWw) * ww + n % ww + sw) % W;
+    return (b * H + y) * W + x;
+  }
+};
+
+at::Tensor window_partition(const at::Tensor& x, int64_t wh, int64_t ww, int64_t sh, int64_t sw) {
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  const WindowMap map{H, W, wh, ww, sh, sw, W / ww, (H / wh) * (W / ww), wh * ww};
+  auto out = at::empty({B * map.nW, map.N, C}, x.options());
+  gather_rows(static_cast<char*>(out.data_ptr()), static_cast<const char*>(x.data_ptr()), B * H * W,
+              C * x.element_size(), [&](int64_t r) { return map.token_of(r); });
+  return out;
+}
+
+at::Tensor window_merge(const at::Tensor& windows, int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sh,
+                        int64_t sw) {
+  const int64_t C = windows.size(2);
+  const WindowMap map{H, W, wh, ww, sh, sw, W / ww, (H / wh) * (W / ww), wh * ww};
+  const int64_t B = windows.size(0) / map.nW;
+  auto out = at::empty({B, H, W, C}, windows.options());
+  // Invert the map per output token: token (b,y,x) comes from window row r.
+  const int64_t nWw = map.nWw;
+  gather_rows(static_cast<char*>(out.data_ptr()), static_cast<const char*>(windows.data_ptr()), B * H * W,
+              C * windows.element_size(), [&](int64_t t) {
+                const int64_t b = t / (H * W), y = (t / W) % H, x = t % W;
+                const int64_t yr = (y - sh + H) % H, xr = (x - sw + W) % W;  // position on the rolled grid
+                const int64_t win = b * map.nW + (yr / wh) * nWw + xr / ww;
+                return win * map.N + (yr % wh) * ww + xr % ww;
+              });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixkernels_C, CPU, m) {
+  m.impl("window_partition", &window_partition);
+  m.impl("window_merge", &window_merge);
+}
+
+}  // namespace mixkernels::cpu

@@ -1,0 +1,23 @@
+"""The public ops: validation, backend choice, autograd and torch.library registration."""
+from ._dispatch import BACKENDS, BackendUnavailable, select
+from .losses import masked_recon_loss, mixmim_loss
+from .mixing import mix_tokens, unmix_tokens
+from .uniform import uniform_masks, uniform_sample, uniform_scatter
+from .window_attention import window_attention
+from .windows import window_merge, window_partition
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "masked_recon_loss",
+    "mix_tokens",
+    "mixmim_loss",
+    "select",
+    "uniform_masks",
+    "uniform_sample",
+    "uniform_scatter",
+    "unmix_tokens",
+    "window_attention",
+    "window_merge",
+    "window_partition",
+]

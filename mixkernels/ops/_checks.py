@@ -1,0 +1,71 @@
+"""Input validation shared by the op families: errors name the argument and what it got."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["tensor", "pair", "positive_int", "mask_2d", "same_device", "FLOATS"]
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(name: str, t, *, ndim: Optional[Sequence[int]] = None, floating: bool = False,
+           dtypes: Optional[Sequence[torch.dtype]] = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() not in tuple(ndim):
+        raise ValueError(f"{name} must have {' or '.join(str(n) for n in ndim)} dims, got shape {tuple(t.shape)}")
+    if floating and t.dtype not in FLOATS:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if dtypes is not None and t.dtype not in tuple(dtypes):
+        raise TypeError(f"{name} must have dtype in {tuple(str(d) for d in dtypes)}, got {t.dtype}")
+    return t
+
+
+def same_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+
+
+def positive_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v <= 0:
+        raise ValueError(f"{name} must be positive, got {v}")
+    return v
+
+
+def pair(name: str, v, *, minimum: int = 1) -> Tuple[int, int]:
+    """An int or a 2-sequence of ints, each >= minimum."""
+    vals = tuple(v) if isinstance(v, (tuple, list, torch.Size)) else (v, v)
+    if len(vals) != 2 or any(isinstance(x, bool) or not isinstance(x, int) for x in vals):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if any(x < minimum for x in vals):
+        raise ValueError(f"{name} must be >= {minimum}, got {v!r}")
+    return vals  # type: ignore[return-value]
+
+
+_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + FLOATS
+
+
+def mask_2d(name: str, mask, B: int, spatial: Tuple[int, ...], ref: torch.Tensor) -> torch.Tensor:
+    """Validate a 0/1 mask over token positions, batch-shared ``spatial`` or per image ``(B, *spatial)``.
+
+    Returns it as contiguous uint8 ``(G, prod(spatial))`` with ``G`` in ``{1, B}``.
+    """
+    tensor(name, mask, dtypes=_MASK_DTYPES)
+    same_device(name, mask, ref, "x")
+    shape = tuple(mask.shape)
+    L = 1
+    for s in spatial:
+        L *= s
+    if shape == tuple(spatial) or shape == (L,):
+        G = 1
+    elif shape == (B,) + tuple(spatial) or shape == (B, L):
+        G = B
+    else:
+        raise ValueError(
+            f"{name} must have shape {tuple(spatial)} (batch-shared) or {(B,) + tuple(spatial)} (per image), got {shape}"
+        )
+    return (mask != 0).to(torch.uint8).reshape(G, L).contiguous()

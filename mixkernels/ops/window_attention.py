@@ -1,0 +1,216 @@
+"""Mask-aware (shifted) window attention: validation, backend choice, autograd, registration."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference as ref
+from . import _checks as chk
+from ._dispatch import acc_dtype, compiled_reason, kernel, select, triton_reason
+
+__all__ = ["window_attention", "KERNEL_HEAD_DIMS", "KERNEL_MAX_WINDOW_TOKENS"]
+_FAMILY = "window_attention"
+KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+KERNEL_MAX_WINDOW_TOKENS = 256
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INTS = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _shape_reason(d: int, N: int) -> Optional[str]:
+    if d not in KERNEL_HEAD_DIMS:
+        return f"head_dim {d} not supported by the fused kernels (supported: {KERNEL_HEAD_DIMS})"
+    if N > KERNEL_MAX_WINDOW_TOKENS:
+        return f"window of {N} tokens exceeds the fused kernels' limit of {KERNEL_MAX_WINDOW_TOKENS}"
+    return None
+
+
+def _checks(qkv: Tensor, d: int, N: int):
+    def compiled():
+        return compiled_reason("window_attention", qkv, _KERNEL_DTYPES + ((torch.float64,) if qkv.is_cpu else ())) or (
+            None if qkv.is_cpu else _shape_reason(d, N)
+        )
+
+    return {
+        "cpu": compiled,
+        "cuda": compiled,
+        "triton": lambda: triton_reason(_FAMILY, "window_attention", qkv, _KERNEL_DTYPES) or _shape_reason(d, N),
+    }
+
+
+@torch.library.custom_op("mixkernels::window_attention", mutates_args=())
+def _wattn(
+    qkv: Tensor, num_heads: int, wh: int, ww: int, sh: int, sw: int,
+    rpb: Optional[Tensor], attn_bias: Optional[Tensor], group: Optional[Tensor], coords: Optional[Tensor],
+    rh: int, rw: int, scale: float, deterministic: bool, backend: str,
+) -> tuple[Tensor, Tensor]:
+    out, lse = kernel(_FAMILY, "window_attention", backend)(
+        qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale
+    )
+    return out, lse
+
+
+@_wattn.register_fake
+def _(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale, deterministic, backend):
+    B, H, W, C3 = qkv.shape
+    nW = (H // wh) * (W // ww)
+    return qkv.new_empty((B, H, W, C3 // 3)), qkv.new_empty((B * nW, num_heads, wh * ww), dtype=acc_dtype(qkv.dtype))
+
+
+@torch.library.custom_op("mixkernels::window_attention_backward", mutates_args=())
+def _wattn_bwd(
+    dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, wh: int, ww: int, sh: int, sw: int,
+    rpb: Optional[Tensor], attn_bias: Optional[Tensor], group: Optional[Tensor], coords: Optional[Tensor],
+    rh: int, rw: int, scale: float, need_drpb: bool, need_dbias: bool, deterministic: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    dqkv, drpb, dbias = kernel(_FAMILY, "window_attention_backward", backend)(
+        dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale,
+        need_drpb, need_dbias, deterministic,
+    )
+    return dqkv, drpb, dbias
+
+
+@_wattn_bwd.register_fake
+def _(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale,
+      need_drpb, need_dbias, deterministic, backend):
+    acc = dict(dtype=acc_dtype(qkv.dtype))
+    drpb = qkv.new_empty(tuple(rpb.shape) if need_drpb else (0,), **acc)
+    dbias = qkv.new_empty(tuple(attn_bias.shape) if need_dbias else (0,), **acc)
+    return torch.empty_like(qkv), drpb, dbias
+
+
+def _wattn_setup(ctx, inputs, output):
+    (qkv, nh, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale, det, backend) = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, rpb, attn_bias, group, coords)
+    ctx.args = (nh, wh, ww, sh, sw)
+    ctx.rest = (rh, rw, scale)
+    ctx.det, ctx.backend = det, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _wattn_backward(ctx, dout, _dlse):
+    qkv, out, lse, rpb, attn_bias, group, coords = ctx.saved_tensors
+    need_drpb = rpb is not None and ctx.needs_input_grad[6]
+    need_dbias = attn_bias is not None and ctx.needs_input_grad[7]
+    dqkv, drpb, dbias = _wattn_bwd(
+        dout.contiguous(), qkv, out, lse, *ctx.args, rpb, attn_bias, group, coords, *ctx.rest,
+        need_drpb, need_dbias, ctx.det, ctx.backend,
+    )
+    return (dqkv, None, None, None, None, None, drpb if need_drpb else None, dbias if need_dbias else None,
+            None, None, None, None, None, None, None)
+
+
+_wattn.register_autograd(_wattn_backward, setup_context=_wattn_setup)
+
+
+def _per_position(name: str, t: Optional[Tensor], B: int, H: int, W: int, qkv: Tensor, tail: tuple) -> Optional[Tensor]:
+    if t is None:
+        return None
+    chk.tensor(name, t, dtypes=_INTS)
+    chk.same_device(name, t, qkv, "qkv")
+    shape = tuple(t.shape)
+    if shape not in ((H, W) + tail, (B, H, W) + tail):
+        raise ValueError(f"{name} must have shape {(H, W) + tail} or {(B, H, W) + tail}, got {shape}")
+    return t
+
+
+def _deterministic(flag: Optional[bool]) -> bool:
+    if flag is not None:
+        return bool(flag)
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get("MIXKERNELS_DETERMINISTIC") == "1"
+
+
+def window_attention(
+    qkv: Tensor,
+    num_heads: int,
+    window_size,
+    *,
+    shift_size=0,
+    rel_pos_bias: Optional[Tensor] = None,
+    attn_bias: Optional[Tensor] = None,
+    group: Optional[Tensor] = None,
+    coords: Optional[Tensor] = None,
+    coord_range=None,
+    scale: Optional[float] = None,
+    deterministic: Optional[bool] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Fused mask-aware (shifted) window attention on the un-partitioned qkv tensor.
+
+    Computes ``roll(-shift) -> partition -> softmax(q*scale @ k^T + rel_pos_bias + attn_bias
+    + masks) @ v -> merge -> roll(+shift)`` exactly as timm/torchvision Swin, with masked
+    pairs at probability 0.
+
+    Args:
+        qkv: ``(B, H, W, 3C)`` output of the qkv Linear, channels ``(3, nH, d)``;
+            fp16/bf16/fp32 (fp64 on the cpu and reference backends).
+        num_heads: ``nH``.
+        window_size: ``wh`` or ``(wh, ww)``, dividing ``H`` and ``W``.
+        shift_size: Swin cyclic shift ``sh`` or ``(sh, sw)``, smaller than the window.
+        rel_pos_bias: ``((2Rh-1)*(2Rw-1), nH)`` table; ``R`` is the window or ``coord_range``.
+        attn_bias: dense ``(nH, N, N)`` bias (e.g. SwinV2 CPB output).
+        group: ``(H, W)`` or ``(B, H, W)`` int/bool labels at original positions; a pair
+            attends only within one label (MixMIM: ``group = mask``).
+        coords: ``(H, W, 2)`` or ``(B, H, W, 2)`` int true (row, col) of each token;
+            the table is then indexed by coordinate differences within ``coord_range``.
+        coord_range: ``(Rh, Rw)``; required with ``coords``.
+        scale: default ``d ** -0.5``.
+        deterministic: bit-reproducible bias gradients (default: follows
+            ``torch.are_deterministic_algorithms_enabled()`` or ``MIXKERNELS_DETERMINISTIC=1``).
+        backend: ``None`` (automatic), ``"cuda"``, ``"triton"``, ``"cpu"``, ``"reference"``.
+    Returns:
+        ``(B, H, W, C)`` in ``qkv.dtype``, ready for the output projection.
+    """
+    chk.tensor("qkv", qkv, ndim=(4,), floating=True)
+    nh = chk.positive_int("num_heads", num_heads)
+    B, H, W, C3 = qkv.shape
+    if C3 % (3 * nh):
+        raise ValueError(f"qkv's last dim must be 3*num_heads*head_dim (num_heads={nh}), got {C3}")
+    d = C3 // (3 * nh)
+    wh, ww = chk.pair("window_size", window_size)
+    sh, sw = chk.pair("shift_size", shift_size, minimum=0)
+    if H % wh or W % ww:
+        raise ValueError(f"window_size {(wh, ww)} must divide the token grid (H, W) = {(H, W)}; pad first")
+    if sh >= wh or sw >= ww:
+        raise ValueError(f"shift_size {(sh, sw)} must be smaller than window_size {(wh, ww)}")
+    N = wh * ww
+    if coords is not None:
+        if coord_range is None:
+            raise ValueError("coord_range (Rh, Rw) is required with coords, got None")
+        rh, rw = chk.pair("coord_range", coord_range)
+    else:
+        rh, rw = wh, ww
+    if rel_pos_bias is not None:
+        chk.tensor("rel_pos_bias", rel_pos_bias, ndim=(2,), floating=True)
+        chk.same_device("rel_pos_bias", rel_pos_bias, qkv, "qkv")
+        want = ((2 * rh - 1) * (2 * rw - 1), nh)
+        if tuple(rel_pos_bias.shape) != want:
+            raise ValueError(f"rel_pos_bias must have shape {want}, got {tuple(rel_pos_bias.shape)}")
+    if attn_bias is not None:
+        chk.tensor("attn_bias", attn_bias, ndim=(3,), floating=True)
+        chk.same_device("attn_bias", attn_bias, qkv, "qkv")
+        if tuple(attn_bias.shape) != (nh, N, N):
+            raise ValueError(f"attn_bias must have shape {(nh, N, N)}, got {tuple(attn_bias.shape)}")
+    _per_position("group", group, B, H, W, qkv, ())
+    _per_position("coords", coords, B, H, W, qkv, (2,))
+    if scale is None:
+        scale = d ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+
+    b = select("window_attention", qkv.device, _checks(qkv, d, N), backend)
+    if b == "reference":
+        return ref.window_attention(
+            qkv, nh, (wh, ww), shift_size=(sh, sw), rel_pos_bias=rel_pos_bias, attn_bias=attn_bias,
+            group=group, coords=coords, coord_range=(rh, rw), scale=float(scale),
+        )
+    acc = acc_dtype(qkv.dtype)
+    rpb = None if rel_pos_bias is None else rel_pos_bias.to(acc).contiguous()
+    ab = None if attn_bias is None else attn_bias.to(acc).contiguous()
+    g = None if group is None else group.to(torch.int32).reshape(-1, H, W).contiguous()
+    c = None if coords is None else coords.to(torch.int32).reshape(-1, H, W, 2).contiguous()
+    out, _ = _wattn(qkv.contiguous(), nh, wh, ww, sh, sw, rpb, ab, g, c, rh, rw, float(scale), _deterministic(deterministic), b)
+    return out

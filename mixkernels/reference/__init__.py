@@ -1,0 +1,22 @@
+"""Pure-PyTorch references: the executable spec every backend is tested against."""
+from .losses import masked_recon_loss, mixmim_loss, patch_targets, patchify
+from .mixing import mix_tokens, unmix_tokens
+from .uniform import uniform_sample, uniform_scatter
+from .window_attention import relative_position_index, shift_region_ids, window_attention
+from .windows import window_merge, window_partition
+
+__all__ = [
+    "masked_recon_loss",
+    "mix_tokens",
+    "mixmim_loss",
+    "patch_targets",
+    "patchify",
+    "relative_position_index",
+    "shift_region_ids",
+    "uniform_sample",
+    "uniform_scatter",
+    "unmix_tokens",
+    "window_attention",
+    "window_merge",
+    "window_partition",
+]

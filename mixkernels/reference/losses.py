@@ -1,0 +1,115 @@
+"""Reference reconstruction losses: MixMIM dual reconstruction and MAE/UM-MAE masked loss."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["patchify", "patch_targets", "mixmim_loss", "masked_recon_loss"]
+
+
+def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """MAE ``patchify``: ``(B, 3, H, W)`` -> ``(B, L, p*p*3)``, last dim ordered ``(p, p, 3)``."""
+    B, c, H, W = imgs.shape
+    p = patch_size
+    h, w = H // p, W // p
+    x = imgs.reshape(B, c, h, p, w, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(B, h * w, p * p * c)
+
+
+def patch_targets(imgs: torch.Tensor, patch_size: int, norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """Patchified targets, normalized per patch with the unbiased variance when ``norm_pix``."""
+    t = patchify(imgs, patch_size)
+    if norm_pix:
+        mean = t.mean(dim=-1, keepdim=True)
+        var = t.var(dim=-1, keepdim=True)  # unbiased, as the official code
+        t = (t - mean) / (var + eps) ** 0.5
+    return t
+
+
+def _reduce(loss: torch.Tensor, weight, reduction: str) -> torch.Tensor:
+    """``loss`` ``(B, L)`` per-patch; ``weight`` ``(B, L)`` 0/1 or None (all count)."""
+    if weight is None:
+        if reduction == "mean":
+            return loss.mean()
+        if reduction == "per_image":
+            return loss.mean(dim=1)
+        return loss
+    loss = loss * weight
+    if reduction == "mean":
+        return loss.sum() / weight.sum()
+    if reduction == "per_image":
+        return loss.sum(dim=1) / weight.sum(dim=1)
+    return loss
+
+
+def _batch_mask(mask: torch.Tensor, B: int, L: int, dtype) -> torch.Tensor:
+    return (mask != 0).reshape(-1, L).expand(B, L).to(dtype)
+
+
+def mixmim_loss(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    *,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """MixMIM dual-reconstruction loss.
+
+    Args:
+        pred: ``(2B, L, p*p*3)`` dual decoder output.
+        imgs: ``(B, 3, H, W)``, ``L = (H/p)*(W/p)``.
+        mask: bool/0-1 ``(L,)`` or ``(B, L)``; 1 where image ``i`` was replaced by its partner.
+    Returns:
+        scalar (``mean``), ``(B,)`` (``per_image``) or ``(B, L)`` (``none``), float32 or wider.
+    """
+    B = imgs.shape[0]
+    t = patch_targets(imgs.to(_acc(pred, imgs)), patch_size, norm_pix, eps)
+    L = t.shape[1]
+    p = pred.to(t.dtype)
+    m = _batch_mask(mask, B, L, t.dtype).unsqueeze(-1)
+    unmix = p[:B] * m + p[B:].flip(0) * (1 - m)
+    loss = ((unmix - t) ** 2).mean(dim=-1)
+    return _reduce(loss, None, reduction)
+
+
+def masked_recon_loss(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    *,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """MAE / UM-MAE loss on masked patches only.
+
+    Args:
+        pred: ``(B, L, D)`` for all patches or ``(B, Lm, D)`` for the masked patches only
+            (row-major order of ``mask == 1``; every image must mask ``Lm`` patches).
+        mask: bool/0-1 ``(L,)`` or ``(B, L)``; 1 = masked (counts in the loss).
+    Returns:
+        scalar mean over masked patches, ``(B,)`` per image, or per patch (``(B, L)`` with
+        zeros where unmasked, or ``(B, Lm)``).
+    """
+    B = imgs.shape[0]
+    t = patch_targets(imgs.to(_acc(pred, imgs)), patch_size, norm_pix, eps)
+    L = t.shape[1]
+    p = pred.to(t.dtype)
+    m = _batch_mask(mask, B, L, t.dtype)
+    if p.shape[1] == L:
+        loss = ((p - t) ** 2).mean(dim=-1)
+        return _reduce(loss, m, reduction)
+    t = t[m.bool()].reshape(B, -1, t.shape[-1])
+    loss = ((p - t) ** 2).mean(dim=-1)
+    return _reduce(loss, None, reduction)
+
+
+def _acc(pred: torch.Tensor, imgs: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float32, or float64 when either input is float64."""
+    if torch.float64 in (pred.dtype, imgs.dtype):
+        return torch.float64
+    return torch.float32

@@ -1,0 +1,144 @@
+"""Reference window attention: timm/torchvision Swin attention, step by step.
+
+This is the executable spec of ``mixkernels.window_attention``. It materializes
+everything the fused kernels avoid (roll, partition, N x N bias and mask, the
+softmax probabilities) and is differentiated by plain autograd.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .windows import window_merge, window_partition
+
+__all__ = [
+    "relative_position_index",
+    "shift_region_ids",
+    "window_attention",
+]
+
+
+def _pair(v) -> Tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+def relative_position_index(wh: int, ww: int, device=None) -> torch.Tensor:
+    """Swin's ``relative_position_index``: ``(N, N)`` int64 into a ``((2wh-1)*(2ww-1), nH)`` table."""
+    ys, xs = torch.meshgrid(
+        torch.arange(wh, device=device), torch.arange(ww, device=device), indexing="ij"
+    )
+    coords = torch.stack([ys.flatten(), xs.flatten()])  # (2, N)
+    rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N)
+    return (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)
+
+
+def shift_region_ids(H: int, W: int, window: Tuple[int, int], shift: Tuple[int, int], device=None) -> torch.Tensor:
+    """Swin's shifted-window region label of every position of the *rolled* grid, ``(H, W)`` int64.
+
+    Rows ``[0,H-wh) [H-wh,H-sh) [H-sh,H)`` get 0/1/2 (same for columns) and the label is
+    ``3*row_region + col_region``; a pair may attend only within one label.
+    """
+    (wh, ww), (sh, sw) = window, shift
+
+    def bands(n, w, s):
+        ids = torch.zeros(n, dtype=torch.long, device=device)
+        if s > 0:
+            ids[n - w : n - s] = 1
+            ids[n - s :] = 2
+        return ids
+
+    return bands(H, wh, sh)[:, None] * 3 + bands(W, ww, sw)[None, :]
+
+
+def _windows_of(t: torch.Tensor, window, shift) -> torch.Tensor:
+    """Roll a ``(G,H,W,K)`` per-position tensor like the tokens and partition it: ``(G*nW, N, K)``."""
+    return window_partition(t, window, shift)
+
+
+def window_attention(
+    qkv: torch.Tensor,
+    num_heads: int,
+    window_size,
+    *,
+    shift_size=0,
+    rel_pos_bias: Optional[torch.Tensor] = None,
+    attn_bias: Optional[torch.Tensor] = None,
+    group: Optional[torch.Tensor] = None,
+    coords: Optional[torch.Tensor] = None,
+    coord_range=None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Mask-aware (shifted) window attention, reference implementation.
+
+    Args:
+        qkv: ``(B, H, W, 3C)`` output of the qkv Linear on the un-shifted tokens,
+            channels ordered ``(3, nH, d)``.
+        num_heads: ``nH``; ``d = C // nH``.
+        window_size: ``wh`` or ``(wh, ww)``; ``H % wh == 0`` and ``W % ww == 0``.
+        shift_size: Swin cyclic shift ``sh`` or ``(sh, sw)``.
+        rel_pos_bias: ``((2Rh-1)*(2Rw-1), nH)`` table (``R = window`` without ``coords``).
+        attn_bias: dense ``(nH, N, N)`` bias.
+        group: ``(H, W)`` or ``(B, H, W)`` integer/bool labels; pairs attend only within a label.
+        coords: ``(H, W, 2)`` or ``(B, H, W, 2)`` integer true positions for the table lookup.
+        coord_range: ``(Rh, Rw)``, required with ``coords``.
+        scale: softmax scale, default ``d ** -0.5``.
+
+    Returns:
+        ``(B, H, W, C)`` merged and un-shifted attention output, dtype of ``qkv``.
+    """
+    B, H, W, C3 = qkv.shape
+    C = C3 // 3
+    nH = num_heads
+    d = C // nH
+    wh, ww = _pair(window_size)
+    sh, sw = _pair(shift_size)
+    N = wh * ww
+    nW = (H // wh) * (W // ww)
+    if scale is None:
+        scale = d ** -0.5
+
+    win = window_partition(qkv, (wh, ww), (sh, sw))  # (B*nW, N, 3C)
+    q, k, v = win.reshape(B * nW, N, 3, nH, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, nH, N, d)
+    attn = (q * scale) @ k.transpose(-2, -1)  # (B*nW, nH, N, N)
+
+    if rel_pos_bias is not None:
+        if coords is None:
+            idx = relative_position_index(wh, ww, device=qkv.device)  # (N, N)
+            bias = rel_pos_bias[idx.reshape(-1)].reshape(N, N, nH).permute(2, 0, 1)
+            attn = attn + bias.unsqueeze(0).to(attn.dtype)
+        else:
+            Rh, Rw = _pair(coord_range)
+            c = coords.long()
+            if c.dim() == 3:
+                c = c.unsqueeze(0)
+            cw = _windows_of(c, (wh, ww), (sh, sw))  # (G*nW, N, 2)
+            rel = cw[:, :, None, :] - cw[:, None, :, :]  # (G*nW, N, N, 2)
+            idx = (rel[..., 0] + Rh - 1) * (2 * Rw - 1) + (rel[..., 1] + Rw - 1)
+            bias = rel_pos_bias[idx.reshape(-1)].reshape(-1, N, N, nH).permute(0, 3, 1, 2)
+            attn = (attn.reshape(-1, bias.shape[0], nH, N, N) + bias.to(attn.dtype)).reshape(B * nW, nH, N, N)
+
+    if attn_bias is not None:
+        attn = attn + attn_bias.unsqueeze(0).to(attn.dtype)
+
+    allowed = None
+    if sh > 0 or sw > 0:
+        ids = shift_region_ids(H, W, (wh, ww), (sh, sw), device=qkv.device)
+        idw = window_partition(ids[None, :, :, None], (wh, ww)).reshape(nW, N)  # rolled grid: no shift here
+        allowed = (idw[:, :, None] == idw[:, None, :]).unsqueeze(0)  # (1, nW, N, N)
+    if group is not None:
+        g = group.long()
+        if g.dim() == 2:
+            g = g.unsqueeze(0)
+        gw = _windows_of(g.unsqueeze(-1), (wh, ww), (sh, sw)).reshape(-1, nW, N)  # (G, nW, N)
+        same = gw[:, :, :, None] == gw[:, :, None, :]  # (G, nW, N, N)
+        allowed = same if allowed is None else (allowed & same)
+    if allowed is not None:
+        attn = attn.reshape(B, nW, nH, N, N).masked_fill(~allowed.unsqueeze(2), float("-inf"))
+        attn = attn.reshape(B * nW, nH, N, N)
+
+    attn = attn.softmax(dim=-1)
+    out = (attn @ v).transpose(1, 2).reshape(B * nW, N, C)
+    return window_merge(out, (wh, ww), H, W, (sh, sw))
