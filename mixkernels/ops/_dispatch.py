@@ -66,13 +66,12 @@ _TRITON_ERROR: Optional[str] = None
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def compiled_reason(name: str, t: torch.Tensor, dtypes: Iterable[torch.dtype] = _FLOATS) -> Optional[str]:
-    """Why ``mixkernels_C::name`` cannot run on ``t``'s device/dtype, or None."""
-    dev = t.device.type
-    if dev not in ("cpu", "cuda"):
-        return f"no compiled kernels for device {dev!r}"
-    key = "CPU" if dev == "cpu" else "CUDA"
-    err = _ext.cpu_error if dev == "cpu" else _ext.cuda_error
+def compiled_reason(backend: str, name: str, t: torch.Tensor, dtypes: Iterable[torch.dtype] = _FLOATS) -> Optional[str]:
+    """Why compiled ``backend`` ("cpu"/"cuda") cannot run ``mixkernels_C::name`` on ``t``, or None."""
+    if t.device.type != backend:
+        return f"needs {backend} tensors, got {t.device.type}"
+    key = "CPU" if backend == "cpu" else "CUDA"
+    err = _ext.cpu_error if backend == "cpu" else _ext.cuda_error
     if err is not None:
         return err
     if not _ext.has_kernel(name, key):

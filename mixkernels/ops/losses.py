@@ -26,8 +26,8 @@ def _checks(name: str, pred: Tensor, imgs: Tensor):
         return fn(pred) or fn(imgs)
 
     return {
-        "cpu": lambda: both(lambda t: compiled_reason(name, t, chk.FLOATS)),
-        "cuda": lambda: both(lambda t: compiled_reason(name, t)),
+        "cpu": lambda: both(lambda t: compiled_reason("cpu", name, t, chk.FLOATS)),
+        "cuda": lambda: both(lambda t: compiled_reason("cuda", name, t)),
         "triton": lambda: both(lambda t: triton_reason(_FAMILY, name, t)),
     }
 

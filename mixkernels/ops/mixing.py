@@ -16,8 +16,8 @@ _FAMILY = "mixing"
 
 def _checks(name: str, t: Tensor):
     return {
-        "cpu": lambda: compiled_reason(name, t, chk.FLOATS),
-        "cuda": lambda: compiled_reason(name, t),
+        "cpu": lambda: compiled_reason("cpu", name, t, chk.FLOATS),
+        "cuda": lambda: compiled_reason("cuda", name, t),
         "triton": lambda: triton_reason(_FAMILY, name, t),
     }
 

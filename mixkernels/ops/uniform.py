@@ -17,8 +17,8 @@ _INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 def _checks(name: str, t: Tensor):
     return {
-        "cpu": lambda: compiled_reason(name, t, chk.FLOATS),
-        "cuda": lambda: compiled_reason(name, t),
+        "cpu": lambda: compiled_reason("cpu", name, t, chk.FLOATS),
+        "cuda": lambda: compiled_reason("cuda", name, t),
         "triton": lambda: triton_reason(_FAMILY, name, t),
     }
 

@@ -28,15 +28,10 @@ def _shape_reason(d: int, N: int) -> Optional[str]:
 
 
 def _checks(qkv: Tensor, d: int, N: int):
-    def compiled():
-        return compiled_reason("window_attention", qkv, _KERNEL_DTYPES + ((torch.float64,) if qkv.is_cpu else ())) or (
-            None if qkv.is_cpu else _shape_reason(d, N)
-        )
-
     return {
-        "cpu": compiled,
-        "cuda": compiled,
-        "triton": lambda: triton_reason(_FAMILY, "window_attention", qkv, _KERNEL_DTYPES) or _shape_reason(d, N),
+        "cpu": lambda: compiled_reason("cpu", "window_attention", qkv, _KERNEL_DTYPES + (torch.float64,)),
+        "cuda": lambda: _shape_reason(d, N) or compiled_reason("cuda", "window_attention", qkv, _KERNEL_DTYPES),
+        "triton": lambda: _shape_reason(d, N) or triton_reason(_FAMILY, "window_attention", qkv, _KERNEL_DTYPES),
     }
 
 
