@@ -373,11 +373,10 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
         _sum_chunks_kernel[(triton.cdiv(M, 1024),)](part, res, chunks, M, BLOCK=1024)
         return res
 
-    empty = torch.empty((0,), **f32)
     dsum = reduce(dsum) if want_dsum else None
-    dbias = dsum if need_dbias else empty
+    dbias = dsum if need_dbias else torch.empty((0,), **f32)  # outputs must not alias each other
     if not need_drpb:
-        drpb = empty
+        drpb = torch.empty((0,), **f32)
     elif coords is not None:
         drpb = reduce(dtab)
     else:
