@@ -92,6 +92,11 @@ def triton_reason(family: str, name: str, t: torch.Tensor, dtypes: Iterable[torc
         return f"device {t.device.type!r} not supported"
     if t.dtype not in tuple(dtypes):
         return f"dtype {t.dtype} not supported (supports {', '.join(str(d) for d in dtypes)})"
+    return _triton_kernel_reason(family, name)
+
+
+@torch.compiler.assume_constant_result  # importlib cannot be traced; the answer never changes
+def _triton_kernel_reason(family: str, name: str) -> Optional[str]:
     try:
         mod = importlib.import_module(f"mixkernels.triton.{family}")
     except Exception as e:

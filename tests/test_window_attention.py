@@ -1,0 +1,257 @@
+"""Fused window attention, every backend, against the float64 reference (flash-attn's 2x rule).
+
+Backends run where ``mixkernels.ops._dispatch`` says they can: triton on CPU tensors under the
+interpreter (conftest) or on CUDA, the compiled cpu kernel once registered, cuda on a GPU.
+Interpreter programs are slow, so shapes are a few windows and the option grid is a
+hand-picked cover (every option, every pairwise interaction that matters), not a product.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import mixkernels
+from mixkernels import reference as ref
+from mixkernels.testing import assert_close_2x, noncontiguous
+
+_OPS = importlib.import_module("mixkernels.ops.window_attention")
+_GPU = pytest.mark.gpu
+COMBOS = [
+    pytest.param("triton", "cpu", id="triton-cpu"),
+    pytest.param("cpu", "cpu", id="cpu-cpu"),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=_GPU),
+    pytest.param("cuda", "cuda", id="cuda-cuda", marks=_GPU),
+]
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def _skip_unless_available(backend, qkv, nh, win):
+    reason = _OPS._checks(qkv, qkv.shape[-1] // (3 * nh), win[0] * win[1])[backend]()
+    if reason:
+        pytest.skip(f"{backend} unavailable: {reason}")
+
+
+def _case(device, dtype=F32, B=2, win=(4, 4), grid=(2, 1), nh=2, d=16, shift=(0, 0), rpb=False, bias=False,
+          group=None, coords=None):
+    """Inputs in float64 (cast per use). grid = windows along (H, W)."""
+    wh, ww = win
+    H, W = grid[0] * wh, grid[1] * ww
+    N = wh * ww
+    kw = dict(window_size=win, shift_size=shift)
+    R = win
+    if coords is not None:  # UM-MAE-like: compact-image token (y, x) keeps original (2y+a, 2x+b)
+        G = B if coords == "per" else 1
+        off = torch.randint(0, 2, (G, H, W, 2), device=device)
+        base = torch.stack(torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device),
+                                          indexing="ij"), -1)
+        c = 2 * base + off
+        kw["coords"] = c if coords == "per" else c[0]
+        R = (2 * H, 2 * W)
+        kw["coord_range"] = R
+    if group is not None:
+        g = torch.randint(0, 2, (B, H, W), device=device)
+        kw["group"] = g if group == "per" else g[0].bool()
+    qkv = torch.randn(B, H, W, 3 * nh * d, dtype=torch.float64, device=device)
+    leaves = {"qkv": qkv}
+    if rpb:
+        leaves["rel_pos_bias"] = torch.randn((2 * R[0] - 1) * (2 * R[1] - 1), nh, dtype=torch.float64, device=device)
+    if bias:
+        leaves["attn_bias"] = torch.randn(nh, N, N, dtype=torch.float64, device=device)
+    return dtype, nh, kw, leaves
+
+
+def _ref_and_grads(leaves, nh, kw, dtype, dout):
+    """Reference output and gradients with qkv in ``dtype`` (biases stay fp32/fp64 like the kernels)."""
+    bias_dt = torch.float64 if dtype == torch.float64 else torch.float32
+    ins = {k: v.detach().to(dtype if k == "qkv" else bias_dt).requires_grad_() for k, v in leaves.items()}
+    out = ref.window_attention(ins["qkv"], nh, kw["window_size"], **{**_rest(kw), **_biases(ins)})
+    grads = torch.autograd.grad(out, list(ins.values()), dout.to(out.dtype))
+    return out, dict(zip(ins, grads))
+
+
+def _rest(kw):
+    return {k: v for k, v in kw.items() if k != "window_size"}
+
+
+def _biases(ins):
+    return {k: v for k, v in ins.items() if k != "qkv"}
+
+
+def _check(backend, device, dtype, nh, kw, leaves, *, deterministic=None, make_qkv=None):
+    qkv = leaves["qkv"].detach().to(dtype)
+    _skip_unless_available(backend, qkv, nh, kw["window_size"])
+    if make_qkv is not None:
+        qkv = make_qkv(qkv)
+    ins = {"qkv": qkv.requires_grad_()}
+    ins.update({k: v.detach().float().requires_grad_() for k, v in leaves.items() if k != "qkv"})
+    out = mixkernels.window_attention(ins["qkv"], nh, kw["window_size"], backend=backend,
+                                      deterministic=deterministic, **{**_rest(kw), **_biases(ins)})
+    dout = torch.randn(out.shape, dtype=torch.float64, device=device)
+    grads = dict(zip(ins, torch.autograd.grad(out, list(ins.values()), dout.to(dtype))))
+    out64, g64 = _ref_and_grads(leaves, nh, kw, torch.float64, dout)
+    out_s, g_s = _ref_and_grads(leaves, nh, kw, dtype, dout)
+    assert out.dtype == dtype
+    assert_close_2x(out, out64, out_s if dtype != torch.float64 else None, name="out")
+    for k in ins:
+        assert grads[k].dtype == ins[k].dtype, k
+        assert_close_2x(grads[k], g64[k], g_s[k], atol=_grad_atol(k, dtype), name=f"d{k}")
+    return out, grads
+
+
+def _grad_atol(name, dtype):
+    # Bias gradients are sums over windows and batch of dS: scale the slack with the count.
+    from mixkernels.testing import tolerance
+
+    return tolerance(dtype) * (8 if name != "qkv" else 1)
+
+
+CASES = {
+    # name: (dtype, _case kwargs, deterministic)
+    "plain_rpb_f32": (F32, dict(rpb=True), None),
+    "shift_rpb_d32_f32": (F32, dict(shift=(2, 2), grid=(2, 2), d=32, rpb=True), None),
+    "shift_group_per_rpb_bias_f16": (F16, dict(win=(4, 3), shift=(2, 1), group="per", rpb=True, bias=True), False),
+    "group_shared_bias_bf16": (BF16, dict(group="shared", bias=True), None),
+    "win7x5_shift_group_shared_rpb_f32": (F32, dict(win=(7, 5), grid=(1, 2), nh=1, shift=(3, 2), group="shared",
+                                                    rpb=True), None),
+    "win3x3_d64_f16": (F16, dict(win=(3, 3), grid=(2, 2), d=64, rpb=True), None),
+    "nomask_nobias_d32_bf16": (BF16, dict(d=32, grid=(1, 2)), None),
+    "coords_per_rpb_f32": (F32, dict(coords="per", rpb=True), False),
+    "coords_shared_shift_group_per_rpb_bias_bf16": (BF16, dict(coords="shared", shift=(2, 2), group="per",
+                                                               rpb=True, bias=True), None),
+    "det_shift_group_per_rpb_bias_f32": (F32, dict(win=(4, 3), shift=(1, 2), group="per", rpb=True, bias=True),
+                                         True),
+    "det_coords_per_rpb_f16": (F16, dict(win=(2, 3), grid=(2, 2), nh=1, coords="per", rpb=True), True),
+}
+
+
+@pytest.mark.parametrize("backend,device", COMBOS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_backward(backend, device, name):
+    dtype, ckw, det = CASES[name]
+    _, nh, kw, leaves = _case(device, dtype, **ckw)
+    _check(backend, device, dtype, nh, kw, leaves, deterministic=det)
+
+
+@pytest.mark.parametrize("backend,device", COMBOS)
+def test_noncontiguous_qkv(backend, device):
+    _, nh, kw, leaves = _case(device, F16, win=(4, 3), shift=(1, 1), rpb=True, group="shared")
+    _check(backend, device, F16, nh, kw, leaves, make_qkv=noncontiguous)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_GPU)])
+def test_triton_poisoned_outputs(device, monkeypatch):
+    """Every output the Triton launchers allocate starts as NaN: any unwritten element fails."""
+    tw = pytest.importorskip("mixkernels.triton.window_attention")
+
+    def poisoned(shape, dtype, dev):
+        return torch.full(shape, float("nan"), dtype=dtype, device=dev)
+
+    monkeypatch.setattr(tw, "_alloc", poisoned)
+    for det in (False, True):
+        _, nh, kw, leaves = _case(device, F32, win=(7, 5), grid=(1, 2), nh=1, shift=(3, 2), rpb=True, bias=True)
+        _check("triton", device, F32, nh, kw, leaves, deterministic=det)
+
+
+@pytest.mark.parametrize("backend,device", COMBOS)
+@pytest.mark.parametrize("coords", [None, "per"])
+def test_deterministic_bias_grads_bit_identical(backend, device, coords):
+    ckw = dict(win=(2, 3), grid=(2, 2), nh=1, coords="per") if coords else dict(win=(4, 3), shift=(1, 1))
+    dtype, nh, kw, leaves = _case(device, F16, rpb=True, bias=True, group="per", **ckw)
+    qkv = leaves["qkv"].to(F16)
+    _skip_unless_available(backend, qkv, nh, kw["window_size"])
+    dout = torch.randn(qkv.shape[:-1] + (qkv.shape[-1] // 3,), device=device, dtype=F16)
+    runs = []
+    for _ in range(2):
+        ins = [qkv.clone().requires_grad_(), leaves["rel_pos_bias"].float().requires_grad_(),
+               leaves["attn_bias"].float().requires_grad_()]
+        out = mixkernels.window_attention(ins[0], nh, kw["window_size"], rel_pos_bias=ins[1], attn_bias=ins[2],
+                                          deterministic=True, backend=backend,
+                                          **_rest(kw))
+        runs.append(torch.autograd.grad(out, ins, dout))
+    for a, b, n in zip(*runs, ("dqkv", "drpb", "dattn_bias")):
+        assert torch.equal(a, b), f"{n} differs between two deterministic runs"
+
+
+def _tiny(device, dtype=F32):
+    qkv = torch.randn(1, 2, 4, 3 * 16, device=device, dtype=dtype, requires_grad=True)
+    rpb = torch.randn(3 * 3, 1, device=device, requires_grad=True)
+    return qkv, rpb
+
+
+@pytest.mark.parametrize("backend,device", COMBOS)
+def test_opcheck(backend, device):
+    qkv, rpb = _tiny(device)
+    _skip_unless_available(backend, qkv, 1, (2, 2))
+    group = torch.tensor([[[0, 1, 1, 1], [0, 0, 1, 0]]], dtype=torch.int32, device=device)
+    args = (qkv, 1, 2, 2, 1, 1, rpb, None, group, None, 2, 2, 0.25, True, backend)
+    torch.library.opcheck(torch.ops.mixkernels.window_attention.default, args)
+
+
+@pytest.mark.parametrize("backend,device", COMBOS)
+def test_torch_compile_fullgraph(backend, device):
+    qkv, rpb = _tiny(device)
+    _skip_unless_available(backend, qkv, 1, (2, 2))
+    torch._dynamo.reset()
+
+    def f(qkv, rpb):
+        return mixkernels.window_attention(qkv, 1, 2, shift_size=1, rel_pos_bias=rpb, backend=backend)
+
+    eager = f(qkv, rpb)
+    ge = torch.autograd.grad(eager.square().sum(), (qkv, rpb))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(qkv, rpb)
+    gc = torch.autograd.grad(compiled.square().sum(), (qkv, rpb))
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- bad inputs (public API)
+
+
+def _good(**over):
+    args = dict(qkv=torch.randn(2, 4, 4, 3 * 32), num_heads=2, window_size=2)
+    args.update(over)
+    return args
+
+
+def _call(**over):
+    a = _good(**over)
+    return mixkernels.window_attention(a.pop("qkv"), a.pop("num_heads"), a.pop("window_size"), **a)
+
+
+@pytest.mark.parametrize(
+    "over,exc,needle",
+    [
+        (dict(qkv=torch.randint(0, 3, (2, 4, 4, 96))), TypeError, "qkv"),
+        (dict(qkv=torch.randn(4, 4, 96)), ValueError, "qkv"),
+        (dict(qkv=torch.randn(2, 4, 4, 95)), ValueError, "95"),
+        (dict(window_size=3), ValueError, "window_size"),
+        (dict(shift_size=2), ValueError, "shift_size"),
+        (dict(rel_pos_bias=torch.randn(8, 2)), ValueError, "rel_pos_bias"),
+        (dict(attn_bias=torch.randn(2, 4, 5)), ValueError, "attn_bias"),
+        (dict(group=torch.zeros(3, 4, 4, dtype=torch.int64)), ValueError, "group"),
+        (dict(group=torch.zeros(4, 4)), TypeError, "group"),
+        (dict(coords=torch.zeros(4, 4, 2, dtype=torch.int64)), ValueError, "coord_range"),
+        (dict(coords=torch.zeros(4, 4, dtype=torch.int64), coord_range=4), ValueError, "coords"),
+    ],
+)
+def test_bad_inputs(over, exc, needle):
+    with pytest.raises(exc, match=needle):
+        _call(**over)
+
+
+_DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_unsupported_head_dim_triton():
+    qkv = torch.randn(1, 4, 4, 3 * 2 * 8, device=_DEV)
+    with pytest.raises(mixkernels.BackendUnavailable, match="head_dim 8"):
+        mixkernels.window_attention(qkv, 2, 2, backend="triton")
+
+
+def test_window_too_large_triton():
+    qkv = torch.randn(1, 17, 17, 3 * 16, device=_DEV)
+    with pytest.raises(mixkernels.BackendUnavailable, match="289 tokens"):
+        mixkernels.window_attention(qkv, 1, 17, backend="triton")
