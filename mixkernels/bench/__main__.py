@@ -160,16 +160,20 @@ def main(argv=None) -> int:
         report.write_json(json_path, doc)
         report.write_markdown(os.path.join(args.out, "bench.md"), doc, plots)
         print(f"wrote {json_path}, {os.path.join(args.out, 'bench.md')} and {len(plots)} plot(s)")
-    rc = 0
-    if args.compare:
-        old = report.load(args.compare)
-        text, bad = report.compare(res, old["results"], args.fail_on_regression)
-        print(f"\n== compare with {args.compare} ({old['env'].get('gpu') or 'CPU'}, commit {old['env'].get('git_commit')})")
-        print(text)
-        if bad and args.fail_on_regression is not None:
-            print(f"{len(bad)} regression(s) beyond {args.fail_on_regression}%", file=sys.stderr)
-            rc = 1
-    return rc
+    return compare_with(res, args.compare, args.fail_on_regression) if args.compare else 0
+
+
+def compare_with(results, old_path: str, fail_pct=None) -> int:
+    """Print the per-case change against ``old_path``; 1 if a mixkernels case regressed by more
+    than ``fail_pct`` percent (or broke), else 0."""
+    old = report.load(old_path)
+    text, bad = report.compare(results, old["results"], fail_pct)
+    print(f"\n== compare with {old_path} ({old['env'].get('gpu') or 'CPU'}, commit {old['env'].get('git_commit')})")
+    print(text)
+    if bad and fail_pct is not None:
+        print(f"{len(bad)} regression(s) beyond {fail_pct}%: " + ", ".join(bad), file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

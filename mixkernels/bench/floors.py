@@ -32,7 +32,7 @@ def measure_floors(device: torch.device, quick: bool = False) -> Dict[str, objec
         torch.cuda.empty_cache()
         return {"copy_GBps": copy_gbps, "matmul_TFLOPs": tflops, "matmul_dtype": "bfloat16",
                 "copy_bytes": 2 * n, "matmul_shape": [m, m, m]}
-    n = (64 if quick else 256) << 20
+    n = (32 if quick else 256) << 20
     src = torch.ones(n, dtype=torch.uint8)
     dst = torch.empty_like(src)
     ms = time_fn(lambda i: dst.copy_(src), device, quick=quick)

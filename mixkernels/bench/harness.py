@@ -17,11 +17,12 @@ import itertools
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["Case", "Provider", "Runner", "Skip", "Settings", "time_fn", "peak_mb", "run_case", "max_abs_err"]
+__all__ = ["Case", "Provider", "Runner", "Skip", "Settings", "Prepared", "prepare", "instrument", "time_fn", "peak_mb",
+           "run_case", "max_abs_err"]
 
 
 class Skip(Exception):
@@ -136,7 +137,7 @@ def time_fn(fn: Callable[[int], Any], device: torch.device, *, flush: bool = Tru
         fn(next(counter))
 
     call()  # warm-up
-    t = benchmark.Timer(stmt="call()", globals={"call": call}).blocked_autorange(min_run_time=0.1 if quick else 0.5)
+    t = benchmark.Timer(stmt="call()", globals={"call": call}).blocked_autorange(min_run_time=0.05 if quick else 0.5)
     return t.median * 1e3
 
 
@@ -212,6 +213,61 @@ def _reference(case: Case, inp: Dict[str, Any]):
     return out.detach(), g0.detach(), dout
 
 
+@dataclass
+class Prepared:
+    """A case's inputs (plus rotated copies), float64 reference and upstream gradient."""
+
+    case: Case
+    inp: Dict[str, Any]
+    copies: List[Dict[str, Any]]
+    ref_out: Any
+    ref_grad: Optional[torch.Tensor]
+    dout: Optional[torch.Tensor]
+
+
+def prepare(case: Case, settings: Settings, seed: int = 0) -> Prepared:
+    dev = settings.device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    inp = case.make(dev, case.dtype, gen)
+    if case.mode == "step":
+        ref_out, ref_grad, dout = case.reference(inp), None, None
+    else:
+        ref_out, ref_grad, dout = _reference(case, inp)
+    n = 1
+    if dev.type == "cuda" and case.mode != "step":
+        n = max(1, min(settings.rotate, int(2e9 // max(1, _input_bytes(inp)))))
+    copies = [inp] + [{k: _clone(v) for k, v in inp.items()} for _ in range(n - 1)]
+    return Prepared(case, inp, copies, ref_out, ref_grad, dout)
+
+
+def instrument(prep: Prepared, provider: Provider) -> Tuple[Callable[[int], Any], Dict[str, Any]]:
+    """Build ``provider`` for the case, run it once (compiles, warms up) and check it against the
+    float64 reference. Returns the timed callable ``fn(i)`` (i rotates the input copies) and
+    the error metrics. Raises Skip / BackendUnavailable when the provider cannot run."""
+    case, inp, copies = prep.case, prep.inp, prep.copies
+    runner = provider.build(case, inp)
+    m: Dict[str, Any] = {}
+    if case.mode == "step":
+        loss = runner.fn(inp)  # first step; its loss is checked
+        m["max_err"] = abs(float(loss) - float(prep.ref_out))
+    else:
+        out, grads = _forward_backward(case, runner, inp, prep.dout)
+        m["max_err"] = max_abs_err(out, prep.ref_out)
+        if grads is not None:
+            m["max_grad_err"] = max_abs_err(grads[0], prep.ref_grad)
+        del out, grads
+    if runner.note:
+        m["note"] = runner.note
+    n = len(copies)
+
+    def fn(i):
+        if case.mode == "step":
+            return runner.fn(inp)
+        return _forward_backward(case, runner, copies[i % n], prep.dout)
+
+    return fn, m
+
+
 def run_case(case: Case, settings: Settings, floors: Dict[str, Any], seed: int = 0,
              on_provider: Optional[Callable[[str], None]] = None) -> List[Dict[str, Any]]:
     """Measure every provider of ``case``; one result dict per provider (ok, skipped or error)."""
@@ -219,16 +275,11 @@ def run_case(case: Case, settings: Settings, floors: Dict[str, Any], seed: int =
     from .. import BackendUnavailable
 
     dev = settings.device
-    gen = torch.Generator(device=dev).manual_seed(seed)
     results: List[Dict[str, Any]] = []
     base = {"suite": case.suite, "case": case.name, "dtype": _dtype_name(case.dtype), "mode": case.mode,
             "params": case.params, "floor_bytes": case.floor_bytes, "flops": case.flops}
     try:
-        inp = case.make(dev, case.dtype, gen)
-        if case.mode == "step":
-            ref_out, ref_grad, dout = case.reference(inp), None, None
-        else:
-            ref_out, ref_grad, dout = _reference(case, inp)
+        prep = prepare(case, settings, seed)
     except Exception as e:  # the case cannot be set up: a missing module (Skip) or e.g. out of memory
         status, why = ("skipped", _short(e)) if isinstance(e, Skip) else ("error", f"case setup failed: {type(e).__name__}: {_short(e)}")
         for p in case.providers:
@@ -236,52 +287,32 @@ def run_case(case: Case, settings: Settings, floors: Dict[str, Any], seed: int =
             if on_provider:
                 on_provider(p.name)
         return results
-    n_copies = 1
-    if dev.type == "cuda" and case.mode != "step":
-        n_copies = max(1, min(settings.rotate, int(2e9 // max(1, _input_bytes(inp)))))
-    copies = [inp] + [{k: _clone(v) for k, v in inp.items()} for _ in range(n_copies - 1)]
     t_floor = floor_seconds(floors, case.floor_bytes, case.flops) if case.floor_bytes else None
 
     for p in case.providers:
         r = dict(base, provider=p.name, kind=p.kind)
-        runner = None
+        fn = None
         try:
-            runner = p.build(case, inp)
-            if case.mode == "step":
-                loss = runner.fn(inp)  # first step: compiles / warms up; its loss is checked
-                r["max_err"] = abs(float(loss) - float(ref_out))
-            else:
-                out, grads = _forward_backward(case, runner, inp, dout)
-                r["max_err"] = max_abs_err(out, ref_out)
-                if grads is not None:
-                    r["max_grad_err"] = max_abs_err(grads[0], ref_grad)
-                del out, grads
-
-            def fn(i, _r=runner):
-                if case.mode == "step":
-                    return _r.fn(inp)
-                return _forward_backward(case, _r, copies[i % n_copies], dout)
-
+            fn, metrics = instrument(prep, p)
             ms = time_fn(fn, dev, quick=settings.quick)
-            r["status"] = "ok"
-            r["ms"] = ms
+            r.update(metrics, status="ok", ms=ms)
             if case.mode == "step":
                 r["img_per_s"] = case.params.get("batch", 1) / (ms * 1e-3)
             if case.floor_bytes:
                 r["GBps"] = case.floor_bytes / (ms * 1e-3) / 1e9
                 r["pct_floor"] = 100.0 * t_floor / (ms * 1e-3)
             r["peak_mb"] = peak_mb(fn, dev)
-            if runner.note:
-                r["note"] = runner.note
         except (Skip, BackendUnavailable) as e:
             r["status"], r["reason"] = "skipped", _short(e)
         except Exception as e:
-            r["status"], r["reason"] = "error", f"{type(e).__name__}: {_short(e)}"
+            r = dict(base, provider=p.name, kind=p.kind, status="error", reason=f"{type(e).__name__}: {_short(e)}")
             if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+                try:
+                    torch.cuda.synchronize(dev)
+                except Exception:  # a sticky device fault: later cases will report it too
+                    pass
         finally:
-            del runner
-            r.pop("ms", None) if r.get("status") != "ok" else None
+            del fn
             results.append(r)
             if dev.type == "cuda":
                 gc.collect()
@@ -294,7 +325,7 @@ def run_case(case: Case, settings: Settings, floors: Dict[str, Any], seed: int =
 
 def _speedups(results: List[Dict[str, Any]]) -> None:
     ok = {r["provider"]: r["ms"] for r in results if r.get("status") == "ok"}
-    eager = ok.get("eager")
+    eager = next((ms for name, ms in ok.items() if name.endswith("eager")), None)  # "eager", "timm-eager"
     for r in results:
         if r.get("status") != "ok":
             continue

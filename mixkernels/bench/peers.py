@@ -144,9 +144,9 @@ def _folded_mask(inp, neg, dtype, pad_to: int = 1):
     Np = -(-N // pad_to) * pad_to
     if Np == N:
         return m.reshape(B * nW, nh, N, N)
-    full = torch.empty(B * nW, nh, N, Np, device=dev, dtype=dtype)
-    full[..., :N] = m.reshape(B * nW, nh, N, N)
-    return full[..., :N]
+    full = torch.empty(B, nW, nh, N, Np, device=dev, dtype=dtype)  # one write into an aligned buffer
+    full[..., :N] = m
+    return full.view(B * nW, nh, N, Np)[..., :N]
 
 
 def sdpa_provider(device: torch.device) -> Provider:
@@ -159,7 +159,8 @@ def sdpa_provider(device: torch.device) -> Provider:
 
         def fn(i):
             q, k, v = _partition_qkv(i)
-            mask = _folded_mask(i, neg, q.dtype)
+            # EFFICIENT_ATTENTION wants the mask's rows 16-element aligned; torch would pad a copy
+            mask = _folded_mask(i, neg, q.dtype, pad_to=16 if device.type == "cuda" else 1)
             if device.type == "cuda":
                 with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
                     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -211,7 +212,14 @@ def flex_provider(device: torch.device, settings) -> Provider:
             o = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
             return _merge(o.transpose(1, 2), i)
 
-        return Runner(compile_fn(fn), note="torch.compile(flex_attention)")
+        compiled = compile_fn(fn)
+        if device.type == "cpu":  # forward only there: run it without building the autograd graph
+            def fwd_only(i):
+                with torch.no_grad():
+                    return compiled(i)
+
+            return Runner(fwd_only, note="torch.compile(flex_attention), no_grad (no CPU backward)")
+        return Runner(compiled, note="torch.compile(flex_attention)")
 
     return Provider("flex", "peer", build)
 

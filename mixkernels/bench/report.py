@@ -164,7 +164,7 @@ def write_markdown(path: str, doc: Dict[str, Any], plots: Sequence[str] = ()) ->
         f"* date {env['date']}, commit `{env.get('git_commit')}`, torch {env['torch']}, CUDA {env.get('cuda')}, "
         f"triton {env.get('triton')}, python {env['python']}",
         f"* command: `{doc['args'].get('command', '')}`" + ("" if doc.get("complete", True) else " (**incomplete run**)"),
-        f"* floors measured at start: copy {floors['copy_GBps']:.0f} GB/s, matmul {floors["matmul_TFLOPs"]:.3g} "
+        f"* floors measured at start: copy {floors['copy_GBps']:.0f} GB/s, matmul {floors['matmul_TFLOPs']:.3g} "
         f"TFLOP/s ({floors.get('matmul_dtype')})",
         "* ms: median; GB/s: floor bytes / time (attention: q, k, v read once and o written once, plus dO, dq, "
         "dk, dv for backward; token ops and losses: bytes read + written once); % floor: floor bytes at the "
@@ -235,7 +235,7 @@ def write_plots(out_dir: str, results: Sequence[Dict[str, Any]], title: str) -> 
         fig.suptitle(title, fontsize=10)
         fig.tight_layout()
         path = os.path.join(out_dir, f"{suite}.png")
-        fig.savefig(path, dpi=90)
+        fig.savefig(path, dpi=80)
         plt.close(fig)
         paths.append(path)
     return paths
