@@ -27,6 +27,9 @@ SWIN_B = [("swin-s1", 56, 128, 4, 7, 0), ("swin-s1-shift", 56, 128, 4, 7, 3),
           ("swin-s4", 7, 1024, 32, 7, 0)]  # stage 4: the window covers the grid, no shift
 TINY_ATTN = [("mixmim-tiny", 14, 64, 2, 7, 0), ("swin-tiny-shift", 14, 64, 2, 7, 3)]
 CPU_ATTN = [MIXMIM_B[0], MIXMIM_B[3], SWIN_B[1], SWIN_B[5]]
+# Most telling shapes first, so a run cut short by --time-budget still covers every stage kind.
+GPU_ATTN = [MIXMIM_B[0], SWIN_B[1], MIXMIM_B[1], SWIN_B[3], MIXMIM_B[2], SWIN_B[5], MIXMIM_B[3], SWIN_B[6],
+            SWIN_B[0], SWIN_B[2], SWIN_B[4]]
 
 
 def _es(dt: torch.dtype) -> int:
@@ -55,7 +58,7 @@ def _modes():
 # ------------------------------------------------------------------------------ attention
 def attention_cases(settings: Settings, dtypes, batch: int) -> List[Case]:
     dev = settings.device
-    shapes = (MIXMIM_B + SWIN_B) if dev.type == "cuda" else (TINY_ATTN if settings.quick else CPU_ATTN)
+    shapes = GPU_ATTN if dev.type == "cuda" else (TINY_ATTN if settings.quick else CPU_ATTN)
     if settings.quick and dev.type == "cuda":
         shapes = [MIXMIM_B[0], SWIN_B[1]]
     cases = []
