@@ -349,3 +349,24 @@ def test_compile_pipeline():
     gb = torch.autograd.grad(expect.square().sum(), (x, tok))
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend,dtype", [c for c in CASES if (c[1] if isinstance(c, tuple) else c.values[1]) != F64],
+                         ids=[i for i in IDS if "float64" not in i])
+def test_misaligned_pointers(backend, dtype):
+    """Contiguous views whose data pointer is off by one element: the vector path must not be taken."""
+    dev = _device(backend)
+    B, H, W, C = 3, 4, 4, 16
+    x = torch.randn(B * H * W * C + 1, dtype=dtype, device=dev)[1:].view(B, H, W, C)
+    mask = torch.rand(B, H, W, device=dev) < 0.5
+    assert torch.equal(mk.mix_tokens(x, mask, backend=backend), ref.mix_tokens(x, mask))
+    assert torch.equal(mk.window_partition(x, 2, 1, backend=backend), ref.window_partition(x, 2, 1))
+    keep, sec = mk.uniform_masks(B, (2, 2), device=dev)
+    tok = torch.randn(C + 1, dtype=dtype, device=dev)[1:]
+    assert torch.equal(mk.uniform_sample(x, keep, 1, mask_token=tok, secondary=sec, backend=backend),
+                       ref.uniform_sample(x, keep, 1, mask_token=tok, secondary=sec))
+    xl = x.view(B, H * W, C)
+    m = mask.reshape(B, -1)
+    got = mk.unmix_tokens(xl, m, tok, tok.view(1, 1, C), backend=backend)
+    assert_close_2x(got, ref.unmix_tokens(xl.double(), m, tok.double(), tok.double().view(1, 1, C)),
+                    ref.unmix_tokens(xl, m, tok, tok.view(1, 1, C)))
