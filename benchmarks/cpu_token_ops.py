@@ -83,9 +83,12 @@ def main():
     ap.add_argument("--W", type=int, default=56)
     ap.add_argument("--C", type=int, default=128)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (inductor) of the reference")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"# CPU token ops: B={args.B} H={args.H} W={args.W} C={args.C} {args.dtype}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     cols = "| op | MB moved | kernel ms | GB/s | eager ms | GB/s | speedup |"
