@@ -181,7 +181,7 @@ def unmix_tokens_backward(grad: torch.Tensor, mask: torch.Tensor, need_token: bo
         pos = torch.zeros(L, C, dtype=torch.float32, device=grad.device) if need_pos else acc_empty(grad)
         return dx, tok, pos
     block_p, block_c, nw = tile(C, L)
-    block_p = min(block_p, 64)  # two float32 accumulator tiles live in registers
+    block_p = max(1, min(block_p, 2048 // block_c))  # two float32 accumulator tiles live in registers
     n_p, n_c = triton.cdiv(L, block_p), triton.cdiv(C, block_c)
     # Split the batch so a GPU has enough programs; one chunk under the interpreter.
     n_k = 1 if interpreting() or not grad.is_cuda else max(1, min(B, triton.cdiv(1024, n_p * n_c)))
