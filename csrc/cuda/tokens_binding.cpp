@@ -1,0 +1,151 @@
+// CUDA bindings of the token ops (mixing, windows, uniform): allocate outputs, call the
+// torch-free launchers of csrc/cuda/{mixing,windows,uniform}.cu on the current stream, check.
+#include <torch/library.h>
+
+#include "mixkernels/tokens_cuda.h"
+#include "mixkernels/torch_cuda.h"
+
+namespace mixkernels::cuda {
+namespace {
+
+void check_input(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.is_contiguous(), "mixkernels CUDA token op: ", name, " must be a contiguous CUDA tensor");
+}
+
+const uint8_t* u8(const at::Tensor& t, const char* name) {
+  check_input(t, name);
+  TORCH_CHECK(t.scalar_type() == at::kByte, "mixkernels CUDA token op: ", name, " must be uint8, got ", t.scalar_type());
+  return t.data_ptr<uint8_t>();
+}
+
+const uint8_t* u8_opt(const c10::optional<at::Tensor>& t, const char* name) {
+  return t.has_value() ? u8(*t, name) : nullptr;
+}
+
+at::Tensor acc_like(const at::Tensor& t, at::IntArrayRef shape) { return at::empty(shape, t.options().dtype(at::kFloat)); }
+
+at::Tensor mix_tokens_op(const at::Tensor& x, const at::Tensor& mask) {
+  check_input(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = at::empty_like(x);
+  MK_CHECK_LAUNCH(cuda::mix_tokens(x.data_ptr(), u8(mask, "mask"), out.data_ptr(), x.size(0), x.size(1), x.size(2),
+                                   mask.size(0), dtype_of(x), current_stream()));
+  return out;
+}
+
+at::Tensor mix_tokens_backward_op(const at::Tensor& grad, const at::Tensor& mask) {
+  check_input(grad, "grad");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  auto dx = at::empty_like(grad);
+  MK_CHECK_LAUNCH(cuda::mix_tokens_backward(grad.data_ptr(), u8(mask, "mask"), dx.data_ptr(), grad.size(0),
+                                            grad.size(1), grad.size(2), mask.size(0), dtype_of(grad),
+                                            current_stream()));
+  return dx;
+}
+
+at::Tensor unmix_tokens_op(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& token,
+                        const c10::optional<at::Tensor>& pos) {
+  check_input(x, "x");
+  check_input(token, "mask_token");
+  if (pos.has_value()) check_input(*pos, "pos_embed");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), L = x.size(1), C = x.size(2);
+  auto out = at::empty({2 * B, L, C}, x.options());
+  MK_CHECK_LAUNCH(cuda::unmix_tokens(x.data_ptr(), u8(mask, "mask"), token.data_ptr(),
+                                     pos.has_value() ? pos->data_ptr() : nullptr, out.data_ptr(), B, L, C,
+                                     mask.size(0), dtype_of(x), current_stream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unmix_tokens_backward_op(const at::Tensor& grad, const at::Tensor& mask,
+                                                                     bool need_token, bool need_pos) {
+  check_input(grad, "grad");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t B = grad.size(0) / 2, L = grad.size(1), C = grad.size(2);
+  auto dx = at::empty({B, L, C}, grad.options());
+  auto dtoken = need_token ? acc_like(grad, {C}) : acc_like(grad, {0});
+  auto dpos = need_pos ? acc_like(grad, {L, C}) : acc_like(grad, {0});
+  auto ws = acc_like(grad, {cuda::unmix_tokens_backward_workspace(B, L, C, need_token, need_pos)});
+  MK_CHECK_LAUNCH(cuda::unmix_tokens_backward(grad.data_ptr(), u8(mask, "mask"), dx.data_ptr(),
+                                              need_token ? dtoken.data_ptr<float>() : nullptr,
+                                              need_pos ? dpos.data_ptr<float>() : nullptr, ws.data_ptr<float>(), B, L,
+                                              C, mask.size(0), dtype_of(grad), current_stream()));
+  return {dx, dtoken, dpos};
+}
+
+at::Tensor window_partition_op(const at::Tensor& x, int64_t wh, int64_t ww, int64_t sh, int64_t sw) {
+  check_input(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  auto out = at::empty({B * (H / wh) * (W / ww), wh * ww, C}, x.options());
+  MK_CHECK_LAUNCH(cuda::window_partition(x.data_ptr(), out.data_ptr(), B, H, W, C, wh, ww, sh, sw, dtype_of(x),
+                                         current_stream()));
+  return out;
+}
+
+at::Tensor window_merge_op(const at::Tensor& windows, int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sh,
+                        int64_t sw) {
+  check_input(windows, "windows");
+  const c10::cuda::CUDAGuard guard(windows.device());
+  const int64_t C = windows.size(2), B = windows.size(0) / ((H / wh) * (W / ww));
+  auto out = at::empty({B, H, W, C}, windows.options());
+  MK_CHECK_LAUNCH(cuda::window_merge(windows.data_ptr(), out.data_ptr(), B, H, W, C, wh, ww, sh, sw,
+                                     dtype_of(windows), current_stream()));
+  return out;
+}
+
+at::Tensor uniform_sample_op(const at::Tensor& x, const at::Tensor& keep, int64_t unit,
+                          const c10::optional<at::Tensor>& token, const c10::optional<at::Tensor>& secondary) {
+  check_input(x, "x");
+  TORCH_CHECK(!secondary.has_value() || token.has_value(), "uniform_sample: secondary needs mask_token");
+  if (token.has_value()) check_input(*token, "mask_token");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  auto out = at::empty({B, H / 2, W / 2, C}, x.options());
+  MK_CHECK_LAUNCH(cuda::uniform_sample(x.data_ptr(), u8(keep, "keep"), u8_opt(secondary, "secondary"),
+                                       token.has_value() ? token->data_ptr() : nullptr, out.data_ptr(), B, H, W, C,
+                                       unit, dtype_of(x), current_stream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> uniform_sample_backward_op(const at::Tensor& grad, const at::Tensor& keep,
+                                                           int64_t unit, const c10::optional<at::Tensor>& secondary,
+                                                           bool need_token) {
+  check_input(grad, "grad");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t B = grad.size(0), H = 2 * grad.size(1), W = 2 * grad.size(2), C = grad.size(3);
+  auto dx = at::empty({B, H, W, C}, grad.options());
+  auto dtoken = need_token ? acc_like(grad, {C}) : acc_like(grad, {0});
+  auto ws = acc_like(grad, {cuda::uniform_sample_backward_workspace(B, H, W, C, need_token)});
+  MK_CHECK_LAUNCH(cuda::uniform_sample_backward(grad.data_ptr(), u8(keep, "keep"), u8_opt(secondary, "secondary"),
+                                                dx.data_ptr(), need_token ? dtoken.data_ptr<float>() : nullptr,
+                                                ws.data_ptr<float>(), B, H, W, C, unit, dtype_of(grad),
+                                                current_stream()));
+  return {dx, dtoken};
+}
+
+at::Tensor uniform_scatter_op(const at::Tensor& compact, const at::Tensor& keep, int64_t unit) {
+  check_input(compact, "compact");
+  const c10::cuda::CUDAGuard guard(compact.device());
+  const int64_t B = compact.size(0), H = 2 * compact.size(1), W = 2 * compact.size(2), C = compact.size(3);
+  auto out = at::empty({B, H, W, C}, compact.options());
+  MK_CHECK_LAUNCH(cuda::uniform_scatter(compact.data_ptr(), u8(keep, "keep"), out.data_ptr(), B, H, W, C, unit,
+                                        dtype_of(compact), current_stream()));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixkernels_C, CUDA, m) {
+  m.impl("mix_tokens", &mix_tokens_op);
+  m.impl("mix_tokens_backward", &mix_tokens_backward_op);
+  m.impl("unmix_tokens", &unmix_tokens_op);
+  m.impl("unmix_tokens_backward", &unmix_tokens_backward_op);
+  m.impl("window_partition", &window_partition_op);
+  m.impl("window_merge", &window_merge_op);
+  m.impl("uniform_sample", &uniform_sample_op);
+  m.impl("uniform_sample_backward", &uniform_sample_backward_op);
+  m.impl("uniform_scatter", &uniform_scatter_op);
+}
+
+}  // namespace mixkernels::cuda
