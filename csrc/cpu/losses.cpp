@@ -39,24 +39,26 @@ void load_target(const TI* imgs, const Patches& g, int64_t b, int64_t patch, boo
     }
   }
   if (!norm_pix) return;
-  acc sum = 0;
+  // Sequential sums over up to 3072 values run in double (as cheap as float when scalar) so the
+  // fp32 results match torch's pairwise sums; two passes keep precision for bright patches.
+  double sum = 0;
   for (int64_t d = 0; d < g.D; ++d) sum += t[d];
-  const acc mean = sum / static_cast<acc>(g.D);
-  acc ss = 0;  // two passes: the centred sum of squares keeps precision for bright patches
-  for (int64_t d = 0; d < g.D; ++d) ss += (t[d] - mean) * (t[d] - mean);
-  const acc var = ss / static_cast<acc>(g.D - 1);  // unbiased, as torch.var and the official code
-  const acc den = std::sqrt(var + static_cast<acc>(eps));
+  const acc mean = static_cast<acc>(sum / static_cast<double>(g.D));
+  double ss = 0;
+  for (int64_t d = 0; d < g.D; ++d) ss += static_cast<double>(t[d] - mean) * static_cast<double>(t[d] - mean);
+  const double var = ss / static_cast<double>(g.D - 1);  // unbiased, as torch.var and the official code
+  const acc den = static_cast<acc>(std::sqrt(var + eps));
   for (int64_t d = 0; d < g.D; ++d) t[d] = (t[d] - mean) / den;
 }
 
 template <typename acc, typename TP>
 acc patch_mse(const TP* u, const acc* t, int64_t D) {
-  acc s = 0;
+  double s = 0;
   for (int64_t d = 0; d < D; ++d) {
     const acc e = static_cast<acc>(u[d]) - t[d];
-    s += e * e;
+    s += static_cast<double>(e) * static_cast<double>(e);
   }
-  return s / static_cast<acc>(D);
+  return static_cast<acc>(s / static_cast<double>(D));
 }
 
 // du = g * 2 (u - t) / D, written in pred's dtype.
