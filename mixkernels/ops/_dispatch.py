@@ -92,18 +92,18 @@ def triton_reason(family: str, name: str, t: torch.Tensor, dtypes: Iterable[torc
         return f"device {t.device.type!r} not supported"
     if t.dtype not in tuple(dtypes):
         return f"dtype {t.dtype} not supported (supports {', '.join(str(d) for d in dtypes)})"
-    return _triton_kernel_reason(family, name)
+    return _triton_launcher_error(family, name) or None
 
 
-@torch.compiler.assume_constant_result  # importlib cannot be traced; the answer never changes
-def _triton_kernel_reason(family: str, name: str) -> Optional[str]:
+@torch.compiler.assume_constant_result  # Dynamo cannot trace the import; the answer is fixed per process
+def _triton_launcher_error(family: str, name: str) -> str:
     try:
         mod = importlib.import_module(f"mixkernels.triton.{family}")
     except Exception as e:
         return f"mixkernels.triton.{family} failed to import ({type(e).__name__}: {e})"
     if not hasattr(mod, name):
         return f"no Triton kernel for {name}"
-    return None
+    return ""
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

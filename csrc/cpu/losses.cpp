@@ -1,0 +1,230 @@
+// CPU kernels: fused reconstruction losses (MixMIM dual reconstruction, MAE/UM-MAE masked).
+//
+// One task per patch: the target patch is read straight from the image (MAE patchify order
+// (row, col, channel), no patchified copy), normalized with the per-patch mean and unbiased
+// variance, and compared with the single pred row that predicts it. Each patch is reduced by
+// one thread in a fixed order, so results do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "mixkernels/cpu_common.h"
+
+namespace mixkernels::cpu {
+namespace {
+
+// Image geometry shared by the four kernels.
+struct Patches {
+  int64_t B, H, W, p, nw, L, D;
+  Patches(const at::Tensor& imgs, int64_t patch) {
+    B = imgs.size(0), H = imgs.size(2), W = imgs.size(3), p = patch;
+    nw = W / p, L = (H / p) * nw, D = p * p * 3;
+  }
+};
+
+// t[(i*p + j)*3 + c] = imgs[b, c, ph*p+i, pw*p+j], normalized per patch when norm_pix.
+template <typename acc, typename TI>
+void load_target(const TI* imgs, const Patches& g, int64_t b, int64_t patch, bool norm_pix, double eps, acc* t) {
+  const int64_t p = g.p, HW = g.H * g.W;
+  const int64_t y0 = (patch / g.nw) * p, x0 = (patch % g.nw) * p;
+  const TI* img = imgs + b * 3 * HW;
+  for (int64_t i = 0; i < p; ++i) {
+    for (int64_t c = 0; c < 3; ++c) {
+      const TI* row = img + c * HW + (y0 + i) * g.W + x0;
+      acc* dst = t + i * p * 3 + c;
+      for (int64_t j = 0; j < p; ++j) dst[j * 3] = static_cast<acc>(row[j]);
+    }
+  }
+  if (!norm_pix) return;
+  // Sequential sums over up to 3072 values run in double (as cheap as float when scalar) so the
+  // fp32 results match torch's pairwise sums; two passes keep precision for bright patches.
+  double sum = 0;
+  for (int64_t d = 0; d < g.D; ++d) sum += t[d];
+  const acc mean = static_cast<acc>(sum / static_cast<double>(g.D));
+  double ss = 0;
+  for (int64_t d = 0; d < g.D; ++d) ss += static_cast<double>(t[d] - mean) * static_cast<double>(t[d] - mean);
+  const double var = ss / static_cast<double>(g.D - 1);  // unbiased, as torch.var and the official code
+  const acc den = static_cast<acc>(std::sqrt(var + eps));
+  for (int64_t d = 0; d < g.D; ++d) t[d] = (t[d] - mean) / den;
+}
+
+template <typename acc, typename TP>
+acc patch_mse(const TP* u, const acc* t, int64_t D) {
+  double s = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const acc e = static_cast<acc>(u[d]) - t[d];
+    s += static_cast<double>(e) * static_cast<double>(e);
+  }
+  return static_cast<acc>(s / static_cast<double>(D));
+}
+
+// du = g * 2 (u - t) / D, written in pred's dtype.
+template <typename acc, typename TP>
+void patch_grad(TP* du, const TP* u, const acc* t, acc g, int64_t D) {
+  const acc k = g * static_cast<acc>(2) / static_cast<acc>(D);
+  for (int64_t d = 0; d < D; ++d) du[d] = static_cast<TP>(k * (static_cast<acc>(u[d]) - t[d]));
+}
+
+// Patches per task: about 64 KiB of target per task.
+inline int64_t patch_grain(int64_t D) { return row_grain(D * 4); }
+
+// Run `body.template operator()<TP, TI, acc>()` for pred dtype x imgs dtype (acc: double if either is double).
+template <typename Body>
+void dispatch2(const at::Tensor& pred, const at::Tensor& imgs, Body&& body) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "mixkernels_losses", [&] {
+    using TP = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, imgs.scalar_type(), "mixkernels_losses", [&] {
+      using TI = scalar_t;
+      constexpr bool wide = std::is_same_v<TP, double> || std::is_same_v<TI, double>;
+      using acc = std::conditional_t<wide, double, float>;
+      body.template operator()<TP, TI, acc>();
+    });
+  });
+}
+
+at::ScalarType acc_type(const at::Tensor& pred, const at::Tensor& imgs) {
+  return (pred.scalar_type() == at::kDouble || imgs.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+}
+
+void check_inputs(const at::Tensor& pred, const at::Tensor& imgs, int64_t p) {
+  TORCH_CHECK(pred.dim() == 3 && imgs.dim() == 4 && imgs.size(1) == 3, "losses: pred must be 3-D and imgs (B,3,H,W)");
+  TORCH_CHECK(p > 0 && imgs.size(2) % p == 0 && imgs.size(3) % p == 0, "losses: image size not divisible by patch_size");
+  TORCH_CHECK(pred.size(2) == p * p * 3, "losses: pred's last dim must be patch_size**2 * 3");
+  TORCH_CHECK(pred.is_contiguous() && imgs.is_contiguous(), "losses: inputs must be contiguous");
+}
+
+// Image b's prediction of patch l is row b of the first half where m[b,l], else row 2B-1-b (the flipped second half).
+inline int64_t mixmim_src(const uint8_t* m, int64_t G, int64_t B, int64_t L, int64_t b, int64_t l) {
+  return m[(G == 1 ? 0 : b) * L + l] ? b : 2 * B - 1 - b;
+}
+
+at::Tensor mixmim_loss(const at::Tensor& pred, const at::Tensor& imgs, const at::Tensor& mask, int64_t p,
+                       bool norm_pix, double eps) {
+  check_inputs(pred, imgs, p);
+  const Patches g(imgs, p);
+  TORCH_CHECK(pred.size(0) == 2 * g.B && pred.size(1) == g.L, "mixmim_loss: pred must be (2B, L, D)");
+  const int64_t G = mask.size(0);
+  auto out = at::empty({g.B, g.L}, pred.options().dtype(acc_type(pred, imgs)));
+  const uint8_t* m = mask.data_ptr<uint8_t>();
+  dispatch2(pred, imgs, [&]<typename TP, typename TI, typename acc>() {
+    const TP* pp = pred.data_ptr<TP>();
+    const TI* ip = imgs.data_ptr<TI>();
+    acc* op = out.data_ptr<acc>();
+    at::parallel_for(0, g.B * g.L, patch_grain(g.D), [&](int64_t begin, int64_t end) {
+      std::vector<acc> t(g.D);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / g.L, l = r % g.L;
+        load_target(ip, g, b, l, norm_pix, eps, t.data());
+        op[r] = patch_mse(pp + (mixmim_src(m, G, g.B, g.L, b, l) * g.L + l) * g.D, t.data(), g.D);
+      }
+    });
+  });
+  return out;
+}
+
+// Every pred row feeds exactly one patch loss: the task of patch (b,l) writes both candidate
+// rows, the gradient into the one that was used and zeros into the other.
+at::Tensor mixmim_loss_backward(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& imgs,
+                                const at::Tensor& mask, int64_t p, bool norm_pix, double eps) {
+  check_inputs(pred, imgs, p);
+  const Patches g(imgs, p);
+  TORCH_CHECK(grad.scalar_type() == acc_type(pred, imgs) && grad.is_contiguous() && grad.numel() == g.B * g.L,
+              "mixmim_loss_backward: grad must be contiguous (B, L) in the accumulation dtype");
+  const int64_t G = mask.size(0);
+  auto dpred = at::empty_like(pred);
+  const uint8_t* m = mask.data_ptr<uint8_t>();
+  dispatch2(pred, imgs, [&]<typename TP, typename TI, typename acc>() {
+    const TP* pp = pred.data_ptr<TP>();
+    const TI* ip = imgs.data_ptr<TI>();
+    const acc* gp = grad.data_ptr<acc>();
+    TP* dp = dpred.data_ptr<TP>();
+    at::parallel_for(0, g.B * g.L, patch_grain(g.D), [&](int64_t begin, int64_t end) {
+      std::vector<acc> t(g.D);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / g.L, l = r % g.L;
+        const int64_t src = mixmim_src(m, G, g.B, g.L, b, l);
+        const int64_t other = src == b ? 2 * g.B - 1 - b : b;
+        load_target(ip, g, b, l, norm_pix, eps, t.data());
+        const int64_t so = (src * g.L + l) * g.D;
+        patch_grad(dp + so, pp + so, t.data(), gp[r], g.D);
+        std::fill_n(dp + (other * g.L + l) * g.D, g.D, static_cast<TP>(0));
+      }
+    });
+  });
+  return dpred;
+}
+
+at::Tensor masked_recon_loss(const at::Tensor& pred, const at::Tensor& imgs, const at::Tensor& patch_idx, int64_t p,
+                             bool norm_pix, double eps) {
+  check_inputs(pred, imgs, p);
+  const Patches g(imgs, p);
+  const int64_t Lp = pred.size(1);
+  TORCH_CHECK(pred.size(0) == g.B && patch_idx.scalar_type() == at::kLong && patch_idx.numel() == g.B * Lp,
+              "masked_recon_loss: pred must be (B, Lp, D) and patch_idx int64 (B, Lp)");
+  auto out = at::empty({g.B, Lp}, pred.options().dtype(acc_type(pred, imgs)));
+  const int64_t* idx = patch_idx.data_ptr<int64_t>();
+  dispatch2(pred, imgs, [&]<typename TP, typename TI, typename acc>() {
+    const TP* pp = pred.data_ptr<TP>();
+    const TI* ip = imgs.data_ptr<TI>();
+    acc* op = out.data_ptr<acc>();
+    at::parallel_for(0, g.B * Lp, patch_grain(g.D), [&](int64_t begin, int64_t end) {
+      std::vector<acc> t(g.D);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t patch = idx[r];
+        if (patch < 0) {
+          op[r] = 0;
+          continue;
+        }
+        TORCH_CHECK(patch < g.L, "masked_recon_loss: patch index ", patch, " out of range for ", g.L, " patches");
+        load_target(ip, g, r / Lp, patch, norm_pix, eps, t.data());
+        op[r] = patch_mse(pp + r * g.D, t.data(), g.D);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor masked_recon_loss_backward(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& imgs,
+                                      const at::Tensor& patch_idx, int64_t p, bool norm_pix, double eps) {
+  check_inputs(pred, imgs, p);
+  const Patches g(imgs, p);
+  const int64_t Lp = pred.size(1);
+  TORCH_CHECK(grad.scalar_type() == acc_type(pred, imgs) && grad.is_contiguous() && grad.numel() == g.B * Lp,
+              "masked_recon_loss_backward: grad must be contiguous (B, Lp) in the accumulation dtype");
+  auto dpred = at::empty_like(pred);
+  const int64_t* idx = patch_idx.data_ptr<int64_t>();
+  dispatch2(pred, imgs, [&]<typename TP, typename TI, typename acc>() {
+    const TP* pp = pred.data_ptr<TP>();
+    const TI* ip = imgs.data_ptr<TI>();
+    const acc* gp = grad.data_ptr<acc>();
+    TP* dp = dpred.data_ptr<TP>();
+    at::parallel_for(0, g.B * Lp, patch_grain(g.D), [&](int64_t begin, int64_t end) {
+      std::vector<acc> t(g.D);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t patch = idx[r];
+        if (patch < 0) {
+          std::fill_n(dp + r * g.D, g.D, static_cast<TP>(0));
+          continue;
+        }
+        TORCH_CHECK(patch < g.L, "masked_recon_loss_backward: patch index ", patch, " out of range");
+        load_target(ip, g, r / Lp, patch, norm_pix, eps, t.data());
+        patch_grad(dp + r * g.D, pp + r * g.D, t.data(), gp[r], g.D);
+      }
+    });
+  });
+  return dpred;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixkernels_C, CPU, m) {
+  m.impl("mixmim_loss", &mixmim_loss);
+  m.impl("mixmim_loss_backward", &mixmim_loss_backward);
+  m.impl("masked_recon_loss", &masked_recon_loss);
+  m.impl("masked_recon_loss_backward", &masked_recon_loss_backward);
+}
+
+}  // namespace mixkernels::cpu
