@@ -180,7 +180,7 @@ def swap_swin(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
         )
     for parent, child_name, blk, kind in todo:
         new = _from_timm(blk, backend) if kind == "timm" else TorchvisionSwinBlock(blk, backend)
-        if any(p.device.type == "meta" for p in new.parameters()):  # pragma: no cover - guards _from_timm
-            raise RuntimeError(f"swap_swin: {child_name} kept a placeholder parameter")
+        if {id(p) for p in new.parameters()} != {id(p) for p in blk.parameters()}:  # pragma: no cover
+            raise RuntimeError(f"swap_swin: the fused {child_name} does not own exactly the original parameters")
         setattr(parent, child_name, new)
     return model
