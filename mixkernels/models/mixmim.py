@@ -108,7 +108,8 @@ class MixMIM(nn.Module):
         self.absolute_pos_embed = nn.Parameter(
             sincos_pos_embed_2d(embed_dim, grid).reshape(1, grid * grid, embed_dim), requires_grad=False)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        n = sum(depths)
+        dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]
         self.layers = nn.ModuleList()
         for i in range(S):
             self.layers.append(MixMIMStage(

@@ -69,7 +69,7 @@ class PosMLPAttention(nn.Module):
         """``((2G-1)^2, nH)``: entry for query-minus-key difference ``(dy, dx)`` is
         ``posmlp(f(-dy/scale), f(-dx/scale))``, ``f(d) = sign(d) log(1+|d|)``."""
         dev = self.qkv.weight.device
-        d = -(torch.arange(2 * grid - 1, device=dev, dtype=torch.float32) - (grid - 1)) / scale
+        d = -(torch.arange(2 * grid - 1, device=dev, dtype=torch.float64) - (grid - 1)) / scale
         d = torch.sign(d) * torch.log1p(d.abs())
         inp = torch.stack(torch.meshgrid(d, d, indexing="ij"))[None]  # (1, 2, 2G-1, 2G-1): (dy, dx)
         out = self.posmlp(inp.to(self.posmlp[0].weight.dtype))  # (1, nH, 2G-1, 2G-1)
@@ -148,7 +148,8 @@ class UMMAESwin(nn.Module):
         if vis_mask_ratio > 0:
             self.vis_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm_layer)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        n = sum(depths)
+        dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]
         self.blocks = nn.ModuleList()
         for i in range(S):
             dim = embed_dim * 2 ** i
