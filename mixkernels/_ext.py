@@ -39,6 +39,7 @@ else:
 _KERNELS: Dict[tuple, bool] = {}
 
 
+@torch.compiler.assume_constant_result  # dynamo cannot trace the dispatcher query; the answer is fixed
 def has_kernel(name: str, key: str) -> bool:
     """Whether ``mixkernels_C::name`` has a kernel for dispatch key ``"CPU"`` or ``"CUDA"``."""
     hit = _KERNELS.get((name, key))
