@@ -266,3 +266,15 @@ def test_convergence_fused_vs_reference_20_steps():
         losses[fused] = torch.stack([step() for _ in range(20)])
     torch.testing.assert_close(losses[True], losses[False], rtol=2e-3, atol=1e-4)
     assert losses[True][-5:].mean() < losses[True][:5].mean()  # it learns
+
+
+def test_mixmim_compile_fullgraph():
+    # (UM-MAE also compiles with fullgraph=True; left out here to keep this file fast)
+    torch._dynamo.reset()
+    model = mixmim_tiny()
+    imgs = torch.randn(2, 3, 32, 32)
+    mask = model.random_masking()
+    cm = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss, _, _ = cm(imgs, mask)
+    torch.testing.assert_close(loss, model(imgs, mask)[0], rtol=1e-5, atol=1e-6)
+    loss.backward()

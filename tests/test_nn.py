@@ -135,3 +135,14 @@ def test_compile_fullgraph_block():
         y = cm(x, group=g)
         torch.testing.assert_close(y, m(x, group=g), rtol=1e-5, atol=1e-5)
         y.sum().backward()
+
+
+def test_set_input_size_like_timm():
+    t, m = _pair_blocks((8, 8), 4, 2, False)
+    t.set_input_size((4, 4), 4)
+    m.set_input_size((4, 4), 4)
+    assert (m.window_size, m.shift_size) == (t.window_size, t.shift_size) == ((4, 4), (0, 0))
+    x = torch.randn(1, 4, 4, 32, dtype=torch.float64)
+    torch.testing.assert_close(m(x), t(x), rtol=1e-10, atol=1e-10)
+    with pytest.raises(NotImplementedError, match="window size"):
+        m.set_input_size((2, 2), 4)

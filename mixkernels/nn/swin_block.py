@@ -136,6 +136,22 @@ class SwinBlock(nn.Module):
     def backend(self, value: Optional[str]) -> None:
         self.attn.backend = value
 
+    def set_input_size(self, feat_size, window_size, always_partition: Optional[bool] = None) -> None:
+        """timm's ``set_input_size`` for a new feature size (same window; the bias table is not resized)."""
+        self.input_resolution = to_2tuple(feat_size)
+        if always_partition is not None:
+            self.always_partition = always_partition
+        ws = to_2tuple(window_size)
+        target_shift = (ws[0] // 2, ws[1] // 2) if any(self.target_shift_size) else (0, 0)
+        win, shift = calc_window_shift(self.input_resolution, ws, target_shift, self.always_partition)
+        if tuple(win) != tuple(self.attn.window_size):
+            raise NotImplementedError(
+                f"window size change {self.attn.window_size} -> {win} needs the bias table resized: "
+                "call set_input_size on the timm model before swap_swin"
+            )
+        self.window_size, self.shift_size = win, shift
+        self.window_area = win[0] * win[1]
+
     def _attn(self, x: Tensor, group: Optional[Tensor], coords: Optional[Tensor], coord_range) -> Tensor:
         B, H, W, C = x.shape
         (wh, ww), (sh, sw) = self.window_size, self.shift_size
