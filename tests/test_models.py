@@ -147,7 +147,6 @@ def _official_compact(model, x, keep, secondary):
     mask = rem.repeat_interleave(K, 2).repeat_interleave(K, 3)
     xs = x.permute(0, 3, 1, 2)
     if secondary is not None:
-        sec_units = torch.zeros(B, model.units, model.units, dtype=torch.bool)
         cells = secondary.repeat_interleave(2, 1).repeat_interleave(2, 2)
         sec_units = cells & ~rem[:, 0]
         new_mask = (rem[:, 0] | sec_units)[:, None].repeat_interleave(K, 2).repeat_interleave(K, 3)
