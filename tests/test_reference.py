@@ -6,17 +6,9 @@ from mixkernels import reference as R
 
 
 def _torchvision():
-    if torch.version.cuda is None:  # the CPU wheel lacks torchvision's compiled nms schemas
-        try:
-            torch.ops.torchvision.nms
-        except (AttributeError, RuntimeError):
-            lib = torch.library.Library("torchvision", "DEF")
-            lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            _torchvision.lib = lib
-    import torchvision
+    from mixkernels._compat import import_torchvision
 
-    return torchvision
+    return import_torchvision()
 
 
 @pytest.mark.parametrize("shift", [0, 3])

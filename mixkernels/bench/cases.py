@@ -239,7 +239,7 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
-def _module_runner(module: torch.nn.Module, device, dtype, note: str = "") -> "Runner":
+def _module_runner(module: torch.nn.Module, device, dtype, note: str = ""):
     from .harness import Runner
 
     def fn(i):
@@ -267,7 +267,7 @@ def _mk_block(timm_block: torch.nn.Module, spec: Dict[str, Any]) -> torch.nn.Mod
 def block_cases(settings: Settings, dtypes, batch: int) -> List[Case]:
     """One Swin block forward(+backward), timm eager / compiled vs mixkernels.nn.SwinBlock;
     bf16 runs under autocast with float32 parameters, as in training."""
-    from .harness import Provider, Runner, Skip
+    from .harness import Provider, Skip
 
     dev = settings.device
     shapes = SWIN_B if dev.type == "cuda" else (TINY_ATTN[1:] if settings.quick else [SWIN_B[1], SWIN_B[5]])
@@ -280,7 +280,7 @@ def block_cases(settings: Settings, dtypes, batch: int) -> List[Case]:
             for mode in _modes():
                 def make(d, t, g, spec=spec, HW=HW, C=C):
                     try:
-                        timm = peers.import_timm()
+                        peers.import_timm()
                         from timm.models.swin_transformer import SwinTransformerBlock
                     except Exception as e:
                         raise Skip(f"timm not importable ({type(e).__name__}: {e})")

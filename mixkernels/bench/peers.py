@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -264,29 +263,8 @@ def flash_attn_provider() -> Provider:
 
 
 # ------------------------------------------------------------------------------ timm
-_TV_LIB = None
-
-
 def import_timm():
-    """``import timm``; on CPU-only torch first define the torchvision op schemas its
-    CUDA-linked extension would have (DESIGN.md section 5)."""
-    global _TV_LIB
-    try:
-        from .._compat import import_timm as _imp  # the package's own shim, when present
+    """``import timm`` through the package's CPU-torch shim (DESIGN.md section 5)."""
+    from .._compat import import_timm as _imp
 
-        return _imp()
-    except ImportError:
-        pass
-    if "torchvision" not in sys.modules and torch.version.cuda is None and _TV_LIB is None:
-        ns = getattr(torch.ops, "torchvision", None)
-        if ns is None or not hasattr(ns, "nms"):
-            lib = torch.library.Library("torchvision", "FRAGMENT")
-            for name in ("nms", "qnms"):
-                try:
-                    lib.define(f"{name}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-                except RuntimeError:
-                    pass
-            _TV_LIB = lib
-    import timm
-
-    return timm
+    return _imp()

@@ -54,7 +54,7 @@ def _triton_error() -> Optional[str]:
     global _TRITON_ERROR
     if _TRITON_ERROR is None:
         try:
-            import triton  # noqa: F401
+            import triton  # noqa: F401  (importability is the check)
 
             _TRITON_ERROR = ""
         except Exception as e:  # pragma: no cover - depends on the install
