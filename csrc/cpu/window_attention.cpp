@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -97,6 +98,7 @@ inline int32_t table_row(const Geom& g, int64_t dy, int64_t dx) {
 // score either -1 (masked: shift region or group differs) or the bias table row (0 without rpb).
 struct Window {
   int64_t id = -1;
+  bool masked = false;  // any score masked in this window
   std::vector<int64_t> tok;
   std::vector<int32_t> idx, reg, grp, cy, cx;
 
@@ -120,6 +122,7 @@ struct Window {
         cy[n] = static_cast<int32_t>(n / g.ww), cx[n] = static_cast<int32_t>(n % g.ww);
       }
     }
+    masked = false;
     for (int64_t i = 0; i < N; ++i) {
       for (int64_t j = 0; j < N; ++j) {
         int32_t v = -1;
@@ -133,104 +136,403 @@ struct Window {
           }
         }
         idx[i * N + j] = v;
+        masked |= v < 0;
       }
     }
   }
 };
 
-// dst[n*d + k] = mul * src[tok[n]*3C + off + k] (rows) or dst[k*N + n] = ... (transposed).
-template <typename scalar_t, typename acc>
-void load_rows(const Geom& g, const scalar_t* src, const Window& w, int64_t off, acc mul, acc* dst) {
-  for (int64_t n = 0; n < g.N; ++n) {
-    const scalar_t* s = src + w.tok[n] * 3 * g.C + off;
-    for (int64_t k = 0; k < g.d; ++k) dst[n * g.d + k] = mul * static_cast<acc>(s[k]);
-  }
-}
+// ---- SIMD building blocks (GCC/Clang vector extensions, 32-byte vectors) ----
+// Every hot helper is always_inline so it is compiled with the caller's target: the task
+// loops below are instantiated twice, once for the build's baseline ISA and once with
+// target("avx2,fma") selected at run time on x86.
+#define MK_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) || defined(__i386__)
+#define MK_HAS_AVX2_PATH 1
+#define MK_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define MK_HAS_AVX2_PATH 0
+#define MK_AVX2
+#endif
+#pragma GCC diagnostic ignored "-Wpsabi"
 
-template <typename scalar_t, typename acc>
-void load_cols(const Geom& g, const scalar_t* src, const Window& w, int64_t off, acc* dst) {
-  for (int64_t n = 0; n < g.N; ++n) {
-    const scalar_t* s = src + w.tok[n] * 3 * g.C + off;
-    for (int64_t k = 0; k < g.d; ++k) dst[k * g.N + n] = static_cast<acc>(s[k]);
-  }
-}
+template <typename T> struct Vec;
+template <> struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+  typedef int32_t itype __attribute__((vector_size(32)));
+};
+template <> struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+template <typename T> constexpr int64_t kW = 32 / sizeof(T);  // lanes per vector
+inline int64_t round_up(int64_t n, int64_t w) { return (n + w - 1) / w * w; }
 
-// S = q @ kT + rpb[idx] + attn_bias, masked scores -inf. q (N,d) pre-scaled, kT (d,N).
-template <typename acc>
-void scores(const Geom& g, const Window& w, const acc* q, const acc* kT, const acc* rpb_h, const acc* ab_h, acc* S) {
-  const int64_t N = g.N, d = g.d;
-  constexpr acc ninf = -std::numeric_limits<acc>::infinity();
-  for (int64_t i = 0; i < N; ++i) {
-    acc* s = S + i * N;
-    std::fill(s, s + N, acc(0));
-    for (int64_t k = 0; k < d; ++k) {
-      const acc a = q[i * d + k];
-      const acc* kr = kT + k * N;
-      for (int64_t j = 0; j < N; ++j) s[j] += a * kr[j];
+template <typename T> MK_INLINE typename Vec<T>::type vload(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename T> MK_INLINE void vstore(T* p, typename Vec<T>::type v) { std::memcpy(p, &v, sizeof v); }
+
+// C[i, 0:n] = sum_kk A(i,kk) * B[kk, 0:n] for i < m, with A(i,kk) = A[i*sa + kk*sk] (so A or A^T),
+// n a multiple of the vector width (buffers are padded). 4 x 2-vector register tiles.
+template <typename T>
+MK_INLINE void gemm(int64_t m, int64_t n, int64_t k, const T* A, int64_t sa, int64_t sk, const T* B, int64_t ldb, T* C,
+                    int64_t ldc) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t W = kW<T>;
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    int64_t j = 0;
+    for (; j + 2 * W <= n; j += 2 * W) {
+      V c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
+      const T* a = A + i * sa;
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const V b0 = vload(B + kk * ldb + j), b1 = vload(B + kk * ldb + j + W);
+        const T a0 = a[kk * sk], a1 = a[sa + kk * sk], a2 = a[2 * sa + kk * sk], a3 = a[3 * sa + kk * sk];
+        c00 += a0 * b0, c01 += a0 * b1, c10 += a1 * b0, c11 += a1 * b1;
+        c20 += a2 * b0, c21 += a2 * b1, c30 += a3 * b0, c31 += a3 * b1;
+      }
+      T* c = C + i * ldc + j;
+      vstore(c, c00), vstore(c + W, c01), vstore(c + ldc, c10), vstore(c + ldc + W, c11);
+      vstore(c + 2 * ldc, c20), vstore(c + 2 * ldc + W, c21), vstore(c + 3 * ldc, c30), vstore(c + 3 * ldc + W, c31);
     }
+    for (; j < n; j += W) {
+      V c0 = {}, c1 = {}, c2 = {}, c3 = {};
+      const T* a = A + i * sa;
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const V b = vload(B + kk * ldb + j);
+        c0 += a[kk * sk] * b, c1 += a[sa + kk * sk] * b, c2 += a[2 * sa + kk * sk] * b, c3 += a[3 * sa + kk * sk] * b;
+      }
+      T* c = C + i * ldc + j;
+      vstore(c, c0), vstore(c + ldc, c1), vstore(c + 2 * ldc, c2), vstore(c + 3 * ldc, c3);
+    }
+  }
+  for (; i < m; ++i) {
+    for (int64_t j = 0; j < n; j += W) {
+      V c0 = {};
+      for (int64_t kk = 0; kk < k; ++kk) c0 += A[i * sa + kk * sk] * vload(B + kk * ldb + j);
+      vstore(C + i * ldc + j, c0);
+    }
+  }
+}
+
+// x[j] = exp(x[j] - sub) for j < n (multiple of the width); exp(-inf) is exactly 0.
+// float: Cephes-style range reduction + degree-6 polynomial (~1 ulp), vectorized; double: libm.
+template <typename T> MK_INLINE void exp_sub(T* x, int64_t n, T sub);
+template <> MK_INLINE void exp_sub<float>(float* x, int64_t n, float sub) {
+  using V = Vec<float>::type;
+  using VI = Vec<float>::itype;
+  for (int64_t j = 0; j < n; j += kW<float>) {
+    V v = vload(x + j) - sub;
+    const VI zero = v < -87.3f;  // below FLT_MIN's log (and -inf): result 0
+    v = v < -87.3f ? V{} - 87.3f : v;
+    v = v > 88.f ? V{} + 88.f : v;
+    V fx = v * 1.44269504088896341f + 0.5f;
+    V fl = __builtin_convertvector(__builtin_convertvector(fx, VI), V);
+    fl = fl > fx ? fl - 1.f : fl;  // floor
+    const V r = v - fl * 0.693359375f + fl * 2.12194440e-4f;
+    V y = 1.9875691500e-4f * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * r * r + r + 1.f;
+    const VI e = (__builtin_convertvector(fl, VI) + 127) << 23;
+    V p2;
+    std::memcpy(&p2, &e, sizeof p2);
+    y = y * p2;
+    vstore(x + j, zero ? V{} : y);
+  }
+}
+template <> MK_INLINE void exp_sub<double>(double* x, int64_t n, double sub) {
+  for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - sub);
+}
+
+template <typename T> MK_INLINE T row_max(const T* x, int64_t n) {
+  using V = typename Vec<T>::type;
+  V m = vload(x);
+  for (int64_t j = kW<T>; j < n; j += kW<T>) {
+    const V v = vload(x + j);
+    m = v > m ? v : m;
+  }
+  T r = m[0];
+  for (int64_t l = 1; l < kW<T>; ++l) r = std::max(r, T(m[l]));
+  return r;
+}
+
+template <typename T> MK_INLINE T row_sum(const T* x, int64_t n) {
+  using V = typename Vec<T>::type;
+  V s = {};
+  for (int64_t j = 0; j < n; j += kW<T>) s += vload(x + j);
+  T r = 0;
+  for (int64_t l = 0; l < kW<T>; ++l) r += s[l];
+  return r;
+}
+
+// ---- one (window, head) ----
+
+// Thread-local buffers, rows padded to the vector width; padding stays 0 (or -inf in scores).
+template <typename acc> struct Scratch {
+  int64_t N, d, Np, dp;
+  std::vector<acc> mem;
+  acc *q, *k, *kT, *v, *vT, *dO, *S, *D, *o, *dq, *dk, *dv, *delta;
+  Scratch(int64_t N_, int64_t d_, bool backward) : N(N_), d(d_), Np(round_up(N_, kW<acc>)), dp(round_up(d_, kW<acc>)) {
+    const int64_t rows = N * dp, cols = d * Np, nn = N * Np;
+    mem.assign(backward ? 6 * rows + 2 * cols + 2 * nn + N : 3 * rows + cols + nn, acc(0));
+    acc* p = mem.data();
+    auto take = [&](int64_t n) { acc* r = p; p += n; return r; };
+    q = take(rows), kT = take(cols), S = take(nn);
+    if (backward) {
+      k = take(rows), vT = take(cols), dO = take(rows), D = take(nn), dq = take(rows), dk = take(rows), dv = take(rows);
+      delta = take(N), v = o = nullptr;
+    } else {
+      v = take(rows), o = take(rows), k = vT = dO = D = dq = dk = dv = delta = nullptr;
+    }
+  }
+};
+
+// The window's token rows of a (B,H,W,width) tensor, copied whole (sequential reads) once per window.
+template <typename scalar_t>
+MK_INLINE void gather_window(const scalar_t* src, int64_t width, const Window& w, int64_t N, scalar_t* dst) {
+  for (int64_t n = 0; n < N; ++n) std::memcpy(dst + n * width, src + w.tok[n] * width, width * sizeof(scalar_t));
+}
+
+// dst[n*ld + e] = mul * src[n*stride + off + e] (rows) or dst[e*ld + n] = src[...] (columns), n < N, e < d.
+template <typename scalar_t, typename acc>
+MK_INLINE void load_rows(const Geom& g, const scalar_t* src, int64_t stride, int64_t off, acc mul, acc* dst, int64_t ld) {
+  for (int64_t n = 0; n < g.N; ++n) {
+    const scalar_t* s = src + n * stride + off;
+    for (int64_t e = 0; e < g.d; ++e) dst[n * ld + e] = mul * static_cast<acc>(s[e]);
+  }
+}
+template <typename scalar_t, typename acc>
+MK_INLINE void load_cols(const Geom& g, const scalar_t* src, int64_t stride, int64_t off, acc* dst, int64_t ld) {
+  for (int64_t n = 0; n < g.N; ++n) {
+    const scalar_t* s = src + n * stride + off;
+    for (int64_t e = 0; e < g.d; ++e) dst[e * ld + n] = static_cast<acc>(s[e]);
+  }
+}
+
+// S = q @ kT + bias; masked scores and the row padding are -inf. The bias is either the
+// head's window-independent (N,N) rpb+attn_bias (no coords) or gathered per window (coords).
+template <typename acc>
+MK_INLINE void scores(const Geom& g, const Window& w, Scratch<acc>& b, const acc* bias_h, const acc* rpb_h,
+                      const acc* ab_h) {
+  const int64_t N = g.N, Np = b.Np;
+  constexpr acc ninf = -std::numeric_limits<acc>::infinity();
+  gemm<acc>(N, Np, g.d, b.q, b.dp, 1, b.kT, Np, b.S, Np);
+  for (int64_t i = 0; i < N; ++i) {
+    acc* s = b.S + i * Np;
     const int32_t* ix = w.idx.data() + i * N;
+    if (bias_h) {
+      for (int64_t j = 0; j < N; ++j) s[j] += bias_h[i * N + j];
+    }
     if (rpb_h) {
-      for (int64_t j = 0; j < N; ++j) s[j] = ix[j] < 0 ? s[j] : s[j] + rpb_h[ix[j]];
+      for (int64_t j = 0; j < N; ++j) s[j] += ix[j] < 0 ? acc(0) : rpb_h[ix[j]];
     }
     if (ab_h) {
-      const acc* ab = ab_h + i * N;
-      for (int64_t j = 0; j < N; ++j) s[j] += ab[j];
+      for (int64_t j = 0; j < N; ++j) s[j] += ab_h[i * N + j];
     }
-    for (int64_t j = 0; j < N; ++j) s[j] = ix[j] < 0 ? ninf : s[j];
+    if (w.masked) {
+      for (int64_t j = 0; j < N; ++j) s[j] = ix[j] < 0 ? ninf : s[j];
+    }
+    for (int64_t j = N; j < Np; ++j) s[j] = ninf;
   }
 }
 
-// rpb (T,nH) -> (nH,T) so a head's table is contiguous.
-at::Tensor rpb_by_head(const c10::optional<at::Tensor>& rpb) {
-  return rpb.has_value() ? rpb->t().contiguous() : at::Tensor();
-}
+// Everything a task loop needs, shared by both ISA instantiations.
+template <typename scalar_t> struct Args {
+  using acc = acc_t<scalar_t>;
+  Geom g;
+  const scalar_t *qkv, *out = nullptr, *dout = nullptr;
+  scalar_t* dst = nullptr;  // out (forward) or dqkv (backward)
+  acc* lse = nullptr;
+  const acc *bias = nullptr, *rpbT = nullptr, *ab = nullptr;  // bias (nH,N,N) xor rpbT (nH,T) + ab (nH,N,N)
+  acc scale;
+  acc *part_nn = nullptr, *part_tab = nullptr;  // backward partials (K, nH, N*N) / (K, nH, T)
+  int64_t K = 1;                                // backward chunks
+  const acc* head(const acc* p, int64_t h, int64_t n) const { return p ? p + h * n : nullptr; }
+};
 
 template <typename scalar_t>
-void forward_impl(const Geom& g, const at::Tensor& qkv, const at::Tensor& rpbT, const c10::optional<at::Tensor>& ab,
-                  double scale_d, at::Tensor& out, at::Tensor& lse) {
+MK_INLINE void forward_tasks(const Args<scalar_t>& a, int64_t begin, int64_t end) {
   using acc = acc_t<scalar_t>;
-  const int64_t N = g.N, d = g.d, nH = g.nH, C = g.C;
-  const scalar_t* qp = qkv.data_ptr<scalar_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
-  acc* lp = lse.data_ptr<acc>();
-  const acc* rp = rpbT.defined() ? rpbT.data_ptr<acc>() : nullptr;
-  const acc* abp = ab.has_value() ? ab->data_ptr<acc>() : nullptr;
-  const acc scale = static_cast<acc>(scale_d);
-  at::parallel_for(0, g.windows() * nH, 1, [&](int64_t begin, int64_t end) {
-    Window w;
-    std::vector<acc> buf(3 * N * d + N * N + d);
-    acc *q = buf.data(), *kT = q + N * d, *v = kT + N * d, *S = v + N * d, *o = S + N * N;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t win = t / nH, h = t % nH;
+  const Geom& g = a.g;
+  const int64_t N = g.N, d = g.d, nH = g.nH, C = g.C, NN = N * N;
+  Window w;
+  Scratch<acc> b(N, d, false);
+  std::vector<scalar_t> rows(N * 3 * C);
+  const int64_t Np = b.Np, dp = b.dp;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t win = t / nH, h = t % nH;
+    if (w.id != win) {
       w.build(g, win);
-      load_rows(g, qp, w, h * d, scale, q);
-      load_cols(g, qp, w, C + h * d, kT);
-      load_rows(g, qp, w, 2 * C + h * d, acc(1), v);
-      scores(g, w, q, kT, rp ? rp + h * g.T : nullptr, abp ? abp + h * N * N : nullptr, S);
-      acc* l = lp + t * N;  // lse (B*nW, nH, N): t == win*nH + h
-      for (int64_t i = 0; i < N; ++i) {
-        acc* s = S + i * N;
-        acc m = s[0];
-        for (int64_t j = 1; j < N; ++j) m = std::max(m, s[j]);
-        acc sum = 0;
-        for (int64_t j = 0; j < N; ++j) {
-          s[j] = std::exp(s[j] - m);
-          sum += s[j];
+      gather_window(a.qkv, 3 * C, w, N, rows.data());
+    }
+    load_rows(g, rows.data(), 3 * C, h * d, a.scale, b.q, dp);
+    load_cols(g, rows.data(), 3 * C, C + h * d, b.kT, Np);
+    load_rows(g, rows.data(), 3 * C, 2 * C + h * d, acc(1), b.v, dp);
+    scores(g, w, b, a.head(a.bias, h, NN), a.head(a.rpbT, h, g.T), a.head(a.ab, h, NN));
+    acc* l = a.lse + t * N;  // lse (B*nW, nH, N): t == win*nH + h
+    for (int64_t i = 0; i < N; ++i) {
+      acc* s = b.S + i * Np;
+      const acc m = row_max(s, Np);
+      exp_sub(s, Np, m);
+      const acc sum = row_sum(s, Np);
+      l[i] = m + std::log(sum);
+      const acc inv = acc(1) / sum;
+      for (int64_t j = 0; j < Np; ++j) s[j] *= inv;
+    }
+    gemm<acc>(N, dp, N, b.S, Np, 1, b.v, dp, b.o, dp);
+    for (int64_t i = 0; i < N; ++i) {
+      scalar_t* dst = a.dst + w.tok[i] * C + h * d;
+      for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<scalar_t>(b.o[i * dp + e]);
+    }
+  }
+}
+
+// Task = one chunk of windows, in order; per window all heads, adding to the partials of (chunk, head).
+template <typename scalar_t>
+MK_INLINE void backward_tasks(const Args<scalar_t>& a, int64_t begin, int64_t end) {
+  using acc = acc_t<scalar_t>;
+  const Geom& g = a.g;
+  const int64_t N = g.N, d = g.d, nH = g.nH, C = g.C, NN = N * N, nWin = g.windows();
+  Window w;
+  Scratch<acc> b(N, d, true);
+  std::vector<scalar_t> rows(N * 3 * C), drows(N * 3 * C), orows(N * C), grows(N * C);
+  const int64_t Np = b.Np, dp = b.dp;
+  for (int64_t c = begin; c < end; ++c) {
+    for (int64_t win = c * nWin / a.K; win < (c + 1) * nWin / a.K; ++win) {
+      w.build(g, win);
+      gather_window(a.qkv, 3 * C, w, N, rows.data());
+      gather_window(a.out, C, w, N, orows.data());
+      gather_window(a.dout, C, w, N, grows.data());
+      for (int64_t h = 0; h < nH; ++h) {
+        acc* my_nn = a.part_nn ? a.part_nn + (c * nH + h) * NN : nullptr;
+        acc* my_tab = a.part_tab ? a.part_tab + (c * nH + h) * g.T : nullptr;
+        load_rows(g, rows.data(), 3 * C, h * d, a.scale, b.q, dp);
+        load_rows(g, rows.data(), 3 * C, C + h * d, acc(1), b.k, dp);
+        load_cols(g, rows.data(), 3 * C, C + h * d, b.kT, Np);
+        load_cols(g, rows.data(), 3 * C, 2 * C + h * d, b.vT, Np);
+        load_rows(g, grows.data(), C, h * d, acc(1), b.dO, dp);
+        for (int64_t n = 0; n < N; ++n) {  // delta = rowsum(dO * O)
+          const scalar_t* os = orows.data() + n * C + h * d;
+          acc s = 0;
+          for (int64_t e = 0; e < d; ++e) s += b.dO[n * dp + e] * static_cast<acc>(os[e]);
+          b.delta[n] = s;
         }
-        l[i] = m + std::log(sum);
-        const acc inv = acc(1) / sum;
-        std::fill(o, o + d, acc(0));
-        for (int64_t j = 0; j < N; ++j) {
-          const acc p = s[j] * inv;
-          if (p == acc(0)) continue;  // masked (or underflowed) pair
-          const acc* vr = v + j * d;
-          for (int64_t k = 0; k < d; ++k) o[k] += p * vr[k];
+        scores(g, w, b, a.head(a.bias, h, NN), a.head(a.rpbT, h, g.T), a.head(a.ab, h, NN));
+        const acc* l = a.lse + (win * nH + h) * N;
+        for (int64_t i = 0; i < N; ++i) exp_sub(b.S + i * Np, Np, l[i]);  // S -> P
+        gemm<acc>(N, Np, d, b.dO, dp, 1, b.vT, Np, b.D, Np);             // dP
+        for (int64_t i = 0; i < N; ++i) {                                  // dS = P * (dP - delta)
+          acc* ds = b.D + i * Np;
+          const acc* p = b.S + i * Np;
+          for (int64_t j = 0; j < Np; ++j) ds[j] = p[j] * (ds[j] - b.delta[i]);
         }
-        scalar_t* dst = op + w.tok[i] * C + h * d;
-        for (int64_t k = 0; k < d; ++k) dst[k] = static_cast<scalar_t>(o[k]);
+        gemm<acc>(N, dp, N, b.S, 1, Np, b.dO, dp, b.dv, dp);  // dV = P^T dO
+        gemm<acc>(N, dp, N, b.D, Np, 1, b.k, dp, b.dq, dp);   // dQ = dS K (* scale below)
+        gemm<acc>(N, dp, N, b.D, 1, Np, b.q, dp, b.dk, dp);   // dK = dS^T (q * scale)
+        if (my_nn) {
+          for (int64_t i = 0; i < N; ++i) {
+            for (int64_t j = 0; j < N; ++j) my_nn[i * N + j] += b.D[i * Np + j];
+          }
+        }
+        if (my_tab) {
+          for (int64_t i = 0; i < N; ++i) {
+            for (int64_t j = 0; j < N; ++j) {
+              const int32_t r = w.idx[i * N + j];
+              if (r >= 0) my_tab[r] += b.D[i * Np + j];
+            }
+          }
+        }
+        for (int64_t n = 0; n < N; ++n) {
+          scalar_t* dst = drows.data() + n * 3 * C + h * d;
+          for (int64_t e = 0; e < d; ++e) {
+            dst[e] = static_cast<scalar_t>(b.dq[n * dp + e] * a.scale);
+            dst[C + e] = static_cast<scalar_t>(b.dk[n * dp + e]);
+            dst[2 * C + e] = static_cast<scalar_t>(b.dv[n * dp + e]);
+          }
+        }
+      }
+      for (int64_t n = 0; n < N; ++n) {  // scatter: every window owns its tokens' rows
+        std::memcpy(a.dst + w.tok[n] * 3 * C, drows.data() + n * 3 * C, 3 * C * sizeof(scalar_t));
       }
     }
+  }
+}
+
+template <typename scalar_t> void forward_base(const Args<scalar_t>& a, int64_t b, int64_t e) { forward_tasks(a, b, e); }
+template <typename scalar_t> void backward_base(const Args<scalar_t>& a, int64_t b, int64_t e) { backward_tasks(a, b, e); }
+#if MK_HAS_AVX2_PATH
+template <typename scalar_t> MK_AVX2 void forward_avx2(const Args<scalar_t>& a, int64_t b, int64_t e) { forward_tasks(a, b, e); }
+template <typename scalar_t> MK_AVX2 void backward_avx2(const Args<scalar_t>& a, int64_t b, int64_t e) { backward_tasks(a, b, e); }
+inline bool use_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
+template <typename scalar_t> void run_forward(const Args<scalar_t>& a, int64_t tasks) {
+#if MK_HAS_AVX2_PATH
+  const bool avx2 = use_avx2();
+#else
+  const bool avx2 = false;
+#endif
+  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+#if MK_HAS_AVX2_PATH
+    if (avx2) return forward_avx2(a, b, e);
+#endif
+    forward_base(a, b, e);
   });
+  (void)avx2;
+}
+
+template <typename scalar_t> void run_backward(const Args<scalar_t>& a, int64_t tasks) {
+#if MK_HAS_AVX2_PATH
+  const bool avx2 = use_avx2();
+#else
+  const bool avx2 = false;
+#endif
+  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+#if MK_HAS_AVX2_PATH
+    if (avx2) return backward_avx2(a, b, e);
+#endif
+    backward_base(a, b, e);
+  });
+  (void)avx2;
+}
+
+// Bias operands of the scores. Without coords rpb and attn_bias fold into one window-independent
+// (nH,N,N) table per call (what timm materializes per block too); with coords the rpb row depends
+// on the window and is gathered per score from the (nH,T) transposed table. Returns the owner.
+template <typename scalar_t>
+at::Tensor set_bias(Args<scalar_t>& a, const Geom& g, const c10::optional<at::Tensor>& rpb,
+                    const c10::optional<at::Tensor>& attn_bias) {
+  using acc = acc_t<scalar_t>;
+  const acc* ab = attn_bias.has_value() ? attn_bias->data_ptr<acc>() : nullptr;
+  if (g.coords) {
+    at::Tensor rt = rpb.has_value() ? rpb->t().contiguous() : at::Tensor();
+    a.rpbT = rt.defined() ? rt.data_ptr<acc>() : nullptr;
+    a.ab = ab;
+    return rt;
+  }
+  if (!rpb.has_value() && !ab) return at::Tensor();
+  const int64_t N = g.N, nH = g.nH;
+  at::Tensor bias = at::empty({nH, N, N}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value));
+  const acc* rp = rpb.has_value() ? rpb->data_ptr<acc>() : nullptr;
+  acc* bp = bias.data_ptr<acc>();
+  for (int64_t h = 0; h < nH; ++h) {
+    for (int64_t i = 0; i < N; ++i) {
+      for (int64_t j = 0; j < N; ++j) {
+        acc v = rp ? rp[table_row(g, i / g.ww - j / g.ww, i % g.ww - j % g.ww) * nH + h] : acc(0);
+        bp[(h * N + i) * N + j] = ab ? v + ab[(h * N + i) * N + j] : v;
+      }
+    }
+  }
+  a.bias = bp;
+  return bias;
 }
 
 std::tuple<at::Tensor, at::Tensor> window_attention(const at::Tensor& qkv, int64_t num_heads, int64_t wh, int64_t ww,
@@ -243,9 +545,14 @@ std::tuple<at::Tensor, at::Tensor> window_attention(const at::Tensor& qkv, int64
   const auto acc = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto out = at::empty({g.B, g.H, g.W, g.C}, qkv.options());
   auto lse = at::empty({g.windows(), g.nH, g.N}, qkv.options().dtype(acc));
-  const at::Tensor rpbT = rpb_by_head(rpb);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "window_attention", [&] {
-    forward_impl<scalar_t>(g, qkv, rpbT, attn_bias, scale, out, lse);
+    using acc_type = acc_t<scalar_t>;
+    Args<scalar_t> a{g, qkv.data_ptr<scalar_t>()};
+    a.dst = out.data_ptr<scalar_t>();
+    a.lse = lse.data_ptr<acc_type>();
+    const at::Tensor bias_owner = set_bias(a, g, rpb, attn_bias);
+    a.scale = static_cast<acc_type>(scale);
+    run_forward(a, g.windows() * g.nH);
   });
   return {out, lse};
 }
@@ -256,7 +563,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention(const at::Tensor& qkv, int64
 // with the partial buffers capped at ~64 MiB.
 int64_t num_chunks(const Geom& g, int64_t per_chunk_bytes) {
   constexpr int64_t kMaxChunks = 64, kCapBytes = int64_t(64) << 20;
-  if (per_chunk_bytes == 0) return g.windows();  // nothing to reduce: one window per chunk
+  if (per_chunk_bytes == 0) return std::max<int64_t>(g.windows(), 1);  // nothing to reduce
   int64_t k = std::min<int64_t>(g.windows(), kMaxChunks);
   k = std::min<int64_t>(k, std::max<int64_t>(1, kCapBytes / per_chunk_bytes));
   return std::max<int64_t>(k, 1);
@@ -264,10 +571,11 @@ int64_t num_chunks(const Geom& g, int64_t per_chunk_bytes) {
 
 template <typename scalar_t>
 void backward_impl(const Geom& g, const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out,
-                   const at::Tensor& lse, const at::Tensor& rpbT, const c10::optional<at::Tensor>& ab, double scale_d,
+                   const at::Tensor& lse, const c10::optional<at::Tensor>& rpb, const c10::optional<at::Tensor>& ab,
+                   double scale,
                    bool need_drpb, bool need_dbias, at::Tensor& dqkv, at::Tensor& drpb, at::Tensor& dbias) {
   using acc = acc_t<scalar_t>;
-  const int64_t N = g.N, d = g.d, nH = g.nH, C = g.C, NN = N * N, T = g.T;
+  const int64_t N = g.N, nH = g.nH, NN = N * N, T = g.T;
   const auto acc_opts = qkv.options().dtype(c10::CppTypeToScalarType<acc>::value);
   // dS summed over windows per head (dbias, and drpb when the table row is window-independent),
   // or scattered per window into the table (drpb with coords).
@@ -277,97 +585,19 @@ void backward_impl(const Geom& g, const at::Tensor& dout, const at::Tensor& qkv,
   at::Tensor part_nn = want_nn ? at::zeros({K, nH, NN}, acc_opts) : at::Tensor();
   at::Tensor part_tab = want_tab ? at::zeros({K, nH, T}, acc_opts) : at::Tensor();
 
-  const scalar_t* qp = qkv.data_ptr<scalar_t>();
-  const scalar_t* op = out.data_ptr<scalar_t>();
-  const scalar_t* gp = dout.data_ptr<scalar_t>();
-  const acc* lp = lse.data_ptr<acc>();
-  scalar_t* dp = dqkv.data_ptr<scalar_t>();
-  const acc* rp = rpbT.defined() ? rpbT.data_ptr<acc>() : nullptr;
-  const acc* abp = ab.has_value() ? ab->data_ptr<acc>() : nullptr;
-  acc* pnn = want_nn ? part_nn.data_ptr<acc>() : nullptr;
-  acc* ptab = want_tab ? part_tab.data_ptr<acc>() : nullptr;
-  const acc scale = static_cast<acc>(scale_d);
-  const int64_t nWin = g.windows();
-
-  at::parallel_for(0, K * nH, 1, [&](int64_t begin, int64_t end) {
-    Window w;
-    std::vector<acc> buf(8 * N * d + NN + 2 * N);
-    acc *q = buf.data(), *k = q + N * d, *kT = k + N * d, *vT = kT + N * d, *dO = vT + N * d;
-    acc *dq = dO + N * d, *dk = dq + N * d, *dv = dk + N * d, *S = dv + N * d;
-    acc *prow = S + NN, *delta = prow + N;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t c = t / nH, h = t % nH;
-      acc* my_nn = pnn ? pnn + (c * nH + h) * NN : nullptr;
-      acc* my_tab = ptab ? ptab + (c * nH + h) * T : nullptr;
-      for (int64_t win = c * nWin / K; win < (c + 1) * nWin / K; ++win) {
-        w.build(g, win);
-        load_rows(g, qp, w, h * d, scale, q);
-        load_rows(g, qp, w, C + h * d, acc(1), k);
-        load_cols(g, qp, w, C + h * d, kT);
-        load_cols(g, qp, w, 2 * C + h * d, vT);
-        for (int64_t n = 0; n < N; ++n) {  // dO and delta = rowsum(dO * O), both in (B,H,W,C)
-          const scalar_t* gs = gp + w.tok[n] * C + h * d;
-          const scalar_t* os = op + w.tok[n] * C + h * d;
-          acc s = 0;
-          for (int64_t e = 0; e < d; ++e) {
-            dO[n * d + e] = static_cast<acc>(gs[e]);
-            s += dO[n * d + e] * static_cast<acc>(os[e]);
-          }
-          delta[n] = s;
-        }
-        scores(g, w, q, kT, rp ? rp + h * T : nullptr, abp ? abp + h * NN : nullptr, S);
-        std::fill(dk, dk + N * d, acc(0));
-        std::fill(dv, dv + N * d, acc(0));
-        const acc* l = lp + (win * nH + h) * N;
-        for (int64_t i = 0; i < N; ++i) {
-          acc* s = S + i * N;  // scores in, dS out
-          const acc* gi = dO + i * d;
-          const acc* qi = q + i * d;
-          for (int64_t j = 0; j < N; ++j) prow[j] = std::exp(s[j] - l[i]);
-          std::fill(s, s + N, acc(0));  // dP = dO_i @ vT
-          for (int64_t e = 0; e < d; ++e) {
-            const acc a = gi[e];
-            const acc* vr = vT + e * N;
-            for (int64_t j = 0; j < N; ++j) s[j] += a * vr[j];
-          }
-          for (int64_t j = 0; j < N; ++j) s[j] = prow[j] * (s[j] - delta[i]);
-          acc* dqi = dq + i * d;
-          std::fill(dqi, dqi + d, acc(0));
-          for (int64_t j = 0; j < N; ++j) {
-            const acc p = prow[j], ds = s[j];
-            if (p == acc(0)) continue;  // masked: dS is 0 too
-            acc* dvj = dv + j * d;
-            acc* dkj = dk + j * d;
-            const acc* kj = k + j * d;
-            for (int64_t e = 0; e < d; ++e) {
-              dvj[e] += p * gi[e];
-              dkj[e] += ds * qi[e];
-              dqi[e] += ds * kj[e];
-            }
-          }
-          for (int64_t e = 0; e < d; ++e) dqi[e] *= scale;
-        }
-        if (my_nn) {
-          for (int64_t e = 0; e < NN; ++e) my_nn[e] += S[e];
-        }
-        if (my_tab) {
-          for (int64_t e = 0; e < NN; ++e) {
-            if (w.idx[e] >= 0) my_tab[w.idx[e]] += S[e];
-          }
-        }
-        for (int64_t n = 0; n < N; ++n) {
-          scalar_t* dst = dp + w.tok[n] * 3 * C + h * d;
-          for (int64_t e = 0; e < d; ++e) {
-            dst[e] = static_cast<scalar_t>(dq[n * d + e]);
-            dst[C + e] = static_cast<scalar_t>(dk[n * d + e]);
-            dst[2 * C + e] = static_cast<scalar_t>(dv[n * d + e]);
-          }
-        }
-      }
-    }
-  });
+  Args<scalar_t> a{g, qkv.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), dout.data_ptr<scalar_t>()};
+  a.dst = dqkv.data_ptr<scalar_t>();
+  a.lse = const_cast<acc*>(lse.data_ptr<acc>());
+  const at::Tensor bias_owner = set_bias(a, g, rpb, ab);
+  a.scale = static_cast<acc>(scale);
+  a.part_nn = want_nn ? part_nn.data_ptr<acc>() : nullptr;
+  a.part_tab = want_tab ? part_tab.data_ptr<acc>() : nullptr;
+  a.K = K;
+  if (g.windows() > 0) run_backward(a, K);
 
   // Second level: partials summed in chunk order (deterministic for any thread count).
+  const acc* pnn = a.part_nn;
+  const acc* ptab = a.part_tab;
   if (want_nn) {
     at::Tensor nn = need_dbias ? dbias : at::empty({nH, N, N}, acc_opts);
     acc* dst = nn.data_ptr<acc>();
@@ -426,9 +656,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward(
   auto dqkv = at::empty_like(qkv);
   auto drpb = need_drpb ? at::empty_like(*rpb) : at::empty({0}, qkv.options().dtype(acc));
   auto dbias = need_dbias ? at::empty_like(*attn_bias) : at::empty({0}, qkv.options().dtype(acc));
-  const at::Tensor rpbT = rpb_by_head(rpb);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "window_attention_backward", [&] {
-    backward_impl<scalar_t>(g, dout, qkv, out, lse, rpbT, attn_bias, scale, need_drpb, need_dbias, dqkv, drpb, dbias);
+    backward_impl<scalar_t>(g, dout, qkv, out, lse, rpb, attn_bias, scale, need_drpb, need_dbias, dqkv, drpb, dbias);
   });
   return {dqkv, drpb, dbias};
 }
