@@ -1,18 +1,21 @@
 // CPU kernels: fused mask-aware (shifted) window attention, forward and backward.
 //
 // The roll, window partition, head split, relative-position bias gather, shift and group
-// masks and the reverse layout are all index arithmetic: a task gathers one window's q/k/v
-// rows of one head straight from the (B,H,W,3C) qkv tensor into thread-local buffers (in the
-// acc dtype), computes that window's N x N scores in scratch, and scatters its rows back to
-// the token positions. Nothing of size N x N per window is ever kept beyond one task.
+// masks and the reverse layout are all index arithmetic: a window's token rows are copied
+// whole from the (B,H,W,3C) qkv tensor (sequential reads) into thread-local scratch, one head
+// at a time is converted to the acc dtype into padded buffers, its N x N scores live only in
+// per-thread scratch, and results are written straight to the token positions. The matmuls
+// are 4 x 2-vector register tiles written with GCC/Clang vector extensions; on x86 the task
+// loops are also compiled for AVX2+FMA and picked at run time.
 //
-// Forward tasks are (window, head) pairs. Backward recomputes P = exp(S - lse) (flash
-// style), delta = rowsum(dO*O), dS = P*(dP - delta); every (window, head) writes a disjoint
-// slice of dqkv, so there are no races. Bias gradients are reduced deterministically: the
-// windows are cut into a fixed number of chunks that depends on the problem size only (never
-// on the thread count), each (chunk, head) task sums its windows in order into its own
-// partial, and the partials are summed in chunk order. The CPU result is therefore
-// bit-identical across runs and thread counts; the `deterministic` flag changes nothing here.
+// Forward tasks are (window, head) pairs (consecutive heads of one window share its gather).
+// Backward recomputes P = exp(S - lse) (flash style), delta = rowsum(dO*O),
+// dS = P*(dP - delta); every window writes a disjoint set of dqkv rows, so there are no races.
+// Bias gradients are reduced deterministically: the windows are cut into a fixed number of
+// chunks that depends on the problem size only (never on the thread count); a backward task is
+// one chunk, summing its windows in order into its own (chunk, head) partials, and the
+// partials are summed in chunk order. The result is bit-identical across runs and thread
+// counts, so the `deterministic` flag changes nothing on the CPU.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -25,9 +28,12 @@
 #include <vector>
 
 #include "mixkernels/cpu_common.h"
+#include "mixkernels/cpu_simd.h"
 
 namespace mixkernels::cpu {
 namespace {
+
+using namespace simd;
 
 // Problem geometry plus the optional per-position inputs (indexed at original positions).
 struct Geom {
@@ -141,134 +147,6 @@ struct Window {
     }
   }
 };
-
-// ---- SIMD building blocks (GCC/Clang vector extensions, 32-byte vectors) ----
-// Every hot helper is always_inline so it is compiled with the caller's target: the task
-// loops below are instantiated twice, once for the build's baseline ISA and once with
-// target("avx2,fma") selected at run time on x86.
-#define MK_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) || defined(__i386__)
-#define MK_HAS_AVX2_PATH 1
-#define MK_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define MK_HAS_AVX2_PATH 0
-#define MK_AVX2
-#endif
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-template <typename T> struct Vec;
-template <> struct Vec<float> {
-  typedef float type __attribute__((vector_size(32)));
-  typedef int32_t itype __attribute__((vector_size(32)));
-};
-template <> struct Vec<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
-template <typename T> constexpr int64_t kW = 32 / sizeof(T);  // lanes per vector
-inline int64_t round_up(int64_t n, int64_t w) { return (n + w - 1) / w * w; }
-
-template <typename T> MK_INLINE typename Vec<T>::type vload(const T* p) {
-  typename Vec<T>::type v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-template <typename T> MK_INLINE void vstore(T* p, typename Vec<T>::type v) { std::memcpy(p, &v, sizeof v); }
-
-// C[i, 0:n] = sum_kk A(i,kk) * B[kk, 0:n] for i < m, with A(i,kk) = A[i*sa + kk*sk] (so A or A^T),
-// n a multiple of the vector width (buffers are padded). 4 x 2-vector register tiles.
-template <typename T>
-MK_INLINE void gemm(int64_t m, int64_t n, int64_t k, const T* A, int64_t sa, int64_t sk, const T* B, int64_t ldb, T* C,
-                    int64_t ldc) {
-  using V = typename Vec<T>::type;
-  constexpr int64_t W = kW<T>;
-  int64_t i = 0;
-  for (; i + 4 <= m; i += 4) {
-    int64_t j = 0;
-    for (; j + 2 * W <= n; j += 2 * W) {
-      V c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
-      const T* a = A + i * sa;
-      for (int64_t kk = 0; kk < k; ++kk) {
-        const V b0 = vload(B + kk * ldb + j), b1 = vload(B + kk * ldb + j + W);
-        const T a0 = a[kk * sk], a1 = a[sa + kk * sk], a2 = a[2 * sa + kk * sk], a3 = a[3 * sa + kk * sk];
-        c00 += a0 * b0, c01 += a0 * b1, c10 += a1 * b0, c11 += a1 * b1;
-        c20 += a2 * b0, c21 += a2 * b1, c30 += a3 * b0, c31 += a3 * b1;
-      }
-      T* c = C + i * ldc + j;
-      vstore(c, c00), vstore(c + W, c01), vstore(c + ldc, c10), vstore(c + ldc + W, c11);
-      vstore(c + 2 * ldc, c20), vstore(c + 2 * ldc + W, c21), vstore(c + 3 * ldc, c30), vstore(c + 3 * ldc + W, c31);
-    }
-    for (; j < n; j += W) {
-      V c0 = {}, c1 = {}, c2 = {}, c3 = {};
-      const T* a = A + i * sa;
-      for (int64_t kk = 0; kk < k; ++kk) {
-        const V b = vload(B + kk * ldb + j);
-        c0 += a[kk * sk] * b, c1 += a[sa + kk * sk] * b, c2 += a[2 * sa + kk * sk] * b, c3 += a[3 * sa + kk * sk] * b;
-      }
-      T* c = C + i * ldc + j;
-      vstore(c, c0), vstore(c + ldc, c1), vstore(c + 2 * ldc, c2), vstore(c + 3 * ldc, c3);
-    }
-  }
-  for (; i < m; ++i) {
-    for (int64_t j = 0; j < n; j += W) {
-      V c0 = {};
-      for (int64_t kk = 0; kk < k; ++kk) c0 += A[i * sa + kk * sk] * vload(B + kk * ldb + j);
-      vstore(C + i * ldc + j, c0);
-    }
-  }
-}
-
-// x[j] = exp(x[j] - sub) for j < n (multiple of the width); exp(-inf) is exactly 0.
-// float: Cephes-style range reduction + degree-6 polynomial (~1 ulp), vectorized; double: libm.
-template <typename T> MK_INLINE void exp_sub(T* x, int64_t n, T sub);
-template <> MK_INLINE void exp_sub<float>(float* x, int64_t n, float sub) {
-  using V = Vec<float>::type;
-  using VI = Vec<float>::itype;
-  for (int64_t j = 0; j < n; j += kW<float>) {
-    V v = vload(x + j) - sub;
-    const VI zero = v < -87.3f;  // below FLT_MIN's log (and -inf): result 0
-    v = v < -87.3f ? V{} - 87.3f : v;
-    v = v > 88.f ? V{} + 88.f : v;
-    V fx = v * 1.44269504088896341f + 0.5f;
-    V fl = __builtin_convertvector(__builtin_convertvector(fx, VI), V);
-    fl = fl > fx ? fl - 1.f : fl;  // floor
-    const V r = v - fl * 0.693359375f + fl * 2.12194440e-4f;
-    V y = 1.9875691500e-4f * r + 1.3981999507e-3f;
-    y = y * r + 8.3334519073e-3f;
-    y = y * r + 4.1665795894e-2f;
-    y = y * r + 1.6666665459e-1f;
-    y = y * r + 5.0000001201e-1f;
-    y = y * r * r + r + 1.f;
-    const VI e = (__builtin_convertvector(fl, VI) + 127) << 23;
-    V p2;
-    std::memcpy(&p2, &e, sizeof p2);
-    y = y * p2;
-    vstore(x + j, zero ? V{} : y);
-  }
-}
-template <> MK_INLINE void exp_sub<double>(double* x, int64_t n, double sub) {
-  for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - sub);
-}
-
-template <typename T> MK_INLINE T row_max(const T* x, int64_t n) {
-  using V = typename Vec<T>::type;
-  V m = vload(x);
-  for (int64_t j = kW<T>; j < n; j += kW<T>) {
-    const V v = vload(x + j);
-    m = v > m ? v : m;
-  }
-  T r = m[0];
-  for (int64_t l = 1; l < kW<T>; ++l) r = std::max(r, T(m[l]));
-  return r;
-}
-
-template <typename T> MK_INLINE T row_sum(const T* x, int64_t n) {
-  using V = typename Vec<T>::type;
-  V s = {};
-  for (int64_t j = 0; j < n; j += kW<T>) s += vload(x + j);
-  T r = 0;
-  for (int64_t l = 0; l < kW<T>; ++l) r += s[l];
-  return r;
-}
 
 // ---- one (window, head) ----
 
@@ -463,45 +341,24 @@ MK_INLINE void backward_tasks(const Args<scalar_t>& a, int64_t begin, int64_t en
   }
 }
 
-template <typename scalar_t> void forward_base(const Args<scalar_t>& a, int64_t b, int64_t e) { forward_tasks(a, b, e); }
-template <typename scalar_t> void backward_base(const Args<scalar_t>& a, int64_t b, int64_t e) { backward_tasks(a, b, e); }
+// The task loops for the baseline ISA and, on x86 CPUs that have it, for AVX2+FMA.
+template <bool kBwd, typename scalar_t> void tasks_base(const Args<scalar_t>& a, int64_t b, int64_t e) {
+  kBwd ? backward_tasks(a, b, e) : forward_tasks(a, b, e);
+}
 #if MK_HAS_AVX2_PATH
-template <typename scalar_t> MK_AVX2 void forward_avx2(const Args<scalar_t>& a, int64_t b, int64_t e) { forward_tasks(a, b, e); }
-template <typename scalar_t> MK_AVX2 void backward_avx2(const Args<scalar_t>& a, int64_t b, int64_t e) { backward_tasks(a, b, e); }
-inline bool use_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+template <bool kBwd, typename scalar_t> MK_AVX2 void tasks_avx2(const Args<scalar_t>& a, int64_t b, int64_t e) {
+  kBwd ? backward_tasks(a, b, e) : forward_tasks(a, b, e);
 }
 #endif
 
-template <typename scalar_t> void run_forward(const Args<scalar_t>& a, int64_t tasks) {
+template <bool kBwd, typename scalar_t> void run_tasks(const Args<scalar_t>& a, int64_t tasks) {
 #if MK_HAS_AVX2_PATH
-  const bool avx2 = use_avx2();
-#else
-  const bool avx2 = false;
+  // MIXKERNELS_CPU_BASELINE=1 forces the baseline ISA (so tests can cover both paths).
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           std::getenv("MIXKERNELS_CPU_BASELINE") == nullptr;
+  if (avx2) return at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) { tasks_avx2<kBwd>(a, b, e); });
 #endif
-  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
-#if MK_HAS_AVX2_PATH
-    if (avx2) return forward_avx2(a, b, e);
-#endif
-    forward_base(a, b, e);
-  });
-  (void)avx2;
-}
-
-template <typename scalar_t> void run_backward(const Args<scalar_t>& a, int64_t tasks) {
-#if MK_HAS_AVX2_PATH
-  const bool avx2 = use_avx2();
-#else
-  const bool avx2 = false;
-#endif
-  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
-#if MK_HAS_AVX2_PATH
-    if (avx2) return backward_avx2(a, b, e);
-#endif
-    backward_base(a, b, e);
-  });
-  (void)avx2;
+  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) { tasks_base<kBwd>(a, b, e); });
 }
 
 // Bias operands of the scores. Without coords rpb and attn_bias fold into one window-independent
@@ -552,7 +409,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention(const at::Tensor& qkv, int64
     a.lse = lse.data_ptr<acc_type>();
     const at::Tensor bias_owner = set_bias(a, g, rpb, attn_bias);
     a.scale = static_cast<acc_type>(scale);
-    run_forward(a, g.windows() * g.nH);
+    run_tasks<false>(a, g.windows() * g.nH);
   });
   return {out, lse};
 }
@@ -593,7 +450,7 @@ void backward_impl(const Geom& g, const at::Tensor& dout, const at::Tensor& qkv,
   a.part_nn = want_nn ? part_nn.data_ptr<acc>() : nullptr;
   a.part_tab = want_tab ? part_tab.data_ptr<acc>() : nullptr;
   a.K = K;
-  if (g.windows() > 0) run_backward(a, K);
+  if (g.windows() > 0) run_tasks<true>(a, K);
 
   // Second level: partials summed in chunk order (deterministic for any thread count).
   const acc* pnn = a.part_nn;
@@ -602,10 +459,10 @@ void backward_impl(const Geom& g, const at::Tensor& dout, const at::Tensor& qkv,
     at::Tensor nn = need_dbias ? dbias : at::empty({nH, N, N}, acc_opts);
     acc* dst = nn.data_ptr<acc>();
     at::parallel_for(0, nH * NN, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t e = begin; e < end; ++e) {
-        acc s = 0;
-        for (int64_t c = 0; c < K; ++c) s += pnn[c * nH * NN + e];
-        dst[e] = s;
+      std::fill(dst + begin, dst + end, acc(0));
+      for (int64_t c = 0; c < K; ++c) {  // chunk-ordered sum per element, streaming over e
+        const acc* src = pnn + c * nH * NN;
+        for (int64_t e = begin; e < end; ++e) dst[e] += src[e];
       }
     });
     if (need_drpb) {  // no coords: table row of (i, j) is the window-local relative position
