@@ -151,11 +151,12 @@ struct Window {
 // ---- one (window, head) ----
 
 // Thread-local buffers, rows padded to the vector width; padding stays 0 (or -inf in scores).
-template <typename acc> struct Scratch {
+template <int Bytes, typename acc> struct Scratch {
   int64_t N, d, Np, dp;
   std::vector<acc> mem;
   acc *q, *k, *kT, *v, *vT, *dO, *S, *D, *o, *dq, *dk, *dv, *delta;
-  Scratch(int64_t N_, int64_t d_, bool backward) : N(N_), d(d_), Np(round_up(N_, kW<acc>)), dp(round_up(d_, kW<acc>)) {
+  Scratch(int64_t N_, int64_t d_, bool backward)
+      : N(N_), d(d_), Np(round_up(N_, Vec<acc, Bytes>::W)), dp(round_up(d_, Vec<acc, Bytes>::W)) {
     const int64_t rows = N * dp, cols = d * Np, nn = N * Np;
     mem.assign(backward ? 6 * rows + 2 * cols + 2 * nn + N : 3 * rows + cols + nn, acc(0));
     acc* p = mem.data();
@@ -178,7 +179,8 @@ MK_INLINE void gather_window(const scalar_t* src, int64_t width, const Window& w
 
 // dst[n*ld + e] = mul * src[n*stride + off + e] (rows) or dst[e*ld + n] = src[...] (columns), n < N, e < d.
 template <typename scalar_t, typename acc>
-MK_INLINE void load_rows(const Geom& g, const scalar_t* src, int64_t stride, int64_t off, acc mul, acc* dst, int64_t ld) {
+MK_INLINE void load_rows(const Geom& g, const scalar_t* src, int64_t stride, int64_t off, acc mul, acc* dst,
+                         int64_t ld) {
   for (int64_t n = 0; n < g.N; ++n) {
     const scalar_t* s = src + n * stride + off;
     for (int64_t e = 0; e < g.d; ++e) dst[n * ld + e] = mul * static_cast<acc>(s[e]);
@@ -194,12 +196,12 @@ MK_INLINE void load_cols(const Geom& g, const scalar_t* src, int64_t stride, int
 
 // S = q @ kT + bias; masked scores and the row padding are -inf. The bias is either the
 // head's window-independent (N,N) rpb+attn_bias (no coords) or gathered per window (coords).
-template <typename acc>
-MK_INLINE void scores(const Geom& g, const Window& w, Scratch<acc>& b, const acc* bias_h, const acc* rpb_h,
+template <int Bytes, typename acc>
+MK_INLINE void scores(const Geom& g, const Window& w, Scratch<Bytes, acc>& b, const acc* bias_h, const acc* rpb_h,
                       const acc* ab_h) {
   const int64_t N = g.N, Np = b.Np;
   constexpr acc ninf = -std::numeric_limits<acc>::infinity();
-  gemm<acc>(N, Np, g.d, b.q, b.dp, 1, b.kT, Np, b.S, Np);
+  gemm<Bytes>(N, Np, g.d, b.q, b.dp, 1, b.kT, Np, b.S, Np);
   for (int64_t i = 0; i < N; ++i) {
     acc* s = b.S + i * Np;
     const int32_t* ix = w.idx.data() + i * N;
@@ -233,13 +235,13 @@ template <typename scalar_t> struct Args {
   const acc* head(const acc* p, int64_t h, int64_t n) const { return p ? p + h * n : nullptr; }
 };
 
-template <typename scalar_t>
+template <int Bytes, typename scalar_t>
 MK_INLINE void forward_tasks(const Args<scalar_t>& a, int64_t begin, int64_t end) {
   using acc = acc_t<scalar_t>;
   const Geom& g = a.g;
   const int64_t N = g.N, d = g.d, nH = g.nH, C = g.C, NN = N * N;
   Window w;
-  Scratch<acc> b(N, d, false);
+  Scratch<Bytes, acc> b(N, d, false);
   std::vector<scalar_t> rows(N * 3 * C);
   const int64_t Np = b.Np, dp = b.dp;
   for (int64_t t = begin; t < end; ++t) {
@@ -255,14 +257,14 @@ MK_INLINE void forward_tasks(const Args<scalar_t>& a, int64_t begin, int64_t end
     acc* l = a.lse + t * N;  // lse (B*nW, nH, N): t == win*nH + h
     for (int64_t i = 0; i < N; ++i) {
       acc* s = b.S + i * Np;
-      const acc m = row_max(s, Np);
-      exp_sub(s, Np, m);
-      const acc sum = row_sum(s, Np);
+      const acc m = row_max<Bytes>(s, Np);
+      exp_sub<Bytes>(s, Np, m);
+      const acc sum = row_sum<Bytes>(s, Np);
       l[i] = m + std::log(sum);
       const acc inv = acc(1) / sum;
       for (int64_t j = 0; j < Np; ++j) s[j] *= inv;
     }
-    gemm<acc>(N, dp, N, b.S, Np, 1, b.v, dp, b.o, dp);
+    gemm<Bytes>(N, dp, N, b.S, Np, 1, b.v, dp, b.o, dp);
     for (int64_t i = 0; i < N; ++i) {
       scalar_t* dst = a.dst + w.tok[i] * C + h * d;
       for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<scalar_t>(b.o[i * dp + e]);
@@ -271,13 +273,13 @@ MK_INLINE void forward_tasks(const Args<scalar_t>& a, int64_t begin, int64_t end
 }
 
 // Task = one chunk of windows, in order; per window all heads, adding to the partials of (chunk, head).
-template <typename scalar_t>
+template <int Bytes, typename scalar_t>
 MK_INLINE void backward_tasks(const Args<scalar_t>& a, int64_t begin, int64_t end) {
   using acc = acc_t<scalar_t>;
   const Geom& g = a.g;
   const int64_t N = g.N, d = g.d, nH = g.nH, C = g.C, NN = N * N, nWin = g.windows();
   Window w;
-  Scratch<acc> b(N, d, true);
+  Scratch<Bytes, acc> b(N, d, true);
   std::vector<scalar_t> rows(N * 3 * C), drows(N * 3 * C), orows(N * C), grows(N * C);
   const int64_t Np = b.Np, dp = b.dp;
   for (int64_t c = begin; c < end; ++c) {
@@ -302,16 +304,16 @@ MK_INLINE void backward_tasks(const Args<scalar_t>& a, int64_t begin, int64_t en
         }
         scores(g, w, b, a.head(a.bias, h, NN), a.head(a.rpbT, h, g.T), a.head(a.ab, h, NN));
         const acc* l = a.lse + (win * nH + h) * N;
-        for (int64_t i = 0; i < N; ++i) exp_sub(b.S + i * Np, Np, l[i]);  // S -> P
-        gemm<acc>(N, Np, d, b.dO, dp, 1, b.vT, Np, b.D, Np);             // dP
+        for (int64_t i = 0; i < N; ++i) exp_sub<Bytes>(b.S + i * Np, Np, l[i]);  // S -> P
+        gemm<Bytes>(N, Np, d, b.dO, dp, 1, b.vT, Np, b.D, Np);             // dP
         for (int64_t i = 0; i < N; ++i) {                                  // dS = P * (dP - delta)
           acc* ds = b.D + i * Np;
           const acc* p = b.S + i * Np;
           for (int64_t j = 0; j < Np; ++j) ds[j] = p[j] * (ds[j] - b.delta[i]);
         }
-        gemm<acc>(N, dp, N, b.S, 1, Np, b.dO, dp, b.dv, dp);  // dV = P^T dO
-        gemm<acc>(N, dp, N, b.D, Np, 1, b.k, dp, b.dq, dp);   // dQ = dS K (* scale below)
-        gemm<acc>(N, dp, N, b.D, 1, Np, b.q, dp, b.dk, dp);   // dK = dS^T (q * scale)
+        gemm<Bytes>(N, dp, N, b.S, 1, Np, b.dO, dp, b.dv, dp);  // dV = P^T dO
+        gemm<Bytes>(N, dp, N, b.D, Np, 1, b.k, dp, b.dq, dp);   // dQ = dS K (* scale below)
+        gemm<Bytes>(N, dp, N, b.D, 1, Np, b.q, dp, b.dk, dp);   // dK = dS^T (q * scale)
         if (my_nn) {
           for (int64_t i = 0; i < N; ++i) {
             for (int64_t j = 0; j < N; ++j) my_nn[i * N + j] += b.D[i * Np + j];
@@ -343,11 +345,11 @@ MK_INLINE void backward_tasks(const Args<scalar_t>& a, int64_t begin, int64_t en
 
 // The task loops for the baseline ISA and, on x86 CPUs that have it, for AVX2+FMA.
 template <bool kBwd, typename scalar_t> void tasks_base(const Args<scalar_t>& a, int64_t b, int64_t e) {
-  kBwd ? backward_tasks(a, b, e) : forward_tasks(a, b, e);
+  kBwd ? backward_tasks<16>(a, b, e) : forward_tasks<16>(a, b, e);
 }
 #if MK_HAS_AVX2_PATH
 template <bool kBwd, typename scalar_t> MK_AVX2 void tasks_avx2(const Args<scalar_t>& a, int64_t b, int64_t e) {
-  kBwd ? backward_tasks(a, b, e) : forward_tasks(a, b, e);
+  kBwd ? backward_tasks<32>(a, b, e) : forward_tasks<32>(a, b, e);
 }
 #endif
 
