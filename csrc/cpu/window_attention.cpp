@@ -1,0 +1,531 @@
+// CPU kernels: fused mask-aware (shifted) window attention, forward and backward.
+//
+// The roll, window partition, head split, relative-position bias gather, shift and group
+// masks and the reverse layout are all index arithmetic: a window's token rows are copied
+// whole from the (B,H,W,3C) qkv tensor (sequential reads) into thread-local scratch, one head
+// at a time is converted to the acc dtype into padded buffers, its N x N scores live only in
+// per-thread scratch, and results are written straight to the token positions. The matmuls
+// are 4 x 2-vector register tiles written with GCC/Clang vector extensions; on x86 the task
+// loops are also compiled for AVX2+FMA and picked at run time.
+//
+// Forward tasks are (window, head) pairs (consecutive heads of one window share its gather).
+// Backward recomputes P = exp(S - lse) (flash style), delta = rowsum(dO*O),
+// dS = P*(dP - delta); every window writes a disjoint set of dqkv rows, so there are no races.
+// Bias gradients are reduced deterministically: the windows are cut into a fixed number of
+// chunks that depends on the problem size only (never on the thread count); a backward task is
+// one chunk, summing its windows in order into its own (chunk, head) partials, and the
+// partials are summed in chunk order. The result is bit-identical across runs and thread
+// counts, so the `deterministic` flag changes nothing on the CPU.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "mixkernels/cpu_common.h"
+#include "mixkernels/cpu_simd.h"
+
+namespace mixkernels::cpu {
+namespace {
+
+using namespace simd;
+
+// Problem geometry plus the optional per-position inputs (indexed at original positions).
+struct Geom {
+  int64_t B, H, W, C, nH, d, wh, ww, sh, sw, nWw, nW, N, rh, rw, T;
+  const int32_t* group = nullptr;
+  const int32_t* coords = nullptr;
+  int64_t group_bstride = 0, coords_bstride = 0;  // 0 when batch-shared (G == 1)
+  bool has_rpb = false;
+  int64_t windows() const { return B * nW; }
+};
+
+Geom make_geom(const at::Tensor& qkv, int64_t nH, int64_t wh, int64_t ww, int64_t sh, int64_t sw,
+               const c10::optional<at::Tensor>& rpb, const c10::optional<at::Tensor>& attn_bias,
+               const c10::optional<at::Tensor>& group, const c10::optional<at::Tensor>& coords, int64_t rh,
+               int64_t rw) {
+  TORCH_CHECK(qkv.dim() == 4 && qkv.is_contiguous(), "window_attention: qkv must be a contiguous (B,H,W,3C) tensor");
+  TORCH_CHECK(nH > 0 && wh > 0 && ww > 0 && rh > 0 && rw > 0, "window_attention: sizes must be positive");
+  Geom g;
+  g.B = qkv.size(0), g.H = qkv.size(1), g.W = qkv.size(2);
+  const int64_t C3 = qkv.size(3);
+  TORCH_CHECK(C3 % (3 * nH) == 0, "window_attention: qkv last dim ", C3, " is not 3*num_heads*head_dim");
+  TORCH_CHECK(g.H % wh == 0 && g.W % ww == 0, "window_attention: window must divide the token grid");
+  TORCH_CHECK(sh >= 0 && sw >= 0 && sh < wh && sw < ww, "window_attention: shift must be in [0, window)");
+  g.C = C3 / 3, g.nH = nH, g.d = g.C / nH, g.wh = wh, g.ww = ww, g.sh = sh, g.sw = sw;
+  g.nWw = g.W / ww, g.nW = (g.H / wh) * g.nWw, g.N = wh * ww, g.rh = rh, g.rw = rw;
+  g.T = (2 * rh - 1) * (2 * rw - 1);
+  const auto acc = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (rpb.has_value()) {
+    TORCH_CHECK(rpb->scalar_type() == acc && rpb->is_contiguous() && rpb->dim() == 2 && rpb->size(0) == g.T &&
+                    rpb->size(1) == nH,
+                "window_attention: rpb must be a contiguous (", g.T, ",", nH, ") tensor of dtype ", acc);
+    g.has_rpb = true;
+  }
+  if (attn_bias.has_value()) {
+    TORCH_CHECK(attn_bias->scalar_type() == acc && attn_bias->is_contiguous() && attn_bias->dim() == 3 &&
+                    attn_bias->size(0) == nH && attn_bias->size(1) == g.N && attn_bias->size(2) == g.N,
+                "window_attention: attn_bias must be a contiguous (nH,N,N) tensor of dtype ", acc);
+  }
+  if (group.has_value()) {
+    TORCH_CHECK(group->scalar_type() == at::kInt && group->is_contiguous() && group->dim() == 3 &&
+                    (group->size(0) == 1 || group->size(0) == g.B) && group->size(1) == g.H && group->size(2) == g.W,
+                "window_attention: group must be a contiguous int32 (G,H,W) tensor, G in {1,B}");
+    g.group = group->data_ptr<int32_t>();
+    g.group_bstride = group->size(0) == 1 ? 0 : g.H * g.W;
+  }
+  if (coords.has_value()) {
+    TORCH_CHECK(coords->scalar_type() == at::kInt && coords->is_contiguous() && coords->dim() == 4 &&
+                    (coords->size(0) == 1 || coords->size(0) == g.B) && coords->size(1) == g.H &&
+                    coords->size(2) == g.W && coords->size(3) == 2,
+                "window_attention: coords must be a contiguous int32 (G,H,W,2) tensor, G in {1,B}");
+    g.coords = coords->data_ptr<int32_t>();
+    g.coords_bstride = coords->size(0) == 1 ? 0 : g.H * g.W;
+  } else {
+    TORCH_CHECK(rh == wh && rw == ww, "window_attention: without coords, (rh, rw) must equal the window");
+  }
+  return g;
+}
+
+// Swin's shift bands of the rolled grid: [0,n-w) -> 0, [n-w,n-s) -> 1, [n-s,n) -> 2.
+inline int band(int64_t p, int64_t n, int64_t w, int64_t s) { return (s == 0 || p < n - w) ? 0 : (p < n - s ? 1 : 2); }
+
+// Relative-position table row of a coordinate difference.
+inline int32_t table_row(const Geom& g, int64_t dy, int64_t dx) {
+  return static_cast<int32_t>((dy + g.rh - 1) * (2 * g.rw - 1) + (dx + g.rw - 1));
+}
+
+// What every head of one window shares: the original token of each window row, and per
+// score either -1 (masked: shift region or group differs) or the bias table row (0 without rpb).
+struct Window {
+  int64_t id = -1;
+  bool masked = false;  // any score masked in this window
+  std::vector<int64_t> tok;
+  std::vector<int32_t> idx, reg, grp, cy, cx;
+
+  void build(const Geom& g, int64_t win) {
+    if (win == id) return;
+    id = win;
+    const int64_t N = g.N, HW = g.H * g.W;
+    tok.resize(N), idx.resize(N * N), reg.resize(N), grp.resize(N), cy.resize(N), cx.resize(N);
+    const int64_t b = win / g.nW, w = win % g.nW;
+    const int64_t y0 = (w / g.nWw) * g.wh, x0 = (w % g.nWw) * g.ww;
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t yr = y0 + n / g.ww, xr = x0 + n % g.ww;  // rolled grid
+      const int64_t pos = ((yr + g.sh) % g.H) * g.W + (xr + g.sw) % g.W;  // original grid
+      tok[n] = b * HW + pos;
+      reg[n] = band(yr, g.H, g.wh, g.sh) * 3 + band(xr, g.W, g.ww, g.sw);
+      grp[n] = g.group ? g.group[b * g.group_bstride + pos] : 0;
+      if (g.coords) {
+        const int32_t* c = g.coords + (b * g.coords_bstride + pos) * 2;
+        cy[n] = c[0], cx[n] = c[1];
+      } else {
+        cy[n] = static_cast<int32_t>(n / g.ww), cx[n] = static_cast<int32_t>(n % g.ww);
+      }
+    }
+    masked = false;
+    for (int64_t i = 0; i < N; ++i) {
+      for (int64_t j = 0; j < N; ++j) {
+        int32_t v = -1;
+        if (reg[i] == reg[j] && grp[i] == grp[j]) {
+          v = 0;
+          if (g.has_rpb) {
+            const int64_t dy = cy[i] - cy[j], dx = cx[i] - cx[j];
+            TORCH_CHECK(std::abs(dy) < g.rh && std::abs(dx) < g.rw, "window_attention: coords difference (", dy,
+                        ", ", dx, ") outside coord_range (", g.rh, ", ", g.rw, ")");
+            v = table_row(g, dy, dx);
+          }
+        }
+        idx[i * N + j] = v;
+        masked |= v < 0;
+      }
+    }
+  }
+};
+
+// ---- one (window, head) ----
+
+// Thread-local buffers, rows padded to the vector width; padding stays 0 (or -inf in scores).
+template <int Bytes, typename acc> struct Scratch {
+  int64_t N, d, Np, dp;
+  std::vector<acc> mem;
+  acc *q, *k, *kT, *v, *vT, *dO, *S, *D, *o, *dq, *dk, *dv, *delta;
+  Scratch(int64_t N_, int64_t d_, bool backward)
+      : N(N_), d(d_), Np(round_up(N_, Vec<acc, Bytes>::W)), dp(round_up(d_, Vec<acc, Bytes>::W)) {
+    const int64_t rows = N * dp, cols = d * Np, nn = N * Np;
+    mem.assign(backward ? 6 * rows + 2 * cols + 2 * nn + N : 3 * rows + cols + nn, acc(0));
+    acc* p = mem.data();
+    auto take = [&](int64_t n) { acc* r = p; p += n; return r; };
+    q = take(rows), kT = take(cols), S = take(nn);
+    if (backward) {
+      k = take(rows), vT = take(cols), dO = take(rows), D = take(nn), dq = take(rows), dk = take(rows), dv = take(rows);
+      delta = take(N), v = o = nullptr;
+    } else {
+      v = take(rows), o = take(rows), k = vT = dO = D = dq = dk = dv = delta = nullptr;
+    }
+  }
+};
+
+// The window's token rows of a (B,H,W,width) tensor, copied whole (sequential reads) once per window.
+template <typename scalar_t>
+MK_INLINE void gather_window(const scalar_t* src, int64_t width, const Window& w, int64_t N, scalar_t* dst) {
+  for (int64_t n = 0; n < N; ++n) std::memcpy(dst + n * width, src + w.tok[n] * width, width * sizeof(scalar_t));
+}
+
+// dst[n*ld + e] = mul * src[n*stride + off + e] (rows) or dst[e*ld + n] = src[...] (columns), n < N, e < d.
+template <typename scalar_t, typename acc>
+MK_INLINE void load_rows(const Geom& g, const scalar_t* src, int64_t stride, int64_t off, acc mul, acc* dst,
+                         int64_t ld) {
+  for (int64_t n = 0; n < g.N; ++n) {
+    const scalar_t* s = src + n * stride + off;
+    for (int64_t e = 0; e < g.d; ++e) dst[n * ld + e] = mul * static_cast<acc>(s[e]);
+  }
+}
+template <typename scalar_t, typename acc>
+MK_INLINE void load_cols(const Geom& g, const scalar_t* src, int64_t stride, int64_t off, acc* dst, int64_t ld) {
+  for (int64_t n = 0; n < g.N; ++n) {
+    const scalar_t* s = src + n * stride + off;
+    for (int64_t e = 0; e < g.d; ++e) dst[e * ld + n] = static_cast<acc>(s[e]);
+  }
+}
+
+// S = q @ kT + bias; masked scores and the row padding are -inf. The bias is either the
+// head's window-independent (N,N) rpb+attn_bias (no coords) or gathered per window (coords).
+template <int Bytes, typename acc>
+MK_INLINE void scores(const Geom& g, const Window& w, Scratch<Bytes, acc>& b, const acc* bias_h, const acc* rpb_h,
+                      const acc* ab_h) {
+  const int64_t N = g.N, Np = b.Np;
+  constexpr acc ninf = -std::numeric_limits<acc>::infinity();
+  gemm<Bytes>(N, Np, g.d, b.q, b.dp, 1, b.kT, Np, b.S, Np);
+  for (int64_t i = 0; i < N; ++i) {
+    acc* s = b.S + i * Np;
+    const int32_t* ix = w.idx.data() + i * N;
+    if (bias_h) {
+      for (int64_t j = 0; j < N; ++j) s[j] += bias_h[i * N + j];
+    }
+    if (rpb_h) {
+      for (int64_t j = 0; j < N; ++j) s[j] += ix[j] < 0 ? acc(0) : rpb_h[ix[j]];
+    }
+    if (ab_h) {
+      for (int64_t j = 0; j < N; ++j) s[j] += ab_h[i * N + j];
+    }
+    if (w.masked) {
+      for (int64_t j = 0; j < N; ++j) s[j] = ix[j] < 0 ? ninf : s[j];
+    }
+    for (int64_t j = N; j < Np; ++j) s[j] = ninf;
+  }
+}
+
+// Everything a task loop needs, shared by both ISA instantiations.
+template <typename scalar_t> struct Args {
+  using acc = acc_t<scalar_t>;
+  Geom g;
+  const scalar_t *qkv, *out = nullptr, *dout = nullptr;
+  scalar_t* dst = nullptr;  // out (forward) or dqkv (backward)
+  acc* lse = nullptr;
+  const acc *bias = nullptr, *rpbT = nullptr, *ab = nullptr;  // bias (nH,N,N) xor rpbT (nH,T) + ab (nH,N,N)
+  acc scale;
+  acc *part_nn = nullptr, *part_tab = nullptr;  // backward partials (K, nH, N*N) / (K, nH, T)
+  int64_t K = 1;                                // backward chunks
+  const acc* head(const acc* p, int64_t h, int64_t n) const { return p ? p + h * n : nullptr; }
+};
+
+template <int Bytes, typename scalar_t>
+MK_INLINE void forward_tasks(const Args<scalar_t>& a, int64_t begin, int64_t end) {
+  using acc = acc_t<scalar_t>;
+  const Geom& g = a.g;
+  const int64_t N = g.N, d = g.d, nH = g.nH, C = g.C, NN = N * N;
+  Window w;
+  Scratch<Bytes, acc> b(N, d, false);
+  std::vector<scalar_t> rows(N * 3 * C);
+  const int64_t Np = b.Np, dp = b.dp;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t win = t / nH, h = t % nH;
+    if (w.id != win) {
+      w.build(g, win);
+      gather_window(a.qkv, 3 * C, w, N, rows.data());
+    }
+    load_rows(g, rows.data(), 3 * C, h * d, a.scale, b.q, dp);
+    load_cols(g, rows.data(), 3 * C, C + h * d, b.kT, Np);
+    load_rows(g, rows.data(), 3 * C, 2 * C + h * d, acc(1), b.v, dp);
+    scores(g, w, b, a.head(a.bias, h, NN), a.head(a.rpbT, h, g.T), a.head(a.ab, h, NN));
+    acc* l = a.lse + t * N;  // lse (B*nW, nH, N): t == win*nH + h
+    for (int64_t i = 0; i < N; ++i) {
+      acc* s = b.S + i * Np;
+      const acc m = row_max<Bytes>(s, Np);
+      exp_sub<Bytes>(s, Np, m);
+      const acc sum = row_sum<Bytes>(s, Np);
+      l[i] = m + std::log(sum);
+      const acc inv = acc(1) / sum;
+      for (int64_t j = 0; j < Np; ++j) s[j] *= inv;
+    }
+    gemm<Bytes>(N, dp, N, b.S, Np, 1, b.v, dp, b.o, dp);
+    for (int64_t i = 0; i < N; ++i) {
+      scalar_t* dst = a.dst + w.tok[i] * C + h * d;
+      for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<scalar_t>(b.o[i * dp + e]);
+    }
+  }
+}
+
+// Task = one chunk of windows, in order; per window all heads, adding to the partials of (chunk, head).
+template <int Bytes, typename scalar_t>
+MK_INLINE void backward_tasks(const Args<scalar_t>& a, int64_t begin, int64_t end) {
+  using acc = acc_t<scalar_t>;
+  const Geom& g = a.g;
+  const int64_t N = g.N, d = g.d, nH = g.nH, C = g.C, NN = N * N, nWin = g.windows();
+  Window w;
+  Scratch<Bytes, acc> b(N, d, true);
+  std::vector<scalar_t> rows(N * 3 * C), drows(N * 3 * C), orows(N * C), grows(N * C);
+  const int64_t Np = b.Np, dp = b.dp;
+  for (int64_t c = begin; c < end; ++c) {
+    for (int64_t win = c * nWin / a.K; win < (c + 1) * nWin / a.K; ++win) {
+      w.build(g, win);
+      gather_window(a.qkv, 3 * C, w, N, rows.data());
+      gather_window(a.out, C, w, N, orows.data());
+      gather_window(a.dout, C, w, N, grows.data());
+      for (int64_t h = 0; h < nH; ++h) {
+        acc* my_nn = a.part_nn ? a.part_nn + (c * nH + h) * NN : nullptr;
+        acc* my_tab = a.part_tab ? a.part_tab + (c * nH + h) * g.T : nullptr;
+        load_rows(g, rows.data(), 3 * C, h * d, a.scale, b.q, dp);
+        load_rows(g, rows.data(), 3 * C, C + h * d, acc(1), b.k, dp);
+        load_cols(g, rows.data(), 3 * C, C + h * d, b.kT, Np);
+        load_cols(g, rows.data(), 3 * C, 2 * C + h * d, b.vT, Np);
+        load_rows(g, grows.data(), C, h * d, acc(1), b.dO, dp);
+        for (int64_t n = 0; n < N; ++n) {  // delta = rowsum(dO * O)
+          const scalar_t* os = orows.data() + n * C + h * d;
+          acc s = 0;
+          for (int64_t e = 0; e < d; ++e) s += b.dO[n * dp + e] * static_cast<acc>(os[e]);
+          b.delta[n] = s;
+        }
+        scores(g, w, b, a.head(a.bias, h, NN), a.head(a.rpbT, h, g.T), a.head(a.ab, h, NN));
+        const acc* l = a.lse + (win * nH + h) * N;
+        for (int64_t i = 0; i < N; ++i) exp_sub<Bytes>(b.S + i * Np, Np, l[i]);  // S -> P
+        gemm<Bytes>(N, Np, d, b.dO, dp, 1, b.vT, Np, b.D, Np);             // dP
+        for (int64_t i = 0; i < N; ++i) {                                  // dS = P * (dP - delta)
+          acc* ds = b.D + i * Np;
+          const acc* p = b.S + i * Np;
+          for (int64_t j = 0; j < Np; ++j) ds[j] = p[j] * (ds[j] - b.delta[i]);
+        }
+        gemm<Bytes>(N, dp, N, b.S, 1, Np, b.dO, dp, b.dv, dp);  // dV = P^T dO
+        gemm<Bytes>(N, dp, N, b.D, Np, 1, b.k, dp, b.dq, dp);   // dQ = dS K (* scale below)
+        gemm<Bytes>(N, dp, N, b.D, 1, Np, b.q, dp, b.dk, dp);   // dK = dS^T (q * scale)
+        if (my_nn) {
+          for (int64_t i = 0; i < N; ++i) {
+            for (int64_t j = 0; j < N; ++j) my_nn[i * N + j] += b.D[i * Np + j];
+          }
+        }
+        if (my_tab) {
+          for (int64_t i = 0; i < N; ++i) {
+            for (int64_t j = 0; j < N; ++j) {
+              const int32_t r = w.idx[i * N + j];
+              if (r >= 0) my_tab[r] += b.D[i * Np + j];
+            }
+          }
+        }
+        for (int64_t n = 0; n < N; ++n) {
+          scalar_t* dst = drows.data() + n * 3 * C + h * d;
+          for (int64_t e = 0; e < d; ++e) {
+            dst[e] = static_cast<scalar_t>(b.dq[n * dp + e] * a.scale);
+            dst[C + e] = static_cast<scalar_t>(b.dk[n * dp + e]);
+            dst[2 * C + e] = static_cast<scalar_t>(b.dv[n * dp + e]);
+          }
+        }
+      }
+      for (int64_t n = 0; n < N; ++n) {  // scatter: every window owns its tokens' rows
+        std::memcpy(a.dst + w.tok[n] * 3 * C, drows.data() + n * 3 * C, 3 * C * sizeof(scalar_t));
+      }
+    }
+  }
+}
+
+// The task loops for the baseline ISA and, on x86 CPUs that have it, for AVX2+FMA.
+template <bool kBwd, typename scalar_t> void tasks_base(const Args<scalar_t>& a, int64_t b, int64_t e) {
+  kBwd ? backward_tasks<16>(a, b, e) : forward_tasks<16>(a, b, e);
+}
+#if MK_HAS_AVX2_PATH
+template <bool kBwd, typename scalar_t> MK_AVX2 void tasks_avx2(const Args<scalar_t>& a, int64_t b, int64_t e) {
+  kBwd ? backward_tasks<32>(a, b, e) : forward_tasks<32>(a, b, e);
+}
+#endif
+
+template <bool kBwd, typename scalar_t> void run_tasks(const Args<scalar_t>& a, int64_t tasks) {
+#if MK_HAS_AVX2_PATH
+  // MIXKERNELS_CPU_BASELINE=1 forces the baseline ISA (so tests can cover both paths).
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           std::getenv("MIXKERNELS_CPU_BASELINE") == nullptr;
+  if (avx2) return at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) { tasks_avx2<kBwd>(a, b, e); });
+#endif
+  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) { tasks_base<kBwd>(a, b, e); });
+}
+
+// Bias operands of the scores. Without coords rpb and attn_bias fold into one window-independent
+// (nH,N,N) table per call (what timm materializes per block too); with coords the rpb row depends
+// on the window and is gathered per score from the (nH,T) transposed table. Returns the owner.
+template <typename scalar_t>
+at::Tensor set_bias(Args<scalar_t>& a, const Geom& g, const c10::optional<at::Tensor>& rpb,
+                    const c10::optional<at::Tensor>& attn_bias) {
+  using acc = acc_t<scalar_t>;
+  const acc* ab = attn_bias.has_value() ? attn_bias->data_ptr<acc>() : nullptr;
+  if (g.coords) {
+    at::Tensor rt = rpb.has_value() ? rpb->t().contiguous() : at::Tensor();
+    a.rpbT = rt.defined() ? rt.data_ptr<acc>() : nullptr;
+    a.ab = ab;
+    return rt;
+  }
+  if (!rpb.has_value() && !ab) return at::Tensor();
+  const int64_t N = g.N, nH = g.nH;
+  at::Tensor bias = at::empty({nH, N, N}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value));
+  const acc* rp = rpb.has_value() ? rpb->data_ptr<acc>() : nullptr;
+  acc* bp = bias.data_ptr<acc>();
+  for (int64_t h = 0; h < nH; ++h) {
+    for (int64_t i = 0; i < N; ++i) {
+      for (int64_t j = 0; j < N; ++j) {
+        acc v = rp ? rp[table_row(g, i / g.ww - j / g.ww, i % g.ww - j % g.ww) * nH + h] : acc(0);
+        bp[(h * N + i) * N + j] = ab ? v + ab[(h * N + i) * N + j] : v;
+      }
+    }
+  }
+  a.bias = bp;
+  return bias;
+}
+
+std::tuple<at::Tensor, at::Tensor> window_attention(const at::Tensor& qkv, int64_t num_heads, int64_t wh, int64_t ww,
+                                                    int64_t sh, int64_t sw, const c10::optional<at::Tensor>& rpb,
+                                                    const c10::optional<at::Tensor>& attn_bias,
+                                                    const c10::optional<at::Tensor>& group,
+                                                    const c10::optional<at::Tensor>& coords, int64_t rh, int64_t rw,
+                                                    double scale) {
+  const Geom g = make_geom(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw);
+  const auto acc = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto out = at::empty({g.B, g.H, g.W, g.C}, qkv.options());
+  auto lse = at::empty({g.windows(), g.nH, g.N}, qkv.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "window_attention", [&] {
+    using acc_type = acc_t<scalar_t>;
+    Args<scalar_t> a{g, qkv.data_ptr<scalar_t>()};
+    a.dst = out.data_ptr<scalar_t>();
+    a.lse = lse.data_ptr<acc_type>();
+    const at::Tensor bias_owner = set_bias(a, g, rpb, attn_bias);
+    a.scale = static_cast<acc_type>(scale);
+    run_tasks<false>(a, g.windows() * g.nH);
+  });
+  return {out, lse};
+}
+
+// ---- backward ----
+
+// Windows per reduction chunk: a fixed function of the problem (never of the thread count),
+// with the partial buffers capped at ~64 MiB.
+int64_t num_chunks(const Geom& g, int64_t per_chunk_bytes) {
+  constexpr int64_t kMaxChunks = 64, kCapBytes = int64_t(64) << 20;
+  if (per_chunk_bytes == 0) return std::max<int64_t>(g.windows(), 1);  // nothing to reduce
+  int64_t k = std::min<int64_t>(g.windows(), kMaxChunks);
+  k = std::min<int64_t>(k, std::max<int64_t>(1, kCapBytes / per_chunk_bytes));
+  return std::max<int64_t>(k, 1);
+}
+
+template <typename scalar_t>
+void backward_impl(const Geom& g, const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out,
+                   const at::Tensor& lse, const c10::optional<at::Tensor>& rpb, const c10::optional<at::Tensor>& ab,
+                   double scale,
+                   bool need_drpb, bool need_dbias, at::Tensor& dqkv, at::Tensor& drpb, at::Tensor& dbias) {
+  using acc = acc_t<scalar_t>;
+  const int64_t N = g.N, nH = g.nH, NN = N * N, T = g.T;
+  const auto acc_opts = qkv.options().dtype(c10::CppTypeToScalarType<acc>::value);
+  // dS summed over windows per head (dbias, and drpb when the table row is window-independent),
+  // or scattered per window into the table (drpb with coords).
+  const bool want_nn = need_dbias || (need_drpb && !g.coords);
+  const bool want_tab = need_drpb && g.coords;
+  const int64_t K = num_chunks(g, nH * ((want_nn ? NN : 0) + (want_tab ? T : 0)) * int64_t(sizeof(acc)));
+  at::Tensor part_nn = want_nn ? at::zeros({K, nH, NN}, acc_opts) : at::Tensor();
+  at::Tensor part_tab = want_tab ? at::zeros({K, nH, T}, acc_opts) : at::Tensor();
+
+  Args<scalar_t> a{g, qkv.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), dout.data_ptr<scalar_t>()};
+  a.dst = dqkv.data_ptr<scalar_t>();
+  a.lse = const_cast<acc*>(lse.data_ptr<acc>());
+  const at::Tensor bias_owner = set_bias(a, g, rpb, ab);
+  a.scale = static_cast<acc>(scale);
+  a.part_nn = want_nn ? part_nn.data_ptr<acc>() : nullptr;
+  a.part_tab = want_tab ? part_tab.data_ptr<acc>() : nullptr;
+  a.K = K;
+  if (g.windows() > 0) run_tasks<true>(a, K);
+
+  // Second level: partials summed in chunk order (deterministic for any thread count).
+  const acc* pnn = a.part_nn;
+  const acc* ptab = a.part_tab;
+  if (want_nn) {
+    at::Tensor nn = need_dbias ? dbias : at::empty({nH, N, N}, acc_opts);
+    acc* dst = nn.data_ptr<acc>();
+    at::parallel_for(0, nH * NN, 4096, [&](int64_t begin, int64_t end) {
+      std::fill(dst + begin, dst + end, acc(0));
+      for (int64_t c = 0; c < K; ++c) {  // chunk-ordered sum per element, streaming over e
+        const acc* src = pnn + c * nH * NN;
+        for (int64_t e = begin; e < end; ++e) dst[e] += src[e];
+      }
+    });
+    if (need_drpb) {  // no coords: table row of (i, j) is the window-local relative position
+      acc* tab = drpb.data_ptr<acc>();  // (T, nH)
+      std::fill(tab, tab + T * nH, acc(0));
+      at::parallel_for(0, nH, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t h = begin; h < end; ++h) {
+          for (int64_t i = 0; i < N; ++i) {
+            for (int64_t j = 0; j < N; ++j) {
+              const int64_t row = table_row(g, i / g.ww - j / g.ww, i % g.ww - j % g.ww);
+              tab[row * nH + h] += dst[h * NN + i * N + j];
+            }
+          }
+        }
+      });
+    }
+  }
+  if (want_tab) {
+    acc* tab = drpb.data_ptr<acc>();  // (T, nH)
+    at::parallel_for(0, T * nH, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) {
+        const int64_t row = e / nH, h = e % nH;
+        acc s = 0;
+        for (int64_t c = 0; c < K; ++c) s += ptab[(c * nH + h) * T + row];
+        tab[e] = s;
+      }
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward(
+    const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse, int64_t num_heads,
+    int64_t wh, int64_t ww, int64_t sh, int64_t sw, const c10::optional<at::Tensor>& rpb,
+    const c10::optional<at::Tensor>& attn_bias, const c10::optional<at::Tensor>& group,
+    const c10::optional<at::Tensor>& coords, int64_t rh, int64_t rw, double scale, bool need_drpb, bool need_dbias,
+    bool /*deterministic: the CPU reduction is always deterministic*/) {
+  const Geom g = make_geom(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw);
+  const auto acc = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(dout.scalar_type() == qkv.scalar_type() && out.scalar_type() == qkv.scalar_type(),
+              "window_attention_backward: dout and out must have qkv's dtype");
+  TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && dout.sizes() == out.sizes() && out.dim() == 4 &&
+                  out.size(0) == g.B && out.size(1) == g.H && out.size(2) == g.W && out.size(3) == g.C,
+              "window_attention_backward: dout and out must be contiguous (B,H,W,C)");
+  TORCH_CHECK(lse.scalar_type() == acc && lse.is_contiguous() && lse.numel() == g.windows() * g.nH * g.N,
+              "window_attention_backward: lse must be a contiguous (B*nW,nH,N) tensor of dtype ", acc);
+  TORCH_CHECK(!need_drpb || rpb.has_value(), "window_attention_backward: need_drpb without rpb");
+  TORCH_CHECK(!need_dbias || attn_bias.has_value(), "window_attention_backward: need_dbias without attn_bias");
+  auto dqkv = at::empty_like(qkv);
+  auto drpb = need_drpb ? at::empty_like(*rpb) : at::empty({0}, qkv.options().dtype(acc));
+  auto dbias = need_dbias ? at::empty_like(*attn_bias) : at::empty({0}, qkv.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "window_attention_backward", [&] {
+    backward_impl<scalar_t>(g, dout, qkv, out, lse, rpb, attn_bias, scale, need_drpb, need_dbias, dqkv, drpb, dbias);
+  });
+  return {dqkv, drpb, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixkernels_C, CPU, m) {
+  m.impl("window_attention", &window_attention);
+  m.impl("window_attention_backward", &window_attention_backward);
+}
+
+}  // namespace mixkernels::cpu
