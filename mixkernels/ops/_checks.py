@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["tensor", "pair", "positive_int", "mask_2d", "same_device", "FLOATS"]
+__all__ = ["tensor", "pair", "positive_int", "mask_2d", "same_device", "window_geometry", "FLOATS"]
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -44,6 +44,17 @@ def pair(name: str, v, *, minimum: int = 1) -> Tuple[int, int]:
     if any(x < minimum for x in vals):
         raise ValueError(f"{name} must be >= {minimum}, got {v!r}")
     return vals  # type: ignore[return-value]
+
+
+def window_geometry(window_size, shift_size, H: int, W: int) -> Tuple[int, int, int, int]:
+    """``(wh, ww, sh, sw)``: windows must tile the ``(H, W)`` grid, shifts be smaller than windows."""
+    wh, ww = pair("window_size", window_size)
+    sh, sw = pair("shift_size", shift_size, minimum=0)
+    if H % wh or W % ww:
+        raise ValueError(f"window_size {(wh, ww)} must divide the token grid (H, W) = {(H, W)}; pad first")
+    if sh >= wh or sw >= ww:
+        raise ValueError(f"shift_size {(sh, sw)} must be smaller than window_size {(wh, ww)}")
+    return wh, ww, sh, sw
 
 
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + FLOATS

@@ -165,12 +165,7 @@ def window_attention(
     if C3 % (3 * nh):
         raise ValueError(f"qkv's last dim must be 3*num_heads*head_dim (num_heads={nh}), got {C3}")
     d = C3 // (3 * nh)
-    wh, ww = chk.pair("window_size", window_size)
-    sh, sw = chk.pair("shift_size", shift_size, minimum=0)
-    if H % wh or W % ww:
-        raise ValueError(f"window_size {(wh, ww)} must divide the token grid (H, W) = {(H, W)}; pad first")
-    if sh >= wh or sw >= ww:
-        raise ValueError(f"shift_size {(sh, sw)} must be smaller than window_size {(wh, ww)}")
+    wh, ww, sh, sw = chk.window_geometry(window_size, shift_size, H, W)
     N = wh * ww
     if coords is not None:
         if coord_range is None:

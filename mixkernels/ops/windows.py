@@ -68,16 +68,6 @@ _partition.register_autograd(_partition_backward, setup_context=_partition_setup
 _merge.register_autograd(_merge_backward, setup_context=_merge_setup)
 
 
-def _geometry(window_size, shift_size, H: int, W: int):
-    wh, ww = chk.pair("window_size", window_size)
-    sh, sw = chk.pair("shift_size", shift_size, minimum=0)
-    if H % wh or W % ww:
-        raise ValueError(f"window_size {(wh, ww)} must divide the token grid (H, W) = {(H, W)}; pad first")
-    if sh >= wh or sw >= ww:
-        raise ValueError(f"shift_size {(sh, sw)} must be smaller than window_size {(wh, ww)}")
-    return wh, ww, sh, sw
-
-
 def window_partition(x: Tensor, window_size, shift_size=0, *, backend: Optional[str] = None) -> Tensor:
     """``roll(x, -shift)`` then Swin's window partition, fused.
 
@@ -88,7 +78,7 @@ def window_partition(x: Tensor, window_size, shift_size=0, *, backend: Optional[
     """
     chk.tensor("x", x, ndim=(4,), floating=True)
     B, H, W, C = x.shape
-    wh, ww, sh, sw = _geometry(window_size, shift_size, H, W)
+    wh, ww, sh, sw = chk.window_geometry(window_size, shift_size, H, W)
     b = select("window_partition", x.device, _checks("window_partition", x), backend)
     if b == "reference":
         return ref.window_partition(x, (wh, ww), (sh, sw))
@@ -100,7 +90,7 @@ def window_merge(windows: Tensor, window_size, H: int, W: int, shift_size=0, *, 
     chk.tensor("windows", windows, ndim=(3,), floating=True)
     chk.positive_int("H", H)
     chk.positive_int("W", W)
-    wh, ww, sh, sw = _geometry(window_size, shift_size, H, W)
+    wh, ww, sh, sw = chk.window_geometry(window_size, shift_size, H, W)
     nW = (H // wh) * (W // ww)
     if windows.shape[1] != wh * ww or windows.shape[0] % nW:
         raise ValueError(
