@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "mixkernels/cuda_common.h"
@@ -303,16 +304,24 @@ struct Plan {
   bool ok = false;
 };
 
+// Opt-in shared memory per block of the current device. MIXKERNELS_WATTN_SMEM_LIMIT (bytes) can
+// only lower it: the tests use it to force the column-chunked path and fewer warps per CTA, which
+// real shapes reach only on small-smem devices (e.g. N=256, d=128 on A100).
 inline int smem_limit() {
   int dev = 0, v = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return 48 * 1024;
   if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess || v <= 0)
-    return 48 * 1024;
+    v = 48 * 1024;
+  if (const char* env = std::getenv("MIXKERNELS_WATTN_SMEM_LIMIT")) {
+    const long cap = std::strtol(env, nullptr, 10);
+    if (cap > 0 && cap < v) v = static_cast<int>(cap);
+  }
   return v;
 }
 
 // row_ops / col_ops: tiles of row / column operands; fixed: bytes independent of the warps;
-// per_warp: extra bytes per warp. Prefers the whole window resident, then 8 warps per CTA.
+// per_warp: extra bytes per warp. Prefers the most warps per CTA (fewest row blocks), then the
+// largest column chunk kc (kc == ncols: K/V resident, no chunk loop).
 inline Plan make_plan(int N, int D, int es, int row_ops, int col_ops, size_t fixed, size_t per_warp, int limit) {
   Plan p;
   const int ntiles = (N + 15) / 16;
