@@ -97,8 +97,9 @@ def test_deterministic_matches_reference(case):
 @pytest.mark.parametrize("case", [CASES[3], CASES[4], CASES[5]], ids=lambda c: c[0])
 def test_deterministic_bit_identical(case, dtype):
     # Many windows (more than the deterministic slot count) so that CTAs loop over windows.
-    name, B, H, W, *rest = case
-    case = (name, 40, H, W, *rest) if H * W <= 256 else case
+    name, B, H, W, nh, d, win, *rest = case
+    nW = (H // win[0]) * (W // win[1])
+    case = (name, 64 // nW + 2, H, W, nh, d, win, *rest)  # > 64 windows (the slot count) for every case
     qkv, nh, win, kw = _make(case, dtype)
     dout = torch.randn(qkv.shape[:-1] + (qkv.shape[-1] // 3,), device="cuda", dtype=dtype)
     runs = [
@@ -234,3 +235,90 @@ def test_opcheck_cuda_backend():
     args = (qkv.requires_grad_(True), nh, wh, ww, sh, sw, rpb, ab, g, None, wh, ww, d**-0.5, False, "cuda")
     torch.library.opcheck(torch.ops.mixkernels.window_attention.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def _smem_budget(case, dtype, deterministic):
+    """A shared-memory budget (bytes) that fits every kernel with one warp and one 32-column chunk
+    but not the window resident: mirrors make_plan in csrc/cuda/window_attention_common.cuh."""
+    name, B, H, W, nh, d, win, shift, use_rpb, use_ab, group, use_coords = case
+    es = torch.empty((), dtype=dtype).element_size()
+    N = win[0] * win[1]
+    cap = (N + 31) // 32 * 32
+    R = (6, 5) if use_coords else win
+    T = (2 * R[0] - 1) * (2 * R[1] - 1)
+    ld = (d + 16 // es) * es
+    base = ld * (2 * 16 + 2 * 32) + 5 * cap * 4  # dq / dkdv: 2 row tiles of 16, 2 column tiles of 32
+    tab = ((T + 32) * 4 if deterministic else T * 4) if use_rpb else 0
+    return max(base + tab, base + 2 * cap * 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=lambda c: c[0])
+def test_column_chunks_and_row_blocks(case, dtype, deterministic, monkeypatch):
+    # A tight shared-memory budget forces what only large windows reach on real devices: K/V
+    # (forward, dq) and Q/dO (dkdv) streamed in 32-column chunks, several row blocks per window and
+    # fewer warps per CTA. Every row's first chunk is fully masked somewhere in the shifted cases.
+    monkeypatch.setenv("MIXKERNELS_WATTN_SMEM_LIMIT", str(_smem_budget(case, dtype, deterministic)))
+    _check(case, dtype, deterministic=deterministic)
+
+
+@pytest.mark.gpu
+def test_smem_limit_too_small_raises(monkeypatch):
+    qkv, nh, win, kw = _make(CASES[1], torch.float16)
+    monkeypatch.setenv("MIXKERNELS_WATTN_SMEM_LIMIT", "1024")
+    with pytest.raises(RuntimeError, match="shared memory"):
+        mixkernels.window_attention(qkv, nh, win, backend="cuda", **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
+def test_partial_bias_grads_and_bool_group(deterministic):
+    # need_drpb=False with a table present (drpb_dst == nullptr path), need_dbias=True, and MixMIM's
+    # batch-shared boolean mask as the group.
+    B, H, W, nh, d, win = 3, 14, 14, 2, 32, (7, 7)
+    N = win[0] * win[1]
+    qkv = torch.randn(B, H, W, 3 * nh * d, device="cuda", dtype=torch.bfloat16)
+    rpb = torch.randn((2 * win[0] - 1) * (2 * win[1] - 1), nh, device="cuda")  # no grad
+    ab = torch.randn(nh, N, N, device="cuda")
+    group = torch.rand(H, W, device="cuda") < 0.5
+    dout = torch.randn(B, H, W, nh * d, device="cuda", dtype=torch.bfloat16)
+
+    def run(fn, x, a, **extra):
+        x = x.detach().requires_grad_(True)
+        a = a.detach().requires_grad_(True)
+        out = fn(x, nh, win, rel_pos_bias=rpb.to(a.dtype), attn_bias=a, group=group, **extra)
+        return [out] + list(torch.autograd.grad(out, (x, a), dout.to(out.dtype)))
+
+    got = run(mixkernels.window_attention, qkv, ab, backend="cuda", deterministic=deterministic)
+    r64 = run(ref.window_attention, qkv.double(), ab.double())
+    same = run(ref.window_attention, qkv, ab)
+    for n, g, r, s in zip(("out", "dqkv", "dbias"), got, r64, same):
+        assert_close_2x(g, r, s, name=n)
+
+
+@pytest.mark.gpu
+def test_large_batch_offsets():
+    # Swin-T stage 1 at batch 128 (56x56 tokens, 3C = 384): 154M qkv elements, 8192 windows. Images
+    # are independent (per-image group), so the first and last images are checked against the
+    # reference run on those two images alone; offsets that wrap or mix images show up there.
+    B, H, W, nh, d, win, shift = 128, 56, 56, 4, 32, (7, 7), (3, 3)
+    if torch.cuda.get_device_properties(0).total_memory < 8 * 2**30:
+        pytest.skip("needs ~3 GiB of GPU memory")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(B, H, W, 3 * nh * d, device="cuda", dtype=torch.float16, generator=g)
+    group = torch.randint(0, 2, (B, H, W), device="cuda", generator=g, dtype=torch.int32)
+    rpb = torch.randn((2 * win[0] - 1) * (2 * win[1] - 1), nh, device="cuda", generator=g)
+    dout = torch.randn(B, H, W, nh * d, device="cuda", dtype=torch.float16, generator=g)
+    x = qkv.clone().requires_grad_(True)
+    out = mixkernels.window_attention(x, nh, win, shift_size=shift, rel_pos_bias=rpb, group=group, backend="cuda")
+    (dx,) = torch.autograd.grad(out, (x,), dout)
+    sel = torch.tensor([0, B - 1], device="cuda")
+    kw = dict(shift_size=shift, group=group[sel])
+    got = [out[sel], dx[sel]]
+    r64 = _run(ref.window_attention, qkv[sel], nh, win, dict(kw, rel_pos_bias=rpb), dout[sel], cast=lambda t: t.double())
+    same = _run(ref.window_attention, qkv[sel], nh, win, dict(kw, rel_pos_bias=rpb), dout[sel])
+    for n, a, r, s in zip(("out", "dqkv"), got, r64, same):
+        assert_close_2x(a, r, s, name=f"large/{n}")
+    assert torch.isfinite(out).all() and torch.isfinite(dx).all()

@@ -19,6 +19,9 @@
 // order after __match_any_sync), lets each CTA loop over a fixed set of windows, writes per-CTA
 // partial sums, and reduces them in a fixed order in a last kernel; dbias partials per window
 // slot are owned by exactly one thread per element. Same input, same device: same bits.
+// Performance notes (not correctness): the deterministic dq kernel runs only min(nwin, kDetSlots)
+// * nrb * nH CTAs that loop over windows (e.g. 192 CTAs for Swin-T stage 1 at B=128), and fast-mode
+// dbias uses one global atomicAdd per (window, pair), all windows hitting the same (nH,N,N) entries.
 #include "mixkernels/cuda_common.h"
 #include "mixkernels/window_attention_cuda.h"
 #include "window_attention_common.cuh"

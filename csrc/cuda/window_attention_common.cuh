@@ -50,6 +50,13 @@ template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, f
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"), lane = 4g + t:
+//   A (16x16 row, f16x2 regs): a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..2t+1],
+//                               a[2] = A[g][2t+8..2t+9], a[3] = A[g+8][2t+8..2t+9]   (low half = lower col)
+//   B (16x8 col, f16x2 regs):  b0 = B[k=2t..2t+1][n=g], b1 = B[k=2t+8..2t+9][n=g]
+//   C/D (16x8 f32):            c[0], c[1] = D[g][2t], D[g][2t+1]; c[2], c[3] = D[g+8][2t], D[g+8][2t+1]
+// Checked against a per-lane CPU emulation of these definitions (and of ldmatrix below) for every
+// caller in the forward and backward kernels, fp16 and the fp32 FMA path, with column chunks.
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   if constexpr (std::is_same_v<T, __half>) {
@@ -69,6 +76,9 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
 
 // Two 8x8 b16 matrices, transposed: lanes 0..15 give the addresses of rows k0..k0+15 of a
 // row-major [k][n] tile (16-byte aligned); b0/b1 come out in the m16n8k16 B-fragment layout.
+// ldmatrix: lanes 8m..8m+7 address the 8 rows of matrix m (lanes 16..31 unused for .x2); with .trans
+// lane 4g+t receives M_m[2t][g], M_m[2t+1][g] in register m, i.e. b0 = B[k0+2t..+1][n0+g] and
+// b1 = B[k0+8+2t..+1][n0+g]: exactly the B fragment above.
 __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t& b0, uint32_t& b1, const void* row_ptr) {
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row_ptr));
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(addr));
