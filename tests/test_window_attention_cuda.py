@@ -2,6 +2,8 @@
 
 GPU only: every test carries ``@pytest.mark.gpu`` (skipped without CUDA). Rule: flash-attn's
 ``|out - ref64| <= 2 * |ref_same_dtype - ref64| + atol`` (mixkernels.testing.assert_close_2x).
+MIXKERNELS_WATTN_SMEM_LIMIT (read by the CUDA launchers) lowers the shared-memory budget so that
+small shapes take the column-chunked / several-row-block paths.
 """
 from __future__ import annotations
 
@@ -115,9 +117,11 @@ def test_deterministic_bit_identical(case, dtype):
 
 
 def _poison_allocator(shapes_dtypes):
-    # Fill and free blocks of the output sizes so that the op's at::empty reuses NaN-filled memory.
-    for shape, dt in shapes_dtypes:
-        torch.full(shape, float("nan"), device="cuda", dtype=dt)
+    # Fill blocks of the output sizes with NaN, all alive at once (so that no fill reuses another's
+    # block), then free them together: the op's at::empty calls of those sizes get NaN-filled memory.
+    torch.cuda.synchronize()
+    bufs = [torch.full(shape, float("nan"), device="cuda", dtype=dt) for shape, dt in shapes_dtypes]
+    del bufs
 
 
 @pytest.mark.gpu
