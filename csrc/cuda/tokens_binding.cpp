@@ -73,8 +73,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unmix_tokens_backward_op(const at
   return {dx, dtoken, dpos};
 }
 
+// Window geometry guard: an empty token grid has no windows, and window_merge divides by nW.
+void check_windows(int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sh, int64_t sw) {
+  TORCH_CHECK(H > 0 && W > 0 && wh > 0 && ww > 0 && H % wh == 0 && W % ww == 0 && sh >= 0 && sw >= 0 && sh < wh &&
+                  sw < ww,
+              "mixkernels CUDA window op: window ", wh, "x", ww, " (shift ", sh, ",", sw, ") must tile a non-empty ", H,
+              "x", W, " grid");
+}
+
 at::Tensor window_partition_op(const at::Tensor& x, int64_t wh, int64_t ww, int64_t sh, int64_t sw) {
   check_input(x, "x");
+  check_windows(x.size(1), x.size(2), wh, ww, sh, sw);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
   auto out = at::empty({B * (H / wh) * (W / ww), wh * ww, C}, x.options());
@@ -86,6 +95,9 @@ at::Tensor window_partition_op(const at::Tensor& x, int64_t wh, int64_t ww, int6
 at::Tensor window_merge_op(const at::Tensor& windows, int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sh,
                         int64_t sw) {
   check_input(windows, "windows");
+  check_windows(H, W, wh, ww, sh, sw);
+  TORCH_CHECK(windows.dim() == 3 && windows.size(1) == wh * ww && windows.size(0) % ((H / wh) * (W / ww)) == 0,
+              "mixkernels CUDA window_merge: windows must be (B*nW, wh*ww, C)");
   const c10::cuda::CUDAGuard guard(windows.device());
   const int64_t C = windows.size(2), B = windows.size(0) / ((H / wh) * (W / ww));
   auto out = at::empty({B, H, W, C}, windows.options());
