@@ -388,3 +388,52 @@ def test_gpu_deterministic_and_mixmim_b_shape(backend):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     want = ref.mixmim_loss(pred.double(), imgs.double(), mask, p)
     assert abs(outs[0][0].item() - want.item()) < 1e-4
+
+
+def _offset(t, k):
+    """A contiguous copy of ``t`` whose data pointer sits ``k`` elements past an aligned allocation."""
+    buf = torch.empty(t.numel() + k, dtype=t.dtype, device=t.device)
+    out = buf[k:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p", [1, 3, 7, 8, 32])
+@pytest.mark.parametrize("off", [0, 1], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("dtypes", [(BF16, F32), (F32, F16)], ids=["bf16-f32", "f32-f16"])
+def test_cuda_vector_and_scalar_paths(p, off, dtypes):
+    """The CUDA kernels take 4-pixel vector units only when p % 4 == 0, W % 4 == 0 and pred/imgs/dpred
+    are aligned: misaligned base pointers (p = 8: vector path refused; p = 32: the scalar path with
+    1024 units, 4 per thread), odd p with W % 4 != 0, and p = 1 (D - 1 = 2 in the variance)."""
+    dev, B = "cuda", 3
+    H, W = 2 * p, 3 * p
+    L, D = 6, p * p * 3
+    imgs = _offset(_images(B, H, W, dtypes[1], dev), off)
+    pred = _offset(torch.randn(2 * B, L, D, device=dev).to(dtypes[0]), off)
+    for norm in (True, False):
+        _compare(mk.mixmim_loss, ref.mixmim_loss, pred, imgs, _mask(B, L, False, dev), p, "cuda", norm)
+        predm = _offset(torch.randn(B, 3, D, device=dev).to(dtypes[0]), off)
+        _compare(mk.masked_recon_loss, ref.masked_recon_loss, predm, imgs, _mask(B, L, True, dev, count=3), p, "cuda",
+                 norm)
+
+
+@pytest.mark.gpu
+def test_cuda_mixmim_b_batch_and_empty():
+    """B = 128 at 224 px (25088 CTAs, p = 16: 64 vector units per patch), per-image masks, compact
+    masked preds; and B = 0, which must launch nothing."""
+    dev, B, S, p = "cuda", 128, 224, 16
+    L, D = (S // p) ** 2, p * p * 3
+    imgs = _images(B, S, S, F32, dev)
+    pred = torch.randn(2 * B, L, D, device=dev, dtype=BF16)
+    _compare(mk.mixmim_loss, ref.mixmim_loss, pred, imgs, _mask(B, L, False, dev), p, "cuda", True)
+    predm = torch.randn(B, L // 4, D, device=dev, dtype=BF16)
+    _compare(mk.masked_recon_loss, ref.masked_recon_loss, predm, imgs, _mask(B, L, False, dev, count=L // 4), p,
+             "cuda", True)
+    e_imgs, e_pred = torch.rand(0, 3, 32, 32, device=dev), torch.randn(0, 4, 16 * 16 * 3, device=dev)
+    mask, idx = torch.ones(1, 4, dtype=torch.uint8, device=dev), torch.zeros(0, 4, dtype=torch.int64, device=dev)
+    assert kernel("losses", "mixmim_loss", "cuda")(e_pred, e_imgs, mask, 16, True, 1e-6).shape == (0, 4)
+    grad = torch.zeros(0, 4, device=dev)
+    assert kernel("losses", "mixmim_loss_backward", "cuda")(grad, e_pred, e_imgs, mask, 16, True, 1e-6).shape == e_pred.shape
+    assert kernel("losses", "masked_recon_loss", "cuda")(e_pred, e_imgs, idx, 16, True, 1e-6).shape == (0, 4)
+    assert kernel("losses", "masked_recon_loss_backward", "cuda")(grad, e_pred, e_imgs, idx, 16, True, 1e-6).shape == (0, 4, 768)

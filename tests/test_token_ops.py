@@ -370,3 +370,125 @@ def test_misaligned_pointers(backend, dtype):
     got = mk.unmix_tokens(xl, m, tok, tok.view(1, 1, C), backend=backend)
     assert_close_2x(got, ref.unmix_tokens(xl.double(), m, tok.double(), tok.double().view(1, 1, C)),
                     ref.unmix_tokens(xl, m, tok, tok.view(1, 1, C)))
+
+
+# ---------------------------------------------------------------- CUDA-only: access widths, sizes, empties
+def _offset(t, k):
+    """A contiguous copy of ``t`` whose data pointer sits ``k`` elements past an aligned allocation."""
+    buf = torch.empty(t.numel() + k, dtype=t.dtype, device=t.device)
+    out = buf[k:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
+@pytest.mark.parametrize("C", [2, 6, 12, 1024, 1030])
+@pytest.mark.parametrize("off", [0, 1], ids=["aligned", "misaligned"])
+def test_cuda_access_widths(dtype, C, off):
+    """Rows of 16/8/4/2-byte accesses (C*elem % 16 != 0 for C = 2, 6, 12, 1030), rows wider than one
+    block row (C = 1024: 256 vectors > 128 threads), misaligned base pointers; forward gathers and
+    the kernel-level backwards (fed directly, so a misaligned grad reaches the kernel)."""
+    dev = "cuda"
+    B, H, W, ws, ss = 3, 4, 6, (2, 3), (1, 2)
+    x = _offset(torch.randn(B, H, W, C, dtype=dtype, device=dev), off)
+    mask = torch.rand(B, H, W, device=dev) < 0.5
+    assert torch.equal(mk.mix_tokens(x, mask, backend="cuda"), ref.mix_tokens(x, mask))
+    win = mk.window_partition(x, ws, ss, backend="cuda")
+    assert torch.equal(win, ref.window_partition(x, ws, ss))
+    assert torch.equal(mk.window_merge(_offset(win, off), ws, H, W, ss, backend="cuda"), x)
+    keep, sec = mk.uniform_masks(B, (2, 3), device=dev)
+    tok = _offset(torch.randn(C, dtype=dtype, device=dev), off)
+    assert torch.equal(mk.uniform_sample(x, keep, 1, mask_token=tok, secondary=sec, backend="cuda"),
+                       ref.uniform_sample(x, keep, 1, mask_token=tok, secondary=sec))
+    comp = _offset(torch.randn(B, H // 2, W // 2, C, dtype=dtype, device=dev), off)
+    assert torch.equal(mk.uniform_scatter(comp, keep, 1, backend="cuda"), ref.uniform_scatter(comp, keep, 1))
+    L = H * W
+    xl, m = x.view(B, L, C), mask.reshape(B, L)
+    pos = _offset(torch.randn(1, L, C, dtype=dtype, device=dev), off)
+    for p in (pos, None):
+        got = mk.unmix_tokens(xl, m, tok, p, backend="cuda")
+        p64 = None if p is None else p.double()
+        assert_close_2x(got, ref.unmix_tokens(xl.double(), m, tok.double(), p64), ref.unmix_tokens(xl, m, tok, p))
+
+    m8 = m.to(torch.uint8)
+    g = _offset(torch.randn(B, L, C, dtype=dtype, device=dev), off)
+    dx = _dispatch.kernel("mixing", "mix_tokens_backward", "cuda")(g, m8)
+    x64, xs = xl.double().requires_grad_(), xl.clone().requires_grad_()
+    (want,) = torch.autograd.grad(ref.mix_tokens(x64, m), x64, g.double())
+    (want_s,) = torch.autograd.grad(ref.mix_tokens(xs, m), xs, g)
+    assert_close_2x(dx, want, want_s)
+    g2 = _offset(torch.randn(2 * B, L, C, dtype=dtype, device=dev), off)
+    dx, dtok, dpos = _dispatch.kernel("mixing", "unmix_tokens_backward", "cuda")(g2, m8, True, True)
+    mm = m.unsqueeze(-1)
+    assert torch.equal(dx, torch.where(mm, g2[B:], g2[:B]))
+    torch.testing.assert_close(dtok.double(), torch.where(mm, g2[:B], g2[B:]).double().sum((0, 1)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dpos.double(), g2.double().sum(0), rtol=1e-5, atol=1e-4)
+    gc = _offset(torch.randn(B, H // 2, W // 2, C, dtype=dtype, device=dev), off)
+    dx, dtok = _dispatch.kernel("uniform", "uniform_sample_backward", "cuda")(gc, keep, 1, sec.to(torch.uint8), True)
+    assert torch.equal(dx, ref.uniform_scatter(torch.where(sec.unsqueeze(-1), 0, gc), keep, 1))
+    torch.testing.assert_close(dtok.double(), torch.where(sec.unsqueeze(-1), gc, 0).double().sum((0, 1, 2)),
+                               rtol=1e-5, atol=1e-4)
+
+
+@gpu
+def test_cuda_large_shapes():
+    """Swin/MixMIM-sized grids (B=128, 56x56 tokens): grid-stride loops, and the multi-level
+    deterministic column sums (uniform dtoken over 100352 rows: 3 levels; unmix over 3136 rows)."""
+    dev = "cuda"
+    B, H, W, C = 128, 56, 56, 40
+    x = torch.randn(B, H, W, C, dtype=BF16, device=dev)
+    win = mk.window_partition(x, 7, 3, backend="cuda")
+    assert torch.equal(win, ref.window_partition(x, 7, 3))
+    assert torch.equal(mk.window_merge(win, 7, H, W, 3, backend="cuda"), x)
+    mask = torch.rand(B, H, W, device=dev) < 0.5
+    assert torch.equal(mk.mix_tokens(x, mask, backend="cuda"), ref.mix_tokens(x, mask))
+    keep, sec = mk.uniform_masks(B, (H // 2, W // 2), device=dev)
+    tok = torch.randn(C, dtype=BF16, device=dev)
+    assert torch.equal(mk.uniform_sample(x, keep, 1, mask_token=tok, secondary=sec, backend="cuda"),
+                       ref.uniform_sample(x, keep, 1, mask_token=tok, secondary=sec))
+    gc = torch.randn(B, H // 2, W // 2, C, device=dev)
+    k = _dispatch.kernel("uniform", "uniform_sample_backward", "cuda")
+    _, dtok = k(gc, keep, 1, sec.to(torch.uint8), True)
+    want = torch.where(sec.unsqueeze(-1), gc, 0).double().sum((0, 1, 2))
+    torch.testing.assert_close(dtok.double(), want, rtol=1e-5, atol=2e-3)
+    assert torch.equal(k(gc, keep, 1, sec.to(torch.uint8), True)[1], dtok)  # deterministic
+    ku = _dispatch.kernel("mixing", "unmix_tokens_backward", "cuda")
+    for L in (H * W, 49):
+        g2 = torch.randn(2 * B, L, C, device=dev)
+        m8 = (torch.rand(B, L, device=dev) < 0.5).to(torch.uint8)
+        dx, dtok, dpos = ku(g2, m8, True, True)
+        mm = m8.bool().unsqueeze(-1)
+        assert torch.equal(dx, torch.where(mm, g2[B:], g2[:B]))
+        torch.testing.assert_close(dtok.double(), torch.where(mm, g2[:B], g2[B:]).double().sum((0, 1)),
+                                   rtol=1e-5, atol=5e-3)
+        torch.testing.assert_close(dpos.double(), g2.double().sum(0), rtol=1e-5, atol=1e-3)
+        assert all(torch.equal(a, b) for a, b in zip(ku(g2, m8, True, True), (dx, dtok, dpos)))
+
+
+@gpu
+def test_cuda_empty_inputs():
+    """B = 0 (and L = 0) must not launch invalid grids; empty reductions are zeros."""
+    dev = "cuda"
+    C = 8
+    x = torch.randn(0, 4, 4, C, device=dev, requires_grad=True)
+    mask = torch.ones(4, 4, dtype=torch.bool, device=dev)
+    assert mk.mix_tokens(x, mask, backend="cuda").shape == x.shape
+    w = mk.window_partition(x, 2, 1, backend="cuda")
+    assert w.shape == (0, 4, C)
+    (gx,) = torch.autograd.grad(w.sum(), x)
+    assert gx.shape == x.shape
+    keep, sec = mk.uniform_masks(0, (2, 2), device=dev)
+    tok = torch.randn(C, device=dev)
+    assert mk.uniform_sample(x, keep, 1, mask_token=tok, secondary=sec, backend="cuda").shape == (0, 2, 2, C)
+    _, dtok = _dispatch.kernel("uniform", "uniform_sample_backward", "cuda")(
+        torch.zeros(0, 2, 2, C, device=dev), keep, 1, sec.to(torch.uint8), True)
+    assert torch.equal(dtok, torch.zeros(C, device=dev))
+    for B, L in ((0, 5), (2, 0)):
+        g2 = torch.randn(2 * B, L, C, device=dev)
+        m8 = torch.ones(1, L, dtype=torch.uint8, device=dev)
+        dx, dtok, dpos = _dispatch.kernel("mixing", "unmix_tokens_backward", "cuda")(g2, m8, True, True)
+        assert dx.shape == (B, L, C) and torch.equal(dtok, torch.zeros(C, device=dev))
+        assert torch.equal(dpos, torch.zeros(L, C, device=dev))
+    with pytest.raises(ValueError, match="non-empty"):
+        mk.window_partition(torch.randn(2, 0, 4, C, device=dev), 2, backend="cuda")

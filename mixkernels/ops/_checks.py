@@ -50,6 +50,8 @@ def window_geometry(window_size, shift_size, H: int, W: int) -> Tuple[int, int, 
     """``(wh, ww, sh, sw)``: windows must tile the ``(H, W)`` grid, shifts be smaller than windows."""
     wh, ww = pair("window_size", window_size)
     sh, sw = pair("shift_size", shift_size, minimum=0)
+    if H <= 0 or W <= 0:  # no windows: window_merge (and the partition backward) would divide by nW = 0
+        raise ValueError(f"the token grid (H, W) = {(H, W)} must be non-empty")
     if H % wh or W % ww:
         raise ValueError(f"window_size {(wh, ww)} must divide the token grid (H, W) = {(H, W)}; pad first")
     if sh >= wh or sw >= ww:
