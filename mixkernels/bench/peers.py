@@ -212,10 +212,10 @@ def flex_provider(device: torch.device, settings) -> Provider:
             return _merge(o.transpose(1, 2), i)
 
         compiled = compile_fn(fn)
-        if device.type == "cpu":  # forward only there: run it without building the autograd graph
+        if device.type == "cpu":  # forward only there: detached inputs, no autograd graph
             def fwd_only(i):
                 with torch.no_grad():
-                    return compiled(i)
+                    return compiled({k: v.detach() if torch.is_tensor(v) else v for k, v in i.items()})
 
             return Runner(fwd_only, note="torch.compile(flex_attention), no_grad (no CPU backward)")
         return Runner(compiled, note="torch.compile(flex_attention)")
