@@ -134,6 +134,7 @@ def _launch_everything():
         for d in (16, 64, 128):
             attn(f16, 7, d, shift=True, bias=True, group=True, modes=((True, True, False),))
 
+    full = _FULL
     # -- token ops: C in {128, 512, 7} (7: masked columns, no 16-divisibility)
     for dtype in (f16, bf16, f32):
         for C in ((128, 512, 7) if dtype == f16 or full else (128,)):
@@ -299,11 +300,12 @@ def _ptxas(ptx, cc):
 
     import triton
 
-    exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(exe):
+    try:  # the ptxas Triton itself uses for this arch (3.9: ptxas-blackwell, CUDA 13.x, for sm_90+)
         from triton.backends.nvidia.compiler import get_ptxas
 
-        exe = get_ptxas().path
+        exe = get_ptxas(cc).path
+    except (ImportError, TypeError, AttributeError):
+        exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
