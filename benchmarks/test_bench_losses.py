@@ -58,41 +58,32 @@ def _run(benchmark, fn, nbytes):
     print(f"\n{benchmark.group} [{benchmark.name}]: {median * 1e3:.1f} ms, {nbytes / median / 1e9:.2f} GB/s effective")
 
 
-@pytest.mark.parametrize("impl", ["fused-cpu", "eager-reference"])
-@pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
-def test_bench_mixmim_loss(benchmark, impl, passes):
-    pred, imgs, mask, p = _mixmim_inputs()
+def _bench_loss(benchmark, impl, passes, fused, reference, inputs, shape, rows):
+    """Time ``fused`` (backend="cpu") or ``reference`` on ``inputs``, forward or forward+backward."""
+    pred, imgs, mask, p = inputs
     bwd = passes == "fwd+bwd"
     x = pred.clone().requires_grad_(bwd)
+    fn = (lambda: fused(x, imgs, mask, p, backend="cpu")) if impl == "fused-cpu" else (lambda: reference(x, imgs, mask, p))
 
     def step():
-        if impl == "fused-cpu":
-            loss = mk.mixmim_loss(x, imgs, mask, p, backend="cpu")
-        else:
-            loss = ref.mixmim_loss(x, imgs, mask, p)
+        loss = fn()
         if bwd:
             torch.autograd.grad(loss, x)
         return loss
 
-    benchmark.group = f"mixmim_loss {passes} B=16 224px p=32 fp32"
-    _run(benchmark, step, _bytes(pred, imgs, pred.shape[0] // 2 * pred.shape[1], bwd))
+    benchmark.group = f"{fused.__name__} {passes} {shape}"
+    _run(benchmark, step, _bytes(pred, imgs, rows(pred), bwd))
+
+
+@pytest.mark.parametrize("impl", ["fused-cpu", "eager-reference"])
+@pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
+def test_bench_mixmim_loss(benchmark, impl, passes):
+    _bench_loss(benchmark, impl, passes, mk.mixmim_loss, ref.mixmim_loss, _mixmim_inputs(),
+                "B=16 224px p=32 fp32", lambda pred: pred.shape[0] // 2 * pred.shape[1])
 
 
 @pytest.mark.parametrize("impl", ["fused-cpu", "eager-reference"])
 @pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
 def test_bench_masked_recon_loss(benchmark, impl, passes):
-    pred, imgs, mask, p = _ummae_inputs()
-    bwd = passes == "fwd+bwd"
-    x = pred.clone().requires_grad_(bwd)
-
-    def step():
-        if impl == "fused-cpu":
-            loss = mk.masked_recon_loss(x, imgs, mask, p, backend="cpu")
-        else:
-            loss = ref.masked_recon_loss(x, imgs, mask, p)
-        if bwd:
-            torch.autograd.grad(loss, x)
-        return loss
-
-    benchmark.group = f"masked_recon_loss {passes} B=16 256px p=16 compact fp32"
-    _run(benchmark, step, _bytes(pred, imgs, pred.shape[0] * pred.shape[1], bwd))
+    _bench_loss(benchmark, impl, passes, mk.masked_recon_loss, ref.masked_recon_loss, _ummae_inputs(),
+                "B=16 256px p=16 compact fp32", lambda pred: pred.shape[0] * pred.shape[1])
