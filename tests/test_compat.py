@@ -117,7 +117,8 @@ def test_export(family):
 def test_fx_feature_extraction_torchvision(family):
     # torchvision's fx tracer (behind its detection backbones): the fused op is one leaf call
     m, s, x = _pair(family)
-    nodes = {"features.1": "p2", "features.3": "p3"} if family == "torchvision" else {"layers.0": "p2", "layers.1": "p3"}
+    stages = ("features.1", "features.3") if family == "torchvision" else ("layers.0", "layers.1")
+    nodes = dict(zip(stages, ("p2", "p3")))
     fo, fs = create_feature_extractor(m, return_nodes=nodes), create_feature_extractor(s, return_nodes=nodes)
     code = fs.code
     assert "window_attention" in code and "pad_to_windows" in code
@@ -185,6 +186,13 @@ def test_timm_set_input_size(window):
         [b.window_size for b in m.modules() if type(b).__name__ == "SwinTransformerBlock"]
     x = torch.randn(2, 3, 48, 56)
     assert_same_run(run(m, x, False, 0), run(s, x, False, 0))
+
+
+def test_timm_dynamic_img_size():
+    m, s, _ = _pair("timm", dynamic_img_size=True)  # any input size, masks built per forward
+    for hw in [(56, 48), (36, 44), (20, 20)]:
+        x = torch.randn(1, 3, *hw)
+        assert_same_run(run(m, x, False, 0), run(s, x, False, 0), str(hw))
 
 
 def test_torchvision_other_resolutions():

@@ -20,7 +20,7 @@ from mixkernels._compat import import_torchvision
 import_torchvision()  # transformers imports torchvision: its CPU-torch shim first
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
-    SwinBackbone, SwinConfig, SwinForImageClassification, SwinForMaskedImageModeling, SwinModel,
+    SwinBackbone, SwinConfig, SwinForImageClassification, SwinForMaskedImageModeling, SwinModel, Swinv2Backbone,
     Swinv2Config, Swinv2ForImageClassification, Swinv2ForMaskedImageModeling, Swinv2Model,
 )
 from transformers.models.swin import modeling_swin  # noqa: E402
@@ -187,11 +187,13 @@ def test_gradient_checkpointing(kind):
     assert_same_run(run(m, x, True, 5), run(s, x, True, 5), kind)
 
 
-def test_backbone_feature_maps():
+@pytest.mark.parametrize("cls,cfg", [(SwinBackbone, SwinConfig), (Swinv2Backbone, Swinv2Config)])
+def test_backbone_feature_maps(cls, cfg):
+    # what detection/segmentation heads (UperNet, Mask2Former via AutoBackbone) consume
     kw = dict(CFG, out_features=["stage1", "stage2"])
     kw.pop("num_labels")
     torch.manual_seed(0)
-    b = SwinBackbone(SwinConfig(**kw)).eval()
+    b = cls(cfg(**kw)).eval()
     bs = swapped_copy(b)
     x = torch.randn(2, 3, 40, 40)
     fo, fs = b(x).feature_maps, bs(x).feature_maps
