@@ -66,7 +66,19 @@ def calc_window_shift(resolution, window_size, shift_size, always_partition: boo
     return win, shift
 
 
-class SwinBlock(nn.Module):
+class AttnBackend:
+    """Mixin for blocks: ``block.backend`` reads and sets the backend of ``block.attn``."""
+
+    @property
+    def backend(self) -> Optional[str]:
+        return self.attn.backend
+
+    @backend.setter
+    def backend(self, value: Optional[str]) -> None:
+        self.attn.backend = value
+
+
+class SwinBlock(AttnBackend, nn.Module):
     """Swin Transformer block with the fused window attention.
 
     Same constructor arguments, attribute names and ``state_dict`` keys as timm's
@@ -129,14 +141,6 @@ class SwinBlock(nn.Module):
         self.norm2 = norm_layer(dim, **dd)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
-    @property
-    def backend(self) -> Optional[str]:
-        return self.attn.backend
-
-    @backend.setter
-    def backend(self, value: Optional[str]) -> None:
-        self.attn.backend = value
 
     def set_input_size(self, feat_size, window_size, always_partition: Optional[bool] = None) -> None:
         """timm's ``set_input_size``: new feature size and window; a window change resizes the

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..ops import window_attention
 from .padding import crop_windows, drop_shift_where_one_window, pad_to_windows
+from .swin_block import AttnBackend
 
 __all__ = ["TorchvisionSwinBlock"]
 
@@ -57,7 +58,7 @@ class _TorchvisionFusedAttention(nn.Module):
         return F.dropout(self.proj(out), p=self.dropout, training=self.training)
 
 
-class TorchvisionSwinBlock(nn.Module):
+class TorchvisionSwinBlock(AttnBackend, nn.Module):
     """Fused replacement of torchvision's (v1) ``SwinTransformerBlock``; same state_dict keys.
 
     Built by :func:`mixkernels.swap_swin` from an existing block, sharing its parameter objects.
@@ -71,14 +72,6 @@ class TorchvisionSwinBlock(nn.Module):
         self.norm2 = src.norm2
         self.mlp = src.mlp
         self.train(src.training)
-
-    @property
-    def backend(self) -> Optional[str]:
-        return self.attn.backend
-
-    @backend.setter
-    def backend(self, value: Optional[str]) -> None:
-        self.attn.backend = value
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.stochastic_depth(self.attn(self.norm1(x)))
