@@ -80,8 +80,9 @@ def test_debug_log_says_why(tmp_path):
 def test_cpu_extension_is_used_for_token_ops():
     assert _ext.has_kernel("mix_tokens", "CPU")
     assert _ext.has_kernel("window_partition", "CPU")
-    x = torch.randn(2, 4, 4, 3)
-    assert _dispatch.select("mix_tokens", x.device, mk.ops.mixing._checks("mix_tokens", x)) == "cpu"
+    spec = mk.ops.OPERATORS_REGISTRY["mix_tokens"]
+    assert spec.choose(None, "cpu", (torch.float32,)) == "cpu"
+    assert mk.mix_tokens(torch.randn(2, 4, 3, requires_grad=True), torch.ones(4)).grad_fn.name() == "mix_tokensBackward"
 
 
 def test_build_is_required_in_ci():

@@ -1,7 +1,12 @@
-"""The public ops: validation, backend choice, autograd and torch.library registration."""
+"""The public ops: validation, backend choice, autograd and torch.library registration.
+
+``OPERATORS_REGISTRY`` (``mixkernels.ops.registry``) lists every public op with its backends,
+kernel-level ops and example calls; docs/ARCHITECTURE.md describes the layers.
+"""
 from ._dispatch import BACKENDS, BackendUnavailable, select
 from .losses import masked_recon_loss, mixmim_loss
 from .mixing import mix_tokens, unmix_tokens
+from .registry import OPERATORS_REGISTRY
 from .uniform import uniform_masks, uniform_sample, uniform_scatter
 from .window_attention import window_attention
 from .windows import window_merge, window_partition
@@ -9,6 +14,7 @@ from .windows import window_merge, window_partition
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
+    "OPERATORS_REGISTRY",
     "masked_recon_loss",
     "mix_tokens",
     "mixmim_loss",
