@@ -2,6 +2,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "mixkernels/checks.h"
 #include "mixkernels/cpu_common.h"
 
 namespace mixkernels::cpu {
@@ -9,11 +10,11 @@ namespace {
 
 // Kernel-level ops are also callable directly: reject geometry that would divide by zero or
 // index out of bounds instead of crashing the process.
-void check_geometry(int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sh, int64_t sw) {
-  TORCH_CHECK(H > 0 && W > 0 && wh > 0 && ww > 0 && H % wh == 0 && W % ww == 0,
-              "window_partition/merge: windows (", wh, ", ", ww, ") must tile a non-empty grid (", H, ", ", W, ")");
-  TORCH_CHECK(sh >= 0 && sw >= 0 && sh < wh && sw < ww, "window_partition/merge: shift (", sh, ", ", sw,
-              ") must be in [0, window)");
+void check_geometry(const char* op, int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sh, int64_t sw) {
+  MK_CHECK_ARG(H > 0 && W > 0 && wh > 0 && ww > 0 && H % wh == 0 && W % ww == 0, op, "window (wh, ww)",
+               c10::str("tile a non-empty grid (", H, ", ", W, ")"), c10::str("(", wh, ", ", ww, ")"));
+  MK_CHECK_ARG(sh >= 0 && sw >= 0 && sh < wh && sw < ww, op, "shift (sh, sw)", c10::str("be in [0, (", wh, ", ", ww, "))"),
+               c10::str("(", sh, ", ", sw, ")"));
 }
 
 // Row r of the windows tensor, (window, n), is token ((wi*wh + n/ww + sh) % H, (wj*ww + n%ww + sw) % W).
@@ -29,8 +30,8 @@ struct WindowMap {
 };
 
 at::Tensor window_partition(const at::Tensor& x, int64_t wh, int64_t ww, int64_t sh, int64_t sw) {
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "window_partition: x must be a contiguous (B,H,W,C) tensor");
-  check_geometry(x.size(1), x.size(2), wh, ww, sh, sw);
+  check_contiguous("window_partition", "x", x, 4, "(B,H,W,C)");
+  check_geometry("window_partition", x.size(1), x.size(2), wh, ww, sh, sw);
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
   const WindowMap map{H, W, wh, ww, sh, sw, W / ww, (H / wh) * (W / ww), wh * ww};
   auto out = at::empty({B * map.nW, map.N, C}, x.options());
@@ -41,10 +42,10 @@ at::Tensor window_partition(const at::Tensor& x, int64_t wh, int64_t ww, int64_t
 
 at::Tensor window_merge(const at::Tensor& windows, int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sh,
                         int64_t sw) {
-  check_geometry(H, W, wh, ww, sh, sw);
-  TORCH_CHECK(windows.dim() == 3 && windows.is_contiguous() && windows.size(1) == wh * ww &&
-                  windows.size(0) % ((H / wh) * (W / ww)) == 0,
-              "window_merge: windows must be a contiguous (B*nW, wh*ww, C) tensor, got ", windows.sizes());
+  check_geometry("window_merge", H, W, wh, ww, sh, sw);
+  check_contiguous("window_merge", "windows", windows, 3, "(B*nW, wh*ww, C)");
+  MK_CHECK_ARG(windows.size(1) == wh * ww && windows.size(0) % ((H / wh) * (W / ww)) == 0, "window_merge", "windows",
+               c10::str("have shape (B*", (H / wh) * (W / ww), ", ", wh * ww, ", C)"), windows.sizes());
   const int64_t C = windows.size(2);
   const WindowMap map{H, W, wh, ww, sh, sw, W / ww, (H / wh) * (W / ww), wh * ww};
   const int64_t B = windows.size(0) / map.nW;

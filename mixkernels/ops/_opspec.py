@@ -184,6 +184,20 @@ class OpSpec:
         out["reference"] = "ok"
         return out
 
+    def dispatch_key(self, kwargs: Kwargs) -> Tuple[str, tuple, tuple]:
+        """``(device type, dtypes, flags)`` the public op computes for this call (it stops there)."""
+        with probe():
+            try:
+                self.fn(**kwargs)
+            except Probed as p:
+                return p.device_type, p.dtypes, p.flags
+        raise AssertionError(f"{self.name} returned without choosing a backend")
+
+    def backends_for(self, kwargs: Kwargs) -> List[str]:
+        """The backends that can run this call here (``reference`` always can)."""
+        key = self.dispatch_key(kwargs)
+        return [b for b in ("cuda", "triton", "cpu") if self.reason(b, *key) is None]
+
     def call_samples(self, device, dtype=torch.float32) -> List[Tuple[Kwargs, Sequence[str]]]:
         """Each sample with the names of its arguments that require grad."""
         out = []
