@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["tensor", "pair", "positive_int", "mask_2d", "same_device", "window_geometry", "bytes01", "FLOATS"]
+__all__ = ["tensor", "pair", "positive_int", "mask_2d", "same_device", "window_geometry", "bytes01", "vector", "FLOATS"]
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -95,6 +95,11 @@ def mask_2d(name: str, mask, B: int, spatial: Tuple[int, ...], ref: torch.Tensor
             return m
         return (m if len(shape) == 1 else m.reshape(G, L)).expand(B, L)
     return bytes01(mask).reshape(G, L).contiguous()
+
+
+def vector(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` (``n`` elements, any shape) as ``(n,)``; no reshape op when it already is."""
+    return t if t.dim() == 1 else t.reshape(n)
 
 
 def bytes01(t: torch.Tensor) -> torch.Tensor:

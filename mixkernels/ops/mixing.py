@@ -135,6 +135,13 @@ def unmix_tokens(
     b = _UNMIX_SPEC.choose(backend, x.device.type, (x.dtype,))
     if b == "reference":
         return ref.unmix_tokens(x, mask, mask_token, pos_embed)
-    tok = mask_token.reshape(C).to(x.dtype).contiguous()
-    pos = None if pos_embed is None else pos_embed.to(x.dtype).expand(1, L, C).reshape(L, C).contiguous()
+    tok = chk.vector(mask_token, C).to(x.dtype).contiguous()
+    pos = None if pos_embed is None else _rows(pos_embed.to(x.dtype), L, C).contiguous()
     return _UNMIX(x.contiguous(), m, tok, pos, b)
+
+
+def _rows(pos: Tensor, L: int, C: int) -> Tensor:
+    """``pos`` (broadcastable to ``(1, L, C)``) as ``(L, C)``, with the fewest ops for the usual shapes."""
+    if pos.shape[-2:] == (L, C):
+        return pos if pos.dim() == 2 else pos.reshape(L, C)
+    return pos.expand(1, L, C).reshape(L, C)

@@ -128,7 +128,7 @@ def uniform_sample(
         return ref.uniform_sample(x, keep, unit, mask_token=mask_token if secondary is not None else None, secondary=secondary)
     k = keep.to(torch.uint8).contiguous()
     sec = None if secondary is None else chk.bytes01(secondary).contiguous()
-    tok = None if sec is None else mask_token.reshape(C).to(x.dtype).contiguous()
+    tok = None if sec is None else chk.vector(mask_token, C).to(x.dtype).contiguous()
     return _SAMPLE(x.contiguous(), k, unit, tok, sec, b)
 
 

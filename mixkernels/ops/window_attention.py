@@ -100,8 +100,10 @@ def _per_position(name: str, t: Optional[Tensor], B: int, H: int, W: int, qkv: T
     return t
 
 
-def _labels(t: Tensor) -> Tensor:
-    return t if t.dtype in _LABEL_DTYPES else t.to(torch.int32)
+def _labels(t: Tensor, ndim: int) -> Tensor:
+    """group (G,H,W) / coords (G,H,W,2) in a dtype the kernels read."""
+    t = t if t.dtype in _LABEL_DTYPES else t.to(torch.int32)
+    return t if t.dim() == ndim else t.unsqueeze(0)
 
 
 def _deterministic(flag: Optional[bool]) -> bool:
@@ -192,8 +194,8 @@ def window_attention(
     acc = acc_dtype(qkv.dtype)
     rpb = None if rel_pos_bias is None else rel_pos_bias.to(acc).contiguous()
     ab = None if attn_bias is None else attn_bias.to(acc).contiguous()
-    g = None if group is None else _labels(group).reshape(-1, H, W).contiguous()
-    c = None if coords is None else _labels(coords).reshape(-1, H, W, 2).contiguous()
+    g = None if group is None else _labels(group, 3).contiguous()
+    c = None if coords is None else _labels(coords, 4).contiguous()
     out, _ = _WATTN(qkv.contiguous(), nh, wh, ww, sh, sw, rpb, ab, g, c, rh, rw, float(scale),
                     _deterministic(deterministic), b)
     return out
