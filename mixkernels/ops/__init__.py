@@ -11,14 +11,14 @@ from .uniform import uniform_masks, uniform_sample, uniform_scatter
 from .window_attention import window_attention
 from .windows import window_merge, window_partition
 
+# The package's public names (``mixkernels`` re-exports exactly these); tests/test_registry.py
+# checks that the ops among them are the registry's.
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
-    "OPERATORS_REGISTRY",
     "masked_recon_loss",
     "mix_tokens",
     "mixmim_loss",
-    "select",
     "uniform_masks",
     "uniform_sample",
     "uniform_scatter",

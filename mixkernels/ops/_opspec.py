@@ -34,7 +34,7 @@ Kwargs = Dict[str, Any]
 @dataclass
 class BenchShape:
     """One benchmark shape of an op: ``make(device, dtype, generator)`` returns the public op's
-    arguments by name; floor bytes per DESIGN.md section 7."""
+    arguments by name; floor bytes per docs/DESIGN.md section 7."""
 
     name: str
     make: Callable[[torch.device, torch.dtype, torch.Generator], Kwargs]
