@@ -7,34 +7,37 @@ import torch
 import mixkernels  # noqa: F401  (registers the ops)
 from mixkernels.ops import OPERATORS_REGISTRY
 from mixkernels.ops._kernel_op import custom_op_path, record_calls
+from mixkernels.testing import devices
 
 def _registered():
     return sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("mixkernels::"))
 
 
-def _backend(spec, kw):
+def _backends(spec, kw):
+    """The compiled backend of the device (cpu, or cuda where built), else Triton."""
     ok = spec.backends_for(kw)
-    return "cpu" if "cpu" in ok else ("triton" if "triton" in ok else None)
+    out = [b for b in ("cpu", "cuda") if b in ok]
+    return out or [b for b in ("triton",) if b in ok]
 
 
 _CALLS = None
 
 
 def _recorded():
-    """``{custom op name: [(KernelOp, args), ...]}`` over every registry sample (once per session)."""
+    """``{custom op name: [(KernelOp, args), ...]}`` over every registry sample, device and
+    backend (once per session)."""
     global _CALLS
     if _CALLS is None:
         _CALLS = {}
-        for spec in OPERATORS_REGISTRY.values():
-            for kw, grads in spec.call_samples("cpu"):
-                b = _backend(spec, kw)
-                if b is None:
-                    continue
-                with custom_op_path(), record_calls() as rec:
-                    out = spec.fn(**kw, backend=b)
-                    torch.autograd.grad(out, [kw[n] for n in grads], torch.randn_like(out))
-                for op, args in rec:
-                    _CALLS.setdefault(op.name, []).append((op, args))
+        for dev in devices():
+            for spec in OPERATORS_REGISTRY.values():
+                for kw, grads in spec.call_samples(dev):
+                    for b in _backends(spec, kw):
+                        with custom_op_path(), record_calls() as rec:
+                            out = spec.fn(**kw, backend=b)
+                            torch.autograd.grad(out, [kw[n] for n in grads], torch.randn_like(out))
+                        for op, args in rec:
+                            _CALLS.setdefault(op.name, []).append((op, args))
     return _CALLS
 
 
@@ -55,6 +58,6 @@ def test_every_registered_op_is_reached_by_a_registry_sample():
 def test_opcheck(name):
     calls = _recorded().get(name)
     if not calls:
-        pytest.skip(f"no CPU or Triton kernel for {name} here")
+        pytest.skip(f"no compiled or Triton kernel for {name} here")
     for op, args in calls:
         torch.library.opcheck(op.op, _opcheck_args(name, args))
