@@ -128,6 +128,9 @@ class OpSpec:
         if backend not in self.dtypes:
             return NOT_IMPLEMENTED
         if backend == "triton":  # process-wide, and the interpreter switch is read per call
+            why = self.limit(backend, *flags) if self.limit is not None else None
+            if why:
+                return why
             err = _dispatch._triton_error()
             if err:
                 return err
@@ -143,6 +146,7 @@ class OpSpec:
             return why
 
     def _reason(self, backend: str, device_type: str, dtypes: tuple, flags: tuple) -> Optional[str]:
+        # Order of the checks (so of the reason given): limit, build, device, kernels, dtype.
         why = self.limit(backend, *flags) if self.limit is not None else None
         if why:
             return why

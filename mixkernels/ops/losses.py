@@ -185,7 +185,7 @@ def masked_recon_loss(
     Lp = pred.shape[1]
     compact = Lp != L
     if compact and not torch.compiler.is_compiling():
-        counts = m.sum(1)
+        counts = m[: B if mask.dim() == 2 else 1].sum(1)  # per mask row: one for a batch-shared mask
         if (counts != Lp).any():
             raise ValueError(
                 f"pred has {Lp} rows per image but mask selects {counts.tolist()} patches (need {L} rows, or exactly the masked count)"

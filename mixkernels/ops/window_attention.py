@@ -24,7 +24,8 @@ _LABEL_DTYPES = (torch.int32,)
 
 
 def _checks(qkv: Tensor, d: int, N: int):
-    """``{backend: predicate}`` for a call on ``qkv`` with head dim ``d`` and ``N`` tokens per window."""
+    """``{backend: predicate}`` for a call on ``qkv`` with head dim ``d`` and ``N`` tokens per window
+    (the registry's predicate; tests/test_window_attention.py asks it which backends run here)."""
     key = (qkv.device.type, (qkv.dtype,), (d, N))
     return {b: (lambda b=b: _SPEC.reason(b, *key)) for b in _SPEC.dtypes}
 
