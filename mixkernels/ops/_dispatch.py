@@ -185,7 +185,7 @@ def choose(op: str, device_type: str, reason: Callable[..., object], backend: Op
         return want
     for b in (("cuda", "triton") if device_type == "cuda" else ("cpu",)):
         if b == "cuda" and not cuda_auto_enabled(op):
-            # Asked first, so an unverified kernel is never even probed by the automatic choice.
+            # An unverified CUDA kernel is never chosen automatically, whatever its predicate says.
             why = "not implemented" if reason(b, *args) is NOT_IMPLEMENTED else \
                 "not verified on a GPU yet (set MIXKERNELS_CUDA_AUTO=1 or pass backend='cuda')"
         else:
