@@ -6,6 +6,7 @@
 
 #include <vector>
 
+#include "mixkernels/checks.h"
 #include "mixkernels/cpu_common.h"
 
 namespace mixkernels::cpu {
@@ -39,9 +40,37 @@ struct UnitMap {
 
 UnitMap unit_map(int64_t H, int64_t W, int64_t unit) { return {H, W, unit, H / (2 * unit), W / (2 * unit)}; }
 
+// Kernel-level ops are also callable directly: check the geometry and the (B,hc,wc) cell
+// tensors the loops index. `t` is x (full grid) or the compact image / its gradient.
+void check_units(const char* op, const char* name, const at::Tensor& t, const at::Tensor& keep, int64_t unit,
+                 bool compact) {
+  check_contiguous(op, name, t, 4, compact ? "(B,H/2,W/2,C)" : "(B,H,W,C)");
+  const int64_t H = compact ? 2 * t.size(1) : t.size(1), W = compact ? 2 * t.size(2) : t.size(2);
+  MK_CHECK_ARG(unit > 0 && H % (2 * unit) == 0 && W % (2 * unit) == 0, op, "unit",
+               c10::str("be positive with 2*unit dividing the grid (", H, ", ", W, ")"), unit);
+  check_dtype(op, "keep", keep, at::kByte);
+  check_contiguous(op, "keep", keep, 3, "(B,H/2u,W/2u)");
+  check_shape(op, "keep", keep, {t.size(0), H / (2 * unit), W / (2 * unit)});
+}
+
+void check_secondary(const char* op, const c10::optional<at::Tensor>& secondary, const at::Tensor& keep) {
+  if (!secondary.has_value()) return;
+  check_dtype(op, "secondary", *secondary, at::kByte);
+  check_contiguous(op, "secondary", *secondary, 3, "(B,H/2u,W/2u)");
+  check_shape(op, "secondary", *secondary, keep.sizes());
+}
+
 // out[b,Y,X] = mask_token if secondary[cell] else x[kept unit of the cell].
 at::Tensor uniform_sample(const at::Tensor& x, const at::Tensor& keep, int64_t unit,
                           const c10::optional<at::Tensor>& token, const c10::optional<at::Tensor>& secondary) {
+  check_units("uniform_sample", "x", x, keep, unit, false);
+  check_secondary("uniform_sample", secondary, keep);
+  if (secondary.has_value()) {
+    MK_CHECK_ARG(token.has_value(), "uniform_sample", "mask_token", "be given with secondary", "None");
+    check_dtype("uniform_sample", "mask_token", *token, x.scalar_type());
+    MK_CHECK_ARG(token->numel() == x.size(3) && token->is_contiguous(), "uniform_sample", "mask_token",
+                 c10::str("be contiguous with C = ", x.size(3), " elements"), token->sizes());
+  }
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
   const UnitMap map = unit_map(H, W, unit);
   auto out = at::empty({B, H / 2, W / 2, C}, x.options());
@@ -68,6 +97,8 @@ constexpr int64_t kChunkRows = 512;
 std::tuple<at::Tensor, at::Tensor> uniform_sample_backward(const at::Tensor& g, const at::Tensor& keep, int64_t unit,
                                                            const c10::optional<at::Tensor>& secondary,
                                                            bool need_token) {
+  check_units("uniform_sample_backward", "grad", g, keep, unit, true);
+  check_secondary("uniform_sample_backward", secondary, keep);
   const int64_t B = g.size(0), H = 2 * g.size(1), W = 2 * g.size(2), C = g.size(3);
   const UnitMap map = unit_map(H, W, unit);
   auto dx = at::empty({B, H, W, C}, g.options());
@@ -126,6 +157,7 @@ std::tuple<at::Tensor, at::Tensor> uniform_sample_backward(const at::Tensor& g, 
 
 // out (B,2h,2w,C): the compact rows back at their kept units, zeros elsewhere.
 at::Tensor uniform_scatter(const at::Tensor& compact, const at::Tensor& keep, int64_t unit) {
+  check_units("uniform_scatter", "compact", compact, keep, unit, true);
   const int64_t B = compact.size(0), H = 2 * compact.size(1), W = 2 * compact.size(2), C = compact.size(3);
   const UnitMap map = unit_map(H, W, unit);
   auto out = at::empty({B, H, W, C}, compact.options());

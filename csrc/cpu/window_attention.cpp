@@ -27,6 +27,7 @@
 #include <limits>
 #include <vector>
 
+#include "mixkernels/checks.h"
 #include "mixkernels/cpu_common.h"
 #include "mixkernels/cpu_simd.h"
 
@@ -49,45 +50,52 @@ Geom make_geom(const at::Tensor& qkv, int64_t nH, int64_t wh, int64_t ww, int64_
                const c10::optional<at::Tensor>& rpb, const c10::optional<at::Tensor>& attn_bias,
                const c10::optional<at::Tensor>& group, const c10::optional<at::Tensor>& coords, int64_t rh,
                int64_t rw) {
-  TORCH_CHECK(qkv.dim() == 4 && qkv.is_contiguous(), "window_attention: qkv must be a contiguous (B,H,W,3C) tensor");
-  TORCH_CHECK(nH > 0 && wh > 0 && ww > 0 && rh > 0 && rw > 0, "window_attention: sizes must be positive");
+  constexpr const char* op = "window_attention";
+  check_contiguous(op, "qkv", qkv, 4, "(B,H,W,3C)");
+  MK_CHECK_ARG(nH > 0, op, "num_heads", "be positive", nH);
+  MK_CHECK_ARG(rh > 0 && rw > 0, op, "coord range (rh, rw)", "be positive", c10::str("(", rh, ", ", rw, ")"));
   Geom g;
   g.B = qkv.size(0), g.H = qkv.size(1), g.W = qkv.size(2);
   const int64_t C3 = qkv.size(3);
-  TORCH_CHECK(C3 % (3 * nH) == 0, "window_attention: qkv last dim ", C3, " is not 3*num_heads*head_dim");
-  TORCH_CHECK(g.H % wh == 0 && g.W % ww == 0, "window_attention: window must divide the token grid");
-  TORCH_CHECK(sh >= 0 && sw >= 0 && sh < wh && sw < ww, "window_attention: shift must be in [0, window)");
+  MK_CHECK_ARG(C3 % (3 * nH) == 0, op, "qkv's last dim", c10::str("be 3*num_heads*head_dim (num_heads=", nH, ")"), C3);
+  MK_CHECK_ARG(wh > 0 && ww > 0 && g.H % wh == 0 && g.W % ww == 0, op, "window (wh, ww)",
+               c10::str("divide the token grid (", g.H, ", ", g.W, ")"), c10::str("(", wh, ", ", ww, ")"));
+  MK_CHECK_ARG(sh >= 0 && sw >= 0 && sh < wh && sw < ww, op, "shift (sh, sw)", c10::str("be in [0, (", wh, ", ", ww, "))"),
+               c10::str("(", sh, ", ", sw, ")"));
   g.C = C3 / 3, g.nH = nH, g.d = g.C / nH, g.wh = wh, g.ww = ww, g.sh = sh, g.sw = sw;
   g.nWw = g.W / ww, g.nW = (g.H / wh) * g.nWw, g.N = wh * ww, g.rh = rh, g.rw = rw;
   g.T = (2 * rh - 1) * (2 * rw - 1);
   const auto acc = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (rpb.has_value()) {
-    TORCH_CHECK(rpb->scalar_type() == acc && rpb->is_contiguous() && rpb->dim() == 2 && rpb->size(0) == g.T &&
-                    rpb->size(1) == nH,
-                "window_attention: rpb must be a contiguous (", g.T, ",", nH, ") tensor of dtype ", acc);
+    check_dtype(op, "rpb", *rpb, acc);
+    check_contiguous(op, "rpb", *rpb, 2, "((2rh-1)*(2rw-1), nH)");
+    check_shape(op, "rpb", *rpb, {g.T, nH});
     g.has_rpb = true;
   }
   if (attn_bias.has_value()) {
-    TORCH_CHECK(attn_bias->scalar_type() == acc && attn_bias->is_contiguous() && attn_bias->dim() == 3 &&
-                    attn_bias->size(0) == nH && attn_bias->size(1) == g.N && attn_bias->size(2) == g.N,
-                "window_attention: attn_bias must be a contiguous (nH,N,N) tensor of dtype ", acc);
+    check_dtype(op, "attn_bias", *attn_bias, acc);
+    check_contiguous(op, "attn_bias", *attn_bias, 3, "(nH,N,N)");
+    check_shape(op, "attn_bias", *attn_bias, {nH, g.N, g.N});
   }
   if (group.has_value()) {
-    TORCH_CHECK(group->scalar_type() == at::kInt && group->is_contiguous() && group->dim() == 3 &&
-                    (group->size(0) == 1 || group->size(0) == g.B) && group->size(1) == g.H && group->size(2) == g.W,
-                "window_attention: group must be a contiguous int32 (G,H,W) tensor, G in {1,B}");
+    check_dtype(op, "group", *group, at::kInt);
+    check_contiguous(op, "group", *group, 3, "(G,H,W)");
+    MK_CHECK_ARG((group->size(0) == 1 || group->size(0) == g.B) && group->size(1) == g.H && group->size(2) == g.W, op,
+                 "group", c10::str("have shape (1 or ", g.B, ", ", g.H, ", ", g.W, ")"), group->sizes());
     g.group = group->data_ptr<int32_t>();
     g.group_bstride = group->size(0) == 1 ? 0 : g.H * g.W;
   }
   if (coords.has_value()) {
-    TORCH_CHECK(coords->scalar_type() == at::kInt && coords->is_contiguous() && coords->dim() == 4 &&
-                    (coords->size(0) == 1 || coords->size(0) == g.B) && coords->size(1) == g.H &&
-                    coords->size(2) == g.W && coords->size(3) == 2,
-                "window_attention: coords must be a contiguous int32 (G,H,W,2) tensor, G in {1,B}");
+    check_dtype(op, "coords", *coords, at::kInt);
+    check_contiguous(op, "coords", *coords, 4, "(G,H,W,2)");
+    MK_CHECK_ARG((coords->size(0) == 1 || coords->size(0) == g.B) && coords->size(1) == g.H &&
+                     coords->size(2) == g.W && coords->size(3) == 2,
+                 op, "coords", c10::str("have shape (1 or ", g.B, ", ", g.H, ", ", g.W, ", 2)"), coords->sizes());
     g.coords = coords->data_ptr<int32_t>();
     g.coords_bstride = coords->size(0) == 1 ? 0 : g.H * g.W;
   } else {
-    TORCH_CHECK(rh == wh && rw == ww, "window_attention: without coords, (rh, rw) must equal the window");
+    MK_CHECK_ARG(rh == wh && rw == ww, op, "(rh, rw) without coords", c10::str("equal the window (", wh, ", ", ww, ")"),
+                 c10::str("(", rh, ", ", rw, ")"));
   }
   return g;
 }
@@ -503,15 +511,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward(
     bool /*deterministic: the CPU reduction is always deterministic*/) {
   const Geom g = make_geom(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw);
   const auto acc = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(dout.scalar_type() == qkv.scalar_type() && out.scalar_type() == qkv.scalar_type(),
-              "window_attention_backward: dout and out must have qkv's dtype");
-  TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && dout.sizes() == out.sizes() && out.dim() == 4 &&
-                  out.size(0) == g.B && out.size(1) == g.H && out.size(2) == g.W && out.size(3) == g.C,
-              "window_attention_backward: dout and out must be contiguous (B,H,W,C)");
-  TORCH_CHECK(lse.scalar_type() == acc && lse.is_contiguous() && lse.numel() == g.windows() * g.nH * g.N,
-              "window_attention_backward: lse must be a contiguous (B*nW,nH,N) tensor of dtype ", acc);
-  TORCH_CHECK(!need_drpb || rpb.has_value(), "window_attention_backward: need_drpb without rpb");
-  TORCH_CHECK(!need_dbias || attn_bias.has_value(), "window_attention_backward: need_dbias without attn_bias");
+  constexpr const char* op = "window_attention_backward";
+  check_dtype(op, "dout", dout, qkv.scalar_type());
+  check_dtype(op, "out", out, qkv.scalar_type());
+  check_contiguous(op, "dout", dout, 4, "(B,H,W,C)");
+  check_contiguous(op, "out", out, 4, "(B,H,W,C)");
+  check_shape(op, "out", out, {g.B, g.H, g.W, g.C});
+  check_shape(op, "dout", dout, out.sizes());
+  check_dtype(op, "lse", lse, acc);
+  MK_CHECK_ARG(lse.is_contiguous() && lse.numel() == g.windows() * g.nH * g.N, op, "lse",
+               c10::str("be contiguous (B*nW,nH,N) = (", g.windows(), ", ", g.nH, ", ", g.N, ")"), lse.sizes());
+  MK_CHECK_ARG(!need_drpb || rpb.has_value(), op, "need_drpb", "come with rpb", "rpb=None");
+  MK_CHECK_ARG(!need_dbias || attn_bias.has_value(), op, "need_dbias", "come with attn_bias", "attn_bias=None");
   auto dqkv = at::empty_like(qkv);
   auto drpb = need_drpb ? at::empty_like(*rpb) : at::empty({0}, qkv.options().dtype(acc));
   auto dbias = need_dbias ? at::empty_like(*attn_bias) : at::empty({0}, qkv.options().dtype(acc));

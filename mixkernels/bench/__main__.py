@@ -1,6 +1,6 @@
 """``python -m mixkernels.bench``: the benchmark suite.
 
-    python -m mixkernels.bench [--suite ops|attention|block|model|all] [--quick]
+    python -m mixkernels.bench [--suite ops|attention|block|model|overhead|all] [--quick]
         [--device cpu|cuda] [--dtype bf16|fp32|all] [--out DIR]
         [--compare OLD.json [--fail-on-regression PCT]] [--time-budget S] [--no-compile]
 """
@@ -17,6 +17,7 @@ from typing import Any, Dict, List
 import torch
 
 from . import cases as _cases
+from . import overhead as _overhead
 from . import report
 from .floors import measure_floors
 from .harness import Settings, _dtype_name, run_case
@@ -27,7 +28,8 @@ _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m mixkernels.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default="all", help="ops, attention, block, model, all, or a comma list (default all)")
+    p.add_argument("--suite", default="all",
+                   help="ops, attention, block, model, overhead, all, or a comma list (default all)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, few repetitions")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--dtype", default=None, help="bf16, fp32, fp16, all, or a comma list (default: bf16 on cuda, fp32 on cpu)")
@@ -83,11 +85,21 @@ def main(argv=None) -> int:
         print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    suites = _cases.SUITES if args.suite == "all" else tuple(s.strip() for s in args.suite.split(","))
+    suites = _cases.SUITES + ("overhead",) if args.suite == "all" else tuple(s.strip() for s in args.suite.split(","))
     for s in suites:
-        if s not in _cases.SUITES:
-            print(f"error: unknown suite {s!r} (choose from {', '.join(_cases.SUITES)}, all)", file=sys.stderr)
+        if s not in _cases.SUITES + ("overhead",):
+            print(f"error: unknown suite {s!r} (choose from {', '.join(_cases.SUITES)}, overhead, all)", file=sys.stderr)
             return 2
+    if "overhead" in suites:  # its own table (public vs kernel-level us per call), not timed cases
+        suites = tuple(s for s in suites if s != "overhead")
+        over = _overhead.measure(device, quick=args.quick)
+        print(_overhead.table(over, device), flush=True)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            report.write_json(os.path.join(args.out, "overhead.json"), {"device": str(device), "rows": over})
+        if not suites:
+            return 0
+        print()
     dspec = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     names = ["bf16", "fp32"] if dspec == "all" else [d.strip() for d in dspec.split(",")]
     if any(n not in _DTYPES for n in names):
