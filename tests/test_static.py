@@ -225,6 +225,15 @@ def test_gate_fails_on_spills_outside_the_allow_list(monkeypatch):
     assert len(bad) == 2 and "spills 8 B" in bad[0] and "ERROR boom" in bad[1]
 
 
+def test_gate_warns_about_stale_allowances(monkeypatch):
+    from mixkernels.bench import static
+
+    monkeypatch.setattr(static, "ALLOWED_SPILLS", {("triton", "window_attention_fwd", "mixmim-b-s1")})
+    assert static.stale_allowances([_rec(spill_bytes=0), _rec(spill_bytes=0, dtype="fp16")]) == [
+        "triton window_attention_fwd mixmim-b-s1"]
+    assert static.stale_allowances([_rec(spill_bytes=0), _rec(spill_bytes=4, dtype="fp16")]) == []
+
+
 def test_ptxas_log_parsing():
     from mixkernels.bench import aot
 

@@ -68,9 +68,12 @@ def markdown(doc, old=None) -> str:
     env, m = doc["env"], doc["model"]
     olds = compare_rows(doc, old) if old else None
     L = [f"# Static performance report (sm_90, {m['gpu'].split(' (')[0]})", "",
-         f"**Static estimate, no GPU.** Commit `{env['commit']}`, {env['date']}, Triton {env['triton']}. "
+         f"**Static estimate, no GPU.** Commit `{env['commit']}` (kernel sources: `mixkernels/triton` and `csrc` "
+         f"as of `{env.get('kernels_commit', '?')}`), {env['date']}, Triton {env['triton']}. "
          "Every number comes from the compiled code (Triton AOT at the real launch specialization; "
-         "`nvcc` for `csrc/cuda` with launches captured from our host code) and the model below; nothing ran.",
+         "`nvcc` for `csrc/cuda` with launches captured from our host code) and the model below; nothing ran."
+         + (f" CUDA: {doc['info']['cuda'].get('nvcc')}, `{doc['info']['cuda'].get('flags')}`."
+            if doc.get("info", {}).get("cuda", {}).get("nvcc") else ""),
          f"Regenerate: `python -m mixkernels.bench --static --out benchmarks/results/static` "
          f"({doc['seconds']:.0f} s for this run; compiles are cached)."
          + (f" Compared with `{old['env']['commit'][:12]}` ({old['env']['date']})." if old else ""), ""]
@@ -116,18 +119,23 @@ def markdown(doc, old=None) -> str:
     um = sorted({u for r in doc["records"] for u in r.get("unmatched_loops", [])})
     L += ["", "## Loops without a trip-count rule (counted once)", ""] + ([f"* {u}" for u in um] or ["* none"])
     L += ["", "## How each loop was counted", "",
-          "One entry per kernel (first record that uses it): loop (source line of its back edge), "
-          "iterations per entry, derivation.", ""]
+          "One entry per kernel (its first record; other dtypes and shapes use the same rules): loop (source "
+          "line of its back edge), iterations per entry, derivation; xN: N copies of the loop in the SASS "
+          "(inlined or unrolled call sites).", ""]
     seen = set()
     for r in _sort(doc["records"]):
         for la in r.get("launches", []):
-            k = (r["backend"], la["kernel"])
+            k = (r["backend"], la["kernel"].split("<")[0])
             if k in seen or not la["loops"]:
                 continue
             seen.add(k)
             L.append(f"* **{r['backend']} {la['kernel']}** ({r['kernel']} {r['shape']} {r['dtype']}, "
                      f"{la['static_instructions']} SASS instructions, {la['instr_per_warp']:.0f} executed per warp)")
-            L += [f"  * {lp['site']}: {lp['trips']:g} ({lp['why']})" for lp in la["loops"]]
+            lines: Dict[str, int] = {}
+            for lp in la["loops"]:
+                t = f"{lp['site']}: {lp['trips']:g} ({lp['why']})"
+                lines[t] = lines.get(t, 0) + 1
+            L += [f"  * {t}" + (f" x{n}" if n > 1 else "") for t, n in lines.items()]
     L += ["", "## What the SASS shows (per launch of the headline records)", ""]
     for r in _sort(head):
         for la in r.get("launches", []):
