@@ -3,6 +3,8 @@
     python -m mixkernels.bench [--suite ops|attention|block|model|overhead|all] [--quick]
         [--device cpu|cuda] [--dtype bf16|fp32|all] [--out DIR]
         [--compare OLD.json [--fail-on-regression PCT]] [--time-budget S] [--no-compile]
+    python -m mixkernels.bench --static [--out DIR] [--compare OLD_static.json] [--check] ...
+        (static sm_90 report without a GPU; --static --help for its options)
 """
 from __future__ import annotations
 
@@ -80,6 +82,11 @@ def _on_sigterm(signum, frame):  # `timeout` sends SIGTERM: finish the reports w
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--static" in argv:  # its own options (mixkernels/bench/static.py)
+        from .static import main as static_main
+
+        return static_main([a for a in argv if a != "--static"])
     args = _parse(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
