@@ -121,3 +121,22 @@ def test_import_refuses_a_dry_run(tmp_path):
     R.summarize(str(work), str(out))
     with pytest.raises(SystemExit, match="dry run"):
         R.import_run(str(out), str(tmp_path / "results"), None)
+
+
+def test_plots_linear_from_zero_with_a_line_at_one(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    from mixkernels.bench import report
+
+    seen = {}
+    real_ylim, real_hline = matplotlib.axes.Axes.set_ylim, matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylim", lambda ax, *a, **k: (seen.setdefault("ylim", []).append(k), real_ylim(ax, *a, **k))[1])
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda ax, y=0, *a, **k: (seen.setdefault("hline", []).append(y), real_hline(ax, y, *a, **k))[1])
+    res = [_r("s1", "mixkernels-triton", 1.0, kind="mixkernels", vs_eager=4.0), _r("s1", "eager", 4.0, vs_eager=1.0)]
+    paths = report.write_plots(str(tmp_path), res, "t")
+    assert [os.path.basename(p) for p in paths] == ["attention.png"]
+    assert {"bottom": 0} in seen["ylim"] and seen["hline"] == [1.0]  # linear from 0, the eager line at 1
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    assert report.write_plots(str(tmp_path), res, "t") == []
+    assert "pip install matplotlib" in capsys.readouterr().err

@@ -4,7 +4,8 @@ The first correctness evidence ``scripts/gpu_check.sh`` collects on a GPU: the s
 geometry as the benchmarks (batch reduced so the float64 reference stays cheap), forward and
 every gradient against the float64 reference with flash-attn's 2x rule. Without a GPU (or with
 ``MIXKERNELS_HEADLINE_TINY=1``) the shapes shrink to a few windows so the Triton interpreter and
-the compiled CPU kernels run the same checks (the gpu_check dry run, and CI).
+the compiled CPU kernels run the same checks (the gpu_check dry run, and CI);
+``MIXKERNELS_HEADLINE_FULL=1`` keeps the GPU shapes on CPU.
 
 Test ids are ``<op>-<shape>-<backend>-<dtype>``: the gpu_check summary reads them as its
 family x backend x dtype matrix. A backend that cannot run here skips with the reason.
@@ -23,7 +24,8 @@ from mixkernels import reference as ref
 from mixkernels.testing import assert_close_2x, tolerance
 
 GPU = torch.cuda.is_available()
-FULL = GPU and os.environ.get("MIXKERNELS_HEADLINE_TINY") != "1"
+# MIXKERNELS_HEADLINE_FULL=1: the GPU shapes on CPU too (slow; to check the cases themselves).
+FULL = (GPU and os.environ.get("MIXKERNELS_HEADLINE_TINY") != "1") or os.environ.get("MIXKERNELS_HEADLINE_FULL") == "1"
 DEVICE = "cuda" if GPU else "cpu"
 BACKENDS = ("triton", "cuda") if GPU else ("triton", "cpu")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
