@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import platform
+import sys
 import warnings
 from typing import Dict, List, Optional
 
@@ -27,6 +29,70 @@ from . import _buildcfg
 
 __all__ = ["cpu_error", "cuda_error", "has_kernel", "require", "build_info", "loaded_from", "build_report",
            "no_first_use_build"]
+
+# ------------------------------------------------------------------------------ the first-use cache
+NAMES = {"cpu": "_C", "cuda": "_C_cuda"}
+
+
+def jit_enabled() -> bool:
+    return os.environ.get("MIXKERNELS_JIT", "1") != "0"
+
+
+def cache_root() -> str:
+    if os.environ.get("MIXKERNELS_CACHE_DIR"):
+        return os.path.abspath(os.environ["MIXKERNELS_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mixkernels")
+
+
+def _archs(flags) -> List[str]:
+    if os.environ.get("MIXKERNELS_CUDA_ARCHS"):
+        return _buildcfg.cuda_archs(flags)
+    if torch.cuda.is_available():  # just this machine's GPUs: half the compile time of two archs
+        return sorted({f"{p.major}{p.minor}" for p in map(torch.cuda.get_device_properties, range(torch.cuda.device_count()))})
+    return _buildcfg.cuda_archs(flags)
+
+
+def _plan(kind: str):
+    """(cache folder, source root, sources, flags, archs) of the ``kind`` ("cpu" | "cuda") build for
+    this torch: the folder name carries torch and CUDA versions, Python, machine/archs and a hash of
+    every source, header and the flags file."""
+    src = _buildcfg.source_root()
+    if src is None:
+        raise _build_error("the C++/CUDA sources are not installed (mixkernels/_csrc missing); reinstall "
+                           "mixkernels from a source checkout or sdist")
+    flags = _buildcfg.read_flags(src)
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    if kind == "cpu":
+        archs: List[str] = []
+        extra = " ".join(flags["cxx"] + flags["ldflags"])
+        tag = platform.machine()
+        sources = _buildcfg.cpu_sources(src)
+    else:
+        archs = _archs(flags)
+        extra = " ".join(flags["nvcc"] + flags["cuda_cxx"] + archs)
+        tag = f"cu{torch.version.cuda}-sm{'_'.join(archs)}"
+        sources = _buildcfg.cuda_sources(src)
+    h = _buildcfg.sources_hash(src, extra + torch.__version__)
+    folder = os.path.join(cache_root(), f"{NAMES[kind]}-torch{torch.__version__.replace('+', '_')}-{py}-{tag}-{h}")
+    return folder, src, sources, flags, archs
+
+
+def cached(kind: str) -> Optional[str]:
+    """Path of an already built ``kind`` extension for this torch and these sources, or None."""
+    try:
+        folder = _plan(kind)[0]
+    except Exception:
+        return None
+    lib = os.path.join(folder, NAMES[kind] + ".so")
+    return lib if os.path.isfile(lib) and os.path.isfile(os.path.join(folder, "built.json")) else None
+
+
+def _build_error(msg: str) -> Exception:
+    from .build import BuildError
+
+    return BuildError(msg)
+
 
 _HOW = "run `python -m mixkernels.build` (or `pip install --no-build-isolation .` in a source checkout)"
 _errors: Dict[str, Optional[str]] = {}  # kind -> None (loaded) or the reason; absent = not built yet
@@ -49,9 +115,7 @@ def _load_installed(kind: str) -> bool:
 
 
 def _load_cached(kind: str) -> bool:
-    from . import build
-
-    path = build.cached(kind)
+    path = cached(kind)
     if path is None:
         return False
     try:
@@ -187,8 +251,6 @@ def build_info() -> Dict[str, object]:
 
 def build_report() -> List[str]:
     """The build section of ``python -m mixkernels.info`` (never compiles)."""
-    from . import build
-
     out = []
     info = build_info()
     if info.get("built_at_install") or info.get("torch_version"):
@@ -212,6 +274,6 @@ def build_report() -> List[str]:
                      "first use": "compiled on first use in this process"}.get(src.split(":", 1)[0], "")
             path = f", {src.split(':', 1)[1]}" if ":" in src else ""
             out.append(f"{label}: " + (f"loaded ({where}{path})" if err is None else err))
-    out.append(f"first-use compilation: {'on' if build.jit_enabled() else 'off (MIXKERNELS_JIT=0)'}; cache {build.cache_root()}")
+    out.append(f"first-use compilation: {'on' if jit_enabled() else 'off (MIXKERNELS_JIT=0)'}; cache {cache_root()}")
     return out
 

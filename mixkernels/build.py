@@ -20,79 +20,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import threading
 import time
-from typing import List, Optional
 
 from . import _buildcfg as cfg
+from ._ext import NAMES, _plan, cache_root, cached, jit_enabled
 
+# jit_enabled / cache_root / cached live in _ext (loading needs them without importing this module)
 __all__ = ["BuildError", "jit_enabled", "cache_root", "cached", "build", "main"]
 
-NAMES = {"cpu": "_C", "cuda": "_C_cuda"}
 _THREAD_LOCK = threading.Lock()
 
 
 class BuildError(RuntimeError):
     """An extension cannot be compiled here; the message names the fix."""
-
-
-def jit_enabled() -> bool:
-    return os.environ.get("MIXKERNELS_JIT", "1") != "0"
-
-
-def cache_root() -> str:
-    if os.environ.get("MIXKERNELS_CACHE_DIR"):
-        return os.path.abspath(os.environ["MIXKERNELS_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "mixkernels")
-
-
-def _archs(flags) -> List[str]:
-    import torch
-
-    if os.environ.get("MIXKERNELS_CUDA_ARCHS"):
-        return cfg.cuda_archs(flags)
-    if torch.cuda.is_available():  # just the GPUs of this machine: half the compile time
-        return sorted({f"{p.major}{p.minor}" for p in map(torch.cuda.get_device_properties, range(torch.cuda.device_count()))})
-    return cfg.cuda_archs(flags)
-
-
-def _plan(kind: str):
-    """(build folder, sources, flags, archs) for ``kind`` ("cpu" | "cuda") against this torch."""
-    import torch
-
-    src = cfg.source_root()
-    if src is None:
-        raise BuildError("the C++/CUDA sources are not installed (mixkernels/_csrc missing); reinstall mixkernels "
-                         "from a source checkout or sdist")
-    flags = cfg.read_flags(src)
-    py = f"py{sys.version_info.major}{sys.version_info.minor}"
-    if kind == "cpu":
-        archs: List[str] = []
-        extra = " ".join(flags["cxx"] + flags["ldflags"])
-        tag = f"{platform.machine()}"
-        sources = cfg.cpu_sources(src)
-    else:
-        archs = _archs(flags)
-        extra = " ".join(flags["nvcc"] + flags["cuda_cxx"] + archs)
-        tag = f"cu{torch.version.cuda}-sm{'_'.join(archs)}"
-        sources = cfg.cuda_sources(src)
-    h = cfg.sources_hash(src, extra + torch.__version__)
-    folder = os.path.join(cache_root(), f"{NAMES[kind]}-torch{torch.__version__.replace('+', '_')}-{py}-{tag}-{h}")
-    return folder, src, sources, flags, archs
-
-
-def cached(kind: str) -> Optional[str]:
-    """Path of an already built extension for this torch and these sources, or None."""
-    try:
-        folder = _plan(kind)[0]
-    except Exception:
-        return None
-    lib = os.path.join(folder, NAMES[kind] + ".so")
-    return lib if os.path.isfile(lib) and os.path.isfile(os.path.join(folder, "built.json")) else None
 
 
 def _check_tools(kind: str) -> None:
