@@ -7,7 +7,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT=$(mktemp -d)
 DEST=$(mktemp -d)
-GPU_CHECK_DRY=1 GPU_CHECK_STRICT=1 OUT="$OUT" bash scripts/gpu_check.sh | tail -n 25
+rc=0
+GPU_CHECK_DRY=1 GPU_CHECK_STRICT=1 OUT="$OUT" bash scripts/gpu_check.sh > "$DEST/stdout" 2>&1 || rc=$?
+grep -E "^(== |   [a-z-]+: )" "$DEST/stdout"  # the steps and their times
+tail -n 12 "$DEST/stdout"
+[ "$rc" -eq 0 ] || { echo "gpu_check.sh dry run failed (rc=$rc)"; cat "$OUT/log.txt" | tail -n 80; exit 1; }
 n=$(find "$OUT" -type f | wc -l)
 echo "dry run: $n files in \$OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 [ "$n" -le 8 ] && [ -f "$OUT/summary.json" ]
