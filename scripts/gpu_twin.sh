@@ -64,17 +64,20 @@ print(f"twin: {len(ops)} kernel-level ops; without a CPU kernel: {missing['CPU']
       f"without a CUDA kernel: {missing['CUDA'] or 'none'}")
 assert len(ops) >= 15 and not missing["CPU"] and not missing["CUDA"], missing
 PY
-"$PY" -m mixkernels.info | sed -n '1,12p'
-"$PY" -m mixkernels.info | grep -q "CUDA toolkit: /" || { echo "info does not name the CUDA toolkit"; exit 1; }
+"$PY" -m mixkernels.info > "$TWIN/info.txt"
+sed -n '/^build:/,/^$/p' "$TWIN/info.txt"
+grep -q "CUDA toolkit: /" "$TWIN/info.txt" || { echo "info does not name the CUDA toolkit"; exit 1; }
 lap "kernel registrations + info"
 
 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_aot.py
 lap "Triton AOT compile (tests/test_triton_aot.py)"
 
-"$PY" -m pytest -q -p no:cacheprovider -n 2 tests/test_token_ops.py tests/test_losses.py tests/test_gpu_headline.py -k triton
+"$PY" -m pytest -q -p no:cacheprovider -n 2 tests/test_token_ops.py tests/test_losses.py tests/test_gpu_headline.py \
+  -k "triton and not window_attention"
 lap "Triton interpreter tests (token ops, losses, headline) with this Triton + numpy"
 set +e
-"$PY" -m pytest -q -p no:cacheprovider -n 2 tests/test_window_attention.py -k triton > "$TWIN/attention_interp.log" 2>&1
+"$PY" -m pytest -q -p no:cacheprovider -n 2 tests/test_window_attention.py tests/test_gpu_headline.py \
+  -k "triton and window_attention" > "$TWIN/attention_interp.log" 2>&1
 arc=$?
 set -e
 tail -n 3 "$TWIN/attention_interp.log"
