@@ -87,16 +87,18 @@ def test_summary_matrix_and_cuda_verified(tmp_path, cuda_fail, cuda_exit):
 
 
 def test_static_estimates_beside_measured(tmp_path):
-    res = [_r("mixmim-s1", "mixkernels-triton", 0.2, kind="mixkernels"),
-           _r("mixmim-s1", "mixkernels-triton", 0.5, kind="mixkernels", mode="fwd+bwd"),
-           _r("mix_tokens:mixmim-s1", "mixkernels-triton", 0.01, kind="mixkernels", suite="ops")]
-    static = {"records": [
-        {"backend": "triton", "kernel": "window_attention_fwd", "shape": "mixmim-b-s1", "dtype": "bf16", "est_us": 100.0},
-        {"backend": "triton", "kernel": "window_attention_bwd", "shape": "mixmim-b-s1", "dtype": "bf16", "est_us": 150.0},
-        {"backend": "triton", "kernel": "mix_tokens", "shape": "mixmim-b-s1", "dtype": "bf16", "est_us": 5.0},
-        {"backend": "cuda", "kernel": "window_attention_fwd", "shape": "mixmim-b-s1", "dtype": "bf16", "est_us": 90.0}]}
+    res = [_r("mixmim-s1", "mixkernels-triton", 0.2, kind="mixkernels", floor_bytes=400),
+           _r("mixmim-s1", "mixkernels-triton", 0.5, kind="mixkernels", mode="fwd+bwd", floor_bytes=1200),
+           _r("mix_tokens:mixmim-s1", "mixkernels-triton", 0.01, kind="mixkernels", suite="ops", floor_bytes=200),
+           _r("uniform_sample:ummae-s1", "mixkernels-triton", 0.01, kind="mixkernels", suite="ops", floor_bytes=200)]
+    rec = lambda k, shape, est, fb, b="triton": {"backend": b, "kernel": k, "shape": shape, "dtype": "bf16",
+                                                  "est_us": est, "floor_bytes": fb}
+    static = {"records": [rec("window_attention_fwd", "mixmim-b-s1", 100.0, 410), rec("window_attention_bwd", "mixmim-b-s1", 150.0, 790),
+                          rec("mix_tokens", "mixmim-b-s1", 5.0, 205), rec("window_attention_fwd", "mixmim-b-s1", 90.0, 410, "cuda"),
+                          rec("uniform_sample", "ummae-t-s1", 5.0, 90),  # a Swin-T shape: other bytes, no match
+                          rec("window_attention_fwd", "swin-t-s1-shift", 50.0, 300)]}
     sv = R.static_vs_measured(static, res)
-    assert [r["measured_us"] for r in sv] == [pytest.approx(200.0), pytest.approx(300.0), pytest.approx(10.0), None]
+    assert [r["measured_us"] for r in sv] == [pytest.approx(200.0), pytest.approx(300.0), pytest.approx(10.0), None, None, None]
     assert sv[0]["measured_over_est"] == pytest.approx(2.0)
 
 

@@ -221,13 +221,19 @@ def plots_tar(work: str) -> Optional[bytes]:
 
 
 # ------------------------------------------------------------------------------ static estimates
+_SIZES = {"t", "s", "l", "h"}  # model sizes other than -B in static labels (swin-t-s1-shift, ummae-t)
+
+
 def _shape_tokens(label: str) -> set:
-    return {t for t in re.split(r"[-_:/ ]+", label.lower()) if t and t not in ("b", "t", "base", "tiny")}
+    # "mixmim-b-s1" (static) ~ "mixmim-s1" (bench: the MixMIM-B / Swin-B shapes)
+    return {t for t in re.split(r"[-_:/ ]+", label.lower()) if t and t not in ("b", "base")}
 
 
 def static_vs_measured(static: Dict[str, Any], results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Each static record (backend/kernel/shape/dtype/est_us) beside the measured time of the same
-    kernel: forward = the fwd case; backward = fwd+bwd minus fwd (both measured in the same run)."""
+    kernel at the same shape label: forward = the fwd case, backward = fwd+bwd minus fwd (same run).
+    Measured times are whole op calls (launch and glue included); the benchmarks are -B models, so a
+    static label naming another size (swin-t-..., ummae-t) has no measured partner."""
     ms = {}
     for r in results:
         if r.get("status") == "ok" and r.get("kind") == "mixkernels":
@@ -242,17 +248,16 @@ def static_vs_measured(static: Dict[str, Any], results: List[Dict[str, Any]]) ->
         want = _shape_tokens(str(rec.get("shape", "")))
         meas = None
         for (b, o, d, mode, case), (t, shape) in ms.items():
-            if b != backend or o != op or d != dtype or mode != "fwd":
-                continue
             have = _shape_tokens(shape)
-            if not (have <= want or want <= have):
+            if b != backend or o != op or d != dtype or mode != "fwd" or (want & _SIZES) - have \
+                    or not (have <= want or want <= have):
                 continue
-            if not bwd:
-                meas = t * 1e3
-            else:
+            if bwd:
                 both = ms.get((b, o, d, "fwd+bwd", case))
-                meas = (both[0] - t) * 1e3 if both else None
-            break
+                t = both[0] - t if both else None
+            if t is not None:
+                meas = t * 1e3
+                break
         est = rec.get("est_us")
         out.append({"backend": backend, "kernel": kernel, "shape": rec.get("shape"), "dtype": dtype,
                     "config": rec.get("config"), "est_us": est, "measured_us": meas,
