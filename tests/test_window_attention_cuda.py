@@ -242,8 +242,9 @@ def test_opcheck_cuda_backend():
 
 
 def _smem_budget(case, dtype, deterministic):
-    """A shared-memory budget (bytes) that fits every kernel with one warp and one 32-column chunk
-    but not the window resident: mirrors make_plan in csrc/cuda/window_attention_common.cuh."""
+    """A shared-memory budget (bytes) that fits every legacy kernel with one warp and one 32-column
+    chunk but not the window resident (nor the fused kernels): mirrors make_plan and TokSmem in
+    csrc/cuda/window_attention_legacy.cuh."""
     name, B, H, W, nh, d, win, shift, use_rpb, use_ab, group, use_coords = case
     es = torch.empty((), dtype=dtype).element_size()
     N = win[0] * win[1]
@@ -251,8 +252,9 @@ def _smem_budget(case, dtype, deterministic):
     R = (6, 5) if use_coords else win
     T = (2 * R[0] - 1) * (2 * R[1] - 1)
     ld = (d + 16 // es) * es
-    base = ld * (2 * 16 + 2 * 32) + 5 * cap * 4  # dq / dkdv: 2 row tiles of 16, 2 column tiles of 32
-    tab = ((T + 32) * 4 if deterministic else T * 4) if use_rpb else 0
+    base = ld * (2 * 16 + 2 * 32) + 52 * cap  # dq / dkdv: 2 row tiles of 16, 2 column tiles of 32
+    acc = 8 if dtype == torch.float32 else 4  # bias-gradient tables: double for float32
+    tab = ((T + 32) * acc if deterministic else T * acc) if use_rpb else 0
     return max(base + tab, base + 2 * cap * 4)
 
 
