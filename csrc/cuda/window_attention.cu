@@ -61,22 +61,28 @@ __device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFr
       }
     }
   }
-  float nb[2];
+  float nb[2], mn[2];
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    const float mn = fmaxf(m[rr], quad_max(mx[rr]));
+    mn[rr] = fmaxf(m[rr], quad_max(mx[rr]));
     // A row with nothing allowed so far keeps base 0 so that exp(-inf - base) = 0, not NaN.
-    const float base = mn == -INFINITY ? 0.f : mn;
-    const float alpha = prim::ex2((m[rr] - base) * kLog2e);
-    nb[rr] = -base * kLog2e;
-    m[rr] = mn;
-    l[rr] *= alpha;
+    nb[rr] = -(mn[rr] == -INFINITY ? 0.f : mn[rr]) * kLog2e;
+  }
+  // Rescale O and l only when some row's max moved (after the first blocks it rarely does).
+  if (__any_sync(kFull, mn[0] != m[0] || mn[1] != m[1])) {
 #pragma unroll
-    for (int dj = 0; dj < D / 8; ++dj) {
-      o[dj][2 * rr] *= alpha;
-      o[dj][2 * rr + 1] *= alpha;
+    for (int rr = 0; rr < 2; ++rr) {
+      const float alpha = prim::ex2(fmaf(m[rr], kLog2e, nb[rr]));
+      l[rr] *= alpha;
+#pragma unroll
+      for (int dj = 0; dj < D / 8; ++dj) {
+        o[dj][2 * rr] *= alpha;
+        o[dj][2 * rr + 1] *= alpha;
+      }
     }
   }
+  m[0] = mn[0];
+  m[1] = mn[1];
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -90,7 +96,7 @@ __device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFr
 
 // One 16-row query tile of head h: O rows and lse.
 template <typename T, int D, int BIAS, bool ABIAS>
-__device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int tile, int h, int pack, T* sq,
+__device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int tile, int h, T* sq,
                                          const T* sk, const T* sv, int tab_byte, const unsigned char* smem,
                                          int lane) {
   using TL = Tile<T, D>;
@@ -120,36 +126,29 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
     else
       fwd_block<T, D, BIAS, ABIAS, 2, true>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, m, l, o, lane);
   }
-  float lse[2];
+  float lse[2], inv[2];
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     l[rr] = quad_sum(l[rr]);
     // l = 0 only when every allowed key is -inf: 0 * rcp(0) = NaN, lse = -inf (the reference's).
-    const float inv = prim::rcp(l[rr]);
+    inv[rr] = prim::rcp(l[rr]);
     lse[rr] = (m[rr] == -INFINITY ? 0.f : m[rr]) + prim::lg2(l[rr]) * kLn2;
-#pragma unroll
-    for (int dj = 0; dj < D / 8; ++dj) {
-      o[dj][2 * rr] *= inv;
-      o[dj][2 * rr + 1] *= inv;
-    }
   }
   if ((lane & 3) == 0) {
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int q = r0 + g + 8 * rr;
-      if (q < nvalid) {
-        const int64_t win = int64_t(pack) * G.P + q / G.N;
-        A.lse[(win * G.nH + h) * G.N + S.lidx[q]] = lse[rr];
-      }
+      if (q < nvalid) A.lse[S.lrow[q] + h * G.N] = lse[rr];
     }
   }
-  store_rows_warp<T, D>(o, 1.f, sq + r0 * TL::kLD, static_cast<T*>(A.out) + h * D, G.C, S.tok, r0, nvalid, lane);
+  store_rows_warp<T, D>(o, inv[0], inv[1], sq + r0 * TL::kLD, static_cast<T*>(A.out) + h * D, G.C, S.tok, r0, nvalid,
+                        lane);
 }
 
 // The exact path for a head whose V holds NaN/Inf: every row over all keys of its window, masked
 // keys with probability 0 (so 0 * NaN = NaN reaches the output as in the reference). Slow; rare.
 template <typename T, int D, int BIAS, bool ABIAS>
-__device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, int pack, const T* sq, const T* sk,
+__device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, const T* sk,
                                        const T* sv, int tab_byte, const unsigned char* smem) {
   constexpr int LD = Tile<T, D>::kLD;
   const Geo& G = A.g;
@@ -179,8 +178,7 @@ __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, int pack, cons
       }
       for (int e = 0; e < 8; ++e) orow[dc + e] = from_float<T>(acc[e] * inv);
     }
-    const int64_t win = int64_t(pack) * G.P + q / G.N;
-    A.lse[(win * G.nH + h) * G.N + S.lidx[q]] = -nb * kLn2 + prim::lg2(l) * kLn2;
+    A.lse[S.lrow[q] + h * G.N] = -nb * kLn2 + prim::lg2(l) * kLn2;
   }
 }
 
@@ -205,11 +203,9 @@ __global__ void __launch_bounds__(kThreads, 2) wattn_fwd_kernel(const FwdArgs A)
     if (threadIdx.x == 0) tab(b)[G.T] = 0.f;  // read by out-of-range coordinate pairs
   }
   const T* qkv = static_cast<const T*>(G.qkv);
-  const int64_t C3 = 3 * int64_t(G.C);
+  const int off[3] = {0, G.C, 2 * G.C};  // q, k, v of a token
   auto issue = [&](int h, int b) {
-    load_rows_async<T, D>(buf(b, 0), qkv + h * D, C3, S.tok, nvalid);
-    load_rows_async<T, D>(buf(b, 1), qkv + G.C + h * D, C3, S.tok, nvalid);
-    load_rows_async<T, D>(buf(b, 2), qkv + 2 * G.C + h * D, C3, S.tok, nvalid);
+    load_rows_async<T, D, 3>(buf(b, 0), L.tile_bytes, qkv + h * D, 3 * G.C, off, S.tok, nvalid);
     if constexpr (BIAS != 0) load_table_async(tab(b), G.rpb, G.T, G.nH, h);
     prim::cp_async_commit();
   };
@@ -225,9 +221,9 @@ __global__ void __launch_bounds__(kThreads, 2) wattn_fwd_kernel(const FwdArgs A)
     const int tab_byte = static_cast<int>(L.tab + b * L.tab_stride);
     if (!__syncthreads_or(rows_nonfinite<T, D>(buf(b, 2), nvalid))) {
       for (int it = S.wbeg[warp]; it < S.wbeg[warp + 1]; ++it)
-        fwd_tile<T, D, BIAS, ABIAS>(A, S, S.items[it], h, pack, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem, lane);
+        fwd_tile<T, D, BIAS, ABIAS>(A, S, S.items[it], h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem, lane);
     } else {
-      fwd_exact<T, D, BIAS, ABIAS>(A, S, h, pack, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem);
+      fwd_exact<T, D, BIAS, ABIAS>(A, S, h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem);
     }
     __syncthreads();  // buffer b is free again
     if (A.nbuf == 1 && i + 1 < nh) issue(h + 1, 0);

@@ -217,9 +217,8 @@ __device__ __forceinline__ void key_item(const BwdArgs& A, const HeadSmem& M, in
       key_block<T, D, BIAS, NT, true>(G, M, ka, va, ks, qb, dk, dv, lane);
   });
   T* dqkv = static_cast<T*>(A.dqkv);
-  const int64_t C3 = 3 * int64_t(G.C);
-  store_rows_warp<T, D>(dk, G.scale, stage, dqkv + G.C + h * D, C3, S.tok, r0, S.info[0], lane);
-  store_rows_warp<T, D>(dv, 1.f, stage, dqkv + 2 * G.C + h * D, C3, S.tok, r0, S.info[0], lane);
+  store_rows_warp<T, D>(dk, G.scale, G.scale, stage, dqkv + G.C + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
+  store_rows_warp<T, D>(dv, 1.f, 1.f, stage, dqkv + 2 * G.C + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
 }
 
 template <typename T, int D, int BIAS, bool DET, bool DRPB>
@@ -253,8 +252,7 @@ __device__ __forceinline__ void query_item(const BwdArgs& A, const HeadSmem& M, 
     else
       query_block<T, D, BIAS, DET, DRPB, NT, true>(G, M, qa, da, qs, kb, dq, lane);
   });
-  store_rows_warp<T, D>(dq, G.scale, stage, static_cast<T*>(A.dqkv) + h * D, 3 * int64_t(G.C), S.tok, r0, S.info[0],
-                        lane);
+  store_rows_warp<T, D>(dq, G.scale, G.scale, stage, static_cast<T*>(A.dqkv) + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
 }
 
 template <typename T, int D, int BIAS, bool DET>
@@ -303,17 +301,12 @@ __global__ void __launch_bounds__(kThreads, 2) wattn_bwd_kernel(const BwdArgs A)
     for (int i = 0; i < nh; ++i) {
       const int h = h0 + i;
       const T* qkv = static_cast<const T*>(G.qkv);
-      const int64_t C3 = 3 * int64_t(G.C);
-      load_rows_async<T, D>(op[0], qkv + h * D, C3, S.tok, nvalid);
-      load_rows_async<T, D>(op[1], qkv + G.C + h * D, C3, S.tok, nvalid);
-      load_rows_async<T, D>(op[2], qkv + 2 * G.C + h * D, C3, S.tok, nvalid);
-      load_rows_async<T, D>(op[3], static_cast<const T*>(A.dout) + h * D, G.C, S.tok, nvalid);
-      load_rows_async<T, D>(op[4], static_cast<const T*>(A.out) + h * D, G.C, S.tok, nvalid);
+      const int off3[3] = {0, G.C, 2 * G.C}, off1[1] = {0};
+      load_rows_async<T, D, 3>(op[0], L.tile_bytes, qkv + h * D, 3 * G.C, off3, S.tok, nvalid);
+      load_rows_async<T, D, 1>(op[3], L.tile_bytes, static_cast<const T*>(A.dout) + h * D, G.C, off1, S.tok, nvalid);
+      load_rows_async<T, D, 1>(op[4], L.tile_bytes, static_cast<const T*>(A.out) + h * D, G.C, off1, S.tok, nvalid);
       if constexpr (kTab) load_table_async(tab, G.rpb, G.T, G.nH, h);
-      if (threadIdx.x < nvalid) {
-        const int64_t win = int64_t(pack) * G.P + threadIdx.x / G.N;
-        prim::cp_async<4>(nl_raw + 2 * threadIdx.x, A.lse + (win * G.nH + h) * G.N + S.lidx[threadIdx.x]);
-      }
+      if (threadIdx.x < nvalid) prim::cp_async<4>(nl_raw + 2 * threadIdx.x, A.lse + S.lrow[threadIdx.x] + h * G.N);
       prim::cp_async_commit();
       prim::cp_async_wait<0>();
       __syncthreads();

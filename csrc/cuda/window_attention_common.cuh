@@ -13,7 +13,7 @@
 //
 // Warp tiles use the mma.m16n8k16 accumulator layout (device_prims.cuh): lane = 4g + t holds, for
 // n-tile j, c[j][0..1] = (row g, cols 8j+2t..8j+2t+1) and c[j][2..3] = (row g+8, same cols).
-// float32 runs the same layout with FMAs (exact fp32 products instead of tf32).
+// fp16/bf16 only: float32 calls run the legacy kernels.
 #pragma once
 #include "mixkernels/cuda_common.h"
 #include "window_attention_index.cuh"
@@ -51,8 +51,8 @@ __device__ __forceinline__ float quad_max(float v) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Warp-tile products. A: 16 rows x D held by the warp (tensor cores: mma A fragments in registers;
-// float: pointers to its two rows). scores: s = A * B^T for 8*NT rows of B (pitch LD).
+// Warp-tile products on the tensor cores. A: 16 rows x D held by the warp as mma A fragments.
+// scores: s = A * B^T for 8*NT rows of B (pitch LD).
 // accum: c += P * B for P (16 x 8*NT, accumulator layout) and 8*NT rows of B of length D.
 template <typename T, int D>
 struct AFrag {
@@ -64,39 +64,12 @@ struct AFrag {
     for (int kk = 0; kk < D / 16; ++kk) prim::ldsm_x4(a[kk], rows + r * LD + 16 * kk + c);
   }
 };
-template <int D>
-struct AFrag<float, D> {
-  const float* r0;
-  const float* r1;
-  __device__ __forceinline__ void load(const float* rows, int lane) {
-    constexpr int LD = Tile<float, D>::kLD;
-    r0 = rows + (lane >> 2) * LD;
-    r1 = r0 + 8 * LD;
-  }
-};
-
 template <typename T, int D, int NT>
 __device__ __forceinline__ void scores(float (&s)[NT][4], const AFrag<T, D>& A, const T* B, int lane) {
   constexpr int LD = Tile<T, D>::kLD;
 #pragma unroll
   for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-  if constexpr (std::is_same_v<T, float>) {
-    const int t = lane & 3;
-#pragma unroll 4
-    for (int kk = 0; kk < D; kk += 4) {
-      const float4 a0 = *reinterpret_cast<const float4*>(A.r0 + kk);
-      const float4 a1 = *reinterpret_cast<const float4*>(A.r1 + kk);
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float4 b = *reinterpret_cast<const float4*>(B + (j * 8 + 2 * t + e) * LD + kk);
-          s[j][e] = fmaf(a0.x, b.x, fmaf(a0.y, b.y, fmaf(a0.z, b.z, fmaf(a0.w, b.w, s[j][e]))));
-          s[j][2 + e] = fmaf(a1.x, b.x, fmaf(a1.y, b.y, fmaf(a1.z, b.z, fmaf(a1.w, b.w, s[j][2 + e]))));
-        }
-      }
-    }
-  } else if constexpr (D == 16) {
+  if constexpr (D == 16) {
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       uint32_t r[2];  // matrices: B rows 8j.., cols 0-7 / 8-15 = b0 / b1
@@ -120,25 +93,7 @@ __device__ __forceinline__ void scores(float (&s)[NT][4], const AFrag<T, D>& A, 
 template <typename T, int D, int NT>
 __device__ __forceinline__ void accum(float (&c)[D / 8][4], const float (&p)[NT][4], const T* B, int lane) {
   constexpr int LD = Tile<T, D>::kLD;
-  if constexpr (std::is_same_v<T, float>) {
-    const int t = lane & 3;
-#pragma unroll
-    for (int k = 0; k < NT * 8; ++k) {
-      // P[g][k] lives in lane 4g + (k%8)/2 of the quad: broadcast it within the quad.
-      const int src = (lane & ~3) | ((k & 7) >> 1);
-      const float p0 = __shfl_sync(kFull, p[k >> 3][k & 1], src);
-      const float p1 = __shfl_sync(kFull, p[k >> 3][2 + (k & 1)], src);
-      const float* brow = B + k * LD + 2 * t;
-#pragma unroll
-      for (int dj = 0; dj < D / 8; ++dj) {
-        const float2 b = *reinterpret_cast<const float2*>(brow + dj * 8);
-        c[dj][0] = fmaf(p0, b.x, c[dj][0]);
-        c[dj][1] = fmaf(p0, b.y, c[dj][1]);
-        c[dj][2] = fmaf(p1, b.x, c[dj][2]);
-        c[dj][3] = fmaf(p1, b.y, c[dj][3]);
-      }
-    }
-  } else {
+  {
     const int i = lane >> 3;
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
@@ -167,7 +122,8 @@ __device__ __forceinline__ void accum(float (&c)[D / 8][4], const float (&p)[NT]
 //   qi:   query role {4 * table position, segment id (-1: padding)}
 //   ki:   key role   {-4 * table position, segment id (-2: padding)}; a pair attends iff the ids
 //         are equal, so a padding slot never meets anything, not even itself
-//   lidx: window-local token index (attn_bias and lse); window of a slot = slot / N
+//   lidx: window-local token index (attn_bias); window of a slot = slot / N
+//   lrow: lse index of the slot at head 0: (window * nH) * N + lidx (add h * N)
 //   cxy:  coordinates (window-relative or compressed; coords calls only)
 //   seg:  {lo, hi} slot range of the slot's segment
 // Tiles: lo/hi key range and `uni` (16 valid rows of one segment) per 16-row tile; the warp work
@@ -177,6 +133,7 @@ struct Pack {
   int2* qi;
   int2* ki;
   int* lidx;
+  int* lrow;
   int2* cxy;
   int2* seg;
   int* lo;
@@ -190,6 +147,7 @@ struct Pack {
         qi(reinterpret_cast<int2*>(smem + L.qi)),
         ki(reinterpret_cast<int2*>(smem + L.ki)),
         lidx(reinterpret_cast<int*>(smem + L.lidx)),
+        lrow(reinterpret_cast<int*>(smem + L.lrow)),
         cxy(reinterpret_cast<int2*>(smem + L.cxy)),
         seg(reinterpret_cast<int2*>(smem + L.seg)),
         lo(reinterpret_cast<int*>(smem + L.tiles)),
@@ -343,6 +301,7 @@ __device__ void prologue(const Geo& G, int pack, const Pack& S, unsigned char* s
     S.qi[pos] = make_int2(4 * P, valid ? kid : -1);
     S.ki[pos] = make_int2(-4 * P, valid ? kid : -2);
     S.lidx[pos] = j;
+    S.lrow[pos] = valid ? (pack * G.P + n / G.N) * G.nH * G.N + j : 0;
     S.cxy[pos] = make_int2(cyv[n], cxv[n]);
     S.seg[pos] = make_int2(lo, lo + total[kid]);
   }
@@ -404,14 +363,23 @@ __device__ inline void assign_items(const Pack& S, bool two, int wa, int wb, int
 }
 
 // ---------------------------------------------------------------------------------------------
-// Rows: rows [0, nrows) of a tile (pitch LD) <- global row base + tok[r] * stride, 16-byte
-// cp.async chunks, chunk c by thread c % kThreads (the same map `for_my_chunks` walks).
-template <typename T, int D>
-__device__ __forceinline__ void load_rows_async(T* dst, const T* base, int64_t stride, const int* tok, int nrows) {
+// Rows. Thread t always moves the 16-byte chunk t % CPR of rows t / CPR, t / CPR + kThreads / CPR,
+// ...: one token lookup serves the NOPS operands of a row (e.g. Q, K, V of one token).
+// load_rows_async: tile i rows [0, nrows) <- global base + tok[r] * stride + off[i], cp.async.
+// Offsets are 32-bit in 16-byte chunks (the launcher checks tensors stay below 64 GB).
+template <typename T, int D, int NOPS>
+__device__ __forceinline__ void load_rows_async(T* dst, size_t tile_stride, const T* base, int stride,
+                                                const int (&off)[NOPS], const int* tok, int nrows) {
   using TL = Tile<T, D>;
-  for (int c = threadIdx.x; c < nrows * TL::kCPR; c += kThreads) {
-    const int r = c / TL::kCPR, part = c - r * TL::kCPR;
-    prim::cp_async<16>(dst + r * TL::kLD + part * TL::kE, base + int64_t(tok[r]) * stride + part * TL::kE);
+  constexpr int kStep = kThreads / TL::kCPR;
+  const int part = threadIdx.x % TL::kCPR;
+  const uint4* src = reinterpret_cast<const uint4*>(base) + part;
+  const unsigned rs = unsigned(stride / TL::kE);
+  T* d = dst + (threadIdx.x / TL::kCPR) * TL::kLD + part * TL::kE;
+  for (int r = threadIdx.x / TL::kCPR; r < nrows; r += kStep, d += kStep * TL::kLD) {
+    const uint4* row = src + unsigned(tok[r]) * rs;
+#pragma unroll
+    for (int i = 0; i < NOPS; ++i) prim::cp_async<16>(d + i * tile_stride / sizeof(T), row + off[i] / TL::kE);
   }
 }
 
@@ -425,55 +393,53 @@ __device__ __forceinline__ void zero_rows(T* dst, int r0, int r1) {
   }
 }
 
-// Whether any element of the 16-byte chunks this thread loaded with load_rows_async is NaN/Inf:
-// an all-ones exponent carries into the bit above the exponent field when 1 is added to it.
+// Whether any element of the chunks this thread loaded into rows [0, nrows) of a tile (the map of
+// load_rows_async) is NaN/Inf: an all-ones exponent carries into the bit above it when 1 is added.
 template <typename T, int D>
 __device__ __forceinline__ bool rows_nonfinite(const T* src, int nrows) {
   using TL = Tile<T, D>;
-  constexpr uint32_t M = std::is_same_v<T, float> ? 0x7F800000u : std::is_same_v<T, __half> ? 0x7C007C00u : 0x7F807F80u;
-  constexpr uint32_t ONE = std::is_same_v<T, float> ? 0x00800000u : std::is_same_v<T, __half> ? 0x04000400u : 0x00800080u;
-  constexpr uint32_t TOP = std::is_same_v<T, float> ? 0x80000000u : 0x80008000u;
+  constexpr int kStep = kThreads / TL::kCPR;
+  constexpr uint32_t M = std::is_same_v<T, __half> ? 0x7C007C00u : 0x7F807F80u;
+  constexpr uint32_t ONE = std::is_same_v<T, __half> ? 0x04000400u : 0x00800080u;
   uint32_t acc = 0;
-  for (int c = threadIdx.x; c < nrows * TL::kCPR; c += kThreads) {
-    const int r = c / TL::kCPR, part = c - r * TL::kCPR;
-    const uint4 v = *reinterpret_cast<const uint4*>(src + r * TL::kLD + part * TL::kE);
+  const T* s = src + (threadIdx.x / TL::kCPR) * TL::kLD + (threadIdx.x % TL::kCPR) * TL::kE;
+  for (int r = threadIdx.x / TL::kCPR; r < nrows; r += kStep, s += kStep * TL::kLD) {
+    const uint4 v = *reinterpret_cast<const uint4*>(s);
     acc |= ((v.x & M) + ONE) | ((v.y & M) + ONE) | ((v.z & M) + ONE) | ((v.w & M) + ONE);
   }
-  return (acc & TOP) != 0;
+  return (acc & 0x80008000u) != 0;
 }
 
-// Write a warp's 16 x D accumulator (times mul) through its staging rows (pitch LD) to global rows
-// base + tok[row0 + r] * stride for row0 + r < nvalid, 16-byte stores.
+// Write a warp's 16 x D accumulator (rows g times mul, rows g+8 times mul8) through its staging
+// rows (pitch LD) to global rows base + tok[row0 + r] * stride for row0 + r < nvalid, 16-byte
+// stores (32-bit chunk offsets).
 template <typename T, int D>
-__device__ __forceinline__ void store_rows_warp(const float (&c)[D / 8][4], float mul, T* stage, T* base,
-                                                int64_t stride, const int* tok, int row0, int nvalid, int lane) {
+__device__ __forceinline__ void store_rows_warp(const float (&c)[D / 8][4], float mul, float mul8, T* stage, T* base,
+                                                int stride, const int* tok, int row0, int nvalid, int lane) {
   using TL = Tile<T, D>;
   const int g = lane >> 2, t = lane & 3;
   __syncwarp();
 #pragma unroll
   for (int dj = 0; dj < D / 8; ++dj) {
     const int col = dj * 8 + 2 * t;
-    if constexpr (std::is_same_v<T, float>) {
-      *reinterpret_cast<float2*>(stage + g * TL::kLD + col) = make_float2(c[dj][0] * mul, c[dj][1] * mul);
-      *reinterpret_cast<float2*>(stage + (g + 8) * TL::kLD + col) = make_float2(c[dj][2] * mul, c[dj][3] * mul);
-    } else {
-      *reinterpret_cast<uint32_t*>(stage + g * TL::kLD + col) = pack2<T>(c[dj][0] * mul, c[dj][1] * mul);
-      *reinterpret_cast<uint32_t*>(stage + (g + 8) * TL::kLD + col) = pack2<T>(c[dj][2] * mul, c[dj][3] * mul);
-    }
+    *reinterpret_cast<uint32_t*>(stage + g * TL::kLD + col) = pack2<T>(c[dj][0] * mul, c[dj][1] * mul);
+    *reinterpret_cast<uint32_t*>(stage + (g + 8) * TL::kLD + col) = pack2<T>(c[dj][2] * mul8, c[dj][3] * mul8);
   }
   __syncwarp();
+  uint4* dst = reinterpret_cast<uint4*>(base);
+  const unsigned rs = unsigned(stride / TL::kE);
+#pragma unroll
   for (int i = lane; i < 16 * TL::kCPR; i += 32) {
     const int r = i / TL::kCPR, part = i - r * TL::kCPR;
     if (row0 + r < nvalid)
-      *reinterpret_cast<uint4*>(base + int64_t(tok[row0 + r]) * stride + part * TL::kE) =
-          *reinterpret_cast<const uint4*>(stage + r * TL::kLD + part * TL::kE);
+      dst[unsigned(tok[row0 + r]) * rs + part] = *reinterpret_cast<const uint4*>(stage + r * TL::kLD + part * TL::kE);
   }
   __syncwarp();
 }
 
 // The head's slice of the relative-position table (T entries of column h of the (T, nH) table).
 __device__ __forceinline__ void load_table_async(float* tab, const float* rpb, int T, int nH, int h) {
-  for (int i = threadIdx.x; i < T; i += kThreads) prim::cp_async<4>(tab + i, rpb + int64_t(i) * nH + h);
+  for (int i = threadIdx.x; i < T; i += kThreads) prim::cp_async<4>(tab + i, rpb + unsigned(i * nH + h));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ MK_HD int compress_gap(int64_t v, int64_t next, bool has_next, int cap) {
 // outputs in 16 rows per warp: in its last operand tile (O, dead once delta is computed) when that
 // has at least 128 rows, else after the operands. The prologue's scratch aliases the operands.
 struct Layout {
-  size_t tok, qi, ki, lidx, cxy, seg, nld, tiles, tab, dtab, ops, stage, total;
+  size_t tok, qi, ki, lidx, lrow, cxy, seg, nld, tiles, tab, dtab, ops, stage, total;
   size_t tab_stride, buf_stride, tile_bytes;
 };
 
@@ -150,6 +150,7 @@ MK_HD Layout make_layout(const Geo& G, int es, int D, int ops, int nbuf, bool st
   L.qi = o; o = align16(o + cap * 8);
   L.ki = o; o = align16(o + cap * 8);
   L.lidx = o; o = align16(o + cap * 4);
+  L.lrow = o; o = align16(o + cap * 4);
   L.cxy = o; o = align16(o + cap * 8);
   L.seg = o; o = align16(o + cap * 8);
   L.nld = o; o = align16(o + (stage ? cap * 8 : 0));
