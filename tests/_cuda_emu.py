@@ -26,6 +26,10 @@ SOURCES = [
     "csrc/cuda/window_attention_bwd.cu",
     "csrc/cuda/window_attention_legacy.cu",
     "csrc/cuda/window_attention_legacy_bwd.cu",
+    "csrc/cuda/mixing.cu",
+    "csrc/cuda/windows.cu",
+    "csrc/cuda/uniform.cu",
+    "csrc/cuda/losses.cu",
     "tests/cuda_emu/emu_runtime.cpp",
     "tests/cuda_emu/emu_api.cpp",
 ]
@@ -182,3 +186,45 @@ class Call:
 
 def seed(s: int) -> None:
     library().emu_seed(ctypes.c_uint64(s))
+
+
+# ---- token ops and losses: thin ctypes signatures of tests/cuda_emu/emu_api.cpp
+_P, _I, _i, _f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_SIGS = {
+    "emu_mix_tokens": [_P, _P, _P, _I, _I, _I, _I, _i],
+    "emu_mix_tokens_backward": [_P, _P, _P, _I, _I, _I, _I, _i],
+    "emu_unmix_tokens": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _i],
+    "emu_unmix_tokens_backward_workspace": [_I, _I, _I, _i, _i],
+    "emu_unmix_tokens_backward": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _i],
+    "emu_window_partition": [_P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _i],
+    "emu_window_merge": [_P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _i],
+    "emu_uniform_sample": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _i],
+    "emu_uniform_sample_backward_workspace": [_I, _I, _I, _I, _i],
+    "emu_uniform_sample_backward": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _i],
+    "emu_uniform_scatter": [_P, _P, _P, _I, _I, _I, _I, _I, _i],
+    "emu_mixmim_loss_fwd": [_P, _i, _P, _i, _P, _I, _P, _I, _I, _I, _i, _i, _f],
+    "emu_mixmim_loss_bwd": [_P, _P, _i, _P, _i, _P, _I, _P, _I, _I, _I, _i, _i, _f],
+    "emu_masked_loss_fwd": [_P, _i, _P, _i, _P, _P, _I, _I, _I, _I, _i, _i, _f],
+    "emu_masked_loss_bwd": [_P, _P, _i, _P, _i, _P, _P, _I, _I, _I, _I, _i, _i, _f],
+}
+
+
+def call(name: str, *args) -> int:
+    """Call an emulated launcher: tensors (or None) pass as pointers, the rest as the signature says."""
+    fn = getattr(library(), name)
+    fn.argtypes = _SIGS[name]
+    fn.restype = ctypes.c_int64 if name.endswith("_workspace") else ctypes.c_int
+    conv = [_ptr(a) if isinstance(a, torch.Tensor) or a is None else a for a in args]
+    return fn(*conv)
+
+
+def aligned(t: torch.Tensor, offset_elems: int = 0) -> torch.Tensor:
+    """A contiguous copy of t at a 16-byte aligned address plus `offset_elems` elements."""
+    out = _aligned_empty((t.numel() + offset_elems,), t.dtype)[offset_elems:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def empty(shape, dtype) -> torch.Tensor:
+    """A 16-byte aligned tensor poisoned with NaN (floats) or -1 (integers)."""
+    return _aligned_empty(tuple(shape), dtype)

@@ -59,3 +59,61 @@ int emu_wattn_backward(const EmuWattn* e, const void* dout, const void* out, con
 }
 
 }  // extern "C"
+
+// ---- Token ops and losses: the launchers of csrc/include/mixkernels/{tokens,losses}_cuda.h.
+extern "C" {
+using I = int64_t;
+using U8 = const uint8_t*;
+int emu_mix_tokens(const void* x, U8 m, void* out, I B, I L, I C, I G, int dt) {
+  return mix_tokens(x, m, out, B, L, C, G, DType(dt), nullptr);
+}
+int emu_mix_tokens_backward(const void* g, U8 m, void* dx, I B, I L, I C, I G, int dt) {
+  return mix_tokens_backward(g, m, dx, B, L, C, G, DType(dt), nullptr);
+}
+int emu_unmix_tokens(const void* x, U8 m, const void* tok, const void* pos, void* out, I B, I L, I C, I G, int dt) {
+  return unmix_tokens(x, m, tok, pos, out, B, L, C, G, DType(dt), nullptr);
+}
+I emu_unmix_tokens_backward_workspace(I B, I L, I C, int nt, int np) {
+  return unmix_tokens_backward_workspace(B, L, C, nt != 0, np != 0);
+}
+int emu_unmix_tokens_backward(const void* g, U8 m, void* dx, float* dtok, float* dpos, float* ws, I B, I L, I C, I G,
+                              int dt) {
+  return unmix_tokens_backward(g, m, dx, dtok, dpos, ws, B, L, C, G, DType(dt), nullptr);
+}
+int emu_window_partition(const void* x, void* out, I B, I H, I W, I C, I wh, I ww, I sh, I sw, int dt) {
+  return window_partition(x, out, B, H, W, C, wh, ww, sh, sw, DType(dt), nullptr);
+}
+int emu_window_merge(const void* x, void* out, I B, I H, I W, I C, I wh, I ww, I sh, I sw, int dt) {
+  return window_merge(x, out, B, H, W, C, wh, ww, sh, sw, DType(dt), nullptr);
+}
+int emu_uniform_sample(const void* x, U8 keep, U8 sec, const void* tok, void* out, I B, I H, I W, I C, I u, int dt) {
+  return uniform_sample(x, keep, sec, tok, out, B, H, W, C, u, DType(dt), nullptr);
+}
+I emu_uniform_sample_backward_workspace(I B, I H, I W, I C, int nt) {
+  return uniform_sample_backward_workspace(B, H, W, C, nt != 0);
+}
+int emu_uniform_sample_backward(const void* g, U8 keep, U8 sec, void* dx, float* dtok, float* ws, I B, I H, I W, I C,
+                                I u, int dt) {
+  return uniform_sample_backward(g, keep, sec, dx, dtok, ws, B, H, W, C, u, DType(dt), nullptr);
+}
+int emu_uniform_scatter(const void* c, U8 keep, void* out, I B, I H, I W, I C, I u, int dt) {
+  return uniform_scatter(c, keep, out, B, H, W, C, u, DType(dt), nullptr);
+}
+int emu_mixmim_loss_fwd(const void* pred, int pt, const void* imgs, int it, U8 m, I ms, float* out, I B, I H, I W,
+                        int p, int norm, float eps) {
+  return mixmim_loss_fwd(pred, DType(pt), imgs, DType(it), m, ms, out, B, H, W, p, norm != 0, eps, nullptr);
+}
+int emu_mixmim_loss_bwd(const float* g, const void* pred, int pt, const void* imgs, int it, U8 m, I ms, void* dpred, I B,
+                        I H, I W, int p, int norm, float eps) {
+  return mixmim_loss_bwd(g, pred, DType(pt), imgs, DType(it), m, ms, dpred, B, H, W, p, norm != 0, eps, nullptr);
+}
+int emu_masked_loss_fwd(const void* pred, int pt, const void* imgs, int it, const int64_t* idx, float* out, I B, I Lp,
+                        I H, I W, int p, int norm, float eps) {
+  return masked_recon_loss_fwd(pred, DType(pt), imgs, DType(it), idx, out, B, Lp, H, W, p, norm != 0, eps, nullptr);
+}
+int emu_masked_loss_bwd(const float* g, const void* pred, int pt, const void* imgs, int it, const int64_t* idx,
+                        void* dpred, I B, I Lp, I H, I W, int p, int norm, float eps) {
+  return masked_recon_loss_bwd(g, pred, DType(pt), imgs, DType(it), idx, dpred, B, Lp, H, W, p, norm != 0, eps,
+                               nullptr);
+}
+}  // extern "C"
