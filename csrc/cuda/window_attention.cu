@@ -103,12 +103,14 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
   const Geo& G = A.g;
   const int g = lane >> 2, r0 = 16 * tile, nvalid = S.info[0];
   const int zero_byte = tab_byte + 4 * G.T;
+  __syncwarp();  // converged after the previous tile's per-lane stores
   AFrag<T, D> qa;
   qa.load(sq + r0 * TL::kLD, lane);
   const RowInfo ri[2] = {row_info<BIAS, ABIAS>(G, S, r0 + g, tab_byte, h),
                          row_info<BIAS, ABIAS>(G, S, r0 + g + 8, tab_byte, h)};
-  const int lo = S.lo[tile], hi = S.hi[tile], end = round16(hi);
-  const bool uni = S.uni[tile] != 0;
+  // Bounds broadcast from lane 0: warp-uniform for the compiler too (no divergence-safe shuffles).
+  const int lo = __shfl_sync(kFull, S.lo[tile], 0), hi = __shfl_sync(kFull, S.hi[tile], 0), end = round16(hi);
+  const bool uni = __shfl_sync(kFull, S.uni[tile], 0) != 0;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   float o[D / 8][4];
 #pragma unroll
@@ -183,7 +185,7 @@ __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, c
 }
 
 template <typename T, int D, int BIAS, bool ABIAS>
-__global__ void __launch_bounds__(kThreads, 2) wattn_fwd_kernel(const FwdArgs A) {
+__global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 : 1) wattn_fwd_kernel(const FwdArgs A) {
   using TL = Tile<T, D>;
   const Geo& G = A.g;
   MK_DYNAMIC_SMEM(smem);
@@ -197,7 +199,10 @@ __global__ void __launch_bounds__(kThreads, 2) wattn_fwd_kernel(const FwdArgs A)
   prologue<BIAS == 2>(G, pack, S, smem + L.ops);
   assign_items(S, false, 1, 1, reinterpret_cast<int*>(smem + L.ops));
   __syncthreads();  // slots, tiles and work lists ready; the prologue's scratch is dead
-  const int nvalid = S.info[0];
+  // Pack-wide values read right after the barrier (warps converged) and broadcast from lane 0: the
+  // compiler then sees warp-uniform loops and emits plain shuffles inside them.
+  const int nvalid = __shfl_sync(kFull, S.info[0], 0);
+  const int it0 = __shfl_sync(kFull, S.wbeg[warp], 0), it1 = __shfl_sync(kFull, S.wbeg[warp + 1], 0);
   for (int b = 0; b < A.nbuf; ++b) {
     for (int op = 0; op < 3; ++op) zero_rows<T, D>(buf(b, op), nvalid, G.cap);
     if (threadIdx.x == 0) tab(b)[G.T] = 0.f;  // read by out-of-range coordinate pairs
@@ -220,8 +225,8 @@ __global__ void __launch_bounds__(kThreads, 2) wattn_fwd_kernel(const FwdArgs A)
     }
     const int tab_byte = static_cast<int>(L.tab + b * L.tab_stride);
     if (!__syncthreads_or(rows_nonfinite<T, D>(buf(b, 2), nvalid))) {
-      for (int it = S.wbeg[warp]; it < S.wbeg[warp + 1]; ++it)
-        fwd_tile<T, D, BIAS, ABIAS>(A, S, S.items[it], h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem, lane);
+      for (int it = it0; it < it1; ++it)
+        fwd_tile<T, D, BIAS, ABIAS>(A, S, __shfl_sync(kFull, S.items[it], 0), h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem, lane);
     } else {
       fwd_exact<T, D, BIAS, ABIAS>(A, S, h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem);
     }

@@ -15,7 +15,8 @@
 // entry with one global RED per head; deterministic mode gives every warp its own table (lanes that
 // hit one entry in the same step are summed in lane order), sums the warps in order into a partial
 // per (slot, head) while CTAs walk fixed pack sequences, and a last kernel adds the slots in order.
-// Calls with attn_bias, float32 or shapes that do not fit shared memory run the legacy kernels.
+// Calls with attn_bias, float32, head_dim 128 or shapes that do not fit shared memory run the legacy
+// kernels.
 #include "window_attention_common.cuh"
 #include "window_attention_legacy.cuh"
 
@@ -182,8 +183,9 @@ __device__ __forceinline__ void query_block(const Geo& G, const HeadSmem& M, con
 // (16 columns per step: S and dP of 32 would not leave registers for the rest.)
 template <typename F>
 __device__ __forceinline__ void walk_blocks(const Pack& S, int tile, F&& body) {
-  const int lo = S.lo[tile], hi = S.hi[tile], end = round16(hi);
-  const bool uni = S.uni[tile] != 0;
+  // Bounds broadcast from lane 0: warp-uniform for the compiler too (no divergence-safe shuffles).
+  const int lo = __shfl_sync(kFull, S.lo[tile], 0), hi = __shfl_sync(kFull, S.hi[tile], 0), end = round16(hi);
+  const bool uni = __shfl_sync(kFull, S.uni[tile], 0) != 0;
   for (int b = lo & ~15; b < end; b += 16) body(b, std::integral_constant<int, 2>{}, uni && b >= lo && b + 16 <= hi);
 }
 
@@ -256,7 +258,7 @@ __device__ __forceinline__ void query_item(const BwdArgs& A, const HeadSmem& M, 
 }
 
 template <typename T, int D, int BIAS, bool DET>
-__global__ void __launch_bounds__(kThreads, 2) wattn_bwd_kernel(const BwdArgs A) {
+__global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 ? 2 : 1) wattn_bwd_kernel(const BwdArgs A) {
   using TL = Tile<T, D>;
   constexpr bool kTab = BIAS != 0;
   const Geo& G = A.g;
@@ -294,7 +296,10 @@ __global__ void __launch_bounds__(kThreads, 2) wattn_bwd_kernel(const BwdArgs A)
     prologue<BIAS == 2>(G, pack, S, smem + L.ops);
     assign_items(S, true, 5, 4, reinterpret_cast<int*>(smem + L.ops));
     __syncthreads();
-    const int nvalid = S.info[0], ntiles = S.info[1];
+    // Pack-wide values read right after the barrier and broadcast from lane 0: warp-uniform loops for
+    // the compiler too (plain shuffles inside them, no divergence-safe fallbacks).
+    const int nvalid = __shfl_sync(kFull, S.info[0], 0), ntiles = __shfl_sync(kFull, S.info[1], 0);
+    const int it0 = __shfl_sync(kFull, S.wbeg[warp], 0), it1 = __shfl_sync(kFull, S.wbeg[warp + 1], 0);
     for (int i = 0; i < 5; ++i) zero_rows<T, D>(op[i], nvalid, G.cap);
     if (threadIdx.x < G.cap) nld[threadIdx.x] = make_float2(0.f, 0.f);
     if (threadIdx.x == 0) tab[G.T] = 0.f;
@@ -326,8 +331,8 @@ __global__ void __launch_bounds__(kThreads, 2) wattn_bwd_kernel(const BwdArgs A)
         if (c < chunks && part == 0) nld[r] = make_float2(-nl_raw[2 * r] * kLog2e, acc);
       }
       __syncthreads();  // nld ready; O is dead (its rows become the staging area)
-      for (int it = S.wbeg[warp]; it < S.wbeg[warp + 1]; ++it) {
-        const int item = S.items[it];
+      for (int it = it0; it < it1; ++it) {
+        const int item = __shfl_sync(kFull, S.items[it], 0);
         if (item < ntiles) {
           key_item<T, D, BIAS>(A, M, item, h, stage, lane);
         } else {
@@ -366,7 +371,9 @@ BwdPlan plan_backward(const WindowAttentionParams& p, bool need_drpb, bool need_
   BwdPlan f;
   const int N = p.wh * p.ww, nwin = p.B * (p.H / p.wh) * (p.W / p.ww);
   (void)need_drpb;
-  if (p.dtype == DType::kFloat32 || p.attn_bias != nullptr || need_dbias || N > kThreads || nwin == 0) return f;
+  // head_dim 128 keeps dK, dV and the K, V fragments of a 16-row tile in more than 255 registers
+  if (p.dtype == DType::kFloat32 || p.d > 64 || p.attn_bias != nullptr || need_dbias || N > kThreads || nwin == 0)
+    return f;
   f.g = make_geo(p, pick_pack(N, nwin));
   const int es = element_size(p.dtype);
   const size_t tabf = p.rpb == nullptr ? 0 : det ? size_t(kWarps) * (f.g.T + 1 + 32) : size_t(f.g.T + 1);
@@ -410,7 +417,7 @@ cudaError_t window_attention_backward(const WindowAttentionParams& p, const Wind
   if (p.B == 0 || p.nH == 0) return cudaSuccess;
   BwdArgs a{f.g, b.dout, b.out, b.lse, b.dqkv, drpb_dst, f.hg, f.nhg, f.nslots};
   const dim3 grid(static_cast<unsigned>(f.nslots * f.nhg));
-  err = dispatch_head_dim(p.d, [&](auto dc) -> cudaError_t {
+  auto body = [&](auto dc) -> cudaError_t {
     constexpr int D = decltype(dc)::value;
     return dispatch_b16(p.dtype, [&](auto tc) -> cudaError_t {
       using T = typename decltype(tc)::type;
@@ -422,7 +429,12 @@ cudaError_t window_attention_backward(const WindowAttentionParams& p, const Wind
         return MK_LAUNCH(kernel, grid, dim3(kThreads), f.L.total, stream, a);
       });
     });
-  });
+  };
+  switch (p.d) {
+    case 16: err = body(std::integral_constant<int, 16>{}); break;
+    case 32: err = body(std::integral_constant<int, 32>{}); break;
+    default: err = body(std::integral_constant<int, 64>{}); break;  // plan_backward: d <= 64
+  }
   if (err != cudaSuccess || !b.deterministic || !b.need_drpb) return err;
   return legacy::sum_parts(drpb_dst, b.drpb, f.nslots, int64_t(f.g.T) * p.nH, f.g.T, p.nH, stream);
 }
