@@ -121,7 +121,7 @@ def test_deterministic_bit_identical(case, dtype):
 def _pack(N, nwin):
     """Windows per CTA pack of the fused kernels: pick_pack in csrc/cuda/window_attention_index.cuh."""
     best, best_fill, P = 1, 0.0, 1
-    while P * N <= 256 and P <= nwin:
+    while P * N <= 208 and P <= nwin:
         fill = P * N / ((P * N + 15) // 16 * 16)
         if fill >= best_fill - 1e-6:
             best, best_fill = P, fill

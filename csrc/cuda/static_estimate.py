@@ -199,7 +199,7 @@ def _reach(succ, starts, stop, body):
 # ------------------------------------------------------------------------- workload (prologue)
 def pick_pack(N, nwin):
     best, bf, P = 1, 0.0, 1
-    while P * N <= 256 and P <= nwin:
+    while P * N <= 208 and P <= nwin:
         fill = P * N / ((P * N + 15) // 16 * 16)
         if fill >= bf - 1e-6:
             best, bf = P, fill
@@ -259,13 +259,32 @@ def workload(B, HW, w, shift, group, width):
 
 
 # ------------------------------------------------------------------------------------ estimate
+def smem_bytes(kind, cap, T, hg, D=32, es=2):
+    """make_layout (window_attention_index.cuh) for the fused kernels, bf16."""
+    a16 = lambda v: (v + 15) & ~15
+    o = 0
+    for per in (4, 8, 8, 4, 4, 8, 8):  # tok qi ki lidx lrow cxy seg
+        o = a16(o + cap * per)
+    o = a16(o + (cap * 8 if kind == "bwd" else 0))  # nld
+    o = a16(o + 4 * (3 * 16 + 2 * 16 + 8 + 1 + 4))  # tiles
+    nbuf = 1 if kind == "bwd" or hg == 1 else 2
+    o += a16((T + 1) * 4) * nbuf
+    o = a16(o + ((T + 1) * 4 if kind == "bwd" else 0))  # drpb table (fast mode)
+    tile = cap * (D + 16 // es) * es
+    o += a16(max(tile * (5 if kind == "bwd" else 3) * nbuf, 256 * (8 * 3 + 4 * 10) + 8 * 256 * 4))
+    if kind == "bwd" and cap < 128:
+        o += 8 * 16 * (D + 16 // es) * es
+    return a16(o)
+
+
 def estimate(kind, shape, cost):
     B, HW, C, nH, w, shift, g = SHAPES[shape]
     wl = workload(B, HW, w, shift, mixmim_mask(HW, HW) if g else None, 32 if kind == "fwd" else 16)
     m = MODEL
+    hg = max(1, min(nH, wl["packs"] * nH // (2 * 2 * m["n_sm"])))
+    cost = dict(cost, smem=smem_bytes(kind, (wl["P"] * wl["N"] + 15) // 16 * 16, (2 * w - 1) ** 2, hg))
     per_warp = math.ceil(cost["registers"] * 32 / 256) * 256
     ctas_sm = min(m["regs_per_sm"] // per_warp // 8, m["smem_per_sm"] // (math.ceil(cost["smem"] / 128) * 128 + 1024), 8)
-    hg = max(1, min(nH, wl["packs"] * nH // (2 * 2 * m["n_sm"])))
     ctas = wl["packs"] * math.ceil(nH / hg)
     instr = mufu = flops = wav = elems = 0.0
     for (wd, masked), n in wl["counts"].items():
@@ -293,6 +312,31 @@ def estimate(kind, shape, cost):
                 smem_us=round(smem_us, 1), est_us=round(est, 1), est_fraction_of_floor=round(t["memory"] * 1e6 / est, 3),
                 bound=max(t, key=t.get), instructions_per_element=round(instr * 32 / elems, 1),
                 computed_pairs_vs_dense=round(elems / (B * (HW // w) ** 2 * nH * (((w * w + 15) // 16 * 16) ** 2)), 3))
+
+
+def loop_lines(src, header):
+    """(first, last) source lines of the loop whose header line contains `header` (brace matching)."""
+    lines = open(os.path.join(HERE, src)).read().split("\n")
+    i = next(k for k, l in enumerate(lines) if header in l)
+    depth, j = 0, i
+    while True:
+        depth += lines[j].count("{") - lines[j].count("}")
+        if depth == 0 and j > i:
+            return i + 1, j + 1
+        j += 1
+
+
+def count_lines(blocks, src, first, last):
+    """Instructions whose innermost frame in `src` lies in [first, last] (not inside other frames)."""
+    path = os.path.realpath(os.path.join(HERE, src))
+    n = 0
+    for b in blocks:
+        for op, pred, args, loc in b:
+            if loc and os.path.realpath(loc[0][0]).endswith(os.path.basename(src) + ".inst.cu") and first <= loc[0][1] <= last:
+                n += 1
+            elif loc and os.path.realpath(loc[0][0]) == path and first <= loc[0][1] <= last:
+                n += 1
+    return n
 
 
 def attribute(blocks, fns):
@@ -333,7 +377,7 @@ def costs(work):
                                   "template __global__ void wattn_fwd_kernel<__nv_bfloat16, 32, 1, false>(const FwdArgs);", work)
     blocks, succ = parse(sass)
     lp = [b for h, b in loops(blocks, succ).items() if any(i[0].startswith("HMMA") for x in b for i in blocks[x])]
-    inner = min(lp, key=len)
+    inner = max((b for b in lp if not any(o < b for o in lp)), key=len)  # the 32-key block loop
     (u, uh, um), (mk, mh, mm) = block_paths(blocks, succ, inner)
     # lazy rescale: the 16+2 FMUL / 2 MUFU branch runs in about half the blocks at these shapes
     rescale = 20
@@ -349,14 +393,13 @@ def costs(work):
                       prologue=8 * (att["prologue"] + att["segment_ids"] + att["zero_rows"]) + att["assign_items"],
                       # per (CTA, head): the load loops (two inlined copies, ~1 pass of the 4x-unrolled body
                       # at 208 rows) and the non-finite check, every warp
-                      head=8 * (att["load_rows_async"] / 2 + att["load_table_async"] / 2 + att["rows_nonfinite"]),
-                      smem=111 * 1024)
+                      head=8 * (att["load_rows_async"] / 2 + att["load_table_async"] / 2 + att["rows_nonfinite"]))
     info, sass = compile_instance("window_attention_bwd.cu", "struct BwdPlan {",
                                   "template __global__ void wattn_bwd_kernel<__nv_bfloat16, 32, 1, false>(const BwdArgs);", work)
     blocks, succ = parse(sass)
-    lps = sorted((b for h, b in loops(blocks, succ).items()
-                  if any(i[0].startswith("HMMA") for x in b for i in blocks[x])), key=len)
-    paths = [block_paths(blocks, succ, b) for b in lps if len(b) < 200]
+    hm = [b for h, b in loops(blocks, succ).items() if any(i[0].startswith("HMMA") for x in b for i in blocks[x])]
+    innermost = [b for b in hm if not any(o < b for o in hm)]  # no other HMMA loop strictly inside
+    paths = [block_paths(blocks, succ, b) for b in innermost]
     key_p = max(paths, key=lambda p: p[0][1])  # the key loop has 16 HMMA per 16x16 block
     qry_p = max((p for p in paths if p[0][1] < key_p[0][1]), key=lambda p: p[0][0])  # with the bias-gradient adds
     bwd_block = {}
@@ -369,11 +412,52 @@ def costs(work):
     res["bwd"] = dict(block=bwd_block, registers=info["registers"], spill_bytes=info["spill_bytes"],
                       tile=(att["key_item"] + att["query_item"] + att["store_rows_warp"]) / 2,
                       prologue=8 * (att["prologue"] + att["segment_ids"] + att["zero_rows"]) + att["assign_items"],
-                      # per (CTA, head): loads (q/k/v, dO, O, table), delta and the bias-gradient flush, taken as
-                      # the kernel's own code outside the listed functions, every warp
-                      head=8 * (att["load_rows_async"] + att["load_table_async"] + att["<kernel>"]),
-                      smem=112 * 1024)
+                      # per (CTA, head): loads (q/k/v, dO, O, table), delta and the bias-gradient flush: the
+                      # head loop's own lines (loops there about once per pass), every warp
+                      head=8 * (att["load_rows_async"] + att["load_table_async"] +
+                                count_lines(blocks, "window_attention_bwd.cu",
+                                            *loop_lines("window_attention_bwd.cu", "for (int i = 0; i < nh; ++i)"))))
     return res
+
+
+TOKEN_OPS = {  # op: (source, map name, rows, row bytes, bytes moved) at the headline shapes, bf16
+    "mix_tokens:mixmim-s1": ("mixing.cu", "MixMap", 128 * 3136, 256),
+    "window_partition:swin-s1-w7-shift": ("windows.cu", "PartitionMap", 128 * 3136, 256),
+    "window_merge:swin-s1-w7-shift": ("windows.cu", "MergeMap", 128 * 3136, 256),
+    "uniform_sample:ummae-s1": ("uniform.cu", "SampleMap", 128 * 784, 256),
+    "uniform_scatter:ummae-s1": ("uniform.cu", "ScatterMap", 128 * 3136, 256),
+}
+
+
+def token_ops(work):
+    """Row-gather loop per warp step (32 lanes x 4 vectors of 16 bytes) -> time vs copy bandwidth."""
+    m, out = MODEL, []
+    for name, (src, mp, rows, rb) in TOKEN_OPS.items():
+        cubin = os.path.join(work, src + ".cubin")
+        if not os.path.exists(cubin):
+            r = subprocess.run([_nvcc(), "-cubin", "-arch=sm_90", "-O3", "-std=c++17", "--expt-relaxed-constexpr",
+                                "-I", os.path.join(ROOT, "csrc", "include"), "-Xptxas", "-v", os.path.join(HERE, src),
+                                "-o", cubin], capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(r.stderr[-3000:])
+        txt = subprocess.run([_tool("nvdisasm"), "-c", cubin], capture_output=True, text=True, check=True).stdout
+        fn = next(f for f in re.split(r"\n\s*//-+ \.text\.", txt)[1:]
+                  if "gather_rows_kernelI5uint4" in f.split()[0] and "Li4ELb0E" in f.split()[0] and mp in f.split()[0])
+        blocks, succ = parse(fn)
+        body = max(loops(blocks, succ).values(), key=len)
+        per_step = sum(len(blocks[x]) for x in body)
+        vectors = rows * rb // 16
+        instr = vectors / 128 * per_step
+        moved = 2 * rows * rb
+        t_issue = instr / (m["n_sm"] * m["clock_hz"] * m["ipc"])
+        t_mem = moved / m["hbm"]
+        est = max(t_issue, t_mem) * 1e6 + m["launch_us"]
+        out.append(dict(kernel=name.split(":")[0], shape=name.split(":")[1], instructions_per_warp_step=per_step,
+                        instructions_per_16B=round(per_step / 4, 1), bytes=moved, floor_us=round(t_mem * 1e6, 1),
+                        issue_us=round(t_issue * 1e6, 1), est_us=round(est, 1),
+                        est_fraction_of_copy=round(t_mem * 1e6 / est, 3),
+                        bytes_in_flight_per_sm=64 * 32 * 4 * 16))
+    return out
 
 
 def main():
@@ -382,7 +466,8 @@ def main():
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as work:
         cs = costs(work)
-    recs = [estimate(kind, s, cs[kind]) for kind in ("fwd", "bwd") for s in SHAPES]
+        toks = token_ops(work)
+    recs = [estimate(kind, s, cs[kind]) for kind in ("fwd", "bwd") for s in SHAPES] + toks
     for r in recs:
         print(json.dumps(r))
     if a.json:

@@ -40,11 +40,13 @@ struct Geo {
   const void* coords;
 };
 
-// Windows per pack: the P <= 256/N that wastes the fewest padded rows (ties: more windows).
+// Windows per pack: the P with P * N <= 208 slots (13 row tiles: two CTAs' operands fit one SM's
+// shared memory at head_dim 32) that wastes the fewest padded rows (ties: more windows).
+constexpr int kPackSlots = 208;
 MK_HD int pick_pack(int N, int nwin) {
   int best = 1;
   float best_fill = 0.f;
-  for (int P = 1; P * N <= kThreads && P <= nwin; ++P) {
+  for (int P = 1; P * N <= kPackSlots && P <= nwin; ++P) {
     const float fill = float(P * N) / float(round16(P * N));
     if (fill >= best_fill - 1e-6f) best = P, best_fill = fill;
   }
