@@ -16,14 +16,9 @@ import torch
 from mixkernels import reference as ref
 from mixkernels.testing import assert_close_2x
 
-try:
-    import _cuda_emu as E
+import _cuda_emu as E
 
-    E.library()
-    _SKIP = None
-except Exception as e:  # pragma: no cover - depends on the machine
-    _SKIP = f"CUDA emulator unavailable: {e}"
-
+_SKIP = E.unavailable()
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 

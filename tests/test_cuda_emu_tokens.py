@@ -13,14 +13,9 @@ import torch
 from mixkernels import reference as ref
 from mixkernels.testing import assert_close_2x
 
-try:
-    import _cuda_emu as E
+import _cuda_emu as E
 
-    E.library()
-    _SKIP = None
-except Exception as e:  # pragma: no cover - depends on the machine
-    _SKIP = f"CUDA emulator unavailable: {e}"
-
+_SKIP = E.unavailable()
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
