@@ -281,7 +281,7 @@ def estimate(kind, shape, cost):
     B, HW, C, nH, w, shift, g = SHAPES[shape]
     wl = workload(B, HW, w, shift, mixmim_mask(HW, HW) if g else None, 32 if kind == "fwd" else 16)
     m = MODEL
-    hg = max(1, min(nH, wl["packs"] * nH // (2 * 2 * m["n_sm"])))
+    hg = max(h for h in range(1, nH + 1) if nH % h == 0 and (h == 1 or wl["packs"] * (nH // h) >= 2 * m["n_sm"]))
     cost = dict(cost, smem=smem_bytes(kind, (wl["P"] * wl["N"] + 15) // 16 * 16, (2 * w - 1) ** 2, hg))
     per_warp = math.ceil(cost["registers"] * 32 / 256) * 256
     ctas_sm = min(m["regs_per_sm"] // per_warp // 8, m["smem_per_sm"] // (math.ceil(cost["smem"] / 128) * 128 + 1024), 8)

@@ -268,9 +268,7 @@ FwdPlan plan_forward(const WindowAttentionParams& p) {
   if (p.dtype == DType::kFloat32 || N > kThreads || nwin == 0) return f;
   f.g = make_geo(p, pick_pack(N, nwin));
   const int limit = smem_limit();
-  const int units = f.g.npacks * p.nH, slots = 2 * sm_count();
-  // Heads per CTA: share the prologue among heads while keeping about two CTAs per slot.
-  f.hg = imax(1, imin(p.nH, units / imax(1, 2 * slots)));
+  f.hg = heads_per_cta(f.g.npacks, p.nH, 2 * sm_count());
   f.nhg = (p.nH + f.hg - 1) / f.hg;
   for (int nbuf = f.hg > 1 ? 2 : 1; nbuf >= 1; --nbuf) {
     const Layout L = make_layout(f.g, es, p.d, 3, nbuf, false, 0);

@@ -69,7 +69,7 @@ __device__ __forceinline__ void pair_grad(float s, float dp, const QSide& q, con
 // Add v to the table entry at byte `entry`. Fast: shared-memory atomic into the CTA's table.
 // Deterministic: all 32 lanes call; lanes with equal entries are summed in lane order by the lowest
 // one, which then updates the warp's own table (distinct leaders, distinct entries).
-template <bool DET>
+template <bool DET, bool SKIP_ZERO>
 __device__ __forceinline__ void table_add(unsigned char* smem, int entry, float v, float* scratch, int lane) {
   if constexpr (DET) {
     const unsigned same = __match_any_sync(kFull, entry);
@@ -81,8 +81,8 @@ __device__ __forceinline__ void table_add(unsigned char* smem, int entry, float 
       *reinterpret_cast<float*>(smem + entry) += sum;
     }
     __syncwarp();
-  } else {
-    if (v != 0.f) atomicAdd(reinterpret_cast<float*>(smem + entry), v);
+  } else if (!SKIP_ZERO || v != 0.f) {  // blocks inside one segment: every pair counts, no test
+    atomicAdd(reinterpret_cast<float*>(smem + entry), v);
   }
 }
 
@@ -172,7 +172,7 @@ __device__ __forceinline__ void query_block(const Geo& G, const HeadSmem& M, con
                                 rw2, p, ds, entry);
         s[j][2 * rr + e] = ds;
         if constexpr (DRPB)
-          table_add<DET>(const_cast<unsigned char*>(M.smem), entry + M.dtab_delta, ds, M.scratch, lane);
+          table_add<DET, MASKED>(const_cast<unsigned char*>(M.smem), entry + M.dtab_delta, ds, M.scratch, lane);
       }
     }
   }
@@ -380,8 +380,7 @@ BwdPlan plan_backward(const WindowAttentionParams& p, bool need_drpb, bool need_
   f.L = make_layout(f.g, es, p.d, 5, 1, true, tabf);
   if (f.L.total > static_cast<size_t>(smem_limit())) return f;
   f.nslots = det ? imin(f.g.npacks, kDetSlots) : f.g.npacks;
-  const int units = f.nslots * p.nH, slots = 2 * sm_count();
-  f.hg = imax(1, imin(p.nH, units / imax(1, 2 * slots)));
+  f.hg = heads_per_cta(f.nslots, p.nH, 2 * sm_count());
   f.nhg = (p.nH + f.hg - 1) / f.hg;
   f.ok = true;
   return f;

@@ -219,6 +219,16 @@ inline cudaError_t dispatch_b16(DType t, F&& body) {
   return cudaErrorInvalidValue;
 }
 
+// Heads per CTA: the largest divisor of nH that still leaves at least one full wave of CTAs
+// (units = packs, slots = CTAs resident on the device): sharing the prologue among more heads pays
+// until the SMs run out of CTAs.
+inline int heads_per_cta(int packs, int nH, int slots) {
+  int best = 1;
+  for (int hg = 1; hg <= nH; ++hg)
+    if (nH % hg == 0 && int64_t(packs) * (nH / hg) >= slots) best = hg;
+  return best;
+}
+
 // Whether the fused forward runs this call (else the legacy kernels do).
 bool fused_forward_fits(const WindowAttentionParams& p);
 
