@@ -112,6 +112,11 @@ def _per_position(name: str, t: Optional[Tensor], B: int, H: int, W: int, qkv: T
     return t
 
 
+def _exact_ints(t: Tensor) -> Tensor:
+    """Labels/coords as the kernels take them without losing a bit: int64 stays int64, the rest int32."""
+    return t if t.dtype == torch.int64 else t.to(torch.int32)
+
+
 def _deterministic(flag: Optional[bool]) -> bool:
     if flag is not None:
         return bool(flag)
@@ -152,6 +157,9 @@ def window_attention(
         coords: ``(H, W, 2)`` or ``(B, H, W, 2)`` int true (row, col) of each token;
             the table is then indexed by coordinate differences within ``coord_range``.
         coord_range: ``(Rh, Rw)``; required with ``coords``.
+            Edge inputs (docs/SEMANTICS.md): labels and coords compare exactly at full
+            width, out-of-range coordinate differences add no bias, a row with every key
+            masked (``-inf`` biases) is NaN.
         scale: default ``d ** -0.5``.
         deterministic: bit-reproducible bias gradients (default: follows
             ``torch.are_deterministic_algorithms_enabled()`` or ``MIXKERNELS_DETERMINISTIC=1``).
@@ -200,7 +208,7 @@ def window_attention(
     acc = acc_dtype(qkv.dtype)
     rpb = None if rel_pos_bias is None else rel_pos_bias.to(acc).contiguous()
     ab = None if attn_bias is None else attn_bias.to(acc).contiguous()
-    g = None if group is None else group.to(torch.int32).reshape(-1, H, W).contiguous()
-    c = None if coords is None else coords.to(torch.int32).reshape(-1, H, W, 2).contiguous()
+    g = None if group is None else _exact_ints(group).reshape(-1, H, W).contiguous()
+    c = None if coords is None else _exact_ints(coords).reshape(-1, H, W, 2).contiguous()
     out, _ = _wattn(qkv.contiguous(), nh, wh, ww, sh, sw, rpb, ab, g, c, rh, rw, float(scale), _deterministic(deterministic), b)
     return out
