@@ -4,6 +4,7 @@ Knobs (environment):
   MIXKERNELS_CUDA_ARCHS   CUDA archs for _C_cuda, ';'-separated (default "80;90")
   MIXKERNELS_SKIP_CUDA=1  never build _C_cuda
   MIXKERNELS_SKIP_CPU=1   build no extension at all (pure Python; reference + Triton only)
+  MIXKERNELS_SANITIZE=1   CPU extension with -fsanitize=address,undefined (scripts/sanitize_cpu.sh)
   MAX_JOBS                parallel compile jobs (ninja)
 Install with ``pip install --no-build-isolation .`` so the torch already installed is used.
 """
@@ -37,13 +38,17 @@ def _extensions():
 
     include = [os.path.join(ROOT, "csrc", "include")]
     cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    link = ["-fopenmp"]
+    if os.environ.get("MIXKERNELS_SANITIZE") == "1":  # ASan + UBSan, every UB report fatal (sanitize_cpu.sh)
+        san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+        cxx, link = ["-O1", "-std=c++20", "-fopenmp"] + san, link + san
     exts = [
         CppExtension(
             "mixkernels._C",
             _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))),
             include_dirs=include,
             extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
     ]
     archs = os.environ.get("MIXKERNELS_CUDA_ARCHS", "80;90")

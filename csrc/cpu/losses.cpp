@@ -92,8 +92,24 @@ at::ScalarType acc_type(const at::Tensor& pred, const at::Tensor& imgs) {
 void check_inputs(const at::Tensor& pred, const at::Tensor& imgs, int64_t p) {
   TORCH_CHECK(pred.dim() == 3 && imgs.dim() == 4 && imgs.size(1) == 3, "losses: pred must be 3-D and imgs (B,3,H,W)");
   TORCH_CHECK(p > 0 && imgs.size(2) % p == 0 && imgs.size(3) % p == 0, "losses: image size not divisible by patch_size");
-  TORCH_CHECK(pred.size(2) == p * p * 3, "losses: pred's last dim must be patch_size**2 * 3");
+  TORCH_CHECK(pred.size(2) == checked_mul(checked_mul(p, p, "losses"), 3, "losses"),
+              "losses: pred's last dim must be patch_size**2 * 3");
   TORCH_CHECK(pred.is_contiguous() && imgs.is_contiguous(), "losses: inputs must be contiguous");
+}
+
+// The (G, L) uint8 mask of the mixmim loss, G in {1, B}: read through a raw pointer.
+void check_mask(const char* op, const at::Tensor& mask, int64_t B, int64_t L) {
+  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.is_contiguous() && mask.dim() == 2 &&
+                  (mask.size(0) == 1 || mask.size(0) == B) && mask.size(1) == L,
+              op, ": mask must be a contiguous uint8 (1 or ", B, ", ", L, ") tensor, got ", mask.scalar_type(), " ",
+              mask.sizes());
+}
+
+// patch_idx (B, Lp) int64 of the masked loss.
+void check_patch_idx(const char* op, const at::Tensor& idx, int64_t B, int64_t Lp) {
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.numel() == B * Lp, op,
+              ": patch_idx must be a contiguous int64 (", B, ", ", Lp, ") tensor, got ", idx.scalar_type(), " ",
+              idx.sizes());
 }
 
 // Image b's prediction of patch l is row b of the first half where m[b,l], else row 2B-1-b (the flipped second half).
@@ -106,6 +122,7 @@ at::Tensor mixmim_loss(const at::Tensor& pred, const at::Tensor& imgs, const at:
   check_inputs(pred, imgs, p);
   const Patches g(imgs, p);
   TORCH_CHECK(pred.size(0) == 2 * g.B && pred.size(1) == g.L, "mixmim_loss: pred must be (2B, L, D)");
+  check_mask("mixmim_loss", mask, g.B, g.L);
   const int64_t G = mask.size(0);
   auto out = at::empty({g.B, g.L}, pred.options().dtype(acc_type(pred, imgs)));
   const uint8_t* m = mask.data_ptr<uint8_t>();
@@ -133,6 +150,8 @@ at::Tensor mixmim_loss_backward(const at::Tensor& grad, const at::Tensor& pred, 
   const Patches g(imgs, p);
   TORCH_CHECK(grad.scalar_type() == acc_type(pred, imgs) && grad.is_contiguous() && grad.numel() == g.B * g.L,
               "mixmim_loss_backward: grad must be contiguous (B, L) in the accumulation dtype");
+  TORCH_CHECK(pred.size(0) == 2 * g.B && pred.size(1) == g.L, "mixmim_loss_backward: pred must be (2B, L, D)");
+  check_mask("mixmim_loss_backward", mask, g.B, g.L);
   const int64_t G = mask.size(0);
   auto dpred = at::empty_like(pred);
   const uint8_t* m = mask.data_ptr<uint8_t>();
@@ -162,8 +181,8 @@ at::Tensor masked_recon_loss(const at::Tensor& pred, const at::Tensor& imgs, con
   check_inputs(pred, imgs, p);
   const Patches g(imgs, p);
   const int64_t Lp = pred.size(1);
-  TORCH_CHECK(pred.size(0) == g.B && patch_idx.scalar_type() == at::kLong && patch_idx.numel() == g.B * Lp,
-              "masked_recon_loss: pred must be (B, Lp, D) and patch_idx int64 (B, Lp)");
+  TORCH_CHECK(pred.size(0) == g.B, "masked_recon_loss: pred must be (B, Lp, D)");
+  check_patch_idx("masked_recon_loss", patch_idx, g.B, Lp);
   auto out = at::empty({g.B, Lp}, pred.options().dtype(acc_type(pred, imgs)));
   const int64_t* idx = patch_idx.data_ptr<int64_t>();
   dispatch2(pred, imgs, [&]<typename TP, typename TI, typename acc>() {
@@ -194,6 +213,8 @@ at::Tensor masked_recon_loss_backward(const at::Tensor& grad, const at::Tensor& 
   const int64_t Lp = pred.size(1);
   TORCH_CHECK(grad.scalar_type() == acc_type(pred, imgs) && grad.is_contiguous() && grad.numel() == g.B * Lp,
               "masked_recon_loss_backward: grad must be contiguous (B, Lp) in the accumulation dtype");
+  TORCH_CHECK(pred.size(0) == g.B, "masked_recon_loss_backward: pred must be (B, Lp, D)");
+  check_patch_idx("masked_recon_loss_backward", patch_idx, g.B, Lp);
   auto dpred = at::empty_like(pred);
   const int64_t* idx = patch_idx.data_ptr<int64_t>();
   dispatch2(pred, imgs, [&]<typename TP, typename TI, typename acc>() {

@@ -39,11 +39,39 @@ struct UnitMap {
 
 UnitMap unit_map(int64_t H, int64_t W, int64_t unit) { return {H, W, unit, H / (2 * unit), W / (2 * unit)}; }
 
+// Kernel-level ops are callable directly: check everything the raw-pointer loops rely on.
+// `t` is x (B,H,W,C) or, when `compact`, the compact image / its gradient (B,H/2,W/2,C).
+UnitMap check_units(const char* op, const at::Tensor& t, const at::Tensor& keep, int64_t unit, bool compact,
+                    const c10::optional<at::Tensor>& secondary) {
+  TORCH_CHECK(t.dim() == 4 && t.is_contiguous(), op, ": expected a contiguous 4-D (B,H,W,C) tensor, got ", t.sizes());
+  TORCH_CHECK(unit > 0, op, ": unit must be positive, got ", unit);
+  const int64_t B = t.size(0), h = t.size(1), w = t.size(2);
+  // Cells of 2x2 units: x's grid divides by 2*unit (written without computing 2*unit: no overflow).
+  const bool ok = compact ? (h % unit == 0 && w % unit == 0)
+                          : (h % unit == 0 && w % unit == 0 && (h / unit) % 2 == 0 && (w / unit) % 2 == 0);
+  TORCH_CHECK(ok, op, ": the grid (", h, ", ", w, ") does not split into ", compact ? "" : "2x2 cells of ", unit, "x",
+              unit, " units");
+  const int64_t hc = compact ? h / unit : h / unit / 2, wc = compact ? w / unit : w / unit / 2;
+  auto cells = [&](const at::Tensor& m, const char* name) {
+    TORCH_CHECK(m.scalar_type() == at::kByte && m.is_contiguous() && m.dim() == 3 && m.size(0) == B &&
+                    m.size(1) == hc && m.size(2) == wc,
+                op, ": ", name, " must be a contiguous uint8 (", B, ", ", hc, ", ", wc, ") tensor, got ",
+                m.scalar_type(), " ", m.sizes());
+  };
+  cells(keep, "keep");
+  if (secondary.has_value()) cells(*secondary, "secondary");
+  const int64_t H = compact ? checked_mul(h, 2, op) : h, W = compact ? checked_mul(w, 2, op) : w;
+  return unit_map(H, W, unit);
+}
+
 // out[b,Y,X] = mask_token if secondary[cell] else x[kept unit of the cell].
 at::Tensor uniform_sample(const at::Tensor& x, const at::Tensor& keep, int64_t unit,
                           const c10::optional<at::Tensor>& token, const c10::optional<at::Tensor>& secondary) {
+  const UnitMap map = check_units("uniform_sample", x, keep, unit, false, secondary);
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
-  const UnitMap map = unit_map(H, W, unit);
+  TORCH_CHECK(!secondary.has_value() || (token.has_value() && token->scalar_type() == x.scalar_type() &&
+                                         token->is_contiguous() && token->numel() == C),
+              "uniform_sample: secondary needs a contiguous mask_token of ", C, " elements in x's dtype");
   auto out = at::empty({B, H / 2, W / 2, C}, x.options());
   const uint8_t* k = keep.data_ptr<uint8_t>();
   const uint8_t* sec = secondary.has_value() ? secondary->data_ptr<uint8_t>() : nullptr;
@@ -68,8 +96,8 @@ constexpr int64_t kChunkRows = 512;
 std::tuple<at::Tensor, at::Tensor> uniform_sample_backward(const at::Tensor& g, const at::Tensor& keep, int64_t unit,
                                                            const c10::optional<at::Tensor>& secondary,
                                                            bool need_token) {
+  const UnitMap map = check_units("uniform_sample_backward", g, keep, unit, true, secondary);
   const int64_t B = g.size(0), H = 2 * g.size(1), W = 2 * g.size(2), C = g.size(3);
-  const UnitMap map = unit_map(H, W, unit);
   auto dx = at::empty({B, H, W, C}, g.options());
   auto acc_opts = g.options().dtype(g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   const uint8_t* k = keep.data_ptr<uint8_t>();
@@ -83,6 +111,7 @@ std::tuple<at::Tensor, at::Tensor> uniform_sample_backward(const at::Tensor& g, 
     const scalar_t* gp = g.data_ptr<scalar_t>();
     scalar_t* dp = dx.data_ptr<scalar_t>();
     acc* part = want_tok ? partial.data_ptr<acc>() : nullptr;
+    if (dx.numel() == 0) return;  // (empty tensors' pointers may be null)
     at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
       for (int64_t ch = cb; ch < ce; ++ch) {
         acc* pt = part ? part + ch * C : nullptr;
@@ -126,8 +155,8 @@ std::tuple<at::Tensor, at::Tensor> uniform_sample_backward(const at::Tensor& g, 
 
 // out (B,2h,2w,C): the compact rows back at their kept units, zeros elsewhere.
 at::Tensor uniform_scatter(const at::Tensor& compact, const at::Tensor& keep, int64_t unit) {
+  const UnitMap map = check_units("uniform_scatter", compact, keep, unit, true, c10::nullopt);
   const int64_t B = compact.size(0), H = 2 * compact.size(1), W = 2 * compact.size(2), C = compact.size(3);
-  const UnitMap map = unit_map(H, W, unit);
   auto out = at::empty({B, H, W, C}, compact.options());
   const uint8_t* k = keep.data_ptr<uint8_t>();
   gather_rows(static_cast<char*>(out.data_ptr()), static_cast<const char*>(compact.data_ptr()), B * H * W,

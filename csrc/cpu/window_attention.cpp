@@ -67,12 +67,22 @@ Geom make_geom(const at::Tensor& qkv, int64_t nH, int64_t wh, int64_t ww, int64_
   Geom g;
   g.B = qkv.size(0), g.H = qkv.size(1), g.W = qkv.size(2);
   const int64_t C3 = qkv.size(3);
-  TORCH_CHECK(C3 % (3 * nH) == 0, "window_attention: qkv last dim ", C3, " is not 3*num_heads*head_dim");
-  TORCH_CHECK(g.H % wh == 0 && g.W % ww == 0, "window_attention: window must divide the token grid");
+  TORCH_CHECK(C3 % 3 == 0 && (C3 / 3) % nH == 0, "window_attention: qkv last dim ", C3,
+              " is not 3*num_heads*head_dim (num_heads=", nH, ")");
+  TORCH_CHECK(g.H > 0 && g.W > 0 && g.H % wh == 0 && g.W % ww == 0,
+              "window_attention: window must divide a non-empty token grid");
   TORCH_CHECK(sh >= 0 && sw >= 0 && sh < wh && sw < ww, "window_attention: shift must be in [0, window)");
+  // Table rows are int32 (per-window index cache): bound the table before computing its size.
+  // Without rpb the range is unused (no table), so any range is accepted.
+  TORCH_CHECK(!rpb.has_value() || (rh <= (int64_t(1) << 30) && rw <= (int64_t(1) << 30) &&
+                                   (2 * rh - 1) * (2 * rw - 1) <= std::numeric_limits<int32_t>::max()),
+              "window_attention: coord range (", rh, ", ", rw, ") too large for a relative-position table");
   g.C = C3 / 3, g.nH = nH, g.d = g.C / nH, g.wh = wh, g.ww = ww, g.sh = sh, g.sw = sw;
-  g.nWw = g.W / ww, g.nW = (g.H / wh) * g.nWw, g.N = wh * ww, g.rh = rh, g.rw = rw;
-  g.T = (2 * rh - 1) * (2 * rw - 1);
+  g.nWw = g.W / ww, g.nW = checked_mul(g.H / wh, g.nWw, "window_attention"), g.N = checked_mul(wh, ww, "window_attention");
+  g.rh = rh, g.rw = rw;
+  checked_mul(checked_mul(g.B, g.nW, "window_attention"), checked_mul(nH, g.N, "window_attention"), "window_attention");
+  checked_mul(checked_mul(g.N, g.N, "window_attention"), nH, "window_attention");  // (nH,N,N) bias and scratch
+  g.T = rpb.has_value() ? (2 * rh - 1) * (2 * rw - 1) : 0;
   const auto acc = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (rpb.has_value()) {
     TORCH_CHECK(rpb->scalar_type() == acc && rpb->is_contiguous() && rpb->dim() == 2 && rpb->size(0) == g.T &&
@@ -194,6 +204,7 @@ template <int Bytes, typename acc> struct Scratch {
 // The window's token rows of a (B,H,W,width) tensor, copied whole (sequential reads) once per window.
 template <typename scalar_t>
 MK_INLINE void gather_window(const scalar_t* src, int64_t width, const Window& w, int64_t N, scalar_t* dst) {
+  if (width == 0) return;  // head_dim 0: the pointers may be null
   for (int64_t n = 0; n < N; ++n) std::memcpy(dst + n * width, src + w.tok[n] * width, width * sizeof(scalar_t));
 }
 
@@ -360,7 +371,7 @@ MK_INLINE void backward_tasks(const Args<scalar_t>& a, int64_t begin, int64_t en
           }
         }
       }
-      for (int64_t n = 0; n < N; ++n) {  // scatter: every window owns its tokens' rows
+      for (int64_t n = 0; n < N && C > 0; ++n) {  // scatter: every window owns its tokens' rows
         std::memcpy(a.dst + w.tok[n] * 3 * C, drows.data() + n * 3 * C, 3 * C * sizeof(scalar_t));
       }
     }

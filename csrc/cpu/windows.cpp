@@ -14,6 +14,7 @@ void check_geometry(int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t sh, in
               "window_partition/merge: windows (", wh, ", ", ww, ") must tile a non-empty grid (", H, ", ", W, ")");
   TORCH_CHECK(sh >= 0 && sw >= 0 && sh < wh && sw < ww, "window_partition/merge: shift (", sh, ", ", sw,
               ") must be in [0, window)");
+  checked_mul(H, W, "window_partition/merge");  // H*W (hence nW and N) fits in int64
 }
 
 // Row r of the windows tensor, (window, n), is token ((wi*wh + n/ww + sh) % H, (wj*ww + n%ww + sw) % W).

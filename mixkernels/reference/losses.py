@@ -49,7 +49,8 @@ def _reduce(loss: torch.Tensor, weight, reduction: str) -> torch.Tensor:
 
 
 def _batch_mask(mask: torch.Tensor, B: int, L: int, dtype) -> torch.Tensor:
-    return (mask != 0).reshape(-1, L).expand(B, L).to(dtype)
+    m = mask != 0
+    return (m.unsqueeze(0) if m.dim() == 1 else m).expand(B, L).to(dtype)
 
 
 def mixmim_loss(
@@ -110,7 +111,7 @@ def masked_recon_loss(
         # Select before the square: an uncounted patch gets gradient 0, not 0 * (NaN - t).
         e = torch.where(m.unsqueeze(-1) != 0, p - t, torch.zeros((), dtype=t.dtype, device=t.device))
         return _reduce((e ** 2).mean(dim=-1), m, reduction)
-    t = t[m.bool()].reshape(B, -1, t.shape[-1])
+    t = t[m.bool()].reshape(B, p.shape[1], t.shape[-1])
     loss = ((p - t) ** 2).mean(dim=-1)
     return _reduce(loss, None, reduction)
 

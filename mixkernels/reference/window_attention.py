@@ -91,7 +91,7 @@ def _coords_bias(table: torch.Tensor, coords: torch.Tensor, window, shift, coord
     rel = torch.where(inr.unsqueeze(-1), rel, 0)
     idx = (rel[..., 0] + Rh - 1) * (2 * Rw - 1) + (rel[..., 1] + Rw - 1)
     N, nH = idx.shape[-1], table.shape[1]
-    bias = table[idx.reshape(-1)].reshape(-1, N, N, nH)
+    bias = table[idx.reshape(-1)].reshape(idx.shape + (nH,))
     # where (not multiply): an Inf/NaN table entry must not leak into out-of-range pairs.
     bias = torch.where(inr.unsqueeze(-1), bias, torch.zeros((), dtype=bias.dtype, device=bias.device))
     return bias.permute(0, 3, 1, 2)
@@ -153,7 +153,8 @@ def window_attention(
             attn = attn + bias.unsqueeze(0).to(attn.dtype)
         else:
             bias = _coords_bias(rel_pos_bias, coords, (wh, ww), (sh, sw), _pair(coord_range))  # (G*nW, nH, N, N)
-            attn = (attn.reshape(-1, bias.shape[0], nH, N, N) + bias.to(attn.dtype)).reshape(B * nW, nH, N, N)
+            G = bias.shape[0] // nW  # 1 (batch-shared) or B
+            attn = (attn.reshape(B // G if G else 0, G * nW, nH, N, N) + bias.to(attn.dtype)).reshape(B * nW, nH, N, N)
 
     if attn_bias is not None:
         attn = attn + attn_bias.unsqueeze(0).to(attn.dtype)
@@ -167,7 +168,7 @@ def window_attention(
         g = group.long()
         if g.dim() == 2:
             g = g.unsqueeze(0)
-        gw = _windows_of(g.unsqueeze(-1), (wh, ww), (sh, sw)).reshape(-1, nW, N)  # (G, nW, N)
+        gw = _windows_of(g.unsqueeze(-1), (wh, ww), (sh, sw)).reshape(g.shape[0], nW, N)  # (G, nW, N)
         same = gw[:, :, :, None] == gw[:, :, None, :]  # (G, nW, N, N)
         allowed = same if allowed is None else (allowed & same)
     if allowed is not None:
