@@ -458,3 +458,19 @@ def test_table_covers_every_public_op():
            "uniform_sample", "uniform_scatter", "mixmim_loss", "masked_recon_loss"}
     assert ops == {c.op for c in CASES}
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
+def test_uniform_keep_low_bits_on_cuda(backend):
+    """On CUDA tensors keep is not range-checked (a device sync); every backend reads keep & 3."""
+    g = _gen("keep_bits")
+    x, c = _x(g, 2, 4, 8, 3).cuda(), _x(g, 2, 2, 4, 3).cuda()
+    keep = torch.randint(0, 256, (2, 1, 2), generator=g).to(torch.uint8).cuda()
+    try:
+        got = (mk.uniform_sample(x, keep, 2, backend=backend), mk.uniform_scatter(c, keep, 2, backend=backend))
+    except mk.BackendUnavailable as e:
+        pytest.skip(str(e))
+    want = (mk.uniform_sample(x.cpu(), keep.cpu() & 3, 2), mk.uniform_scatter(c.cpu(), keep.cpu() & 3, 2))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0)
