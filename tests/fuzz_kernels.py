@@ -160,6 +160,7 @@ def _ref_merge(win, H, W, wh, ww, sh, sw):
     geometry(H, W, wh, ww, sh, sw)
     nW = (H // wh) * (W // ww)
     need(win.shape[1] == wh * ww and win.shape[0] % nW == 0, "windows shape")
+    need(H * W * max(win.shape[2], 1) < 2**63, "the (B, H, W, C) output's strides fit in int64")
     contiguous_or_lenient(win)
     return (ref.window_merge(win, (wh, ww), H, W, (sh, sw)),)
 
