@@ -20,7 +20,7 @@ _SPEC = OPERATORS_REGISTRY["window_attention"]
 _INTS = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 # group/coords dtypes the kernels read as they are; others are converted to int32.
 # (#13 adds torch.int64 once every backend's kernel compares labels at full width.)
-_LABEL_DTYPES = (torch.int32,)
+_LABEL_DTYPES = (torch.int32, torch.int64)  # compared exactly at their width (docs/SEMANTICS.md)
 
 
 def _checks(qkv: Tensor, d: int, N: int):
@@ -147,6 +147,9 @@ def window_attention(
         coords: ``(H, W, 2)`` or ``(B, H, W, 2)`` int true (row, col) of each token;
             the table is then indexed by coordinate differences within ``coord_range``.
         coord_range: ``(Rh, Rw)``; required with ``coords``.
+            Edge inputs (docs/SEMANTICS.md): labels and coords compare exactly at full
+            width, out-of-range coordinate differences add no bias, a row with every key
+            masked (``-inf`` biases) is NaN.
         scale: default ``d ** -0.5``.
         deterministic: bit-reproducible bias gradients (default: follows
             ``torch.are_deterministic_algorithms_enabled()`` or ``MIXKERNELS_DETERMINISTIC=1``).
