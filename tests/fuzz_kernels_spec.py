@@ -287,11 +287,12 @@ def _ref_wattn_bwd(dout, qkv, out, lse, nH, wh, ww, sh, sw, rpb, ab, group, coor
     gs = {k: torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(names, gs)}
     res = (gs["qkv"].to(qkv.dtype), gs["rpb"].to(acc) if need_drpb else torch.empty(0, dtype=acc),
            gs["ab"].to(acc) if need_dbias else torch.empty(0, dtype=acc))
-    if bool((P.sum(-1) > 2).any()):
+    if bool((P.nan_to_num(nan=0.0).sum(-1) > 2).any()):
         # An lse more than log 2 below its row's log-sum-exp (e.g. from a forward with another
-        # shift, scale or bias: a fuzzer mutation): P grows like exp(deficit) and the gradient
-        # is a cancellation of huge terms whose rounding (or overflow) depends on the order and
-        # precision of the sums, beyond any error bound relative to the result: shapes only.
+        # shift, scale or bias: a fuzzer mutation) or a +inf logit: P grows like exp(deficit)
+        # and the gradient is a cancellation of huge terms whose rounding (or overflow to Inf
+        # vs NaN) depends on the order and precision of the sums, beyond any error bound
+        # relative to the result: shapes only. (NaN rows, e.g. no attendable key, are checked.)
         return tuple(_Shape(r.shape, r.dtype) for r in res)
     return res
 
