@@ -57,7 +57,11 @@ TORCH_LIBRARY(mixkernels_C, m) {
   // -> (out (B,H,W,C) qkv.dtype, lse acc (B*nW,nH,N), windows of the rolled grid, row-major).
   m.def("window_attention(Tensor qkv, int num_heads, int wh, int ww, int sh, int sw, Tensor? rpb, "
         "Tensor? attn_bias, Tensor? group, Tensor? coords, int rh, int rw, float scale) -> (Tensor, Tensor)");
-  // -> (dqkv (B,H,W,3C) qkv.dtype, drpb acc like rpb or empty, dbias acc (nH,N,N) or empty)
+  // -> (dqkv (B,H,W,3C) qkv.dtype, drpb acc like rpb or empty, dbias acc (nH,N,N) or empty).
+  // Contract for ANY given out/lse (every backend): with the logits S = scale*q k^T + biases (-inf
+  // at shift/group-masked pairs), P = exp(S - lse) and delta = rowsum(dout * out) per head row,
+  // dS = P * (dout v^T - delta) (0 at masked pairs), dv = P^T dout, dq = scale dS k, dk = scale dS^T q;
+  // with the forward's own out/lse this is the exact gradient (spec: tests/fuzz_kernels_spec.py).
   m.def("window_attention_backward(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int num_heads, "
         "int wh, int ww, int sh, int sw, Tensor? rpb, Tensor? attn_bias, Tensor? group, Tensor? coords, "
         "int rh, int rw, float scale, bool need_drpb, bool need_dbias, bool deterministic) -> (Tensor, Tensor, Tensor)");

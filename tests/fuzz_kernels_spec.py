@@ -3,11 +3,14 @@ for the fuzzer tests/fuzz_kernels.py (schemas: csrc/ops.cpp).
 
 Each ``_ref_*`` function states one op's contract (raising :class:`Invalid` when a call breaks
 it, :class:`Lenient` when the kernel may reject it, e.g. a non-contiguous input) and computes
-what the kernel must return, from ``mixkernels.reference`` in float64. ``OPS`` maps an op to
+what the kernel must return, from ``mixkernels.reference`` in float64 (or, under
+:func:`computing_in`, in a lower precision: the fuzzer's error bound is twice the error of the
+spec computed in the inputs' dtype, the rule of ``mixkernels.testing``). ``OPS`` maps an op to
 its generator, its spec and the arguments whose values may go out of range.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Callable, Dict, List, Tuple
@@ -33,6 +36,25 @@ class StickyCudaError(Exception):
 
 class Lenient(Exception):
     """The kernel may reject this call (e.g. a non-contiguous input) or compute the spec's result."""
+
+
+# ---------------------------------------------------------------- compute dtype
+_COMPUTE = [F64]
+
+
+@contextlib.contextmanager
+def computing_in(dtype):
+    """Evaluate the spec's arithmetic in ``dtype`` instead of float64 (for the error bound)."""
+    _COMPUTE.append(dtype)
+    try:
+        yield
+    finally:
+        _COMPUTE.pop()
+
+
+def hi(t):
+    """``t`` in the spec's compute dtype (float64 unless :func:`computing_in` says otherwise)."""
+    return None if t is None else t.to(_COMPUTE[-1])
 
 
 # ---------------------------------------------------------------- contract helpers
@@ -73,10 +95,10 @@ def geometry(H, W, wh, ww, sh, sw):
 
 
 def grad_of(fn, inputs: Dict[str, torch.Tensor], dout: torch.Tensor, wanted: List[str]):
-    """float64 vjp of ``fn(**inputs)`` for the inputs named in ``wanted``."""
-    leaves = {k: (v.detach().double().requires_grad_() if k in wanted else v) for k, v in inputs.items()}
+    """vjp of ``fn(**inputs)`` (in the compute dtype) for the inputs named in ``wanted``."""
+    leaves = {k: (hi(v.detach()).requires_grad_() if k in wanted else v) for k, v in inputs.items()}
     out = fn(**leaves)
-    gs = torch.autograd.grad(out, [leaves[k] for k in wanted], dout.double(), allow_unused=True)
+    gs = torch.autograd.grad(out, [leaves[k] for k in wanted], hi(dout), allow_unused=True)
     return [torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(wanted, gs)]
 
 
@@ -108,8 +130,8 @@ def _ref_unmix(x, mask, tok, pos):
     need(pos is None or pos.numel() == L * C, "pos_embed numel")
     contiguous_or_lenient(x, mask, tok, pos)
     m = mask.expand(B, L)
-    p = None if pos is None else pos.reshape(1, L, C).double()
-    return (ref.unmix_tokens(x.double(), m, tok.double(), p).to(x.dtype),)
+    p = None if pos is None else hi(pos.reshape(1, L, C))
+    return (ref.unmix_tokens(hi(x), m, hi(tok), p).to(x.dtype),)
 
 
 def _ref_unmix_bwd(grad, mask, need_token, need_pos):
@@ -211,23 +233,32 @@ def _wattn_contract(qkv, nH, wh, ww, sh, sw, rpb, ab, group, coords, rh, rw):
     return B, H, W, C3 // 3, N, acc
 
 
-def _wattn_fn(nH, wh, ww, sh, sw, group, coords, rh, rw, scale):
-    def f(qkv, rpb=None, ab=None):
-        return ref.window_attention(qkv, nH, (wh, ww), shift_size=(sh, sw), rel_pos_bias=rpb, attn_bias=ab,
-                                    group=group, coords=coords, coord_range=(rh, rw), scale=scale)
-    return f
+def _wattn_logits(qkv, nH, wh, ww, sh, sw, rpb, ab, group, coords, rh, rw, scale):
+    """(logits (B*nW, nH, N, N), v (B*nW, nH, N, d)) of the reference, in the compute dtype."""
+    return ref.window_attention_logits(hi(qkv), nH, (wh, ww), shift_size=(sh, sw), rel_pos_bias=hi(rpb),
+                                       attn_bias=hi(ab), group=group, coords=coords, coord_range=(rh, rw),
+                                       scale=scale)
 
 
 def _ref_wattn(qkv, nH, wh, ww, sh, sw, rpb, ab, group, coords, rh, rw, scale):
     B, H, W, C, N, acc = _wattn_contract(qkv, nH, wh, ww, sh, sw, rpb, ab, group, coords, rh, rw)
-    f = _wattn_fn(nH, wh, ww, sh, sw, group, coords, rh, rw, scale)
-    out = f(qkv.double(), None if rpb is None else rpb.double(), None if ab is None else ab.double())
-    nW = (H // wh) * (W // ww)
-    return out.to(qkv.dtype), _Shape((B * nW, nH, N), acc)  # lse: checked through the backward
+    S, v = _wattn_logits(qkv, nH, wh, ww, sh, sw, rpb, ab, group, coords, rh, rw, scale)
+    out = ref.merge_heads(S.softmax(-1) @ v, (wh, ww), H, W, (sh, sw))
+    # lse = m + log(sum(exp(S - m))): NaN in a row with no attendable key (m = -inf); the
+    # kernels store NaN or -inf there (both make the backward's row NaN), see _NoKeyNaN.
+    m = S.amax(-1, keepdim=True)
+    lse = (m + (S - m).exp().sum(-1, keepdim=True).log()).squeeze(-1)
+    return out.to(qkv.dtype), _NoKeyNaN(lse.to(acc))
 
 
 def _ref_wattn_bwd(dout, qkv, out, lse, nH, wh, ww, sh, sw, rpb, ab, group, coords, rh, rw, scale,
                    need_drpb, need_dbias, det):
+    """The kernel-level backward's contract, for ANY given ``out`` and ``lse`` (not only the
+    forward's own): with the reference's logits ``S`` (shift/group-masked pairs at -inf),
+    ``P = exp(S - lse)``, ``delta = rowsum(dout * out)``, ``dS = P * (dout @ v^T - delta)``
+    (0 at masked pairs), ``dv = P^T dout``, and dS/dv pulled back to qkv, rpb and attn_bias.
+    With the forward's own out/lse this is the reference's autograd gradient (the CUDA, Triton
+    and CPU kernels all compute this: they recompute P from lse and delta from out)."""
     B, H, W, C, N, acc = _wattn_contract(qkv, nH, wh, ww, sh, sw, rpb, ab, group, coords, rh, rw)
     nW = (H // wh) * (W // ww)
     tens("dout", dout, dtypes=(qkv.dtype,), shape=(B, H, W, C))
@@ -237,12 +268,33 @@ def _ref_wattn_bwd(dout, qkv, out, lse, nH, wh, ww, sh, sw, rpb, ab, group, coor
     need(rpb is not None or not need_drpb, "need_drpb without rpb")
     need(ab is not None or not need_dbias, "need_dbias without attn_bias")
     contiguous_or_lenient(dout, out, lse)
-    f = _wattn_fn(nH, wh, ww, sh, sw, group, coords, rh, rw, scale)
-    ins = {"qkv": qkv, "rpb": rpb, "ab": ab}
-    wanted = ["qkv"] + (["rpb"] if need_drpb else []) + (["ab"] if need_dbias else [])
-    gs = dict(zip(wanted, grad_of(f, {k: v for k, v in ins.items() if v is not None}, dout, wanted)))
-    return (gs["qkv"].to(qkv.dtype), gs["rpb"].to(acc) if need_drpb else torch.empty(0, dtype=acc),
-            gs["ab"].to(acc) if need_dbias else torch.empty(0, dtype=acc))
+    wanted = {"qkv": True, "rpb": need_drpb, "ab": need_dbias}
+    leaves = {k: None if t is None else hi(t.detach()).requires_grad_(wanted[k])
+              for k, t in (("qkv", qkv), ("rpb", rpb), ("ab", ab))}
+    S, v = _wattn_logits(leaves["qkv"], nH, wh, ww, sh, sw, leaves["rpb"], leaves["ab"], group, coords, rh, rw,
+                         scale)
+    d = C // nH
+
+    def heads(t):  # (B,H,W,C) -> (B*nW, nH, N, d), the layout of v
+        return ref.window_partition(hi(t), (wh, ww), (sh, sw)).reshape(B * nW, N, nH, d).transpose(1, 2)
+
+    dO, O = heads(dout), heads(out)
+    P = (S.detach() - hi(lse).reshape(B * nW, nH, N, 1)).exp()
+    delta = (dO * O).sum(-1, keepdim=True)
+    dS = P * (dO @ v.detach().transpose(-2, -1) - delta)  # masked pairs: masked_fill's backward gives 0
+    names = [k for k in wanted if wanted[k]]
+    gs = torch.autograd.grad((S, v), [leaves[k] for k in names], (dS, P.transpose(-2, -1) @ dO), allow_unused=True)
+    gs = {k: torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(names, gs)}
+    res = (gs["qkv"].to(qkv.dtype), gs["rpb"].to(acc) if need_drpb else torch.empty(0, dtype=acc),
+           gs["ab"].to(acc) if need_dbias else torch.empty(0, dtype=acc))
+    if bool((P.nan_to_num(nan=0.0).sum(-1) > 2).any()):
+        # An lse more than log 2 below its row's log-sum-exp (e.g. from a forward with another
+        # shift, scale or bias: a fuzzer mutation) or a +inf logit: P grows like exp(deficit)
+        # and the gradient is a cancellation of huge terms whose rounding (or overflow to Inf
+        # vs NaN) depends on the order and precision of the sums, beyond any error bound
+        # relative to the result: shapes only. (NaN rows, e.g. no attendable key, are checked.)
+        return tuple(_Shape(r.shape, r.dtype) for r in res)
+    return res
 
 
 def _loss_contract(pred, imgs, p):
@@ -254,7 +306,7 @@ def _loss_contract(pred, imgs, p):
 
 
 def _mixmim_fn(imgs, mask, p, norm_pix, eps):
-    return lambda pred: ref.mixmim_loss(pred, imgs.double(), mask, p, norm_pix=norm_pix, eps=eps, reduction="none")
+    return lambda pred: ref.mixmim_loss(pred, hi(imgs), mask, p, norm_pix=norm_pix, eps=eps, reduction="none")
 
 
 def _ref_mixmim(pred, imgs, mask, p, norm_pix, eps):
@@ -263,7 +315,7 @@ def _ref_mixmim(pred, imgs, mask, p, norm_pix, eps):
     tens("mask", mask, dtypes=(torch.uint8,), ndim=2)
     need(mask.shape[1] == L and mask.shape[0] in (1, B), "mask shape")
     contiguous_or_lenient(pred, imgs, mask)
-    return (_mixmim_fn(imgs, mask.expand(B, L), p, norm_pix, eps)(pred.double()).to(acc),)
+    return (_mixmim_fn(imgs, mask.expand(B, L), p, norm_pix, eps)(hi(pred)).to(acc),)
 
 
 def _ref_mixmim_bwd(grad, pred, imgs, mask, p, norm_pix, eps):
@@ -279,7 +331,7 @@ def _ref_mixmim_bwd(grad, pred, imgs, mask, p, norm_pix, eps):
 
 def _masked_fn(imgs, idx, p, norm_pix, eps):
     def f(pred):
-        t = ref.patch_targets(imgs.double(), p, norm_pix, eps)  # (B, L, D)
+        t = ref.patch_targets(hi(imgs), p, norm_pix, eps)  # (B, L, D)
         live = idx >= 0
         if t.shape[1] == 0:  # no patches: every row is uncounted (negative index)
             t = t.new_zeros(t.shape[0], 1, t.shape[2])
@@ -296,7 +348,7 @@ def _ref_masked(pred, imgs, idx, p, norm_pix, eps):
     need(idx.numel() == B * pred.shape[1], "patch_idx numel")
     need(bool((idx < L).all()), "patch index out of range")  # negative = not counted
     contiguous_or_lenient(pred, imgs, idx)
-    return (_masked_fn(imgs, idx.reshape(B, pred.shape[1]), p, norm_pix, eps)(pred.double()).to(acc),)
+    return (_masked_fn(imgs, idx.reshape(B, pred.shape[1]), p, norm_pix, eps)(hi(pred)).to(acc),)
 
 
 def _ref_masked_bwd(grad, pred, imgs, idx, p, norm_pix, eps):
@@ -310,16 +362,18 @@ def _ref_masked_bwd(grad, pred, imgs, idx, p, norm_pix, eps):
             .to(pred.dtype),)
 
 
-# Backward ops whose result is only defined for the forward's own outputs: a mutated call is
-# checked for a clear error or the right shapes/dtypes, not for values.
-SHAPE_ONLY_WHEN_MUTATED = ("window_attention_backward",)
-
-
 class _Shape:
     """An expected output checked by shape and dtype only."""
 
     def __init__(self, shape, dtype):
         self.shape, self.dtype = tuple(shape), dtype
+
+
+class _NoKeyNaN:
+    """An expected lse whose NaN (a row with no attendable key) may be NaN or -inf in the kernel's."""
+
+    def __init__(self, t):
+        self.t, self.shape, self.dtype = t, tuple(t.shape), t.dtype
 
 
 # ---------------------------------------------------------------- case generation

@@ -3,11 +3,12 @@ for what the fuzzer and the edge-input table found. A crash (SIGSEGV, SIGFPE, ab
 test with the seed and the last case printed instead of killing the test run.
 
 MIXKERNELS_FUZZ_BUDGET (seconds, default 30) and MIXKERNELS_FUZZ_SEED (default: random,
-printed) control the fuzz run; replay a failure with
-``python tests/fuzz_kernels.py --seed S --case N``.
+printed) control the fuzz run; a failure names the seed and every failing case as a replay
+command (``python tests/fuzz_kernels.py --device cpu --seed S --case N``).
 """
 import os
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -35,25 +36,32 @@ def _explain(r, what):
 needs_cpu_ext = pytest.mark.skipif(_ext.cpu_error is not None, reason=f"no CPU extension: {_ext.cpu_error}")
 
 
-@needs_cpu_ext
-def test_fuzz_cpu_kernels():
+def _fuzz(device):
+    """Run the fuzzer in a subprocess; on failure, the seed and a replay command per failing case."""
     budget = float(os.environ.get("MIXKERNELS_FUZZ_BUDGET", "30"))
     seed = int(os.environ.get("MIXKERNELS_FUZZ_SEED", random.SystemRandom().randrange(2**31)))
-    print(f"fuzz seed {seed}")
-    r = _python([os.path.join(HERE, "fuzz_kernels.py"), "--device", "cpu", "--budget", str(budget), "--seed",
+    print(f"fuzz {device}: seed {seed} (MIXKERNELS_FUZZ_SEED={seed} reruns this run)")
+    r = _python([os.path.join(HERE, "fuzz_kernels.py"), "--device", device, "--budget", str(budget), "--seed",
                  str(seed), "--verbose"], timeout=budget + 600)
+    if r.returncode == 0:
+        return
+    cases = [m.group(1) for m in re.finditer(r"^FAIL seed \d+ case (\d+)", r.stdout, re.M)]
+    if not cases:  # a crash: the last case announced is the one it died in
+        cases = re.findall(r"^seed \d+ case (\d+)$", r.stdout, re.M)[-1:]
+    replay = "\n".join(f"  python tests/fuzz_kernels.py --device {device} --seed {seed} --case {c}" for c in cases)
     summary = [ln for ln in r.stdout.splitlines() if ln.startswith(("fuzz:", "FAIL"))]
-    assert r.returncode == 0, _explain(r, f"fuzzer (seed {seed}; replay: python tests/fuzz_kernels.py --seed {seed} "
-                                          f"--case N)") + "\n" + "\n".join(summary[-30:])
+    pytest.fail(_explain(r, f"{device} fuzzer (seed {seed})") + "\n" + "\n".join(summary[-30:])
+                + f"\nseed {seed}; replay:\n{replay or '  (no case reached)'}", pytrace=False)
+
+
+@needs_cpu_ext
+def test_fuzz_cpu_kernels():
+    _fuzz("cpu")
 
 
 @pytest.mark.gpu
 def test_fuzz_cuda_kernels():
-    budget = float(os.environ.get("MIXKERNELS_FUZZ_BUDGET", "30"))
-    seed = int(os.environ.get("MIXKERNELS_FUZZ_SEED", random.SystemRandom().randrange(2**31)))
-    r = _python([os.path.join(HERE, "fuzz_kernels.py"), "--device", "cuda", "--budget", str(budget), "--seed",
-                 str(seed), "--verbose"], timeout=budget + 600)
-    assert r.returncode == 0, _explain(r, f"CUDA fuzzer (seed {seed})")
+    _fuzz("cuda")
 
 
 # ---------------------------------------------------------------- regressions (each crashed or misbehaved on main)
@@ -136,12 +144,40 @@ def test_regression_coords_bias_grads_with_small_coord_range():
     assert r.returncode == 0 and "ok" in r.stdout, _explain(r, "coords backward")
 
 
-def test_fuzzer_is_deterministic_per_seed_and_case():
+def _fuzzer():
     sys.path.insert(0, HERE)
     try:
         import fuzz_kernels as fk
     finally:
         sys.path.remove(HERE)
+    return fk
+
+
+@needs_cpu_ext
+def test_regression_wattn_backward_given_out_and_lse():
+    """Fuzz seed 1300986669 case 17386 (window 2x2, shift (1,0), coords with range (3,1), rpb and
+    attn_bias, scale 3), in float64 with the bfloat16 forward's out/lse (not the float64
+    forward's own). The kernel-level backward's contract is P = exp(S - lse) with the given lse
+    and delta = rowsum(dout * out) with the given out; the spec used to differentiate the
+    reference instead (ignoring out and lse) and disagreed with the kernel by 0.11."""
+    fk = _fuzzer()
+    name, args, _, _ = fk.make_case(1300986669, 17386)
+    assert name == "window_attention_backward"
+    a = [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args]
+    assert fk._check(name, a, "case 17386 in float64", "cpu") is None
+    g = torch.Generator().manual_seed(0)
+    shift = torch.rand(a[3].shape, generator=g, dtype=torch.float64)
+    b = list(a)
+    b[3] = a[3] + shift  # any lse: also not a log-sum-exp of anything
+    assert fk._check(name, b, "case 17386, lse + U(0,1)", "cpu") is None
+    # Independent of the spec: dv = P^T dout is linear in P = exp(S - lse), so lse + c scales it by exp(-c).
+    b[3] = a[3] + 0.5
+    dv = [torch.ops.mixkernels_C.window_attention_backward(*x)[0][..., 8:] for x in (a, b)]
+    torch.testing.assert_close(dv[1], dv[0] * torch.exp(torch.tensor(-0.5, dtype=torch.float64)), rtol=1e-12, atol=1e-14)
+
+
+def test_fuzzer_is_deterministic_per_seed_and_case():
+    fk = _fuzzer()
     for case in range(40):
         a, b = fk.make_case(7, case), fk.make_case(7, case)
         assert a[0] == b[0] and a[2] == b[2]

@@ -27,9 +27,11 @@ from .windows import window_merge, window_partition
 
 __all__ = [
     "exact_difference",
+    "merge_heads",
     "relative_position_index",
     "shift_region_ids",
     "window_attention",
+    "window_attention_logits",
 ]
 
 
@@ -97,7 +99,7 @@ def _coords_bias(table: torch.Tensor, coords: torch.Tensor, window, shift, coord
     return bias.permute(0, 3, 1, 2)
 
 
-def window_attention(
+def window_attention_logits(
     qkv: torch.Tensor,
     num_heads: int,
     window_size,
@@ -109,27 +111,13 @@ def window_attention(
     coords: Optional[torch.Tensor] = None,
     coord_range=None,
     scale: Optional[float] = None,
-) -> torch.Tensor:
-    """Mask-aware (shifted) window attention, reference implementation.
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The softmax's input and the values of :func:`window_attention` (same arguments).
 
-    Args:
-        qkv: ``(B, H, W, 3C)`` output of the qkv Linear on the un-shifted tokens,
-            channels ordered ``(3, nH, d)``.
-        num_heads: ``nH``; ``d = C // nH``.
-        window_size: ``wh`` or ``(wh, ww)``; ``H % wh == 0`` and ``W % ww == 0``.
-        shift_size: Swin cyclic shift ``sh`` or ``(sh, sw)``.
-        rel_pos_bias: ``((2Rh-1)*(2Rw-1), nH)`` table (``R = window`` without ``coords``).
-        attn_bias: dense ``(nH, N, N)`` bias.
-        group: ``(H, W)`` or ``(B, H, W)`` integer/bool labels; pairs attend only within a label
-            (labels compared exactly, int64 included).
-        coords: ``(H, W, 2)`` or ``(B, H, W, 2)`` integer true positions for the table lookup;
-            a pair whose exact difference is outside ``coord_range`` gets no bias and still attends.
-        coord_range: ``(Rh, Rw)``, required with ``coords``.
-        scale: softmax scale, default ``d ** -0.5``.
-
-    Returns:
-        ``(B, H, W, C)`` merged and un-shifted attention output, dtype of ``qkv``; NaN in the
-        rows of a query whose every key is masked (rule 2 of the module docstring).
+    Returns ``(logits, v)``: ``logits`` ``(B*nW, nH, N, N)`` = ``scale * q @ k^T`` + biases,
+    ``-inf`` at the pairs masked by the shift or ``group`` rule (``masked_fill``: gradient 0
+    there); ``v`` ``(B*nW, nH, N, d)``; windows of the rolled grid, row-major. The kernel-level
+    backward's contract is stated on these (``P = exp(logits - lse)``).
     """
     B, H, W, C3 = qkv.shape
     C = C3 // 3
@@ -175,6 +163,51 @@ def window_attention(
         attn = attn.reshape(B, nW, nH, N, N).masked_fill(~allowed.unsqueeze(2), float("-inf"))
         attn = attn.reshape(B * nW, nH, N, N)
 
+    return attn, v
+
+
+def window_attention(
+    qkv: torch.Tensor,
+    num_heads: int,
+    window_size,
+    *,
+    shift_size=0,
+    rel_pos_bias: Optional[torch.Tensor] = None,
+    attn_bias: Optional[torch.Tensor] = None,
+    group: Optional[torch.Tensor] = None,
+    coords: Optional[torch.Tensor] = None,
+    coord_range=None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Mask-aware (shifted) window attention, reference implementation.
+
+    Args:
+        qkv: ``(B, H, W, 3C)`` output of the qkv Linear on the un-shifted tokens,
+            channels ordered ``(3, nH, d)``.
+        num_heads: ``nH``; ``d = C // nH``.
+        window_size: ``wh`` or ``(wh, ww)``; ``H % wh == 0`` and ``W % ww == 0``.
+        shift_size: Swin cyclic shift ``sh`` or ``(sh, sw)``.
+        rel_pos_bias: ``((2Rh-1)*(2Rw-1), nH)`` table (``R = window`` without ``coords``).
+        attn_bias: dense ``(nH, N, N)`` bias.
+        group: ``(H, W)`` or ``(B, H, W)`` integer/bool labels; pairs attend only within a label
+            (labels compared exactly, int64 included).
+        coords: ``(H, W, 2)`` or ``(B, H, W, 2)`` integer true positions for the table lookup;
+            a pair whose exact difference is outside ``coord_range`` gets no bias and still attends.
+        coord_range: ``(Rh, Rw)``, required with ``coords``.
+        scale: softmax scale, default ``d ** -0.5``.
+
+    Returns:
+        ``(B, H, W, C)`` merged and un-shifted attention output, dtype of ``qkv``; NaN in the
+        rows of a query whose every key is masked (rule 2 of the module docstring).
+    """
+    attn, v = window_attention_logits(
+        qkv, num_heads, window_size, shift_size=shift_size, rel_pos_bias=rel_pos_bias, attn_bias=attn_bias,
+        group=group, coords=coords, coord_range=coord_range, scale=scale)
     attn = attn.softmax(dim=-1)
-    out = (attn @ v).transpose(1, 2).reshape(B * nW, N, C)
-    return window_merge(out, (wh, ww), H, W, (sh, sw))
+    return merge_heads(attn @ v, window_size, qkv.shape[1], qkv.shape[2], shift_size)
+
+
+def merge_heads(x: torch.Tensor, window_size, H: int, W: int, shift_size=0) -> torch.Tensor:
+    """``(B*nW, nH, N, d)`` per-window, per-head rows -> ``(B, H, W, nH*d)`` tokens (un-shifted)."""
+    Bw, nH, N, d = x.shape
+    return window_merge(x.transpose(1, 2).reshape(Bw, N, nH * d), _pair(window_size), H, W, _pair(shift_size))
