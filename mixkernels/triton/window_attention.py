@@ -403,14 +403,16 @@ def _pass(qkv, out, lse, tab_h, ab_h, group, coords, codes, w, h, b, y0, x0, hd,
 
 @triton.jit
 def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes,
-                qk_scale, NH, H, W, nW, nWw, SH, SW, GG, GC, RH, RW, BNW, WPP,
-                N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+                qk_scale, NH, H, W, nW, nWw, SH, SW, GG, GC, RH, RW, BNW,
+                WPP: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                 SINGLE: tl.constexpr, BS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BM_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BN_TAIL: tl.constexpr,
                 HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
                 HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
                 IDX64: tl.constexpr, ASM: tl.constexpr):
     """Program (head h, chunk c): windows [c*WPP, (c+1)*WPP) of head h (head-fastest grid).
+    Loop bounds are constexprs throughout (Triton 3.6's interpreter cannot take them from
+    kernel arguments with numpy >= 2.4).
 
     Query rows in tiles of BLOCK_M and a tail tile of BM_TAIL rows, two tiles per pass over the
     key blocks (``_pass``): the tiles of a pass share each key block's loads, and two tiles of
@@ -512,15 +514,16 @@ def _tail(n, block):
     return 0 if r == 0 else max(16, triton.next_power_of_2(r))
 
 
-def _fwd_config(N, D, f32):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Under the interpreter small tiles, so that the
-    tile loops, both tails and the single-tile path all run in tests (at most 4 full row tiles)."""
+def _fwd_config(N, D, heavy):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Two 64x64 score tiles per pass fill ~240
+    registers (2 CTAs/SM) with the common masks (group or none, rpb, int32 labels, d <= 32);
+    heavier specializations (shift, attn_bias, coords, int64 labels, d >= 64, fp32) spill there
+    and take 32-key blocks. Under the interpreter small tiles, so that the tile loops, both
+    tails and the single-tile path all run in tests (at most 4 full row tiles)."""
     if _INTERPRET:
         bm = 16 if N < 80 else (32 if N < 160 else 64)
         return bm, 16, 1, 1
-    if os.environ.get("TATTN_CFG"):  # TEMP: experiments
-        return tuple(int(x) for x in os.environ["TATTN_CFG"].split(","))
-    return 64, (32 if D >= 128 or f32 else 64), 4, 2
+    return 64, (32 if heavy or D >= 64 else 64), 4, 2
 
 
 def _single(N):
@@ -529,14 +532,19 @@ def _single(N):
 
 
 def _windows_per_program(programs, single_tile):
-    """Windows per program: single-tile windows amortize the hoisted bias tile over several
-    (while keeping ~2k programs in flight); 2 under the interpreter so the loop and its guard run."""
+    """Windows per program (a constexpr power of two: loop bounds from kernel arguments break
+    Triton 3.6's interpreter with numpy >= 2.4): single-tile windows amortize the hoisted bias
+    tile over several while keeping ~2k programs in flight; 2 under the interpreter so the loop
+    and its guard run."""
     if _INTERPRET:
         return 2
-    return max(1, min(8, programs // 2048)) if single_tile else 1
+    return min(8, _pow2_floor(programs // 2048)) if single_tile else 1
 
 
-_MAXNREG = {} if _INTERPRET else ({"maxnreg": int(os.environ["TATTN_MAXNREG"])} if os.environ.get("TATTN_MAXNREG") else {})
+def _pow2_floor(n):
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
 _CODES = {}
 
 
@@ -581,7 +589,9 @@ def window_attention(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coor
     lse = _alloc((B * nW, num_heads, N), torch.float32, qkv.device)
     if out.numel() == 0:
         return out, lse
-    bm, bn, warps, stages = _fwd_config(N, D, qkv.dtype == torch.float32)
+    heavy = (qkv.dtype == torch.float32 or sh > 0 or sw > 0 or attn_bias is not None or coords is not None
+             or (group is not None and group.dtype == torch.int64))
+    bm, bn, warps, stages = _fwd_config(N, D, heavy)
     tab, ab = _tables(rpb, attn_bias, qkv, num_heads)
     bnw = B * nW
     single = _single(N)
@@ -590,10 +600,10 @@ def window_attention(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coor
     _fwd_kernel[(num_heads, triton.cdiv(bnw, wpp))](
         qkv, out, lse, tab, ab, qkv if group is None else group, qkv if coords is None else coords,
         _codes(wh, ww, qkv.device),
-        float(scale) * _LOG2E, num_heads, H, W, nW, nWw, sh, sw, *G, rh, rw, bnw, wpp,
+        float(scale) * _LOG2E, num_heads, H, W, nW, nWw, sh, sw, *G, rh, rw, bnw, WPP=wpp,
         N=N, D=D, WH=wh, WW=ww, SINGLE=single, BS=max(16, triton.next_power_of_2(N)),
         BLOCK_M=bm, BM_TAIL=_tail(N, bm), BLOCK_N=bn, BN_TAIL=_tail(N, bn),
-        ASM=not _INTERPRET, IDX64=qkv.numel() >= 2**31, num_warps=warps, num_stages=stages, **_MAXNREG,
+        ASM=not _INTERPRET, IDX64=qkv.numel() >= 2**31, num_warps=warps, num_stages=stages,
         **_flags(qkv, rpb, attn_bias, group, coords, sh, sw),
     )
     return out, lse

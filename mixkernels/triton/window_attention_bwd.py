@@ -143,12 +143,20 @@ def _bias_grads(ds, offs_m, offs_n, row_ok, col_ok, cy_m, cx_m, cy_n, cx_n, dsum
             # Fixed-order per-entry sums (duplicates within a tile rule out a scatter), over the box
             # of table rows/cols that this tile's in-range pairs touch. Slow; deterministic.
             ds_in = tl.where(inr, ds, 0.0)
-            for y in range(tl.min(tl.where(inr, ty, 1 << 30)), tl.max(tl.where(inr, ty, -1)) + 1):
+            # (while loops: data-dependent bounds; Triton 3.6's interpreter cannot take range()
+            # bounds from tensors)
+            y = tl.min(tl.where(inr, ty, 1 << 30))
+            y_end = tl.max(tl.where(inr, ty, -1))
+            while y <= y_end:
                 in_y = inr & (ty == y)
-                for x in range(tl.min(tl.where(in_y, tx, 1 << 30)), tl.max(tl.where(in_y, tx, -1)) + 1):
+                x = tl.min(tl.where(in_y, tx, 1 << 30))
+                x_end = tl.max(tl.where(in_y, tx, -1))
+                while x <= x_end:
                     val = tl.sum(tl.sum(tl.where(in_y & (tx == x), ds_in, 0.0), 1), 0)
                     tptr = dtab_h + y * (2 * RW - 1) + x
                     tl.store(tptr, tl.load(tptr) + val)
+                    x += 1
+                y += 1
             tl.debug_barrier()
 
 
@@ -160,7 +168,7 @@ def _p1_tile(qkv, dout, out, lse, dlt, tab_h, ab_h, group, coords, dsum_h, dtab_
              HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr,
              F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
     """Phase 1, one (query tile, key block): dK/dV updates and the tile's bias gradient."""
-    offs_m = _opaque(m0 + tl.arange(0, BM), ASM)
+    offs_m = m0 + tl.arange(0, BM)
     q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m, tok, row_ok = _bwd_rows(
         qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, cbase, hd, C, NH, H, W,
         SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 2, IDX64)
@@ -252,15 +260,16 @@ def _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, 
 
 @triton.jit
 def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes, dsum, dtab,
-                qk_scale, scale, NH, H, W, nW, nWw, SH, SW, GG, GC, RH, RW, BNW, WPP,
-                N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+                qk_scale, scale, NH, H, W, nW, nWw, SH, SW, GG, GC, RH, RW, BNW, STRIDE, W0,
+                WPP: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                 SINGLE: tl.constexpr, BS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BM_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BN_TAIL: tl.constexpr,
                 BLOCK_NB: tl.constexpr, BNB_TAIL: tl.constexpr,
                 HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
                 HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr,
-                F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr, PHASES: tl.constexpr = 3):
-    """Program (head h, chunk c): windows [c*WPP, (c+1)*WPP) of head h.
+                F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
+    """Program (head h, chunk c): windows c*STRIDE + W0 + [0, WPP) of head h (WPP == STRIDE, W0 == 0
+    when the program loops over its chunk; WPP == 1 when the launcher loops, one launch per W0).
 
     DSUM_MODE (dS summed over windows, (nH,N,N), for attn_bias and the table without coords):
     0 none; 1 relaxed atomics into dsum; 2 read-modify-write of this program's slot dsum[c]
@@ -278,7 +287,7 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
     slot = c if (DSUM_MODE == 2 or DSUM_MODE == 3) else 0
     dsum_h = dsum + (slot * NH + h) * (N * N)
     dtab_h = dtab + ((c if TAB_MODE == 2 else 0) * NH + h) * T
-    w = c * WPP
+    w = c * STRIDE + W0
     b = w // nW
     wy = (w % nW) // nWw
     wx = (w % nW) % nWw
@@ -345,36 +354,34 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
                 gbase = (b % GG) * (H * W)
                 cbase = (b % GC) * (H * W)
                 # phase A: dQ per query tile (and delta, kept for phase B)
-                if PHASES & 1:
-                    for m0 in range(0, M_FULL, BLOCK_M):
-                        _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, m0, w, h, b, y0, x0,
-                                 gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW, BLOCK_M, N, D, WH, WW,
-                                 BLOCK_N, BN_TAIL, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64,
-                                 ASM)
-                    if BM_TAIL > 0:
-                        _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, M_FULL, w, h, b, y0, x0,
-                                 gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW, BM_TAIL, N, D, WH, WW,
-                                 BLOCK_N, BN_TAIL, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64,
-                                 ASM)
-                    tl.debug_barrier()  # delta stored by other threads of this program
+                for m0 in range(0, M_FULL, BLOCK_M):
+                    _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, m0, w, h, b, y0, x0,
+                             gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW, BLOCK_M, N, D, WH, WW,
+                             BLOCK_N, BN_TAIL, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64,
+                             ASM)
+                if BM_TAIL > 0:
+                    _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, M_FULL, w, h, b, y0, x0,
+                             gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW, BM_TAIL, N, D, WH, WW,
+                             BLOCK_N, BN_TAIL, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64,
+                             ASM)
+                tl.debug_barrier()  # delta stored by other threads of this program
                 # phase B: dK, dV per key block, bias gradients
                 NB_FULL: tl.constexpr = (N // BLOCK_NB) * BLOCK_NB
-                if PHASES & 2:
-                    for n0 in range(0, NB_FULL, BLOCK_NB):
-                        _p1_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h, n0, w, h,
-                                  b, y0, x0, gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW, BLOCK_NB,
-                                  False, N, D, WH, WW, BLOCK_M, BM_TAIL, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT,
-                                  DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM)
-                    if BNB_TAIL > 0:
-                        _p1_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h, NB_FULL,
-                                  w, h, b, y0, x0, gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW,
-                                  BNB_TAIL, True, N, D, WH, WW, BLOCK_M, BM_TAIL, HAS_RPB, HAS_BIAS, HAS_GROUP,
-                                  HAS_COORDS, SHIFT, DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM)
+                for n0 in range(0, NB_FULL, BLOCK_NB):
+                    _p1_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h, n0, w, h,
+                              b, y0, x0, gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW, BLOCK_NB,
+                              False, N, D, WH, WW, BLOCK_M, BM_TAIL, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT,
+                              DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM)
+                if BNB_TAIL > 0:
+                    _p1_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h, NB_FULL,
+                              w, h, b, y0, x0, gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW,
+                              BNB_TAIL, True, N, D, WH, WW, BLOCK_M, BM_TAIL, HAS_RPB, HAS_BIAS, HAS_GROUP,
+                              HAS_COORDS, SHIFT, DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM)
             w, b, wy, wx = _next_window(w, b, wy, wx, nW // nWw, nWw)
 
 
 @triton.jit
-def _sum_chunks_kernel(part, res, n_chunks, M, BLOCK: tl.constexpr):
+def _sum_chunks_kernel(part, res, M, n_chunks: tl.constexpr, BLOCK: tl.constexpr):
     """res[i] = sum_c part[c, i] in chunk order (deterministic)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     msk = offs < M
@@ -408,19 +415,22 @@ def _gather_table_kernel(dsum, drpb, NH, N: tl.constexpr, N_PAD: tl.constexpr, N
 # (chunks x heads), a function of the shape only, so that the summation order, hence the bits,
 # never depends on the GPU. Small under the interpreter so that tests run several windows per
 # program.
-_PROGRAMS = 4 if _INTERPRET else 1024
+_PROGRAMS = 2 if _INTERPRET else 1024
 
 
-def _bwd_config(N, D, f32):
-    """(BLOCK_M, BLOCK_N of phase A, BLOCK_N of phase B, num_warps, num_stages). Phase B keeps
-    dK/dV of its key block live across every query tile, so its blocks are narrow: 16 keys keep
-    the kernel near 166 registers (3 CTAs/SM) where 32 sits at the 255 limit and spills in some
-    specializations. The interpreter's tiles exercise every loop and tail."""
+def _bwd_config(N, D, single):
+    """(BLOCK_M, BLOCK_N of phase A, BLOCK_N of phase B, num_warps, num_stages). Phase B keeps dK
+    and dV of its key block live across every query tile, so its blocks are narrow (16 keys: ~140
+    registers, 3 CTAs/SM, where 32 sits at the 255 limit and spills in some specializations);
+    d = 128 also halves the query tiles. A single tile with d >= 64 (dQ, dK, dV all live) takes
+    8 warps: the backward has no row reductions, so splitting its columns across warps is free.
+    The interpreter's tiles exercise every loop and tail."""
     if _INTERPRET:
         return 16, 16, 16, 1, 1
-    import os
-    if os.environ.get("TATTN_BCFG"):  # TEMP: experiments
-        return tuple(int(x) for x in os.environ["TATTN_BCFG"].split(","))
+    if single:
+        return 64, 32, 16, (8 if D >= 64 else 4), 1
+    if D >= 128:
+        return 32, 16, 16, 4, 1
     return 64, 32, 16, 4, 1
 
 
@@ -443,16 +453,22 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     bnw = B * nW
     dqkv = alloc(qkv.shape, qkv.dtype, dev)
     T = (2 * rh - 1) * (2 * rw - 1)
-    bm, bn, bnb, warps, stages = _bwd_config(N, D, qkv.dtype == torch.float32)
-    single = _single(N)
     want_dsum = need_dbias or (need_drpb and coords is None)
     want_tab = need_drpb and coords is not None
+    # The deterministic coords table sums (box loops) need the narrow tiles of the two-phase
+    # path: on one 64x64 tile they exceed the register file.
+    single = _single(N) and not (want_tab and deterministic)
+    bm, bn, bnb, warps, stages = _bwd_config(N, D, single)
     if single or deterministic:
         chunks = max(1, min(bnw, -(-_PROGRAMS // num_heads)))
-        wpp = -(-bnw // chunks)
-        chunks = -(-bnw // wpp)
+        stride = triton.next_power_of_2(-(-bnw // chunks))  # few distinct loop counts (constexprs)
+        chunks = -(-bnw // stride)
     else:
-        chunks, wpp = bnw, 1
+        chunks, stride = bnw, 1
+    # The in-kernel window loop (single tile, in-register dS sums) adds live ranges that the
+    # multi-tile kernel cannot afford; there the launcher loops instead, one launch per window of
+    # every chunk (stream order keeps each program's partial sums in a fixed order).
+    outer = stride > 1 and not single
     dsum_mode = 0 if not want_dsum else (3 if single else (2 if deterministic else 1))
     tab_mode = 0 if not want_tab else (2 if deterministic else 1)
     f32 = dict(dtype=torch.float32, device=dev)
@@ -467,17 +483,17 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
         tab, ab = _tables(rpb, attn_bias, qkv, num_heads)
         G = (1 if group is None else group.shape[0], 1 if coords is None else coords.shape[0])
         dlt = lse if single else torch.empty_like(lse)  # delta = rowsum(dO * O), phase A -> phase B
-        _bwd_kernel[(num_heads, chunks)](
-            dout, qkv, out, lse, dlt, dqkv, tab, ab, qkv if group is None else group, qkv if coords is None else coords,
-            _codes(wh, ww, dev), dsum, dtab,
-            float(scale) * _LOG2E, float(scale), num_heads, H, W, nW, nWw, sh, sw, *G, rh, rw, bnw, wpp,
-            N=N, D=D, WH=wh, WW=ww, SINGLE=single, BS=max(16, triton.next_power_of_2(N)),
-            BLOCK_M=bm, BM_TAIL=_tail(N, bm), BLOCK_N=bn, BN_TAIL=_tail(N, bn),
-            BLOCK_NB=bnb, BNB_TAIL=_tail(N, bnb),
-            DSUM_MODE=dsum_mode, TAB_MODE=tab_mode, PHASES=int(__import__("os").environ.get("TATTN_PH", "3")), ASM=not _INTERPRET, IDX64=qkv.numel() >= 2**31,
-            num_warps=warps, num_stages=stages, **_flags(qkv, rpb, attn_bias, group, coords, sh, sw),
-            **({"maxnreg": int(__import__("os").environ["TATTN_BMAXNREG"])} if __import__("os").environ.get("TATTN_BMAXNREG") else {}),
-        )
+        for w0 in range(stride if outer else 1):
+            _bwd_kernel[(num_heads, chunks)](
+                dout, qkv, out, lse, dlt, dqkv, tab, ab, qkv if group is None else group,
+                qkv if coords is None else coords, _codes(wh, ww, dev), dsum, dtab,
+                float(scale) * _LOG2E, float(scale), num_heads, H, W, nW, nWw, sh, sw, *G, rh, rw, bnw, stride, w0,
+                WPP=1 if outer else stride, N=N, D=D, WH=wh, WW=ww, SINGLE=single,
+                BS=max(16, triton.next_power_of_2(N)), BLOCK_M=bm, BM_TAIL=_tail(N, bm), BLOCK_N=bn,
+                BN_TAIL=_tail(N, bn), BLOCK_NB=bnb, BNB_TAIL=_tail(N, bnb), DSUM_MODE=dsum_mode, TAB_MODE=tab_mode,
+                ASM=not _INTERPRET, IDX64=qkv.numel() >= 2**31, num_warps=warps, num_stages=stages,
+                **_flags(qkv, rpb, attn_bias, group, coords, sh, sw),
+            )
 
     def reduce(part, per):
         if not per:
@@ -485,7 +501,7 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
         res = alloc(part.shape[1:], torch.float32, dev)
         M = res.numel()
         if M:
-            _sum_chunks_kernel[(triton.cdiv(M, 1024),)](part, res, chunks, M, BLOCK=1024)
+            _sum_chunks_kernel[(triton.cdiv(M, 1024),)](part, res, M, n_chunks=chunks, BLOCK=1024)
         return res
 
     dsum = reduce(dsum, per_chunk) if want_dsum else None
