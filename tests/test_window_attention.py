@@ -168,19 +168,26 @@ def test_triton_poisoned_outputs(device, monkeypatch):
 
 @pytest.mark.parametrize("backend,device", COMBOS)
 @pytest.mark.parametrize("coords", [None, "per"])
-def test_deterministic_bias_grads_bit_identical(backend, device, coords):
-    ckw = dict(win=(2, 3), grid=(2, 2), nh=1, coords="per") if coords else dict(win=(4, 3), shift=(1, 1))
-    dtype, nh, kw, leaves = _case(device, F16, rpb=True, bias=True, group="per", **ckw)
-    qkv = leaves["qkv"].to(F16)
+@pytest.mark.parametrize("tiles", ["one", "several"])
+def test_deterministic_bias_grads_bit_identical(backend, device, coords, tiles):
+    """Bit-identical bias gradients with deterministic=True, on windows of one tile (in-register
+    sums) and of several tiles (program-private partial sums; Triton interpreter tiles are 16)."""
+    if tiles == "one":
+        ckw = dict(win=(2, 3), grid=(2, 2), nh=1, coords="per") if coords else dict(win=(4, 3), shift=(1, 1))
+        dtype = F16
+    else:
+        ckw = dict(win=(5, 4), grid=(1, 2), nh=1, coords="per") if coords else dict(win=(4, 5), shift=(1, 2))
+        dtype = BF16
+    _, nh, kw, leaves = _case(device, dtype, rpb=True, bias=True, group="per", **ckw)
+    qkv = leaves["qkv"].to(dtype)
     _skip_unless_available(backend, qkv, nh, kw["window_size"])
-    dout = torch.randn(qkv.shape[:-1] + (qkv.shape[-1] // 3,), device=device, dtype=F16)
+    dout = torch.randn(qkv.shape[:-1] + (qkv.shape[-1] // 3,), device=device, dtype=dtype)
     runs = []
     for _ in range(2):
         ins = [qkv.clone().requires_grad_(), leaves["rel_pos_bias"].float().requires_grad_(),
                leaves["attn_bias"].float().requires_grad_()]
         out = mixkernels.window_attention(ins[0], nh, kw["window_size"], rel_pos_bias=ins[1], attn_bias=ins[2],
-                                          deterministic=True, backend=backend,
-                                          **_rest(kw))
+                                          deterministic=True, backend=backend, **_rest(kw))
         runs.append(torch.autograd.grad(out, ins, dout))
     for a, b, n in zip(*runs, ("dqkv", "drpb", "dattn_bias")):
         assert torch.equal(a, b), f"{n} differs between two deterministic runs"
@@ -382,23 +389,3 @@ def test_triton_poisoned_outputs_paths(device, case, monkeypatch):
     for det in (False, True):
         _, nh, kw, leaves = _case(device, F32, **ckw)
         _check("triton", device, F32, nh, kw, leaves, deterministic=det)
-
-
-@pytest.mark.parametrize("backend,device", COMBOS)
-@pytest.mark.parametrize("coords", [None, "per"])
-def test_deterministic_bias_grads_bit_identical_multi_tile(backend, device, coords):
-    """Deterministic bias gradients on windows larger than one tile (program-private partial sums)."""
-    ckw = dict(win=(5, 4), grid=(1, 2), nh=1, coords="per") if coords else dict(win=(4, 5), shift=(1, 2))
-    dtype, nh, kw, leaves = _case(device, BF16, rpb=True, bias=True, group="per", **ckw)
-    qkv = leaves["qkv"].to(BF16)
-    _skip_unless_available(backend, qkv, nh, kw["window_size"])
-    dout = torch.randn(qkv.shape[:-1] + (qkv.shape[-1] // 3,), device=device, dtype=BF16)
-    runs = []
-    for _ in range(2):
-        ins = [qkv.clone().requires_grad_(), leaves["rel_pos_bias"].float().requires_grad_(),
-               leaves["attn_bias"].float().requires_grad_()]
-        out = mixkernels.window_attention(ins[0], nh, kw["window_size"], rel_pos_bias=ins[1], attn_bias=ins[2],
-                                          deterministic=True, backend=backend, **_rest(kw))
-        runs.append(torch.autograd.grad(out, ins, dout))
-    for a, b, n in zip(*runs, ("dqkv", "drpb", "dattn_bias")):
-        assert torch.equal(a, b), f"{n} differs between two deterministic runs"

@@ -6,15 +6,22 @@ addressing: a program of head ``h`` and window ``w`` computes the original (un-r
 position of each token and reads q/k/v straight out of the qkv Linear's ``(B,H,W,3C)`` output,
 and writes ``(B,H,W,C)`` at the same positions. No ``N x N`` tensor is materialized.
 
-Forward (flash-attention style, log2 domain): query rows in blocks of ``BLOCK_M`` (plus one
-smaller tail block, so 196 rows cost 208, not 256), keys in blocks of ``BLOCK_N`` (plus a tail
-block, the only one that masks padded keys), online softmax in fp32. Per score element: one
-MMA share, one fused scale+bias FMA, the bias gathered from the head's table row (an L1-resident
-``(nH, T)`` slice, gathered by inline asm in the MMA's register layout, so no layout
-conversion), one compare+select for the shift/group mask (labels folded per token), max, exp2,
-sum. Padded query rows read a real token (never stored), padded keys read zeros and are
-masked to ``-inf`` by position. The grid is head-fastest: the programs of one window's heads
-run side by side and share the qkv rows in L2.
+Forward (flash-attention style, log2 domain, fp32 softmax): query rows in 64-row tiles plus
+one tail tile (196 rows cost 208, not 256), two tiles per pass over the key blocks (64 or 32
+keys, plus a tail block, the only one that masks padded keys), online softmax. Per score
+element: an MMA share, one scale+bias FMA, the table bias gathered from the head's row of an
+L1-resident ``(nH, T)`` table by inline asm in the MMA's register layout (no layout
+conversion), one compare+select for the shift or group mask (labels read per token; int64
+labels compared at full width), max, exp2, sum. Padded query rows read a real token and are
+never stored; padded keys read zeros and are masked to ``-inf`` by position. Windows of one
+tile (N <= 64: Swin/MixMIM window 7, UM-MAE window 8) loop over several windows per program
+with the window-invariant bias tile gathered once. The grid is head-fastest: the programs of
+one window's heads run side by side and share its qkv rows in L2.
+
+Loops (for static instruction counts): ``_fwd_kernel`` ``for i in range(0, WPP)`` runs WPP
+times (folded away when 1); ``_pass`` ``for n0 in range(0, N_FULL, BLOCK_N)`` runs
+N // BLOCK_N times, in each of the (N // 64 + 1) // 2 passes (unrolled). The backward's are
+listed in ``window_attention_bwd``.
 """
 from __future__ import annotations
 
@@ -88,17 +95,6 @@ def _gather_rc(row_ptr, col_off, ok, MASKED: tl.constexpr, ASM: tl.constexpr):
             return tl.load(rp + co, mask=ok[None, :], other=0.0)
         else:
             return tl.load(rp + co)
-
-
-@triton.jit
-def _opaque(x, ASM: tl.constexpr):
-    """``x`` through an asm move the compiler cannot see through: per-tile addresses derived
-    from it are recomputed inside a loop instead of being hoisted (hoisted, the row addresses of
-    every tile stay live across the loop and spill)."""
-    if ASM:
-        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        return x
 
 
 @triton.jit
@@ -236,7 +232,7 @@ def _mask(t, reg_m, reg_n, grp_m, grp_n, col_ok, SHIFT: tl.constexpr, HAS_GROUP:
 def _rows(qkv, group, coords, tab_h, ab_h, offs_m, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW,
           N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SHIFT: tl.constexpr,
           HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr, IDX64: tl.constexpr):
-    """A query tile: q, token index, labels, coords, table row pointers, attn_bias row pointers."""
+    """A query tile: q, labels, coords, table row pointers, attn_bias row pointers, token index."""
     ly, lx = _lyx(offs_m, N, WW)
     pos, reg = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
     tok = _idx(b * (H * W) + pos, IDX64)
@@ -248,7 +244,7 @@ def _rows(qkv, group, coords, tab_h, ab_h, offs_m, b, y0, x0, gbase, cbase, hd, 
     cy, cx = _coords(coords, cbase, pos, ly, lx, HAS_COORDS)
     tab_m = tab_h + (ly * (2 * WW - 1) + lx + ((WH - 1) * (2 * WW - 1) + WW - 1))
     ab_m = ab_h + tl.minimum(offs_m, N - 1) * N
-    return q, reg, grp, cy, cx, tab_m, ab_m
+    return q, reg, grp, cy, cx, tab_m, ab_m, tok
 
 
 @triton.jit
@@ -328,77 +324,94 @@ def _finish(out, lse, acc, m_i, l_i, offs_m, w, h, b, y0, x0, hd, C, NH, H, W, S
 
 
 @triton.jit
+def _kblock(qkv, group, coords, codes, tab_h, n0, b, y0, x0, gbase, cbase, hd, qk_scale, C, H, W, SH, SW, RH, RW,
+            qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca, qb, tabb, abb, regb, grpb, cyb, cxb, mb, lb, accb,
+            qt, tabt, abt, regt, grpt, cyt, cxt, mt, lt, acct, NT: tl.constexpr, BM_T: tl.constexpr,
+            BN: tl.constexpr, COL_MASK: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr,
+            WW: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
+            HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
+            IDX64: tl.constexpr, ASM: tl.constexpr):
+    """One key block (its K/V, labels and codes read once) for the pass's query tiles: tile a,
+    tile b (NT == 2) and the tail tile (BM_T > 0); absent tiles' arguments are placeholders."""
+    offs_n = n0 + tl.arange(0, BN)
+    k, v, ok, rn, gn, cyn, cxn, cn = _keys(qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, W,
+                                           SH, SW, N, WH, WW, D, SHIFT, HAS_GROUP, HAS_COORDS, COL_MASK, IDX64, ASM)
+    ma, la, acca = _step(qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca, k, v, ok, rn, gn, cyn, cxn, cn, offs_n,
+                         tab_h, qk_scale, RH, RW, COL_MASK, HAS_RPB, HAS_BIAS, HAS_COORDS, SHIFT, HAS_GROUP, F32,
+                         UPCAST, ASM)
+    if NT >= 2:
+        mb, lb, accb = _step(qb, tabb, abb, regb, grpb, cyb, cxb, mb, lb, accb, k, v, ok, rn, gn, cyn, cxn, cn,
+                             offs_n, tab_h, qk_scale, RH, RW, COL_MASK, HAS_RPB, HAS_BIAS, HAS_COORDS, SHIFT,
+                             HAS_GROUP, F32, UPCAST, ASM)
+    if BM_T > 0:
+        mt, lt, acct = _step(qt, tabt, abt, regt, grpt, cyt, cxt, mt, lt, acct, k, v, ok, rn, gn, cyn, cxn, cn,
+                             offs_n, tab_h, qk_scale, RH, RW, COL_MASK, HAS_RPB, HAS_BIAS, HAS_COORDS, SHIFT,
+                             HAS_GROUP, F32, UPCAST, ASM)
+    return ma, la, acca, mb, lb, accb, mt, lt, acct
+
+
+@triton.jit
+def _tile(qkv, group, coords, tab_h, ab_h, offs_m, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW,
+          N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SHIFT: tl.constexpr,
+          HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr, IDX64: tl.constexpr):
+    """A query tile's data and its empty online-softmax state (m, l, acc)."""
+    q, reg, grp, cy, cx, tab_m, ab_m, _tok = _rows(qkv, group, coords, tab_h, ab_h, offs_m, b, y0, x0, gbase, cbase, hd, C,
+                                             H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, IDX64)
+    BM: tl.constexpr = offs_m.shape[0]
+    return (q, tab_m, ab_m, reg, grp, cy, cx, tl.full((BM,), float("-inf"), tl.float32), tl.zeros((BM,), tl.float32),
+            tl.zeros((BM, D), tl.float32))
+
+
+@triton.jit
 def _pass(qkv, out, lse, tab_h, ab_h, group, coords, codes, w, h, b, y0, x0, hd, qk_scale, C, NH, H, W, SH, SW,
           GG, GC, RH, RW, R0: tl.constexpr, NT: tl.constexpr, BM: tl.constexpr, BM_T: tl.constexpr,
           N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_N: tl.constexpr,
           BN_TAIL: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
           HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
           IDX64: tl.constexpr, ASM: tl.constexpr):
-    """Query rows from R0: NT (0-2) tiles of BM rows and a tail tile of BM_T rows (0: none), all
+    """Query rows from R0: NT (1 or 2) tiles of BM rows and a tail tile of BM_T rows (0: none), all
     updated in one pass over the key blocks (BLOCK_N wide, then the BN_TAIL tail that masks
     padded keys), so each key block's K/V, labels and table codes are read once per pass."""
     gbase = (b % GG) * (H * W)
     cbase = (b % GC) * (H * W)
-    if NT >= 1:
-        offs_a = R0 + tl.arange(0, BM)
-        qa, rega, grpa, cya, cxa, taba, aba = _rows(qkv, group, coords, tab_h, ab_h, offs_a, b, y0, x0, gbase, cbase,
-                                                    hd, C, H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, IDX64)
-        ma = tl.full((BM,), float("-inf"), tl.float32)
-        la = tl.zeros((BM,), tl.float32)
-        acca = tl.zeros((BM, D), tl.float32)
+    offs_a = R0 + tl.arange(0, BM)
+    qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca = _tile(
+        qkv, group, coords, tab_h, ab_h, offs_a, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW, N, D, WH, WW, SHIFT,
+        HAS_GROUP, HAS_COORDS, IDX64)
+    offs_b = offs_a
+    qb, tabb, abb, regb, grpb, cyb, cxb, mb, lb, accb = qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca
     if NT >= 2:
         offs_b = R0 + BM + tl.arange(0, BM)
-        qb, regb, grpb, cyb, cxb, tabb, abb = _rows(qkv, group, coords, tab_h, ab_h, offs_b, b, y0, x0, gbase, cbase,
-                                                    hd, C, H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, IDX64)
-        mb = tl.full((BM,), float("-inf"), tl.float32)
-        lb = tl.zeros((BM,), tl.float32)
-        accb = tl.zeros((BM, D), tl.float32)
+        qb, tabb, abb, regb, grpb, cyb, cxb, mb, lb, accb = _tile(
+            qkv, group, coords, tab_h, ab_h, offs_b, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW, N, D, WH, WW,
+            SHIFT, HAS_GROUP, HAS_COORDS, IDX64)
+    offs_t = offs_a
+    qt, tabt, abt, regt, grpt, cyt, cxt, mt, lt, acct = qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca
     if BM_T > 0:
         offs_t = R0 + NT * BM + tl.arange(0, BM_T)
-        qt, regt, grpt, cyt, cxt, tabt, abt = _rows(qkv, group, coords, tab_h, ab_h, offs_t, b, y0, x0, gbase, cbase,
-                                                    hd, C, H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, IDX64)
-        mt = tl.full((BM_T,), float("-inf"), tl.float32)
-        lt = tl.zeros((BM_T,), tl.float32)
-        acct = tl.zeros((BM_T, D), tl.float32)
+        qt, tabt, abt, regt, grpt, cyt, cxt, mt, lt, acct = _tile(
+            qkv, group, coords, tab_h, ab_h, offs_t, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW, N, D, WH, WW,
+            SHIFT, HAS_GROUP, HAS_COORDS, IDX64)
     N_FULL: tl.constexpr = (N // BLOCK_N) * BLOCK_N
     for n0 in range(0, N_FULL, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        k, v, ok, rn, gn, cyn, cxn, cn = _keys(qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C,
-                                               H, W, SH, SW, N, WH, WW, D, SHIFT, HAS_GROUP, HAS_COORDS, False, IDX64, ASM)
-        if NT >= 1:
-            ma, la, acca = _step(qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca, k, v, ok, rn, gn, cyn, cxn,
-                                 cn, offs_n, tab_h, qk_scale, RH, RW, False, HAS_RPB, HAS_BIAS, HAS_COORDS,
-                                 SHIFT, HAS_GROUP, F32, UPCAST, ASM)
-        if NT >= 2:
-            mb, lb, accb = _step(qb, tabb, abb, regb, grpb, cyb, cxb, mb, lb, accb, k, v, ok, rn, gn, cyn, cxn,
-                                 cn, offs_n, tab_h, qk_scale, RH, RW, False, HAS_RPB, HAS_BIAS, HAS_COORDS,
-                                 SHIFT, HAS_GROUP, F32, UPCAST, ASM)
-        if BM_T > 0:
-            mt, lt, acct = _step(qt, tabt, abt, regt, grpt, cyt, cxt, mt, lt, acct, k, v, ok, rn, gn, cyn, cxn,
-                                 cn, offs_n, tab_h, qk_scale, RH, RW, False, HAS_RPB, HAS_BIAS, HAS_COORDS,
-                                 SHIFT, HAS_GROUP, F32, UPCAST, ASM)
+        ma, la, acca, mb, lb, accb, mt, lt, acct = _kblock(
+            qkv, group, coords, codes, tab_h, n0, b, y0, x0, gbase, cbase, hd, qk_scale, C, H, W, SH, SW, RH, RW,
+            qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca, qb, tabb, abb, regb, grpb, cyb, cxb, mb, lb, accb,
+            qt, tabt, abt, regt, grpt, cyt, cxt, mt, lt, acct, NT, BM_T, BLOCK_N, False, N, D, WH, WW, HAS_RPB,
+            HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM)
     if BN_TAIL > 0:
-        offs_n = N_FULL + tl.arange(0, BN_TAIL)
-        k, v, ok, rn, gn, cyn, cxn, cn = _keys(qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C,
-                                               H, W, SH, SW, N, WH, WW, D, SHIFT, HAS_GROUP, HAS_COORDS, True, IDX64, ASM)
-        if NT >= 1:
-            ma, la, acca = _step(qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca, k, v, ok, rn, gn, cyn, cxn,
-                                 cn, offs_n, tab_h, qk_scale, RH, RW, True, HAS_RPB, HAS_BIAS, HAS_COORDS,
-                                 SHIFT, HAS_GROUP, F32, UPCAST, ASM)
-        if NT >= 2:
-            mb, lb, accb = _step(qb, tabb, abb, regb, grpb, cyb, cxb, mb, lb, accb, k, v, ok, rn, gn, cyn, cxn,
-                                 cn, offs_n, tab_h, qk_scale, RH, RW, True, HAS_RPB, HAS_BIAS, HAS_COORDS,
-                                 SHIFT, HAS_GROUP, F32, UPCAST, ASM)
-        if BM_T > 0:
-            mt, lt, acct = _step(qt, tabt, abt, regt, grpt, cyt, cxt, mt, lt, acct, k, v, ok, rn, gn, cyn, cxn,
-                                 cn, offs_n, tab_h, qk_scale, RH, RW, True, HAS_RPB, HAS_BIAS, HAS_COORDS,
-                                 SHIFT, HAS_GROUP, F32, UPCAST, ASM)
-    if NT >= 1:
-        _finish(out, lse, acca, ma, la, offs_a, w, h, b, y0, x0, hd, C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, IDX64, ASM)
+        ma, la, acca, mb, lb, accb, mt, lt, acct = _kblock(
+            qkv, group, coords, codes, tab_h, N_FULL, b, y0, x0, gbase, cbase, hd, qk_scale, C, H, W, SH, SW, RH, RW,
+            qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca, qb, tabb, abb, regb, grpb, cyb, cxb, mb, lb, accb,
+            qt, tabt, abt, regt, grpt, cyt, cxt, mt, lt, acct, NT, BM_T, BN_TAIL, True, N, D, WH, WW, HAS_RPB,
+            HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM)
+    _finish(out, lse, acca, ma, la, offs_a, w, h, b, y0, x0, hd, C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, IDX64, ASM)
     if NT >= 2:
-        _finish(out, lse, accb, mb, lb, offs_b, w, h, b, y0, x0, hd, C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, IDX64, ASM)
+        _finish(out, lse, accb, mb, lb, offs_b, w, h, b, y0, x0, hd, C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, IDX64,
+                ASM)
     if BM_T > 0:
-        _finish(out, lse, acct, mt, lt, offs_t, w, h, b, y0, x0, hd, C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, IDX64, ASM)
+        _finish(out, lse, acct, mt, lt, offs_t, w, h, b, y0, x0, hd, C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, IDX64,
+                ASM)
 
 
 @triton.jit

@@ -19,6 +19,14 @@ twice), ``dS`` is exactly 0 at pairs the shift/group rule masks (even in a NaN r
   (deterministic) fixed-order per-entry sums over each tile's index box (slow; correct).
 Padded query rows compute on a real token with lse = +inf (P = 0), dO = O = 0, and are never
 stored or accumulated; padded keys are zeros masked by position.
+
+Loops (for static instruction counts): ``_bwd_kernel`` ``for i in range(0, WPP)`` (WPP times;
+folded away when 1, the multi-tile case); phase A ``for m0 in range(0, M_FULL, BLOCK_M)``
+(N // BLOCK_M) around ``_p2_tile``'s ``for n0 in range(0, N_FULL, BLOCK_N)`` (N // BLOCK_N,
+also once more for the tail query tile); phase B ``for n0 in range(0, NB_FULL, BLOCK_NB)``
+(N // BLOCK_NB) around ``_p1_block``'s ``for m0 in range(0, M_FULL, BLOCK_M)`` (N // BLOCK_M,
+also once more for the tail key block). The deterministic coords sums (``while`` loops over
+each tile's index box) depend on the data.
 """
 from __future__ import annotations
 
@@ -26,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .window_attention import (_INTERPRET, _LOG2E, _alloc_for, _codes, _coords, _flags, _gather_rc, _idx, _in_range,
-                               _keys, _lyx, _mask, _mm, _next_window, _opaque, _pos, _single, _table_bias, _tables, _tail)
+from .window_attention import (_INTERPRET, _LOG2E, _alloc_for, _codes, _flags, _gather_rc, _idx, _in_range,
+                               _keys, _lyx, _mask, _mm, _next_window, _pos, _rows, _single, _table_bias, _tables, _tail)
 
 __all__ = ["window_attention_backward"]
 
@@ -44,12 +52,10 @@ def _bwd_rows(qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h
     the rows' labels/coords/table row pointers (padded rows read a real token).
     DELTA: 0 compute delta; 1 compute and store it in ``dlt`` (lse's layout); 2 load it from ``dlt``."""
     row_ok = offs_m < N
-    ly, lx = _lyx(offs_m, N, WW)
-    pos, reg = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
-    tok = _idx(b * (H * W) + pos, IDX64)
-    offs_d = tl.arange(0, D)
-    q = tl.load(qkv + (tok * (3 * C) + hd)[:, None] + offs_d[None, :])
-    orow = (tok * C + hd)[:, None] + offs_d[None, :]
+    q, reg, grp, cy, cx, tab_m, ab_m, tok = _rows(qkv, group, coords, tab_h, ab_h, offs_m, b, y0, x0, gbase, cbase,
+                                                  hd, C, H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS,
+                                                  IDX64)
+    orow = (tok * C + hd)[:, None] + tl.arange(0, D)[None, :]
     do = tl.load(dout + orow, mask=row_ok[:, None], other=0.0)
     rows = (w * NH + h) * N + offs_m
     if DELTA == 2:
@@ -60,12 +66,6 @@ def _bwd_rows(qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h
         if DELTA == 1:
             tl.store(dlt + rows, delta, mask=row_ok)
     lse2 = tl.load(lse + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    grp = reg
-    if HAS_GROUP:
-        grp = tl.load(group + gbase + pos)
-    cy, cx = _coords(coords, cbase, pos, ly, lx, HAS_COORDS)
-    tab_m = tab_h + (ly * (2 * WW - 1) + lx + ((WH - 1) * (2 * WW - 1) + WW - 1))
-    ab_m = ab_h + tl.minimum(offs_m, N - 1) * N
     return q, do, delta, lse2, reg, grp, cy, cx, tab_m, ab_m, tok, row_ok
 
 
@@ -219,6 +219,24 @@ def _p1_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes,
 
 
 @triton.jit
+def _dq_block(qkv, group, coords, codes, tab_h, n0, b, y0, x0, gbase, cbase, hd, qk_scale, C, H, W, SH, SW, RH, RW,
+              q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m, BN: tl.constexpr, COL_MASK: tl.constexpr,
+              N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, HAS_RPB: tl.constexpr,
+              HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr,
+              F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
+    """Phase A, one key block of a query tile: its dS @ K (dQ's share, unscaled)."""
+    offs_n = n0 + tl.arange(0, BN)
+    k, v, col_ok, reg_n, grp_n, cy_n, cx_n, code_n = _keys(
+        qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW, N, WH, WW, D, SHIFT,
+        HAS_GROUP, HAS_COORDS, COL_MASK, IDX64, ASM)
+    tb = _t_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, ab_m, offs_n, col_ok, RH, RW, HAS_RPB, HAS_BIAS,
+                 HAS_COORDS, COL_MASK, ASM)
+    p, ds = _probs(q, k, v, do, delta, lse2, tb, reg_m, reg_n, grp_m, grp_n, col_ok, qk_scale, HAS_RPB or HAS_BIAS,
+                   SHIFT, HAS_GROUP, COL_MASK, F32, UPCAST)
+    return _mm(ds.to(k.dtype), k, F32, UPCAST)
+
+
+@triton.jit
 def _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, m0, w, h, b, y0, x0, gbase, cbase, hd,
              qk_scale, scale, C, NH, H, W, SH, SW, RH, RW,
              BM: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
@@ -232,27 +250,14 @@ def _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, 
         SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 1, IDX64)
     dq = tl.zeros((BM, D), tl.float32)
     N_FULL: tl.constexpr = (N // BLOCK_N) * BLOCK_N
-    HAS_T_BIAS: tl.constexpr = HAS_RPB or HAS_BIAS
     for n0 in range(0, N_FULL, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        k, v, col_ok, reg_n, grp_n, cy_n, cx_n, code_n = _keys(
-            qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW, N, WH, WW, D, SHIFT,
-            HAS_GROUP, HAS_COORDS, False, IDX64, ASM)
-        tb = _t_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, ab_m, offs_n, col_ok, RH, RW, HAS_RPB, HAS_BIAS,
-                     HAS_COORDS, False, ASM)
-        p, ds = _probs(q, k, v, do, delta, lse2, tb, reg_m, reg_n, grp_m, grp_n, col_ok, qk_scale, HAS_T_BIAS,
-                       SHIFT, HAS_GROUP, False, F32, UPCAST)
-        dq += _mm(ds.to(k.dtype), k, F32, UPCAST)
+        dq += _dq_block(qkv, group, coords, codes, tab_h, n0, b, y0, x0, gbase, cbase, hd, qk_scale, C, H, W, SH, SW,
+                        RH, RW, q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m, BLOCK_N, False, N, D, WH,
+                        WW, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM)
     if BN_TAIL > 0:
-        offs_n = N_FULL + tl.arange(0, BN_TAIL)
-        k, v, col_ok, reg_n, grp_n, cy_n, cx_n, code_n = _keys(
-            qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW, N, WH, WW, D, SHIFT,
-            HAS_GROUP, HAS_COORDS, True, IDX64, ASM)
-        tb = _t_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, ab_m, offs_n, col_ok, RH, RW, HAS_RPB, HAS_BIAS,
-                     HAS_COORDS, True, ASM)
-        p, ds = _probs(q, k, v, do, delta, lse2, tb, reg_m, reg_n, grp_m, grp_n, col_ok, qk_scale, HAS_T_BIAS,
-                       SHIFT, HAS_GROUP, True, F32, UPCAST)
-        dq += _mm(ds.to(k.dtype), k, F32, UPCAST)
+        dq += _dq_block(qkv, group, coords, codes, tab_h, N_FULL, b, y0, x0, gbase, cbase, hd, qk_scale, C, H, W, SH,
+                        SW, RH, RW, q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m, BN_TAIL, True, N, D, WH,
+                        WW, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM)
     offs_d = tl.arange(0, D)
     tl.store(dqkv + (tok * (3 * C) + hd)[:, None] + offs_d[None, :], (dq * scale).to(dqkv.dtype.element_ty),
              mask=row_ok[:, None])
