@@ -135,6 +135,12 @@ def _idx(x, IDX64: tl.constexpr):
 
 
 @triton.jit
+def _first_window(w, nW, nWw):
+    """Window ``w`` (row-major, batch outermost) as (w, image, window row, window col)."""
+    return w, w // nW, (w % nW) // nWw, (w % nW) % nWw
+
+
+@triton.jit
 def _next_window(w, b, wy, wx, nWh, nWw):
     """The window after ``w`` (row-major, batch outermost) without integer division."""
     wx = wx + 1
@@ -455,10 +461,7 @@ def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes,
             inv_bias += _gather(ab_h + tl.minimum(offs_m, N - 1)[:, None] * N + offs_n[None, :], col_ok[None, :],
                                 True, ASM) * 1.4426950408889634
         offs_d = tl.arange(0, D)
-        w = c * WPP
-        b = w // nW
-        wy = (w % nW) // nWw
-        wx = (w % nW) % nWw
+        w, b, wy, wx = _first_window(c * WPP, nW, nWw)
         for i in range(0, WPP):
             if w < BNW:
                 y0 = wy * WH
@@ -492,10 +495,7 @@ def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes,
             w, b, wy, wx = _next_window(w, b, wy, wx, nW // nWw, nWw)
     else:
         N_PASSES: tl.constexpr = (N_TILES + 1) // 2 if N_TILES > 0 else 1
-        w = c * WPP
-        b = w // nW
-        wy = (w % nW) // nWw
-        wx = (w % nW) % nWw
+        w, b, wy, wx = _first_window(c * WPP, nW, nWw)
         for i in range(0, WPP):
             if w < BNW:
                 y0 = wy * WH

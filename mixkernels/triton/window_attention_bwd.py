@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 from .window_attention import (_INTERPRET, _LOG2E, _alloc_for, _codes, _flags, _gather_rc, _idx, _in_range,
-                               _keys, _lyx, _mask, _mm, _next_window, _pos, _rows, _single, _table_bias, _tables, _tail)
+                               _first_window, _keys, _lyx, _mask, _mm, _next_window, _pos, _rows, _single,
+                               _table_bias, _tables, _tail)
 
 __all__ = ["window_attention_backward"]
 
@@ -292,10 +293,7 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
     slot = c if (DSUM_MODE == 2 or DSUM_MODE == 3) else 0
     dsum_h = dsum + (slot * NH + h) * (N * N)
     dtab_h = dtab + ((c if TAB_MODE == 2 else 0) * NH + h) * T
-    w = c * STRIDE + W0
-    b = w // nW
-    wy = (w % nW) // nWw
-    wx = (w % nW) % nWw
+    w, b, wy, wx = _first_window(c * STRIDE + W0, nW, nWw)
     if SINGLE:
         # Single tile (one query tile, one key block): the window-invariant bias tile once per program.
         offs_m = tl.arange(0, BS)
@@ -314,10 +312,7 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
         offs_d = tl.arange(0, D)
         for i in range(0, WPP):
             if w < BNW:
-                y0 = wy * WH
-                x0 = wx * WW
-                gbase = (b % GG) * (H * W)
-                cbase = (b % GC) * (H * W)
+                y0, x0, gbase, cbase = wy * WH, wx * WW, (b % GG) * (H * W), (b % GC) * (H * W)
                 q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, _tm, _am, tok, _ro = _bwd_rows(
                     qkv, dout, out, lse, lse, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, cbase, hd,
                     C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 0, IDX64)
@@ -354,10 +349,7 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
         M_FULL: tl.constexpr = (N // BLOCK_M) * BLOCK_M
         for i in range(0, WPP):
             if w < BNW:
-                y0 = wy * WH
-                x0 = wx * WW
-                gbase = (b % GG) * (H * W)
-                cbase = (b % GC) * (H * W)
+                y0, x0, gbase, cbase = wy * WH, wx * WW, (b % GG) * (H * W), (b % GC) * (H * W)
                 # phase A: dQ per query tile (and delta, kept for phase B)
                 for m0 in range(0, M_FULL, BLOCK_M):
                     _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, m0, w, h, b, y0, x0,
