@@ -426,15 +426,15 @@ def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes,
                 WPP: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                 SINGLE: tl.constexpr, BS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BM_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BN_TAIL: tl.constexpr,
-                HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
+                TPP: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
                 HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
                 IDX64: tl.constexpr, ASM: tl.constexpr):
     """Program (head h, chunk c): windows [c*WPP, (c+1)*WPP) of head h (head-fastest grid).
     Loop bounds are constexprs throughout (Triton 3.6's interpreter cannot take them from
     kernel arguments with numpy >= 2.4).
 
-    Query rows in tiles of BLOCK_M and a tail tile of BM_TAIL rows, two tiles per pass over the
-    key blocks (``_pass``): the tiles of a pass share each key block's loads, and two tiles of
+    Query rows in tiles of BLOCK_M and a tail tile of BM_TAIL rows, TPP (1 or 2) tiles per pass
+    over the key blocks (``_pass``): the tiles of a pass share each key block's loads, and two tiles of
     state keep registers under the spill limit. A window that fits one tile (N <= BLOCK_M,
     BLOCK_N) takes the single-tile path: plain softmax, and the window-invariant bias tile
     (table without coords, attn_bias) is gathered once per program, not once per window.
@@ -494,7 +494,7 @@ def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes,
                         IDX64, ASM)
             w, b, wy, wx = _next_window(w, b, wy, wx, nW // nWw, nWw)
     else:
-        N_PASSES: tl.constexpr = (N_TILES + 1) // 2 if N_TILES > 0 else 1
+        N_PASSES: tl.constexpr = (N_TILES + TPP - 1) // TPP if N_TILES > 0 else 1
         w, b, wy, wx = _first_window(c * WPP, nW, nWw)
         for i in range(0, WPP):
             if w < BNW:
@@ -502,7 +502,8 @@ def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes,
                 x0 = wx * WW
                 for ps in tl.static_range(N_PASSES):
                     _pass(qkv, out, lse, tab_h, ab_h, group, coords, codes, w, h, b, y0, x0, hd, qk_scale, C, NH, H,
-                          W, SH, SW, GG, GC, RH, RW, 2 * BLOCK_M * ps, 2 if N_TILES >= 2 * ps + 2 else N_TILES - 2 * ps, BLOCK_M,
+                          W, SH, SW, GG, GC, RH, RW, TPP * BLOCK_M * ps,
+                          TPP if N_TILES >= TPP * ps + TPP else N_TILES - TPP * ps, BLOCK_M,
                           BM_TAIL if ps == N_PASSES - 1 else 0, N, D, WH, WW, BLOCK_N, BN_TAIL, HAS_RPB, HAS_BIAS,
                           HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM)
             w, b, wy, wx = _next_window(w, b, wy, wx, nW // nWw, nWw)
@@ -527,16 +528,20 @@ def _tail(n, block):
     return 0 if r == 0 else max(16, triton.next_power_of_2(r))
 
 
-def _fwd_config(N, D, heavy):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Two 64x64 score tiles per pass fill ~240
-    registers (2 CTAs/SM) with the common masks (group or none, rpb, int32 labels, d <= 32);
-    heavier specializations (shift, attn_bias, coords, int64 labels, d >= 64, fp32) spill there
-    and take 32-key blocks. Under the interpreter small tiles, so that the tile loops, both
-    tails and the single-tile path all run in tests (at most 4 full row tiles)."""
+def _fwd_config(N, D, heavy, wide):
+    """(BLOCK_M, BLOCK_N, tiles per pass, num_warps, num_stages). Two 64x64 score tiles per pass
+    fill ~240 registers (2 CTAs/SM) with the common masks (group or none, rpb, int32 labels,
+    d <= 32); heavier specializations (shift, attn_bias, coords, int64 labels, d >= 64, fp32)
+    spill there and take 32-key blocks and no software pipelining; two of shift/group/attn_bias/
+    coords together, a heavy one with d >= 64, or d = 128 take one tile per pass. (Known: a heavy
+    d = 128 window over 64 tokens still spills a few cold bytes; its 64x128 fp32 accumulator
+    alone is 64 registers a thread.) Under the interpreter small tiles, so that the tile loops, both tails,
+    several passes and the single-tile path all run in tests (at most 4 full row tiles)."""
     if _INTERPRET:
         bm = 16 if N < 80 else (32 if N < 160 else 64)
-        return bm, 16, 1, 1
-    return 64, (32 if heavy or D >= 64 else 64), 4, 2
+        return bm, 16, 2, 1, 1
+    bn = 16 if (wide and D >= 64) or (heavy and D >= 128) else (32 if heavy or D >= 64 else 64)
+    return 64, bn, (1 if wide or D >= 128 else 2), 4, (1 if heavy else 2)
 
 
 def _single(N):
@@ -602,9 +607,10 @@ def window_attention(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coor
     lse = _alloc((B * nW, num_heads, N), torch.float32, qkv.device)
     if out.numel() == 0:
         return out, lse
-    heavy = (qkv.dtype == torch.float32 or sh > 0 or sw > 0 or attn_bias is not None or coords is not None
-             or (group is not None and group.dtype == torch.int64))
-    bm, bn, warps, stages = _fwd_config(N, D, heavy)
+    masks = (sh > 0 or sw > 0) + (attn_bias is not None) + (coords is not None)
+    heavy = masks > 0 or qkv.dtype == torch.float32 or (group is not None and group.dtype == torch.int64)
+    wide = masks + (group is not None) >= 2 or (heavy and D >= 64)
+    bm, bn, tpp, warps, stages = _fwd_config(N, D, heavy, wide)
     tab, ab = _tables(rpb, attn_bias, qkv, num_heads)
     bnw = B * nW
     single = _single(N)
@@ -615,7 +621,7 @@ def window_attention(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coor
         _codes(wh, ww, qkv.device),
         float(scale) * _LOG2E, num_heads, H, W, nW, nWw, sh, sw, *G, rh, rw, bnw, WPP=wpp,
         N=N, D=D, WH=wh, WW=ww, SINGLE=single, BS=max(16, triton.next_power_of_2(N)),
-        BLOCK_M=bm, BM_TAIL=_tail(N, bm), BLOCK_N=bn, BN_TAIL=_tail(N, bn),
+        BLOCK_M=bm, BM_TAIL=_tail(N, bm), BLOCK_N=bn, BN_TAIL=_tail(N, bn), TPP=tpp,
         ASM=not _INTERPRET, IDX64=qkv.numel() >= 2**31, num_warps=warps, num_stages=stages,
         **_flags(qkv, rpb, attn_bias, group, coords, sh, sw),
     )
