@@ -535,11 +535,12 @@ def _fwd_config(N, D, heavy, wide):
     spill there and take 32-key blocks and no software pipelining; two of shift/group/attn_bias/
     coords together, a heavy one with d >= 64, or d = 128 take one tile per pass. (Known: a heavy
     d = 128 window over 64 tokens still spills a few cold bytes; its 64x128 fp32 accumulator
-    alone is 64 registers a thread.) Under the interpreter small tiles, so that the tile loops, both tails,
-    several passes and the single-tile path all run in tests (at most 4 full row tiles)."""
+    alone is 64 registers a thread.) Under the interpreter small tiles, so that the tile loops,
+    both tails, one or two tiles per pass, several passes and the single-tile path all run in
+    tests (at most 4 full row tiles)."""
     if _INTERPRET:
         bm = 16 if N < 80 else (32 if N < 160 else 64)
-        return bm, 16, 2, 1, 1
+        return bm, 16, (1 if wide else 2), 1, 1
     bn = 16 if (wide and D >= 64) or (heavy and D >= 128) else (32 if heavy or D >= 64 else 64)
     return 64, bn, (1 if wide or D >= 128 else 2), 4, (1 if heavy else 2)
 
