@@ -135,6 +135,11 @@ CASES = {
                                          True),
     "win3x5_d128_group_per_bias_f32": (F32, dict(win=(3, 5), B=3, grid=(1, 1), nh=1, d=128, group="per",
                                                  bias=True), None),
+    # d = 128 over one tile: the two-phase backward (the others take the single pass)
+    "det_win5x4_d128_shift_group_per_rpb_bias_bf16": (BF16, dict(win=(5, 4), B=1, grid=(1, 2), nh=1, d=128,
+                                                                shift=(2, 1), group="per", rpb=True, bias=True), True),
+    "win4x4_d128_coords_per_rpb_f16": (F16, dict(win=(4, 4), B=1, grid=(1, 2), nh=1, d=128, coords="per", rpb=True),
+                                       False),
 }
 
 

@@ -98,6 +98,17 @@ def _gather_rc(row_ptr, col_off, ok, MASKED: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _opaque(x, ASM: tl.constexpr):
+    """``x`` through an asm move the compiler cannot see through: addresses derived from it are
+    recomputed where used inside a loop instead of hoisted out of it (hoisted, per-row addresses
+    stay live across the loop and spill)."""
+    if ASM:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        return x
+
+
+@triton.jit
 def _gather_i32(ptrs, ASM: tl.constexpr):
     """int32 gather in the layout of ``ptrs`` (see ``_gather``)."""
     if ASM:
@@ -237,10 +248,14 @@ def _mask(t, reg_m, reg_n, grp_m, grp_n, col_ok, SHIFT: tl.constexpr, HAS_GROUP:
 @triton.jit
 def _rows(qkv, group, coords, tab_h, ab_h, offs_m, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW,
           N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SHIFT: tl.constexpr,
-          HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr, IDX64: tl.constexpr):
-    """A query tile: q, labels, coords, table row pointers, attn_bias row pointers, token index."""
+          HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr, IDX64: tl.constexpr, OPAQUE: tl.constexpr = False,
+          ASM: tl.constexpr = False):
+    """A query tile: q, labels, coords, table row pointers, attn_bias row pointers, token index
+    (OPAQUE: positions through ``_opaque``, so a loop recomputes what depends on them)."""
     ly, lx = _lyx(offs_m, N, WW)
     pos, reg = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
+    if OPAQUE:
+        pos = _opaque(pos, ASM)
     tok = _idx(b * (H * W) + pos, IDX64)
     offs_d = tl.arange(0, D)
     q = tl.load(qkv + (tok * (3 * C) + hd)[:, None] + offs_d[None, :])

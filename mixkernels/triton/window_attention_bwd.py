@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .window_attention import (_INTERPRET, _LOG2E, _alloc_for, _codes, _flags, _gather_rc, _idx, _in_range,
-                               _first_window, _keys, _lyx, _mask, _mm, _next_window, _pos, _rows, _single,
+                               _first_window, _keys, _lyx, _mask, _mm, _next_window, _opaque, _pos, _rows, _single,
                                _table_bias, _tables, _tail)
 
 __all__ = ["window_attention_backward"]
@@ -48,14 +48,14 @@ __all__ = ["window_attention_backward"]
 def _bwd_rows(qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, cbase, hd, C,
               NH, H, W, SH, SW, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
               SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr, DELTA: tl.constexpr,
-              IDX64: tl.constexpr):
+              IDX64: tl.constexpr, OPAQUE: tl.constexpr = False, ASM: tl.constexpr = False):
     """A query tile: q, dO, delta = rowsum(dO * O), lse (log2 units; +inf on padded rows), and
     the rows' labels/coords/table row pointers (padded rows read a real token).
     DELTA: 0 compute delta; 1 compute and store it in ``dlt`` (lse's layout); 2 load it from ``dlt``."""
     row_ok = offs_m < N
     q, reg, grp, cy, cx, tab_m, ab_m, tok = _rows(qkv, group, coords, tab_h, ab_h, offs_m, b, y0, x0, gbase, cbase,
                                                   hd, C, H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS,
-                                                  IDX64)
+                                                  IDX64, OPAQUE, ASM)
     orow = (tok * C + hd)[:, None] + tl.arange(0, D)[None, :]
     do = tl.load(dout + orow, mask=row_ok[:, None], other=0.0)
     rows = (w * NH + h) * N + offs_m
@@ -265,12 +265,65 @@ def _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, 
 
 
 @triton.jit
+def _sp_tile(qkv, dout, out, lse, dlt, tab_h, ab_h, group, coords, dsum_h, dtab_h, k, v, dk, dv, dq, offs_m, w,
+             h, b, y0, x0, gbase, cbase, hd, C, NH, H, W, SH, SW, offs_n, col_ok, reg_n, grp_n, cy_n, cx_n, code_n,
+             qk_scale, RH, RW, COL_MASK: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+             HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr,
+             SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr, F32: tl.constexpr,
+             UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
+    """Single pass, one (query tile, key block): the tile's dK/dV/dQ shares and bias gradient."""
+    # the rows' positions go through an opaque move: their loads are redone per key block, not
+    # hoisted with their 64-bit addresses (live across the loop, those spill)
+    q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m, tok, row_ok = _bwd_rows(
+        qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, cbase, hd, C, NH, H, W,
+        SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 2, IDX64, True, ASM)
+    tb = _t_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, ab_m, offs_n, col_ok, RH, RW, HAS_RPB, HAS_BIAS,
+                 HAS_COORDS, COL_MASK, ASM)
+    p, ds = _probs(q, k, v, do, delta, lse2, tb, reg_m, reg_n, grp_m, grp_n, col_ok, qk_scale, HAS_RPB or HAS_BIAS,
+                   SHIFT, HAS_GROUP, COL_MASK, F32, UPCAST)
+    dv += _mm(tl.trans(p.to(do.dtype)), do, F32, UPCAST)
+    dsl = ds.to(q.dtype)
+    dk += _mm(tl.trans(dsl), q, F32, UPCAST)
+    dq += _mm(dsl, k, F32, UPCAST)
+    _bias_grads(ds, offs_m, offs_n, row_ok, col_ok, cy_m, cx_m, cy_n, cx_n, dsum_h, dtab_h, RH, RW, N, DSUM_MODE,
+                TAB_MODE, ASM)
+    return dk, dv, dq
+
+
+@triton.jit
+def _sp_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h, n0, w, h, b, y0, x0,
+              gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW, offs_m, dq, BN: tl.constexpr,
+              COL_MASK: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+              HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr,
+              SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr, F32: tl.constexpr,
+              UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
+    """Single pass, one key block against every query row: dK, dV of the block complete
+    (stored), dQ's share accumulated in registers."""
+    offs_n = n0 + tl.arange(0, BN)
+    k, v, ok, rn, gn, cyn, cxn, cn = _keys(qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, W,
+                                           SH, SW, N, WH, WW, D, SHIFT, HAS_GROUP, HAS_COORDS, COL_MASK, IDX64, ASM)
+    dk = tl.zeros((BN, D), tl.float32)
+    dv = tl.zeros((BN, D), tl.float32)
+    dk, dv, dq = _sp_tile(qkv, dout, out, lse, dlt, tab_h, ab_h, group, coords, dsum_h, dtab_h, k, v, dk, dv, dq,
+                          offs_m, w, h, b, y0, x0, gbase, cbase, hd, C, NH, H, W, SH, SW, offs_n, ok, rn, gn, cyn, cxn,
+                          cn, qk_scale, RH, RW, COL_MASK, N, D, WH, WW, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS,
+                          SHIFT, DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM)
+    ly, lx = _lyx(offs_n, N, WW)
+    pos, _r = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
+    krow = _idx(b * (H * W) + pos, IDX64) * (3 * C) + hd
+    offs_d = tl.arange(0, D)
+    tl.store(dqkv + krow[:, None] + C + offs_d[None, :], (dk * scale).to(dqkv.dtype.element_ty), mask=ok[:, None])
+    tl.store(dqkv + krow[:, None] + 2 * C + offs_d[None, :], dv.to(dqkv.dtype.element_ty), mask=ok[:, None])
+    return dq
+
+
+@triton.jit
 def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes, dsum, dtab,
                 qk_scale, scale, NH, H, W, nW, nWw, SH, SW, GG, GC, RH, RW, BNW, STRIDE, W0,
                 WPP: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                 SINGLE: tl.constexpr, BS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BM_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BN_TAIL: tl.constexpr,
-                BLOCK_NB: tl.constexpr, BNB_TAIL: tl.constexpr,
+                BLOCK_NB: tl.constexpr, BNB_TAIL: tl.constexpr, SP: tl.constexpr,
                 HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
                 HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr,
                 F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
@@ -344,6 +397,34 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
         if DSUM_MODE == 3:
             tl.store(dsum_h + offs_m[:, None] * N + offs_n[None, :], dsum_acc,
                      mask=row_ok[:, None] & col_ok[None, :])
+    elif SP:
+        # Single pass (SP): all query rows of the window in one BLOCK_M tile (8 warps: two
+        # warpgroups of rows) whose dQ stays in registers, key blocks streamed once: dK/dV per
+        # block, nothing recomputed.
+        N_FULL: tl.constexpr = (N // BLOCK_N) * BLOCK_N
+        offs_m = tl.arange(0, BLOCK_M)
+        for i in range(0, WPP):
+            if w < BNW:
+                y0, x0, gbase, cbase = wy * WH, wx * WW, (b % GG) * (H * W), (b % GC) * (H * W)
+                # delta = rowsum(dO * O) once per row, kept in ``dlt`` for the key blocks
+                _q, _do, _dl, _ls, _rg, _gr, _cy, _cx, _tb, _ab, tok, row_ok = _bwd_rows(
+                    qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, cbase, hd,
+                    C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 1, IDX64)
+                tl.debug_barrier()  # delta stored by other threads of this program
+                dq = tl.zeros((BLOCK_M, D), tl.float32)
+                for n0 in range(0, N_FULL, BLOCK_N):
+                    dq = _sp_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h, n0,
+                                   w, h, b, y0, x0, gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW,
+                                   offs_m, dq, BLOCK_N, False, N, D, WH, WW, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS,
+                                   SHIFT, DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM)
+                if BN_TAIL > 0:
+                    dq = _sp_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h,
+                                   N_FULL, w, h, b, y0, x0, gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH,
+                                   RW, offs_m, dq, BN_TAIL, True, N, D, WH, WW, HAS_RPB, HAS_BIAS, HAS_GROUP,
+                                   HAS_COORDS, SHIFT, DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM)
+                tl.store(dqkv + (tok * (3 * C) + hd)[:, None] + tl.arange(0, D)[None, :],
+                         (dq * scale).to(dqkv.dtype.element_ty), mask=row_ok[:, None])
+            w, b, wy, wx = _next_window(w, b, wy, wx, nW // nWw, nWw)
     else:
         N_FULL: tl.constexpr = (N // BLOCK_N) * BLOCK_N
         M_FULL: tl.constexpr = (N // BLOCK_M) * BLOCK_M
@@ -415,20 +496,34 @@ def _gather_table_kernel(dsum, drpb, NH, N: tl.constexpr, N_PAD: tl.constexpr, N
 _PROGRAMS = 2 if _INTERPRET else 1024
 
 
-def _bwd_config(N, D, single):
-    """(BLOCK_M, BLOCK_N of phase A, BLOCK_N of phase B, num_warps, num_stages). Phase B keeps dK
-    and dV of its key block live across every query tile, so its blocks are narrow (16 keys: ~140
-    registers, 3 CTAs/SM, where 32 sits at the 255 limit and spills in some specializations);
-    d = 128 also halves the query tiles. A single tile with d >= 64 (dQ, dK, dV all live) takes
-    8 warps: the backward has no row reductions, so splitting its columns across warps is free.
-    The interpreter's tiles exercise every loop and tail."""
+def _maxnreg(sp):
+    """An explicit register cap for the single pass: at the same 255, ptxas allocates under a cap
+    without the few cold spills it leaves when uncapped (measured, Triton 3.9's ptxas)."""
+    return {"maxnreg": 255} if sp and not _INTERPRET else {}
+
+
+def _bwd_config(N, D, single, deterministic):
+    """(BLOCK_M, BLOCK_N, BLOCK_N of phase B, num_warps, num_stages, single pass).
+
+    Windows over one tile with d <= 64 (MixMIM stages 1-3) take the single pass: every query
+    row in one tile of 8 warps (two warpgroups of rows; no split rows) with dQ in registers,
+    16-key blocks streamed once (about 69k warp instructions per 196-token window-head against
+    about 101k for the two phases, which compute S and P twice); the rows' data is re-read per
+    key block (L1) rather than held, which keeps it within the register file. d = 128 (dQ of
+    256 rows would be 128 registers a thread) and the deterministic mode (its read-modify-write
+    of the partial sums does not fit next to dQ) take the two phases: phase B keeps dK and dV of
+    its key block live across every query tile, so its blocks are narrow (16 keys), and d = 128
+    halves the query tiles. A single tile with d >= 64 (dQ, dK, dV all live) takes 8 warps: the
+    backward has no row reductions, so splitting its columns across warps is free. The
+    interpreter's tiles exercise every loop and tail."""
     if _INTERPRET:
-        return 16, 16, 16, 1, 1
+        sp = not single and D <= 64 and not deterministic
+        return (triton.next_power_of_2(N) if sp else 16), 16, 16, 1, 1, sp
     if single:
-        return 64, 32, 16, (8 if D >= 64 else 4), 1
-    if D >= 128:
-        return 32, 16, 16, 4, 1
-    return 64, 32, 16, 4, 1
+        return 64, 32, 16, (8 if D >= 64 else 4), 1, False
+    if D <= 64 and not deterministic:
+        return max(128, triton.next_power_of_2(N)), 16, 16, 8, 1, True
+    return (32, 16, 16, 4, 1, False) if D >= 128 else (64, 32, 16, 4, 1, False)
 
 
 def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords,
@@ -455,7 +550,7 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     # The deterministic coords table sums (box loops) need the narrow tiles of the two-phase
     # path: on one 64x64 tile they exceed the register file.
     single = _single(N) and not (want_tab and deterministic)
-    bm, bn, bnb, warps, stages = _bwd_config(N, D, single)
+    bm, bn, bnb, warps, stages, sp = _bwd_config(N, D, single, deterministic)
     if single or deterministic:
         chunks = max(1, min(bnw, -(-_PROGRAMS // num_heads)))
         stride = triton.next_power_of_2(-(-bnw // chunks))  # few distinct loop counts (constexprs)
@@ -479,7 +574,7 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     if bnw > 0 and num_heads * D > 0:
         tab, ab = _tables(rpb, attn_bias, qkv, num_heads)
         G = (1 if group is None else group.shape[0], 1 if coords is None else coords.shape[0])
-        dlt = lse if single else torch.empty_like(lse)  # delta = rowsum(dO * O), phase A -> phase B
+        dlt = lse if single and not sp else torch.empty_like(lse)  # delta = rowsum(dO * O), phase A -> phase B
         for w0 in range(stride if outer else 1):
             _bwd_kernel[(num_heads, chunks)](
                 dout, qkv, out, lse, dlt, dqkv, tab, ab, qkv if group is None else group,
@@ -487,9 +582,10 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
                 float(scale) * _LOG2E, float(scale), num_heads, H, W, nW, nWw, sh, sw, *G, rh, rw, bnw, stride, w0,
                 WPP=1 if outer else stride, N=N, D=D, WH=wh, WW=ww, SINGLE=single,
                 BS=max(16, triton.next_power_of_2(N)), BLOCK_M=bm, BM_TAIL=_tail(N, bm), BLOCK_N=bn,
-                BN_TAIL=_tail(N, bn), BLOCK_NB=bnb, BNB_TAIL=_tail(N, bnb), DSUM_MODE=dsum_mode, TAB_MODE=tab_mode,
+                BN_TAIL=_tail(N, bn), BLOCK_NB=bnb, BNB_TAIL=_tail(N, bnb), SP=sp, DSUM_MODE=dsum_mode,
+                TAB_MODE=tab_mode,
                 ASM=not _INTERPRET, IDX64=qkv.numel() >= 2**31, num_warps=warps, num_stages=stages,
-                **_flags(qkv, rpb, attn_bias, group, coords, sh, sw),
+                **_flags(qkv, rpb, attn_bias, group, coords, sh, sw), **_maxnreg(sp),
             )
 
     def reduce(part, per):
