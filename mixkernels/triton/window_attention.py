@@ -509,7 +509,10 @@ def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes,
                         IDX64, ASM)
             w, b, wy, wx = _next_window(w, b, wy, wx, nW // nWw, nWw)
     else:
+        # TPP 2: pairs of tiles, the tail tile joins the last pass; TPP 1: one tile per pass, the
+        # tail tile in a pass of its own (the fewest live registers)
         N_PASSES: tl.constexpr = (N_TILES + TPP - 1) // TPP if N_TILES > 0 else 1
+        TAIL_ALONE: tl.constexpr = TPP == 1 and BM_TAIL > 0 and N_TILES > 0
         w, b, wy, wx = _first_window(c * WPP, nW, nWw)
         for i in range(0, WPP):
             if w < BNW:
@@ -519,8 +522,12 @@ def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes,
                     _pass(qkv, out, lse, tab_h, ab_h, group, coords, codes, w, h, b, y0, x0, hd, qk_scale, C, NH, H,
                           W, SH, SW, GG, GC, RH, RW, TPP * BLOCK_M * ps,
                           TPP if N_TILES >= TPP * ps + TPP else N_TILES - TPP * ps, BLOCK_M,
-                          BM_TAIL if ps == N_PASSES - 1 else 0, N, D, WH, WW, BLOCK_N, BN_TAIL, HAS_RPB, HAS_BIAS,
-                          HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM)
+                          BM_TAIL if ps == N_PASSES - 1 and not TAIL_ALONE else 0, N, D, WH, WW, BLOCK_N, BN_TAIL,
+                          HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM)
+                if TAIL_ALONE:
+                    _pass(qkv, out, lse, tab_h, ab_h, group, coords, codes, w, h, b, y0, x0, hd, qk_scale, C, NH, H,
+                          W, SH, SW, GG, GC, RH, RW, N_TILES * BLOCK_M, 1, BM_TAIL, 0, N, D, WH, WW, BLOCK_N, BN_TAIL,
+                          HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM)
             w, b, wy, wx = _next_window(w, b, wy, wx, nW // nWw, nWw)
 
 
@@ -548,11 +555,10 @@ def _fwd_config(N, D, heavy, wide):
     fill ~240 registers (2 CTAs/SM) with the common masks (group or none, rpb, int32 labels,
     d <= 32); heavier specializations (shift, attn_bias, coords, int64 labels, d >= 64, fp32)
     spill there and take 32-key blocks and no software pipelining; two of shift/group/attn_bias/
-    coords together, a heavy one with d >= 64, or d = 128 take one tile per pass. (Known: a heavy
-    d = 128 window over 64 tokens still spills a few cold bytes; its 64x128 fp32 accumulator
-    alone is 64 registers a thread.) Under the interpreter small tiles, so that the tile loops,
-    both tails, one or two tiles per pass, several passes and the single-tile path all run in
-    tests (at most 4 full row tiles)."""
+    coords together, a heavy one with d >= 64, or d = 128 take one tile per pass, and the tail
+    tile a pass of its own (its 16-row MMA layout next to a 64-row tile's state spills). Under
+    the interpreter small tiles, so that the tile loops, both tails, one or two tiles per pass,
+    several passes and the single-tile path all run in tests (at most 4 full row tiles)."""
     if _INTERPRET:
         bm = 16 if N < 80 else (32 if N < 160 else 64)
         return bm, 16, (1 if wide else 2), 1, 1

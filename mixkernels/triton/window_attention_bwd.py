@@ -502,26 +502,27 @@ def _maxnreg(sp):
     return {"maxnreg": 255} if sp and not _INTERPRET else {}
 
 
-def _bwd_config(N, D, single, deterministic):
+def _bwd_config(N, D, single, no_sp):
     """(BLOCK_M, BLOCK_N, BLOCK_N of phase B, num_warps, num_stages, single pass).
 
-    Windows over one tile with d <= 32 (MixMIM stages 1-3) take the single pass: every query
+    Windows over one tile with d = 32 (MixMIM stages 1-3) take the single pass: every query
     row in one tile of 8 warps (two warpgroups of rows; no split rows) with dQ in registers,
     16-key blocks streamed once (about 69k warp instructions per 196-token window-head against
     about 101k for the two phases, which compute S and P twice); the rows' data is re-read per
-    key block (L1) rather than held, which keeps it within the register file. d >= 64 (dQ of
-    256 rows is 64 registers a thread or more) and the deterministic mode (its read-modify-write
-    of the partial sums does not fit next to dQ) take the two phases: phase B keeps dK and dV of
+    key block (L1) rather than held, which keeps it within the register file (at 252 of 255:
+    d = 16 already spills a few bytes there). Other head dims, coords (exact int64 index math)
+    and the deterministic mode (read-modify-writes of the partial sums) do not fit next to dQ
+    and take the two phases (``no_sp``): phase B keeps dK and dV of
     its key block live across every query tile, so its blocks are narrow (16 keys), and d = 128
     halves the query tiles. A single tile with d >= 64 (dQ, dK, dV all live) takes 8 warps: the
     backward has no row reductions, so splitting its columns across warps is free. The
     interpreter's tiles exercise every loop and tail."""
     if _INTERPRET:
-        sp = not single and D <= 32 and not deterministic
+        sp = not single and D == 32 and not no_sp
         return (triton.next_power_of_2(N) if sp else 16), 16, 16, 1, 1, sp
     if single:
         return 64, 32, 16, (8 if D >= 64 else 4), 1, False
-    if D <= 32 and not deterministic:
+    if D == 32 and not no_sp:
         return max(128, triton.next_power_of_2(N)), 16, 16, 8, 1, True
     return (32, 16, 16, 4, 1, False) if D >= 128 else (64, 32, 16, 4, 1, False)
 
@@ -550,7 +551,7 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     # The deterministic coords table sums (box loops) need the narrow tiles of the two-phase
     # path: on one 64x64 tile they exceed the register file.
     single = _single(N) and not (want_tab and deterministic)
-    bm, bn, bnb, warps, stages, sp = _bwd_config(N, D, single, deterministic)
+    bm, bn, bnb, warps, stages, sp = _bwd_config(N, D, single, deterministic or coords is not None)
     if single or deterministic:
         chunks = max(1, min(bnw, -(-_PROGRAMS // num_heads)))
         stride = triton.next_power_of_2(-(-bnw // chunks))  # few distinct loop counts (constexprs)
