@@ -106,16 +106,18 @@ def _red_rc(row_ptr, col_off, val, ok, RMW: tl.constexpr, ASM: tl.constexpr):
     address next to its use, so no tile of 64-bit pointers is kept live."""
     rp, co = tl.broadcast(row_ptr[:, None], col_off[None, :])
     if ASM:
+        # (the value travels as its bits: Triton 3.6 rejects float and pointer operands together)
+        bits = val.to(tl.int32, bitcast=True)
         if RMW:
             tl.inline_asm_elementwise(
                 "{ .reg .pred p; .reg .b64 a; .reg .f32 x; setp.ne.b32 p, $3, 0; mad.wide.s32 a, $2, 4, $1; "
                 "@p ld.global.f32 x, [a]; @p add.f32 x, x, $4; @p st.global.f32 [a], x; mov.b32 $0, 0; }",
-                "=r,l,r,r,f", [rp, co, ok.to(tl.int32), val], dtype=tl.int32, is_pure=False, pack=1)
+                "=r,l,r,r,r", [rp, co, ok.to(tl.int32), bits], dtype=tl.int32, is_pure=False, pack=1)
         else:
             tl.inline_asm_elementwise(
                 "{ .reg .pred p; .reg .b64 a; setp.ne.b32 p, $3, 0; mad.wide.s32 a, $2, 4, $1; "
                 "@p red.relaxed.gpu.global.add.f32 [a], $4; mov.b32 $0, 0; }",
-                "=r,l,r,r,f", [rp, co, ok.to(tl.int32), val], dtype=tl.int32, is_pure=False, pack=1)
+                "=r,l,r,r,r", [rp, co, ok.to(tl.int32), bits], dtype=tl.int32, is_pure=False, pack=1)
     else:
         if RMW:
             tl.store(rp + co, tl.load(rp + co, mask=ok, other=0.0) + val, mask=ok)
