@@ -222,12 +222,18 @@ def _p1_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes,
 
 
 @triton.jit
-def _dq_block(qkv, group, coords, codes, tab_h, n0, b, y0, x0, gbase, cbase, hd, qk_scale, C, H, W, SH, SW, RH, RW,
-              q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m, BN: tl.constexpr, COL_MASK: tl.constexpr,
-              N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, HAS_RPB: tl.constexpr,
-              HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr,
-              F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
-    """Phase A, one key block of a query tile: its dS @ K (dQ's share, unscaled)."""
+def _dq_block(qkv, dout, out, lse, dlt, group, coords, codes, tab_h, ab_h, n0, w, h, b, y0, x0, gbase, cbase, hd,
+              qk_scale, C, NH, H, W, SH, SW, RH, RW, offs_m, q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m,
+              BN: tl.constexpr, COL_MASK: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr,
+              WW: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
+              HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
+              IDX64: tl.constexpr, RELOAD: tl.constexpr, ASM: tl.constexpr):
+    """Phase A, one key block of a query tile: its dS @ K (dQ's share, unscaled). RELOAD: the
+    tile's rows are re-read here (opaque positions) instead of held across the key loop."""
+    if RELOAD:
+        q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m, _tok, _ok = _bwd_rows(
+            qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, cbase, hd, C, NH,
+            H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 2, IDX64, True, ASM)
     offs_n = n0 + tl.arange(0, BN)
     k, v, col_ok, reg_n, grp_n, cy_n, cx_n, code_n = _keys(
         qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW, N, WH, WW, D, SHIFT,
@@ -245,8 +251,8 @@ def _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, 
              BM: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
              BLOCK_N: tl.constexpr, BN_TAIL: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr,
              HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, F32: tl.constexpr,
-             UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
-    """Phase 2, one query tile: dQ over every key block."""
+             UPCAST: tl.constexpr, IDX64: tl.constexpr, RELOAD: tl.constexpr, ASM: tl.constexpr):
+    """Phase A, one query tile: dQ over every key block (and the rows' delta, kept for phase B)."""
     offs_m = m0 + tl.arange(0, BM)
     q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m, tok, row_ok = _bwd_rows(
         qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, cbase, hd, C, NH, H, W,
@@ -254,13 +260,15 @@ def _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, 
     dq = tl.zeros((BM, D), tl.float32)
     N_FULL: tl.constexpr = (N // BLOCK_N) * BLOCK_N
     for n0 in range(0, N_FULL, BLOCK_N):
-        dq += _dq_block(qkv, group, coords, codes, tab_h, n0, b, y0, x0, gbase, cbase, hd, qk_scale, C, H, W, SH, SW,
-                        RH, RW, q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m, BLOCK_N, False, N, D, WH,
-                        WW, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM)
+        dq += _dq_block(qkv, dout, out, lse, dlt, group, coords, codes, tab_h, ab_h, n0, w, h, b, y0, x0, gbase, cbase,
+                        hd, qk_scale, C, NH, H, W, SH, SW, RH, RW, offs_m, q, do, delta, lse2, reg_m, grp_m, cy_m,
+                        cx_m, tab_m, ab_m, BLOCK_N, False, N, D, WH, WW, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS,
+                        SHIFT, F32, UPCAST, IDX64, RELOAD, ASM)
     if BN_TAIL > 0:
-        dq += _dq_block(qkv, group, coords, codes, tab_h, N_FULL, b, y0, x0, gbase, cbase, hd, qk_scale, C, H, W, SH,
-                        SW, RH, RW, q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m, BN_TAIL, True, N, D, WH,
-                        WW, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM)
+        dq += _dq_block(qkv, dout, out, lse, dlt, group, coords, codes, tab_h, ab_h, N_FULL, w, h, b, y0, x0, gbase,
+                        cbase, hd, qk_scale, C, NH, H, W, SH, SW, RH, RW, offs_m, q, do, delta, lse2, reg_m, grp_m,
+                        cy_m, cx_m, tab_m, ab_m, BN_TAIL, True, N, D, WH, WW, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS,
+                        SHIFT, F32, UPCAST, IDX64, RELOAD, ASM)
     offs_d = tl.arange(0, D)
     tl.store(dqkv + (tok * (3 * C) + hd)[:, None] + offs_d[None, :], (dq * scale).to(dqkv.dtype.element_ty),
              mask=row_ok[:, None])
@@ -325,7 +333,7 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
                 WPP: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                 SINGLE: tl.constexpr, BS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BM_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BN_TAIL: tl.constexpr,
-                BLOCK_NB: tl.constexpr, BNB_TAIL: tl.constexpr, SP: tl.constexpr,
+                BLOCK_NB: tl.constexpr, BNB_TAIL: tl.constexpr, SP: tl.constexpr, RELOAD: tl.constexpr,
                 HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
                 HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr,
                 F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
@@ -438,12 +446,12 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
                     _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, m0, w, h, b, y0, x0,
                              gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW, BLOCK_M, N, D, WH, WW,
                              BLOCK_N, BN_TAIL, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64,
-                             ASM)
+                             RELOAD, ASM)
                 if BM_TAIL > 0:
                     _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, M_FULL, w, h, b, y0, x0,
                              gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW, BM_TAIL, N, D, WH, WW,
                              BLOCK_N, BN_TAIL, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64,
-                             ASM)
+                             RELOAD, ASM)
                 tl.debug_barrier()  # delta stored by other threads of this program
                 # phase B: dK, dV per key block, bias gradients
                 NB_FULL: tl.constexpr = (N // BLOCK_NB) * BLOCK_NB
@@ -515,8 +523,8 @@ def _bwd_config(N, D, single, no_sp):
     d = 16 already spills a few bytes there). Other head dims, coords (exact int64 index math)
     and the deterministic mode (read-modify-writes of the partial sums) do not fit next to dQ
     and take the two phases (``no_sp``): phase B keeps dK and dV of
-    its key block live across every query tile, so its blocks are narrow (16 keys), and d = 128
-    halves the query tiles. A single tile with d >= 64 (dQ, dK, dV all live) takes 8 warps: the
+    its key block live across every query tile, so its blocks are narrow (16 keys); d >= 64
+    halves the query tiles and re-reads them per key block in phase A (RELOAD). A single tile with d >= 64 (dQ, dK, dV all live) takes 8 warps: the
     backward has no row reductions, so splitting its columns across warps is free. The
     interpreter's tiles exercise every loop and tail."""
     if _INTERPRET:
@@ -526,7 +534,7 @@ def _bwd_config(N, D, single, no_sp):
         return 64, 32, 16, (8 if D >= 64 else 4), 1, False
     if D == 32 and not no_sp:
         return max(128, triton.next_power_of_2(N)), 16, 16, 8, 1, True
-    return (32, 16, 16, 4, 1, False) if D >= 128 else (64, 32, 16, 4, 1, False)
+    return (32, 16, 16, 4, 1, False) if D >= 64 else (64, 32, 16, 4, 1, False)
 
 
 def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords,
@@ -585,7 +593,8 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
                 float(scale) * _LOG2E, float(scale), num_heads, H, W, nW, nWw, sh, sw, *G, rh, rw, bnw, stride, w0,
                 WPP=1 if outer else stride, N=N, D=D, WH=wh, WW=ww, SINGLE=single,
                 BS=max(16, triton.next_power_of_2(N)), BLOCK_M=bm, BM_TAIL=_tail(N, bm), BLOCK_N=bn,
-                BN_TAIL=_tail(N, bn), BLOCK_NB=bnb, BNB_TAIL=_tail(N, bnb), SP=sp, DSUM_MODE=dsum_mode,
+                BN_TAIL=_tail(N, bn), BLOCK_NB=bnb, BNB_TAIL=_tail(N, bnb), SP=sp, RELOAD=not _INTERPRET and D >= 64,
+                DSUM_MODE=dsum_mode,
                 TAB_MODE=tab_mode,
                 ASM=not _INTERPRET, IDX64=qkv.numel() >= 2**31, num_warps=warps, num_stages=stages,
                 **_flags(qkv, rpb, attn_bias, group, coords, sh, sw), **_maxnreg(sp),
