@@ -386,7 +386,8 @@ def test_triton_out_of_range_coords_add_no_bias(win):
 def test_triton_poisoned_outputs_paths(device, case, monkeypatch):
     """Poisoned outputs on the single-tile path (coords table) and the two-pass multi-tile path."""
     tw = pytest.importorskip("mixkernels.triton.window_attention")
-    monkeypatch.setattr(tw, "_alloc", lambda shape, dtype, dev: torch.full(shape, float("nan"), dtype=dtype, device=dev))
+    monkeypatch.setattr(tw, "_alloc",
+                        lambda shape, dtype, dev: torch.full(shape, float("nan"), dtype=dtype, device=dev))
     if case == "single_coords":
         ckw = dict(win=(3, 4), grid=(1, 3), nh=2, coords="per", rpb=True, bias=True)
     else:

@@ -376,8 +376,9 @@ def _tile(qkv, group, coords, tab_h, ab_h, offs_m, b, y0, x0, gbase, cbase, hd, 
           N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SHIFT: tl.constexpr,
           HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr, IDX64: tl.constexpr):
     """A query tile's data and its empty online-softmax state (m, l, acc)."""
-    q, reg, grp, cy, cx, tab_m, ab_m, _tok = _rows(qkv, group, coords, tab_h, ab_h, offs_m, b, y0, x0, gbase, cbase, hd, C,
-                                             H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, IDX64)
+    q, reg, grp, cy, cx, tab_m, ab_m, _tok = _rows(qkv, group, coords, tab_h, ab_h, offs_m, b, y0, x0, gbase, cbase,
+                                                   hd, C, H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS,
+                                                   IDX64)
     BM: tl.constexpr = offs_m.shape[0]
     return (q, tab_m, ab_m, reg, grp, cy, cx, tl.full((BM,), float("-inf"), tl.float32), tl.zeros((BM,), tl.float32),
             tl.zeros((BM, D), tl.float32))

@@ -277,8 +277,8 @@ def _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, 
 @triton.jit
 def _sp_tile(qkv, dout, out, lse, dlt, tab_h, ab_h, group, coords, dsum_h, dtab_h, k, v, dk, dv, dq, offs_m, w,
              h, b, y0, x0, gbase, cbase, hd, C, NH, H, W, SH, SW, offs_n, col_ok, reg_n, grp_n, cy_n, cx_n, code_n,
-             qk_scale, RH, RW, COL_MASK: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-             HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr,
+             qk_scale, RH, RW, COL_MASK: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr,
+             WW: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr,
              SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr, F32: tl.constexpr,
              UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
     """Single pass, one (query tile, key block): the tile's dK/dV/dQ shares and bias gradient."""
@@ -423,8 +423,8 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
                 tl.debug_barrier()  # delta stored by other threads of this program
                 dq = tl.zeros((BLOCK_M, D), tl.float32)
                 for n0 in range(0, N_FULL, BLOCK_N):
-                    dq = _sp_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h, n0,
-                                   w, h, b, y0, x0, gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW,
+                    dq = _sp_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h,
+                                   n0, w, h, b, y0, x0, gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW,
                                    offs_m, dq, BLOCK_N, False, N, D, WH, WW, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS,
                                    SHIFT, DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM)
                 if BN_TAIL > 0:
@@ -456,13 +456,13 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
                 # phase B: dK, dV per key block, bias gradients
                 NB_FULL: tl.constexpr = (N // BLOCK_NB) * BLOCK_NB
                 for n0 in range(0, NB_FULL, BLOCK_NB):
-                    _p1_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h, n0, w, h,
-                              b, y0, x0, gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW, BLOCK_NB,
+                    _p1_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h, n0, w,
+                              h, b, y0, x0, gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW, BLOCK_NB,
                               False, N, D, WH, WW, BLOCK_M, BM_TAIL, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT,
                               DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM)
                 if BNB_TAIL > 0:
-                    _p1_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h, NB_FULL,
-                              w, h, b, y0, x0, gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW,
+                    _p1_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h,
+                              NB_FULL, w, h, b, y0, x0, gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW,
                               BNB_TAIL, True, N, D, WH, WW, BLOCK_M, BM_TAIL, HAS_RPB, HAS_BIAS, HAS_GROUP,
                               HAS_COORDS, SHIFT, DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM)
             w, b, wy, wx = _next_window(w, b, wy, wx, nW // nWw, nWw)
@@ -515,18 +515,18 @@ def _maxnreg(sp):
 def _bwd_config(N, D, single, no_sp):
     """(BLOCK_M, BLOCK_N, BLOCK_N of phase B, num_warps, num_stages, single pass).
 
-    Windows over one tile with d = 32 (MixMIM stages 1-3) take the single pass: every query
-    row in one tile of 8 warps (two warpgroups of rows; no split rows) with dQ in registers,
-    16-key blocks streamed once (about 69k warp instructions per 196-token window-head against
-    about 101k for the two phases, which compute S and P twice); the rows' data is re-read per
-    key block (L1) rather than held, which keeps it within the register file (at 252 of 255:
-    d = 16 already spills a few bytes there). Other head dims, coords (exact int64 index math)
-    and the deterministic mode (read-modify-writes of the partial sums) do not fit next to dQ
-    and take the two phases (``no_sp``): phase B keeps dK and dV of
-    its key block live across every query tile, so its blocks are narrow (16 keys); d >= 64
-    halves the query tiles and re-reads them per key block in phase A (RELOAD). A single tile with d >= 64 (dQ, dK, dV all live) takes 8 warps: the
-    backward has no row reductions, so splitting its columns across warps is free. The
-    interpreter's tiles exercise every loop and tail."""
+    Windows over one tile with d = 32 (MixMIM stages 1-3) take the single pass: every query row
+    in one tile of 8 warps (two warpgroups of rows; no split rows) with dQ in registers, 16-key
+    blocks streamed once (about 69k warp instructions per 196-token window-head against about
+    101k for the two phases, which compute S and P twice); the rows' data is re-read per key
+    block (L1) rather than held, which keeps it within the register file (at 252 of 255: d = 16
+    already spills a few bytes there). Other head dims, coords (exact int64 index math) and the
+    deterministic mode (read-modify-writes of the partial sums) do not fit next to dQ and take
+    the two phases (``no_sp``): phase B keeps dK and dV of its key block live across every query
+    tile, so its blocks are narrow (16 keys); d >= 64 halves the query tiles and re-reads them
+    per key block in phase A (RELOAD). A single tile with d >= 64 (dQ, dK, dV all live) takes 8
+    warps: the backward has no row reductions, so splitting its columns across warps is free.
+    The interpreter's tiles exercise every loop and tail."""
     if _INTERPRET:
         sp = not single and D == 32 and not no_sp
         return (triton.next_power_of_2(N) if sp else 16), 16, 16, 1, 1, sp
@@ -593,7 +593,7 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
                 float(scale) * _LOG2E, float(scale), num_heads, H, W, nW, nWw, sh, sw, *G, rh, rw, bnw, stride, w0,
                 WPP=1 if outer else stride, N=N, D=D, WH=wh, WW=ww, SINGLE=single,
                 BS=max(16, triton.next_power_of_2(N)), BLOCK_M=bm, BM_TAIL=_tail(N, bm), BLOCK_N=bn,
-                BN_TAIL=_tail(N, bn), BLOCK_NB=bnb, BNB_TAIL=_tail(N, bnb), SP=sp, RELOAD=not _INTERPRET and D >= 64,
+                BN_TAIL=_tail(N, bn), BLOCK_NB=bnb, BNB_TAIL=_tail(N, bnb), SP=sp, RELOAD=D >= 64,
                 DSUM_MODE=dsum_mode,
                 TAB_MODE=tab_mode,
                 ASM=not _INTERPRET, IDX64=qkv.numel() >= 2**31, num_warps=warps, num_stages=stages,
