@@ -279,8 +279,8 @@ def _sp_tile(qkv, dout, out, lse, dlt, tab_h, ab_h, group, coords, dsum_h, dtab_
              h, b, y0, x0, gbase, cbase, hd, C, NH, H, W, SH, SW, offs_n, col_ok, reg_n, grp_n, cy_n, cx_n, code_n,
              qk_scale, RH, RW, COL_MASK: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr,
              WW: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
-             HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr, F32: tl.constexpr,
-             UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
+             HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr,
+             F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
     """Single pass, one (query tile, key block): the tile's dK/dV/dQ shares and bias gradient."""
     # the rows' positions go through an opaque move: their loads are redone per key block, not
     # hoisted with their 64-bit addresses (live across the loop, those spill)
