@@ -6,7 +6,30 @@
 // Every input arrives contiguous and already validated; layouts are documented per block.
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
+#include "mixkernels/checks.h"
+#include "mixkernels/limits.h"
+
+namespace {
+
+// The kernel limits of mixkernels/limits.h by name (tests compare them with mixkernels/ops/limits.py).
+std::vector<int64_t> limits(const std::string& name) {
+  namespace L = mixkernels::limits;
+  if (name == "head_dims") return {std::begin(L::kHeadDims), std::end(L::kHeadDims)};
+  if (name == "max_window_tokens") return {L::kMaxWindowTokens};
+  if (name == "cuda_max_loss_patch") return {L::kCudaMaxLossPatch};
+  MK_CHECK_ARG(false, "limits", "name", "be one of head_dims, max_window_tokens, cuda_max_loss_patch", name);
+  return {};
+}
+
+}  // namespace
+
 TORCH_LIBRARY(mixkernels_C, m) {
+  // ---- The kernel limits (mixkernels/limits.h) by name, for the Python twin's test. ----
+  m.def("limits(str name) -> int[]", &limits);
+
   // ---- MixMIM mixing. x (B,L,C); mask uint8 (G,L), G in {1,B}. ----
   m.def("mix_tokens(Tensor x, Tensor mask) -> Tensor");
   m.def("mix_tokens_backward(Tensor grad, Tensor mask) -> Tensor");
@@ -28,8 +51,9 @@ TORCH_LIBRARY(mixkernels_C, m) {
   m.def("uniform_scatter(Tensor compact, Tensor keep, int unit) -> Tensor");
 
   // ---- Window attention. qkv (B,H,W,3C) channels (3,nH,d); rpb acc ((2rh-1)*(2rw-1),nH);
-  // attn_bias acc (nH,N,N); group int32 (G,H,W); coords int32 (G,H,W,2) (G in {1,B},
-  // indexed at the original position). Without coords, rh=wh, rw=ww (window-local coords).
+  // attn_bias acc (nH,N,N); group int32/int64 (G,H,W); coords int32/int64 (G,H,W,2) (G in {1,B},
+  // indexed at the original position, compared exactly at their width; coords differences outside
+  // (rh, rw) add no bias). Without coords, rh=wh, rw=ww (window-local coords).
   // -> (out (B,H,W,C) qkv.dtype, lse acc (B*nW,nH,N), windows of the rolled grid, row-major).
   m.def("window_attention(Tensor qkv, int num_heads, int wh, int ww, int sh, int sw, Tensor? rpb, "
         "Tensor? attn_bias, Tensor? group, Tensor? coords, int rh, int rw, float scale) -> (Tensor, Tensor)");

@@ -1,52 +1,33 @@
 """``python -m mixkernels.info``: versions, what was built, devices, and the backend per op."""
 from __future__ import annotations
 
-import importlib
 import os
 import platform
 import sys
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
 from . import _ext
-from .ops import _dispatch, losses, mixing, uniform, windows
-
-# The package re-exports the function under the module's name; take the module itself.
-wattn = importlib.import_module("mixkernels.ops.window_attention")
+from .ops import _dispatch
+from .ops.registry import OPERATORS_REGISTRY
 
 _ENV = ("MIXKERNELS_BACKEND", "MIXKERNELS_CUDA_AUTO", "MIXKERNELS_DETERMINISTIC", "MIXKERNELS_LOG", "TRITON_INTERPRET")
 
 
-def _op_checks(device: str) -> List[Tuple[str, Callable[[], Dict[str, Callable[[], Optional[str]]]]]]:
-    """Each public op with the backend predicates for a representative bf16 call on ``device``."""
-    dt = torch.bfloat16
-    x = torch.empty(2, 8, 8, 64, device=device, dtype=dt)
-    qkv = torch.empty(2, 14, 14, 3 * 4 * 32, device=device, dtype=dt)
-    pred = torch.empty(4, 49, 32 * 32 * 3, device=device, dtype=dt)
-    imgs = torch.empty(2, 3, 224, 224, device=device, dtype=dt)
-    ops = [(n, (lambda n=n: mixing._checks(n, x))) for n in ("mix_tokens", "unmix_tokens")]
-    ops += [(n, (lambda n=n: windows._checks(n, x))) for n in ("window_partition", "window_merge")]
-    ops += [(n, (lambda n=n: uniform._checks(n, x))) for n in ("uniform_sample", "uniform_scatter")]
-    ops += [("window_attention", lambda: wattn._checks(qkv, 32, 196))]
-    ops += [(n, (lambda n=n: losses._checks(n, pred, imgs))) for n in ("mixmim_loss", "masked_recon_loss")]
-    return ops
-
-
 def backend_table(device: str) -> List[Tuple[str, str, Dict[str, str]]]:
-    """``(op, automatic choice, {backend: "ok" | reason})`` for each op on ``device``."""
+    """``(op, automatic choice, {backend: "ok" | reason})`` for each registered op on ``device``.
+
+    Each op's first registry sample, in bf16 on ``device``, goes through the op's own
+    validation up to its backend choice (``OpSpec.dispatch_key``), so the table shows the
+    predicate the op really uses, with its reasons."""
     rows = []
-    for name, make in _op_checks(device):
-        checks = make()
-        status = {}
-        for b in ("cuda", "triton", "cpu"):
-            reason = checks[b]() if b in checks else "not implemented"
-            if not reason and b == "cuda" and not _dispatch.cuda_auto_enabled(name):
-                reason = "ok (explicit only: not verified on a GPU yet)"
-            status[b] = reason or "ok"
-        status["reference"] = "ok"
-        auto = _dispatch.select(name, torch.device(device), checks) if not os.environ.get("MIXKERNELS_BACKEND") else os.environ["MIXKERNELS_BACKEND"]
-        rows.append((name, auto, status))
+    for spec in OPERATORS_REGISTRY.values():
+        key = spec.dispatch_key(spec.samples(torch.device(device), torch.bfloat16)[0])
+        status = spec.status(*key)
+        env = os.environ.get("MIXKERNELS_BACKEND")
+        auto = env if env else _dispatch.choose(spec.name, key[0], spec.reason, None, *key)
+        rows.append((spec.name, auto, status))
     return rows
 
 
@@ -66,15 +47,8 @@ def report() -> str:
         add(f"triton: not importable ({type(e).__name__})")
     add("")
     add("build:")
-    info = _ext.build_info()
-    if info:
-        add(f"  built with torch {info.get('torch_version')} at commit {info.get('commit')}")
-        if info.get("cuda_built"):
-            add(f"  CUDA archs: {info.get('cuda_archs')}")
-        else:
-            add(f"  CUDA extension not built: {info.get('cuda_skip_reason') or 'unknown'}")
-    add(f"  mixkernels._C (CPU kernels): {'loaded' if _ext.cpu_error is None else _ext.cpu_error}")
-    add(f"  mixkernels._C_cuda (CUDA kernels): {'loaded' if _ext.cuda_error is None else _ext.cuda_error}")
+    for line in _ext.build_report():
+        add(f"  {line}")
     add("")
     add("devices:")
     add(f"  cpu: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
@@ -90,16 +64,18 @@ def report() -> str:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         add("")
-        add(f"backends on {dev} tensors (bf16; automatic choice in brackets):")
+        add(f"backends on {dev} tensors (bf16; automatic choice in brackets; Triton launchers: "
+            f"mixkernels.triton.<family>.<kernel>):")
         for name, auto, status in backend_table(dev):
-            add(f"  {name:<18} [{auto}]")
+            add(f"  {name:<18} [{auto}]  kernels: {', '.join(OPERATORS_REGISTRY[name].kernel_names('cpu'))}")
             for b, s in status.items():
                 add(f"      {b:<9} {s}")
     return "\n".join(lines)
 
 
 def main() -> None:
-    print(report())
+    with _ext.no_first_use_build():  # report what is built; compiling is `python -m mixkernels.build`
+        print(report())
 
 
 if __name__ == "__main__":

@@ -1,31 +1,59 @@
-"""``swap_swin``: put the fused Swin block into timm / torchvision Swin (v1) models, in place."""
+"""``swap_swin``: put the fused window attention into the Swin models people use, in place.
+
+A family is one :class:`Adapter` in :data:`ADAPTERS`: the module class it replaces (looked up
+in ``sys.modules``, so no library is imported here and each one stays optional), a check that
+names what it cannot handle, and a builder returning the fused module that shares the original
+parameter objects. SwinV2 variants that have no adapter yet are listed in :data:`PENDING` and
+refused with the reason. Supported today:
+
+* timm ``SwinTransformerBlock`` (v1) -> :class:`mixkernels.nn.SwinBlock`
+* torchvision ``SwinTransformerBlock`` (v1, ``swin_t/s/b``) -> :class:`mixkernels.nn.TorchvisionSwinBlock`
+* transformers ``SwinLayer`` and ``Swinv2Layer`` -> ``mixkernels.nn.hf_swin.FusedSwinLayer`` /
+  ``FusedSwinv2Layer`` (same object, fused subclass; transformers 4.x and 5.x layouts)
+"""
 from __future__ import annotations
 
 import sys
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
 
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import fx, nn
 
 from .nn.swin_block import SwinBlock
-from .ops import window_attention
+from .nn.torchvision_swin import TorchvisionSwinBlock
 
-__all__ = ["swap_swin", "TorchvisionSwinBlock"]
-
-
-def _timm_classes():
-    mod = sys.modules.get("timm.models.swin_transformer")
-    v1 = getattr(mod, "SwinTransformerBlock", None) if mod else None
-    v2mod = sys.modules.get("timm.models.swin_transformer_v2")
-    v2 = getattr(v2mod, "SwinTransformerV2Block", None) if v2mod else None
-    return v1, v2
+__all__ = ["swap_swin", "Adapter", "ADAPTERS", "PENDING", "TorchvisionSwinBlock"]
 
 
-def _tv_classes():
-    mod = sys.modules.get("torchvision.models.swin_transformer")
-    if mod is None:
-        return None, None, None
-    return mod.SwinTransformerBlock, mod.SwinTransformerBlockV2, mod.ShiftedWindowAttention
+def _cls(module: str, name: str) -> Optional[type]:
+    mod = sys.modules.get(module)
+    return getattr(mod, name, None) if mod is not None else None
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How one Swin family is swapped.
+
+    Attributes:
+        family: the name users see in messages and the README (e.g. ``"timm v1"``).
+        module: the module defining the replaced class (looked up in ``sys.modules`` only).
+        cls: the replaced class's name; matched by exact type (subclasses may change forward).
+        build: ``(block, backend) -> fused`` sharing ``block``'s parameter objects; may return
+            ``block`` itself (changed in place).
+        problem: ``block -> reason`` it cannot be swapped, or ``None``.
+        fused: ``() -> classes`` of swapped modules (for "already swapped" detection).
+    """
+
+    family: str
+    module: str
+    cls: str
+    build: Callable[[nn.Module, Optional[str]], nn.Module]
+    problem: Callable[[nn.Module], Optional[str]] = lambda blk: None
+    fused: Callable[[], Tuple[type, ...]] = lambda: ()
+
+    def matches(self, m: nn.Module) -> bool:
+        c = _cls(self.module, self.cls)
+        return c is not None and type(m) is c
 
 
 def _from_timm(blk: nn.Module, backend: Optional[str]) -> SwinBlock:
@@ -52,135 +80,118 @@ def _from_timm(blk: nn.Module, backend: Optional[str]) -> SwinBlock:
     return new
 
 
-class _TorchvisionFusedAttention(nn.Module):
-    """torchvision ``ShiftedWindowAttention`` (same parameters, buffer and state_dict) on the fused op.
-
-    torchvision pads first (bottom/right), drops the shift along a dimension whose padded size
-    fits in one window, rolls the *padded* map and computes the shift mask on it; window sizes
-    are never clamped (an input smaller than the window is padded up to it). Pad tokens carry
-    the qkv bias. That is exactly pad -> op(shift on the padded grid) -> crop.
-    """
-
-    def __init__(self, src: nn.Module, backend: Optional[str]):
-        super().__init__()
-        self.window_size = list(src.window_size)
-        self.shift_size = list(src.shift_size)
-        self.num_heads = src.num_heads
-        self.attention_dropout = src.attention_dropout
-        self.dropout = src.dropout
-        self.qkv, self.proj = src.qkv, src.proj
-        self.relative_position_bias_table = src.relative_position_bias_table
-        persistent = "relative_position_index" not in src._non_persistent_buffers_set
-        self.register_buffer("relative_position_index", src.relative_position_index, persistent=persistent)
-        self.backend = backend
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.training and self.attention_dropout > 0:
-            raise NotImplementedError(
-                f"attention dropout ({self.attention_dropout}) has no fused implementation; use 0 or eval mode"
-            )
-        B, H, W, C = x.shape
-        wh, ww = self.window_size
-        pad_b, pad_r = (wh - H % wh) % wh, (ww - W % ww) % ww
-        if pad_b or pad_r:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        Hp, Wp = H + pad_b, W + pad_r
-        sh = 0 if wh >= Hp else self.shift_size[0]
-        sw = 0 if ww >= Wp else self.shift_size[1]
-        out = window_attention(
-            self.qkv(x), self.num_heads, (wh, ww), shift_size=(sh, sw),
-            rel_pos_bias=self.relative_position_bias_table, scale=(C // self.num_heads) ** -0.5,
-            backend=self.backend,
-        )
-        if pad_b or pad_r:
-            out = out[:, :H, :W]
-        return F.dropout(self.proj(out), p=self.dropout, training=self.training)
+def _tv_problem(blk: nn.Module) -> Optional[str]:
+    attn = _cls("torchvision.models.swin_transformer", "ShiftedWindowAttention")
+    if type(blk.attn) is not attn:
+        return f"attn is {type(blk.attn).__name__}, not ShiftedWindowAttention"
+    return None
 
 
-class TorchvisionSwinBlock(nn.Module):
-    """Fused replacement of torchvision's (v1) ``SwinTransformerBlock``; same state_dict keys."""
+def _hf_build(blk: nn.Module, backend: Optional[str]) -> nn.Module:
+    from .nn.hf_swin import swap_layer
 
-    def __init__(self, src: nn.Module, backend: Optional[str] = None):
-        super().__init__()
-        self.norm1 = src.norm1
-        self.attn = _TorchvisionFusedAttention(src.attn, backend)
-        self.stochastic_depth = src.stochastic_depth
-        self.norm2 = src.norm2
-        self.mlp = src.mlp
-        self.train(src.training)
-
-    @property
-    def backend(self) -> Optional[str]:
-        return self.attn.backend
-
-    @backend.setter
-    def backend(self, value: Optional[str]) -> None:
-        self.attn.backend = value
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.stochastic_depth(self.attn(self.norm1(x)))
-        return x + self.stochastic_depth(self.mlp(self.norm2(x)))
+    return swap_layer(blk, backend)
 
 
-def _plan(model: nn.Module) -> Tuple[List[Tuple[nn.Module, str, nn.Module, str]], List[str]]:
-    """Blocks to replace as (parent, child name, block, kind) and unsupported Swin blocks found."""
-    timm_v1, timm_v2 = _timm_classes()
-    tv_v1, tv_v2, tv_attn = _tv_classes()
+def _hf_problem(blk: nn.Module) -> Optional[str]:
+    from .nn.hf_swin import layout_problem
+
+    return layout_problem(blk)
+
+
+def _hf_fused() -> Tuple[type, ...]:
+    mod = sys.modules.get("mixkernels.nn.hf_swin")
+    return (mod.FusedSwinLayer, mod.FusedSwinv2Layer) if mod is not None else ()
+
+
+ADAPTERS: List[Adapter] = [
+    Adapter("timm v1", "timm.models.swin_transformer", "SwinTransformerBlock", _from_timm,
+            fused=lambda: (SwinBlock,)),
+    Adapter("torchvision v1", "torchvision.models.swin_transformer", "SwinTransformerBlock", TorchvisionSwinBlock,
+            problem=_tv_problem, fused=lambda: (TorchvisionSwinBlock,)),
+    Adapter("transformers Swin", "transformers.models.swin.modeling_swin", "SwinLayer", _hf_build,
+            problem=_hf_problem, fused=_hf_fused),
+    Adapter("transformers Swinv2", "transformers.models.swinv2.modeling_swinv2", "Swinv2Layer", _hf_build,
+            problem=_hf_problem, fused=_hf_fused),
+]
+
+# Swin blocks recognized but not swapped yet: (module, class, reason).
+PENDING: List[Tuple[str, str, str]] = [
+    ("timm.models.swin_transformer_v2", "SwinTransformerV2Block", "timm SwinV2 is not supported yet (issue #16)"),
+    ("torchvision.models.swin_transformer", "SwinTransformerBlockV2",
+     "torchvision swin_v2 is not supported yet (issue #16)"),
+]
+
+_SUPPORTED = "supported: " + ", ".join(a.family for a in ADAPTERS)
+
+
+def _plan(model: nn.Module) -> Tuple[List[Tuple[nn.Module, str, nn.Module, Adapter]], List[str]]:
+    """Blocks to replace as (parent, child name, block, adapter) and the unsupported blocks found."""
+    pending = [(c, why) for c, why in ((_cls(m, n), why) for m, n, why in PENDING) if c is not None]
     todo, bad = [], []
     for parent_name, parent in model.named_modules():
         for name, child in parent.named_children():
             full = f"{parent_name}.{name}" if parent_name else name
-            t = type(child)
-            if timm_v1 is not None and t is timm_v1:
-                todo.append((parent, name, child, "timm"))
-            elif tv_v1 is not None and t is tv_v1:
-                if type(child.attn) is not tv_attn:
-                    bad.append(f"{full} ({t.__module__}.{t.__name__} with attn {type(child.attn).__name__})")
+            label = f"{full} ({type(child).__module__}.{type(child).__name__}"
+            adapter = next((a for a in ADAPTERS if a.matches(child)), None)
+            if adapter is not None:
+                problem = adapter.problem(child)
+                if problem:
+                    bad.append(f"{label}: {problem})")
                 else:
-                    todo.append((parent, name, child, "torchvision"))
-            elif (timm_v2 is not None and t is timm_v2) or (tv_v2 is not None and t is tv_v2):
-                bad.append(f"{full} ({t.__module__}.{t.__name__})")
+                    todo.append((parent, name, child, adapter))
+                continue
+            why = next((why for c, why in pending if type(child) is c), None)
+            if why:
+                bad.append(f"{label}: {why})")
     return todo, bad
 
 
 def swap_swin(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
-    """Replace, in place, every Swin (v1) block of a timm ``SwinTransformer`` or torchvision
-    ``swin_t/s/b`` model with a fused block that shares the same parameter objects (optimizers
-    keep working, ``state_dict`` keys and values are unchanged).
+    """Replace, in place, every supported Swin block of ``model`` with a fused one that shares
+    the same parameter objects (optimizers keep working, ``state_dict`` keys and values are
+    unchanged, forward outputs and gradients match the original).
 
     Args:
         model: a timm ``SwinTransformer`` (v1), a torchvision ``SwinTransformer`` with v1 blocks,
-            or any module containing such blocks (a stage, a single block's parent).
-        backend: passed to :func:`mixkernels.window_attention` (``None`` = automatic).
+            a transformers Swin/Swinv2 model (``SwinModel``, ``Swinv2Model``,
+            ``SwinForImageClassification``, ``SwinForMaskedImageModeling``, backbones, ...),
+            or any module containing such blocks (a stage, a detection backbone).
+        backend: passed to :func:`mixkernels.window_attention` (``None`` = automatic); each
+            swapped block has a ``backend`` attribute to change it later.
     Returns:
         ``model`` (modified in place).
     Raises:
-        TypeError: the model holds unsupported Swin blocks (SwinV2) or no Swin v1 block at all.
+        TypeError: the model holds Swin blocks without a fused equivalent (timm/torchvision
+            SwinV2, unknown layouts) or no supported Swin block at all, or is a bare block.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap_swin expects a torch.nn.Module, got {type(model).__name__}")
     name = f"{type(model).__module__}.{type(model).__name__}"
-    timm_v1, _ = _timm_classes()
-    tv_v1, _, _ = _tv_classes()
-    if type(model) in (timm_v1, tv_v1):
+    if any(a.matches(model) for a in ADAPTERS):
         raise TypeError(f"swap_swin replaces blocks inside their parent module; got a bare {name}: "
                         "pass the model (or stage) that holds it")
     todo, bad = _plan(model)
     if bad:
         raise TypeError(
             f"swap_swin does not support {name}: it contains blocks with no fused equivalent: {', '.join(bad[:3])}"
-            + (" ..." if len(bad) > 3 else "") + " (supported: timm SwinTransformer v1, torchvision swin_t/s/b)"
+            + (" ..." if len(bad) > 3 else "") + f" ({_SUPPORTED})"
         )
     if not todo:
-        if any(isinstance(m, (SwinBlock, TorchvisionSwinBlock)) for m in model.modules()):
+        fused = tuple(c for a in ADAPTERS for c in a.fused())
+        if any(isinstance(m, fused) for m in model.modules()):
             return model  # already swapped
-        raise TypeError(
-            f"swap_swin does not support {name}: no timm SwinTransformerBlock (v1) or torchvision "
-            "SwinTransformerBlock found (supported: timm SwinTransformer v1, torchvision swin_t/s/b)"
-        )
-    for parent, child_name, blk, kind in todo:
-        new = _from_timm(blk, backend) if kind == "timm" else TorchvisionSwinBlock(blk, backend)
-        if {id(p) for p in new.parameters()} != {id(p) for p in blk.parameters()}:  # pragma: no cover
+        hint = ""
+        if any(isinstance(m, fx.GraphModule) for m in model.modules()):
+            hint = ("; it holds an fx GraphModule, whose traced code no longer calls the blocks: swap before "
+                    "tracing (e.g. timm FeatureGraphNet(swap_swin(model), out_indices), or "
+                    "create_feature_extractor(swap_swin(model), ...))")
+        raise TypeError(f"swap_swin does not support {name}: no supported Swin block found ({_SUPPORTED}){hint}")
+    for parent, child_name, blk, adapter in todo:
+        before = {id(p) for p in blk.parameters()}
+        new = adapter.build(blk, backend)
+        if {id(p) for p in new.parameters()} != before:  # pragma: no cover
             raise RuntimeError(f"swap_swin: the fused {child_name} does not own exactly the original parameters")
-        setattr(parent, child_name, new)
+        if new is not blk:
+            setattr(parent, child_name, new)
     return model

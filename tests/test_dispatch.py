@@ -80,11 +80,30 @@ def test_debug_log_says_why(tmp_path):
 def test_cpu_extension_is_used_for_token_ops():
     assert _ext.has_kernel("mix_tokens", "CPU")
     assert _ext.has_kernel("window_partition", "CPU")
-    x = torch.randn(2, 4, 4, 3)
-    assert _dispatch.select("mix_tokens", x.device, mk.ops.mixing._checks("mix_tokens", x)) == "cpu"
+    spec = mk.ops.OPERATORS_REGISTRY["mix_tokens"]
+    assert spec.choose(None, "cpu", (torch.float32,)) == "cpu"
+    assert mk.mix_tokens(torch.randn(2, 4, 3, requires_grad=True), torch.ones(4)).grad_fn.name() == "mix_tokensBackward"
 
 
 def test_build_is_required_in_ci():
     """CI builds the extension: a silent pure-Python install must not pass there."""
     if os.environ.get("MIXKERNELS_REQUIRE_EXT") == "1":
         assert _ext.cpu_error is None, _ext.cpu_error
+
+
+def test_cached_predicate_still_follows_the_environment(monkeypatch):
+    """The per-key cache holds only what the build decides; overrides are read on every call."""
+    spec = mk.ops.OPERATORS_REGISTRY["window_partition"]
+    key = ("cpu", (torch.float32,), ())
+    monkeypatch.delenv("MIXKERNELS_BACKEND", raising=False)
+    auto = spec.choose(None, *key)
+    assert auto == ("cpu" if _ext.cpu_error is None else "reference")
+    monkeypatch.setenv("MIXKERNELS_BACKEND", "reference")
+    assert spec.choose(None, *key) == "reference"
+    monkeypatch.delenv("MIXKERNELS_BACKEND")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(mk.BackendUnavailable, match="Triton interpreter"):
+        spec.choose("triton", *key)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert spec.choose("triton", *key) == "triton"
+    assert spec.choose(None, *key) == auto

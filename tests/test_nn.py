@@ -144,5 +144,10 @@ def test_set_input_size_like_timm():
     assert (m.window_size, m.shift_size) == (t.window_size, t.shift_size) == ((4, 4), (0, 0))
     x = torch.randn(1, 4, 4, 32, dtype=torch.float64)
     torch.testing.assert_close(m(x), t(x), rtol=1e-10, atol=1e-10)
-    with pytest.raises(NotImplementedError, match="window size"):
-        m.set_input_size((2, 2), 4)
+    # A window change resizes the bias table exactly as timm does.
+    t.set_input_size((2, 2), 4)
+    m.set_input_size((2, 2), 4)
+    assert (m.window_size, m.shift_size) == (t.window_size, t.shift_size) == ((2, 2), (0, 0))
+    torch.testing.assert_close(m.attn.relative_position_bias_table, t.attn.relative_position_bias_table)
+    x = torch.randn(1, 2, 2, 32, dtype=torch.float64)
+    torch.testing.assert_close(m(x), t(x), rtol=1e-10, atol=1e-10)

@@ -1,93 +1,63 @@
-"""torch.library.opcheck on every registered mixkernels op, on a backend that runs here."""
+"""torch.library.opcheck on every registered mixkernels op, with the arguments the public ops
+actually pass: each registry sample runs forward + backward through the custom ops
+(``custom_op_path``) while the calls are recorded, on a backend that runs here."""
 import pytest
 import torch
 
 import mixkernels  # noqa: F401  (registers the ops)
-from mixkernels import _ext
-from mixkernels.ops import _dispatch
-
-_FAMILY = {
-    "mix_tokens": "mixing", "mix_tokens_backward": "mixing", "unmix_tokens": "mixing",
-    "unmix_tokens_backward": "mixing", "window_partition": "windows", "window_merge": "windows",
-    "uniform_sample": "uniform", "uniform_sample_backward": "uniform", "uniform_scatter": "uniform",
-    "window_attention": "window_attention", "window_attention_backward": "window_attention",
-    "mixmim_loss": "losses", "mixmim_loss_backward": "losses", "masked_recon_loss": "losses",
-    "masked_recon_loss_backward": "losses",
-}
-
+from mixkernels.ops import OPERATORS_REGISTRY
+from mixkernels.ops._kernel_op import custom_op_path, record_calls
+from mixkernels.testing import devices
 
 def _registered():
     return sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("mixkernels::"))
 
 
-def _backend(name, t):
-    if _ext.has_kernel(name, "CPU"):
-        return "cpu"
-    if _dispatch.triton_reason(_FAMILY[name], name, t) is None:
-        return "triton"
-    pytest.skip(f"no CPU or Triton kernel for {name} yet")
+def _backends(spec, kw):
+    """The compiled backend of the device (cpu, or cuda where built), else Triton."""
+    ok = spec.backends_for(kw)
+    out = [b for b in ("cpu", "cuda") if b in ok]
+    return out or [b for b in ("triton",) if b in ok]
 
 
-def _u8(*shape, hi=2):
-    return torch.randint(0, hi, shape, dtype=torch.uint8)
+_CALLS = None
 
 
-def _samples(name):
-    """(args without backend, tensors whose grads matter) for each op: small CPU float32 shapes."""
-    f = dict(dtype=torch.float32)
-    if name in ("mix_tokens", "mix_tokens_backward"):
-        return (torch.randn(3, 5, 4, **f, requires_grad=True), _u8(3, 5))
-    if name == "unmix_tokens":
-        return (torch.randn(3, 5, 4, **f, requires_grad=True), _u8(1, 5), torch.randn(4, **f, requires_grad=True),
-                torch.randn(5, 4, **f, requires_grad=True))
-    if name == "unmix_tokens_backward":
-        return (torch.randn(6, 5, 4, **f), _u8(3, 5), True, True)
-    if name == "window_partition":
-        return (torch.randn(2, 4, 6, 3, **f, requires_grad=True), 2, 3, 1, 1)
-    if name == "window_merge":
-        return (torch.randn(8, 6, 3, **f, requires_grad=True), 4, 6, 2, 3, 1, 2)
-    if name == "uniform_sample":
-        return (torch.randn(2, 8, 8, 3, **f, requires_grad=True), _u8(2, 2, 2, hi=4), 2,
-                torch.randn(3, **f, requires_grad=True), _u8(2, 2, 2))
-    if name == "uniform_sample_backward":
-        return (torch.randn(2, 4, 4, 3, **f), _u8(2, 2, 2, hi=4), 2, _u8(2, 2, 2), True)
-    if name == "uniform_scatter":
-        return (torch.randn(2, 4, 4, 3, **f, requires_grad=True), _u8(2, 2, 2, hi=4), 2)
-    wa = (2, 4, 4, 1, 2)  # num_heads, wh, ww, sh, sw
-    if name == "window_attention":
-        return (torch.randn(2, 8, 4, 3 * 2 * 16, **f, requires_grad=True), *wa,
-                torch.randn(49, 2, **f, requires_grad=True), torch.randn(2, 16, 16, **f, requires_grad=True),
-                torch.randint(0, 2, (1, 8, 4), dtype=torch.int32), None, 4, 4, 0.25, True)
-    if name == "window_attention_backward":
-        qkv = torch.randn(2, 8, 4, 3 * 2 * 16, **f)
-        rpb, ab = torch.randn(49, 2, **f), torch.randn(2, 16, 16, **f)
-        b = _backend("window_attention", qkv)
-        out, lse = torch.ops.mixkernels.window_attention(qkv, *wa, rpb, ab, None, None, 4, 4, 0.25, True, b)
-        return (torch.randn_like(out), qkv, out, lse, *wa, rpb, ab, None, None, 4, 4, 0.25, True, True, True)
-    imgs = torch.randn(2, 3, 8, 8, **f)
-    if name == "mixmim_loss":
-        return (torch.randn(4, 4, 48, **f, requires_grad=True), imgs, _u8(1, 4), 4, True, 1e-6)
-    if name == "mixmim_loss_backward":
-        return (torch.randn(2, 4, **f), torch.randn(4, 4, 48, **f), imgs, _u8(2, 4), 4, True, 1e-6)
-    idx = torch.tensor([[0, -1, 2, 3], [-1, 1, -1, 3]])
-    if name == "masked_recon_loss":
-        return (torch.randn(2, 4, 48, **f, requires_grad=True), imgs, idx, 4, False, 1e-6)
-    if name == "masked_recon_loss_backward":
-        return (torch.randn(2, 4, **f), torch.randn(2, 4, 48, **f), imgs, idx, 4, True, 1e-6)
-    raise AssertionError(f"no opcheck sample for mixkernels::{name}: add one")
+def _recorded():
+    """``{custom op name: [(KernelOp, args), ...]}`` over every registry sample, device and
+    backend (once per session)."""
+    global _CALLS
+    if _CALLS is None:
+        _CALLS = {}
+        for dev in devices():
+            for spec in OPERATORS_REGISTRY.values():
+                for kw, grads in spec.call_samples(dev):
+                    for b in _backends(spec, kw):
+                        with custom_op_path(), record_calls() as rec:
+                            out = spec.fn(**kw, backend=b)
+                            torch.autograd.grad(out, [kw[n] for n in grads], torch.randn_like(out))
+                        for op, args in rec:
+                            _CALLS.setdefault(op.name, []).append((op, args))
+    return _CALLS
 
 
-def test_every_registered_op_has_a_sample():
+def _opcheck_args(name, args):
+    # Fresh leaves (opcheck copies its inputs); backward ops are not differentiable (no double backward).
+    grad = not name.endswith("_backward")
+    return tuple(a.detach().requires_grad_(grad and a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def test_every_registered_op_is_reached_by_a_registry_sample():
     names = _registered()
-    assert "mix_tokens" in names and "window_attention" in names
-    for n in names:
-        assert n in _FAMILY, f"mixkernels::{n} has no opcheck sample/family"
+    assert "mix_tokens" in names and "window_attention_backward" in names
+    missing = sorted(set(names) - set(_recorded()))
+    assert not missing, f"mixkernels::{missing} reached by no registry sample (add a sample to mixkernels/ops/registry.py)"
 
 
-@pytest.mark.parametrize("name", sorted(_FAMILY))
+@pytest.mark.parametrize("name", _registered())
 def test_opcheck(name):
-    args = _samples(name)
-    if name.endswith("_backward"):  # backward ops are not differentiable (no double backward)
-        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    b = _backend(name, args[0])
-    torch.library.opcheck(getattr(torch.ops.mixkernels, name), (*args, b))
+    calls = _recorded().get(name)
+    if not calls:
+        pytest.skip(f"no compiled or Triton kernel for {name} here")
+    for op, args in calls:
+        torch.library.opcheck(op.op, _opcheck_args(name, args))

@@ -16,6 +16,8 @@ from mixkernels import swap_swin  # noqa: E402
 from mixkernels.nn import SwinBlock  # noqa: E402
 from mixkernels.swap import TorchvisionSwinBlock  # noqa: E402
 
+from swap_helpers import swapped_copy  # noqa: E402
+
 
 def _timm_model(**kw):
     args = dict(img_size=64, patch_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
@@ -50,17 +52,7 @@ def _check_same(orig, swapped, x, train):
 
 
 def _swap_copy(model):
-    swapped = copy.deepcopy(model)
-    params = {n: p for n, p in swapped.named_parameters()}
-    sd_before = {k: v.clone() for k, v in swapped.state_dict().items()}
-    assert swap_swin(swapped) is swapped
-    # Same Parameter objects, same state_dict keys and values.
-    assert all(p is params[n] for n, p in swapped.named_parameters())
-    sd_after = swapped.state_dict()
-    assert list(sd_after) == list(sd_before)
-    for k in sd_before:
-        assert torch.equal(sd_after[k], sd_before[k]), k
-    return swapped
+    return swapped_copy(model)  # same Parameter objects, same state_dict keys and values
 
 
 @pytest.mark.parametrize("train", [False, True])

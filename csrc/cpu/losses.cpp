@@ -11,6 +11,7 @@
 #include <cmath>
 #include <vector>
 
+#include "mixkernels/checks.h"
 #include "mixkernels/cpu_common.h"
 
 namespace mixkernels::cpu {
@@ -89,11 +90,21 @@ at::ScalarType acc_type(const at::Tensor& pred, const at::Tensor& imgs) {
   return (pred.scalar_type() == at::kDouble || imgs.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
 }
 
-void check_inputs(const at::Tensor& pred, const at::Tensor& imgs, int64_t p) {
-  TORCH_CHECK(pred.dim() == 3 && imgs.dim() == 4 && imgs.size(1) == 3, "losses: pred must be 3-D and imgs (B,3,H,W)");
-  TORCH_CHECK(p > 0 && imgs.size(2) % p == 0 && imgs.size(3) % p == 0, "losses: image size not divisible by patch_size");
-  TORCH_CHECK(pred.size(2) == p * p * 3, "losses: pred's last dim must be patch_size**2 * 3");
-  TORCH_CHECK(pred.is_contiguous() && imgs.is_contiguous(), "losses: inputs must be contiguous");
+void check_inputs(const char* op, const at::Tensor& pred, const at::Tensor& imgs, int64_t p) {
+  check_contiguous(op, "pred", pred, 3, "(B',L,p*p*3)");
+  check_contiguous(op, "imgs", imgs, 4, "(B,3,H,W)");
+  MK_CHECK_ARG(imgs.size(1) == 3, op, "imgs", "have 3 channels", imgs.sizes());
+  MK_CHECK_ARG(p > 0 && imgs.size(2) % p == 0 && imgs.size(3) % p == 0, op, "patch_size",
+               c10::str("be positive and divide the image size (", imgs.size(2), ", ", imgs.size(3), ")"), p);
+  const int64_t d = checked_mul(checked_mul(p, p, op), 3, op);  // a huge patch_size must not wrap
+  MK_CHECK_ARG(pred.size(2) == d, op, "pred's last dim", c10::str("be patch_size**2 * 3 = ", d), pred.size(2));
+}
+
+// The accumulation-dtype (B, rows) gradient of a loss backward.
+void check_grad(const char* op, const at::Tensor& grad, at::ScalarType acc, int64_t numel) {
+  check_dtype(op, "grad", grad, acc);
+  MK_CHECK_ARG(grad.is_contiguous() && grad.numel() == numel, op, "grad",
+               c10::str("be contiguous with ", numel, " elements (B, L)"), grad.sizes());
 }
 
 // Image b's prediction of patch l is row b of the first half where m[b,l], else row 2B-1-b (the flipped second half).
@@ -101,11 +112,27 @@ inline int64_t mixmim_src(const uint8_t* m, int64_t G, int64_t B, int64_t L, int
   return m[(G == 1 ? 0 : b) * L + l] ? b : 2 * B - 1 - b;
 }
 
+void check_mixmim(const char* op, const at::Tensor& pred, const at::Tensor& mask, const Patches& g) {
+  MK_CHECK_ARG(pred.size(0) == 2 * g.B && pred.size(1) == g.L, op, "pred",
+               c10::str("have shape (2B, L, D) = (", 2 * g.B, ", ", g.L, ", ", pred.size(2), ")"), pred.sizes());
+  check_dtype(op, "mask", mask, at::kByte);
+  check_contiguous(op, "mask", mask, 2, "(G,L)");
+  MK_CHECK_ARG((mask.size(0) == 1 || mask.size(0) == g.B) && mask.size(1) == g.L, op, "mask",
+               c10::str("have shape (1 or ", g.B, ", ", g.L, ")"), mask.sizes());
+}
+
+void check_patch_idx(const char* op, const at::Tensor& pred, const at::Tensor& patch_idx, const Patches& g) {
+  MK_CHECK_ARG(pred.size(0) == g.B, op, "pred", c10::str("have imgs' batch ", g.B, " rows"), pred.sizes());
+  check_dtype(op, "patch_idx", patch_idx, at::kLong);
+  MK_CHECK_ARG(patch_idx.is_contiguous() && patch_idx.numel() == g.B * pred.size(1), op, "patch_idx",
+               c10::str("be contiguous (B, Lp) = (", g.B, ", ", pred.size(1), ")"), patch_idx.sizes());
+}
+
 at::Tensor mixmim_loss(const at::Tensor& pred, const at::Tensor& imgs, const at::Tensor& mask, int64_t p,
                        bool norm_pix, double eps) {
-  check_inputs(pred, imgs, p);
+  check_inputs("mixmim_loss", pred, imgs, p);
   const Patches g(imgs, p);
-  TORCH_CHECK(pred.size(0) == 2 * g.B && pred.size(1) == g.L, "mixmim_loss: pred must be (2B, L, D)");
+  check_mixmim("mixmim_loss", pred, mask, g);
   const int64_t G = mask.size(0);
   auto out = at::empty({g.B, g.L}, pred.options().dtype(acc_type(pred, imgs)));
   const uint8_t* m = mask.data_ptr<uint8_t>();
@@ -129,10 +156,10 @@ at::Tensor mixmim_loss(const at::Tensor& pred, const at::Tensor& imgs, const at:
 // rows, the gradient into the one that was used and zeros into the other.
 at::Tensor mixmim_loss_backward(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& imgs,
                                 const at::Tensor& mask, int64_t p, bool norm_pix, double eps) {
-  check_inputs(pred, imgs, p);
+  check_inputs("mixmim_loss_backward", pred, imgs, p);
   const Patches g(imgs, p);
-  TORCH_CHECK(grad.scalar_type() == acc_type(pred, imgs) && grad.is_contiguous() && grad.numel() == g.B * g.L,
-              "mixmim_loss_backward: grad must be contiguous (B, L) in the accumulation dtype");
+  check_mixmim("mixmim_loss_backward", pred, mask, g);
+  check_grad("mixmim_loss_backward", grad, acc_type(pred, imgs), g.B * g.L);
   const int64_t G = mask.size(0);
   auto dpred = at::empty_like(pred);
   const uint8_t* m = mask.data_ptr<uint8_t>();
@@ -159,11 +186,10 @@ at::Tensor mixmim_loss_backward(const at::Tensor& grad, const at::Tensor& pred, 
 
 at::Tensor masked_recon_loss(const at::Tensor& pred, const at::Tensor& imgs, const at::Tensor& patch_idx, int64_t p,
                              bool norm_pix, double eps) {
-  check_inputs(pred, imgs, p);
+  check_inputs("masked_recon_loss", pred, imgs, p);
   const Patches g(imgs, p);
   const int64_t Lp = pred.size(1);
-  TORCH_CHECK(pred.size(0) == g.B && patch_idx.scalar_type() == at::kLong && patch_idx.numel() == g.B * Lp,
-              "masked_recon_loss: pred must be (B, Lp, D) and patch_idx int64 (B, Lp)");
+  check_patch_idx("masked_recon_loss", pred, patch_idx, g);
   auto out = at::empty({g.B, Lp}, pred.options().dtype(acc_type(pred, imgs)));
   const int64_t* idx = patch_idx.data_ptr<int64_t>();
   dispatch2(pred, imgs, [&]<typename TP, typename TI, typename acc>() {
@@ -178,7 +204,7 @@ at::Tensor masked_recon_loss(const at::Tensor& pred, const at::Tensor& imgs, con
           op[r] = 0;
           continue;
         }
-        TORCH_CHECK(patch < g.L, "masked_recon_loss: patch index ", patch, " out of range for ", g.L, " patches");
+        MK_CHECK_ARG(patch < g.L, "masked_recon_loss", "patch_idx", c10::str("be < L = ", g.L), patch);
         load_target(ip, g, r / Lp, patch, norm_pix, eps, t.data());
         op[r] = patch_mse(pp + r * g.D, t.data(), g.D);
       }
@@ -189,11 +215,11 @@ at::Tensor masked_recon_loss(const at::Tensor& pred, const at::Tensor& imgs, con
 
 at::Tensor masked_recon_loss_backward(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& imgs,
                                       const at::Tensor& patch_idx, int64_t p, bool norm_pix, double eps) {
-  check_inputs(pred, imgs, p);
+  check_inputs("masked_recon_loss_backward", pred, imgs, p);
   const Patches g(imgs, p);
   const int64_t Lp = pred.size(1);
-  TORCH_CHECK(grad.scalar_type() == acc_type(pred, imgs) && grad.is_contiguous() && grad.numel() == g.B * Lp,
-              "masked_recon_loss_backward: grad must be contiguous (B, Lp) in the accumulation dtype");
+  check_patch_idx("masked_recon_loss_backward", pred, patch_idx, g);
+  check_grad("masked_recon_loss_backward", grad, acc_type(pred, imgs), g.B * Lp);
   auto dpred = at::empty_like(pred);
   const int64_t* idx = patch_idx.data_ptr<int64_t>();
   dispatch2(pred, imgs, [&]<typename TP, typename TI, typename acc>() {
@@ -209,7 +235,7 @@ at::Tensor masked_recon_loss_backward(const at::Tensor& grad, const at::Tensor& 
           std::fill_n(dp + r * g.D, g.D, static_cast<TP>(0));
           continue;
         }
-        TORCH_CHECK(patch < g.L, "masked_recon_loss_backward: patch index ", patch, " out of range");
+        MK_CHECK_ARG(patch < g.L, "masked_recon_loss_backward", "patch_idx", c10::str("be < L = ", g.L), patch);
         load_target(ip, g, r / Lp, patch, norm_pix, eps, t.data());
         patch_grad(dp + r * g.D, pp + r * g.D, t.data(), gp[r], g.D);
       }

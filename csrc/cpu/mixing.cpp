@@ -3,22 +3,24 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "mixkernels/checks.h"
 #include "mixkernels/cpu_common.h"
 
 namespace mixkernels::cpu {
 namespace {
 
 // Kernel-level ops are also callable directly: check what the raw-pointer loops rely on.
-void check_rows(const char* op, const at::Tensor& x, const at::Tensor& mask, int64_t B) {
-  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), op, ": expected a contiguous (B,L,C) tensor, got ", x.sizes());
-  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kByte && mask.is_contiguous() &&
-                  (mask.size(0) == 1 || mask.size(0) == B) && mask.size(1) == x.size(1),
-              op, ": mask must be contiguous uint8 (1 or ", B, ", ", x.size(1), "), got ", mask.sizes());
+void check_rows(const char* op, const char* name, const at::Tensor& x, const at::Tensor& mask, int64_t B) {
+  check_contiguous(op, name, x, 3, "(B,L,C)");
+  check_dtype(op, "mask", mask, at::kByte);
+  check_contiguous(op, "mask", mask, 2, "(G,L)");
+  MK_CHECK_ARG((mask.size(0) == 1 || mask.size(0) == B) && mask.size(1) == x.size(1), op, "mask",
+               c10::str("have shape (1 or ", B, ", ", x.size(1), ")"), mask.sizes());
 }
 
 // out[i,p] = x[B-1-i,p] if mask[i,p] else x[i,p]: a pure row gather.
 at::Tensor mix_tokens(const at::Tensor& x, const at::Tensor& mask) {
-  check_rows("mix_tokens", x, mask, x.dim() == 3 ? x.size(0) : 0);
+  check_rows("mix_tokens", "x", x, mask, x.dim() == 3 ? x.size(0) : 0);
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2);
   const int64_t G = mask.size(0);
   auto out = at::empty_like(x);
@@ -34,12 +36,13 @@ at::Tensor mix_tokens(const at::Tensor& x, const at::Tensor& mask) {
 
 // dx[j,p] = mask[B-1-j,p]*g[B-1-j,p] + (1-mask[j,p])*g[j,p]: a gather from at most two rows.
 at::Tensor mix_tokens_backward(const at::Tensor& g, const at::Tensor& mask) {
-  check_rows("mix_tokens_backward", g, mask, g.dim() == 3 ? g.size(0) : 0);
+  check_rows("mix_tokens_backward", "grad", g, mask, g.dim() == 3 ? g.size(0) : 0);
   const int64_t B = g.size(0), L = g.size(1), C = g.size(2);
   const int64_t G = mask.size(0);
   auto dx = at::empty_like(g);
   const uint8_t* m = mask.data_ptr<uint8_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "mix_tokens_backward", [&] {
+    if (dx.numel() == 0) return;  // (empty tensors' pointers may be null)
     const scalar_t* gp = g.data_ptr<scalar_t>();
     scalar_t* dp = dx.data_ptr<scalar_t>();
     at::parallel_for(0, B * L, row_grain(C * g.element_size()), [&](int64_t begin, int64_t end) {
@@ -66,18 +69,22 @@ at::Tensor mix_tokens_backward(const at::Tensor& g, const at::Tensor& mask) {
 // out[i,p] = (token where row i takes the mask token, else x[i mod B,p]) + pos[p].
 at::Tensor unmix_tokens(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& token,
                         const c10::optional<at::Tensor>& pos) {
-  check_rows("unmix_tokens", x, mask, x.dim() == 3 ? x.size(0) : 0);
-  TORCH_CHECK(token.numel() == x.size(2) && token.scalar_type() == x.scalar_type() && token.is_contiguous(),
-              "unmix_tokens: mask_token must be contiguous (C,) in x's dtype");
-  TORCH_CHECK(!pos.has_value() || (pos->numel() == x.size(1) * x.size(2) && pos->scalar_type() == x.scalar_type() &&
-                                   pos->is_contiguous()),
-              "unmix_tokens: pos_embed must be contiguous (L,C) in x's dtype");
+  check_rows("unmix_tokens", "x", x, mask, x.dim() == 3 ? x.size(0) : 0);
+  check_dtype("unmix_tokens", "mask_token", token, x.scalar_type());
+  MK_CHECK_ARG(token.numel() == x.size(2) && token.is_contiguous(), "unmix_tokens", "mask_token",
+               c10::str("be contiguous with C = ", x.size(2), " elements"), token.sizes());
+  if (pos.has_value()) {
+    check_dtype("unmix_tokens", "pos_embed", *pos, x.scalar_type());
+    MK_CHECK_ARG(pos->numel() == x.size(1) * x.size(2) && pos->is_contiguous(), "unmix_tokens", "pos_embed",
+                 c10::str("be contiguous (L,C) = (", x.size(1), ", ", x.size(2), ")"), pos->sizes());
+  }
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2);
   const int64_t G = mask.size(0);
   auto out = at::empty({2 * B, L, C}, x.options());
   const uint8_t* m = mask.data_ptr<uint8_t>();
   const bool has_pos = pos.has_value();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "unmix_tokens", [&] {
+    if (out.numel() == 0) return;  // (empty tensors' pointers may be null)
     using acc = acc_t<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* tp = token.data_ptr<scalar_t>();
@@ -106,8 +113,8 @@ at::Tensor unmix_tokens(const at::Tensor& x, const at::Tensor& mask, const at::T
 // Reductions go per position p (fixed order over b), then over p: deterministic.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> unmix_tokens_backward(const at::Tensor& g, const at::Tensor& mask,
                                                                      bool need_token, bool need_pos) {
-  TORCH_CHECK(g.dim() == 3 && g.size(0) % 2 == 0, "unmix_tokens_backward: grad must be (2B,L,C), got ", g.sizes());
-  check_rows("unmix_tokens_backward", g, mask, g.size(0) / 2);
+  MK_CHECK_ARG(g.dim() == 3 && g.size(0) % 2 == 0, "unmix_tokens_backward", "grad", "be (2B,L,C)", g.sizes());
+  check_rows("unmix_tokens_backward", "grad", g, mask, g.size(0) / 2);
   const int64_t B = g.size(0) / 2, L = g.size(1), C = g.size(2);
   const int64_t G = mask.size(0);
   auto dx = at::empty({B, L, C}, g.options());
@@ -122,6 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unmix_tokens_backward(const at::T
     scalar_t* dp = dx.data_ptr<scalar_t>();
     acc* tk = need_token ? tok_part.data_ptr<acc>() : nullptr;
     acc* pe = need_pos ? dpos.data_ptr<acc>() : nullptr;
+    if (dx.numel() == 0) return;  // nothing to scatter or sum (the partials stay 0)
     at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         for (int64_t b = 0; b < B; ++b) {

@@ -1,8 +1,11 @@
 """``python -m mixkernels.bench``: the benchmark suite.
 
-    python -m mixkernels.bench [--suite ops|attention|block|model|all] [--quick]
+    python -m mixkernels.bench [--suite ops|attention|block|model|overhead|all] [--quick]
         [--device cpu|cuda] [--dtype bf16|fp32|all] [--out DIR]
         [--compare OLD.json [--fail-on-regression PCT]] [--time-budget S] [--no-compile]
+        [--cases REGEX] [--providers LIST]
+    python -m mixkernels.bench --static [--out DIR] [--compare OLD_static.json] [--check] ...
+        (static sm_90 report without a GPU; --static --help for its options)
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Any, Dict, List
 import torch
 
 from . import cases as _cases
+from . import overhead as _overhead
 from . import report
 from .floors import measure_floors
 from .harness import Settings, _dtype_name, run_case
@@ -27,7 +31,8 @@ _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m mixkernels.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default="all", help="ops, attention, block, model, all, or a comma list (default all)")
+    p.add_argument("--suite", default="all",
+                   help="ops, attention, block, model, overhead, all, or a comma list (default all)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, few repetitions")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--dtype", default=None, help="bf16, fp32, fp16, all, or a comma list (default: bf16 on cuda, fp32 on cpu)")
@@ -38,6 +43,10 @@ def _parse(argv):
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="start no new case after S seconds (the rest is reported as skipped)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
+    p.add_argument("--cases", default=None, metavar="REGEX",
+                   help="only cases whose suite/name/dtype/mode key matches REGEX (re.search)")
+    p.add_argument("--providers", default=None, metavar="LIST",
+                   help="only these providers, comma-separated (e.g. mixkernels-triton,eager,sdpa,flex)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -77,17 +86,48 @@ def _on_sigterm(signum, frame):  # `timeout` sends SIGTERM: finish the reports w
     raise KeyboardInterrupt
 
 
+def _select(cases, pattern, providers):
+    """The cases whose key matches ``pattern``, each keeping only the named ``providers``."""
+    import re
+
+    keep = None if providers is None else {p.strip() for p in providers.split(",") if p.strip()}
+    out = []
+    for c in cases:
+        if pattern is not None and not re.search(pattern, c.key):
+            continue
+        if keep is not None:
+            c.providers = [p for p in c.providers if p.name in keep]
+        if c.providers:
+            out.append(c)
+    return out
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--static" in argv:  # its own options (mixkernels/bench/static.py)
+        from .static import main as static_main
+
+        return static_main([a for a in argv if a != "--static"])
     args = _parse(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    suites = _cases.SUITES if args.suite == "all" else tuple(s.strip() for s in args.suite.split(","))
+    suites = _cases.SUITES + ("overhead",) if args.suite == "all" else tuple(s.strip() for s in args.suite.split(","))
     for s in suites:
-        if s not in _cases.SUITES:
-            print(f"error: unknown suite {s!r} (choose from {', '.join(_cases.SUITES)}, all)", file=sys.stderr)
+        if s not in _cases.SUITES + ("overhead",):
+            print(f"error: unknown suite {s!r} (choose from {', '.join(_cases.SUITES)}, overhead, all)", file=sys.stderr)
             return 2
+    if "overhead" in suites:  # its own table (public vs kernel-level us per call), not timed cases
+        suites = tuple(s for s in suites if s != "overhead")
+        over = _overhead.measure(device, quick=args.quick)
+        print(_overhead.table(over, device), flush=True)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            report.write_json(os.path.join(args.out, "overhead.json"), {"device": str(device), "rows": over})
+        if not suites:
+            return 0
+        print()
     dspec = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     names = ["bf16", "fp32"] if dspec == "all" else [d.strip() for d in dspec.split(",")]
     if any(n not in _DTYPES for n in names):
@@ -117,7 +157,7 @@ def main(argv=None) -> int:
     print(f"floors: copy {floors['copy_GBps']:.1f} GB/s, matmul {floors['matmul_TFLOPs']:.2f} TFLOP/s "
           f"({floors['matmul_dtype']})", flush=True)
 
-    all_cases = _cases.build_cases(suites, settings, dtypes)
+    all_cases = _select(_cases.build_cases(suites, settings, dtypes), args.cases, args.providers)
     cmd = "python -m mixkernels.bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     doc: Dict[str, Any] = {
         "schema": report.SCHEMA, "env": env, "floors": floors, "notes": notes, "complete": False,

@@ -1,4 +1,4 @@
-"""Benchmark cases per suite: shapes (DESIGN.md section 7), inputs, reference, floor bytes.
+"""Benchmark cases per suite: shapes (docs/DESIGN.md section 7), inputs, reference, floor bytes.
 
 GPU shapes are the real ones (B=128, 224 px); CPU shapes keep the spatial layout and shrink
 the batch, and ``--quick`` shrinks further to a smoke run.
@@ -11,6 +11,8 @@ import torch
 
 import mixkernels as mk
 from .. import reference as ref
+from ..ops.registry import OPERATORS_REGISTRY, mixmim_mask
+from ..ops.registry import randn as _randn
 from . import peers
 from .harness import Case, Settings
 
@@ -34,21 +36,6 @@ GPU_ATTN = [MIXMIM_B[0], SWIN_B[1], MIXMIM_B[1], SWIN_B[3], MIXMIM_B[2], SWIN_B[
 
 def _es(dt: torch.dtype) -> int:
     return torch.empty((), dtype=dt).element_size()
-
-
-def _mixmim_mask(H: int, W: int, device, gen, ratio: float = 0.5) -> torch.Tensor:
-    """MixMIM's batch-shared mask: ``ratio`` of the 7x7 grid, upsampled to ``(H, W)`` (int32)."""
-    n = 49
-    perm = torch.randperm(n, generator=gen, device=device)
-    m = torch.zeros(n, dtype=torch.int32, device=device)
-    m[perm[: int(ratio * n)]] = 1
-    m = m.reshape(7, 7)
-    return m.repeat_interleave(H // 7, 0).repeat_interleave(W // 7, 1)
-
-
-def _randn(shape, device, dtype, gen, scale=1.0, grad=False):
-    t = torch.randn(shape, device=device, dtype=torch.float32, generator=gen) * scale
-    return t.to(dtype).requires_grad_(grad)
 
 
 def _modes():
@@ -76,7 +63,7 @@ def _attention_case(name, B, HW, C, nh, w, shift, dt, mode, settings) -> Case:
         return {
             "qkv": _randn((B, HW, HW, 3 * C), device, dtype, gen, grad=True),
             "rpb": _randn(((2 * w - 1) ** 2, nh), device, torch.float32, gen, scale=0.5, grad=True),
-            "group": _mixmim_mask(HW, HW, device, gen) if mixmim else None,
+            "group": mixmim_mask(HW, HW, device, gen) if mixmim else None,
             "nh": nh, "window": (w, w), "shift": (shift, shift),
         }
 
@@ -102,114 +89,30 @@ def _attention_case(name, B, HW, C, nh, w, shift, dt, mode, settings) -> Case:
 
 
 # ------------------------------------------------------------------------------ token ops + losses
-def _op_case(settings, op_name, shape_name, dt, mode, make, reference, op, grad, bytes_fwd, bytes_bwd, params):
-    provs = peers.mixkernels_providers(op, settings.device) + [
-        peers.eager_provider(reference), peers.compiled_provider(reference, settings)]
-    return Case("ops", f"{op_name}:{shape_name}", dt, mode, make, reference, provs, grad=grad,
-                bytes_fwd=bytes_fwd, bytes_bwd=bytes_bwd, params=dict(params, op=op_name))
-
-
 def ops_cases(settings: Settings, dtypes, batch: int) -> List[Case]:
-    B = batch
+    """Every registered op with benchmark shapes (``bench`` in mixkernels/ops/registry.py): our
+    backends vs the eager reference and its torch.compile. Inputs are the op's arguments by name."""
     tiny = settings.quick and settings.device.type == "cpu"
-    HW, C = (28, 64) if tiny else (56, 128)  # MixMIM-B / Swin-B stage 1 token grid
-    L = HW * HW
-    img = 64 if tiny else 224
     cases: List[Case] = []
     for dt in dtypes:
-        es = _es(dt)
         for mode in _modes():
-            def add(*a, **k):
-                cases.append(_op_case(settings, *a, dt=dt, mode=mode, **k))
-
-            # mix_tokens at the encoder input: (B, L, C), batch-shared MixMIM mask
-            add("mix_tokens", "mixmim-s1",
-                make=lambda d, t, g: {"x": _randn((B, L, C), d, t, g, grad=True),
-                                      "mask": _mixmim_mask(HW, HW, d, g).reshape(-1).bool()},
-                reference=lambda i: ref.mix_tokens(i["x"], i["mask"]),
-                op=lambda i, b: mk.mix_tokens(i["x"], i["mask"], backend=b), grad=("x",),
-                bytes_fwd=2 * B * L * C * es, bytes_bwd=2 * B * L * C * es, params=dict(batch=B, L=L, C=C))
-            # unmix_tokens at the decoder input: 7x7 tokens, decoder dim 512
-            Ld, Cd = 49, (64 if tiny else 512)
-            add("unmix_tokens", "mixmim-dec",
-                make=lambda d, t, g: {"x": _randn((B, Ld, Cd), d, t, g, grad=True),
-                                      "mask": _mixmim_mask(7, 7, d, g).reshape(-1).bool(),
-                                      "tok": _randn((Cd,), d, t, g, 0.02, grad=True),
-                                      "pos": _randn((1, Ld, Cd), d, t, g, 0.02, grad=True)},
-                reference=lambda i: ref.unmix_tokens(i["x"], i["mask"], i["tok"], i["pos"]),
-                op=lambda i, b: mk.unmix_tokens(i["x"], i["mask"], i["tok"], i["pos"], backend=b), grad=("x", "tok", "pos"),
-                bytes_fwd=3 * B * Ld * Cd * es, bytes_bwd=3 * B * Ld * Cd * es, params=dict(batch=B, L=Ld, C=Cd))
-            n = B * L * C * es
-            for nm, w, s in (("mixmim-s1-w14", 14, 0), ("swin-s1-w7-shift", 7, 3)):
-                add("window_partition", nm,
-                    make=lambda d, t, g: {"x": _randn((B, HW, HW, C), d, t, g, grad=True)},
-                    reference=lambda i, w=w, s=s: ref.window_partition(i["x"], w, s),
-                    op=lambda i, b, w=w, s=s: mk.window_partition(i["x"], w, s, backend=b), grad=("x",),
-                    bytes_fwd=2 * n, bytes_bwd=2 * n, params=dict(batch=B, H=HW, W=HW, C=C, window=w, shift=s))
-            nW = (HW // 7) ** 2
-            add("window_merge", "swin-s1-w7-shift",
-                make=lambda d, t, g: {"win": _randn((B * nW, 49, C), d, t, g, grad=True)},
-                reference=lambda i: ref.window_merge(i["win"], 7, HW, HW, 3),
-                op=lambda i, b: mk.window_merge(i["win"], 7, HW, HW, 3, backend=b), grad=("win",),
-                bytes_fwd=2 * n, bytes_bwd=2 * n, params=dict(batch=B, H=HW, W=HW, C=C, window=7, shift=3))
-            # UM-MAE uniform sampling: 16 px units = 4 tokens at patch 4; 25% secondary masking
-            u = 2 if tiny else 4
-            hc = HW // (2 * u)
-            cn = n // 4  # compact image bytes
-
-            def make_keep(d, g):
-                keep, sec = mk.uniform_masks(B, (hc, hc), generator=g, device=d)
-                return keep, sec
-
-            def make_sample(d, t, g):
-                keep, sec = make_keep(d, g)
-                return {"x": _randn((B, HW, HW, C), d, t, g, grad=True), "keep": keep, "sec": sec,
-                        "tok": _randn((C,), d, t, g, 0.02, grad=True)}
-
-            add("uniform_sample", "ummae-s1",
-                make=make_sample,
-                reference=lambda i: ref.uniform_sample(i["x"], i["keep"], u, mask_token=i["tok"], secondary=i["sec"]),
-                op=lambda i, b: mk.uniform_sample(i["x"], i["keep"], u, mask_token=i["tok"], secondary=i["sec"], backend=b),
-                grad=("x", "tok"), bytes_fwd=2 * cn, bytes_bwd=cn + n, params=dict(batch=B, H=HW, W=HW, C=C, unit=u))
-
-            def make_scatter(d, t, g):
-                keep, _ = make_keep(d, g)
-                return {"c": _randn((B, HW // 2, HW // 2, C), d, t, g, grad=True), "keep": keep}
-
-            add("uniform_scatter", "ummae-s1",
-                make=make_scatter,
-                reference=lambda i: ref.uniform_scatter(i["c"], i["keep"], u),
-                op=lambda i, b: mk.uniform_scatter(i["c"], i["keep"], u, backend=b), grad=("c",),
-                bytes_fwd=cn + n, bytes_bwd=2 * cn, params=dict(batch=B, H=HW, W=HW, C=C, unit=u))
-            # losses: pred in the compute dtype, images float32 (as under autocast)
-            p32, Lp = 32, (img // 32) ** 2
-            D = p32 * p32 * 3
-            imgs_b = B * 3 * img * img * 4
-            add("mixmim_loss", "mixmim-p32",
-                make=lambda d, t, g: {"pred": _randn((2 * B, Lp, D), d, t, g, grad=True),
-                                      "imgs": _randn((B, 3, img, img), d, torch.float32, g),
-                                      "mask": _mixmim_mask(7, 7, d, g).reshape(-1)[:Lp] if Lp == 49 else
-                                      (torch.rand(Lp, generator=g, device=d) < 0.5)},
-                reference=lambda i: ref.mixmim_loss(i["pred"], i["imgs"], i["mask"], p32),
-                op=lambda i, b: mk.mixmim_loss(i["pred"], i["imgs"], i["mask"], p32, backend=b), grad=("pred",),
-                bytes_fwd=2 * B * Lp * D * es + imgs_b, bytes_bwd=2 * B * Lp * D * es,
-                params=dict(batch=B, img=img, patch=p32, L=Lp))
-            p16, L16 = 16, (img // 16) ** 2
-            D16 = p16 * p16 * 3
-
-            def make_masked(d, t, g):
-                noise = torch.rand(B, L16, generator=g, device=d)
-                mask = noise.argsort(1).argsort(1) < int(0.75 * L16)  # 75% masked per image
-                return {"pred": _randn((B, L16, D16), d, t, g, grad=True),
-                        "imgs": _randn((B, 3, img, img), d, torch.float32, g), "mask": mask}
-
-            add("masked_recon_loss", "ummae-p16",
-                make=make_masked,
-                reference=lambda i: ref.masked_recon_loss(i["pred"], i["imgs"], i["mask"], p16),
-                op=lambda i, b: mk.masked_recon_loss(i["pred"], i["imgs"], i["mask"], p16, backend=b), grad=("pred",),
-                bytes_fwd=B * L16 * D16 * es + imgs_b, bytes_bwd=B * L16 * D16 * es,
-                params=dict(batch=B, img=img, patch=p16, L=L16, mask_ratio=0.75))
+            for spec in OPERATORS_REGISTRY.values():
+                for shape in (spec.bench(batch, tiny, dt) if spec.bench is not None else ()):
+                    cases.append(_op_case(settings, spec, shape, dt, mode))
     return cases
+
+
+def _op_case(settings: Settings, spec, shape, dt, mode) -> Case:
+    def reference(i, _ref=spec.reference):
+        return _ref(**i)
+
+    def op(i, backend, _fn=spec.fn):
+        return _fn(**i, backend=backend)
+
+    provs = peers.mixkernels_providers(op, settings.device) + [
+        peers.eager_provider(reference), peers.compiled_provider(reference, settings)]
+    return Case("ops", f"{spec.name}:{shape.name}", dt, mode, shape.make, reference, provs, grad=spec.grads,
+                bytes_fwd=shape.bytes_fwd, bytes_bwd=shape.bytes_bwd, params=dict(shape.params, op=spec.name))
 
 
 def build_cases(suites, settings: Settings, dtypes) -> List[Case]:
@@ -260,7 +163,7 @@ def _mk_block(timm_block: torch.nn.Module, spec: Dict[str, Any]) -> torch.nn.Mod
     if cls is None:
         raise Skip("mixkernels.nn.SwinBlock not available yet")
     blk = cls(**spec).to(next(timm_block.parameters()).device)
-    blk.load_state_dict(timm_block.state_dict())  # same names as timm (DESIGN.md section 3)
+    blk.load_state_dict(timm_block.state_dict())  # same names as timm (docs/DESIGN.md section 3)
     return blk
 
 

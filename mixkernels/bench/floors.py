@@ -1,6 +1,6 @@
 """Device floors measured at the start of a run: copy bandwidth and matmul rate.
 
-Every case's "% of floor" is the time the floor bytes (DESIGN.md section 7) would take at the
+Every case's "% of floor" is the time the floor bytes (docs/DESIGN.md section 7) would take at the
 measured copy bandwidth, divided by the measured time, so it is relative to what this device
 actually sustains, not to a datasheet number.
 """

@@ -56,7 +56,7 @@ class Case:
     reference: Callable[[Dict[str, Any]], torch.Tensor]
     providers: List[Provider]
     grad: Sequence[str] = ()  # differentiable inputs; the first one's gradient is checked
-    bytes_fwd: int = 0  # floor bytes (DESIGN.md section 7)
+    bytes_fwd: int = 0  # floor bytes (docs/DESIGN.md section 7)
     bytes_bwd: int = 0
     flops_fwd: float = 0.0
     flops_bwd: float = 0.0

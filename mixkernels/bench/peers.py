@@ -264,7 +264,7 @@ def flash_attn_provider() -> Provider:
 
 # ------------------------------------------------------------------------------ timm
 def import_timm():
-    """``import timm`` through the package's CPU-torch shim (DESIGN.md section 5)."""
+    """``import timm`` through the package's CPU-torch shim (docs/DESIGN.md section 5)."""
     from .._compat import import_timm as _imp
 
     return _imp()

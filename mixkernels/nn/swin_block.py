@@ -4,15 +4,17 @@ from __future__ import annotations
 from typing import Optional, Tuple, Type, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .padding import PAD_GROUP, crop_windows, pad_group, pad_to_windows
 from .window_attention import WindowAttention, to_2tuple
 
-__all__ = ["SwinBlock", "Mlp", "DropPath", "drop_path"]
+__all__ = ["SwinBlock", "Mlp", "DropPath", "drop_path", "PAD_GROUP"]
 
-# Group label given to padding tokens: they then never share a label with a real token.
-PAD_GROUP = -(2 ** 31)
+# Shape logic stays out of traced control flow (see nn/padding.py).
+torch.fx.wrap("pad_to_windows")
+torch.fx.wrap("pad_group")
+torch.fx.wrap("crop_windows")
 
 
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
@@ -64,7 +66,19 @@ def calc_window_shift(resolution, window_size, shift_size, always_partition: boo
     return win, shift
 
 
-class SwinBlock(nn.Module):
+class AttnBackend:
+    """Mixin for blocks: ``block.backend`` reads and sets the backend of ``block.attn``."""
+
+    @property
+    def backend(self) -> Optional[str]:
+        return self.attn.backend
+
+    @backend.setter
+    def backend(self, value: Optional[str]) -> None:
+        self.attn.backend = value
+
+
+class SwinBlock(AttnBackend, nn.Module):
     """Swin Transformer block with the fused window attention.
 
     Same constructor arguments, attribute names and ``state_dict`` keys as timm's
@@ -128,55 +142,28 @@ class SwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    @property
-    def backend(self) -> Optional[str]:
-        return self.attn.backend
-
-    @backend.setter
-    def backend(self, value: Optional[str]) -> None:
-        self.attn.backend = value
-
     def set_input_size(self, feat_size, window_size, always_partition: Optional[bool] = None) -> None:
-        """timm's ``set_input_size`` for a new feature size (same window; the bias table is not resized)."""
+        """timm's ``set_input_size``: new feature size and window; a window change resizes the
+        bias table as timm does (a new Parameter: rebuild optimizers, as with timm)."""
         self.input_resolution = to_2tuple(feat_size)
         if always_partition is not None:
             self.always_partition = always_partition
         ws = to_2tuple(window_size)
         target_shift = (ws[0] // 2, ws[1] // 2) if any(self.target_shift_size) else (0, 0)
         win, shift = calc_window_shift(self.input_resolution, ws, target_shift, self.always_partition)
-        if tuple(win) != tuple(self.attn.window_size):
-            raise NotImplementedError(
-                f"window size change {self.attn.window_size} -> {win} needs the bias table resized: "
-                "call set_input_size on the timm model before swap_swin"
-            )
+        self.attn.set_window_size(win)
         self.window_size, self.shift_size = win, shift
         self.window_area = win[0] * win[1]
 
     def _attn(self, x: Tensor, group: Optional[Tensor], coords: Optional[Tensor], coord_range) -> Tensor:
-        B, H, W, C = x.shape
-        (wh, ww), (sh, sw) = self.window_size, self.shift_size
-        pad_h, pad_w = (wh - H % wh) % wh, (ww - W % ww) % ww
-        if not (pad_h or pad_w):
-            return self.attn(x, (sh, sw), group, coords, coord_range)
-        if coords is not None:
-            raise ValueError(f"coords need a window-divisible token grid, got (H, W) = {(H, W)} with window {(wh, ww)}")
-        shifted = bool(sh or sw)
+        win, shift = self.window_size, self.shift_size
+        # timm order (roll, then pad): see nn/padding.py; coords cannot be padded.
+        xp = pad_to_windows(x, win, shift, roll_first=True,
+                            pad_error=None if coords is None else "coords need a window-divisible token grid")
         if group is not None:
-            group = group.to(torch.int64)
-        if shifted:  # op(Y) rolls the padded map: Y = roll(pad(roll(x, -s)), +s) reproduces timm
-            x = torch.roll(x, (-sh, -sw), (1, 2))
-            group = None if group is None else torch.roll(group, (-sh, -sw), (-2, -1))
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        if group is not None:
-            group = F.pad(group, (0, pad_w, 0, pad_h), value=PAD_GROUP)
-        if shifted:
-            x = torch.roll(x, (sh, sw), (1, 2))
-            group = None if group is None else torch.roll(group, (sh, sw), (-2, -1))
-        out = self.attn(x, (sh, sw), group, None, None)
-        if shifted:  # timm crops the merged, still-rolled map, then rolls back on the unpadded size
-            out = torch.roll(out, (-sh, -sw), (1, 2))[:, :H, :W]
-            return torch.roll(out, (sh, sw), (1, 2))
-        return out[:, :H, :W]
+            group = pad_group(group, win, shift, roll_first=True)
+        out = self.attn(xp, shift, group, coords, coord_range)
+        return crop_windows(out, x.shape[1], x.shape[2], shift, roll_first=True)
 
     def forward(self, x: Tensor, group: Optional[Tensor] = None, coords: Optional[Tensor] = None,
                 coord_range=None) -> Tensor:

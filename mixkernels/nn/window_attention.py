@@ -10,6 +10,10 @@ from ..ops import window_attention
 
 __all__ = ["WindowAttention", "to_2tuple"]
 
+# The fused op validates shapes in Python: symbolic tracers (torch.fx, torchvision's
+# create_feature_extractor) must record it as one leaf call (see nn/padding.py).
+torch.fx.wrap("window_attention")
+
 
 def to_2tuple(v) -> Tuple[int, int]:
     if isinstance(v, (tuple, list)):
@@ -65,6 +69,25 @@ class WindowAttention(nn.Module):
     def reset_parameters(self) -> None:
         if self.relative_position_bias_table.device.type != "meta":
             nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def set_window_size(self, window_size) -> None:
+        """timm's ``set_window_size``: a new window, the bias table resized with timm's
+        ``resize_rel_pos_bias_table`` (a new Parameter, as in timm; needs timm)."""
+        window_size = to_2tuple(window_size)
+        if window_size == self.window_size:
+            return
+        try:
+            from timm.layers import resize_rel_pos_bias_table
+        except ImportError as e:  # pragma: no cover
+            raise NotImplementedError("changing the window size resizes the bias table with timm; install timm") from e
+        old = self.window_size
+        self.window_size, self.window_area = window_size, window_size[0] * window_size[1]
+        table = self.relative_position_bias_table
+        with torch.no_grad():
+            shape = ((2 * window_size[0] - 1) * (2 * window_size[1] - 1), self.num_heads)
+            resized = resize_rel_pos_bias_table(table, new_window_size=window_size, new_bias_shape=shape,
+                                                old_window_size=old)
+        self.relative_position_bias_table = nn.Parameter(resized, requires_grad=table.requires_grad)
 
     def forward(
         self,

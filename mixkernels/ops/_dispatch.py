@@ -25,6 +25,8 @@ __all__ = [
     "kernel",
     "acc_dtype",
     "cuda_auto_enabled",
+    "choose",
+    "NOT_IMPLEMENTED",
 ]
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
@@ -111,13 +113,22 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_KERNELS: Dict[tuple, Callable] = {}
+
+
 def kernel(family: str, name: str, backend: str) -> Callable:
-    """The kernel-level callable of ``backend`` (same signature for every backend)."""
-    if backend in ("cpu", "cuda"):
-        return _ext.require(name)
-    if backend == "triton":
-        return getattr(importlib.import_module(f"mixkernels.triton.{family}"), name)
-    raise ValueError(f"no kernel-level op for backend {backend!r}")
+    """The kernel-level callable of ``backend`` (same signature for every backend), looked up once."""
+    key = (family, name, backend)
+    fn = _KERNELS.get(key)
+    if fn is None:
+        if backend in ("cpu", "cuda"):
+            fn = _ext.require(name)
+        elif backend == "triton":
+            fn = getattr(importlib.import_module(f"mixkernels.triton.{family}"), name)
+        else:
+            raise ValueError(f"no kernel-level op for backend {backend!r}")
+        _KERNELS[key] = fn
+    return fn
 
 
 def _requested(backend: Optional[str]) -> Optional[str]:
@@ -130,8 +141,11 @@ def _requested(backend: Optional[str]) -> Optional[str]:
 
 def _debug(msg: str, *args) -> None:
     # Dynamo cannot trace logger calls; the choice is the same at trace time, so stay quiet there.
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and _log.isEnabledFor(logging.DEBUG):
         _log.debug(msg, *args)
+
+
+NOT_IMPLEMENTED = object()  # a reason function's answer for a backend the op does not have
 
 
 def select(
@@ -147,27 +161,40 @@ def select(
     :class:`BackendUnavailable` with the reason. Automatic order: CUDA tensors
     cuda > triton > reference, CPU tensors cpu > reference.
     """
-    want = _requested(backend)
+
+    def reason(b: str):
+        check = checks.get(b)
+        return NOT_IMPLEMENTED if check is None else check()
+
+    return choose(op, device.type, reason, backend)
+
+
+def choose(op: str, device_type: str, reason: Callable[..., object], backend: Optional[str] = None, *args) -> str:
+    """:func:`select` with one ``reason(backend, *args)`` function: ``None`` (can run), the
+    reason it cannot, or :data:`NOT_IMPLEMENTED`. The op registry calls this with cached
+    reasons on every call, so the common case (automatic, no override) is kept short."""
+    want = _requested(backend) if backend is not None or os.environ.get("MIXKERNELS_BACKEND") else None
     if want is not None:
         if want == "reference":
             return want
-        check = checks.get(want)
-        reason = f"{op} has no {want} implementation" if check is None else check()
-        if reason:
-            raise BackendUnavailable(f"{op}: backend={want!r} cannot run this call: {reason}")
+        why = reason(want, *args)
+        if why is NOT_IMPLEMENTED:
+            why = f"{op} has no {want} implementation"
+        if why:
+            raise BackendUnavailable(f"{op}: backend={want!r} cannot run this call: {why}")
         return want
-    order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
-    for b in order:
-        check = checks.get(b)
-        if check is None:
-            reason = "not implemented"
-        elif b == "cuda" and not cuda_auto_enabled(op):
-            reason = "not verified on a GPU yet (set MIXKERNELS_CUDA_AUTO=1 or pass backend='cuda')"
+    for b in (("cuda", "triton") if device_type == "cuda" else ("cpu",)):
+        if b == "cuda" and not cuda_auto_enabled(op):
+            # An unverified CUDA kernel is never chosen automatically, whatever its predicate says.
+            why = "not implemented" if reason(b, *args) is NOT_IMPLEMENTED else \
+                "not verified on a GPU yet (set MIXKERNELS_CUDA_AUTO=1 or pass backend='cuda')"
         else:
-            reason = check()
-        if not reason:
+            why = reason(b, *args)
+            if why is NOT_IMPLEMENTED:
+                why = "not implemented"
+        if not why:
             _debug("%s: using %s", op, b)
             return b
-        _debug("%s: skipping %s: %s", op, b, reason)
+        _debug("%s: skipping %s: %s", op, b, why)
     _debug("%s: using reference", op)
     return "reference"

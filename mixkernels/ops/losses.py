@@ -7,29 +7,21 @@ backward a ``(B, L)`` per-patch gradient.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import reference as ref
 from . import _checks as chk
-from ._dispatch import acc_dtype, compiled_reason, kernel, select, triton_reason
+from ._dispatch import acc_dtype, kernel
+from ._kernel_op import KernelOp
+from .registry import OPERATORS_REGISTRY
 
 __all__ = ["mixmim_loss", "masked_recon_loss"]
 _FAMILY = "losses"
 _REDUCTIONS = ("mean", "per_image", "none")
-
-
-def _checks(name: str, pred: Tensor, imgs: Tensor):
-    def both(fn):
-        return fn(pred) or fn(imgs)
-
-    return {
-        "cpu": lambda: both(lambda t: compiled_reason("cpu", name, t, chk.FLOATS)),
-        "cuda": lambda: both(lambda t: compiled_reason("cuda", name, t)),
-        "triton": lambda: both(lambda t: triton_reason(_FAMILY, name, t)),
-    }
+_MIXMIM_SPEC, _MASKED_SPEC = OPERATORS_REGISTRY["mixmim_loss"], OPERATORS_REGISTRY["masked_recon_loss"]
 
 
 def _acc(pred: Tensor, imgs: Tensor) -> torch.dtype:
@@ -37,76 +29,50 @@ def _acc(pred: Tensor, imgs: Tensor) -> torch.dtype:
     return acc_dtype(torch.promote_types(pred.dtype, imgs.dtype))
 
 
-# ---------------------------------------------------------------- mixmim
-@torch.library.custom_op("mixkernels::mixmim_loss", mutates_args=())
-def _mixmim(pred: Tensor, imgs: Tensor, mask: Tensor, patch_size: int, norm_pix: bool, eps: float, backend: str) -> Tensor:
+# Both losses: forward (pred, imgs, <patch selection>, patch_size, norm_pix, eps, backend) -> per-patch
+# losses; backward (grad, <the forward's arguments>) -> dpred. Only pred gets a gradient.
+def _mixmim_impl(pred: Tensor, imgs: Tensor, mask: Tensor, patch_size: int, norm_pix: bool, eps: float,
+                 backend: str) -> Tensor:
     return kernel(_FAMILY, "mixmim_loss", backend)(pred, imgs, mask, patch_size, norm_pix, eps)
 
 
-@_mixmim.register_fake
-def _(pred, imgs, mask, patch_size, norm_pix, eps, backend):
-    return pred.new_empty((pred.shape[0] // 2, pred.shape[1]), dtype=_acc(pred, imgs))
-
-
-@torch.library.custom_op("mixkernels::mixmim_loss_backward", mutates_args=())
-def _mixmim_bwd(grad: Tensor, pred: Tensor, imgs: Tensor, mask: Tensor, patch_size: int, norm_pix: bool, eps: float,
-                backend: str) -> Tensor:
+def _mixmim_bwd_impl(grad: Tensor, pred: Tensor, imgs: Tensor, mask: Tensor, patch_size: int, norm_pix: bool,
+                     eps: float, backend: str) -> Tensor:
     return kernel(_FAMILY, "mixmim_loss_backward", backend)(grad, pred, imgs, mask, patch_size, norm_pix, eps)
 
 
-@_mixmim_bwd.register_fake
-def _(grad, pred, imgs, mask, patch_size, norm_pix, eps, backend):
-    return torch.empty_like(pred)
-
-
-def _mixmim_setup(ctx, inputs, output):
-    pred, imgs, mask, ctx.p, ctx.norm_pix, ctx.eps, ctx.backend = inputs
-    ctx.save_for_backward(pred, imgs, mask)
-
-
-def _mixmim_backward(ctx, grad):
-    pred, imgs, mask = ctx.saved_tensors
-    dpred = _mixmim_bwd(grad.to(_acc(pred, imgs)).contiguous(), pred, imgs, mask, ctx.p, ctx.norm_pix, ctx.eps, ctx.backend)
-    return dpred, None, None, None, None, None, None
-
-
-_mixmim.register_autograd(_mixmim_backward, setup_context=_mixmim_setup)
-
-
-# ---------------------------------------------------------------- masked (MAE / UM-MAE)
-@torch.library.custom_op("mixkernels::masked_recon_loss", mutates_args=())
-def _masked(pred: Tensor, imgs: Tensor, patch_idx: Tensor, patch_size: int, norm_pix: bool, eps: float, backend: str) -> Tensor:
+def _masked_impl(pred: Tensor, imgs: Tensor, patch_idx: Tensor, patch_size: int, norm_pix: bool, eps: float,
+                 backend: str) -> Tensor:
     return kernel(_FAMILY, "masked_recon_loss", backend)(pred, imgs, patch_idx, patch_size, norm_pix, eps)
 
 
-@_masked.register_fake
-def _(pred, imgs, patch_idx, patch_size, norm_pix, eps, backend):
-    return pred.new_empty(tuple(pred.shape[:2]), dtype=_acc(pred, imgs))
-
-
-@torch.library.custom_op("mixkernels::masked_recon_loss_backward", mutates_args=())
-def _masked_bwd(grad: Tensor, pred: Tensor, imgs: Tensor, patch_idx: Tensor, patch_size: int, norm_pix: bool, eps: float,
-                backend: str) -> Tensor:
+def _masked_bwd_impl(grad: Tensor, pred: Tensor, imgs: Tensor, patch_idx: Tensor, patch_size: int, norm_pix: bool,
+                     eps: float, backend: str) -> Tensor:
     return kernel(_FAMILY, "masked_recon_loss_backward", backend)(grad, pred, imgs, patch_idx, patch_size, norm_pix, eps)
 
 
-@_masked_bwd.register_fake
-def _(grad, pred, imgs, patch_idx, patch_size, norm_pix, eps, backend):
+def _dpred_fake(grad, pred, *rest):
     return torch.empty_like(pred)
 
 
-def _masked_setup(ctx, inputs, output):
-    pred, imgs, idx, ctx.p, ctx.norm_pix, ctx.eps, ctx.backend = inputs
-    ctx.save_for_backward(pred, imgs, idx)
+_MIXMIM = KernelOp("mixmim_loss", _mixmim_impl,
+                   lambda pred, imgs, *rest: pred.new_empty((pred.shape[0] // 2, pred.shape[1]), dtype=_acc(pred, imgs)))
+_MIXMIM_BWD = KernelOp("mixmim_loss_backward", _mixmim_bwd_impl, _dpred_fake)
+_MASKED = KernelOp("masked_recon_loss", _masked_impl,
+                   lambda pred, imgs, *rest: pred.new_empty(tuple(pred.shape[:2]), dtype=_acc(pred, imgs)))
+_MASKED_BWD = KernelOp("masked_recon_loss_backward", _masked_bwd_impl, _dpred_fake)
 
 
-def _masked_backward(ctx, grad):
-    pred, imgs, idx = ctx.saved_tensors
-    dpred = _masked_bwd(grad.to(_acc(pred, imgs)).contiguous(), pred, imgs, idx, ctx.p, ctx.norm_pix, ctx.eps, ctx.backend)
-    return dpred, None, None, None, None, None, None
+def _loss_autograd(fwd: KernelOp, bwd: KernelOp) -> None:
+    def backward(ctx, grad):
+        s = fwd.saved(ctx)  # (pred, imgs, selection): the backward takes the forward's arguments after grad
+        return fwd.grads(pred=bwd(grad.to(_acc(s.pred, s.imgs)).contiguous(), *s, *ctx.attrs))
+
+    fwd.autograd(backward, save=fwd.names[:3])
 
 
-_masked.register_autograd(_masked_backward, setup_context=_masked_setup)
+_loss_autograd(_MIXMIM, _MIXMIM_BWD)
+_loss_autograd(_MASKED, _MASKED_BWD)
 
 
 # ---------------------------------------------------------------- public API
@@ -129,14 +95,28 @@ def _validate(pred: Tensor, imgs: Tensor, patch_size: int, reduction: str, eps: 
     return p, (H // p) * (W // p)
 
 
-def _reduce(loss: Tensor, weight: Optional[Tensor], reduction: str) -> Tensor:
-    if weight is not None:
-        loss = loss * weight
+def _reduce(loss: Tensor, reduction: str, counted: Optional[Tensor] = None) -> Tensor:
+    """``counted``: ``(B, L)`` bool of the patches that count (None: all). The kernels write 0
+    for the rows that do not count, so the sums need no weights; counts are exact integers."""
     if reduction == "none":
         return loss
     if reduction == "per_image":
-        return loss.sum(1) / (weight.sum(1) if weight is not None else loss.shape[1])
-    return loss.sum() / (weight.sum() if weight is not None else loss.numel())
+        return loss.sum(1) / (counted.count_nonzero(1) if counted is not None else loss.shape[1])
+    return loss.sum() / (counted.count_nonzero() if counted is not None else loss.numel())
+
+
+_POSITIONS: Dict[tuple, Tuple[Tensor, Tensor]] = {}
+
+
+def _positions(L: int, device: torch.device):
+    """``(arange(L), -1)`` as tensors on ``device``, made once: they cost ~2 us per call otherwise."""
+    if torch.compiler.is_compiling():
+        return torch.arange(L, device=device), -1
+    key = (L, device)
+    hit = _POSITIONS.get(key)
+    if hit is None:
+        hit = _POSITIONS[key] = (torch.arange(L, device=device), torch.tensor(-1, device=device))
+    return hit
 
 
 def mixmim_loss(
@@ -167,11 +147,11 @@ def mixmim_loss(
     if pred.shape[0] != 2 * B or pred.shape[1] != L:
         raise ValueError(f"pred must have shape (2B, L, D) = {(2 * B, L, p * p * 3)} for imgs {tuple(imgs.shape)}, got {tuple(pred.shape)}")
     m = chk.mask_2d("mask", mask, B, (L,), pred)
-    b = select("mixmim_loss", pred.device, _checks("mixmim_loss", pred, imgs), backend)
+    b = _MIXMIM_SPEC.choose(backend, pred.device.type, (pred.dtype, imgs.dtype), (p,))
     if b == "reference":
         return ref.mixmim_loss(pred, imgs, mask, p, norm_pix=norm_pix, eps=eps, reduction=reduction)
-    loss = _mixmim(pred.contiguous(), imgs.contiguous(), m, p, bool(norm_pix), float(eps), b)
-    return _reduce(loss, None, reduction)
+    loss = _MIXMIM(pred.contiguous(), imgs.contiguous(), m, p, bool(norm_pix), float(eps), b)
+    return _reduce(loss, reduction)
 
 
 def masked_recon_loss(
@@ -201,24 +181,21 @@ def masked_recon_loss(
     B = imgs.shape[0]
     if pred.shape[0] != B:
         raise ValueError(f"pred's batch must equal imgs' batch {B}, got {pred.shape[0]}")
-    m = chk.mask_2d("mask", mask, B, (L,), pred)
+    m = chk.mask_2d("mask", mask, B, (L,), pred, torch.bool)
     Lp = pred.shape[1]
     compact = Lp != L
     if compact and not torch.compiler.is_compiling():
-        counts = m.sum(1)
+        counts = m[: B if mask.dim() == 2 else 1].sum(1)  # per mask row: one for a batch-shared mask
         if (counts != Lp).any():
             raise ValueError(
                 f"pred has {Lp} rows per image but mask selects {counts.tolist()} patches (need {L} rows, or exactly the masked count)"
             )
-    b = select("masked_recon_loss", pred.device, _checks("masked_recon_loss", pred, imgs), backend)
+    b = _MASKED_SPEC.choose(backend, pred.device.type, (pred.dtype, imgs.dtype), (p,))
     if b == "reference":
         return ref.masked_recon_loss(pred, imgs, mask, p, norm_pix=norm_pix, eps=eps, reduction=reduction)
-    mb = m.expand(B, L).bool()
     if compact:
-        idx = mb.nonzero()[:, 1].reshape(B, Lp)  # row-major positions of the masked patches
-        weight = None
+        idx = m.nonzero()[:, 1].reshape(B, Lp)  # row-major positions of the masked patches
     else:
-        idx = torch.where(mb, torch.arange(L, device=pred.device), -1)
-        weight = mb.to(_acc(pred, imgs))
-    loss = _masked(pred.contiguous(), imgs.contiguous(), idx.contiguous(), p, bool(norm_pix), float(eps), b)
-    return _reduce(loss, weight, reduction)
+        idx = torch.where(m, *_positions(L, pred.device))
+    loss = _MASKED(pred.contiguous(), imgs.contiguous(), idx.contiguous(), p, bool(norm_pix), float(eps), b)
+    return _reduce(loss, reduction, None if compact else m)

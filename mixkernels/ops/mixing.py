@@ -8,52 +8,33 @@ from torch import Tensor
 
 from .. import reference as ref
 from . import _checks as chk
-from ._dispatch import acc_dtype, compiled_reason, kernel, select, triton_reason
+from ._dispatch import acc_dtype, kernel
+from ._kernel_op import KernelOp
+from .registry import OPERATORS_REGISTRY
 
 __all__ = ["mix_tokens", "unmix_tokens"]
 _FAMILY = "mixing"
-
-
-def _checks(name: str, t: Tensor):
-    return {
-        "cpu": lambda: compiled_reason("cpu", name, t, chk.FLOATS),
-        "cuda": lambda: compiled_reason("cuda", name, t),
-        "triton": lambda: triton_reason(_FAMILY, name, t),
-    }
+_MIX_SPEC, _UNMIX_SPEC = OPERATORS_REGISTRY["mix_tokens"], OPERATORS_REGISTRY["unmix_tokens"]
 
 
 # ---------------------------------------------------------------- mix_tokens
-@torch.library.custom_op("mixkernels::mix_tokens", mutates_args=())
-def _mix(x: Tensor, mask: Tensor, backend: str) -> Tensor:
+def _mix_impl(x: Tensor, mask: Tensor, backend: str) -> Tensor:
     return kernel(_FAMILY, "mix_tokens", backend)(x, mask)
 
 
-@_mix.register_fake
-def _(x, mask, backend):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("mixkernels::mix_tokens_backward", mutates_args=())
-def _mix_bwd(grad: Tensor, mask: Tensor, backend: str) -> Tensor:
+def _mix_bwd_impl(grad: Tensor, mask: Tensor, backend: str) -> Tensor:
     return kernel(_FAMILY, "mix_tokens_backward", backend)(grad, mask)
 
 
-@_mix_bwd.register_fake
-def _(grad, mask, backend):
-    return torch.empty_like(grad)
-
-
-def _mix_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
-    ctx.backend = inputs[2]
+_MIX = KernelOp("mix_tokens", _mix_impl, lambda x, mask, backend: torch.empty_like(x))
+_MIX_BWD = KernelOp("mix_tokens_backward", _mix_bwd_impl, lambda grad, mask, backend: torch.empty_like(grad))
 
 
 def _mix_backward(ctx, grad):
-    (mask,) = ctx.saved_tensors
-    return _mix_bwd(grad.contiguous(), mask, ctx.backend), None, None
+    return _MIX.grads(x=_MIX_BWD(grad.contiguous(), _MIX.saved(ctx).mask, ctx.attrs.backend))
 
 
-_mix.register_autograd(_mix_backward, setup_context=_mix_setup)
+_MIX.autograd(_mix_backward, save=("mask",))
 
 
 def mix_tokens(x: Tensor, mask: Tensor, *, backend: Optional[str] = None) -> Tensor:
@@ -68,32 +49,29 @@ def mix_tokens(x: Tensor, mask: Tensor, *, backend: Optional[str] = None) -> Ten
     """
     chk.tensor("x", x, ndim=(3, 4), floating=True)
     B, C = x.shape[0], x.shape[-1]
-    m = chk.mask_2d("mask", mask, B, tuple(x.shape[1:-1]), x)
-    b = select("mix_tokens", x.device, _checks("mix_tokens", x), backend)
+    m = chk.mask_2d("mask", mask, B, x.shape[1:-1], x)
+    b = _MIX_SPEC.choose(backend, x.device.type, (x.dtype,))
     if b == "reference":
         return ref.mix_tokens(x, mask)
-    L = m.shape[1]
-    return _mix(x.reshape(B, L, C).contiguous(), m, b).reshape(x.shape)
+    if x.dim() == 3:
+        return _MIX(x.contiguous(), m, b)
+    return _MIX(x.reshape(B, m.shape[1], C).contiguous(), m, b).reshape(x.shape)
 
 
 # ---------------------------------------------------------------- unmix_tokens
-@torch.library.custom_op("mixkernels::unmix_tokens", mutates_args=())
-def _unmix(x: Tensor, mask: Tensor, mask_token: Tensor, pos_embed: Optional[Tensor], backend: str) -> Tensor:
+def _unmix_impl(x: Tensor, mask: Tensor, mask_token: Tensor, pos_embed: Optional[Tensor], backend: str) -> Tensor:
     return kernel(_FAMILY, "unmix_tokens", backend)(x, mask, mask_token, pos_embed)
 
 
-@_unmix.register_fake
-def _(x, mask, mask_token, pos_embed, backend):
+def _unmix_fake(x, mask, mask_token, pos_embed, backend):
     return x.new_empty((2 * x.shape[0],) + tuple(x.shape[1:]))
 
 
-@torch.library.custom_op("mixkernels::unmix_tokens_backward", mutates_args=())
-def _unmix_bwd(grad: Tensor, mask: Tensor, need_token: bool, need_pos: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _unmix_bwd_impl(grad: Tensor, mask: Tensor, need_token: bool, need_pos: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(kernel(_FAMILY, "unmix_tokens_backward", backend)(grad, mask, need_token, need_pos))
 
 
-@_unmix_bwd.register_fake
-def _(grad, mask, need_token, need_pos, backend):
+def _unmix_bwd_fake(grad, mask, need_token, need_pos, backend):
     B2, L, C = grad.shape
     acc = acc_dtype(grad.dtype)
     tok = grad.new_empty((C,) if need_token else (0,), dtype=acc)
@@ -101,28 +79,26 @@ def _(grad, mask, need_token, need_pos, backend):
     return grad.new_empty((B2 // 2, L, C)), tok, pos
 
 
-def _unmix_setup(ctx, inputs, output):
-    x, mask, token, pos, backend = inputs
-    ctx.save_for_backward(mask)
-    ctx.backend = backend
-    ctx.has_pos = pos is not None
+_UNMIX = KernelOp("unmix_tokens", _unmix_impl, _unmix_fake)
+_UNMIX_BWD = KernelOp("unmix_tokens_backward", _unmix_bwd_impl, _unmix_bwd_fake, outputs=("dx", "dtoken", "dpos"))
 
 
 def _unmix_backward(ctx, grad):
-    (mask,) = ctx.saved_tensors
-    need_token = ctx.needs_input_grad[2]
-    need_pos = ctx.has_pos and ctx.needs_input_grad[3]
-    dx, dtok, dpos = _unmix_bwd(grad.contiguous(), mask, need_token, need_pos, ctx.backend)
-    return (
-        dx,
-        None,
-        dtok.to(grad.dtype) if need_token else None,
-        dpos.to(grad.dtype) if need_pos else None,
-        None,
-    )
+    need_token, need_pos = _UNMIX.needs(ctx, "mask_token"), _UNMIX.needs(ctx, "pos_embed")  # False for None
+    dx, dtok, dpos = _UNMIX_BWD(grad.contiguous(), _UNMIX.saved(ctx).mask, need_token, need_pos, ctx.attrs.backend)
+    return _UNMIX.grads(x=dx, mask_token=dtok.to(grad.dtype) if need_token else None,
+                        pos_embed=dpos.to(grad.dtype) if need_pos else None)
 
 
-_unmix.register_autograd(_unmix_backward, setup_context=_unmix_setup)
+_UNMIX.autograd(_unmix_backward, save=("mask",))
+
+
+def _check_pos(pos_embed: Tensor, L: int, C: int) -> None:
+    # Broadcastable to (1, L, C), checked without building shapes (this runs on every call).
+    ps = pos_embed.shape
+    if len(ps) > 3 or (len(ps) >= 1 and ps[-1] not in (1, C)) or (len(ps) >= 2 and ps[-2] not in (1, L)) \
+            or (len(ps) == 3 and ps[0] != 1):
+        raise ValueError(f"pos_embed must broadcast to (1, {L}, {C}), got shape {tuple(ps)}")
 
 
 def unmix_tokens(
@@ -155,15 +131,17 @@ def unmix_tokens(
     if pos_embed is not None:
         chk.tensor("pos_embed", pos_embed, floating=True)
         chk.same_device("pos_embed", pos_embed, x, "x")
-        try:
-            torch.broadcast_shapes(pos_embed.shape, (1, L, C))
-        except RuntimeError:
-            raise ValueError(f"pos_embed must broadcast to (1, {L}, {C}), got shape {tuple(pos_embed.shape)}") from None
-        if pos_embed.dim() == 3 and pos_embed.shape[0] != 1:
-            raise ValueError(f"pos_embed must broadcast to (1, {L}, {C}), got shape {tuple(pos_embed.shape)}")
-    b = select("unmix_tokens", x.device, _checks("unmix_tokens", x), backend)
+        _check_pos(pos_embed, L, C)
+    b = _UNMIX_SPEC.choose(backend, x.device.type, (x.dtype,))
     if b == "reference":
         return ref.unmix_tokens(x, mask, mask_token, pos_embed)
-    tok = mask_token.reshape(C).to(x.dtype).contiguous()
-    pos = None if pos_embed is None else pos_embed.to(x.dtype).expand(1, L, C).reshape(L, C).contiguous()
-    return _unmix(x.contiguous(), m, tok, pos, b)
+    tok = chk.vector(mask_token, C).to(x.dtype).contiguous()
+    pos = None if pos_embed is None else _rows(pos_embed.to(x.dtype), L, C).contiguous()
+    return _UNMIX(x.contiguous(), m, tok, pos, b)
+
+
+def _rows(pos: Tensor, L: int, C: int) -> Tensor:
+    """``pos`` (broadcastable to ``(1, L, C)``) as ``(L, C)``, with the fewest ops for the usual shapes."""
+    if pos.shape[-2:] == (L, C):
+        return pos if pos.dim() == 2 else pos.reshape(L, C)
+    return pos.expand(1, L, C).reshape(L, C)

@@ -8,80 +8,65 @@ from torch import Tensor
 
 from .. import reference as ref
 from . import _checks as chk
-from ._dispatch import acc_dtype, compiled_reason, kernel, select, triton_reason
+from ._dispatch import acc_dtype, kernel
+from ._kernel_op import KernelOp
+from .registry import OPERATORS_REGISTRY
 
 __all__ = ["uniform_sample", "uniform_scatter", "uniform_masks"]
 _FAMILY = "uniform"
 _INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_SAMPLE_SPEC, _SCATTER_SPEC = OPERATORS_REGISTRY["uniform_sample"], OPERATORS_REGISTRY["uniform_scatter"]
 
 
-def _checks(name: str, t: Tensor):
-    return {
-        "cpu": lambda: compiled_reason("cpu", name, t, chk.FLOATS),
-        "cuda": lambda: compiled_reason("cuda", name, t),
-        "triton": lambda: triton_reason(_FAMILY, name, t),
-    }
-
-
-@torch.library.custom_op("mixkernels::uniform_sample", mutates_args=())
-def _sample(x: Tensor, keep: Tensor, unit: int, mask_token: Optional[Tensor], secondary: Optional[Tensor], backend: str) -> Tensor:
+def _sample_impl(x: Tensor, keep: Tensor, unit: int, mask_token: Optional[Tensor], secondary: Optional[Tensor],
+                 backend: str) -> Tensor:
     return kernel(_FAMILY, "uniform_sample", backend)(x, keep, unit, mask_token, secondary)
 
 
-@_sample.register_fake
-def _(x, keep, unit, mask_token, secondary, backend):
+def _sample_fake(x, keep, unit, mask_token, secondary, backend):
     B, H, W, C = x.shape
     return x.new_empty((B, H // 2, W // 2, C))
 
 
-@torch.library.custom_op("mixkernels::uniform_sample_backward", mutates_args=())
-def _sample_bwd(grad: Tensor, keep: Tensor, unit: int, secondary: Optional[Tensor], need_token: bool, backend: str) -> tuple[Tensor, Tensor]:
+def _sample_bwd_impl(grad: Tensor, keep: Tensor, unit: int, secondary: Optional[Tensor], need_token: bool,
+                     backend: str) -> tuple[Tensor, Tensor]:
     return tuple(kernel(_FAMILY, "uniform_sample_backward", backend)(grad, keep, unit, secondary, need_token))
 
 
-@_sample_bwd.register_fake
-def _(grad, keep, unit, secondary, need_token, backend):
+def _sample_bwd_fake(grad, keep, unit, secondary, need_token, backend):
     B, h, w, C = grad.shape
     tok = grad.new_empty((C,) if need_token else (0,), dtype=acc_dtype(grad.dtype))
     return grad.new_empty((B, 2 * h, 2 * w, C)), tok
 
 
-@torch.library.custom_op("mixkernels::uniform_scatter", mutates_args=())
-def _scatter(compact: Tensor, keep: Tensor, unit: int, backend: str) -> Tensor:
+def _scatter_impl(compact: Tensor, keep: Tensor, unit: int, backend: str) -> Tensor:
     return kernel(_FAMILY, "uniform_scatter", backend)(compact, keep, unit)
 
 
-@_scatter.register_fake
-def _(compact, keep, unit, backend):
+def _scatter_fake(compact, keep, unit, backend):
     B, h, w, C = compact.shape
     return compact.new_empty((B, 2 * h, 2 * w, C))
 
 
-def _sample_setup(ctx, inputs, output):
-    x, keep, unit, token, secondary, backend = inputs
-    ctx.save_for_backward(keep, secondary)
-    ctx.unit, ctx.backend = unit, backend
+_SAMPLE = KernelOp("uniform_sample", _sample_impl, _sample_fake)
+_SAMPLE_BWD = KernelOp("uniform_sample_backward", _sample_bwd_impl, _sample_bwd_fake, outputs=("dx", "dtoken"))
+_SCATTER = KernelOp("uniform_scatter", _scatter_impl, _scatter_fake)
 
 
 def _sample_backward(ctx, grad):
-    keep, secondary = ctx.saved_tensors
-    need_token = ctx.needs_input_grad[3]
-    dx, dtok = _sample_bwd(grad.contiguous(), keep, ctx.unit, secondary, need_token, ctx.backend)
-    return dx, None, None, (dtok.to(grad.dtype) if need_token else None), None, None
+    s, a = _SAMPLE.saved(ctx), ctx.attrs
+    need_token = _SAMPLE.needs(ctx, "mask_token")
+    dx, dtok = _SAMPLE_BWD(grad.contiguous(), s.keep, a.unit, s.secondary, need_token, a.backend)
+    return _SAMPLE.grads(x=dx, mask_token=dtok.to(grad.dtype) if need_token else None)
 
 
-def _scatter_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
-    ctx.unit, ctx.backend = inputs[2], inputs[3]
+def _scatter_backward(ctx, grad):  # the scatter's adjoint is the plain sample
+    a = ctx.attrs
+    return _SCATTER.grads(compact=_SAMPLE(grad.contiguous(), _SCATTER.saved(ctx).keep, a.unit, None, None, a.backend))
 
 
-def _scatter_backward(ctx, grad):
-    (keep,) = ctx.saved_tensors
-    return _sample(grad.contiguous(), keep, ctx.unit, None, None, ctx.backend), None, None, None
-
-
-_sample.register_autograd(_sample_backward, setup_context=_sample_setup)
-_scatter.register_autograd(_scatter_backward, setup_context=_scatter_setup)
+_SAMPLE.autograd(_sample_backward, save=("keep", "secondary"))
+_SCATTER.autograd(_scatter_backward, save=("keep",))
 
 
 def _cells(name: str, t: Optional[Tensor], B: int, hc: int, wc: int, ref_t: Tensor, dtypes) -> Optional[Tensor]:
@@ -97,7 +82,7 @@ def _cells(name: str, t: Optional[Tensor], B: int, hc: int, wc: int, ref_t: Tens
 def _check_keep(keep: Tensor) -> None:
     # Range check only where it costs no device sync; kernels read `keep & 3`.
     if keep.device.type == "cpu" and keep.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(keep.min()), int(keep.max())
+        lo, hi = (int(v) for v in torch.aminmax(keep))
         if lo < 0 or hi > 3:
             raise ValueError(f"keep must hold values in 0..3, got range [{lo}, {hi}]")
 
@@ -138,13 +123,13 @@ def uniform_sample(
         chk.same_device("mask_token", mask_token, x, "x")
         if mask_token.numel() != C:
             raise ValueError(f"mask_token must have {C} elements, got shape {tuple(mask_token.shape)}")
-    b = select("uniform_sample", x.device, _checks("uniform_sample", x), backend)
+    b = _SAMPLE_SPEC.choose(backend, x.device.type, (x.dtype,))
     if b == "reference":
         return ref.uniform_sample(x, keep, unit, mask_token=mask_token if secondary is not None else None, secondary=secondary)
     k = keep.to(torch.uint8).contiguous()
-    sec = None if secondary is None else (secondary != 0).to(torch.uint8).contiguous()
-    tok = None if sec is None else mask_token.reshape(C).to(x.dtype).contiguous()
-    return _sample(x.contiguous(), k, unit, tok, sec, b)
+    sec = None if secondary is None else chk.bytes01(secondary).contiguous()
+    tok = None if sec is None else chk.vector(mask_token, C).to(x.dtype).contiguous()
+    return _SAMPLE(x.contiguous(), k, unit, tok, sec, b)
 
 
 def uniform_scatter(compact: Tensor, keep: Tensor, unit: int, *, backend: Optional[str] = None) -> Tensor:
@@ -156,10 +141,10 @@ def uniform_scatter(compact: Tensor, keep: Tensor, unit: int, *, backend: Option
         raise ValueError(f"compact's grid (h, w) = {(h, w)} must be divisible by unit = {unit}")
     _cells("keep", keep, B, h // unit, w // unit, compact, _INTS)
     _check_keep(keep)
-    b = select("uniform_scatter", compact.device, _checks("uniform_scatter", compact), backend)
+    b = _SCATTER_SPEC.choose(backend, compact.device.type, (compact.dtype,))
     if b == "reference":
         return ref.uniform_scatter(compact, keep, unit)
-    return _scatter(compact.contiguous(), keep.to(torch.uint8).contiguous(), unit, b)
+    return _SCATTER(compact.contiguous(), keep.to(torch.uint8).contiguous(), unit, b)
 
 
 def uniform_masks(

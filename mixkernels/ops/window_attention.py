@@ -9,34 +9,35 @@ from torch import Tensor
 
 from .. import reference as ref
 from . import _checks as chk
-from ._dispatch import acc_dtype, compiled_reason, kernel, select, triton_reason
+from ._dispatch import acc_dtype, kernel
+from ._kernel_op import KernelOp
+from .limits import KERNEL_HEAD_DIMS, KERNEL_MAX_WINDOW_TOKENS
+from .registry import OPERATORS_REGISTRY
 
 __all__ = ["window_attention", "KERNEL_HEAD_DIMS", "KERNEL_MAX_WINDOW_TOKENS"]
 _FAMILY = "window_attention"
-KERNEL_HEAD_DIMS = (16, 32, 64, 128)
-KERNEL_MAX_WINDOW_TOKENS = 256
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SPEC = OPERATORS_REGISTRY["window_attention"]
 _INTS = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
-def _shape_reason(d: int, N: int) -> Optional[str]:
-    if d not in KERNEL_HEAD_DIMS:
-        return f"head_dim {d} not supported by the fused kernels (supported: {KERNEL_HEAD_DIMS})"
-    if N > KERNEL_MAX_WINDOW_TOKENS:
-        return f"window of {N} tokens exceeds the fused kernels' limit of {KERNEL_MAX_WINDOW_TOKENS}"
-    return None
+# group/coords dtypes the kernels read as they are; others are converted to int32.
+# (#13 adds torch.int64 once every backend's kernel compares labels at full width.)
+_LABEL_DTYPES = (torch.int32, torch.int64)  # compared exactly at their width (docs/SEMANTICS.md)
 
 
 def _checks(qkv: Tensor, d: int, N: int):
-    return {
-        "cpu": lambda: compiled_reason("cpu", "window_attention", qkv, _KERNEL_DTYPES + (torch.float64,)),
-        "cuda": lambda: _shape_reason(d, N) or compiled_reason("cuda", "window_attention", qkv, _KERNEL_DTYPES),
-        "triton": lambda: _shape_reason(d, N) or triton_reason(_FAMILY, "window_attention", qkv, _KERNEL_DTYPES),
-    }
+    """``{backend: predicate}`` for a call on ``qkv`` with head dim ``d`` and ``N`` tokens per window
+    (the registry's predicate; tests/test_window_attention.py asks it which backends run here)."""
+    key = (qkv.device.type, (qkv.dtype,), (d, N))
+    return {b: (lambda b=b: _SPEC.reason(b, *key)) for b in _SPEC.dtypes}
 
 
-@torch.library.custom_op("mixkernels::window_attention", mutates_args=())
-def _wattn(
+# The kernel-level op: (out (B,H,W,C) qkv.dtype, lse acc (B*nW, nH, N)); the fake derives both here.
+def _out_meta(qkv: Tensor, num_heads: int, wh: int, ww: int) -> tuple:
+    B, H, W, C3 = qkv.shape
+    nW = (H // wh) * (W // ww)
+    return (B, H, W, C3 // 3), (B * nW, num_heads, wh * ww)
+
+
+def _wattn_impl(
     qkv: Tensor, num_heads: int, wh: int, ww: int, sh: int, sw: int,
     rpb: Optional[Tensor], attn_bias: Optional[Tensor], group: Optional[Tensor], coords: Optional[Tensor],
     rh: int, rw: int, scale: float, deterministic: bool, backend: str,
@@ -47,15 +48,12 @@ def _wattn(
     return out, lse
 
 
-@_wattn.register_fake
-def _(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale, deterministic, backend):
-    B, H, W, C3 = qkv.shape
-    nW = (H // wh) * (W // ww)
-    return qkv.new_empty((B, H, W, C3 // 3)), qkv.new_empty((B * nW, num_heads, wh * ww), dtype=acc_dtype(qkv.dtype))
+def _wattn_fake(qkv, num_heads, wh, ww, *rest):
+    out_shape, lse_shape = _out_meta(qkv, num_heads, wh, ww)
+    return qkv.new_empty(out_shape), qkv.new_empty(lse_shape, dtype=acc_dtype(qkv.dtype))
 
 
-@torch.library.custom_op("mixkernels::window_attention_backward", mutates_args=())
-def _wattn_bwd(
+def _wattn_bwd_impl(
     dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, wh: int, ww: int, sh: int, sw: int,
     rpb: Optional[Tensor], attn_bias: Optional[Tensor], group: Optional[Tensor], coords: Optional[Tensor],
     rh: int, rw: int, scale: float, need_drpb: bool, need_dbias: bool, deterministic: bool, backend: str,
@@ -67,38 +65,29 @@ def _wattn_bwd(
     return dqkv, drpb, dbias
 
 
-@_wattn_bwd.register_fake
-def _(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale,
-      need_drpb, need_dbias, deterministic, backend):
+def _wattn_bwd_fake(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale,
+                    need_drpb, need_dbias, deterministic, backend):
     acc = dict(dtype=acc_dtype(qkv.dtype))
     drpb = qkv.new_empty(tuple(rpb.shape) if need_drpb else (0,), **acc)
     dbias = qkv.new_empty(tuple(attn_bias.shape) if need_dbias else (0,), **acc)
     return torch.empty_like(qkv), drpb, dbias
 
 
-def _wattn_setup(ctx, inputs, output):
-    (qkv, nh, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale, det, backend) = inputs
-    out, lse = output
-    ctx.save_for_backward(qkv, out, lse, rpb, attn_bias, group, coords)
-    ctx.args = (nh, wh, ww, sh, sw)
-    ctx.rest = (rh, rw, scale)
-    ctx.det, ctx.backend = det, backend
-    ctx.mark_non_differentiable(lse)
+_WATTN = KernelOp("window_attention", _wattn_impl, _wattn_fake, outputs=("out", "lse"))
+_WATTN_BWD = KernelOp("window_attention_backward", _wattn_bwd_impl, _wattn_bwd_fake, outputs=("dqkv", "drpb", "dbias"))
 
 
 def _wattn_backward(ctx, dout, _dlse):
-    qkv, out, lse, rpb, attn_bias, group, coords = ctx.saved_tensors
-    need_drpb = rpb is not None and ctx.needs_input_grad[6]
-    need_dbias = attn_bias is not None and ctx.needs_input_grad[7]
-    dqkv, drpb, dbias = _wattn_bwd(
-        dout.contiguous(), qkv, out, lse, *ctx.args, rpb, attn_bias, group, coords, *ctx.rest,
-        need_drpb, need_dbias, ctx.det, ctx.backend,
-    )
-    return (dqkv, None, None, None, None, None, drpb if need_drpb else None, dbias if need_dbias else None,
-            None, None, None, None, None, None, None)
+    s, a = _WATTN.saved(ctx), ctx.attrs
+    need_drpb = _WATTN.needs(ctx, "rpb")  # False when rpb is None
+    need_dbias = _WATTN.needs(ctx, "attn_bias")
+    dqkv, drpb, dbias = _WATTN_BWD.call(
+        dout=dout.contiguous(), **s._asdict(), **a._asdict(), need_drpb=need_drpb, need_dbias=need_dbias)
+    return _WATTN.grads(qkv=dqkv, rpb=drpb if need_drpb else None, attn_bias=dbias if need_dbias else None)
 
 
-_wattn.register_autograd(_wattn_backward, setup_context=_wattn_setup)
+_WATTN.autograd(_wattn_backward, save=("qkv", "out", "lse", "rpb", "attn_bias", "group", "coords"),
+                non_differentiable=("lse",))
 
 
 def _per_position(name: str, t: Optional[Tensor], B: int, H: int, W: int, qkv: Tensor, tail: tuple) -> Optional[Tensor]:
@@ -110,6 +99,12 @@ def _per_position(name: str, t: Optional[Tensor], B: int, H: int, W: int, qkv: T
     if shape not in ((H, W) + tail, (B, H, W) + tail):
         raise ValueError(f"{name} must have shape {(H, W) + tail} or {(B, H, W) + tail}, got {shape}")
     return t
+
+
+def _labels(t: Tensor, ndim: int) -> Tensor:
+    """group (G,H,W) / coords (G,H,W,2) in a dtype the kernels read."""
+    t = t if t.dtype in _LABEL_DTYPES else t.to(torch.int32)
+    return t if t.dim() == ndim else t.unsqueeze(0)
 
 
 def _deterministic(flag: Optional[bool]) -> bool:
@@ -152,6 +147,9 @@ def window_attention(
         coords: ``(H, W, 2)`` or ``(B, H, W, 2)`` int true (row, col) of each token;
             the table is then indexed by coordinate differences within ``coord_range``.
         coord_range: ``(Rh, Rw)``; required with ``coords``.
+            Edge inputs (docs/SEMANTICS.md): labels and coords compare exactly at full
+            width, out-of-range coordinate differences add no bias, a row with every key
+            masked (``-inf`` biases) is NaN.
         scale: default ``d ** -0.5``.
         deterministic: bit-reproducible bias gradients (default: follows
             ``torch.are_deterministic_algorithms_enabled()`` or ``MIXKERNELS_DETERMINISTIC=1``).
@@ -191,7 +189,7 @@ def window_attention(
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
 
-    b = select("window_attention", qkv.device, _checks(qkv, d, N), backend)
+    b = _SPEC.choose(backend, qkv.device.type, (qkv.dtype,), (d, N))
     if b == "reference":
         return ref.window_attention(
             qkv, nh, (wh, ww), shift_size=(sh, sw), rel_pos_bias=rel_pos_bias, attn_bias=attn_bias,
@@ -200,7 +198,8 @@ def window_attention(
     acc = acc_dtype(qkv.dtype)
     rpb = None if rel_pos_bias is None else rel_pos_bias.to(acc).contiguous()
     ab = None if attn_bias is None else attn_bias.to(acc).contiguous()
-    g = None if group is None else group.to(torch.int32).reshape(-1, H, W).contiguous()
-    c = None if coords is None else coords.to(torch.int32).reshape(-1, H, W, 2).contiguous()
-    out, _ = _wattn(qkv.contiguous(), nh, wh, ww, sh, sw, rpb, ab, g, c, rh, rw, float(scale), _deterministic(deterministic), b)
+    g = None if group is None else _labels(group, 3).contiguous()
+    c = None if coords is None else _labels(coords, 4).contiguous()
+    out, _ = _WATTN(qkv.contiguous(), nh, wh, ww, sh, sw, rpb, ab, g, c, rh, rw, float(scale),
+                    _deterministic(deterministic), b)
     return out
