@@ -112,7 +112,8 @@ def build(cache_dir: str, jobs: int = 2) -> Build:
     deps = srcs + glob.glob(os.path.join(_ROOT, "csrc", "cuda", "*.cuh")) + glob.glob(os.path.join(inc, "mixkernels", "*")) \
         + [os.path.join(_HERE, "static_cuda_stub.cpp"), os.path.join(_HERE, "static_cuda_harness.cpp")]
     key = _digest(deps, " ".join(FLAGS) + nvcc)
-    bdir = os.path.join(cache_dir, f"cuda-{key}")
+    # Absolute: cuobjdump runs with its own cwd (it extracts into the folder it runs in).
+    bdir = os.path.join(os.path.abspath(cache_dir), f"cuda-{key}")
     done = os.path.join(bdir, "ptxas.log")
     t0 = time.time()
     if not os.path.exists(done):
@@ -131,8 +132,11 @@ def build(cache_dir: str, jobs: int = 2) -> Build:
         for stem, _ in logs:  # the sm_90 cubin inside each object
             sub = os.path.join(bdir, stem + ".x")
             os.makedirs(sub, exist_ok=True)
-            subprocess.run([tool("cuobjdump"), "-xelf", "all", os.path.join(bdir, stem + ".o")], cwd=sub,
-                           capture_output=True, check=True)
+            r = subprocess.run([tool("cuobjdump"), "-xelf", "all", os.path.join(bdir, stem + ".o")], cwd=sub,
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"cuobjdump -xelf failed on {stem}.o (exit {r.returncode}):\n"
+                                   f"{(r.stdout + r.stderr)[-3000:]}")
             found = glob.glob(os.path.join(sub, "*sm_90*.cubin"))
             if not found:
                 raise RuntimeError(f"no sm_90 cubin in {stem}.o")
