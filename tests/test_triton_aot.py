@@ -223,7 +223,8 @@ def _worker(report_path, cache_dir):
 
     t0 = time.time()
     launches = aot.capture(_launch_everything) + aot.capture(_int64_pass)
-    real = any(la.name == "_fwd_kernel" and la.grid[0] == 128 for la in launches)
+    # B*nW is the kernel's BNW argument (the grid is head-fastest and packs windows per program).
+    real = any(la.name == "_fwd_kernel" and la.args[la.fn.arg_names.index("BNW")] == 128 for la in launches)
     uniq = {}
     for la in launches:  # one entry per distinct launch specialization (Triton's own binder decides)
         uniq.setdefault(aot.spec_key(la, 90), la)

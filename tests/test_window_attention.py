@@ -123,6 +123,23 @@ CASES = {
     "det_shift_group_per_rpb_bias_f32": (F32, dict(win=(4, 3), shift=(1, 2), group="per", rpb=True, bias=True),
                                          True),
     "det_coords_per_rpb_f16": (F16, dict(win=(2, 3), grid=(2, 2), nh=1, coords="per", rpb=True), True),
+    # Triton tile paths (interpreter tiles are 16 wide): one tile (N < 16), one pass with a tail
+    # tile (N = 20, 35), two passes (N = 49), odd window counts per program, coords on multi tiles.
+    "win5x4_coords_per_rpb_bias_bf16": (BF16, dict(win=(5, 4), grid=(1, 1), nh=1, coords="per", rpb=True,
+                                                   bias=True), False),
+    "det_win5x4_coords_shared_shift_rpb_f32": (F32, dict(win=(5, 4), grid=(1, 2), nh=1, coords="shared",
+                                                          shift=(2, 1), rpb=True), True),
+    "win7x7_shift_group_per_rpb_bias_f16": (F16, dict(win=(7, 7), B=1, grid=(1, 1), nh=1, shift=(3, 3),
+                                                      group="per", rpb=True, bias=True), None),
+    "det_win7x7_group_shared_rpb_bf16": (BF16, dict(win=(7, 7), B=1, grid=(1, 1), nh=1, group="shared", rpb=True),
+                                         True),
+    "win3x5_d128_group_per_bias_f32": (F32, dict(win=(3, 5), B=3, grid=(1, 1), nh=1, d=128, group="per",
+                                                 bias=True), None),
+    # d = 128 over one tile: the two-phase backward (the others take the single pass)
+    "det_win5x4_d128_shift_group_per_rpb_bias_bf16": (BF16, dict(win=(5, 4), B=1, grid=(1, 2), nh=1, d=128,
+                                                                shift=(2, 1), group="per", rpb=True, bias=True), True),
+    "win4x4_d128_coords_per_rpb_f16": (F16, dict(win=(4, 4), B=1, grid=(1, 2), nh=1, d=128, coords="per", rpb=True),
+                                       False),
 }
 
 
@@ -156,19 +173,26 @@ def test_triton_poisoned_outputs(device, monkeypatch):
 
 @pytest.mark.parametrize("backend,device", COMBOS)
 @pytest.mark.parametrize("coords", [None, "per"])
-def test_deterministic_bias_grads_bit_identical(backend, device, coords):
-    ckw = dict(win=(2, 3), grid=(2, 2), nh=1, coords="per") if coords else dict(win=(4, 3), shift=(1, 1))
-    dtype, nh, kw, leaves = _case(device, F16, rpb=True, bias=True, group="per", **ckw)
-    qkv = leaves["qkv"].to(F16)
+@pytest.mark.parametrize("tiles", ["one", "several"])
+def test_deterministic_bias_grads_bit_identical(backend, device, coords, tiles):
+    """Bit-identical bias gradients with deterministic=True, on windows of one tile (in-register
+    sums) and of several tiles (program-private partial sums; Triton interpreter tiles are 16)."""
+    if tiles == "one":
+        ckw = dict(win=(2, 3), grid=(2, 2), nh=1, coords="per") if coords else dict(win=(4, 3), shift=(1, 1))
+        dtype = F16
+    else:
+        ckw = dict(win=(5, 4), grid=(1, 2), nh=1, coords="per") if coords else dict(win=(4, 5), shift=(1, 2))
+        dtype = BF16
+    _, nh, kw, leaves = _case(device, dtype, rpb=True, bias=True, group="per", **ckw)
+    qkv = leaves["qkv"].to(dtype)
     _skip_unless_available(backend, qkv, nh, kw["window_size"])
-    dout = torch.randn(qkv.shape[:-1] + (qkv.shape[-1] // 3,), device=device, dtype=F16)
+    dout = torch.randn(qkv.shape[:-1] + (qkv.shape[-1] // 3,), device=device, dtype=dtype)
     runs = []
     for _ in range(2):
         ins = [qkv.clone().requires_grad_(), leaves["rel_pos_bias"].float().requires_grad_(),
                leaves["attn_bias"].float().requires_grad_()]
         out = mixkernels.window_attention(ins[0], nh, kw["window_size"], rel_pos_bias=ins[1], attn_bias=ins[2],
-                                          deterministic=True, backend=backend,
-                                          **_rest(kw))
+                                          deterministic=True, backend=backend, **_rest(kw))
         runs.append(torch.autograd.grad(out, ins, dout))
     for a, b, n in zip(*runs, ("dqkv", "drpb", "dattn_bias")):
         assert torch.equal(a, b), f"{n} differs between two deterministic runs"
@@ -255,3 +279,119 @@ def test_window_too_large_triton():
     qkv = torch.randn(1, 17, 17, 3 * 16, device=_DEV)
     with pytest.raises(mixkernels.BackendUnavailable, match="289 tokens"):
         mixkernels.window_attention(qkv, 1, 17, backend="triton")
+
+
+# ---------------------------------------------------------------- Triton edge inputs (kernel level)
+
+
+def _triton_module():
+    return pytest.importorskip("mixkernels.triton.window_attention")
+
+
+def _kernel_vs_reference(device, qkv, nh, win, shift, rpb=None, bias=None, group=None, coords=None, crange=None):
+    """Run the Triton launchers directly (no ops-layer conversions: int64 labels/coords reach the
+    kernels as they are; group (G,H,W), coords (G,H,W,2)), forward and backward."""
+    tw = _triton_module()
+    wh, ww = win
+    sh, sw = shift
+    d = qkv.shape[-1] // (3 * nh)
+    rh, rw = crange if crange is not None else win
+    scale = d ** -0.5
+    args = (nh, wh, ww, sh, sw, rpb, bias, group, coords, rh, rw, scale)
+    out, lse = tw.window_attention(qkv, *args)
+    dout = torch.randn_like(out)
+    dqkv, drpb, dbias = tw.window_attention_backward(dout, qkv, out, lse, *args, rpb is not None, bias is not None,
+                                                     False)
+    return out, dout, dqkv, drpb, dbias
+
+
+def test_triton_int64_group_labels_are_exact():
+    """Labels equal modulo 2**32 stay different (edge rule 1): 0 and 2**32 must not attend."""
+    device = _DEV
+    nh, win = 1, (4, 4)
+    qkv = torch.randn(1, 4, 8, 3 * 16, device=device)
+    lab = torch.tensor([0, 2**32, -1, 2**32 - 1], dtype=torch.int64, device=device)
+    group = lab[torch.randint(0, 4, (1, 4, 8), device=device)]
+    out, dout, dqkv, _, _ = _kernel_vs_reference(device, qkv, nh, win, (0, 0), group=group)
+    q = qkv.double().requires_grad_()
+    ref = ref_wa(q, nh, win, group=group)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    (g,) = torch.autograd.grad(ref, q, dout.double())
+    torch.testing.assert_close(dqkv.double(), g, atol=1e-5, rtol=1e-5)
+    # the same labels truncated to int32 would merge 0 with 2**32 and -1 with 2**32 - 1
+    merged = ref_wa(qkv.double(), nh, win, group=group.to(torch.int32))
+    assert (merged - ref).abs().max() > 1e-3
+
+
+def ref_wa(qkv, nh, win, **kw):
+    return ref.window_attention(qkv, nh, win, **kw)
+
+
+@pytest.mark.parametrize("win", [(4, 3), (7, 5)])
+def test_triton_fully_masked_rows_are_nan(win):
+    """A real row whose every key is -inf (attn_bias) is NaN like the reference; other rows are not."""
+    nh = 2
+    N = win[0] * win[1]
+    qkv = torch.randn(1, win[0], 2 * win[1], 3 * nh * 16, device=_DEV, dtype=torch.float64).float()
+    bias = torch.randn(nh, N, N, device=_DEV)
+    bias[0, 3, :] = float("-inf")
+    bias[1, N - 1, :] = float("-inf")
+    out, dout, dqkv, _, dbias = _kernel_vs_reference(_DEV, qkv, nh, win, (0, 0), bias=bias)
+    q = qkv.double().requires_grad_()
+    b = bias.double().requires_grad_()
+    r = ref_wa(q, nh, win, attn_bias=b)
+    gq, gb = torch.autograd.grad(r, (q, b), dout.double())
+    for name, got, want in (("out", out, r), ("dqkv", dqkv, gq), ("dbias", dbias, gb)):
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{name}: NaN positions differ"
+        fin = torch.isfinite(want)
+        assert fin.any()
+        torch.testing.assert_close(got.double()[fin], want[fin], atol=2e-5, rtol=1e-4, msg=name)
+    y, x = divmod(3, win[1])  # token 3 of window 0, head 0
+    assert torch.isnan(out[0, y, x, :16]).all() and torch.isfinite(out[0, y, x, 16:]).all()
+
+
+@pytest.mark.parametrize("win", [(3, 3), (5, 4)])
+def test_triton_out_of_range_coords_add_no_bias(win):
+    """Pairs whose coordinate difference is outside coord_range get no table bias and still attend
+    (edge rule 3); int64 coordinates far apart must not wrap into range."""
+    nh, (wh, ww) = 1, win
+    N = wh * ww
+    B = 2
+    qkv = torch.randn(B, wh, ww, 3 * nh * 16, device=_DEV)
+    base = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij"), -1).to(_DEV)
+    coords = (base * 3).to(torch.int64)  # spread: many differences fall outside R = (3, 3)
+    coords[0, 0] = torch.tensor([2**40, -(2**40)], device=_DEV)
+    R = (3, 3)
+    table = torch.randn((2 * R[0] - 1) * (2 * R[1] - 1), nh, device=_DEV)
+    out, dout, dqkv, drpb, _ = _kernel_vs_reference(_DEV, qkv, nh, win, (0, 0), rpb=table, coords=coords[None],
+                                                    crange=R)
+    # expected: the in-range table bias as a dense attn_bias (one window per image, coords shared)
+    c = coords.reshape(N, 2)
+    rel = c[:, None, :] - c[None, :, :]
+    inr = ((rel[..., 0].abs() < R[0]) & (rel[..., 1].abs() < R[1]))
+    idx = torch.where(inr, (rel[..., 0] + R[0] - 1) * (2 * R[1] - 1) + (rel[..., 1] + R[1] - 1), 0)
+    t64 = table.double().requires_grad_()
+    dense = torch.where(inr[None], t64[idx].permute(2, 0, 1), torch.zeros((), dtype=torch.float64, device=_DEV))
+    q = qkv.double().requires_grad_()
+    r = ref_wa(q, nh, win, attn_bias=dense)
+    gq, gt = torch.autograd.grad(r, (q, t64), dout.double())
+    assert not inr.all() and inr.any()
+    torch.testing.assert_close(out.double(), r, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(dqkv.double(), gq, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(drpb.double(), gt, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_GPU)])
+@pytest.mark.parametrize("case", ["single_coords", "multi_group_shift"])
+def test_triton_poisoned_outputs_paths(device, case, monkeypatch):
+    """Poisoned outputs on the single-tile path (coords table) and the two-pass multi-tile path."""
+    tw = pytest.importorskip("mixkernels.triton.window_attention")
+    monkeypatch.setattr(tw, "_alloc",
+                        lambda shape, dtype, dev: torch.full(shape, float("nan"), dtype=dtype, device=dev))
+    if case == "single_coords":
+        ckw = dict(win=(3, 4), grid=(1, 3), nh=2, coords="per", rpb=True, bias=True)
+    else:
+        ckw = dict(win=(7, 7), B=1, grid=(1, 1), nh=1, shift=(3, 2), group="per", rpb=True, bias=True)
+    for det in (False, True):
+        _, nh, kw, leaves = _case(device, F32, **ckw)
+        _check("triton", device, F32, nh, kw, leaves, deterministic=det)

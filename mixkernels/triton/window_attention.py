@@ -1,17 +1,27 @@
-"""Triton fused mask-aware (shifted) window attention, forward and backward.
+"""Triton fused mask-aware (shifted) window attention: forward (backward in ``window_attention_bwd``).
 
 Everything Swin does around the attention (roll, partition, head split, relative-position
 bias gather, shift-region mask, group mask, merge, reverse roll) lives in the kernels'
-addressing: a program of window ``w`` and head ``h`` computes the original (un-rolled) grid
-position of each of its tokens and reads q/k/v straight out of the qkv Linear's
-``(B,H,W,3C)`` output, and writes ``(B,H,W,C)`` at the same positions. Bias and masks are
-recomputed from small tables/labels per tile; no ``N x N`` tensor is materialized except
-``attn_bias`` itself (an input) and its gradient.
+addressing: a program of head ``h`` and window ``w`` computes the original (un-rolled) grid
+position of each token and reads q/k/v straight out of the qkv Linear's ``(B,H,W,3C)`` output,
+and writes ``(B,H,W,C)`` at the same positions. No ``N x N`` tensor is materialized.
 
-Softmax is fp32 with masked pairs at ``-inf`` (probability exactly 0); the diagonal of a
-valid row always survives, padded rows/columns (``N`` rounded up to a power of two) are
-fully masked and never stored. The backward recomputes ``P`` from the saved row
-log-sum-exp (flash-attention style).
+Forward (flash-attention style, log2 domain, fp32 softmax): query rows in 64-row tiles plus
+one tail tile (196 rows cost 208, not 256), two tiles per pass over the key blocks (64 or 32
+keys, plus a tail block, the only one that masks padded keys), online softmax. Per score
+element: an MMA share, one scale+bias FMA, the table bias gathered from the head's row of an
+L1-resident ``(nH, T)`` table by inline asm in the MMA's register layout (no layout
+conversion), one compare+select for the shift or group mask (labels read per token; int64
+labels compared at full width), max, exp2, sum. Padded query rows read a real token and are
+never stored; padded keys read zeros and are masked to ``-inf`` by position. Windows of one
+tile (N <= 64: Swin/MixMIM window 7, UM-MAE window 8) loop over several windows per program
+with the window-invariant bias tile gathered once. The grid is head-fastest: the programs of
+one window's heads run side by side and share its qkv rows in L2.
+
+Loops (for static instruction counts): ``_fwd_kernel`` ``for i in range(0, WPP)`` runs WPP
+times (folded away when 1); ``_pass`` ``for n0 in range(0, N_FULL, BLOCK_N)`` runs
+N // BLOCK_N times, in each of the (N // 64 + 1) // 2 passes (unrolled). The backward's are
+listed in ``window_attention_bwd``.
 """
 from __future__ import annotations
 
@@ -25,6 +35,7 @@ __all__ = ["window_attention", "window_attention_backward"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -43,226 +54,485 @@ def _mm(a, b, F32: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _tokens(offs, w, nW, nWw, H, W, SH, SW, GG, GC, group, coords,
-            N: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-            SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr):
-    """Per-token addressing of window ``w`` for local indices ``offs``.
-
-    Returns (token index in the flattened (B*H*W) grid, shift region, group label, coord
-    row, coord col, valid). Without coords the coords are the window-local row/col.
-    """
-    b = w // nW
-    wi = w % nW
-    valid = offs < N
-    ly = offs // WW
-    lx = offs % WW
-    ry = (wi // nWw) * WH + ly  # position on the rolled grid
-    rx = (wi % nWw) * WW + lx
-    pos = ((ry + SH) % H) * W + (rx + SW) % W  # roll(-shift): rolled[r] = x[(r + s) % n]
-    tok = b * (H * W) + pos
-    reg = ly * 0
-    if SHIFT:  # Swin's 3x3 regions [0,H-wh) [H-wh,H-sh) [H-sh,H) of the rolled grid
-        reg = ((ry >= H - WH).to(tl.int32) + (ry >= H - SH).to(tl.int32)) * 3 \
-            + (rx >= W - WW).to(tl.int32) + (rx >= W - SW).to(tl.int32)
-    # group / coords: (G,H,W[,2]) with G in {1, B}, indexed at the original position
-    grp = ly * 0
-    if HAS_GROUP:
-        grp = tl.load(group + (b % GG) * (H * W) + pos, mask=valid, other=0)
-    cy = ly.to(tl.int64)
-    cx = lx.to(tl.int64)
-    if HAS_COORDS:  # int32 or int64 coords, compared in int64 (edge rule 1)
-        cpos = (b % GC) * (H * W) + pos
-        cy = tl.load(coords + cpos * 2, mask=valid, other=0).to(tl.int64)
-        cx = tl.load(coords + cpos * 2 + 1, mask=valid, other=0).to(tl.int64)
-    return tok, reg, grp, cy, cx, valid
+def _gather(ptrs, ok, MASKED: tl.constexpr, ASM: tl.constexpr):
+    """fp32 table gather (0 where not ``ok`` when MASKED). Inline asm on the GPU: a ``tl.load``
+    gets a coalesced layout of its own and a shared-memory round trip into the MMA layout;
+    the asm takes the layout of its pointer operand (the scores'), read-only cache path."""
+    if ASM:
+        if MASKED:
+            return tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.f32 $0, 0f00000000; @p ld.global.nc.f32 $0, [$1]; }",
+                "=f,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=f,l", [ptrs], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+    else:
+        if MASKED:
+            return tl.load(ptrs, mask=ok, other=0.0)
+        else:
+            return tl.load(ptrs)
 
 
 @triton.jit
-def _scores(q, k, h, offs_m, offs_n, reg_m, reg_n, grp_m, grp_n, cy_m, cy_n, cx_m, cx_n, valid_m, valid_n,
-            rpb, abias, scale, NH, RH, RW,
-            N: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr,
-            HAS_GROUP: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr):
-    """Masked logits ``q*scale @ k^T + table bias + attn_bias`` (fp32), the table index/in-range
-    mask and the allowed (not shift/group-masked, not padding) pairs."""
-    s = _mm(q, tl.trans(k), F32, UPCAST) * scale
-    pair = valid_m[:, None] & valid_n[None, :]
-    # Table index from exact (window-local or true) int64 coordinate differences; without
-    # coords the range is the window, so every pair is in range. Out-of-range pairs, and
-    # differences that wrap around int64, get no bias (edge rules 1 and 3).
-    ry = cy_m[:, None] - cy_n[None, :]
-    rx = cx_m[:, None] - cx_n[None, :]
-    ovf = (((cy_m[:, None] ^ cy_n[None, :]) & (cy_m[:, None] ^ ry)) < 0) | \
-        (((cx_m[:, None] ^ cx_n[None, :]) & (cx_m[:, None] ^ rx)) < 0)
-    inr = pair & (ovf == 0) & (ry > -RH) & (ry < RH) & (rx > -RW) & (rx < RW)
-    dy = tl.where(inr, ry + RH - 1, 0)
-    dx = tl.where(inr, rx + RW - 1, 0)
-    idx = (dy * (2 * RW - 1) + dx).to(tl.int32)
-    if HAS_RPB:
-        s += tl.load(rpb + idx * NH + h, mask=inr, other=0.0)
-    if HAS_BIAS:
-        s += tl.load(abias + (h * N + offs_m[:, None]) * N + offs_n[None, :], mask=pair, other=0.0)
-    allowed = pair
+def _gather_rc(row_ptr, col_off, ok, MASKED: tl.constexpr, ASM: tl.constexpr):
+    """``row_ptr[i][col_off[j]]`` (fp32; 0 where not ``ok`` when MASKED) for a (rows, cols) tile,
+    in the tile's layout: one ``IMAD.WIDE`` + one load per element (a hoisted 64-bit column
+    offset would cost a two-instruction 64-bit add instead)."""
+    rp, co = tl.broadcast(row_ptr[:, None], col_off[None, :])
+    if ASM:
+        if MASKED:
+            okb = tl.broadcast_to(ok[None, :], rp.shape).to(tl.int32)
+            return tl.inline_asm_elementwise(
+                "{ .reg .pred p; .reg .b64 a; setp.ne.b32 p, $3, 0; mad.wide.s32 a, $2, 4, $1; "
+                "mov.f32 $0, 0f00000000; @p ld.global.nc.f32 $0, [a]; }",
+                "=f,l,r,r", [rp, co, okb], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b64 a; mad.wide.s32 a, $2, 4, $1; ld.global.nc.f32 $0, [a]; }",
+                "=f,l,r", [rp, co], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        if MASKED:
+            return tl.load(rp + co, mask=ok[None, :], other=0.0)
+        else:
+            return tl.load(rp + co)
+
+
+@triton.jit
+def _opaque(x, ASM: tl.constexpr):
+    """``x`` through an asm move the compiler cannot see through: addresses derived from it are
+    recomputed where used inside a loop instead of hoisted out of it (hoisted, per-row addresses
+    stay live across the loop and spill)."""
+    if ASM:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        return x
+
+
+@triton.jit
+def _gather_i32(ptrs, ASM: tl.constexpr):
+    """int32 gather in the layout of ``ptrs`` (see ``_gather``)."""
+    if ASM:
+        return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _fast(x, OP: tl.constexpr, ASM: tl.constexpr):
+    """1/x (OP 0) or log2(x) (OP 1) for per-row normalization: MUFU approximations on the GPU
+    (~1 ulp; the IEEE versions cost ~20 instructions), exact math under the interpreter."""
+    if ASM:
+        if OP == 0:
+            return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+    else:
+        if OP == 0:
+            return 1.0 / x
+        else:
+            return tl.log2(x)
+
+
+@triton.jit
+def _idx(x, IDX64: tl.constexpr):
+    """Element offsets in int64 only when a tensor has 2**31 elements or more."""
+    if IDX64:
+        return x.to(tl.int64)
+    else:
+        return x
+
+
+@triton.jit
+def _first_window(w, nW, nWw):
+    """Window ``w`` (row-major, batch outermost) as (w, image, window row, window col)."""
+    return w, w // nW, (w % nW) // nWw, (w % nW) % nWw
+
+
+@triton.jit
+def _next_window(w, b, wy, wx, nWh, nWw):
+    """The window after ``w`` (row-major, batch outermost) without integer division."""
+    wx = wx + 1
+    wrap = wx == nWw
+    wx = tl.where(wrap, 0, wx)
+    wy = tl.where(wrap, wy + 1, wy)
+    wrap = wy == nWh
+    wy = tl.where(wrap, 0, wy)
+    b = tl.where(wrap, b + 1, b)
+    return w + 1, b, wy, wx
+
+
+@triton.jit
+def _lyx(offs, N: tl.constexpr, WW: tl.constexpr):
+    """Window-local (row, col); padded indices (>= N) read the last real token (rows: never
+    stored; keys: masked by position)."""
+    o = tl.minimum(offs, N - 1)
+    return o // WW, o % WW
+
+
+@triton.jit
+def _pos(ly, lx, y0, x0, H, W, SH, SW, WH: tl.constexpr, WW: tl.constexpr, SHIFT: tl.constexpr):
+    """Original grid position (roll(-shift) reads x[(r + s) % n]; ``(y0, x0)``: the window's
+    corner on the rolled grid) and a shift-region label: Swin's 3x3 regions ``[0,H-wh)
+    [H-wh,H-sh) [H-sh,H)`` (same for W) split only the last window row/column, so within a
+    window the label is (last row band) * 3 * (ly >= wh-sh) + (last col band) * (lx >= ww-sw);
+    the ly/lx tests are window-invariant (hoisted out of window loops)."""
+    ry = y0 + ly
+    rx = x0 + lx
     if SHIFT:
-        allowed = allowed & (reg_m[:, None] == reg_n[None, :])
+        y = ry + SH
+        y = tl.where(y >= H, y - H, y)
+        x = rx + SW
+        x = tl.where(x >= W, x - W, x)
+        reg = (y0 >= H - WH).to(tl.int32) * (3 * (ly >= WH - SH).to(tl.int32)) \
+            + (x0 >= W - WW).to(tl.int32) * (lx >= WW - SW).to(tl.int32)
+    else:
+        y = ry
+        x = rx
+        reg = ly * 0
+    return y * W + x, reg
+
+
+@triton.jit
+def _coords(coords, cbase, pos, ly, lx, HAS_COORDS: tl.constexpr):
+    """(row, col) coordinates as int64: the token's true position, or its window-local one."""
+    if HAS_COORDS:
+        cy = tl.load(coords + (cbase + pos) * 2).to(tl.int64)
+        cx = tl.load(coords + (cbase + pos) * 2 + 1).to(tl.int64)
+    else:
+        cy = ly.to(tl.int64)
+        cx = lx.to(tl.int64)
+    return cy, cx
+
+
+@triton.jit
+def _in_range(a, b, R):
+    """Exact ``a - b`` of int64 and whether it lies in (-R, R) without wrapping (edge rules 1, 3)."""
+    d = a - b
+    ovf = ((a ^ b) & (a ^ d)) < 0
+    return d, (d > -R) & (d < R) & (ovf == 0)
+
+
+@triton.jit
+def _table_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, RH, RW, HAS_COORDS: tl.constexpr, ASM: tl.constexpr):
+    """Relative-position bias (log2 units) of every pair, gathered in the scores' layout."""
+    if HAS_COORDS:
+        dy, iny = _in_range(cy_m[:, None], cy_n[None, :], RH)
+        dx, inx = _in_range(cx_m[:, None], cx_n[None, :], RW)
+        inr = iny & inx
+        idx = tl.where(inr, (dy + (RH - 1)) * (2 * RW - 1) + (dx + (RW - 1)), 0).to(tl.int32)
+        return _gather(tab_h + idx, inr, True, ASM)
+    else:
+        # Swin index (ly_i - ly_j + wh-1)*(2ww-1) + (lx_i - lx_j + ww-1) = code_i + c0 - code_j
+        return _gather_rc(tab_m, -code_n, code_n, False, ASM)
+
+
+@triton.jit
+def _mask(t, reg_m, reg_n, grp_m, grp_n, col_ok, SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr,
+          COL_MASK: tl.constexpr):
+    """-inf where the shift/group rule or key padding (COL_MASK: by position) masks the pair."""
+    allowed = col_ok[None, :]
+    if SHIFT:
+        same = reg_m[:, None] == reg_n[None, :]
+        allowed = (allowed & same) if COL_MASK else same
     if HAS_GROUP:
-        allowed = allowed & (grp_m[:, None] == grp_n[None, :])
-    s = tl.where(allowed, s, float("-inf"))
-    return s, idx, inr, allowed
+        same = grp_m[:, None] == grp_n[None, :]
+        allowed = (allowed & same) if (COL_MASK or SHIFT) else same
+    if SHIFT or HAS_GROUP or COL_MASK:
+        t = tl.where(allowed, t, float("-inf"))
+    return t, allowed
 
 
 @triton.jit
-def _fwd_kernel(qkv, out, lse, rpb, abias, group, coords,
-                scale, NH, H, W, nW, nWw, SH, SW, GG, GC, RH, RW,
-                N: tl.constexpr, N_PAD: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
-                HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_M: tl.constexpr):
-    w = tl.program_id(0)
-    h = tl.program_id(1)
-    C = NH * D
+def _rows(qkv, group, coords, tab_h, ab_h, offs_m, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW,
+          N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SHIFT: tl.constexpr,
+          HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr, IDX64: tl.constexpr, OPAQUE: tl.constexpr = False,
+          ASM: tl.constexpr = False):
+    """A query tile: q, labels, coords, table row pointers, attn_bias row pointers, token index
+    (OPAQUE: positions through ``_opaque``, so a loop recomputes what depends on them)."""
+    ly, lx = _lyx(offs_m, N, WW)
+    pos, reg = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
+    if OPAQUE:
+        pos = _opaque(pos, ASM)
+    tok = _idx(b * (H * W) + pos, IDX64)
     offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, N_PAD)
-    tok_n, reg_n, grp_n, cy_n, cx_n, valid_n = _tokens(
-        offs_n, w, nW, nWw, H, W, SH, SW, GG, GC, group, coords, N, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS)
-    row_n = tok_n.to(tl.int64) * (3 * C) + h * D
-    k = tl.load(qkv + row_n[:, None] + C + offs_d[None, :], mask=valid_n[:, None], other=0.0)
-    v = tl.load(qkv + row_n[:, None] + 2 * C + offs_d[None, :], mask=valid_n[:, None], other=0.0)
-    for m0 in tl.static_range(0, N, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        tok_m, reg_m, grp_m, cy_m, cx_m, valid_m = _tokens(
-            offs_m, w, nW, nWw, H, W, SH, SW, GG, GC, group, coords, N, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS)
-        row_m = tok_m.to(tl.int64) * (3 * C) + h * D
-        q = tl.load(qkv + row_m[:, None] + offs_d[None, :], mask=valid_m[:, None], other=0.0)
-        s, idx, inr, allowed = _scores(q, k, h, offs_m, offs_n, reg_m, reg_n, grp_m, grp_n, cy_m, cy_n, cx_m, cx_n,
-                                       valid_m, valid_n, rpb, abias, scale, NH, RH, RW,
-                                       N, HAS_RPB, HAS_BIAS, SHIFT, HAS_GROUP, F32, UPCAST)
-        m = tl.max(s, 1)
-        # Padded rows (told apart by position, never by value) are all -inf: keep them finite.
-        # A real row whose every key is masked stays -inf and gives NaN (edge rule 2).
-        m = tl.where(valid_m, m, 0.0)
-        p = tl.exp2((s - m[:, None]) * 1.4426950408889634)
-        l = tl.sum(p, 1)
-        l = tl.where(valid_m, l, 1.0)
-        o = _mm(p.to(v.dtype), v, F32, UPCAST) / l[:, None]
-        out_m = tok_m.to(tl.int64) * C + h * D
-        tl.store(out + out_m[:, None] + offs_d[None, :], o.to(out.dtype.element_ty), mask=valid_m[:, None])
-        tl.store(lse + (w * NH + h) * N + offs_m, m + tl.log(l), mask=valid_m)
+    q = tl.load(qkv + (tok * (3 * C) + hd)[:, None] + offs_d[None, :])
+    grp = reg
+    if HAS_GROUP:
+        grp = tl.load(group + gbase + pos)
+    cy, cx = _coords(coords, cbase, pos, ly, lx, HAS_COORDS)
+    tab_m = tab_h + (ly * (2 * WW - 1) + lx + ((WH - 1) * (2 * WW - 1) + WW - 1))
+    ab_m = ab_h + tl.minimum(offs_m, N - 1) * N
+    return q, reg, grp, cy, cx, tab_m, ab_m, tok
 
 
 @triton.jit
-def _bwd_kernel(dout, qkv, out, lse, dqkv, rpb, abias, group, coords, dsum, dtab,
-                scale, NH, H, W, nW, nWw, SH, SW, GG, GC, RH, RW, BNW, WPP,
-                N: tl.constexpr, N_PAD: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
-                HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
-                DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Program (chunk c, head h) handles windows [c*WPP, (c+1)*WPP).
+def _keys(qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW, N: tl.constexpr,
+          WH: tl.constexpr, WW: tl.constexpr, D: tl.constexpr, SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr,
+          HAS_COORDS: tl.constexpr, COL_MASK: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
+    """K and V tiles of a key block (padded keys: zeros) and the keys' per-token data. The
+    keys' table codes come from the launcher's ``codes`` (a load per key instead of an integer
+    division in every thread that holds the column)."""
+    col_ok = offs_n < N
+    ly, lx = _lyx(offs_n, N, WW)
+    pos, reg = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
+    row = _idx(b * (H * W) + pos, IDX64) * (3 * C) + hd
+    offs_d = tl.arange(0, D)
+    if COL_MASK:
+        k = tl.load(qkv + row[:, None] + C + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(qkv + row[:, None] + 2 * C + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    else:
+        k = tl.load(qkv + row[:, None] + C + offs_d[None, :])
+        v = tl.load(qkv + row[:, None] + 2 * C + offs_d[None, :])
+    grp = reg
+    if HAS_GROUP:
+        grp = tl.load(group + gbase + pos)
+    cy, cx = _coords(coords, cbase, pos, ly, lx, HAS_COORDS)
+    return k, v, col_ok, reg, grp, cy, cx, _gather_i32(codes + offs_n, ASM)
 
-    DSUM_MODE: 0 none; 1 atomics into dsum (nH,N,N); 2 this program's own slot
-    dsum[c] (chunks,nH,N,N), plain read-modify-write (deterministic).
-    TAB_MODE (coords only, dS gathered into the table per window): 0 none; 1 atomics into
-    dtab (T,nH); 2 this program's slot dtab[c] (chunks,T,nH), fixed-order per-entry sums.
+
+@triton.jit
+def _logits(q, tab_m, ab_m, reg_m, grp_m, cy_m, cx_m, k, col_ok, reg_n, grp_n, cy_n, cx_n, code_n, offs_n,
+            tab_h, qk_scale, RH, RW, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_COORDS: tl.constexpr,
+            SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr, COL_MASK: tl.constexpr, F32: tl.constexpr,
+            UPCAST: tl.constexpr, ASM: tl.constexpr):
+    """Masked logits of one (query tile, key block) in log2 units."""
+    t = _mm(q, tl.trans(k), F32, UPCAST) * qk_scale
+    if HAS_RPB:
+        t += _table_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, RH, RW, HAS_COORDS, ASM)
+    if HAS_BIAS:
+        t += _gather_rc(ab_m, offs_n, col_ok, COL_MASK, ASM) * 1.4426950408889634
+    t, _ = _mask(t, reg_m, reg_n, grp_m, grp_n, col_ok, SHIFT, HAS_GROUP, COL_MASK)
+    return t
+
+
+@triton.jit
+def _step(q, tab_m, ab_m, reg_m, grp_m, cy_m, cx_m, m_i, l_i, acc,
+          k, v, ok, rn, gn, cyn, cxn, cn, offs_n, tab_h, qk_scale, RH, RW, COL_MASK: tl.constexpr,
+          HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr,
+          HAS_GROUP: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, ASM: tl.constexpr):
+    """One online-softmax step of a query tile over a key block (COL_MASK: the padded tail)."""
+    t = _logits(q, tab_m, ab_m, reg_m, grp_m, cy_m, cx_m, k, ok, rn, gn, cyn, cxn, cn, offs_n, tab_h, qk_scale,
+                RH, RW, HAS_RPB, HAS_BIAS, HAS_COORDS, SHIFT, HAS_GROUP, COL_MASK, F32, UPCAST, ASM)
+    # A row with no unmasked key so far keeps max -inf and uses 0 as its reference, so its
+    # probabilities and rescale factor are exactly 0 (l stays 0: NaN at the end, edge rule 2).
+    m_new = tl.maximum(m_i, tl.max(t, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(t - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _finish(out, lse, acc, m_i, l_i, offs_m, w, h, b, y0, x0, hd, C, NH, H, W, SH, SW, N: tl.constexpr,
+            D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SHIFT: tl.constexpr, IDX64: tl.constexpr,
+            ASM: tl.constexpr):
+    """Normalize and store a query tile's rows (real rows only) and their natural-log lse. The
+    rows' token positions are recomputed here rather than kept live across the key loop."""
+    row_ok = offs_m < N
+    ly, lx = _lyx(offs_m, N, WW)
+    pos, _ = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
+    tok = _idx(b * (H * W) + pos, IDX64)
+    # A real row whose every key is masked has l = 0: 0 * (1/0) = NaN, as the reference.
+    o = acc * _fast(l_i, 0, ASM)[:, None]
+    offs_d = tl.arange(0, D)
+    tl.store(out + (tok * C + hd)[:, None] + offs_d[None, :], o.to(out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse + (w * NH + h) * N + offs_m, (m_i + _fast(l_i, 1, ASM)) * 0.6931471805599453, mask=row_ok)
+
+
+@triton.jit
+def _kblock(qkv, group, coords, codes, tab_h, n0, b, y0, x0, gbase, cbase, hd, qk_scale, C, H, W, SH, SW, RH, RW,
+            qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca, qb, tabb, abb, regb, grpb, cyb, cxb, mb, lb, accb,
+            qt, tabt, abt, regt, grpt, cyt, cxt, mt, lt, acct, NT: tl.constexpr, BM_T: tl.constexpr,
+            BN: tl.constexpr, COL_MASK: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr,
+            WW: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
+            HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
+            IDX64: tl.constexpr, ASM: tl.constexpr):
+    """One key block (its K/V, labels and codes read once) for the pass's query tiles: tile a,
+    tile b (NT == 2) and the tail tile (BM_T > 0); absent tiles' arguments are placeholders."""
+    offs_n = n0 + tl.arange(0, BN)
+    k, v, ok, rn, gn, cyn, cxn, cn = _keys(qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, W,
+                                           SH, SW, N, WH, WW, D, SHIFT, HAS_GROUP, HAS_COORDS, COL_MASK, IDX64, ASM)
+    ma, la, acca = _step(qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca, k, v, ok, rn, gn, cyn, cxn, cn, offs_n,
+                         tab_h, qk_scale, RH, RW, COL_MASK, HAS_RPB, HAS_BIAS, HAS_COORDS, SHIFT, HAS_GROUP, F32,
+                         UPCAST, ASM)
+    if NT >= 2:
+        mb, lb, accb = _step(qb, tabb, abb, regb, grpb, cyb, cxb, mb, lb, accb, k, v, ok, rn, gn, cyn, cxn, cn,
+                             offs_n, tab_h, qk_scale, RH, RW, COL_MASK, HAS_RPB, HAS_BIAS, HAS_COORDS, SHIFT,
+                             HAS_GROUP, F32, UPCAST, ASM)
+    if BM_T > 0:
+        mt, lt, acct = _step(qt, tabt, abt, regt, grpt, cyt, cxt, mt, lt, acct, k, v, ok, rn, gn, cyn, cxn, cn,
+                             offs_n, tab_h, qk_scale, RH, RW, COL_MASK, HAS_RPB, HAS_BIAS, HAS_COORDS, SHIFT,
+                             HAS_GROUP, F32, UPCAST, ASM)
+    return ma, la, acca, mb, lb, accb, mt, lt, acct
+
+
+@triton.jit
+def _tile(qkv, group, coords, tab_h, ab_h, offs_m, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW,
+          N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SHIFT: tl.constexpr,
+          HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr, IDX64: tl.constexpr):
+    """A query tile's data and its empty online-softmax state (m, l, acc)."""
+    q, reg, grp, cy, cx, tab_m, ab_m, _tok = _rows(qkv, group, coords, tab_h, ab_h, offs_m, b, y0, x0, gbase, cbase,
+                                                   hd, C, H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS,
+                                                   IDX64)
+    BM: tl.constexpr = offs_m.shape[0]
+    return (q, tab_m, ab_m, reg, grp, cy, cx, tl.full((BM,), float("-inf"), tl.float32), tl.zeros((BM,), tl.float32),
+            tl.zeros((BM, D), tl.float32))
+
+
+@triton.jit
+def _pass(qkv, out, lse, tab_h, ab_h, group, coords, codes, w, h, b, y0, x0, hd, qk_scale, C, NH, H, W, SH, SW,
+          GG, GC, RH, RW, R0: tl.constexpr, NT: tl.constexpr, BM: tl.constexpr, BM_T: tl.constexpr,
+          N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_N: tl.constexpr,
+          BN_TAIL: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
+          HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
+          IDX64: tl.constexpr, ASM: tl.constexpr):
+    """Query rows from R0: NT (1 or 2) tiles of BM rows and a tail tile of BM_T rows (0: none), all
+    updated in one pass over the key blocks (BLOCK_N wide, then the BN_TAIL tail that masks
+    padded keys), so each key block's K/V, labels and table codes are read once per pass."""
+    gbase = (b % GG) * (H * W)
+    cbase = (b % GC) * (H * W)
+    offs_a = R0 + tl.arange(0, BM)
+    qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca = _tile(
+        qkv, group, coords, tab_h, ab_h, offs_a, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW, N, D, WH, WW, SHIFT,
+        HAS_GROUP, HAS_COORDS, IDX64)
+    offs_b = offs_a
+    qb, tabb, abb, regb, grpb, cyb, cxb, mb, lb, accb = qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca
+    if NT >= 2:
+        offs_b = R0 + BM + tl.arange(0, BM)
+        qb, tabb, abb, regb, grpb, cyb, cxb, mb, lb, accb = _tile(
+            qkv, group, coords, tab_h, ab_h, offs_b, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW, N, D, WH, WW,
+            SHIFT, HAS_GROUP, HAS_COORDS, IDX64)
+    offs_t = offs_a
+    qt, tabt, abt, regt, grpt, cyt, cxt, mt, lt, acct = qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca
+    if BM_T > 0:
+        offs_t = R0 + NT * BM + tl.arange(0, BM_T)
+        qt, tabt, abt, regt, grpt, cyt, cxt, mt, lt, acct = _tile(
+            qkv, group, coords, tab_h, ab_h, offs_t, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW, N, D, WH, WW,
+            SHIFT, HAS_GROUP, HAS_COORDS, IDX64)
+    N_FULL: tl.constexpr = (N // BLOCK_N) * BLOCK_N
+    for n0 in range(0, N_FULL, BLOCK_N):
+        ma, la, acca, mb, lb, accb, mt, lt, acct = _kblock(
+            qkv, group, coords, codes, tab_h, n0, b, y0, x0, gbase, cbase, hd, qk_scale, C, H, W, SH, SW, RH, RW,
+            qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca, qb, tabb, abb, regb, grpb, cyb, cxb, mb, lb, accb,
+            qt, tabt, abt, regt, grpt, cyt, cxt, mt, lt, acct, NT, BM_T, BLOCK_N, False, N, D, WH, WW, HAS_RPB,
+            HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM)
+    if BN_TAIL > 0:
+        ma, la, acca, mb, lb, accb, mt, lt, acct = _kblock(
+            qkv, group, coords, codes, tab_h, N_FULL, b, y0, x0, gbase, cbase, hd, qk_scale, C, H, W, SH, SW, RH, RW,
+            qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca, qb, tabb, abb, regb, grpb, cyb, cxb, mb, lb, accb,
+            qt, tabt, abt, regt, grpt, cyt, cxt, mt, lt, acct, NT, BM_T, BN_TAIL, True, N, D, WH, WW, HAS_RPB,
+            HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM)
+    _finish(out, lse, acca, ma, la, offs_a, w, h, b, y0, x0, hd, C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, IDX64, ASM)
+    if NT >= 2:
+        _finish(out, lse, accb, mb, lb, offs_b, w, h, b, y0, x0, hd, C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, IDX64,
+                ASM)
+    if BM_T > 0:
+        _finish(out, lse, acct, mt, lt, offs_t, w, h, b, y0, x0, hd, C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, IDX64,
+                ASM)
+
+
+@triton.jit
+def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes,
+                qk_scale, NH, H, W, nW, nWw, SH, SW, GG, GC, RH, RW, BNW,
+                WPP: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+                SINGLE: tl.constexpr, BS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BM_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BN_TAIL: tl.constexpr,
+                TPP: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
+                HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
+                IDX64: tl.constexpr, ASM: tl.constexpr):
+    """Program (head h, chunk c): windows [c*WPP, (c+1)*WPP) of head h (head-fastest grid).
+    Loop bounds are constexprs throughout (Triton 3.6's interpreter cannot take them from
+    kernel arguments with numpy >= 2.4).
+
+    Query rows in tiles of BLOCK_M and a tail tile of BM_TAIL rows, TPP (1 or 2) tiles per pass
+    over the key blocks (``_pass``): the tiles of a pass share each key block's loads, and two tiles of
+    state keep registers under the spill limit. A window that fits one tile (N <= BLOCK_M,
+    BLOCK_N) takes the single-tile path: plain softmax, and the window-invariant bias tile
+    (table without coords, attn_bias) is gathered once per program, not once per window.
     """
-    c = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(0)
+    c = tl.program_id(1)
     C = NH * D
-    T = (2 * RH - 1) * (2 * RW - 1)
-    offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, N_PAD)
-    for w in range(c * WPP, tl.minimum(c * WPP + WPP, BNW)):
-        tok_n, reg_n, grp_n, cy_n, cx_n, valid_n = _tokens(
-            offs_n, w, nW, nWw, H, W, SH, SW, GG, GC, group, coords, N, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS)
-        row_n = tok_n.to(tl.int64) * (3 * C) + h * D
-        k = tl.load(qkv + row_n[:, None] + C + offs_d[None, :], mask=valid_n[:, None], other=0.0)
-        v = tl.load(qkv + row_n[:, None] + 2 * C + offs_d[None, :], mask=valid_n[:, None], other=0.0)
-        dk = tl.zeros((N_PAD, D), dtype=tl.float32)
-        dv = tl.zeros((N_PAD, D), dtype=tl.float32)
-        for m0 in tl.static_range(0, N, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            tok_m, reg_m, grp_m, cy_m, cx_m, valid_m = _tokens(
-                offs_m, w, nW, nWw, H, W, SH, SW, GG, GC, group, coords, N, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS)
-            row_m = tok_m.to(tl.int64) * (3 * C) + h * D
-            orow_m = tok_m.to(tl.int64) * C + h * D
-            q = tl.load(qkv + row_m[:, None] + offs_d[None, :], mask=valid_m[:, None], other=0.0)
-            do = tl.load(dout + orow_m[:, None] + offs_d[None, :], mask=valid_m[:, None], other=0.0)
-            o = tl.load(out + orow_m[:, None] + offs_d[None, :], mask=valid_m[:, None], other=0.0)
-            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-            lse_m = tl.load(lse + (w * NH + h) * N + offs_m, mask=valid_m, other=0.0)
-            s, idx, inr, allowed = _scores(q, k, h, offs_m, offs_n, reg_m, reg_n, grp_m, grp_n, cy_m, cy_n, cx_m,
-                                           cx_n, valid_m, valid_n, rpb, abias, scale, NH, RH, RW,
-                                           N, HAS_RPB, HAS_BIAS, SHIFT, HAS_GROUP, F32, UPCAST)
-            p = tl.exp2((s - lse_m[:, None]) * 1.4426950408889634)  # masked / padded: 0 (NaN in a NaN row)
-            dv += _mm(tl.trans(p.to(do.dtype)), do, F32, UPCAST)
-            dp = _mm(do, tl.trans(v), F32, UPCAST)
-            # d(logits): also the gradient of both biases; exactly 0 at masked pairs, even in a NaN row
-            ds = tl.where(allowed, p * (dp - delta[:, None]), 0.0)
-            dsl = ds.to(q.dtype)
-            dq = _mm(dsl, k, F32, UPCAST) * scale
-            tl.store(dqkv + row_m[:, None] + offs_d[None, :], dq.to(dqkv.dtype.element_ty), mask=valid_m[:, None])
-            dk += _mm(tl.trans(dsl), q, F32, UPCAST)
-            pair = valid_m[:, None] & valid_n[None, :]
-            if DSUM_MODE == 1:
-                tl.atomic_add(dsum + (h * N + offs_m[:, None]) * N + offs_n[None, :], ds, mask=pair)
-            if DSUM_MODE == 2:
-                ptr = dsum + ((c * NH + h) * N + offs_m[:, None]) * N + offs_n[None, :]
-                tl.store(ptr, tl.load(ptr, mask=pair, other=0.0) + ds, mask=pair)
-            if TAB_MODE == 1:
-                tl.atomic_add(dtab + idx * NH + h, ds, mask=inr)
-            if TAB_MODE == 2:
-                # Fixed-order per-entry sums (duplicates within a tile rule out a scatter),
-                # over the box of table rows/cols that this tile's unmasked pairs touch.
-                live = inr & allowed
-                ty = idx // (2 * RW - 1)
-                tx = idx % (2 * RW - 1)
-                ds_in = tl.where(live, ds, 0.0)
-                for y in range(tl.min(tl.where(live, ty, 1 << 30)), tl.max(tl.where(live, ty, -1)) + 1):
-                    row = live & (ty == y)
-                    for x in range(tl.min(tl.where(row, tx, 1 << 30)), tl.max(tl.where(row, tx, -1)) + 1):
-                        val = tl.sum(tl.sum(tl.where(row & (tx == x), ds_in, 0.0), 1), 0)
-                        tptr = dtab + (c * T + y * (2 * RW - 1) + x) * NH + h
-                        tl.store(tptr, tl.load(tptr) + val)
-            tl.debug_barrier()  # own-slot read-modify-write: make this tile's stores visible
-        tl.store(dqkv + row_n[:, None] + C + offs_d[None, :], (dk * scale).to(dqkv.dtype.element_ty),
-                 mask=valid_n[:, None])
-        tl.store(dqkv + row_n[:, None] + 2 * C + offs_d[None, :], dv.to(dqkv.dtype.element_ty),
-                 mask=valid_n[:, None])
-
-
-@triton.jit
-def _sum_chunks_kernel(part, res, n_chunks, M, BLOCK: tl.constexpr):
-    """res[i] = sum_c part[c, i] in chunk order (deterministic)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    msk = offs < M
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for c in range(0, n_chunks):
-        acc += tl.load(part + c * M + offs, mask=msk, other=0.0)
-    tl.store(res + offs, acc, mask=msk)
-
-
-@triton.jit
-def _gather_table_kernel(dsum, drpb, NH, N: tl.constexpr, N_PAD: tl.constexpr, NH_PAD: tl.constexpr,
-                         WH: tl.constexpr, WW: tl.constexpr):
-    """drpb[t, h] = sum of dsum[h, i, j] over the pairs with Swin relative index t (fixed order)."""
-    t = tl.program_id(0)
-    ty = t // (2 * WW - 1)
-    tx = t % (2 * WW - 1)
-    offs_i = tl.arange(0, N_PAD)
-    offs_h = tl.arange(0, NH_PAD)
-    jy = offs_i // WW - ty + WH - 1
-    jx = offs_i % WW - tx + WW - 1
-    ok = (offs_i < N) & (jy >= 0) & (jy < WH) & (jx >= 0) & (jx < WW)
-    j = jy * WW + jx
-    vals = tl.load(dsum + (offs_h[:, None] * N + offs_i[None, :]) * N + j[None, :],
-                   mask=(offs_h[:, None] < NH) & ok[None, :], other=0.0)
-    tl.store(drpb + t * NH + offs_h, tl.sum(vals, 1), mask=offs_h < NH)
+    hd = h * D
+    tab_h = tab + h * ((2 * RH - 1) * (2 * RW - 1))  # (nH, T) table, pre-scaled by log2e
+    ab_h = abias + h * (N * N)
+    N_TILES: tl.constexpr = N // BLOCK_M
+    if SINGLE:
+        offs_m = tl.arange(0, BS)
+        offs_n = tl.arange(0, BS)
+        ly_m, lx_m = _lyx(offs_m, N, WW)
+        ly_n, lx_n = _lyx(offs_n, N, WW)
+        col_ok = offs_n < N
+        INV_BIAS: tl.constexpr = (HAS_RPB and not HAS_COORDS) or HAS_BIAS
+        inv_bias = tl.zeros((BS, BS), tl.float32)
+        if HAS_RPB and not HAS_COORDS:
+            tab_m = tab_h + (ly_m * (2 * WW - 1) + lx_m + ((WH - 1) * (2 * WW - 1) + WW - 1))
+            inv_bias += _gather(tab_m[:, None] - (ly_n * (2 * WW - 1) + lx_n)[None, :], col_ok, False, ASM)
+        if HAS_BIAS:
+            inv_bias += _gather(ab_h + tl.minimum(offs_m, N - 1)[:, None] * N + offs_n[None, :], col_ok[None, :],
+                                True, ASM) * 1.4426950408889634
+        offs_d = tl.arange(0, D)
+        w, b, wy, wx = _first_window(c * WPP, nW, nWw)
+        for i in range(0, WPP):
+            if w < BNW:
+                y0 = wy * WH
+                x0 = wx * WW
+                pos_m, reg_m = _pos(ly_m, lx_m, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
+                pos_n, reg_n = _pos(ly_n, lx_n, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
+                q = tl.load(qkv + (_idx(b * (H * W) + pos_m, IDX64) * (3 * C) + hd)[:, None] + offs_d[None, :])
+                krow = _idx(b * (H * W) + pos_n, IDX64) * (3 * C) + hd
+                k = tl.load(qkv + krow[:, None] + C + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+                v = tl.load(qkv + krow[:, None] + 2 * C + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+                t = _mm(q, tl.trans(k), F32, UPCAST) * qk_scale
+                if INV_BIAS:
+                    t += inv_bias
+                grp_m = reg_m
+                grp_n = reg_n
+                if HAS_GROUP:
+                    grp_m = tl.load(group + (b % GG) * (H * W) + pos_m)
+                    grp_n = tl.load(group + (b % GG) * (H * W) + pos_n)
+                if HAS_RPB and HAS_COORDS:
+                    cy_m, cx_m = _coords(coords, (b % GC) * (H * W), pos_m, ly_m, lx_m, True)
+                    cy_n, cx_n = _coords(coords, (b % GC) * (H * W), pos_n, ly_n, lx_n, True)
+                    t += _table_bias(tab_h, tab_h, lx_n, cy_m, cx_m, cy_n, cx_n, RH, RW, True, ASM)
+                t, _ = _mask(t, reg_m, reg_n, grp_m, grp_n, col_ok, SHIFT, HAS_GROUP, True)
+                m = tl.max(t, 1)
+                m = tl.where(m == float("-inf"), 0.0, m)
+                p = tl.exp2(t - m[:, None])
+                l_i = tl.sum(p, 1)
+                acc = _mm(p.to(v.dtype), v, F32, UPCAST)
+                _finish(out, lse, acc, m, l_i, offs_m, w, h, b, y0, x0, hd, C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT,
+                        IDX64, ASM)
+            w, b, wy, wx = _next_window(w, b, wy, wx, nW // nWw, nWw)
+    else:
+        # TPP 2: pairs of tiles, the tail tile joins the last pass; TPP 1: one tile per pass, the
+        # tail tile in a pass of its own (the fewest live registers)
+        N_PASSES: tl.constexpr = (N_TILES + TPP - 1) // TPP if N_TILES > 0 else 1
+        TAIL_ALONE: tl.constexpr = TPP == 1 and BM_TAIL > 0 and N_TILES > 0
+        w, b, wy, wx = _first_window(c * WPP, nW, nWw)
+        for i in range(0, WPP):
+            if w < BNW:
+                y0 = wy * WH
+                x0 = wx * WW
+                for ps in tl.static_range(N_PASSES):
+                    _pass(qkv, out, lse, tab_h, ab_h, group, coords, codes, w, h, b, y0, x0, hd, qk_scale, C, NH, H,
+                          W, SH, SW, GG, GC, RH, RW, TPP * BLOCK_M * ps,
+                          TPP if N_TILES >= TPP * ps + TPP else N_TILES - TPP * ps, BLOCK_M,
+                          BM_TAIL if ps == N_PASSES - 1 and not TAIL_ALONE else 0, N, D, WH, WW, BLOCK_N, BN_TAIL,
+                          HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM)
+                if TAIL_ALONE:
+                    _pass(qkv, out, lse, tab_h, ab_h, group, coords, codes, w, h, b, y0, x0, hd, qk_scale, C, NH, H,
+                          W, SH, SW, GG, GC, RH, RW, N_TILES * BLOCK_M, 1, BM_TAIL, 0, N, D, WH, WW, BLOCK_N, BN_TAIL,
+                          HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM)
+            w, b, wy, wx = _next_window(w, b, wy, wx, nW // nWw, nWw)
 
 
 # ----------------------------------------------------------------------------- launchers
-
-# Deterministic backward: about this many programs (chunks x heads), a constant so the
-# summation order, hence the bits, never depends on the GPU model. Small under the
-# interpreter so that tests exercise several windows per program.
-_DET_PROGRAMS = 4 if _INTERPRET else 512
 
 
 def _alloc(shape, dtype, device):
@@ -270,31 +540,77 @@ def _alloc(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _meta(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords):
-    B, H, W, C3 = qkv.shape
-    D = C3 // (3 * num_heads)
-    N = wh * ww
-    n_pad = max(16, triton.next_power_of_2(N))  # tl.dot needs >= 16 per dim
-    dummy = qkv  # never read when the matching HAS_* flag is off
-    const = dict(
-        N=N, N_PAD=n_pad, D=D, WH=wh, WW=ww,
-        HAS_RPB=rpb is not None, HAS_BIAS=attn_bias is not None, HAS_GROUP=group is not None,
-        HAS_COORDS=coords is not None, SHIFT=sh > 0 or sw > 0,
-        F32=qkv.dtype == torch.float32, UPCAST=_INTERPRET,
-    )
-    G = (1 if group is None else group.shape[0], 1 if coords is None else coords.shape[0])
-    ptrs = tuple(dummy if t is None else t for t in (rpb, attn_bias, group, coords))
-    return B, H, W, D, N, G, const, ptrs
+def _alloc_for():
+    """The current ``_alloc`` (tests replace it to poison outputs; the backward module allocates through this)."""
+    return _alloc
 
 
-def _block_m(n_pad, d):
+def _tail(n, block):
+    """Size of the tail block covering ``n % block`` items (0 if none): a power of two >= 16."""
+    r = n % block
+    return 0 if r == 0 else max(16, triton.next_power_of_2(r))
+
+
+def _fwd_config(N, D, heavy, wide):
+    """(BLOCK_M, BLOCK_N, tiles per pass, num_warps, num_stages). Two 64x64 score tiles per pass
+    fill ~240 registers (2 CTAs/SM) with the common masks (group or none, rpb, int32 labels,
+    d <= 32); heavier specializations (shift, attn_bias, coords, int64 labels, d >= 64, fp32)
+    spill there and take 32-key blocks and no software pipelining; two of shift/group/attn_bias/
+    coords together, a heavy one with d >= 64, or d = 128 take one tile per pass, and the tail
+    tile a pass of its own (its 16-row MMA layout next to a 64-row tile's state spills). Under
+    the interpreter small tiles, so that the tile loops, both tails, one or two tiles per pass,
+    several passes and the single-tile path all run in tests (at most 4 full row tiles)."""
     if _INTERPRET:
-        return min(32, n_pad)  # > 1 row block for N > 32: the loop is exercised in tests
-    return min(n_pad, 64 if n_pad * d <= 256 * 64 else 32)
+        bm = 16 if N < 80 else (32 if N < 160 else 64)
+        return bm, 16, (1 if wide else 2), 1, 1
+    bn = 16 if (wide and D >= 64) or (heavy and D >= 128) else (32 if heavy or D >= 64 else 64)
+    return 64, bn, (1 if wide or D >= 128 else 2), 4, (1 if heavy else 2)
 
 
-def _warps(n_pad, d):
-    return 1 if _INTERPRET else (8 if n_pad >= 128 or d >= 128 else 4)
+def _single(N):
+    """Windows of one tile (N <= 64; under the interpreter N < 16, so both paths run in tests)."""
+    return N < 16 if _INTERPRET else N <= 64
+
+
+def _windows_per_program(programs, single_tile):
+    """Windows per program (a constexpr power of two: loop bounds from kernel arguments break
+    Triton 3.6's interpreter with numpy >= 2.4): single-tile windows amortize the hoisted bias
+    tile over several while keeping ~2k programs in flight; 2 under the interpreter so the loop
+    and its guard run."""
+    if _INTERPRET:
+        return 2
+    return min(8, _pow2_floor(programs // 2048)) if single_tile else 1
+
+
+def _pow2_floor(n):
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
+_CODES = {}
+
+
+def _codes(wh, ww, device):
+    """int32 table code ``ly*(2ww-1) + lx`` of every window-local key index (padded indices:
+    the last real key's), cached per window shape and device (never written)."""
+    key = (wh, ww, str(device))
+    t = _CODES.get(key)
+    if t is None:
+        j = torch.arange(wh * ww + 256, device=device).clamp_(max=wh * ww - 1)
+        t = _CODES[key] = ((j // ww) * (2 * ww - 1) + j % ww).to(torch.int32)
+    return t
+
+
+def _tables(rpb, attn_bias, qkv, num_heads):
+    """(nH, T) relative-position table pre-scaled by log2e (a head's row is contiguous); dummies
+    (never read) for absent inputs."""
+    tab = qkv if rpb is None else (rpb.t() * _LOG2E).contiguous()
+    return tab, qkv if attn_bias is None else attn_bias
+
+
+def _flags(qkv, rpb, attn_bias, group, coords, sh, sw):
+    return dict(HAS_RPB=rpb is not None, HAS_BIAS=attn_bias is not None, HAS_GROUP=group is not None,
+                HAS_COORDS=coords is not None, SHIFT=sh > 0 or sw > 0,
+                F32=qkv.dtype == torch.float32, UPCAST=_INTERPRET)
 
 
 def window_attention(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale):
@@ -302,94 +618,43 @@ def window_attention(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coor
     N = wh*ww <= 256; rpb fp32 ((2rh-1)*(2rw-1), nH) or None; attn_bias fp32 (nH,N,N) or None;
     group int32/int64 (G,H,W), coords int32/int64 (G,H,W,2), G in {1,B}, at original positions.
 
-    Returns (out (B,H,W,C) qkv.dtype, lse fp32 (B*nW, nH, N): row log-sum-exp per window of
-    the rolled grid, row-major windows, batch outermost).
+    Returns (out (B,H,W,C) qkv.dtype, lse fp32 (B*nW, nH, N): natural-log row log-sum-exp per
+    window of the rolled grid, row-major windows, batch outermost).
     """
-    B, H, W, D, N, G, const, (p_rpb, p_bias, p_grp, p_crd) = _meta(
-        qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords)
+    B, H, W, C3 = qkv.shape
+    D = C3 // (3 * num_heads)
+    N = wh * ww
     nWw = W // ww
     nW = (H // wh) * nWw
     out = _alloc((B, H, W, num_heads * D), qkv.dtype, qkv.device)
     lse = _alloc((B * nW, num_heads, N), torch.float32, qkv.device)
     if out.numel() == 0:
         return out, lse
-    bm = _block_m(const["N_PAD"], D)
-    _fwd_kernel[(B * nW, num_heads)](
-        qkv, out, lse, p_rpb, p_bias, p_grp, p_crd,
-        float(scale), num_heads, H, W, nW, nWw, sh, sw, *G, rh, rw,
-        BLOCK_M=bm, num_warps=_warps(const["N_PAD"], D), **const,
+    masks = (sh > 0 or sw > 0) + (attn_bias is not None) + (coords is not None)
+    heavy = masks > 0 or qkv.dtype == torch.float32 or (group is not None and group.dtype == torch.int64)
+    wide = masks + (group is not None) >= 2 or (heavy and D >= 64)
+    bm, bn, tpp, warps, stages = _fwd_config(N, D, heavy, wide)
+    tab, ab = _tables(rpb, attn_bias, qkv, num_heads)
+    bnw = B * nW
+    single = _single(N)
+    wpp = _windows_per_program(bnw * num_heads, single)
+    G = (1 if group is None else group.shape[0], 1 if coords is None else coords.shape[0])
+    _fwd_kernel[(num_heads, triton.cdiv(bnw, wpp))](
+        qkv, out, lse, tab, ab, qkv if group is None else group, qkv if coords is None else coords,
+        _codes(wh, ww, qkv.device),
+        float(scale) * _LOG2E, num_heads, H, W, nW, nWw, sh, sw, *G, rh, rw, bnw, WPP=wpp,
+        N=N, D=D, WH=wh, WW=ww, SINGLE=single, BS=max(16, triton.next_power_of_2(N)),
+        BLOCK_M=bm, BM_TAIL=_tail(N, bm), BLOCK_N=bn, BN_TAIL=_tail(N, bn), TPP=tpp,
+        ASM=not _INTERPRET, IDX64=qkv.numel() >= 2**31, num_warps=warps, num_stages=stages,
+        **_flags(qkv, rpb, attn_bias, group, coords, sh, sw),
     )
     return out, lse
 
 
 def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords,
                               rh, rw, scale, need_drpb, need_dbias, deterministic):
-    """Backward. dout/out (B,H,W,C), lse from the forward; other arguments as the forward.
+    """Backward launcher (in ``window_attention_bwd``): (dqkv, drpb, dbias)."""
+    from .window_attention_bwd import window_attention_backward as bwd
 
-    Returns (dqkv (B,H,W,3C) qkv.dtype, drpb fp32 like rpb or empty, dbias fp32 (nH,N,N) or
-    empty). dq/dk/dv are written straight into the qkv layout (every element exactly once).
-
-    Bias gradients are sums of dS over all windows and images:
-    * ``deterministic=False`` (fast; the op layer's default): fp32 atomics, one program per
-      (window, head); the summation order, hence the last bits, varies between runs.
-    * ``deterministic=True`` (the op layer passes it when
-      ``torch.are_deterministic_algorithms_enabled()`` or ``MIXKERNELS_DETERMINISTIC=1``):
-      each program owns a chunk of windows and accumulates into its own partial buffer,
-      then a fixed-order reduction over chunks; bit-identical across runs. Costs a partial
-      buffer (chunks x nH x N x N fp32, or chunks x table with coords) and some speed.
-    Without coords dRPB is gathered from the window-summed dS (nH,N,N) by the Swin index;
-    with coords the index depends on the window, so dS is gathered per window.
-    """
-    B, H, W, D, N, G, const, (p_rpb, p_bias, p_grp, p_crd) = _meta(
-        qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords)
-    dev = qkv.device
-    nWw = W // ww
-    nW = (H // wh) * nWw
-    bnw = B * nW
-    dqkv = _alloc(qkv.shape, qkv.dtype, dev)
-    T = (2 * rh - 1) * (2 * rw - 1)
-    want_dsum = need_dbias or (need_drpb and coords is None)
-    want_tab = need_drpb and coords is not None
-    if deterministic:
-        chunks = max(1, min(bnw, -(-_DET_PROGRAMS // num_heads)))
-        wpp = -(-bnw // chunks)
-        chunks = -(-bnw // wpp)
-    else:
-        chunks, wpp = bnw, 1
-    mode = 2 if deterministic else 1
-    f32 = dict(dtype=torch.float32, device=dev)
-    if want_dsum:
-        dsum = torch.zeros(((chunks,) if deterministic else ()) + (num_heads, N, N), **f32)
-    else:
-        dsum = lse
-    if want_tab:
-        dtab = torch.zeros(((chunks,) if deterministic else ()) + (T, num_heads), **f32)
-    else:
-        dtab = lse
-    if bnw > 0 and num_heads * D > 0:
-        _bwd_kernel[(chunks, num_heads)](
-            dout, qkv, out, lse, dqkv, p_rpb, p_bias, p_grp, p_crd, dsum, dtab,
-            float(scale), num_heads, H, W, nW, nWw, sh, sw, *G, rh, rw, bnw, wpp,
-            DSUM_MODE=mode if want_dsum else 0, TAB_MODE=mode if want_tab else 0,
-            BLOCK_M=_block_m(const["N_PAD"], D), num_warps=_warps(const["N_PAD"], D), **const,
-        )
-
-    def reduce(part):
-        if not deterministic:
-            return part
-        res = _alloc(part.shape[1:], torch.float32, dev)
-        M = res.numel()
-        _sum_chunks_kernel[(triton.cdiv(M, 1024),)](part, res, chunks, M, BLOCK=1024)
-        return res
-
-    dsum = reduce(dsum) if want_dsum else None
-    dbias = dsum if need_dbias else torch.empty((0,), **f32)  # outputs must not alias each other
-    if not need_drpb:
-        drpb = torch.empty((0,), **f32)
-    elif coords is not None:
-        drpb = reduce(dtab)
-    else:
-        drpb = _alloc((T, num_heads), torch.float32, dev)
-        _gather_table_kernel[(T,)](dsum, drpb, num_heads, N=N, N_PAD=const["N_PAD"],
-                                   NH_PAD=triton.next_power_of_2(num_heads), WH=wh, WW=ww)
-    return dqkv, drpb, dbias
+    return bwd(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale,
+               need_drpb, need_dbias, deterministic)
