@@ -1,4 +1,4 @@
-// CPU kernels: fused reconstruction losses (MixMIM dual reconstruction, MAE/UM-MAE masked).
+// CPU kernels: fused reconstruction losses (MixMIM dual reconstruction, MAE/UM-MAE masked, SimMIM L1).
 //
 // One task per patch: the target patch is read straight from the image (MAE patchify order
 // (row, col, channel), no patchified copy), normalized with the per-patch mean and unbiased
@@ -244,6 +244,104 @@ at::Tensor masked_recon_loss_backward(const at::Tensor& grad, const at::Tensor& 
   return dpred;
 }
 
+// ---- SimMIM: masked L1 on full-resolution predictions ----
+// pred, imgs (B,C,H,W) (dtypes may differ); mask uint8 (G, L) over patches of p px, L = (H/p)*(W/p).
+// A task is one band of p image rows of one image: every channel row is read as one contiguous
+// run, unmasked patches are skipped (never read), each patch sums its C*p*p values in a fixed
+// order (channel, row, column), in double as the other losses.
+
+void check_simmim(const char* op, const at::Tensor& pred, const at::Tensor& imgs, const at::Tensor& mask, int64_t p) {
+  check_contiguous(op, "pred", pred, 4, "(B,C,H,W)");
+  check_contiguous(op, "imgs", imgs, 4, "(B,C,H,W)");
+  check_shape(op, "imgs", imgs, pred.sizes());
+  MK_CHECK_ARG(p > 0 && imgs.size(2) % p == 0 && imgs.size(3) % p == 0, op, "patch_size",
+               c10::str("be positive and divide the image size (", imgs.size(2), ", ", imgs.size(3), ")"), p);
+  const int64_t B = imgs.size(0), L = (imgs.size(2) / p) * (imgs.size(3) / p);
+  check_dtype(op, "mask", mask, at::kByte);
+  check_contiguous(op, "mask", mask, 2, "(G,L)");
+  MK_CHECK_ARG((mask.size(0) == 1 || mask.size(0) == B) && mask.size(1) == L, op, "mask",
+               c10::str("have shape (1 or ", B, ", ", L, ")"), mask.sizes());
+}
+
+// Runs body(b, ph, m) for each band (b, patch row ph); m points at the band's nw mask bytes.
+template <typename Body>
+void simmim_bands(const at::Tensor& imgs, const at::Tensor& mask, int64_t p, Body&& body) {
+  const int64_t B = imgs.size(0), C = imgs.size(1), W = imgs.size(3), nh = imgs.size(2) / p, nw = W / p;
+  const int64_t G = mask.size(0);
+  const uint8_t* mp = mask.data_ptr<uint8_t>();
+  at::parallel_for(0, B * nh, row_grain(C * p * W * 8), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / nh, ph = r % nh;
+      body(b, ph, mp + ((G == 1 ? 0 : b) * nh + ph) * nw);
+    }
+  });
+}
+
+at::Tensor simmim_loss(const at::Tensor& pred, const at::Tensor& imgs, const at::Tensor& mask, int64_t p) {
+  check_simmim("simmim_loss", pred, imgs, mask, p);
+  const int64_t B = imgs.size(0), C = imgs.size(1), H = imgs.size(2), W = imgs.size(3), nh = H / p, nw = W / p;
+  auto out = at::empty({B, nh * nw}, pred.options().dtype(acc_type(pred, imgs)));
+  dispatch2(pred, imgs, [&]<typename TP, typename TI, typename acc>() {
+    const TP* pp = pred.data_ptr<TP>();
+    const TI* ip = imgs.data_ptr<TI>();
+    acc* op = out.data_ptr<acc>();
+    const double inv = 1.0 / static_cast<double>(C * p * p);
+    simmim_bands(imgs, mask, p, [&](int64_t b, int64_t ph, const uint8_t* m) {
+      for (int64_t pw = 0; pw < nw; ++pw) {
+        double s = 0;
+        if (m[pw]) {
+          for (int64_t c = 0; c < C; ++c) {
+            for (int64_t i = 0; i < p; ++i) {
+              const int64_t row = ((b * C + c) * H + ph * p + i) * W + pw * p;
+              for (int64_t j = 0; j < p; ++j) {
+                s += std::abs(static_cast<double>(static_cast<acc>(pp[row + j]) - static_cast<acc>(ip[row + j])));
+              }
+            }
+          }
+        }
+        op[b * nh * nw + ph * nw + pw] = static_cast<acc>(s * inv);
+      }
+    });
+  });
+  return out;
+}
+
+// dpred = sign(pred - imgs) * grad[patch] / (C*p*p) where the patch is masked, else 0 (sign(NaN) = 0, as torch).
+at::Tensor simmim_loss_backward(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& imgs,
+                                const at::Tensor& mask, int64_t p) {
+  check_simmim("simmim_loss_backward", pred, imgs, mask, p);
+  const int64_t B = imgs.size(0), C = imgs.size(1), H = imgs.size(2), W = imgs.size(3), nh = H / p, nw = W / p;
+  check_grad("simmim_loss_backward", grad, acc_type(pred, imgs), B * nh * nw);
+  auto dpred = at::empty_like(pred);
+  dispatch2(pred, imgs, [&]<typename TP, typename TI, typename acc>() {
+    const TP* pp = pred.data_ptr<TP>();
+    const TI* ip = imgs.data_ptr<TI>();
+    const acc* gp = grad.data_ptr<acc>();
+    TP* dp = dpred.data_ptr<TP>();
+    const acc inv = acc(1) / static_cast<acc>(C * p * p);
+    simmim_bands(imgs, mask, p, [&](int64_t b, int64_t ph, const uint8_t* m) {
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t i = 0; i < p; ++i) {
+          const int64_t row = ((b * C + c) * H + ph * p + i) * W;
+          for (int64_t pw = 0; pw < nw; ++pw) {
+            TP* d = dp + row + pw * p;
+            if (!m[pw]) {
+              std::fill_n(d, p, static_cast<TP>(0));
+              continue;
+            }
+            const acc k = gp[b * nh * nw + ph * nw + pw] * inv;
+            for (int64_t j = 0; j < p; ++j) {
+              const acc e = static_cast<acc>(pp[row + pw * p + j]) - static_cast<acc>(ip[row + pw * p + j]);
+              d[j] = static_cast<TP>(k * static_cast<acc>((e > 0) - (e < 0)));
+            }
+          }
+        }
+      }
+    });
+  });
+  return dpred;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mixkernels_C, CPU, m) {
@@ -251,6 +349,8 @@ TORCH_LIBRARY_IMPL(mixkernels_C, CPU, m) {
   m.impl("mixmim_loss_backward", &mixmim_loss_backward);
   m.impl("masked_recon_loss", &masked_recon_loss);
   m.impl("masked_recon_loss_backward", &masked_recon_loss_backward);
+  m.impl("simmim_loss", &simmim_loss);
+  m.impl("simmim_loss_backward", &simmim_loss_backward);
 }
 
 }  // namespace mixkernels::cpu
