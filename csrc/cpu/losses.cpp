@@ -15,6 +15,7 @@
 
 #include "mixkernels/checks.h"
 #include "mixkernels/cpu_common.h"
+#include "mixkernels/simmim_checks.h"
 
 namespace mixkernels::cpu {
 namespace {
@@ -252,19 +253,6 @@ at::Tensor masked_recon_loss_backward(const at::Tensor& grad, const at::Tensor& 
 // unmasked) patches: each channel row of a run is one contiguous, vectorizable loop, and
 // unmasked runs are never read. Column sums over (channel, row) are taken in double, then each
 // patch sums its p columns in order: a fixed order, whatever the thread count.
-
-void check_simmim(const char* op, const at::Tensor& pred, const at::Tensor& imgs, const at::Tensor& mask, int64_t p) {
-  check_contiguous(op, "pred", pred, 4, "(B,C,H,W)");
-  check_contiguous(op, "imgs", imgs, 4, "(B,C,H,W)");
-  check_shape(op, "imgs", imgs, pred.sizes());
-  MK_CHECK_ARG(p > 0 && imgs.size(2) % p == 0 && imgs.size(3) % p == 0, op, "patch_size",
-               c10::str("be positive and divide the image size (", imgs.size(2), ", ", imgs.size(3), ")"), p);
-  const int64_t B = imgs.size(0), L = (imgs.size(2) / p) * (imgs.size(3) / p);
-  check_dtype(op, "mask", mask, at::kByte);
-  check_contiguous(op, "mask", mask, 2, "(G,L)");
-  MK_CHECK_ARG((mask.size(0) == 1 || mask.size(0) == B) && mask.size(1) == L, op, "mask",
-               c10::str("have shape (1 or ", B, ", ", L, ")"), mask.sizes());
-}
 
 // Runs body(b, ph, m, runs) for each band (b, patch row ph): m points at the band's nw mask bytes,
 // runs lists (first patch, end patch, masked) of maximal runs of equal mask values.

@@ -378,7 +378,7 @@ MK_INLINE void backward_tasks(const Args<scalar_t>& a, int64_t begin, int64_t en
         }
         load_cols(g, rows.data(), 3 * C, 2 * C + h * d, b.vT, Np);
         load_rows(g, grows.data(), C, h * d, acc(1), b.dO, dp);
-        for (int64_t n = 0; n < N; ++n) {  // delta = rowsum(dO * O)
+        for (int64_t n = 0; n < N && !a.hscale; ++n) {  // delta = rowsum(dO * O) (cosine mode: from P below)
           const scalar_t* os = orows.data() + n * C + h * d;
           acc s = 0;
           for (int64_t e = 0; e < d; ++e) s += b.dO[n * dp + e] * static_cast<acc>(os[e]);

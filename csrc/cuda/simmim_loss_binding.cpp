@@ -2,6 +2,7 @@
 #include <torch/library.h>
 
 #include "mixkernels/checks.h"
+#include "mixkernels/simmim_checks.h"
 #include "mixkernels/simmim_loss_cuda.h"
 #include "mixkernels/torch_cuda.h"
 
@@ -12,16 +13,7 @@ void check(const char* op, const at::Tensor& pred, const at::Tensor& imgs, const
   MK_CHECK_ARG(pred.is_cuda() && imgs.device() == pred.device() && mask.device() == pred.device(), op,
                "pred, imgs and mask", "be on one CUDA device", c10::str(pred.device(), ", ", imgs.device(), ", ",
                                                                        mask.device()));
-  check_contiguous(op, "pred", pred, 4, "(B,C,H,W)");
-  check_contiguous(op, "imgs", imgs, 4, "(B,C,H,W)");
-  check_shape(op, "imgs", imgs, pred.sizes());
-  MK_CHECK_ARG(p > 0 && imgs.size(2) % p == 0 && imgs.size(3) % p == 0, op, "patch_size",
-               c10::str("be positive and divide the image size (", imgs.size(2), ", ", imgs.size(3), ")"), p);
-  const int64_t B = imgs.size(0), L = (imgs.size(2) / p) * (imgs.size(3) / p);
-  check_dtype(op, "mask", mask, at::kByte);
-  check_contiguous(op, "mask", mask, 2, "(G,L)");
-  MK_CHECK_ARG((mask.size(0) == 1 || mask.size(0) == B) && mask.size(1) == L, op, "mask",
-               c10::str("have shape (1 or ", B, ", ", L, ")"), mask.sizes());
+  check_simmim(op, pred, imgs, mask, p);
   dtype_of(pred);
   dtype_of(imgs);
 }

@@ -259,37 +259,35 @@ def masked_recon_loss_backward(grad: torch.Tensor, pred: torch.Tensor, imgs: tor
     return dpred
 
 
-def _simmim_meta(C: int, p: int):
-    QB = max(1, 128 // p)  # patches per program: ~128 contiguous columns per row
-    BW = triton.next_power_of_2(QB * p)
-    BP = triton.next_power_of_2(p)
-    return dict(C=C, P=p, QB=QB, BP=BP, BW=BW, num_warps=max(1, min(8, (BP * BW) // 512)))
+def _simmim_launch(pred: torch.Tensor, patch_size: int):
+    """``(grid, nh, nw, meta)`` of the SimMIM kernels: one program per QB patches of a patch row."""
+    B, C, H, W = pred.shape
+    nh, nw = H // patch_size, W // patch_size
+    QB = max(1, 128 // patch_size)  # ~128 contiguous columns per row
+    BP, BW = triton.next_power_of_2(patch_size), triton.next_power_of_2(QB * patch_size)
+    meta = dict(C=C, P=patch_size, QB=QB, BP=BP, BW=BW, num_warps=max(1, min(8, (BP * BW) // 512)))
+    return (B * nh * triton.cdiv(nw, QB),), nh, nw, meta
 
 
 def simmim_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int) -> torch.Tensor:
     """pred, imgs ``(B, C, H, W)``, mask uint8 ``(G, L)`` -> per-patch mean L1 float32 ``(B, L)`` (0 where unmasked)."""
-    B, C, H, W = pred.shape
-    nh, nw = H // patch_size, W // patch_size
-    out = torch.empty((B, nh * nw), device=pred.device, dtype=torch.float32)
-    meta = _simmim_meta(C, patch_size)
+    grid, nh, nw, meta = _simmim_launch(pred, patch_size)
+    out = torch.empty((pred.shape[0], nh * nw), device=pred.device, dtype=torch.float32)
     if out.numel():
         with _device(pred):
-            grid = (B * nh * triton.cdiv(nw, meta["QB"]),)
-            _simmim_fwd_kernel[grid](pred, imgs, mask, out, H, W, nh, nw, 0 if mask.shape[0] == 1 else nh * nw,
-                                     BQ=triton.next_power_of_2(meta["QB"]), **meta)
+            _simmim_fwd_kernel[grid](pred, imgs, mask, out, pred.shape[2], pred.shape[3], nh, nw,
+                                     0 if mask.shape[0] == 1 else nh * nw, BQ=triton.next_power_of_2(meta["QB"]),
+                                     **meta)
     return out
 
 
 def simmim_loss_backward(grad: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor,
                          patch_size: int) -> torch.Tensor:
     """grad float32 ``(B, L)`` -> dpred like pred (every element written)."""
-    B, C, H, W = pred.shape
-    nh, nw = H // patch_size, W // patch_size
+    grid, nh, nw, meta = _simmim_launch(pred, patch_size)
     dpred = torch.empty_like(pred)
-    meta = _simmim_meta(C, patch_size)
     if dpred.numel():
         with _device(pred):
-            grid = (B * nh * triton.cdiv(nw, meta["QB"]),)
-            _simmim_bwd_kernel[grid](grad, pred, imgs, mask, dpred, H, W, nh, nw,
+            _simmim_bwd_kernel[grid](grad, pred, imgs, mask, dpred, pred.shape[2], pred.shape[3], nh, nw,
                                      0 if mask.shape[0] == 1 else nh * nw, **meta)
     return dpred
