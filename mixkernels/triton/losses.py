@@ -133,29 +133,29 @@ def _masked_bwd_kernel(grad, pred, imgs, patch_idx, dpred, Lp, H, W, nw, eps,
 
 
 @triton.jit
-def _simmim_band(mask, b, ph, qb, nw, mask_stride,
+def _simmim_band(mask, nh, nw, mask_stride,
                  P: tl.constexpr, QB: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr):
-    """Tile rows i (BP,1), columns x (1,BW) of band (b, ph, qb), each column's patch index pw,
-    whether the column is in the image and whether its patch is masked."""
+    """This program's band (b, ph, qb); tile rows i (BP,1), columns x (1,BW), each column's patch
+    index pw, whether the column is in the image and whether its patch is masked."""
+    pid = tl.program_id(0)
+    nq = tl.cdiv(nw, QB)
+    qb = pid % nq
+    ph = (pid // nq) % nh
+    b = pid // (nq * nh)
     i = tl.arange(0, BP)[:, None]
     xl = tl.arange(0, BW)[None, :]
     pw = qb * QB + xl // P
     x = qb * (QB * P) + xl
     incol = (xl < QB * P) & (pw < nw)
     m = tl.load(mask + b * mask_stride + ph * nw + pw, mask=incol, other=0)
-    return i, xl, x, pw, incol, incol & (m != 0) & (i < P)
+    return b, ph, qb, i, xl, x, pw, incol, incol & (m != 0) & (i < P)
 
 
 @triton.jit
 def _simmim_fwd_kernel(pred, imgs, mask, out, H, W, nh, nw, mask_stride,
                        C: tl.constexpr, P: tl.constexpr, QB: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr,
                        BQ: tl.constexpr):
-    pid = tl.program_id(0)
-    nq = tl.cdiv(nw, QB)
-    qb = pid % nq
-    ph = (pid // nq) % nh
-    b = pid // (nq * nh)
-    i, xl, x, pw, incol, live = _simmim_band(mask, b, ph, qb, nw, mask_stride, P, QB, BP, BW)
+    b, ph, qb, i, xl, x, pw, incol, live = _simmim_band(mask, nh, nw, mask_stride, P, QB, BP, BW)
     acc = tl.zeros((BP, BW), dtype=tl.float32)
     for c in range(C):
         off = ((b.to(tl.int64) * C + c) * H + ph * P + i) * W + x
@@ -174,12 +174,7 @@ def _simmim_fwd_kernel(pred, imgs, mask, out, H, W, nh, nw, mask_stride,
 def _simmim_bwd_kernel(grad, pred, imgs, mask, dpred, H, W, nh, nw, mask_stride,
                        C: tl.constexpr, P: tl.constexpr, QB: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr):
     # dpred = sign(pred - imgs) * grad[patch] / (C*P*P) on masked patches (sign(NaN) = 0, as torch), 0 elsewhere.
-    pid = tl.program_id(0)
-    nq = tl.cdiv(nw, QB)
-    qb = pid % nq
-    ph = (pid // nq) % nh
-    b = pid // (nq * nh)
-    i, xl, x, pw, incol, live = _simmim_band(mask, b, ph, qb, nw, mask_stride, P, QB, BP, BW)
+    b, ph, qb, i, xl, x, pw, incol, live = _simmim_band(mask, nh, nw, mask_stride, P, QB, BP, BW)
     g = tl.load(grad + (b.to(tl.int64) * nh + ph) * nw + pw, mask=incol, other=0.0).to(tl.float32) / (C * P * P)
     inside = incol & (i < P)
     for c in range(C):
