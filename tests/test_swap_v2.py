@@ -122,25 +122,21 @@ def test_timm_set_input_size(window):
 
 
 def test_real_timm_swinv2_tiny_window8_256():
-    # the real architecture (4 stages, 12 blocks, window 8, heads 3-6-12-24), without weights, at 64 px
-    # (stages 16, 8, 4, 2 tokens: windows clamped as timm does) and at 72 px (padding + shift)
-    m = perturb(timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=64, num_classes=10)).eval()
+    # the real architecture (4 stages, 12 blocks, window 8, heads 3-6-12-24), without weights, at 72 px:
+    # stages of 18 (padded, shifted), 9 (padded), 5 and 3 tokens (windows clamped as timm does)
+    m = perturb(timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=72, num_classes=10)).eval()
     s = swapped_copy(m)
     assert sum(isinstance(b, SwinV2Block) for b in s.modules()) == 12
-    assert_matches_fp64_rule(m, s, torch.randn(2, 3, 64, 64))
-    m72 = perturb(timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=72, num_classes=10)).eval()
     x = torch.randn(1, 3, 72, 72)
-    assert_same_run(run(m72, x, False, 0), run(swapped_copy(m72), x, False, 0))
+    assert_same_run(run(m, x, False, 0), run(s, x, False, 0))
 
 
 def test_real_torchvision_swin_v2_t():
-    # swin_v2_t (window 8, heads 3-6-12-24), without weights: 64 px (last stages padded up to one window,
-    # shift dropped) and a rectangular input with odd padding
+    # swin_v2_t (window 8, heads 3-6-12-24), without weights, on a rectangular input with odd padding
+    # (the last stages are padded up to one window, their shift dropped)
     m = perturb(tvs.swin_v2_t(num_classes=10)).eval()
     s = swapped_copy(m)
     assert sum(isinstance(b, TorchvisionSwinBlockV2) for b in s.modules()) == 12
-    x = torch.randn(1, 3, 64, 64)
-    assert_matches_fp64_rule(m, s, x)
     x = torch.randn(1, 3, 40, 72)
     assert_same_run(run(m, x, False, 0), run(s, x, False, 0))
 
