@@ -35,8 +35,29 @@ from ..nn.swinv2_block import SwinV2Block
 from ._common import PatchEmbed
 from .mixmim import PatchMerging
 
-__all__ = ["SimMIM", "PatchMergingV2", "simmim_swin_tiny_test", "simmim_swinv2_tiny_test", "simmim_swin_base",
+__all__ = ["SimMIM", "MaskGenerator", "PatchMergingV2", "simmim_swin_tiny_test", "simmim_swinv2_tiny_test", "simmim_swin_base",
            "simmim_swinv2_base"]
+
+
+class MaskGenerator:
+    """SimMIM's ``MaskGenerator``: ``ceil(ratio * n)`` of the ``n = (img / mask_patch)^2`` mask
+    patches, upsampled to the model's patch grid: bool ``(B, img/p, img/p)``. Picklable (data
+    loader workers can draw the masks with the images, as SimMIM's data pipeline does)."""
+
+    def __init__(self, img_size: int = 192, mask_patch_size: int = 32, model_patch_size: int = 4,
+                 mask_ratio: float = 0.6):
+        if img_size % mask_patch_size or mask_patch_size % model_patch_size:
+            raise ValueError(f"img_size {img_size} must be a multiple of mask_patch_size {mask_patch_size}, itself a "
+                             f"multiple of the model's patch size {model_patch_size}")
+        self.grid = img_size // mask_patch_size
+        self.scale = mask_patch_size // model_patch_size
+        self.count = int(math.ceil(self.grid ** 2 * mask_ratio))
+
+    def __call__(self, batch: int, device=None, generator: Optional[torch.Generator] = None) -> Tensor:
+        g, n = self.grid, self.grid ** 2
+        noise = torch.rand(batch, n, device=device, generator=generator)
+        m = (noise.argsort(1).argsort(1) < self.count).reshape(batch, g, g)
+        return m.repeat_interleave(self.scale, 1).repeat_interleave(self.scale, 2)
 
 
 class PatchMergingV2(PatchMerging):
@@ -106,9 +127,9 @@ class SimMIM(nn.Module):
         S = len(depths)
         self.encoder_name = encoder
         self.encoder_stride = patch_size * 2 ** (S - 1)
-        if img_size % self.encoder_stride or img_size % mask_patch_size or mask_patch_size % patch_size:
-            raise ValueError(f"img_size {img_size} must be a multiple of the encoder stride {self.encoder_stride} and "
-                             f"of mask_patch_size {mask_patch_size}, itself a multiple of patch_size {patch_size}")
+        if img_size % self.encoder_stride:
+            raise ValueError(f"img_size {img_size} must be a multiple of the encoder stride {self.encoder_stride}")
+        self.mask_generator = MaskGenerator(img_size, mask_patch_size, patch_size, mask_ratio)
         self.img_size, self.patch_size, self.in_chans, self.embed_dim = img_size, patch_size, in_chans, embed_dim
         self.mask_patch_size, self.mask_ratio = mask_patch_size, mask_ratio
         self.num_features = embed_dim * 2 ** (S - 1)
@@ -162,15 +183,9 @@ class SimMIM(nn.Module):
         return {"mask_token"}
 
     def random_masks(self, batch: int, device=None, generator: Optional[torch.Generator] = None) -> Tensor:
-        """SimMIM's ``MaskGenerator``: per image ``ceil(ratio * n)`` of the ``n`` mask patches,
-        bool ``(B, H/p, W/p)`` on the model's patch grid."""
-        g = self.img_size // self.mask_patch_size
-        n = g * g
-        count = int(math.ceil(n * self.mask_ratio))
-        noise = torch.rand(batch, n, device=device, generator=generator)
-        m = (noise.argsort(1).argsort(1) < count).reshape(batch, g, g)
-        s = self.mask_patch_size // self.patch_size
-        return m.repeat_interleave(s, 1).repeat_interleave(s, 2)
+        """SimMIM's masks (:class:`MaskGenerator`): per image ``ceil(ratio * n)`` of the ``n`` mask
+        patches, bool ``(B, H/p, W/p)`` on the model's patch grid."""
+        return self.mask_generator(batch, device, generator)
 
     def forward_encoder(self, imgs: Tensor, mask: Tensor) -> Tensor:
         """``imgs`` ``(B, 3, H, W)``, ``mask`` ``(B, H/p, W/p)`` -> ``(B, C, H/stride, W/stride)``."""
