@@ -51,7 +51,7 @@ TORCH_LIBRARY(mixkernels_C, m) {
   m.def("uniform_scatter(Tensor compact, Tensor keep, int unit) -> Tensor");
 
   // ---- Window attention. qkv (B,H,W,3C) channels (3,nH,d); rpb acc ((2rh-1)*(2rw-1),nH);
-  // attn_bias acc (nH,N,N); group int32 (G,H,W); coords int32 (G,H,W,2) (G in {1,B},
+  // attn_bias acc (nH,N,N); group int32/int64 (G,H,W); coords int32/int64 (G,H,W,2) (G in {1,B},
   // indexed at the original position). Without coords, rh=wh, rw=ww (window-local coords).
   // -> (out (B,H,W,C) qkv.dtype, lse acc (B*nW,nH,N), windows of the rolled grid, row-major).
   m.def("window_attention(Tensor qkv, int num_heads, int wh, int ww, int sh, int sw, Tensor? rpb, "

@@ -53,15 +53,8 @@ def report() -> str:
         add(f"triton: not importable ({type(e).__name__})")
     add("")
     add("build:")
-    info = _ext.build_info()
-    if info:
-        add(f"  built with torch {info.get('torch_version')} at commit {info.get('commit')}")
-        if info.get("cuda_built"):
-            add(f"  CUDA archs: {info.get('cuda_archs')}")
-        else:
-            add(f"  CUDA extension not built: {info.get('cuda_skip_reason') or 'unknown'}")
-    add(f"  mixkernels._C (CPU kernels): {'loaded' if _ext.cpu_error is None else _ext.cpu_error}")
-    add(f"  mixkernels._C_cuda (CUDA kernels): {'loaded' if _ext.cuda_error is None else _ext.cuda_error}")
+    for line in _ext.build_report():
+        add(f"  {line}")
     add("")
     add("devices:")
     add(f"  cpu: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
@@ -89,7 +82,8 @@ def report() -> str:
 
 
 def main() -> None:
-    print(report())
+    with _ext.no_first_use_build():  # report what is built; compiling is `python -m mixkernels.build`
+        print(report())
 
 
 if __name__ == "__main__":

@@ -17,4 +17,5 @@ echo "torch==2.13.0" > "$VENV/constraints.txt"
 python -m pip install -q -c "$VENV/constraints.txt" -r "$ROOT/scripts/requirements-dev.txt"
 # --no-build-isolation: build against the torch above, not one fetched into an isolated env.
 MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -q --no-build-isolation --no-deps -e "$ROOT"
-python -c "import torch, mixkernels._ext as e; assert e.cpu_error is None, e.cpu_error; print('mixkernels built against torch', torch.__version__)"
+# MIXKERNELS_JIT=0: check the install-time build itself (a first-use build would hide its failure).
+MIXKERNELS_JIT=0 python -c "import torch, mixkernels._ext as e; assert e.cpu_error is None, e.cpu_error; print('mixkernels built against torch', torch.__version__)"

@@ -98,10 +98,12 @@ def test_deterministic_matches_reference(case):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("case", [CASES[3], CASES[4], CASES[5]], ids=lambda c: c[0])
 def test_deterministic_bit_identical(case, dtype):
-    # Many windows (more than the deterministic slot count) so that CTAs loop over windows.
+    # Enough windows that CTAs walk several windows (legacy kernels: 64 slots) or packs of windows
+    # (fused kernels: 256 slots of packs) in their fixed order.
     name, B, H, W, nh, d, win, *rest = case
     nW = (H // win[0]) * (W // win[1])
-    case = (name, 64 // nW + 2, H, W, nh, d, win, *rest)  # > 64 windows (the slot count) for every case
+    windows = max(64, 256 * _pack(win[0] * win[1], 10**9)) + 1
+    case = (name, -(-windows // nW), H, W, nh, d, win, *rest)
     qkv, nh, win, kw = _make(case, dtype)
     dout = torch.randn(qkv.shape[:-1] + (qkv.shape[-1] // 3,), device="cuda", dtype=dtype)
     runs = [
@@ -114,6 +116,17 @@ def test_deterministic_bit_identical(case, dtype):
     fast = _run(mixkernels.window_attention, qkv, nh, win, kw, dout, backend="cuda", deterministic=False)
     for a, b in zip(runs[0], fast):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 if dtype == torch.float32 else 2e-2)
+
+
+def _pack(N, nwin):
+    """Windows per CTA pack of the fused kernels: pick_pack in csrc/cuda/window_attention_index.cuh."""
+    best, best_fill, P = 1, 0.0, 1
+    while P * N <= 208 and P <= nwin:
+        fill = P * N / ((P * N + 15) // 16 * 16)
+        if fill >= best_fill - 1e-6:
+            best, best_fill = P, fill
+        P += 1
+    return best
 
 
 def _poison_allocator(shapes_dtypes):
@@ -242,8 +255,9 @@ def test_opcheck_cuda_backend():
 
 
 def _smem_budget(case, dtype, deterministic):
-    """A shared-memory budget (bytes) that fits every kernel with one warp and one 32-column chunk
-    but not the window resident: mirrors make_plan in csrc/cuda/window_attention_common.cuh."""
+    """A shared-memory budget (bytes) that fits every legacy kernel with one warp and one 32-column
+    chunk but not the window resident (nor the fused kernels): mirrors make_plan and TokSmem in
+    csrc/cuda/window_attention_legacy.cuh."""
     name, B, H, W, nh, d, win, shift, use_rpb, use_ab, group, use_coords = case
     es = torch.empty((), dtype=dtype).element_size()
     N = win[0] * win[1]
@@ -251,8 +265,9 @@ def _smem_budget(case, dtype, deterministic):
     R = (6, 5) if use_coords else win
     T = (2 * R[0] - 1) * (2 * R[1] - 1)
     ld = (d + 16 // es) * es
-    base = ld * (2 * 16 + 2 * 32) + 5 * cap * 4  # dq / dkdv: 2 row tiles of 16, 2 column tiles of 32
-    tab = ((T + 32) * 4 if deterministic else T * 4) if use_rpb else 0
+    base = ld * (2 * 16 + 2 * 32) + 52 * cap  # dq / dkdv: 2 row tiles of 16, 2 column tiles of 32
+    acc = 8 if dtype == torch.float32 else 4  # bias-gradient tables: double for float32
+    tab = ((T + 32) * acc if deterministic else T * acc) if use_rpb else 0
     return max(base + tab, base + 2 * cap * 4)
 
 
@@ -326,3 +341,79 @@ def test_large_batch_offsets():
     for n, a, r, s in zip(("out", "dqkv"), got, r64, same):
         assert_close_2x(a, r, s, name=f"large/{n}")
     assert torch.isfinite(out).all() and torch.isfinite(dx).all()
+
+
+# ---- Edge-input rules (COMMON.md) on the CUDA path, and the fused kernels against the legacy ones.
+def _kernel_op(qkv, nh, win, shift, rpb=None, ab=None, group=None, coords=None, R=None):
+    d = qkv.shape[-1] // 3 // nh
+    R = R or win
+    return torch.ops.mixkernels_C.window_attention(qkv, nh, win[0], win[1], shift[0], shift[1], rpb, ab, group, coords,
+                                                   R[0], R[1], d**-0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gdtype", [torch.int32, torch.int64], ids=["int32", "int64"])
+def test_group_labels_compare_at_full_width(gdtype):
+    # int64 labels 5 and 5 + 2**32 are different groups; the kernel op takes int32 or int64 as is.
+    B, H, W, nh, win = 2, 14, 14, 2, (7, 7)
+    qkv = torch.randn(B, H, W, 3 * nh * 32, device="cuda", dtype=torch.bfloat16)
+    rpb = torch.randn(169, nh, device="cuda")
+    bits = torch.randint(0, 2, (B, H, W), device="cuda")
+    g = (bits * (2**32 if gdtype == torch.int64 else 7) + 5).to(gdtype)
+    out, _ = _kernel_op(qkv, nh, win, (0, 0), rpb=rpb, group=g)
+    want = ref.window_attention(qkv.double(), nh, win, rel_pos_bias=rpb.double(), group=g)
+    same = ref.window_attention(qkv, nh, win, rel_pos_bias=rpb, group=g)
+    assert_close_2x(out, want, same, name="out")
+
+
+@pytest.mark.gpu
+def test_int64_coords():
+    B, H, W, nh, win, R = 2, 8, 8, 2, (4, 4), (6, 5)
+    qkv = torch.randn(B, H, W, 3 * nh * 32, device="cuda", dtype=torch.bfloat16)
+    rpb = torch.randn((2 * R[0] - 1) * (2 * R[1] - 1), nh, device="cuda")
+    c = torch.stack([torch.randint(0, R[0], (B, H, W)), torch.randint(0, R[1], (B, H, W))], -1).cuda()
+    out64, _ = _kernel_op(qkv, nh, win, (2, 2), rpb=rpb, coords=c.long(), R=R)
+    out32, _ = _kernel_op(qkv, nh, win, (2, 2), rpb=rpb, coords=c.int(), R=R)
+    assert torch.equal(out64, out32)
+    want = ref.window_attention(qkv.double(), nh, win, shift_size=2, rel_pos_bias=rpb.double(), coords=c,
+                                coord_range=R)
+    same = ref.window_attention(qkv, nh, win, shift_size=2, rel_pos_bias=rpb, coords=c, coord_range=R)
+    assert_close_2x(out64, want, same, name="out")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
+def test_fully_masked_rows_are_nan(dtype):
+    # Every bias entry of head 1 is -inf: every row of head 1 is fully masked -> NaN (rule 2), lse -inf.
+    qkv = torch.randn(2, 14, 14, 3 * 2 * 32, device="cuda", dtype=dtype)
+    rpb = torch.randn(169, 2, device="cuda")
+    rpb[:, 1] = float("-inf")
+    out, lse = _kernel_op(qkv, 2, (7, 7), (0, 0), rpb=rpb)
+    assert torch.isnan(out[..., 32:]).all() and torch.isfinite(out[..., :32]).all()
+    assert torch.isneginf(lse[:, 1]).all()
+
+
+@pytest.mark.gpu
+def test_nan_in_v_spreads_like_the_reference():
+    # A NaN in V of a token other groups cannot see still reaches their rows through the reference's
+    # 0 * NaN in P @ V: the same NaN pattern on the CUDA path.
+    B, H, W, nh, win = 2, 14, 14, 2, (7, 7)
+    qkv = torch.randn(B, H, W, 3 * nh * 32, device="cuda", dtype=torch.bfloat16)
+    g = torch.randint(0, 2, (B, H, W), device="cuda", dtype=torch.int32)
+    qkv[0, 3, 4, 2 * 64 + 5] = float("nan")
+    out, _ = _kernel_op(qkv, nh, win, (0, 0), group=g)
+    want = ref.window_attention(qkv.double(), nh, win, group=g)
+    assert torch.equal(torch.isnan(out), torch.isnan(want))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5], CASES[7]], ids=lambda c: c[0])
+def test_fused_kernels_agree_with_legacy(case, monkeypatch):
+    # The same call through the fused kernels and, under a tiny shared-memory budget, the legacy ones.
+    qkv, nh, win, kw = _make(case, torch.bfloat16)
+    dout = torch.randn(qkv.shape[:-1] + (qkv.shape[-1] // 3,), device="cuda", dtype=torch.bfloat16)
+    fused = _run(mixkernels.window_attention, qkv, nh, win, kw, dout, backend="cuda")
+    monkeypatch.setenv("MIXKERNELS_WATTN_SMEM_LIMIT", str(_smem_budget(case, torch.bfloat16, False)))
+    legacy = _run(mixkernels.window_attention, qkv, nh, win, kw, dout, backend="cuda")
+    for a, b in zip(fused, legacy):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)

@@ -7,6 +7,7 @@
 // its units' target and pred values in registers (MAXU units, 3V values each) through the block
 // reductions (mean, unbiased variance, squared error), which run in a fixed order: results are
 // deterministic and no atomics are used.
+#include "device_prims.cuh"
 #include "mixkernels/cuda_common.h"
 #include "mixkernels/losses_cuda.h"
 
@@ -226,18 +227,14 @@ cudaError_t launch(const Params& prm, DType pt, DType it, int64_t ctas, cudaStre
   int threads = static_cast<int>(ceil_div(ceil_div(units, per_thread_units), 32) * 32);
   threads = threads < 32 ? 32 : (threads > kMaxThreads ? kMaxThreads : threads);
   const dim3 grid(static_cast<unsigned>(ctas));
-  MK_DISPATCH_DTYPE(pt, [&] {
+  return MK_DISPATCH_DTYPE(pt, [&]() -> cudaError_t {
     using TP = scalar_t;
-    MK_DISPATCH_DTYPE(it, [&] {
+    return MK_DISPATCH_DTYPE(it, [&]() -> cudaError_t {
       using TI = scalar_t;
-      if (vec) {
-        loss_kernel<TP, TI, 4, 1, OP><<<grid, threads, 0, stream>>>(prm);
-      } else {
-        loss_kernel<TP, TI, 1, 4, OP><<<grid, threads, 0, stream>>>(prm);
-      }
+      auto k = vec ? loss_kernel<TP, TI, 4, 1, OP> : loss_kernel<TP, TI, 1, 4, OP>;
+      return MK_LAUNCH(k, grid, dim3(threads), 0, stream, prm);
     });
   });
-  return launch_status();
 }
 
 Params make_params(const void* pred, const void* imgs, int64_t B, int64_t H, int64_t W, int p, bool norm_pix, float eps) {

@@ -1,120 +1,88 @@
 // CUDA kernels: MixMIM token mixing (mix_tokens) and the dual decoder's un-mixing (unmix_tokens),
-// forward and backward. Pure gathers go through the byte-level row gather; kernels that add
-// rows work on 16-byte packs of the element type when C and the pointers allow it, else on
-// single elements. unmix backward reduces deterministically: per-(image chunk, position)
-// float32 partials in pass 1, then fixed-order column sums (tokens_cuda_kernels.cuh).
+// forward and backward. Every op that moves whole rows (mix, mix backward, unmix with or without
+// pos_embed) is the row gather of tokens_kernels.cuh (one map per row, exact copies, fp32 adds).
+// unmix backward reduces deterministically: per-(image chunk, position) float32 partials in pass 1,
+// then fixed-order column sums (tokens_kernels.cuh).
 #include "mixkernels/tokens_cuda.h"
-#include "mixkernels/tokens_cuda_kernels.cuh"
+#include "tokens_kernels.cuh"
 
 namespace mixkernels::cuda {
 namespace {
+using tokens::FastDiv;
 using tokens::Pack;
+using tokens::RowSrc;
 
-__device__ inline bool mask_at(const uint8_t* mask, bool shared, int64_t b, int64_t L, int64_t p) {
-  return mask[(shared ? 0 : b) * L + p] != 0;
-}
+struct MaskGeom {
+  const uint8_t* mask;
+  int B, L;
+  bool shared;
+  FastDiv dL;
+  MaskGeom(const uint8_t* m, int64_t B_, int64_t L_, bool s) : mask(m), B(int(B_)), L(int(L_)), shared(s), dL(unsigned(L_)) {}
+  __device__ bool at(int b, int p) const { return mask[(shared ? 0 : b) * L + p] != 0; }
+};
 
 // out[i,p] = x[B-1-i,p] if mask[i,p] else x[i,p].
 struct MixMap {
-  const uint8_t* mask;
-  int64_t B, L;
-  bool shared;
-  __device__ int64_t operator()(int64_t r) const {
-    const int64_t i = r / L, p = r % L;
-    return mask_at(mask, shared, i, L, p) ? (B - 1 - i) * L + p : r;
-  }
-};
-
-// Row r = (i,p) of the (2B,L,C) output without pos_embed: the token row or x[i % B, p].
-struct UnmixMap {
-  const uint8_t* mask;
-  int64_t B, L;
-  bool shared;
-  __device__ int64_t operator()(int64_t r) const {
-    const int64_t i = r / L, p = r % L, b = i % B;
-    const bool masked = mask_at(mask, shared, b, L, p);
-    return ((i < B) == masked) ? tokens::kFillRow : b * L + p;
+  MaskGeom g;
+  __device__ RowSrc operator()(int r) const {
+    const int i = int(g.dL.div(unsigned(r))), p = r - i * g.L;
+    return {g.at(i, p) ? (g.B - 1 - i) * g.L + p : r, -1};
   }
 };
 
 // dx[j,p] = mask[B-1-j,p] * g[B-1-j,p] + (1 - mask[j,p]) * g[j,p].
-template <typename T, int VEC>
-__global__ void mix_backward_kernel(const T* __restrict__ g, const uint8_t* __restrict__ mask, T* __restrict__ dx,
-                                    int64_t B, int64_t L, int64_t C, bool shared) {
-  using P = Pack<T, VEC>;
-  const int64_t vpr = C / VEC, rows = B * L, stride = int64_t(gridDim.x) * blockDim.y;
-  for (int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; r < rows; r += stride) {
-    const int64_t j = r / L, p = r % L, jp = B - 1 - j;
-    const bool from_partner = mask_at(mask, shared, jp, L, p);
-    const bool from_self = !mask_at(mask, shared, j, L, p);
-    const P* a = reinterpret_cast<const P*>(g + (jp * L + p) * C);
-    const P* s = reinterpret_cast<const P*>(g + r * C);
-    P* d = reinterpret_cast<P*>(dx + r * C);
-    for (int64_t v = threadIdx.x; v < vpr; v += blockDim.x) {
-      P o;
-      if (from_partner && from_self) {
-        const P x = a[v], y = s[v];
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) o.v[e] = from_float<T>(to_float(x.v[e]) + to_float(y.v[e]));
-      } else if (from_partner || from_self) {
-        o = from_partner ? a[v] : s[v];
-      } else {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) o.v[e] = from_float<T>(0.f);
-      }
-      d[v] = o;
-    }
+struct MixBackwardMap {
+  MaskGeom g;
+  __device__ RowSrc operator()(int r) const {
+    const int j = int(g.dL.div(unsigned(r))), p = r - j * g.L, jp = g.B - 1 - j;
+    return {g.at(jp, p) ? jp * g.L + p : tokens::kZeroRow, g.at(j, p) ? -1 : r};
   }
-}
+};
 
-// out[i,p] = (token or x[i % B,p]) + pos[p].
-template <typename T, int VEC>
-__global__ void unmix_pos_kernel(const T* __restrict__ x, const uint8_t* __restrict__ mask, const T* __restrict__ token,
-                                 const T* __restrict__ pos, T* __restrict__ out, int64_t B, int64_t L, int64_t C,
-                                 bool shared) {
-  using P = Pack<T, VEC>;
-  const int64_t vpr = C / VEC, rows = 2 * B * L, stride = int64_t(gridDim.x) * blockDim.y;
-  for (int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; r < rows; r += stride) {
-    const int64_t i = r / L, p = r % L, b = i % B;
-    const bool use_token = (i < B) == mask_at(mask, shared, b, L, p);
-    const P* src = reinterpret_cast<const P*>(use_token ? token : x + (b * L + p) * C);
-    const P* pe = reinterpret_cast<const P*>(pos + p * C);
-    P* o = reinterpret_cast<P*>(out + r * C);
-    for (int64_t v = threadIdx.x; v < vpr; v += blockDim.x) {
-      const P s = src[v], q = pe[v];
-      P res;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) res.v[e] = from_float<T>(to_float(s.v[e]) + to_float(q.v[e]));
-      o[v] = res;
-    }
+// Row r = (i,p) of the (2B,L,C) output: the mask token or x[i % B, p] (+ pos[p] when `pos`).
+struct UnmixMap {
+  MaskGeom g;
+  bool pos;
+  __device__ RowSrc operator()(int r) const {
+    const int i = int(g.dL.div(unsigned(r))), p = r - i * g.L, b = i < g.B ? i : i - g.B;
+    return {((i < g.B) == g.at(b, p)) ? tokens::kFillRow : b * g.L + p, pos ? p : -1};
   }
-}
+};
 
 // Pass 1 of unmix backward. Task t = (k, p): images [k*chunk, (k+1)*chunk) at position p.
 // dx[b,p] = g[B+b,p] if mask else g[b,p]; tok_part/pos_part[(k*L+p)*C + c] = float32 sums over b.
+// Block: x over a row's VEC-vectors, y over tasks; row pointers advance by L*C per image.
 template <typename T, int VEC>
 __global__ void unmix_backward_kernel(const T* __restrict__ g, const uint8_t* __restrict__ mask, T* __restrict__ dx,
                                       float* __restrict__ tok_part, float* __restrict__ pos_part, int64_t B, int64_t L,
                                       int64_t C, bool shared, int64_t chunk, int64_t n_chunks) {
   using P = Pack<T, VEC>;
-  const int64_t vpr = C / VEC, tasks = n_chunks * L, stride = int64_t(gridDim.x) * blockDim.y;
+  const int64_t vpr = C / VEC, tasks = n_chunks * L, stride = int64_t(gridDim.x) * blockDim.y, LC = L * C;
   for (int64_t t = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; t < tasks; t += stride) {
-    const int64_t k = t / L, p = t % L, b0 = k * chunk, b1 = b0 + chunk < B ? b0 + chunk : B;
+    const int64_t k = t / L, p = t - k * L, b0 = k * chunk, b1 = b0 + chunk < B ? b0 + chunk : B;
     for (int64_t v = threadIdx.x; v < vpr; v += blockDim.x) {
       float at[VEC], ap[VEC];
 #pragma unroll
       for (int e = 0; e < VEC; ++e) at[e] = ap[e] = 0.f;
+      const P* g1p = reinterpret_cast<const P*>(g + (b0 * L + p) * C) + v;
+      const P* g2p = reinterpret_cast<const P*>(g + ((B + b0) * L + p) * C) + v;
+      P* dp = reinterpret_cast<P*>(dx + (b0 * L + p) * C) + v;
+      const uint8_t* mp = mask + (shared ? 0 : b0) * L + p;
+#pragma unroll 2
       for (int64_t b = b0; b < b1; ++b) {
-        const bool masked = mask_at(mask, shared, b, L, p);
-        const P g1 = reinterpret_cast<const P*>(g + (b * L + p) * C)[v];
-        const P g2 = reinterpret_cast<const P*>(g + ((B + b) * L + p) * C)[v];
-        reinterpret_cast<P*>(dx + (b * L + p) * C)[v] = masked ? g2 : g1;
+        const bool masked = *mp != 0;
+        const P g1 = *g1p, g2 = *g2p;
+        *dp = masked ? g2 : g1;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           const float f1 = to_float(g1.v[e]), f2 = to_float(g2.v[e]);
           at[e] += masked ? f1 : f2;
           ap[e] += f1 + f2;
         }
+        g1p += LC / VEC;
+        g2p += LC / VEC;
+        dp += LC / VEC;
+        mp += shared ? 0 : L;
       }
       const int64_t o = t * C + v * VEC;
 #pragma unroll
@@ -126,6 +94,17 @@ __global__ void unmix_backward_kernel(const T* __restrict__ g, const uint8_t* __
   }
 }
 
+// Block shape for rows of `vpr` vectors: x over a row's vectors, y over tasks; grid-stride.
+inline dim3 unmix_block(int64_t vpr) {
+  int tx = 1;
+  while (tx < vpr && tx < 128) tx *= 2;
+  return dim3(tx, tokens::kThreads / tx);
+}
+inline dim3 unmix_grid(int64_t tasks, dim3 block) {
+  const int64_t g = ceil_div(tasks, block.y);
+  return dim3(static_cast<unsigned>(g < 1 ? 1 : (g > tokens::kMaxBlocks ? tokens::kMaxBlocks : g)));
+}
+
 // Image chunks of unmix backward: enough (chunk, position) tasks to fill a GPU, few partials.
 inline int64_t unmix_chunk(int64_t B, int64_t L) {
   int64_t n = ceil_div(1024, L > 0 ? L : 1);
@@ -134,66 +113,35 @@ inline int64_t unmix_chunk(int64_t B, int64_t L) {
 }
 
 template <typename T, int VEC>
-cudaError_t launch_mix_backward(const void* g, const uint8_t* mask, void* dx, int64_t B, int64_t L, int64_t C,
-                                bool shared, cudaStream_t stream) {
-  const dim3 block = tokens::row_block(C / VEC);
-  mix_backward_kernel<T, VEC><<<tokens::row_grid(B * L, block), block, 0, stream>>>(
-      static_cast<const T*>(g), mask, static_cast<T*>(dx), B, L, C, shared);
-  return launch_status();
-}
-
-template <typename T, int VEC>
-cudaError_t launch_unmix_pos(const void* x, const uint8_t* mask, const void* token, const void* pos, void* out,
-                             int64_t B, int64_t L, int64_t C, bool shared, cudaStream_t stream) {
-  const dim3 block = tokens::row_block(C / VEC);
-  unmix_pos_kernel<T, VEC><<<tokens::row_grid(2 * B * L, block), block, 0, stream>>>(
-      static_cast<const T*>(x), mask, static_cast<const T*>(token), static_cast<const T*>(pos), static_cast<T*>(out),
-      B, L, C, shared);
-  return launch_status();
-}
-
-template <typename T, int VEC>
 cudaError_t launch_unmix_backward(const void* g, const uint8_t* mask, void* dx, float* tok_part, float* pos_part,
                                   int64_t B, int64_t L, int64_t C, bool shared, int64_t chunk, int64_t n_chunks,
                                   cudaStream_t stream) {
-  const dim3 block = tokens::row_block(C / VEC);
-  unmix_backward_kernel<T, VEC><<<tokens::row_grid(n_chunks * L, block), block, 0, stream>>>(
-      static_cast<const T*>(g), mask, static_cast<T*>(dx), tok_part, pos_part, B, L, C, shared, chunk, n_chunks);
-  return launch_status();
+  const dim3 block = unmix_block(C / VEC);
+  auto k = unmix_backward_kernel<T, VEC>;
+  return MK_LAUNCH(k, unmix_grid(n_chunks * L, block), block, 0, stream, static_cast<const T*>(g), mask,
+                   static_cast<T*>(dx), tok_part, pos_part, B, L, C, shared, chunk, n_chunks);
 }
 
 }  // namespace
 
 cudaError_t mix_tokens(const void* x, const uint8_t* mask, void* out, int64_t B, int64_t L, int64_t C, int64_t G,
                        DType dtype, cudaStream_t stream) {
-  const int es = element_size(dtype);
-  return tokens::launch_gather(x, nullptr, out, B * L, C * es, es, MixMap{mask, B, L, G == 1}, stream);
+  return tokens::launch_rows<false>(x, nullptr, nullptr, out, B * L, C * element_size(dtype), dtype,
+                                    MixMap{MaskGeom(mask, B, L, G == 1)}, stream);
 }
 
 cudaError_t mix_tokens_backward(const void* grad, const uint8_t* mask, void* dx, int64_t B, int64_t L, int64_t C,
                                 int64_t G, DType dtype, cudaStream_t stream) {
-  if (B * L == 0 || C == 0) return cudaSuccess;
-  const int es = element_size(dtype);
-  const bool vec = tokens::vector_bytes(C * es, es, grad, dx) == 16;
-  return MK_DISPATCH_DTYPE(dtype, [&] {
-    constexpr int V = 16 / sizeof(scalar_t);
-    return vec ? launch_mix_backward<scalar_t, V>(grad, mask, dx, B, L, C, G == 1, stream)
-               : launch_mix_backward<scalar_t, 1>(grad, mask, dx, B, L, C, G == 1, stream);
-  });
+  return tokens::launch_rows<true>(grad, nullptr, grad, dx, B * L, C * element_size(dtype), dtype,
+                                   MixBackwardMap{MaskGeom(mask, B, L, G == 1)}, stream);
 }
 
 cudaError_t unmix_tokens(const void* x, const uint8_t* mask, const void* token, const void* pos, void* out, int64_t B,
                          int64_t L, int64_t C, int64_t G, DType dtype, cudaStream_t stream) {
-  const int es = element_size(dtype);
-  if (pos == nullptr)
-    return tokens::launch_gather(x, token, out, 2 * B * L, C * es, es, UnmixMap{mask, B, L, G == 1}, stream);
-  if (B * L == 0 || C == 0) return cudaSuccess;
-  const bool vec = tokens::vector_bytes(C * es, es, x, token, pos) == 16 && tokens::aligned(out, 16);
-  return MK_DISPATCH_DTYPE(dtype, [&] {
-    constexpr int V = 16 / sizeof(scalar_t);
-    return vec ? launch_unmix_pos<scalar_t, V>(x, mask, token, pos, out, B, L, C, G == 1, stream)
-               : launch_unmix_pos<scalar_t, 1>(x, mask, token, pos, out, B, L, C, G == 1, stream);
-  });
+  const UnmixMap map{MaskGeom(mask, B, L, G == 1), pos != nullptr};
+  const int64_t rb = C * element_size(dtype);
+  if (pos == nullptr) return tokens::launch_rows<false>(x, token, nullptr, out, 2 * B * L, rb, dtype, map, stream);
+  return tokens::launch_rows<true>(x, token, pos, out, 2 * B * L, rb, dtype, map, stream);
 }
 
 int64_t unmix_tokens_backward_workspace(int64_t B, int64_t L, int64_t C, bool need_token, bool need_pos) {

@@ -1,140 +1,308 @@
 // Fused mask-aware window attention, forward (CUDA C++).
 //
-// Design: one CTA per (window, row block of <= 128 query rows, head); 16 query rows per warp.
-// A Swin window has N <= 256 tokens, so the window's K and V tiles (N x d) fit in shared
-// memory and are read from global memory once per row block (once per window for N <= 128, e.g.
-// MixMIM stage 4; twice for N = 196). Q rows are gathered straight from qkv's (B,H,W,3C) layout:
-// the roll and the partition are index arithmetic on the token index (rolled (y,x) is original
-// ((y+sh)%H, (x+sw)%W)), so no partitioned copy exists. Each 16-byte load/store moves a piece of
-// one token's head slice (d*2 >= 32 bytes contiguous per token and head).
-// Scores come from mma.sync m16n8k16 (fp16/bf16; fp32 uses FMAs in the same fragment layout),
-// biases (relative-position table looked up by the tokens' coordinates, dense attn_bias) and masks
-// (shift regions, group labels; masked = -inf, exact probability 0) are evaluated per pair from
-// per-token info in shared memory, softmax is online in fp32 with exp2 and the scale folded into
-// log2(e); P is rounded to the input type for P@V on the tensor cores (as flash-attn does).
-// Memory traffic per (window, head): q, k, v read once (k, v once per row block), o written once
-// through shared memory in 16-byte rows, plus the fp32 lse (N floats) for the backward.
-// If a configuration does not fit shared memory whole, K/V are streamed in column chunks.
-#include "mixkernels/cuda_common.h"
-#include "mixkernels/window_attention_cuda.h"
+// One CTA (8 warps) per (pack of windows, group of heads), head-group fastest so that the CTAs
+// reading one token row run together. The CTA sorts its pack's tokens by attention segment once
+// (window_attention_common.cuh), then loops over its heads: Q, K, V rows of the next head stream
+// in with cp.async (two buffers when they fit) while the warps work on the current one. Each warp
+// owns 16-row query tiles (longest first, balanced) and walks only the key blocks of its rows'
+// segments: 32 keys per step (16 at the end), scores on the tensor cores, bias from the head's
+// table slice in shared memory at one add per pair, a mask compare only in blocks that straddle
+// a segment boundary, online softmax in fp32 with the max in natural units and exp2 folded into
+// one FFMA, P rounded to the input type for P@V. O leaves through the warp's own Q rows with
+// 16-byte stores, plus the fp32 lse for the backward. Every input byte is read once.
+//
+// NaN/Inf: scores, biases and masks follow the reference as they are (masked pairs are -inf by
+// select). Only non-finite V can reach a row through a *masked* key (0 * Inf = NaN in the
+// reference's P @ V); a head whose V holds any is recomputed exactly, one row per thread.
+// A row whose allowed keys are all -inf gives NaN (l = 0), as the reference does.
+#include <cstdlib>
+
 #include "window_attention_common.cuh"
+#include "window_attention_legacy.cuh"
 
 namespace mixkernels::cuda {
 namespace wattn {
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kMaxWarps * 32, 1)
-    wattn_fwd_kernel(const Geo G, const T* __restrict__ qkv, T* __restrict__ out, float* __restrict__ lse, int nrb,
-                     int kc, int ncols, int cap) {
+struct FwdArgs {
+  Geo g;
+  void* out;
+  float* lse;
+  int hg, nhg, nbuf;
+};
+
+template <typename T, int D, int BIAS, bool ABIAS, int NT, bool MASKED>
+__device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFrag<T, D>& qa, const RowInfo (&ri)[2],
+                                          const T* sk, const T* sv, int kb, const unsigned char* smem, int zero_byte,
+                                          float (&m)[2], float (&l)[2], float (&o)[D / 8][4], int lane) {
   constexpr int LD = Tile<T, D>::kLD;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int nwarps = blockDim.x >> 5;
-  const int rb = blockIdx.x % nrb, win = blockIdx.x / nrb, h = blockIdx.y;
-  const int N = G.N, row0 = rb * nwarps * 16, wrow0 = row0 + warp * 16;
-  const int64_t C3 = 3 * static_cast<int64_t>(G.C);
+  const int t = lane & 3, rh2 = 2 * G.rh - 1, rw2 = 2 * G.rw - 1;
+  float s[NT][4];
+  scores<T, D, NT>(s, qa, sk + kb * LD, lane);
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int k0 = kb + 8 * j + 2 * t;
+    const int4 kk = *reinterpret_cast<const int4*>(S.ki + k0);  // keys k0, k0+1: {-4P, segment}
+    int4 kc = make_int4(0, 0, 0, 0);
+    int2 kl = make_int2(0, 0);
+    if constexpr (BIAS == 2) kc = *reinterpret_cast<const int4*>(S.cxy + k0);
+    if constexpr (ABIAS) kl = *reinterpret_cast<const int2*>(S.lidx + k0);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int2 ke = e ? make_int2(kk.z, kk.w) : make_int2(kk.x, kk.y);
+      const int2 ce = e ? make_int2(kc.z, kc.w) : make_int2(kc.x, kc.y);
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        float x = fmaf(s[j][2 * rr + e], G.scale,
+                       pair_bias<BIAS, ABIAS>(ri[rr], ke, ce, e ? kl.y : kl.x, smem, zero_byte, rh2, rw2));
+        if constexpr (MASKED) x = ri[rr].key == ke.y ? x : -INFINITY;
+        s[j][2 * rr + e] = x;
+        mx[rr] = fmaxf(mx[rr], x);
+      }
+    }
+  }
+  float nb[2], mn[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    mn[rr] = fmaxf(m[rr], quad_max(mx[rr]));
+    // A row with nothing allowed so far keeps base 0 so that exp(-inf - base) = 0, not NaN.
+    nb[rr] = -(mn[rr] == -INFINITY ? 0.f : mn[rr]) * kLog2e;
+  }
+  // Rescale O and l only when some row's max moved (after the first blocks it rarely does).
+  if (__any_sync(kFull, mn[0] != m[0] || mn[1] != m[1])) {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const float alpha = prim::ex2(fmaf(m[rr], kLog2e, nb[rr]));
+      l[rr] *= alpha;
+#pragma unroll
+      for (int dj = 0; dj < D / 8; ++dj) {
+        o[dj][2 * rr] *= alpha;
+        o[dj][2 * rr + 1] *= alpha;
+      }
+    }
+  }
+  m[0] = mn[0];
+  m[1] = mn[1];
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float p = prim::ex2(fmaf(s[j][e], kLog2e, nb[e >> 1]));
+      l[e >> 1] += p;
+      s[j][e] = p;
+    }
+  accum<T, D, NT>(o, s, sv + kb * LD, lane);
+}
 
-  T* s_q = reinterpret_cast<T*>(smem_raw);  // nwarps*16 rows; later the output staging
-  T* s_k = s_q + nwarps * 16 * LD;
-  T* s_v = s_k + kc * LD;
-  TokSmem ts(reinterpret_cast<int*>(s_v + kc * LD), cap);
-
-  load_tokens(G, win, ts);
-  __syncthreads();
-  load_rows<T, D>(s_q, qkv + h * D, C3, ts.tok, row0, nwarps * 16, N);
-
-  const bool active = wrow0 < N;  // warp-uniform
-  const int q0 = wrow0 + g, q1 = q0 + 8;
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+// One 16-row query tile of head h: O rows and lse.
+template <typename T, int D, int BIAS, bool ABIAS>
+__device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int tile, int h, T* sq,
+                                         const T* sk, const T* sv, int tab_byte, const unsigned char* smem,
+                                         int lane) {
+  using TL = Tile<T, D>;
+  const Geo& G = A.g;
+  const int g = lane >> 2, r0 = 16 * tile, nvalid = S.info[0];
+  const int zero_byte = tab_byte + 4 * G.T;
+  __syncwarp();  // converged after the previous tile's per-lane stores
+  AFrag<T, D> qa;
+  qa.load(sq + r0 * TL::kLD, lane);
+  const RowInfo ri[2] = {row_info<BIAS, ABIAS>(G, S, r0 + g, tab_byte, h),
+                         row_info<BIAS, ABIAS>(G, S, r0 + g + 8, tab_byte, h)};
+  // Bounds broadcast from lane 0: warp-uniform for the compiler too (no divergence-safe shuffles).
+  const int lo = __shfl_sync(kFull, S.lo[tile], 0), hi = __shfl_sync(kFull, S.hi[tile], 0), end = round16(hi);
+  const bool uni = __shfl_sync(kFull, S.uni[tile], 0) != 0;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   float o[D / 8][4];
 #pragma unroll
   for (int dj = 0; dj < D / 8; ++dj) o[dj][0] = o[dj][1] = o[dj][2] = o[dj][3] = 0.f;
-
-  for (int c0 = 0; c0 < ncols; c0 += kc) {
-    if (c0 > 0) __syncthreads();  // everyone is done with the previous chunk
-    const int kcn = min(kc, ncols - c0);
-    load_rows<T, D>(s_k, qkv + G.C + h * D, C3, ts.tok, c0, kcn, N);
-    load_rows<T, D>(s_v, qkv + 2 * G.C + h * D, C3, ts.tok, c0, kcn, N);
-    __syncthreads();
-    if (!active) continue;
-    for (int kb = 0; kb < kcn; kb += kKB) {
-      float s[kNT][4];
-      mm_nt<T, D, kNT>(s, s_q + warp * 16 * LD, s_k + kb * LD, lane);
-      float mx0 = -INFINITY, mx1 = -INFINITY;
+  int kb = lo & ~15;
+  for (; kb + 32 <= end; kb += 32) {
+    if (uni && kb >= lo && kb + 32 <= hi)
+      fwd_block<T, D, BIAS, ABIAS, 4, false>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, m, l, o, lane);
+    else
+      fwd_block<T, D, BIAS, ABIAS, 4, true>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, m, l, o, lane);
+  }
+  if (kb < end) {
+    if (uni && kb >= lo && kb + 16 <= hi)
+      fwd_block<T, D, BIAS, ABIAS, 2, false>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, m, l, o, lane);
+    else
+      fwd_block<T, D, BIAS, ABIAS, 2, true>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, m, l, o, lane);
+  }
+  float lse[2], inv[2];
 #pragma unroll
-      for (int j = 0; j < kNT; ++j) {
+  for (int rr = 0; rr < 2; ++rr) {
+    l[rr] = quad_sum(l[rr]);
+    // l = 0 only when every allowed key is -inf: 0 * rcp(0) = NaN, lse = -inf (the reference's).
+    inv[rr] = prim::rcp(l[rr]);
+    lse[rr] = (m[rr] == -INFINITY ? 0.f : m[rr]) + prim::lg2(l[rr]) * kLn2;
+  }
+  if ((lane & 3) == 0) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int q = e < 2 ? q0 : q1, k = c0 + kb + j * 8 + 2 * t + (e & 1);
-          const PairBias pb = pair_bias(G, ts, h, q, k);
-          s[j][e] = pb.ok ? logit2(s[j][e], pb.bias, G.c1) : -INFINITY;
-        }
-        mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
-        mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
-      }
-      mx0 = fmaxf(m0, quad_max(mx0));
-      mx1 = fmaxf(m1, quad_max(mx1));
-      // A row with nothing allowed so far keeps base 0 so that exp2(-inf - base) = 0, not NaN.
-      const float b0 = mx0 == -INFINITY ? 0.f : mx0, b1 = mx1 == -INFINITY ? 0.f : mx1;
-      const float a0 = exp2f(m0 - b0), a1 = exp2f(m1 - b1);
-      m0 = mx0;
-      m1 = mx1;
-      l0 *= a0;
-      l1 *= a1;
-#pragma unroll
-      for (int dj = 0; dj < D / 8; ++dj) {
-        o[dj][0] *= a0; o[dj][1] *= a0; o[dj][2] *= a1; o[dj][3] *= a1;
-      }
-#pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-        s[j][0] = exp2f(s[j][0] - b0);
-        s[j][1] = exp2f(s[j][1] - b0);
-        s[j][2] = exp2f(s[j][2] - b1);
-        s[j][3] = exp2f(s[j][3] - b1);
-        l0 += s[j][0] + s[j][1];
-        l1 += s[j][2] + s[j][3];
-      }
-      mm_nn<T, D, kNT>(o, s, s_v + kb * LD, lane);
+    for (int rr = 0; rr < 2; ++rr) {
+      const int q = r0 + g + 8 * rr;
+      if (q < nvalid) A.lse[S.lrow[q] + h * G.N] = lse[rr];
     }
   }
-  if (!active) return;  // no barrier follows
-  l0 = quad_sum(l0);
-  l1 = quad_sum(l1);
-  // Every valid row keeps its diagonal, so l > 0 there; padded rows are never stored.
-  // l >= 1 on valid rows (the row maximum contributes exp2(0)); __fdividef avoids the slow-path call.
-  const float inv0 = l0 > 0.f ? __fdividef(1.f, l0) : 0.f, inv1 = l1 > 0.f ? __fdividef(1.f, l1) : 0.f;
-#pragma unroll
-  for (int dj = 0; dj < D / 8; ++dj) {
-    o[dj][0] *= inv0; o[dj][1] *= inv0; o[dj][2] *= inv1; o[dj][3] *= inv1;
-  }
-  if (t == 0) {
-    float* lrow = lse + (static_cast<int64_t>(win) * G.nH + h) * N;
-    if (q0 < N) lrow[q0] = (m0 + log2f(l0)) * kLn2;
-    if (q1 < N) lrow[q1] = (m1 + log2f(l1)) * kLn2;
-  }
-  store_rows_warp<T, D>(o, 1.f, s_q + warp * 16 * LD, out + h * D, G.C, ts.tok, wrow0, N, lane);
+  store_rows_warp<T, D>(o, inv[0], inv[1], sq + r0 * TL::kLD, static_cast<T*>(A.out) + h * D, G.C, S.tok, r0, nvalid,
+                        lane);
 }
+
+// The exact path for a head whose V holds NaN/Inf: every row over all keys of its window, masked
+// keys with probability 0 (so 0 * NaN = NaN reaches the output as in the reference). Slow; rare.
+template <typename T, int D, int BIAS, bool ABIAS>
+__device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, const T* sk,
+                                       const T* sv, int tab_byte, const unsigned char* smem) {
+  constexpr int LD = Tile<T, D>::kLD;
+  const Geo& G = A.g;
+  const int nvalid = S.info[0], zero_byte = tab_byte + 4 * G.T, rh2 = 2 * G.rh - 1, rw2 = 2 * G.rw - 1;
+  for (int q = threadIdx.x; q < nvalid; q += kThreads) {
+    const RowInfo r = row_info<BIAS, ABIAS>(G, S, q, tab_byte, h);
+    const int wb = q / G.N * G.N, we = wb + G.N;
+    auto logit = [&](int k) {
+      float s = 0.f;
+      for (int d = 0; d < D; ++d) s = fmaf(to_float(sq[q * LD + d]), to_float(sk[k * LD + d]), s);
+      const int2 kk = S.ki[k];
+      const float x = fmaf(s, G.scale, pair_bias<BIAS, ABIAS>(r, kk, S.cxy[k], S.lidx[k], smem, zero_byte, rh2, rw2));
+      return r.key == kk.y ? x : -INFINITY;
+    };
+    float m = -INFINITY;
+    for (int k = wb; k < we; ++k) m = fmaxf(m, logit(k));
+    const float nb = -(m == -INFINITY ? 0.f : m) * kLog2e;
+    float l = 0.f;
+    for (int k = wb; k < we; ++k) l += prim::ex2(fmaf(logit(k), kLog2e, nb));
+    const float inv = prim::rcp(l);
+    T* orow = static_cast<T*>(A.out) + int64_t(S.tok[q]) * G.C + h * D;
+    for (int dc = 0; dc < D; dc += 8) {
+      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      for (int k = wb; k < we; ++k) {
+        const float p = prim::ex2(fmaf(logit(k), kLog2e, nb));
+        for (int e = 0; e < 8; ++e) acc[e] = fmaf(p, to_float(sv[k * LD + dc + e]), acc[e]);
+      }
+      for (int e = 0; e < 8; ++e) orow[dc + e] = from_float<T>(acc[e] * inv);
+    }
+    A.lse[S.lrow[q] + h * G.N] = -nb * kLn2 + prim::lg2(l) * kLn2;
+  }
+}
+
+template <typename T, int D, int BIAS, bool ABIAS>
+__global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 : 1) wattn_fwd_kernel(const FwdArgs A) {
+  using TL = Tile<T, D>;
+  const Geo& G = A.g;
+  MK_DYNAMIC_SMEM(smem);
+  const Layout L = make_layout(G, int(sizeof(T)), D, 3, A.nbuf, false, 0);
+  const Pack S(smem, L);
+  const int pack = blockIdx.x / A.nhg, h0 = (blockIdx.x - pack * A.nhg) * A.hg, nh = imin(A.hg, G.nH - h0);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  auto buf = [&](int b, int op) { return reinterpret_cast<T*>(smem + L.ops + b * L.buf_stride + op * L.tile_bytes); };
+  auto tab = [&](int b) { return reinterpret_cast<float*>(smem + L.tab + b * L.tab_stride); };
+
+  prologue<BIAS == 2>(G, pack, S, smem + L.ops);
+  assign_items(S, false, 1, 1, reinterpret_cast<int*>(smem + L.ops));
+  __syncthreads();  // slots, tiles and work lists ready; the prologue's scratch is dead
+  // Pack-wide values read right after the barrier (warps converged) and broadcast from lane 0: the
+  // compiler then sees warp-uniform loops and emits plain shuffles inside them.
+  const int nvalid = __shfl_sync(kFull, S.info[0], 0);
+  const int it0 = __shfl_sync(kFull, S.wbeg[warp], 0), it1 = __shfl_sync(kFull, S.wbeg[warp + 1], 0);
+  for (int b = 0; b < A.nbuf; ++b) {
+    for (int op = 0; op < 3; ++op) zero_rows<T, D>(buf(b, op), nvalid, G.cap);
+    if (threadIdx.x == 0) tab(b)[G.T] = 0.f;  // read by out-of-range coordinate pairs
+  }
+  const T* qkv = static_cast<const T*>(G.qkv);
+  const int off[3] = {0, G.C, 2 * G.C};  // q, k, v of a token
+  auto issue = [&](int h, int b) {
+    load_rows_async<T, D, 3>(buf(b, 0), L.tile_bytes, qkv + h * D, 3 * G.C, off, S.tok, nvalid);
+    if constexpr (BIAS != 0) load_table_async(tab(b), G.rpb, G.T, G.nH, h);
+    prim::cp_async_commit();
+  };
+  issue(h0, 0);
+  for (int i = 0; i < nh; ++i) {
+    const int h = h0 + i, b = A.nbuf == 2 ? (i & 1) : 0;
+    if (A.nbuf == 2 && i + 1 < nh) {
+      issue(h + 1, b ^ 1);  // that buffer's last reader finished at the previous barrier
+      prim::cp_async_wait<1>();
+    } else {
+      prim::cp_async_wait<0>();
+    }
+    const int tab_byte = static_cast<int>(L.tab + b * L.tab_stride);
+    if (!__syncthreads_or(rows_nonfinite<T, D>(buf(b, 2), nvalid))) {
+      for (int it = it0; it < it1; ++it)
+        fwd_tile<T, D, BIAS, ABIAS>(A, S, __shfl_sync(kFull, S.items[it], 0), h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem, lane);
+    } else {
+      fwd_exact<T, D, BIAS, ABIAS>(A, S, h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem);
+    }
+    __syncthreads();  // buffer b is free again
+    if (A.nbuf == 1 && i + 1 < nh) issue(h + 1, 0);
+  }
+}
+
+int smem_limit() {
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 48 * 1024;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess || v <= 0) v = 48 * 1024;
+  if (const char* env = std::getenv("MIXKERNELS_WATTN_SMEM_LIMIT")) {
+    const long cap = std::strtol(env, nullptr, 10);
+    if (cap > 0 && cap < v) v = static_cast<int>(cap);
+  }
+  return v;
+}
+
+int sm_count() {
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    return 132;
+  return v > 0 ? v : 132;
+}
+
+// Launch plan: windows per pack, heads per CTA, buffers; ok == false: use the legacy kernels.
+struct FwdPlan {
+  Geo g;
+  Layout L;
+  int hg = 1, nhg = 1, nbuf = 1;
+  bool ok = false;
+};
+
+FwdPlan plan_forward(const WindowAttentionParams& p) {
+  FwdPlan f;
+  const int es = element_size(p.dtype), N = p.wh * p.ww;
+  const int nwin = p.B * (p.H / p.wh) * (p.W / p.ww);
+  if (p.dtype == DType::kFloat32 || N > kThreads || nwin == 0) return f;
+  f.g = make_geo(p, pick_pack(N, nwin));
+  const int limit = smem_limit();
+  f.hg = heads_per_cta(f.g.npacks, p.nH, 2 * sm_count());
+  f.nhg = (p.nH + f.hg - 1) / f.hg;
+  for (int nbuf = f.hg > 1 ? 2 : 1; nbuf >= 1; --nbuf) {
+    const Layout L = make_layout(f.g, es, p.d, 3, nbuf, false, 0);
+    if (L.total <= static_cast<size_t>(limit)) {
+      f.L = L;
+      f.nbuf = nbuf;
+      f.ok = true;
+      break;
+    }
+  }
+  return f;
+}
+
+bool fused_forward_fits(const WindowAttentionParams& p) { return plan_forward(p).ok; }
 
 }  // namespace wattn
 
 cudaError_t window_attention_forward(const WindowAttentionParams& p, void* out, float* lse, cudaStream_t stream) {
   using namespace wattn;
-  const Geo G = make_geo(p);
-  if (G.nwin == 0 || p.nH == 0) return cudaSuccess;
-  const int es = element_size(p.dtype);
-  const Plan plan = make_plan(G.N, p.d, es, 1, 2, 0, 0, smem_limit());
-  if (!plan.ok) return cudaErrorInvalidValue;
+  if (p.B == 0 || p.nH == 0) return cudaSuccess;
+  const FwdPlan f = plan_forward(p);
+  if (!f.ok) return legacy::forward(p, out, lse, stream);
+  FwdArgs a{f.g, out, lse, f.hg, f.nhg, f.nbuf};
+  const dim3 grid(static_cast<unsigned>(f.g.npacks * f.nhg));
   return dispatch_head_dim(p.d, [&](auto dc) -> cudaError_t {
     constexpr int D = decltype(dc)::value;
-    return MK_DISPATCH_DTYPE(p.dtype, [&]() -> cudaError_t {
-      auto kernel = wattn_fwd_kernel<scalar_t, D>;
-      cudaError_t err = prepare_smem(kernel, plan.smem);
-      if (err != cudaSuccess) return err;
-      const dim3 grid(static_cast<unsigned>(G.nwin) * plan.nrb, p.nH);
-      kernel<<<grid, plan.nwarps * 32, plan.smem, stream>>>(G, static_cast<const scalar_t*>(p.qkv),
-                                                            static_cast<scalar_t*>(out), lse, plan.nrb, plan.kc,
-                                                            plan.ncols, plan.cap);
-      return launch_status();
+    return dispatch_b16(p.dtype, [&](auto tc) -> cudaError_t {
+      using T = typename decltype(tc)::type;
+      return dispatch_bias(p, [&](auto bias, auto ab) -> cudaError_t {
+        auto kernel = wattn_fwd_kernel<T, D, decltype(bias)::value, decltype(ab)::value>;
+        cudaError_t err = prepare_smem(kernel, f.L.total);
+        if (err != cudaSuccess) return err;
+        return MK_LAUNCH(kernel, grid, dim3(kThreads), f.L.total, stream, a);
+      });
     });
   });
 }

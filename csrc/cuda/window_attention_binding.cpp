@@ -21,11 +21,13 @@ at::Tensor aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
 }
 
-void check_aux(const OptTensor& t, const at::Tensor& qkv, const char* name, at::ScalarType dtype) {
+void check_aux(const OptTensor& t, const at::Tensor& qkv, const char* name, at::ScalarType dtype,
+               at::ScalarType alt = at::ScalarType::Undefined) {
   if (!t.has_value()) return;
   TORCH_CHECK(t->device() == qkv.device(), "window_attention: ", name, " must be on ", qkv.device(), ", got ",
               t->device());
-  TORCH_CHECK(t->scalar_type() == dtype, "window_attention: ", name, " must be ", dtype, ", got ", t->scalar_type());
+  TORCH_CHECK(t->scalar_type() == dtype || t->scalar_type() == alt, "window_attention: ", name, " must be ", dtype,
+              (alt == at::ScalarType::Undefined ? "" : " or int64"), ", got ", t->scalar_type());
 }
 
 struct Prepared {
@@ -48,12 +50,15 @@ Prepared prepare(const at::Tensor& qkv_in, int64_t num_heads, int64_t wh, int64_
               "16/32/64/128, got ", d);
   TORCH_CHECK(wh * ww <= 256, "window_attention: CUDA kernels support windows of at most 256 tokens, got ", wh * ww);
   TORCH_CHECK(rh > 0 && rw > 0, "window_attention: coord range must be positive, got (", rh, ",", rw, ")");
-  TORCH_CHECK(B * H * W < (int64_t(1) << 31), "window_attention: too many tokens for 32-bit token indices");
+  TORCH_CHECK(B * H * W * num_heads < (int64_t(1) << 31),
+              "window_attention: too many (token, head) pairs for 32-bit indices, got ", B * H * W * num_heads);
+  TORCH_CHECK(qkv_in.numel() * qkv_in.element_size() < (int64_t(1) << 36),
+              "window_attention: qkv larger than 64 GB (the kernels use 32-bit 16-byte offsets)");
   const int64_t N = wh * ww, T = (2 * rh - 1) * (2 * rw - 1);
   check_aux(rpb, qkv_in, "rpb", at::kFloat);
   check_aux(attn_bias, qkv_in, "attn_bias", at::kFloat);
-  check_aux(group, qkv_in, "group", at::kInt);
-  check_aux(coords, qkv_in, "coords", at::kInt);
+  check_aux(group, qkv_in, "group", at::kInt, at::kLong);  // compared at full width (int64 labels stay exact)
+  check_aux(coords, qkv_in, "coords", at::kInt, at::kLong);
   if (rpb) TORCH_CHECK(rpb->dim() == 2 && rpb->size(0) == T && rpb->size(1) == num_heads,
                        "window_attention: rpb must be (", T, ",", num_heads, "), got ", rpb->sizes());
   if (attn_bias) TORCH_CHECK(attn_bias->dim() == 3 && attn_bias->size(0) == num_heads && attn_bias->size(1) == N &&
@@ -80,12 +85,14 @@ Prepared prepare(const at::Tensor& qkv_in, int64_t num_heads, int64_t wh, int64_
   if (attn_bias) { r.attn_bias = attn_bias->contiguous(); p.attn_bias = r.attn_bias.data_ptr<float>(); }
   if (group) {
     r.group = group->contiguous();
-    p.group = r.group.data_ptr<int>();
+    p.group = r.group.data_ptr();
+    p.group_int64 = r.group.scalar_type() == at::kLong;
     p.group_batch = static_cast<int>(r.group.size(0));
   }
   if (coords) {
     r.coords = coords->contiguous();
-    p.coords = r.coords.data_ptr<int>();
+    p.coords = r.coords.data_ptr();
+    p.coords_int64 = r.coords.scalar_type() == at::kLong;
     p.coords_batch = static_cast<int>(r.coords.size(0));
   }
   return r;

@@ -1,375 +1,441 @@
-// Fused mask-aware window attention, backward (CUDA C++).
+// Fused mask-aware window attention, backward (CUDA C++): one kernel.
 //
-// Design: P is recomputed from the forward's lse (no N x N tensor is ever stored), with
-// dS = P * (dP - delta), delta = rowsum(dO * O) from a small pre-pass. Two main kernels, each
-// shaped like the forward (one CTA per (window, row block, head), 16 rows per warp, the column
-// operands of the window resident in shared memory):
-//   * dq kernel: rows = queries, columns = keys. S = Q K^T, dP = dO V^T, dQ = scale * dS K.
-//     It also owns the bias gradients, because it visits every (query, key) pair exactly once:
-//     dbias[h,q,k] += dS and drpb[idx(q,k),h] += dS.
-//   * dkdv kernel: rows = keys, columns = queries. S^T = K Q^T, dP^T = V dO^T,
-//     dV = P^T dO, dK = scale * dS^T Q.
-// Computing S and dP twice (once per kernel) costs extra tensor-core work but no atomics on
-// dq/dk/dv and no N x N scratch; window attention at d = 32 is memory-bound, so the recompute is
-// cheap next to the bytes: q, k, v, dO read once per kernel (plus O once in the pre-pass), dq, dk,
-// dv written once, straight into dqkv's (B,H,W,3C) layout.
-// Bias gradients: fast mode accumulates drpb in a per-CTA shared table (shared-memory atomics)
-// flushed with one global atomicAdd per entry, and dbias with global atomicAdd. Deterministic mode
-// gives every warp its own table (lanes that hit one entry in the same step are summed in lane
-// order after __match_any_sync), lets each CTA loop over a fixed set of windows, writes per-CTA
-// partial sums, and reduces them in a fixed order in a last kernel; dbias partials per window
-// slot are owned by exactly one thread per element. Same input, same device: same bits.
-// Performance notes (not correctness): the deterministic dq kernel runs only min(nwin, kDetSlots)
-// * nrb * nH CTAs that loop over windows (e.g. 192 CTAs for Swin-T stage 1 at B=128), and fast-mode
-// dbias uses one global atomicAdd per (window, pair), all windows hitting the same (nH,N,N) entries.
-#include "mixkernels/cuda_common.h"
-#include "mixkernels/window_attention_cuda.h"
+// One CTA (8 warps) per (pack of windows, group of heads), like the forward, with the pack's tokens
+// sorted by attention segment (window_attention_common.cuh). Per head, Q, K, V, dO and O rows and
+// the forward's lse land in shared memory once (cp.async); delta = rowsum(dO * O) is computed
+// there, and the warps then take two kinds of 16-row items, longest first:
+//   * key tiles: S^T = K Q^T and dP^T = V dO^T over the queries of the keys' segments;
+//     P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta); dV = P^T dO, dK = scale dS^T Q.
+//   * query tiles: S = Q K^T, dP = dO V^T over the rows' keys; dQ = scale dS K, and the
+//     relative-position bias gradient: dS added to the CTA's table of the head's entries.
+// S and dP are computed twice (once per item kind) instead of reducing dQ (or dK, dV) across warps:
+// the tensor cores have room, and every output row is then written once by one warp, with no
+// atomics and no N x N scratch. Bytes: q, k, v, dO, O and lse read once, dq, dk, dv written once.
+// Bias gradient: fast mode adds into one shared table per CTA (shared atomics) and flushes each
+// entry with one global RED per head; deterministic mode gives every warp its own table (lanes that
+// hit one entry in the same step are summed in lane order), sums the warps in order into a partial
+// per (slot, head) while CTAs walk fixed pack sequences, and a last kernel adds the slots in order.
+// Calls with attn_bias, float32, head_dim 128 or shapes that do not fit shared memory run the legacy
+// kernels.
 #include "window_attention_common.cuh"
+#include "window_attention_legacy.cuh"
 
 namespace mixkernels::cuda {
 namespace wattn {
 
-// delta[win,h,n] = sum_d dO * O for the token at window position n (one thread per token, head).
-template <typename T, int D>
-__global__ void wattn_delta_kernel(const Geo G, const T* __restrict__ dout, const T* __restrict__ out,
-                                   float* __restrict__ delta) {
-  constexpr int E = 16 / int(sizeof(T));
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t HW = static_cast<int64_t>(G.H) * G.W;
-  if (i >= G.B * HW * G.nH) return;
-  const int h = static_cast<int>(i % G.nH);
-  const int64_t tok = i / G.nH;
-  const int b = static_cast<int>(tok / HW), pos = static_cast<int>(tok % HW);
-  int y = pos / G.W - G.sh, x = pos % G.W - G.sw;  // position on the rolled grid
-  if (y < 0) y += G.H;
-  if (x < 0) x += G.W;
-  const int win = b * G.nW + (y / G.wh) * G.nWx + x / G.ww;
-  const int n = (y % G.wh) * G.ww + x % G.ww;
-  const uint4* a = reinterpret_cast<const uint4*>(dout + tok * G.C + h * D);
-  const uint4* c = reinterpret_cast<const uint4*>(out + tok * G.C + h * D);
-  float s = 0.f;
-#pragma unroll
-  for (int v = 0; v < D / E; ++v) {
-    alignas(16) T av[E];
-    alignas(16) T cv[E];
-    *reinterpret_cast<uint4*>(av) = __ldg(a + v);
-    *reinterpret_cast<uint4*>(cv) = __ldg(c + v);
-#pragma unroll
-    for (int e = 0; e < E; ++e) s = fmaf(to_float(av[e]), to_float(cv[e]), s);
+constexpr int kDetSlots = 256;  // deterministic mode: CTAs (x head groups) walking fixed pack sequences
+
+struct BwdArgs {
+  Geo g;
+  const void* dout;
+  const void* out;
+  const float* lse;
+  void* dqkv;
+  float* drpb;  // fast: (T, nH), zeroed; deterministic: partials [nslots][nH][T], zeroed; null: not needed
+  int hg, nhg, nslots;
+};
+
+// Query side and key side of a pair.
+struct QSide {
+  int qb;  // table byte + 4 * (center + P(query))
+  int key;
+  int2 c;  // coords + (rh-1, rw-1)
+  float nl, delta;  // -lse * log2(e), rowsum(dO * O)
+};
+struct KSide {
+  int kb;  // -4 * P(key)
+  int key;
+  int2 c;
+};
+
+// p and dS of a pair from its score s and dP; `entry`: byte of its table entry (drpb).
+template <int BIAS, bool MASKED>
+__device__ __forceinline__ void pair_grad(float s, float dp, const QSide& q, const KSide& k, float scale,
+                                          const unsigned char* smem, int zero_byte, int rh2, int rw2, float& p,
+                                          float& ds, int& entry) {
+  float b = 0.f;
+  entry = zero_byte;
+  if constexpr (BIAS != 0) {
+    entry = bias_entry<BIAS>(q.qb, k.kb, q.c, k.c, zero_byte, rh2, rw2);
+    b = *reinterpret_cast<const float*>(smem + entry);
   }
-  delta[(static_cast<int64_t>(win) * G.nH + h) * G.N + n] = s;
+  float x = fmaf(s, scale, b);
+  if constexpr (MASKED) x = q.key == k.key ? x : -INFINITY;
+  p = prim::ex2(fmaf(x, kLog2e, q.nl));
+  ds = p * (dp - q.delta);
+  if constexpr (MASKED) ds = q.key == k.key ? ds : 0.f;  // masked_fill's gradient: exactly 0
 }
 
-// Add v to table[idx] for every lane with idx >= 0. Fast: shared-memory atomics. Deterministic:
-// all 32 lanes must call; lanes with equal idx are summed in lane order by the lowest one, then
-// the distinct leaders update distinct entries of the warp's private table.
-template <bool DET>
-__device__ __forceinline__ void table_add(float* tab, float* scratch, int idx, float v, int lane) {
+// Add v to the table entry at byte `entry`. Fast: shared-memory atomic into the CTA's table.
+// Deterministic: all 32 lanes call; lanes with equal entries are summed in lane order by the lowest
+// one, which then updates the warp's own table (distinct leaders, distinct entries).
+template <bool DET, bool SKIP_ZERO>
+__device__ __forceinline__ void table_add(unsigned char* smem, int entry, float v, float* scratch, int lane) {
   if constexpr (DET) {
-    const unsigned grp = __match_any_sync(0xffffffffu, idx);
+    const unsigned same = __match_any_sync(kFull, entry);
     scratch[lane] = v;
     __syncwarp();
-    if (idx >= 0 && lane == __ffs(grp) - 1) {
+    if (lane == __ffs(static_cast<int>(same)) - 1) {
       float sum = 0.f;
-      for (unsigned m = grp; m; m &= m - 1) sum += scratch[__ffs(m) - 1];
-      tab[idx] += sum;
+      for (unsigned m = same; m; m &= m - 1) sum += scratch[__ffs(static_cast<int>(m)) - 1];
+      *reinterpret_cast<float*>(smem + entry) += sum;
     }
     __syncwarp();
-  } else {
-    if (idx >= 0 && v != 0.f) atomicAdd(tab + idx, v);
+  } else if (!SKIP_ZERO || v != 0.f) {  // blocks inside one segment: every pair counts, no test
+    atomicAdd(reinterpret_cast<float*>(smem + entry), v);
   }
 }
 
-// dQ and the bias gradients. CTA (window slot, row block, head); the CTA handles windows
-// slot, slot + nslots, ... (one window each in fast mode). Fast mode: drpb_dst (T,nH) and
-// dbias_dst (nH,N,N) are zeroed outputs. Deterministic: drpb_dst is the partial buffer
-// [nslots*nrb][nH][T] (fully written), dbias_dst the zeroed partials [nslots][nH][N][N].
-template <typename T, int D, bool DET>
-__global__ void __launch_bounds__(kMaxWarps * 32, 1)
-    wattn_bwd_dq_kernel(const Geo G, const T* __restrict__ qkv, const T* __restrict__ dout,
-                        const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dqkv,
-                        float* drpb_dst, float* dbias_dst, float scale, int nrb, int kc, int ncols, int cap,
-                        int nslots) {
+struct HeadSmem {
+  const unsigned char* smem;
+  const Pack* S;
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* dO;
+  const float2* nld;  // {-lse * log2(e), delta} per slot
+  int tab_byte, zero_byte;
+  int dtab_delta;  // drpb table byte - bias table byte (this warp's table in deterministic mode)
+  float* scratch;  // deterministic: 32 floats of this warp
+};
+
+// Key tile kt: dK and dV rows.
+template <typename T, int D, int BIAS, int NT, bool MASKED>
+__device__ __forceinline__ void key_block(const Geo& G, const HeadSmem& M, const AFrag<T, D>& ka, const AFrag<T, D>& va,
+                                          const KSide (&ks)[2], int qb, float (&dk)[D / 8][4], float (&dv)[D / 8][4],
+                                          int lane) {
   constexpr int LD = Tile<T, D>::kLD;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int nwarps = blockDim.x >> 5;
-  const int rb = blockIdx.x % nrb, slot = blockIdx.x / nrb, h = blockIdx.y;
-  const int N = G.N, row0 = rb * nwarps * 16, wrow0 = row0 + warp * 16;
-  const int64_t C3 = 3 * static_cast<int64_t>(G.C);
-  const bool want_drpb = drpb_dst != nullptr, want_dbias = dbias_dst != nullptr;
-
-  T* s_q = reinterpret_cast<T*>(smem_raw);  // later the dq staging
-  T* s_do = s_q + nwarps * 16 * LD;
-  T* s_k = s_do + nwarps * 16 * LD;
-  T* s_v = s_k + kc * LD;
-  TokSmem ts(reinterpret_cast<int*>(s_v + kc * LD), cap);
-  float* s_tab = reinterpret_cast<float*>(ts.tok + 5 * cap);  // fast: T; det: nwarps*T + nwarps*32
-  float* tab = DET ? s_tab + warp * G.T : s_tab;
-  float* scratch = s_tab + nwarps * G.T + warp * 32;
-  if (want_drpb)
-    for (int i = threadIdx.x; i < (DET ? nwarps : 1) * G.T; i += blockDim.x) s_tab[i] = 0.f;
-
-  const bool active = wrow0 < N;
-  const int q0 = wrow0 + g, q1 = q0 + 8;
-  for (int win = slot; win < G.nwin; win += nslots) {
-    __syncthreads();  // previous window (or table init) done
-    load_tokens(G, win, ts);
-    __syncthreads();
-    load_rows<T, D>(s_q, qkv + h * D, C3, ts.tok, row0, nwarps * 16, N);
-    load_rows<T, D>(s_do, dout + h * D, G.C, ts.tok, row0, nwarps * 16, N);
-    const int64_t rowbase = (static_cast<int64_t>(win) * G.nH + h) * N;
-    const float lse0 = q0 < N ? lse[rowbase + q0] * kLog2e : 0.f, lse1 = q1 < N ? lse[rowbase + q1] * kLog2e : 0.f;
-    const float dl0 = q0 < N ? delta[rowbase + q0] : 0.f, dl1 = q1 < N ? delta[rowbase + q1] : 0.f;
-    float* dbias_h = want_dbias ? dbias_dst + (static_cast<int64_t>(DET ? slot : 0) * G.nH + h) * N * N : nullptr;
-    float dq[D / 8][4];
+  const int t = lane & 3, rh2 = 2 * G.rh - 1, rw2 = 2 * G.rw - 1;
+  const T* sq = static_cast<const T*>(M.q) + qb * LD;
+  const T* sdo = static_cast<const T*>(M.dO) + qb * LD;
+  float st[NT][4], dpt[NT][4];
+  scores<T, D, NT>(st, ka, sq, lane);
+  scores<T, D, NT>(dpt, va, sdo, lane);
 #pragma unroll
-    for (int dj = 0; dj < D / 8; ++dj) dq[dj][0] = dq[dj][1] = dq[dj][2] = dq[dj][3] = 0.f;
-
-    for (int c0 = 0; c0 < ncols; c0 += kc) {
-      if (c0 > 0) __syncthreads();
-      const int kcn = min(kc, ncols - c0);
-      load_rows<T, D>(s_k, qkv + G.C + h * D, C3, ts.tok, c0, kcn, N);
-      load_rows<T, D>(s_v, qkv + 2 * G.C + h * D, C3, ts.tok, c0, kcn, N);
-      __syncthreads();
-      if (!active) continue;
-      for (int kb = 0; kb < kcn; kb += kKB) {
-        float s[kNT][4], dp[kNT][4];
-        mm_nt<T, D, kNT>(s, s_q + warp * 16 * LD, s_k + kb * LD, lane);
-        mm_nt<T, D, kNT>(dp, s_do + warp * 16 * LD, s_v + kb * LD, lane);
+  for (int j = 0; j < NT; ++j) {
+    const int q0 = qb + 8 * j + 2 * t;
+    const int4 qi = *reinterpret_cast<const int4*>(M.S->qi + q0);
+    const float4 nd = *reinterpret_cast<const float4*>(M.nld + q0);
+    int4 qc = make_int4(0, 0, 0, 0);
+    if constexpr (BIAS == 2) qc = *reinterpret_cast<const int4*>(M.S->cxy + q0);
 #pragma unroll
-        for (int j = 0; j < kNT; ++j) {
+    for (int e = 0; e < 2; ++e) {
+      QSide q;
+      q.qb = M.tab_byte + 4 * table_center(G.rh, G.rw) + (e ? qi.z : qi.x);
+      q.key = e ? qi.w : qi.y;
+      q.c = e ? make_int2(qc.z + G.rh - 1, qc.w + G.rw - 1) : make_int2(qc.x + G.rh - 1, qc.y + G.rw - 1);
+      q.nl = e ? nd.z : nd.x;
+      q.delta = e ? nd.w : nd.y;
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int q = e < 2 ? q0 : q1, k = c0 + kb + j * 8 + 2 * t + (e & 1);
-            const PairBias pb = pair_bias(G, ts, h, q, k);
-            const float p = pb.ok ? exp2f(logit2(s[j][e], pb.bias, G.c1) - (e < 2 ? lse0 : lse1)) : 0.f;
-            const float ds = p * (dp[j][e] - (e < 2 ? dl0 : dl1));
-            s[j][e] = ds;
-            if (want_dbias && pb.ok) {
-              float* dst = dbias_h + static_cast<int64_t>(q) * N + k;
-              if constexpr (DET) *dst += ds;  // this thread owns (slot, h, q, k)
-              else if (ds != 0.f) atomicAdd(dst, ds);
-            }
-            if (want_drpb) table_add<DET>(tab, scratch, pb.ok ? pb.idx : -1, ds, lane);
-          }
-        }
-        mm_nn<T, D, kNT>(dq, s, s_k + kb * LD, lane);
+      for (int rr = 0; rr < 2; ++rr) {
+        float p, ds;
+        int entry;
+        pair_grad<BIAS, MASKED>(st[j][2 * rr + e], dpt[j][2 * rr + e], q, ks[rr], G.scale, M.smem, M.zero_byte, rh2,
+                                rw2, p, ds, entry);
+        st[j][2 * rr + e] = ds;  // dS^T
+        dpt[j][2 * rr + e] = p;  // P^T
       }
     }
-    if (active) store_rows_warp<T, D>(dq, scale, s_q + warp * 16 * LD, dqkv + h * D, C3, ts.tok, wrow0, N, lane);
   }
-  if (!want_drpb) return;
-  __syncthreads();
-  if constexpr (DET) {
-    float* part = drpb_dst + (static_cast<int64_t>(slot * nrb + rb) * G.nH + h) * G.T;
-    for (int i = threadIdx.x; i < G.T; i += blockDim.x) {
-      float sum = 0.f;
-      for (int w = 0; w < nwarps; ++w) sum += s_tab[w * G.T + i];
-      part[i] = sum;
-    }
-  } else {
-    for (int i = threadIdx.x; i < G.T; i += blockDim.x)
-      if (s_tab[i] != 0.f) atomicAdd(drpb_dst + static_cast<int64_t>(i) * G.nH + h, s_tab[i]);
-  }
+  accum<T, D, NT>(dv, dpt, sdo, lane);
+  accum<T, D, NT>(dk, st, sq, lane);
 }
 
-// dK and dV. CTA (window, row block of keys, head); the window's queries, dO, lse and delta are
-// the column operands.
-template <typename T, int D>
-__global__ void __launch_bounds__(kMaxWarps * 32, 1)
-    wattn_bwd_dkdv_kernel(const Geo G, const T* __restrict__ qkv, const T* __restrict__ dout,
-                          const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dqkv,
-                          float scale, int nrb, int kc, int ncols, int cap) {
+// Query tile: dQ rows and the bias gradient.
+template <typename T, int D, int BIAS, bool DET, bool DRPB, int NT, bool MASKED>
+__device__ __forceinline__ void query_block(const Geo& G, const HeadSmem& M, const AFrag<T, D>& qa,
+                                            const AFrag<T, D>& da, const QSide (&qs)[2], int kb,
+                                            float (&dq)[D / 8][4], int lane) {
   constexpr int LD = Tile<T, D>::kLD;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int nwarps = blockDim.x >> 5;
-  const int rb = blockIdx.x % nrb, win = blockIdx.x / nrb, h = blockIdx.y;
-  const int N = G.N, row0 = rb * nwarps * 16, wrow0 = row0 + warp * 16;
-  const int64_t C3 = 3 * static_cast<int64_t>(G.C);
-
-  T* s_k = reinterpret_cast<T*>(smem_raw);  // later the dk staging
-  T* s_v = s_k + nwarps * 16 * LD;          // later the dv staging
-  T* s_q = s_v + nwarps * 16 * LD;
-  T* s_do = s_q + kc * LD;
-  TokSmem ts(reinterpret_cast<int*>(s_do + kc * LD), cap);
-  float* s_lse = reinterpret_cast<float*>(ts.tok + 5 * cap);  // log2 units
-  float* s_dl = s_lse + cap;
-
-  load_tokens(G, win, ts);
-  const int64_t rowbase = (static_cast<int64_t>(win) * G.nH + h) * N;
-  for (int n = threadIdx.x; n < cap; n += blockDim.x) {
-    s_lse[n] = n < N ? lse[rowbase + n] * kLog2e : 0.f;
-    s_dl[n] = n < N ? delta[rowbase + n] : 0.f;
+  const int t = lane & 3, rh2 = 2 * G.rh - 1, rw2 = 2 * G.rw - 1;
+  const T* sk = static_cast<const T*>(M.k) + kb * LD;
+  float s[NT][4], dp[NT][4];
+  scores<T, D, NT>(s, qa, sk, lane);
+  scores<T, D, NT>(dp, da, static_cast<const T*>(M.v) + kb * LD, lane);
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int k0 = kb + 8 * j + 2 * t;
+    const int4 ki = *reinterpret_cast<const int4*>(M.S->ki + k0);
+    int4 kc = make_int4(0, 0, 0, 0);
+    if constexpr (BIAS == 2) kc = *reinterpret_cast<const int4*>(M.S->cxy + k0);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      KSide k;
+      k.kb = e ? ki.z : ki.x;
+      k.key = e ? ki.w : ki.y;
+      k.c = e ? make_int2(kc.z, kc.w) : make_int2(kc.x, kc.y);
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        float p, ds;
+        int entry;
+        pair_grad<BIAS, MASKED>(s[j][2 * rr + e], dp[j][2 * rr + e], qs[rr], k, G.scale, M.smem, M.zero_byte, rh2,
+                                rw2, p, ds, entry);
+        s[j][2 * rr + e] = ds;
+        if constexpr (DRPB)
+          table_add<DET, MASKED>(const_cast<unsigned char*>(M.smem), entry + M.dtab_delta, ds, M.scratch, lane);
+      }
+    }
   }
-  __syncthreads();
-  load_rows<T, D>(s_k, qkv + G.C + h * D, C3, ts.tok, row0, nwarps * 16, N);
-  load_rows<T, D>(s_v, qkv + 2 * G.C + h * D, C3, ts.tok, row0, nwarps * 16, N);
+  accum<T, D, NT>(dq, s, sk, lane);
+}
 
-  const bool active = wrow0 < N;
-  const int k0 = wrow0 + g, k1 = k0 + 8;
+// Walk the 16-key (or query) blocks of a tile's range; blocks inside one segment skip the mask.
+// (16 columns per step: S and dP of 32 would not leave registers for the rest.)
+template <typename F>
+__device__ __forceinline__ void walk_blocks(const Pack& S, int tile, F&& body) {
+  // Bounds broadcast from lane 0: warp-uniform for the compiler too (no divergence-safe shuffles).
+  const int lo = __shfl_sync(kFull, S.lo[tile], 0), hi = __shfl_sync(kFull, S.hi[tile], 0), end = round16(hi);
+  const bool uni = __shfl_sync(kFull, S.uni[tile], 0) != 0;
+  for (int b = lo & ~15; b < end; b += 16) body(b, std::integral_constant<int, 2>{}, uni && b >= lo && b + 16 <= hi);
+}
+
+template <typename T, int D, int BIAS>
+__device__ __forceinline__ void key_item(const BwdArgs& A, const HeadSmem& M, int tile, int h, T* stage, int lane) {
+  using TL = Tile<T, D>;
+  const Geo& G = A.g;
+  const Pack& S = *M.S;
+  const int g = lane >> 2, r0 = 16 * tile;
+  AFrag<T, D> ka, va;
+  ka.load(static_cast<const T*>(M.k) + r0 * TL::kLD, lane);
+  va.load(static_cast<const T*>(M.v) + r0 * TL::kLD, lane);
+  KSide ks[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int slot = r0 + g + 8 * rr;
+    ks[rr].kb = S.ki[slot].x;
+    ks[rr].key = S.ki[slot].y;
+    ks[rr].c = S.cxy[slot];
+  }
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
   for (int dj = 0; dj < D / 8; ++dj)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[dj][e] = dv[dj][e] = 0.f;
+  walk_blocks(S, tile, [&](int qb, auto nt, bool plain) {
+    constexpr int NT = decltype(nt)::value;
+    if (plain)
+      key_block<T, D, BIAS, NT, false>(G, M, ka, va, ks, qb, dk, dv, lane);
+    else
+      key_block<T, D, BIAS, NT, true>(G, M, ka, va, ks, qb, dk, dv, lane);
+  });
+  T* dqkv = static_cast<T*>(A.dqkv);
+  store_rows_warp<T, D>(dk, G.scale, G.scale, stage, dqkv + G.C + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
+  store_rows_warp<T, D>(dv, 1.f, 1.f, stage, dqkv + 2 * G.C + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
+}
 
-  for (int c0 = 0; c0 < ncols; c0 += kc) {
-    if (c0 > 0) __syncthreads();
-    const int kcn = min(kc, ncols - c0);
-    load_rows<T, D>(s_q, qkv + h * D, C3, ts.tok, c0, kcn, N);
-    load_rows<T, D>(s_do, dout + h * D, G.C, ts.tok, c0, kcn, N);
+template <typename T, int D, int BIAS, bool DET, bool DRPB>
+__device__ __forceinline__ void query_item(const BwdArgs& A, const HeadSmem& M, int tile, int h, T* stage, int lane) {
+  using TL = Tile<T, D>;
+  const Geo& G = A.g;
+  const Pack& S = *M.S;
+  const int g = lane >> 2, r0 = 16 * tile;
+  AFrag<T, D> qa, da;
+  qa.load(static_cast<const T*>(M.q) + r0 * TL::kLD, lane);
+  da.load(static_cast<const T*>(M.dO) + r0 * TL::kLD, lane);
+  QSide qs[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int slot = r0 + g + 8 * rr;
+    const int2 qi = S.qi[slot], c = S.cxy[slot];
+    const float2 nd = M.nld[slot];
+    qs[rr].qb = M.tab_byte + 4 * table_center(G.rh, G.rw) + qi.x;
+    qs[rr].key = qi.y;
+    qs[rr].c = make_int2(c.x + G.rh - 1, c.y + G.rw - 1);
+    qs[rr].nl = nd.x;
+    qs[rr].delta = nd.y;
+  }
+  float dq[D / 8][4];
+#pragma unroll
+  for (int dj = 0; dj < D / 8; ++dj) dq[dj][0] = dq[dj][1] = dq[dj][2] = dq[dj][3] = 0.f;
+  walk_blocks(S, tile, [&](int kb, auto nt, bool plain) {
+    constexpr int NT = decltype(nt)::value;
+    if (plain)
+      query_block<T, D, BIAS, DET, DRPB, NT, false>(G, M, qa, da, qs, kb, dq, lane);
+    else
+      query_block<T, D, BIAS, DET, DRPB, NT, true>(G, M, qa, da, qs, kb, dq, lane);
+  });
+  store_rows_warp<T, D>(dq, G.scale, G.scale, stage, static_cast<T*>(A.dqkv) + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
+}
+
+template <typename T, int D, int BIAS, bool DET>
+__global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 ? 2 : 1) wattn_bwd_kernel(const BwdArgs A) {
+  using TL = Tile<T, D>;
+  constexpr bool kTab = BIAS != 0;
+  const Geo& G = A.g;
+  MK_DYNAMIC_SMEM(smem);
+  const size_t tabf = !kTab ? 0 : DET ? size_t(kWarps) * (G.T + 1 + 32) : size_t(G.T + 1);
+  const Layout L = make_layout(G, int(sizeof(T)), D, 5, 1, true, tabf);
+  const Pack S(smem, L);
+  const int slot = blockIdx.x / A.nhg, h0 = (blockIdx.x - slot * A.nhg) * A.hg, nh = imin(A.hg, G.nH - h0);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const bool drpb = kTab && A.drpb != nullptr;
+  T* op[5];
+#pragma unroll
+  for (int i = 0; i < 5; ++i) op[i] = reinterpret_cast<T*>(smem + L.ops + i * L.tile_bytes);  // q k v dO O
+  float* tab = reinterpret_cast<float*>(smem + L.tab);
+  float* dtab = reinterpret_cast<float*>(smem + L.dtab);
+  const int tab_stride_f = G.T + 1;  // deterministic: one table per warp
+  T* stage = reinterpret_cast<T*>(smem + L.stage) + warp * 16 * TL::kLD;
+  float2* nld = reinterpret_cast<float2*>(smem + L.nld);
+  float* nl_raw = reinterpret_cast<float*>(smem + L.nld);  // lse lands here first (slot s at 2s)
+
+  HeadSmem M;
+  M.smem = smem;
+  M.S = &S;
+  M.q = op[0]; M.k = op[1]; M.v = op[2]; M.dO = op[3];
+  M.nld = nld;
+  M.tab_byte = static_cast<int>(L.tab);
+  M.zero_byte = static_cast<int>(L.tab) + 4 * G.T;
+  M.dtab_delta = static_cast<int>(L.dtab - L.tab) + (DET ? 4 * warp * tab_stride_f : 0);
+  M.scratch = dtab + kWarps * tab_stride_f + 32 * warp;
+
+  if (drpb)  // zero once; the flush after each head zeroes what it read
+    for (int e = threadIdx.x; e < (DET ? kWarps : 1) * tab_stride_f; e += kThreads) dtab[e] = 0.f;
+  for (int pack = slot; pack < G.npacks; pack += A.nslots) {
+    __syncthreads();  // the previous pack is done with every shared array
+    prologue<BIAS == 2>(G, pack, S, smem + L.ops);
+    assign_items(S, true, 5, 4, reinterpret_cast<int*>(smem + L.ops));
     __syncthreads();
-    if (!active) continue;
-    for (int qb = 0; qb < kcn; qb += kKB) {
-      float st[kNT][4], dpt[kNT][4];
-      mm_nt<T, D, kNT>(st, s_k + warp * 16 * LD, s_q + qb * LD, lane);
-      mm_nt<T, D, kNT>(dpt, s_v + warp * 16 * LD, s_do + qb * LD, lane);
+    // Pack-wide values read right after the barrier and broadcast from lane 0: warp-uniform loops for
+    // the compiler too (plain shuffles inside them, no divergence-safe fallbacks).
+    const int nvalid = __shfl_sync(kFull, S.info[0], 0), ntiles = __shfl_sync(kFull, S.info[1], 0);
+    const int it0 = __shfl_sync(kFull, S.wbeg[warp], 0), it1 = __shfl_sync(kFull, S.wbeg[warp + 1], 0);
+    for (int i = 0; i < 5; ++i) zero_rows<T, D>(op[i], nvalid, G.cap);
+    if (threadIdx.x < G.cap) nld[threadIdx.x] = make_float2(0.f, 0.f);
+    if (threadIdx.x == 0) tab[G.T] = 0.f;
+    for (int i = 0; i < nh; ++i) {
+      const int h = h0 + i;
+      const T* qkv = static_cast<const T*>(G.qkv);
+      const int off3[3] = {0, G.C, 2 * G.C}, off1[1] = {0};
+      load_rows_async<T, D, 3>(op[0], L.tile_bytes, qkv + h * D, 3 * G.C, off3, S.tok, nvalid);
+      load_rows_async<T, D, 1>(op[3], L.tile_bytes, static_cast<const T*>(A.dout) + h * D, G.C, off1, S.tok, nvalid);
+      load_rows_async<T, D, 1>(op[4], L.tile_bytes, static_cast<const T*>(A.out) + h * D, G.C, off1, S.tok, nvalid);
+      if constexpr (kTab) load_table_async(tab, G.rpb, G.T, G.nH, h);
+      if (threadIdx.x < nvalid) prim::cp_async<4>(nl_raw + 2 * threadIdx.x, A.lse + S.lrow[threadIdx.x] + h * G.N);
+      prim::cp_async_commit();
+      prim::cp_async_wait<0>();
+      __syncthreads();
+      // delta = rowsum(dO * O): TL::kCPR consecutive lanes per row, one 16-byte chunk each.
+      const int chunks = nvalid * TL::kCPR;
+      for (int c0 = 0; c0 < chunks; c0 += kThreads) {
+        const int c = c0 + threadIdx.x, r = c / TL::kCPR, part = c - r * TL::kCPR;
+        float acc = 0.f;
+        if (c < chunks) {
+          const T* a = op[3] + r * TL::kLD + part * TL::kE;
+          const T* b = op[4] + r * TL::kLD + part * TL::kE;
 #pragma unroll
-      for (int j = 0; j < kNT; ++j) {
+          for (int e = 0; e < TL::kE; ++e) acc = fmaf(to_float(a[e]), to_float(b[e]), acc);
+        }
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int k = e < 2 ? k0 : k1, q = c0 + qb + j * 8 + 2 * t + (e & 1);
-          const PairBias pb = pair_bias(G, ts, h, q, k);
-          const float p = pb.ok ? exp2f(logit2(st[j][e], pb.bias, G.c1) - s_lse[q]) : 0.f;
-          st[j][e] = p * (dpt[j][e] - s_dl[q]);  // dS^T
-          dpt[j][e] = p;                         // P^T
+        for (int o = 1; o < TL::kCPR; o <<= 1) acc += __shfl_xor_sync(kFull, acc, o);
+        if (c < chunks && part == 0) nld[r] = make_float2(-nl_raw[2 * r] * kLog2e, acc);
+      }
+      __syncthreads();  // nld ready; O is dead (its rows become the staging area)
+      for (int it = it0; it < it1; ++it) {
+        const int item = __shfl_sync(kFull, S.items[it], 0);
+        if (item < ntiles) {
+          key_item<T, D, BIAS>(A, M, item, h, stage, lane);
+        } else {
+          if (drpb) query_item<T, D, BIAS, DET, true>(A, M, item - ntiles, h, stage, lane);
+          else query_item<T, D, BIAS, DET, false>(A, M, item - ntiles, h, stage, lane);
         }
       }
-      mm_nn<T, D, kNT>(dv, dpt, s_do + qb * LD, lane);
-      mm_nn<T, D, kNT>(dk, st, s_q + qb * LD, lane);
+      __syncthreads();  // all items done: flush the bias gradient, free the operands
+      if (drpb) {
+        for (int e = threadIdx.x; e < G.T; e += kThreads) {
+          if constexpr (DET) {
+            float sum = 0.f;
+            for (int w = 0; w < kWarps; ++w) {
+              sum += dtab[w * tab_stride_f + e];
+              dtab[w * tab_stride_f + e] = 0.f;
+            }
+            A.drpb[(int64_t(slot) * G.nH + h) * G.T + e] += sum;  // this CTA owns (slot, h)
+          } else {
+            if (dtab[e] != 0.f) prim::red_add(A.drpb + int64_t(e) * G.nH + h, dtab[e]);
+            dtab[e] = 0.f;
+          }
+        }
+      }
     }
   }
-  if (!active) return;
-  store_rows_warp<T, D>(dk, scale, s_k + warp * 16 * LD, dqkv + G.C + h * D, C3, ts.tok, wrow0, N, lane);
-  store_rows_warp<T, D>(dv, 1.f, s_v + warp * 16 * LD, dqkv + 2 * G.C + h * D, C3, ts.tok, wrow0, N, lane);
 }
 
-// out[i] = sum over parts in order. transpose_T > 0: out is (T,nH) and parts are [.][nH][T].
-__global__ void wattn_sum_parts_kernel(const float* __restrict__ part, float* __restrict__ out, int nparts,
-                                       int64_t M, int transpose_T, int nH) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= M) return;
-  const int64_t src = transpose_T > 0 ? (i % nH) * transpose_T + i / nH : i;
-  float s = 0.f;
-  for (int p = 0; p < nparts; ++p) s += part[static_cast<int64_t>(p) * M + src];
-  out[i] = s;
-}
-
-struct BwdLayout {
-  Plan dq, dkdv;
-  int nslots = 0;
-  size_t delta_off = 0, drpb_off = 0, dbias_off = 0, total_floats = 0;
+struct BwdPlan {
+  Geo g;
+  Layout L;
+  int hg = 1, nhg = 1, nslots = 0;
+  bool ok = false;
 };
 
-inline size_t round_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
-
-BwdLayout bwd_layout(const WindowAttentionParams& p, bool need_drpb, bool need_dbias, bool det) {
-  const Geo G = make_geo(p);
-  const int es = element_size(p.dtype), limit = smem_limit();
-  const int cap = (G.N + kKB - 1) / kKB * kKB;
-  BwdLayout L;
-  const size_t tabf = need_drpb && !det ? static_cast<size_t>(G.T) * 4 : 0;
-  const size_t tabw = need_drpb && det ? (static_cast<size_t>(G.T) + 32) * 4 : 0;
-  L.dq = make_plan(G.N, p.d, es, 2, 2, tabf, tabw, limit);
-  L.dkdv = make_plan(G.N, p.d, es, 2, 2, static_cast<size_t>(2) * cap * 4, 0, limit);
-  L.nslots = det ? std::min(G.nwin, kDetSlots) : G.nwin;
-  size_t off = round_up(static_cast<size_t>(G.nwin) * G.nH * G.N, 64);
-  L.drpb_off = off;
-  if (det && need_drpb && L.dq.ok) off += round_up(static_cast<size_t>(L.nslots) * L.dq.nrb * G.nH * G.T, 64);
-  L.dbias_off = off;
-  if (det && need_dbias) off += round_up(static_cast<size_t>(L.nslots) * G.nH * G.N * G.N, 64);
-  L.total_floats = off;
-  return L;
-}
-
-template <typename T, int D>
-cudaError_t launch_bwd(const WindowAttentionParams& p, const WindowAttentionBwdBuffers& b, const BwdLayout& L,
-                       cudaStream_t stream) {
-  const Geo G = make_geo(p);
-  float* ws = static_cast<float*>(b.workspace);
-  float* delta = ws + L.delta_off;
-  const bool det = b.deterministic;
-  float* drpb_dst = b.need_drpb ? (det ? ws + L.drpb_off : b.drpb) : nullptr;
-  float* dbias_dst = b.need_dbias ? (det ? ws + L.dbias_off : b.dbias) : nullptr;
-  const auto* qkv = static_cast<const T*>(p.qkv);
-  const auto* dout = static_cast<const T*>(b.dout);
-  auto* dqkv = static_cast<T*>(b.dqkv);
-  cudaError_t err;
-
-  const int64_t nthreads = static_cast<int64_t>(G.B) * G.H * G.W * G.nH;
-  wattn_delta_kernel<T, D><<<static_cast<unsigned>(ceil_div(nthreads, 256)), 256, 0, stream>>>(
-      G, dout, static_cast<const T*>(b.out), delta);
-  if ((err = launch_status()) != cudaSuccess) return err;
-
-  auto dq_kernel = det ? wattn_bwd_dq_kernel<T, D, true> : wattn_bwd_dq_kernel<T, D, false>;
-  if ((err = prepare_smem(dq_kernel, L.dq.smem)) != cudaSuccess) return err;
-  dq_kernel<<<dim3(static_cast<unsigned>(L.nslots) * L.dq.nrb, G.nH), L.dq.nwarps * 32, L.dq.smem, stream>>>(
-      G, qkv, dout, b.lse, delta, dqkv, drpb_dst, dbias_dst, p.scale, L.dq.nrb, L.dq.kc, L.dq.ncols, L.dq.cap,
-      L.nslots);
-  if ((err = launch_status()) != cudaSuccess) return err;
-
-  auto dkdv_kernel = wattn_bwd_dkdv_kernel<T, D>;
-  if ((err = prepare_smem(dkdv_kernel, L.dkdv.smem)) != cudaSuccess) return err;
-  dkdv_kernel<<<dim3(static_cast<unsigned>(G.nwin) * L.dkdv.nrb, G.nH), L.dkdv.nwarps * 32, L.dkdv.smem, stream>>>(
-      G, qkv, dout, b.lse, delta, dqkv, p.scale, L.dkdv.nrb, L.dkdv.kc, L.dkdv.ncols, L.dkdv.cap);
-  return launch_status();
+BwdPlan plan_backward(const WindowAttentionParams& p, bool need_drpb, bool need_dbias, bool det) {
+  BwdPlan f;
+  const int N = p.wh * p.ww, nwin = p.B * (p.H / p.wh) * (p.W / p.ww);
+  (void)need_drpb;
+  // head_dim 128 keeps dK, dV and the K, V fragments of a 16-row tile in more than 255 registers
+  if (p.dtype == DType::kFloat32 || p.d > 64 || p.attn_bias != nullptr || need_dbias || N > kThreads || nwin == 0)
+    return f;
+  f.g = make_geo(p, pick_pack(N, nwin));
+  const int es = element_size(p.dtype);
+  const size_t tabf = p.rpb == nullptr ? 0 : det ? size_t(kWarps) * (f.g.T + 1 + 32) : size_t(f.g.T + 1);
+  f.L = make_layout(f.g, es, p.d, 5, 1, true, tabf);
+  if (f.L.total > static_cast<size_t>(smem_limit())) return f;
+  f.nslots = det ? imin(f.g.npacks, kDetSlots) : f.g.npacks;
+  f.hg = heads_per_cta(f.nslots, p.nH, 2 * sm_count());
+  f.nhg = (p.nH + f.hg - 1) / f.hg;
+  f.ok = true;
+  return f;
 }
 
 }  // namespace wattn
 
 size_t window_attention_bwd_workspace_bytes(const WindowAttentionParams& p, bool need_drpb, bool need_dbias,
                                             bool deterministic) {
-  return wattn::bwd_layout(p, need_drpb, need_dbias, deterministic).total_floats * sizeof(float);
+  const wattn::BwdPlan f = wattn::plan_backward(p, need_drpb, need_dbias, deterministic);
+  if (!f.ok) return wattn::legacy::bwd_workspace_bytes(p, need_drpb, need_dbias, deterministic);
+  return deterministic && need_drpb ? size_t(f.nslots) * p.nH * f.g.T * sizeof(float) : 0;
 }
 
 bool window_attention_fits(const WindowAttentionParams& p, bool backward, bool need_drpb, bool deterministic) {
-  using namespace wattn;
-  const int es = element_size(p.dtype);
-  if (!make_plan(p.wh * p.ww, p.d, es, 1, 2, 0, 0, smem_limit()).ok) return false;
-  if (!backward) return true;
-  const BwdLayout L = bwd_layout(p, need_drpb, false, deterministic);
-  return L.dq.ok && L.dkdv.ok;
+  if (!backward) return wattn::fused_forward_fits(p) || wattn::legacy::fits(p, false, false, false);
+  return wattn::plan_backward(p, need_drpb, false, deterministic).ok || wattn::legacy::fits(p, true, need_drpb, deterministic);
 }
 
 cudaError_t window_attention_backward(const WindowAttentionParams& p, const WindowAttentionBwdBuffers& b,
                                       cudaStream_t stream) {
   using namespace wattn;
-  const Geo G = make_geo(p);
-  const BwdLayout L = bwd_layout(p, b.need_drpb, b.need_dbias, b.deterministic);
-  if (!L.dq.ok || !L.dkdv.ok) return cudaErrorInvalidValue;
-  const size_t drpb_bytes = static_cast<size_t>(G.T) * G.nH * sizeof(float);
-  const size_t dbias_bytes = static_cast<size_t>(G.nH) * G.N * G.N * sizeof(float);
+  const BwdPlan f = plan_backward(p, b.need_drpb, b.need_dbias, b.deterministic);
+  if (!f.ok) return legacy::backward(p, b, stream);
+  const size_t drpb_bytes = size_t(f.g.T) * p.nH * sizeof(float);
+  float* drpb_dst = nullptr;
   cudaError_t err = cudaSuccess;
-  float* ws = static_cast<float*>(b.workspace);
-  if (!b.deterministic || G.nwin == 0) {
-    if (b.need_drpb && (err = cudaMemsetAsync(b.drpb, 0, drpb_bytes, stream)) != cudaSuccess) return err;
-    if (b.need_dbias && (err = cudaMemsetAsync(b.dbias, 0, dbias_bytes, stream)) != cudaSuccess) return err;
-  } else if (b.need_dbias) {
-    err = cudaMemsetAsync(ws + L.dbias_off, 0, static_cast<size_t>(L.nslots) * dbias_bytes, stream);
-    if (err != cudaSuccess) return err;
-  }
-  if (G.nwin == 0 || G.nH == 0) return cudaSuccess;
-
-  err = dispatch_head_dim(p.d, [&](auto dc) -> cudaError_t {
-    constexpr int D = decltype(dc)::value;
-    return MK_DISPATCH_DTYPE(p.dtype, [&]() -> cudaError_t { return launch_bwd<scalar_t, D>(p, b, L, stream); });
-  });
-  if (err != cudaSuccess || !b.deterministic) return err;
   if (b.need_drpb) {
-    const int64_t M = static_cast<int64_t>(G.T) * G.nH;
-    wattn_sum_parts_kernel<<<static_cast<unsigned>(ceil_div(M, 256)), 256, 0, stream>>>(
-        ws + L.drpb_off, b.drpb, L.nslots * L.dq.nrb, M, G.T, G.nH);
-    if ((err = launch_status()) != cudaSuccess) return err;
+    drpb_dst = b.deterministic ? static_cast<float*>(b.workspace) : b.drpb;
+    const size_t n = b.deterministic ? size_t(f.nslots) * drpb_bytes : drpb_bytes;
+    if ((err = cudaMemsetAsync(drpb_dst, 0, n, stream)) != cudaSuccess) return err;
   }
-  if (b.need_dbias) {
-    const int64_t M = static_cast<int64_t>(G.nH) * G.N * G.N;
-    wattn_sum_parts_kernel<<<static_cast<unsigned>(ceil_div(M, 256)), 256, 0, stream>>>(ws + L.dbias_off, b.dbias,
-                                                                                      L.nslots, M, 0, G.nH);
-    if ((err = launch_status()) != cudaSuccess) return err;
+  if (p.B == 0 || p.nH == 0) return cudaSuccess;
+  BwdArgs a{f.g, b.dout, b.out, b.lse, b.dqkv, drpb_dst, f.hg, f.nhg, f.nslots};
+  const dim3 grid(static_cast<unsigned>(f.nslots * f.nhg));
+  auto body = [&](auto dc) -> cudaError_t {
+    constexpr int D = decltype(dc)::value;
+    return dispatch_b16(p.dtype, [&](auto tc) -> cudaError_t {
+      using T = typename decltype(tc)::type;
+      return dispatch_bias(p, [&](auto bias, auto) -> cudaError_t {
+        constexpr int BIAS = decltype(bias)::value;
+        auto kernel = b.deterministic ? wattn_bwd_kernel<T, D, BIAS, true> : wattn_bwd_kernel<T, D, BIAS, false>;
+        cudaError_t e = prepare_smem(kernel, f.L.total);
+        if (e != cudaSuccess) return e;
+        return MK_LAUNCH(kernel, grid, dim3(kThreads), f.L.total, stream, a);
+      });
+    });
+  };
+  switch (p.d) {
+    case 16: err = body(std::integral_constant<int, 16>{}); break;
+    case 32: err = body(std::integral_constant<int, 32>{}); break;
+    default: err = body(std::integral_constant<int, 64>{}); break;  // plan_backward: d <= 64
   }
-  return cudaSuccess;
+  if (err != cudaSuccess || !b.deterministic || !b.need_drpb) return err;
+  return legacy::sum_parts(drpb_dst, b.drpb, f.nslots, int64_t(f.g.T) * p.nH, f.g.T, p.nH, stream);
 }
 
 }  // namespace mixkernels::cuda

@@ -1,44 +1,35 @@
-// Shared pieces of the fused window-attention kernels (window_attention.cu, window_attention_bwd.cu):
-// warp-level 16 x (8*NT) tile products in the mma.sync m16n8k16 accumulator layout, the token
-// geometry of a window (roll + partition by index arithmetic) and the per-pair bias/mask.
+// Shared device code of the fused window-attention kernels (window_attention.cu forward,
+// window_attention_bwd.cu backward): warp-tile products on the tensor cores, the pack prologue
+// that sorts a pack's tokens by attention segment, the per-warp work lists, row loads and stores.
 //
-// Accumulator layout (PTX m16n8k16 f32 C/D): lane = 4*g + t holds, for n-tile j,
-//   c[j][0], c[j][1] = (row g,   cols 8j+2t, 8j+2t+1),   c[j][2], c[j][3] = (row g+8, same cols).
-// fp16/bf16 use the tensor cores; float32 runs the same layout with FMAs (exact fp32 products, so
-// float32 results match a float32 reference instead of tf32's ~1e-3).
+// Segments. Two tokens of a pack may attend to each other only if they are in the same window,
+// the same Swin shift region and carry the same group label. The prologue gives every token the
+// index of the first token of its window with the same (region, label) -- its segment id, exact
+// for int64 labels -- and stably sorts the pack's tokens by it (a counting sort). Every segment is
+// then a contiguous slot range [lo, hi): a 16-row tile of queries only meets keys in the range of
+// its rows' segments, key blocks outside it are never computed (their probabilities are exactly
+// zero), and blocks inside one segment need no mask at all. MixMIM's two groups per window halve
+// the pairs computed; packed 7x7 windows never meet each other's keys.
+//
+// Warp tiles use the mma.m16n8k16 accumulator layout (device_prims.cuh): lane = 4g + t holds, for
+// n-tile j, c[j][0..1] = (row g, cols 8j+2t..8j+2t+1) and c[j][2..3] = (row g+8, same cols).
+// fp16/bf16 only: float32 calls run the legacy kernels.
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <cstdint>
-#include <cstdlib>
-#include <type_traits>
-
 #include "mixkernels/cuda_common.h"
-#include "mixkernels/window_attention_cuda.h"
+#include "window_attention_index.cuh"
 
 namespace mixkernels::cuda::wattn {
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-constexpr int kKB = 32;          // columns per inner block (4 n-tiles of 8)
-constexpr int kNT = kKB / 8;
-constexpr int kMaxWarps = 8;     // 16 rows per warp, up to 128 rows per CTA
-constexpr int kDetSlots = 64;    // deterministic backward: window slots (CTAs loop over windows)
+constexpr unsigned kFull = 0xffffffffu;
 
-// Row pitch of a shared-memory tile: +16 bytes keeps 16-byte row alignment and spreads the
-// 32-bit fragment loads of the 8 rows a warp touches over all 32 banks.
-template <typename T, int D> struct Tile {
-  static constexpr int kPad = 16 / int(sizeof(T));
-  static constexpr int kLD = D + kPad;
-  static constexpr int kVecPerRow = D * int(sizeof(T)) / 16;  // 16-byte vectors per row
+// Row pitch of a shared-memory tile: +16 bytes keeps rows 16-byte aligned and makes the eight
+// rows an ldmatrix (or a fragment load) touches land in distinct bank groups.
+template <typename T, int D>
+struct Tile {
+  static constexpr int kLD = D + 16 / int(sizeof(T));
+  static constexpr int kCPR = D * int(sizeof(T)) / 16;  // 16-byte chunks per row
+  static constexpr int kE = 16 / int(sizeof(T));        // elements per chunk
 };
-
-// ---------------------------------------------------------------------------------------------
-// Tensor-core primitives.
-__device__ __forceinline__ uint32_t ld_u32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
 template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
@@ -50,326 +41,458 @@ template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, f
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"), lane = 4g + t:
-//   A (16x16 row, f16x2 regs): a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..2t+1],
-//                               a[2] = A[g][2t+8..2t+9], a[3] = A[g+8][2t+8..2t+9]   (low half = lower col)
-//   B (16x8 col, f16x2 regs):  b0 = B[k=2t..2t+1][n=g], b1 = B[k=2t+8..2t+9][n=g]
-//   C/D (16x8 f32):            c[0], c[1] = D[g][2t], D[g][2t+1]; c[2], c[3] = D[g+8][2t], D[g+8][2t+1]
-// Checked against a per-lane CPU emulation of these definitions (and of ldmatrix below) for every
-// caller in the forward and backward kernels, fp16 and the fp32 FMA path, with column chunks.
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(kFull, v, 1);
+  return v + __shfl_xor_sync(kFull, v, 2);
+}
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(kFull, v, 1));
+  return fmaxf(v, __shfl_xor_sync(kFull, v, 2));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warp-tile products on the tensor cores. A: 16 rows x D held by the warp as mma A fragments.
+// scores: s = A * B^T for 8*NT rows of B (pitch LD).
+// accum: c += P * B for P (16 x 8*NT, accumulator layout) and 8*NT rows of B of length D.
+template <typename T, int D>
+struct AFrag {
+  uint32_t a[D / 16][4];
+  __device__ __forceinline__ void load(const T* rows, int lane) {
+    constexpr int LD = Tile<T, D>::kLD;
+    const int i = lane >> 3, r = (lane & 7) + 8 * (i & 1), c = 8 * (i >> 1);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) prim::ldsm_x4(a[kk], rows + r * LD + 16 * kk + c);
   }
-}
-
-// Two 8x8 b16 matrices, transposed: lanes 0..15 give the addresses of rows k0..k0+15 of a
-// row-major [k][n] tile (16-byte aligned); b0/b1 come out in the m16n8k16 B-fragment layout.
-// ldmatrix: lanes 8m..8m+7 address the 8 rows of matrix m (lanes 16..31 unused for .x2); with .trans
-// lane 4g+t receives M_m[2t][g], M_m[2t+1][g] in register m, i.e. b0 = B[k0+2t..+1][n0+g] and
-// b1 = B[k0+8+2t..+1][n0+g]: exactly the B fragment above.
-__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t& b0, uint32_t& b1, const void* row_ptr) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row_ptr));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(addr));
-}
-
-// c = A * B^T for a warp: A = 16 rows (pitch LD) of length D, B = 8*NT rows (pitch LD) of length D.
+};
 template <typename T, int D, int NT>
-__device__ __forceinline__ void mm_nt(float (&c)[NT][4], const T* A, const T* B, int lane) {
+__device__ __forceinline__ void scores(float (&s)[NT][4], const AFrag<T, D>& A, const T* B, int lane) {
   constexpr int LD = Tile<T, D>::kLD;
-  const int g = lane >> 2, t = lane & 3;
 #pragma unroll
-  for (int j = 0; j < NT; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
-  if constexpr (std::is_same_v<T, float>) {
-    const float* a0p = A + g * LD;
-    const float* a1p = A + (g + 8) * LD;
-#pragma unroll 4
-    for (int kk = 0; kk < D; kk += 4) {
-      const float4 a0 = *reinterpret_cast<const float4*>(a0p + kk);
-      const float4 a1 = *reinterpret_cast<const float4*>(a1p + kk);
+  for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+  if constexpr (D == 16) {
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float4 b = *reinterpret_cast<const float4*>(B + (j * 8 + 2 * t + e) * LD + kk);
-          c[j][e] = fmaf(a0.x, b.x, fmaf(a0.y, b.y, fmaf(a0.z, b.z, fmaf(a0.w, b.w, c[j][e]))));
-          c[j][2 + e] = fmaf(a1.x, b.x, fmaf(a1.y, b.y, fmaf(a1.z, b.z, fmaf(a1.w, b.w, c[j][2 + e]))));
-        }
-      }
+    for (int j = 0; j < NT; ++j) {
+      uint32_t r[2];  // matrices: B rows 8j.., cols 0-7 / 8-15 = b0 / b1
+      prim::ldsm_x2(r, B + (8 * j + (lane & 7)) * LD + 8 * ((lane >> 3) & 1));
+      prim::mma16816<T>(s[j], A.a[0], r[0], r[1]);
     }
   } else {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = ld_u32(A + g * LD + kk * 16 + 2 * t);
-      a[1] = ld_u32(A + (g + 8) * LD + kk * 16 + 2 * t);
-      a[2] = ld_u32(A + g * LD + kk * 16 + 2 * t + 8);
-      a[3] = ld_u32(A + (g + 8) * LD + kk * 16 + 2 * t + 8);
+    for (int j = 0; j < NT; ++j) {
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const T* brow = B + (j * 8 + g) * LD + kk * 16 + 2 * t;
-        mma16816<T>(c[j], a, ld_u32(brow), ld_u32(brow + 8));
+      for (int c = 0; c < D / 32; ++c) {
+        uint32_t r[4];  // matrix i: B rows 8j.., cols 32c + 8i: (b0, b1) of k-steps 2c and 2c+1
+        prim::ldsm_x4(r, B + (8 * j + (lane & 7)) * LD + 32 * c + 8 * (lane >> 3));
+        prim::mma16816<T>(s[j], A.a[2 * c], r[0], r[1]);
+        prim::mma16816<T>(s[j], A.a[2 * c + 1], r[2], r[3]);
       }
     }
   }
 }
 
-// c += P * B for a warp: P is 16 x 8*NT in the accumulator layout (fp32, rounded to T for the
-// tensor cores), B = 8*NT rows (pitch LD) of length D, c is 16 x D.
 template <typename T, int D, int NT>
-__device__ __forceinline__ void mm_nn(float (&c)[D / 8][4], const float (&p)[NT][4], const T* B, int lane) {
+__device__ __forceinline__ void accum(float (&c)[D / 8][4], const float (&p)[NT][4], const T* B, int lane) {
   constexpr int LD = Tile<T, D>::kLD;
-  const int t = lane & 3;
-  if constexpr (std::is_same_v<T, float>) {
-    // P[g][k] lives in lane 4g + (k%8)/2 of the quad; broadcast it within the quad.
-#pragma unroll
-    for (int k = 0; k < NT * 8; ++k) {
-      const int src = (lane & ~3) | ((k & 7) >> 1);
-      const float p0 = __shfl_sync(0xffffffffu, p[k >> 3][k & 1], src);
-      const float p1 = __shfl_sync(0xffffffffu, p[k >> 3][2 + (k & 1)], src);
-      const float* brow = B + k * LD + 2 * t;
-#pragma unroll
-      for (int dj = 0; dj < D / 8; ++dj) {
-        const float2 b = *reinterpret_cast<const float2*>(brow + dj * 8);
-        c[dj][0] = fmaf(p0, b.x, c[dj][0]);
-        c[dj][1] = fmaf(p0, b.y, c[dj][1]);
-        c[dj][2] = fmaf(p1, b.x, c[dj][2]);
-        c[dj][3] = fmaf(p1, b.y, c[dj][3]);
-      }
-    }
-  } else {
+  {
+    const int i = lane >> 3;
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
-      // Two adjacent accumulator n-tiles form one m16k16 A fragment.
+      // Two accumulator n-tiles are one m16k16 A fragment.
       uint32_t a[4];
       a[0] = pack2<T>(p[2 * kk][0], p[2 * kk][1]);
       a[1] = pack2<T>(p[2 * kk][2], p[2 * kk][3]);
       a[2] = pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]);
       a[3] = pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3]);
-      const T* rows = B + (kk * 16 + (lane & 15)) * LD;
+      // matrix i: B rows 16kk + 8(i&1).., cols 8(2dp + (i>>1)): (b0, b1) of n-tiles 2dp and 2dp+1
+      const T* rows = B + (16 * kk + 8 * (i & 1) + (lane & 7)) * LD + 8 * (i >> 1);
 #pragma unroll
-      for (int dj = 0; dj < D / 8; ++dj) {
-        uint32_t b0, b1;
-        ldmatrix_x2_trans(b0, b1, rows + dj * 8);
-        mma16816<T>(c[dj], a, b0, b1);
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t r[4];
+        prim::ldsm_x4_trans(r, rows + 16 * dp);
+        prim::mma16816<T>(c[2 * dp], a, r[0], r[1]);
+        prim::mma16816<T>(c[2 * dp + 1], a, r[2], r[3]);
       }
     }
   }
 }
 
-// Sum over the 4 lanes of a quad (the lanes holding one accumulator row).
-__device__ __forceinline__ float quad_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+// ---------------------------------------------------------------------------------------------
+// Per-slot and per-tile state of a pack in shared memory (Layout in window_attention_index.cuh).
+//   tok:  global token index b*H*W + position (-1: padding slot)
+//   qi:   query role {4 * table position, segment id (-1: padding)}
+//   ki:   key role   {-4 * table position, segment id (-2: padding)}; a pair attends iff the ids
+//         are equal, so a padding slot never meets anything, not even itself
+//   lidx: window-local token index (attn_bias); window of a slot = slot / N
+//   lrow: lse index of the slot at head 0: (window * nH) * N + lidx (add h * N)
+//   cxy:  coordinates (window-relative or compressed; coords calls only)
+//   seg:  {lo, hi} slot range of the slot's segment
+// Tiles: lo/hi key range and `uni` (16 valid rows of one segment) per 16-row tile; the warp work
+// lists `items` (wbeg[w]..wbeg[w+1]); info[0] = valid slots, info[1] = tiles.
+struct Pack {
+  int* tok;
+  int2* qi;
+  int2* ki;
+  int* lidx;
+  int* lrow;
+  int2* cxy;
+  int2* seg;
+  int* lo;
+  int* hi;
+  int* uni;
+  int* items;
+  int* wbeg;
+  int* info;
+  __device__ Pack(unsigned char* smem, const Layout& L)
+      : tok(reinterpret_cast<int*>(smem + L.tok)),
+        qi(reinterpret_cast<int2*>(smem + L.qi)),
+        ki(reinterpret_cast<int2*>(smem + L.ki)),
+        lidx(reinterpret_cast<int*>(smem + L.lidx)),
+        lrow(reinterpret_cast<int*>(smem + L.lrow)),
+        cxy(reinterpret_cast<int2*>(smem + L.cxy)),
+        seg(reinterpret_cast<int2*>(smem + L.seg)),
+        lo(reinterpret_cast<int*>(smem + L.tiles)),
+        hi(lo + kMaxTiles),
+        uni(hi + kMaxTiles),
+        items(uni + kMaxTiles),
+        wbeg(items + 2 * kMaxTiles),
+        info(wbeg + kWarps + 1) {}
+};
+
+__device__ __forceinline__ int64_t load_int(const void* base, bool is64, int64_t i) {
+  return is64 ? static_cast<const int64_t*>(base)[i] : int64_t(static_cast<const int32_t*>(base)[i]);
 }
-__device__ __forceinline__ float quad_max(float v) {
-  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+
+// Segment ids of tokens [0, count) (windows of N consecutive tokens): the index of the first token
+// of the window with the same (label, region). Exact at the labels' full width. Block-wide loop.
+__device__ inline void segment_ids(const int64_t* lab, const int* reg, int* kid, int count, int N) {
+  for (int n = threadIdx.x; n < count; n += blockDim.x) {
+    int k = n;
+    for (int m = n / N * N; m < n; ++m)
+      if (lab[m] == lab[n] && reg[m] == reg[n]) {
+        k = m;
+        break;
+      }
+    kid[n] = k;
+  }
+}
+
+// int32 coordinates of tokens [0, count) from int64 ones (windows of N tokens): relative to the
+// window's first token when the window spans less than coord_limit, else gap-compressed
+// (compress_gap): either way the same pairs get the same table entries. gy/gx: scratch.
+// Block-wide, all threads must call; the caller synchronizes before reading cy/cx.
+__device__ inline void window_coords(const int64_t* vy, const int64_t* vx, int* cy, int* cx, int* gy, int* gx,
+                                     int count, int N, int rh, int rw) {
+  const uint64_t lim = uint64_t(coord_limit(rw > rh ? rw : rh));
+  auto absdiff = [](int64_t a, int64_t b) { return a >= b ? uint64_t(a) - uint64_t(b) : uint64_t(b) - uint64_t(a); };
+  bool far = false;
+  for (int n = threadIdx.x; n < count; n += blockDim.x) {
+    const int b = n / N * N;
+    const uint64_t dy = absdiff(vy[n], vy[b]), dx = absdiff(vx[n], vx[b]);
+    far = far || dy >= lim || dx >= lim;
+    cy[n] = vy[n] >= vy[b] ? int(dy) : -int(dy);  // meaningful unless some token is far
+    cx[n] = vx[n] >= vx[b] ? int(dx) : -int(dx);
+  }
+  if (!__syncthreads_or(far)) return;
+  for (int n = threadIdx.x; n < count; n += blockDim.x) {
+    const int b = n / N * N;
+    bool fy = true, fx = true, hy = false, hx = false;
+    int64_t ny = 0, nx = 0;
+    for (int m = b; m < b + N; ++m) {
+      fy = fy && !(m < n && vy[m] == vy[n]);
+      fx = fx && !(m < n && vx[m] == vx[n]);
+      if (vy[m] > vy[n] && (!hy || vy[m] < ny)) ny = vy[m], hy = true;
+      if (vx[m] > vx[n] && (!hx || vx[m] < nx)) nx = vx[m], hx = true;
+    }
+    gy[n] = fy ? compress_gap(vy[n], ny, hy, 2 * rh) : 0;  // steps counted once per distinct value
+    gx[n] = fx ? compress_gap(vx[n], nx, hx, 2 * rw) : 0;
+  }
+  __syncthreads();
+  for (int n = threadIdx.x; n < count; n += blockDim.x) {
+    const int b = n / N * N;
+    int y = 0, x = 0;
+    for (int m = b; m < b + N; ++m) {
+      y += vy[m] < vy[n] ? gy[m] : 0;
+      x += vx[m] < vx[n] ? gx[m] : 0;
+    }
+    cy[n] = y;
+    cx[n] = x;
+  }
+}
+
+// Build the pack's slots and tiles (all threads; ends with a barrier). `scratch` (at least
+// prologue_scratch_bytes()) may alias the operand buffers. COORDS: rpb indexed by `coords`.
+template <bool COORDS>
+__device__ void prologue(const Geo& G, int pack, const Pack& S, unsigned char* scratch) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  int64_t* lab = reinterpret_cast<int64_t*>(scratch);
+  int64_t* vy = lab + kThreads;
+  int64_t* vx = vy + kThreads;
+  int* reg = reinterpret_cast<int*>(vx + kThreads);
+  int* kidv = reg + kThreads;
+  int* cyv = kidv + kThreads;
+  int* cxv = cyv + kThreads;
+  int* gy = cxv + kThreads;
+  int* gx = gy + kThreads;
+  int* start = gx + kThreads;
+  int* total = start + kThreads;
+  int* wsum = total + kThreads;
+  int* wcnt = wsum + kThreads;  // [kWarps][kThreads]: tokens of each segment id per warp
+  for (int i = tid; i < kWarps * kThreads; i += kThreads) wcnt[i] = 0;
+
+  const int nvalid = imin(G.P, G.nwin - pack * G.P) * G.N;
+  const int n = tid;  // token n of the pack, window-major (kThreads >= cap)
+  const bool valid = n < nvalid;
+  const int j = valid ? n % G.N : 0;
+  int tok = -1, region = 0;
+  int64_t label = 0, y = 0, x = 0;
+  if (valid) {
+    const TokenPos tp = token_pos(G, pack * G.P + n / G.N, j);
+    tok = tp.b * G.H * G.W + tp.pos;
+    region = tp.region;
+    if (G.group) label = load_int(G.group, G.group64, int64_t(G.group_batch == 1 ? 0 : tp.b) * G.H * G.W + tp.pos);
+    if constexpr (COORDS) {
+      const int64_t i2 = 2 * (int64_t(G.coords_batch == 1 ? 0 : tp.b) * G.H * G.W + tp.pos);
+      y = load_int(G.coords, G.coords64, i2);
+      x = load_int(G.coords, G.coords64, i2 + 1);
+    } else {
+      y = tp.ly;
+      x = tp.lx;
+    }
+  }
+  lab[n] = label;
+  reg[n] = region;
+  vy[n] = y;
+  vx[n] = x;
+  cyv[n] = int(y);
+  cxv[n] = int(x);
+  __syncthreads();
+  if constexpr (COORDS) window_coords(vy, vx, cyv, cxv, gy, gx, nvalid, G.N, G.rh, G.rw);
+  segment_ids(lab, reg, kidv, nvalid, G.N);
+  __syncthreads();
+  const int kid = valid ? kidv[n] : n;  // padding: a segment of its own
+  const int P = table_pos(cyv[n], cxv[n], G.rw);
+
+  // Stable counting sort by segment id: rank within the warp, counts of earlier warps, bin starts.
+  const unsigned same = __match_any_sync(kFull, kid);
+  const int rank = __popc(same & prim::lanemask_lt(lane));
+  if (lane == __ffs(static_cast<int>(same)) - 1) wcnt[warp * kThreads + kid] = __popc(same);
+  __syncthreads();
+  int tot = 0, before = 0;
+  for (int v = 0; v < kWarps; ++v) {
+    tot += wcnt[v * kThreads + tid];
+    before += v < warp ? wcnt[v * kThreads + kid] : 0;
+  }
+  int incl = tot;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(kFull, incl, o);
+    incl += lane >= o ? v : 0;
+  }
+  if (lane == 31) wsum[warp] = incl;
+  __syncthreads();
+  int excl = incl - tot;
+  for (int v = 0; v < warp; ++v) excl += wsum[v];
+  start[tid] = excl;
+  total[tid] = tot;
+  __syncthreads();
+  const int lo = start[kid], pos = lo + before + rank;
+  if (pos < G.cap) {  // padding tokens keep pos == n
+    S.tok[pos] = tok;
+    S.qi[pos] = make_int2(4 * P, valid ? kid : -1);
+    S.ki[pos] = make_int2(-4 * P, valid ? kid : -2);
+    S.lidx[pos] = j;
+    S.lrow[pos] = valid ? (pack * G.P + n / G.N) * G.nH * G.N + j : 0;
+    S.cxy[pos] = make_int2(cyv[n], cxv[n]);
+    S.seg[pos] = make_int2(lo, lo + total[kid]);
+  }
+  __syncthreads();
+  if (tid == 0) {
+    const int ntiles = (nvalid + 15) / 16;
+    S.info[0] = nvalid;
+    S.info[1] = ntiles;
+    for (int t = 0; t < ntiles; ++t) {
+      const int first = 16 * t, last = imin(first + 15, nvalid - 1);
+      S.lo[t] = S.seg[first].x;
+      S.hi[t] = S.seg[last].y;
+      S.uni[t] = last == first + 15 && S.seg[first].x == S.seg[last].x;
+    }
+  }
+}
+
+// Key blocks of 16 a tile visits, and the tile order / warp assignment (longest first, each to
+// the least loaded warp: deterministic). Items 0..ntiles-1 are tiles; with `two` a second copy
+// (items ntiles..2*ntiles-1, cost weight wb instead of wa) for the backward's second phase.
+__device__ __forceinline__ int tile_blocks(const Pack& S, int t) { return (round16(S.hi[t]) - (S.lo[t] & ~15)) / 16; }
+
+// Thread 0 only; `scratch`: 3 * 2 * kMaxTiles ints of free shared memory.
+__device__ inline void assign_items(const Pack& S, bool two, int wa, int wb, int* scratch) {
+  if (threadIdx.x != 0) return;
+  const int ntiles = S.info[1], nitems = two ? 2 * ntiles : ntiles;
+  int* order = scratch;
+  int* cost = order + 2 * kMaxTiles;
+  int* owner = cost + 2 * kMaxTiles;
+  for (int i = 0; i < nitems; ++i) {
+    const int t = i < ntiles ? i : i - ntiles;
+    cost[i] = (tile_blocks(S, t) + 1) * (i < ntiles ? wa : wb);
+    int k = i;  // insertion sort by cost, descending (stable)
+    while (k > 0 && cost[order[k - 1]] < cost[i]) {
+      order[k] = order[k - 1];
+      --k;
+    }
+    order[k] = i;
+  }
+  int load[kWarps];
+#pragma unroll
+  for (int v = 0; v < kWarps; ++v) load[v] = 0;
+  for (int k = 0; k < nitems; ++k) {
+    int best = 0, lb = load[0];
+#pragma unroll
+    for (int v = 1; v < kWarps; ++v)
+      if (load[v] < lb) best = v, lb = load[v];
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) load[v] += v == best ? cost[order[k]] : 0;
+    owner[order[k]] = best;
+  }
+  int fill = 0;
+  for (int v = 0; v < kWarps; ++v) {
+    S.wbeg[v] = fill;
+    for (int k = 0; k < nitems; ++k)
+      if (owner[order[k]] == v) S.items[fill++] = order[k];
+  }
+  S.wbeg[kWarps] = fill;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Window geometry, per-token info in shared memory, and the bias/mask of a (query, key) pair.
-struct Geo {
-  int B, H, W, nH, d, wh, ww, sh, sw, rh, rw, N, nWx, nW, nwin, T, C;
-  int group_batch, coords_batch;
-  float c1;  // scale * log2(e)
-  const float* rpb;
-  const float* attn_bias;
-  const int* group;
-  const int* coords;
-};
-
-inline Geo make_geo(const WindowAttentionParams& p) {
-  Geo g{};
-  g.B = p.B; g.H = p.H; g.W = p.W; g.nH = p.nH; g.d = p.d;
-  g.wh = p.wh; g.ww = p.ww; g.sh = p.sh; g.sw = p.sw; g.rh = p.rh; g.rw = p.rw;
-  g.N = p.wh * p.ww; g.nWx = p.W / p.ww; g.nW = (p.H / p.wh) * g.nWx; g.nwin = p.B * g.nW;
-  g.T = (2 * p.rh - 1) * (2 * p.rw - 1); g.C = p.nH * p.d;
-  g.group_batch = p.group_batch; g.coords_batch = p.coords_batch;
-  g.c1 = p.scale * kLog2e;
-  g.rpb = p.rpb; g.attn_bias = p.attn_bias; g.group = p.group; g.coords = p.coords;
-  return g;
-}
-
-// Token info of one window, 5 int arrays of `cap` entries in shared memory.
-struct TokSmem {
-  int* tok;  // token index b*H*W + oy*W + ox (original position)
-  int* reg;  // Swin shift region on the rolled grid (0 without shift)
-  int* grp;  // group label (0 without group)
-  int* cy;   // coordinates for the rpb lookup
-  int* cx;
-  __device__ TokSmem(int* base, int cap)
-      : tok(base), reg(base + cap), grp(base + 2 * cap), cy(base + 3 * cap), cx(base + 4 * cap) {}
-};
-
-__device__ __forceinline__ int band(int y, int n, int w, int s) { return s == 0 ? 0 : (y < n - w ? 0 : (y < n - s ? 1 : 2)); }
-
-// Fill the token info of window `win` (all threads of the CTA; caller synchronizes).
-__device__ inline void load_tokens(const Geo& G, int win, TokSmem ts) {
-  const int b = win / G.nW, wi = win % G.nW;
-  const int wy = wi / G.nWx, wx = wi % G.nWx;
-  for (int n = threadIdx.x; n < G.N; n += blockDim.x) {
-    const int ly = n / G.ww, lx = n % G.ww;
-    const int y = wy * G.wh + ly, x = wx * G.ww + lx;  // rolled grid
-    int oy = y + G.sh, ox = x + G.sw;                 // original grid
-    if (oy >= G.H) oy -= G.H;
-    if (ox >= G.W) ox -= G.W;
-    const int pos = oy * G.W + ox;
-    ts.tok[n] = b * G.H * G.W + pos;
-    ts.reg[n] = 3 * band(y, G.H, G.wh, G.sh) + band(x, G.W, G.ww, G.sw);
-    ts.grp[n] = G.group ? __ldg(G.group + (G.group_batch == 1 ? 0 : b) * G.H * G.W + pos) : 0;
-    if (G.coords) {
-      const int* c = G.coords + 2 * ((G.coords_batch == 1 ? 0 : b) * G.H * G.W + pos);
-      ts.cy[n] = __ldg(c);
-      ts.cx[n] = __ldg(c + 1);
-    } else {
-      ts.cy[n] = ly;
-      ts.cx[n] = lx;
-    }
+// Rows. Thread t always moves the 16-byte chunk t % CPR of rows t / CPR, t / CPR + kThreads / CPR,
+// ...: one token lookup serves the NOPS operands of a row (e.g. Q, K, V of one token).
+// load_rows_async: tile i rows [0, nrows) <- global base + tok[r] * stride + off[i], cp.async.
+// Offsets are 32-bit in 16-byte chunks (the launcher checks tensors stay below 64 GB).
+template <typename T, int D, int NOPS>
+__device__ __forceinline__ void load_rows_async(T* dst, size_t tile_stride, const T* base, int stride,
+                                                const int (&off)[NOPS], const int* tok, int nrows) {
+  using TL = Tile<T, D>;
+  constexpr int kStep = kThreads / TL::kCPR;
+  const int part = threadIdx.x % TL::kCPR;
+  const uint4* src = reinterpret_cast<const uint4*>(base) + part;
+  const unsigned rs = unsigned(stride / TL::kE);
+  T* d = dst + (threadIdx.x / TL::kCPR) * TL::kLD + part * TL::kE;
+  for (int r = threadIdx.x / TL::kCPR; r < nrows; r += kStep, d += kStep * TL::kLD) {
+    const uint4* row = src + unsigned(tok[r]) * rs;
+#pragma unroll
+    for (int i = 0; i < NOPS; ++i) prim::cp_async<16>(d + i * tile_stride / sizeof(T), row + off[i] / TL::kE);
   }
 }
 
-// Whether (query q, key k) may attend, its additive bias (natural units) and its rpb index
-// (-1: no table entry). Out-of-range coordinate differences get no table bias.
-struct PairBias {
-  bool ok;
-  int idx;
-  float bias;
-};
-
-__device__ __forceinline__ PairBias pair_bias(const Geo& G, const TokSmem& ts, int h, int q, int k) {
-  PairBias r{false, -1, 0.f};
-  if (q >= G.N || k >= G.N) return r;
-  if (ts.reg[q] != ts.reg[k] || ts.grp[q] != ts.grp[k]) return r;
-  r.ok = true;
-  if (G.rpb) {
-    const int dy = ts.cy[q] - ts.cy[k], dx = ts.cx[q] - ts.cx[k];
-    if (dy > -G.rh && dy < G.rh && dx > -G.rw && dx < G.rw) {
-      r.idx = (dy + G.rh - 1) * (2 * G.rw - 1) + (dx + G.rw - 1);
-      r.bias = __ldg(G.rpb + r.idx * G.nH + h);
-    }
-  }
-  if (G.attn_bias) r.bias += __ldg(G.attn_bias + (static_cast<int64_t>(h) * G.N + q) * G.N + k);
-  return r;
-}
-
-// Logit in log2 units; every kernel uses this one expression so backward recomputes forward's P.
-__device__ __forceinline__ float logit2(float s, float bias, float c1) { return fmaf(s, c1, bias * kLog2e); }
-
-// Copy `rows` rows of D elements from global (row r at base + tok[row0+r]*stride) into a
-// shared tile (pitch LD), zero-filling rows at or past N. 16-byte vectors, whole CTA.
+// Zero rows [r0, r1) of a tile: padding rows must hold finite values (probability 0 times them).
 template <typename T, int D>
-__device__ inline void load_rows(T* dst, const T* base, int64_t stride, const int* tok, int row0, int rows, int N) {
-  constexpr int V = Tile<T, D>::kVecPerRow, LD = Tile<T, D>::kLD, E = 16 / int(sizeof(T));
-  for (int i = threadIdx.x; i < rows * V; i += blockDim.x) {
-    const int r = i / V, v = i % V, n = row0 + r;
-    uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (n < N) val = __ldg(reinterpret_cast<const uint4*>(base + static_cast<int64_t>(tok[n]) * stride) + v);
-    *reinterpret_cast<uint4*>(dst + r * LD + v * E) = val;
+__device__ __forceinline__ void zero_rows(T* dst, int r0, int r1) {
+  using TL = Tile<T, D>;
+  for (int c = threadIdx.x; c < (r1 - r0) * TL::kCPR; c += kThreads) {
+    const int r = r0 + c / TL::kCPR, part = c % TL::kCPR;
+    *reinterpret_cast<uint4*>(dst + r * TL::kLD + part * TL::kE) = make_uint4(0u, 0u, 0u, 0u);
   }
 }
 
-// Write a warp's 16 x D accumulator (times `mul`) through its own shared rows (pitch LD) to global
-// rows base + tok[row0+r]*stride, rows at or past N skipped. 16-byte stores.
+// Whether any element of the chunks this thread loaded into rows [0, nrows) of a tile (the map of
+// load_rows_async) is NaN/Inf: an all-ones exponent carries into the bit above it when 1 is added.
 template <typename T, int D>
-__device__ inline void store_rows_warp(const float (&c)[D / 8][4], float mul, T* stage, T* base, int64_t stride,
-                                       const int* tok, int row0, int N, int lane) {
-  constexpr int V = Tile<T, D>::kVecPerRow, LD = Tile<T, D>::kLD, E = 16 / int(sizeof(T));
+__device__ __forceinline__ bool rows_nonfinite(const T* src, int nrows) {
+  using TL = Tile<T, D>;
+  constexpr int kStep = kThreads / TL::kCPR;
+  constexpr uint32_t M = std::is_same_v<T, __half> ? 0x7C007C00u : 0x7F807F80u;
+  constexpr uint32_t ONE = std::is_same_v<T, __half> ? 0x04000400u : 0x00800080u;
+  uint32_t acc = 0;
+  const T* s = src + (threadIdx.x / TL::kCPR) * TL::kLD + (threadIdx.x % TL::kCPR) * TL::kE;
+  for (int r = threadIdx.x / TL::kCPR; r < nrows; r += kStep, s += kStep * TL::kLD) {
+    const uint4 v = *reinterpret_cast<const uint4*>(s);
+    acc |= ((v.x & M) + ONE) | ((v.y & M) + ONE) | ((v.z & M) + ONE) | ((v.w & M) + ONE);
+  }
+  return (acc & 0x80008000u) != 0;
+}
+
+// Write a warp's 16 x D accumulator (rows g times mul, rows g+8 times mul8) through its staging
+// rows (pitch LD) to global rows base + tok[row0 + r] * stride for row0 + r < nvalid, 16-byte
+// stores (32-bit chunk offsets).
+template <typename T, int D>
+__device__ __forceinline__ void store_rows_warp(const float (&c)[D / 8][4], float mul, float mul8, T* stage, T* base,
+                                                int stride, const int* tok, int row0, int nvalid, int lane) {
+  using TL = Tile<T, D>;
   const int g = lane >> 2, t = lane & 3;
   __syncwarp();
 #pragma unroll
   for (int dj = 0; dj < D / 8; ++dj) {
     const int col = dj * 8 + 2 * t;
-    stage[g * LD + col] = from_float<T>(c[dj][0] * mul);
-    stage[g * LD + col + 1] = from_float<T>(c[dj][1] * mul);
-    stage[(g + 8) * LD + col] = from_float<T>(c[dj][2] * mul);
-    stage[(g + 8) * LD + col + 1] = from_float<T>(c[dj][3] * mul);
+    *reinterpret_cast<uint32_t*>(stage + g * TL::kLD + col) = pack2<T>(c[dj][0] * mul, c[dj][1] * mul);
+    *reinterpret_cast<uint32_t*>(stage + (g + 8) * TL::kLD + col) = pack2<T>(c[dj][2] * mul8, c[dj][3] * mul8);
   }
   __syncwarp();
-  for (int i = lane; i < 16 * V; i += 32) {
-    const int r = i / V, v = i % V, n = row0 + r;
-    if (n < N)
-      reinterpret_cast<uint4*>(base + static_cast<int64_t>(tok[n]) * stride)[v] =
-          *reinterpret_cast<const uint4*>(stage + r * LD + v * E);
+  uint4* dst = reinterpret_cast<uint4*>(base);
+  const unsigned rs = unsigned(stride / TL::kE);
+#pragma unroll
+  for (int i = lane; i < 16 * TL::kCPR; i += 32) {
+    const int r = i / TL::kCPR, part = i - r * TL::kCPR;
+    if (row0 + r < nvalid)
+      dst[unsigned(tok[row0 + r]) * rs + part] = *reinterpret_cast<const uint4*>(stage + r * TL::kLD + part * TL::kE);
   }
   __syncwarp();
+}
+
+// The head's slice of the relative-position table (T entries of column h of the (T, nH) table).
+__device__ __forceinline__ void load_table_async(float* tab, const float* rpb, int T, int nH, int h) {
+  for (int i = threadIdx.x; i < T; i += kThreads) prim::cp_async<4>(tab + i, rpb + unsigned(i * nH + h));
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host-side launch planning: rows per CTA (warps x 16) and the column chunk held in shared memory.
-struct Plan {
-  int nwarps = 0, nrb = 0, kc = 0, ncols = 0, cap = 0;
-  size_t smem = 0;
-  bool ok = false;
+// Per-pair logits (natural units): x = s * scale + bias; masked pairs -> -inf (a select, as the
+// reference's masked_fill: masked pairs never see the score, NaN or not).
+// Row side of a pair, hoisted once per tile row.
+struct RowInfo {
+  int rq;    // byte offset of (table + center) + 4 * table position: + ki.x gives the entry's byte
+  int key;   // segment id (-1 padding)
+  int cy, cx;  // coords calls: row coordinates + (rh-1, rw-1)
+  const float* ab;  // attn_bias row (h, n_local, :)
 };
 
-// Opt-in shared memory per block of the current device. MIXKERNELS_WATTN_SMEM_LIMIT (bytes) can
-// only lower it: the tests use it to force the column-chunked path and fewer warps per CTA, which
-// real shapes reach only on small-smem devices (e.g. N=256, d=128 on A100).
-inline int smem_limit() {
-  int dev = 0, v = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 48 * 1024;
-  if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess || v <= 0)
-    v = 48 * 1024;
-  if (const char* env = std::getenv("MIXKERNELS_WATTN_SMEM_LIMIT")) {
-    const long cap = std::strtol(env, nullptr, 10);
-    if (cap > 0 && cap < v) v = static_cast<int>(cap);
+template <int BIAS, bool ABIAS>
+__device__ __forceinline__ RowInfo row_info(const Geo& G, const Pack& S, int slot, int tab_byte, int h) {
+  RowInfo r;
+  const int2 q = S.qi[slot];
+  r.rq = tab_byte + 4 * table_center(G.rh, G.rw) + q.x;
+  r.key = q.y;
+  r.cy = r.cx = 0;
+  if constexpr (BIAS == 2) {
+    const int2 c = S.cxy[slot];
+    r.cy = c.x + G.rh - 1;
+    r.cx = c.y + G.rw - 1;
   }
-  return v;
+  r.ab = nullptr;
+  if constexpr (ABIAS) r.ab = G.attn_bias + (int64_t(h) * G.N + S.lidx[slot]) * G.N;
+  return r;
 }
 
-// row_ops / col_ops: tiles of row / column operands; fixed: bytes independent of the warps;
-// per_warp: extra bytes per warp. Prefers the most warps per CTA (fewest row blocks), then the
-// largest column chunk kc (kc == ncols: K/V resident, no chunk loop).
-inline Plan make_plan(int N, int D, int es, int row_ops, int col_ops, size_t fixed, size_t per_warp, int limit) {
-  Plan p;
-  const int ntiles = (N + 15) / 16;
-  p.ncols = (N + kKB - 1) / kKB * kKB;
-  p.cap = p.ncols;
-  const size_t ld_bytes = static_cast<size_t>(D + 16 / es) * es;
-  fixed += static_cast<size_t>(5) * p.cap * sizeof(int);
-  for (int cap = kMaxWarps; cap >= 1; --cap) {
-    const int nrb = (ntiles + cap - 1) / cap;
-    const int nwarps = (ntiles + nrb - 1) / nrb;
-    for (int kc = p.ncols; kc >= kKB; kc -= kKB) {
-      const size_t smem = ld_bytes * (static_cast<size_t>(row_ops) * nwarps * 16 + static_cast<size_t>(col_ops) * kc) +
-                          fixed + per_warp * nwarps;
-      if (smem <= static_cast<size_t>(limit)) {
-        p.nwarps = nwarps; p.nrb = nrb; p.kc = kc; p.smem = smem; p.ok = true;
-        return p;
-      }
-    }
+// Byte offset (from the shared-memory base) of the table entry of a pair: qb = table byte +
+// 4 * (center + P(query)), kb = -4 * P(key). Coords calls: qc = query coords + (rh-1, rw-1), kc = key
+// coords; out-of-range pairs read the zero entry (no bias, the pair still attends).
+template <int BIAS>
+__device__ __forceinline__ int bias_entry(int qb, int kb, int2 qc, int2 kc, int zero_byte, int rh2, int rw2) {
+  if constexpr (BIAS == 2) {
+    const bool in = static_cast<unsigned>(qc.x - kc.x) < static_cast<unsigned>(rh2) &&
+                    static_cast<unsigned>(qc.y - kc.y) < static_cast<unsigned>(rw2);
+    return in ? qb + kb : zero_byte;
+  } else {
+    return qb + kb;
   }
-  return p;
 }
 
-template <typename Kernel>
-inline cudaError_t prepare_smem(Kernel kernel, size_t smem) {
-  if (smem <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-}
-
-// Run `body.template operator()<D>()` for the supported head dims.
-template <typename F>
-inline cudaError_t dispatch_head_dim(int d, F&& body) {
-  switch (d) {
-    case 16: return body(std::integral_constant<int, 16>{});
-    case 32: return body(std::integral_constant<int, 32>{});
-    case 64: return body(std::integral_constant<int, 64>{});
-    case 128: return body(std::integral_constant<int, 128>{});
-    default: return cudaErrorInvalidValue;
-  }
+// Bias of the pair (row r, key with ki = k, coords kc, local index kl), natural units.
+template <int BIAS, bool ABIAS>
+__device__ __forceinline__ float pair_bias(const RowInfo& r, int2 k, int2 kc, int kl, const unsigned char* smem,
+                                           int zero_byte, int rh2, int rw2) {
+  float b = 0.f;
+  if constexpr (BIAS != 0)
+    b = *reinterpret_cast<const float*>(smem + bias_entry<BIAS>(r.rq, k.x, make_int2(r.cy, r.cx), kc, zero_byte, rh2, rw2));
+  if constexpr (ABIAS) b += __ldg(r.ab + kl);
+  return b;
 }
 
 }  // namespace mixkernels::cuda::wattn

@@ -3,6 +3,9 @@
     python -m mixkernels.bench [--suite ops|attention|block|model|overhead|all] [--quick]
         [--device cpu|cuda] [--dtype bf16|fp32|all] [--out DIR]
         [--compare OLD.json [--fail-on-regression PCT]] [--time-budget S] [--no-compile]
+        [--cases REGEX] [--providers LIST]
+    python -m mixkernels.bench --static [--out DIR] [--compare OLD_static.json] [--check] ...
+        (static sm_90 report without a GPU; --static --help for its options)
 """
 from __future__ import annotations
 
@@ -40,6 +43,10 @@ def _parse(argv):
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="start no new case after S seconds (the rest is reported as skipped)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
+    p.add_argument("--cases", default=None, metavar="REGEX",
+                   help="only cases whose suite/name/dtype/mode key matches REGEX (re.search)")
+    p.add_argument("--providers", default=None, metavar="LIST",
+                   help="only these providers, comma-separated (e.g. mixkernels-triton,eager,sdpa,flex)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -79,7 +86,28 @@ def _on_sigterm(signum, frame):  # `timeout` sends SIGTERM: finish the reports w
     raise KeyboardInterrupt
 
 
+def _select(cases, pattern, providers):
+    """The cases whose key matches ``pattern``, each keeping only the named ``providers``."""
+    import re
+
+    keep = None if providers is None else {p.strip() for p in providers.split(",") if p.strip()}
+    out = []
+    for c in cases:
+        if pattern is not None and not re.search(pattern, c.key):
+            continue
+        if keep is not None:
+            c.providers = [p for p in c.providers if p.name in keep]
+        if c.providers:
+            out.append(c)
+    return out
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--static" in argv:  # its own options (mixkernels/bench/static.py)
+        from .static import main as static_main
+
+        return static_main([a for a in argv if a != "--static"])
     args = _parse(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
@@ -129,7 +157,7 @@ def main(argv=None) -> int:
     print(f"floors: copy {floors['copy_GBps']:.1f} GB/s, matmul {floors['matmul_TFLOPs']:.2f} TFLOP/s "
           f"({floors['matmul_dtype']})", flush=True)
 
-    all_cases = _cases.build_cases(suites, settings, dtypes)
+    all_cases = _select(_cases.build_cases(suites, settings, dtypes), args.cases, args.providers)
     cmd = "python -m mixkernels.bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     doc: Dict[str, Any] = {
         "schema": report.SCHEMA, "env": env, "floors": floors, "notes": notes, "complete": False,

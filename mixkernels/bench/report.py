@@ -161,10 +161,10 @@ def write_markdown(path: str, doc: Dict[str, Any], plots: Sequence[str] = ()) ->
     lines = [
         f"# mixkernels benchmark: {dev}",
         "",
-        f"* date {env['date']}, commit `{env.get('git_commit')}`, torch {env['torch']}, CUDA {env.get('cuda')}, "
-        f"triton {env.get('triton')}, python {env['python']}",
+        f"* date {env.get('date')}, commit `{env.get('git_commit')}`, torch {env.get('torch')}, CUDA {env.get('cuda')}, "
+        f"triton {env.get('triton')}, python {env.get('python')}",
         f"* command: `{doc['args'].get('command', '')}`" + ("" if doc.get("complete", True) else " (**incomplete run**)"),
-        f"* floors measured at start: copy {floors['copy_GBps']:.0f} GB/s, matmul {floors['matmul_TFLOPs']:.3g} "
+        f"* floors measured at start: copy {floors.get('copy_GBps', 0):.0f} GB/s, matmul {floors.get('matmul_TFLOPs', 0):.3g} "
         f"TFLOP/s ({floors.get('matmul_dtype')})",
         "* ms: median; GB/s: floor bytes / time (attention: q, k, v read once and o written once, plus dO, dq, "
         "dk, dv for backward; token ops and losses: bytes read + written once); % floor: floor bytes at the "
@@ -188,13 +188,20 @@ def write_markdown(path: str, doc: Dict[str, Any], plots: Sequence[str] = ()) ->
 
 
 def write_plots(out_dir: str, results: Sequence[Dict[str, Any]], title: str) -> List[str]:
-    """One PNG per suite: median time (top) and peak memory (bottom) per shape, bars per provider."""
+    """One PNG per suite, bars per provider for each shape, on linear axes that start at zero:
+    speedup vs eager (eager / provider time, a dashed line at 1.0) when the suite has an eager
+    peer, else median time; and peak memory (GPU) below. Log axes or axes that do not start at
+    zero exaggerate gaps, so neither is used."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except Exception:
+    except Exception as e:
+        import sys
+
+        print(f"note: no PNG plots: matplotlib is not importable ({type(e).__name__}: {e}); "
+              "install it with `pip install matplotlib` (or `pip install mixkernels[bench]`)", file=sys.stderr)
         return []
     paths = []
     for suite, rs in _by_suite(results).items():
@@ -202,7 +209,8 @@ def write_plots(out_dir: str, results: Sequence[Dict[str, Any]], title: str) -> 
         if not ok:
             continue
         modes = list(OrderedDict.fromkeys(r["mode"] for r in ok))
-        fields = [("ms", "median time (ms)")]
+        speedup = any(r.get("vs_eager") for r in ok)
+        fields = [("vs_eager", "speedup vs eager (x, higher is better)")] if speedup else [("ms", "median time (ms)")]
         if any(r.get("peak_mb") for r in ok):  # memory is measured on GPU only
             fields.append(("peak_mb", "peak memory (MB)"))
         fig, axes = plt.subplots(len(fields), len(modes), figsize=(max(7, 5.5 * len(modes)), 4 * len(fields)), squeeze=False)
@@ -227,8 +235,10 @@ def write_plots(out_dir: str, results: Sequence[Dict[str, Any]], title: str) -> 
                 ax.set_xticks(range(len(shapes)))
                 ax.set_xticklabels(shapes, rotation=45, ha="right", fontsize=7)
                 ax.set_title(f"{suite} {mode}: {label}", fontsize=9)
+                ax.set_ylim(bottom=0)
+                if field == "vs_eager":
+                    ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
                 if any_val:
-                    ax.set_yscale("log")
                     ax.legend(fontsize=7)
                 else:
                     ax.text(0.5, 0.5, "n/a (not measured on this device)", ha="center", va="center", transform=ax.transAxes)

@@ -88,29 +88,32 @@ def _unmix_kernel(x, mask, tok, pos, out, R, L, B, C, SHARED: tl.constexpr, HAS_
 
 
 @triton.jit
-def _unmix_bwd_kernel(g, mask, dx, tok_part, pos_part, L, B, C, B_CHUNK, SHARED: tl.constexpr,
-                      NEED_TOK: tl.constexpr, NEED_POS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                      INT64: tl.constexpr):
-    # Program (pid_p, pid_c, k): positions of block pid_p, images [k*B_CHUNK, (k+1)*B_CHUNK).
+def _unmix_bwd_kernel(g, mask, dx, tok_part, pos_part, L, B, C, SHARED: tl.constexpr,
+                      NEED_TOK: tl.constexpr, NEED_POS: tl.constexpr, B_CHUNK: tl.constexpr, BLOCK_P: tl.constexpr,
+                      BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+    # Program (pid_p, pid_c, k): positions of block pid_p, images [k*B_CHUNK, (k+1)*B_CHUNK) that are < B.
     # dx[b,p] = g[B+b,p] if mask else g[b,p]; partial sums over b go out in float32.
+    # The trip count is a constexpr (a power of two): Triton 3.6's interpreter cannot take loop
+    # bounds from kernel arguments with numpy >= 2.4 (int() of a 1-element array).
     pid_p = tl.program_id(0)
     k = tl.program_id(2)
     p, cols, pm, cm = _row_tile(L, C, BLOCK_P, BLOCK_C, INT64)
     io = pm[:, None] & cm[None, :]
     tok_acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     pos_acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    b0 = k * B_CHUNK
-    b1 = tl.minimum(b0 + B_CHUNK, B)
-    for b in range(b0, b1):
+    for i in range(0, B_CHUNK):
+        b = k * B_CHUNK + i
+        pb = pm & (tl.zeros_like(p) + b < B)  # as a vector: Triton 3.9's interpreter rejects scalar masks here
+        live = pb[:, None] & cm[None, :]
         if SHARED:
             masked = tl.load(mask + p, mask=pm, other=0) != 0
         else:
-            masked = tl.load(mask + b * L + p, mask=pm, other=0) != 0
+            masked = tl.load(mask + b * L + p, mask=pb, other=0) != 0
         r1 = b * L + p
         r2 = (B + b) * L + p
-        g1 = tl.load(g + r1[:, None] * C + cols[None, :], mask=io, other=0.0)
-        g2 = tl.load(g + r2[:, None] * C + cols[None, :], mask=io, other=0.0)
-        tl.store(dx + r1[:, None] * C + cols[None, :], tl.where(masked[:, None], g2, g1), mask=io)
+        g1 = tl.load(g + r1[:, None] * C + cols[None, :], mask=live, other=0.0)
+        g2 = tl.load(g + r2[:, None] * C + cols[None, :], mask=live, other=0.0)
+        tl.store(dx + r1[:, None] * C + cols[None, :], tl.where(masked[:, None], g2, g1), mask=live)
         if NEED_TOK:
             tok_acc += tl.where(masked[:, None], g1, g2).to(tl.float32)
         if NEED_POS:
@@ -185,14 +188,14 @@ def unmix_tokens_backward(grad: torch.Tensor, mask: torch.Tensor, need_token: bo
     n_p, n_c = triton.cdiv(L, block_p), triton.cdiv(C, block_c)
     # Split the batch so a GPU has enough programs; one chunk under the interpreter.
     n_k = 1 if interpreting() or not grad.is_cuda else max(1, min(B, triton.cdiv(1024, n_p * n_c)))
-    chunk = triton.cdiv(B, n_k)
+    chunk = triton.next_power_of_2(triton.cdiv(B, n_k))  # a constexpr: few distinct values
     n_k = triton.cdiv(B, chunk)
     f32 = dict(dtype=torch.float32, device=grad.device)
     tok_part = torch.empty((n_k, n_p, C), **f32) if need_token else acc_empty(grad)
     pos_part = torch.empty((n_k, L, C), **f32) if need_pos else acc_empty(grad)
     _unmix_bwd_kernel[(n_p, n_c, n_k)](
-        grad, mask, dx, tok_part, pos_part, L, B, C, chunk, SHARED=mask.shape[0] == 1, NEED_TOK=need_token,
-        NEED_POS=need_pos, BLOCK_P=block_p, BLOCK_C=block_c, INT64=needs_int64(grad), num_warps=nw)
+        grad, mask, dx, tok_part, pos_part, L, B, C, SHARED=mask.shape[0] == 1, NEED_TOK=need_token,
+        NEED_POS=need_pos, B_CHUNK=chunk, BLOCK_P=block_p, BLOCK_C=block_c, INT64=needs_int64(grad), num_warps=nw)
     # Fixed-order reductions of the partials (torch's sum is deterministic; no atomics).
     dtoken = tok_part.sum(dim=(0, 1)) if need_token else tok_part
     dpos = pos_part.sum(dim=0) if need_pos else pos_part

@@ -1,9 +1,9 @@
 // Torch-free launchers of the fused mask-aware window attention (csrc/cuda/window_attention*.cu).
 // Layouts (see csrc/ops.cpp): qkv (B,H,W,3C) channels (3,nH,d); out/dout (B,H,W,C) in qkv's dtype;
 // lse float32 (B*nW,nH,N) over the windows of the rolled grid; rpb float32 (T,nH) with
-// T=(2rh-1)*(2rw-1); attn_bias float32 (nH,N,N); group int32 (G,H,W); coords int32 (G,H,W,2),
-// G in {1,B}, indexed at the token's original position. All pointers contiguous, 16-byte aligned
-// (qkv, out, dout, dqkv), on the current device.
+// T=(2rh-1)*(2rw-1); attn_bias float32 (nH,N,N); group int32 or int64 (G,H,W); coords int32 or
+// int64 (G,H,W,2), G in {1,B}, indexed at the token's original position and compared at their
+// full width. All pointers contiguous, 16-byte aligned (qkv, out, dout, dqkv), on the current device.
 #pragma once
 #include <cstddef>
 
@@ -22,9 +22,10 @@ struct WindowAttentionParams {
   const void* qkv = nullptr;
   const float* rpb = nullptr;        // optional
   const float* attn_bias = nullptr;  // optional
-  const int* group = nullptr;        // optional, group_batch = G (1: shared by the batch)
-  const int* coords = nullptr;       // optional, coords_batch = G
+  const void* group = nullptr;       // optional, group_batch = G (1: shared by the batch)
+  const void* coords = nullptr;      // optional, coords_batch = G
   int group_batch = 1, coords_batch = 1;
+  bool group_int64 = false, coords_int64 = false;  // element type of group / coords (else int32)
 };
 
 struct WindowAttentionBwdBuffers {

@@ -1,0 +1,167 @@
+// Device primitives of the CUDA kernels: tensor-core MMA, ldmatrix, cp.async, fast exp2 / log2 /
+// reciprocal, the launch macro. Every inline-PTX use of csrc/cuda goes through this header.
+//
+// Under MIXKERNELS_SIMT_EMU (CPU tests, tests/cuda_emu) the same functions come from a SIMT
+// emulator that runs the unchanged kernel sources on the CPU; the PTX fragment layouts are
+// implemented there independently (tests/cuda_emu/emu_runtime.cpp is the oracle).
+#pragma once
+#include <cstdint>
+#include <type_traits>
+
+#if defined(MIXKERNELS_SIMT_EMU)
+#include "simt_emu.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#define MK_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define MK_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  (kernel<<<grid, block, smem, stream>>>(__VA_ARGS__), cudaGetLastError())
+#endif
+
+namespace mixkernels::cuda::prim {
+
+#if !defined(MIXKERNELS_SIMT_EMU)
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+#endif
+
+// D += A*B, mma.sync m16n8k16 with fp32 accumulators; T is __half or __nv_bfloat16.
+// Fragments (PTX ISA "Matrix Fragments for mma.m16n8k16 with floating point type"), lane = 4g + t:
+//   A (16x16 row, b16x2 regs): a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..2t+1],
+//                               a[2] = A[g][2t+8..2t+9], a[3] = A[g+8][2t+8..2t+9]   (low half = lower col)
+//   B (16x8 col):              b0 = B[k=2t..2t+1][n=g], b1 = B[k=2t+8..2t+9][n=g]
+//   C/D (16x8 f32):            c[0], c[1] = D[g][2t], D[g][2t+1]; c[2], c[3] = D[g+8][2t], D[g+8][2t+1]
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(MIXKERNELS_SIMT_EMU)
+  mma16816_emu(c, a, b0, b1, std::is_same_v<T, __nv_bfloat16>);
+#else
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#endif
+}
+
+// ldmatrix.sync.aligned.m8n8.x{2,4}[.trans].shared.b16. Lanes 8i..8i+7 give the (16-byte aligned)
+// addresses of rows 0..7 of matrix i; lane 4g+t receives in r[i]: M_i[g][2t..2t+1] (plain) or
+// M_i[2t][g], M_i[2t+1][g] (.trans), the first element in the low half.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
+#if defined(MIXKERNELS_SIMT_EMU)
+  ldmatrix_emu(r, row, 4, false);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(row)));
+#endif
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* row) {
+#if defined(MIXKERNELS_SIMT_EMU)
+  ldmatrix_emu(r, row, 4, true);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(row)));
+#endif
+}
+__device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], const void* row) {
+#if defined(MIXKERNELS_SIMT_EMU)
+  ldmatrix_emu(r, row, 2, false);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(row)));
+#endif
+}
+__device__ __forceinline__ void ldsm_x2_trans(uint32_t (&r)[2], const void* row) {
+#if defined(MIXKERNELS_SIMT_EMU)
+  ldmatrix_emu(r, row, 2, true);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_addr(row)));
+#endif
+}
+
+// cp.async global -> shared, BYTES in {4, 8, 16} (16: .cg, bypassing L1; else .ca), then
+// commit / wait: every group but the newest `Keep` has landed for this thread.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src) {
+#if defined(MIXKERNELS_SIMT_EMU)
+  cp_async_emu(dst, src, BYTES);
+#else
+  static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
+  if constexpr (BYTES == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(BYTES)
+                 : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(MIXKERNELS_SIMT_EMU)
+  cp_async_commit_emu();
+#else
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int Keep>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(MIXKERNELS_SIMT_EMU)
+  cp_async_wait_emu(Keep);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Keep) : "memory");
+#endif
+}
+
+// Single-instruction special functions (MUFU): exp2f / log2f / 1.f/x compile to extra range
+// checks around them. ex2(-inf) = 0, rcp(0) = +inf, lg2(0) = -inf; flush-to-zero on subnormals.
+__device__ __forceinline__ float ex2(float x) {
+#if defined(MIXKERNELS_SIMT_EMU)
+  return std::exp2(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+__device__ __forceinline__ float lg2(float x) {
+#if defined(MIXKERNELS_SIMT_EMU)
+  return std::log2(x);
+#else
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+__device__ __forceinline__ float rcp(float x) {
+#if defined(MIXKERNELS_SIMT_EMU)
+  return 1.f / x;
+#else
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+
+// Fire-and-forget fp32 add to global memory (RED, relaxed: no fence).
+__device__ __forceinline__ void red_add(float* p, float v) {
+#if defined(MIXKERNELS_SIMT_EMU)
+  *p += v;
+#else
+  asm volatile("red.relaxed.gpu.global.add.f32 [%0], %1;\n" ::"l"(p), "f"(v) : "memory");
+#endif
+}
+
+__device__ __forceinline__ unsigned lanemask_lt(int lane) { return (1u << lane) - 1u; }
+
+}  // namespace mixkernels::cuda::prim

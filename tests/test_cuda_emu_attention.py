@@ -1,0 +1,239 @@
+"""The CUDA window-attention kernels (csrc/cuda), run on the CPU by the SIMT emulator, against the
+float64 reference: forward, dqkv and the bias gradients, the fused and the legacy kernels.
+
+No GPU involved: the kernel sources are compiled by g++ (tests/_cuda_emu.py); warp collectives,
+mma.sync / ldmatrix fragments and cp.async follow the PTX ISA definitions in the emulator, and
+threads run in a shuffled order between barriers. What this cannot show: timing, races that need
+true concurrency inside a warp step, and the compiler's handling of the real PTX.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mixkernels import reference as ref
+from mixkernels.testing import assert_close_2x
+
+import _cuda_emu as E
+
+_SKIP = E.unavailable()
+pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+
+
+def _inputs(B, H, W, nh, d, win, shift, rpb, ab, group, dtype, coords=False, R=(6, 5), gdtype=None):
+    qkv = torch.randn(B, H, W, 3 * nh * d, dtype=dtype)
+    N = win[0] * win[1]
+    kw = dict(shift_size=shift)
+    RR = R if coords else win
+    if rpb:
+        kw["rel_pos_bias"] = torch.randn((2 * RR[0] - 1) * (2 * RR[1] - 1), nh)
+    if ab:
+        kw["attn_bias"] = torch.randn(nh, N, N)
+    if group == "shared":
+        kw["group"] = torch.randint(0, 2, (H, W))
+    elif group == "per_image":
+        kw["group"] = torch.randint(0, 3, (B, H, W), dtype=torch.int32)
+    if gdtype is not None and "group" in kw:
+        kw["group"] = kw["group"].to(gdtype)
+    if coords:
+        kw["coords"] = torch.stack([torch.randint(0, R[0], (B, H, W)), torch.randint(0, R[1], (B, H, W))], -1)
+        kw["coord_range"] = R
+    return qkv, kw
+
+
+def _call(qkv, nh, win, kw):
+    return E.Call(qkv, nh, win, kw.get("shift_size", (0, 0)), kw.get("rel_pos_bias"), kw.get("attn_bias"),
+                  kw.get("group"), kw.get("coords"), kw.get("coord_range"))
+
+
+def _ref(qkv, nh, win, kw, dout, cast):
+    x = cast(qkv).detach().requires_grad_(True)
+    kw2, leaves = dict(kw), [x]
+    for k in ("rel_pos_bias", "attn_bias"):
+        if k in kw2:
+            kw2[k] = (kw2[k].double() if x.dtype == torch.float64 else kw2[k]).detach().requires_grad_(True)
+            leaves.append(kw2[k])
+    out = ref.window_attention(x, nh, win, **kw2)
+    return [out] + list(torch.autograd.grad(out, leaves, dout.to(out.dtype)))
+
+
+def _rule3(kw, coords):
+    """Reference arguments for rule 3 (out-of-range coordinate differences add no bias) on a
+    reference that indexes the table directly: the table padded with zeros to a range covering every
+    difference, and `coords` (an equivalent of kw's, small enough to index). Returns (kwargs, slicer
+    mapping the padded table's gradient back to the original entries)."""
+    (Rh, Rw), t = kw["coord_range"], kw["rel_pos_bias"]
+    span = int(coords.max() - coords.min()) + 1
+    Eh, Ew = max(Rh, span), max(Rw, span)
+    dy = torch.arange(-(Rh - 1), Rh)[:, None]
+    dx = torch.arange(-(Rw - 1), Rw)[None, :]
+    idx = ((dy + Eh - 1) * (2 * Ew - 1) + (dx + Ew - 1)).reshape(-1)
+    big = torch.zeros((2 * Eh - 1) * (2 * Ew - 1), t.shape[1], dtype=t.dtype)
+    big[idx] = t
+    return dict(kw, rel_pos_bias=big, coords=coords, coord_range=(Eh, Ew)), lambda g: g[idx]
+
+
+def _check(qkv, nh, win, kw, deterministic=False, backward=True, ref_coords=None):
+    B, H, W, C3 = qkv.shape
+    c = _call(qkv, nh, win, kw)
+    out, lse = c.forward()
+    got = [out]
+    dout = torch.randn(B, H, W, C3 // 3, dtype=qkv.dtype)
+    if backward:
+        dqkv, drpb, dbias = c.backward(dout, out, lse, deterministic=deterministic)
+        got += [dqkv] + [g for g in (drpb, dbias) if g is not None]
+    back = None
+    if ref_coords is not None:
+        kw, back = _rule3(kw, ref_coords)
+    r64 = _ref(qkv, nh, win, kw, dout, lambda t: t.double())
+    same = _ref(qkv, nh, win, kw, dout, lambda t: t)
+    if back is not None and "rel_pos_bias" in kw and backward:
+        r64[2], same[2] = back(r64[2]), back(same[2])
+    names = ["out", "dqkv"] + [k for k in ("rel_pos_bias", "attn_bias") if k in kw]
+    for n, g, r, s in zip(names, got, r64, same):
+        assert g.dtype == s.dtype, n
+        assert_close_2x(g, r, s, name=n)
+    return got, lse
+
+
+# (B, H, W, heads, head_dim, window, shift, rpb, attn_bias, group) -- the fused kernels unless noted
+CASES = [
+    ("mixmim_w7", 2, 14, 14, 2, 32, (7, 7), (0, 0), True, False, "per_image"),
+    ("swin_shift", 3, 14, 14, 2, 32, (7, 7), (3, 3), True, False, "none"),
+    ("w14_shift_group", 1, 28, 28, 2, 32, (14, 14), (7, 7), True, False, "shared"),
+    ("odd_window", 2, 6, 10, 3, 16, (3, 5), (1, 2), False, False, "none"),
+    ("d64", 2, 14, 14, 2, 64, (7, 7), (3, 3), True, False, "per_image"),
+    ("d128", 1, 8, 16, 1, 128, (8, 8), (0, 4), True, False, "per_image"),
+    ("row_window", 2, 4, 16, 2, 16, (1, 8), (0, 3), True, False, "per_image"),
+    ("n256", 1, 16, 16, 1, 32, (16, 16), (8, 8), True, False, "shared"),
+    ("attn_bias", 2, 12, 12, 2, 32, (6, 6), (2, 3), True, True, "per_image"),  # fused fwd, legacy bwd
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_matches_reference(case, dtype):
+    _, B, H, W, nh, d, win, shift, rpb, ab, group = case
+    qkv, kw = _inputs(B, H, W, nh, d, win, shift, rpb, ab, group, dtype)
+    _check(qkv, nh, win, kw)
+
+
+def test_float32_runs_legacy_kernels():
+    qkv, kw = _inputs(2, 12, 12, 2, 32, (6, 6), (2, 3), True, True, "per_image", torch.float32)
+    _check(qkv, 2, (6, 6), kw)
+
+
+@pytest.mark.parametrize("coords64", [False, True], ids=["int32", "int64"])
+def test_coords(coords64):
+    qkv, kw = _inputs(2, 8, 8, 2, 32, (4, 4), (2, 2), True, False, "shared", torch.bfloat16, coords=True)
+    if coords64:
+        kw["coords"] = kw["coords"].long()
+    _check(qkv, 2, (4, 4), kw)
+
+
+def test_out_of_range_coords_get_no_bias():
+    # Coordinates spread beyond coord_range: those pairs attend without a table entry (rule 3).
+    qkv, kw = _inputs(2, 8, 8, 2, 32, (4, 4), (0, 0), True, False, "none", torch.bfloat16, coords=True, R=(3, 3))
+    kw["coords"] = torch.randint(0, 9, (2, 8, 8, 2))
+    _check(qkv, 2, (4, 4), kw, ref_coords=kw["coords"])
+
+
+def test_huge_int64_coords_stay_exact():
+    # Coordinates near +-2**62 in one window: no truncation may fake an in-range difference, and
+    # true small differences between huge values must keep their table entries.
+    qkv, kw = _inputs(1, 4, 8, 2, 32, (4, 4), (0, 0), True, False, "none", torch.bfloat16, coords=True, R=(3, 3))
+    base = torch.randint(0, 3, (1, 4, 8, 2)).long()
+    c, small = base.clone(), base.clone()
+    c[0, :2, :4] += torch.tensor([2 ** 62, -(2 ** 62)])  # window 0: half its tokens far off, close to each other
+    small[0, :2, :4] += torch.tensor([40, -40])          # the same pattern at a distance the reference can index
+    c[0, 2:, 4:] -= 2 ** 33  # window 1: half its tokens 2**33 away (int32 truncation would bring them back)
+    small[0, 2:, 4:] -= 40
+    kw["coords"] = c
+    _check(qkv, 2, (4, 4), kw, ref_coords=small)
+
+
+def test_int64_group_labels_compare_at_full_width():
+    # Labels 5 and 5 + 2**32 are different groups (a cast to int32 would merge them).
+    qkv, kw = _inputs(2, 14, 14, 2, 32, (7, 7), (0, 0), True, False, "per_image", torch.bfloat16)
+    g = torch.randint(0, 2, (2, 14, 14), dtype=torch.int64) * (2 ** 32) + 5
+    kw["group"] = g
+    _check(qkv, 2, (7, 7), kw)
+
+
+def test_fully_masked_rows_are_nan():
+    # A relative-position table of -inf except the zero offset's entry for head 0: rows whose
+    # allowed keys are all -inf appear once an image's group leaves a token alone... simpler: make
+    # every entry -inf for head 1, so every row of head 1 is fully masked (rule 2: NaN, not zeros).
+    qkv, kw = _inputs(2, 14, 14, 2, 32, (7, 7), (0, 0), True, False, "none", torch.bfloat16)
+    kw["rel_pos_bias"][:, 1] = float("-inf")
+    c = _call(qkv, 2, (7, 7), kw)
+    out, lse = c.forward()
+    want = ref.window_attention(qkv.double(), 2, (7, 7), rel_pos_bias=kw["rel_pos_bias"].double())
+    assert torch.isnan(out[..., 32:]).all() and torch.isnan(want[..., 32:]).all()
+    assert torch.isfinite(out[..., :32]).all()
+    assert torch.isneginf(lse[:, 1]).all()
+
+
+@pytest.mark.parametrize("where", ["v_masked_key", "q"])
+def test_nan_inputs_propagate_like_the_reference(where):
+    # NaN in V of a token that other groups cannot see: the reference's P @ V still multiplies it by
+    # 0 (NaN) for every row of the window; the kernel must give the same NaN pattern.
+    qkv, kw = _inputs(2, 14, 14, 2, 32, (7, 7), (0, 0), True, False, "per_image", torch.bfloat16)
+    C = 64
+    if where == "v_masked_key":
+        qkv[0, 3, 4, 2 * C + 5] = float("nan")  # head 0, channel 5 of V
+    else:
+        qkv[1, 9, 9, 40] = float("nan")  # head 1 of Q
+    out, _ = _call(qkv, 2, (7, 7), kw).forward()
+    want = ref.window_attention(qkv.double(), 2, (7, 7), **kw)
+    assert torch.equal(torch.isnan(out), torch.isnan(want))
+    ok = ~torch.isnan(want)
+    same = ref.window_attention(qkv, 2, (7, 7), **kw)
+    assert_close_2x(out[ok], want[ok], same[ok])
+
+
+def test_deterministic_bias_gradient_is_bit_identical():
+    qkv, kw = _inputs(3, 14, 14, 2, 32, (7, 7), (3, 3), True, False, "per_image", torch.bfloat16)
+    c = _call(qkv, 2, (7, 7), kw)
+    out, lse = c.forward()
+    dout = torch.randn(3, 14, 14, 64, dtype=torch.bfloat16)
+    runs = []
+    for seed in (1, 2):
+        E.seed(seed)  # a different thread order
+        runs.append(c.backward(dout, out, lse, deterministic=True))
+    for a, b in zip(runs[0], runs[1]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    _check(qkv, 2, (7, 7), kw, deterministic=True)
+
+
+def test_legacy_kernels_under_a_small_smem_limit(monkeypatch):
+    # MIXKERNELS_WATTN_SMEM_LIMIT below what the fused kernels need: the legacy kernels run, with K/V
+    # streamed in column chunks.
+    cap, ld, T = 224, (32 + 8) * 2, 27 * 27
+    base = ld * (2 * 16 + 2 * 32) + 52 * cap  # legacy make_plan: 2 row tiles of 16, 2 column tiles of 32
+    qkv, kw = _inputs(1, 28, 28, 2, 32, (14, 14), (7, 7), True, False, "shared", torch.bfloat16)
+    monkeypatch.setenv("MIXKERNELS_WATTN_SMEM_LIMIT", str(base + 4 * T))
+    _check(qkv, 2, (14, 14), kw)
+    monkeypatch.setenv("MIXKERNELS_WATTN_SMEM_LIMIT", str(base + 4 * (T + 32)))
+    _check(qkv, 2, (14, 14), kw, deterministic=True)
+
+
+def test_outputs_fully_written_and_thread_order_independent():
+    qkv, kw = _inputs(2, 12, 12, 2, 32, (6, 6), (2, 3), True, False, "per_image", torch.bfloat16)
+    c = _call(qkv, 2, (6, 6), kw)
+    E.seed(7)
+    a = c.forward()
+    E.seed(8)
+    b = c.forward()
+    for x, y in zip(a, b):  # outputs start as NaN poison: unwritten elements would show
+        assert torch.isfinite(x).all() and torch.equal(x, y)
+
+
+@pytest.mark.skipif(os.environ.get("MIXKERNELS_EMU_FULL") != "1", reason="MIXKERNELS_EMU_FULL=1 for more shapes")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_deterministic_matches_reference(case):
+    _, B, H, W, nh, d, win, shift, rpb, ab, group = case
+    qkv, kw = _inputs(B, H, W, nh, d, win, shift, rpb, ab, group, torch.bfloat16)
+    _check(qkv, nh, win, kw, deterministic=True)

@@ -1,0 +1,152 @@
+"""The CUDA token-op and loss kernels (csrc/cuda), run on the CPU by the SIMT emulator
+(tests/_cuda_emu.py), against the references: gathers bit for bit, sums with the 2x rule.
+
+Covers every access width the launchers pick (16/8/4/2-byte vectors from the row size and pointer
+alignment), the 1/2/4 vectors-per-lane steps (short and long rows), the fill (mask token) and zero
+rows, batch-shared and per-image masks, and poisoned outputs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixkernels import reference as ref
+from mixkernels.testing import assert_close_2x
+
+import _cuda_emu as E
+
+_SKIP = E.unavailable()
+pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _ok(err):
+    assert err == 0, f"emulated launch returned cudaError {err}"
+
+
+# (C, pointer offset in elements): row sizes and alignments that select every vector width / unroll
+WIDTHS = [(64, 0), (24, 0), (6, 0), (3, 0), (64, 1), (130, 2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("C,off", WIDTHS, ids=lambda v: str(v))
+def test_mix_and_unmix(dtype, C, off):
+    B, L = 3, 10
+    x = E.aligned(torch.randn(B, L, C).to(dtype), off)
+    for shared in (True, False):
+        mask = (torch.rand(1 if shared else B, L) < 0.5).to(torch.uint8)
+        m = mask[0] if shared else mask
+        out = E.empty((B, L, C), dtype)
+        _ok(E.call("emu_mix_tokens", x, mask, out, B, L, C, mask.shape[0], DT[dtype]))
+        assert torch.equal(out, ref.mix_tokens(x, m.bool()))
+        g = E.aligned(torch.randn(B, L, C).to(dtype), off)
+        dx = E.empty((B, L, C), dtype)
+        _ok(E.call("emu_mix_tokens_backward", g, mask, dx, B, L, C, mask.shape[0], DT[dtype]))
+        xr = x.double().requires_grad_(True)
+        (want,) = torch.autograd.grad(ref.mix_tokens(xr, m.bool()), xr, g.double())
+        xs = x.detach().clone().requires_grad_(True)
+        (same,) = torch.autograd.grad(ref.mix_tokens(xs, m.bool()), xs, g)
+        assert_close_2x(dx, want, same, name="mix backward")
+        tok = E.aligned(torch.randn(C).to(dtype))
+        pos = E.aligned(torch.randn(L, C).to(dtype), off)
+        for p in (None, pos):
+            out2 = E.empty((2 * B, L, C), dtype)
+            _ok(E.call("emu_unmix_tokens", x, mask, tok, p, out2, B, L, C, mask.shape[0], DT[dtype]))
+            want2 = ref.unmix_tokens(x.double(), m.bool(), tok.double(), None if p is None else p.double())
+            same2 = ref.unmix_tokens(x, m.bool(), tok, p)
+            if p is None:
+                assert torch.equal(out2, same2)
+            else:
+                assert_close_2x(out2, want2, same2, name="unmix + pos")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_unmix_backward(dtype):
+    B, L, C = 3, 7, 40
+    mask = (torch.rand(B, L) < 0.5).to(torch.uint8)
+    g = E.aligned(torch.randn(2 * B, L, C).to(dtype))
+    dx = E.empty((B, L, C), dtype)
+    dtok, dpos = E.empty((C,), torch.float32), E.empty((L, C), torch.float32)
+    ws = E.empty((max(1, E.call("emu_unmix_tokens_backward_workspace", B, L, C, 1, 1)),), torch.float32)
+    _ok(E.call("emu_unmix_tokens_backward", g, mask, dx, dtok, dpos, ws, B, L, C, B, DT[dtype]))
+    x = torch.randn(B, L, C, dtype=torch.float64, requires_grad=True)
+    tok = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(L, C, dtype=torch.float64, requires_grad=True)
+    want = torch.autograd.grad(ref.unmix_tokens(x, mask.bool(), tok, pos), (x, tok, pos), g.double())
+    assert torch.equal(dx.double(), want[0])  # a selection of grad rows
+    torch.testing.assert_close(dtok.double(), want[1], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dpos.double(), want[2], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("win,shift", [((7, 7), (3, 3)), ((4, 6), (0, 5)), ((14, 14), (0, 0))])
+@pytest.mark.parametrize("C,off", [(32, 0), (6, 0), (40, 1)], ids=str)
+def test_window_partition_merge(dtype, win, shift, C, off):
+    B = 2
+    H, W = 2 * win[0], 3 * win[1]
+    x = E.aligned(torch.randn(B, H, W, C).to(dtype), off)
+    nW = (H // win[0]) * (W // win[1])
+    out = E.empty((B * nW, win[0] * win[1], C), dtype)
+    _ok(E.call("emu_window_partition", x, out, B, H, W, C, win[0], win[1], shift[0], shift[1], DT[dtype]))
+    assert torch.equal(out, ref.window_partition(x, win, shift))
+    back = E.empty((B, H, W, C), dtype)
+    _ok(E.call("emu_window_merge", E.aligned(out, off), back, B, H, W, C, win[0], win[1], shift[0], shift[1], DT[dtype]))
+    assert torch.equal(back, x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("unit", [1, 2])
+@pytest.mark.parametrize("C,off", [(16, 0), (5, 0), (24, 1)], ids=str)
+def test_uniform(dtype, unit, C, off):
+    B, H, W = 2, 4 * unit, 8 * unit
+    hc, wc = H // (2 * unit), W // (2 * unit)
+    x = E.aligned(torch.randn(B, H, W, C).to(dtype), off)
+    keep = torch.randint(0, 4, (B, hc, wc), dtype=torch.uint8)
+    sec = (torch.rand(B, hc, wc) < 0.3).to(torch.uint8)
+    tok = E.aligned(torch.randn(C).to(dtype))
+    for s in (None, sec):
+        out = E.empty((B, H // 2, W // 2, C), dtype)
+        _ok(E.call("emu_uniform_sample", x, keep, s, None if s is None else tok, out, B, H, W, C, unit, DT[dtype]))
+        want = ref.uniform_sample(x, keep.long(), unit, mask_token=None if s is None else tok,
+                                  secondary=None if s is None else s.bool())
+        assert torch.equal(out, want)
+        g = E.aligned(torch.randn(B, H // 2, W // 2, C).to(dtype), off)
+        dx = E.empty((B, H, W, C), dtype)
+        dtok = E.empty((C,), torch.float32)
+        ws = E.empty((max(1, E.call("emu_uniform_sample_backward_workspace", B, H, W, C, 1)),), torch.float32)
+        _ok(E.call("emu_uniform_sample_backward", g, keep, s, dx, dtok, ws, B, H, W, C, unit, DT[dtype]))
+        xr = x.double().requires_grad_(True)
+        tr = tok.double().requires_grad_(True)
+        o = ref.uniform_sample(xr, keep.long(), unit, mask_token=tr, secondary=None if s is None else s.bool())
+        gx, gt = torch.autograd.grad(o, (xr, tr), g.double(), allow_unused=True)
+        assert torch.equal(dx.double(), gx)
+        torch.testing.assert_close(dtok.double(), torch.zeros(C, dtype=torch.float64) if gt is None else gt,
+                                   rtol=1e-5, atol=1e-4)
+    back = E.empty((B, H, W, C), dtype)
+    _ok(E.call("emu_uniform_scatter", E.aligned(out, off), keep, back, B, H, W, C, unit, DT[dtype]))
+    assert torch.equal(back, ref.uniform_scatter(out, keep.long(), unit))
+
+
+@pytest.mark.parametrize("pdt", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("p,norm", [(8, True), (4, False), (3, True)])
+def test_losses(pdt, p, norm):
+    B, H, W = 2, 4 * p, 3 * p
+    L, D = (H // p) * (W // p), p * p * 3
+    imgs = E.aligned(torch.randn(B, 3, H, W))
+    pred = E.aligned(torch.randn(2 * B, L, D).to(pdt))
+    mask = (torch.rand(B, L) < 0.5).to(torch.uint8)
+    out = E.empty((B, L), torch.float32)
+    _ok(E.call("emu_mixmim_loss_fwd", pred, DT[pdt], imgs, 0, mask, L, out, B, H, W, p, int(norm), 1e-6))
+    pr = pred.double().requires_grad_(True)
+    want = ref.mixmim_loss(pr, imgs.double(), mask.bool(), p, norm_pix=norm, reduction="none")
+    same = ref.mixmim_loss(pred.float(), imgs, mask.bool(), p, norm_pix=norm, reduction="none")
+    assert_close_2x(out, want, same, name="mixmim loss")
+    g = E.aligned(torch.rand(B, L))
+    dpred = E.empty(tuple(pred.shape), pdt)
+    _ok(E.call("emu_mixmim_loss_bwd", g, pred, DT[pdt], imgs, 0, mask, L, dpred, B, H, W, p, int(norm), 1e-6))
+    (gw,) = torch.autograd.grad(want, pr, g.double())
+    ps = pred.detach().clone().requires_grad_(True)
+    (gs,) = torch.autograd.grad(ref.mixmim_loss(ps, imgs.to(pdt), mask.bool(), p, norm_pix=norm, reduction="none"),
+                                ps, g.to(torch.float32))
+    assert_close_2x(dpred, gw, gs, name="mixmim loss backward")

@@ -1,0 +1,278 @@
+"""The static performance report itself (mixkernels/bench/static*.py): SASS CFG and loop weighting,
+occupancy, floor bytes, trip-count rules, the CI gate's logic, and the report's JSON (one tiny
+end-to-end run: two token-op kernels compiled for sm_90). CPU only."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mixkernels.bench import static_cases, static_model, static_rules, static_sass
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_SRC = """x = 0
+y = 1
+if y:
+    y = 2
+for i in range(0, n):
+    y += 1
+    for j in range(0, m):
+        y += 2
+"""
+
+
+def _listing(src):
+    f = f'"{src}"'
+    return f"""
+	.target	sm_90a
+//--------------------- .text.k         --------------------------
+	.section	.text.k,"ax",@progbits
+k:
+.text.k:
+	//## File {f}, line 1
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   ISETP.GE.AND P0, PT, R0, 0x10, PT ;
+        /*0020*/               @P0 BRA `(.L_x_1) ;
+	//## File {f}, line 4
+        /*0030*/                   MUFU.EX2 R2, R2 ;
+.L_x_1:
+	//## File {f}, line 3
+        /*0040*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+.L_x_2:
+	//## File {f}, line 6
+        /*0050*/                   FADD R5, R4, R5 ;
+.L_x_3:
+	//## File {f}, line 8
+        /*0060*/                   FFMA R6, R5, R5, R6 ;
+        /*0070*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+	//## File {f}, line 7
+        /*0080*/               @P1 BRA `(.L_x_3) ;
+	//## File {f}, line 5
+        /*0090*/               @P2 BRA `(.L_x_2) ;
+        /*00a0*/                   EXIT ;
+.L_x_4:
+        /*00b0*/                   BRA `(.L_x_4);
+        /*00c0*/                   NOP;
+//--------------------- SYMBOLS --------------------------
+"""
+
+
+@pytest.fixture
+def kernel(tmp_path):
+    src = tmp_path / "k.py"
+    src.write_text(_SRC)
+    return static_sass.parse(_listing(str(src)))["k"]
+
+
+def test_sass_cfg_finds_nested_loops_by_back_edges(kernel):
+    assert kernel.static_count() == 11  # the unreachable self-loop after EXIT (and padding) excluded
+    assert len(kernel.loops) == 2
+    outer, inner = sorted(kernel.loops, key=lambda lp: len(lp.body), reverse=True)
+    assert inner.parent == kernel.loops.index(outer)
+    assert outer.site.line == 5 and "for i in range" in outer.site.text
+    assert inner.site.line == 7 and "for j in range" in inner.site.text
+
+
+def test_sass_weighting_multiplies_trip_counts(kernel):
+    trips = {5: 3.0, 7: 4.0}
+    c = static_sass.weigh(kernel, lambda lp: (trips[lp.site.line], "test"))
+    # 3 (entry) + 1 (if body) + 1 (LDG) + 3 x (1 + 4 x 3 + 1) (loops) + 1 (EXIT)
+    assert c["total"] == 48
+    assert c["mma"] == 12 and c["mma_flops"] == 12 * 4096 and c["mma_sync"] == 12
+    assert c["mufu"] == 1 and c["mufu.ex2"] == 1
+    assert c["global_bytes"] == 16 * 32
+    # No rule: each loop counted once, and marked unmatched
+    c1 = static_sass.weigh(kernel, lambda lp: (None, ""))
+    assert c1["total"] == 3 + 1 + 1 + (1 + 3 + 1) + 1
+    assert not any(lp.matched for lp in kernel.loops)
+
+
+def test_sass_heaviest_path_and_unrolled_copies(tmp_path):
+    src = tmp_path / "u.cu"
+    src.write_text("a\nfor (i = 0; i < n; ++i) s += x[i];\nb\n")
+    f = f'"{src}"'
+    body4 = "".join(f"        /*{0x40 + 16 * k:04x}*/                   FADD R{k}, R{k}, R9 ;\n" for k in range(4))
+    text = f"""
+//--------------------- .text.u         --------------------------
+u:
+	//## File {f}, line 1
+        /*0000*/                   ISETP.GE.AND P0, PT, R0, 0x10, PT ;
+        /*0010*/               @P0 BRA `(.L_x_9) ;
+        /*0020*/                   FADD R1, R1, R2 ;
+        /*0030*/                   BRA `(.L_x_8) ;
+.L_x_9:
+        /*0038*/                   FADD R1, R1, R3 ;
+.L_x_8:
+	//## File {f}, line 2
+.L_x_1:
+{body4}        /*0080*/                   IADD3 R0, R0, 0x4, RZ ;
+        /*0090*/               @P1 BRA `(.L_x_1) ;
+.L_x_2:
+        /*00e0*/                   FADD R1, R1, R9 ;
+        /*00f0*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*0100*/               @P2 BRA `(.L_x_2) ;
+        /*0110*/                   EXIT ;
+"""
+    fn = static_sass.parse(text)["u"]
+    assert len(fn.loops) == 2
+    c = static_sass.weigh(fn, lambda lp: (10.0, "n = 10"))
+    trips = sorted(lp.trips for lp in fn.loops)
+    assert trips == [2.0, 2.0]  # x4 copy: 2 iterations (8 elements), x1 copy: the remaining 2
+    # entry (2) + the heavier side of the if/else (FADD + BRA) + 2 x 6 + 2 x 3 + EXIT
+    assert c["total"] == 2 + 2 + 2 * 6 + 2 * 3 + 1
+
+
+def test_inflight_bytes_batches_loads_until_first_use(kernel):
+    assert static_sass.inflight_bytes(kernel) == 16 * 32
+
+
+@pytest.mark.parametrize("regs,smem,threads,ctas,limit", [
+    (255, 0, 256, 1, "registers"),  # window-14 attention today
+    (128, 20480, 128, 4, "registers"),
+    (32, 0, 256, 8, "threads"),
+    (64, 0, 1024, 1, "registers"),
+    (16, 0, 32, 32, "blocks"),
+    (40, 100 * 1024, 128, 2, "shared memory"),  # (102400 + 1 KB reserved) x 2 <= 228 KB
+    (40, 227 * 1024, 128, 1, "shared memory"),
+])
+def test_occupancy_h100(regs, smem, threads, ctas, limit):
+    occ = static_model.occupancy(regs, smem, threads)
+    assert occ["ctas"] == ctas and occ["limit"] == limit
+
+
+def test_occupancy_rejects_what_cannot_launch():
+    assert static_model.occupancy(256, 0, 128)["ctas"] == 0
+    assert static_model.occupancy(32, 228 * 1024, 128)["ctas"] == 0
+
+
+def test_estimate_terms():
+    m = static_model.MODEL
+    # A copy-like launch: memory-bound at full bandwidth when enough bytes are in flight.
+    e = static_model.estimate(programs=132 * 64, warps=4, ctas_per_sm=16, instr_per_warp=50, mufu_per_warp=0,
+                              mma_flops_per_warp=0, mma_sync=False, hbm_bytes=1e9, inflight_bytes_per_warp=4096)
+    assert e["bound"] == "memory" and e["mem_eff"] == 1.0
+    assert e["us"] == pytest.approx(1e9 / m["hbm_bytes_per_s"] * 1e6 + m["launch_us"])
+    # Issue-bound: one program per SM, 8 warps -> 2 per scheduler: full issue efficiency.
+    e = static_model.estimate(programs=132, warps=8, ctas_per_sm=1, instr_per_warp=1e6, mufu_per_warp=0,
+                              mma_flops_per_warp=0, mma_sync=False, hbm_bytes=0, inflight_bytes_per_warp=0)
+    assert e["bound"] == "issue" and e["issue_eff"] == 1.0
+    assert e["issue_us"] == pytest.approx(8 * 1e6 / (4 * m["clock_ghz"] * 1e9) * 1e6)
+    # A GPU-scope barrier per instruction makes the warp's latency the bound.
+    e = static_model.estimate(programs=132, warps=8, ctas_per_sm=1, instr_per_warp=1000, mufu_per_warp=0,
+                              mma_flops_per_warp=0, mma_sync=False, hbm_bytes=0, inflight_bytes_per_warp=0,
+                              membar_per_warp=1000)
+    assert e["bound"] == "latency"
+
+
+def test_floor_bytes_match_design_section_7():
+    cases = {(c.op, c.shape): c for c in static_cases.build_cases(("bf16",))}
+    bw = static_model.MODEL["hbm_bytes_per_s"]
+    fwd = cases[("window_attention_fwd", "mixmim-b-s1")]
+    assert 4 * 128 * 56 * 56 * 128 * 2 == 411_041_792  # Q/K/V/O: 411 MB
+    assert 411e6 <= fwd.floor_bytes <= 418e6  # + lse (6.4 MB), rpb table and group labels
+    assert fwd.floor_bytes / bw * 1e6 == pytest.approx(97, abs=1)
+    bwd = cases[("window_attention_bwd", "mixmim-b-s1")]
+    assert bwd.floor_bytes == pytest.approx(829e6, rel=0.01)
+    assert bwd.floor_bytes / bw * 1e6 == pytest.approx(193, abs=1)
+    s4 = cases[("window_attention_fwd", "mixmim-b-s4")]
+    assert s4.floor_bytes == pytest.approx(52e6, rel=0.02) and s4.floor_bytes / bw * 1e6 == pytest.approx(12, abs=0.5)
+    assert fwd.elements == 128 * 16 * 4 * 196 * 196  # 315 M score elements
+    mix = cases[("mix_tokens", "mixmim-b-s1")]
+    assert mix.elements == mix.floor_bytes / 16
+
+
+def test_rules_lane_strided_and_triton_range():
+    assert static_rules.lane_strided(196, 256) == pytest.approx(7 / 8)  # warps 0..6 once, warp 7 not at all
+    assert static_rules.lane_strided(1024, 128) == 8
+    got = static_rules.triton_range("    for c in range(0, n_chunks):", {"n_chunks": 12})
+    assert got[0] == 12
+    assert static_rules.triton_range("    for b in range(b0, b1):", {"B": 4}) is None  # locals: needs a rule
+    got = static_rules.triton_range("for s in range(0, N, BLOCK_N):", {"N": 2048, "BLOCK_N": 64})
+    assert got[0] == 32
+
+
+def test_rules_match_by_line_and_call_site():
+    site = static_sass.LoopSite("c.cuh", 275, "  for (int i = threadIdx.x; i < rows * V; i += blockDim.x) {",
+                                (("a.cu", 56, "    load_rows<T, D>(s_k, qkv + G.C + h * D, C3, ts.tok, c0, kcn, N);"),))
+    ctx = static_rules.Ctx(dict(d=32, es=2, N=196), (4096, 4), 224, [0, 0, 0, 0, 2, 224, 224, 224],
+                           "wattn_fwd_kernel")
+    t, why = static_rules.trips_for(static_rules.CUDA_RULES, ctx, site, triton=False)
+    assert t == pytest.approx(static_rules.lane_strided(224 * 4, 224)) and "column chunk" in why
+    t, why = static_rules.trips_for(static_rules.CUDA_RULES, ctx,
+                                    static_sass.LoopSite("x.cu", 1, "while (spin) {"), triton=False)
+    assert t is None and why.startswith("unmatched")
+
+
+def _rec(**kw):
+    r = dict(backend="triton", kernel="window_attention_fwd", shape="mixmim-b-s1", dtype="bf16", spill_bytes=0,
+             error=None, dominant_kernel="_fwd_kernel", registers=200)
+    r.update(kw)
+    return r
+
+
+def test_gate_fails_on_spills_outside_the_allow_list(monkeypatch):
+    from mixkernels.bench import static
+
+    monkeypatch.setattr(static, "ALLOWED_SPILLS", {("triton", "window_attention_fwd", "mixmim-b-s1")})
+    assert static.gate_failures([_rec(spill_bytes=100)]) == []  # allow-listed
+    assert static.gate_failures([_rec(spill_bytes=100, dtype="fp32")]) == []  # fp32 is not gated
+    bad = static.gate_failures([_rec(spill_bytes=8, shape="swin-b-s1-shift"), _rec(dtype="fp16", shape="x"),
+                                _rec(error="boom", shape="y")])
+    assert len(bad) == 2 and "spills 8 B" in bad[0] and "ERROR boom" in bad[1]
+
+
+def test_gate_warns_about_stale_allowances(monkeypatch):
+    from mixkernels.bench import static
+
+    monkeypatch.setattr(static, "ALLOWED_SPILLS", {("triton", "window_attention_fwd", "mixmim-b-s1")})
+    assert static.stale_allowances([_rec(spill_bytes=0), _rec(spill_bytes=0, dtype="fp16")]) == [
+        "triton window_attention_fwd mixmim-b-s1"]
+    assert static.stale_allowances([_rec(spill_bytes=0), _rec(spill_bytes=4, dtype="fp16")]) == []
+
+
+def test_ptxas_log_parsing():
+    from mixkernels.bench import aot
+
+    log = ("ptxas info    : Compiling entry function 'a' for 'sm_90'\nptxas info    : Function properties for a\n"
+           "    48 bytes stack frame, 48 bytes spill stores, 52 bytes spill loads\n"
+           "ptxas info    : Used 255 registers\nptxas info    : Compiling entry function 'b' for 'sm_90'\n"
+           "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\nptxas info    : Used 40 registers\n")
+    assert aot.ptxas_stats(log, "a") == dict(regs=255, spill_st=48, spill_ld=52, stack=48)
+    assert aot.ptxas_stats(log, "b")["regs"] == 40
+
+
+REQUIRED = ("backend", "kernel", "shape", "dtype", "arch", "config", "registers", "spill_bytes", "smem_bytes",
+            "threads", "ctas_per_sm", "instructions", "instructions_per_element", "floor_bytes", "floor_us", "est_us",
+            "est_fraction_of_floor")
+
+
+def test_report_end_to_end_json_and_compare(tmp_path):
+    pytest.importorskip("triton.backends.nvidia")
+    from mixkernels.bench.aot import clean_env
+
+    out1, out2, cache = tmp_path / "a", tmp_path / "b", tmp_path / "cache"
+    cmd = [sys.executable, "-m", "mixkernels.bench", "--static", "--backend", "triton", "--dtype", "bf16",
+           "--ops", "mix_tokens,window_merge", "--shapes", "mixmim-b-s1", "--no-calibration", "--cache", str(cache),
+           "--jobs", "1"]
+    r = subprocess.run(cmd + ["--out", str(out1), "--check"], cwd=_ROOT, env=clean_env(), capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads((out1 / "static.json").read_text())
+    assert set(doc) >= {"model", "records", "env"} and doc["model"]["n_sm"] == 132
+    assert len(doc["records"]) == 2
+    for rec in doc["records"]:
+        assert all(k in rec for k in REQUIRED), sorted(set(REQUIRED) - set(rec))
+        assert rec["error"] is None and rec["arch"] == "sm_90" and rec["spill_bytes"] == 0
+        assert 0 < rec["est_fraction_of_floor"] <= 1 and rec["est_us"] >= rec["floor_us"]
+        assert rec["instructions"] > 0 and rec["registers"] > 0 and rec["ctas_per_sm"] >= 1
+        assert not rec["unmatched_loops"]
+    assert "Static estimate, no GPU" in (out1 / "static.md").read_text()
+    r = subprocess.run(cmd + ["--out", str(out2), "--compare", str(out1 / "static.json")], cwd=_ROOT,
+                       env=clean_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    md = (out2 / "static.md").read_text()
+    assert "before -> after" in md and " -> " in md
