@@ -31,6 +31,7 @@ SOURCES = [
     "csrc/cuda/windows.cu",
     "csrc/cuda/uniform.cu",
     "csrc/cuda/losses.cu",
+    "csrc/cuda/simmim_loss.cu",
     "tests/cuda_emu/emu_runtime.cpp",
     "tests/cuda_emu/emu_api.cpp",
 ]
@@ -216,6 +217,8 @@ _SIGS = {
     "emu_mixmim_loss_bwd": [_P, _P, _i, _P, _i, _P, _I, _P, _I, _I, _I, _i, _i, _f],
     "emu_masked_loss_fwd": [_P, _i, _P, _i, _P, _P, _I, _I, _I, _I, _i, _i, _f],
     "emu_masked_loss_bwd": [_P, _P, _i, _P, _i, _P, _P, _I, _I, _I, _I, _i, _i, _f],
+    "emu_simmim_loss_fwd": [_P, _i, _P, _i, _P, _I, _P, _I, _I, _I, _I, _i],
+    "emu_simmim_loss_bwd": [_P, _P, _i, _P, _i, _P, _I, _P, _I, _I, _I, _I, _i],
 }
 
 

@@ -211,3 +211,38 @@ def test_swinv2_encoder_uses_cosine_attention():
     blocks = [b for b in model.modules() if isinstance(b, SwinV2Block)]
     assert len(blocks) == 4 and all(hasattr(b.attn, "logit_scale") for b in blocks)
     assert all(float(b.norm1.weight.detach().abs().sum()) == 0 for b in blocks)  # res-post-norm init
+
+
+# ---------------------------------------------------------------- the CUDA kernels, on the CPU SIMT emulator
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("p,H,W,shared", [(4, 8, 20, False), (3, 6, 9, True), (32, 32, 64, False), (160, 160, 160, True)])
+def test_cuda_kernels_on_the_emulator(dtype, p, H, W, shared):
+    """csrc/cuda/simmim_loss.cu run unchanged by tests/_cuda_emu.py: patch sizes under, at and over one
+    block's 128 threads, rows wider than a block, shared/per-image masks, bf16 pred with float32 images;
+    outputs poisoned with NaN (unwritten elements show)."""
+    import _cuda_emu as E
+
+    why = E.unavailable()
+    if why:
+        pytest.skip(why)
+    DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+    B, C = 2, 3
+    pred, imgs = E.aligned(torch.randn(B, C, H, W).to(dtype)), E.aligned(torch.randn(B, C, H, W))
+    L = (H // p) * (W // p)
+    mask = (torch.rand(1 if shared else B, L) < 0.6).to(torch.uint8)
+    mask[:, 0] = 1
+    m = mask[0] if shared else mask
+    out = E.empty((B, L), torch.float32)
+    ms = 0 if shared else L
+    assert E.call("emu_simmim_loss_fwd", pred, DT[dtype], imgs, 0, mask, ms, out, B, C, H, W, p) == 0
+    p64 = pred.double().requires_grad_()
+    want = ref.simmim_loss(p64, imgs.double(), m, p, reduction="none")
+    p1 = pred.detach().clone().requires_grad_()
+    same = ref.simmim_loss(p1, imgs, m, p, reduction="none")
+    assert_close_2x(out, want, same, name="emulated cuda loss")
+    g = E.aligned(torch.randn(B, L))
+    dpred = E.empty((B, C, H, W), dtype)
+    assert E.call("emu_simmim_loss_bwd", g, pred, DT[dtype], imgs, 0, mask, ms, dpred, B, C, H, W, p) == 0
+    (d64,) = torch.autograd.grad(want, p64, g.double())
+    (d1,) = torch.autograd.grad(same, p1, g)
+    assert_close_2x(dpred, d64, d1, name="emulated cuda dpred")

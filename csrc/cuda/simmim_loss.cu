@@ -6,6 +6,8 @@
 // selects; NaN/Inf there do not propagate). Forward: each thread sums |pred - imgs| over its
 // columns, channels and rows; the patch sums are then taken by one thread per patch over its
 // threads in order (deterministic, no atomics). Backward writes every element of the band.
+#include "device_prims.cuh"
+#include "mixkernels/cuda_common.h"
 #include "mixkernels/simmim_loss_cuda.h"
 
 namespace mixkernels::cuda {
@@ -44,7 +46,7 @@ __global__ void __launch_bounds__(kThreads) simmim_fwd_kernel(const TP* __restri
   colsum[t] = s;
   __syncthreads();
   if (t < g.qb && pw0 + t < g.nw) {
-    const int lo = t * g.p, hi = min(lo + g.p, kThreads);
+    const int lo = t * g.p, hi = lo + g.p < kThreads ? lo + g.p : kThreads;
     float tot = 0.f;
     for (int k = lo; k < hi; ++k) tot += colsum[k];
     out[band * g.nw + pw0 + t] = tot / static_cast<float>(g.C * g.p * g.p);
@@ -95,14 +97,14 @@ cudaError_t simmim_loss_fwd(const void* pred, DType pred_t, const void* imgs, DT
                             cudaStream_t stream) {
   const Band g = make_band(B, C, H, W, p);
   if (g.B * g.nh * g.nw == 0) return cudaSuccess;
-  MK_DISPATCH_DTYPE(pred_t, [&] {
+  return MK_DISPATCH_DTYPE(pred_t, [&]() -> cudaError_t {
     using TP = scalar_t;
-    MK_DISPATCH_DTYPE(imgs_t, [&] {
-      simmim_fwd_kernel<TP, scalar_t><<<grid_of(g), kThreads, 0, stream>>>(
-          static_cast<const TP*>(pred), static_cast<const scalar_t*>(imgs), mask, mask_stride, out, g);
+    return MK_DISPATCH_DTYPE(imgs_t, [&]() -> cudaError_t {
+      auto k = simmim_fwd_kernel<TP, scalar_t>;
+      return MK_LAUNCH(k, grid_of(g), dim3(kThreads), 0, stream,
+                       static_cast<const TP*>(pred), static_cast<const scalar_t*>(imgs), mask, mask_stride, out, g);
     });
   });
-  return launch_status();
 }
 
 cudaError_t simmim_loss_bwd(const float* grad, const void* pred, DType pred_t, const void* imgs, DType imgs_t,
@@ -110,15 +112,15 @@ cudaError_t simmim_loss_bwd(const float* grad, const void* pred, DType pred_t, c
                             int64_t W, int p, cudaStream_t stream) {
   const Band g = make_band(B, C, H, W, p);
   if (g.B * g.nh * g.nw == 0 || C == 0) return cudaSuccess;
-  MK_DISPATCH_DTYPE(pred_t, [&] {
+  return MK_DISPATCH_DTYPE(pred_t, [&]() -> cudaError_t {
     using TP = scalar_t;
-    MK_DISPATCH_DTYPE(imgs_t, [&] {
-      simmim_bwd_kernel<TP, scalar_t><<<grid_of(g), kThreads, 0, stream>>>(
-          grad, static_cast<const TP*>(pred), static_cast<const scalar_t*>(imgs), mask, mask_stride,
-          static_cast<TP*>(dpred), g);
+    return MK_DISPATCH_DTYPE(imgs_t, [&]() -> cudaError_t {
+      auto k = simmim_bwd_kernel<TP, scalar_t>;
+      return MK_LAUNCH(k, grid_of(g), dim3(kThreads), 0, stream, grad,
+                       static_cast<const TP*>(pred), static_cast<const scalar_t*>(imgs), mask, mask_stride,
+                       static_cast<TP*>(dpred), g);
     });
   });
-  return launch_status();
 }
 
 }  // namespace mixkernels::cuda

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "mixkernels/losses_cuda.h"
+#include "mixkernels/simmim_loss_cuda.h"
 #include "mixkernels/tokens_cuda.h"
 #include "mixkernels/window_attention_cuda.h"
 #include "simt_emu.h"
@@ -115,5 +116,13 @@ int emu_masked_loss_bwd(const float* g, const void* pred, int pt, const void* im
                         void* dpred, I B, I Lp, I H, I W, int p, int norm, float eps) {
   return masked_recon_loss_bwd(g, pred, DType(pt), imgs, DType(it), idx, dpred, B, Lp, H, W, p, norm != 0, eps,
                                nullptr);
+}
+int emu_simmim_loss_fwd(const void* pred, int pt, const void* imgs, int it, U8 m, I ms, float* out, I B, I C, I H,
+                        I W, int p) {
+  return simmim_loss_fwd(pred, DType(pt), imgs, DType(it), m, ms, out, B, C, H, W, p, nullptr);
+}
+int emu_simmim_loss_bwd(const float* g, const void* pred, int pt, const void* imgs, int it, U8 m, I ms, void* dpred,
+                        I B, I C, I H, I W, int p) {
+  return simmim_loss_bwd(g, pred, DType(pt), imgs, DType(it), m, ms, dpred, B, C, H, W, p, nullptr);
 }
 }  // extern "C"
