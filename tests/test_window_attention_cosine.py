@@ -227,3 +227,71 @@ def test_compile_fullgraph_cosine():
     torch.testing.assert_close(loss, loss_e, rtol=1e-6, atol=0)
     for a, b in zip(grads, torch.autograd.grad(loss_e, eager)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the CUDA kernels, on the CPU SIMT emulator
+def _emu_case(B, H, W, nH, d, win, shift, rpb, ab, group, dtype):
+    leaves, kw = _case(B, H, W, nH, d, win, shift=shift, rpb=rpb, ab=ab, group=group)
+    return {k: v.to(dtype) if k == "qkv" else v.float() for k, v in leaves.items()}, kw
+
+
+def _emu_check(leaves, kw, dtype, deterministic=False):
+    """The emulated CUDA kernels (tests/_cuda_emu.py) vs the reference: out, dqkv, drpb, dbias and the
+    logit-scale gradient (the kernels' raw sums times the clamp mask, as the binding applies it)."""
+    import _cuda_emu as E
+
+    qkv, ls = leaves["qkv"], leaves["logit_scale"]
+    nH, win = kw["num_heads"], kw["window_size"]
+    win = win if isinstance(win, tuple) else (win, win)
+    shift = kw["shift_size"] if isinstance(kw["shift_size"], tuple) else (kw["shift_size"],) * 2
+    c = E.Call(qkv, nH, win, shift, leaves.get("rel_pos_bias"), leaves.get("attn_bias"), kw.get("group"),
+               logit_scale=ls)
+    out, lse = c.forward()
+    B, H, W, C3 = qkv.shape
+    dout = torch.randn(B, H, W, C3 // 3, dtype=dtype)
+    dqkv, drpb, dbias, dls = c.backward(dout, out, lse, deterministic=deterministic)
+    dls = torch.where(ls.reshape(-1).float() <= math.log(100.0), dls, torch.zeros(()))
+    got = {"out": out, "qkv": dqkv, "rel_pos_bias": drpb, "attn_bias": dbias, "logit_scale": dls}
+    r64 = _run(ref.window_attention, leaves, kw, dout.double(), torch.float64)
+    r1 = _run(ref.window_attention, leaves, kw, dout.double(), dtype)
+    assert_close_2x(out, r64[0], r1[0], name="emulated out", atol=_atol(r64[0], dtype))
+    for n, g64 in r64[1].items():
+        g = got[n].reshape(g64.shape)
+        assert_close_2x(g, g64, r1[1][n].to(g.dtype), name=f"emulated d{n}", atol=_atol(g64, dtype))
+
+
+EMU_CASES = [  # (B, H, W, heads, head_dim, window, shift, rpb, attn_bias, group): fused kernels unless noted
+    ("swinv2_w8_shift", 2, 16, 16, 2, 32, (8, 8), (4, 4), True, False, None),
+    ("group_odd_window", 2, 6, 10, 3, 16, (3, 5), (1, 2), True, False, "bhw"),
+    ("d64_no_bias", 1, 14, 14, 2, 64, (7, 7), (3, 3), False, False, "hw"),
+    ("attn_bias", 2, 12, 12, 2, 32, (6, 6), (2, 3), True, True, None),  # fused forward, legacy backward
+    ("d128", 1, 8, 16, 1, 128, (8, 8), (0, 4), True, False, None),  # legacy backward
+]
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    import _cuda_emu as E
+
+    why = E.unavailable()
+    if why:
+        pytest.skip(why)
+    return E
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", EMU_CASES, ids=lambda c: c[0])
+def test_cuda_kernels_on_the_emulator(emulator, case, dtype):
+    leaves, kw = _emu_case(*case[1:], dtype)
+    _emu_check(leaves, kw, dtype)
+
+
+def test_cuda_float32_legacy_and_deterministic_on_the_emulator(emulator, monkeypatch):
+    leaves, kw = _emu_case(2, 12, 12, 2, 32, (6, 6), (2, 3), True, True, "bhw", torch.float32)
+    _emu_check(leaves, kw, torch.float32)  # float32: the legacy kernels
+    leaves, kw = _emu_case(3, 14, 14, 2, 32, (7, 7), (3, 3), True, False, "bhw", torch.bfloat16)
+    _emu_check(leaves, kw, torch.bfloat16, deterministic=True)
+    monkeypatch.setenv("MIXKERNELS_WATTN_SMEM_LIMIT", "24000")  # legacy kernels with K/V in column chunks
+    leaves, kw = _emu_case(1, 28, 28, 2, 32, (14, 14), (7, 7), True, False, "hw", torch.bfloat16)
+    _emu_check(leaves, kw, torch.bfloat16)
+    _emu_check(leaves, kw, torch.bfloat16, deterministic=True)
