@@ -11,6 +11,7 @@ Knobs (environment):
   MIXKERNELS_SKIP_CUDA=1    never build _C_cuda
   MIXKERNELS_SKIP_CPU=1     build no extension at install time (pure Python package)
   MIXKERNELS_REQUIRE_BUILD=1  fail (with the fix) instead of installing without extensions
+  MIXKERNELS_SANITIZE=1     CPU extension with ASan + UBSan (flags.txt `sanitize`; scripts/sanitize_cpu.sh)
   CUDA_HOME                 the CUDA toolkit (else found from nvcc / the usual folders)
   MAX_JOBS                  parallel compile jobs (ninja)
 Compiler flags: csrc/flags.txt (shared with CMakeLists.txt and mixkernels.build).
@@ -133,8 +134,12 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     flags = cfg.read_flags(SRC)
+    cxx, ldflags = flags["cxx"], flags["ldflags"]
+    if os.environ.get("MIXKERNELS_SANITIZE") == "1":  # ASan + UBSan, every UB report fatal (sanitize_cpu.sh)
+        cxx = [f for f in cxx if not f.startswith("-O")] + ["-O1"] + flags["sanitize"]
+        ldflags = ldflags + flags["sanitize"]
     exts = [CppExtension("mixkernels._C", _rel(cfg.cpu_sources(SRC)), include_dirs=[os.path.join(SRC, "include")],
-                         extra_compile_args={"cxx": flags["cxx"]}, extra_link_args=flags["ldflags"])]
+                         extra_compile_args={"cxx": cxx}, extra_link_args=ldflags)]
     info.update(built_at_install=True, torch_version=torch.__version__, torch_cuda=torch.version.cuda)
     cuda = _cuda_extension(torch, flags, info)
     if cuda is not None:

@@ -52,7 +52,8 @@ TORCH_LIBRARY(mixkernels_C, m) {
 
   // ---- Window attention. qkv (B,H,W,3C) channels (3,nH,d); rpb acc ((2rh-1)*(2rw-1),nH);
   // attn_bias acc (nH,N,N); group int32/int64 (G,H,W); coords int32/int64 (G,H,W,2) (G in {1,B},
-  // indexed at the original position). Without coords, rh=wh, rw=ww (window-local coords).
+  // indexed at the original position, compared exactly at their width; coords differences outside
+  // (rh, rw) add no bias). Without coords, rh=wh, rw=ww (window-local coords).
   // -> (out (B,H,W,C) qkv.dtype, lse acc (B*nW,nH,N), windows of the rolled grid, row-major).
   m.def("window_attention(Tensor qkv, int num_heads, int wh, int ww, int sh, int sw, Tensor? rpb, "
         "Tensor? attn_bias, Tensor? group, Tensor? coords, int rh, int rw, float scale) -> (Tensor, Tensor)");

@@ -5,18 +5,27 @@ Single process:   python examples/pretrain_mixmim.py --data /path/to/imagenet/tr
 Synthetic smoke:  python examples/pretrain_mixmim.py --synthetic --model mixmim_tiny --steps 10 --batch-size 8
 Several GPUs:     torchrun --nproc_per_node 8 examples/pretrain_mixmim.py --data ... [--fsdp]
 
-Data: an ImageFolder-style tree (class subfolders of images; labels are ignored) or
-``--synthetic`` random images. bf16 autocast on CUDA (``--no-amp`` to disable, ``--cpu-amp``
-to also use it on the CPU), AdamW with warm-up + cosine schedule, a progress line with
-images/s and loss, checkpoints every ``--save-every`` steps and at the end (``--resume``
-continues from ``<out>/checkpoint.pt``). Under torchrun the model is wrapped in DDP, or
-sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``) when ``--fsdp`` is given.
+Data: a folder tree of images (e.g. ImageNet's train/; labels are ignored) or ``--synthetic``
+random images. Unreadable files (truncated, empty, not images, over ``--max-image-pixels``)
+are skipped, replaced by the next good image (every rank keeps the same number of batches)
+and listed at the end of each epoch; every image mode is converted to RGB.
+bf16 autocast on CUDA (``--no-amp`` to disable, ``--cpu-amp`` to also use it on the CPU),
+AdamW with warm-up + cosine schedule, a progress line with images/s and loss.
+
+Checkpoints every ``--save-every`` steps and at the end, atomically (``<out>/checkpoint.pt``,
+the one before kept as ``checkpoint.pt.prev``); ``--resume`` continues exactly where the
+checkpoint was taken (RNG states and the position inside the epoch are saved: on the CPU an
+interrupted and resumed run gives the same losses bit for bit as an uninterrupted one),
+falls back to the previous checkpoint when the latest is damaged, and loads weights only.
+Under torchrun the model is wrapped in DDP, or sharded with FSDP2
+(``torch.distributed.fsdp.fully_shard``) when ``--fsdp`` is given.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 
@@ -26,6 +35,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from mixkernels import models  # noqa: E402
+from mixkernels import train_utils as tu  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -49,8 +59,12 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt if present")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--loss-log", default=None, help="append 'step loss' (exact, float.hex) of every step to this file")
     p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--max-image-pixels", type=int, default=tu.data.DEFAULT_MAX_PIXELS,
+                   help="skip images with more pixels (decompression-bomb guard)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kill-after-step", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGKILL itself
     a = p.parse_args(argv)
     if not a.synthetic and a.data is None:
         p.error("give --data DIR or --synthetic")
@@ -102,6 +116,7 @@ class Synthetic(torch.utils.data.Dataset):
 
 
 def make_loader(args, img, rank, world):
+    """DataLoader over a resumable sampler; samples load with RNGs seeded per (epoch, index)."""
     if args.synthetic:
         ds = Synthetic(max(args.batch_size * world * 4, 64), img)
     else:
@@ -114,24 +129,18 @@ def make_loader(args, img, rank, world):
             T.RandomHorizontalFlip(), T.ToTensor(),
             T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
         ])
-        ds = tv.datasets.ImageFolder(args.data, transform=tf)
-    sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=True, seed=args.seed) if world > 1 else None
+        ds = tu.ImageFiles(args.data, transform=tf, max_pixels=args.max_image_pixels)
+    if len(ds) < args.batch_size * world:
+        raise SystemExit(f"the dataset has {len(ds)} samples, fewer than one batch ({args.batch_size} x {world} ranks)")
+    sampler = tu.ResumableSampler(len(ds), rank=rank, world=world, shuffle=True, seed=args.seed)
+    workers = 0 if args.synthetic else args.workers
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
-        num_workers=0 if args.synthetic else args.workers, pin_memory=torch.cuda.is_available(),
+        tu.SeededSamples(ds, seed=args.seed), batch_size=args.batch_size, sampler=sampler, drop_last=True,
+        collate_fn=tu.collate, num_workers=workers, pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
+        generator=torch.Generator().manual_seed(args.seed),  # worker seeds: never drawn from the global RNG
     )
     return loader, sampler
-
-
-def forever(loader, sampler, start_epoch):
-    epoch = start_epoch
-    while True:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        for imgs, _ in loader:
-            yield epoch, imgs
-        epoch += 1
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -156,14 +165,37 @@ def load_state_dicts(model, opt, msd, osd, args):
     opt.load_state_dict(osd)
 
 
-def save(path, model, opt, step, epoch, args, rank):
+CKPT_KEYS = ("model", "optimizer", "step", "data", "rng")
+
+
+def save(path, model, opt, step, batches, args, rank, world):
+    """Everything an exact resume needs: weights, optimizer, step, data position, every rank's RNGs."""
     msd, osd = state_dicts(model, opt, args)
+    rngs = tu.gather_rng_states()  # collective
     if rank == 0:
-        tmp = path + ".tmp"
-        torch.save({"model": msd, "optimizer": osd, "step": step, "epoch": epoch, "args": vars(args)}, tmp)
-        os.replace(tmp, path)  # never leave a half-written checkpoint behind
+        tu.save_checkpoint(path, {"model": msd, "optimizer": osd, "step": step, "data": batches.position(),
+                                  "rng": rngs, "world": world, "args": vars(args)})
     if dist.is_initialized():
         dist.barrier()
+
+
+def resume(path, model, opt, args, rank, world):
+    """(step, data position, RNG states) from the checkpoint at ``path`` (or its fallback), or None."""
+    try:
+        found = tu.load_checkpoint(path, required=CKPT_KEYS)
+    except tu.CheckpointError as e:
+        raise SystemExit(f"--resume: {e}") from None
+    if found is None:
+        return None
+    state, src = found
+    load_state_dicts(model, opt, state["model"], state["optimizer"], args)
+    data = state["data"]
+    if state.get("world", world) != world:  # the per-rank split of each epoch changed
+        data = {"epoch": data["epoch"] + (data["batch_in_epoch"] > 0), "batch_in_epoch": 0, "skipped": []}
+    if rank == 0:
+        print(f"resumed from {src} at step {state['step']} (epoch {data['epoch']}, batch {data['batch_in_epoch']})",
+              flush=True)
+    return state["step"], data, state["rng"]
 
 
 def lr_at(step, args, base):
@@ -196,17 +228,18 @@ def main(argv=None):
 
     os.makedirs(args.out, exist_ok=True)
     ckpt = os.path.join(args.out, "checkpoint.pt")
-    step, epoch = 0, 0
-    if args.resume and os.path.exists(ckpt):
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        load_state_dicts(model, opt, state["model"], state["optimizer"], args)
-        step, epoch = state["step"], state["epoch"]
-        if rank == 0:
-            print(f"resumed from {ckpt} at step {step}", flush=True)
+    step, position, rngs = 0, {}, None
+    resumed = resume(ckpt, model, opt, args, rank, world) if args.resume else None
+    if resumed is not None:
+        step, position, rngs = resumed
 
     use_amp = (device.type == "cuda" and not args.no_amp) or (device.type == "cpu" and args.cpu_amp)
     loader, sampler = make_loader(args, img, rank, world)
-    data = forever(loader, sampler, epoch)
+    batches = tu.EpochBatches(loader, sampler, **position)
+    data = iter(batches)
+    if rngs is not None:  # last, right before the loop: the next draw is the one the saved run made next
+        tu.restore_rng_states(rngs, rank, world)
+    loss_log = open(args.loss_log, "a") if args.loss_log and rank == 0 else None
     try:
         from tqdm import tqdm
 
@@ -216,7 +249,7 @@ def main(argv=None):
     t0, seen, last_loss = time.perf_counter(), 0, float("nan")
     model.train()
     while step < args.steps:
-        epoch, imgs = next(data)
+        imgs, _ = next(data)
         imgs = imgs.to(device, non_blocking=True)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args, base_lr)
@@ -227,6 +260,9 @@ def main(argv=None):
         opt.step()
         step += 1
         seen += imgs.shape[0] * world
+        if loss_log is not None:
+            loss_log.write(f"{step} {loss.item().hex()}\n")
+            loss_log.flush()
         if step % args.log_every == 0 or step == args.steps:
             last_loss = loss.item()  # the only host sync per log interval
             if not math.isfinite(last_loss):
@@ -241,11 +277,17 @@ def main(argv=None):
         if bar is not None:
             bar.update(1)
         if step % args.save_every == 0 or step == args.steps:
-            save(ckpt, model, opt, step, epoch, args, rank)
+            save(ckpt, model, opt, step, batches, args, rank, world)
+        if step == args.kill_after_step:
+            os.kill(os.getpid(), signal.SIGKILL)  # a real crash at a chosen step (tests)
     if bar is not None:
         bar.close()
+    skipped = batches.finish()
+    if loss_log is not None:
+        loss_log.close()
     if rank == 0:
-        print(f"done: step {step} loss {last_loss:.4f} checkpoint {ckpt}", flush=True)
+        print(f"done: step {step} loss {last_loss:.4f} checkpoint {ckpt} (skipped {skipped} unreadable sample(s) "
+              f"over the run)", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
     return last_loss

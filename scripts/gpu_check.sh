@@ -21,6 +21,7 @@
 #   bench-compiled   MixMIM-B step under torch.compile
 #   cuda-tests       once the build is done: headline CUDA cases + every CUDA test file
 #   cuda-bench       CUDA backend at the headline shapes, eager and SDPA timed again beside it
+#   cuda-sanitizer   kernel-level fuzzer on the CUDA kernels under compute-sanitizer memcheck
 #   rest             the rest of the test suite with the time left
 #   static           the static report's estimates beside the measured times (static.json)
 # Files in $OUT (at most 8, none in subfolders): summary.json report.md log.txt build.log
@@ -69,7 +70,7 @@ if [ "$DRY" = 1 ]; then
   REST=${GPU_CHECK_REST:-tests/test_dispatch.py}  # CI runs the whole suite in its own step
   : "${T_VERSIONS:=60}" "${T_BUILD:=600}" "${T_TRITON:=120}" "${T_BENCH_ATTENTION:=60}" "${T_BENCH_OPS:=60}"
   : "${T_BENCH_MODEL:=30}" "${T_BENCH_FLEX:=30}" "${T_BENCH_COMPILED:=30}" "${T_CUDA_WAIT:=300}" "${T_CUDA_TESTS:=60}"
-  : "${T_CUDA_BENCH:=40}" "${T_STATIC:=60}"
+  : "${T_CUDA_BENCH:=40}" "${T_STATIC:=60}" "${T_CUDA_SAN:=30}"
 else
   T_TOTAL=${T_TOTAL:-550}; NW=${GPU_CHECK_WORKERS:-8}; BUILD_MODE=${GPU_CHECK_BUILD:-fresh}
   BENCH="--device cuda --dtype bf16"; MK=mixkernels-triton
@@ -77,7 +78,7 @@ else
   REST=${GPU_CHECK_REST:-tests --ignore=tests/test_gpu_headline.py --ignore=tests/test_window_attention_cuda.py --ignore=tests/test_triton_aot.py}
   : "${T_VERSIONS:=40}" "${T_BUILD:=330}" "${T_TRITON:=110}" "${T_BENCH_ATTENTION:=60}" "${T_BENCH_OPS:=45}"
   : "${T_BENCH_MODEL:=45}" "${T_BENCH_FLEX:=60}" "${T_BENCH_COMPILED:=75}" "${T_CUDA_WAIT:=120}" "${T_CUDA_TESTS:=75}"
-  : "${T_CUDA_BENCH:=35}" "${T_STATIC:=40}"
+  : "${T_CUDA_BENCH:=35}" "${T_STATIC:=40}" "${T_CUDA_SAN:=100}"
   export MIXKERNELS_CUDA_ARCHS=${MIXKERNELS_CUDA_ARCHS:-90}
 fi
 RESERVE=12  # seconds kept for the final summary
@@ -204,8 +205,11 @@ if [ "$BRC" = 0 ]; then
   step cuda-tests "$T_CUDA_TESTS" "${PYTEST[@]}" tests/test_gpu_headline.py tests/test_window_attention_cuda.py \
     tests/test_window_attention.py tests/test_token_ops.py tests/test_losses.py -k "$CUDA_K"
   bench cuda "$T_CUDA_BENCH" --suite attention,ops --cases "$ATTN_CASES|^ops/" --providers "$CUDA_PROVIDERS" --no-compile
+  # the kernel-level fuzzer on the CUDA kernels under compute-sanitizer memcheck (says SKIPPED without a GPU)
+  step cuda-sanitizer "$T_CUDA_SAN" env FUZZ_BUDGET=$(( T_CUDA_SAN / 2 )) OUT="$WORK/fuzz_cuda" PYTHON="$PY" \
+    bash scripts/fuzz_cuda_sanitizer.sh
 else
-  for s in info cuda-tests bench-cuda; do record "$s" skipped "" 0 0 "the build failed (build.log)"; done
+  for s in info cuda-tests bench-cuda cuda-sanitizer; do record "$s" skipped "" 0 0 "the build failed (build.log)"; done
   summarize
 fi
 

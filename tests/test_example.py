@@ -1,36 +1,229 @@
-"""examples/pretrain_mixmim.py runs on the CPU (synthetic data, tiny model), saves and resumes."""
+"""examples/pretrain_mixmim.py on the CPU (tiny model): saves, resumes bit for bit after a
+SIGKILL, and survives a folder of broken images."""
+import io
 import os
+import signal
+import struct
 import subprocess
 import sys
+import time
+import zlib
 
+import pytest
 import torch
+
+from mixkernels import train_utils as tu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "pretrain_mixmim.py")
 
 
-def _run(out, steps, *extra):
-    cmd = [sys.executable, SCRIPT, "--synthetic", "--model", "mixmim_tiny", "--batch-size", "4", "--steps", str(steps),
-           "--log-every", "1", "--save-every", "100", "--out", str(out), *extra]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def _cmd(out, steps, *extra):
+    return [sys.executable, SCRIPT, "--model", "mixmim_tiny", "--batch-size", "4", "--steps", str(steps),
+            "--log-every", "1", "--out", str(out), *extra]
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return env
+
+
+def _run(out, steps, *extra, expect_rc=0):
+    r = subprocess.run(_cmd(out, steps, *extra), capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == expect_rc, f"rc {r.returncode}\n" + r.stdout[-3000:] + r.stderr[-4000:]
     return r.stdout + r.stderr
 
 
 def test_pretrain_example_runs_saves_and_resumes(tmp_path):
-    log = _run(tmp_path, 2)
+    log = _run(tmp_path, 2, "--synthetic", "--save-every", "100")
     assert "done: step 2" in log and "img_s" in log
-    ckpt = tmp_path / "checkpoint.pt"
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    ckpt = str(tmp_path / "checkpoint.pt")
+    state, _ = tu.load_checkpoint(ckpt)  # weights only
     assert state["step"] == 2 and "layers.0.blocks.0.attn.qkv.weight" in state["model"]
     assert len(state["optimizer"]["state"]) > 0
     w2 = state["model"]["decoder_pred.weight"].clone()
 
-    log = _run(tmp_path, 3, "--resume", "--cpu-amp")
+    log = _run(tmp_path, 3, "--synthetic", "--save-every", "100", "--resume", "--cpu-amp")
     assert "resumed from" in log and "at step 2" in log and "done: step 3" in log
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state, _ = tu.load_checkpoint(ckpt)
     assert state["step"] == 3
     assert not torch.equal(state["model"]["decoder_pred.weight"], w2)  # it trained one more step
+    assert tu.load_checkpoint(tu.previous_path(ckpt), fallback=False)[0]["step"] == 2
+
+    data = open(ckpt, "rb").read()
+    open(ckpt, "wb").write(data[: len(data) // 3])  # damaged (e.g. a copy cut short)
+    log = _run(tmp_path, 3, "--synthetic", "--save-every", "100", "--resume")
+    assert f"checkpoint {ckpt} is damaged" in log and "resuming from the previous checkpoint" in log
+    assert "at step 2" in log and "done: step 3" in log
+
+
+# ---------------------------------------------------------------- a folder of good and broken images
+def _png_bomb(path, w=50_000, h=50_000):
+    """A valid little PNG whose header claims w x h pixels (a decompression bomb's signature)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4: ihdr + 12] = struct.pack(">II", w, h)
+    data[ihdr + 17: ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr: ihdr + 17])))
+    open(path, "wb").write(bytes(data))
+
+
+BAD = ["bad_bomb.png", "bad_corrupt.png", "bad_empty.jpg", "bad_over_cap.png", "bad_text.jpg", "bad_truncated.jpg"]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """10 good images in every awkward mode, 6 broken files, one non-image file (ignored)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(0)
+
+    def rgb(w=40, h=36):
+        return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+
+    good = root / "cls_a"
+    good.mkdir()
+    for i in range(3):
+        rgb().save(good / f"rgb{i}.jpg", quality=90)
+    rgb().save(good / "rgb.png")
+    rgb().convert("L").save(good / "gray.jpg")
+    rgb().convert("CMYK").save(good / "cmyk.jpg")
+    rgba = rgb().convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(good / "rgba.png")
+    pal = rgb().convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    pal.info["transparency"] = 3
+    pal.save(good / "palette.png", transparency=3)
+    Image.fromarray((torch.randint(0, 65536, (36, 40), generator=g).numpy()).astype("uint16")).save(good / "gray16.png")
+    rgb().convert("1").save(good / "bits.bmp")
+    bad = root / "cls_b"
+    bad.mkdir()
+    buf = io.BytesIO()
+    rgb().save(buf, "JPEG", quality=95)
+    (bad / "bad_truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (bad / "bad_empty.jpg").write_bytes(b"")
+    (bad / "bad_text.jpg").write_text("not an image\n" * 20)
+    _png_bomb(bad / "bad_bomb.png")
+    rgb(60, 60).save(bad / "bad_over_cap.png")  # 3600 pixels > --max-image-pixels 3000
+    png = io.BytesIO()
+    rgb().save(png, "PNG")
+    data = png.getvalue()
+    (bad / "bad_corrupt.png").write_bytes(data[:60] + bytes(b ^ 0x5A for b in data[60:]))
+    (root / "README.txt").write_text("not an image file: not listed")
+    return root
+
+
+STEPS = 8
+FOLDER_ARGS = ("--workers", "2", "--max-image-pixels", "3000", "--save-every", "3")
+
+
+def _losses(path):
+    """{step: [loss bits of every time the step ran]} from --loss-log."""
+    out = {}
+    for line in open(path):
+        step, h = line.split()
+        out.setdefault(int(step), []).append(float.fromhex(h))
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(image_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run_a")
+    log = _run(out, STEPS, "--data", str(image_folder), "--loss-log", str(out / "loss.txt"), *FOLDER_ARGS)
+    return log, _losses(out / "loss.txt")
+
+
+def test_broken_images_are_skipped_and_reported(uninterrupted):
+    log, losses = uninterrupted
+    assert f"done: step {STEPS}" in log and sorted(losses) == list(range(1, STEPS + 1))
+    # 16 listed files, 4 batches of 4 per epoch: two whole epochs, each reporting every bad file once.
+    for epoch in (0, 1):
+        head = f"skipped 6 unreadable sample(s) in epoch {epoch}"
+        assert head in log, log[-3000:]
+        report = log.split(head)[1].split("data:")[0].split("done:")[0]
+        for name in BAD:
+            assert name in report, (name, report)
+        assert "README" not in report
+    assert "bad_over_cap.png: BadSample: 60x60 = 3600 pixels exceeds the cap of 3000" in log
+    assert "bad_bomb.png: BadSample: Image size (2500000000 pixels)" in log
+    assert "bad_truncated.jpg: OSError: image file is truncated" in log and "bad_empty.jpg: BadSample: empty file" in log
+    assert "skipped 12 unreadable sample(s)" in log  # 6 per epoch, in the final line
+
+
+def _assert_same_curve(resumed, reference):
+    assert sorted(resumed) == sorted(reference)
+    for step, vals in resumed.items():  # every time a step ran (before the kill and again after it)
+        assert all(v == reference[step][0] for v in vals), (step, vals, reference[step])
+
+
+def test_sigkill_at_a_chosen_step_then_resume_is_bit_exact(image_folder, uninterrupted, tmp_path):
+    loss = str(tmp_path / "loss.txt")
+    args = ("--data", str(image_folder), "--loss-log", loss, *FOLDER_ARGS)
+    _run(tmp_path, STEPS, *args, "--kill-after-step", "5", expect_rc=-signal.SIGKILL)
+    assert sorted(_losses(loss)) == [1, 2, 3, 4, 5]
+    log = _run(tmp_path, STEPS, *args, "--resume")
+    # Checkpoint of step 3: mid-epoch 0 (batch 3 of 4); skips seen before the kill are kept.
+    assert "at step 3 (epoch 0, batch 3)" in log
+    assert "skipped 6 unreadable sample(s) in epoch 0" in log
+    _assert_same_curve(_losses(loss), uninterrupted[1])
+
+
+def test_sigkill_from_outside_then_resume_is_bit_exact(image_folder, uninterrupted, tmp_path):
+    loss = tmp_path / "loss.txt"
+    args = ("--data", str(image_folder), "--loss-log", str(loss), "--workers", "2", "--max-image-pixels", "3000",
+            "--save-every", "1")  # a save every step: the kill may well land inside one
+    p = subprocess.Popen(_cmd(tmp_path, STEPS, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    t0 = time.monotonic()
+    while (not loss.exists() or len(loss.read_text().splitlines()) < 3) and p.poll() is None:
+        assert time.monotonic() - t0 < 240, "the run made no progress"
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    log = _run(tmp_path, STEPS, *args, "--resume")
+    assert "resumed from" in log
+    _assert_same_curve(_losses(loss), uninterrupted[1])
+
+
+def test_resume_refuses_a_planted_checkpoint(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Planted:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    tu.save_checkpoint(str(tmp_path / "checkpoint.pt"), {"model": {}, "optimizer": {}, "step": 0, "data": {},
+                                                        "rng": [], "x": Planted()})
+    r = subprocess.run(_cmd(tmp_path, 1, "--synthetic", "--resume"), capture_output=True, text=True, env=_env(),
+                       timeout=300)
+    assert r.returncode != 0 and "checkpoint.pt was refused" in r.stderr, r.stderr[-3000:]
+    assert not marker.exists()
+
+
+def _torchrun(out, steps, *extra, expect_ok=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT,
+           "--model", "mixmim_tiny", "--batch-size", "2", "--steps", str(steps), "--log-every", "1", "--out", str(out),
+           *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert (r.returncode == 0) == expect_ok, f"rc {r.returncode}\n" + r.stdout[-3000:] + r.stderr[-4000:]
+    return r.stdout + r.stderr
+
+
+def test_ddp_bad_files_do_not_stall_and_resume_is_bit_exact(image_folder, tmp_path):
+    """Two gloo ranks on the CPU: bad files land on both ranks' shares (each replaced, so both keep
+    the same batch count); the skip report sums the ranks; a killed run resumes bit-exactly with
+    every rank's RNG state restored."""
+    args = ("--data", str(image_folder), "--workers", "0", "--max-image-pixels", "3000", "--save-every", "3")
+    a = tmp_path / "a"
+    log = _torchrun(a, 6, *args, "--loss-log", str(a / "loss.txt"))
+    assert "done: step 6" in log and "skipped 6 unreadable sample(s) in epoch 0" in log
+    b = tmp_path / "b"
+    _torchrun(b, 6, *args, "--loss-log", str(b / "loss.txt"), "--kill-after-step", "4", expect_ok=False)
+    log = _torchrun(b, 6, *args, "--loss-log", str(b / "loss.txt"), "--resume")
+    assert "at step 3 (epoch 0, batch 3)" in log  # 16 files / 2 ranks / batch 2: 4 batches per epoch
+    _assert_same_curve(_losses(b / "loss.txt"), _losses(a / "loss.txt"))

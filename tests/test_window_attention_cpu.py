@@ -162,13 +162,16 @@ def test_deterministic_bias_grads(with_coords):
             assert torch.equal(r[k], runs[0][k]), k
 
 
-def test_coords_out_of_range_raises():
+def test_coords_out_of_range_add_no_bias():
+    # docs/SEMANTICS.md rule 3 (was: raised). Token 0 is out of range of every other token.
     qkv = torch.randn(1, 4, 4, 6)
     coords = torch.zeros(4, 4, 2, dtype=torch.long)
     coords[0, 0] = torch.tensor([5, 0])
-    with pytest.raises(RuntimeError, match="coord_range"):
-        mixkernels.window_attention(qkv, 1, 4, rel_pos_bias=torch.randn(9, 1), coords=coords, coord_range=(2, 2),
-                                    backend="cpu")
+    rpb = torch.randn(9, 1)
+    out = mixkernels.window_attention(qkv, 1, 4, rel_pos_bias=rpb, coords=coords, coord_range=(2, 2), backend="cpu")
+    bias = torch.full((1, 16, 16), rpb[4, 0].item())  # difference (0, 0): table row 4
+    bias[0, 0, 1:] = bias[0, 1:, 0] = 0.0
+    torch.testing.assert_close(out, ref_wattn(qkv, 1, 4, attn_bias=bias))
 
 
 def test_opcheck():

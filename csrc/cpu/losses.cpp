@@ -99,8 +99,8 @@ void check_inputs(const char* op, const at::Tensor& pred, const at::Tensor& imgs
   MK_CHECK_ARG(imgs.size(1) == 3, op, "imgs", "have 3 channels", imgs.sizes());
   MK_CHECK_ARG(p > 0 && imgs.size(2) % p == 0 && imgs.size(3) % p == 0, op, "patch_size",
                c10::str("be positive and divide the image size (", imgs.size(2), ", ", imgs.size(3), ")"), p);
-  MK_CHECK_ARG(pred.size(2) == p * p * 3, op, "pred's last dim", c10::str("be patch_size**2 * 3 = ", p * p * 3),
-               pred.size(2));
+  const int64_t d = checked_mul(checked_mul(p, p, op), 3, op);  // a huge patch_size must not wrap
+  MK_CHECK_ARG(pred.size(2) == d, op, "pred's last dim", c10::str("be patch_size**2 * 3 = ", d), pred.size(2));
 }
 
 // The accumulation-dtype (B, rows) gradient of a loss backward.

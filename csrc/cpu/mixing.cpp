@@ -42,6 +42,7 @@ at::Tensor mix_tokens_backward(const at::Tensor& g, const at::Tensor& mask) {
   auto dx = at::empty_like(g);
   const uint8_t* m = mask.data_ptr<uint8_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "mix_tokens_backward", [&] {
+    if (dx.numel() == 0) return;  // (empty tensors' pointers may be null)
     const scalar_t* gp = g.data_ptr<scalar_t>();
     scalar_t* dp = dx.data_ptr<scalar_t>();
     at::parallel_for(0, B * L, row_grain(C * g.element_size()), [&](int64_t begin, int64_t end) {
@@ -83,6 +84,7 @@ at::Tensor unmix_tokens(const at::Tensor& x, const at::Tensor& mask, const at::T
   const uint8_t* m = mask.data_ptr<uint8_t>();
   const bool has_pos = pos.has_value();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "unmix_tokens", [&] {
+    if (out.numel() == 0) return;  // (empty tensors' pointers may be null)
     using acc = acc_t<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* tp = token.data_ptr<scalar_t>();
@@ -127,6 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unmix_tokens_backward(const at::T
     scalar_t* dp = dx.data_ptr<scalar_t>();
     acc* tk = need_token ? tok_part.data_ptr<acc>() : nullptr;
     acc* pe = need_pos ? dpos.data_ptr<acc>() : nullptr;
+    if (dx.numel() == 0) return;  // nothing to scatter or sum (the partials stay 0)
     at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         for (int64_t b = 0; b < B; ++b) {

@@ -40,31 +40,33 @@ struct UnitMap {
 
 UnitMap unit_map(int64_t H, int64_t W, int64_t unit) { return {H, W, unit, H / (2 * unit), W / (2 * unit)}; }
 
-// Kernel-level ops are also callable directly: check the geometry and the (B,hc,wc) cell
-// tensors the loops index. `t` is x (full grid) or the compact image / its gradient.
-void check_units(const char* op, const char* name, const at::Tensor& t, const at::Tensor& keep, int64_t unit,
-                 bool compact) {
+// Kernel-level ops are also callable directly: check the geometry and the (B,hc,wc) cell tensors
+// the raw-pointer loops index. `t` is x (full grid) or the compact image / its gradient.
+UnitMap check_units(const char* op, const char* name, const at::Tensor& t, const at::Tensor& keep, int64_t unit,
+                    bool compact, const c10::optional<at::Tensor>& secondary) {
   check_contiguous(op, name, t, 4, compact ? "(B,H/2,W/2,C)" : "(B,H,W,C)");
-  const int64_t H = compact ? 2 * t.size(1) : t.size(1), W = compact ? 2 * t.size(2) : t.size(2);
-  MK_CHECK_ARG(unit > 0 && H % (2 * unit) == 0 && W % (2 * unit) == 0, op, "unit",
-               c10::str("be positive with 2*unit dividing the grid (", H, ", ", W, ")"), unit);
+  const int64_t h = t.size(1), w = t.size(2);
+  const int64_t H = compact ? checked_mul(h, 2, op) : h, W = compact ? checked_mul(w, 2, op) : w;
+  // checked without forming 2*unit, which a huge unit would overflow
+  const bool ok = unit > 0 && h % unit == 0 && w % unit == 0 &&
+                  (compact || ((h / unit) % 2 == 0 && (w / unit) % 2 == 0));
+  MK_CHECK_ARG(ok, op, "unit", c10::str("be positive with 2*unit dividing the grid (", H, ", ", W, ")"), unit);
+  const int64_t hc = compact ? h / unit : h / unit / 2, wc = compact ? w / unit : w / unit / 2;
   check_dtype(op, "keep", keep, at::kByte);
   check_contiguous(op, "keep", keep, 3, "(B,H/2u,W/2u)");
-  check_shape(op, "keep", keep, {t.size(0), H / (2 * unit), W / (2 * unit)});
-}
-
-void check_secondary(const char* op, const c10::optional<at::Tensor>& secondary, const at::Tensor& keep) {
-  if (!secondary.has_value()) return;
-  check_dtype(op, "secondary", *secondary, at::kByte);
-  check_contiguous(op, "secondary", *secondary, 3, "(B,H/2u,W/2u)");
-  check_shape(op, "secondary", *secondary, keep.sizes());
+  check_shape(op, "keep", keep, {t.size(0), hc, wc});
+  if (secondary.has_value()) {
+    check_dtype(op, "secondary", *secondary, at::kByte);
+    check_contiguous(op, "secondary", *secondary, 3, "(B,H/2u,W/2u)");
+    check_shape(op, "secondary", *secondary, keep.sizes());
+  }
+  return unit_map(H, W, unit);
 }
 
 // out[b,Y,X] = mask_token if secondary[cell] else x[kept unit of the cell].
 at::Tensor uniform_sample(const at::Tensor& x, const at::Tensor& keep, int64_t unit,
                           const c10::optional<at::Tensor>& token, const c10::optional<at::Tensor>& secondary) {
-  check_units("uniform_sample", "x", x, keep, unit, false);
-  check_secondary("uniform_sample", secondary, keep);
+  const UnitMap map = check_units("uniform_sample", "x", x, keep, unit, false, secondary);
   if (secondary.has_value()) {
     MK_CHECK_ARG(token.has_value(), "uniform_sample", "mask_token", "be given with secondary", "None");
     check_dtype("uniform_sample", "mask_token", *token, x.scalar_type());
@@ -72,7 +74,6 @@ at::Tensor uniform_sample(const at::Tensor& x, const at::Tensor& keep, int64_t u
                  c10::str("be contiguous with C = ", x.size(3), " elements"), token->sizes());
   }
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
-  const UnitMap map = unit_map(H, W, unit);
   auto out = at::empty({B, H / 2, W / 2, C}, x.options());
   const uint8_t* k = keep.data_ptr<uint8_t>();
   const uint8_t* sec = secondary.has_value() ? secondary->data_ptr<uint8_t>() : nullptr;
@@ -97,10 +98,8 @@ constexpr int64_t kChunkRows = 512;
 std::tuple<at::Tensor, at::Tensor> uniform_sample_backward(const at::Tensor& g, const at::Tensor& keep, int64_t unit,
                                                            const c10::optional<at::Tensor>& secondary,
                                                            bool need_token) {
-  check_units("uniform_sample_backward", "grad", g, keep, unit, true);
-  check_secondary("uniform_sample_backward", secondary, keep);
+  const UnitMap map = check_units("uniform_sample_backward", "grad", g, keep, unit, true, secondary);
   const int64_t B = g.size(0), H = 2 * g.size(1), W = 2 * g.size(2), C = g.size(3);
-  const UnitMap map = unit_map(H, W, unit);
   auto dx = at::empty({B, H, W, C}, g.options());
   auto acc_opts = g.options().dtype(g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   const uint8_t* k = keep.data_ptr<uint8_t>();
@@ -114,6 +113,7 @@ std::tuple<at::Tensor, at::Tensor> uniform_sample_backward(const at::Tensor& g, 
     const scalar_t* gp = g.data_ptr<scalar_t>();
     scalar_t* dp = dx.data_ptr<scalar_t>();
     acc* part = want_tok ? partial.data_ptr<acc>() : nullptr;
+    if (dx.numel() == 0) return;  // (empty tensors' pointers may be null)
     at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
       for (int64_t ch = cb; ch < ce; ++ch) {
         acc* pt = part ? part + ch * C : nullptr;
@@ -157,9 +157,8 @@ std::tuple<at::Tensor, at::Tensor> uniform_sample_backward(const at::Tensor& g, 
 
 // out (B,2h,2w,C): the compact rows back at their kept units, zeros elsewhere.
 at::Tensor uniform_scatter(const at::Tensor& compact, const at::Tensor& keep, int64_t unit) {
-  check_units("uniform_scatter", "compact", compact, keep, unit, true);
+  const UnitMap map = check_units("uniform_scatter", "compact", compact, keep, unit, true, c10::nullopt);
   const int64_t B = compact.size(0), H = 2 * compact.size(1), W = 2 * compact.size(2), C = compact.size(3);
-  const UnitMap map = unit_map(H, W, unit);
   auto out = at::empty({B, H, W, C}, compact.options());
   const uint8_t* k = keep.data_ptr<uint8_t>();
   gather_rows(static_cast<char*>(out.data_ptr()), static_cast<const char*>(compact.data_ptr()), B * H * W,

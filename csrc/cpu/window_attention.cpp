@@ -42,15 +42,28 @@ namespace {
 
 using namespace simd;
 
+// int32 or int64 labels/coords, read at full width (edge rule 1: no truncation merges labels).
+struct Ints {
+  const void* p = nullptr;
+  bool wide = false;  // int64
+  explicit operator bool() const { return p != nullptr; }
+  int64_t operator[](int64_t i) const {
+    return wide ? static_cast<const int64_t*>(p)[i] : static_cast<const int32_t*>(p)[i];
+  }
+};
+
 // Problem geometry plus the optional per-position inputs (indexed at original positions).
 struct Geom {
   int64_t B, H, W, C, nH, d, wh, ww, sh, sw, nWw, nW, N, rh, rw, T;
-  const int32_t* group = nullptr;
-  const int32_t* coords = nullptr;
+  Ints group, coords;
   int64_t group_bstride = 0, coords_bstride = 0;  // 0 when batch-shared (G == 1)
   bool has_rpb = false;
   int64_t windows() const { return B * nW; }
 };
+
+Ints int_input(const at::Tensor& t) {
+  return {t.data_ptr(), t.scalar_type() == at::kLong};
+}
 
 Geom make_geom(const at::Tensor& qkv, int64_t nH, int64_t wh, int64_t ww, int64_t sh, int64_t sw,
                const c10::optional<at::Tensor>& rpb, const c10::optional<at::Tensor>& attn_bias,
@@ -63,14 +76,23 @@ Geom make_geom(const at::Tensor& qkv, int64_t nH, int64_t wh, int64_t ww, int64_
   Geom g;
   g.B = qkv.size(0), g.H = qkv.size(1), g.W = qkv.size(2);
   const int64_t C3 = qkv.size(3);
-  MK_CHECK_ARG(C3 % (3 * nH) == 0, op, "qkv's last dim", c10::str("be 3*num_heads*head_dim (num_heads=", nH, ")"), C3);
-  MK_CHECK_ARG(wh > 0 && ww > 0 && g.H % wh == 0 && g.W % ww == 0, op, "window (wh, ww)",
-               c10::str("divide the token grid (", g.H, ", ", g.W, ")"), c10::str("(", wh, ", ", ww, ")"));
+  MK_CHECK_ARG(C3 % 3 == 0 && (C3 / 3) % nH == 0, op, "qkv's last dim", c10::str("be 3*num_heads*head_dim (num_heads=", nH, ")"), C3);
+  MK_CHECK_ARG(wh > 0 && ww > 0 && g.H > 0 && g.W > 0 && g.H % wh == 0 && g.W % ww == 0, op, "window (wh, ww)",
+               c10::str("divide the non-empty token grid (", g.H, ", ", g.W, ")"), c10::str("(", wh, ", ", ww, ")"));
   MK_CHECK_ARG(sh >= 0 && sw >= 0 && sh < wh && sw < ww, op, "shift (sh, sw)", c10::str("be in [0, (", wh, ", ", ww, "))"),
                c10::str("(", sh, ", ", sw, ")"));
+  // Table rows are int32 (per-window index cache): bound the table before computing its size.
+  // Without rpb the range is unused (no table), so any range is accepted.
+  MK_CHECK_ARG(!rpb.has_value() || (rh <= (int64_t(1) << 30) && rw <= (int64_t(1) << 30) &&
+                                    (2 * rh - 1) * (2 * rw - 1) <= std::numeric_limits<int32_t>::max()),
+               op, "coord range (rh, rw)", "be small enough for an int32-indexed relative-position table",
+               c10::str("(", rh, ", ", rw, ")"));
   g.C = C3 / 3, g.nH = nH, g.d = g.C / nH, g.wh = wh, g.ww = ww, g.sh = sh, g.sw = sw;
-  g.nWw = g.W / ww, g.nW = (g.H / wh) * g.nWw, g.N = wh * ww, g.rh = rh, g.rw = rw;
-  g.T = (2 * rh - 1) * (2 * rw - 1);
+  g.nWw = g.W / ww, g.nW = checked_mul(g.H / wh, g.nWw, op), g.N = checked_mul(wh, ww, op);
+  g.rh = rh, g.rw = rw;
+  checked_mul(checked_mul(g.B, g.nW, op), checked_mul(nH, g.N, op), op);
+  checked_mul(checked_mul(g.N, g.N, op), nH, op);  // (nH,N,N) bias and scratch
+  g.T = rpb.has_value() ? (2 * rh - 1) * (2 * rw - 1) : 0;
   const auto acc = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (rpb.has_value()) {
     check_dtype(op, "rpb", *rpb, acc);
@@ -84,20 +106,23 @@ Geom make_geom(const at::Tensor& qkv, int64_t nH, int64_t wh, int64_t ww, int64_
     check_shape(op, "attn_bias", *attn_bias, {nH, g.N, g.N});
   }
   if (group.has_value()) {
-    check_dtype(op, "group", *group, at::kInt);
+    // int32 or int64 labels, compared exactly at their width (docs/SEMANTICS.md)
+    MK_CHECK_ARG_TYPE(group->scalar_type() == at::kInt || group->scalar_type() == at::kLong, op, "group",
+                      "be int32 or int64", group->scalar_type());
     check_contiguous(op, "group", *group, 3, "(G,H,W)");
     MK_CHECK_ARG((group->size(0) == 1 || group->size(0) == g.B) && group->size(1) == g.H && group->size(2) == g.W, op,
                  "group", c10::str("have shape (1 or ", g.B, ", ", g.H, ", ", g.W, ")"), group->sizes());
-    g.group = group->data_ptr<int32_t>();
+    g.group = int_input(*group);
     g.group_bstride = group->size(0) == 1 ? 0 : g.H * g.W;
   }
   if (coords.has_value()) {
-    check_dtype(op, "coords", *coords, at::kInt);
+    MK_CHECK_ARG_TYPE(coords->scalar_type() == at::kInt || coords->scalar_type() == at::kLong, op, "coords",
+                      "be int32 or int64", coords->scalar_type());
     check_contiguous(op, "coords", *coords, 4, "(G,H,W,2)");
     MK_CHECK_ARG((coords->size(0) == 1 || coords->size(0) == g.B) && coords->size(1) == g.H &&
                      coords->size(2) == g.W && coords->size(3) == 2,
                  op, "coords", c10::str("have shape (1 or ", g.B, ", ", g.H, ", ", g.W, ", 2)"), coords->sizes());
-    g.coords = coords->data_ptr<int32_t>();
+    g.coords = int_input(*coords);
     g.coords_bstride = coords->size(0) == 1 ? 0 : g.H * g.W;
   } else {
     MK_CHECK_ARG(rh == wh && rw == ww, op, "(rh, rw) without coords", c10::str("equal the window (", wh, ", ", ww, ")"),
@@ -114,13 +139,26 @@ inline int32_t table_row(const Geom& g, int64_t dy, int64_t dx) {
   return static_cast<int32_t>((dy + g.rh - 1) * (2 * g.rw - 1) + (dx + g.rw - 1));
 }
 
+// Per score: the bias table row (0 without rpb), or one of these.
+constexpr int32_t kMasked = -1;  // shift region or group differs: logit -inf, gradient 0
+constexpr int32_t kNoBias = -2;  // coordinate difference outside coord_range: attends, no bias (rule 3)
+
+// Table row of the exact difference of two coordinates, or kNoBias when it is out of range
+// (or does not even fit in int64: rule 1, no wrap-around can fake an in-range difference).
+inline int32_t coords_row(const Geom& g, int64_t yi, int64_t xi, int64_t yj, int64_t xj) {
+  int64_t dy, dx;
+  if (__builtin_sub_overflow(yi, yj, &dy) || __builtin_sub_overflow(xi, xj, &dx)) return kNoBias;
+  if (dy <= -g.rh || dy >= g.rh || dx <= -g.rw || dx >= g.rw) return kNoBias;
+  return table_row(g, dy, dx);
+}
+
 // What every head of one window shares: the original token of each window row, and per
-// score either -1 (masked: shift region or group differs) or the bias table row (0 without rpb).
+// score kMasked, kNoBias or the bias table row (0 without rpb).
 struct Window {
   int64_t id = -1;
   bool masked = false;  // any score masked in this window
-  std::vector<int64_t> tok;
-  std::vector<int32_t> idx, reg, grp, cy, cx;
+  std::vector<int64_t> tok, grp, cy, cx;
+  std::vector<int32_t> idx, reg;
 
   void build(const Geom& g, int64_t win) {
     if (win == id) return;
@@ -136,27 +174,19 @@ struct Window {
       reg[n] = band(yr, g.H, g.wh, g.sh) * 3 + band(xr, g.W, g.ww, g.sw);
       grp[n] = g.group ? g.group[b * g.group_bstride + pos] : 0;
       if (g.coords) {
-        const int32_t* c = g.coords + (b * g.coords_bstride + pos) * 2;
-        cy[n] = c[0], cx[n] = c[1];
+        const int64_t c = (b * g.coords_bstride + pos) * 2;
+        cy[n] = g.coords[c], cx[n] = g.coords[c + 1];
       } else {
-        cy[n] = static_cast<int32_t>(n / g.ww), cx[n] = static_cast<int32_t>(n % g.ww);
+        cy[n] = n / g.ww, cx[n] = n % g.ww;
       }
     }
     masked = false;
     for (int64_t i = 0; i < N; ++i) {
       for (int64_t j = 0; j < N; ++j) {
-        int32_t v = -1;
-        if (reg[i] == reg[j] && grp[i] == grp[j]) {
-          v = 0;
-          if (g.has_rpb) {
-            const int64_t dy = cy[i] - cy[j], dx = cx[i] - cx[j];
-            TORCH_CHECK(std::abs(dy) < g.rh && std::abs(dx) < g.rw, "window_attention: coords difference (", dy,
-                        ", ", dx, ") outside coord_range (", g.rh, ", ", g.rw, ")");
-            v = table_row(g, dy, dx);
-          }
-        }
+        int32_t v = kMasked;
+        if (reg[i] == reg[j] && grp[i] == grp[j]) v = g.has_rpb ? coords_row(g, cy[i], cx[i], cy[j], cx[j]) : 0;
         idx[i * N + j] = v;
-        masked |= v < 0;
+        masked |= v == kMasked;
       }
     }
   }
@@ -188,6 +218,7 @@ template <int Bytes, typename acc> struct Scratch {
 // The window's token rows of a (B,H,W,width) tensor, copied whole (sequential reads) once per window.
 template <typename scalar_t>
 MK_INLINE void gather_window(const scalar_t* src, int64_t width, const Window& w, int64_t N, scalar_t* dst) {
+  if (width == 0) return;  // head_dim 0: the pointers may be null
   for (int64_t n = 0; n < N; ++n) std::memcpy(dst + n * width, src + w.tok[n] * width, width * sizeof(scalar_t));
 }
 
@@ -222,14 +253,14 @@ MK_INLINE void scores(const Geom& g, const Window& w, Scratch<Bytes, acc>& b, co
     if (bias_h) {
       for (int64_t j = 0; j < N; ++j) s[j] += bias_h[i * N + j];
     }
-    if (rpb_h) {
+    if (rpb_h) {  // with coords only
       for (int64_t j = 0; j < N; ++j) s[j] += ix[j] < 0 ? acc(0) : rpb_h[ix[j]];
     }
     if (ab_h) {
       for (int64_t j = 0; j < N; ++j) s[j] += ab_h[i * N + j];
     }
     if (w.masked) {
-      for (int64_t j = 0; j < N; ++j) s[j] = ix[j] < 0 ? ninf : s[j];
+      for (int64_t j = 0; j < N; ++j) s[j] = ix[j] == kMasked ? ninf : s[j];
     }
     for (int64_t j = N; j < Np; ++j) s[j] = ninf;
   }
@@ -410,6 +441,10 @@ MK_INLINE void backward_tasks(const Args<scalar_t>& a, int64_t begin, int64_t en
           acc* ds = b.D + i * Np;
           const acc* p = b.S + i * Np;
           for (int64_t j = 0; j < Np; ++j) ds[j] = p[j] * (ds[j] - b.delta[i]);
+          if (w.masked) {  // masked pairs get gradient exactly 0, even in a NaN row (masked_fill's backward)
+            const int32_t* ix = w.idx.data() + i * N;
+            for (int64_t j = 0; j < N; ++j) ds[j] = ix[j] == kMasked ? acc(0) : ds[j];
+          }
         }
         gemm<Bytes>(N, dp, N, b.S, 1, Np, b.dO, dp, b.dv, dp);  // dV = P^T dO
         gemm<Bytes>(N, dp, N, b.D, Np, 1, b.k, dp, b.dq, dp);   // dQ = dS K (* scale below)
@@ -450,7 +485,7 @@ MK_INLINE void backward_tasks(const Args<scalar_t>& a, int64_t begin, int64_t en
           }
         }
       }
-      for (int64_t n = 0; n < N; ++n) {  // scatter: every window owns its tokens' rows
+      for (int64_t n = 0; n < N && C > 0; ++n) {  // scatter: every window owns its tokens' rows
         std::memcpy(a.dst + w.tok[n] * 3 * C, drows.data() + n * 3 * C, 3 * C * sizeof(scalar_t));
       }
     }
@@ -620,7 +655,7 @@ void backward_impl(const Geom& g, const at::Tensor& dout, const at::Tensor& qkv,
         for (int64_t e = begin; e < end; ++e) dst[e] += src[e];
       }
     });
-    if (need_drpb) {  // no coords: table row of (i, j) is the window-local relative position
+    if (need_drpb && !g.coords) {  // table row of (i, j) is the window-local relative position
       acc* tab = drpb.data_ptr<acc>();  // (T, nH)
       std::fill(tab, tab + T * nH, acc(0));
       at::parallel_for(0, nH, 1, [&](int64_t begin, int64_t end) {

@@ -18,6 +18,7 @@ void check_geometry(const char* op, int64_t H, int64_t W, int64_t wh, int64_t ww
                c10::str("tile a non-empty grid (", H, ", ", W, ")"), c10::str("(", wh, ", ", ww, ")"));
   MK_CHECK_ARG(sh >= 0 && sw >= 0 && sh < wh && sw < ww, op, "shift (sh, sw)", c10::str("be in [0, (", wh, ", ", ww, "))"),
                c10::str("(", sh, ", ", sw, ")"));
+  checked_mul(H, W, op);  // H*W (hence nW and N) fits in int64
 }
 
 // Window row (window w of image b, row i) holds tokens (y, (x0 + j + sw) % W), j < ww, of grid
@@ -46,6 +47,7 @@ struct WindowRows {
 
 template <bool kToWindows>
 void copy_windows(char* win, char* grid, const WindowRows& m, int64_t B, int64_t row) {
+  if (row == 0) return;  // C == 0: nothing to move (and memcpy must not see the null data pointers)
   at::parallel_for(0, B * m.nW * m.wh, row_grain(m.ww * row), [&](int64_t begin, int64_t end) {
     for (int64_t wr = begin; wr < end; ++wr) m.copy<kToWindows>(win, grid, wr, row);
   });

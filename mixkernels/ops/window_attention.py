@@ -19,8 +19,7 @@ _FAMILY = "window_attention"
 _SPEC = OPERATORS_REGISTRY["window_attention"]
 _INTS = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 # group/coords dtypes the kernels read as they are; others are converted to int32.
-# (#13 adds torch.int64 once every backend's kernel compares labels at full width.)
-_LABEL_DTYPES = (torch.int32,)
+_LABEL_DTYPES = (torch.int32, torch.int64)  # compared exactly at their width (docs/SEMANTICS.md)
 # The registry variant of SwinV2's cosine attention (kernel-level ops window_attention_cosine[_backward]).
 _COSINE = "cosine"
 
@@ -165,6 +164,9 @@ def window_attention(
         coords: ``(H, W, 2)`` or ``(B, H, W, 2)`` int true (row, col) of each token;
             the table is then indexed by coordinate differences within ``coord_range``.
         coord_range: ``(Rh, Rw)``; required with ``coords``.
+            Edge inputs (docs/SEMANTICS.md): labels and coords compare exactly at full
+            width, out-of-range coordinate differences add no bias, a row with every key
+            masked (``-inf`` biases) is NaN.
         scale: default ``d ** -0.5``; not with ``logit_scale``.
         logit_scale: SwinV2 cosine attention: ``(nH,)`` or ``(nH, 1, 1)`` learned log scale
             per head (timm/torchvision store ``(nH, 1, 1)``). Logits are then
@@ -226,7 +228,7 @@ def window_attention(
             group=group, coords=coords, coord_range=(rh, rw), scale=float(scale), logit_scale=logit_scale,
         )
     acc = acc_dtype(qkv.dtype)
-    ls = None if logit_scale is None else logit_scale.to(acc).reshape(nh)
+    ls = None if logit_scale is None else logit_scale.to(acc).reshape(nh).contiguous()
     rpb = None if rel_pos_bias is None else rel_pos_bias.to(acc).contiguous()
     ab = None if attn_bias is None else attn_bias.to(acc).contiguous()
     g = None if group is None else _labels(group, 3).contiguous()

@@ -1,4 +1,10 @@
-"""Reference reconstruction losses: MixMIM dual reconstruction and MAE/UM-MAE masked loss."""
+"""Reference reconstruction losses: MixMIM dual reconstruction and MAE/UM-MAE masked loss.
+
+The mask chooses with selects, never by multiplying: a pred row or patch that does not count
+contributes nothing, not even a NaN/Inf it holds (``0 * NaN``), to the loss or the gradient.
+NaN/Inf in what does count propagate; a constant patch with ``norm_pix`` and ``eps=0`` is
+``0/0`` = NaN; a mean over zero counted patches is NaN (as ``torch.mean`` of nothing).
+"""
 from __future__ import annotations
 
 import torch
@@ -34,7 +40,7 @@ def _reduce(loss: torch.Tensor, weight, reduction: str) -> torch.Tensor:
         if reduction == "per_image":
             return loss.mean(dim=1)
         return loss
-    loss = loss * weight
+    loss = torch.where(weight != 0, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
     if reduction == "mean":
         return loss.sum() / weight.sum()
     if reduction == "per_image":
@@ -43,7 +49,8 @@ def _reduce(loss: torch.Tensor, weight, reduction: str) -> torch.Tensor:
 
 
 def _batch_mask(mask: torch.Tensor, B: int, L: int, dtype) -> torch.Tensor:
-    return (mask != 0).reshape(-1, L).expand(B, L).to(dtype)
+    m = mask != 0
+    return (m.unsqueeze(0) if m.dim() == 1 else m).expand(B, L).to(dtype)
 
 
 def mixmim_loss(
@@ -70,7 +77,7 @@ def mixmim_loss(
     L = t.shape[1]
     p = pred.to(t.dtype)
     m = _batch_mask(mask, B, L, t.dtype).unsqueeze(-1)
-    unmix = p[:B] * m + p[B:].flip(0) * (1 - m)
+    unmix = torch.where(m != 0, p[:B], p[B:].flip(0))
     loss = ((unmix - t) ** 2).mean(dim=-1)
     return _reduce(loss, None, reduction)
 
@@ -101,9 +108,10 @@ def masked_recon_loss(
     p = pred.to(t.dtype)
     m = _batch_mask(mask, B, L, t.dtype)
     if p.shape[1] == L:
-        loss = ((p - t) ** 2).mean(dim=-1)
-        return _reduce(loss, m, reduction)
-    t = t[m.bool()].reshape(B, -1, t.shape[-1])
+        # Select before the square: an uncounted patch gets gradient 0, not 0 * (NaN - t).
+        e = torch.where(m.unsqueeze(-1) != 0, p - t, torch.zeros((), dtype=t.dtype, device=t.device))
+        return _reduce((e ** 2).mean(dim=-1), m, reduction)
+    t = t[m.bool()].reshape(B, p.shape[1], t.shape[-1])
     loss = ((p - t) ** 2).mean(dim=-1)
     return _reduce(loss, None, reduction)
 

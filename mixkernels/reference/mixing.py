@@ -1,6 +1,7 @@
 """Reference MixMIM token mixing and the dual decoder's un-mixing."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -9,11 +10,15 @@ __all__ = ["mix_tokens", "unmix_tokens"]
 
 
 def _mask_like(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Bool mask shaped to broadcast against ``x`` (batch-shared masks get a leading 1)."""
+    """Bool mask ``(G, *spatial, 1)`` broadcasting against ``x`` ``(B, *spatial, C)``, ``G`` in {1, B}.
+
+    Every mask shape the public ops accept works for both layouts of ``x``: ``(L,)``/``(H, W)``
+    shared by the batch, ``(B, L)``/``(B, H, W)`` per image (``L = H*W``).
+    """
+    spatial = tuple(x.shape[1:-1])
     m = mask != 0
-    if m.dim() == x.dim() - 2:  # batch-shared (L,) / (H, W)
-        m = m.unsqueeze(0)
-    return m.unsqueeze(-1)
+    shared = tuple(m.shape) in (spatial, (math.prod(spatial),))
+    return m.reshape((1 if shared else x.shape[0],) + spatial + (1,))
 
 
 def mix_tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -21,7 +26,9 @@ def mix_tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     Args:
         x: ``(B, L, C)`` or ``(B, H, W, C)``.
-        mask: bool/0-1, ``(L,)``/``(H, W)`` shared by the batch or ``(B, L)``/``(B, H, W)``.
+        mask: ``(L,)``/``(H, W)`` shared by the batch or ``(B, L)``/``(B, H, W)``, any
+            dtype; nonzero (NaN included) means "take the partner's token".
+    A select: NaN/Inf of the token not taken never reach the output.
     """
     return torch.where(_mask_like(mask, x), x.flip(0), x)
 
@@ -34,12 +41,14 @@ def unmix_tokens(
 ) -> torch.Tensor:
     """The MixMIM decoder input: ``(2B, L, C)``.
 
-    First half ``x*(1-m) + mask_token*m``, second half ``x*m + mask_token*(1-m)``,
-    then ``+ pos_embed`` (broadcastable to ``(1, L, C)``).
+    First half ``mask_token where m else x``, second half ``x where m else mask_token``
+    (the official ``x*(1-m) + mask_token*m``, as a select: NaN/Inf of the operand not taken
+    never leak), then ``+ pos_embed`` (broadcastable to ``(1, L, C)``). ``mask`` as in
+    :func:`mix_tokens`.
     """
-    m = _mask_like(mask, x).to(x.dtype)
+    m = _mask_like(mask, x)
     tok = mask_token.reshape(1, 1, -1).to(x.dtype)
-    out = torch.cat([x * (1 - m) + tok * m, x * m + tok * (1 - m)], dim=0)
+    out = torch.cat([torch.where(m, tok, x), torch.where(m, x, tok)], dim=0)
     if pos_embed is not None:
         out = out + pos_embed.to(x.dtype)
     return out

@@ -29,6 +29,8 @@ def uniform_sample(
     Args:
         x: ``(B, H, W, C)`` tokens; ``H`` and ``W`` divisible by ``2*unit``.
         keep: ``(B, H/2u, W/2u)`` integer in ``0..3``: row-major position of the kept unit.
+            Only its two low bits are read (``keep & 3``), as by every kernel; the public
+            op rejects other values where checking costs no device sync (CPU tensors).
         unit: side of a mask unit in tokens.
         mask_token: ``(C,)``; required with ``secondary``.
         secondary: ``(B, H/2u, W/2u)`` bool: compact units replaced by ``mask_token``.
@@ -40,7 +42,7 @@ def uniform_sample(
     u = unit
     cells = _cells(x, u)
     hc, wc = cells.shape[1], cells.shape[2]
-    idx = keep.long().reshape(B, hc, wc, 1, 1, 1, 1).expand(B, hc, wc, 1, u, u, C)
+    idx = (keep.long() & 3).reshape(B, hc, wc, 1, 1, 1, 1).expand(B, hc, wc, 1, u, u, C)
     kept = cells.gather(3, idx).squeeze(3)  # (B, hc, wc, u, u, C)
     if secondary is not None:
         sec = (secondary != 0).reshape(B, hc, wc, 1, 1, 1)
@@ -49,13 +51,15 @@ def uniform_sample(
 
 
 def uniform_scatter(compact: torch.Tensor, keep: torch.Tensor, unit: int) -> torch.Tensor:
-    """Inverse of :func:`uniform_sample`: ``(B, h, w, C)`` -> ``(B, 2h, 2w, C)``, zeros elsewhere."""
+    """Inverse of :func:`uniform_sample`: ``(B, h, w, C)`` -> ``(B, 2h, 2w, C)``, zeros elsewhere.
+
+    ``keep`` as in :func:`uniform_sample` (two low bits read)."""
     B, h, w, C = compact.shape
     u = unit
     hc, wc = h // u, w // u
     units = compact.reshape(B, hc, u, wc, u, C).permute(0, 1, 3, 2, 4, 5).unsqueeze(3)  # (B,hc,wc,1,u,u,C)
     cells = compact.new_zeros(B, hc, wc, 4, u, u, C)
-    idx = keep.long().reshape(B, hc, wc, 1, 1, 1, 1).expand(B, hc, wc, 1, u, u, C)
+    idx = (keep.long() & 3).reshape(B, hc, wc, 1, 1, 1, 1).expand(B, hc, wc, 1, u, u, C)
     cells = cells.scatter(3, idx, units)
     cells = cells.reshape(B, hc, wc, 2, 2, u, u, C).permute(0, 1, 3, 5, 2, 4, 6, 7)
     return cells.reshape(B, 2 * h, 2 * w, C)

@@ -3,6 +3,19 @@
 This is the executable spec of ``mixkernels.window_attention``. It materializes
 everything the fused kernels avoid (roll, partition, N x N bias and mask, the
 softmax probabilities) and is differentiated by plain autograd.
+
+Edge-input rules (docs/SEMANTICS.md; every backend follows them):
+
+1. ``group`` labels and ``coords`` compare exactly at their full integer width (int64
+   included): labels equal modulo 2**32 stay different, and coordinate differences are
+   exact (no wrap-around, even between -2**63 and 2**63-1).
+2. A query row whose every key is masked (possible only through ``-inf`` in ``attn_bias`` /
+   ``rel_pos_bias``) is the softmax of an all ``-inf`` row: NaN, as in timm's eager Swin.
+   NaN/Inf inputs propagate through the arithmetic below (e.g. ``0 * NaN`` in ``P @ V``
+   reaches rows that cannot attend the NaN key). A pair masked by the shift or ``group``
+   rule gets logit ``-inf`` and gradient exactly 0 (``masked_fill``'s backward).
+3. A pair whose coordinate difference falls outside the ``coord_range`` table gets no
+   relative-position bias (adds 0, no gradient to the table) and still attends.
 """
 from __future__ import annotations
 
@@ -17,6 +30,7 @@ from .windows import window_merge, window_partition
 __all__ = [
     "COSINE_EPS",
     "LOGIT_SCALE_MAX",
+    "exact_difference",
     "relative_position_index",
     "shift_region_ids",
     "window_attention",
@@ -68,6 +82,31 @@ def _windows_of(t: torch.Tensor, window, shift) -> torch.Tensor:
     return window_partition(t, window, shift)
 
 
+def exact_difference(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``a - b`` of int64 tensors and where it overflowed (wrapped): the difference is exact where not."""
+    d = a - b  # int64 arithmetic wraps around
+    return d, ((a ^ b) & (a ^ d)) < 0  # overflow iff a, b differ in sign and d's sign differs from a's
+
+
+def _coords_bias(table: torch.Tensor, coords: torch.Tensor, window, shift, coord_range) -> torch.Tensor:
+    """Per-window table bias ``(G*nW, nH, N, N)``; 0 where the coordinate difference is out of range (rule 3)."""
+    Rh, Rw = coord_range
+    c = coords.long()
+    if c.dim() == 3:
+        c = c.unsqueeze(0)
+    cw = _windows_of(c, window, shift)  # (G*nW, N, 2)
+    rel, ovf = exact_difference(cw[:, :, None, :], cw[:, None, :, :])  # (G*nW, N, N, 2)
+    R = torch.tensor([Rh, Rw], device=c.device)
+    inr = (~ovf & (rel > -R) & (rel < R)).all(-1)  # (G*nW, N, N)
+    rel = torch.where(inr.unsqueeze(-1), rel, 0)
+    idx = (rel[..., 0] + Rh - 1) * (2 * Rw - 1) + (rel[..., 1] + Rw - 1)
+    N, nH = idx.shape[-1], table.shape[1]
+    bias = table[idx.reshape(-1)].reshape(idx.shape + (nH,))
+    # where (not multiply): an Inf/NaN table entry must not leak into out-of-range pairs.
+    bias = torch.where(inr.unsqueeze(-1), bias, torch.zeros((), dtype=bias.dtype, device=bias.device))
+    return bias.permute(0, 3, 1, 2)
+
+
 def window_attention(
     qkv: torch.Tensor,
     num_heads: int,
@@ -92,8 +131,10 @@ def window_attention(
         shift_size: Swin cyclic shift ``sh`` or ``(sh, sw)``.
         rel_pos_bias: ``((2Rh-1)*(2Rw-1), nH)`` table (``R = window`` without ``coords``).
         attn_bias: dense ``(nH, N, N)`` bias.
-        group: ``(H, W)`` or ``(B, H, W)`` integer/bool labels; pairs attend only within a label.
-        coords: ``(H, W, 2)`` or ``(B, H, W, 2)`` integer true positions for the table lookup.
+        group: ``(H, W)`` or ``(B, H, W)`` integer/bool labels; pairs attend only within a label
+            (labels compared exactly, int64 included).
+        coords: ``(H, W, 2)`` or ``(B, H, W, 2)`` integer true positions for the table lookup;
+            a pair whose exact difference is outside ``coord_range`` gets no bias and still attends.
         coord_range: ``(Rh, Rw)``, required with ``coords``.
         scale: softmax scale, default ``d ** -0.5`` (unused in cosine mode).
         logit_scale: SwinV2 cosine attention when given: ``(nH,)`` or ``(nH, 1, 1)`` learned
@@ -105,7 +146,8 @@ def window_attention(
             ``16*sigmoid(cpb_mlp(table))`` is passed as ``rel_pos_bias`` or ``attn_bias``).
 
     Returns:
-        ``(B, H, W, C)`` merged and un-shifted attention output, dtype of ``qkv``.
+        ``(B, H, W, C)`` merged and un-shifted attention output, dtype of ``qkv``; NaN in the
+        rows of a query whose every key is masked (rule 2 of the module docstring).
     """
     B, H, W, C3 = qkv.shape
     C = C3 // 3
@@ -133,15 +175,9 @@ def window_attention(
             bias = rel_pos_bias[idx.reshape(-1)].reshape(N, N, nH).permute(2, 0, 1)
             attn = attn + bias.unsqueeze(0).to(attn.dtype)
         else:
-            Rh, Rw = _pair(coord_range)
-            c = coords.long()
-            if c.dim() == 3:
-                c = c.unsqueeze(0)
-            cw = _windows_of(c, (wh, ww), (sh, sw))  # (G*nW, N, 2)
-            rel = cw[:, :, None, :] - cw[:, None, :, :]  # (G*nW, N, N, 2)
-            idx = (rel[..., 0] + Rh - 1) * (2 * Rw - 1) + (rel[..., 1] + Rw - 1)
-            bias = rel_pos_bias[idx.reshape(-1)].reshape(-1, N, N, nH).permute(0, 3, 1, 2)
-            attn = (attn.reshape(-1, bias.shape[0], nH, N, N) + bias.to(attn.dtype)).reshape(B * nW, nH, N, N)
+            bias = _coords_bias(rel_pos_bias, coords, (wh, ww), (sh, sw), _pair(coord_range))  # (G*nW, nH, N, N)
+            G = bias.shape[0] // nW  # 1 (batch-shared) or B
+            attn = (attn.reshape(B // G if G else 0, G * nW, nH, N, N) + bias.to(attn.dtype)).reshape(B * nW, nH, N, N)
 
     if attn_bias is not None:
         attn = attn + attn_bias.unsqueeze(0).to(attn.dtype)
@@ -155,7 +191,7 @@ def window_attention(
         g = group.long()
         if g.dim() == 2:
             g = g.unsqueeze(0)
-        gw = _windows_of(g.unsqueeze(-1), (wh, ww), (sh, sw)).reshape(-1, nW, N)  # (G, nW, N)
+        gw = _windows_of(g.unsqueeze(-1), (wh, ww), (sh, sw)).reshape(g.shape[0], nW, N)  # (G, nW, N)
         same = gw[:, :, :, None] == gw[:, :, None, :]  # (G, nW, N, N)
         allowed = same if allowed is None else (allowed & same)
     if allowed is not None:

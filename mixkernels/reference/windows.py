@@ -34,8 +34,9 @@ def window_merge(windows: torch.Tensor, window_size, H: int, W: int, shift_size=
     wh, ww = _pair(window_size)
     sh, sw = _pair(shift_size)
     C = windows.shape[-1]
-    x = windows.reshape(-1, H // wh, W // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5)
-    x = x.reshape(-1, H, W, C)
+    B = windows.shape[0] // ((H // wh) * (W // ww))  # explicit: -1 is ambiguous for empty tensors
+    x = windows.reshape(B, H // wh, W // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(B, H, W, C)
     if sh or sw:
         x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
     return x

@@ -127,8 +127,8 @@ def _masked_bwd_kernel(grad, pred, imgs, patch_idx, dpred, Lp, H, W, nw, eps,
     t = _target(imgs, b, patch, H, W, nw, eps, ld, i, k, valid, P, NORM)
     off = pid.to(tl.int64) * D + i * (3 * P) + k
     u = tl.load(pred + off, mask=ld, other=0.0).to(tl.float32)
-    g = tl.where(live, tl.load(grad + pid).to(tl.float32), 0.0)
-    du = (g * 2.0 / D) * (u - t)
+    g = tl.load(grad + pid).to(tl.float32)
+    du = tl.where(live, (g * 2.0 / D) * (u - t), 0.0)  # select: t of an unloaded tile is NaN when eps == 0
     tl.store(dpred + off, du.to(dpred.dtype.element_ty), mask=valid)
 
 

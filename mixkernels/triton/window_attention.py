@@ -68,12 +68,12 @@ def _tokens(offs, w, nW, nWw, H, W, SH, SW, GG, GC, group, coords,
     grp = ly * 0
     if HAS_GROUP:
         grp = tl.load(group + (b % GG) * (H * W) + pos, mask=valid, other=0)
-    cy = ly
-    cx = lx
-    if HAS_COORDS:
+    cy = ly.to(tl.int64)
+    cx = lx.to(tl.int64)
+    if HAS_COORDS:  # int32 or int64 coords, compared in int64 (edge rule 1)
         cpos = (b % GC) * (H * W) + pos
-        cy = tl.load(coords + cpos * 2, mask=valid, other=0)
-        cx = tl.load(coords + cpos * 2 + 1, mask=valid, other=0)
+        cy = tl.load(coords + cpos * 2, mask=valid, other=0).to(tl.int64)
+        cx = tl.load(coords + cpos * 2 + 1, mask=valid, other=0).to(tl.int64)
     return tok, reg, grp, cy, cx, valid
 
 
@@ -82,15 +82,21 @@ def _scores(q, k, h, offs_m, offs_n, reg_m, reg_n, grp_m, grp_n, cy_m, cy_n, cx_
             rpb, abias, scale, NH, RH, RW,
             N: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr,
             HAS_GROUP: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr):
-    """Masked logits ``q*scale @ k^T + table bias + attn_bias`` (fp32) and the table index/in-range mask."""
+    """Masked logits ``q*scale @ k^T + table bias + attn_bias`` (fp32), the table index/in-range
+    mask and the allowed (not shift/group-masked, not padding) pairs."""
     s = _mm(q, tl.trans(k), F32, UPCAST) * scale
     pair = valid_m[:, None] & valid_n[None, :]
-    # Table index from (window-local or true) coordinate differences; without coords the
-    # range is the window, so every pair is in range. Out-of-range pairs get no bias.
-    dy = cy_m[:, None] - cy_n[None, :] + RH - 1
-    dx = cx_m[:, None] - cx_n[None, :] + RW - 1
-    idx = dy * (2 * RW - 1) + dx
-    inr = pair & (dy >= 0) & (dy < 2 * RH - 1) & (dx >= 0) & (dx < 2 * RW - 1)
+    # Table index from exact (window-local or true) int64 coordinate differences; without
+    # coords the range is the window, so every pair is in range. Out-of-range pairs, and
+    # differences that wrap around int64, get no bias (edge rules 1 and 3).
+    ry = cy_m[:, None] - cy_n[None, :]
+    rx = cx_m[:, None] - cx_n[None, :]
+    ovf = (((cy_m[:, None] ^ cy_n[None, :]) & (cy_m[:, None] ^ ry)) < 0) | \
+        (((cx_m[:, None] ^ cx_n[None, :]) & (cx_m[:, None] ^ rx)) < 0)
+    inr = pair & (ovf == 0) & (ry > -RH) & (ry < RH) & (rx > -RW) & (rx < RW)
+    dy = tl.where(inr, ry + RH - 1, 0)
+    dx = tl.where(inr, rx + RW - 1, 0)
+    idx = (dy * (2 * RW - 1) + dx).to(tl.int32)
     if HAS_RPB:
         s += tl.load(rpb + idx * NH + h, mask=inr, other=0.0)
     if HAS_BIAS:
@@ -101,7 +107,7 @@ def _scores(q, k, h, offs_m, offs_n, reg_m, reg_n, grp_m, grp_n, cy_m, cy_n, cx_
     if HAS_GROUP:
         allowed = allowed & (grp_m[:, None] == grp_n[None, :])
     s = tl.where(allowed, s, float("-inf"))
-    return s, idx, inr
+    return s, idx, inr, allowed
 
 
 @triton.jit
@@ -127,14 +133,16 @@ def _fwd_kernel(qkv, out, lse, rpb, abias, group, coords,
             offs_m, w, nW, nWw, H, W, SH, SW, GG, GC, group, coords, N, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS)
         row_m = tok_m.to(tl.int64) * (3 * C) + h * D
         q = tl.load(qkv + row_m[:, None] + offs_d[None, :], mask=valid_m[:, None], other=0.0)
-        s, idx, inr = _scores(q, k, h, offs_m, offs_n, reg_m, reg_n, grp_m, grp_n, cy_m, cy_n, cx_m, cx_n,
-                              valid_m, valid_n, rpb, abias, scale, NH, RH, RW,
-                              N, HAS_RPB, HAS_BIAS, SHIFT, HAS_GROUP, F32, UPCAST)
+        s, idx, inr, allowed = _scores(q, k, h, offs_m, offs_n, reg_m, reg_n, grp_m, grp_n, cy_m, cy_n, cx_m, cx_n,
+                                       valid_m, valid_n, rpb, abias, scale, NH, RH, RW,
+                                       N, HAS_RPB, HAS_BIAS, SHIFT, HAS_GROUP, F32, UPCAST)
         m = tl.max(s, 1)
-        m = tl.where(m == float("-inf"), 0.0, m)  # padded rows: everything masked
+        # Padded rows (told apart by position, never by value) are all -inf: keep them finite.
+        # A real row whose every key is masked stays -inf and gives NaN (edge rule 2).
+        m = tl.where(valid_m, m, 0.0)
         p = tl.exp2((s - m[:, None]) * 1.4426950408889634)
         l = tl.sum(p, 1)
-        l = tl.where(l == 0.0, 1.0, l)
+        l = tl.where(valid_m, l, 1.0)
         o = _mm(p.to(v.dtype), v, F32, UPCAST) / l[:, None]
         out_m = tok_m.to(tl.int64) * C + h * D
         tl.store(out + out_m[:, None] + offs_d[None, :], o.to(out.dtype.element_ty), mask=valid_m[:, None])
@@ -180,13 +188,14 @@ def _bwd_kernel(dout, qkv, out, lse, dqkv, rpb, abias, group, coords, dsum, dtab
             o = tl.load(out + orow_m[:, None] + offs_d[None, :], mask=valid_m[:, None], other=0.0)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
             lse_m = tl.load(lse + (w * NH + h) * N + offs_m, mask=valid_m, other=0.0)
-            s, idx, inr = _scores(q, k, h, offs_m, offs_n, reg_m, reg_n, grp_m, grp_n, cy_m, cy_n, cx_m, cx_n,
-                                  valid_m, valid_n, rpb, abias, scale, NH, RH, RW,
-                                  N, HAS_RPB, HAS_BIAS, SHIFT, HAS_GROUP, F32, UPCAST)
-            p = tl.exp2((s - lse_m[:, None]) * 1.4426950408889634)  # masked / padded: exactly 0
+            s, idx, inr, allowed = _scores(q, k, h, offs_m, offs_n, reg_m, reg_n, grp_m, grp_n, cy_m, cy_n, cx_m,
+                                           cx_n, valid_m, valid_n, rpb, abias, scale, NH, RH, RW,
+                                           N, HAS_RPB, HAS_BIAS, SHIFT, HAS_GROUP, F32, UPCAST)
+            p = tl.exp2((s - lse_m[:, None]) * 1.4426950408889634)  # masked / padded: 0 (NaN in a NaN row)
             dv += _mm(tl.trans(p.to(do.dtype)), do, F32, UPCAST)
             dp = _mm(do, tl.trans(v), F32, UPCAST)
-            ds = p * (dp - delta[:, None])  # d(logits): also the gradient of both biases
+            # d(logits): also the gradient of both biases; exactly 0 at masked pairs, even in a NaN row
+            ds = tl.where(allowed, p * (dp - delta[:, None]), 0.0)
             dsl = ds.to(q.dtype)
             dq = _mm(dsl, k, F32, UPCAST) * scale
             tl.store(dqkv + row_m[:, None] + offs_d[None, :], dq.to(dqkv.dtype.element_ty), mask=valid_m[:, None])
@@ -202,7 +211,7 @@ def _bwd_kernel(dout, qkv, out, lse, dqkv, rpb, abias, group, coords, dsum, dtab
             if TAB_MODE == 2:
                 # Fixed-order per-entry sums (duplicates within a tile rule out a scatter),
                 # over the box of table rows/cols that this tile's unmasked pairs touch.
-                live = inr & (s > float("-inf"))
+                live = inr & allowed
                 ty = idx // (2 * RW - 1)
                 tx = idx % (2 * RW - 1)
                 ds_in = tl.where(live, ds, 0.0)
@@ -291,7 +300,7 @@ def _warps(n_pad, d):
 def window_attention(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale):
     """Forward. qkv (B,H,W,3C) contiguous fp32/fp16/bf16, channels (3,nH,d), d in {16,32,64,128},
     N = wh*ww <= 256; rpb fp32 ((2rh-1)*(2rw-1), nH) or None; attn_bias fp32 (nH,N,N) or None;
-    group int32 (G,H,W), coords int32 (G,H,W,2), G in {1,B}, at original positions.
+    group int32/int64 (G,H,W), coords int32/int64 (G,H,W,2), G in {1,B}, at original positions.
 
     Returns (out (B,H,W,C) qkv.dtype, lse fp32 (B*nW, nH, N): row log-sum-exp per window of
     the rolled grid, row-major windows, batch outermost).
