@@ -45,8 +45,9 @@ using namespace simd;
 // int32 or int64 labels/coords, read at full width (edge rule 1: no truncation merges labels).
 struct Ints {
   const void* p = nullptr;
-  bool wide = false;  // int64
-  explicit operator bool() const { return p != nullptr; }
+  bool wide = false;     // int64
+  bool given = false;    // not `p != nullptr`: an empty tensor (B = 0) has no data pointer
+  explicit operator bool() const { return given; }
   int64_t operator[](int64_t i) const {
     return wide ? static_cast<const int64_t*>(p)[i] : static_cast<const int32_t*>(p)[i];
   }
@@ -62,7 +63,7 @@ struct Geom {
 };
 
 Ints int_input(const at::Tensor& t) {
-  return {t.data_ptr(), t.scalar_type() == at::kLong};
+  return {t.data_ptr(), t.scalar_type() == at::kLong, true};
 }
 
 Geom make_geom(const at::Tensor& qkv, int64_t nH, int64_t wh, int64_t ww, int64_t sh, int64_t sw,
