@@ -65,6 +65,15 @@ TORCH_LIBRARY(mixkernels_C, m) {
   m.def("window_attention_backward(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int num_heads, "
         "int wh, int ww, int sh, int sw, Tensor? rpb, Tensor? attn_bias, Tensor? group, Tensor? coords, "
         "int rh, int rw, float scale, bool need_drpb, bool need_dbias, bool deterministic) -> (Tensor, Tensor, Tensor)");
+  // SwinV2 cosine attention: the same layouts, logit_scale acc (nH,) in place of scale (logits
+  // normalize(q) @ normalize(k)^T * exp(min(logit_scale, log 100)) + biases + masks).
+  // backward -> (dqkv, drpb, dbias, dlogit_scale acc (nH,) or empty).
+  m.def("window_attention_cosine(Tensor qkv, int num_heads, int wh, int ww, int sh, int sw, Tensor? rpb, "
+        "Tensor? attn_bias, Tensor? group, Tensor? coords, int rh, int rw, Tensor logit_scale) -> (Tensor, Tensor)");
+  m.def("window_attention_cosine_backward(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int num_heads, "
+        "int wh, int ww, int sh, int sw, Tensor? rpb, Tensor? attn_bias, Tensor? group, Tensor? coords, "
+        "int rh, int rw, Tensor logit_scale, bool need_drpb, bool need_dbias, bool need_dlogit_scale, "
+        "bool deterministic) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // ---- Reconstruction losses. imgs (B,3,H,W); pred D = p*p*3, last dim (p,p,3).
   // mixmim: pred (2B,L,D), mask uint8 (G,L) -> per-patch loss acc (B,L).
@@ -77,6 +86,10 @@ TORCH_LIBRARY(mixkernels_C, m) {
   m.def("masked_recon_loss(Tensor pred, Tensor imgs, Tensor patch_idx, int patch_size, bool norm_pix, float eps) -> Tensor");
   m.def("masked_recon_loss_backward(Tensor grad, Tensor pred, Tensor imgs, Tensor patch_idx, int patch_size, "
         "bool norm_pix, float eps) -> Tensor");
+  // simmim: pred, imgs (B,C,H,W) full resolution; mask uint8 (G,L) over patch_size patches
+  //         -> per-patch mean |pred - imgs| acc (B,L) (0 where unmasked); backward -> dpred like pred.
+  m.def("simmim_loss(Tensor pred, Tensor imgs, Tensor mask, int patch_size) -> Tensor");
+  m.def("simmim_loss_backward(Tensor grad, Tensor pred, Tensor imgs, Tensor mask, int patch_size) -> Tensor");
 }
 
 // Registering the schemas is all this module does at load time; CPU kernels register

@@ -23,11 +23,17 @@ def backend_table(device: str) -> List[Tuple[str, str, Dict[str, str]]]:
     predicate the op really uses, with its reasons."""
     rows = []
     for spec in OPERATORS_REGISTRY.values():
-        key = spec.dispatch_key(spec.samples(torch.device(device), torch.bfloat16)[0])
-        status = spec.status(*key)
-        env = os.environ.get("MIXKERNELS_BACKEND")
-        auto = env if env else _dispatch.choose(spec.name, key[0], spec.reason, None, *key)
-        rows.append((spec.name, auto, status))
+        samples = spec.samples(torch.device(device), torch.bfloat16)
+        keys = [(spec.name, spec.dispatch_key(samples[0]))]
+        for variant in spec.variants:  # e.g. window_attention's cosine mode: its own kernels, its own status
+            key = next((k for k in map(spec.dispatch_key, samples) if k[2][-1] == variant), None)
+            if key is not None:
+                keys.append((f"{spec.name} ({variant})", key))
+        for name, key in keys:
+            status = spec.status(*key)
+            env = os.environ.get("MIXKERNELS_BACKEND")
+            auto = env if env else _dispatch.choose(spec.name, key[0], spec.reason, None, *key)
+            rows.append((name, auto, status))
     return rows
 
 
@@ -67,7 +73,9 @@ def report() -> str:
         add(f"backends on {dev} tensors (bf16; automatic choice in brackets; Triton launchers: "
             f"mixkernels.triton.<family>.<kernel>):")
         for name, auto, status in backend_table(dev):
-            add(f"  {name:<18} [{auto}]  kernels: {', '.join(OPERATORS_REGISTRY[name].kernel_names('cpu'))}")
+            op, _, variant = name.partition(" (")
+            kernels = OPERATORS_REGISTRY[op].kernel_names("cpu", variant.rstrip(")") or None)
+            add(f"  {name:<18} [{auto}]  kernels: {', '.join(kernels)}")
             for b, s in status.items():
                 add(f"      {b:<9} {s}")
     return "\n".join(lines)

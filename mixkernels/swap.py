@@ -3,11 +3,13 @@
 A family is one :class:`Adapter` in :data:`ADAPTERS`: the module class it replaces (looked up
 in ``sys.modules``, so no library is imported here and each one stays optional), a check that
 names what it cannot handle, and a builder returning the fused module that shares the original
-parameter objects. SwinV2 variants that have no adapter yet are listed in :data:`PENDING` and
-refused with the reason. Supported today:
+parameter objects. Swin blocks that have no adapter are listed in :data:`PENDING` and refused
+with the reason. Supported today:
 
 * timm ``SwinTransformerBlock`` (v1) -> :class:`mixkernels.nn.SwinBlock`
+* timm ``SwinTransformerV2Block`` (``swinv2_*``) -> :class:`mixkernels.nn.SwinV2Block` (cosine attention)
 * torchvision ``SwinTransformerBlock`` (v1, ``swin_t/s/b``) -> :class:`mixkernels.nn.TorchvisionSwinBlock`
+* torchvision ``SwinTransformerBlockV2`` (``swin_v2_t/s/b``) -> :class:`mixkernels.nn.TorchvisionSwinBlockV2`
 * transformers ``SwinLayer`` and ``Swinv2Layer`` -> ``mixkernels.nn.hf_swin.FusedSwinLayer`` /
   ``FusedSwinv2Layer`` (same object, fused subclass; transformers 4.x and 5.x layouts)
 """
@@ -20,9 +22,10 @@ from typing import Callable, List, Optional, Tuple
 from torch import fx, nn
 
 from .nn.swin_block import SwinBlock
-from .nn.torchvision_swin import TorchvisionSwinBlock
+from .nn.swinv2_block import SwinV2Block
+from .nn.torchvision_swin import TorchvisionSwinBlock, TorchvisionSwinBlockV2
 
-__all__ = ["swap_swin", "Adapter", "ADAPTERS", "PENDING", "TorchvisionSwinBlock"]
+__all__ = ["swap_swin", "Adapter", "ADAPTERS", "PENDING", "TorchvisionSwinBlock", "TorchvisionSwinBlockV2"]
 
 
 def _cls(module: str, name: str) -> Optional[type]:
@@ -80,10 +83,50 @@ def _from_timm(blk: nn.Module, backend: Optional[str]) -> SwinBlock:
     return new
 
 
+def _from_timm_v2(blk: nn.Module, backend: Optional[str]) -> SwinV2Block:
+    """A :class:`SwinV2Block` that owns ``blk``'s submodules, parameters and buffers (same objects)."""
+    a = blk.attn
+    new = SwinV2Block(
+        blk.dim, blk.input_resolution, num_heads=a.num_heads, window_size=blk.window_size, shift_size=0,
+        always_partition=True, mlp_ratio=blk.mlp_ratio, qkv_bias=a.q_bias is not None,
+        pretrained_window_size=a.pretrained_window_size, device="meta", backend=backend,
+    )
+    # timm already clamped window/shift for its resolution: take them as they are.
+    new.always_partition, new.dynamic_mask = blk.always_partition, getattr(blk, "dynamic_mask", False)
+    new.target_shift_size = blk.target_shift_size
+    new.window_size, new.shift_size = tuple(blk.window_size), tuple(blk.shift_size)
+    new.window_area = blk.window_area
+    new.norm1, new.norm2, new.mlp = blk.norm1, blk.norm2, blk.mlp
+    new.drop_path1, new.drop_path2 = blk.drop_path1, blk.drop_path2
+    na = new.attn
+    na.window_size, na.qkv_bias_separate = tuple(a.window_size), getattr(a, "qkv_bias_separate", False)
+    na.logit_scale, na.cpb_mlp, na.qkv, na.proj = a.logit_scale, a.cpb_mlp, a.qkv, a.proj
+    na.q_bias, na.v_bias = a.q_bias, a.v_bias
+    na.attn_drop, na.proj_drop = a.attn_drop, a.proj_drop
+    na.register_buffer("k_bias", a.k_bias, persistent=False)
+    na.register_buffer("relative_coords_table", a.relative_coords_table, persistent=False)
+    new.train(blk.training)
+    return new
+
+
+def _timm_v2_problem(blk: nn.Module) -> Optional[str]:
+    a = getattr(blk, "attn", None)
+    need = ("logit_scale", "cpb_mlp", "qkv", "q_bias", "v_bias", "relative_coords_table", "proj")
+    missing = [n for n in need if not hasattr(a, n)]
+    return f"unrecognized WindowAttention layout (missing {', '.join(missing)})" if missing else None
+
+
 def _tv_problem(blk: nn.Module) -> Optional[str]:
     attn = _cls("torchvision.models.swin_transformer", "ShiftedWindowAttention")
     if type(blk.attn) is not attn:
         return f"attn is {type(blk.attn).__name__}, not ShiftedWindowAttention"
+    return None
+
+
+def _tv_v2_problem(blk: nn.Module) -> Optional[str]:
+    attn = _cls("torchvision.models.swin_transformer", "ShiftedWindowAttentionV2")
+    if type(blk.attn) is not attn:
+        return f"attn is {type(blk.attn).__name__}, not ShiftedWindowAttentionV2"
     return None
 
 
@@ -107,19 +150,22 @@ def _hf_fused() -> Tuple[type, ...]:
 ADAPTERS: List[Adapter] = [
     Adapter("timm v1", "timm.models.swin_transformer", "SwinTransformerBlock", _from_timm,
             fused=lambda: (SwinBlock,)),
+    Adapter("timm v2", "timm.models.swin_transformer_v2", "SwinTransformerV2Block", _from_timm_v2,
+            problem=_timm_v2_problem, fused=lambda: (SwinV2Block,)),
     Adapter("torchvision v1", "torchvision.models.swin_transformer", "SwinTransformerBlock", TorchvisionSwinBlock,
             problem=_tv_problem, fused=lambda: (TorchvisionSwinBlock,)),
+    Adapter("torchvision v2", "torchvision.models.swin_transformer", "SwinTransformerBlockV2", TorchvisionSwinBlockV2,
+            problem=_tv_v2_problem, fused=lambda: (TorchvisionSwinBlockV2,)),
     Adapter("transformers Swin", "transformers.models.swin.modeling_swin", "SwinLayer", _hf_build,
             problem=_hf_problem, fused=_hf_fused),
     Adapter("transformers Swinv2", "transformers.models.swinv2.modeling_swinv2", "Swinv2Layer", _hf_build,
             problem=_hf_problem, fused=_hf_fused),
 ]
 
-# Swin blocks recognized but not swapped yet: (module, class, reason).
+# Swin blocks recognized but not swapped: (module, class, reason).
 PENDING: List[Tuple[str, str, str]] = [
-    ("timm.models.swin_transformer_v2", "SwinTransformerV2Block", "timm SwinV2 is not supported yet (issue #16)"),
-    ("torchvision.models.swin_transformer", "SwinTransformerBlockV2",
-     "torchvision swin_v2 is not supported yet (issue #16)"),
+    ("timm.models.swin_transformer_v2_cr", "SwinTransformerV2CrBlock",
+     "timm swinv2_cr (its own res-post-norm block and dense meta-MLP bias) has no adapter yet"),
 ]
 
 _SUPPORTED = "supported: " + ", ".join(a.family for a in ADAPTERS)
@@ -153,8 +199,8 @@ def swap_swin(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     unchanged, forward outputs and gradients match the original).
 
     Args:
-        model: a timm ``SwinTransformer`` (v1), a torchvision ``SwinTransformer`` with v1 blocks,
-            a transformers Swin/Swinv2 model (``SwinModel``, ``Swinv2Model``,
+        model: a timm ``SwinTransformer`` or ``SwinTransformerV2``, a torchvision ``SwinTransformer``
+            (``swin_t/s/b``, ``swin_v2_t/s/b``), a transformers Swin/Swinv2 model (``SwinModel``, ``Swinv2Model``,
             ``SwinForImageClassification``, ``SwinForMaskedImageModeling``, backbones, ...),
             or any module containing such blocks (a stage, a detection backbone).
         backend: passed to :func:`mixkernels.window_attention` (``None`` = automatic); each
@@ -162,8 +208,8 @@ def swap_swin(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     Returns:
         ``model`` (modified in place).
     Raises:
-        TypeError: the model holds Swin blocks without a fused equivalent (timm/torchvision
-            SwinV2, unknown layouts) or no supported Swin block at all, or is a bare block.
+        TypeError: the model holds Swin blocks without a fused equivalent (timm ``swinv2_cr``,
+            unknown layouts) or no supported Swin block at all, or is a bare block.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap_swin expects a torch.nn.Module, got {type(model).__name__}")

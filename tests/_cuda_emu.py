@@ -31,6 +31,7 @@ SOURCES = [
     "csrc/cuda/windows.cu",
     "csrc/cuda/uniform.cu",
     "csrc/cuda/losses.cu",
+    "csrc/cuda/simmim_loss.cu",
     "tests/cuda_emu/emu_runtime.cpp",
     "tests/cuda_emu/emu_api.cpp",
 ]
@@ -111,7 +112,8 @@ class EmuWattn(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int32) for n in ("B", "H", "W", "nH", "d", "wh", "ww", "sh", "sw", "rh", "rw", "dtype")] + [
         ("scale", ctypes.c_float), ("qkv", ctypes.c_void_p), ("rpb", ctypes.c_void_p), ("attn_bias", ctypes.c_void_p),
         ("group", ctypes.c_void_p), ("coords", ctypes.c_void_p), ("group_batch", ctypes.c_int32),
-        ("coords_batch", ctypes.c_int32), ("group_int64", ctypes.c_int32), ("coords_int64", ctypes.c_int32)]
+        ("coords_batch", ctypes.c_int32), ("group_int64", ctypes.c_int32), ("coords_int64", ctypes.c_int32),
+        ("logit_scale", ctypes.c_void_p)]
 
 
 def _ptr(t: Optional[torch.Tensor]):
@@ -144,7 +146,7 @@ class Call:
     """One window-attention call's arguments, kept alive for the C side."""
 
     def __init__(self, qkv, nh, window, shift=(0, 0), rpb=None, attn_bias=None, group=None, coords=None,
-                 coord_range=None, scale=None):
+                 coord_range=None, scale=None, logit_scale=None):
         B, H, W, C3 = qkv.shape
         d = C3 // 3 // nh
         wh, ww = window
@@ -156,13 +158,16 @@ class Call:
         self.coords = None if coords is None else coords.reshape(-1, H, W, 2).contiguous()
         if self.group is not None and self.group.dtype not in (torch.int32, torch.int64):
             self.group = self.group.to(torch.int32)
+        self.ls = None if logit_scale is None else logit_scale.float().reshape(nh).contiguous()  # cosine mode
+        if self.ls is not None:
+            scale = 1.0
         self.p = EmuWattn(B, H, W, nh, d, wh, ww, shift[0], shift[1], rh, rw, DTYPE[qkv.dtype],
                           float(d ** -0.5 if scale is None else scale), _ptr(self.qkv), _ptr(self.rpb), _ptr(self.ab),
                           _ptr(self.group), _ptr(self.coords),
                           1 if self.group is None else self.group.shape[0],
                           1 if self.coords is None else self.coords.shape[0],
                           int(self.group is not None and self.group.dtype == torch.int64),
-                          int(self.coords is not None and self.coords.dtype == torch.int64))
+                          int(self.coords is not None and self.coords.dtype == torch.int64), _ptr(self.ls))
         self.shape = (B, H, W, C3 // 3)
         self.nW = (H // wh) * (W // ww)
         self.N = wh * ww
@@ -188,6 +193,13 @@ class Call:
         drpb = _aligned_empty(tuple(self.rpb.shape), torch.float32) if need_drpb else None
         dbias = _aligned_empty(tuple(self.ab.shape), torch.float32) if need_dbias else None
         dout, out, lse = _aligned(dout.contiguous()), _aligned(out.contiguous()), _aligned(lse.contiguous())
+        if self.ls is not None:  # cosine mode: (dqkv, drpb, dbias, raw logit-scale sums (nH,))
+            dls = _aligned_empty((self.nh,), torch.float32)
+            err = lib.emu_wattn_backward_cos(ctypes.byref(self.p), _ptr(dout), _ptr(out), _ptr(lse), _ptr(dqkv),
+                                             _ptr(drpb), _ptr(dbias), _ptr(dls), _ptr(ws), int(need_drpb),
+                                             int(need_dbias), int(deterministic))
+            assert err == 0, f"emulated backward returned cudaError {err}"
+            return dqkv, drpb, dbias, dls
         err = lib.emu_wattn_backward(ctypes.byref(self.p), _ptr(dout), _ptr(out), _ptr(lse), _ptr(dqkv), _ptr(drpb),
                                      _ptr(dbias), _ptr(ws), int(need_drpb), int(need_dbias), int(deterministic))
         assert err == 0, f"emulated backward returned cudaError {err}"
@@ -216,6 +228,8 @@ _SIGS = {
     "emu_mixmim_loss_bwd": [_P, _P, _i, _P, _i, _P, _I, _P, _I, _I, _I, _i, _i, _f],
     "emu_masked_loss_fwd": [_P, _i, _P, _i, _P, _P, _I, _I, _I, _I, _i, _i, _f],
     "emu_masked_loss_bwd": [_P, _P, _i, _P, _i, _P, _P, _I, _I, _I, _I, _i, _i, _f],
+    "emu_simmim_loss_fwd": [_P, _i, _P, _i, _P, _I, _P, _I, _I, _I, _I, _i],
+    "emu_simmim_loss_bwd": [_P, _P, _i, _P, _i, _P, _I, _P, _I, _I, _I, _I, _i],
 }
 
 

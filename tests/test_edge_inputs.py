@@ -9,6 +9,7 @@ skipped for that case. Interpreter programs are slow: every case is a few window
 """
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Tuple
@@ -56,7 +57,7 @@ NH, D = 2, 16
 
 
 def _wa(g, B=2, H=8, W=4, win=4, nh=NH, d=D, dtype=F32, rpb=True, bias=False, shift=0, group=None,
-        coords=None, coord_range=None, scale=None):
+        coords=None, coord_range=None, scale=None, logit_scale=None):
     wh, ww = (win, win) if isinstance(win, int) else win
     kw = dict(qkv=torch.randn(B, H, W, 3 * nh * d, generator=g, dtype=F64).to(dtype), num_heads=nh,
               window_size=(wh, ww), shift_size=shift)
@@ -71,6 +72,9 @@ def _wa(g, B=2, H=8, W=4, win=4, nh=NH, d=D, dtype=F32, rpb=True, bias=False, sh
         kw["coords"], kw["coord_range"] = coords, R
     if scale is not None:
         kw["scale"] = scale
+    if logit_scale is not None:  # SwinV2 cosine mode: a list of per-head values, or True for random ones
+        ls = torch.rand(nh, 1, 1, generator=g) * 4 if logit_scale is True else torch.tensor(logit_scale).reshape(nh, 1, 1)
+        kw["logit_scale"] = ls.to(torch.float32)
     return kw
 
 
@@ -109,10 +113,26 @@ def _poke(name, index, value):
 
 WA = "window_attention"
 WA_GRADS = ("qkv", "rel_pos_bias", "attn_bias")
+WA_COS_GRADS = WA_GRADS + ("logit_scale",)
 
 
 def _wa_case(cid, build, grads=WA_GRADS, views=None):
     return Case(cid, WA, build, grads, views or {})
+
+
+def _cos(g, **kw):
+    """A cosine-mode (SwinV2) call: q and k normalized, per-head learned logit scale."""
+    return _wa(g, logit_scale=kw.pop("logit_scale", True), **kw)
+
+
+def _zero_vecs(*at):
+    """Zero whole q/k head vectors at ``(b, y, x, first channel)``: F.normalize's eps branch (gradient 1/eps)."""
+    def f(kw):
+        t = kw["qkv"].clone()
+        for b, y, x, off in at:
+            t[b, y, x, off:off + D] = 0
+        return t
+    return f
 
 
 def _mix_huge_group(g):
@@ -173,6 +193,39 @@ WA_CASES = [
     _wa_case("wa_scale_negative", lambda g: _wa(g, scale=-0.7, bias=True)),
     _wa_case("wa_coords_without_range", lambda g: _wa(g) | dict(coords=torch.zeros(8, 4, 2, dtype=torch.long))),
     _wa_case("wa_group_float", lambda g: _wa(g, group=torch.zeros(8, 4))),
+    # cosine mode (SwinV2): the same rules, plus the logit-scale clamp and the normalization's eps
+    _wa_case("cos_basic_shift_bias", lambda g: _cos(g, shift=(2, 1), bias=True), WA_COS_GRADS),
+    _wa_case("cos_empty_batch", lambda g: _cos(g, B=0, bias=True), WA_COS_GRADS),
+    _wa_case("cos_all_masked_rows", lambda g: _cos(g, shift=2, group=torch.randint(0, 2, (2, 8, 4), generator=g))
+             | dict(attn_bias=_masked_row_bias(g)), WA_COS_GRADS),
+    _wa_case("cos_group_int64_huge", lambda g: _cos(g, shift=(1, 2), group=_mix_huge_group(g)), WA_COS_GRADS),
+    _wa_case("cos_coords_int64_extremes", lambda g: _cos(
+        g, coords=_labels(g, (2, 8, 4, 2), [I64_MIN, I64_MAX, 0, 1, -1, I64_MIN + 1]), coord_range=(2, 2)), WA_COS_GRADS),
+    _wa_case("cos_coords_out_of_range", lambda g: _cos(g, coords=_coords(g, 2, 8, 4, -3, 9, torch.int32),
+                                                       coord_range=(3, 3)), WA_COS_GRADS),
+    # log(100) exactly (gradient passes), above it (clamped: gradient 0), -inf (scale 0), large negative
+    _wa_case("cos_logit_scale_clamp", lambda g: _cos(g, nh=4, d=8, logit_scale=[math.log(100), 5.0, float("-inf"), -30.0]),
+             WA_COS_GRADS),
+    _wa_case("cos_logit_scale_nan", lambda g: _cos(g, logit_scale=[float("nan"), 1.0]), WA_COS_GRADS),
+    # zero q (head 0) and k (head 0 and 1) vectors: channels (3, nH, d), so q0 = [0, D), k0 = [2D, 3D), k1 = [3D, 4D)
+    _wa_case("cos_zero_q_and_k", lambda g: _with(_cos(g, bias=True), qkv=_zero_vecs(
+        (0, 1, 2, 0), (0, 1, 2, 2 * D), (1, 5, 3, 3 * D))), WA_COS_GRADS),
+    _wa_case("cos_k_inf", lambda g: _with(_cos(g), qkv=_poke("qkv", (1, 5, 0, 32 + 17), float("inf"))), WA_COS_GRADS),
+    _wa_case("cos_v_nan_group", lambda g: _with(_cos(g, group=torch.randint(0, 2, (8, 4), generator=g)),
+                                                qkv=_poke("qkv", (1, 2, 1, 64 + 20), float("nan"))), WA_COS_GRADS),
+    _wa_case("cos_noncontiguous", lambda g: _cos(g, bias=True, coords=_coords(g, 2, 8, 4, 0, 6), coord_range=(6, 6)),
+             WA_COS_GRADS, views=dict(qkv=_nc, rel_pos_bias=_nc_t, attn_bias=_nc_t, logit_scale=_nc)),
+    _wa_case("cos_stride0", lambda g: _with(_cos(g, B=1, bias=True), logit_scale=lambda kw: kw["logit_scale"][:1]),
+             WA_COS_GRADS, views=dict(qkv=lambda t: t.expand(3, -1, -1, -1), logit_scale=lambda t: t.expand(NH, 1, 1))),
+    _wa_case("cos_f16", lambda g: _cos(g, dtype=F16, bias=True, shift=1, group=torch.randint(0, 2, (2, 8, 4), generator=g)),
+             WA_COS_GRADS),
+    _wa_case("cos_bf16_logit_scale_1d", lambda g: _with(_cos(g, dtype=BF16, coords=_coords(g, 2, 8, 4, 0, 7), coord_range=(4, 4)),
+                                                        logit_scale=lambda kw: kw["logit_scale"].reshape(NH)), WA_COS_GRADS),
+    _wa_case("cos_f64", lambda g: _with(_cos(g, dtype=F64, bias=True), logit_scale=lambda kw: kw["logit_scale"].double()),
+             WA_COS_GRADS),
+    _wa_case("cos_with_scale_rejected", lambda g: _cos(g, scale=0.5), WA_COS_GRADS),
+    _wa_case("cos_logit_scale_bad_shape", lambda g: _with(_cos(g), logit_scale=lambda kw: kw["logit_scale"].reshape(1, NH)),
+             WA_COS_GRADS),
 ]
 
 # ---------------------------------------------------------------- token ops
@@ -308,6 +361,13 @@ def _flat_patch_imgs(g, B=2, H=8, W=8, p=4):
     return imgs
 
 
+def _half_tied(g):
+    """pred equal to the images in the right half (sign(0): gradient 0 at ties), random in the left half."""
+    pred = _imgs(_gen("sm_tied"), 2)
+    pred[..., :4] = _imgs(g, 2, 8, 4)
+    return pred
+
+
 LOSS_CASES = [
     Case("mm_empty_batch_mean", "mixmim_loss", lambda g: dict(pred=_pred(g, 0, 4, 4), imgs=_imgs(g, 0), mask=_mask(g, 4),
                                                               patch_size=4), ("pred",)),
@@ -362,6 +422,38 @@ LOSS_CASES = [
     Case("ml_compact_nan_img", "masked_recon_loss", lambda g: dict(
         pred=_pred(g, 2, 2, 4), imgs=_nan_at(_imgs(g, 2), (0, 1, 5, 1)),
         mask=torch.tensor([[0, 1, 1, 0], [1, 0, 0, 1]]), patch_size=4, reduction="none"), ("pred",)),
+    # SimMIM: full-resolution pred (B, C, H, W); the patch mask selects (NaN/Inf outside it never leak)
+    Case("sm_empty_batch", "simmim_loss", lambda g: dict(pred=_imgs(g, 0), imgs=_imgs(g, 0), mask=_mask(g, 2, 2),
+                                                         patch_size=4), ("pred",)),
+    Case("sm_nothing_masked_per_image", "simmim_loss", lambda g: dict(
+        pred=_imgs(g, 2), imgs=_imgs(g, 2), mask=torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0]]), patch_size=4,
+        reduction="per_image"), ("pred",)),
+    Case("sm_nothing_masked_mean", "simmim_loss", lambda g: dict(pred=_imgs(g, 2), imgs=_imgs(g, 2), mask=torch.zeros(2, 2),
+                                                                 patch_size=4), ("pred",)),
+    Case("sm_nan_inf_unmasked", "simmim_loss", lambda g: dict(
+        pred=_nan_at(_nan_at(_imgs(g, 2), (0, 1, 0, 1)), (1, 2, 7, 0), float("inf")),
+        imgs=_nan_at(_imgs(g, 2), (1, 0, 0, 5), float("-inf")), mask=torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]]),
+        patch_size=4, reduction="none"), ("pred",)),
+    Case("sm_nan_masked_img", "simmim_loss", lambda g: dict(pred=_imgs(g, 2), imgs=_nan_at(_imgs(g, 2), (1, 2, 3, 6)),
+                                                            mask=torch.ones(2, 4), patch_size=4, reduction="per_image"),
+         ("pred",)),
+    Case("sm_ties_and_float_mask", "simmim_loss", lambda g: dict(
+        pred=_half_tied(g), imgs=_imgs(_gen("sm_tied"), 2), mask=torch.tensor([[1.0, 0.5, -1.0, 0.0], [0.0, 2.0, 0.0, 0.0]]), patch_size=4,
+        reduction="none"), ("pred",)),
+    Case("sm_patch_1_odd", "simmim_loss", lambda g: dict(pred=_imgs(g, 2, 3, 5), imgs=_imgs(g, 2, 3, 5),
+                                                         mask=_mask(g, 2, 15), patch_size=1), ("pred",)),
+    Case("sm_one_patch", "simmim_loss", lambda g: dict(pred=_imgs(g, 1, 8, 8), imgs=_imgs(g, 1, 8, 8), mask=torch.ones(1),
+                                                       patch_size=8, reduction="per_image"), ("pred",)),
+    Case("sm_noncontig_stride0_mixed_dtypes", "simmim_loss", lambda g: dict(
+        pred=_imgs(g, 2, 4, 4, dtype=BF16), imgs=_imgs(g, 1, 4, 4, dtype=F16), mask=torch.tensor([[[1, 0], [1, 1]]]).expand(2, 2, 2),
+        patch_size=2), ("pred",), dict(pred=_nc, imgs=lambda t: t.expand(2, 3, 4, 4))),
+    Case("sm_f16", "simmim_loss", lambda g: dict(pred=_imgs(g, 2, dtype=F16), imgs=_imgs(g, 2), mask=_mask(g, 4, 4),
+                                                 patch_size=2), ("pred",)),
+    Case("sm_f64", "simmim_loss", lambda g: dict(pred=_imgs(g, 2, dtype=F64), imgs=_imgs(g, 2, dtype=F64), mask=_mask(g, 2, 4),
+                                                 patch_size=4, reduction="per_image"), ("pred",)),
+    Case("sm_bad_patch", "simmim_loss", lambda g: dict(pred=_imgs(g, 2), imgs=_imgs(g, 2), mask=_mask(g, 4), patch_size=3)),
+    Case("sm_bad_mask_shape", "simmim_loss", lambda g: dict(pred=_imgs(g, 2), imgs=_imgs(g, 2), mask=_mask(g, 3, 4),
+                                                            patch_size=4)),
     Case("ml_noncontig_f16", "masked_recon_loss", lambda g: dict(pred=_pred(g, 2, 4, 4, dtype=F16), imgs=_imgs(g, 2),
                                                                  mask=_mask(g, 2, 8)[:, ::2], patch_size=4,
                                                                  reduction="per_image"), ("pred",),
@@ -455,7 +547,7 @@ def test_edge_input(case, backend, device):
 
 def test_table_covers_every_public_op():
     ops = {"window_attention", "mix_tokens", "unmix_tokens", "window_partition", "window_merge",
-           "uniform_sample", "uniform_scatter", "mixmim_loss", "masked_recon_loss"}
+           "uniform_sample", "uniform_scatter", "mixmim_loss", "masked_recon_loss", "simmim_loss"}
     assert ops == {c.op for c in CASES}
     assert len({c.id for c in CASES}) == len(CASES)
 

@@ -130,6 +130,19 @@ def test_limits_agree_with_the_cpp_header():
 def test_probe_reports_the_dispatch_key_without_running():
     spec = OPERATORS_REGISTRY["window_attention"]
     kw = spec.samples(torch.device("cpu"), torch.bfloat16)[0]
-    assert spec.dispatch_key(kw) == ("cpu", (torch.bfloat16,), (16, 16))
+    assert spec.dispatch_key(kw) == ("cpu", (torch.bfloat16,), (16, 16, None))
     status = spec.status(*spec.dispatch_key(kw))
     assert status["reference"] == "ok" and set(status) == {"cuda", "triton", "cpu", "reference"}
+    cosine = next(k for k in spec.samples(torch.device("cpu"), torch.float32) if "logit_scale" in k)
+    assert spec.dispatch_key(cosine)[2][-1] == "cosine"  # the variant is part of the key
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.variants], ids=[s.name for s in SPECS if s.variants])
+def test_variant_kernels_exist_or_are_reported(spec):
+    """A variant's kernel-level ops are registered on CPU; a backend without them says so by name."""
+    for name, kernels in spec.variants.items():
+        if _ext.cpu_error is None:
+            assert all(_ext.has_kernel(k, "CPU") for k in kernels), kernels
+        why = spec.reason("triton", "cuda", (torch.float16,), (16, 16, name))
+        if why and any(_triton_launcher_error(spec.family, k) for k in kernels):
+            assert f"{name} mode not implemented" in why, why

@@ -186,6 +186,16 @@ def _launch_everything():
                 lo = losses.masked_recon_loss(pred, imgs, idx, p, norm, 1e-6)
                 losses.masked_recon_loss_backward(torch.empty_like(lo), pred, imgs, idx, p, norm, 1e-6)
 
+    # -- SimMIM's loss on full-resolution predictions: 192 px (SimMIM's pretraining size), batch 128,
+    #    the mask at the model patch size 4 (the loss's patch), per image (and batch-shared in the full grid)
+    for pdt, idt in ((f16, f32), (bf16, bf16), (f32, f32)):
+        B, H, p = 128, 192, 4
+        pred, imgs = E(B, 3, H, H, dtype=pdt), E(B, 3, H, H, dtype=idt)
+        for G in ((1, B) if full else (B,)):
+            m = E(G, (H // p) ** 2, dtype=torch.uint8)
+            lo = losses.simmim_loss(pred, imgs, m, p)
+            losses.simmim_loss_backward(lo, pred, imgs, m, p)
+
 
 def _int64_pass():
     """The INT64 index path of the row kernels (tensors >= 2**31 elements; forced, not allocated)."""

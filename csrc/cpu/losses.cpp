@@ -1,4 +1,4 @@
-// CPU kernels: fused reconstruction losses (MixMIM dual reconstruction, MAE/UM-MAE masked).
+// CPU kernels: fused reconstruction losses (MixMIM dual reconstruction, MAE/UM-MAE masked, SimMIM L1).
 //
 // One task per patch: the target patch is read straight from the image (MAE patchify order
 // (row, col, channel), no patchified copy), normalized with the per-patch mean and unbiased
@@ -8,11 +8,14 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <vector>
 
 #include "mixkernels/checks.h"
 #include "mixkernels/cpu_common.h"
+#include "mixkernels/simmim_checks.h"
 
 namespace mixkernels::cpu {
 namespace {
@@ -244,6 +247,108 @@ at::Tensor masked_recon_loss_backward(const at::Tensor& grad, const at::Tensor& 
   return dpred;
 }
 
+// ---- SimMIM: masked L1 on full-resolution predictions ----
+// pred, imgs (B,C,H,W) (dtypes may differ); mask uint8 (G, L) over patches of p px, L = (H/p)*(W/p).
+// A task is one band of p image rows of one image, walked as runs of consecutive masked (or
+// unmasked) patches: each channel row of a run is one contiguous, vectorizable loop, and
+// unmasked runs are never read. Column sums over (channel, row) are taken in double, then each
+// patch sums its p columns in order: a fixed order, whatever the thread count.
+
+// Runs body(b, ph, m, runs) for each band (b, patch row ph): m points at the band's nw mask bytes,
+// runs lists (first patch, end patch, masked) of maximal runs of equal mask values.
+template <typename Body>
+void simmim_bands(const at::Tensor& imgs, const at::Tensor& mask, int64_t p, Body&& body) {
+  const int64_t B = imgs.size(0), C = imgs.size(1), W = imgs.size(3), nh = imgs.size(2) / p, nw = W / p;
+  const int64_t G = mask.size(0);
+  const uint8_t* mp = mask.data_ptr<uint8_t>();
+  at::parallel_for(0, B * nh, row_grain(C * p * W * 8), [&](int64_t begin, int64_t end) {
+    std::vector<std::array<int64_t, 3>> runs;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / nh, ph = r % nh;
+      const uint8_t* m = mp + ((G == 1 ? 0 : b) * nh + ph) * nw;
+      runs.clear();
+      for (int64_t pw = 0; pw < nw;) {
+        int64_t e = pw + 1;
+        while (e < nw && (m[e] != 0) == (m[pw] != 0)) ++e;
+        runs.push_back({pw, e, m[pw] != 0});
+        pw = e;
+      }
+      body(b, ph, m, runs);
+    }
+  });
+}
+
+at::Tensor simmim_loss(const at::Tensor& pred, const at::Tensor& imgs, const at::Tensor& mask, int64_t p) {
+  check_simmim("simmim_loss", pred, imgs, mask, p);
+  const int64_t B = imgs.size(0), C = imgs.size(1), H = imgs.size(2), W = imgs.size(3), nh = H / p, nw = W / p;
+  auto out = at::empty({B, nh * nw}, pred.options().dtype(acc_type(pred, imgs)));
+  dispatch2(pred, imgs, [&]<typename TP, typename TI, typename acc>() {
+    const TP* pp = pred.data_ptr<TP>();
+    const TI* ip = imgs.data_ptr<TI>();
+    acc* op = out.data_ptr<acc>();
+    const double inv = 1.0 / static_cast<double>(C * p * p);
+    simmim_bands(imgs, mask, p, [&](int64_t b, int64_t ph, const uint8_t* m, const auto& runs) {
+      std::vector<double> col(W, 0.0);
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t i = 0; i < p; ++i) {
+          const int64_t row = ((b * C + c) * H + ph * p + i) * W;
+          for (const auto& [x0, x1, live] : runs) {
+            if (!live) continue;
+            for (int64_t x = x0 * p; x < x1 * p; ++x) {
+              col[x] += std::abs(static_cast<double>(static_cast<acc>(pp[row + x]) - static_cast<acc>(ip[row + x])));
+            }
+          }
+        }
+      }
+      for (int64_t pw = 0; pw < nw; ++pw) {
+        double s = 0;
+        if (m[pw]) {
+          for (int64_t j = 0; j < p; ++j) s += col[pw * p + j];
+        }
+        op[(b * nh + ph) * nw + pw] = static_cast<acc>(s * inv);
+      }
+    });
+  });
+  return out;
+}
+
+// dpred = sign(pred - imgs) * grad[patch] / (C*p*p) where the patch is masked, else 0 (sign(NaN) = 0, as torch).
+at::Tensor simmim_loss_backward(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& imgs,
+                                const at::Tensor& mask, int64_t p) {
+  check_simmim("simmim_loss_backward", pred, imgs, mask, p);
+  const int64_t B = imgs.size(0), C = imgs.size(1), H = imgs.size(2), W = imgs.size(3), nh = H / p, nw = W / p;
+  check_grad("simmim_loss_backward", grad, acc_type(pred, imgs), B * nh * nw);
+  auto dpred = at::empty_like(pred);
+  dispatch2(pred, imgs, [&]<typename TP, typename TI, typename acc>() {
+    const TP* pp = pred.data_ptr<TP>();
+    const TI* ip = imgs.data_ptr<TI>();
+    const acc* gp = grad.data_ptr<acc>();
+    TP* dp = dpred.data_ptr<TP>();
+    const acc inv = acc(1) / static_cast<acc>(C * p * p);
+    simmim_bands(imgs, mask, p, [&](int64_t b, int64_t ph, const uint8_t*, const auto& runs) {
+      std::vector<acc> k(W);  // per column: the patch's gradient scale
+      for (int64_t x = 0; x < W; ++x) k[x] = gp[(b * nh + ph) * nw + x / p] * inv;
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t i = 0; i < p; ++i) {
+          const int64_t row = ((b * C + c) * H + ph * p + i) * W;
+          for (const auto& [x0, x1, live] : runs) {
+            TP* d = dp + row;
+            if (!live) {
+              std::fill(d + x0 * p, d + x1 * p, static_cast<TP>(0));
+              continue;
+            }
+            for (int64_t x = x0 * p; x < x1 * p; ++x) {
+              const acc e = static_cast<acc>(pp[row + x]) - static_cast<acc>(ip[row + x]);
+              d[x] = static_cast<TP>(k[x] * static_cast<acc>((e > 0) - (e < 0)));
+            }
+          }
+        }
+      }
+    });
+  });
+  return dpred;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mixkernels_C, CPU, m) {
@@ -251,6 +356,8 @@ TORCH_LIBRARY_IMPL(mixkernels_C, CPU, m) {
   m.impl("mixmim_loss_backward", &mixmim_loss_backward);
   m.impl("masked_recon_loss", &masked_recon_loss);
   m.impl("masked_recon_loss_backward", &masked_recon_loss_backward);
+  m.impl("simmim_loss", &simmim_loss);
+  m.impl("simmim_loss_backward", &simmim_loss_backward);
 }
 
 }  // namespace mixkernels::cpu

@@ -16,6 +16,12 @@
 // one chunk, summing its windows in order into its own (chunk, head) partials, and the
 // partials are summed in chunk order. The result is bit-identical across runs and thread
 // counts, so the `deterministic` flag changes nothing on the CPU.
+//
+// Cosine mode (SwinV2, window_attention_cosine): q and k rows are L2-normalized per head once
+// at load (F.normalize: x / max(||x||, eps)), q also times the head's exp(min(logit_scale,
+// log 100)), and the same loops run with scale 1. Backward maps dq', dk' back through the
+// normalization and reduces <q', dq'> per head into the logit-scale gradient (chunked, like
+// the bias gradients).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -261,6 +267,64 @@ MK_INLINE void scores(const Geom& g, const Window& w, Scratch<Bytes, acc>& b, co
   }
 }
 
+// ---- cosine mode (SwinV2) ----
+
+constexpr double kCosineEps = 1e-12;  // F.normalize's default eps (mixkernels/reference COSINE_EPS)
+
+// inv[n] = 1 / max(||x_n||, eps) over one head's d channels of the window rows.
+template <typename scalar_t, typename acc>
+MK_INLINE void inv_norms(const Geom& g, const scalar_t* src, int64_t stride, int64_t off, acc* inv) {
+  for (int64_t n = 0; n < g.N; ++n) {
+    const scalar_t* s = src + n * stride + off;
+    acc ss = 0;
+    for (int64_t e = 0; e < g.d; ++e) ss += static_cast<acc>(s[e]) * static_cast<acc>(s[e]);
+    inv[n] = acc(1) / std::max(std::sqrt(ss), acc(kCosineEps));
+  }
+}
+
+// Normalized rows (dst[n*ld + e] = mul * x_ne * inv[n]) and, when colT is set, the same values
+// as columns (colT[e*ldT + n]).
+template <typename scalar_t, typename acc>
+MK_INLINE void load_normed(const Geom& g, const scalar_t* src, int64_t stride, int64_t off, const acc* inv, acc mul,
+                           acc* dst, int64_t ld, acc* colT, int64_t ldT) {
+  for (int64_t n = 0; n < g.N; ++n) {
+    const scalar_t* s = src + n * stride + off;
+    const acc m = mul * inv[n];
+    for (int64_t e = 0; e < g.d; ++e) {
+      const acc v = static_cast<acc>(s[e]) * m;
+      if (dst) dst[n * ld + e] = v;
+      if (colT) colT[e * ldT + n] = v;
+    }
+  }
+}
+
+// Gradient through y = x / max(||x||, eps) (F.normalize), in place on dy (rows of ld):
+// dx = (dy - y <y, dy>) / ||x|| where ||x|| >= eps (clamp_min passes the gradient there), else dy / eps.
+template <typename scalar_t, typename acc>
+MK_INLINE void normalize_backward(const Geom& g, const scalar_t* src, int64_t stride, int64_t off, const acc* inv,
+                                  acc* dy, int64_t ld) {
+  for (int64_t n = 0; n < g.N; ++n) {
+    const scalar_t* s = src + n * stride + off;
+    acc* r = dy + n * ld;
+    acc ss = 0, dot = 0;
+    for (int64_t e = 0; e < g.d; ++e) ss += static_cast<acc>(s[e]) * static_cast<acc>(s[e]);
+    if (std::sqrt(ss) >= acc(kCosineEps)) {
+      for (int64_t e = 0; e < g.d; ++e) dot += static_cast<acc>(s[e]) * inv[n] * r[e];
+    }
+    for (int64_t e = 0; e < g.d; ++e) r[e] = inv[n] * (r[e] - static_cast<acc>(s[e]) * inv[n] * dot);
+  }
+}
+
+// One score row -> probabilities in place (max, exp, times 1/sum); returns the row's log-sum-exp.
+template <int Bytes, typename acc> MK_INLINE acc softmax_row(acc* s, int64_t Np) {
+  const acc m = row_max<Bytes>(s, Np);
+  exp_sub<Bytes>(s, Np, m);
+  const acc sum = row_sum<Bytes>(s, Np);
+  const acc inv = acc(1) / sum;
+  for (int64_t j = 0; j < Np; ++j) s[j] *= inv;
+  return m + std::log(sum);
+}
+
 // Everything a task loop needs, shared by both ISA instantiations.
 template <typename scalar_t> struct Args {
   using acc = acc_t<scalar_t>;
@@ -272,6 +336,8 @@ template <typename scalar_t> struct Args {
   acc scale;
   acc *part_nn = nullptr, *part_tab = nullptr;  // backward partials (K, nH, N*N) / (K, nH, T)
   int64_t K = 1;                                // backward chunks
+  const acc* hscale = nullptr;                  // cosine mode: exp(min(logit_scale, log 100)) per head
+  double* part_ls = nullptr;                    // cosine backward partials of d logit_scale (K, nH), in double
   const acc* head(const acc* p, int64_t h, int64_t n) const { return p ? p + h * n : nullptr; }
 };
 
@@ -283,6 +349,7 @@ MK_INLINE void forward_tasks(const Args<scalar_t>& a, int64_t begin, int64_t end
   Window w;
   Scratch<Bytes, acc> b(N, d, false);
   std::vector<scalar_t> rows(N * 3 * C);
+  std::vector<acc> inv(a.hscale ? 2 * N : 0);  // cosine mode: 1/max(||q||, eps), 1/max(||k||, eps)
   const int64_t Np = b.Np, dp = b.dp;
   for (int64_t t = begin; t < end; ++t) {
     const int64_t win = t / nH, h = t % nH;
@@ -290,20 +357,19 @@ MK_INLINE void forward_tasks(const Args<scalar_t>& a, int64_t begin, int64_t end
       w.build(g, win);
       gather_window(a.qkv, 3 * C, w, N, rows.data());
     }
-    load_rows(g, rows.data(), 3 * C, h * d, a.scale, b.q, dp);
-    load_cols(g, rows.data(), 3 * C, C + h * d, b.kT, Np);
+    if (a.hscale) {
+      inv_norms(g, rows.data(), 3 * C, h * d, inv.data());
+      inv_norms(g, rows.data(), 3 * C, C + h * d, inv.data() + N);
+      load_normed(g, rows.data(), 3 * C, h * d, inv.data(), a.hscale[h], b.q, dp, (acc*)nullptr, 0);
+      load_normed(g, rows.data(), 3 * C, C + h * d, inv.data() + N, acc(1), (acc*)nullptr, 0, b.kT, Np);
+    } else {
+      load_rows(g, rows.data(), 3 * C, h * d, a.scale, b.q, dp);
+      load_cols(g, rows.data(), 3 * C, C + h * d, b.kT, Np);
+    }
     load_rows(g, rows.data(), 3 * C, 2 * C + h * d, acc(1), b.v, dp);
     scores(g, w, b, a.head(a.bias, h, NN), a.head(a.rpbT, h, g.T), a.head(a.ab, h, NN));
     acc* l = a.lse + t * N;  // lse (B*nW, nH, N): t == win*nH + h
-    for (int64_t i = 0; i < N; ++i) {
-      acc* s = b.S + i * Np;
-      const acc m = row_max<Bytes>(s, Np);
-      exp_sub<Bytes>(s, Np, m);
-      const acc sum = row_sum<Bytes>(s, Np);
-      l[i] = m + std::log(sum);
-      const acc inv = acc(1) / sum;
-      for (int64_t j = 0; j < Np; ++j) s[j] *= inv;
-    }
+    for (int64_t i = 0; i < N; ++i) l[i] = softmax_row<Bytes>(b.S + i * Np, Np);
     gemm<Bytes>(N, dp, N, b.S, Np, 1, b.v, dp, b.o, dp);
     for (int64_t i = 0; i < N; ++i) {
       scalar_t* dst = a.dst + w.tok[i] * C + h * d;
@@ -321,6 +387,7 @@ MK_INLINE void backward_tasks(const Args<scalar_t>& a, int64_t begin, int64_t en
   Window w;
   Scratch<Bytes, acc> b(N, d, true);
   std::vector<scalar_t> rows(N * 3 * C), drows(N * 3 * C), orows(N * C), grows(N * C);
+  std::vector<acc> inv(a.hscale ? 2 * N : 0);  // cosine mode, as in the forward
   const int64_t Np = b.Np, dp = b.dp;
   for (int64_t c = begin; c < end; ++c) {
     for (int64_t win = c * nWin / a.K; win < (c + 1) * nWin / a.K; ++win) {
@@ -331,12 +398,19 @@ MK_INLINE void backward_tasks(const Args<scalar_t>& a, int64_t begin, int64_t en
       for (int64_t h = 0; h < nH; ++h) {
         acc* my_nn = a.part_nn ? a.part_nn + (c * nH + h) * NN : nullptr;
         acc* my_tab = a.part_tab ? a.part_tab + (c * nH + h) * g.T : nullptr;
-        load_rows(g, rows.data(), 3 * C, h * d, a.scale, b.q, dp);
-        load_rows(g, rows.data(), 3 * C, C + h * d, acc(1), b.k, dp);
-        load_cols(g, rows.data(), 3 * C, C + h * d, b.kT, Np);
+        if (a.hscale) {  // q' = s_h * q / max(||q||, eps), k' = k / max(||k||, eps)
+          inv_norms(g, rows.data(), 3 * C, h * d, inv.data());
+          inv_norms(g, rows.data(), 3 * C, C + h * d, inv.data() + N);
+          load_normed(g, rows.data(), 3 * C, h * d, inv.data(), a.hscale[h], b.q, dp, (acc*)nullptr, 0);
+          load_normed(g, rows.data(), 3 * C, C + h * d, inv.data() + N, acc(1), b.k, dp, b.kT, Np);
+        } else {
+          load_rows(g, rows.data(), 3 * C, h * d, a.scale, b.q, dp);
+          load_rows(g, rows.data(), 3 * C, C + h * d, acc(1), b.k, dp);
+          load_cols(g, rows.data(), 3 * C, C + h * d, b.kT, Np);
+        }
         load_cols(g, rows.data(), 3 * C, 2 * C + h * d, b.vT, Np);
         load_rows(g, grows.data(), C, h * d, acc(1), b.dO, dp);
-        for (int64_t n = 0; n < N; ++n) {  // delta = rowsum(dO * O)
+        for (int64_t n = 0; n < N && !a.hscale; ++n) {  // delta = rowsum(dO * O) (cosine mode: from P below)
           const scalar_t* os = orows.data() + n * C + h * d;
           acc s = 0;
           for (int64_t e = 0; e < d; ++e) s += b.dO[n * dp + e] * static_cast<acc>(os[e]);
@@ -344,8 +418,26 @@ MK_INLINE void backward_tasks(const Args<scalar_t>& a, int64_t begin, int64_t en
         }
         scores(g, w, b, a.head(a.bias, h, NN), a.head(a.rpbT, h, g.T), a.head(a.ab, h, NN));
         const acc* l = a.lse + (win * nH + h) * N;
-        for (int64_t i = 0; i < N; ++i) exp_sub<Bytes>(b.S + i * Np, Np, l[i]);  // S -> P
+        if (a.hscale) {
+          // Cosine logits reach |s| ~ 100 + 16, where exp(S - lse) with lse rounded to acc costs P ~ulp(lse)
+          // of precision: recompute P exactly as the forward did (row max, exp, times 1/sum) instead.
+          for (int64_t i = 0; i < N; ++i) softmax_row<Bytes>(b.S + i * Np, Np);
+        } else {
+          for (int64_t i = 0; i < N; ++i) exp_sub<Bytes>(b.S + i * Np, Np, l[i]);  // S -> P
+        }
         gemm<Bytes>(N, Np, d, b.dO, dp, 1, b.vT, Np, b.D, Np);             // dP
+        if (a.hscale) {
+          // delta_i = sum_j P_ij dP_ij from the P in hand (what autograd's softmax backward uses), not
+          // dO.O: with logits up to ~116 the rounding of the stored O leaks into every gradient through
+          // sum_j dS_ij != 0, times the logits (d logit_scale sums those leaks over every row).
+          for (int64_t i = 0; i < N; ++i) {
+            const acc* p = b.S + i * Np;
+            const acc* dpr = b.D + i * Np;
+            acc s = 0;
+            for (int64_t j = 0; j < N; ++j) s += p[j] * dpr[j];
+            b.delta[i] = s;
+          }
+        }
         for (int64_t i = 0; i < N; ++i) {                                  // dS = P * (dP - delta)
           acc* ds = b.D + i * Np;
           const acc* p = b.S + i * Np;
@@ -370,6 +462,20 @@ MK_INLINE void backward_tasks(const Args<scalar_t>& a, int64_t begin, int64_t en
               if (r >= 0) my_tab[r] += b.D[i * Np + j];
             }
           }
+        }
+        if (a.hscale) {  // dq' (scale 1 below), dk' -> through the normalization; d logit_scale partial
+          // sum_i <q'_i, dq'_i> = s_h * d s_h (the clamp mask is applied after the reduction); a sum over every
+          // score of the head, in double like the other long sums of the CPU kernels
+          double dot = 0;
+          for (int64_t n = 0; n < N; ++n) {
+            for (int64_t e = 0; e < d; ++e) dot += static_cast<double>(b.q[n * dp + e]) * b.dq[n * dp + e];
+          }
+          if (a.part_ls) a.part_ls[c * nH + h] += dot;
+          for (int64_t n = 0; n < N; ++n) {
+            for (int64_t e = 0; e < d; ++e) b.dq[n * dp + e] *= a.hscale[h];  // d(q/max(||q||, eps))
+          }
+          normalize_backward(g, rows.data(), 3 * C, h * d, inv.data(), b.dq, dp);
+          normalize_backward(g, rows.data(), 3 * C, C + h * d, inv.data() + N, b.dk, dp);
         }
         for (int64_t n = 0; n < N; ++n) {
           scalar_t* dst = drows.data() + n * 3 * C + h * d;
@@ -438,13 +544,11 @@ at::Tensor set_bias(Args<scalar_t>& a, const Geom& g, const c10::optional<at::Te
   return bias;
 }
 
-std::tuple<at::Tensor, at::Tensor> window_attention(const at::Tensor& qkv, int64_t num_heads, int64_t wh, int64_t ww,
-                                                    int64_t sh, int64_t sw, const c10::optional<at::Tensor>& rpb,
-                                                    const c10::optional<at::Tensor>& attn_bias,
-                                                    const c10::optional<at::Tensor>& group,
-                                                    const c10::optional<at::Tensor>& coords, int64_t rh, int64_t rw,
-                                                    double scale) {
-  const Geom g = make_geom(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw);
+// Shared by both entry points: `hscale` is undefined, or (cosine mode) the (nH,) acc head scales.
+std::tuple<at::Tensor, at::Tensor> forward_impl(const Geom& g, const at::Tensor& qkv,
+                                                const c10::optional<at::Tensor>& rpb,
+                                                const c10::optional<at::Tensor>& attn_bias, double scale,
+                                                const at::Tensor& hscale) {
   const auto acc = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto out = at::empty({g.B, g.H, g.W, g.C}, qkv.options());
   auto lse = at::empty({g.windows(), g.nH, g.N}, qkv.options().dtype(acc));
@@ -455,9 +559,37 @@ std::tuple<at::Tensor, at::Tensor> window_attention(const at::Tensor& qkv, int64
     a.lse = lse.data_ptr<acc_type>();
     const at::Tensor bias_owner = set_bias(a, g, rpb, attn_bias);
     a.scale = static_cast<acc_type>(scale);
+    a.hscale = hscale.defined() ? hscale.data_ptr<acc_type>() : nullptr;
     run_tasks<false>(a, g.windows() * g.nH);
   });
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> window_attention(const at::Tensor& qkv, int64_t num_heads, int64_t wh, int64_t ww,
+                                                    int64_t sh, int64_t sw, const c10::optional<at::Tensor>& rpb,
+                                                    const c10::optional<at::Tensor>& attn_bias,
+                                                    const c10::optional<at::Tensor>& group,
+                                                    const c10::optional<at::Tensor>& coords, int64_t rh, int64_t rw,
+                                                    double scale) {
+  const Geom g = make_geom(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw);
+  return forward_impl(g, qkv, rpb, attn_bias, scale, at::Tensor());
+}
+
+// Cosine mode: the head scales exp(min(logit_scale, log 100)) of a checked (nH,) acc logit_scale.
+at::Tensor head_scales(const char* op, const at::Tensor& qkv, const at::Tensor& logit_scale, int64_t nH) {
+  check_dtype(op, "logit_scale", logit_scale, qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  check_contiguous(op, "logit_scale", logit_scale, 1, "(nH,)");
+  check_shape(op, "logit_scale", logit_scale, {nH});
+  return at::exp(at::clamp_max(logit_scale, std::log(100.0)));
+}
+
+std::tuple<at::Tensor, at::Tensor> window_attention_cosine(
+    const at::Tensor& qkv, int64_t num_heads, int64_t wh, int64_t ww, int64_t sh, int64_t sw,
+    const c10::optional<at::Tensor>& rpb, const c10::optional<at::Tensor>& attn_bias,
+    const c10::optional<at::Tensor>& group, const c10::optional<at::Tensor>& coords, int64_t rh, int64_t rw,
+    const at::Tensor& logit_scale) {
+  const Geom g = make_geom(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw);
+  return forward_impl(g, qkv, rpb, attn_bias, 1.0, head_scales("window_attention_cosine", qkv, logit_scale, g.nH));
 }
 
 // ---- backward ----
@@ -475,8 +607,8 @@ int64_t num_chunks(const Geom& g, int64_t per_chunk_bytes) {
 template <typename scalar_t>
 void backward_impl(const Geom& g, const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out,
                    const at::Tensor& lse, const c10::optional<at::Tensor>& rpb, const c10::optional<at::Tensor>& ab,
-                   double scale,
-                   bool need_drpb, bool need_dbias, at::Tensor& dqkv, at::Tensor& drpb, at::Tensor& dbias) {
+                   double scale, const at::Tensor& hscale, bool need_drpb, bool need_dbias, bool need_dls,
+                   at::Tensor& dqkv, at::Tensor& drpb, at::Tensor& dbias, at::Tensor& dls) {
   using acc = acc_t<scalar_t>;
   const int64_t N = g.N, nH = g.nH, NN = N * N, T = g.T;
   const auto acc_opts = qkv.options().dtype(c10::CppTypeToScalarType<acc>::value);
@@ -484,9 +616,11 @@ void backward_impl(const Geom& g, const at::Tensor& dout, const at::Tensor& qkv,
   // or scattered per window into the table (drpb with coords).
   const bool want_nn = need_dbias || (need_drpb && !g.coords);
   const bool want_tab = need_drpb && g.coords;
-  const int64_t K = num_chunks(g, nH * ((want_nn ? NN : 0) + (want_tab ? T : 0)) * int64_t(sizeof(acc)));
+  const int64_t K =
+      num_chunks(g, nH * ((want_nn ? NN : 0) + (want_tab ? T : 0)) * int64_t(sizeof(acc)) + (need_dls ? nH * 8 : 0));
   at::Tensor part_nn = want_nn ? at::zeros({K, nH, NN}, acc_opts) : at::Tensor();
   at::Tensor part_tab = want_tab ? at::zeros({K, nH, T}, acc_opts) : at::Tensor();
+  at::Tensor part_ls = need_dls ? at::zeros({K, nH}, qkv.options().dtype(at::kDouble)) : at::Tensor();
 
   Args<scalar_t> a{g, qkv.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), dout.data_ptr<scalar_t>()};
   a.dst = dqkv.data_ptr<scalar_t>();
@@ -495,8 +629,19 @@ void backward_impl(const Geom& g, const at::Tensor& dout, const at::Tensor& qkv,
   a.scale = static_cast<acc>(scale);
   a.part_nn = want_nn ? part_nn.data_ptr<acc>() : nullptr;
   a.part_tab = want_tab ? part_tab.data_ptr<acc>() : nullptr;
+  a.hscale = hscale.defined() ? hscale.data_ptr<acc>() : nullptr;
+  a.part_ls = need_dls ? part_ls.data_ptr<double>() : nullptr;
   a.K = K;
   if (g.windows() > 0) run_tasks<true>(a, K);
+  if (need_dls) {  // (K, nH) -> (nH,) in chunk order, like the bias gradients
+    const double* pls = a.part_ls;
+    acc* dl = dls.data_ptr<acc>();
+    for (int64_t h = 0; h < nH; ++h) {
+      double s = 0;
+      for (int64_t c = 0; c < K; ++c) s += pls[c * nH + h];
+      dl[h] = static_cast<acc>(s);
+    }
+  }
 
   // Second level: partials summed in chunk order (deterministic for any thread count).
   const acc* pnn = a.part_nn;
@@ -539,15 +684,15 @@ void backward_impl(const Geom& g, const at::Tensor& dout, const at::Tensor& qkv,
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward(
-    const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse, int64_t num_heads,
-    int64_t wh, int64_t ww, int64_t sh, int64_t sw, const c10::optional<at::Tensor>& rpb,
+// The checks and outputs of both backward entry points; `logit_scale` is set in cosine mode only.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_entry(
+    const char* op, const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
+    int64_t num_heads, int64_t wh, int64_t ww, int64_t sh, int64_t sw, const c10::optional<at::Tensor>& rpb,
     const c10::optional<at::Tensor>& attn_bias, const c10::optional<at::Tensor>& group,
-    const c10::optional<at::Tensor>& coords, int64_t rh, int64_t rw, double scale, bool need_drpb, bool need_dbias,
-    bool /*deterministic: the CPU reduction is always deterministic*/) {
+    const c10::optional<at::Tensor>& coords, int64_t rh, int64_t rw, double scale,
+    const c10::optional<at::Tensor>& logit_scale, bool need_drpb, bool need_dbias, bool need_dls) {
   const Geom g = make_geom(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw);
   const auto acc = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  constexpr const char* op = "window_attention_backward";
   check_dtype(op, "dout", dout, qkv.scalar_type());
   check_dtype(op, "out", out, qkv.scalar_type());
   check_contiguous(op, "dout", dout, 4, "(B,H,W,C)");
@@ -559,13 +704,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward(
                c10::str("be contiguous (B*nW,nH,N) = (", g.windows(), ", ", g.nH, ", ", g.N, ")"), lse.sizes());
   MK_CHECK_ARG(!need_drpb || rpb.has_value(), op, "need_drpb", "come with rpb", "rpb=None");
   MK_CHECK_ARG(!need_dbias || attn_bias.has_value(), op, "need_dbias", "come with attn_bias", "attn_bias=None");
+  const at::Tensor hscale = logit_scale.has_value() ? head_scales(op, qkv, *logit_scale, g.nH) : at::Tensor();
   auto dqkv = at::empty_like(qkv);
   auto drpb = need_drpb ? at::empty_like(*rpb) : at::empty({0}, qkv.options().dtype(acc));
   auto dbias = need_dbias ? at::empty_like(*attn_bias) : at::empty({0}, qkv.options().dtype(acc));
+  auto dls = at::empty({need_dls ? g.nH : 0}, qkv.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "window_attention_backward", [&] {
-    backward_impl<scalar_t>(g, dout, qkv, out, lse, rpb, attn_bias, scale, need_drpb, need_dbias, dqkv, drpb, dbias);
+    backward_impl<scalar_t>(g, dout, qkv, out, lse, rpb, attn_bias, scale, hscale, need_drpb, need_dbias, need_dls,
+                            dqkv, drpb, dbias, dls);
   });
+  if (need_dls) {  // torch.clamp's gradient: exactly 0 where clamped (even if NaN flowed in)
+    dls = at::where(at::le(*logit_scale, std::log(100.0)), dls, at::zeros({}, dls.options()));
+  }
+  return {dqkv, drpb, dbias, dls};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward(
+    const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse, int64_t num_heads,
+    int64_t wh, int64_t ww, int64_t sh, int64_t sw, const c10::optional<at::Tensor>& rpb,
+    const c10::optional<at::Tensor>& attn_bias, const c10::optional<at::Tensor>& group,
+    const c10::optional<at::Tensor>& coords, int64_t rh, int64_t rw, double scale, bool need_drpb, bool need_dbias,
+    bool /*deterministic: the CPU reduction is always deterministic*/) {
+  auto [dqkv, drpb, dbias, dls] = backward_entry("window_attention_backward", dout, qkv, out, lse, num_heads, wh, ww,
+                                                 sh, sw, rpb, attn_bias, group, coords, rh, rw, scale, c10::nullopt,
+                                                 need_drpb, need_dbias, false);
   return {dqkv, drpb, dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_cosine_backward(
+    const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse, int64_t num_heads,
+    int64_t wh, int64_t ww, int64_t sh, int64_t sw, const c10::optional<at::Tensor>& rpb,
+    const c10::optional<at::Tensor>& attn_bias, const c10::optional<at::Tensor>& group,
+    const c10::optional<at::Tensor>& coords, int64_t rh, int64_t rw, const at::Tensor& logit_scale, bool need_drpb,
+    bool need_dbias, bool need_dlogit_scale, bool /*deterministic: always, as above*/) {
+  return backward_entry("window_attention_cosine_backward", dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb,
+                        attn_bias, group, coords, rh, rw, 1.0, logit_scale, need_drpb, need_dbias, need_dlogit_scale);
 }
 
 }  // namespace
@@ -573,6 +746,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward(
 TORCH_LIBRARY_IMPL(mixkernels_C, CPU, m) {
   m.impl("window_attention", &window_attention);
   m.impl("window_attention_backward", &window_attention_backward);
+  m.impl("window_attention_cosine", &window_attention_cosine);
+  m.impl("window_attention_cosine_backward", &window_attention_cosine_backward);
 }
 
 }  // namespace mixkernels::cpu

@@ -18,6 +18,7 @@
 #include <cstdlib>
 
 #include "window_attention_common.cuh"
+#include "window_attention_cosine.cuh"
 #include "window_attention_legacy.cuh"
 
 namespace mixkernels::cuda {
@@ -224,6 +225,11 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 :
       prim::cp_async_wait<0>();
     }
     const int tab_byte = static_cast<int>(L.tab + b * L.tab_stride);
+    if (G.logit_scale) {  // cosine mode: q' = s_h q / |q|, k' = k / |k|, once per row (the barrier below orders it)
+      __syncthreads();
+      normalize_rows<T, D, TL::kLD>(buf(b, 0), nvalid, head_scale(G.logit_scale, h), nullptr, 0);
+      normalize_rows<T, D, TL::kLD>(buf(b, 1), nvalid, 1.f, nullptr, 0);
+    }
     if (!__syncthreads_or(rows_nonfinite<T, D>(buf(b, 2), nvalid))) {
       for (int it = it0; it < it1; ++it)
         fwd_tile<T, D, BIAS, ABIAS>(A, S, __shfl_sync(kFull, S.items[it], 0), h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem, lane);

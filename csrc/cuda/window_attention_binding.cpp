@@ -3,6 +3,7 @@
 // stream; no host synchronization (CUDA-graph safe).
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -32,8 +33,17 @@ void check_aux(const OptTensor& t, const at::Tensor& qkv, const char* name, at::
 
 struct Prepared {
   WindowAttentionParams p;
-  at::Tensor qkv, rpb, attn_bias, group, coords;  // keep the (possibly copied) tensors alive
+  at::Tensor qkv, rpb, attn_bias, group, coords, logit_scale;  // keep the (possibly copied) tensors alive
 };
+
+// Cosine mode (SwinV2): logit_scale float32 (nH,) on qkv's device; the kernels take scale 1.
+void set_logit_scale(Prepared& r, const at::Tensor& ls, const char* op) {
+  TORCH_CHECK(ls.device() == r.qkv.device() && ls.scalar_type() == at::kFloat && ls.dim() == 1 && ls.size(0) == r.p.nH,
+              op, ": logit_scale must be float32 (", r.p.nH, ",) on qkv's device, got ", ls.sizes(), " ",
+              ls.scalar_type());
+  r.logit_scale = ls.contiguous();
+  r.p.logit_scale = r.logit_scale.data_ptr<float>();
+}
 
 Prepared prepare(const at::Tensor& qkv_in, int64_t num_heads, int64_t wh, int64_t ww, int64_t sh, int64_t sw,
                  const OptTensor& rpb, const OptTensor& attn_bias, const OptTensor& group, const OptTensor& coords,
@@ -98,12 +108,7 @@ Prepared prepare(const at::Tensor& qkv_in, int64_t num_heads, int64_t wh, int64_
   return r;
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& qkv, int64_t num_heads, int64_t wh, int64_t ww,
-                                              int64_t sh, int64_t sw, const OptTensor& rpb, const OptTensor& attn_bias,
-                                              const OptTensor& group, const OptTensor& coords, int64_t rh, int64_t rw,
-                                              double scale) {
-  const c10::cuda::CUDAGuard guard(qkv.device());
-  Prepared r = prepare(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale);
+std::tuple<at::Tensor, at::Tensor> forward_impl(Prepared& r) {
   const auto& p = r.p;
   TORCH_CHECK(window_attention_fits(p, false, false, false),
               "window_attention: this configuration does not fit the device's shared memory");
@@ -114,13 +119,31 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& qkv, int64_t num
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(
-    const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse, int64_t num_heads,
-    int64_t wh, int64_t ww, int64_t sh, int64_t sw, const OptTensor& rpb, const OptTensor& attn_bias,
-    const OptTensor& group, const OptTensor& coords, int64_t rh, int64_t rw, double scale, bool need_drpb,
-    bool need_dbias, bool deterministic) {
+std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& qkv, int64_t num_heads, int64_t wh, int64_t ww,
+                                              int64_t sh, int64_t sw, const OptTensor& rpb, const OptTensor& attn_bias,
+                                              const OptTensor& group, const OptTensor& coords, int64_t rh, int64_t rw,
+                                              double scale) {
   const c10::cuda::CUDAGuard guard(qkv.device());
   Prepared r = prepare(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale);
+  return forward_impl(r);
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cosine_op(const at::Tensor& qkv, int64_t num_heads, int64_t wh, int64_t ww,
+                                                     int64_t sh, int64_t sw, const OptTensor& rpb,
+                                                     const OptTensor& attn_bias, const OptTensor& group,
+                                                     const OptTensor& coords, int64_t rh, int64_t rw,
+                                                     const at::Tensor& logit_scale) {
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  Prepared r = prepare(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, 1.0);
+  set_logit_scale(r, logit_scale, "window_attention_cosine");
+  return forward_impl(r);
+}
+
+// dqkv, drpb, dbias and (cosine mode, need_dls) the raw (nH,) logit-scale sums.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    Prepared& r, const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
+    const OptTensor& rpb, const OptTensor& attn_bias, int64_t rh, int64_t rw, bool need_drpb, bool need_dbias,
+    bool need_dls, bool deterministic) {
   const auto& p = r.p;
   const int64_t C = p.nH * p.d, N = p.wh * p.ww, nW = (p.H / p.wh) * (p.W / p.ww);
   for (const at::Tensor* t : {&dout, &out}) {
@@ -142,6 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(
   auto dqkv = at::empty(r.qkv.sizes(), r.qkv.options());
   auto drpb = need_drpb ? at::empty(r.rpb.sizes(), facc) : at::empty({0}, facc);
   auto dbias = need_dbias ? at::empty({p.nH, N, N}, facc) : at::empty({0}, facc);
+  auto dls = at::zeros({need_dls ? p.nH : 0}, facc);
   const size_t ws_bytes = window_attention_bwd_workspace_bytes(p, need_drpb, need_dbias, deterministic);
   auto ws = at::empty({static_cast<int64_t>(ws_bytes) + 16}, r.qkv.options().dtype(at::kByte));
 
@@ -156,8 +180,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(
   b.need_drpb = need_drpb;
   b.need_dbias = need_dbias;
   b.deterministic = deterministic;
+  b.dlogit_scale = need_dls ? dls.data_ptr<float>() : nullptr;
   MK_CHECK_LAUNCH(window_attention_backward(p, b, current_stream()));
+  return {dqkv, drpb, dbias, dls};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(
+    const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse, int64_t num_heads,
+    int64_t wh, int64_t ww, int64_t sh, int64_t sw, const OptTensor& rpb, const OptTensor& attn_bias,
+    const OptTensor& group, const OptTensor& coords, int64_t rh, int64_t rw, double scale, bool need_drpb,
+    bool need_dbias, bool deterministic) {
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  Prepared r = prepare(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale);
+  auto [dqkv, drpb, dbias, dls] =
+      backward_impl(r, dout, qkv, out, lse, rpb, attn_bias, rh, rw, need_drpb, need_dbias, false, deterministic);
   return {dqkv, drpb, dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cosine_op(
+    const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse, int64_t num_heads,
+    int64_t wh, int64_t ww, int64_t sh, int64_t sw, const OptTensor& rpb, const OptTensor& attn_bias,
+    const OptTensor& group, const OptTensor& coords, int64_t rh, int64_t rw, const at::Tensor& logit_scale,
+    bool need_drpb, bool need_dbias, bool need_dlogit_scale, bool deterministic) {
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  Prepared r = prepare(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, 1.0);
+  set_logit_scale(r, logit_scale, "window_attention_cosine_backward");
+  auto [dqkv, drpb, dbias, dls] = backward_impl(r, dout, qkv, out, lse, rpb, attn_bias, rh, rw, need_drpb, need_dbias,
+                                                need_dlogit_scale, deterministic);
+  if (need_dlogit_scale)  // torch.clamp's gradient: exactly 0 where the logit scale is clamped
+    dls = at::where(at::le(r.logit_scale, std::log(100.0)), dls, at::zeros({}, dls.options()));
+  return {dqkv, drpb, dbias, dls};
 }
 
 }  // namespace
@@ -165,6 +217,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(
 TORCH_LIBRARY_IMPL(mixkernels_C, CUDA, m) {
   m.impl("window_attention", &forward_op);
   m.impl("window_attention_backward", &backward_op);
+  m.impl("window_attention_cosine", &forward_cosine_op);
+  m.impl("window_attention_cosine_backward", &backward_cosine_op);
 }
 
 }  // namespace mixkernels::cuda

@@ -18,6 +18,7 @@
 // Calls with attn_bias, float32, head_dim 128 or shapes that do not fit shared memory run the legacy
 // kernels.
 #include "window_attention_common.cuh"
+#include "window_attention_cosine.cuh"
 #include "window_attention_legacy.cuh"
 
 namespace mixkernels::cuda {
@@ -32,6 +33,7 @@ struct BwdArgs {
   const float* lse;
   void* dqkv;
   float* drpb;  // fast: (T, nH), zeroed; deterministic: partials [nslots][nH][T], zeroed; null: not needed
+  float* dls;   // cosine mode: fast (nH) zeroed; deterministic: partials [nslots][nH], zeroed; null: not needed
   int hg, nhg, nslots;
 };
 
@@ -97,6 +99,8 @@ struct HeadSmem {
   int tab_byte, zero_byte;
   int dtab_delta;  // drpb table byte - bias table byte (this warp's table in deterministic mode)
   float* scratch;  // deterministic: 32 floats of this warp
+  const float2* qk_inv;  // cosine mode: {1/|q|, 1/|k|} per slot (normalize_rows' convention), else null
+  float hs;              // cosine mode: the head's exp(min(logit_scale, log 100))
 };
 
 // Key tile kt: dK and dV rows.
@@ -141,11 +145,12 @@ __device__ __forceinline__ void key_block(const Geo& G, const HeadSmem& M, const
   accum<T, D, NT>(dk, st, sq, lane);
 }
 
-// Query tile: dQ rows and the bias gradient.
-template <typename T, int D, int BIAS, bool DET, bool DRPB, int NT, bool MASKED>
+// Query tile: dQ rows and the bias gradient. COS (cosine mode) also sums, per row, dS (z) and P * s
+// (sbar, s = q'.k' the pair's cosine score): see query_item.
+template <typename T, int D, int BIAS, bool DET, bool DRPB, bool COS, int NT, bool MASKED>
 __device__ __forceinline__ void query_block(const Geo& G, const HeadSmem& M, const AFrag<T, D>& qa,
                                             const AFrag<T, D>& da, const QSide (&qs)[2], int kb,
-                                            float (&dq)[D / 8][4], int lane) {
+                                            float (&dq)[D / 8][4], float (&z)[2], float (&sbar)[2], int lane) {
   constexpr int LD = Tile<T, D>::kLD;
   const int t = lane & 3, rh2 = 2 * G.rh - 1, rw2 = 2 * G.rw - 1;
   const T* sk = static_cast<const T*>(M.k) + kb * LD;
@@ -170,6 +175,10 @@ __device__ __forceinline__ void query_block(const Geo& G, const HeadSmem& M, con
         int entry;
         pair_grad<BIAS, MASKED>(s[j][2 * rr + e], dp[j][2 * rr + e], qs[rr], k, G.scale, M.smem, M.zero_byte, rh2,
                                 rw2, p, ds, entry);
+        if constexpr (COS) {
+          z[rr] += ds;
+          sbar[rr] = fmaf(p, s[j][2 * rr + e], sbar[rr]);
+        }
         s[j][2 * rr + e] = ds;
         if constexpr (DRPB)
           table_add<DET, MASKED>(const_cast<unsigned char*>(M.smem), entry + M.dtab_delta, ds, M.scratch, lane);
@@ -189,7 +198,7 @@ __device__ __forceinline__ void walk_blocks(const Pack& S, int tile, F&& body) {
   for (int b = lo & ~15; b < end; b += 16) body(b, std::integral_constant<int, 2>{}, uni && b >= lo && b + 16 <= hi);
 }
 
-template <typename T, int D, int BIAS>
+template <typename T, int D, int BIAS, bool COS>
 __device__ __forceinline__ void key_item(const BwdArgs& A, const HeadSmem& M, int tile, int h, T* stage, int lane) {
   using TL = Tile<T, D>;
   const Geo& G = A.g;
@@ -219,12 +228,18 @@ __device__ __forceinline__ void key_item(const BwdArgs& A, const HeadSmem& M, in
       key_block<T, D, BIAS, NT, true>(G, M, ka, va, ks, qb, dk, dv, lane);
   });
   T* dqkv = static_cast<T*>(A.dqkv);
+  if constexpr (COS)  // the gradient of k' = k / |k| back to k
+    cosine_grad_rows<T, D, TL::kLD>(dk, static_cast<const T*>(M.k) + r0 * TL::kLD, M.qk_inv[r0 + g].y,
+                                    M.qk_inv[r0 + g + 8].y, 1.f, false, false, lane);
   store_rows_warp<T, D>(dk, G.scale, G.scale, stage, dqkv + G.C + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
   store_rows_warp<T, D>(dv, 1.f, 1.f, stage, dqkv + 2 * G.C + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
 }
 
-template <typename T, int D, int BIAS, bool DET, bool DRPB>
-__device__ __forceinline__ void query_item(const BwdArgs& A, const HeadSmem& M, int tile, int h, T* stage, int lane) {
+// Returns this lane's share of the tile's logit-scale gradient (COS; 0 otherwise): sum over rows of
+// <q', dq'> - z sbar = sum_j P (dP - delta)(s - sbar), which does not depend on delta: with delta
+// from the rounded O, sum_j dS = z is not 0, and z sbar (logits up to ~116) would leak into the sum.
+template <typename T, int D, int BIAS, bool DET, bool DRPB, bool COS>
+__device__ __forceinline__ float query_item(const BwdArgs& A, const HeadSmem& M, int tile, int h, T* stage, int lane) {
   using TL = Tile<T, D>;
   const Geo& G = A.g;
   const Pack& S = *M.S;
@@ -244,21 +259,40 @@ __device__ __forceinline__ void query_item(const BwdArgs& A, const HeadSmem& M, 
     qs[rr].nl = nd.x;
     qs[rr].delta = nd.y;
   }
-  float dq[D / 8][4];
+  float dq[D / 8][4], z[2] = {0.f, 0.f}, sbar[2] = {0.f, 0.f};
 #pragma unroll
   for (int dj = 0; dj < D / 8; ++dj) dq[dj][0] = dq[dj][1] = dq[dj][2] = dq[dj][3] = 0.f;
   walk_blocks(S, tile, [&](int kb, auto nt, bool plain) {
     constexpr int NT = decltype(nt)::value;
     if (plain)
-      query_block<T, D, BIAS, DET, DRPB, NT, false>(G, M, qa, da, qs, kb, dq, lane);
+      query_block<T, D, BIAS, DET, DRPB, COS, NT, false>(G, M, qa, da, qs, kb, dq, z, sbar, lane);
     else
-      query_block<T, D, BIAS, DET, DRPB, NT, true>(G, M, qa, da, qs, kb, dq, lane);
+      query_block<T, D, BIAS, DET, DRPB, COS, NT, true>(G, M, qa, da, qs, kb, dq, z, sbar, lane);
   });
+  float dls = 0.f;
+  if constexpr (COS) {  // the gradient of q' = s_h q / |q| back to q
+    const int nvalid = S.info[0];
+    dls = cosine_grad_rows<T, D, TL::kLD>(dq, static_cast<const T*>(M.q) + r0 * TL::kLD, M.qk_inv[r0 + g].x,
+                                          M.qk_inv[r0 + g + 8].x, M.hs, r0 + g < nvalid, r0 + g + 8 < nvalid, lane,
+                                          quad_sum(z[0]) * quad_sum(sbar[0]), quad_sum(z[1]) * quad_sum(sbar[1]));
+  }
   store_rows_warp<T, D>(dq, G.scale, G.scale, stage, static_cast<T*>(A.dqkv) + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
+  return dls;
 }
 
-template <typename T, int D, int BIAS, bool DET>
-__global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 ? 2 : 1) wattn_bwd_kernel(const BwdArgs A) {
+// Two CTAs per SM cap the kernel at 128 registers. The cosine variant at d = 32 with a table bias
+// fits on sm_90 (128, no spill) but spilled on sm_80 (nvcc 13.0: 8 B stores / 40 B loads), so on
+// sm_80 it runs one CTA per SM (without a bias it fits: 128). __launch_bounds__ only matters in the
+// device pass.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define MK_WATTN_BWD_COS_TWO_CTAS false
+#else
+#define MK_WATTN_BWD_COS_TWO_CTAS true
+#endif
+
+template <typename T, int D, int BIAS, bool DET, bool COS>
+__global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 && (!COS || BIAS == 0 || MK_WATTN_BWD_COS_TWO_CTAS) ? 2 : 1)
+    wattn_bwd_kernel(const BwdArgs A) {
   using TL = Tile<T, D>;
   constexpr bool kTab = BIAS != 0;
   const Geo& G = A.g;
@@ -288,6 +322,10 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 ? 2 : 1
   M.zero_byte = static_cast<int>(L.tab) + 4 * G.T;
   M.dtab_delta = static_cast<int>(L.dtab - L.tab) + (DET ? 4 * warp * tab_stride_f : 0);
   M.scratch = dtab + kWarps * tab_stride_f + 32 * warp;
+  float2* qk_inv = COS ? nld + G.cap : nullptr;  // cosine mode (make_layout reserves it)
+  float* wdls = COS ? reinterpret_cast<float*>(qk_inv + G.cap) : nullptr;  // one per warp
+  M.qk_inv = qk_inv;
+  M.hs = 0.f;
 
   if (drpb)  // zero once; the flush after each head zeroes what it read
     for (int e = threadIdx.x; e < (DET ? kWarps : 1) * tab_stride_f; e += kThreads) dtab[e] = 0.f;
@@ -330,17 +368,33 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 ? 2 : 1
         for (int o = 1; o < TL::kCPR; o <<= 1) acc += __shfl_xor_sync(kFull, acc, o);
         if (c < chunks && part == 0) nld[r] = make_float2(-nl_raw[2 * r] * kLog2e, acc);
       }
-      __syncthreads();  // nld ready; O is dead (its rows become the staging area)
+      if constexpr (COS) {  // normalize q (times s_h) and k in place, once per row, keeping 1/|x|
+        M.hs = head_scale(G.logit_scale, h);
+        normalize_rows<T, D, TL::kLD>(op[0], nvalid, M.hs, &qk_inv[0].x, 2);
+        normalize_rows<T, D, TL::kLD>(op[1], nvalid, 1.f, &qk_inv[0].y, 2);
+      }
+      __syncthreads();  // nld (and the normalized rows) ready; O is dead (its rows become the staging area)
+      float dls = 0.f;
       for (int it = it0; it < it1; ++it) {
         const int item = __shfl_sync(kFull, S.items[it], 0);
         if (item < ntiles) {
-          key_item<T, D, BIAS>(A, M, item, h, stage, lane);
+          key_item<T, D, BIAS, COS>(A, M, item, h, stage, lane);
         } else {
-          if (drpb) query_item<T, D, BIAS, DET, true>(A, M, item - ntiles, h, stage, lane);
-          else query_item<T, D, BIAS, DET, false>(A, M, item - ntiles, h, stage, lane);
+          if (drpb) dls += query_item<T, D, BIAS, DET, true, COS>(A, M, item - ntiles, h, stage, lane);
+          else dls += query_item<T, D, BIAS, DET, false, COS>(A, M, item - ntiles, h, stage, lane);
         }
       }
+      if (COS && A.dls) {  // the head's logit-scale gradient: warps in order (deterministic either way in the CTA)
+        dls = cos_warp_sum(dls);
+        if (lane == 0) wdls[warp] = dls;
+      }
       __syncthreads();  // all items done: flush the bias gradient, free the operands
+      if (COS && A.dls && threadIdx.x == 0) {
+        float sum = 0.f;
+        for (int w = 0; w < kWarps; ++w) sum += wdls[w];
+        if constexpr (DET) A.dls[int64_t(slot) * G.nH + h] += sum;  // this CTA owns (slot, h)
+        else atomicAdd(A.dls + h, sum);
+      }
       if (drpb) {
         for (int e = threadIdx.x; e < G.T; e += kThreads) {
           if constexpr (DET) {
@@ -392,7 +446,9 @@ size_t window_attention_bwd_workspace_bytes(const WindowAttentionParams& p, bool
                                             bool deterministic) {
   const wattn::BwdPlan f = wattn::plan_backward(p, need_drpb, need_dbias, deterministic);
   if (!f.ok) return wattn::legacy::bwd_workspace_bytes(p, need_drpb, need_dbias, deterministic);
-  return deterministic && need_drpb ? size_t(f.nslots) * p.nH * f.g.T * sizeof(float) : 0;
+  if (!deterministic) return 0;
+  // partials: drpb [nslots][nH][T], then (cosine mode) the logit scale's [nslots][nH]
+  return size_t(f.nslots) * p.nH * ((need_drpb ? f.g.T : 0) + (p.logit_scale ? 1 : 0)) * sizeof(float);
 }
 
 bool window_attention_fits(const WindowAttentionParams& p, bool backward, bool need_drpb, bool deterministic) {
@@ -413,8 +469,15 @@ cudaError_t window_attention_backward(const WindowAttentionParams& p, const Wind
     const size_t n = b.deterministic ? size_t(f.nslots) * drpb_bytes : drpb_bytes;
     if ((err = cudaMemsetAsync(drpb_dst, 0, n, stream)) != cudaSuccess) return err;
   }
+  float* dls_dst = nullptr;  // cosine mode: (nH) sums, or deterministic partials after drpb's
+  if (b.dlogit_scale) {
+    float* parts = static_cast<float*>(b.workspace) + (b.need_drpb ? size_t(f.nslots) * f.g.T * p.nH : 0);
+    dls_dst = b.deterministic ? parts : b.dlogit_scale;
+    const size_t n = size_t(b.deterministic ? f.nslots : 1) * p.nH * sizeof(float);
+    if ((err = cudaMemsetAsync(dls_dst, 0, n, stream)) != cudaSuccess) return err;
+  }
   if (p.B == 0 || p.nH == 0) return cudaSuccess;
-  BwdArgs a{f.g, b.dout, b.out, b.lse, b.dqkv, drpb_dst, f.hg, f.nhg, f.nslots};
+  BwdArgs a{f.g, b.dout, b.out, b.lse, b.dqkv, drpb_dst, dls_dst, f.hg, f.nhg, f.nslots};
   const dim3 grid(static_cast<unsigned>(f.nslots * f.nhg));
   auto body = [&](auto dc) -> cudaError_t {
     constexpr int D = decltype(dc)::value;
@@ -422,7 +485,10 @@ cudaError_t window_attention_backward(const WindowAttentionParams& p, const Wind
       using T = typename decltype(tc)::type;
       return dispatch_bias(p, [&](auto bias, auto) -> cudaError_t {
         constexpr int BIAS = decltype(bias)::value;
-        auto kernel = b.deterministic ? wattn_bwd_kernel<T, D, BIAS, true> : wattn_bwd_kernel<T, D, BIAS, false>;
+        auto kernel = p.logit_scale ? (b.deterministic ? wattn_bwd_kernel<T, D, BIAS, true, true>
+                                                       : wattn_bwd_kernel<T, D, BIAS, false, true>)
+                                    : (b.deterministic ? wattn_bwd_kernel<T, D, BIAS, true, false>
+                                                       : wattn_bwd_kernel<T, D, BIAS, false, false>);
         cudaError_t e = prepare_smem(kernel, f.L.total);
         if (e != cudaSuccess) return e;
         return MK_LAUNCH(kernel, grid, dim3(kThreads), f.L.total, stream, a);
@@ -434,7 +500,10 @@ cudaError_t window_attention_backward(const WindowAttentionParams& p, const Wind
     case 32: err = body(std::integral_constant<int, 32>{}); break;
     default: err = body(std::integral_constant<int, 64>{}); break;  // plan_backward: d <= 64
   }
-  if (err != cudaSuccess || !b.deterministic || !b.need_drpb) return err;
+  if (err != cudaSuccess || !b.deterministic) return err;
+  if (b.dlogit_scale && (err = legacy::sum_parts(dls_dst, b.dlogit_scale, f.nslots, p.nH, 0, p.nH, stream)) != cudaSuccess)
+    return err;
+  if (!b.need_drpb) return cudaSuccess;
   return legacy::sum_parts(drpb_dst, b.drpb, f.nslots, int64_t(f.g.T) * p.nH, f.g.T, p.nH, stream);
 }
 

@@ -38,6 +38,7 @@ struct Geo {
   const float* attn_bias;
   const void* group;
   const void* coords;
+  const float* logit_scale;  // cosine mode (window_attention_cosine.cuh), else null
 };
 
 // Windows per pack: the P with P * N <= 208 slots (13 row tiles: two CTAs' operands fit one SM's
@@ -72,6 +73,7 @@ inline Geo make_geo(const WindowAttentionParams& p, int P) {
   g.coords64 = p.coords_int64;
   g.scale = p.scale;
   g.qkv = p.qkv; g.rpb = p.rpb; g.attn_bias = p.attn_bias; g.group = p.group; g.coords = p.coords;
+  g.logit_scale = p.logit_scale;
   return g;
 }
 
@@ -155,7 +157,9 @@ MK_HD Layout make_layout(const Geo& G, int es, int D, int ops, int nbuf, bool st
   L.lrow = o; o = align16(o + cap * 4);
   L.cxy = o; o = align16(o + cap * 8);
   L.seg = o; o = align16(o + cap * 8);
-  L.nld = o; o = align16(o + (stage ? cap * 8 : 0));
+  // backward: {-lse log2 e, delta} per slot; cosine mode adds {inv |q|, inv |k|} per slot and one
+  // logit-scale partial per warp
+  L.nld = o; o = align16(o + (stage ? cap * 8 + (G.logit_scale ? cap * 8 + kWarps * 4 : 0) : 0));
   L.tiles = o; o = align16(o + 4 * (3 * kMaxTiles + 2 * kMaxTiles + kWarps + 1 + 4));
   L.tab = o;
   L.tab_stride = align16(size_t(G.T + 1) * 4);

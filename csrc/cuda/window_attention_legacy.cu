@@ -55,6 +55,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
     load_rows<T, D>(s_k, qkv + G.C + h * D, C3, ts.tok, c0, kcn, N);
     load_rows<T, D>(s_v, qkv + 2 * G.C + h * D, C3, ts.tok, c0, kcn, N);
     __syncthreads();
+    if (G.logit_scale) {  // cosine mode: q' = s_h q / |q|, k' = k / |k|, once per row where it lands
+      if (c0 == 0) normalize_rows<T, D, LD>(s_q, nwarps * 16, head_scale(G.logit_scale, h), nullptr, 0);
+      normalize_rows<T, D, LD>(s_k, kcn, 1.f, nullptr, 0);
+      __syncthreads();
+    }
     if (!active) continue;
     for (int kb = 0; kb < kcn; kb += kKB) {
       float s[kNT][4];

@@ -18,6 +18,7 @@
 #include "mixkernels/cuda_common.h"
 #include "mixkernels/window_attention_cuda.h"
 #include "window_attention_common.cuh"
+#include "window_attention_cosine.cuh"
 
 namespace mixkernels::cuda::wattn::legacy {
 
@@ -138,6 +139,7 @@ struct Geo {
   const float* attn_bias;
   const void* group;
   const void* coords;
+  const float* logit_scale;  // cosine mode (window_attention_cosine.cuh), else null
 };
 
 inline Geo make_geo(const WindowAttentionParams& p) {
@@ -150,6 +152,7 @@ inline Geo make_geo(const WindowAttentionParams& p) {
   g.group64 = p.group_int64; g.coords64 = p.coords_int64;
   g.scale = p.scale;
   g.rpb = p.rpb; g.attn_bias = p.attn_bias; g.group = p.group; g.coords = p.coords;
+  g.logit_scale = p.logit_scale;
   return g;
 }
 

@@ -86,8 +86,8 @@ template <typename T, int D, bool DET>
 __global__ void __launch_bounds__(kMaxWarps * 32, 1)
     wattn_bwd_dq_kernel(const Geo G, const T* __restrict__ qkv, const T* __restrict__ dout,
                         const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dqkv,
-                        float* drpb_dst, float* dbias_dst, float scale, int nrb, int kc, int ncols, int cap,
-                        int nslots) {
+                        float* drpb_dst, float* dbias_dst, float* dls_dst, float scale, int nrb, int kc, int ncols,
+                        int cap, int nslots) {
   constexpr int LD = Tile<T, D>::kLD;
   MK_DYNAMIC_SMEM(smem_raw);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -108,6 +108,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
   Acc* scratch = s_tab + nwarps * G.T + warp * 32;
   if (want_drpb)
     for (int i = threadIdx.x; i < (DET ? nwarps : 1) * G.T; i += blockDim.x) s_tab[i] = 0;
+  // cosine mode, after the tables: 1/|q| of the row block's rows, then one logit-scale sum per warp
+  float* s_inv = reinterpret_cast<float*>(s_tab + (want_drpb ? (DET ? nwarps * (G.T + 32) : G.T) : 0));
+  float* s_wdls = s_inv + nwarps * 16;
+  const float hs = G.logit_scale ? head_scale(G.logit_scale, h) : 0.f;
+  float dls = 0.f;
 
   const bool active = wrow0 < N;
   const int q0 = wrow0 + g, q1 = q0 + 8;
@@ -121,7 +126,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
     const float lse0 = q0 < N ? lse[rowbase + q0] : 0.f, lse1 = q1 < N ? lse[rowbase + q1] : 0.f;
     const float dl0 = q0 < N ? delta[rowbase + q0] : 0.f, dl1 = q1 < N ? delta[rowbase + q1] : 0.f;
     float* dbias_h = want_dbias ? dbias_dst + (static_cast<int64_t>(DET ? slot : 0) * G.nH + h) * N * N : nullptr;
-    float dq[D / 8][4];
+    float dq[D / 8][4], z[2] = {0.f, 0.f}, sbar[2] = {0.f, 0.f};  // z, sbar: cosine mode (see the fused query_item)
 #pragma unroll
     for (int dj = 0; dj < D / 8; ++dj) dq[dj][0] = dq[dj][1] = dq[dj][2] = dq[dj][3] = 0.f;
 
@@ -131,6 +136,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
       load_rows<T, D>(s_k, qkv + G.C + h * D, C3, ts.tok, c0, kcn, N);
       load_rows<T, D>(s_v, qkv + 2 * G.C + h * D, C3, ts.tok, c0, kcn, N);
       __syncthreads();
+      if (G.logit_scale) {  // cosine mode: normalize where the rows land, keeping 1/|q|
+        if (c0 == 0) normalize_rows<T, D, LD>(s_q, nwarps * 16, hs, s_inv, 1);
+        normalize_rows<T, D, LD>(s_k, kcn, 1.f, nullptr, 0);
+        __syncthreads();
+      }
       if (!active) continue;
       for (int kb = 0; kb < kcn; kb += kKB) {
         float s[kNT][4], dp[kNT][4];
@@ -144,6 +154,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
             const PairBias pb = pair_bias(G, ts, h, q, k);
             const float p = pb.ok ? prob<T>(logit(s[j][e], pb.bias, G.scale) - (e < 2 ? lse0 : lse1)) : 0.f;
             const float ds = p * (dp[j][e] - (e < 2 ? dl0 : dl1));
+            z[e >> 1] += ds;
+            sbar[e >> 1] = fmaf(p, s[j][e], sbar[e >> 1]);
             s[j][e] = ds;
             if (want_dbias && pb.ok) {
               float* dst = dbias_h + static_cast<int64_t>(q) * N + k;
@@ -156,7 +168,22 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
         mm_nn<T, D, kNT>(dq, s, s_k + kb * LD, lane);
       }
     }
+    if (active && G.logit_scale)  // cosine: the gradient of q' = s_h q / |q| back to q
+      dls += cosine_grad_rows<T, D, LD>(dq, s_q + warp * 16 * LD, s_inv[warp * 16 + g], s_inv[warp * 16 + g + 8], hs,
+                                        q0 < N, q1 < N, lane, quad_sum(z[0]) * quad_sum(sbar[0]),
+                                        quad_sum(z[1]) * quad_sum(sbar[1]));
     if (active) store_rows_warp<T, D>(dq, scale, s_q + warp * 16 * LD, dqkv + h * D, C3, ts.tok, wrow0, N, lane);
+  }
+  if (dls_dst) {  // the logit-scale gradient of this CTA's rows: warps in order
+    dls = cos_warp_sum(dls);
+    if (lane == 0) s_wdls[warp] = dls;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float sum = 0.f;
+      for (int w = 0; w < nwarps; ++w) sum += s_wdls[w];
+      if constexpr (DET) dls_dst[static_cast<int64_t>(slot * nrb + rb) * G.nH + h] = sum;  // fully written
+      else atomicAdd(dls_dst + h, sum);
+    }
   }
   if (!want_drpb) return;
   __syncthreads();
@@ -195,6 +222,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
   TokSmem ts(reinterpret_cast<int*>(s_do + kc * LD), cap);
   float* s_lse = reinterpret_cast<float*>(ts.end(cap));
   float* s_dl = s_lse + cap;
+  float* s_inv = s_dl + cap;  // cosine mode: 1/|k| of the row block's keys
 
   load_tokens(G, win, ts);
   const int64_t rowbase = (static_cast<int64_t>(win) * G.nH + h) * N;
@@ -220,6 +248,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
     load_rows<T, D>(s_q, qkv + h * D, C3, ts.tok, c0, kcn, N);
     load_rows<T, D>(s_do, dout + h * D, G.C, ts.tok, c0, kcn, N);
     __syncthreads();
+    if (G.logit_scale) {  // cosine mode: normalize where the rows land, keeping 1/|k|
+      if (c0 == 0) normalize_rows<T, D, LD>(s_k, nwarps * 16, 1.f, s_inv, 1);
+      normalize_rows<T, D, LD>(s_q, kcn, head_scale(G.logit_scale, h), nullptr, 0);
+      __syncthreads();
+    }
     if (!active) continue;
     for (int qb = 0; qb < kcn; qb += kKB) {
       float st[kNT][4], dpt[kNT][4];
@@ -241,6 +274,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
     }
   }
   if (!active) return;
+  if (G.logit_scale)  // cosine: the gradient of k' = k / |k| back to k
+    cosine_grad_rows<T, D, LD>(dk, s_k + warp * 16 * LD, s_inv[warp * 16 + g], s_inv[warp * 16 + g + 8], 1.f, false,
+                               false, lane);
   store_rows_warp<T, D>(dk, scale, s_k + warp * 16 * LD, dqkv + G.C + h * D, C3, ts.tok, wrow0, N, lane);
   store_rows_warp<T, D>(dv, 1.f, s_v + warp * 16 * LD, dqkv + 2 * G.C + h * D, C3, ts.tok, wrow0, N, lane);
 }
@@ -265,7 +301,7 @@ cudaError_t sum_parts(const float* part, float* out, int nparts, int64_t M, int 
 struct BwdLayout {
   Plan dq, dkdv;
   int nslots = 0;
-  size_t delta_off = 0, drpb_off = 0, dbias_off = 0, total_floats = 0;
+  size_t delta_off = 0, drpb_off = 0, dbias_off = 0, dls_off = 0, total_floats = 0;
 };
 
 inline size_t round_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
@@ -278,14 +314,17 @@ BwdLayout bwd_layout(const WindowAttentionParams& p, bool need_drpb, bool need_d
   const size_t acc = es == 4 ? sizeof(double) : sizeof(float);  // TabAcc
   const size_t tabf = need_drpb && !det ? static_cast<size_t>(G.T) * acc : 0;
   const size_t tabw = need_drpb && det ? (static_cast<size_t>(G.T) + 32) * acc : 0;
-  L.dq = make_plan(G.N, p.d, es, 2, 2, tabf, tabw, limit);
-  L.dkdv = make_plan(G.N, p.d, es, 2, 2, static_cast<size_t>(2) * cap * 4, 0, limit);
+  const size_t cosw = p.logit_scale ? 17 * 4 : 0;  // cosine: 1/|x| of a warp's 16 rows (+ its logit-scale sum)
+  L.dq = make_plan(G.N, p.d, es, 2, 2, tabf, tabw + cosw, limit);
+  L.dkdv = make_plan(G.N, p.d, es, 2, 2, static_cast<size_t>(2) * cap * 4, cosw, limit);
   L.nslots = det ? std::min(G.nwin, kDetSlots) : G.nwin;
   size_t off = round_up(static_cast<size_t>(G.nwin) * G.nH * G.N, 64);
   L.drpb_off = off;
   if (det && need_drpb && L.dq.ok) off += round_up(static_cast<size_t>(L.nslots) * L.dq.nrb * G.nH * G.T, 64);
   L.dbias_off = off;
   if (det && need_dbias) off += round_up(static_cast<size_t>(L.nslots) * G.nH * G.N * G.N, 64);
+  L.dls_off = off;  // cosine mode, deterministic: logit-scale partials [nslots * nrb][nH]
+  if (det && p.logit_scale && L.dq.ok) off += round_up(static_cast<size_t>(L.nslots) * L.dq.nrb * G.nH, 64);
   L.total_floats = off;
   return L;
 }
@@ -299,6 +338,7 @@ cudaError_t launch_bwd(const WindowAttentionParams& p, const WindowAttentionBwdB
   const bool det = b.deterministic;
   float* drpb_dst = b.need_drpb ? (det ? ws + L.drpb_off : b.drpb) : nullptr;
   float* dbias_dst = b.need_dbias ? (det ? ws + L.dbias_off : b.dbias) : nullptr;
+  float* dls_dst = b.dlogit_scale ? (det ? ws + L.dls_off : b.dlogit_scale) : nullptr;
   const auto* qkv = static_cast<const T*>(p.qkv);
   const auto* dout = static_cast<const T*>(b.dout);
   auto* dqkv = static_cast<T*>(b.dqkv);
@@ -313,8 +353,8 @@ cudaError_t launch_bwd(const WindowAttentionParams& p, const WindowAttentionBwdB
   auto dq_kernel = det ? wattn_bwd_dq_kernel<T, D, true> : wattn_bwd_dq_kernel<T, D, false>;
   if ((err = prepare_smem(dq_kernel, L.dq.smem)) != cudaSuccess) return err;
   err = MK_LAUNCH(dq_kernel, dim3(static_cast<unsigned>(L.nslots) * L.dq.nrb, G.nH), dim3(L.dq.nwarps * 32), L.dq.smem,
-                  stream, G, qkv, dout, b.lse, static_cast<const float*>(delta), dqkv, drpb_dst, dbias_dst, p.scale,
-                  L.dq.nrb, L.dq.kc, L.dq.ncols, L.dq.cap, L.nslots);
+                  stream, G, qkv, dout, b.lse, static_cast<const float*>(delta), dqkv, drpb_dst, dbias_dst, dls_dst,
+                  p.scale, L.dq.nrb, L.dq.kc, L.dq.ncols, L.dq.cap, L.nslots);
   if (err != cudaSuccess) return err;
 
   auto dkdv_kernel = wattn_bwd_dkdv_kernel<T, D>;
@@ -344,6 +384,9 @@ cudaError_t backward(const WindowAttentionParams& p, const WindowAttentionBwdBuf
   const size_t dbias_bytes = static_cast<size_t>(G.nH) * G.N * G.N * sizeof(float);
   cudaError_t err = cudaSuccess;
   float* ws = static_cast<float*>(b.workspace);
+  if (b.dlogit_scale && (!b.deterministic || G.nwin == 0) &&
+      (err = cudaMemsetAsync(b.dlogit_scale, 0, G.nH * sizeof(float), stream)) != cudaSuccess)
+    return err;
   if (!b.deterministic || G.nwin == 0) {
     if (b.need_drpb && (err = cudaMemsetAsync(b.drpb, 0, drpb_bytes, stream)) != cudaSuccess) return err;
     if (b.need_dbias && (err = cudaMemsetAsync(b.dbias, 0, dbias_bytes, stream)) != cudaSuccess) return err;
@@ -362,6 +405,10 @@ cudaError_t backward(const WindowAttentionParams& p, const WindowAttentionBwdBuf
     const int64_t M = static_cast<int64_t>(G.T) * G.nH;
     err = MK_LAUNCH(wattn_sum_parts_kernel, dim3(static_cast<unsigned>(ceil_div(M, 256))), dim3(256), 0, stream,
                     static_cast<const float*>(ws + L.drpb_off), b.drpb, L.nslots * L.dq.nrb, M, G.T, G.nH);
+    if (err != cudaSuccess) return err;
+  }
+  if (b.dlogit_scale) {
+    err = sum_parts(ws + L.dls_off, b.dlogit_scale, L.nslots * L.dq.nrb, G.nH, 0, G.nH, stream);
     if (err != cudaSuccess) return err;
   }
   if (b.need_dbias) {

@@ -27,7 +27,11 @@ SWIN_B = [("swin-s1", 56, 128, 4, 7, 0), ("swin-s1-shift", 56, 128, 4, 7, 3),
           ("swin-s2", 28, 256, 8, 7, 0), ("swin-s2-shift", 28, 256, 8, 7, 3),
           ("swin-s3", 14, 512, 16, 7, 0), ("swin-s3-shift", 14, 512, 16, 7, 3),
           ("swin-s4", 7, 1024, 32, 7, 0)]  # stage 4: the window covers the grid, no shift
+# SwinV2-B (swinv2_base_window8_256 / _window16_256): 64x64 tokens at stage 1, head_dim 32.
+SWINV2_B = [("swinv2-w8-s1-shift", 64, 128, 4, 8, 4), ("swinv2-w8-s3", 16, 512, 16, 8, 0),
+            ("swinv2-w16-s1-shift", 64, 128, 4, 16, 8), ("swinv2-w16-s3-shift", 16, 512, 16, 16, 0)]
 TINY_ATTN = [("mixmim-tiny", 14, 64, 2, 7, 0), ("swin-tiny-shift", 14, 64, 2, 7, 3)]
+TINY_V2 = [("swinv2-tiny-shift", 16, 64, 2, 8, 4)]
 CPU_ATTN = [MIXMIM_B[0], MIXMIM_B[3], SWIN_B[1], SWIN_B[5]]
 # Most telling shapes first, so a run cut short by --time-budget still covers every stage kind.
 GPU_ATTN = [MIXMIM_B[0], SWIN_B[1], MIXMIM_B[1], SWIN_B[3], MIXMIM_B[2], SWIN_B[5], MIXMIM_B[3], SWIN_B[6],
@@ -126,6 +130,7 @@ def build_cases(suites, settings: Settings, dtypes) -> List[Case]:
             out += ops_cases(settings, dtypes, batch)
         elif s == "block":
             out += block_cases(settings, dtypes, batch)
+            out += block_cases(settings, dtypes, batch, v2=True)
         elif s == "model":
             out += model_cases(settings, dtypes, batch)
         else:
@@ -152,30 +157,33 @@ def _module_runner(module: torch.nn.Module, device, dtype, note: str = ""):
     return Runner(fn, params=[p for p in module.parameters() if p.requires_grad], note=note)
 
 
-def _mk_block(timm_block: torch.nn.Module, spec: Dict[str, Any]) -> torch.nn.Module:
+def _mk_block(timm_block: torch.nn.Module, spec: Dict[str, Any], cls_name: str = "SwinBlock") -> torch.nn.Module:
     from .harness import Skip
 
     try:
         import mixkernels.nn as mknn
     except Exception as e:
         raise Skip(f"mixkernels.nn failed to import ({type(e).__name__}: {e})")
-    cls = getattr(mknn, "SwinBlock", None)
+    cls = getattr(mknn, cls_name, None)
     if cls is None:
-        raise Skip("mixkernels.nn.SwinBlock not available yet")
+        raise Skip(f"mixkernels.nn.{cls_name} not available yet")
     blk = cls(**spec).to(next(timm_block.parameters()).device)
     blk.load_state_dict(timm_block.state_dict())  # same names as timm (docs/DESIGN.md section 3)
     return blk
 
 
-def block_cases(settings: Settings, dtypes, batch: int) -> List[Case]:
-    """One Swin block forward(+backward), timm eager / compiled vs mixkernels.nn.SwinBlock;
+def block_cases(settings: Settings, dtypes, batch: int, v2: bool = False) -> List[Case]:
+    """One Swin block forward(+backward), timm eager / compiled vs mixkernels.nn.SwinBlock (``v2``:
+    timm's SwinTransformerV2Block vs mixkernels.nn.SwinV2Block, cosine attention and the CPB MLP);
     bf16 runs under autocast with float32 parameters, as in training."""
     from .harness import Provider, Skip
 
     dev = settings.device
-    shapes = SWIN_B if dev.type == "cuda" else (TINY_ATTN[1:] if settings.quick else [SWIN_B[1], SWIN_B[5]])
+    full, tiny = (SWINV2_B, TINY_V2) if v2 else (SWIN_B, TINY_ATTN[1:])
+    shapes = full if dev.type == "cuda" else (tiny if settings.quick else ([full[0]] if v2 else [SWIN_B[1], SWIN_B[5]]))
     if settings.quick and dev.type == "cuda":
-        shapes = [SWIN_B[1]]
+        shapes = full[:1] if v2 else [SWIN_B[1]]
+    timm_cls, ours = ("SwinTransformerV2Block", "SwinV2Block") if v2 else ("SwinTransformerBlock", "SwinBlock")
     cases = []
     for name, HW, C, nh, w, shift in shapes:
         spec = dict(dim=C, input_resolution=(HW, HW), num_heads=nh, window_size=w, shift_size=shift)
@@ -184,11 +192,11 @@ def block_cases(settings: Settings, dtypes, batch: int) -> List[Case]:
                 def make(d, t, g, spec=spec, HW=HW, C=C):
                     try:
                         peers.import_timm()
-                        from timm.models.swin_transformer import SwinTransformerBlock
+                        from timm.models import swin_transformer, swin_transformer_v2
                     except Exception as e:
                         raise Skip(f"timm not importable ({type(e).__name__}: {e})")
                     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=d)))
-                    blk = SwinTransformerBlock(**spec).to(d)
+                    blk = getattr(swin_transformer_v2 if v2 else swin_transformer, timm_cls)(**spec).to(d)
                     return {"x": _randn((batch, HW, HW, C), d, torch.float32, g, grad=True), "block": blk}
 
                 def reference(i):
@@ -196,7 +204,7 @@ def block_cases(settings: Settings, dtypes, batch: int) -> List[Case]:
 
                 provs = [
                     Provider("mixkernels", "mixkernels",
-                             lambda case, i, spec=spec: _module_runner(_mk_block(i["block"], spec), dev, case.dtype)),
+                             lambda case, i, spec=spec: _module_runner(_mk_block(i["block"], spec, ours), dev, case.dtype)),
                     Provider("timm-eager", "peer", lambda case, i: _module_runner(i["block"], dev, case.dtype)),
                     Provider("timm-compiled", "peer", lambda case, i: _compiled_module(i["block"], dev, case.dtype, settings)),
                 ]

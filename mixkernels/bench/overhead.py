@@ -30,8 +30,11 @@ def _recording_kernels(spec, backend: str) -> Iterator[List[Tuple[Callable, tupl
     """Record the kernel-level calls ``spec`` makes on ``backend`` (wraps the kernel lookup cache)."""
     calls: List[Tuple[Callable, tuple]] = []
     saved = dict(_dispatch._KERNELS)
-    for k in spec.kernels:
-        real = _dispatch.kernel(spec.family, k, backend)
+    for k in spec.kernels + tuple(k for ks in spec.variants.values() for k in ks):
+        try:
+            real = _dispatch.kernel(spec.family, k, backend)
+        except (AttributeError, RuntimeError):  # a variant this backend does not have
+            continue
 
         def rec(*args, _real=real):
             calls.append((_real, args))
@@ -63,6 +66,17 @@ def _time_us(fn: Callable[[], Any], device: torch.device, calls: int, blocks: in
     return statistics.median(per_call)
 
 
+def _calls(device: torch.device) -> Iterator[Tuple[Any, str, Dict[str, Any]]]:
+    """``(spec, row name, kwargs)``: each op's first sample, and the first sample of each of its variants."""
+    for spec in OPERATORS_REGISTRY.values():
+        samples = spec.samples(device, torch.float32)
+        yield spec, spec.name, samples[0]
+        for variant in spec.variants:
+            kw = next((k for k in samples if spec.dispatch_key(k)[2][-1] == variant), None)
+            if kw is not None:
+                yield spec, f"{spec.name} ({variant})", kw
+
+
 def measure(device: torch.device, quick: bool = False) -> List[Dict[str, Any]]:
     """One row per registered op: ``public_us``, ``kernel_us``, ``overhead_us`` (or a skip reason)."""
     calls, blocks = (100, 9) if quick else (200, 25)
@@ -70,11 +84,10 @@ def measure(device: torch.device, quick: bool = False) -> List[Dict[str, Any]]:
     torch.set_num_threads(1)
     rows: List[Dict[str, Any]] = []
     try:
-        for spec in OPERATORS_REGISTRY.values():
-            kw = spec.samples(device, torch.float32)[0]
+        for spec, name, kw in _calls(device):
             key = spec.dispatch_key(kw)
             backend = _dispatch.choose(spec.name, key[0], spec.reason, None, *key)
-            row: Dict[str, Any] = {"op": spec.name, "backend": backend}
+            row: Dict[str, Any] = {"op": name, "backend": backend}
             rows.append(row)
             if backend == "reference":
                 row["skipped"] = "no kernel-level op runs here (automatic choice: reference)"

@@ -16,11 +16,10 @@ What the fused forward reproduces (transformers' own code, per call):
   transformers adds -100: identical probabilities unless masked logits come within ~100 of the
   row's maximum.
 * Swinv2: post-norm, cosine attention with a learned, clamped logit scale and a continuous
-  position bias (CPB MLP). Our kernels have no cosine mode yet (issue #16), so q and k are
-  L2-normalized per head and the clamped logit scale is folded into q before the fused op
-  (``scale=1``), and ``16 * sigmoid(CPB table)`` goes in as ``attn_bias``: exact, but the
-  normalization and the bias gather run as separate PyTorch ops (not fully fused).
-  transformers adds its -100 shift mask twice (-200); we mask exactly.
+  position bias (CPB MLP): the op's cosine mode (``logit_scale``; q/k normalization, the clamp
+  and the scale fused in the kernel) with ``16 * sigmoid(CPB MLP(coords))`` as the bias table
+  (the MLP runs on the ``(2w-1)^2`` coordinates, never per pair). transformers adds its -100
+  shift mask twice (-200); we mask exactly.
 
 Calls the fused kernel cannot serve run transformers' original forward for that call only:
 attention probabilities requested (``output_attentions`` argument or config, or transformers
@@ -30,7 +29,6 @@ attention probabilities requested (``output_attentions`` argument or config, or 
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from typing import Optional
 
@@ -42,6 +40,7 @@ from transformers.models.swinv2 import modeling_swinv2 as _hf_v2
 
 from ..ops import window_attention
 from .padding import crop_windows, pad_to_windows
+from .swinv2_block import cpb_table
 
 try:  # transformers 5.x records attentions through hooks while this collector is active
     from transformers.utils.output_capturing import _active_collector
@@ -56,7 +55,6 @@ torch.fx.wrap("crop_windows")
 
 _V1_LEGACY = "head_mask" in inspect.signature(_hf_v1.SwinLayer.forward).parameters
 _V2_LEGACY = "head_mask" in inspect.signature(_hf_v2.Swinv2Layer.forward).parameters
-_LOG_MAX_SCALE = math.log(1.0 / 0.01)  # Swinv2's clamp of the learned logit scale
 
 
 def _plain_linear(m: nn.Module) -> bool:
@@ -101,14 +99,14 @@ def _no_attention_dropout(p: float, training: bool) -> None:
         )
 
 
-def _window_attention(layer: nn.Module, x: Tensor, qkv_fn, heads: int, table: Optional[Tensor],
-                      attn_bias: Optional[Tensor], scale: float) -> Tensor:
+def _window_attention(layer: nn.Module, x: Tensor, qkv_fn, heads: int, table: Tensor, scale: Optional[float],
+                      logit_scale: Optional[Tensor] = None) -> Tensor:
     """pad -> qkv -> fused op (shift on the padded grid) -> crop, for ``(B, H, W, C)`` ``x``."""
     ws, ss = int(layer.window_size), int(layer.shift_size)
     win, shift = (ws, ws), (ss, ss)
     xp = pad_to_windows(x, win)
-    out = window_attention(qkv_fn(xp), heads, win, shift_size=shift, rel_pos_bias=table, attn_bias=attn_bias,
-                           scale=scale, backend=layer.backend)
+    out = window_attention(qkv_fn(xp), heads, win, shift_size=shift, rel_pos_bias=table, scale=scale,
+                           logit_scale=logit_scale, backend=layer.backend)
     return crop_windows(out, x.shape[1], x.shape[2])
 
 
@@ -141,13 +139,13 @@ class FusedSwinLayer(_hf_v1.SwinLayer):
         if hasattr(a, "q_proj"):  # 5.x: q/k/v/o on the attention module, layer-level dropout
             _no_attention_dropout(a.attention_dropout, self.training)
             out = _window_attention(self, x, lambda t: _qkv(t, a.q_proj, a.k_proj, a.v_proj), a.num_attention_heads,
-                                    self._bias_table(), None, a.scaling)
+                                    self._bias_table(), a.scaling)
             out = self.dropout(a.o_proj(out))
         else:  # 4.x: attention.self / attention.output
             sa = a.self
             _no_attention_dropout(sa.dropout.p, self.training)
             out = _window_attention(self, x, lambda t: _qkv(t, sa.query, sa.key, sa.value), sa.num_attention_heads,
-                                    self._bias_table(), None, sa.attention_head_size ** -0.5)
+                                    self._bias_table(), sa.attention_head_size ** -0.5)
             out = a.output.dropout(a.output.dense(out))
         hidden_states = hidden_states + self.drop_path(out.reshape(B, H * W, C))
         if hasattr(self, "mlp"):  # 5.x
@@ -169,26 +167,8 @@ class FusedSwinLayer(_hf_v1.SwinLayer):
             return self._fused(hidden_states, input_dimensions, always_partition), None
 
 
-def _cosine_qkv(qkv: Tensor, heads: int, logit_scale: Tensor) -> Tensor:
-    """Swinv2's cosine attention as plain scaled-dot-product input: L2-normalized q and k per head,
-    the clamped, exponentiated logit scale ``(nH, 1, 1)`` folded into q (the op then runs with scale 1)."""
-    q, k, v = qkv.unflatten(-1, (3, heads, -1)).unbind(-3)
-    scale = torch.clamp(logit_scale, max=_LOG_MAX_SCALE).exp().view(heads, 1)
-    q = F.normalize(q, dim=-1) * scale
-    return torch.stack([q, F.normalize(k, dim=-1), v], dim=-3).flatten(-3)
-
-
-def _cpb_bias(sa: nn.Module) -> Tensor:
-    """``(nH, N, N)``: Swinv2's continuous position bias, ``16 * sigmoid(MLP(coords))`` gathered per pair."""
-    heads = sa.num_attention_heads
-    n = sa.window_size[0] * sa.window_size[1]
-    table = sa.continuous_position_bias_mlp(sa.relative_coords_table).view(-1, heads)
-    bias = table[sa.relative_position_index.view(-1)].view(n, n, heads).permute(2, 0, 1)
-    return 16 * torch.sigmoid(bias)
-
-
 class FusedSwinv2Layer(_hf_v2.Swinv2Layer):
-    """transformers ``Swinv2Layer`` on the fused op (cosine attention folded into q; see the module docstring)."""
+    """transformers ``Swinv2Layer`` on the fused op in cosine mode (see the module docstring)."""
 
     backend: Optional[str] = None
 
@@ -198,11 +178,9 @@ class FusedSwinv2Layer(_hf_v2.Swinv2Layer):
         sa = self.attention.self
         _no_attention_dropout(sa.dropout.p, self.training)
         heads = sa.num_attention_heads
-
-        def qkv_fn(t: Tensor) -> Tensor:
-            return _cosine_qkv(_qkv(t, sa.query, sa.key, sa.value), heads, sa.logit_scale)
-
-        out = _window_attention(self, hidden_states.view(B, H, W, C), qkv_fn, heads, None, _cpb_bias(sa), 1.0)
+        table = cpb_table(sa.continuous_position_bias_mlp, sa.relative_coords_table, heads)
+        out = _window_attention(self, hidden_states.view(B, H, W, C), lambda t: _qkv(t, sa.query, sa.key, sa.value),
+                                heads, table, None, logit_scale=sa.logit_scale)
         out = self.attention.output(out, out)  # dense + dropout (its second argument is unused)
         hidden_states = hidden_states + self.drop_path(self.layernorm_before(out.reshape(B, H * W, C)))
         layer_output = self.output(self.intermediate(hidden_states))

@@ -4,7 +4,7 @@
 kernel-level ops and example calls; docs/ARCHITECTURE.md describes the layers.
 """
 from ._dispatch import BACKENDS, BackendUnavailable, select
-from .losses import masked_recon_loss, mixmim_loss
+from .losses import masked_recon_loss, mixmim_loss, simmim_loss
 from .mixing import mix_tokens, unmix_tokens
 from .registry import OPERATORS_REGISTRY
 from .uniform import uniform_masks, uniform_sample, uniform_scatter
@@ -19,6 +19,7 @@ __all__ = [
     "masked_recon_loss",
     "mix_tokens",
     "mixmim_loss",
+    "simmim_loss",
     "uniform_masks",
     "uniform_sample",
     "uniform_scatter",

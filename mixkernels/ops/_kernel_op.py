@@ -165,8 +165,10 @@ class KernelOp:
         return self.Saved(*ctx.saved_tensors)
 
     def needs(self, ctx, name: str) -> bool:
-        """Whether input ``name`` needs a gradient."""
-        return ctx.needs_input_grad[self.index[name]]
+        """Whether input ``name`` needs a gradient. (The dispatcher drops trailing arguments equal to
+        their defaults from custom-op calls, so ``needs_input_grad`` may be shorter: those need none.)"""
+        i, nig = self.index[name], ctx.needs_input_grad
+        return i < len(nig) and nig[i]
 
     def grads(self, **by_name) -> tuple:
         """One gradient slot per input, ``None`` except the named ones."""

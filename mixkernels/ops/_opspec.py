@@ -75,6 +75,14 @@ def probe() -> Iterator[None]:
         _PROBE = old
 
 
+def _has_kernel(name: str, key: str) -> bool:
+    """``_ext.has_kernel``, False (not an error) for a schema a stale build of the extension lacks."""
+    try:
+        return _ext.has_kernel(name, key)
+    except RuntimeError:
+        return False
+
+
 def _dtype_reason(dtypes: tuple, supported: Tuple[torch.dtype, ...]) -> Optional[str]:
     for dt in dtypes:
         if dt not in supported:
@@ -98,6 +106,10 @@ class OpSpec:
     bad: Callable[[], List[Bad]]
     bench: Optional[Callable[[int, bool, torch.dtype], List[BenchShape]]]  # (batch, tiny, dtype) -> shapes
     limit: Optional[Callable[..., Optional[str]]] = None
+    # Variants of the op served by other kernel-level ops, e.g. {"cosine": (fwd, bwd)} for SwinV2's
+    # cosine window attention. An op with variants passes the variant name (or None) as its last
+    # flag; a backend runs a variant only if it registers the variant's kernels.
+    variants: Mapping[str, Tuple[str, ...]] = field(default_factory=dict)
     doc: str = ""
     _cache: Dict[tuple, Any] = field(default_factory=dict, repr=False)
 
@@ -116,11 +128,21 @@ class OpSpec:
         params = inspect.signature(self.reference).parameters
         return self.reference(**{k: v for k, v in kwargs.items() if k in params})
 
-    def kernel_names(self, backend: str) -> Tuple[str, ...]:
+    def kernel_names(self, backend: str, variant: Optional[str] = None) -> Tuple[str, ...]:
         """Fully qualified kernel-level ops of ``backend`` (the naming rule of docs/ARCHITECTURE.md)."""
+        kernels = self.kernels if variant is None else self.variants[variant]
         if backend == "triton":
-            return tuple(f"mixkernels.triton.{self.family}.{k}" for k in self.kernels)
-        return tuple(f"mixkernels_C::{k}" for k in self.kernels)
+            return tuple(f"mixkernels.triton.{self.family}.{k}" for k in kernels)
+        return tuple(f"mixkernels_C::{k}" for k in kernels)
+
+    def _kernels_for(self, flags: tuple) -> Tuple[str, ...]:
+        variant = flags[-1] if self.variants and flags else None
+        return self.kernels if variant is None else self.variants[variant]
+
+    def _variant_note(self, flags: tuple, why: str) -> str:
+        """``why`` a kernel is missing, naming the variant when the call is one (``"cosine mode: ..."``)."""
+        variant = flags[-1] if self.variants and flags else None
+        return f"{variant} mode not implemented ({why})" if why and variant is not None else why
 
     # ------------------------------------------------------------------ predicate
     def reason(self, backend: str, device_type: str, dtypes: tuple, flags: tuple = ()):
@@ -155,8 +177,8 @@ class OpSpec:
             if device_type not in ("cpu", "cuda"):
                 return f"device {device_type!r} not supported"
             why = _dtype_reason(dtypes, supported)
-            for k in self.kernels:
-                why = why or _dispatch._triton_launcher_error(self.family, k) or None
+            for k in self._kernels_for(flags):
+                why = why or self._variant_note(flags, _dispatch._triton_launcher_error(self.family, k)) or None
             return why
         if device_type != backend:
             return f"needs {backend} tensors, got {device_type}"
@@ -164,9 +186,9 @@ class OpSpec:
         if err is not None:
             return err
         key = "CPU" if backend == "cpu" else "CUDA"
-        for k in self.kernels:
-            if not _ext.has_kernel(k, key):
-                return f"no {key} kernel registered for {k}"
+        for k in self._kernels_for(flags):
+            if not _has_kernel(k, key):
+                return self._variant_note(flags, f"no {key} kernel registered for {k}")
         return _dtype_reason(dtypes, supported)
 
     def choose(self, backend: Optional[str], device_type: str, dtypes: tuple, flags: tuple = ()) -> str:

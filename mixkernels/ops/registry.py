@@ -12,6 +12,7 @@ tests/test_opcheck.py, tests/test_bad_inputs.py, tests/test_registry.py and
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -256,7 +257,7 @@ register(OpSpec(
 
 
 # ------------------------------------------------------------------------------ window attention
-def _wattn_limit(backend: str, d: int, N: int) -> Optional[str]:
+def _wattn_limit(backend: str, d: int, N: int, variant: Optional[str] = None) -> Optional[str]:
     if backend == "cpu":  # the CPU kernel takes any head dim and window
         return None
     if d not in KERNEL_HEAD_DIMS:
@@ -268,6 +269,22 @@ def _wattn_limit(backend: str, d: int, N: int) -> Optional[str]:
 
 def _qkv(d, t, B=2, H=8, W=8, nH=2, hd=16, grad=False):
     return randn((B, H, W, 3 * nH * hd), d, t, grad=grad)
+
+
+def _zero_tokens(qkv):
+    """q and k of a few tokens exactly 0 (cosine mode: F.normalize's eps branch). No gradient to qkv:
+    there it is dq/eps ~ 1e12, beyond an absolute float64 tolerance (tests/test_window_attention_cpu.py
+    checks it relative)."""
+    qkv = qkv.detach().clone()
+    qkv[:, 0, :2] = 0
+    return qkv
+
+
+def _logit_scale(d, t, nH, shape=None, grad=True):
+    """SwinV2's per-head log scale around its init log(10), one head past the clamp at log(100)."""
+    ls = torch.full((nH,), math.log(10.0)) + 0.3 * torch.randn(nH)
+    ls[-1] = math.log(100.0) + 0.5  # clamped: its gradient must be 0
+    return ls.reshape(shape or (nH,)).to(device=d, dtype=t).requires_grad_(grad)
 
 
 def _wattn_bad() -> List[Bad]:
@@ -294,6 +311,11 @@ def _wattn_bad() -> List[Bad]:
         bad("wa-coords-shape", ValueError, "coords must have shape", coords=torch.zeros(8, 8, 3, dtype=_L),
             coord_range=8),
         bad("wa-scale", TypeError, "scale must be a float", scale="x"),
+        bad("wa-logit-shape", ValueError, "logit_scale must have shape (2,) or (2, 1, 1), got (1, 2)",
+            logit_scale=torch.zeros(1, 2)),
+        bad("wa-logit-dtype", TypeError, "logit_scale must be float", logit_scale=torch.zeros(2, dtype=_L)),
+        bad("wa-logit-scale", ValueError, "scale must be None with logit_scale", logit_scale=torch.zeros(2),
+            scale=0.5),
         bad("wa-backend", ValueError, "backend must be one of", backend="fast"),
         bad("wa-headdim", BackendUnavailable, "head_dim 12", qkv=_qkv("cpu", _F, hd=12), backend="triton"),
     ]
@@ -301,8 +323,9 @@ def _wattn_bad() -> List[Bad]:
 
 register(OpSpec(
     name="window_attention", family="window_attention", kernels=("window_attention", "window_attention_backward"),
-    grads=("qkv", "rel_pos_bias", "attn_bias"),
+    grads=("qkv", "rel_pos_bias", "attn_bias", "logit_scale"),
     dtypes={"cuda": _CPU_FLOATS[:3], "triton": _CPU_FLOATS[:3], "cpu": _CPU_FLOATS}, limit=_wattn_limit,
+    variants={"cosine": ("window_attention_cosine", "window_attention_cosine_backward")},  # logit_scale given
     samples=lambda d, t: [
         dict(qkv=_qkv(d, t, H=8, W=4, grad=True), num_heads=2, window_size=4, shift_size=(1, 2),
              rel_pos_bias=randn((49, 2), d, t, grad=True), attn_bias=randn((2, 16, 16), d, t, grad=True),
@@ -310,12 +333,24 @@ register(OpSpec(
         dict(qkv=_qkv(d, t, B=2, H=4, W=4, nH=1, grad=True), num_heads=1, window_size=2,
              rel_pos_bias=randn((25, 1), d, t, grad=True), coords=torch.randint(0, 3, (2, 4, 4, 2), device=d),
              coord_range=(3, 3), group=_bits((2, 4, 4), d)),
+        # SwinV2 cosine mode: timm's (nH, 1, 1) logit scale, CPB table as rel_pos_bias, shifted windows
+        dict(qkv=_qkv(d, t, H=8, W=4, nH=3, grad=True), num_heads=3, window_size=4, shift_size=2,
+             rel_pos_bias=(16 * torch.sigmoid(randn((49, 3), d, t))).requires_grad_(),
+             logit_scale=_logit_scale(d, t, 3, (3, 1, 1))),
+        dict(qkv=_qkv(d, t, B=1, H=4, W=4, grad=True), num_heads=2, window_size=2, attn_bias=randn((2, 4, 4), d, t, grad=True),
+             group=_bits((4, 4), d), logit_scale=_logit_scale(d, t, 2), deterministic=True),
     ],
     edges=lambda d, t: [
         ("token-per-group", dict(qkv=_qkv(d, t, B=1, H=4, W=4, nH=1, grad=True), num_heads=1, window_size=4,
                                  group=torch.arange(16, device=d).reshape(4, 4))),
         ("noncontiguous", dict(qkv=_qkv(d, t, H=4, W=8, nH=1).transpose(1, 2).requires_grad_(), num_heads=1,
                                window_size=(4, 2), shift_size=(2, 1), rel_pos_bias=randn((21, 1), d, t, grad=True))),
+        ("cosine-zero-rows", dict(qkv=_zero_tokens(_qkv(d, t, B=1, H=4, W=4, nH=1)), num_heads=1, window_size=4,
+                                  rel_pos_bias=randn((49, 1), d, t, grad=True), logit_scale=_logit_scale(d, t, 1))),
+        ("cosine-coords", dict(qkv=_qkv(d, t, B=2, H=4, W=4, nH=1, grad=True), num_heads=1, window_size=2,
+                               shift_size=1, rel_pos_bias=randn((25, 1), d, t, grad=True),
+                               coords=torch.randint(0, 3, (4, 4, 2), device=d), coord_range=(3, 3),
+                               logit_scale=_logit_scale(d, t, 1, grad=False))),
     ],
     bad=_wattn_bad,
     bench=None,  # the attention suite (mixkernels/bench/cases.py) times it against SDPA, FlexAttention, timm
@@ -409,4 +444,63 @@ register(OpSpec(
     ],
     bad=lambda: _loss_bad(masked=True),
     bench=lambda B, tiny, dt: _loss_bench(B, tiny, dt, masked=True),
+))
+
+
+def _some_bits(shape, device, images: int = 1) -> torch.Tensor:
+    """Random bits with the first one of each of ``images`` images set (a mean over nothing is NaN)."""
+    m = _bits(shape, device)
+    m.view(images, -1)[:, 0] = True
+    return m
+
+
+def _simmim_bench(B, tiny, dt):
+    img, p = (64, 4) if tiny else (192, 4)  # SimMIM: 192 px, Swin patch 4, 32 px mask patches (60%)
+    hw = img // p
+    n = B * 3 * img * img
+    floor = n * _es(dt) + n * 4  # pred + float32 images
+
+    def make(d, t, g):
+        noise = torch.rand(B, (img // 32) ** 2, generator=g, device=d)
+        m32 = (noise.argsort(1).argsort(1) < int(0.6 * noise.shape[1])).reshape(B, img // 32, img // 32)
+        mask = m32.repeat_interleave(8, 1).repeat_interleave(8, 2)  # to the model's patch-4 grid
+        return {"pred": randn((B, 3, img, img), d, t, g, grad=True), "imgs": randn((B, 3, img, img), d, _F, g),
+                "mask": mask, "patch_size": p}
+
+    return [BenchShape("simmim-192", make, floor, floor + n * _es(dt), dict(batch=B, img=img, patch=p, L=hw * hw))]
+
+
+register(OpSpec(
+    name="simmim_loss", family="losses", kernels=("simmim_loss", "simmim_loss_backward"), grads=("pred",),
+    dtypes=TOKEN_DTYPES,
+    samples=lambda d, t: [
+        dict(pred=randn((2, 3, 8, 12), d, t, grad=True), imgs=torch.randn(2, 3, 8, 12, device=d),
+             mask=_some_bits((2, 3), d), patch_size=4),
+        dict(pred=randn((2, 2, 6, 6), d, t, grad=True), imgs=torch.randn(2, 2, 6, 6, device=d),
+             mask=_some_bits((2, 2, 2), d, 2), patch_size=3, reduction="per_image"),
+        dict(pred=randn((3, 1, 4, 4), d, t, grad=True), imgs=torch.randn(3, 1, 4, 4, device=d), mask=_bits((3, 4), d),
+             patch_size=2, reduction="none"),
+    ],
+    edges=lambda d, t: [
+        ("all-masked", dict(pred=randn((1, 3, 4, 4), d, t, grad=True), imgs=torch.randn(1, 3, 4, 4, device=d),
+                            mask=torch.ones(2, 2, device=d), patch_size=2)),
+        ("pixel-patches", dict(pred=randn((2, 3, 3, 5), d, t, grad=True), imgs=torch.randn(2, 3, 3, 5, device=d),
+                               mask=_bits((2, 15), d, 0.9), patch_size=1, reduction="none")),
+        ("noncontiguous", dict(pred=randn((2, 4, 4, 3), d, t).permute(0, 3, 1, 2).requires_grad_(),
+                               imgs=torch.randn(2, 4, 4, 3, device=d).permute(0, 3, 1, 2),
+                               mask=torch.tensor([1, 0, 1, 1], device=d), patch_size=2, reduction="per_image")),
+    ],
+    bad=lambda: [
+        Bad("sm-shape", dict(pred=torch.randn(2, 3, 8, 8), imgs=torch.randn(2, 3, 8, 4), mask=torch.ones(4),
+                             patch_size=4), ValueError, "imgs must have pred's shape (2, 3, 8, 8)"),
+        Bad("sm-div", dict(pred=torch.randn(2, 3, 8, 6), imgs=torch.randn(2, 3, 8, 6), mask=torch.ones(4),
+                           patch_size=4), ValueError, "must be divisible by patch_size = 4"),
+        Bad("sm-mask", dict(pred=torch.randn(2, 3, 8, 8), imgs=torch.randn(2, 3, 8, 8), mask=torch.ones(3, 2),
+                            patch_size=4), ValueError, "mask must have shape (2, 2)"),
+        Bad("sm-rank", dict(pred=torch.randn(2, 64, 48), imgs=torch.randn(2, 3, 8, 8), mask=torch.ones(4),
+                            patch_size=4), ValueError, "pred must have 4 dims"),
+        Bad("sm-reduction", dict(pred=torch.randn(2, 3, 8, 8), imgs=torch.randn(2, 3, 8, 8), mask=torch.ones(4),
+                                 patch_size=4, reduction="sum"), ValueError, "reduction must be one of"),
+    ],
+    bench=_simmim_bench,
 ))

@@ -19,14 +19,15 @@ _FAMILY = "window_attention"
 _SPEC = OPERATORS_REGISTRY["window_attention"]
 _INTS = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 # group/coords dtypes the kernels read as they are; others are converted to int32.
-# (#13 adds torch.int64 once every backend's kernel compares labels at full width.)
 _LABEL_DTYPES = (torch.int32, torch.int64)  # compared exactly at their width (docs/SEMANTICS.md)
+# The registry variant of SwinV2's cosine attention (kernel-level ops window_attention_cosine[_backward]).
+_COSINE = "cosine"
 
 
-def _checks(qkv: Tensor, d: int, N: int):
+def _checks(qkv: Tensor, d: int, N: int, cosine: bool = False):
     """``{backend: predicate}`` for a call on ``qkv`` with head dim ``d`` and ``N`` tokens per window
     (the registry's predicate; tests/test_window_attention.py asks it which backends run here)."""
-    key = (qkv.device.type, (qkv.dtype,), (d, N))
+    key = (qkv.device.type, (qkv.dtype,), (d, N, _COSINE if cosine else None))
     return {b: (lambda b=b: _SPEC.reason(b, *key)) for b in _SPEC.dtypes}
 
 
@@ -37,15 +38,19 @@ def _out_meta(qkv: Tensor, num_heads: int, wh: int, ww: int) -> tuple:
     return (B, H, W, C3 // 3), (B * nW, num_heads, wh * ww)
 
 
+# Kernel-level ops: window_attention(..., scale) and, in cosine mode, window_attention_cosine(...,
+# logit_scale) with the same layout otherwise; the custom op takes both and calls the one in use.
+# logit_scale comes last, with a default, so the argument positions of the other modes stay as they were.
 def _wattn_impl(
     qkv: Tensor, num_heads: int, wh: int, ww: int, sh: int, sw: int,
     rpb: Optional[Tensor], attn_bias: Optional[Tensor], group: Optional[Tensor], coords: Optional[Tensor],
-    rh: int, rw: int, scale: float, deterministic: bool, backend: str,
+    rh: int, rw: int, scale: float, deterministic: bool, backend: str, logit_scale: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    out, lse = kernel(_FAMILY, "window_attention", backend)(
-        qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale
-    )
-    return out, lse
+    if logit_scale is None:
+        return kernel(_FAMILY, "window_attention", backend)(
+            qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale)
+    return kernel(_FAMILY, "window_attention_cosine", backend)(
+        qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, logit_scale)
 
 
 def _wattn_fake(qkv, num_heads, wh, ww, *rest):
@@ -57,36 +62,47 @@ def _wattn_bwd_impl(
     dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, wh: int, ww: int, sh: int, sw: int,
     rpb: Optional[Tensor], attn_bias: Optional[Tensor], group: Optional[Tensor], coords: Optional[Tensor],
     rh: int, rw: int, scale: float, need_drpb: bool, need_dbias: bool, deterministic: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    dqkv, drpb, dbias = kernel(_FAMILY, "window_attention_backward", backend)(
-        dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale,
-        need_drpb, need_dbias, deterministic,
+    logit_scale: Optional[Tensor] = None, need_dlogit_scale: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if logit_scale is None:
+        dqkv, drpb, dbias = kernel(_FAMILY, "window_attention_backward", backend)(
+            dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale,
+            need_drpb, need_dbias, deterministic,
+        )
+        return dqkv, drpb, dbias, lse.new_empty((0,))
+    return kernel(_FAMILY, "window_attention_cosine_backward", backend)(
+        dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, logit_scale,
+        need_drpb, need_dbias, need_dlogit_scale, deterministic,
     )
-    return dqkv, drpb, dbias
 
 
 def _wattn_bwd_fake(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale,
-                    need_drpb, need_dbias, deterministic, backend):
+                    need_drpb, need_dbias, deterministic, backend, logit_scale=None, need_dlogit_scale=False):
     acc = dict(dtype=acc_dtype(qkv.dtype))
     drpb = qkv.new_empty(tuple(rpb.shape) if need_drpb else (0,), **acc)
     dbias = qkv.new_empty(tuple(attn_bias.shape) if need_dbias else (0,), **acc)
-    return torch.empty_like(qkv), drpb, dbias
+    dls = qkv.new_empty((num_heads,) if need_dlogit_scale else (0,), **acc)
+    return torch.empty_like(qkv), drpb, dbias, dls
 
 
 _WATTN = KernelOp("window_attention", _wattn_impl, _wattn_fake, outputs=("out", "lse"))
-_WATTN_BWD = KernelOp("window_attention_backward", _wattn_bwd_impl, _wattn_bwd_fake, outputs=("dqkv", "drpb", "dbias"))
+_WATTN_BWD = KernelOp("window_attention_backward", _wattn_bwd_impl, _wattn_bwd_fake,
+                      outputs=("dqkv", "drpb", "dbias", "dlogit_scale"))
 
 
 def _wattn_backward(ctx, dout, _dlse):
     s, a = _WATTN.saved(ctx), ctx.attrs
     need_drpb = _WATTN.needs(ctx, "rpb")  # False when rpb is None
     need_dbias = _WATTN.needs(ctx, "attn_bias")
-    dqkv, drpb, dbias = _WATTN_BWD.call(
-        dout=dout.contiguous(), **s._asdict(), **a._asdict(), need_drpb=need_drpb, need_dbias=need_dbias)
-    return _WATTN.grads(qkv=dqkv, rpb=drpb if need_drpb else None, attn_bias=dbias if need_dbias else None)
+    need_dls = _WATTN.needs(ctx, "logit_scale")
+    dqkv, drpb, dbias, dls = _WATTN_BWD.call(
+        dout=dout.contiguous(), **s._asdict(), **a._asdict(), need_drpb=need_drpb, need_dbias=need_dbias,
+        need_dlogit_scale=need_dls)
+    return _WATTN.grads(qkv=dqkv, rpb=drpb if need_drpb else None, attn_bias=dbias if need_dbias else None,
+                        logit_scale=dls if need_dls else None)
 
 
-_WATTN.autograd(_wattn_backward, save=("qkv", "out", "lse", "rpb", "attn_bias", "group", "coords"),
+_WATTN.autograd(_wattn_backward, save=("qkv", "out", "lse", "rpb", "attn_bias", "group", "coords", "logit_scale"),
                 non_differentiable=("lse",))
 
 
@@ -125,6 +141,7 @@ def window_attention(
     coords: Optional[Tensor] = None,
     coord_range=None,
     scale: Optional[float] = None,
+    logit_scale: Optional[Tensor] = None,
     deterministic: Optional[bool] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
@@ -150,7 +167,14 @@ def window_attention(
             Edge inputs (docs/SEMANTICS.md): labels and coords compare exactly at full
             width, out-of-range coordinate differences add no bias, a row with every key
             masked (``-inf`` biases) is NaN.
-        scale: default ``d ** -0.5``.
+        scale: default ``d ** -0.5``; not with ``logit_scale``.
+        logit_scale: SwinV2 cosine attention: ``(nH,)`` or ``(nH, 1, 1)`` learned log scale
+            per head (timm/torchvision store ``(nH, 1, 1)``). Logits are then
+            ``normalize(q) @ normalize(k)^T * exp(min(logit_scale, log(100)))`` (q and k
+            L2-normalized per head with ``F.normalize``'s eps, inside the kernel), before the
+            biases and masks; the gradient to ``logit_scale`` is zero where the clamp is active.
+            The continuous position bias ``16*sigmoid(cpb_mlp(table))`` goes in as
+            ``rel_pos_bias`` (the table) or ``attn_bias``.
         deterministic: bit-reproducible bias gradients (default: follows
             ``torch.are_deterministic_algorithms_enabled()`` or ``MIXKERNELS_DETERMINISTIC=1``).
         backend: ``None`` (automatic), ``"cuda"``, ``"triton"``, ``"cpu"``, ``"reference"``.
@@ -184,22 +208,31 @@ def window_attention(
             raise ValueError(f"attn_bias must have shape {(nh, N, N)}, got {tuple(attn_bias.shape)}")
     _per_position("group", group, B, H, W, qkv, ())
     _per_position("coords", coords, B, H, W, qkv, (2,))
-    if scale is None:
+    if logit_scale is not None:
+        chk.tensor("logit_scale", logit_scale, floating=True)
+        chk.same_device("logit_scale", logit_scale, qkv, "qkv")
+        if tuple(logit_scale.shape) not in ((nh,), (nh, 1, 1)):
+            raise ValueError(f"logit_scale must have shape {(nh,)} or {(nh, 1, 1)}, got {tuple(logit_scale.shape)}")
+        if scale is not None:
+            raise ValueError(f"scale must be None with logit_scale (cosine attention has no softmax scale), got {scale!r}")
+        scale = 1.0
+    elif scale is None:
         scale = d ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
 
-    b = _SPEC.choose(backend, qkv.device.type, (qkv.dtype,), (d, N))
+    b = _SPEC.choose(backend, qkv.device.type, (qkv.dtype,), (d, N, None if logit_scale is None else _COSINE))
     if b == "reference":
         return ref.window_attention(
             qkv, nh, (wh, ww), shift_size=(sh, sw), rel_pos_bias=rel_pos_bias, attn_bias=attn_bias,
-            group=group, coords=coords, coord_range=(rh, rw), scale=float(scale),
+            group=group, coords=coords, coord_range=(rh, rw), scale=float(scale), logit_scale=logit_scale,
         )
     acc = acc_dtype(qkv.dtype)
+    ls = None if logit_scale is None else logit_scale.to(acc).reshape(nh).contiguous()
     rpb = None if rel_pos_bias is None else rel_pos_bias.to(acc).contiguous()
     ab = None if attn_bias is None else attn_bias.to(acc).contiguous()
     g = None if group is None else _labels(group, 3).contiguous()
     c = None if coords is None else _labels(coords, 4).contiguous()
     out, _ = _WATTN(qkv.contiguous(), nh, wh, ww, sh, sw, rpb, ab, g, c, rh, rw, float(scale),
-                    _deterministic(deterministic), b)
+                    _deterministic(deterministic), b, ls)
     return out

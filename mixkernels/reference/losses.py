@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["patchify", "patch_targets", "mixmim_loss", "masked_recon_loss"]
+__all__ = ["patchify", "patch_targets", "mixmim_loss", "masked_recon_loss", "simmim_loss", "upsample_mask"]
 
 
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -114,6 +114,55 @@ def masked_recon_loss(
     t = t[m.bool()].reshape(B, p.shape[1], t.shape[-1])
     loss = ((p - t) ** 2).mean(dim=-1)
     return _reduce(loss, None, reduction)
+
+
+def upsample_mask(mask: torch.Tensor, B: int, h: int, w: int, patch_size: int) -> torch.Tensor:
+    """SimMIM's pixel mask: a patch mask ``(h, w)``, ``(L,)``, ``(B, h, w)`` or ``(B, L)`` as 0/1
+    ``(B, 1, h*p, w*p)`` (``repeat_interleave`` by the patch size along both axes)."""
+    m = (mask != 0).reshape(-1, h, w).expand(B, h, w)
+    return m.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1)
+
+
+def simmim_loss(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    *,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """SimMIM's masked L1 loss on full-resolution predictions.
+
+    ``loss = (|pred - imgs| * M).sum() / (M.sum() * C)`` with ``M`` the patch mask upsampled to
+    pixels (``repeat_interleave`` by ``patch_size``), as microsoft/SimMIM computes it (which adds
+    ``1e-5`` to ``M.sum()``; here a mean over no masked pixel is NaN, as ``masked_recon_loss``).
+    The mask selects (``where``), it does not multiply: NaN/Inf in unmasked pixels never reach
+    the loss or the gradient.
+
+    Args:
+        pred: ``(B, C, H, W)`` reconstruction (the decoder's PixelShuffle output).
+        imgs: ``(B, C, H, W)`` targets.
+        mask: bool/0-1 over patches of ``patch_size`` px: ``(h, w)`` or ``(L,)`` (batch-shared),
+            ``(B, h, w)`` or ``(B, L)``, ``h = H/p``, ``w = W/p``; 1 = masked = counted.
+        reduction: ``"mean"`` (scalar, the formula above), ``"per_image"`` ``(B,)`` (each image's
+            masked mean), ``"none"`` ``(B, L)`` (per patch mean of ``|pred - imgs|`` over its
+            ``C*p*p`` values, 0 where unmasked).
+    Returns:
+        float32 or wider; gradient flows to ``pred`` only (``sign(pred - imgs)``, 0 at ties).
+    """
+    B, C, H, W = imgs.shape
+    p = patch_size
+    h, w = H // p, W // p
+    acc = _acc(pred, imgs)
+    m = upsample_mask(mask, B, h, w, p)  # bool (B, 1, H, W)
+    zero = torch.zeros((), dtype=acc, device=imgs.device)
+    err = torch.where(m, pred.to(acc) - imgs.to(acc), zero).abs()  # (B, C, H, W)
+    if reduction == "mean":
+        return err.sum() / (m.sum().to(acc) * C)
+    if reduction == "per_image":
+        return err.sum((1, 2, 3)) / (m.sum((1, 2, 3)).to(acc) * C)
+    per_patch = err.reshape(B, C, h, p, w, p).sum((1, 3, 5)) / (C * p * p)
+    return per_patch.reshape(B, h * w)
 
 
 def _acc(pred: torch.Tensor, imgs: torch.Tensor) -> torch.dtype:

@@ -19,13 +19,17 @@ Edge-input rules (docs/SEMANTICS.md; every backend follows them):
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .windows import window_merge, window_partition
 
 __all__ = [
+    "COSINE_EPS",
+    "LOGIT_SCALE_MAX",
     "exact_difference",
     "merge_heads",
     "relative_position_index",
@@ -33,6 +37,12 @@ __all__ = [
     "window_attention",
     "window_attention_logits",
 ]
+
+
+# SwinV2 cosine attention: F.normalize's default eps, and the clamp of the learned logit scale
+# (timm/HF write log(1/0.01), torchvision log(100): the same double).
+COSINE_EPS = 1e-12
+LOGIT_SCALE_MAX = math.log(100.0)
 
 
 def _pair(v) -> Tuple[int, int]:
@@ -111,10 +121,12 @@ def window_attention_logits(
     coords: Optional[torch.Tensor] = None,
     coord_range=None,
     scale: Optional[float] = None,
+    logit_scale: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The softmax's input and the values of :func:`window_attention` (same arguments).
 
-    Returns ``(logits, v)``: ``logits`` ``(B*nW, nH, N, N)`` = ``scale * q @ k^T`` + biases,
+    Returns ``(logits, v)``: ``logits`` ``(B*nW, nH, N, N)`` = ``scale * q @ k^T`` (cosine mode:
+    see :func:`window_attention`'s ``logit_scale``) + biases,
     ``-inf`` at the pairs masked by the shift or ``group`` rule (``masked_fill``: gradient 0
     there); ``v`` ``(B*nW, nH, N, d)``; windows of the rolled grid, row-major. The kernel-level
     backward's contract is stated on these (``P = exp(logits - lse)``).
@@ -132,7 +144,12 @@ def window_attention_logits(
 
     win = window_partition(qkv, (wh, ww), (sh, sw))  # (B*nW, N, 3C)
     q, k, v = win.reshape(B * nW, N, 3, nH, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, nH, N, d)
-    attn = (q * scale) @ k.transpose(-2, -1)  # (B*nW, nH, N, N)
+    if logit_scale is None:
+        attn = (q * scale) @ k.transpose(-2, -1)  # (B*nW, nH, N, N)
+    else:  # SwinV2 cosine attention, as timm/torchvision compute it
+        attn = F.normalize(q, dim=-1, eps=COSINE_EPS) @ F.normalize(k, dim=-1, eps=COSINE_EPS).transpose(-2, -1)
+        head_scale = torch.clamp(logit_scale.reshape(nH), max=LOGIT_SCALE_MAX).exp()
+        attn = attn * head_scale.to(attn.dtype).view(1, nH, 1, 1)
 
     if rel_pos_bias is not None:
         if coords is None:
@@ -178,6 +195,7 @@ def window_attention(
     coords: Optional[torch.Tensor] = None,
     coord_range=None,
     scale: Optional[float] = None,
+    logit_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Mask-aware (shifted) window attention, reference implementation.
 
@@ -194,7 +212,14 @@ def window_attention(
         coords: ``(H, W, 2)`` or ``(B, H, W, 2)`` integer true positions for the table lookup;
             a pair whose exact difference is outside ``coord_range`` gets no bias and still attends.
         coord_range: ``(Rh, Rw)``, required with ``coords``.
-        scale: softmax scale, default ``d ** -0.5``.
+        scale: softmax scale, default ``d ** -0.5`` (unused in cosine mode).
+        logit_scale: SwinV2 cosine attention when given: ``(nH,)`` or ``(nH, 1, 1)`` learned
+            per-head log scale. The logits are then
+            ``normalize(q) @ normalize(k)^T * exp(min(logit_scale, log(100)))`` with q and k
+            L2-normalized per head as ``F.normalize`` does (``x / max(||x||, 1e-12)``) and
+            the clamp's gradient (zero where ``logit_scale > log(100)``); biases and masks are
+            added after, as timm/torchvision SwinV2 do (the continuous position bias
+            ``16*sigmoid(cpb_mlp(table))`` is passed as ``rel_pos_bias`` or ``attn_bias``).
 
     Returns:
         ``(B, H, W, C)`` merged and un-shifted attention output, dtype of ``qkv``; NaN in the
@@ -202,7 +227,7 @@ def window_attention(
     """
     attn, v = window_attention_logits(
         qkv, num_heads, window_size, shift_size=shift_size, rel_pos_bias=rel_pos_bias, attn_bias=attn_bias,
-        group=group, coords=coords, coord_range=coord_range, scale=scale)
+        group=group, coords=coords, coord_range=coord_range, scale=scale, logit_scale=logit_scale)
     attn = attn.softmax(dim=-1)
     return merge_heads(attn @ v, window_size, qkv.shape[1], qkv.shape[2], shift_size)
 

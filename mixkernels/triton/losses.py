@@ -1,4 +1,4 @@
-"""Triton kernels: fused reconstruction losses (MixMIM dual reconstruction, MAE/UM-MAE masked).
+"""Triton kernels: fused reconstruction losses (MixMIM dual reconstruction, MAE/UM-MAE masked, SimMIM L1).
 
 One program per patch. A patch is held as one ``(BP, BK)`` tile, ``BP = next_pow2(p)`` rows
 of ``BK = next_pow2(3p)`` values: tile element ``(i, k)`` is pred value ``i*3p + k`` (MAE's
@@ -6,6 +6,11 @@ of ``BK = next_pow2(3p)`` values: tile element ``(i, k)`` is pred value ``i*3p +
 read straight from the image (no patchified copy). Mean and unbiased variance are tile
 reductions in float32; nothing is accumulated across programs (no atomics, deterministic).
 Inputs arrive contiguous and validated (see csrc/ops.cpp); pred and imgs may differ in dtype.
+
+SimMIM's L1 on full-resolution images works on row bands instead: program ``(b, ph, qb)``
+covers ``QB`` patches of patch row ``ph`` as a ``(BP, BW)`` tile of ``P`` image rows by ``QB*P``
+contiguous columns (coalesced rows whatever ``P``), loops over channels, skips unmasked
+patches (masked-off loads), and sums each patch's columns with a one-hot ``(BQ, BW)`` reduction.
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["mixmim_loss", "mixmim_loss_backward", "masked_recon_loss", "masked_recon_loss_backward"]
+__all__ = ["mixmim_loss", "mixmim_loss_backward", "masked_recon_loss", "masked_recon_loss_backward", "simmim_loss",
+           "simmim_loss_backward"]
 
 
 @triton.jit
@@ -126,6 +132,60 @@ def _masked_bwd_kernel(grad, pred, imgs, patch_idx, dpred, Lp, H, W, nw, eps,
     tl.store(dpred + off, du.to(dpred.dtype.element_ty), mask=valid)
 
 
+@triton.jit
+def _simmim_band(mask, nh, nw, mask_stride,
+                 P: tl.constexpr, QB: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr):
+    """This program's band (b, ph, qb); tile rows i (BP,1), columns x (1,BW), each column's patch
+    index pw, whether the column is in the image and whether its patch is masked."""
+    pid = tl.program_id(0)
+    nq = tl.cdiv(nw, QB)
+    qb = pid % nq
+    ph = (pid // nq) % nh
+    b = pid // (nq * nh)
+    i = tl.arange(0, BP)[:, None]
+    xl = tl.arange(0, BW)[None, :]
+    pw = qb * QB + xl // P
+    x = qb * (QB * P) + xl
+    incol = (xl < QB * P) & (pw < nw)
+    m = tl.load(mask + b * mask_stride + ph * nw + pw, mask=incol, other=0)
+    return b, ph, qb, i, xl, x, pw, incol, incol & (m != 0) & (i < P)
+
+
+@triton.jit
+def _simmim_fwd_kernel(pred, imgs, mask, out, H, W, nh, nw, mask_stride,
+                       C: tl.constexpr, P: tl.constexpr, QB: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr,
+                       BQ: tl.constexpr):
+    b, ph, qb, i, xl, x, pw, incol, live = _simmim_band(mask, nh, nw, mask_stride, P, QB, BP, BW)
+    acc = tl.zeros((BP, BW), dtype=tl.float32)
+    for c in range(C):
+        off = ((b.to(tl.int64) * C + c) * H + ph * P + i) * W + x
+        u = tl.load(pred + off, mask=live, other=0.0).to(tl.float32)
+        t = tl.load(imgs + off, mask=live, other=0.0).to(tl.float32)
+        acc += tl.where(live, tl.abs(u - t), 0.0)
+    col = tl.sum(acc, axis=0)  # (BW,) per column
+    q = tl.arange(0, BQ)[:, None]
+    per = tl.sum(tl.where(xl // P == q, col[None, :], 0.0), axis=1)  # (BQ,) per patch
+    qs = tl.arange(0, BQ)
+    pws = qb * QB + qs
+    tl.store(out + (b.to(tl.int64) * nh + ph) * nw + pws, per / (C * P * P), mask=(qs < QB) & (pws < nw))
+
+
+@triton.jit
+def _simmim_bwd_kernel(grad, pred, imgs, mask, dpred, H, W, nh, nw, mask_stride,
+                       C: tl.constexpr, P: tl.constexpr, QB: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr):
+    # dpred = sign(pred - imgs) * grad[patch] / (C*P*P) on masked patches (sign(NaN) = 0, as torch), 0 elsewhere.
+    b, ph, qb, i, xl, x, pw, incol, live = _simmim_band(mask, nh, nw, mask_stride, P, QB, BP, BW)
+    g = tl.load(grad + (b.to(tl.int64) * nh + ph) * nw + pw, mask=incol, other=0.0).to(tl.float32) / (C * P * P)
+    inside = incol & (i < P)
+    for c in range(C):
+        off = ((b.to(tl.int64) * C + c) * H + ph * P + i) * W + x
+        u = tl.load(pred + off, mask=live, other=0.0).to(tl.float32)
+        t = tl.load(imgs + off, mask=live, other=0.0).to(tl.float32)
+        e = u - t
+        sgn = (e > 0).to(tl.float32) - (e < 0).to(tl.float32)
+        tl.store(dpred + off, tl.where(live, sgn * g, 0.0).to(dpred.dtype.element_ty), mask=inside)
+
+
 # ---------------------------------------------------------------- launchers
 def _meta(imgs: torch.Tensor, p: int, norm_pix: bool):
     BP = triton.next_power_of_2(p)
@@ -191,4 +251,38 @@ def masked_recon_loss_backward(grad: torch.Tensor, pred: torch.Tensor, imgs: tor
         with _device(pred):
             _masked_bwd_kernel[(B * Lp,)](grad, pred, imgs, patch_idx, dpred, Lp, H, W, nw, float(eps),
                                           **_meta(imgs, patch_size, norm_pix))
+    return dpred
+
+
+def _simmim_launch(pred: torch.Tensor, patch_size: int):
+    """``(grid, nh, nw, meta)`` of the SimMIM kernels: one program per QB patches of a patch row."""
+    B, C, H, W = pred.shape
+    nh, nw = H // patch_size, W // patch_size
+    QB = max(1, 128 // patch_size)  # ~128 contiguous columns per row
+    BP, BW = triton.next_power_of_2(patch_size), triton.next_power_of_2(QB * patch_size)
+    meta = dict(C=C, P=patch_size, QB=QB, BP=BP, BW=BW, num_warps=max(1, min(8, (BP * BW) // 512)))
+    return (B * nh * triton.cdiv(nw, QB),), nh, nw, meta
+
+
+def simmim_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """pred, imgs ``(B, C, H, W)``, mask uint8 ``(G, L)`` -> per-patch mean L1 float32 ``(B, L)`` (0 where unmasked)."""
+    grid, nh, nw, meta = _simmim_launch(pred, patch_size)
+    out = torch.empty((pred.shape[0], nh * nw), device=pred.device, dtype=torch.float32)
+    if out.numel():
+        with _device(pred):
+            _simmim_fwd_kernel[grid](pred, imgs, mask, out, pred.shape[2], pred.shape[3], nh, nw,
+                                     0 if mask.shape[0] == 1 else nh * nw, BQ=triton.next_power_of_2(meta["QB"]),
+                                     **meta)
+    return out
+
+
+def simmim_loss_backward(grad: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor,
+                         patch_size: int) -> torch.Tensor:
+    """grad float32 ``(B, L)`` -> dpred like pred (every element written)."""
+    grid, nh, nw, meta = _simmim_launch(pred, patch_size)
+    dpred = torch.empty_like(pred)
+    if dpred.numel():
+        with _device(pred):
+            _simmim_bwd_kernel[grid](grad, pred, imgs, mask, dpred, pred.shape[2], pred.shape[3], nh, nw,
+                                     0 if mask.shape[0] == 1 else nh * nw, **meta)
     return dpred

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "mixkernels/losses_cuda.h"
+#include "mixkernels/simmim_loss_cuda.h"
 #include "mixkernels/tokens_cuda.h"
 #include "mixkernels/window_attention_cuda.h"
 #include "simt_emu.h"
@@ -21,6 +22,7 @@ struct EmuWattn {
   const void* group;
   const void* coords;
   int32_t group_batch, coords_batch, group_int64, coords_int64;
+  const float* logit_scale;  // cosine mode (null: off)
 };
 
 static WindowAttentionParams params(const EmuWattn& e) {
@@ -32,6 +34,7 @@ static WindowAttentionParams params(const EmuWattn& e) {
   p.qkv = e.qkv; p.rpb = e.rpb; p.attn_bias = e.attn_bias; p.group = e.group; p.coords = e.coords;
   p.group_batch = e.group_batch; p.coords_batch = e.coords_batch;
   p.group_int64 = e.group_int64 != 0; p.coords_int64 = e.coords_int64 != 0;
+  p.logit_scale = e.logit_scale;
   return p;
 }
 
@@ -55,6 +58,16 @@ int emu_wattn_backward(const EmuWattn* e, const void* dout, const void* out, con
   WindowAttentionBwdBuffers b;
   b.dout = dout; b.out = out; b.lse = lse; b.dqkv = dqkv; b.drpb = drpb; b.dbias = dbias; b.workspace = workspace;
   b.need_drpb = need_drpb != 0; b.need_dbias = need_dbias != 0; b.deterministic = det != 0;
+  return static_cast<int>(window_attention_backward(params(*e), b, nullptr));
+}
+
+// Cosine mode: also the raw (nH,) logit-scale gradient sums (no clamp mask), when dls is given.
+int emu_wattn_backward_cos(const EmuWattn* e, const void* dout, const void* out, const float* lse, void* dqkv,
+                           float* drpb, float* dbias, float* dls, void* workspace, int need_drpb, int need_dbias,
+                           int det) {
+  WindowAttentionBwdBuffers b;
+  b.dout = dout; b.out = out; b.lse = lse; b.dqkv = dqkv; b.drpb = drpb; b.dbias = dbias; b.workspace = workspace;
+  b.need_drpb = need_drpb != 0; b.need_dbias = need_dbias != 0; b.deterministic = det != 0; b.dlogit_scale = dls;
   return static_cast<int>(window_attention_backward(params(*e), b, nullptr));
 }
 
@@ -115,5 +128,13 @@ int emu_masked_loss_bwd(const float* g, const void* pred, int pt, const void* im
                         void* dpred, I B, I Lp, I H, I W, int p, int norm, float eps) {
   return masked_recon_loss_bwd(g, pred, DType(pt), imgs, DType(it), idx, dpred, B, Lp, H, W, p, norm != 0, eps,
                                nullptr);
+}
+int emu_simmim_loss_fwd(const void* pred, int pt, const void* imgs, int it, U8 m, I ms, float* out, I B, I C, I H,
+                        I W, int p) {
+  return simmim_loss_fwd(pred, DType(pt), imgs, DType(it), m, ms, out, B, C, H, W, p, nullptr);
+}
+int emu_simmim_loss_bwd(const float* g, const void* pred, int pt, const void* imgs, int it, U8 m, I ms, void* dpred,
+                        I B, I C, I H, I W, int p) {
+  return simmim_loss_bwd(g, pred, DType(pt), imgs, DType(it), m, ms, dpred, B, C, H, W, p, nullptr);
 }
 }  // extern "C"

@@ -26,6 +26,9 @@ struct WindowAttentionParams {
   const void* coords = nullptr;      // optional, coords_batch = G
   int group_batch = 1, coords_batch = 1;
   bool group_int64 = false, coords_int64 = false;  // element type of group / coords (else int32)
+  // SwinV2 cosine attention when set: float32 (nH,) logit scales; q, k are L2-normalized in the
+  // kernels, q times exp(min(logit_scale, log 100)), and `scale` must be 1.
+  const float* logit_scale = nullptr;
 };
 
 struct WindowAttentionBwdBuffers {
@@ -35,6 +38,7 @@ struct WindowAttentionBwdBuffers {
   void* dqkv = nullptr;        // (B,H,W,3C) qkv dtype, fully written
   float* drpb = nullptr;       // (T,nH) when need_drpb, fully written
   float* dbias = nullptr;      // (nH,N,N) when need_dbias, fully written
+  float* dlogit_scale = nullptr;  // cosine mode, optional: (nH,) sum of <q', dq'> per head (no clamp mask)
   void* workspace = nullptr;   // window_attention_bwd_workspace_bytes(...) bytes, no init needed
   bool need_drpb = false, need_dbias = false, deterministic = false;
 };
@@ -43,7 +47,8 @@ struct WindowAttentionBwdBuffers {
 // when the configuration does not fit the device (see window_attention_fits).
 cudaError_t window_attention_forward(const WindowAttentionParams& p, void* out, float* lse, cudaStream_t stream);
 
-// Scratch bytes the backward needs (delta + deterministic-mode partial sums) on the current device.
+// Scratch bytes the backward needs (delta + deterministic-mode partial sums, including the logit
+// scale's in cosine mode) on the current device.
 size_t window_attention_bwd_workspace_bytes(const WindowAttentionParams& p, bool need_drpb, bool need_dbias,
                                             bool deterministic);
 
