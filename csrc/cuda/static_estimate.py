@@ -28,7 +28,6 @@ import subprocess
 import tempfile
 from collections import Counter, defaultdict
 
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))

@@ -315,6 +315,9 @@ TRITON_RULES: List[Rule] = [
          "full query tiles: N // BLOCK_M"),
     Rule(r"for n0 in range\(0, NB_FULL, BLOCK_NB\)", lambda c: c.a("N") // c.a("BLOCK_NB"),
          "full key blocks of phase B: N // BLOCK_NB"),
+    # ``for i in range(0, WPP)`` whose back edge carries the line of the _next_window call ending its body
+    Rule(r"b = tl\.where\(wrap, b \+ 1, b\)|return w \+ 1, b, wy, wx", lambda c: c.a("WPP"),
+         "windows per program: WPP (the loop's back edge carries _next_window's line)", via=r"_next_window\("),
     # deterministic coords path: the box of table rows / cols a tile touches (upper bound)
     Rule(r"while y <= y_end", lambda c: 2 * c.a("WH") - 1, "table rows: <= 2*WH-1"),
     Rule(r"while x <= x_end", lambda c: 2 * c.a("WW") - 1, "table cols: <= 2*WW-1"),
