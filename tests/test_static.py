@@ -200,7 +200,7 @@ def test_rules_match_by_line_and_call_site():
     site = static_sass.LoopSite("c.cuh", 275, "  for (int i = threadIdx.x; i < rows * V; i += blockDim.x) {",
                                 (("a.cu", 56, "    load_rows<T, D>(s_k, qkv + G.C + h * D, C3, ts.tok, c0, kcn, N);"),))
     ctx = static_rules.Ctx(dict(d=32, es=2, N=196), (4096, 4), 224, [0, 0, 0, 0, 2, 224, 224, 224],
-                           "wattn_fwd_kernel")
+                           "legacy::wattn_fwd_kernel")
     t, why = static_rules.trips_for(static_rules.CUDA_RULES, ctx, site, triton=False)
     assert t == pytest.approx(static_rules.lane_strided(224 * 4, 224)) and "column chunk" in why
     t, why = static_rules.trips_for(static_rules.CUDA_RULES, ctx,
@@ -232,6 +232,27 @@ def _loop_lines(path, marker=None, triton=False):
         elif re.match(r"\s*(for|while) \(", ln) and not lines[i - 1].strip().startswith("#pragma unroll"):
             out.append((i + 1, ln))
     return out
+
+
+def test_wattn_workload_plan_and_segments():
+    from mixkernels.bench import wattn_workload as ww
+
+    pl = ww.plan("fwd", 128, 56, 56, 4, 32, 14, 14, 14, 14)  # MixMIM-B stage 1 (csrc/cuda/NOTES.md)
+    assert (pl["P"], pl["cap"], pl["npacks"], pl["hg"], pl["nbuf"], pl["smem"]) == (1, 208, 2048, 4, 2, 115232)
+    assert ww.plan("bwd", 128, 56, 56, 4, 32, 14, 14, 14, 14)["smem"] == 100256
+    assert ww.plan("fwd", 128, 56, 56, 4, 32, 7, 7, 7, 7)["P"] == 4  # four 7x7 windows: 196 of 208 slots
+    wl = ww.attention_workload(128, 56, 56, 14, 0, True)
+    assert wl["tiles"] == 13 * 2048 and wl["nvalid"] == {196: 2048}
+    pairs = lambda cnt: sum(16 * wd * n for (wd, _), n in cnt.items())  # noqa: E731
+    assert pairs(wl["c32"]) == pairs(wl["c16"])  # both walks cover the same key ranges
+    assert pairs(wl["c32"]) / (2048 * 208 * 208) == pytest.approx(0.66, abs=0.01)  # two groups: ~2/3 of dense
+    plain = ww.attention_workload(128, 7, 7, 7, 0, False)  # Swin stage 4: no mask, windows never meet
+    # tile t (rows 16t..16t+15 of 196) walks the 16-key blocks from its first row's window start to its
+    # last row's window end
+    blocks = sum((-(-49 * (min(16 * t + 15, 195) // 49 + 1) // 16)) - 49 * (16 * t // 49) // 16 for t in range(13))
+    assert pairs(plain["c16"]) == 32 * 256 * blocks
+    # segment_ids' scan: without labels or shift every token's segment starts at its window's first
+    assert plain["scan"] == plain["scan_warps"]
 
 
 @pytest.mark.parametrize("shape", static_cases.HEADLINE)
