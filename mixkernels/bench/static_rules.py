@@ -159,8 +159,7 @@ CUDA_RULES: List[Rule] = [
     Rule(r"for \(int m = n / N \* N; m < n; \+\+m\)", _fz(lambda w, c: w["scan"] / w["scan_warps"]),
          "segment_ids' scan to the segment's first token: emulated per warp (longest lane), averaged",
          kernel=_FUSED),
-    Rule(r"for \(int m = b; m < b \+ N; \+\+m\)", lambda c: c.p["N"], "window_coords: the window's N tokens",
-         kernel=_FUSED),
+    Rule(r"for \(int m = b; m < b \+ N; \+\+m\)", lambda c: c.p["N"], "window_coords: the window's N tokens"),
     Rule(r"for \(int v = 0; v < kWarps; \+\+v\) \{", lambda c: 8.0, "counting sort: kWarps warp counts",
          after=r"tot \+= wcnt", kernel=_FUSED),
     Rule(r"for \(int v = 0; v < warp; \+\+v\) excl", lambda c: 3.5, "earlier warps' sums: warp index, mean 3.5",
@@ -222,9 +221,19 @@ CUDA_RULES: List[Rule] = [
          "flush the bias-gradient table: T entries over 256 threads", kernel=_FUSED),
     Rule(r"for \(int w = 0; w < kWarps; \+\+w\)", lambda c: 8.0, "deterministic: per-warp tables summed",
          kernel=_FUSED),
-    Rule(r"__fAtomicAdd", lambda c: 1.0, "shared fp32 atomicAdd compiles to a CAS loop: 1 try (no contention)"),
+    Rule(r"__[fd]AtomicAdd", lambda c: 1.0, "shared float atomicAdd compiles to a CAS loop: 1 try (no contention)"),
     Rule(r"for \(unsigned m = (same|grp); m; m &= m - 1\)", lambda c: 1.0, "lanes of one table entry: ~1"),
-    # ---- legacy window attention (window_attention_legacy*.cu)
+    # ---- legacy window attention (window_attention_legacy*.cu): load_tokens runs the common
+    # segment_ids / window_coords on one window (count = N) with the CTA's threads
+    Rule(r"for \(int n = threadIdx\.x; n < count; n \+= blockDim\.x\)", lambda c: 0.0,
+         "window_coords' gap-compression passes: only when a window spans >= coord_limit (2^28/2R); "
+         "never at these shapes (coordinates within one image)", after=r"bool fy = true|int y = 0, x = 0;",
+         kernel=_LEGACY),
+    Rule(r"for \(int n = threadIdx\.x; n < count; n \+= blockDim\.x\)", lambda c: lane_strided(c.p["N"], c.threads),
+         "segment ids / window coordinates of one window: N tokens over the CTA's threads", kernel=_LEGACY),
+    Rule(r"for \(int m = n / N \* N; m < n; \+\+m\)", lambda c: _legacy_scan(c),
+         "segment_ids' scan to the segment's first token: emulated per warp of a window (longest lane)",
+         kernel=_LEGACY),
     Rule(r"for \(int n = threadIdx\.x; n < G\.N;", lambda c: lane_strided(c.p["N"], c.threads),
          "load_tokens: N tokens over the CTA's threads", kernel=_LEGACY),
     Rule(r"for \(int n = threadIdx\.x; n < cap;", lambda c: lane_strided(_ncols(c), c.threads),
@@ -265,6 +274,14 @@ CUDA_RULES: List[Rule] = [
     # ---- losses (losses.cu)
     Rule(r"for \(int w = 0; w < warps; \+\+w\) s \+= smem\[w\]", lambda c: c.warps, "block_sum over warps"),
 ]
+
+
+def _legacy_scan(c: Ctx) -> float:
+    from . import wattn_workload as ww
+
+    p = c.p
+    wl = ww.attention_workload(p["B"], p["H"], p["W"], p["window"], p["shift"], bool(p["group"]))
+    return wl["scan_win"] / wl["scan_win_warps"]
 
 
 def _gather_steps(c: Ctx) -> int:

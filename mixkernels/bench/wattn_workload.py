@@ -157,7 +157,10 @@ def _pack_stats(kp: Tuple[Tuple[int, ...], ...], N: int) -> Dict[str, Any]:
         for b in range(b0, end, 16):  # the backward: 16-key blocks
             c16[(16, not (uni and b >= lo and b + 16 <= hi))] += 1
     warps = [max(scan[w:w + 32]) for w in range(0, nvalid, 32)]
+    # the legacy kernels run segment_ids on one window at a time: warps of 32 tokens of a window
+    wwarps = [max(scan[i + w:i + min(w + 32, N)]) for i in range(0, nvalid, N) for w in range(0, N, 32)]
     return dict(nvalid=nvalid, tiles=nt, c32=c32, c16=c16, scan=sum(warps), scan_warps=len(warps),
+                scan_win=sum(wwarps), scan_win_warps=len(wwarps),
                 shifts_fwd=_assign_shifts([b + 1 for b in tb]),
                 shifts_bwd=_assign_shifts([(b + 1) * 5 for b in tb] + [(b + 1) * 4 for b in tb]))
 
@@ -183,7 +186,7 @@ def _aggregate(keys: np.ndarray) -> Dict[str, Any]:
         tot["c32"].update(s["c32"])
         tot["c16"].update(s["c16"])
         tot["nvalid"][s["nvalid"]] += 1
-        for k in ("tiles", "scan", "scan_warps", "shifts_fwd", "shifts_bwd"):
+        for k in ("tiles", "scan", "scan_warps", "scan_win", "scan_win_warps", "shifts_fwd", "shifts_bwd"):
             tot[k] = tot.get(k, 0) + s[k]
     return dict(tot, packs=math.ceil(nwin / P), P=P, N=N, nwin=nwin, cap=_round16(P * N))
 
@@ -203,7 +206,8 @@ def attention_workload(B: int, H: int, W: int, w: int, shift: int, group: bool, 
     """Totals over all packs of a call (memoized): ``tiles``; ``c32`` / ``c16`` Counters of
     (width, masked) key blocks of the forward / backward walks; ``nvalid`` Counter of valid slots per
     pack; ``scan`` / ``scan_warps``: segment_ids' inner-loop iterations summed over the warps that run
-    it (a warp runs until its longest lane is done) and their number; ``shifts_fwd`` / ``shifts_bwd``:
+    it (a warp runs until its longest lane is done) and their number (``scan_win`` / ``scan_win_warps``:
+    the same for one window per call, as the legacy kernels run it); ``shifts_fwd`` / ``shifts_bwd``:
     assign_items' insertion-sort iterations; ``packs``, ``P``, ``N``, ``nwin``, ``cap``."""
     key = (B, H, W, w, shift, group, seed)
     if key not in _MEMO:
