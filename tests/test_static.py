@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -199,12 +200,121 @@ def test_rules_match_by_line_and_call_site():
     site = static_sass.LoopSite("c.cuh", 275, "  for (int i = threadIdx.x; i < rows * V; i += blockDim.x) {",
                                 (("a.cu", 56, "    load_rows<T, D>(s_k, qkv + G.C + h * D, C3, ts.tok, c0, kcn, N);"),))
     ctx = static_rules.Ctx(dict(d=32, es=2, N=196), (4096, 4), 224, [0, 0, 0, 0, 2, 224, 224, 224],
-                           "wattn_fwd_kernel")
+                           "legacy::wattn_fwd_kernel")
     t, why = static_rules.trips_for(static_rules.CUDA_RULES, ctx, site, triton=False)
     assert t == pytest.approx(static_rules.lane_strided(224 * 4, 224)) and "column chunk" in why
     t, why = static_rules.trips_for(static_rules.CUDA_RULES, ctx,
                                     static_sass.LoopSite("x.cu", 1, "while (spin) {"), triton=False)
     assert t is None and why.startswith("unmatched")
+
+
+# ---- the rules describe the current attention kernels: every loop of their sources gets a trip count
+_CUDA_ATTN = {"window_attention.cu": "int smem_limit() {", "window_attention_bwd.cu": "struct BwdPlan {",
+              "window_attention_common.cuh": None}  # file: where its device code ends (launch plans follow)
+_TRITON_ATTN = ("window_attention.py", "window_attention_bwd.py")
+
+
+def _loop_lines(path, marker=None, triton=False):
+    """(line, text) of the loops a kernel compiles from ``path``: device code only, fully unrolled loops
+    (``#pragma unroll``, ``tl.static_range``) and host code left out."""
+    lines = open(path).read().split("\n")
+    if marker:
+        lines = lines[:next(i for i, ln in enumerate(lines) if ln.startswith(marker))]
+    out, jit = [], False
+    for i, ln in enumerate(lines):
+        if triton:
+            if ln.startswith("@triton.jit"):
+                jit = True
+            elif ln and not ln[0].isspace() and not ln.startswith(("def ", ")")):
+                jit = False
+            if jit and re.match(r"\s*(for .* in .*range\(|while )", ln) and "static_range" not in ln:
+                out.append((i + 1, ln))
+        elif re.match(r"\s*(for|while) \(", ln) and not lines[i - 1].strip().startswith("#pragma unroll"):
+            out.append((i + 1, ln))
+    return out
+
+
+def test_wattn_workload_plan_and_segments():
+    from mixkernels.bench import wattn_workload as ww
+
+    pl = ww.plan("fwd", 128, 56, 56, 4, 32, 14, 14, 14, 14)  # MixMIM-B stage 1 (csrc/cuda/NOTES.md)
+    assert (pl["P"], pl["cap"], pl["npacks"], pl["hg"], pl["nbuf"], pl["smem"]) == (1, 208, 2048, 4, 2, 115232)
+    assert ww.plan("bwd", 128, 56, 56, 4, 32, 14, 14, 14, 14)["smem"] == 100256
+    assert ww.plan("fwd", 128, 56, 56, 4, 32, 7, 7, 7, 7)["P"] == 4  # four 7x7 windows: 196 of 208 slots
+    wl = ww.attention_workload(128, 56, 56, 14, 0, True)
+    assert wl["tiles"] == 13 * 2048 and wl["nvalid"] == {196: 2048}
+    pairs = lambda cnt: sum(16 * wd * n for (wd, _), n in cnt.items())  # noqa: E731
+    assert pairs(wl["c32"]) == pairs(wl["c16"])  # both walks cover the same key ranges
+    assert pairs(wl["c32"]) / (2048 * 208 * 208) == pytest.approx(0.66, abs=0.01)  # two groups: ~2/3 of dense
+    plain = ww.attention_workload(128, 7, 7, 7, 0, False)  # Swin stage 4: no mask, windows never meet
+    # tile t (rows 16t..16t+15 of 196) walks the 16-key blocks from its first row's window start to its
+    # last row's window end
+    blocks = sum((-(-49 * (min(16 * t + 15, 195) // 49 + 1) // 16)) - 49 * (16 * t // 49) // 16 for t in range(13))
+    assert pairs(plain["c16"]) == 32 * 256 * blocks
+    # segment_ids' scan: without labels or shift every token's segment starts at its window's first
+    assert plain["scan"] == plain["scan_warps"]
+
+
+@pytest.mark.parametrize("shape", static_cases.HEADLINE)
+def test_rules_match_every_fused_cuda_attention_loop(shape):
+    from mixkernels.bench import wattn_workload as ww
+
+    cases = {c.op: c for c in static_cases.build_cases(("bf16",), [shape])}
+    bad = []
+    for f, marker in _CUDA_ATTN.items():
+        path = os.path.join(_ROOT, "csrc", "cuda", f)
+        loops = _loop_lines(path, marker)
+        assert loops, f
+        for kind in ("fwd", "bwd"):
+            if f != "window_attention_common.cuh" and ("bwd" in f) != (kind == "bwd"):
+                continue
+            p = cases[f"window_attention_{kind}"].params
+            pl = ww.plan(kind, p["B"], p["H"], p["W"], p["heads"], p["d"], p["window"], p["window"], p["r"], p["r"],
+                         p["es"])
+            assert pl["fits"]
+            ctx = static_rules.Ctx(p, (pl["nslots"] * pl["nhg"], 1, 1), 256, [], f"wattn_{kind}_kernel",
+                                   ("__nv_bfloat16", "32", "1", "false"), (256, 1, 1))
+            for line, text in loops:
+                t, why = static_rules.trips_for(static_rules.CUDA_RULES, ctx, static_sass.LoopSite(path, line, text),
+                                                triton=False)
+                if t is None or not t >= 0:
+                    bad.append(f"{kind} {f}:{line} `{text.strip()}`: {why}")
+    assert not bad, "\n".join(bad)
+
+
+def test_rules_match_every_triton_attention_loop():
+    import ast
+
+    bad = []
+    for f in _TRITON_ATTN:
+        path = os.path.join(_ROOT, "mixkernels", "triton", f)
+        src = open(path).read()
+        params = {a.arg for fn in ast.walk(ast.parse(src)) if isinstance(fn, ast.FunctionDef)
+                  and fn.name.endswith("_kernel") for a in fn.args.args}
+        args = {k: 2 for k in params}  # any launch: names only (range() bounds must be kernel arguments)
+        ctx = static_rules.Ctx({}, (1, 1, 1), 128, args, "kernel")
+        loops = _loop_lines(path, triton=True)
+        assert loops, f
+        for line, text in loops:
+            t, why = static_rules.trips_for(static_rules.TRITON_RULES, ctx, static_sass.LoopSite(path, line, text),
+                                            triton=True)
+            if t is None:
+                bad.append(f"{f}:{line} `{text.strip()}`: {why}")
+    assert not bad, "\n".join(bad)
+
+
+def test_committed_report_counts_every_headline_attention_loop():
+    """The committed static report (benchmarks/results/static) has no unmatched loops in its bf16
+    headline attention records, CUDA and Triton, forward and backward."""
+    with open(os.path.join(_ROOT, "benchmarks", "results", "static", "static.json")) as f:
+        recs = json.load(f)["records"]
+    head = [r for r in recs if r["kernel"].startswith("window_attention") and r["dtype"] == "bf16"
+            and r["shape"] in static_cases.HEADLINE]
+    assert {(r["backend"], r["kernel"]) for r in head} == {
+        (b, f"window_attention_{k}") for b in ("cuda", "triton") for k in ("fwd", "bwd")}
+    bad = [f"{r['backend']} {r['kernel']} {r['shape']}: {r['unmatched_loops'][:3]}" for r in head
+           if r["unmatched_loops"] or r["error"]]
+    assert not bad, "\n".join(bad)
 
 
 def _rec(**kw):

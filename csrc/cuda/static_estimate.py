@@ -28,7 +28,6 @@ import subprocess
 import tempfile
 from collections import Counter, defaultdict
 
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -197,92 +196,31 @@ def _reach(succ, starts, stop, body):
 
 
 # ------------------------------------------------------------------------- workload (prologue)
-def pick_pack(N, nwin):
-    best, bf, P = 1, 0.0, 1
-    while P * N <= 208 and P <= nwin:
-        fill = P * N / ((P * N + 15) // 16 * 16)
-        if fill >= bf - 1e-6:
-            best, bf = P, fill
-        P += 1
-    return best
+# The launch plan and the pack prologue (segments, sort, tile ranges) are emulated by
+# mixkernels/bench/wattn_workload.py: one model with the static report's trip-count rules. Loaded by
+# path (numpy only), so this script does not import torch.
+def _load_workload():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wattn_workload", os.path.join(ROOT, "mixkernels", "bench",
+                                                                                 "wattn_workload.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def mixmim_mask(H, W, seed=0):
-    rng = np.random.default_rng(seed)
-    m = np.zeros(49, np.int64)
-    m[rng.permutation(49)[:24]] = 1
-    return np.repeat(np.repeat(m.reshape(7, 7), H // 7, 0), W // 7, 1)
-
-
-def workload(B, HW, w, shift, group, width):
-    """Counts of (block width, masked) over all tiles of all packs, tiles, packs, windows per pack."""
-    def bands(n):
-        ids = np.zeros(n, np.int64)
-        if shift:
-            ids[n - w:n - shift], ids[n - shift:] = 1, 2
-        return ids
-    reg = bands(HW)[:, None] * 3 + bands(HW)[None, :]
-    lab = np.zeros((HW, HW), np.int64) if group is None else np.roll(group, (-shift, -shift), (0, 1))
-    n = HW // w
-    part = lambda a: a.reshape(n, w, n, w).transpose(0, 2, 1, 3).reshape(n * n, w * w)
-    keys = np.tile(part(reg) * (1 << 32) + part(lab), (B, 1))
-    nwin, N = keys.shape
-    P = pick_pack(N, nwin)
-    counts, tiles, cache = Counter(), 0, {}
-    for p0 in range(0, nwin, P):
-        kp = tuple(tuple(k) for k in keys[p0:p0 + P])
-        if kp not in cache:
-            segs, off = [], 0
-            for k in kp:
-                first = {}
-                for j, v in enumerate(k):
-                    first.setdefault(v, j)
-                ids = [first[v] for v in k]
-                for fid in sorted(set(ids)):
-                    c = ids.count(fid)
-                    segs += [(off, off + c)] * c
-                    off += c
-            cnt, nt = Counter(), (len(segs) + 15) // 16
-            for t in range(nt):
-                lo, hi = segs[16 * t][0], segs[min(16 * t + 15, len(segs) - 1)][1]
-                uni = min(16 * t + 15, len(segs) - 1) == 16 * t + 15 and segs[16 * t][0] == segs[16 * t + 15][0]
-                b, end = lo & ~15, (hi + 15) & ~15
-                while b < end:
-                    wd = 32 if width == 32 and b + 32 <= end else 16
-                    cnt[(wd, not (uni and b >= lo and b + wd <= hi))] += 1
-                    b += wd
-            cache[kp] = (cnt, nt)
-        cnt, nt = cache[kp]
-        counts.update(cnt)
-        tiles += nt
-    return dict(counts=counts, tiles=tiles, packs=math.ceil(nwin / P), P=P, N=N, nwin=nwin)
+WW = _load_workload()
+pick_pack, mixmim_mask, workload = WW.pick_pack, WW.mixmim_mask, WW.workload
 
 
 # ------------------------------------------------------------------------------------ estimate
-def smem_bytes(kind, cap, T, hg, D=32, es=2):
-    """make_layout (window_attention_index.cuh) for the fused kernels, bf16."""
-    a16 = lambda v: (v + 15) & ~15
-    o = 0
-    for per in (4, 8, 8, 4, 4, 8, 8):  # tok qi ki lidx lrow cxy seg
-        o = a16(o + cap * per)
-    o = a16(o + (cap * 8 if kind == "bwd" else 0))  # nld
-    o = a16(o + 4 * (3 * 16 + 2 * 16 + 8 + 1 + 4))  # tiles
-    nbuf = 1 if kind == "bwd" or hg == 1 else 2
-    o += a16((T + 1) * 4) * nbuf
-    o = a16(o + ((T + 1) * 4 if kind == "bwd" else 0))  # drpb table (fast mode)
-    tile = cap * (D + 16 // es) * es
-    o += a16(max(tile * (5 if kind == "bwd" else 3) * nbuf, 256 * (8 * 3 + 4 * 10) + 8 * 256 * 4))
-    if kind == "bwd" and cap < 128:
-        o += 8 * 16 * (D + 16 // es) * es
-    return a16(o)
-
-
 def estimate(kind, shape, cost):
     B, HW, C, nH, w, shift, g = SHAPES[shape]
     wl = workload(B, HW, w, shift, mixmim_mask(HW, HW) if g else None, 32 if kind == "fwd" else 16)
     m = MODEL
-    hg = max(h for h in range(1, nH + 1) if nH % h == 0 and (h == 1 or wl["packs"] * (nH // h) >= 2 * m["n_sm"]))
-    cost = dict(cost, smem=smem_bytes(kind, (wl["P"] * wl["N"] + 15) // 16 * 16, (2 * w - 1) ** 2, hg))
+    pl = WW.plan(kind, B, HW, HW, nH, C // nH, w, w, w, w, 2, True, False, m["n_sm"], m["smem_per_sm"] - 1024)
+    hg = pl["hg"]
+    cost = dict(cost, smem=pl["smem"])
     per_warp = math.ceil(cost["registers"] * 32 / 256) * 256
     ctas_sm = min(m["regs_per_sm"] // per_warp // 8, m["smem_per_sm"] // (math.ceil(cost["smem"] / 128) * 128 + 1024), 8)
     ctas = wl["packs"] * math.ceil(nH / hg)

@@ -10,6 +10,11 @@ add or fix a rule here (the report says which loop, file and line).
 
 Triton ``for x in range(a, b[, step])`` loops whose bounds are plain kernel arguments or constants
 need no rule: :func:`triton_range` evaluates them from the launch's arguments.
+
+The fused CUDA window-attention kernels' loops depend on the data (windows per pack, segments,
+key blocks per tile): their rules take them from ``wattn_workload.py``, which emulates the
+launch plan and the pack prologue on the case's masks (the model ``csrc/cuda/static_estimate.py``
+uses too). ``tests/test_static.py`` checks that every loop of the attention sources has a rule.
 """
 from __future__ import annotations
 
@@ -49,6 +54,13 @@ class Rule:
     why: str
     via: str = ""
     kernel: str = ""
+    after: str = ""  # regex on the next 3 source lines: tells loops with the same header apart
+
+
+def _after(site) -> str:
+    import linecache
+
+    return "\n".join(linecache.getline(site.file, site.line + k).rstrip("\n") for k in (1, 2, 3))
 
 
 def lane_strided(total: float, threads: int, start_lane_of_warp: Optional[Sequence[int]] = None) -> float:
@@ -59,16 +71,25 @@ def lane_strided(total: float, threads: int, start_lane_of_warp: Optional[Sequen
     return sum(math.ceil((total - s) / threads) if total > s else 0 for s in starts) / len(starts)
 
 
-# CUDA kernel arguments by position (see the kernels' signatures in csrc/cuda):
+# Legacy CUDA kernels (window_attention_legacy*.cu: float32, attn_bias gradients, head_dim 128
+# backward, shapes the fused kernels do not fit), arguments by position:
 #   wattn_fwd_kernel(G, qkv, out, lse, nrb, kc, ncols, cap)
 #   wattn_bwd_dq_kernel(G, qkv, dout, lse, delta, dqkv, drpb, dbias, scale, nrb, kc, ncols, cap, nslots)
 #   wattn_bwd_dkdv_kernel(G, qkv, dout, lse, delta, dqkv, scale, nrb, kc, ncols, cap)
+_LEGACY = r"legacy::"
+_FUSED = r"^wattn_(fwd|bwd)_kernel$"
+
+
+def _legacy_arg(c: Ctx, pos: Dict[str, int]) -> int:
+    return c.args[pos[c.kernel.split("::")[-1]]]
+
+
 def _kc(c: Ctx) -> int:
-    return c.args[{"wattn_fwd_kernel": 5, "wattn_bwd_dq_kernel": 10, "wattn_bwd_dkdv_kernel": 8}[c.kernel]]
+    return _legacy_arg(c, {"wattn_fwd_kernel": 5, "wattn_bwd_dq_kernel": 10, "wattn_bwd_dkdv_kernel": 8})
 
 
 def _ncols(c: Ctx) -> int:
-    return c.args[{"wattn_fwd_kernel": 6, "wattn_bwd_dq_kernel": 11, "wattn_bwd_dkdv_kernel": 9}[c.kernel]]
+    return _legacy_arg(c, {"wattn_fwd_kernel": 6, "wattn_bwd_dq_kernel": 11, "wattn_bwd_dkdv_kernel": 9})
 
 
 def _vec(c: Ctx) -> int:
@@ -77,11 +98,6 @@ def _vec(c: Ctx) -> int:
 
 def _rows_loop(rows: Callable[[Ctx], float]) -> Callable[[Ctx], float]:
     return lambda c: lane_strided(rows(c) * _vec(c), c.threads)
-
-
-def _grid_stride_rows(rows_arg: int) -> Callable[[Ctx], float]:
-    # for (r = blockIdx.x*blockDim.y + threadIdx.y; r < rows; r += gridDim.x*blockDim.y)
-    return lambda c: max(1.0, c.args[rows_arg] / (c.grid[0] * c.block[1]))
 
 
 def _vpr_loop(vpr: Callable[[Ctx], float]) -> Callable[[Ctx], float]:
@@ -93,42 +109,160 @@ def _tvec(c: Ctx) -> int:
     return int(c.tparams[1]) if len(c.tparams) > 1 and c.tparams[1].isdigit() else 1
 
 
+# ---- fused CUDA window attention (window_attention.cu / _bwd.cu / _common.cuh): the trip counts come
+# from the launch plan and the pack prologue emulated on the case's masks (wattn_workload.py, the
+# model csrc/cuda/static_estimate.py uses too). Nested loops get per-entry averages (totals over all
+# packs divided by the enclosing loop's total), so the weighted counts are the totals' averages per
+# warp; thread-0 loops (tile ranges, assign_items) count 1/8 per warp.
+def _fused(c: Ctx) -> Dict[str, Any]:
+    """Plan + workload of the call, checked against the captured launch (grid = CTAs)."""
+    from . import wattn_workload as ww
+
+    p = c.p
+    kind = "fwd" if "fwd" in c.kernel else "bwd"
+    pl = ww.plan(kind, p["B"], p["H"], p["W"], p["heads"], p["d"], p["window"], p["window"], p["r"], p["r"],
+                 p["es"], True, bool(p.get("deterministic", False)))
+    if pl["nslots"] * pl["nhg"] != c.grid[0]:
+        raise ValueError(f"plan {pl['nslots']} x {pl['nhg']} CTAs != captured grid {c.grid[0]}")
+    wl = ww.attention_workload(p["B"], p["H"], p["W"], p["window"], p["shift"], bool(p["group"]))
+    items = wl["tiles"] * (1 if kind == "fwd" else 2)  # per call: tiles (forward), key + query tiles
+    return dict(pl, **wl, kind=kind, items=items, per_pack=lambda f: sum(f(n) * k for n, k in wl["nvalid"].items())
+                / wl["packs"])
+
+
+def _fz(f: Callable[[Dict[str, Any], Ctx], float]) -> Callable[[Ctx], float]:
+    return lambda c: f(_fused(c), c)
+
+
+def _chunks(c: Ctx) -> int:
+    return c.p["d"] * c.p["es"] // 16  # 16-byte chunks per row (TL::kCPR)
+
+
+THREADS_FUSED = 256  # kThreads
+
+
+def _ROWS(w: Dict[str, Any], c: Ctx) -> float:
+    return w["per_pack"](lambda n: lane_strided(n * _chunks(c), THREADS_FUSED))
+
+
 CUDA_RULES: List[Rule] = [
-    # ---- window attention (window_attention.cu, window_attention_bwd.cu, window_attention_common.cuh)
+    # ---- fused window attention: prologue (window_attention_common.cuh)
+    Rule(r"for \(int i = tid; i < kWarps \* kThreads; i \+= kThreads\)", lambda c: 8.0,
+         "zero the per-warp segment counts: kWarps*kThreads / kThreads", kernel=_FUSED),
+    Rule(r"for \(int n = threadIdx\.x; n < count; n \+= blockDim\.x\)", lambda c: 0.0,
+         "window_coords' gap-compression passes: only when a window spans >= coord_limit (2^28/2R); "
+         "never at these shapes (coordinates within one image)", after=r"bool fy = true|int y = 0, x = 0;",
+         kernel=_FUSED),
+    Rule(r"for \(int n = threadIdx\.x; n < count; n \+= blockDim\.x\)",
+         _fz(lambda w, c: w["per_pack"](lambda n: lane_strided(n, THREADS_FUSED))),
+         "segment ids / window coordinates: the pack's valid tokens over 256 threads", kernel=_FUSED),
+    Rule(r"for \(int m = n / N \* N; m < n; \+\+m\)", _fz(lambda w, c: w["scan"] / w["scan_warps"]),
+         "segment_ids' scan to the segment's first token: emulated per warp (longest lane), averaged",
+         kernel=_FUSED),
+    Rule(r"for \(int m = b; m < b \+ N; \+\+m\)", lambda c: c.p["N"], "window_coords: the window's N tokens"),
+    Rule(r"for \(int v = 0; v < kWarps; \+\+v\) \{", lambda c: 8.0, "counting sort: kWarps warp counts",
+         after=r"tot \+= wcnt", kernel=_FUSED),
+    Rule(r"for \(int v = 0; v < warp; \+\+v\) excl", lambda c: 3.5, "earlier warps' sums: warp index, mean 3.5",
+         kernel=_FUSED),
+    Rule(r"for \(int t = 0; t < ntiles; \+\+t\)", _fz(lambda w, c: w["tiles"] / w["packs"] / 8),
+         "tile ranges (thread 0): tiles per pack, over 8 warps", kernel=_FUSED),
+    # assign_items (thread 0): items = tiles (forward) or key + query tiles (backward) per pack
+    Rule(r"for \(int i = 0; i < nitems; \+\+i\)", _fz(lambda w, c: w["items"] / w["packs"] / 8),
+         "assign_items' insertion sort (thread 0): items per pack, over 8 warps", kernel=_FUSED),
+    Rule(r"while \(k > 0 && cost\[order\[k - 1\]\] < cost\[i\]\)",
+         _fz(lambda w, c: w["shifts_" + w["kind"]] / w["items"]),
+         "insertion-sort shifts per item, emulated on the tiles' block counts", kernel=_FUSED),
+    Rule(r"for \(int k = 0; k < nitems; \+\+k\) \{", _fz(lambda w, c: w["items"] / w["packs"] / 8),
+         "assign_items' least-loaded warp choice (thread 0): items per pack, over 8 warps", kernel=_FUSED),
+    Rule(r"for \(int v = 0; v < kWarps; \+\+v\) \{", lambda c: 1.0, "work lists (thread 0): kWarps over 8 warps",
+         after=r"S\.wbeg\[v\] = fill", kernel=_FUSED),
+    Rule(r"for \(int k = 0; k < nitems; \+\+k\)$", _fz(lambda w, c: w["items"] / w["packs"]),
+         "work lists: items per pack", kernel=_FUSED),
+    # rows and tables
+    Rule(r"for \(int r = threadIdx\.x / TL::kCPR; r < nrows; r \+= kStep",
+         _fz(_ROWS), "row loads / non-finite check: valid rows x 16-byte chunks over 256 threads", kernel=_FUSED),
+    Rule(r"for \(int c = threadIdx\.x; c < \(r1 - r0\) \* TL::kCPR; c \+= kThreads\)",
+         _fz(lambda w, c: w["per_pack"](lambda n: lane_strided((w["cap"] - n) * _chunks(c), THREADS_FUSED))),
+         "zero the padding rows (cap - valid) x chunks over 256 threads", kernel=_FUSED),
+    Rule(r"for \(int i = lane; i < 16 \* TL::kCPR; i \+= 32\)", lambda c: math.ceil(16 * _chunks(c) / 32),
+         "store_rows_warp: 16 rows x chunks over 32 lanes", kernel=_FUSED),
+    Rule(r"for \(int i = threadIdx\.x; i < T; i \+= kThreads\)", lambda c: lane_strided(c.p["T"], THREADS_FUSED),
+         "the head's table slice: T entries over 256 threads", kernel=_FUSED),
+    # forward (window_attention.cu)
+    Rule(r"for \(; kb \+ 32 <= end; kb \+= 32\)",
+         _fz(lambda w, c: sum(n for (wd, _), n in w["c32"].items() if wd == 32) / w["tiles"]),
+         "32-key blocks per query tile (segment ranges, emulated)", kernel=_FUSED),
+    Rule(r"for \(int q = threadIdx\.x; q < nvalid; q \+= kThreads\)", lambda c: 0.0,
+         "fwd_exact: only for a head whose V holds NaN/Inf", kernel=_FUSED),
+    Rule(r"for \(int d = 0; d < D; \+\+d\)", lambda c: c.p["d"], "fwd_exact dot: D", kernel=_FUSED),
+    Rule(r"for \(int k = wb; k < we; \+\+k\)", lambda c: c.p["N"], "fwd_exact: the window's N keys", kernel=_FUSED),
+    Rule(r"for \(int dc = 0; dc < D; dc \+= 8\)", lambda c: c.p["d"] / 8, "fwd_exact: D/8 column groups",
+         kernel=_FUSED),
+    Rule(r"for \(int e = 0; e < 8; \+\+e\)", lambda c: 8.0, "fwd_exact: 8 columns", kernel=_FUSED),
+    Rule(r"for \(int b = 0; b < A\.nbuf; \+\+b\)", _fz(lambda w, c: w["nbuf"]), "operand buffers: nbuf (plan)",
+         kernel=_FUSED),
+    Rule(r"for \(int op = 0; op < 3; \+\+op\)", lambda c: 3.0, "q, k, v tiles", kernel=_FUSED),
+    Rule(r"for \(int i = 0; i < nh; \+\+i\)", _fz(lambda w, c: w["hg"]), "heads per CTA (plan)", kernel=_FUSED),
+    Rule(r"for \(int it = it0; it < it1; \+\+it\)", _fz(lambda w, c: w["items"] / w["packs"] / 8),
+         "work items per warp: tiles (x2 backward) per pack over 8 warps", kernel=_FUSED),
+    # backward (window_attention_bwd.cu)
+    Rule(r"for \(int b = lo & ~15; b < end; b \+= 16\)", _fz(lambda w, c: sum(w["c16"].values()) / w["tiles"]),
+         "16-key (or query) blocks per tile (segment ranges, emulated)", kernel=_FUSED),
+    Rule(r"for \(int e = threadIdx\.x; e < \(DET \? kWarps : 1\) \* tab_stride_f",
+         lambda c: lane_strided((8 if c.p.get("deterministic") else 1) * (c.p["T"] + 1), THREADS_FUSED),
+         "zero the bias-gradient table(s): T+1 entries (x8 deterministic) over 256 threads", kernel=_FUSED),
+    Rule(r"for \(int pack = slot; pack < G\.npacks; pack \+= A\.nslots\)",
+         _fz(lambda w, c: w["npacks"] / w["nslots"]), "packs per CTA slot: npacks / nslots (plan)", kernel=_FUSED),
+    Rule(r"for \(int i = 0; i < 5; \+\+i\) zero_rows", lambda c: 5.0, "q, k, v, dO, O tiles", kernel=_FUSED),
+    Rule(r"for \(int c0 = 0; c0 < chunks; c0 \+= kThreads\)",
+         _fz(lambda w, c: w["per_pack"](lambda n: math.ceil(n * _chunks(c) / THREADS_FUSED))),
+         "delta: valid rows x chunks in steps of 256", kernel=_FUSED),
+    Rule(r"for \(int e = threadIdx\.x; e < G\.T; e \+= kThreads\)", lambda c: lane_strided(c.p["T"], THREADS_FUSED),
+         "flush the bias-gradient table: T entries over 256 threads", kernel=_FUSED),
+    Rule(r"for \(int w = 0; w < kWarps; \+\+w\)", lambda c: 8.0, "deterministic: per-warp tables summed",
+         kernel=_FUSED),
+    Rule(r"__[fd]AtomicAdd", lambda c: 1.0, "shared float atomicAdd compiles to a CAS loop: 1 try (no contention)"),
+    Rule(r"for \(unsigned m = (same|grp); m; m &= m - 1\)", lambda c: 1.0, "lanes of one table entry: ~1"),
+    # ---- legacy window attention (window_attention_legacy*.cu): load_tokens runs the common
+    # segment_ids / window_coords on one window (count = N) with the CTA's threads
+    Rule(r"for \(int n = threadIdx\.x; n < count; n \+= blockDim\.x\)", lambda c: 0.0,
+         "window_coords' gap-compression passes: only when a window spans >= coord_limit (2^28/2R); "
+         "never at these shapes (coordinates within one image)", after=r"bool fy = true|int y = 0, x = 0;",
+         kernel=_LEGACY),
+    Rule(r"for \(int n = threadIdx\.x; n < count; n \+= blockDim\.x\)", lambda c: lane_strided(c.p["N"], c.threads),
+         "segment ids / window coordinates of one window: N tokens over the CTA's threads", kernel=_LEGACY),
+    Rule(r"for \(int m = n / N \* N; m < n; \+\+m\)", lambda c: _legacy_scan(c),
+         "segment_ids' scan to the segment's first token: emulated per warp of a window (longest lane)",
+         kernel=_LEGACY),
     Rule(r"for \(int n = threadIdx\.x; n < G\.N;", lambda c: lane_strided(c.p["N"], c.threads),
-         "load_tokens: N tokens over the CTA's threads"),
+         "load_tokens: N tokens over the CTA's threads", kernel=_LEGACY),
     Rule(r"for \(int n = threadIdx\.x; n < cap;", lambda c: lane_strided(_ncols(c), c.threads),
-         "lse/delta of cap = ncols rows over the CTA's threads"),
+         "lse/delta of cap = ncols rows over the CTA's threads", kernel=_LEGACY),
     Rule(r"for \(int i = threadIdx\.x; i < rows \* V;", _rows_loop(lambda c: c.warps * 16),
-         "load_rows of the CTA's 16*warps row operand, d*es/16 vectors per row", via=r"row0, nwarps \* 16"),
+         "load_rows of the CTA's 16*warps row operand, d*es/16 vectors per row", via=r"row0, nwarps \* 16",
+         kernel=_LEGACY),
     Rule(r"for \(int i = threadIdx\.x; i < rows \* V;", _rows_loop(_kc),
-         "load_rows of a kc-row column chunk, d*es/16 vectors per row", via=r"c0, kcn"),
+         "load_rows of a kc-row column chunk, d*es/16 vectors per row", via=r"c0, kcn", kernel=_LEGACY),
     Rule(r"for \(int c0 = 0; c0 < ncols; c0 \+= kc\)", lambda c: math.ceil(_ncols(c) / _kc(c)),
-         "column chunks: ceil(ncols/kc) (kernel arguments)"),
+         "column chunks: ceil(ncols/kc) (kernel arguments)", kernel=_LEGACY),
     Rule(r"for \(int (kb|qb) = 0; (kb|qb) < kcn; (kb|qb) \+= kKB\)", lambda c: _kc(c) / 32,
-         "32-column blocks of a chunk: kc/32"),
+         "32-column blocks of a chunk: kc/32", kernel=_LEGACY),
     Rule(r"for \(int kk = 0; kk < D; kk \+= 4\)", lambda c: c.p["d"] / 16,
-         "fp32 FMA dot: d/4 steps, #pragma unroll 4: d/16 iterations"),
+         "fp32 FMA dot: d/4 steps, #pragma unroll 4: d/16 iterations", kernel=_LEGACY),
     Rule(r"for \(int i = lane; i < 16 \* V; i \+= 32\)", lambda c: math.ceil(16 * _vec(c) / 32),
-         "store_rows_warp: 16 rows x d*es/16 vectors over 32 lanes"),
+         "store_rows_warp: 16 rows x d*es/16 vectors over 32 lanes", kernel=_LEGACY),
     Rule(r"for \(int win = slot; win < G\.nwin; win \+= nslots\)", lambda c: c.p["B"] * c.p["nW"] / c.args[13],
-         "windows per window slot: nwin / nslots"),
+         "windows per window slot: nwin / nslots", kernel=_LEGACY),
     Rule(r"\(DET \? nwarps : 1\) \* G\.T", lambda c: lane_strided(c.p["T"], c.threads),
-         "zero the shared rpb-gradient table (T entries)"),
+         "zero the shared rpb-gradient table (T entries)", kernel=_LEGACY),
     Rule(r"for \(int i = threadIdx\.x; i < G\.T; i \+= blockDim\.x\)", lambda c: lane_strided(c.p["T"], c.threads),
-         "flush the rpb-gradient table (T entries)"),
-    Rule(r"for \(int w = 0; w < nwarps; \+\+w\)", lambda c: c.warps, "per-warp tables summed: warps"),
-    Rule(r"__fAtomicAdd", lambda c: 1.0, "shared fp32 atomicAdd compiles to a CAS loop: 1 try (no contention)"),
-    Rule(r"for \(unsigned m = grp; m; m &= m - 1\)", lambda c: 1.0, "lanes of one table entry: ~1"),
+         "flush the rpb-gradient table (T entries)", kernel=_LEGACY),
+    Rule(r"for \(int w = 0; w < nwarps; \+\+w\)", lambda c: c.warps, "per-warp tables summed: warps", kernel=_LEGACY),
     Rule(r"for \(int p = 0; p < nparts; \+\+p\)", lambda c: c.args[2], "partial sums: nparts (argument)"),
-    # ---- token ops (tokens_cuda_kernels.cuh, mixing.cu)
-    Rule(r"for \(int64_t r = int64_t\(blockIdx\.x\) \* blockDim\.y \+ threadIdx\.y; r < rows",
-         _grid_stride_rows(3), "grid-stride rows: rows / (gridDim.x * blockDim.y)", kernel="gather_rows"),
-    Rule(r"for \(int64_t v = threadIdx\.x; v < vpr; v \+= blockDim\.x\)", _vpr_loop(lambda c: c.args[4]),
-         "vectors per row over blockDim.x", kernel="gather_rows"),
-    Rule(r"for \(int64_t r = int64_t\(blockIdx\.x\) \* blockDim\.y \+ threadIdx\.y; r < rows",
-         lambda c: max(1.0, c.p["rows"] / (c.grid[0] * c.block[1])),
-         "grid-stride rows: rows / (gridDim.x * blockDim.y)"),
+    # ---- token ops (tokens_kernels.cuh: one row gather; mixing.cu)
+    Rule(r"while \(r0 < w\.rows\)", lambda c: _gather_steps(c) / (c.grid[0] * c.threads / 32),
+         "warp steps of 32*U vectors: ceil(rows*vpr / (32*U)) over all warps (Walk argument)",
+         kernel="gather_rows_kernel"),
     Rule(r"for \(int64_t t = int64_t\(blockIdx\.x\) \* blockDim\.y \+ threadIdx\.y; t < tasks",
          lambda c: max(1.0, c.args[-1] * c.p["L"] / (c.grid[0] * c.block[1])),
          "grid-stride tasks: n_chunks*L / (gridDim.x * blockDim.y)"),
@@ -140,6 +274,23 @@ CUDA_RULES: List[Rule] = [
     # ---- losses (losses.cu)
     Rule(r"for \(int w = 0; w < warps; \+\+w\) s \+= smem\[w\]", lambda c: c.warps, "block_sum over warps"),
 ]
+
+
+def _legacy_scan(c: Ctx) -> float:
+    from . import wattn_workload as ww
+
+    p = c.p
+    wl = ww.attention_workload(p["B"], p["H"], p["W"], p["window"], p["shift"], bool(p["group"]))
+    return wl["scan_win"] / wl["scan_win_warps"]
+
+
+def _gather_steps(c: Ctx) -> int:
+    """Warp steps of gather_rows_kernel<V, T, U, ...>(A, fill, B, out, Walk w, map): Walk = {rows, vpr,
+    FastDiv, dq, dr} (ints), decoded from the captured struct argument (little-endian)."""
+    w = c.args[4]
+    rows, vpr = w & 0xFFFFFFFF, (w >> 32) & 0xFFFFFFFF
+    u = int(c.tparams[2])
+    return math.ceil(rows * vpr / (32 * u))
 
 
 def _rng(*a):
@@ -172,13 +323,21 @@ class _TL:
 
 
 TRITON_RULES: List[Rule] = [
-    # window_attention.py backward: program (chunk, head) loops over its windows
-    Rule(r"for w in range\(c \* WPP", lambda c: c.a("BNW") / c.grid[0], "windows per program: BNW / chunks"),
+    # window_attention.py / window_attention_bwd.py: full blocks of a window (the tails are separate
+    # calls, not loops); N_FULL = (N // BLOCK) * BLOCK are constexpr locals, so range() cannot be
+    # evaluated from the arguments alone
+    Rule(r"for n0 in range\(0, N_FULL, BLOCK_N\)", lambda c: c.a("N") // c.a("BLOCK_N"),
+         "full key blocks: N // BLOCK_N"),
+    Rule(r"for m0 in range\(0, M_FULL, BLOCK_M\)", lambda c: c.a("N") // c.a("BLOCK_M"),
+         "full query tiles: N // BLOCK_M"),
+    Rule(r"for n0 in range\(0, NB_FULL, BLOCK_NB\)", lambda c: c.a("N") // c.a("BLOCK_NB"),
+         "full key blocks of phase B: N // BLOCK_NB"),
+    # ``for i in range(0, WPP)`` whose back edge carries the line of the _next_window call ending its body
+    Rule(r"b = tl\.where\(wrap, b \+ 1, b\)|return w \+ 1, b, wy, wx", lambda c: c.a("WPP"),
+         "windows per program: WPP (the loop's back edge carries _next_window's line)", via=r"_next_window\("),
     # deterministic coords path: the box of table rows / cols a tile touches (upper bound)
-    Rule(r"for y in range\(tl\.min\(tl\.where\(live, ty", lambda c: 2 * c.a("WH") - 1, "table rows: <= 2*WH-1"),
-    Rule(r"for x in range\(tl\.min\(tl\.where\(row, tx", lambda c: 2 * c.a("WW") - 1, "table cols: <= 2*WW-1"),
-    # mixing.py unmix backward: images per chunk
-    Rule(r"for b in range\(b0, b1\)", lambda c: c.a("B_CHUNK"), "images per chunk: B_CHUNK"),
+    Rule(r"while y <= y_end", lambda c: 2 * c.a("WH") - 1, "table rows: <= 2*WH-1"),
+    Rule(r"while x <= x_end", lambda c: 2 * c.a("WW") - 1, "table cols: <= 2*WW-1"),
 ]
 
 
@@ -190,10 +349,11 @@ def trips_for(rules: Sequence[Rule], ctx: Ctx, site, triton: bool) -> Tuple[Opti
     for r in rules:
         if r.kernel and not re.search(r.kernel, ctx.kernel):
             continue
-        if re.search(r.where, site.text) and (not r.via or re.search(r.via, via)):
+        if re.search(r.where, site.text) and (not r.via or re.search(r.via, via)) and \
+                (not r.after or re.search(r.after, _after(site))):
             try:
                 return float(r.trips(ctx)), r.why
-            except (KeyError, IndexError, TypeError, ZeroDivisionError) as e:
+            except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as e:
                 return None, f"rule '{r.why}' failed: {type(e).__name__}: {e}"
     if triton and isinstance(ctx.args, dict):
         got = triton_range(site.text, ctx.args)

@@ -1,0 +1,215 @@
+"""Host model of the fused CUDA window-attention kernels: launch plan and pack prologue.
+
+One model for the two static estimates of ``csrc/cuda/window_attention*.cu``: the report's trip-count
+rules (``static_rules.py``) and the CUDA author's ``csrc/cuda/static_estimate.py`` (which loads this
+file by path). It mirrors, in Python:
+
+* the launch plan: ``pick_pack`` / ``make_layout`` (``window_attention_index.cuh``), ``heads_per_cta``
+  and ``plan_forward`` / ``plan_backward`` (windows per pack, packs, heads per CTA, buffers, slots);
+* the pack prologue (``window_attention_common.cuh``): segment ids (first token of the window with
+  the same shift region and group label), the stable counting sort by segment, the 16-row tiles'
+  key ranges, the key blocks each tile walks (masked or not), and ``assign_items``' insertion sort;
+
+on the real masks (MixMIM's 7x7 group mask upsampled, batch-shared; Swin's shift regions).
+numpy only (no torch, no package-relative imports).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+__all__ = ["THREADS", "WARPS", "pick_pack", "heads_per_cta", "layout_bytes", "plan", "mixmim_mask", "workload",
+           "attention_workload"]
+
+THREADS = 256  # kThreads: threads per CTA of the fused kernels
+WARPS = THREADS // 32
+MAX_TILES = THREADS // 16
+PACK_SLOTS = 208  # kPackSlots
+DET_SLOTS = 256  # kDetSlots (deterministic backward)
+SMEM_OPTIN = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on sm_90 (the capture stub answers the same)
+N_SM = 132
+
+
+def _round16(v: int) -> int:
+    return (v + 15) & ~15
+
+
+def pick_pack(N: int, nwin: int) -> int:
+    """Windows per pack: P * N <= 208 slots with the fewest padded rows (ties: more windows)."""
+    best, best_fill, P = 1, 0.0, 1
+    while P * N <= PACK_SLOTS and P <= nwin:
+        fill = np.float32(P * N) / np.float32(_round16(P * N))  # float arithmetic as the kernel's
+        if fill >= best_fill - np.float32(1e-6):
+            best, best_fill = P, fill
+        P += 1
+    return best
+
+
+def heads_per_cta(packs: int, nH: int, slots: int) -> int:
+    """Largest divisor of nH that still leaves at least ``slots`` CTAs."""
+    best = 1
+    for hg in range(1, nH + 1):
+        if nH % hg == 0 and packs * (nH // hg) >= slots:
+            best = hg
+    return best
+
+
+def layout_bytes(cap: int, T: int, D: int, es: int, ops: int, nbuf: int, stage: bool, dtab_floats: int) -> int:
+    """``make_layout(...).total``: dynamic shared memory of a fused kernel's CTA."""
+    a16 = lambda v: (v + 15) & ~15  # noqa: E731
+    o = 0
+    for per in (4, 8, 8, 4, 4, 8, 8):  # tok qi ki lidx lrow cxy seg
+        o = a16(o + cap * per)
+    o = a16(o + (cap * 8 if stage else 0))  # nld
+    o = a16(o + 4 * (3 * MAX_TILES + 2 * MAX_TILES + WARPS + 1 + 4))  # tiles
+    o += a16((T + 1) * 4) * nbuf
+    o = a16(o + dtab_floats * 4)
+    tile = cap * (D + 16 // es) * es
+    o += a16(max(tile * ops * nbuf, THREADS * (8 * 3 + 4 * 10) + WARPS * THREADS * 4))
+    if stage and cap < WARPS * 16:
+        o += WARPS * 16 * (D + 16 // es) * es
+    return a16(o)
+
+
+def plan(kind: str, B: int, H: int, W: int, nH: int, d: int, wh: int, ww: int, rh: int, rw: int, es: int = 2,
+         rpb: bool = True, det: bool = False, n_sm: int = N_SM, smem_limit: int = SMEM_OPTIN) -> Dict[str, Any]:
+    """The launcher's plan (``plan_forward`` / ``plan_backward``) of a fused-kernel call."""
+    N = wh * ww
+    nwin = B * (H // wh) * (W // ww)
+    P = pick_pack(N, nwin)
+    npacks, cap, T = -(-nwin // P), _round16(P * N), (2 * rh - 1) * (2 * rw - 1)
+    out = dict(N=N, nwin=nwin, P=P, npacks=npacks, cap=cap, T=T)
+    if kind == "fwd":
+        hg = heads_per_cta(npacks, nH, 2 * n_sm)
+        nbuf, smem = 1, 0
+        for nb in ((2, 1) if hg > 1 else (1,)):
+            smem = layout_bytes(cap, T, d, es, 3, nb, False, 0)
+            if smem <= smem_limit:
+                nbuf = nb
+                break
+        return dict(out, hg=hg, nhg=-(-nH // hg), nbuf=nbuf, nslots=npacks, smem=smem, fits=smem <= smem_limit)
+    tabf = 0 if not rpb else (WARPS * (T + 1 + 32) if det else T + 1)
+    smem = layout_bytes(cap, T, d, es, 5, 1, True, tabf)
+    nslots = min(npacks, DET_SLOTS) if det else npacks
+    hg = heads_per_cta(nslots, nH, 2 * n_sm)
+    return dict(out, hg=hg, nhg=-(-nH // hg), nbuf=1, nslots=nslots, smem=smem, fits=smem <= smem_limit)
+
+
+def mixmim_mask(H: int, W: int, seed: int = 0) -> np.ndarray:
+    """MixMIM's group labels: 24 of the 7x7 stage-4 tokens from the other image, upsampled to H x W."""
+    rng = np.random.default_rng(seed)
+    m = np.zeros(49, np.int64)
+    m[rng.permutation(49)[:24]] = 1
+    return np.repeat(np.repeat(m.reshape(7, 7), H // 7, 0), W // 7, 1)
+
+
+def _bands(n: int, w: int, shift: int) -> np.ndarray:
+    ids = np.zeros(n, np.int64)
+    if shift:
+        ids[n - w:n - shift], ids[n - shift:] = 1, 2
+    return ids
+
+
+def _assign_shifts(costs) -> int:
+    """Iterations of assign_items' insertion-sort ``while`` (stable, cost descending)."""
+    order, shifts = [], 0
+    for i, c in enumerate(costs):
+        k = i
+        order.append(i)
+        while k > 0 and costs[order[k - 1]] < c:
+            order[k] = order[k - 1]
+            k -= 1
+            shifts += 1
+        order[k] = i
+    return shifts
+
+
+def _pack_stats(kp: Tuple[Tuple[int, ...], ...], N: int) -> Dict[str, Any]:
+    """Prologue of one pack (windows' (region, label) keys): tiles, blocks walked, loop counts."""
+    segs, scan = [], []
+    off = 0
+    for k in kp:
+        first: Dict[int, int] = {}
+        ids = [first.setdefault(v, j) for j, v in enumerate(k)]
+        # segment_ids' scan of token j: up to and including its segment's first token (break), or j
+        scan += [fid + 1 if fid < j else j for j, fid in enumerate(ids)]
+        for fid in sorted(set(ids)):
+            c = ids.count(fid)
+            segs += [(off, off + c)] * c
+            off += c
+    nvalid = len(segs)
+    nt = (nvalid + 15) // 16
+    c32, c16, tb = Counter(), Counter(), []
+    for t in range(nt):
+        last = min(16 * t + 15, nvalid - 1)
+        lo, hi = segs[16 * t][0], segs[last][1]
+        uni = last == 16 * t + 15 and segs[16 * t][0] == segs[last][0]
+        b0, end = lo & ~15, _round16(hi)
+        tb.append((end - b0) // 16)
+        b = b0
+        while b < end:  # the forward: 32-key blocks, then a 16-key tail
+            wd = 32 if b + 32 <= end else 16
+            c32[(wd, not (uni and b >= lo and b + wd <= hi))] += 1
+            b += wd
+        for b in range(b0, end, 16):  # the backward: 16-key blocks
+            c16[(16, not (uni and b >= lo and b + 16 <= hi))] += 1
+    warps = [max(scan[w:w + 32]) for w in range(0, nvalid, 32)]
+    # the legacy kernels run segment_ids on one window at a time: warps of 32 tokens of a window
+    wwarps = [max(scan[i + w:i + min(w + 32, N)]) for i in range(0, nvalid, N) for w in range(0, N, 32)]
+    return dict(nvalid=nvalid, tiles=nt, c32=c32, c16=c16, scan=sum(warps), scan_warps=len(warps),
+                scan_win=sum(wwarps), scan_win_warps=len(wwarps),
+                shifts_fwd=_assign_shifts([b + 1 for b in tb]),
+                shifts_bwd=_assign_shifts([(b + 1) * 5 for b in tb] + [(b + 1) * 4 for b in tb]))
+
+
+def _keys(B: int, H: int, W: int, w: int, shift: int, group: Optional[np.ndarray]) -> np.ndarray:
+    """(windows, N) segment keys (region << 32 | label) of the rolled grid, batch-major."""
+    reg = _bands(H, w, shift)[:, None] * 3 + _bands(W, w, shift)[None, :]
+    lab = np.zeros((H, W), np.int64) if group is None else np.roll(group, (-shift, -shift), (0, 1))
+    part = lambda a: a.reshape(H // w, w, W // w, w).transpose(0, 2, 1, 3).reshape(-1, w * w)  # noqa: E731
+    return np.tile(part(reg) * (1 << 32) + part(lab), (B, 1))
+
+
+def _aggregate(keys: np.ndarray) -> Dict[str, Any]:
+    nwin, N = keys.shape
+    P = pick_pack(N, nwin)
+    tot: Dict[str, Any] = dict(c32=Counter(), c16=Counter(), nvalid=Counter())
+    cache: Dict[Any, Dict[str, Any]] = {}
+    for p0 in range(0, nwin, P):
+        kp = tuple(tuple(int(x) for x in k) for k in keys[p0:p0 + P])
+        if kp not in cache:
+            cache[kp] = _pack_stats(kp, N)
+        s = cache[kp]
+        tot["c32"].update(s["c32"])
+        tot["c16"].update(s["c16"])
+        tot["nvalid"][s["nvalid"]] += 1
+        for k in ("tiles", "scan", "scan_warps", "scan_win", "scan_win_warps", "shifts_fwd", "shifts_bwd"):
+            tot[k] = tot.get(k, 0) + s[k]
+    return dict(tot, packs=math.ceil(nwin / P), P=P, N=N, nwin=nwin, cap=_round16(P * N))
+
+
+def workload(B: int, HW: int, w: int, shift: int, group: Optional[np.ndarray], width: int) -> Dict[str, Any]:
+    """static_estimate's view: counts of (block width, masked) over all tiles of all packs (width 32:
+    the forward's walk, 16: the backward's), tiles, packs, windows per pack."""
+    a = _aggregate(_keys(B, HW, HW, w, shift, group))
+    return dict(counts=a["c32"] if width == 32 else a["c16"], tiles=a["tiles"], packs=a["packs"], P=a["P"], N=a["N"],
+                nwin=a["nwin"])
+
+
+_MEMO: Dict[Tuple, Dict[str, Any]] = {}
+
+
+def attention_workload(B: int, H: int, W: int, w: int, shift: int, group: bool, seed: int = 0) -> Dict[str, Any]:
+    """Totals over all packs of a call (memoized): ``tiles``; ``c32`` / ``c16`` Counters of
+    (width, masked) key blocks of the forward / backward walks; ``nvalid`` Counter of valid slots per
+    pack; ``scan`` / ``scan_warps``: segment_ids' inner-loop iterations summed over the warps that run
+    it (a warp runs until its longest lane is done) and their number (``scan_win`` / ``scan_win_warps``:
+    the same for one window per call, as the legacy kernels run it); ``shifts_fwd`` / ``shifts_bwd``:
+    assign_items' insertion-sort iterations; ``packs``, ``P``, ``N``, ``nwin``, ``cap``."""
+    key = (B, H, W, w, shift, group, seed)
+    if key not in _MEMO:
+        _MEMO[key] = _aggregate(_keys(B, H, W, w, shift, mixmim_mask(H, W, seed) if group else None))
+    return _MEMO[key]
