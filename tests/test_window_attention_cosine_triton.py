@@ -11,6 +11,7 @@ forward and the two-phase backward.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ from mixkernels.testing import assert_close_2x, tolerance
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 LOG100 = math.log(100.0)
+# Compiled kernels on a GPU; the interpreter (conftest sets it without one) on CPU tensors.
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
 def _tw():
@@ -73,6 +76,9 @@ def _inputs(dtype, B=2, win=(3, 3), grid=(2, 1), nh=2, d=16, shift=(0, 0), rpb=F
         leaves["rel_pos_bias"] = torch.randn((2 * R[0] - 1) * (2 * R[1] - 1), nh, dtype=torch.float64)
     if bias:
         leaves["attn_bias"] = torch.randn(nh, N, N, dtype=torch.float64)
+    leaves = {k: v.to(DEVICE) for k, v in leaves.items()}
+    kw = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in kw.items()}
+    launch = {k: None if v is None else v.to(DEVICE) for k, v in launch.items()}
     return dict(dtype=dtype, nh=nh, win=win, shift=shift, R=R, kw=kw, launch=launch, leaves=leaves)
 
 
@@ -99,7 +105,7 @@ def _run(c, deterministic=False, need=(True, True, True)):
     (wh, ww), (sh, sw), (rh, rw) = c["win"], c["shift"], c["R"]
     args = (c["nh"], wh, ww, sh, sw, rpb, ab, c["launch"]["group"], c["launch"]["coords"], rh, rw, ls)
     out, lse = tw.window_attention_cosine(qkv, *args)
-    dout = torch.randn(out.shape, dtype=torch.float64)
+    dout = torch.randn(out.shape, dtype=torch.float64).to(DEVICE)
     grads = tw.window_attention_cosine_backward(dout.to(qkv.dtype), qkv, out, lse, *args, need[0] and rpb is not None,
                                                 need[1] and ab is not None, need[2], deterministic)
     return out, lse, dout, grads
@@ -204,7 +210,7 @@ def test_cosine_poisoned_outputs(win, monkeypatch):
 def test_cosine_nan_logit_scale_and_huge_scale():
     """A NaN logit scale gives NaN (torch.clamp keeps NaN) and a zero gradient; -inf gives scale 0."""
     c = _inputs(F32, rpb=True)
-    c["leaves"]["logit_scale"] = torch.tensor([float("-inf"), float("nan")], dtype=torch.float64)
+    c["leaves"]["logit_scale"] = torch.tensor([float("-inf"), float("nan")], dtype=torch.float64, device=DEVICE)
     out, lse, dout, (dqkv, drpb, dbias, dls) = _run(c)
     nh, d = 2, 16
     o = out.reshape(out.shape[:-1] + (nh, d))

@@ -18,6 +18,10 @@ tile (N <= 64: Swin/MixMIM window 7, UM-MAE window 8) loop over several windows 
 with the window-invariant bias tile gathered once. The grid is head-fastest: the programs of
 one window's heads run side by side and share its qkv rows in L2.
 
+SwinV2 cosine attention (``window_attention_cosine``, the ``COSINE`` constexpr): q and k rows
+L2-normalized where loaded, the head's ``exp(min(logit_scale, log 100))`` folded into the score
+scale, so each score costs what it costs in the plain kernels (helpers in ``_cosine``).
+
 Loops (for static instruction counts): ``_fwd_kernel`` ``for i in range(0, WPP)`` runs WPP
 times (folded away when 1); ``_pass`` ``for n0 in range(0, N_FULL, BLOCK_N)`` runs
 N // BLOCK_N times, in each of the (N // 64 + 1) // 2 passes (unrolled). The backward's are

@@ -19,6 +19,11 @@ twice), ``dS`` is exactly 0 at pairs the shift/group rule masks (even in a NaN r
   (deterministic) fixed-order per-entry sums over each tile's index box (slow; correct).
 Padded query rows compute on a real token with lse = +inf (P = 0), dO = O = 0, and are never
 stored or accumulated; padded keys are zeros masked by position.
+* Cosine mode (SwinV2, ``COSINE``): dQ and dK of the normalized rows (times the head scale)
+  are mapped back through the normalization where stored, and the logit-scale gradient per
+  head is summed like the bias gradients (single tile: P and delta recomputed from the whole
+  row, in-register sums, fixed-order slots; larger windows: the two phases, never the single
+  pass, with sums of dS * (s - rowmean_P(s)) that no rounding of lse or O shifts).
 
 Loops (for static instruction counts): ``_bwd_kernel`` ``for i in range(0, WPP)`` (WPP times;
 folded away when 1, the multi-tile case); phase A ``for m0 in range(0, M_FULL, BLOCK_M)``
