@@ -450,26 +450,37 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
                     tb += _table_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, RH, RW, True, ASM)
                 p, ds, _qk = _probs(q, k, v, do, delta, lse2, tb, reg_m, reg_n, grp_m, grp_n, col_ok, qk_scale,
                                     HAS_RPB or HAS_BIAS, SHIFT, HAS_GROUP, True, F32, UPCAST, COSINE)
-                dv = _mm(tl.trans(p.to(do.dtype)), do, F32, UPCAST)
-                dsl = ds.to(q.dtype)
-                dq = _mm(dsl, k, F32, UPCAST)
-                dk = _mm(tl.trans(dsl), q, F32, UPCAST)
-                pos_n, _r = _pos(ly_n, lx_n, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
-                krow = _idx(b * (H * W) + pos_n, IDX64) * (3 * C) + hd
-                if COSINE:  # rowsum(dS) = 0 here (EXACT): the logit-scale gradient is sum_i <q_hat_i, dq_hat_i>
-                    dot = _store_unit_grad(dqkv, qkv, (tok * (3 * C) + hd)[:, None] + offs_d[None, :], dq * scale,
-                                           row_ok[:, None])
+                if COSINE:
+                    # dS into the bias sum and dV out first: fewer tiles live next to the projections.
+                    # rowsum(dS) = 0 here (EXACT): the logit-scale gradient is sum_i <q_hat_i, dq_hat_i>.
+                    if DSUM_MODE == 3:
+                        dsum_acc += ds
+                    pos_n, _r = _pos(ly_n, lx_n, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
+                    krow = _idx(b * (H * W) + pos_n, IDX64) * (3 * C) + hd
+                    tl.store(dqkv + krow[:, None] + 2 * C + offs_d[None, :],
+                             _mm(tl.trans(p.to(do.dtype)), do, F32, UPCAST).to(dqkv.dtype.element_ty),
+                             mask=col_ok[:, None])
+                    dsl = ds.to(q.dtype)
+                    dot = _store_unit_grad(dqkv, qkv, (tok * (3 * C) + hd)[:, None] + offs_d[None, :],
+                                           _mm(dsl, k, F32, UPCAST) * scale, row_ok[:, None])
                     dls_rows += tl.where(row_ok, dot, 0.0)
-                    _store_unit_grad(dqkv, qkv, krow[:, None] + C + offs_d[None, :], dk * scale, col_ok[:, None])
+                    _store_unit_grad(dqkv, qkv, krow[:, None] + C + offs_d[None, :],
+                                     _mm(tl.trans(dsl), q, F32, UPCAST) * scale, col_ok[:, None])
                 else:
+                    dv = _mm(tl.trans(p.to(do.dtype)), do, F32, UPCAST)
+                    dsl = ds.to(q.dtype)
+                    dq = _mm(dsl, k, F32, UPCAST)
+                    dk = _mm(tl.trans(dsl), q, F32, UPCAST)
                     tl.store(dqkv + (tok * (3 * C) + hd)[:, None] + offs_d[None, :],
                              (dq * scale).to(dqkv.dtype.element_ty), mask=row_ok[:, None])
+                    pos_n, _r = _pos(ly_n, lx_n, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
+                    krow = _idx(b * (H * W) + pos_n, IDX64) * (3 * C) + hd
                     tl.store(dqkv + krow[:, None] + C + offs_d[None, :], (dk * scale).to(dqkv.dtype.element_ty),
                              mask=col_ok[:, None])
-                tl.store(dqkv + krow[:, None] + 2 * C + offs_d[None, :], dv.to(dqkv.dtype.element_ty),
-                         mask=col_ok[:, None])
-                if DSUM_MODE == 3:
-                    dsum_acc += ds  # padded rows/cols: never stored
+                    tl.store(dqkv + krow[:, None] + 2 * C + offs_d[None, :], dv.to(dqkv.dtype.element_ty),
+                             mask=col_ok[:, None])
+                    if DSUM_MODE == 3:
+                        dsum_acc += ds  # padded rows/cols: never stored
                 _bias_grads(ds, offs_m, offs_n, row_ok, col_ok, cy_m, cx_m, cy_n, cx_n, dsum_h, dtab_h, RH, RW, N,
                             0 if DSUM_MODE == 3 else DSUM_MODE, TAB_MODE, ASM)
             w, b, wy, wx = _next_window(w, b, wy, wx, nW // nWw, nWw)
