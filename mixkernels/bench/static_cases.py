@@ -10,8 +10,9 @@ A :class:`Case` is one op (forward or backward) x shape x dtype. It knows
 Headline shapes (DESIGN.md sections 1 and 7): MixMIM-B stages 1-4 (B=128, 224 px, patch 4,
 windows 14/14/14/7, head_dim 32, heads 4/8/16/32, batch-shared group mask, rel-pos bias, no
 shift), Swin-T/B (window 7, shift 3 where the stage is larger than the window), UM-MAE Swin-T
-(256 px, compact 32x32 / 16x16 image, window 8, true coordinates per image, coord range 64), and
-the token ops / losses at MixMIM-B / UM-MAE sizes. Backward configs are the op layer's defaults:
+(256 px, compact 32x32 / 16x16 image, window 8, true coordinates per image, coord range 64),
+SwinV2-T / SwinV2-B window 16 in cosine mode (256 px, CPB table as rel_pos_bias; Triton only until the
+CUDA capture harness has the cosine launcher), and the token ops / losses at MixMIM-B / UM-MAE sizes. Backward configs are the op layer's defaults:
 rel-pos-bias gradient on, fast (non-deterministic) bias-gradient reduction.
 """
 from __future__ import annotations
