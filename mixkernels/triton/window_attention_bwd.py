@@ -463,7 +463,8 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
                     dsl = ds.to(q.dtype)
                     dot = _store_unit_grad(dqkv, qkv, (tok * (3 * C) + hd)[:, None] + offs_d[None, :],
                                            _mm(dsl, k, F32, UPCAST) * scale, row_ok[:, None])
-                    dls_rows += tl.where(row_ok, dot, 0.0)
+                    if DLS_MODE == 3:
+                        dls_rows += tl.where(row_ok, dot, 0.0)
                     _store_unit_grad(dqkv, qkv, krow[:, None] + C + offs_d[None, :],
                                      _mm(tl.trans(dsl), q, F32, UPCAST) * scale, col_ok[:, None])
                 else:
