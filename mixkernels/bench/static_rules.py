@@ -174,14 +174,6 @@ class _TL:
 TRITON_RULES: List[Rule] = [
     # window_attention.py backward: program (chunk, head) loops over its windows
     Rule(r"for w in range\(c \* WPP", lambda c: c.a("BNW") / c.grid[0], "windows per program: BNW / chunks"),
-    # window loop ``for i in range(0, WPP)``: its back edge carries _next_window's line info
-    Rule(r"b = tl\.where\(wrap, b \+ 1, b\)|return w \+ 1, b, wy, wx", lambda c: c.a("WPP"),
-         "windows per program: WPP (back edge in _next_window)"),
-    # multi-tile windows: key blocks / query tiles / phase-B key blocks (bounds are local constexprs)
-    Rule(r"for n0 in range\(0, N_FULL, BLOCK_N\)", lambda c: c.a("N") // c.a("BLOCK_N"), "key blocks: N // BLOCK_N"),
-    Rule(r"for m0 in range\(0, M_FULL, BLOCK_M\)", lambda c: c.a("N") // c.a("BLOCK_M"), "query tiles: N // BLOCK_M"),
-    Rule(r"for n0 in range\(0, NB_FULL, BLOCK_NB\)", lambda c: c.a("N") // c.a("BLOCK_NB"),
-         "phase-B key blocks: N // BLOCK_NB"),
     # deterministic coords path: the box of table rows / cols a tile touches (upper bound)
     Rule(r"for y in range\(tl\.min\(tl\.where\(live, ty", lambda c: 2 * c.a("WH") - 1, "table rows: <= 2*WH-1"),
     Rule(r"for x in range\(tl\.min\(tl\.where\(row, tx", lambda c: 2 * c.a("WW") - 1, "table cols: <= 2*WW-1"),
