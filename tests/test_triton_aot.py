@@ -88,7 +88,7 @@ def _launch_everything():
     # -- window attention: MixMIM-B / Swin-B geometry (head_dim 32, windows 7 and 14), other d.
     # Real geometry, batch 128 (nothing is allocated for real: torch.empty on CPU maps no pages).
     def attn(dtype, win, d, nh=None, hw=None, shift=False, rpb=True, bias=False, group=False, coords=False,
-             bwd=True, modes=((True, False, False),)):
+             bwd=True, modes=((True, False, False),), cosine=False):
         B = 128
         hw = hw or 56 // win  # stage 1: 56x56 tokens
         nh = nh or max(2, 128 // d)  # C = 128 as MixMIM-B / Swin-B stage 1 (2 heads at d 128: NH > 1)
@@ -102,6 +102,13 @@ def _launch_everything():
         t_grp = torch.empty(1, H, W, dtype=torch.int32) if group else None
         t_crd = torch.empty(B, H, W, 2, dtype=torch.int32) if coords else None
         sh = win // 2 if shift else 0
+        if cosine:  # SwinV2: (nH,) fp32 logit scale in place of the softmax scale; its gradient too
+            args = (nh, win, win, sh, sh, t_rpb, t_bias, t_grp, t_crd, r, r, torch.empty(nh))
+            out, lse = wa.window_attention_cosine(qkv, *args)
+            for need_drpb, need_dbias, det in modes if bwd else ():
+                wa.window_attention_cosine_backward(torch.empty_like(out), qkv, out, lse, *args,
+                                                    need_drpb and rpb, need_dbias and bias, True, det)
+            return
         args = (nh, win, win, sh, sh, t_rpb, t_bias, t_grp, t_crd, r, r, d ** -0.5)
         out, lse = wa.window_attention(qkv, *args)
         if bwd:
@@ -135,6 +142,13 @@ def _launch_everything():
         attn(bf16, 7, 32, shift=True, coords=True, group=True, modes=((True, False, False), (True, False, True)))
         for d in (16, 64, 128):
             attn(f16, 7, d, shift=True, bias=True, group=True, modes=((True, True, False),))
+    # SwinV2 cosine mode: window 8 (single tile; SwinV2-T stage 1, 256 px), fast and deterministic
+    # gradients; window 16 (multi-tile forward, two-phase backward) in the full grid and fp32.
+    attn(bf16, 8, 32, nh=3, hw=8, shift=True, cosine=True, modes=((True, False, False), (True, False, True)))
+    attn(f16, 8, 32, nh=3, hw=8, bias=True, group=True, cosine=True, modes=((True, True, False),))
+    for dtype in (f16, bf16, f32) if _FULL else (bf16,):
+        attn(dtype, 16, 32, nh=4, hw=4, shift=True, cosine=True,
+             modes=((True, False, False), (True, False, True)) if _FULL else ((True, False, False),))
 
     full = _FULL
     E = torch.empty  # values never matter: nothing runs
@@ -241,7 +255,7 @@ def _worker(report_path, cache_dir):
 
     import mixkernels.triton as pkg
     kernels = []
-    for name in ("window_attention", "mixing", "windows", "uniform", "losses"):
+    for name in ("window_attention", "_cosine", "mixing", "windows", "uniform", "losses"):
         mod = __import__(f"{pkg.__name__}.{name}", fromlist=["x"])
         assert not getattr(mod, "_INTERPRET", False)
         kernels += [n for n, v in inspect.getmembers(mod) if isinstance(v, JITFunction) and n.endswith("_kernel")]

@@ -192,6 +192,8 @@ def cuda_records(cases, cache: str, jobs: int, log=print) -> Tuple[List[Dict[str
         usage.update(aot.resource_usage(path))
     records = []
     for i, c in enumerate(cases):
+        if not c.cuda:  # no CUDA launch for this case (e.g. cosine mode before the CUDA harness has it)
+            continue
         got = per_case.get(i, [])
         bad = [rc for rc, _ in got if rc != 0]
         if bad or not got:

@@ -10,8 +10,9 @@ A :class:`Case` is one op (forward or backward) x shape x dtype. It knows
 Headline shapes (DESIGN.md sections 1 and 7): MixMIM-B stages 1-4 (B=128, 224 px, patch 4,
 windows 14/14/14/7, head_dim 32, heads 4/8/16/32, batch-shared group mask, rel-pos bias, no
 shift), Swin-T/B (window 7, shift 3 where the stage is larger than the window), UM-MAE Swin-T
-(256 px, compact 32x32 / 16x16 image, window 8, true coordinates per image, coord range 64), and
-the token ops / losses at MixMIM-B / UM-MAE sizes. Backward configs are the op layer's defaults:
+(256 px, compact 32x32 / 16x16 image, window 8, true coordinates per image, coord range 64),
+SwinV2-T / SwinV2-B window 16 in cosine mode (256 px, CPB table as rel_pos_bias; Triton only until the
+CUDA capture harness has the cosine launcher), and the token ops / losses at MixMIM-B / UM-MAE sizes. Backward configs are the op layer's defaults:
 rel-pos-bias gradient on, fast (non-deterministic) bias-gradient reduction.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ class AttnShape:
     group: bool = False
     coords: bool = False
     coord_range: int = 0  # 0: the window (no coords)
+    cosine: bool = False  # SwinV2 cosine attention (logit scale; its gradient in the backward)
 
     @property
     def d(self) -> int:
@@ -72,6 +74,12 @@ ATTN_SHAPES = [
     AttnShape("ummae-t-s1", 128, 32, 96, 3, 8, coords=True, coord_range=64),
     AttnShape("ummae-t-s1-shift", 128, 32, 96, 3, 8, 4, coords=True, coord_range=64),
     AttnShape("ummae-t-s2-shift", 128, 16, 192, 6, 8, 4, coords=True, coord_range=64),
+    # SwinV2-T (256 px, window 8, CPB table as rel_pos_bias) and SwinV2-B window 16 (multi-tile)
+    AttnShape("swinv2-t-s1", 128, 64, 96, 3, 8, cosine=True),
+    AttnShape("swinv2-t-s1-shift", 128, 64, 96, 3, 8, 4, cosine=True),
+    AttnShape("swinv2-t-s3-shift", 128, 16, 384, 12, 8, 4, cosine=True),
+    AttnShape("swinv2-t-s4", 128, 8, 768, 24, 8, cosine=True),
+    AttnShape("swinv2-b-w16-s1-shift", 128, 64, 128, 4, 16, 8, cosine=True),
 ]
 HEADLINE = ("mixmim-b-s1", "mixmim-b-s4", "swin-b-s1-shift", "swin-t-s1-shift", "ummae-t-s1-shift")
 
@@ -106,7 +114,7 @@ def _attn_cases(s: AttnShape, dt: str) -> List[Case]:
     side = T * s.heads * 4 + (s.H * s.H * 4 if s.group else 0) + (tokens * 8 if s.coords else 0)
     scores = s.B * s.nW * s.heads * s.N * s.N
     flags = ["rpb"] + (["group"] if s.group else []) + ([f"shift{s.shift}"] if s.shift else []) + \
-        ([f"coords(r={s.r})"] if s.coords else [])
+        ([f"coords(r={s.r})"] if s.coords else []) + (["cosine"] if s.cosine else [])
     cfg = f"w{s.window} d{s.d} " + "+".join(flags)
     p = dict(B=s.B, H=s.H, W=s.H, C=s.C, heads=s.heads, d=s.d, window=s.window, shift=s.shift, N=s.N, nW=s.nW,
              group=s.group, coords=s.coords, r=s.r, T=T, es=es)
@@ -121,14 +129,15 @@ def _attn_cases(s: AttnShape, dt: str) -> List[Case]:
         rpb = torch.empty(T, s.heads)
         grp = torch.empty(1, s.H, s.H, dtype=torch.int32) if s.group else None
         crd = torch.empty(s.B, s.H, s.H, 2, dtype=torch.int32) if s.coords else None
-        args = (s.heads, s.window, s.window, s.shift, s.shift, rpb, None, grp, crd, s.r, s.r, s.d ** -0.5)
+        last = torch.empty(s.heads) if s.cosine else s.d ** -0.5  # logit scale or softmax scale
+        args = (s.heads, s.window, s.window, s.shift, s.shift, rpb, None, grp, crd, s.r, s.r, last)
         return qkv, args
 
     def fwd():
         from mixkernels.triton import window_attention as wa
 
         qkv, args = inputs()
-        wa.window_attention(qkv, *args)
+        (wa.window_attention_cosine if s.cosine else wa.window_attention)(qkv, *args)
 
     def bwd():
         import torch
@@ -138,13 +147,17 @@ def _attn_cases(s: AttnShape, dt: str) -> List[Case]:
         qkv, args = inputs()
         out = torch.empty(s.B, s.H, s.H, s.C, dtype=qkv.dtype)
         lse_t = torch.empty(s.B * s.nW, s.heads, s.N)
-        wa.window_attention_backward(torch.empty_like(out), qkv, out, lse_t, *args, True, False, False)
+        if s.cosine:
+            wa.window_attention_cosine_backward(torch.empty_like(out), qkv, out, lse_t, *args, True, False, True, False)
+        else:
+            wa.window_attention_backward(torch.empty_like(out), qkv, out, lse_t, *args, True, False, False)
 
+    # (the CUDA capture harness has no cosine mode yet: cosine cases are Triton-only)
     return [
         Case("window_attention_fwd", s.label, dt, cfg, p, 4 * io + lse + side, scores, "score", fwd,
-             [f"wattn_fwd {line}"]),
-        Case("window_attention_bwd", s.label, dt, cfg + " drpb", p, 8 * io + lse + side, scores, "score", bwd,
-             [f"wattn_bwd {line} 1 0 0"]),
+             [] if s.cosine else [f"wattn_fwd {line}"]),
+        Case("window_attention_bwd", s.label, dt, cfg + (" drpb dls" if s.cosine else " drpb"), p,
+             8 * io + lse + side, scores, "score", bwd, [] if s.cosine else [f"wattn_bwd {line} 1 0 0"]),
     ]
 
 

@@ -18,6 +18,10 @@ tile (N <= 64: Swin/MixMIM window 7, UM-MAE window 8) loop over several windows 
 with the window-invariant bias tile gathered once. The grid is head-fastest: the programs of
 one window's heads run side by side and share its qkv rows in L2.
 
+SwinV2 cosine attention (``window_attention_cosine``, the ``COSINE`` constexpr): q and k rows
+L2-normalized where loaded, the head's ``exp(min(logit_scale, log 100))`` folded into the score
+scale, so each score costs what it costs in the plain kernels (helpers in ``_cosine``).
+
 Loops (for static instruction counts): ``_fwd_kernel`` ``for i in range(0, WPP)`` runs WPP
 times (folded away when 1); ``_pass`` ``for n0 in range(0, N_FULL, BLOCK_N)`` runs
 N // BLOCK_N times, in each of the (N // 64 + 1) // 2 passes (unrolled). The backward's are
@@ -31,7 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["window_attention", "window_attention_backward"]
+from ._cosine import _head_scale, _unit
+
+__all__ = ["window_attention", "window_attention_backward", "window_attention_cosine",
+           "window_attention_cosine_backward"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -249,16 +256,16 @@ def _mask(t, reg_m, reg_n, grp_m, grp_n, col_ok, SHIFT: tl.constexpr, HAS_GROUP:
 def _rows(qkv, group, coords, tab_h, ab_h, offs_m, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW,
           N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SHIFT: tl.constexpr,
           HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr, IDX64: tl.constexpr, OPAQUE: tl.constexpr = False,
-          ASM: tl.constexpr = False):
-    """A query tile: q, labels, coords, table row pointers, attn_bias row pointers, token index
-    (OPAQUE: positions through ``_opaque``, so a loop recomputes what depends on them)."""
+          ASM: tl.constexpr = False, COSINE: tl.constexpr = False):
+    """A query tile: q (COSINE: normalized), labels, coords, table row pointers, attn_bias row
+    pointers, token index (OPAQUE: positions through ``_opaque``, so a loop recomputes what depends on them)."""
     ly, lx = _lyx(offs_m, N, WW)
     pos, reg = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
     if OPAQUE:
         pos = _opaque(pos, ASM)
     tok = _idx(b * (H * W) + pos, IDX64)
     offs_d = tl.arange(0, D)
-    q = tl.load(qkv + (tok * (3 * C) + hd)[:, None] + offs_d[None, :])
+    q = _unit(tl.load(qkv + (tok * (3 * C) + hd)[:, None] + offs_d[None, :]), COSINE)
     grp = reg
     if HAS_GROUP:
         grp = tl.load(group + gbase + pos)
@@ -271,8 +278,9 @@ def _rows(qkv, group, coords, tab_h, ab_h, offs_m, b, y0, x0, gbase, cbase, hd, 
 @triton.jit
 def _keys(qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW, N: tl.constexpr,
           WH: tl.constexpr, WW: tl.constexpr, D: tl.constexpr, SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr,
-          HAS_COORDS: tl.constexpr, COL_MASK: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
-    """K and V tiles of a key block (padded keys: zeros) and the keys' per-token data. The
+          HAS_COORDS: tl.constexpr, COL_MASK: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
+          COSINE: tl.constexpr = False):
+    """K (COSINE: normalized) and V tiles of a key block (padded keys: zeros) and the keys' per-token data. The
     keys' table codes come from the launcher's ``codes`` (a load per key instead of an integer
     division in every thread that holds the column)."""
     col_ok = offs_n < N
@@ -286,6 +294,7 @@ def _keys(qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, 
     else:
         k = tl.load(qkv + row[:, None] + C + offs_d[None, :])
         v = tl.load(qkv + row[:, None] + 2 * C + offs_d[None, :])
+    k = _unit(k, COSINE)
     grp = reg
     if HAS_GROUP:
         grp = tl.load(group + gbase + pos)
@@ -351,12 +360,13 @@ def _kblock(qkv, group, coords, codes, tab_h, n0, b, y0, x0, gbase, cbase, hd, q
             BN: tl.constexpr, COL_MASK: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr,
             WW: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
             HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
-            IDX64: tl.constexpr, ASM: tl.constexpr):
+            IDX64: tl.constexpr, ASM: tl.constexpr, COSINE: tl.constexpr):
     """One key block (its K/V, labels and codes read once) for the pass's query tiles: tile a,
     tile b (NT == 2) and the tail tile (BM_T > 0); absent tiles' arguments are placeholders."""
     offs_n = n0 + tl.arange(0, BN)
     k, v, ok, rn, gn, cyn, cxn, cn = _keys(qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, W,
-                                           SH, SW, N, WH, WW, D, SHIFT, HAS_GROUP, HAS_COORDS, COL_MASK, IDX64, ASM)
+                                           SH, SW, N, WH, WW, D, SHIFT, HAS_GROUP, HAS_COORDS, COL_MASK, IDX64, ASM,
+                                           COSINE)
     ma, la, acca = _step(qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca, k, v, ok, rn, gn, cyn, cxn, cn, offs_n,
                          tab_h, qk_scale, RH, RW, COL_MASK, HAS_RPB, HAS_BIAS, HAS_COORDS, SHIFT, HAS_GROUP, F32,
                          UPCAST, ASM)
@@ -374,11 +384,11 @@ def _kblock(qkv, group, coords, codes, tab_h, n0, b, y0, x0, gbase, cbase, hd, q
 @triton.jit
 def _tile(qkv, group, coords, tab_h, ab_h, offs_m, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW,
           N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SHIFT: tl.constexpr,
-          HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr, IDX64: tl.constexpr):
+          HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr, IDX64: tl.constexpr, COSINE: tl.constexpr):
     """A query tile's data and its empty online-softmax state (m, l, acc)."""
     q, reg, grp, cy, cx, tab_m, ab_m, _tok = _rows(qkv, group, coords, tab_h, ab_h, offs_m, b, y0, x0, gbase, cbase,
                                                    hd, C, H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS,
-                                                   IDX64)
+                                                   IDX64, COSINE=COSINE)
     BM: tl.constexpr = offs_m.shape[0]
     return (q, tab_m, ab_m, reg, grp, cy, cx, tl.full((BM,), float("-inf"), tl.float32), tl.zeros((BM,), tl.float32),
             tl.zeros((BM, D), tl.float32))
@@ -390,7 +400,7 @@ def _pass(qkv, out, lse, tab_h, ab_h, group, coords, codes, w, h, b, y0, x0, hd,
           N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_N: tl.constexpr,
           BN_TAIL: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
           HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
-          IDX64: tl.constexpr, ASM: tl.constexpr):
+          IDX64: tl.constexpr, ASM: tl.constexpr, COSINE: tl.constexpr):
     """Query rows from R0: NT (1 or 2) tiles of BM rows and a tail tile of BM_T rows (0: none), all
     updated in one pass over the key blocks (BLOCK_N wide, then the BN_TAIL tail that masks
     padded keys), so each key block's K/V, labels and table codes are read once per pass."""
@@ -399,34 +409,34 @@ def _pass(qkv, out, lse, tab_h, ab_h, group, coords, codes, w, h, b, y0, x0, hd,
     offs_a = R0 + tl.arange(0, BM)
     qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca = _tile(
         qkv, group, coords, tab_h, ab_h, offs_a, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW, N, D, WH, WW, SHIFT,
-        HAS_GROUP, HAS_COORDS, IDX64)
+        HAS_GROUP, HAS_COORDS, IDX64, COSINE)
     offs_b = offs_a
     qb, tabb, abb, regb, grpb, cyb, cxb, mb, lb, accb = qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca
     if NT >= 2:
         offs_b = R0 + BM + tl.arange(0, BM)
         qb, tabb, abb, regb, grpb, cyb, cxb, mb, lb, accb = _tile(
             qkv, group, coords, tab_h, ab_h, offs_b, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW, N, D, WH, WW,
-            SHIFT, HAS_GROUP, HAS_COORDS, IDX64)
+            SHIFT, HAS_GROUP, HAS_COORDS, IDX64, COSINE)
     offs_t = offs_a
     qt, tabt, abt, regt, grpt, cyt, cxt, mt, lt, acct = qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca
     if BM_T > 0:
         offs_t = R0 + NT * BM + tl.arange(0, BM_T)
         qt, tabt, abt, regt, grpt, cyt, cxt, mt, lt, acct = _tile(
             qkv, group, coords, tab_h, ab_h, offs_t, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW, N, D, WH, WW,
-            SHIFT, HAS_GROUP, HAS_COORDS, IDX64)
+            SHIFT, HAS_GROUP, HAS_COORDS, IDX64, COSINE)
     N_FULL: tl.constexpr = (N // BLOCK_N) * BLOCK_N
     for n0 in range(0, N_FULL, BLOCK_N):
         ma, la, acca, mb, lb, accb, mt, lt, acct = _kblock(
             qkv, group, coords, codes, tab_h, n0, b, y0, x0, gbase, cbase, hd, qk_scale, C, H, W, SH, SW, RH, RW,
             qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca, qb, tabb, abb, regb, grpb, cyb, cxb, mb, lb, accb,
             qt, tabt, abt, regt, grpt, cyt, cxt, mt, lt, acct, NT, BM_T, BLOCK_N, False, N, D, WH, WW, HAS_RPB,
-            HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM)
+            HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM, COSINE)
     if BN_TAIL > 0:
         ma, la, acca, mb, lb, accb, mt, lt, acct = _kblock(
             qkv, group, coords, codes, tab_h, N_FULL, b, y0, x0, gbase, cbase, hd, qk_scale, C, H, W, SH, SW, RH, RW,
             qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca, qb, tabb, abb, regb, grpb, cyb, cxb, mb, lb, accb,
             qt, tabt, abt, regt, grpt, cyt, cxt, mt, lt, acct, NT, BM_T, BN_TAIL, True, N, D, WH, WW, HAS_RPB,
-            HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM)
+            HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM, COSINE)
     _finish(out, lse, acca, ma, la, offs_a, w, h, b, y0, x0, hd, C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, IDX64, ASM)
     if NT >= 2:
         _finish(out, lse, accb, mb, lb, offs_b, w, h, b, y0, x0, hd, C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, IDX64,
@@ -437,14 +447,14 @@ def _pass(qkv, out, lse, tab_h, ab_h, group, coords, codes, w, h, b, y0, x0, hd,
 
 
 @triton.jit
-def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes,
+def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes, ls,
                 qk_scale, NH, H, W, nW, nWw, SH, SW, GG, GC, RH, RW, BNW,
                 WPP: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                 SINGLE: tl.constexpr, BS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BM_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BN_TAIL: tl.constexpr,
                 TPP: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
                 HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
-                IDX64: tl.constexpr, ASM: tl.constexpr):
+                IDX64: tl.constexpr, ASM: tl.constexpr, COSINE: tl.constexpr = False):
     """Program (head h, chunk c): windows [c*WPP, (c+1)*WPP) of head h (head-fastest grid).
     Loop bounds are constexprs throughout (Triton 3.6's interpreter cannot take them from
     kernel arguments with numpy >= 2.4).
@@ -454,9 +464,12 @@ def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes,
     state keep registers under the spill limit. A window that fits one tile (N <= BLOCK_M,
     BLOCK_N) takes the single-tile path: plain softmax, and the window-invariant bias tile
     (table without coords, attn_bias) is gathered once per program, not once per window.
+    COSINE (SwinV2): q and k rows normalized where loaded, the head's scale from ``ls`` (``_cosine``).
     """
     h = tl.program_id(0)
     c = tl.program_id(1)
+    if COSINE:
+        qk_scale = _head_scale(ls, h) * 1.4426950408889634
     C = NH * D
     hd = h * D
     tab_h = tab + h * ((2 * RH - 1) * (2 * RW - 1))  # (nH, T) table, pre-scaled by log2e
@@ -484,9 +497,10 @@ def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes,
                 x0 = wx * WW
                 pos_m, reg_m = _pos(ly_m, lx_m, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
                 pos_n, reg_n = _pos(ly_n, lx_n, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
-                q = tl.load(qkv + (_idx(b * (H * W) + pos_m, IDX64) * (3 * C) + hd)[:, None] + offs_d[None, :])
+                q = _unit(tl.load(qkv + (_idx(b * (H * W) + pos_m, IDX64) * (3 * C) + hd)[:, None] + offs_d[None, :]),
+                          COSINE)
                 krow = _idx(b * (H * W) + pos_n, IDX64) * (3 * C) + hd
-                k = tl.load(qkv + krow[:, None] + C + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+                k = _unit(tl.load(qkv + krow[:, None] + C + offs_d[None, :], mask=col_ok[:, None], other=0.0), COSINE)
                 v = tl.load(qkv + krow[:, None] + 2 * C + offs_d[None, :], mask=col_ok[:, None], other=0.0)
                 t = _mm(q, tl.trans(k), F32, UPCAST) * qk_scale
                 if INV_BIAS:
@@ -524,11 +538,11 @@ def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes,
                           W, SH, SW, GG, GC, RH, RW, TPP * BLOCK_M * ps,
                           TPP if N_TILES >= TPP * ps + TPP else N_TILES - TPP * ps, BLOCK_M,
                           BM_TAIL if ps == N_PASSES - 1 and not TAIL_ALONE else 0, N, D, WH, WW, BLOCK_N, BN_TAIL,
-                          HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM)
+                          HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM, COSINE)
                 if TAIL_ALONE:
                     _pass(qkv, out, lse, tab_h, ab_h, group, coords, codes, w, h, b, y0, x0, hd, qk_scale, C, NH, H,
                           W, SH, SW, GG, GC, RH, RW, N_TILES * BLOCK_M, 1, BM_TAIL, 0, N, D, WH, WW, BLOCK_N, BN_TAIL,
-                          HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM)
+                          HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, ASM, COSINE)
             w, b, wy, wx = _next_window(w, b, wy, wx, nW // nWw, nWw)
 
 
@@ -614,6 +628,17 @@ def _flags(qkv, rpb, attn_bias, group, coords, sh, sw):
 
 
 def window_attention(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale):
+    """Forward (``_forward`` with a softmax scale)."""
+    return _forward(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale, None)
+
+
+def window_attention_cosine(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, logit_scale):
+    """SwinV2 cosine-attention forward: logits normalize(q) @ normalize(k)^T * exp(min(logit_scale,
+    log 100)) + biases + masks; logit_scale fp32 (nH,) contiguous. Outputs as ``_forward``."""
+    return _forward(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, 1.0, logit_scale)
+
+
+def _forward(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale, logit_scale):
     """Forward. qkv (B,H,W,3C) contiguous fp32/fp16/bf16, channels (3,nH,d), d in {16,32,64,128},
     N = wh*ww <= 256; rpb fp32 ((2rh-1)*(2rw-1), nH) or None; attn_bias fp32 (nH,N,N) or None;
     group int32/int64 (G,H,W), coords int32/int64 (G,H,W,2), G in {1,B}, at original positions.
@@ -641,12 +666,12 @@ def window_attention(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coor
     G = (1 if group is None else group.shape[0], 1 if coords is None else coords.shape[0])
     _fwd_kernel[(num_heads, triton.cdiv(bnw, wpp))](
         qkv, out, lse, tab, ab, qkv if group is None else group, qkv if coords is None else coords,
-        _codes(wh, ww, qkv.device),
+        _codes(wh, ww, qkv.device), qkv if logit_scale is None else logit_scale,
         float(scale) * _LOG2E, num_heads, H, W, nW, nWw, sh, sw, *G, rh, rw, bnw, WPP=wpp,
         N=N, D=D, WH=wh, WW=ww, SINGLE=single, BS=max(16, triton.next_power_of_2(N)),
         BLOCK_M=bm, BM_TAIL=_tail(N, bm), BLOCK_N=bn, BN_TAIL=_tail(N, bn), TPP=tpp,
         ASM=not _INTERPRET, IDX64=qkv.numel() >= 2**31, num_warps=warps, num_stages=stages,
-        **_flags(qkv, rpb, attn_bias, group, coords, sh, sw),
+        COSINE=logit_scale is not None, **_flags(qkv, rpb, attn_bias, group, coords, sh, sw),
     )
     return out, lse
 
@@ -658,3 +683,13 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
 
     return bwd(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, scale,
                need_drpb, need_dbias, deterministic)
+
+
+def window_attention_cosine_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords,
+                                     rh, rw, logit_scale, need_drpb, need_dbias, need_dlogit_scale, deterministic):
+    """Cosine-mode backward launcher (in ``window_attention_bwd``): (dqkv, drpb, dbias, dlogit_scale
+    fp32 (nH,) or empty)."""
+    from .window_attention_bwd import window_attention_backward as bwd
+
+    return bwd(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, rw, 1.0,
+               need_drpb, need_dbias, deterministic, logit_scale, need_dlogit_scale)

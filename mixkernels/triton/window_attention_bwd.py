@@ -19,6 +19,11 @@ twice), ``dS`` is exactly 0 at pairs the shift/group rule masks (even in a NaN r
   (deterministic) fixed-order per-entry sums over each tile's index box (slow; correct).
 Padded query rows compute on a real token with lse = +inf (P = 0), dO = O = 0, and are never
 stored or accumulated; padded keys are zeros masked by position.
+* Cosine mode (SwinV2, ``COSINE``): dQ and dK of the normalized rows (times the head scale)
+  are mapped back through the normalization where stored, and the logit-scale gradient per
+  head is summed like the bias gradients (single tile: P and delta recomputed from the whole
+  row, in-register sums, fixed-order slots; larger windows: the two phases, never the single
+  pass, with sums of dS * (s - rowmean_P(s)) that no rounding of lse or O shifts).
 
 Loops (for static instruction counts): ``_bwd_kernel`` ``for i in range(0, WPP)`` (WPP times;
 folded away when 1, the multi-tile case); phase A ``for m0 in range(0, M_FULL, BLOCK_M)``
@@ -34,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._cosine import _head_scale, _store_unit_grad, dlogit_scale
 from .window_attention import (_INTERPRET, _LOG2E, _alloc_for, _codes, _flags, _gather_rc, _idx, _in_range,
                                _first_window, _keys, _lyx, _mask, _mm, _next_window, _opaque, _pos, _rows, _single,
                                _table_bias, _tables, _tail)
@@ -48,19 +54,23 @@ __all__ = ["window_attention_backward"]
 def _bwd_rows(qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, cbase, hd, C,
               NH, H, W, SH, SW, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
               SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr, DELTA: tl.constexpr,
-              IDX64: tl.constexpr, OPAQUE: tl.constexpr = False, ASM: tl.constexpr = False):
-    """A query tile: q, dO, delta = rowsum(dO * O), lse (log2 units; +inf on padded rows), and
-    the rows' labels/coords/table row pointers (padded rows read a real token).
-    DELTA: 0 compute delta; 1 compute and store it in ``dlt`` (lse's layout); 2 load it from ``dlt``."""
+              IDX64: tl.constexpr, OPAQUE: tl.constexpr = False, ASM: tl.constexpr = False,
+              COSINE: tl.constexpr = False):
+    """A query tile: q (COSINE: normalized), dO, delta = rowsum(dO * O), lse (log2 units; +inf on
+    padded rows), and the rows' labels/coords/table row pointers (padded rows read a real token).
+    DELTA: 0 compute delta; 1 compute and store it in ``dlt`` (lse's layout); 2 load it from ``dlt``;
+    3 none (``_probs`` EXACT computes it)."""
     row_ok = offs_m < N
     q, reg, grp, cy, cx, tab_m, ab_m, tok = _rows(qkv, group, coords, tab_h, ab_h, offs_m, b, y0, x0, gbase, cbase,
                                                   hd, C, H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS,
-                                                  IDX64, OPAQUE, ASM)
+                                                  IDX64, OPAQUE, ASM, COSINE)
     orow = (tok * C + hd)[:, None] + tl.arange(0, D)[None, :]
     do = tl.load(dout + orow, mask=row_ok[:, None], other=0.0)
     rows = (w * NH + h) * N + offs_m
     if DELTA == 2:
         delta = tl.load(dlt + rows, mask=row_ok, other=0.0)
+    elif DELTA == 3:
+        delta = tl.zeros((offs_m.shape[0],), tl.float32)
     else:
         o = tl.load(out + orow, mask=row_ok[:, None], other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
@@ -73,18 +83,31 @@ def _bwd_rows(qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h
 @triton.jit
 def _probs(q, k, v, do, delta, lse2, t_bias, reg_m, reg_n, grp_m, grp_n, col_ok, qk_scale,
            HAS_T_BIAS: tl.constexpr, SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr, COL_MASK: tl.constexpr,
-           F32: tl.constexpr, UPCAST: tl.constexpr):
-    """P and dS of a tile (``t_bias``: the table/attn bias in log2 units); dS is exactly 0 at masked pairs."""
-    t = _mm(q, tl.trans(k), F32, UPCAST) * qk_scale
+           F32: tl.constexpr, UPCAST: tl.constexpr, EXACT: tl.constexpr = False):
+    """P, dS and q @ k^T of a tile (``t_bias``: the table/attn bias in log2 units); dS is exactly 0
+    at masked pairs. EXACT (cosine mode, whole rows in the tile): P recomputed as the forward's
+    softmax and delta = rowsum(P * dP) from it (as autograd and the CPU kernel): with logits up to
+    ~116, P from the rounded lse and delta from the rounded O would leave rowsum(dS) != 0, which the
+    logit-scale gradient multiplies by the logits; padded rows have dO = 0, hence dS = dV share = 0."""
+    qk = _mm(q, tl.trans(k), F32, UPCAST)
+    t = qk * qk_scale
     if HAS_T_BIAS:
         t += t_bias
     t, allowed = _mask(t, reg_m, reg_n, grp_m, grp_n, col_ok, SHIFT, HAS_GROUP, COL_MASK)
-    p = tl.exp2(t - lse2[:, None])  # masked: 0; padded rows (lse +inf): 0; a fully masked row: NaN
-    dp = _mm(do, tl.trans(v), F32, UPCAST)
+    if EXACT:
+        m = tl.max(t, 1)
+        m = tl.where(m == float("-inf"), 0.0, m)  # a fully masked row: 0 * (1/0) = NaN, as the reference
+        p = tl.exp2(t - m[:, None])
+        p = p * (1.0 / tl.sum(p, 1))[:, None]
+        dp = _mm(do, tl.trans(v), F32, UPCAST)
+        delta = tl.sum(p * dp, 1)
+    else:
+        p = tl.exp2(t - lse2[:, None])  # masked: 0; padded rows (lse +inf): 0; a fully masked row: NaN
+        dp = _mm(do, tl.trans(v), F32, UPCAST)
     ds = p * (dp - delta[:, None])
     if SHIFT or HAS_GROUP or COL_MASK:
         ds = tl.where(allowed, ds, 0.0)
-    return p, ds
+    return p, ds, qk
 
 
 @triton.jit
@@ -169,16 +192,16 @@ def _p1_tile(qkv, dout, out, lse, dlt, tab_h, ab_h, group, coords, dsum_h, dtab_
              code_n, BM: tl.constexpr, COL_MASK: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr,
              WW: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
              HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr,
-             F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
+             F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr, COSINE: tl.constexpr):
     """Phase 1, one (query tile, key block): dK/dV updates and the tile's bias gradient."""
     offs_m = m0 + tl.arange(0, BM)
     q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m, tok, row_ok = _bwd_rows(
         qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, cbase, hd, C, NH, H, W,
-        SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 2, IDX64)
+        SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 2, IDX64, COSINE=COSINE)
     tb = _t_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, ab_m, offs_n, col_ok, RH, RW, HAS_RPB, HAS_BIAS,
                  HAS_COORDS, COL_MASK, ASM)
-    p, ds = _probs(q, k, v, do, delta, lse2, tb, reg_m, reg_n, grp_m, grp_n, col_ok, qk_scale, HAS_RPB or HAS_BIAS,
-                   SHIFT, HAS_GROUP, COL_MASK, F32, UPCAST)
+    p, ds, qk = _probs(q, k, v, do, delta, lse2, tb, reg_m, reg_n, grp_m, grp_n, col_ok, qk_scale, HAS_RPB or HAS_BIAS,
+                       SHIFT, HAS_GROUP, COL_MASK, F32, UPCAST)
     dv += _mm(tl.trans(p.to(do.dtype)), do, F32, UPCAST)
     dk += _mm(tl.trans(ds.to(q.dtype)), q, F32, UPCAST)
     _bias_grads(ds, offs_m, offs_n, row_ok, col_ok, cy_m, cx_m, cy_n, cx_n, dsum_h, dtab_h, RH, RW, N, DSUM_MODE,
@@ -193,12 +216,12 @@ def _p1_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes,
               WW: tl.constexpr, BLOCK_M: tl.constexpr, BM_TAIL: tl.constexpr, HAS_RPB: tl.constexpr,
               HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr,
               DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
-              IDX64: tl.constexpr, ASM: tl.constexpr):
+              IDX64: tl.constexpr, ASM: tl.constexpr, COSINE: tl.constexpr):
     """Phase 1, one key block: dK and dV over every query tile (stored), and the bias gradient."""
     offs_n = n0 + tl.arange(0, BN)
     k, v, col_ok, reg_n, grp_n, cy_n, cx_n, code_n = _keys(
         qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW, N, WH, WW, D, SHIFT,
-        HAS_GROUP, HAS_COORDS, COL_MASK, IDX64, ASM)
+        HAS_GROUP, HAS_COORDS, COL_MASK, IDX64, ASM, COSINE)
     dk = tl.zeros((BN, D), tl.float32)
     dv = tl.zeros((BN, D), tl.float32)
     M_FULL: tl.constexpr = (N // BLOCK_M) * BLOCK_M
@@ -206,18 +229,21 @@ def _p1_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes,
         dk, dv = _p1_tile(qkv, dout, out, lse, dlt, tab_h, ab_h, group, coords, dsum_h, dtab_h, m0, w, h, b, y0, x0,
                           gbase, cbase, hd, qk_scale, C, NH, H, W, SH, SW, RH, RW, k, v, dk, dv, offs_n, col_ok,
                           reg_n, grp_n, cy_n, cx_n, code_n, BLOCK_M, COL_MASK, N, D, WH, WW, HAS_RPB, HAS_BIAS,
-                          HAS_GROUP, HAS_COORDS, SHIFT, DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM)
+                          HAS_GROUP, HAS_COORDS, SHIFT, DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM, COSINE)
     if BM_TAIL > 0:
         dk, dv = _p1_tile(qkv, dout, out, lse, dlt, tab_h, ab_h, group, coords, dsum_h, dtab_h, M_FULL, w, h, b, y0, x0,
                           gbase, cbase, hd, qk_scale, C, NH, H, W, SH, SW, RH, RW, k, v, dk, dv, offs_n, col_ok,
                           reg_n, grp_n, cy_n, cx_n, code_n, BM_TAIL, COL_MASK, N, D, WH, WW, HAS_RPB, HAS_BIAS,
-                          HAS_GROUP, HAS_COORDS, SHIFT, DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM)
+                          HAS_GROUP, HAS_COORDS, SHIFT, DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM, COSINE)
     ly, lx = _lyx(offs_n, N, WW)
     pos, _r = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
     krow = _idx(b * (H * W) + pos, IDX64) * (3 * C) + hd
     offs_d = tl.arange(0, D)
-    tl.store(dqkv + krow[:, None] + C + offs_d[None, :], (dk * scale).to(dqkv.dtype.element_ty),
-             mask=col_ok[:, None])
+    if COSINE:
+        _store_unit_grad(dqkv, qkv, krow[:, None] + C + offs_d[None, :], dk * scale, col_ok[:, None])
+    else:
+        tl.store(dqkv + krow[:, None] + C + offs_d[None, :], (dk * scale).to(dqkv.dtype.element_ty),
+                 mask=col_ok[:, None])
     tl.store(dqkv + krow[:, None] + 2 * C + offs_d[None, :], dv.to(dqkv.dtype.element_ty), mask=col_ok[:, None])
 
 
@@ -227,22 +253,27 @@ def _dq_block(qkv, dout, out, lse, dlt, group, coords, codes, tab_h, ab_h, n0, w
               BN: tl.constexpr, COL_MASK: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr,
               WW: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
               HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
-              IDX64: tl.constexpr, RELOAD: tl.constexpr, ASM: tl.constexpr):
-    """Phase A, one key block of a query tile: its dS @ K (dQ's share, unscaled). RELOAD: the
+              IDX64: tl.constexpr, RELOAD: tl.constexpr, ASM: tl.constexpr, COSINE: tl.constexpr):
+    """Phase A, one key block of a query tile: its dS @ K (dQ's share, unscaled) and, COSINE, the
+    rows' sums of dS and of P * (q @ k^T) (for the logit-scale gradient). RELOAD: the
     tile's rows are re-read here (opaque positions) instead of held across the key loop."""
     if RELOAD:
         q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m, _tok, _ok = _bwd_rows(
             qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, cbase, hd, C, NH,
-            H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 2, IDX64, True, ASM)
+            H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 2, IDX64, True, ASM, COSINE)
     offs_n = n0 + tl.arange(0, BN)
     k, v, col_ok, reg_n, grp_n, cy_n, cx_n, code_n = _keys(
         qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW, N, WH, WW, D, SHIFT,
-        HAS_GROUP, HAS_COORDS, COL_MASK, IDX64, ASM)
+        HAS_GROUP, HAS_COORDS, COL_MASK, IDX64, ASM, COSINE)
     tb = _t_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, ab_m, offs_n, col_ok, RH, RW, HAS_RPB, HAS_BIAS,
                  HAS_COORDS, COL_MASK, ASM)
-    p, ds = _probs(q, k, v, do, delta, lse2, tb, reg_m, reg_n, grp_m, grp_n, col_ok, qk_scale, HAS_RPB or HAS_BIAS,
-                   SHIFT, HAS_GROUP, COL_MASK, F32, UPCAST)
-    return _mm(ds.to(k.dtype), k, F32, UPCAST)
+    p, ds, qk = _probs(q, k, v, do, delta, lse2, tb, reg_m, reg_n, grp_m, grp_n, col_ok, qk_scale, HAS_RPB or HAS_BIAS,
+                       SHIFT, HAS_GROUP, COL_MASK, F32, UPCAST)
+    dq = _mm(ds.to(k.dtype), k, F32, UPCAST)
+    if COSINE:
+        return dq, tl.sum(ds, 1), tl.sum(p * qk, 1)
+    else:
+        return dq, delta, delta
 
 
 @triton.jit
@@ -251,27 +282,49 @@ def _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, 
              BM: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
              BLOCK_N: tl.constexpr, BN_TAIL: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr,
              HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, F32: tl.constexpr,
-             UPCAST: tl.constexpr, IDX64: tl.constexpr, RELOAD: tl.constexpr, ASM: tl.constexpr):
-    """Phase A, one query tile: dQ over every key block (and the rows' delta, kept for phase B)."""
+             UPCAST: tl.constexpr, IDX64: tl.constexpr, RELOAD: tl.constexpr, ASM: tl.constexpr,
+             COSINE: tl.constexpr):
+    """Phase A, one query tile: dQ over every key block (and the rows' delta, kept for phase B).
+    COSINE: returns the tile's share of the logit-scale gradient, sum_ij dS_ij (s_ij - sbar_i) with
+    s = q' @ k'^T (q' times the head scale) and sbar_i = sum_j P_ij s_ij: independent of any error
+    in delta or lse (both make dS off by a multiple of P in a row), as the CUDA kernel."""
     offs_m = m0 + tl.arange(0, BM)
     q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m, tok, row_ok = _bwd_rows(
         qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, cbase, hd, C, NH, H, W,
-        SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 1, IDX64)
+        SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 1, IDX64, COSINE=COSINE)
     dq = tl.zeros((BM, D), tl.float32)
+    z = tl.zeros((BM,), tl.float32)
+    sb = tl.zeros((BM,), tl.float32)
     N_FULL: tl.constexpr = (N // BLOCK_N) * BLOCK_N
     for n0 in range(0, N_FULL, BLOCK_N):
-        dq += _dq_block(qkv, dout, out, lse, dlt, group, coords, codes, tab_h, ab_h, n0, w, h, b, y0, x0, gbase, cbase,
-                        hd, qk_scale, C, NH, H, W, SH, SW, RH, RW, offs_m, q, do, delta, lse2, reg_m, grp_m, cy_m,
-                        cx_m, tab_m, ab_m, BLOCK_N, False, N, D, WH, WW, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS,
-                        SHIFT, F32, UPCAST, IDX64, RELOAD, ASM)
+        dq_, z_, sb_ = _dq_block(
+            qkv, dout, out, lse, dlt, group, coords, codes, tab_h, ab_h, n0, w, h, b, y0, x0, gbase, cbase, hd,
+            qk_scale, C, NH, H, W, SH, SW, RH, RW, offs_m, q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m,
+            BLOCK_N, False, N, D, WH, WW, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, RELOAD,
+            ASM, COSINE)
+        dq += dq_
+        if COSINE:
+            z += z_
+            sb += sb_
     if BN_TAIL > 0:
-        dq += _dq_block(qkv, dout, out, lse, dlt, group, coords, codes, tab_h, ab_h, N_FULL, w, h, b, y0, x0, gbase,
-                        cbase, hd, qk_scale, C, NH, H, W, SH, SW, RH, RW, offs_m, q, do, delta, lse2, reg_m, grp_m,
-                        cy_m, cx_m, tab_m, ab_m, BN_TAIL, True, N, D, WH, WW, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS,
-                        SHIFT, F32, UPCAST, IDX64, RELOAD, ASM)
+        dq_, z_, sb_ = _dq_block(
+            qkv, dout, out, lse, dlt, group, coords, codes, tab_h, ab_h, N_FULL, w, h, b, y0, x0, gbase, cbase, hd,
+            qk_scale, C, NH, H, W, SH, SW, RH, RW, offs_m, q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m,
+            BN_TAIL, True, N, D, WH, WW, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, RELOAD,
+            ASM, COSINE)
+        dq += dq_
+        if COSINE:
+            z += z_
+            sb += sb_
     offs_d = tl.arange(0, D)
-    tl.store(dqkv + (tok * (3 * C) + hd)[:, None] + offs_d[None, :], (dq * scale).to(dqkv.dtype.element_ty),
-             mask=row_ok[:, None])
+    if COSINE:  # scale: the head scale; <q_hat, dq_hat> per row = sum_j dS_ij s_ij
+        dot = _store_unit_grad(dqkv, qkv, (tok * (3 * C) + hd)[:, None] + offs_d[None, :], dq * scale,
+                               row_ok[:, None])
+        return tl.sum(tl.where(row_ok, dot - z * (scale * sb), 0.0), 0)
+    else:
+        tl.store(dqkv + (tok * (3 * C) + hd)[:, None] + offs_d[None, :], (dq * scale).to(dqkv.dtype.element_ty),
+                 mask=row_ok[:, None])
+        return 0.0
 
 
 @triton.jit
@@ -289,8 +342,8 @@ def _sp_tile(qkv, dout, out, lse, dlt, tab_h, ab_h, group, coords, dsum_h, dtab_
         SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 2, IDX64, True, ASM)
     tb = _t_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, ab_m, offs_n, col_ok, RH, RW, HAS_RPB, HAS_BIAS,
                  HAS_COORDS, COL_MASK, ASM)
-    p, ds = _probs(q, k, v, do, delta, lse2, tb, reg_m, reg_n, grp_m, grp_n, col_ok, qk_scale, HAS_RPB or HAS_BIAS,
-                   SHIFT, HAS_GROUP, COL_MASK, F32, UPCAST)
+    p, ds, qk = _probs(q, k, v, do, delta, lse2, tb, reg_m, reg_n, grp_m, grp_n, col_ok, qk_scale, HAS_RPB or HAS_BIAS,
+                       SHIFT, HAS_GROUP, COL_MASK, F32, UPCAST)
     dv += _mm(tl.trans(p.to(do.dtype)), do, F32, UPCAST)
     dsl = ds.to(q.dtype)
     dk += _mm(tl.trans(dsl), q, F32, UPCAST)
@@ -328,7 +381,7 @@ def _sp_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes,
 
 
 @triton.jit
-def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes, dsum, dtab,
+def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes, dsum, dtab, ls, dls,
                 qk_scale, scale, NH, H, W, nW, nWw, SH, SW, GG, GC, RH, RW, BNW, STRIDE, W0,
                 WPP: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                 SINGLE: tl.constexpr, BS: tl.constexpr,
@@ -336,7 +389,8 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
                 BLOCK_NB: tl.constexpr, BNB_TAIL: tl.constexpr, SP: tl.constexpr, RELOAD: tl.constexpr,
                 HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
                 HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr,
-                F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
+                F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
+                COSINE: tl.constexpr = False, DLS_MODE: tl.constexpr = 0):
     """Program (head h, chunk c): windows c*STRIDE + W0 + [0, WPP) of head h (WPP == STRIDE, W0 == 0
     when the program loops over its chunk; WPP == 1 when the launcher loops, one launch per W0).
 
@@ -345,9 +399,16 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
     (chunks,nH,N,N); 3 (single tile) summed in registers, one store into dsum[c].
     TAB_MODE (table with coords, (nH,T)): 0 none; 1 relaxed atomics into dtab; 2 this
     program's slot dtab[c] (chunks,nH,T), fixed-order per-entry sums.
+    COSINE (SwinV2, ``_cosine``): ``scale`` becomes the head scale (dQ, dK w.r.t. the normalized
+    rows), mapped through the normalization where stored. DLS_MODE (logit-scale gradient partials):
+    0 none; 1 relaxed atomics into dls (nH,); 2 read-modify-write of dls[c] (chunks, nH); 3 (single
+    tile) summed in registers, one store into dls[c]. Multi-tile cosine runs the two phases (no SP).
     """
     h = tl.program_id(0)
     c = tl.program_id(1)
+    if COSINE:
+        scale = _head_scale(ls, h)
+        qk_scale = scale * 1.4426950408889634
     C = NH * D
     hd = h * D
     T = (2 * RH - 1) * (2 * RW - 1)
@@ -372,41 +433,63 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
         inv_bias = _t_bias(tab_h, tab_m, code_n, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH, RW,
                            HAS_RPB and not HAS_COORDS, HAS_BIAS, False, True, ASM)
         dsum_acc = tl.zeros((BS, BS), tl.float32)
+        dls_rows = tl.zeros((BS,), tl.float32)
         offs_d = tl.arange(0, D)
         for i in range(0, WPP):
             if w < BNW:
                 y0, x0, gbase, cbase = wy * WH, wx * WW, (b % GG) * (H * W), (b % GC) * (H * W)
                 q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, _tm, _am, tok, _ro = _bwd_rows(
                     qkv, dout, out, lse, lse, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, cbase, hd,
-                    C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 0, IDX64)
+                    C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 3 if COSINE else 0, IDX64,
+                    COSINE=COSINE)
                 k, v, _ok, reg_n, grp_n, cy_n, cx_n, _cn = _keys(
                     qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW, N, WH, WW, D,
-                    SHIFT, HAS_GROUP, HAS_COORDS, True, IDX64, ASM)
+                    SHIFT, HAS_GROUP, HAS_COORDS, True, IDX64, ASM, COSINE)
                 tb = inv_bias
                 if HAS_RPB and HAS_COORDS:
                     tb += _table_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, RH, RW, True, ASM)
-                p, ds = _probs(q, k, v, do, delta, lse2, tb, reg_m, reg_n, grp_m, grp_n, col_ok, qk_scale,
-                               HAS_RPB or HAS_BIAS, SHIFT, HAS_GROUP, True, F32, UPCAST)
-                dv = _mm(tl.trans(p.to(do.dtype)), do, F32, UPCAST)
-                dsl = ds.to(q.dtype)
-                dq = _mm(dsl, k, F32, UPCAST)
-                dk = _mm(tl.trans(dsl), q, F32, UPCAST)
-                tl.store(dqkv + (tok * (3 * C) + hd)[:, None] + offs_d[None, :], (dq * scale).to(dqkv.dtype.element_ty),
-                         mask=row_ok[:, None])
-                pos_n, _r = _pos(ly_n, lx_n, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
-                krow = _idx(b * (H * W) + pos_n, IDX64) * (3 * C) + hd
-                tl.store(dqkv + krow[:, None] + C + offs_d[None, :], (dk * scale).to(dqkv.dtype.element_ty),
-                         mask=col_ok[:, None])
-                tl.store(dqkv + krow[:, None] + 2 * C + offs_d[None, :], dv.to(dqkv.dtype.element_ty),
-                         mask=col_ok[:, None])
-                if DSUM_MODE == 3:
-                    dsum_acc += ds  # padded rows/cols: never stored
+                p, ds, _qk = _probs(q, k, v, do, delta, lse2, tb, reg_m, reg_n, grp_m, grp_n, col_ok, qk_scale,
+                                    HAS_RPB or HAS_BIAS, SHIFT, HAS_GROUP, True, F32, UPCAST, COSINE)
+                if COSINE:
+                    # dS into the bias sum and dV out first: fewer tiles live next to the projections.
+                    # rowsum(dS) = 0 here (EXACT): the logit-scale gradient is sum_i <q_hat_i, dq_hat_i>.
+                    if DSUM_MODE == 3:
+                        dsum_acc += ds
+                    pos_n, _r = _pos(ly_n, lx_n, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
+                    krow = _idx(b * (H * W) + pos_n, IDX64) * (3 * C) + hd
+                    tl.store(dqkv + krow[:, None] + 2 * C + offs_d[None, :],
+                             _mm(tl.trans(p.to(do.dtype)), do, F32, UPCAST).to(dqkv.dtype.element_ty),
+                             mask=col_ok[:, None])
+                    dsl = ds.to(q.dtype)
+                    dot = _store_unit_grad(dqkv, qkv, (tok * (3 * C) + hd)[:, None] + offs_d[None, :],
+                                           _mm(dsl, k, F32, UPCAST) * scale, row_ok[:, None])
+                    if DLS_MODE == 3:
+                        dls_rows += tl.where(row_ok, dot, 0.0)
+                    _store_unit_grad(dqkv, qkv, krow[:, None] + C + offs_d[None, :],
+                                     _mm(tl.trans(dsl), q, F32, UPCAST) * scale, col_ok[:, None])
+                else:
+                    dv = _mm(tl.trans(p.to(do.dtype)), do, F32, UPCAST)
+                    dsl = ds.to(q.dtype)
+                    dq = _mm(dsl, k, F32, UPCAST)
+                    dk = _mm(tl.trans(dsl), q, F32, UPCAST)
+                    tl.store(dqkv + (tok * (3 * C) + hd)[:, None] + offs_d[None, :],
+                             (dq * scale).to(dqkv.dtype.element_ty), mask=row_ok[:, None])
+                    pos_n, _r = _pos(ly_n, lx_n, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
+                    krow = _idx(b * (H * W) + pos_n, IDX64) * (3 * C) + hd
+                    tl.store(dqkv + krow[:, None] + C + offs_d[None, :], (dk * scale).to(dqkv.dtype.element_ty),
+                             mask=col_ok[:, None])
+                    tl.store(dqkv + krow[:, None] + 2 * C + offs_d[None, :], dv.to(dqkv.dtype.element_ty),
+                             mask=col_ok[:, None])
+                    if DSUM_MODE == 3:
+                        dsum_acc += ds  # padded rows/cols: never stored
                 _bias_grads(ds, offs_m, offs_n, row_ok, col_ok, cy_m, cx_m, cy_n, cx_n, dsum_h, dtab_h, RH, RW, N,
                             0 if DSUM_MODE == 3 else DSUM_MODE, TAB_MODE, ASM)
             w, b, wy, wx = _next_window(w, b, wy, wx, nW // nWw, nWw)
         if DSUM_MODE == 3:
             tl.store(dsum_h + offs_m[:, None] * N + offs_n[None, :], dsum_acc,
                      mask=row_ok[:, None] & col_ok[None, :])
+        if DLS_MODE == 3:
+            tl.store(dls + c * NH + h, tl.sum(dls_rows, 0))
     elif SP:
         # Single pass (SP): all query rows of the window in one BLOCK_M tile (8 warps: two
         # warpgroups of rows) whose dQ stays in registers, key blocks streamed once: dK/dV per
@@ -442,16 +525,27 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
             if w < BNW:
                 y0, x0, gbase, cbase = wy * WH, wx * WW, (b % GG) * (H * W), (b % GC) * (H * W)
                 # phase A: dQ per query tile (and delta, kept for phase B)
+                dls_w = qk_scale * 0.0
                 for m0 in range(0, M_FULL, BLOCK_M):
-                    _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, m0, w, h, b, y0, x0,
-                             gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW, BLOCK_M, N, D, WH, WW,
-                             BLOCK_N, BN_TAIL, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64,
-                             RELOAD, ASM)
+                    r = _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, m0, w, h, b, y0,
+                                 x0, gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW, BLOCK_M, N, D, WH,
+                                 WW, BLOCK_N, BN_TAIL, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST,
+                                 IDX64, RELOAD, ASM, COSINE)
+                    if COSINE:
+                        dls_w += r
                 if BM_TAIL > 0:
-                    _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, M_FULL, w, h, b, y0, x0,
-                             gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW, BM_TAIL, N, D, WH, WW,
-                             BLOCK_N, BN_TAIL, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64,
-                             RELOAD, ASM)
+                    r = _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, M_FULL, w, h, b,
+                                 y0, x0, gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW, BM_TAIL, N, D,
+                                 WH, WW, BLOCK_N, BN_TAIL, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST,
+                                 IDX64, RELOAD, ASM, COSINE)
+                    if COSINE:
+                        dls_w += r
+                if DLS_MODE == 1:
+                    tl.atomic_add(dls + h, dls_w, sem="relaxed")
+                if DLS_MODE == 2:  # this program's slot: every thread reads before one writes
+                    old = tl.load(dls + c * NH + h)
+                    tl.debug_barrier()
+                    tl.store(dls + c * NH + h, old + dls_w)
                 tl.debug_barrier()  # delta stored by other threads of this program
                 # phase B: dK, dV per key block, bias gradients
                 NB_FULL: tl.constexpr = (N // BLOCK_NB) * BLOCK_NB
@@ -459,12 +553,12 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
                     _p1_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h, n0, w,
                               h, b, y0, x0, gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW, BLOCK_NB,
                               False, N, D, WH, WW, BLOCK_M, BM_TAIL, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT,
-                              DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM)
+                              DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM, COSINE)
                 if BNB_TAIL > 0:
                     _p1_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h,
                               NB_FULL, w, h, b, y0, x0, gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW,
                               BNB_TAIL, True, N, D, WH, WW, BLOCK_M, BM_TAIL, HAS_RPB, HAS_BIAS, HAS_GROUP,
-                              HAS_COORDS, SHIFT, DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM)
+                              HAS_COORDS, SHIFT, DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM, COSINE)
             w, b, wy, wx = _next_window(w, b, wy, wx, nW // nWw, nWw)
 
 
@@ -538,13 +632,15 @@ def _bwd_config(N, D, single, no_sp):
 
 
 def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords,
-                              rh, rw, scale, need_drpb, need_dbias, deterministic):
+                              rh, rw, scale, need_drpb, need_dbias, deterministic, logit_scale=None, need_dls=False):
     """Backward. dout/out (B,H,W,C), lse from the forward; other arguments as the forward.
 
     Returns (dqkv (B,H,W,3C) qkv.dtype, drpb fp32 like rpb or empty, dbias fp32 (nH,N,N) or
     empty). dq/dk/dv are written straight into the qkv layout (every element exactly once).
     Bias gradients are sums of dS over all windows and images; see the module docstring for
     which are deterministic (all of them with ``deterministic=True``; the single-tile ones always).
+    Cosine mode (``logit_scale`` fp32 (nH,) given; ``scale`` unused): a fourth output, the
+    logit-scale gradient fp32 (nH,) (empty unless ``need_dls``), deterministic like the bias ones.
     """
     alloc = _alloc_for()
     B, H, W, C3 = qkv.shape
@@ -561,7 +657,8 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     # The deterministic coords table sums (box loops) need the narrow tiles of the two-phase
     # path: on one 64x64 tile they exceed the register file.
     single = _single(N) and not (want_tab and deterministic)
-    bm, bn, bnb, warps, stages, sp = _bwd_config(N, D, single, deterministic or coords is not None)
+    cosine = logit_scale is not None
+    bm, bn, bnb, warps, stages, sp = _bwd_config(N, D, single, deterministic or coords is not None or cosine)
     if single or deterministic:
         chunks = max(1, min(bnw, -(-_PROGRAMS // num_heads)))
         stride = triton.next_power_of_2(-(-bnw // chunks))  # few distinct loop counts (constexprs)
@@ -582,6 +679,8 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     else:
         dsum = lse
     dtab = torch.zeros(((chunks,) if tab_mode == 2 else ()) + (num_heads, T), **f32) if want_tab else lse
+    dls_mode = 0 if not (cosine and need_dls) else (3 if single else (2 if deterministic else 1))
+    dls = torch.zeros(((chunks,) if dls_mode in (2, 3) else ()) + (num_heads,), **f32) if dls_mode else lse
     if bnw > 0 and num_heads * D > 0:
         tab, ab = _tables(rpb, attn_bias, qkv, num_heads)
         G = (1 if group is None else group.shape[0], 1 if coords is None else coords.shape[0])
@@ -590,12 +689,13 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
             _bwd_kernel[(num_heads, chunks)](
                 dout, qkv, out, lse, dlt, dqkv, tab, ab, qkv if group is None else group,
                 qkv if coords is None else coords, _codes(wh, ww, dev), dsum, dtab,
-                float(scale) * _LOG2E, float(scale), num_heads, H, W, nW, nWw, sh, sw, *G, rh, rw, bnw, stride, w0,
+                qkv if logit_scale is None else logit_scale, dls, float(scale) * _LOG2E, float(scale), num_heads, H,
+                W, nW, nWw, sh, sw, *G, rh, rw, bnw, stride, w0,
                 WPP=1 if outer else stride, N=N, D=D, WH=wh, WW=ww, SINGLE=single,
                 BS=max(16, triton.next_power_of_2(N)), BLOCK_M=bm, BM_TAIL=_tail(N, bm), BLOCK_N=bn,
                 BN_TAIL=_tail(N, bn), BLOCK_NB=bnb, BNB_TAIL=_tail(N, bnb), SP=sp, RELOAD=D >= 64,
                 DSUM_MODE=dsum_mode,
-                TAB_MODE=tab_mode,
+                TAB_MODE=tab_mode, COSINE=cosine, DLS_MODE=dls_mode,
                 ASM=not _INTERPRET, IDX64=qkv.numel() >= 2**31, num_warps=warps, num_stages=stages,
                 **_flags(qkv, rpb, attn_bias, group, coords, sh, sw), **_maxnreg(sp),
             )
@@ -619,4 +719,6 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
         drpb = alloc((T, num_heads), torch.float32, dev)
         _gather_table_kernel[(T,)](dsum, drpb, num_heads, N=N, N_PAD=triton.next_power_of_2(N),
                                    NH_PAD=triton.next_power_of_2(num_heads), WH=wh, WW=ww)
-    return dqkv, drpb, dbias
+    if not cosine:
+        return dqkv, drpb, dbias
+    return dqkv, drpb, dbias, dlogit_scale(dls, logit_scale, alloc) if dls_mode else torch.empty((0,), **f32)
