@@ -34,6 +34,7 @@ when ``--fsdp`` is given.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import signal
@@ -251,8 +252,20 @@ def lr_at(step, args, base):
 # ---------------------------------------------------------------- main
 def main(argv=None, method: Optional[str] = None):
     args = parse_args(argv, method)
-    recipe = RECIPES[args.method]
     rank, world, local = dtu.setup()
+    last_loss = _train(args, rank, world, local)  # its model, optimizer and data are freed on return
+    if dist.is_initialized():
+        gc.collect()  # cycles (the data iterator, DDP's hooks) too
+        # Torn down together, after the objects that hold the process group are gone: a rank that
+        # left early while a peer still tore down its DDP state was seen to hang the peer at exit.
+        dist.barrier()
+        dist.destroy_process_group()
+    return last_loss
+
+
+def _train(args, rank: int, world: int, local: int) -> float:
+    """The training run of :func:`main` (distributed state already set up); the last logged loss."""
+    recipe = RECIPES[args.method]
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(args.seed)  # the same initial weights on every rank (FSDP2 does not broadcast them)
 
@@ -321,8 +334,12 @@ def main(argv=None, method: Optional[str] = None):
             bar.update(1)
         if step % args.save_every == 0 or step == args.steps:
             ckpt = save(args.out, model, opt, step, batches, args, rank, world)
-        if step == args.kill_after_step:
-            os.kill(os.getpid(), signal.SIGKILL)  # a real crash at a chosen step (tests)
+        if step == args.kill_after_step:  # a real crash at a chosen step (tests)
+            if dist.is_initialized():
+                # Every rank at the same point with no collective in flight: a rank killed mid-allreduce
+                # would leave its peer waiting forever (an orphan holding the launcher's pipes).
+                dist.barrier()
+            os.kill(os.getpid(), signal.SIGKILL)
     if bar is not None:
         bar.close()
     skipped = batches.finish()
@@ -334,8 +351,6 @@ def main(argv=None, method: Optional[str] = None):
     if rank == 0:
         print(f"done: step {step} loss {last_loss:.4f} checkpoint {ckpt} (skipped {skipped} unreadable sample(s) "
               f"over the run)", flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return last_loss
 
 

@@ -8,6 +8,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 
@@ -32,8 +33,55 @@ def _env():
     return env
 
 
+def _proc(cmd, timeout=300) -> subprocess.CompletedProcess:
+    """Run ``cmd`` with its output in files (a stray rank that outlives its launcher cannot hold a
+    pipe open), then kill every process left that names the run's ``--out`` folder. On timeout each
+    of them gets SIGABRT first, so faulthandler prints where it hung, and the test fails with that."""
+    out_dir = str(cmd[cmd.index("--out") + 1])
+    with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
+        p = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True, env=dict(_env(), PYTHONFAULTHANDLER="1"))
+        try:
+            p.wait(timeout=timeout)
+            hung = False
+        except subprocess.TimeoutExpired:
+            hung = True
+            _signal_run(out_dir, signal.SIGABRT)
+            time.sleep(5)
+            p.kill()
+            p.wait()
+        strays = _signal_run(out_dir, signal.SIGKILL)
+        fo.seek(0)
+        fe.seek(0)
+        out, err = fo.read(), fe.read()
+    if hung:
+        pytest.fail(f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n{out[-3000:]}\n{err[-12000:]}")
+    if strays:
+        print(f"killed {len(strays)} process(es) left by {' '.join(map(str, cmd))}: {strays}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def _signal_run(out_dir: str, sig) -> list:
+    """Send ``sig`` to every process whose command line names ``out_dir``; their pids."""
+    hit = []
+    if not os.path.isdir("/proc"):  # not Linux: nothing to look for
+        return hit
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if out_dir.encode() in args and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), sig)
+                hit.append(int(pid))
+            except OSError:
+                pass
+    return hit
+
+
 def _run(out, steps, *extra, expect_rc=0):
-    r = subprocess.run(_cmd(out, steps, *extra), capture_output=True, text=True, env=_env(), timeout=300)
+    r = _proc(_cmd(out, steps, *extra))
     assert r.returncode == expect_rc, f"rc {r.returncode}\n" + r.stdout[-3000:] + r.stderr[-4000:]
     return r.stdout + r.stderr
 
@@ -201,8 +249,7 @@ def test_resume_refuses_a_planted_checkpoint(tmp_path):
 
     tu.save_checkpoint(str(tmp_path / "checkpoint.pt"), {"model": {}, "optimizer": {}, "step": 0, "data": {},
                                                         "rng": [], "x": Planted()})
-    r = subprocess.run(_cmd(tmp_path, 1, "--synthetic", "--resume"), capture_output=True, text=True, env=_env(),
-                       timeout=300)
+    r = _proc(_cmd(tmp_path, 1, "--synthetic", "--resume"))
     assert r.returncode != 0 and "checkpoint.pt was refused" in r.stderr, r.stderr[-3000:]
     assert not marker.exists()
 
@@ -211,7 +258,7 @@ def _torchrun(out, steps, *extra, expect_ok=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT,
            "--model", "mixmim_tiny", "--batch-size", "2", "--steps", str(steps), "--log-every", "1", "--out", str(out),
            *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    r = _proc(cmd)
     assert (r.returncode == 0) == expect_ok, f"rc {r.returncode}\n" + r.stdout[-3000:] + r.stderr[-4000:]
     return r.stdout + r.stderr
 
@@ -242,7 +289,7 @@ def _pretrain(out, steps, method, model, *extra, nproc=1, batch=4, expect_rc=0):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     cmd = launcher + [PRETRAIN, "--method", method, "--model", model, "--synthetic", "--batch-size", str(batch),
                       "--steps", str(steps), "--log-every", "1", "--out", str(out), *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    r = _proc(cmd)
     assert r.returncode == expect_rc, f"rc {r.returncode}\n" + r.stdout[-3000:] + r.stderr[-4000:]
     return r.stdout + r.stderr
 
