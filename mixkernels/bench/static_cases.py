@@ -117,7 +117,7 @@ def _attn_cases(s: AttnShape, dt: str) -> List[Case]:
         ([f"coords(r={s.r})"] if s.coords else []) + (["cosine"] if s.cosine else [])
     cfg = f"w{s.window} d{s.d} " + "+".join(flags)
     p = dict(B=s.B, H=s.H, W=s.H, C=s.C, heads=s.heads, d=s.d, window=s.window, shift=s.shift, N=s.N, nW=s.nW,
-             group=s.group, coords=s.coords, r=s.r, T=T, es=es)
+             group=s.group, coords=s.coords, r=s.r, T=T, es=es, cosine=s.cosine)
     line = (f"{s.B} {s.H} {s.H} {s.heads} {s.d} {s.window} {s.window} {s.shift} {s.shift} {s.r} {s.r} {_CODE[dt]} "
             f"1 0 {int(s.group)} {int(s.coords)} 1 {s.B}")
 

@@ -74,22 +74,26 @@ def lane_strided(total: float, threads: int, start_lane_of_warp: Optional[Sequen
 # Legacy CUDA kernels (window_attention_legacy*.cu: float32, attn_bias gradients, head_dim 128
 # backward, shapes the fused kernels do not fit), arguments by position:
 #   wattn_fwd_kernel(G, qkv, out, lse, nrb, kc, ncols, cap)
-#   wattn_bwd_dq_kernel(G, qkv, dout, lse, delta, dqkv, drpb, dbias, scale, nrb, kc, ncols, cap, nslots)
+#   wattn_bwd_dq_kernel(G, qkv, dout, lse, delta, dqkv, drpb, dbias, dls, scale, nrb, kc, ncols, cap, nslots)
 #   wattn_bwd_dkdv_kernel(G, qkv, dout, lse, delta, dqkv, scale, nrb, kc, ncols, cap)
 _LEGACY = r"legacy::"
 _FUSED = r"^wattn_(fwd|bwd)_kernel$"
+_LEGACY_NARGS = {"wattn_fwd_kernel": 8, "wattn_bwd_dq_kernel": 15, "wattn_bwd_dkdv_kernel": 11}
 
 
 def _legacy_arg(c: Ctx, pos: Dict[str, int]) -> int:
-    return c.args[pos[c.kernel.split("::")[-1]]]
+    name = c.kernel.split("::")[-1]
+    if len(c.args) != _LEGACY_NARGS[name]:  # a changed signature must not shift positions silently
+        raise IndexError(f"{name} has {len(c.args)} arguments, the rules expect {_LEGACY_NARGS[name]}")
+    return c.args[pos[name]]
 
 
 def _kc(c: Ctx) -> int:
-    return _legacy_arg(c, {"wattn_fwd_kernel": 5, "wattn_bwd_dq_kernel": 10, "wattn_bwd_dkdv_kernel": 8})
+    return _legacy_arg(c, {"wattn_fwd_kernel": 5, "wattn_bwd_dq_kernel": 11, "wattn_bwd_dkdv_kernel": 8})
 
 
 def _ncols(c: Ctx) -> int:
-    return _legacy_arg(c, {"wattn_fwd_kernel": 6, "wattn_bwd_dq_kernel": 11, "wattn_bwd_dkdv_kernel": 9})
+    return _legacy_arg(c, {"wattn_fwd_kernel": 6, "wattn_bwd_dq_kernel": 12, "wattn_bwd_dkdv_kernel": 9})
 
 
 def _vec(c: Ctx) -> int:
@@ -146,6 +150,13 @@ def _ROWS(w: Dict[str, Any], c: Ctx) -> float:
 
 
 CUDA_RULES: List[Rule] = [
+    # ---- SwinV2 cosine mode (window_attention_cosine.cuh): a runtime branch of the fused and legacy
+    # kernels, taken only in cosine launches (the capture harness has none yet: 0 elsewhere).
+    Rule(r"for \(int r = threadIdx\.x; r < nrows; r \+= blockDim\.x\)",
+         lambda c: lane_strided(c.p["N"], c.threads) if c.p.get("cosine") else 0.0,
+         "normalize_rows: the tile's rows over the CTA's threads (cosine launches only)"),
+    Rule(r"for \(int e = 0; e < D; \+\+e\)", lambda c: c.p["d"] / 8 if c.p.get("cosine") else 0.0,
+         "normalize_rows: d elements, #pragma unroll 8 (cosine launches only)"),
     # ---- fused window attention: prologue (window_attention_common.cuh)
     Rule(r"for \(int i = tid; i < kWarps \* kThreads; i \+= kThreads\)", lambda c: 8.0,
          "zero the per-warp segment counts: kWarps*kThreads / kThreads", kernel=_FUSED),
@@ -251,7 +262,8 @@ CUDA_RULES: List[Rule] = [
          "fp32 FMA dot: d/4 steps, #pragma unroll 4: d/16 iterations", kernel=_LEGACY),
     Rule(r"for \(int i = lane; i < 16 \* V; i \+= 32\)", lambda c: math.ceil(16 * _vec(c) / 32),
          "store_rows_warp: 16 rows x d*es/16 vectors over 32 lanes", kernel=_LEGACY),
-    Rule(r"for \(int win = slot; win < G\.nwin; win \+= nslots\)", lambda c: c.p["B"] * c.p["nW"] / c.args[13],
+    Rule(r"for \(int win = slot; win < G\.nwin; win \+= nslots\)",
+         lambda c: c.p["B"] * c.p["nW"] / _legacy_arg(c, {"wattn_bwd_dq_kernel": 14}),
          "windows per window slot: nwin / nslots", kernel=_LEGACY),
     Rule(r"\(DET \? nwarps : 1\) \* G\.T", lambda c: lane_strided(c.p["T"], c.threads),
          "zero the shared rpb-gradient table (T entries)", kernel=_LEGACY),
