@@ -386,3 +386,13 @@ def test_report_end_to_end_json_and_compare(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     md = (out2 / "static.md").read_text()
     assert "before -> after" in md and " -> " in md
+
+
+def test_cuda_static_smem_leaves_out_the_system_reserve():
+    """cuobjdump's SHARED on sm_90 carries the 1 KB per-CTA reserve (ptxas: 32 B smem, cuobjdump
+    1056); the occupancy model adds the reserve itself, so it must be counted once."""
+    from mixkernels.bench.static import _static_smem
+
+    assert _static_smem({"SHARED": 1056}) == 32
+    assert _static_smem({"SHARED": 1024}) == 0
+    assert _static_smem({"SHARED": 0}) == 0 and _static_smem({}) == 0

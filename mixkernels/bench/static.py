@@ -163,6 +163,16 @@ def triton_records(cases, cache: Optional[str], jobs: int, log=print) -> Tuple[L
 # ----------------------------------------------------------------------------- CUDA
 
 
+def _static_smem(usage: Dict[str, int]) -> int:
+    """Static shared memory of a CUDA kernel from ``cuobjdump --dump-resource-usage``. Its SHARED
+    includes the sm_90 per-CTA system reserve (1 KB) for any kernel that uses shared memory (ptxas
+    -v: "32 bytes smem" where cuobjdump says 1056; 0 where it says 1024); the occupancy model adds
+    that reserve itself, so it is taken out here."""
+    shared = usage.get("SHARED", 0)
+    reserve = static_model.MODEL["smem_reserved_per_block"]
+    return shared - reserve if shared >= reserve else shared
+
+
 def cuda_records(cases, cache: str, jobs: int, log=print) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     from . import aot, static_cuda
 
@@ -212,7 +222,7 @@ def cuda_records(cases, cache: str, jobs: int, log=print) -> Tuple[List[Dict[str
                 stats.append(_launch_stats(funcs[la.name], ctx, static_rules.CUDA_RULES, False,
                                            regs=ps["regs"] if ps["regs"] > 0 else u.get("REG", 0),
                                            spill_st=ps["spill_st"], spill_ld=ps["spill_ld"],
-                                           smem=u.get("SHARED", 0) + la.smem, programs=la.programs, name=short))
+                                           smem=_static_smem(u) + la.smem, programs=la.programs, name=short))
         records.append(_finish(c, "cuda", stats) if stats else _error_record(c, "cuda", "no kernel launched"))
     home = static_cuda.cuda_home()
     ver = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True).stdout
