@@ -8,6 +8,8 @@
 #include <optional>
 #include <tuple>
 
+#include "mixkernels/checks.h"
+#include "mixkernels/limits.h"
 #include "mixkernels/torch_cuda.h"
 #include "mixkernels/window_attention_cuda.h"
 
@@ -56,9 +58,9 @@ Prepared prepare(const at::Tensor& qkv_in, int64_t num_heads, int64_t wh, int64_
               ") must divide the grid (", H, ",", W, ")");
   TORCH_CHECK(sh >= 0 && sw >= 0 && sh < wh && sw < ww, "window_attention: shift (", sh, ",", sw,
               ") must be in [0, window)");
-  TORCH_CHECK(d == 16 || d == 32 || d == 64 || d == 128, "window_attention: CUDA kernels support head_dim "
-              "16/32/64/128, got ", d);
-  TORCH_CHECK(wh * ww <= 256, "window_attention: CUDA kernels support windows of at most 256 tokens, got ", wh * ww);
+  MK_CHECK_ARG(limits::supported_head_dim(d), "window_attention", "head_dim", "be 16/32/64/128 on CUDA", d);
+  MK_CHECK_ARG(wh * ww <= limits::kMaxWindowTokens, "window_attention", "window_size",
+               c10::str("have at most ", limits::kMaxWindowTokens, " tokens on CUDA"), wh * ww);
   TORCH_CHECK(rh > 0 && rw > 0, "window_attention: coord range must be positive, got (", rh, ",", rw, ")");
   TORCH_CHECK(B * H * W * num_heads < (int64_t(1) << 31),
               "window_attention: too many (token, head) pairs for 32-bit indices, got ", B * H * W * num_heads);

@@ -11,10 +11,11 @@
 #include <cstdint>
 
 #include "mixkernels/cuda_common.h"
+#include "mixkernels/limits.h"
 
 namespace mixkernels::cuda {
 
-constexpr int kMaxLossPatch = 32;
+constexpr int kMaxLossPatch = static_cast<int>(limits::kCudaMaxLossPatch);  // the one definition: limits.h
 
 // out (B,L): per-patch MSE of unmix = pred[b] if mask[b,l] else pred[2B-1-b], against the target.
 cudaError_t mixmim_loss_fwd(const void* pred, DType pred_t, const void* imgs, DType imgs_t, const uint8_t* mask,
