@@ -8,7 +8,7 @@
 #      and that `python -m mixkernels.info` names the toolkit
 #   4. AOT-compiles every Triton kernel with that Triton (tests/test_triton_aot.py)
 #   5. runs the Triton-interpreter tests with that Triton and numpy (token ops, losses, headline
-#      cases; window attention reported, and failing the run only with TWIN_STRICT_ATTENTION=1)
+#      cases, window attention: a failure fails the run; TWIN_STRICT_ATTENTION=0 only reports it)
 # Each step prints its time. Knobs: MIXKERNELS_TWIN_VENV (default build/gpu-twin/venv, reused
 # when present), TWIN_ARCHS (default 90: CMake compile-checks 80;90 in CI), MAX_JOBS.
 set -euo pipefail
@@ -88,6 +88,6 @@ lap "Triton interpreter tests (window attention)"
 if [ $arc -ne 0 ]; then
   echo "twin: window attention under Triton $("$PY" -c 'import triton; print(triton.__version__)')'s interpreter: failures" \
        "(see $TWIN/attention_interp.log)"
-  [ "${TWIN_STRICT_ATTENTION:-0}" = 1 ] && exit 1
+  [ "${TWIN_STRICT_ATTENTION:-1}" = 1 ] && exit 1
 fi
 echo "== twin: passed in $(( $(date +%s) - t0 )) s"
