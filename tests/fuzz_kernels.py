@@ -1,5 +1,5 @@
 """Fuzzer for the kernel-level ops ``torch.ops.mixkernels_C.*`` (schemas: csrc/ops.cpp; their
-kernel-level spec and call generators: tests/fuzz_kernels_spec.py).
+kernel-level spec and call generators: tests/fuzz_kernels_spec.py, fuzz_kernels_spec_v2.py).
 
 Run as a script (tests/test_fuzz_kernels.py starts it in a subprocess, so a crash fails the
 test instead of killing pytest; scripts/sanitize_cpu.sh and scripts/fuzz_cuda_sanitizer.sh run
@@ -44,10 +44,14 @@ from fuzz_kernels_spec import (  # noqa: E402
     BF16, F16, F32, F64, FLOATS, OPS, Invalid, Lenient, StickyCudaError, _NoKeyNaN, _rand,
     _Shape, computing_in,
 )
+from fuzz_kernels_spec_v2 import OPS_V2  # noqa: E402  (cosine attention, SimMIM loss)
 
 from mixkernels.testing import max_error, tolerance  # noqa: E402
 
 DTYPES = FLOATS + (torch.uint8, torch.int8, torch.int32, torch.int64, torch.bool)
+# Every kernel-level op but `limits` (tests/test_fuzz_kernels.py checks that against csrc/ops.cpp).
+# Adding ops changes which op a (seed, case) draws: replays of older runs pass --ops.
+OPS = {**OPS, **OPS_V2}
 HUGE = (2**31 - 1, 2**31, 2**32 + 1, 2**62, -(2**31), -1, 0)
 
 

@@ -233,16 +233,19 @@ def _wattn_contract(qkv, nH, wh, ww, sh, sw, rpb, ab, group, coords, rh, rw):
     return B, H, W, C3 // 3, N, acc
 
 
-def _wattn_logits(qkv, nH, wh, ww, sh, sw, rpb, ab, group, coords, rh, rw, scale):
-    """(logits (B*nW, nH, N, N), v (B*nW, nH, N, d)) of the reference, in the compute dtype."""
+def _wattn_logits(qkv, nH, wh, ww, sh, sw, rpb, ab, group, coords, rh, rw, scale, ls=None):
+    """(logits (B*nW, nH, N, N), v (B*nW, nH, N, d)) of the reference, in the compute dtype
+    (cosine mode when the logit scale ``ls`` is given; ``scale`` is then unused)."""
     return ref.window_attention_logits(hi(qkv), nH, (wh, ww), shift_size=(sh, sw), rel_pos_bias=hi(rpb),
                                        attn_bias=hi(ab), group=group, coords=coords, coord_range=(rh, rw),
-                                       scale=scale)
+                                       scale=scale, logit_scale=hi(ls))
 
 
-def _ref_wattn(qkv, nH, wh, ww, sh, sw, rpb, ab, group, coords, rh, rw, scale):
+def _ref_wattn(qkv, nH, wh, ww, sh, sw, rpb, ab, group, coords, rh, rw, scale, ls=None):
     B, H, W, C, N, acc = _wattn_contract(qkv, nH, wh, ww, sh, sw, rpb, ab, group, coords, rh, rw)
-    S, v = _wattn_logits(qkv, nH, wh, ww, sh, sw, rpb, ab, group, coords, rh, rw, scale)
+    if ls is not None:
+        _logit_scale_contract(ls, nH, acc)
+    S, v = _wattn_logits(qkv, nH, wh, ww, sh, sw, rpb, ab, group, coords, rh, rw, scale, ls)
     out = ref.merge_heads(S.softmax(-1) @ v, (wh, ww), H, W, (sh, sw))
     # lse = m + log(sum(exp(S - m))): NaN in a row with no attendable key (m = -inf); the
     # kernels store NaN or -inf there (both make the backward's row NaN), see _NoKeyNaN.
@@ -251,15 +254,24 @@ def _ref_wattn(qkv, nH, wh, ww, sh, sw, rpb, ab, group, coords, rh, rw, scale):
     return out.to(qkv.dtype), _NoKeyNaN(lse.to(acc))
 
 
+def _logit_scale_contract(ls, nH, acc):
+    tens("logit_scale", ls, dtypes=(acc,), shape=(nH,))
+    contiguous_or_lenient(ls)
+
+
 def _ref_wattn_bwd(dout, qkv, out, lse, nH, wh, ww, sh, sw, rpb, ab, group, coords, rh, rw, scale,
-                   need_drpb, need_dbias, det):
+                   need_drpb, need_dbias, det, ls=None, need_dls=False):
     """The kernel-level backward's contract, for ANY given ``out`` and ``lse`` (not only the
     forward's own): with the reference's logits ``S`` (shift/group-masked pairs at -inf),
     ``P = exp(S - lse)``, ``delta = rowsum(dout * out)``, ``dS = P * (dout @ v^T - delta)``
     (0 at masked pairs), ``dv = P^T dout``, and dS/dv pulled back to qkv, rpb and attn_bias.
     With the forward's own out/lse this is the reference's autograd gradient (the CUDA, Triton
-    and CPU kernels all compute this: they recompute P from lse and delta from out)."""
+    and CPU kernels all compute this: they recompute P from lse and delta from out). Cosine mode
+    (``ls``, the logit scale, a fourth leaf with ``need_dls``): the gradient at the forward's own
+    out/lse, whatever is given (see ``_ref_wattn_cos_bwd``)."""
     B, H, W, C, N, acc = _wattn_contract(qkv, nH, wh, ww, sh, sw, rpb, ab, group, coords, rh, rw)
+    if ls is not None:
+        _logit_scale_contract(ls, nH, acc)
     nW = (H // wh) * (W // ww)
     tens("dout", dout, dtypes=(qkv.dtype,), shape=(B, H, W, C))
     tens("out", out, dtypes=(qkv.dtype,), shape=(B, H, W, C))
@@ -268,18 +280,24 @@ def _ref_wattn_bwd(dout, qkv, out, lse, nH, wh, ww, sh, sw, rpb, ab, group, coor
     need(rpb is not None or not need_drpb, "need_drpb without rpb")
     need(ab is not None or not need_dbias, "need_dbias without attn_bias")
     contiguous_or_lenient(dout, out, lse)
-    wanted = {"qkv": True, "rpb": need_drpb, "ab": need_dbias}
+    wanted = {"qkv": True, "rpb": need_drpb, "ab": need_dbias, "ls": need_dls}
     leaves = {k: None if t is None else hi(t.detach()).requires_grad_(wanted[k])
-              for k, t in (("qkv", qkv), ("rpb", rpb), ("ab", ab))}
+              for k, t in (("qkv", qkv), ("rpb", rpb), ("ab", ab), ("ls", ls))}
     S, v = _wattn_logits(leaves["qkv"], nH, wh, ww, sh, sw, leaves["rpb"], leaves["ab"], group, coords, rh, rw,
-                         scale)
+                         scale, leaves["ls"])
     d = C // nH
 
     def heads(t):  # (B,H,W,C) -> (B*nW, nH, N, d), the layout of v
         return ref.window_partition(hi(t), (wh, ww), (sh, sw)).reshape(B * nW, N, nH, d).transpose(1, 2)
 
     dO, O = heads(dout), heads(out)
-    P = (S.detach() - hi(lse).reshape(B * nW, nH, N, 1)).exp()
+    lse_used = hi(lse).reshape(B * nW, nH, N, 1)
+    if ls is not None:  # cosine: the forward's own P and O (kernels may recompute them, see _ref_wattn_cos_bwd)
+        Sd = S.detach()
+        m = Sd.amax(-1, keepdim=True)
+        lse_used = m + (Sd - m).exp().sum(-1, keepdim=True).log()
+        O = (Sd - lse_used).exp() @ v.detach()
+    P = (S.detach() - lse_used).exp()
     delta = (dO * O).sum(-1, keepdim=True)
     dS = P * (dO @ v.detach().transpose(-2, -1) - delta)  # masked pairs: masked_fill's backward gives 0
     names = [k for k in wanted if wanted[k]]
@@ -287,6 +305,8 @@ def _ref_wattn_bwd(dout, qkv, out, lse, nH, wh, ww, sh, sw, rpb, ab, group, coor
     gs = {k: torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(names, gs)}
     res = (gs["qkv"].to(qkv.dtype), gs["rpb"].to(acc) if need_drpb else torch.empty(0, dtype=acc),
            gs["ab"].to(acc) if need_dbias else torch.empty(0, dtype=acc))
+    if ls is not None:
+        res += (gs["ls"].to(acc) if need_dls else torch.empty(0, dtype=acc),)
     if bool((P.nan_to_num(nan=0.0).sum(-1) > 2).any()):
         # An lse more than log 2 below its row's log-sum-exp (e.g. from a forward with another
         # shift, scale or bias: a fuzzer mutation) or a +inf logit: P grows like exp(deficit)
