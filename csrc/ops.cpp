@@ -67,7 +67,8 @@ TORCH_LIBRARY(mixkernels_C, m) {
         "int rh, int rw, float scale, bool need_drpb, bool need_dbias, bool deterministic) -> (Tensor, Tensor, Tensor)");
   // SwinV2 cosine attention: the same layouts, logit_scale acc (nH,) in place of scale (logits
   // normalize(q) @ normalize(k)^T * exp(min(logit_scale, log 100)) + biases + masks).
-  // backward -> (dqkv, drpb, dbias, dlogit_scale acc (nH,) or empty).
+  // backward -> (dqkv, drpb, dbias, dlogit_scale acc (nH,) or empty), the gradient at the forward's
+  // own out/lse: with logits up to ~116 a kernel may recompute P and delta from the logits (CPU does).
   m.def("window_attention_cosine(Tensor qkv, int num_heads, int wh, int ww, int sh, int sw, Tensor? rpb, "
         "Tensor? attn_bias, Tensor? group, Tensor? coords, int rh, int rw, Tensor logit_scale) -> (Tensor, Tensor)");
   m.def("window_attention_cosine_backward(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int num_heads, "
