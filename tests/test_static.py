@@ -84,6 +84,7 @@ def test_sass_weighting_multiplies_trip_counts(kernel):
     # 3 (entry) + 1 (if body) + 1 (LDG) + 3 x (1 + 4 x 3 + 1) (loops) + 1 (EXIT)
     assert c["total"] == 48
     assert c["mma"] == 12 and c["mma_flops"] == 12 * 4096 and c["mma_sync"] == 12
+    assert c["mma_sync_flops"] == c["mma_flops"]
     assert c["mufu"] == 1 and c["mufu.ex2"] == 1
     assert c["global_bytes"] == 16 * 32
     # No rule: each loop counted once, and marked unmatched
@@ -154,19 +155,27 @@ def test_estimate_terms():
     m = static_model.MODEL
     # A copy-like launch: memory-bound at full bandwidth when enough bytes are in flight.
     e = static_model.estimate(programs=132 * 64, warps=4, ctas_per_sm=16, instr_per_warp=50, mufu_per_warp=0,
-                              mma_flops_per_warp=0, mma_sync=False, hbm_bytes=1e9, inflight_bytes_per_warp=4096)
+                              mma_flops_per_warp=0, mma_sync_flops_per_warp=0, hbm_bytes=1e9, inflight_bytes_per_warp=4096)
     assert e["bound"] == "memory" and e["mem_eff"] == 1.0
     assert e["us"] == pytest.approx(1e9 / m["hbm_bytes_per_s"] * 1e6 + m["launch_us"])
     # Issue-bound: one program per SM, 8 warps -> 2 per scheduler: full issue efficiency.
     e = static_model.estimate(programs=132, warps=8, ctas_per_sm=1, instr_per_warp=1e6, mufu_per_warp=0,
-                              mma_flops_per_warp=0, mma_sync=False, hbm_bytes=0, inflight_bytes_per_warp=0)
+                              mma_flops_per_warp=0, mma_sync_flops_per_warp=0, hbm_bytes=0, inflight_bytes_per_warp=0)
     assert e["bound"] == "issue" and e["issue_eff"] == 1.0
     assert e["issue_us"] == pytest.approx(8 * 1e6 / (4 * m["clock_ghz"] * 1e9) * 1e6)
     # A GPU-scope barrier per instruction makes the warp's latency the bound.
     e = static_model.estimate(programs=132, warps=8, ctas_per_sm=1, instr_per_warp=1000, mufu_per_warp=0,
-                              mma_flops_per_warp=0, mma_sync=False, hbm_bytes=0, inflight_bytes_per_warp=0,
+                              mma_flops_per_warp=0, mma_sync_flops_per_warp=0, hbm_bytes=0, inflight_bytes_per_warp=0,
                               membar_per_warp=1000)
     assert e["bound"] == "latency"
+    # MMA time: wgmma FLOPs at the full rate, mma.sync FLOPs at mma_sync_fraction of it, each by its share
+    # (a launch with a few mma.sync tail tiles is not charged at the mma.sync rate for all of its MMA).
+    kw = dict(programs=132, warps=4, ctas_per_sm=1, instr_per_warp=0, mufu_per_warp=0, mma_flops_per_warp=4e6,
+              hbm_bytes=0, inflight_bytes_per_warp=0)
+    t = [static_model.estimate(mma_sync_flops_per_warp=s, **kw)["mma_us"] for s in (0, 1e6, 4e6)]
+    assert t[0] == pytest.approx(4 * 4e6 / (m["mma_flop_per_sm_clk"] * m["clock_ghz"] * 1e9) * 1e6)
+    assert t[2] == pytest.approx(t[0] / m["mma_sync_fraction"])
+    assert t[1] == pytest.approx(t[0] * (0.75 + 0.25 / m["mma_sync_fraction"]))
 
 
 def test_floor_bytes_match_design_section_7():

@@ -67,7 +67,7 @@ def _finish(case: static_cases.Case, backend: str, launches: List[Dict[str, Any]
         e = static_model.estimate(
             programs=l_["programs"], warps=warps, ctas_per_sm=l_["ctas_per_sm"], instr_per_warp=c["total"],
             mufu_per_warp=c.get("mufu", 0.0), mma_flops_per_warp=c.get("mma_flops", 0.0),
-            mma_sync=c.get("mma_sync", 0.0) > 0, hbm_bytes=case.floor_bytes * share,
+            mma_sync_flops_per_warp=c.get("mma_sync_flops", 0.0), hbm_bytes=case.floor_bytes * share,
             inflight_bytes_per_warp=l_["inflight_bytes_per_warp"], membar_per_warp=c.get("membar_gpu", 0.0))
         l_["estimate"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in e.items()}
         l_["requested_global_bytes"] = req

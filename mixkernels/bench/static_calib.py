@@ -114,7 +114,8 @@ def calibrate(cache: Optional[str], jobs: int, log=print) -> Dict[str, Any]:
         c = st["counts"]
         e = static_model.estimate(programs=la.programs, warps=comp.num_warps, ctas_per_sm=st["ctas_per_sm"],
                                   instr_per_warp=c["total"], mufu_per_warp=c.get("mufu", 0.0),
-                                  mma_flops_per_warp=c.get("mma_flops", 0.0), mma_sync=c.get("mma_sync", 0.0) > 0,
+                                  mma_flops_per_warp=c.get("mma_flops", 0.0), 
+                                  mma_sync_flops_per_warp=c.get("mma_sync_flops", 0.0),
                                   hbm_bytes=nbytes, inflight_bytes_per_warp=st["inflight_bytes_per_warp"],
                                   membar_per_warp=c.get("membar_gpu", 0.0), m=model)
         rate = work / (e["us"] * 1e-6) / 1e12

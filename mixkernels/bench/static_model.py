@@ -5,7 +5,8 @@ is a bottleneck (roofline-style) model over four resources, per launch::
 
     t_issue = warp-instructions / (n_sm * schedulers * clock * issue_eff)
     t_mufu  = MUFU lane-ops / (n_sm * mufu_per_sm_clk * clock)
-    t_mma   = MMA FLOPs / (n_sm * mma_flop_per_sm_clk * clock)     (wgmma rate, or mma.sync's fraction)
+    t_mma   = MMA FLOPs / (n_sm * mma_flop_per_sm_clk * clock)     (wgmma FLOPs at that rate, mma.sync
+                                                                    FLOPs at mma_sync_fraction of it)
     t_mem   = HBM bytes / (hbm_bw * mem_eff)
     t_lat   = waves x (instructions per warp + MEMBAR.GPU per warp x membar_gpu_clk) / clock
     t       = max(t_issue + t_mufu + t_mma, t_mem, t_lat) + launch_us
@@ -70,7 +71,8 @@ def occupancy(regs: int, smem: int, threads: int, m: Dict[str, Any] = MODEL) -> 
 
 
 def estimate(*, programs: int, warps: int, ctas_per_sm: int, instr_per_warp: float, mufu_per_warp: float,
-             mma_flops_per_warp: float, mma_sync: bool, hbm_bytes: float, inflight_bytes_per_warp: float,
+             mma_flops_per_warp: float, mma_sync_flops_per_warp: float, hbm_bytes: float,
+             inflight_bytes_per_warp: float,
              membar_per_warp: float = 0.0, m: Dict[str, Any] = MODEL) -> Dict[str, float]:
     """Estimated time (us) of one launch and each resource's time; see the module docstring."""
     clk = m["clock_ghz"] * 1e9
@@ -85,8 +87,10 @@ def estimate(*, programs: int, warps: int, ctas_per_sm: int, instr_per_warp: flo
     issue_eff = min(1.0, resident_warps / m["schedulers_per_sm"] / m["warps_to_hide_latency"])
     t_issue = per_sm * warps * instr_per_warp / (m["schedulers_per_sm"] * clk * max(issue_eff, 1e-9))
     t_mufu = per_sm * warps * mufu_per_warp * 32 / (m["mufu_per_sm_clk"] * clk)
-    mma_rate = m["mma_flop_per_sm_clk"] * (m["mma_sync_fraction"] if mma_sync else 1.0) * clk
-    t_mma = per_sm * warps * mma_flops_per_warp / mma_rate
+    # mma.sync FLOPs (part of mma_flops_per_warp) at their fraction of the wgmma rate, the rest at it
+    mma_rate = m["mma_flop_per_sm_clk"] * clk
+    sync = min(mma_sync_flops_per_warp, mma_flops_per_warp)
+    t_mma = per_sm * warps * ((mma_flops_per_warp - sync) + sync / m["mma_sync_fraction"]) / mma_rate
     need = m["hbm_bytes_per_s"] / n_sm * m["dram_latency_ns"] * 1e-9
     mem_eff = min(1.0, resident_warps * inflight_bytes_per_warp / need) if inflight_bytes_per_warp > 0 else 1.0
     t_mem = hbm_bytes / (m["hbm_bytes_per_s"] * max(mem_eff, 1e-3))

@@ -82,8 +82,8 @@ def markdown(doc, old=None) -> str:
           "(issue slots, MUFU and tensor cores are not assumed to overlap: see Calibration).",
           "`t_issue` = warp-instructions executed / (SMs x schedulers x clock x issue_eff), issue_eff = min(1, "
           "resident warps per scheduler / warps_to_hide_latency); `t_mufu` = MUFU lane-ops / (SMs x "
-          "mufu_per_sm_clk x clock); `t_mma` = MMA FLOPs / (SMs x mma_flop_per_sm_clk x clock, times "
-          "mma_sync_fraction for HMMA); `t_mem` = the op's floor bytes (split over launches by their "
+          "mufu_per_sm_clk x clock); `t_mma` = MMA FLOPs / (SMs x mma_flop_per_sm_clk x clock), the HMMA "
+          "(mma.sync) share of the FLOPs at mma_sync_fraction of that rate, the HGMMA share at the full rate; `t_mem` = the op's floor bytes (split over launches by their "
           "requested global bytes) / (bandwidth x mem_eff), mem_eff = min(1, bytes in flight per SM / "
           "(bandwidth per SM x DRAM latency)); `t_lat` = waves x (instructions per warp + GPU-scope MEMBARs x "
           "membar_gpu_clk) / clock. Work per SM = ceil(programs / SMs) programs. `bound` names the largest term.",

@@ -359,6 +359,7 @@ def _cost(b: Block) -> Dict[str, float]:
             c["mma_flops"] = c.get("mma_flops", 0.0) + hmma_flops(ins.op)
             if ins.base == "HMMA":
                 c["mma_sync"] = c.get("mma_sync", 0.0) + 1
+                c["mma_sync_flops"] = c.get("mma_sync_flops", 0.0) + hmma_flops(ins.op)
         if ins.base in ("LDG", "STG", "ATOMG", "RED", "REDG", "LDGSTS"):  # bytes requested, all lanes on
             c["global_bytes"] = c.get("global_bytes", 0.0) + 32 * access_bytes(ins)
     return c
