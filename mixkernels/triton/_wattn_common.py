@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["_mm", "_gather", "_gather_rc", "_opaque", "_gather_i32", "_fast", "_idx", "_first_window",
-           "_next_window", "_lyx", "_pos", "_coords", "_in_range", "_table_bias", "_mask"]
+           "_next_window", "_lyx", "_pos", "_coords", "_in_range", "_table_bias", "_mask", "_gather_off", "_gather_i64"]
 
 
 @triton.jit
@@ -69,6 +69,28 @@ def _gather_rc(row_ptr, col_off, ok, MASKED: tl.constexpr, ASM: tl.constexpr):
             return tl.load(rp + co, mask=ok[None, :], other=0.0)
         else:
             return tl.load(rp + co)
+
+
+@triton.jit
+def _gather_off(ptrs, offs, ASM: tl.constexpr):
+    """fp32 ``*(ptrs + offs bytes)`` (``offs`` int64, a multiple of 4), broadcast to one tile, in the
+    tile's layout (``_gather``): a 64-bit add and a load per element."""
+    p, o = tl.broadcast(ptrs, offs)
+    if ASM:
+        return tl.inline_asm_elementwise("{ .reg .b64 a; add.s64 a, $1, $2; ld.global.nc.f32 $0, [a]; }",
+                                         "=f,l,l", [p, o], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.load(p + (o >> 2))
+
+
+@triton.jit
+def _gather_i64(ptrs, ASM: tl.constexpr):
+    """int64 gather in the layout of ``ptrs`` (see ``_gather``)."""
+    if ASM:
+        return tl.inline_asm_elementwise("ld.global.nc.b64 $0, [$1];", "=l,l", [ptrs], dtype=tl.int64,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.load(ptrs)
 
 
 @triton.jit

@@ -39,8 +39,8 @@ import triton
 import triton.language as tl
 
 from ._cosine import _head_scale, _unit
-from ._wattn_common import (_coords, _fast, _first_window, _gather, _gather_i32, _gather_rc, _idx, _in_range,  # noqa: F401
-                            _lyx, _mask, _mm, _next_window, _opaque, _pos, _table_bias)
+from ._wattn_common import (_coords, _fast, _first_window, _gather, _gather_i32, _gather_i64, _gather_off,  # noqa: F401
+                            _gather_rc, _idx, _in_range, _lyx, _mask, _mm, _next_window, _opaque, _pos, _table_bias)
 
 __all__ = ["window_attention", "window_attention_backward", "window_attention_cosine",
            "window_attention_cosine_backward"]
@@ -80,7 +80,7 @@ def _rows(qkv, group, coords, tab_h, ab_h, offs_m, b, y0, x0, gbase, cbase, hd, 
 def _keys(qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW, N: tl.constexpr,
           WH: tl.constexpr, WW: tl.constexpr, D: tl.constexpr, SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr,
           HAS_COORDS: tl.constexpr, COL_MASK: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
-          COSINE: tl.constexpr = False):
+          COSINE: tl.constexpr = False, OFFS: tl.constexpr = False):
     """K (COSINE: normalized) and V tiles of a key block (padded keys: zeros) and the keys' per-token data. The
     keys' table codes come from the launcher's ``codes`` (a load per key instead of an integer
     division in every thread that holds the column)."""
@@ -100,7 +100,11 @@ def _keys(qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, 
     if HAS_GROUP:
         grp = tl.load(group + gbase + pos)
     cy, cx = _coords(coords, cbase, pos, ly, lx, HAS_COORDS)
-    return k, v, col_ok, reg, grp, cy, cx, _gather_i32(codes + offs_n, ASM)
+    if OFFS:  # ``codes``: the forward's int64 table of -4 * code (``_code_offs``)
+        cn = _gather_i64(codes + offs_n, ASM)
+    else:
+        cn = _gather_i32(codes + offs_n, ASM)
+    return k, v, col_ok, reg, grp, cy, cx, cn
 
 
 @triton.jit
@@ -111,7 +115,10 @@ def _logits(q, tab_m, ab_m, reg_m, grp_m, cy_m, cx_m, k, col_ok, reg_n, grp_n, c
     """Masked logits of one (query tile, key block) in log2 units."""
     t = _mm(q, tl.trans(k), F32, UPCAST) * qk_scale
     if HAS_RPB:
-        t += _table_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, RH, RW, HAS_COORDS, ASM)
+        if HAS_COORDS:
+            t += _table_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, RH, RW, HAS_COORDS, ASM)
+        else:  # code_n: -4 * code, a byte offset (``_keys`` OFFS)
+            t += _gather_off(tab_m[:, None], code_n[None, :], ASM)
     if HAS_BIAS:
         t += _gather_rc(ab_m, offs_n, col_ok, COL_MASK, ASM) * 1.4426950408889634
     t, _ = _mask(t, reg_m, reg_n, grp_m, grp_n, col_ok, SHIFT, HAS_GROUP, COL_MASK)
@@ -167,7 +174,7 @@ def _kblock(qkv, group, coords, codes, tab_h, n0, b, y0, x0, gbase, cbase, hd, q
     offs_n = n0 + tl.arange(0, BN)
     k, v, ok, rn, gn, cyn, cxn, cn = _keys(qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, W,
                                            SH, SW, N, WH, WW, D, SHIFT, HAS_GROUP, HAS_COORDS, COL_MASK, IDX64, ASM,
-                                           COSINE)
+                                           COSINE, True)
     ma, la, acca = _step(qa, taba, aba, rega, grpa, cya, cxa, ma, la, acca, k, v, ok, rn, gn, cyn, cxn, cn, offs_n,
                          tab_h, qk_scale, RH, RW, COL_MASK, HAS_RPB, HAS_BIAS, HAS_COORDS, SHIFT, HAS_GROUP, F32,
                          UPCAST, ASM)
@@ -266,10 +273,11 @@ def _tail_rows(qkv, out, lse, tab_h, group, codes, w, h, b, y0, x0, hd, qk_scale
     offs_n = tl.arange(0, BS)
     k, _v, ok, rn, gn, _cyn, _cxn, cn = _keys(qkv, group, group, codes, offs_n, b, y0, x0, (b % GG) * (H * W), 0, hd,
                                              C, H, W, SH, SW, N, WH, WW, D, SHIFT, HAS_GROUP, False, True, IDX64, ASM,
-                                             COSINE)
+                                             COSINE, True)
     t = _mm(k, tl.trans(q), False, UPCAST) * qk_scale  # (keys, rows)
     if HAS_RPB:  # Swin index code_i + c0 - code_j (see _table_bias), gathered in this layout
-        t += _gather_rc(tab_h - cn, ly_m * (2 * WW - 1) + lx_m + ((WH - 1) * (2 * WW - 1) + WW - 1), ok, False, ASM)
+        tab_q = tab_h + (ly_m * (2 * WW - 1) + lx_m + ((WH - 1) * (2 * WW - 1) + WW - 1))
+        t += _gather_off(tab_q[None, :], cn[:, None], ASM)
     t, _ = _mask(t, rn, _r, gn, _g, ok, SHIFT, HAS_GROUP, False)
     t = tl.where(ok[:, None], t, float("-inf"))
     m = tl.max(t, 0)  # an all-masked row: -inf, reference 0, p = 0, l = 0 (NaN out, edge rule 2)
@@ -474,6 +482,19 @@ def _codes(wh, ww, device):
     return t
 
 
+_CODE_OFFS = {}
+
+
+def _code_offs(wh, ww, device):
+    """The forward's key table: ``-4 * code`` (``_codes``) as int64 byte offsets, so a key's table
+    offset is one 64-bit load, not a load, a negation and a 64-bit widening per key and thread."""
+    key = (wh, ww, str(device))
+    t = _CODE_OFFS.get(key)
+    if t is None:
+        t = _CODE_OFFS[key] = _codes(wh, ww, device).to(torch.int64) * -4
+    return t
+
+
 def _tables(rpb, attn_bias, qkv, num_heads):
     """(nH, T) relative-position table pre-scaled by log2e (a head's row is contiguous); dummies
     (never read) for absent inputs."""
@@ -526,7 +547,7 @@ def _forward(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, 
     G = (1 if group is None else group.shape[0], 1 if coords is None else coords.shape[0])
     _fwd_kernel[(num_heads, triton.cdiv(bnw, wpp))](
         qkv, out, lse, tab, ab, qkv if group is None else group, qkv if coords is None else coords,
-        _codes(wh, ww, qkv.device), qkv if logit_scale is None else logit_scale,
+        _code_offs(wh, ww, qkv.device), qkv if logit_scale is None else logit_scale,
         float(scale) * _LOG2E, num_heads, H, W, nW, nWw, sh, sw, *G, rh, rw, bnw, WPP=wpp,
         N=N, D=D, WH=wh, WW=ww, SINGLE=single, BS=max(16, triton.next_power_of_2(N)),
         BLOCK_M=bm, BM_TAIL=_tail(N, bm), BLOCK_N=bn, BN_TAIL=_tail(N, bn), TPP=tpp,
