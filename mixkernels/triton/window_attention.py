@@ -378,7 +378,7 @@ def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes, ls,
         # tail tile in a pass of its own (the fewest live registers)
         N_PASSES: tl.constexpr = (N_TILES + TPP - 1) // TPP if N_TILES > 0 else 1
         # ONE_TAIL: the tail tile in a one-block pass of its own (``_tail_rows``)
-        ONE: tl.constexpr = ONE_TAIL and BM_TAIL > 0 and N_TILES > 0
+        ONE: tl.constexpr = ONE_TAIL and BM_TAIL > 0 and BM_TAIL < 64 and N_TILES > 0  # a 64-row tail is wgmma as is
         TAIL_ALONE: tl.constexpr = TPP == 1 and BM_TAIL > 0 and N_TILES > 0 and not ONE
         LAST: tl.constexpr = N_PASSES - 1
         w, b, wy, wx = _first_window(c * WPP, nW, nWw)
@@ -443,9 +443,9 @@ def _fwd_config(N, D, heavy, wide):
 
 
 def _one_tail(dtype, D, attn_bias, coords):
-    """Whether the tail row tile takes its one-block transposed pass (``_tail_rows``): 16-bit inputs,
-    D <= 64, no attn_bias or coords (MixMIM stages 1-3); the rest (and the interpreter's fp32 tests)
-    keep the tail in the last pass, so both paths run in tests."""
+    """Whether a tail row tile under 64 rows takes its one-block transposed pass (``_tail_rows``):
+    16-bit inputs, D <= 64, no attn_bias or coords (MixMIM stages 1-3); the rest (and the
+    interpreter's fp32 tests) keep the tail in the last pass, so both paths run in tests."""
     return dtype != torch.float32 and D <= 64 and attn_bias is None and coords is None
 
 
