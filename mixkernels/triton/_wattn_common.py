@@ -11,8 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["_mm", "_gather", "_gather_rc", "_opaque", "_gather_i32", "_fast", "_idx", "_first_window",
-           "_next_window", "_lyx", "_pos", "_coords", "_in_range", "_table_bias", "_mask", "_gather_off", "_gather_i64"]
+__all__ = ["_mm", "_gather", "_gather_rc", "_opaque", "_gather_int", "_fast", "_idx", "_first_window",
+           "_next_window", "_lyx", "_pos", "_coords", "_in_range", "_table_bias", "_mask", "_gather_off"]
 
 
 @triton.jit
@@ -84,16 +84,6 @@ def _gather_off(ptrs, offs, ASM: tl.constexpr):
 
 
 @triton.jit
-def _gather_i64(ptrs, ASM: tl.constexpr):
-    """int64 gather in the layout of ``ptrs`` (see ``_gather``)."""
-    if ASM:
-        return tl.inline_asm_elementwise("ld.global.nc.b64 $0, [$1];", "=l,l", [ptrs], dtype=tl.int64,
-                                         is_pure=True, pack=1)
-    else:
-        return tl.load(ptrs)
-
-
-@triton.jit
 def _opaque(x, ASM: tl.constexpr):
     """``x`` through an asm move the compiler cannot see through: addresses derived from it are
     recomputed where used inside a loop instead of hoisted out of it (hoisted, per-row addresses
@@ -105,11 +95,15 @@ def _opaque(x, ASM: tl.constexpr):
 
 
 @triton.jit
-def _gather_i32(ptrs, ASM: tl.constexpr):
-    """int32 gather in the layout of ``ptrs`` (see ``_gather``)."""
+def _gather_int(ptrs, WIDE: tl.constexpr, ASM: tl.constexpr):
+    """int32 (WIDE: int64) gather in the layout of ``ptrs`` (see ``_gather``)."""
     if ASM:
-        return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32,
-                                         is_pure=True, pack=1)
+        if WIDE:
+            return tl.inline_asm_elementwise("ld.global.nc.b64 $0, [$1];", "=l,l", [ptrs], dtype=tl.int64,
+                                             is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                                             is_pure=True, pack=1)
     else:
         return tl.load(ptrs)
 

@@ -39,8 +39,8 @@ import triton
 import triton.language as tl
 
 from ._cosine import _head_scale, _unit
-from ._wattn_common import (_coords, _fast, _first_window, _gather, _gather_i32, _gather_i64, _gather_off,  # noqa: F401
-                            _gather_rc, _idx, _in_range, _lyx, _mask, _mm, _next_window, _opaque, _pos, _table_bias)
+from ._wattn_common import (_coords, _fast, _first_window, _gather, _gather_int, _gather_off, _gather_rc,  # noqa: F401
+                            _idx, _in_range, _lyx, _mask, _mm, _next_window, _opaque, _pos, _table_bias)
 
 __all__ = ["window_attention", "window_attention_backward", "window_attention_cosine",
            "window_attention_cosine_backward"]
@@ -100,11 +100,8 @@ def _keys(qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, 
     if HAS_GROUP:
         grp = tl.load(group + gbase + pos)
     cy, cx = _coords(coords, cbase, pos, ly, lx, HAS_COORDS)
-    if OFFS:  # ``codes``: the forward's int64 table of -4 * code (``_code_offs``)
-        cn = _gather_i64(codes + offs_n, ASM)
-    else:
-        cn = _gather_i32(codes + offs_n, ASM)
-    return k, v, col_ok, reg, grp, cy, cx, cn
+    # OFFS: ``codes`` is the forward's int64 table of -4 * code (``_code_offs``)
+    return k, v, col_ok, reg, grp, cy, cx, _gather_int(codes + offs_n, OFFS, ASM)
 
 
 @triton.jit
