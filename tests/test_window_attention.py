@@ -134,8 +134,10 @@ CASES = {
     "det_win7x7_group_shared_rpb_bf16": (BF16, dict(win=(7, 7), B=1, grid=(1, 1), nh=1, group="shared", rpb=True),
                                          True),
     # the tail row tile's transposed one-block pass (16-bit, no coords/attn_bias): N = 20 (one tile
-    # + tail), N = 49 with shift and per-image groups
+    # + tail; d = 64 fills V^T's 64 padded rows), N = 49 with shift and per-image groups
     "win5x4_shift_rpb_f16": (F16, dict(win=(5, 4), grid=(1, 2), shift=(2, 1), rpb=True), None),
+    "win5x4_d64_shift_group_per_rpb_bf16": (BF16, dict(win=(5, 4), grid=(1, 2), d=64, shift=(2, 1), group="per",
+                                                       rpb=True), None),
     "win7x7_shift_group_per_rpb_bf16": (BF16, dict(win=(7, 7), B=1, grid=(1, 1), shift=(3, 3), group="per",
                                                    rpb=True), None),
     "win3x5_d128_group_per_bias_f32": (F32, dict(win=(3, 5), B=3, grid=(1, 1), nh=1, d=128, group="per",
