@@ -133,6 +133,13 @@ CASES = {
                                                       group="per", rpb=True, bias=True), None),
     "det_win7x7_group_shared_rpb_bf16": (BF16, dict(win=(7, 7), B=1, grid=(1, 1), nh=1, group="shared", rpb=True),
                                          True),
+    # the tail row tile's transposed one-block pass (16-bit, no coords/attn_bias): N = 20 (one tile
+    # + tail; d = 64 fills V^T's 64 padded rows), N = 49 with shift and per-image groups
+    "win5x4_shift_rpb_f16": (F16, dict(win=(5, 4), grid=(1, 2), shift=(2, 1), rpb=True), None),
+    "win5x4_d64_shift_group_per_rpb_bf16": (BF16, dict(win=(5, 4), grid=(1, 2), d=64, shift=(2, 1), group="per",
+                                                       rpb=True), None),
+    "win7x7_shift_group_per_rpb_bf16": (BF16, dict(win=(7, 7), B=1, grid=(1, 1), shift=(3, 3), group="per",
+                                                   rpb=True), None),
     "win3x5_d128_group_per_bias_f32": (F32, dict(win=(3, 5), B=3, grid=(1, 1), nh=1, d=128, group="per",
                                                  bias=True), None),
     # d = 128 over one tile: the two-phase backward (the others take the single pass)
@@ -395,3 +402,24 @@ def test_triton_poisoned_outputs_paths(device, case, monkeypatch):
     for det in (False, True):
         _, nh, kw, leaves = _case(device, F32, **ckw)
         _check("triton", device, F32, nh, kw, leaves, deterministic=det)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_triton_tail_rows_nan_and_poison(dtype, monkeypatch):
+    """The tail rows' one-block pass (16-bit, window 7: rows 48.. of the interpreter's 16-row tiles):
+    a head whose table is all -inf gives NaN rows (edge rule 2), the other head matches the
+    reference, and padded rows are never stored (poisoned outputs)."""
+    tw = pytest.importorskip("mixkernels.triton.window_attention")
+    monkeypatch.setattr(tw, "_alloc",
+                        lambda shape, dtype, dev: torch.full(shape, float("nan"), dtype=dtype, device=dev))
+    nh, win = 2, (7, 7)
+    qkv = torch.randn(1, 7, 14, 3 * nh * 16, device=_DEV).to(dtype)
+    table = torch.randn(13 * 13, nh, device=_DEV)
+    table[:, 0] = float("-inf")
+    group = torch.randint(0, 2, (1, 7, 14), device=_DEV)
+    out, lse = tw.window_attention(qkv, nh, 7, 7, 0, 0, table, None, group, None, 7, 7, 16 ** -0.5)
+    assert torch.isnan(out[..., :16]).all() and not torch.isfinite(lse[:, 0]).any()
+    assert torch.isfinite(out[..., 16:]).all() and torch.isfinite(lse[:, 1]).all()
+    r64 = ref_wa(qkv.double(), nh, win, rel_pos_bias=table.double(), group=group)
+    r_s = ref_wa(qkv, nh, win, rel_pos_bias=table, group=group)
+    assert_close_2x(out[..., 16:], r64[..., 16:], r_s[..., 16:], name="out")

@@ -1,0 +1,235 @@
+"""Addressing, gathers, masks and MUFU helpers of the Triton window attention (forward and backward).
+
+Window walk (``_first_window``/``_next_window``), window-local and original token positions with
+Swin's shift regions (``_lyx``/``_pos``), coordinates and exact int64 range tests, the
+relative-position table gathered in the scores' register layout by inline asm (``_gather*``,
+``_table_bias``), the shift/group/padding mask, the MMA wrapper and MUFU approximations. Re-exported
+by ``window_attention`` (the backward imports them from there).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["_mm", "_gather", "_gather_rc", "_opaque", "_gather_int", "_fast", "_idx", "_first_window",
+           "_next_window", "_lyx", "_pos", "_coords", "_in_range", "_table_bias", "_mask", "_gather_off"]
+
+
+@triton.jit
+def _mm(a, b, F32: tl.constexpr, UPCAST: tl.constexpr):
+    # fp32 inputs: exact fp32 products (TF32 would break the 2x-reference rule). The
+    # interpreter's dot is wrong for bf16, so it computes in fp32 there.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif F32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _gather(ptrs, ok, MASKED: tl.constexpr, ASM: tl.constexpr):
+    """fp32 table gather (0 where not ``ok`` when MASKED). Inline asm on the GPU: a ``tl.load``
+    gets a coalesced layout of its own and a shared-memory round trip into the MMA layout;
+    the asm takes the layout of its pointer operand (the scores'), read-only cache path."""
+    if ASM:
+        if MASKED:
+            return tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.f32 $0, 0f00000000; @p ld.global.nc.f32 $0, [$1]; }",
+                "=f,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=f,l", [ptrs], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+    else:
+        if MASKED:
+            return tl.load(ptrs, mask=ok, other=0.0)
+        else:
+            return tl.load(ptrs)
+
+
+@triton.jit
+def _gather_rc(row_ptr, col_off, ok, MASKED: tl.constexpr, ASM: tl.constexpr):
+    """``row_ptr[i][col_off[j]]`` (fp32; 0 where not ``ok`` when MASKED) for a (rows, cols) tile,
+    in the tile's layout: one ``IMAD.WIDE`` + one load per element (a hoisted 64-bit column
+    offset would cost a two-instruction 64-bit add instead)."""
+    rp, co = tl.broadcast(row_ptr[:, None], col_off[None, :])
+    if ASM:
+        if MASKED:
+            okb = tl.broadcast_to(ok[None, :], rp.shape).to(tl.int32)
+            return tl.inline_asm_elementwise(
+                "{ .reg .pred p; .reg .b64 a; setp.ne.b32 p, $3, 0; mad.wide.s32 a, $2, 4, $1; "
+                "mov.f32 $0, 0f00000000; @p ld.global.nc.f32 $0, [a]; }",
+                "=f,l,r,r", [rp, co, okb], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b64 a; mad.wide.s32 a, $2, 4, $1; ld.global.nc.f32 $0, [a]; }",
+                "=f,l,r", [rp, co], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        if MASKED:
+            return tl.load(rp + co, mask=ok[None, :], other=0.0)
+        else:
+            return tl.load(rp + co)
+
+
+@triton.jit
+def _gather_off(ptrs, offs, ASM: tl.constexpr):
+    """fp32 ``*(ptrs + offs bytes)`` (``offs`` int64, a multiple of 4), broadcast to one tile, in the
+    tile's layout (``_gather``): a 64-bit add and a load per element."""
+    p, o = tl.broadcast(ptrs, offs)
+    if ASM:
+        return tl.inline_asm_elementwise("{ .reg .b64 a; add.s64 a, $1, $2; ld.global.nc.f32 $0, [a]; }",
+                                         "=f,l,l", [p, o], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.load(p + (o >> 2))
+
+
+@triton.jit
+def _opaque(x, ASM: tl.constexpr):
+    """``x`` through an asm move the compiler cannot see through: addresses derived from it are
+    recomputed where used inside a loop instead of hoisted out of it (hoisted, per-row addresses
+    stay live across the loop and spill)."""
+    if ASM:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        return x
+
+
+@triton.jit
+def _gather_int(ptrs, WIDE: tl.constexpr, ASM: tl.constexpr):
+    """int32 (WIDE: int64) gather in the layout of ``ptrs`` (see ``_gather``)."""
+    if ASM:
+        if WIDE:
+            return tl.inline_asm_elementwise("ld.global.nc.b64 $0, [$1];", "=l,l", [ptrs], dtype=tl.int64,
+                                             is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _fast(x, OP: tl.constexpr, ASM: tl.constexpr):
+    """1/x (OP 0) or log2(x) (OP 1) for per-row normalization: MUFU approximations on the GPU
+    (~1 ulp; the IEEE versions cost ~20 instructions), exact math under the interpreter."""
+    if ASM:
+        if OP == 0:
+            return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+    else:
+        if OP == 0:
+            return 1.0 / x
+        else:
+            return tl.log2(x)
+
+
+@triton.jit
+def _idx(x, IDX64: tl.constexpr):
+    """Element offsets in int64 only when a tensor has 2**31 elements or more."""
+    if IDX64:
+        return x.to(tl.int64)
+    else:
+        return x
+
+
+@triton.jit
+def _first_window(w, nW, nWw):
+    """Window ``w`` (row-major, batch outermost) as (w, image, window row, window col)."""
+    return w, w // nW, (w % nW) // nWw, (w % nW) % nWw
+
+
+@triton.jit
+def _next_window(w, b, wy, wx, nWh, nWw):
+    """The window after ``w`` (row-major, batch outermost) without integer division."""
+    wx = wx + 1
+    wrap = wx == nWw
+    wx = tl.where(wrap, 0, wx)
+    wy = tl.where(wrap, wy + 1, wy)
+    wrap = wy == nWh
+    wy = tl.where(wrap, 0, wy)
+    b = tl.where(wrap, b + 1, b)
+    return w + 1, b, wy, wx
+
+
+@triton.jit
+def _lyx(offs, N: tl.constexpr, WW: tl.constexpr):
+    """Window-local (row, col); padded indices (>= N) read the last real token (rows: never
+    stored; keys: masked by position)."""
+    o = tl.minimum(offs, N - 1)
+    return o // WW, o % WW
+
+
+@triton.jit
+def _pos(ly, lx, y0, x0, H, W, SH, SW, WH: tl.constexpr, WW: tl.constexpr, SHIFT: tl.constexpr):
+    """Original grid position (roll(-shift) reads x[(r + s) % n]; ``(y0, x0)``: the window's
+    corner on the rolled grid) and a shift-region label: Swin's 3x3 regions ``[0,H-wh)
+    [H-wh,H-sh) [H-sh,H)`` (same for W) split only the last window row/column, so within a
+    window the label is (last row band) * 3 * (ly >= wh-sh) + (last col band) * (lx >= ww-sw);
+    the ly/lx tests are window-invariant (hoisted out of window loops)."""
+    ry = y0 + ly
+    rx = x0 + lx
+    if SHIFT:
+        y = ry + SH
+        y = tl.where(y >= H, y - H, y)
+        x = rx + SW
+        x = tl.where(x >= W, x - W, x)
+        reg = (y0 >= H - WH).to(tl.int32) * (3 * (ly >= WH - SH).to(tl.int32)) \
+            + (x0 >= W - WW).to(tl.int32) * (lx >= WW - SW).to(tl.int32)
+    else:
+        y = ry
+        x = rx
+        reg = ly * 0
+    return y * W + x, reg
+
+
+@triton.jit
+def _coords(coords, cbase, pos, ly, lx, HAS_COORDS: tl.constexpr):
+    """(row, col) coordinates as int64: the token's true position, or its window-local one."""
+    if HAS_COORDS:
+        cy = tl.load(coords + (cbase + pos) * 2).to(tl.int64)
+        cx = tl.load(coords + (cbase + pos) * 2 + 1).to(tl.int64)
+    else:
+        cy = ly.to(tl.int64)
+        cx = lx.to(tl.int64)
+    return cy, cx
+
+
+@triton.jit
+def _in_range(a, b, R):
+    """Exact ``a - b`` of int64 and whether it lies in (-R, R) without wrapping (edge rules 1, 3)."""
+    d = a - b
+    ovf = ((a ^ b) & (a ^ d)) < 0
+    return d, (d > -R) & (d < R) & (ovf == 0)
+
+
+@triton.jit
+def _table_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, RH, RW, HAS_COORDS: tl.constexpr, ASM: tl.constexpr):
+    """Relative-position bias (log2 units) of every pair, gathered in the scores' layout."""
+    if HAS_COORDS:
+        dy, iny = _in_range(cy_m[:, None], cy_n[None, :], RH)
+        dx, inx = _in_range(cx_m[:, None], cx_n[None, :], RW)
+        inr = iny & inx
+        idx = tl.where(inr, (dy + (RH - 1)) * (2 * RW - 1) + (dx + (RW - 1)), 0).to(tl.int32)
+        return _gather(tab_h + idx, inr, True, ASM)
+    else:
+        # Swin index (ly_i - ly_j + wh-1)*(2ww-1) + (lx_i - lx_j + ww-1) = code_i + c0 - code_j
+        return _gather_rc(tab_m, -code_n, code_n, False, ASM)
+
+
+@triton.jit
+def _mask(t, reg_m, reg_n, grp_m, grp_n, col_ok, SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr,
+          COL_MASK: tl.constexpr):
+    """-inf where the shift/group rule or key padding (COL_MASK: by position) masks the pair."""
+    allowed = col_ok[None, :]
+    if SHIFT:
+        same = reg_m[:, None] == reg_n[None, :]
+        allowed = (allowed & same) if COL_MASK else same
+    if HAS_GROUP:
+        same = grp_m[:, None] == grp_n[None, :]
+        allowed = (allowed & same) if (COL_MASK or SHIFT) else same
+    if SHIFT or HAS_GROUP or COL_MASK:
+        t = tl.where(allowed, t, float("-inf"))
+    return t, allowed
