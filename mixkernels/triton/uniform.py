@@ -116,6 +116,8 @@ def _scatter(compact, keep, unit, secondary, need_token):
     if R == 0 or C == 0:
         return out, torch.zeros(C, dtype=torch.float32, device=compact.device)
     br, bc, nw = tile(C, R)
+    if want_tok:  # twice the rows: the per-program mask-token reduction costs half as much per row
+        br = min(br * 2, triton.next_power_of_2(R))
     grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
     tok_part = torch.empty((grid[0], C), dtype=torch.float32, device=compact.device) if want_tok else acc_empty(compact)
     _scatter_kernel[grid](compact, keep, secondary if has_sec else keep, out, tok_part, R, H, W, C, unit,
