@@ -61,15 +61,19 @@ def test_mix_and_unmix(dtype, C, off):
                 assert_close_2x(out2, want2, same2, name="unmix + pos")
 
 
+# (B, L, C, pointer offset, shared mask): one image chunk (dpos written directly) with 16 B and
+# scalar access; several image chunks (B above the image lanes, few positions: dpos from partials)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
-def test_unmix_backward(dtype):
-    B, L, C = 3, 7, 40
-    mask = (torch.rand(B, L) < 0.5).to(torch.uint8)
-    g = E.aligned(torch.randn(2 * B, L, C).to(dtype))
+@pytest.mark.parametrize("B,L,C,off,shared", [(3, 7, 40, 0, False), (5, 3, 24, 1, True), (70, 3, 64, 0, False),
+                                              (67, 2, 8, 0, True)], ids=str)
+def test_unmix_backward(dtype, B, L, C, off, shared):
+    mask = (torch.rand(1 if shared else B, L) < 0.5).to(torch.uint8)
+    g = E.aligned(torch.randn(2 * B, L, C).to(dtype), off)
     dx = E.empty((B, L, C), dtype)
     dtok, dpos = E.empty((C,), torch.float32), E.empty((L, C), torch.float32)
     ws = E.empty((max(1, E.call("emu_unmix_tokens_backward_workspace", B, L, C, 1, 1)),), torch.float32)
-    _ok(E.call("emu_unmix_tokens_backward", g, mask, dx, dtok, dpos, ws, B, L, C, B, DT[dtype]))
+    _ok(E.call("emu_unmix_tokens_backward", g, mask, dx, dtok, dpos, ws, B, L, C, mask.shape[0], DT[dtype]))
+    mask = mask.expand(B, L)
     x = torch.randn(B, L, C, dtype=torch.float64, requires_grad=True)
     tok = torch.randn(C, dtype=torch.float64, requires_grad=True)
     pos = torch.randn(L, C, dtype=torch.float64, requires_grad=True)
@@ -97,7 +101,7 @@ def test_window_partition_merge(dtype, win, shift, C, off):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("unit", [1, 2])
-@pytest.mark.parametrize("C,off", [(16, 0), (5, 0), (24, 1)], ids=str)
+@pytest.mark.parametrize("C,off", [(16, 0), (5, 0), (24, 1), (300, 1)], ids=str)  # 300: channel chunks in bwd
 def test_uniform(dtype, unit, C, off):
     B, H, W = 2, 4 * unit, 8 * unit
     hc, wc = H // (2 * unit), W // (2 * unit)

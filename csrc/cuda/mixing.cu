@@ -1,8 +1,9 @@
 // CUDA kernels: MixMIM token mixing (mix_tokens) and the dual decoder's un-mixing (unmix_tokens),
 // forward and backward. Every op that moves whole rows (mix, mix backward, unmix with or without
 // pos_embed) is the row gather of tokens_kernels.cuh (one map per row, exact copies, fp32 adds).
-// unmix backward reduces deterministically: per-(image chunk, position) float32 partials in pass 1,
-// then fixed-order column sums (tokens_kernels.cuh).
+// unmix backward reduces deterministically: one CTA per (position, row slice, image chunk) sums its
+// images in a fixed order (dpos complete when there is one chunk), then fixed-order column sums of
+// the per-position partials give dtoken (tokens_kernels.cuh).
 #include "mixkernels/tokens_cuda.h"
 #include "tokens_kernels.cuh"
 
@@ -49,77 +50,114 @@ struct UnmixMap {
   }
 };
 
-// Pass 1 of unmix backward. Task t = (k, p): images [k*chunk, (k+1)*chunk) at position p.
-// dx[b,p] = g[B+b,p] if mask else g[b,p]; tok_part/pos_part[(k*L+p)*C + c] = float32 sums over b.
-// Block: x over a row's VEC-vectors, y over tasks; row pointers advance by L*C per image.
+// Unmix backward, pass 1. CTA = (position p, slice of tx vectors of the row, image chunk k); thread
+// (x: vector of the slice, y: image lane). A lane walks its chunk's images y, y+ty, ... two per
+// iteration (four independent 16 B loads in flight): dx[b,p] = g[B+b,p] if mask else g[b,p], and
+// float32 sums tok += mask ? g[b,p] : g[B+b,p], pos += g[b,p] + g[B+b,p]. The ty lanes are then summed
+// in a fixed order through shared memory, so every output is one CTA's (deterministic, no atomics):
+// tok_out[(k*L + p)*C + c] and pos_out[(k*L + p)*C + c] (dpos itself when there is one chunk).
+struct UnmixBwd {
+  int B, L, slices, chunk;
+  int64_t C;
+  bool shared;
+};
+
 template <typename T, int VEC>
-__global__ void unmix_backward_kernel(const T* __restrict__ g, const uint8_t* __restrict__ mask, T* __restrict__ dx,
-                                      float* __restrict__ tok_part, float* __restrict__ pos_part, int64_t B, int64_t L,
-                                      int64_t C, bool shared, int64_t chunk, int64_t n_chunks) {
+__global__ void __launch_bounds__(tokens::kThreads) unmix_backward_kernel(const T* __restrict__ g,
+                                                                         const uint8_t* __restrict__ mask,
+                                                                         T* __restrict__ dx, float* __restrict__ tok_out,
+                                                                         float* __restrict__ pos_out, const UnmixBwd a) {
   using P = Pack<T, VEC>;
-  const int64_t vpr = C / VEC, tasks = n_chunks * L, stride = int64_t(gridDim.x) * blockDim.y, LC = L * C;
-  for (int64_t t = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; t < tasks; t += stride) {
-    const int64_t k = t / L, p = t - k * L, b0 = k * chunk, b1 = b0 + chunk < B ? b0 + chunk : B;
-    for (int64_t v = threadIdx.x; v < vpr; v += blockDim.x) {
-      float at[VEC], ap[VEC];
+  __shared__ float red[2][tokens::kThreads * VEC];  // [tok|pos][y][x*VEC + e]
+  const int tx = blockDim.x, ty = blockDim.y, x = threadIdx.x, y = threadIdx.y;
+  const int p = blockIdx.x / a.slices, s = blockIdx.x - p * a.slices;
+  const int64_t vpr = a.C / VEC, v = int64_t(s) * tx + x;
+  const int b0 = blockIdx.y * a.chunk, b1 = b0 + a.chunk < a.B ? b0 + a.chunk : a.B;
+  float at[VEC], ap[VEC];
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) at[e] = ap[e] = 0.f;
-      const P* g1p = reinterpret_cast<const P*>(g + (b0 * L + p) * C) + v;
-      const P* g2p = reinterpret_cast<const P*>(g + ((B + b0) * L + p) * C) + v;
-      P* dp = reinterpret_cast<P*>(dx + (b0 * L + p) * C) + v;
-      const uint8_t* mp = mask + (shared ? 0 : b0) * L + p;
-#pragma unroll 2
-      for (int64_t b = b0; b < b1; ++b) {
-        const bool masked = *mp != 0;
-        const P g1 = *g1p, g2 = *g2p;
-        *dp = masked ? g2 : g1;
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          const float f1 = to_float(g1.v[e]), f2 = to_float(g2.v[e]);
-          at[e] += masked ? f1 : f2;
-          ap[e] += f1 + f2;
-        }
-        g1p += LC / VEC;
-        g2p += LC / VEC;
-        dp += LC / VEC;
-        mp += shared ? 0 : L;
-      }
-      const int64_t o = t * C + v * VEC;
+  for (int e = 0; e < VEC; ++e) at[e] = ap[e] = 0.f;
+  if (v < vpr) {
+    const int64_t img = int64_t(a.L) * vpr;  // vectors per image
+    const P* g1 = reinterpret_cast<const P*>(g) + int64_t(p) * vpr + v;
+    const P* g2 = g1 + int64_t(a.B) * img;
+    P* d = reinterpret_cast<P*>(dx) + int64_t(p) * vpr + v;
+    for (int b = b0 + y; b < b1; b += 2 * ty) {
+      const bool two = b + ty < b1;  // the second image of the pair
+      const int64_t o0 = int64_t(b) * img, o1 = o0 + int64_t(ty) * img;
+      const bool m0 = mask[(a.shared ? 0 : int64_t(b) * a.L) + p] != 0;
+      const bool m1 = two && mask[(a.shared ? 0 : int64_t(b + ty) * a.L) + p] != 0;
+      const P x0 = g1[o0], y0 = g2[o0];
+      const P x1 = two ? g1[o1] : P{}, y1 = two ? g2[o1] : P{};
+      d[o0] = m0 ? y0 : x0;
+      if (two) d[o1] = m1 ? y1 : x1;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        if (tok_part) tok_part[o + e] = at[e];
-        if (pos_part) pos_part[o + e] = ap[e];
+        const float f0 = to_float(x0.v[e]), h0 = to_float(y0.v[e]), f1 = to_float(x1.v[e]), h1 = to_float(y1.v[e]);
+        at[e] += (m0 ? f0 : h0) + (m1 ? f1 : h1);
+        ap[e] += (f0 + h0) + (f1 + h1);
       }
     }
   }
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    red[0][(y * tx + x) * VEC + e] = at[e];
+    red[1][(y * tx + x) * VEC + e] = ap[e];
+  }
+  __syncthreads();
+  const int cols = tx * VEC, tid = y * tx + x;
+  const int64_t out_row = (int64_t(blockIdx.y) * a.L + p) * a.C + int64_t(s) * cols;
+  for (int j = tid; j < 2 * cols; j += tx * ty) {
+    const int q = j >= cols, c = j - q * cols;
+    if (int64_t(s) * cols + c >= a.C) continue;
+    float* out = q ? pos_out : tok_out;
+    if (out == nullptr) continue;
+    float sum = 0.f;
+    for (int l = 0; l < ty; ++l) sum += red[q][l * cols + c];
+    out[out_row + c] = sum;
+  }
 }
 
-// Block shape for rows of `vpr` vectors: x over a row's vectors, y over tasks; grid-stride.
-inline dim3 unmix_block(int64_t vpr) {
+// Block (tx vectors of a row, ty image lanes): tx covers 128 B of a row (or the whole row if
+// shorter), so a warp reads whole 128 B lines.
+inline dim3 unmix_block(int64_t vpr, int vec_bytes) {
   int tx = 1;
-  while (tx < vpr && tx < 128) tx *= 2;
+  while (tx < vpr && tx * vec_bytes < 128) tx *= 2;
   return dim3(tx, tokens::kThreads / tx);
 }
-inline dim3 unmix_grid(int64_t tasks, dim3 block) {
-  const int64_t g = ceil_div(tasks, block.y);
-  return dim3(static_cast<unsigned>(g < 1 ? 1 : (g > tokens::kMaxBlocks ? tokens::kMaxBlocks : g)));
+
+// Image chunks: enough CTAs for a large GPU (264: two per SM of an H100/H200), else one chunk (dpos
+// written directly). A fixed target, not the device's SM count: the summation order, hence the
+// result bits, is the same on every GPU.
+inline int64_t unmix_chunks(int64_t B, int64_t L, int64_t slices, int ty) {
+  const int64_t want = ceil_div(264, L * slices), most = ceil_div(B, ty);
+  const int64_t n = want < most ? want : most;
+  return n > 1 ? ceil_div(B, ceil_div(B, n)) : 1;
 }
 
-// Image chunks of unmix backward: enough (chunk, position) tasks to fill a GPU, few partials.
-inline int64_t unmix_chunk(int64_t B, int64_t L) {
-  int64_t n = ceil_div(1024, L > 0 ? L : 1);
-  n = n < B ? n : B;
-  return ceil_div(B, n > 0 ? n : 1);
+struct UnmixPlan {
+  dim3 block;
+  int64_t slices, chunks, chunk;
+};
+
+inline UnmixPlan unmix_plan(int64_t B, int64_t L, int64_t C, int vec, int es) {
+  UnmixPlan u;
+  u.block = unmix_block(C / vec, vec * es);
+  u.slices = ceil_div(C / vec, u.block.x);
+  u.chunks = unmix_chunks(B, L, u.slices, int(u.block.y));
+  u.chunk = ceil_div(B, u.chunks);
+  return u;
 }
 
 template <typename T, int VEC>
-cudaError_t launch_unmix_backward(const void* g, const uint8_t* mask, void* dx, float* tok_part, float* pos_part,
-                                  int64_t B, int64_t L, int64_t C, bool shared, int64_t chunk, int64_t n_chunks,
+cudaError_t launch_unmix_backward(const void* g, const uint8_t* mask, void* dx, float* tok_out, float* pos_out,
+                                  int64_t B, int64_t L, int64_t C, bool shared, const UnmixPlan& u,
                                   cudaStream_t stream) {
-  const dim3 block = unmix_block(C / VEC);
+  const int64_t ctas = L * u.slices;
+  if (ctas >= (int64_t(1) << 31) || 2 * B * L >= (int64_t(1) << 31)) return cudaErrorInvalidValue;
+  const UnmixBwd a{int(B), int(L), int(u.slices), int(u.chunk), C, shared};
   auto k = unmix_backward_kernel<T, VEC>;
-  return MK_LAUNCH(k, unmix_grid(n_chunks * L, block), block, 0, stream, static_cast<const T*>(g), mask,
-                   static_cast<T*>(dx), tok_part, pos_part, B, L, C, shared, chunk, n_chunks);
+  return MK_LAUNCH(k, dim3(unsigned(ctas), unsigned(u.chunks)), u.block, 0, stream, static_cast<const T*>(g), mask,
+                   static_cast<T*>(dx), tok_out, pos_out, a);
 }
 
 }  // namespace
@@ -144,12 +182,27 @@ cudaError_t unmix_tokens(const void* x, const uint8_t* mask, const void* token, 
   return tokens::launch_rows<true>(x, token, pos, out, 2 * B * L, rb, dtype, map, stream);
 }
 
+// Workspace of one plan: [tok partials (n*L, C) | their column-sum scratch] [pos partials (n, L*C) |
+// scratch] (pos only with several image chunks).
+inline int64_t unmix_workspace(const UnmixPlan& u, int64_t L, int64_t C, bool need_token, bool need_pos) {
+  const int64_t n = u.chunks;
+  const int64_t ws_tok = need_token ? n * L * C + tokens::column_sum_workspace(n * L, C) : 0;
+  const int64_t ws_pos = need_pos && n > 1 ? n * L * C + tokens::column_sum_workspace(n, L * C) : 0;
+  return ws_tok + ws_pos;
+}
+
+// The plan depends on the element size and the access width (pointer alignment), which the caller
+// does not pass: the largest of the four.
 int64_t unmix_tokens_backward_workspace(int64_t B, int64_t L, int64_t C, bool need_token, bool need_pos) {
   if (B == 0 || L == 0 || C == 0) return 0;
-  const int64_t n = ceil_div(B, unmix_chunk(B, L));
-  const int64_t ws_tok = need_token ? tokens::column_sum_workspace(n * L, C) : 0;
-  const int64_t ws_pos = need_pos ? tokens::column_sum_workspace(n, L * C) : 0;
-  return (int64_t(need_token) + int64_t(need_pos)) * n * L * C + (ws_tok > ws_pos ? ws_tok : ws_pos);
+  int64_t most = 0;
+  for (int es : {2, 4})
+    for (int vec : {1, 16 / es}) {
+      if (C % vec) continue;
+      const int64_t w = unmix_workspace(unmix_plan(B, L, C, vec, es), L, C, need_token, need_pos);
+      most = w > most ? w : most;
+    }
+  return most;
 }
 
 cudaError_t unmix_tokens_backward(const void* grad, const uint8_t* mask, void* dx, float* dtoken, float* dpos,
@@ -160,20 +213,23 @@ cudaError_t unmix_tokens_backward(const void* grad, const uint8_t* mask, void* d
     if (e == cudaSuccess && dpos) e = cudaMemsetAsync(dpos, 0, L * C * sizeof(float), stream);
     return e;
   }
-  const int64_t chunk = unmix_chunk(B, L), n = ceil_div(B, chunk);
-  float* tok_part = dtoken ? workspace : nullptr;
-  float* pos_part = dpos ? workspace + (dtoken ? n * L * C : 0) : nullptr;
-  float* scratch = workspace + (int64_t(dtoken != nullptr) + int64_t(dpos != nullptr)) * n * L * C;
   const int es = element_size(dtype);
-  const bool vec = tokens::vector_bytes(C * es, es, grad, dx) == 16;
+  const int vec = tokens::vector_bytes(C * es, es, grad, dx) == 16 ? 16 / es : 1;
+  const UnmixPlan u = unmix_plan(B, L, C, vec, es);
+  const int64_t n = u.chunks;
+  float* tok_part = dtoken ? workspace : nullptr;
+  float* tok_scratch = dtoken ? workspace + n * L * C : nullptr;
+  float* rest = dtoken ? tok_scratch + tokens::column_sum_workspace(n * L, C) : workspace;
+  float* pos_part = dpos ? (n > 1 ? rest : dpos) : nullptr;
   cudaError_t err = MK_DISPATCH_DTYPE(dtype, [&] {
     constexpr int V = 16 / sizeof(scalar_t);
-    return vec ? launch_unmix_backward<scalar_t, V>(grad, mask, dx, tok_part, pos_part, B, L, C, G == 1, chunk, n, stream)
-               : launch_unmix_backward<scalar_t, 1>(grad, mask, dx, tok_part, pos_part, B, L, C, G == 1, chunk, n, stream);
+    return vec > 1 ? launch_unmix_backward<scalar_t, V>(grad, mask, dx, tok_part, pos_part, B, L, C, G == 1, u, stream)
+                   : launch_unmix_backward<scalar_t, 1>(grad, mask, dx, tok_part, pos_part, B, L, C, G == 1, u, stream);
   });
   if (err == cudaSuccess && dtoken)
-    err = tokens::column_sum(tok_part, n * L, C, tokens::AllRows{}, dtoken, scratch, stream);
-  if (err == cudaSuccess && dpos) err = tokens::column_sum(pos_part, n, L * C, tokens::AllRows{}, dpos, scratch, stream);
+    err = tokens::column_sum(tok_part, n * L, C, tokens::AllRows{}, dtoken, tok_scratch, stream);
+  if (err == cudaSuccess && dpos && n > 1)
+    err = tokens::column_sum(pos_part, n, L * C, tokens::AllRows{}, dpos, rest + n * L * C, stream);
   return err;
 }
 

@@ -23,14 +23,22 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
+import sys
 import tempfile
-from collections import Counter, defaultdict
-
+from collections import Counter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)  # this checkout's mixkernels, not an installed one
+
+# The static report's helpers: tool lookup (Triton's nvdisasm, the real toolkit behind a wrapper nvcc),
+# SASS parsing with CFG and natural loops, and the launch-plan / pack-prologue emulation.
+from mixkernels.bench import wattn_workload as WW  # noqa: E402
+from mixkernels.bench.aot import tool  # noqa: E402
+from mixkernels.bench.static_cuda import cuda_home  # noqa: E402
+from mixkernels.bench.static_sass import Function, disassemble  # noqa: E402
+from mixkernels.bench.static_sass import parse as parse_sass  # noqa: E402
 MODEL = dict(n_sm=132, clock_hz=1.98e9, ipc=4, warps_to_hide=2.0, mufu_per_clk=16, mma_flop_per_clk=2048,
              hbm=4.3e12, smem_bytes_per_clk=128, launch_us=2.0, regs_per_sm=65536, smem_per_sm=233472)
 SHAPES = {  # B, HW, C, heads, window, shift, MixMIM group
@@ -41,26 +49,15 @@ SHAPES = {  # B, HW, C, heads, window, shift, MixMIM group
 
 
 # ---------------------------------------------------------------------------------------- tools
-def _tool(name):
-    try:
-        import triton
-        p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-        if os.path.exists(p):
-            return p
-    except ImportError:
-        pass
-    return shutil.which(name)
-
-
 def _nvcc():
-    for c in [os.environ.get("CUDA_HOME"), "/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
-        if c and os.path.exists(os.path.join(c, "bin", "nvcc")) and os.path.exists(os.path.join(c, "include", "cuda_runtime.h")):
-            return os.path.join(c, "bin", "nvcc")
-    raise SystemExit("no CUDA toolkit (bin/nvcc + include/cuda_runtime.h) found")
+    home = cuda_home()
+    if home is None:
+        raise SystemExit("no CUDA toolkit (bin/nvcc + include/cuda_runtime.h) found")
+    return os.path.join(home, "bin", "nvcc")
 
 
 def compile_instance(src, marker, inst, work):
-    """Kernels of `src` (text before `marker`) plus an explicit instantiation -> (ptxas info, SASS)."""
+    """Kernels of `src` (text before `marker`) plus an explicit instantiation -> (ptxas info, its SASS)."""
     text = open(os.path.join(HERE, src)).read()
     body = text[: text.index(marker)]
     opens = len(re.findall(r"^namespace [\w:]+ \{", body, re.M)) - len(re.findall(r"^\}  // namespace", body, re.M))
@@ -76,140 +73,57 @@ def compile_instance(src, marker, inst, work):
         raise RuntimeError(r.stderr[-4000:])
     regs = int(re.search(r"Used (\d+) registers", r.stderr).group(1))
     spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill", r.stderr))
-    sass = subprocess.run([_tool("nvdisasm"), "-c", "-gi", cubin], capture_output=True, text=True, check=True).stdout
-    return dict(registers=regs, spill_bytes=spills), sass
+    return dict(registers=regs, spill_bytes=spills), only_function(disassemble(cubin, tool("nvdisasm"), keep=False))
 
 
 # ------------------------------------------------------------------------------------ SASS / CFG
-_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;?\s*$")
-_LABEL = re.compile(r"^(\.L_\w+):")
-_LOC = re.compile(r'"([^"]+)", line (\d+)')
-_TARGET = re.compile(r"`\(([^)]+)\)")
+def only_function(sass: str, pick=None) -> Function:
+    """The kernel of a listing (static_sass: basic blocks, successors, natural loops): the one whose
+    mangled name satisfies `pick`, else the largest."""
+    fns = [f for name, f in parse_sass(sass).items() if pick is None or pick(name)]
+    return max(fns, key=lambda f: sum(len(b.instrs) for b in f.blocks))
 
 
-def parse(sass):
-    """Blocks of the (single) function: [(instrs, succ)], instr = (op, pred, args, loc chain)."""
-    items, loc, fresh, labels = [], (), True, []
-    for line in sass.splitlines():
-        s = line.strip()
-        if s.startswith("//##"):
-            if fresh:
-                loc, fresh = tuple((f, int(n)) for f, n in _LOC.findall(s)), False
-            continue
-        m = _LABEL.match(s)
-        if m:
-            labels.append(m.group(1))
-            continue
-        m = _INSTR.match(line)
-        if not m:
-            continue
-        body, pred = m.group(2).rstrip(" ;"), ""
-        if body.startswith("@"):
-            pred, body = body.split(None, 1)
-        op, _, args = body.partition(" ")
-        items.append((labels, (op, pred, args, loc)))
-        labels, fresh = [], True
-    label_at = {lb: k for k, (lbs, _) in enumerate(items) for lb in lbs}
-    branch = lambda op: op.split(".")[0] in ("BRA", "EXIT", "RET")
-    leaders = {0}
-    for k, (lbs, ins) in enumerate(items):
-        if lbs:
-            leaders.add(k)
-        if branch(ins[0]):
-            leaders.add(k + 1)
-            t = _TARGET.search(ins[2])
-            if t and t.group(1) in label_at:
-                leaders.add(label_at[t.group(1)])
-    starts = sorted(x for x in leaders if x < len(items))
-    block_of, blocks = {}, []
-    for bi, st in enumerate(starts):
-        en = starts[bi + 1] if bi + 1 < len(starts) else len(items)
-        blocks.append([ins for _, ins in items[st:en]])
-        for k in range(st, en):
-            block_of[k] = bi
-    succ = []
-    for bi, b in enumerate(blocks):
-        last, ss = b[-1], set()
-        nxt = bi + 1 if bi + 1 < len(blocks) else None
-        if branch(last[0]):
-            t = _TARGET.search(last[2])
-            if last[0].startswith("BRA") and t and t.group(1) in label_at:
-                ss.add(block_of[label_at[t.group(1)]])
-            if last[1] and nxt is not None:
-                ss.add(nxt)
-        elif nxt is not None:
-            ss.add(nxt)
-        succ.append(sorted(ss))
-    return blocks, succ
+def loops(fn: Function):
+    """Natural loops: {header block: body block set}."""
+    return {lp.header: set(lp.body) for lp in fn.loops}
 
 
-def loops(blocks, succ):
-    """Natural loops: {header: body set} from back edges (target address <= source, reaching)."""
-    pred = defaultdict(list)
-    for b, ss in enumerate(succ):
-        for s in ss:
-            pred[s].append(b)
-    out = {}
-    for b, ss in enumerate(succ):
-        for h in ss:
-            if h <= b:
-                body, st = {h}, [b]
-                while st:
-                    n = st.pop()
-                    if n not in body:
-                        body.add(n)
-                        st.extend(pred[n])
-                out.setdefault(h, set()).update(body)
-    return out
-
-
-def block_paths(blocks, succ, body):
+def block_paths(fn: Function, body):
     """Instructions per iteration of a loop whose body splits into two paths (masked / unmasked)
     that rejoin: (prefix + common + path) for each path; nested retry loops count once."""
+    blocks = fn.blocks
     h = min(body)
-    reach = lambda starts, stop: _reach(succ, starts, stop | {h}, body)
+    reach = lambda starts, stop: _reach(fn, starts, stop | {h}, body)
+    ops = lambda bs, op: sum(1 for x in bs for i in blocks[x].instrs if i.op.startswith(op))
     for b in sorted(body):
-        ss = [s for s in succ[b] if s in body and s != h]
+        ss = [s for s in blocks[b].succ if s in body and s != h]
         if len(ss) != 2:
             continue
         r1, r2 = reach([ss[0]], set()), reach([ss[1]], set())
         p1, p2 = r1 - r2, r2 - r1
-        hm = lambda bs: sum(1 for x in bs for i in blocks[x] if i[0].startswith("HMMA"))
-        if hm(p1) and hm(p2):
+        if ops(p1, "HMMA") and ops(p2, "HMMA"):
             pre = reach([h], {b} | p1 | p2 | (r1 & r2)) | {b}
-            n = lambda bs: sum(len(blocks[x]) for x in bs)
-            mufu = lambda bs: sum(1 for x in bs for i in blocks[x] if i[0].startswith("MUFU"))
+            n = lambda bs: sum(len(blocks[x].instrs) for x in bs)
             base = n(pre) + n(r1 & r2)
-            return sorted([(base + n(p), hm(p), mufu(p) + mufu(pre)) for p in (p1, p2)])
+            return sorted([(base + n(p), ops(p, "HMMA"), ops(p, "MUFU") + ops(pre, "MUFU")) for p in (p1, p2)])
     raise RuntimeError("no two-path block loop found")
 
 
-def _reach(succ, starts, stop, body):
+def _reach(fn, starts, stop, body):
     seen, st = set(), list(starts)
     while st:
         b = st.pop()
         if b in seen or b in stop or b not in body:
             continue
         seen.add(b)
-        st.extend(succ[b])
+        st.extend(fn.blocks[b].succ)
     return seen
 
 
 # ------------------------------------------------------------------------- workload (prologue)
 # The launch plan and the pack prologue (segments, sort, tile ranges) are emulated by
-# mixkernels/bench/wattn_workload.py: one model with the static report's trip-count rules. Loaded by
-# path (numpy only), so this script does not import torch.
-def _load_workload():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("wattn_workload", os.path.join(ROOT, "mixkernels", "bench",
-                                                                                 "wattn_workload.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-WW = _load_workload()
+# mixkernels/bench/wattn_workload.py: one model with the static report's trip-count rules.
 pick_pack, mixmim_mask, workload = WW.pick_pack, WW.mixmim_mask, WW.workload
 
 
@@ -264,12 +178,12 @@ def loop_lines(src, header):
         j += 1
 
 
-def count_lines(blocks, src, first, last):
+def count_lines(fn: Function, src, first, last):
     """Instructions whose innermost frame in `src` lies in [first, last] (not inside other frames)."""
     path = os.path.realpath(os.path.join(HERE, src))
     n = 0
-    for b in blocks:
-        for op, pred, args, loc in b:
+    for b in fn.blocks:
+        for loc in (i.loc for i in b.instrs):
             if loc and os.path.realpath(loc[0][0]).endswith(os.path.basename(src) + ".inst.cu") and first <= loc[0][1] <= last:
                 n += 1
             elif loc and os.path.realpath(loc[0][0]) == path and first <= loc[0][1] <= last:
@@ -277,7 +191,7 @@ def count_lines(blocks, src, first, last):
     return n
 
 
-def attribute(blocks, fns):
+def attribute(fn: Function, fns):
     """Instructions per innermost listed function found in each instruction's inline chain."""
     ranges = {}
     for path in glob.glob(os.path.join(HERE, "window_attention*.cu*")):
@@ -296,8 +210,8 @@ def attribute(blocks, fns):
                 i = j
             i += 1
     out = Counter()
-    for b in blocks:
-        for op, pred, args, loc in b:
+    for b in fn.blocks:
+        for loc in (i.loc for i in b.instrs):
             key = "<kernel>"
             for f, ln in loc:
                 hit = [n for s, e, n in ranges.get(os.path.realpath(f), []) if s <= ln <= e]
@@ -308,22 +222,25 @@ def attribute(blocks, fns):
     return out
 
 
+def _has(fn: Function, body, op):
+    return any(i.op.startswith(op) for x in body for i in fn.blocks[x].instrs)
+
+
 def costs(work):
     """Per-unit warp-instruction costs of the bf16 / d32 / rpb kernels from their SASS."""
     res = {}
-    info, sass = compile_instance("window_attention.cu", "int smem_limit() {",
+    info, fn = compile_instance("window_attention.cu", "int smem_limit() {",
                                   "template __global__ void wattn_fwd_kernel<__nv_bfloat16, 32, 1, false>(const FwdArgs);", work)
-    blocks, succ = parse(sass)
-    lp = [b for h, b in loops(blocks, succ).items() if any(i[0].startswith("HMMA") for x in b for i in blocks[x])]
+    lp = [b for b in loops(fn).values() if _has(fn, b, "HMMA")]
     inner = max((b for b in lp if not any(o < b for o in lp)), key=len)  # the 32-key block loop
-    (u, uh, um), (mk, mh, mm) = block_paths(blocks, succ, inner)
+    (u, uh, um), (mk, mh, mm) = block_paths(fn, inner)
     # lazy rescale: the 16+2 FMUL / 2 MUFU branch runs in about half the blocks at these shapes
     rescale = 20
     fwd_block = {(32, False): dict(instr=u - rescale / 2, hmma=uh, mufu=um - 1, smem_wavefronts=16 + 16 + 24 + 4),
                  (32, True): dict(instr=mk - rescale / 2, hmma=mh, mufu=mm - 1, smem_wavefronts=16 + 16 + 24 + 4)}
     fwd_block[(16, False)] = {k: v / 2 + (10 if k == "instr" else 0) for k, v in fwd_block[(32, False)].items()}
     fwd_block[(16, True)] = {k: v / 2 + (10 if k == "instr" else 0) for k, v in fwd_block[(32, True)].items()}
-    att = attribute(blocks, {"fwd_tile", "store_rows_warp", "prologue", "segment_ids", "assign_items",
+    att = attribute(fn, {"fwd_tile", "store_rows_warp", "prologue", "segment_ids", "assign_items",
                              "load_rows_async", "load_table_async", "rows_nonfinite", "zero_rows", "fwd_block", "fwd_exact"})
     res["fwd"] = dict(block=fwd_block, registers=info["registers"], spill_bytes=info["spill_bytes"],
                       tile=att["fwd_tile"] + att["store_rows_warp"],
@@ -332,12 +249,11 @@ def costs(work):
                       # per (CTA, head): the load loops (two inlined copies, ~1 pass of the 4x-unrolled body
                       # at 208 rows) and the non-finite check, every warp
                       head=8 * (att["load_rows_async"] / 2 + att["load_table_async"] / 2 + att["rows_nonfinite"]))
-    info, sass = compile_instance("window_attention_bwd.cu", "struct BwdPlan {",
-                                  "template __global__ void wattn_bwd_kernel<__nv_bfloat16, 32, 1, false>(const BwdArgs);", work)
-    blocks, succ = parse(sass)
-    hm = [b for h, b in loops(blocks, succ).items() if any(i[0].startswith("HMMA") for x in b for i in blocks[x])]
+    info, fn = compile_instance("window_attention_bwd.cu", "struct BwdPlan {",
+                                  "template __global__ void wattn_bwd_kernel<__nv_bfloat16, 32, 1, false, false>(const BwdArgs);", work)
+    hm = [b for b in loops(fn).values() if _has(fn, b, "HMMA")]
     innermost = [b for b in hm if not any(o < b for o in hm)]  # no other HMMA loop strictly inside
-    paths = [block_paths(blocks, succ, b) for b in innermost]
+    paths = [block_paths(fn, b) for b in innermost]
     key_p = max(paths, key=lambda p: p[0][1])  # the key loop has 16 HMMA per 16x16 block
     qry_p = max((p for p in paths if p[0][1] < key_p[0][1]), key=lambda p: p[0][0])  # with the bias-gradient adds
     bwd_block = {}
@@ -345,7 +261,7 @@ def costs(work):
         k, q = key_p[int(masked)], qry_p[int(masked)]
         bwd_block[(16, masked)] = dict(instr=k[0] + q[0], hmma=k[1] + q[1], mufu=k[2] + q[2],
                                        smem_wavefronts=32 + 24 + 24 + 24 + 4)
-    att = attribute(blocks, {"key_item", "query_item", "store_rows_warp", "prologue", "segment_ids", "assign_items",
+    att = attribute(fn, {"key_item", "query_item", "store_rows_warp", "prologue", "segment_ids", "assign_items",
                              "load_rows_async", "load_table_async", "zero_rows", "key_block", "query_block"})
     res["bwd"] = dict(block=bwd_block, registers=info["registers"], spill_bytes=info["spill_bytes"],
                       tile=(att["key_item"] + att["query_item"] + att["store_rows_warp"]) / 2,
@@ -353,7 +269,7 @@ def costs(work):
                       # per (CTA, head): loads (q/k/v, dO, O, table), delta and the bias-gradient flush: the
                       # head loop's own lines (loops there about once per pass), every warp
                       head=8 * (att["load_rows_async"] + att["load_table_async"] +
-                                count_lines(blocks, "window_attention_bwd.cu",
+                                count_lines(fn, "window_attention_bwd.cu",
                                             *loop_lines("window_attention_bwd.cu", "for (int i = 0; i < nh; ++i)"))))
     return res
 
@@ -378,12 +294,10 @@ def token_ops(work):
                                 "-o", cubin], capture_output=True, text=True)
             if r.returncode:
                 raise RuntimeError(r.stderr[-3000:])
-        txt = subprocess.run([_tool("nvdisasm"), "-c", cubin], capture_output=True, text=True, check=True).stdout
-        fn = next(f for f in re.split(r"\n\s*//-+ \.text\.", txt)[1:]
-                  if "gather_rows_kernelI5uint4" in f.split()[0] and "Li4ELb0E" in f.split()[0] and mp in f.split()[0])
-        blocks, succ = parse(fn)
-        body = max(loops(blocks, succ).values(), key=len)
-        per_step = sum(len(blocks[x]) for x in body)
+        fn = only_function(disassemble(cubin, tool("nvdisasm"), keep=False),
+                           lambda n: "gather_rows_kernelI5uint4" in n and "Li4ELb0E" in n and mp in n)
+        body = max(loops(fn).values(), key=len)
+        per_step = sum(len(fn.blocks[x].instrs) for x in body)
         vectors = rows * rb // 16
         instr = vectors / 128 * per_step
         moved = 2 * rows * rb

@@ -1,12 +1,14 @@
 // CUDA kernels: UM-MAE uniform sampling with fused secondary masking, its backward and the
-// inverse scatter. All three move rows with the row gather of tokens_kernels.cuh; the mask token's
-// gradient is a deterministic column sum over the secondary rows of the compact gradient.
+// inverse scatter. Sampling and scatter move rows with the row gather of tokens_kernels.cuh; the
+// backward writes dx and sums the secondary rows (the mask token's gradient) in one pass over the
+// full grid, then a fixed-order column sum of the per-segment partials.
 #include "mixkernels/tokens_cuda.h"
 #include "tokens_kernels.cuh"
 
 namespace mixkernels::cuda {
 namespace {
 using tokens::FastDiv;
+using tokens::Pack;
 using tokens::RowSrc;
 
 // Full grid (H,W) of u x u units in (hc,wc) 2x2 cells; compact grid (H/2, W/2).
@@ -45,7 +47,8 @@ struct SampleMap {
 };
 
 // Full row r = (b,y,x) takes its compact row if it lies in its cell's kept unit (and the cell is
-// not secondary), else zeros.
+// not secondary), else zeros. A kept unit's map also names its cell (in .b: a gather without ADD
+// ignores it).
 struct ScatterMap {
   UnitGeom g;
   const uint8_t* keep;
@@ -60,18 +63,94 @@ struct ScatterMap {
     if ((keep[cell] & 3) != q || (secondary != nullptr && secondary[cell])) return {tokens::kZeroRow, -1};
     return {(int(b) * (g.H / 2) + int(ci) * g.u + int(g.du.mod(y, uy))) * (g.W / 2) + int(cj) * g.u +
                 int(g.du.mod(x, ux)),
-            -1};
+            cell};
   }
 };
 
-struct SecondaryRow {
+// uniform_sample backward in one pass over the full grid: token r = (b,y,x) of dx takes its compact
+// gradient row if it lies in its cell's kept unit and the cell is not secondary, else zeros; the kept
+// unit of a secondary cell instead adds its compact row to the mask token's gradient. CTA = a fixed
+// segment of `seg` tokens; thread (x: channel vector, y: token lane), so a thread's sum stays in
+// one channel vector; lanes take UT tokens per iteration (loads first). The ty lanes are summed in
+// a fixed order through shared memory: tok_part[segment][C] (deterministic, no atomics). The CTA is
+// kThreads threads whatever tx is (whole warps): the threads past tx*ty only join the barriers.
+struct UniformBwd {
   UnitGeom g;
-  const uint8_t* secondary;
-  __device__ bool operator()(int64_t t) const {
-    unsigned Y, X;
-    return secondary[g.compact_cell(unsigned(t), Y, X)] != 0;
-  }
+  int64_t C;
+  int rows, seg, tx;
 };
+
+template <typename T, int VEC, int UT>
+__global__ void __launch_bounds__(tokens::kThreads) uniform_backward_kernel(
+    const T* __restrict__ grad, const uint8_t* __restrict__ keep, const uint8_t* __restrict__ secondary,
+    T* __restrict__ dx, float* __restrict__ tok_part, const UniformBwd a) {
+  using P = Pack<T, VEC>;
+  __shared__ float red[tokens::kThreads * VEC];  // [y][x*VEC + e]
+  const int tx = a.tx, ty = tokens::kThreads / tx, x = threadIdx.x % tx, y = threadIdx.x / tx;
+  const int64_t cvec = a.C / VEC;
+  const int r0 = blockIdx.x * a.seg, r1 = r0 + a.seg < a.rows ? r0 + a.seg : a.rows;
+  const P* G = reinterpret_cast<const P*>(grad);
+  P* D = reinterpret_cast<P*>(dx);
+  const ScatterMap map{a.g, keep, nullptr};
+  for (int64_t cv0 = 0; cv0 < cvec; cv0 += tx) {  // channel chunks (one unless C is above tx vectors)
+    const int64_t cv = cv0 + x;
+    const bool on = cv < cvec && y < ty;
+    float acc[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
+    for (int r = r0 + y; r < r1 && y < ty; r += UT * ty) {
+      int src[UT];
+      bool sum[UT];
+      P val[UT];
+#pragma unroll
+      for (int j = 0; j < UT; ++j) {
+        const int rj = r + j * ty;
+        const RowSrc m = rj < r1 ? map(rj) : RowSrc{tokens::kZeroRow, -1};  // a kept unit: (compact row, cell)
+        src[j] = m.a;
+        sum[j] = m.a >= 0 && secondary != nullptr && secondary[m.b] != 0;
+      }
+#pragma unroll
+      for (int j = 0; j < UT; ++j) val[j] = on && src[j] >= 0 ? G[int64_t(src[j]) * cvec + cv] : P{};
+#pragma unroll
+      for (int j = 0; j < UT; ++j) {
+        const int rj = r + j * ty;
+        if (on && rj < r1) D[int64_t(rj) * cvec + cv] = sum[j] ? P{} : val[j];
+        if (sum[j]) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) acc[e] += to_float(val[j].v[e]);
+        }
+      }
+    }
+    if (tok_part == nullptr) continue;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e)
+      if (y < ty) red[(y * tx + x) * VEC + e] = acc[e];
+    __syncthreads();
+    const int cols = tx * VEC;
+    for (int c = threadIdx.x; c < cols; c += tokens::kThreads) {
+      if (cv0 * VEC + c >= a.C) continue;
+      float t = 0.f;
+      for (int l = 0; l < ty; ++l) t += red[l * cols + c];
+      tok_part[int64_t(blockIdx.x) * a.C + cv0 * VEC + c] = t;
+    }
+    __syncthreads();
+  }
+}
+
+constexpr int kUniformUT = 4;      // tokens per lane per iteration
+constexpr int kUniformSegs = 256;  // segments: one final column-sum launch (tokens_kernels.cuh)
+
+// Channel vectors of a CTA row (tx; ty = kThreads / tx token lanes): the whole row when it has at
+// most kThreads vectors.
+inline int uniform_tx(int64_t cvec) { return static_cast<int>(cvec < tokens::kThreads ? cvec : tokens::kThreads); }
+
+template <typename T, int VEC>
+cudaError_t launch_uniform_backward(const void* grad, const uint8_t* keep, const uint8_t* secondary, void* dx,
+                                    float* tok_part, const UniformBwd& a, int segs, cudaStream_t stream) {
+  auto k = uniform_backward_kernel<T, VEC, kUniformUT>;
+  return MK_LAUNCH(k, dim3(unsigned(segs)), dim3(tokens::kThreads), 0, stream, static_cast<const T*>(grad), keep, secondary,
+                   static_cast<T*>(dx), tok_part, a);
+}
 
 }  // namespace
 
@@ -83,24 +162,39 @@ cudaError_t uniform_sample(const void* x, const uint8_t* keep, const uint8_t* se
                                     SampleMap{UnitGeom(H, W, unit), keep, secondary}, stream);
 }
 
+// Segments of the B*H*W tokens: at most kUniformSegs, each a whole number of lane iterations.
+inline int uniform_segments(int64_t rows, int ty) {
+  const int64_t per = int64_t(ty) * kUniformUT, n = ceil_div(rows, per);
+  return static_cast<int>(n < kUniformSegs ? n : kUniformSegs);
+}
+
 int64_t uniform_sample_backward_workspace(int64_t B, int64_t H, int64_t W, int64_t C, bool need_token) {
-  return need_token ? tokens::column_sum_workspace(B * (H / 2) * (W / 2), C) : 0;
+  if (!need_token || B * H * W == 0 || C == 0) return 0;
+  // the most segments any access width can give (the fewest token lanes: one)
+  const int64_t S = uniform_segments(B * H * W, 1);
+  return S * C + tokens::column_sum_workspace(S, C);
 }
 
 cudaError_t uniform_sample_backward(const void* grad, const uint8_t* keep, const uint8_t* secondary, void* dx,
                                     float* dtoken, float* workspace, int64_t B, int64_t H, int64_t W, int64_t C,
                                     int64_t unit, DType dtype, cudaStream_t stream) {
+  const int64_t rows = B * H * W;
+  if (rows == 0 || C == 0) return dtoken ? cudaMemsetAsync(dtoken, 0, C * sizeof(float), stream) : cudaSuccess;
+  if (rows >= (int64_t(1) << 31) - 4096) return cudaErrorInvalidValue;  // 32-bit token indices (+ a lane step)
   const int es = element_size(dtype);
-  const UnitGeom geom(H, W, unit);
-  cudaError_t err = tokens::launch_rows<false>(grad, nullptr, nullptr, dx, B * H * W, C * es, dtype,
-                                               ScatterMap{geom, keep, secondary}, stream);
+  const int vec = tokens::vector_bytes(C * es, es, grad, dx) == 16 ? 16 / es : 1;
+  const int tx = uniform_tx(C / vec);
+  const int segs = uniform_segments(rows, tokens::kThreads / tx);
+  const UniformBwd a{UnitGeom(H, W, unit), C, int(rows), int(ceil_div(rows, segs)), tx};
+  float* part = dtoken != nullptr && secondary != nullptr ? workspace : nullptr;
+  cudaError_t err = MK_DISPATCH_DTYPE(dtype, [&] {
+    constexpr int V = 16 / sizeof(scalar_t);
+    return vec > 1 ? launch_uniform_backward<scalar_t, V>(grad, keep, secondary, dx, part, a, segs, stream)
+                   : launch_uniform_backward<scalar_t, 1>(grad, keep, secondary, dx, part, a, segs, stream);
+  });
   if (err != cudaSuccess || dtoken == nullptr) return err;
   if (secondary == nullptr) return cudaMemsetAsync(dtoken, 0, C * sizeof(float), stream);
-  const int64_t rows = B * (H / 2) * (W / 2);
-  return MK_DISPATCH_DTYPE(dtype, [&] {
-    return tokens::column_sum(static_cast<const scalar_t*>(grad), rows, C, SecondaryRow{geom, secondary}, dtoken,
-                              workspace, stream);
-  });
+  return tokens::column_sum(part, segs, C, tokens::AllRows{}, dtoken, workspace + int64_t(segs) * C, stream);
 }
 
 cudaError_t uniform_scatter(const void* compact, const uint8_t* keep, void* out, int64_t B, int64_t H, int64_t W,

@@ -27,6 +27,26 @@
 
 namespace mixkernels::cuda::wattn::legacy {
 
+// One column chunk of the dq / dkdv kernels: rows [c0, c0 + kcn) of the two column operands (c1, c2:
+// global bases, row stride ld1 / C3 via tok) into shared memory. In cosine mode the rows are
+// normalized where they land: c1's x c1_mul, and with the first chunk the CTA's resident row operand
+// (`rows` rows, x rows_mul, keeping 1/|row| in s_inv). Ends with the chunk visible to the CTA.
+template <typename T, int D>
+__device__ inline void load_column_chunk(const Geo& G, const int* tok, int c0, int kcn, T* s_c1, const T* c1, T* s_c2,
+                                         const T* c2, int64_t ld2, T* s_rows, int rows, float rows_mul, float c1_mul,
+                                         float* s_inv) {
+  constexpr int LD = Tile<T, D>::kLD;
+  const int64_t C3 = 3 * static_cast<int64_t>(G.C);  // c1 is always a slice of qkv
+  load_rows<T, D>(s_c1, c1, C3, tok, c0, kcn, G.N);
+  load_rows<T, D>(s_c2, c2, ld2, tok, c0, kcn, G.N);
+  __syncthreads();
+  if (G.logit_scale) {
+    if (c0 == 0) normalize_rows<T, D, LD>(s_rows, rows, rows_mul, s_inv, 1);
+    normalize_rows<T, D, LD>(s_c1, kcn, c1_mul, nullptr, 0);
+    __syncthreads();
+  }
+}
+
 // delta[win,h,n] = sum_d dO * O for the token at window position n (one thread per token, head).
 template <typename T, int D>
 __global__ void wattn_delta_kernel(const Geo G, const T* __restrict__ dout, const T* __restrict__ out,
@@ -133,14 +153,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
     for (int c0 = 0; c0 < ncols; c0 += kc) {
       if (c0 > 0) __syncthreads();
       const int kcn = imin(kc, ncols - c0);
-      load_rows<T, D>(s_k, qkv + G.C + h * D, C3, ts.tok, c0, kcn, N);
-      load_rows<T, D>(s_v, qkv + 2 * G.C + h * D, C3, ts.tok, c0, kcn, N);
-      __syncthreads();
-      if (G.logit_scale) {  // cosine mode: normalize where the rows land, keeping 1/|q|
-        if (c0 == 0) normalize_rows<T, D, LD>(s_q, nwarps * 16, hs, s_inv, 1);
-        normalize_rows<T, D, LD>(s_k, kcn, 1.f, nullptr, 0);
-        __syncthreads();
-      }
+      // keys and values of the chunk; cosine: q (resident, x the head's logit scale, 1/|q| kept), k
+      load_column_chunk<T, D>(G, ts.tok, c0, kcn, s_k, qkv + G.C + h * D, s_v, qkv + 2 * G.C + h * D, C3, s_q,
+                              nwarps * 16, hs, 1.f, s_inv);
       if (!active) continue;
       for (int kb = 0; kb < kcn; kb += kKB) {
         float s[kNT][4], dp[kNT][4];
@@ -223,6 +238,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
   float* s_lse = reinterpret_cast<float*>(ts.end(cap));
   float* s_dl = s_lse + cap;
   float* s_inv = s_dl + cap;  // cosine mode: 1/|k| of the row block's keys
+  const float hs = G.logit_scale ? head_scale(G.logit_scale, h) : 0.f;
 
   load_tokens(G, win, ts);
   const int64_t rowbase = (static_cast<int64_t>(win) * G.nH + h) * N;
@@ -245,14 +261,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
   for (int c0 = 0; c0 < ncols; c0 += kc) {
     if (c0 > 0) __syncthreads();
     const int kcn = imin(kc, ncols - c0);
-    load_rows<T, D>(s_q, qkv + h * D, C3, ts.tok, c0, kcn, N);
-    load_rows<T, D>(s_do, dout + h * D, G.C, ts.tok, c0, kcn, N);
-    __syncthreads();
-    if (G.logit_scale) {  // cosine mode: normalize where the rows land, keeping 1/|k|
-      if (c0 == 0) normalize_rows<T, D, LD>(s_k, nwarps * 16, 1.f, s_inv, 1);
-      normalize_rows<T, D, LD>(s_q, kcn, head_scale(G.logit_scale, h), nullptr, 0);
-      __syncthreads();
-    }
+    // queries and dO of the chunk; cosine: k (resident, 1/|k| kept), q (x the head's logit scale)
+    load_column_chunk<T, D>(G, ts.tok, c0, kcn, s_q, qkv + h * D, s_do, dout + h * D, G.C, s_k, nwarps * 16, 1.f, hs,
+                            s_inv);
     if (!active) continue;
     for (int qb = 0; qb < kcn; qb += kKB) {
       float st[kNT][4], dpt[kNT][4];

@@ -104,9 +104,9 @@ def _rows_loop(rows: Callable[[Ctx], float]) -> Callable[[Ctx], float]:
     return lambda c: lane_strided(rows(c) * _vec(c), c.threads)
 
 
-def _vpr_loop(vpr: Callable[[Ctx], float]) -> Callable[[Ctx], float]:
-    # for (v = threadIdx.x; v < vpr; v += blockDim.x): one x-row of the block covers vpr
-    return lambda c: max(1.0, math.ceil(vpr(c) / c.block[0]))
+def _utx(c: Ctx) -> int:
+    """uniform_backward_kernel's channel vectors per CTA row: min(C/VEC, threads)."""
+    return int(min(c.p["C"] // _tvec(c), c.threads))
 
 
 def _tvec(c: Ctx) -> int:
@@ -275,12 +275,29 @@ CUDA_RULES: List[Rule] = [
     Rule(r"while \(r0 < w\.rows\)", lambda c: _gather_steps(c) / (c.grid[0] * c.threads / 32),
          "warp steps of 32*U vectors: ceil(rows*vpr / (32*U)) over all warps (Walk argument)",
          kernel="gather_rows_kernel"),
-    Rule(r"for \(int64_t t = int64_t\(blockIdx\.x\) \* blockDim\.y \+ threadIdx\.y; t < tasks",
-         lambda c: max(1.0, c.args[-1] * c.p["L"] / (c.grid[0] * c.block[1])),
-         "grid-stride tasks: n_chunks*L / (gridDim.x * blockDim.y)"),
-    Rule(r"for \(int64_t v = threadIdx\.x; v < vpr; v \+= blockDim\.x\)",
-         _vpr_loop(lambda c: c.p["C"] / _tvec(c)), "C/VEC vectors per row over blockDim.x"),
-    Rule(r"for \(int64_t b = b0; b < b1; \+\+b\)", lambda c: c.args[-2], "images per chunk (argument chunk)"),
+    # unmix_backward_kernel (mixing.cu): grid (L*slices, chunks), block (tx vectors, ty image lanes)
+    Rule(r"for \(int b = b0 \+ y; b < b1; b \+= 2 \* ty\)",
+         lambda c: max(1.0, math.ceil(math.ceil(c.p["B"] / c.grid[1]) / (2 * c.block[1]))),
+         "image pairs of a lane: ceil(chunk / (2*ty)), chunk = ceil(B / gridDim.y)", kernel="unmix_backward_kernel"),
+    Rule(r"for \(int j = tid; j < 2 \* cols; j \+= tx \* ty\)",
+         lambda c: max(1.0, math.ceil(2 * c.block[0] * _tvec(c) / c.threads)),
+         "tok+pos columns of the slice over the CTA: ceil(2*tx*VEC / threads)", kernel="unmix_backward_kernel"),
+    Rule(r"for \(int l = 0; l < ty; \+\+l\)", lambda c: c.block[1], "fixed-order sum over the ty lanes",
+         kernel="unmix_backward_kernel"),
+    # uniform_backward_kernel (uniform.cu): grid = token segments, 256 threads = tx channel vectors x
+    # ty = 256/tx token lanes, tx = min(C/VEC, 256)
+    Rule(r"for \(int64_t cv0 = 0; cv0 < cvec; cv0 \+= tx\)",
+         lambda c: max(1.0, math.ceil(c.p["C"] / _tvec(c) / _utx(c))), "channel chunks: ceil(C/VEC / tx)",
+         kernel="uniform_backward_kernel"),
+    Rule(r"for \(int r = r0 \+ y; r < r1 && y < ty; r \+= UT \* ty\)",
+         lambda c: max(1.0, math.ceil(math.ceil(c.p["full_rows"] / c.grid[0]) / (int(c.tparams[2]) * (c.threads // _utx(c))))),
+         "token iterations of a lane: ceil(seg / (UT*ty)), seg = ceil(B*H*W / gridDim.x)",
+         kernel="uniform_backward_kernel"),
+    Rule(r"for \(int c = threadIdx\.x; c < cols; c \+= tokens::kThreads\)",
+         lambda c: max(1.0, math.ceil(_utx(c) * _tvec(c) / c.threads)), "columns of a chunk over the CTA",
+         kernel="uniform_backward_kernel"),
+    Rule(r"for \(int l = 0; l < ty; \+\+l\)", lambda c: c.threads // _utx(c), "fixed-order sum over the ty lanes",
+         kernel="uniform_backward_kernel"),
     Rule(r"for \(int64_t r = r0 \+ threadIdx\.y; r < r1; r \+= kColY\)",
          lambda c: max(1.0, min(c.args[3], c.args[1]) / 8), "rows of a segment over 8 row lanes: seg/8"),
     # ---- losses (losses.cu)

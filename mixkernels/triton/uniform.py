@@ -2,6 +2,8 @@
 
 x (B,H,W,C); compact (B,H/2,W/2,C); keep uint8 (B,hc,wc) read as ``keep & 3`` (row-major
 unit of each 2x2 cell of u x u units); secondary uint8 (B,hc,wc); mask_token (C,) x.dtype.
+H, W and the unit are compile-time constants (one compile per image geometry, which a model keeps):
+the per-row index math then divides by constants (multiply + shift), not by runtime integers.
 dtoken is float32, summed deterministically (per-program partials, fixed-order torch sum).
 """
 from __future__ import annotations
@@ -18,8 +20,8 @@ __all__ = ["uniform_sample", "uniform_sample_backward", "uniform_scatter"]
 
 
 @triton.jit
-def _sample_kernel(x, keep, sec, tok, out, R, H, W, C, u, HAS_SEC: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+def _sample_kernel(x, keep, sec, tok, out, R, H: tl.constexpr, W: tl.constexpr, C, u: tl.constexpr,
+                   HAS_SEC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
     # Compact row t = (b,Y,X) reads the kept unit of cell (Y/u, X/u) at offset (Y%u, X%u).
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     if INT64:
@@ -52,8 +54,9 @@ def _sample_kernel(x, keep, sec, tok, out, R, H, W, C, u, HAS_SEC: tl.constexpr,
 
 
 @triton.jit
-def _scatter_kernel(compact, keep, sec, out, tok_part, R, H, W, C, u, HAS_SEC: tl.constexpr,
-                    NEED_TOK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+def _scatter_kernel(compact, keep, sec, out, tok_part, R, H: tl.constexpr, W: tl.constexpr, C, u: tl.constexpr,
+                    HAS_SEC: tl.constexpr, NEED_TOK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                    INT64: tl.constexpr):
     # Full row r = (b,y,x): the compact row if (y,x) is in its cell's kept unit (and not secondary),
     # else 0. Kept-but-secondary rows are the mask token's gradient: summed per program.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -82,7 +85,7 @@ def _scatter_kernel(compact, keep, sec, out, tok_part, R, H, W, C, u, HAS_SEC: t
         if NEED_TOK:
             part = tl.sum(tl.where(s[:, None], v.to(tl.float32), 0.0), axis=0)
             tl.store(tok_part + tl.program_id(0) * C + cols, part, mask=cm)
-        v = tl.where(s[:, None], 0.0, v).to(out.dtype.element_ty)
+        v = tl.where(s[:, None], tl.zeros_like(v), v)  # in v's dtype: no float32 round trip
     tl.store(out + rows[:, None] * C + cols[None, :], v, mask=io)
 
 
@@ -113,6 +116,8 @@ def _scatter(compact, keep, unit, secondary, need_token):
     if R == 0 or C == 0:
         return out, torch.zeros(C, dtype=torch.float32, device=compact.device)
     br, bc, nw = tile(C, R)
+    if want_tok:  # twice the rows: the per-program mask-token reduction costs half as much per row
+        br = min(br * 2, triton.next_power_of_2(R))
     grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
     tok_part = torch.empty((grid[0], C), dtype=torch.float32, device=compact.device) if want_tok else acc_empty(compact)
     _scatter_kernel[grid](compact, keep, secondary if has_sec else keep, out, tok_part, R, H, W, C, unit,
