@@ -55,12 +55,17 @@ def _launch_stats(fn: static_sass.Function, ctx: static_rules.Ctx, rules, triton
                 inflight_bytes_per_warp=static_sass.inflight_bytes(fn), loops=loops)
 
 
+def _warps(launch) -> int:
+    """Warps of one program: a partial warp occupies (and issues as) a whole one."""
+    return max(1, -(-launch["threads"] // 32))
+
+
 def _finish(case: static_cases.Case, backend: str, launches: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Record of one case: the launches' estimates summed, the dominant launch's resources."""
-    total_req = sum(l_["counts"].get("global_bytes", 0.0) * l_["programs"] * l_["threads"] / 32 for l_ in launches)
+    total_req = sum(l_["counts"].get("global_bytes", 0.0) * l_["programs"] * _warps(l_) for l_ in launches)
     est = 0.0
     for l_ in launches:
-        warps = max(1, l_["threads"] // 32)
+        warps = _warps(l_)
         req = l_["counts"].get("global_bytes", 0.0) * l_["programs"] * warps
         share = req / total_req if total_req > 0 else 1.0 / len(launches)
         c = l_["counts"]
@@ -73,8 +78,8 @@ def _finish(case: static_cases.Case, backend: str, launches: List[Dict[str, Any]
         l_["requested_global_bytes"] = req
         est += e["us"]
     dom = max(launches, key=lambda l_: l_["estimate"]["us"])
-    warp_instr = sum(l_["instr_per_warp"] * l_["programs"] * max(1, l_["threads"] // 32) for l_ in launches)
-    mufu = sum(l_["counts"].get("mufu", 0.0) * 32 * l_["programs"] * max(1, l_["threads"] // 32) for l_ in launches)
+    warp_instr = sum(l_["instr_per_warp"] * l_["programs"] * _warps(l_) for l_ in launches)
+    mufu = sum(l_["counts"].get("mufu", 0.0) * 32 * l_["programs"] * _warps(l_) for l_ in launches)
     floor_us = case.floor_bytes / _BW * 1e6
     unmatched = sorted({f"{l_['kernel']}: {lp['site']}" for l_ in launches for lp in l_["loops"] if not lp["matched"]})
     return dict(
