@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ._cosine import _head_scale, _store_unit_grad, dlogit_scale
+from ._wattn_bwd_sp import _sp_window
 from .window_attention import (_INTERPRET, _LOG2E, _alloc_for, _codes, _flags, _gather_rc, _idx, _in_range,
                                _first_window, _keys, _lyx, _mask, _mm, _next_window, _opaque, _pos, _rows, _single,
                                _table_bias, _tables, _tail)
@@ -328,59 +329,6 @@ def _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, 
 
 
 @triton.jit
-def _sp_tile(qkv, dout, out, lse, dlt, tab_h, ab_h, group, coords, dsum_h, dtab_h, k, v, dk, dv, dq, offs_m, w,
-             h, b, y0, x0, gbase, cbase, hd, C, NH, H, W, SH, SW, offs_n, col_ok, reg_n, grp_n, cy_n, cx_n, code_n,
-             qk_scale, RH, RW, COL_MASK: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr,
-             WW: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
-             HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr,
-             F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
-    """Single pass, one (query tile, key block): the tile's dK/dV/dQ shares and bias gradient."""
-    # the rows' positions go through an opaque move: their loads are redone per key block, not
-    # hoisted with their 64-bit addresses (live across the loop, those spill)
-    q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m, tok, row_ok = _bwd_rows(
-        qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, cbase, hd, C, NH, H, W,
-        SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 2, IDX64, True, ASM)
-    tb = _t_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, ab_m, offs_n, col_ok, RH, RW, HAS_RPB, HAS_BIAS,
-                 HAS_COORDS, COL_MASK, ASM)
-    p, ds, qk = _probs(q, k, v, do, delta, lse2, tb, reg_m, reg_n, grp_m, grp_n, col_ok, qk_scale, HAS_RPB or HAS_BIAS,
-                       SHIFT, HAS_GROUP, COL_MASK, F32, UPCAST)
-    dv += _mm(tl.trans(p.to(do.dtype)), do, F32, UPCAST)
-    dsl = ds.to(q.dtype)
-    dk += _mm(tl.trans(dsl), q, F32, UPCAST)
-    dq += _mm(dsl, k, F32, UPCAST)
-    _bias_grads(ds, offs_m, offs_n, row_ok, col_ok, cy_m, cx_m, cy_n, cx_n, dsum_h, dtab_h, RH, RW, N, DSUM_MODE,
-                TAB_MODE, ASM)
-    return dk, dv, dq
-
-
-@triton.jit
-def _sp_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h, n0, w, h, b, y0, x0,
-              gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW, offs_m, dq, BN: tl.constexpr,
-              COL_MASK: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-              HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr,
-              SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr, F32: tl.constexpr,
-              UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
-    """Single pass, one key block against every query row: dK, dV of the block complete
-    (stored), dQ's share accumulated in registers."""
-    offs_n = n0 + tl.arange(0, BN)
-    k, v, ok, rn, gn, cyn, cxn, cn = _keys(qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, W,
-                                           SH, SW, N, WH, WW, D, SHIFT, HAS_GROUP, HAS_COORDS, COL_MASK, IDX64, ASM)
-    dk = tl.zeros((BN, D), tl.float32)
-    dv = tl.zeros((BN, D), tl.float32)
-    dk, dv, dq = _sp_tile(qkv, dout, out, lse, dlt, tab_h, ab_h, group, coords, dsum_h, dtab_h, k, v, dk, dv, dq,
-                          offs_m, w, h, b, y0, x0, gbase, cbase, hd, C, NH, H, W, SH, SW, offs_n, ok, rn, gn, cyn, cxn,
-                          cn, qk_scale, RH, RW, COL_MASK, N, D, WH, WW, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS,
-                          SHIFT, DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM)
-    ly, lx = _lyx(offs_n, N, WW)
-    pos, _r = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
-    krow = _idx(b * (H * W) + pos, IDX64) * (3 * C) + hd
-    offs_d = tl.arange(0, D)
-    tl.store(dqkv + krow[:, None] + C + offs_d[None, :], (dk * scale).to(dqkv.dtype.element_ty), mask=ok[:, None])
-    tl.store(dqkv + krow[:, None] + 2 * C + offs_d[None, :], dv.to(dqkv.dtype.element_ty), mask=ok[:, None])
-    return dq
-
-
-@triton.jit
 def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes, dsum, dtab, ls, dls,
                 qk_scale, scale, NH, H, W, nW, nWw, SH, SW, GG, GC, RH, RW, BNW, STRIDE, W0,
                 WPP: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
@@ -491,32 +439,19 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
         if DLS_MODE == 3:
             tl.store(dls + c * NH + h, tl.sum(dls_rows, 0))
     elif SP:
-        # Single pass (SP): all query rows of the window in one BLOCK_M tile (8 warps: two
-        # warpgroups of rows) whose dQ stays in registers, key blocks streamed once: dK/dV per
-        # block, nothing recomputed.
-        N_FULL: tl.constexpr = (N // BLOCK_N) * BLOCK_N
+        # Single pass (SP, ``_wattn_bwd_sp``): every key of the window in one BLOCK_M tile (8 warps)
+        # with dK/dV in registers, query blocks of BLOCK_N streamed once, dQ complete per block.
         offs_m = tl.arange(0, BLOCK_M)
         for i in range(0, WPP):
             if w < BNW:
-                y0, x0, gbase, cbase = wy * WH, wx * WW, (b % GG) * (H * W), (b % GC) * (H * W)
-                # delta = rowsum(dO * O) once per row, kept in ``dlt`` for the key blocks
-                _q, _do, _dl, _ls, _rg, _gr, _cy, _cx, _tb, _ab, tok, row_ok = _bwd_rows(
-                    qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, cbase, hd,
-                    C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 1, IDX64)
+                y0, x0, gbase = wy * WH, wx * WW, (b % GG) * (H * W)
+                # delta = rowsum(dO * O) once per row, kept in ``dlt`` for the query blocks
+                _bwd_rows(qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, gbase,
+                          hd, C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, False, False, 1, IDX64)
                 tl.debug_barrier()  # delta stored by other threads of this program
-                dq = tl.zeros((BLOCK_M, D), tl.float32)
-                for n0 in range(0, N_FULL, BLOCK_N):
-                    dq = _sp_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h,
-                                   n0, w, h, b, y0, x0, gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW,
-                                   offs_m, dq, BLOCK_N, False, N, D, WH, WW, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS,
-                                   SHIFT, DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM)
-                if BN_TAIL > 0:
-                    dq = _sp_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h,
-                                   N_FULL, w, h, b, y0, x0, gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH,
-                                   RW, offs_m, dq, BN_TAIL, True, N, D, WH, WW, HAS_RPB, HAS_BIAS, HAS_GROUP,
-                                   HAS_COORDS, SHIFT, DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM)
-                tl.store(dqkv + (tok * (3 * C) + hd)[:, None] + tl.arange(0, D)[None, :],
-                         (dq * scale).to(dqkv.dtype.element_ty), mask=row_ok[:, None])
+                _sp_window(qkv, dout, lse, dlt, dqkv, tab_h, ab_h, group, codes, dsum_h, w, h, b, y0, x0, gbase, hd,
+                           qk_scale, scale, C, NH, H, W, SH, SW, BLOCK_M, BLOCK_N, BN_TAIL, N, D, WH, WW, HAS_RPB,
+                           HAS_BIAS, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST, IDX64, ASM)
             w, b, wy, wx = _next_window(w, b, wy, wx, nW // nWw, nWw)
     else:
         N_FULL: tl.constexpr = (N // BLOCK_N) * BLOCK_N
@@ -627,7 +562,7 @@ def _bwd_config(N, D, single, no_sp):
     if single:
         return 64, 32, 16, (8 if D >= 64 else 4), 1, False
     if D == 32 and not no_sp:
-        return max(128, triton.next_power_of_2(N)), 16, 16, 8, 1, True
+        return max(128, triton.next_power_of_2(N)), 32, 16, 8, 1, True
     return (32, 16, 16, 4, 1, False) if D >= 64 else (64, 32, 16, 4, 1, False)
 
 
