@@ -310,13 +310,15 @@ def _kernel_vs_reference(device, qkv, nh, win, shift, rpb=None, bias=None, group
     return out, dout, dqkv, drpb, dbias
 
 
-def test_triton_int64_group_labels_are_exact():
-    """Labels equal modulo 2**32 stay different (edge rule 1): 0 and 2**32 must not attend."""
+@pytest.mark.parametrize("win,d", [((4, 4), 16), ((5, 4), 32)])
+def test_triton_int64_group_labels_are_exact(win, d):
+    """Labels equal modulo 2**32 stay different (edge rule 1): 0 and 2**32 must not attend.
+    (d = 32 over several tiles: the single-pass backward.)"""
     device = _DEV
-    nh, win = 1, (4, 4)
-    qkv = torch.randn(1, 4, 8, 3 * 16, device=device)
+    nh = 1
+    qkv = torch.randn(1, win[0], 2 * win[1], 3 * d, device=device)
     lab = torch.tensor([0, 2**32, -1, 2**32 - 1], dtype=torch.int64, device=device)
-    group = lab[torch.randint(0, 4, (1, 4, 8), device=device)]
+    group = lab[torch.randint(0, 4, (1, win[0], 2 * win[1]), device=device)]
     out, dout, dqkv, _, _ = _kernel_vs_reference(device, qkv, nh, win, (0, 0), group=group)
     q = qkv.double().requires_grad_()
     ref = ref_wa(q, nh, win, group=group)

@@ -28,76 +28,61 @@ from .window_attention import _idx, _keys, _lyx, _mm, _pos
 
 
 @triton.jit
-def _gather_2d(rp, co, ok, MASKED: tl.constexpr, ASM: tl.constexpr):
-    """fp32 ``rp[i, j][co[i, j]]`` (0 where not ``ok`` when MASKED) of broadcast (rows, cols)
-    pointers/offsets, in their layout (the scores'): one ``IMAD.WIDE`` + one load per element."""
+def _record(rec, ASM: tl.constexpr):
+    """A row's ``_row_info`` record (lse2, delta as fp32; labels as int32): one 16-byte load on the GPU
+    (a plain ``ld.global``: the records are written earlier in this kernel)."""
     if ASM:
-        if MASKED:
-            return tl.inline_asm_elementwise(
-                "{ .reg .pred p; .reg .b64 a; setp.ne.b32 p, $3, 0; mad.wide.s32 a, $2, 4, $1; "
-                "mov.f32 $0, 0f00000000; @p ld.global.nc.f32 $0, [a]; }",
-                "=f,l,r,r", [rp, co, ok.to(tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
-        else:
-            return tl.inline_asm_elementwise(
-                "{ .reg .b64 a; mad.wide.s32 a, $2, 4, $1; ld.global.nc.f32 $0, [a]; }",
-                "=f,l,r", [rp, co], dtype=tl.float32, is_pure=True, pack=1)
+        a, b, c, d = tl.inline_asm_elementwise("ld.global.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [rec],
+                                               dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=False,
+                                               pack=1)
+        return a.to(tl.float32, bitcast=True), b.to(tl.float32, bitcast=True), c, d
     else:
-        if MASKED:
-            return tl.load(rp + co, mask=ok, other=0.0)
-        else:
-            return tl.load(rp + co)
+        return (tl.load(rec), tl.load(rec + 1), tl.load(rec + 2).to(tl.int32, bitcast=True),
+                tl.load(rec + 3).to(tl.int32, bitcast=True))
 
 
 @triton.jit
-def _red_2d(rp, co, val, ok, ASM: tl.constexpr):
-    """``rp[i, j][co[i, j]] += val[i, j]`` where ``ok``: relaxed atomics (no fences), the address
-    computed next to its use (no tile of 64-bit pointers kept live)."""
-    if ASM:
-        # (the value travels as its bits: Triton 3.6 rejects float and pointer operands together)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .b64 a; setp.ne.b32 p, $3, 0; mad.wide.s32 a, $2, 4, $1; "
-            "@p red.relaxed.gpu.global.add.f32 [a], $4; mov.b32 $0, 0; }",
-            "=r,l,r,r,r", [rp, co, ok.to(tl.int32), val.to(tl.int32, bitcast=True)], dtype=tl.int32,
-            is_pure=False, pack=1)
-    else:
-        tl.atomic_add(rp + co, val, mask=ok, sem="relaxed")
+def _row_info(dout, out, lse, rin, group, w, h, b, y0, x0, gbase, hd, C, NH, H, W, SH, SW, NQ: tl.constexpr,
+              BQ: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+              SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr, IDX64: tl.constexpr):
+    """Per query row of the window (NQ rows, padded ones included) a record of four 32-bit words in
+    ``rin``: lse in log2 units (+inf on padded rows), delta = rowsum(dO * O) (0 on padded rows), the
+    shift-region label, the int32 group label. The query blocks read a row's record with one 16-byte
+    load in the scores' column layout (a thread holds 16 query columns) instead of recomputing
+    positions (integer divisions) and loading per column."""
+    for r in tl.static_range(NQ // BQ):
+        offs = r * BQ + tl.arange(0, BQ)
+        ok = offs < N
+        ly, lx = _lyx(offs, N, WW)
+        pos, reg = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
+        orow = (_idx(b * (H * W) + pos, IDX64) * C + hd)[:, None] + tl.arange(0, D)[None, :]
+        do = tl.load(dout + orow, mask=ok[:, None], other=0.0)
+        o = tl.load(out + orow, mask=ok[:, None], other=0.0)
+        rec = rin + offs * 4
+        tl.store(rec, tl.load(lse + (w * NH + h) * N + offs, mask=ok, other=float("inf")) * 1.4426950408889634)
+        tl.store(rec + 1, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1))
+        if SHIFT:
+            tl.store(rec + 2, reg.to(tl.float32, bitcast=True))
+        if HAS_GROUP:
+            if group.dtype.element_ty != tl.int64:
+                tl.store(rec + 3, tl.load(group + gbase + pos).to(tl.float32, bitcast=True))
 
 
 @triton.jit
-def _q_block(qkv, dout, lse, dlt, dqkv, tab_h, ab_h, group, dsum_h, m0, w, h, b, y0, x0, gbase, hd, qk_scale, scale, C,
-             NH, H, W, SH, SW, k, v, dk, dv, ok_k, reg_k, grp_k, code_k, offs_k,
-             BQ: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-             HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr, SHIFT: tl.constexpr,
-             DSUM_MODE: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
-             ASM: tl.constexpr):
-    """One query block against every key: dK/dV shares, dQ of the block (stored), dS into ``dsum``."""
-    offs_q = m0 + tl.arange(0, BQ)
-    q_ok = offs_q < N
-    ly, lx = _lyx(offs_q, N, WW)
-    pos, reg_q = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
-    tok = _idx(b * (H * W) + pos, IDX64)
-    offs_d = tl.arange(0, D)
-    qrow = (tok * (3 * C) + hd)[:, None] + offs_d[None, :]
-    q = tl.load(qkv + qrow)
-    do = tl.load(dout + (tok * C + hd)[:, None] + offs_d[None, :], mask=q_ok[:, None], other=0.0)
-    rows = (w * NH + h) * N + offs_q
-    delta = tl.load(dlt + rows, mask=q_ok, other=0.0)
-    lse2 = tl.load(lse + rows, mask=q_ok, other=float("inf")) * 1.4426950408889634
-    st = _mm(k, tl.trans(q), F32, UPCAST) * qk_scale  # (keys, queries), log2 units
-    if HAS_RPB:
-        # Swin index (ly_i - ly_j + wh-1)*(2ww-1) + (lx_i - lx_j + ww-1) = code_i + c0 - code_j
-        tab_q = tab_h + (ly * (2 * WW - 1) + lx + ((WH - 1) * (2 * WW - 1) + WW - 1))
-        rp, co = tl.broadcast(tab_q[None, :], -code_k[:, None])
-        st += _gather_2d(rp, co, co, False, ASM)
-    if HAS_BIAS:
-        rp, co = tl.broadcast((ab_h + tl.minimum(offs_q, N - 1) * N)[None, :], offs_k[:, None])
-        okb = tl.broadcast_to(ok_k[:, None], rp.shape)
-        st += _gather_2d(rp, co, okb, True, ASM) * 1.4426950408889634
+def _q_keys(q, do, lse2, delta, reg_q, grp_q, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h, dsum_h, qk_scale,
+            NQ: tl.constexpr, NK: tl.constexpr, HAS_TB: tl.constexpr, HAS_GROUP: tl.constexpr, SHIFT: tl.constexpr,
+            DSUM_MODE: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr):
+    """One query block against one key tile, all (keys x queries): the tile's dK/dV updates, its share
+    of the block's dQ (unscaled), and dS into ``dsum``."""
+    st = _mm(k, tl.trans(q), F32, UPCAST) * qk_scale  # log2 units
+    if HAS_TB:
+        # the head's bias tile (launcher: table + attn_bias, log2 units, key-major, padded): each
+        # thread's addresses are one base plus constants, pairs of queries adjacent (64-bit loads)
+        st += tl.load(bt_h + offs_k[:, None] * NQ + offs_q[None, :])
     allowed = ok_k[:, None]
     if SHIFT:
         allowed = allowed & (reg_k[:, None] == reg_q[None, :])
     if HAS_GROUP:
-        grp_q = tl.load(group + gbase + pos)
         allowed = allowed & (grp_k[:, None] == grp_q[None, :])
     st = tl.where(allowed, st, float("-inf"))
     pt = tl.exp2(st - lse2[None, :])  # masked: 0; padded queries (lse +inf): 0; a fully masked row: NaN
@@ -106,43 +91,96 @@ def _q_block(qkv, dout, lse, dlt, dqkv, tab_h, ab_h, group, dsum_h, m0, w, h, b,
     dv += _mm(pt.to(do.dtype), do, F32, UPCAST)
     dsl = dst.to(q.dtype)
     dk += _mm(dsl, q, F32, UPCAST)
-    if h < NH:  # always: a region of its own keeps Triton from giving this dot the chained dots' warp
-        # layout (all 8 warps along its 16-32 rows: 2-4x duplicated mma.sync work)
-        dq = _mm(tl.trans(dsl), k, F32, UPCAST)
-        tl.store(dqkv + qrow, (dq * scale).to(dqkv.dtype.element_ty), mask=q_ok[:, None])
+    dq = _mm(tl.trans(dsl), k, F32, UPCAST)
     if DSUM_MODE == 1:
-        rp, co = tl.broadcast((dsum_h + offs_q * N)[None, :], offs_k[:, None])
-        _red_2d(rp, co, dst, ok_k[:, None] & q_ok[None, :], ASM)
+        # padded rows and columns of ``dsum`` take the padded pairs: no masks, and each thread's
+        # addresses are one base plus constants
+        tl.atomic_add(dsum_h + offs_q[None, :] * NK + offs_k[:, None], dst, sem="relaxed")
+    return dk, dv, dq
+
+
+@triton.jit
+def _q_block(qkv, dout, rin, dqkv, dqs, bt_h, group, dsum_h, m0, b, y0, x0, gbase, hd, qk_scale, scale, C, H, W, SH,
+             SW, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BQ: tl.constexpr, TAIL: tl.constexpr, FIRST: tl.constexpr,
+             LAST: tl.constexpr, N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, D: tl.constexpr,
+             WH: tl.constexpr, WW: tl.constexpr, HAS_TB: tl.constexpr, HAS_GROUP: tl.constexpr, SHIFT: tl.constexpr,
+             DSUM_MODE: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
+             ASM: tl.constexpr):
+    """One query block against a key tile: dK/dV updates, dS into ``dsum``, the tile's dQ share added to
+    the partial sum in ``dqs`` (fp32, this program's slot; FIRST: none yet), or (LAST) dQ stored.
+    The rows' lse, delta and labels come from their ``_row_info`` records."""
+    offs_q = m0 + tl.arange(0, BQ)
+    q_ok = offs_q < N  # TAIL: the only block with padded queries (masks on the rest fold away)
+    lse2, delta, reg_q, grp_q = _record(rin + offs_q * 4, ASM)
+    ly, lx = _lyx(offs_q, N, WW)
+    pos, _r = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
+    if HAS_GROUP:
+        if group.dtype.element_ty == tl.int64:  # (int64 labels: compared at full width, read per column)
+            grp_q = tl.load(group + gbase + pos)
+    tok = _idx(b * (H * W) + pos, IDX64)
+    offs_d = tl.arange(0, D)
+    qrow = (tok * (3 * C) + hd)[:, None] + offs_d[None, :]
+    q = tl.load(qkv + qrow)
+    if TAIL:
+        do = tl.load(dout + (tok * C + hd)[:, None] + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    else:
+        do = tl.load(dout + (tok * C + hd)[:, None] + offs_d[None, :])
+    dk, dv, dq = _q_keys(q, do, lse2, delta, reg_q, grp_q, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h,
+                         dsum_h, qk_scale, NQ, NK, HAS_TB, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST)
+    part = dqs + offs_q[:, None] * D + offs_d[None, :]  # (padded queries have rows too)
+    if not FIRST:
+        dq += tl.load(part)
+    if LAST:
+        if TAIL:
+            tl.store(dqkv + qrow, (dq * scale).to(dqkv.dtype.element_ty), mask=q_ok[:, None])
+        else:
+            tl.store(dqkv + qrow, (dq * scale).to(dqkv.dtype.element_ty))
+    else:
+        tl.store(part, dq)
     return dk, dv
 
 
 @triton.jit
-def _sp_window(qkv, dout, lse, dlt, dqkv, tab_h, ab_h, group, codes, dsum_h, w, h, b, y0, x0, gbase, hd, qk_scale,
-               scale, C, NH, H, W, SH, SW, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr, BQ_TAIL: tl.constexpr,
-               N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, HAS_RPB: tl.constexpr,
-               HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr,
-               F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
-    """One window-head: every key in one tile, query blocks streamed; dK, dV stored at the end.
-    ``dlt`` must hold the rows' delta = rowsum(dO * O)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    k, v, ok_k, reg_k, grp_k, _cy, _cx, code_k = _keys(
-        qkv, group, qkv, codes, offs_k, b, y0, x0, gbase, gbase, hd, C, H, W, SH, SW, N, WH, WW, D, SHIFT,
-        HAS_GROUP, False, True, IDX64, ASM)
-    dk = tl.zeros((BLOCK_K, D), tl.float32)
-    dv = tl.zeros((BLOCK_K, D), tl.float32)
-    Q_FULL: tl.constexpr = (N // BLOCK_Q) * BLOCK_Q
-    for m0 in range(0, Q_FULL, BLOCK_Q):
-        dk, dv = _q_block(qkv, dout, lse, dlt, dqkv, tab_h, ab_h, group, dsum_h, m0, w, h, b, y0, x0, gbase, hd,
-                          qk_scale, scale, C, NH, H, W, SH, SW, k, v, dk, dv, ok_k, reg_k, grp_k, code_k, offs_k,
-                          BLOCK_Q, N, D, WH, WW, HAS_RPB, HAS_BIAS, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST, IDX64,
-                          ASM)
-    if BQ_TAIL > 0:
-        dk, dv = _q_block(qkv, dout, lse, dlt, dqkv, tab_h, ab_h, group, dsum_h, Q_FULL, w, h, b, y0, x0, gbase, hd,
-                          qk_scale, scale, C, NH, H, W, SH, SW, k, v, dk, dv, ok_k, reg_k, grp_k, code_k, offs_k,
-                          BQ_TAIL, N, D, WH, WW, HAS_RPB, HAS_BIAS, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST, IDX64,
-                          ASM)
+def _store_kv(dqkv, dk, dv, offs_k, ok, b, y0, x0, hd, scale, C, H, W, SH, SW, N: tl.constexpr, WH: tl.constexpr,
+              WW: tl.constexpr, D: tl.constexpr, SHIFT: tl.constexpr, IDX64: tl.constexpr):
     ly, lx = _lyx(offs_k, N, WW)
     pos, _r = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
     krow = (_idx(b * (H * W) + pos, IDX64) * (3 * C) + hd)[:, None] + tl.arange(0, D)[None, :]
-    tl.store(dqkv + krow + C, (dk * scale).to(dqkv.dtype.element_ty), mask=ok_k[:, None])
-    tl.store(dqkv + krow + 2 * C, dv.to(dqkv.dtype.element_ty), mask=ok_k[:, None])
+    tl.store(dqkv + krow + C, (dk * scale).to(dqkv.dtype.element_ty), mask=ok[:, None])
+    tl.store(dqkv + krow + 2 * C, dv.to(dqkv.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
+def _sp_window(qkv, dout, out, lse, rin, dqkv, dqs, bt_h, group, dsum_h, w, h, b, y0, x0, gbase, hd, qk_scale, scale,
+               C, NH, H, W, SH, SW, BLOCK_K: tl.constexpr, KT: tl.constexpr, BLOCK_Q: tl.constexpr,
+               BQ_TAIL: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+               HAS_TB: tl.constexpr, HAS_GROUP: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr,
+               F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
+    """One window-head: KT key tiles of BLOCK_K one after another, each with its dK, dV in registers
+    (stored after its pass over the query blocks); dQ summed over the tiles in ``dqs`` (KT > 1).
+    ``rin``: this program's slot for the rows' records (``_row_info``); ``bt_h`` the head's bias tile
+    (NK x NQ), ``dsum_h`` its dS sums (NQ x NK)."""
+    Q_FULL: tl.constexpr = (N // BLOCK_Q) * BLOCK_Q
+    NQ: tl.constexpr = Q_FULL + BQ_TAIL
+    NK: tl.constexpr = KT * BLOCK_K
+    _row_info(dout, out, lse, rin, group, w, h, b, y0, x0, gbase, hd, C, NH, H, W, SH, SW, NQ, BLOCK_Q, N, D, WH, WW,
+              SHIFT, HAS_GROUP, IDX64)
+    for kt in tl.static_range(KT):
+        tl.debug_barrier()  # records, and the previous tile's dQ partials, stored by other threads
+        offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        k, v, ok_k, reg_k, grp_k, _cy, _cx, _code = _keys(
+            qkv, group, qkv, qkv, offs_k, b, y0, x0, gbase, gbase, hd, C, H, W, SH, SW, N, WH, WW, D, SHIFT,
+            HAS_GROUP, False, True, IDX64, False)
+        dk = tl.zeros((BLOCK_K, D), tl.float32)
+        dv = tl.zeros((BLOCK_K, D), tl.float32)
+        for m0 in range(0, Q_FULL, BLOCK_Q):
+            dk, dv = _q_block(qkv, dout, rin, dqkv, dqs, bt_h, group, dsum_h, m0, b, y0, x0, gbase, hd, qk_scale,
+                              scale, C, H, W, SH, SW, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BLOCK_Q, False, kt == 0,
+                              kt == KT - 1, N, NQ, NK, D, WH, WW, HAS_TB, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST,
+                              IDX64, ASM)
+        if BQ_TAIL > 0:
+            dk, dv = _q_block(qkv, dout, rin, dqkv, dqs, bt_h, group, dsum_h, Q_FULL, b, y0, x0, gbase, hd, qk_scale,
+                              scale, C, H, W, SH, SW, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BQ_TAIL, True, kt == 0,
+                              kt == KT - 1, N, NQ, NK, D, WH, WW, HAS_TB, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST,
+                              IDX64, ASM)
+        _store_kv(dqkv, dk, dv, offs_k, ok_k, b, y0, x0, hd, scale, C, H, W, SH, SW, N, WH, WW, D, SHIFT, IDX64)

@@ -329,7 +329,7 @@ def _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, 
 
 
 @triton.jit
-def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes, dsum, dtab, ls, dls,
+def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes, dsum, dtab, ls, dls, dqs,
                 qk_scale, scale, NH, H, W, nW, nWw, SH, SW, GG, GC, RH, RW, BNW, STRIDE, W0,
                 WPP: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                 SINGLE: tl.constexpr, BS: tl.constexpr,
@@ -338,7 +338,7 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
                 HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
                 HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr,
                 F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
-                COSINE: tl.constexpr = False, DLS_MODE: tl.constexpr = 0):
+                COSINE: tl.constexpr = False, DLS_MODE: tl.constexpr = 0, KT: tl.constexpr = 1):
     """Program (head h, chunk c): windows c*STRIDE + W0 + [0, WPP) of head h (WPP == STRIDE, W0 == 0
     when the program loops over its chunk; WPP == 1 when the launcher loops, one launch per W0).
 
@@ -439,19 +439,21 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
         if DLS_MODE == 3:
             tl.store(dls + c * NH + h, tl.sum(dls_rows, 0))
     elif SP:
-        # Single pass (SP, ``_wattn_bwd_sp``): every key of the window in one BLOCK_M tile (8 warps)
-        # with dK/dV in registers, query blocks of BLOCK_N streamed once, dQ complete per block.
-        offs_m = tl.arange(0, BLOCK_M)
+        # Single pass (SP, ``_wattn_bwd_sp``): KT key tiles of BLOCK_M keys (8 warps) one after another,
+        # dK/dV of a tile in registers, query blocks of BLOCK_N streamed. ``tab``: the launcher's
+        # (nH, NK, NQ) bias tile (NQ the padded query count, NK = KT * BLOCK_M); this program's slots:
+        # the rows' records in ``dlt`` (NQ x 4 words), fp32 dQ partials in ``dqs`` (NQ x D).
+        NQ: tl.constexpr = (N // BLOCK_N) * BLOCK_N + BN_TAIL
+        NK: tl.constexpr = KT * BLOCK_M
+        slot = c * NH + h
         for i in range(0, WPP):
             if w < BNW:
                 y0, x0, gbase = wy * WH, wx * WW, (b % GG) * (H * W)
-                # delta = rowsum(dO * O) once per row, kept in ``dlt`` for the query blocks
-                _bwd_rows(qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, gbase,
-                          hd, C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, False, False, 1, IDX64)
-                tl.debug_barrier()  # delta stored by other threads of this program
-                _sp_window(qkv, dout, lse, dlt, dqkv, tab_h, ab_h, group, codes, dsum_h, w, h, b, y0, x0, gbase, hd,
-                           qk_scale, scale, C, NH, H, W, SH, SW, BLOCK_M, BLOCK_N, BN_TAIL, N, D, WH, WW, HAS_RPB,
-                           HAS_BIAS, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST, IDX64, ASM)
+                _sp_window(qkv, dout, out, lse, dlt + slot * (NQ * 4), dqkv, dqs + slot * (NQ * D), tab + h * (NK * NQ),
+                           group, dsum + h * (NQ * NK), w, h, b, y0, x0, gbase, hd, qk_scale, scale, C, NH, H, W, SH,
+                           SW, BLOCK_M, KT, BLOCK_N, BN_TAIL, N, D, WH, WW, HAS_RPB or HAS_BIAS, HAS_GROUP, SHIFT,
+                           DSUM_MODE, F32, UPCAST, IDX64, ASM)
+                tl.debug_barrier()  # the next window's records and partials overwrite this one's
             w, b, wy, wx = _next_window(w, b, wy, wx, nW // nWw, nWw)
     else:
         N_FULL: tl.constexpr = (N // BLOCK_N) * BLOCK_N
@@ -509,9 +511,10 @@ def _sum_chunks_kernel(part, res, M, n_chunks: tl.constexpr, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _gather_table_kernel(dsum, drpb, NH, N: tl.constexpr, N_PAD: tl.constexpr, NH_PAD: tl.constexpr,
+def _gather_table_kernel(dsum, drpb, NH, HS, RS, N: tl.constexpr, N_PAD: tl.constexpr, NH_PAD: tl.constexpr,
                          WH: tl.constexpr, WW: tl.constexpr):
-    """drpb[t, h] = sum of dsum[h, i, j] over the pairs with Swin relative index t (fixed order)."""
+    """drpb[t, h] = sum of dsum[h, i, j] over the pairs with Swin relative index t (fixed order);
+    ``dsum`` has head stride HS and row stride RS (the single pass pads its rows and columns)."""
     t = tl.program_id(0)
     ty = t // (2 * WW - 1)
     tx = t % (2 * WW - 1)
@@ -521,7 +524,7 @@ def _gather_table_kernel(dsum, drpb, NH, N: tl.constexpr, N_PAD: tl.constexpr, N
     jx = offs_i % WW - tx + WW - 1
     ok = (offs_i < N) & (jy >= 0) & (jy < WH) & (jx >= 0) & (jx < WW)
     j = jy * WW + jx
-    vals = tl.load(dsum + (offs_h[:, None] * N + offs_i[None, :]) * N + j[None, :],
+    vals = tl.load(dsum + offs_h[:, None] * HS + offs_i[None, :] * RS + j[None, :],
                    mask=(offs_h[:, None] < NH) & ok[None, :], other=0.0)
     tl.store(drpb + t * NH + offs_h, tl.sum(vals, 1), mask=offs_h < NH)
 
@@ -533,6 +536,9 @@ def _gather_table_kernel(dsum, drpb, NH, N: tl.constexpr, N_PAD: tl.constexpr, N
 # never depends on the GPU. Small under the interpreter so that tests run several windows per
 # program.
 _PROGRAMS = 2 if _INTERPRET else 1024
+# Single pass over several key tiles: windows per program (each program's fp32 dQ partials: one
+# slot of N_Q x D, reused by its windows; 16 keeps the slots at ~17 MB for MixMIM-B stage 1).
+_SP_WPP = 2 if _INTERPRET else 16
 
 
 def _maxnreg(sp):
@@ -558,12 +564,29 @@ def _bwd_config(N, D, single, no_sp):
     The interpreter's tiles exercise every loop and tail."""
     if _INTERPRET:
         sp = not single and D == 32 and not no_sp
-        return (triton.next_power_of_2(N) if sp else 16), 16, 16, 1, 1, sp
+        return 16, 16, 16, 1, 1, sp
     if single:
         return 64, 32, 16, (8 if D >= 64 else 4), 1, False
     if D == 32 and not no_sp:
-        return max(128, triton.next_power_of_2(N)), 32, 16, 8, 1, True
+        return 128, 64, 16, 8, 1, True
     return (32, 16, 16, 4, 1, False) if D >= 64 else (64, 32, 16, 4, 1, False)
+
+
+def _bias_tile(rpb, attn_bias, wh, ww, nh, nk, nq, qkv):
+    """The single pass's bias: (nH, NK, NQ) fp32, [h, key j, query i] = (table[Swin index(i, j), h] +
+    attn_bias[h, i, j]) * log2(e), zero on padded rows and columns; a dummy (never read) without bias."""
+    if rpb is None and attn_bias is None:
+        return qkv
+    n = wh * ww
+    bias = 0.0
+    if rpb is not None:
+        c = _codes(wh, ww, qkv.device)[:n].long()
+        bias = (rpb * _LOG2E)[c[:, None] - c[None, :] + ((wh - 1) * (2 * ww - 1) + ww - 1)].permute(2, 0, 1)
+    if attn_bias is not None:
+        bias = bias + attn_bias * _LOG2E
+    tile = torch.zeros((nh, nk, nq), dtype=torch.float32, device=qkv.device)
+    tile[:, :n, :n] = bias.transpose(1, 2)
+    return tile
 
 
 def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords,
@@ -594,7 +617,11 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     single = _single(N) and not (want_tab and deterministic)
     cosine = logit_scale is not None
     bm, bn, bnb, warps, stages, sp = _bwd_config(N, D, single, deterministic or coords is not None or cosine)
-    if single or deterministic:
+    kt = triton.cdiv(N, bm) if sp else 1
+    if sp:  # a few windows per program: the scratch slots are per program
+        stride = _SP_WPP
+        chunks = -(-bnw // stride)
+    elif single or deterministic:
         chunks = max(1, min(bnw, -(-_PROGRAMS // num_heads)))
         stride = triton.next_power_of_2(-(-bnw // chunks))  # few distinct loop counts (constexprs)
         chunks = -(-bnw // stride)
@@ -603,13 +630,16 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     # The in-kernel window loop (single tile, in-register dS sums) adds live ranges that the
     # multi-tile kernel cannot afford; there the launcher loops instead, one launch per window of
     # every chunk (stream order keeps each program's partial sums in a fixed order).
-    outer = stride > 1 and not single
+    outer = stride > 1 and not single and not sp
     dsum_mode = 0 if not want_dsum else (3 if single else (2 if deterministic else 1))
     tab_mode = 0 if not want_tab else (2 if deterministic else 1)
     f32 = dict(dtype=torch.float32, device=dev)
     per_chunk = dsum_mode in (2, 3)
+    nq = (N // bn) * bn + (bn if N % bn else 0)  # the single pass's padded query count
+    # the single pass's dS sums: (nH, NQ, NK) padded rows and columns, written unmasked (never read)
+    dpad = (nq, kt * bm) if sp else (N, N)
     if want_dsum:
-        shape = ((chunks,) if per_chunk else ()) + (num_heads, N, N)
+        shape = ((chunks,) if per_chunk else ()) + (num_heads,) + dpad
         dsum = torch.zeros(shape, **f32) if dsum_mode != 3 else alloc(shape, torch.float32, dev)
     else:
         dsum = lse
@@ -617,19 +647,26 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     dls_mode = 0 if not (cosine and need_dls) else (3 if single else (2 if deterministic else 1))
     dls = torch.zeros(((chunks,) if dls_mode in (2, 3) else ()) + (num_heads,), **f32) if dls_mode else lse
     if bnw > 0 and num_heads * D > 0:
-        tab, ab = _tables(rpb, attn_bias, qkv, num_heads)
+        if sp:
+            tab, ab = _bias_tile(rpb, attn_bias, wh, ww, num_heads, kt * bm, nq, qkv), qkv
+        else:
+            tab, ab = _tables(rpb, attn_bias, qkv, num_heads)
         G = (1 if group is None else group.shape[0], 1 if coords is None else coords.shape[0])
-        dlt = lse if single and not sp else torch.empty_like(lse)  # delta = rowsum(dO * O), phase A -> phase B
+        if sp:  # per program: the rows' records (lse, delta, code, label)
+            dlt = torch.empty((chunks * num_heads, nq, 4), **f32)
+        else:  # delta = rowsum(dO * O), phase A -> phase B
+            dlt = lse if single else torch.empty_like(lse)
+        dqs = torch.empty((chunks * num_heads, nq, D), **f32) if sp and kt > 1 else lse
         for w0 in range(stride if outer else 1):
             _bwd_kernel[(num_heads, chunks)](
                 dout, qkv, out, lse, dlt, dqkv, tab, ab, qkv if group is None else group,
                 qkv if coords is None else coords, _codes(wh, ww, dev), dsum, dtab,
-                qkv if logit_scale is None else logit_scale, dls, float(scale) * _LOG2E, float(scale), num_heads, H,
+                qkv if logit_scale is None else logit_scale, dls, dqs, float(scale) * _LOG2E, float(scale), num_heads, H,
                 W, nW, nWw, sh, sw, *G, rh, rw, bnw, stride, w0,
                 WPP=1 if outer else stride, N=N, D=D, WH=wh, WW=ww, SINGLE=single,
                 BS=max(16, triton.next_power_of_2(N)), BLOCK_M=bm, BM_TAIL=_tail(N, bm), BLOCK_N=bn,
-                BN_TAIL=_tail(N, bn), BLOCK_NB=bnb, BNB_TAIL=_tail(N, bnb), SP=sp, RELOAD=D >= 64,
-                DSUM_MODE=dsum_mode,
+                BN_TAIL=(bn if N % bn else 0) if sp else _tail(N, bn), BLOCK_NB=bnb, BNB_TAIL=_tail(N, bnb), SP=sp, RELOAD=D >= 64,
+                DSUM_MODE=dsum_mode, KT=kt,
                 TAB_MODE=tab_mode, COSINE=cosine, DLS_MODE=dls_mode,
                 ASM=not _INTERPRET, IDX64=qkv.numel() >= 2**31, num_warps=warps, num_stages=stages,
                 **_flags(qkv, rpb, attn_bias, group, coords, sh, sw), **_maxnreg(sp),
@@ -645,14 +682,17 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
         return res
 
     dsum = reduce(dsum, per_chunk) if want_dsum else None
-    dbias = dsum if need_dbias else torch.empty((0,), **f32)  # outputs must not alias each other
+    if need_dbias:  # (outputs must not alias each other)
+        dbias = dsum if dpad == (N, N) else dsum[:, :N, :N].contiguous()
+    else:
+        dbias = torch.empty((0,), **f32)
     if not need_drpb:
         drpb = torch.empty((0,), **f32)
     elif coords is not None:
         drpb = reduce(dtab, tab_mode == 2).t().contiguous()
     else:
         drpb = alloc((T, num_heads), torch.float32, dev)
-        _gather_table_kernel[(T,)](dsum, drpb, num_heads, N=N, N_PAD=triton.next_power_of_2(N),
+        _gather_table_kernel[(T,)](dsum, drpb, num_heads, dpad[0] * dpad[1], dpad[1], N=N, N_PAD=triton.next_power_of_2(N),
                                    NH_PAD=triton.next_power_of_2(num_heads), WH=wh, WW=ww)
     if not cosine:
         return dqkv, drpb, dbias
