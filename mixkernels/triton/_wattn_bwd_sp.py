@@ -28,6 +28,30 @@ from .window_attention import _idx, _keys, _lyx, _mm, _pos
 
 
 @triton.jit
+def _load_pairs(ptrs, ASM: tl.constexpr):
+    """fp32 ``*ptrs`` (read-only data) in the layout of ``ptrs`` (the scores'): on the GPU one 64-bit load
+    per pair of a thread's adjacent columns (their addresses adjacent, the first 8-byte aligned), no
+    layout conversion through shared memory."""
+    if ASM:
+        return tl.inline_asm_elementwise("ld.global.nc.v2.f32 {$0, $1}, [$2];", "=f,=f,l,l", [ptrs],
+                                         dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _red_pairs(ptrs, val, ASM: tl.constexpr):
+    """``*ptrs += val`` by relaxed atomics (no fences) in the layout of ``ptrs``: on the GPU one 64-bit
+    ``red`` per pair of a thread's adjacent columns (sm_90; addresses as ``_load_pairs``)."""
+    if ASM:
+        tl.inline_asm_elementwise(
+            "red.relaxed.gpu.global.add.v2.f32 [$2], {$4, $5}; mov.b32 $0, 0; mov.b32 $1, 0;", "=r,=r,l,l,r,r",
+            [ptrs, val.to(tl.int32, bitcast=True)], dtype=tl.int32, is_pure=False, pack=2)
+    else:
+        tl.atomic_add(ptrs, val, sem="relaxed")
+
+
+@triton.jit
 def _record(rec, ASM: tl.constexpr):
     """A row's ``_row_info`` record (lse2, delta as fp32; labels as int32): one 16-byte load on the GPU
     (a plain ``ld.global``: the records are written earlier in this kernel)."""
@@ -69,33 +93,42 @@ def _row_info(dout, out, lse, rin, group, w, h, b, y0, x0, gbase, hd, C, NH, H, 
 
 
 @triton.jit
-def _q_keys(q, do, lse2, delta, reg_q, grp_q, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h, dsum_h, qk_scale,
+def _q_keys(q, do, rin, grp64, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h, dsum_h, qk_scale,
             NQ: tl.constexpr, NK: tl.constexpr, HAS_TB: tl.constexpr, HAS_GROUP: tl.constexpr, SHIFT: tl.constexpr,
-            DSUM_MODE: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr):
+            G64: tl.constexpr, DSUM_MODE: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, ASM: tl.constexpr):
     """One query block against one key tile, all (keys x queries): the tile's dK/dV updates, its share
     of the block's dQ (unscaled), and dS into ``dsum``."""
     st = _mm(k, tl.trans(q), F32, UPCAST) * qk_scale  # log2 units
     if HAS_TB:
         # the head's bias tile (launcher: table + attn_bias, log2 units, key-major, padded): each
-        # thread's addresses are one base plus constants, pairs of queries adjacent (64-bit loads)
-        st += tl.load(bt_h + offs_k[:, None] * NQ + offs_q[None, :])
-    allowed = ok_k[:, None]
-    if SHIFT:
-        allowed = allowed & (reg_k[:, None] == reg_q[None, :])
-    if HAS_GROUP:
-        allowed = allowed & (grp_k[:, None] == grp_q[None, :])
-    st = tl.where(allowed, st, float("-inf"))
+        # thread's addresses are one base plus constants, pairs of queries adjacent
+        st += _load_pairs(bt_h + offs_k[:, None] * NQ + offs_q[None, :], ASM)
+    # the rows' records read here, next to their use (fewer registers live across the products)
+    lse2, delta, reg_q, grp_q = _record(rin + offs_q * 4, ASM)
+    if G64:
+        grp_q = grp64
+    # Padded keys: -inf rows of the bias tile (HAS_TB), else masked here; their dS only reaches dQ times
+    # their zero K rows, and the padded rows of ``dsum``.
+    if SHIFT or HAS_GROUP or not HAS_TB:
+        allowed = ok_k[:, None]
+        if SHIFT:
+            allowed = (reg_k[:, None] == reg_q[None, :]) if HAS_TB else (allowed & (reg_k[:, None] == reg_q[None, :]))
+        if HAS_GROUP:
+            same = grp_k[:, None] == grp_q[None, :]
+            allowed = (allowed & same) if (SHIFT or not HAS_TB) else same
+        st = tl.where(allowed, st, float("-inf"))
     pt = tl.exp2(st - lse2[None, :])  # masked: 0; padded queries (lse +inf): 0; a fully masked row: NaN
     dpt = _mm(v, tl.trans(do), F32, UPCAST)
-    dst = tl.where(allowed, pt * (dpt - delta[None, :]), 0.0)  # exactly 0 at masked pairs (even in a NaN row)
+    dst = pt * (dpt - delta[None, :])
+    if SHIFT or HAS_GROUP:
+        dst = tl.where(allowed, dst, 0.0)  # exactly 0 at pairs the shift/group rule masks (even in a NaN row)
     dv += _mm(pt.to(do.dtype), do, F32, UPCAST)
     dsl = dst.to(q.dtype)
     dk += _mm(dsl, q, F32, UPCAST)
     dq = _mm(tl.trans(dsl), k, F32, UPCAST)
     if DSUM_MODE == 1:
-        # padded rows and columns of ``dsum`` take the padded pairs: no masks, and each thread's
-        # addresses are one base plus constants
-        tl.atomic_add(dsum_h + offs_q[None, :] * NK + offs_k[:, None], dst, sem="relaxed")
+        # dS sums key-major like the bias tile; their padded rows and columns take the padded pairs
+        _red_pairs(dsum_h + offs_k[:, None] * NQ + offs_q[None, :], dst, ASM)
     return dk, dv, dq
 
 
@@ -111,12 +144,12 @@ def _q_block(qkv, dout, rin, dqkv, dqs, bt_h, group, dsum_h, m0, b, y0, x0, gbas
     The rows' lse, delta and labels come from their ``_row_info`` records."""
     offs_q = m0 + tl.arange(0, BQ)
     q_ok = offs_q < N  # TAIL: the only block with padded queries (masks on the rest fold away)
-    lse2, delta, reg_q, grp_q = _record(rin + offs_q * 4, ASM)
     ly, lx = _lyx(offs_q, N, WW)
     pos, _r = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
-    if HAS_GROUP:
-        if group.dtype.element_ty == tl.int64:  # (int64 labels: compared at full width, read per column)
-            grp_q = tl.load(group + gbase + pos)
+    G64: tl.constexpr = HAS_GROUP and group.dtype.element_ty == tl.int64
+    grp64 = pos
+    if G64:  # (int64 labels: compared at full width, read per column)
+        grp64 = tl.load(group + gbase + pos)
     tok = _idx(b * (H * W) + pos, IDX64)
     offs_d = tl.arange(0, D)
     qrow = (tok * (3 * C) + hd)[:, None] + offs_d[None, :]
@@ -125,8 +158,8 @@ def _q_block(qkv, dout, rin, dqkv, dqs, bt_h, group, dsum_h, m0, b, y0, x0, gbas
         do = tl.load(dout + (tok * C + hd)[:, None] + offs_d[None, :], mask=q_ok[:, None], other=0.0)
     else:
         do = tl.load(dout + (tok * C + hd)[:, None] + offs_d[None, :])
-    dk, dv, dq = _q_keys(q, do, lse2, delta, reg_q, grp_q, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h,
-                         dsum_h, qk_scale, NQ, NK, HAS_TB, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST)
+    dk, dv, dq = _q_keys(q, do, rin, grp64, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h, dsum_h, qk_scale,
+                         NQ, NK, HAS_TB, HAS_GROUP, SHIFT, G64, DSUM_MODE, F32, UPCAST, ASM)
     part = dqs + offs_q[:, None] * D + offs_d[None, :]  # (padded queries have rows too)
     if not FIRST:
         dq += tl.load(part)
@@ -158,8 +191,8 @@ def _sp_window(qkv, dout, out, lse, rin, dqkv, dqs, bt_h, group, dsum_h, w, h, b
                F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
     """One window-head: KT key tiles of BLOCK_K one after another, each with its dK, dV in registers
     (stored after its pass over the query blocks); dQ summed over the tiles in ``dqs`` (KT > 1).
-    ``rin``: this program's slot for the rows' records (``_row_info``); ``bt_h`` the head's bias tile
-    (NK x NQ), ``dsum_h`` its dS sums (NQ x NK)."""
+    ``rin``: this program's slot for the rows' records (``_row_info``); ``bt_h`` the head's bias tile,
+    ``dsum_h`` its dS sums (both NK x NQ, key-major)."""
     Q_FULL: tl.constexpr = (N // BLOCK_Q) * BLOCK_Q
     NQ: tl.constexpr = Q_FULL + BQ_TAIL
     NK: tl.constexpr = KT * BLOCK_K

@@ -445,12 +445,14 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
         # the rows' records in ``dlt`` (NQ x 4 words), fp32 dQ partials in ``dqs`` (NQ x D).
         NQ: tl.constexpr = (N // BLOCK_N) * BLOCK_N + BN_TAIL
         NK: tl.constexpr = KT * BLOCK_M
-        slot = c * NH + h
         for i in range(0, WPP):
             if w < BNW:
                 y0, x0, gbase = wy * WH, wx * WW, (b % GG) * (H * W)
+                # (through an opaque move: the slot pointers are recomputed per window, not kept live
+                # across the window loop, where they spill)
+                slot = _opaque(c * NH + h, ASM)
                 _sp_window(qkv, dout, out, lse, dlt + slot * (NQ * 4), dqkv, dqs + slot * (NQ * D), tab + h * (NK * NQ),
-                           group, dsum + h * (NQ * NK), w, h, b, y0, x0, gbase, hd, qk_scale, scale, C, NH, H, W, SH,
+                           group, dsum + h * (NK * NQ), w, h, b, y0, x0, gbase, hd, qk_scale, scale, C, NH, H, W, SH,
                            SW, BLOCK_M, KT, BLOCK_N, BN_TAIL, N, D, WH, WW, HAS_RPB or HAS_BIAS, HAS_GROUP, SHIFT,
                            DSUM_MODE, F32, UPCAST, IDX64, ASM)
                 tl.debug_barrier()  # the next window's records and partials overwrite this one's
@@ -511,10 +513,10 @@ def _sum_chunks_kernel(part, res, M, n_chunks: tl.constexpr, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _gather_table_kernel(dsum, drpb, NH, HS, RS, N: tl.constexpr, N_PAD: tl.constexpr, NH_PAD: tl.constexpr,
+def _gather_table_kernel(dsum, drpb, NH, HS, SI, SJ, N: tl.constexpr, N_PAD: tl.constexpr, NH_PAD: tl.constexpr,
                          WH: tl.constexpr, WW: tl.constexpr):
     """drpb[t, h] = sum of dsum[h, i, j] over the pairs with Swin relative index t (fixed order);
-    ``dsum`` has head stride HS and row stride RS (the single pass pads its rows and columns)."""
+    ``dsum`` strides: HS (head), SI (query), SJ (key) (the single pass's is key-major and padded)."""
     t = tl.program_id(0)
     ty = t // (2 * WW - 1)
     tx = t % (2 * WW - 1)
@@ -524,7 +526,7 @@ def _gather_table_kernel(dsum, drpb, NH, HS, RS, N: tl.constexpr, N_PAD: tl.cons
     jx = offs_i % WW - tx + WW - 1
     ok = (offs_i < N) & (jy >= 0) & (jy < WH) & (jx >= 0) & (jx < WW)
     j = jy * WW + jx
-    vals = tl.load(dsum + offs_h[:, None] * HS + offs_i[None, :] * RS + j[None, :],
+    vals = tl.load(dsum + offs_h[:, None] * HS + offs_i[None, :] * SI + j[None, :] * SJ,
                    mask=(offs_h[:, None] < NH) & ok[None, :], other=0.0)
     tl.store(drpb + t * NH + offs_h, tl.sum(vals, 1), mask=offs_h < NH)
 
@@ -574,7 +576,8 @@ def _bwd_config(N, D, single, no_sp):
 
 def _bias_tile(rpb, attn_bias, wh, ww, nh, nk, nq, qkv):
     """The single pass's bias: (nH, NK, NQ) fp32, [h, key j, query i] = (table[Swin index(i, j), h] +
-    attn_bias[h, i, j]) * log2(e), zero on padded rows and columns; a dummy (never read) without bias."""
+    attn_bias[h, i, j]) * log2(e); padded keys -inf (masked by position), padded queries 0; a dummy (never
+    read) without bias."""
     if rpb is None and attn_bias is None:
         return qkv
     n = wh * ww
@@ -585,6 +588,7 @@ def _bias_tile(rpb, attn_bias, wh, ww, nh, nk, nq, qkv):
     if attn_bias is not None:
         bias = bias + attn_bias * _LOG2E
     tile = torch.zeros((nh, nk, nq), dtype=torch.float32, device=qkv.device)
+    tile[:, n:, :] = float("-inf")
     tile[:, :n, :n] = bias.transpose(1, 2)
     return tile
 
@@ -636,8 +640,8 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     f32 = dict(dtype=torch.float32, device=dev)
     per_chunk = dsum_mode in (2, 3)
     nq = (N // bn) * bn + (bn if N % bn else 0)  # the single pass's padded query count
-    # the single pass's dS sums: (nH, NQ, NK) padded rows and columns, written unmasked (never read)
-    dpad = (nq, kt * bm) if sp else (N, N)
+    # the single pass's dS sums: (nH, NK, NQ) key-major, padded rows and columns written unmasked
+    dpad = (kt * bm, nq) if sp else (N, N)
     if want_dsum:
         shape = ((chunks,) if per_chunk else ()) + (num_heads,) + dpad
         dsum = torch.zeros(shape, **f32) if dsum_mode != 3 else alloc(shape, torch.float32, dev)
@@ -682,8 +686,9 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
         return res
 
     dsum = reduce(dsum, per_chunk) if want_dsum else None
+    dsum_t = dsum.transpose(1, 2) if sp and want_dsum else dsum  # (nH, queries, keys)
     if need_dbias:  # (outputs must not alias each other)
-        dbias = dsum if dpad == (N, N) else dsum[:, :N, :N].contiguous()
+        dbias = dsum if not sp else dsum_t[:, :N, :N].contiguous()
     else:
         dbias = torch.empty((0,), **f32)
     if not need_drpb:
@@ -692,7 +697,7 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
         drpb = reduce(dtab, tab_mode == 2).t().contiguous()
     else:
         drpb = alloc((T, num_heads), torch.float32, dev)
-        _gather_table_kernel[(T,)](dsum, drpb, num_heads, dpad[0] * dpad[1], dpad[1], N=N, N_PAD=triton.next_power_of_2(N),
+        _gather_table_kernel[(T,)](dsum, drpb, num_heads, dsum.stride(0), dsum_t.stride(1), dsum_t.stride(2), N=N, N_PAD=triton.next_power_of_2(N),
                                    NH_PAD=triton.next_power_of_2(num_heads), WH=wh, WW=ww)
     if not cosine:
         return dqkv, drpb, dbias
