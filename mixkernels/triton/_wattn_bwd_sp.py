@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .window_attention import _idx, _keys, _lyx, _mm, _pos
+from .window_attention import _idx, _keys, _lyx, _mm, _opaque, _pos
 
 
 @triton.jit
@@ -134,13 +134,14 @@ def _q_keys(q, do, rin, grp64, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k,
 
 @triton.jit
 def _q_block(qkv, dout, rin, dqkv, dqs, bt_h, group, dsum_h, m0, b, y0, x0, gbase, hd, qk_scale, scale, C, H, W, SH,
-             SW, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BQ: tl.constexpr, TAIL: tl.constexpr, FIRST: tl.constexpr,
-             LAST: tl.constexpr, N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, D: tl.constexpr,
+             SW, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, kt, BQ: tl.constexpr, TAIL: tl.constexpr, KT: tl.constexpr,
+             N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, D: tl.constexpr,
              WH: tl.constexpr, WW: tl.constexpr, HAS_TB: tl.constexpr, HAS_GROUP: tl.constexpr, SHIFT: tl.constexpr,
              DSUM_MODE: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
              ASM: tl.constexpr):
     """One query block against a key tile: dK/dV updates, dS into ``dsum``, the tile's dQ share added to
-    the partial sum in ``dqs`` (fp32, this program's slot; FIRST: none yet), or (LAST) dQ stored.
+    the partial sum in ``dqs`` (fp32, this program's slot; none yet for the first tile), or (last tile)
+    dQ stored.
     The rows' lse, delta and labels come from their ``_row_info`` records."""
     offs_q = m0 + tl.arange(0, BQ)
     q_ok = offs_q < N  # TAIL: the only block with padded queries (masks on the rest fold away)
@@ -161,9 +162,9 @@ def _q_block(qkv, dout, rin, dqkv, dqs, bt_h, group, dsum_h, m0, b, y0, x0, gbas
     dk, dv, dq = _q_keys(q, do, rin, grp64, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h, dsum_h, qk_scale,
                          NQ, NK, HAS_TB, HAS_GROUP, SHIFT, G64, DSUM_MODE, F32, UPCAST, ASM)
     part = dqs + offs_q[:, None] * D + offs_d[None, :]  # (padded queries have rows too)
-    if not FIRST:
+    if kt > 0:
         dq += tl.load(part)
-    if LAST:
+    if kt == KT - 1:
         if TAIL:
             tl.store(dqkv + qrow, (dq * scale).to(dqkv.dtype.element_ty), mask=q_ok[:, None])
         else:
@@ -184,22 +185,28 @@ def _store_kv(dqkv, dk, dv, offs_k, ok, b, y0, x0, hd, scale, C, H, W, SH, SW, N
 
 
 @triton.jit
-def _sp_window(qkv, dout, out, lse, rin, dqkv, dqs, bt_h, group, dsum_h, w, h, b, y0, x0, gbase, hd, qk_scale, scale,
+def _sp_window(qkv, dout, out, lse, rin, dqkv, dqs, bt, group, dsum, w, h, b, y0, x0, gbase, hd, qk_scale, scale,
                C, NH, H, W, SH, SW, BLOCK_K: tl.constexpr, KT: tl.constexpr, BLOCK_Q: tl.constexpr,
                BQ_TAIL: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                HAS_TB: tl.constexpr, HAS_GROUP: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr,
                F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
     """One window-head: KT key tiles of BLOCK_K one after another, each with its dK, dV in registers
     (stored after its pass over the query blocks); dQ summed over the tiles in ``dqs`` (KT > 1).
-    ``rin``: this program's slot for the rows' records (``_row_info``); ``bt_h`` the head's bias tile,
-    ``dsum_h`` its dS sums (both NK x NQ, key-major)."""
+    ``rin``: this program's slot for the rows' records (``_row_info``); ``bt`` the bias tiles, ``dsum``
+    the dS sums (both (nH, NK, NQ), key-major)."""
     Q_FULL: tl.constexpr = (N // BLOCK_Q) * BLOCK_Q
     NQ: tl.constexpr = Q_FULL + BQ_TAIL
     NK: tl.constexpr = KT * BLOCK_K
     _row_info(dout, out, lse, rin, group, w, h, b, y0, x0, gbase, hd, C, NH, H, W, SH, SW, NQ, BLOCK_Q, N, D, WH, WW,
               SHIFT, HAS_GROUP, IDX64)
-    for kt in tl.static_range(KT):
+    # (a loop, not unrolled: one copy of the tile's code, so one set of hoisted addresses)
+    for kt in range(0, KT):
         tl.debug_barrier()  # records, and the previous tile's dQ partials, stored by other threads
+        # the head's bias-tile and dS-sum pointers through an opaque move per tile: kept live for one
+        # tile, not hoisted out of the window loop (where they spill)
+        ho = _opaque(h, ASM)
+        bt_t = bt + ho * (NK * NQ)
+        dsum_t = dsum + ho * (NK * NQ)
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         k, v, ok_k, reg_k, grp_k, _cy, _cx, _code = _keys(
             qkv, group, qkv, qkv, offs_k, b, y0, x0, gbase, gbase, hd, C, H, W, SH, SW, N, WH, WW, D, SHIFT,
@@ -207,13 +214,13 @@ def _sp_window(qkv, dout, out, lse, rin, dqkv, dqs, bt_h, group, dsum_h, w, h, b
         dk = tl.zeros((BLOCK_K, D), tl.float32)
         dv = tl.zeros((BLOCK_K, D), tl.float32)
         for m0 in range(0, Q_FULL, BLOCK_Q):
-            dk, dv = _q_block(qkv, dout, rin, dqkv, dqs, bt_h, group, dsum_h, m0, b, y0, x0, gbase, hd, qk_scale,
-                              scale, C, H, W, SH, SW, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BLOCK_Q, False, kt == 0,
-                              kt == KT - 1, N, NQ, NK, D, WH, WW, HAS_TB, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST,
+            dk, dv = _q_block(qkv, dout, rin, dqkv, dqs, bt_t, group, dsum_t, m0, b, y0, x0, gbase, hd, qk_scale,
+                              scale, C, H, W, SH, SW, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, kt, BLOCK_Q, False, KT,
+                              N, NQ, NK, D, WH, WW, HAS_TB, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST,
                               IDX64, ASM)
         if BQ_TAIL > 0:
-            dk, dv = _q_block(qkv, dout, rin, dqkv, dqs, bt_h, group, dsum_h, Q_FULL, b, y0, x0, gbase, hd, qk_scale,
-                              scale, C, H, W, SH, SW, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BQ_TAIL, True, kt == 0,
-                              kt == KT - 1, N, NQ, NK, D, WH, WW, HAS_TB, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST,
+            dk, dv = _q_block(qkv, dout, rin, dqkv, dqs, bt_t, group, dsum_t, Q_FULL, b, y0, x0, gbase, hd, qk_scale,
+                              scale, C, H, W, SH, SW, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, kt, BQ_TAIL, True, KT,
+                              N, NQ, NK, D, WH, WW, HAS_TB, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST,
                               IDX64, ASM)
         _store_kv(dqkv, dk, dv, offs_k, ok_k, b, y0, x0, hd, scale, C, H, W, SH, SW, N, WH, WW, D, SHIFT, IDX64)

@@ -451,8 +451,8 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
                 # (through an opaque move: the slot pointers are recomputed per window, not kept live
                 # across the window loop, where they spill)
                 slot = _opaque(c * NH + h, ASM)
-                _sp_window(qkv, dout, out, lse, dlt + slot * (NQ * 4), dqkv, dqs + slot * (NQ * D), tab + h * (NK * NQ),
-                           group, dsum + h * (NK * NQ), w, h, b, y0, x0, gbase, hd, qk_scale, scale, C, NH, H, W, SH,
+                _sp_window(qkv, dout, out, lse, dlt + slot * (NQ * 4), dqkv, dqs + slot * (NQ * D), tab,
+                           group, dsum, w, h, b, y0, x0, gbase, hd, qk_scale, scale, C, NH, H, W, SH,
                            SW, BLOCK_M, KT, BLOCK_N, BN_TAIL, N, D, WH, WW, HAS_RPB or HAS_BIAS, HAS_GROUP, SHIFT,
                            DSUM_MODE, F32, UPCAST, IDX64, ASM)
                 tl.debug_barrier()  # the next window's records and partials overwrite this one's
