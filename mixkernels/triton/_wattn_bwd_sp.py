@@ -28,6 +28,17 @@ from .window_attention import _idx, _keys, _lyx, _mm, _opaque, _pos
 
 
 @triton.jit
+def _mm_acc(a, b, acc, F32: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` (``_mm``'s precisions)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif F32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _load_pairs(ptrs, ASM: tl.constexpr):
     """fp32 ``*ptrs`` (read-only data) in the layout of ``ptrs`` (the scores'): on the GPU one 64-bit load
     per pair of a thread's adjacent columns (their addresses adjacent, the first 8-byte aligned), no
@@ -98,15 +109,18 @@ def _q_keys(q, do, rin, grp64, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k,
             G64: tl.constexpr, DSUM_MODE: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, ASM: tl.constexpr):
     """One query block against one key tile, all (keys x queries): the tile's dK/dV updates, its share
     of the block's dQ (unscaled), and dS into ``dsum``."""
-    st = _mm(k, tl.trans(q), F32, UPCAST) * qk_scale  # log2 units
     if HAS_TB:
-        # the head's bias tile (launcher: table + attn_bias, log2 units, key-major, padded): each
-        # thread's addresses are one base plus constants, pairs of queries adjacent
-        st += _load_pairs(bt_h + offs_k[:, None] * NQ + offs_q[None, :], ASM)
+        # the head's bias tile (launcher: table + attn_bias over the score scale, key-major, padded) is
+        # the product's accumulator: each thread's addresses are one base plus constants, pairs of
+        # queries adjacent, loaded straight into the accumulator's registers
+        st = _mm_acc(k, tl.trans(q), _load_pairs(bt_h + offs_k[:, None] * NQ + offs_q[None, :], ASM), F32, UPCAST)
+    else:
+        st = _mm(k, tl.trans(q), F32, UPCAST)
     # the rows' records read here, next to their use (fewer registers live across the products)
     lse2, delta, reg_q, grp_q = _record(rin + offs_q * 4, ASM)
     if G64:
         grp_q = grp64
+    st = tl.fma(st, qk_scale, -lse2[None, :])  # log2 units, minus the row's lse
     # Padded keys: -inf rows of the bias tile (HAS_TB), else masked here; their dS only reaches dQ times
     # their zero K rows, and the padded rows of ``dsum``.
     if SHIFT or HAS_GROUP or not HAS_TB:
@@ -117,7 +131,7 @@ def _q_keys(q, do, rin, grp64, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k,
             same = grp_k[:, None] == grp_q[None, :]
             allowed = (allowed & same) if (SHIFT or not HAS_TB) else same
         st = tl.where(allowed, st, float("-inf"))
-    pt = tl.exp2(st - lse2[None, :])  # masked: 0; padded queries (lse +inf): 0; a fully masked row: NaN
+    pt = tl.exp2(st)  # masked: 0; padded queries (lse +inf): 0; a fully masked row: NaN
     dpt = _mm(v, tl.trans(do), F32, UPCAST)
     dst = pt * (dpt - delta[None, :])
     if SHIFT or HAS_GROUP:

@@ -574,22 +574,22 @@ def _bwd_config(N, D, single, no_sp):
     return (32, 16, 16, 4, 1, False) if D >= 64 else (64, 32, 16, 4, 1, False)
 
 
-def _bias_tile(rpb, attn_bias, wh, ww, nh, nk, nq, qkv):
+def _bias_tile(rpb, attn_bias, wh, ww, nh, nk, nq, scale, qkv):
     """The single pass's bias: (nH, NK, NQ) fp32, [h, key j, query i] = (table[Swin index(i, j), h] +
-    attn_bias[h, i, j]) * log2(e); padded keys -inf (masked by position), padded queries 0; a dummy (never
-    read) without bias."""
+    attn_bias[h, i, j]) / scale (the kernel scales it with the scores); padded keys -inf (masked by
+    position), padded queries 0; a dummy (never read) without bias."""
     if rpb is None and attn_bias is None:
         return qkv
     n = wh * ww
     bias = 0.0
     if rpb is not None:
         c = _codes(wh, ww, qkv.device)[:n].long()
-        bias = (rpb * _LOG2E)[c[:, None] - c[None, :] + ((wh - 1) * (2 * ww - 1) + ww - 1)].permute(2, 0, 1)
+        bias = rpb[c[:, None] - c[None, :] + ((wh - 1) * (2 * ww - 1) + ww - 1)].permute(2, 0, 1)
     if attn_bias is not None:
-        bias = bias + attn_bias * _LOG2E
+        bias = bias + attn_bias
     tile = torch.zeros((nh, nk, nq), dtype=torch.float32, device=qkv.device)
     tile[:, n:, :] = float("-inf")
-    tile[:, :n, :n] = bias.transpose(1, 2)
+    tile[:, :n, :n] = bias.transpose(1, 2) / scale
     return tile
 
 
@@ -620,7 +620,7 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     # path: on one 64x64 tile they exceed the register file.
     single = _single(N) and not (want_tab and deterministic)
     cosine = logit_scale is not None
-    bm, bn, bnb, warps, stages, sp = _bwd_config(N, D, single, deterministic or coords is not None or cosine)
+    bm, bn, bnb, warps, stages, sp = _bwd_config(N, D, single, deterministic or coords is not None or cosine or scale == 0)
     kt = triton.cdiv(N, bm) if sp else 1
     if sp:  # a few windows per program: the scratch slots are per program
         stride = _SP_WPP
@@ -652,7 +652,7 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     dls = torch.zeros(((chunks,) if dls_mode in (2, 3) else ()) + (num_heads,), **f32) if dls_mode else lse
     if bnw > 0 and num_heads * D > 0:
         if sp:
-            tab, ab = _bias_tile(rpb, attn_bias, wh, ww, num_heads, kt * bm, nq, qkv), qkv
+            tab, ab = _bias_tile(rpb, attn_bias, wh, ww, num_heads, kt * bm, nq, float(scale), qkv), qkv
         else:
             tab, ab = _tables(rpb, attn_bias, qkv, num_heads)
         G = (1 if group is None else group.shape[0], 1 if coords is None else coords.shape[0])
