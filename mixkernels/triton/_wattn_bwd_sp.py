@@ -77,14 +77,14 @@ def _record(rec, ASM: tl.constexpr):
 
 
 @triton.jit
-def _row_info(dout, out, lse, rin, group, w, h, b, y0, x0, gbase, hd, C, NH, H, W, SH, SW, NQ: tl.constexpr,
+def _row_info(dout, out, lse, rin, dqs, group, w, h, b, y0, x0, gbase, hd, C, NH, H, W, SH, SW, NQ: tl.constexpr,
               BQ: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
               SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr, IDX64: tl.constexpr):
     """Per query row of the window (NQ rows, padded ones included) a record of four 32-bit words in
     ``rin``: lse in log2 units (+inf on padded rows), delta = rowsum(dO * O) (0 on padded rows), the
     shift-region label, the int32 group label. The query blocks read a row's record with one 16-byte
     load in the scores' column layout (a thread holds 16 query columns) instead of recomputing
-    positions (integer divisions) and loading per column."""
+    positions (integer divisions) and loading per column. Also zeroes the rows' dQ sums in ``dqs``."""
     for r in tl.static_range(NQ // BQ):
         offs = r * BQ + tl.arange(0, BQ)
         ok = offs < N
@@ -93,6 +93,7 @@ def _row_info(dout, out, lse, rin, group, w, h, b, y0, x0, gbase, hd, C, NH, H, 
         orow = (_idx(b * (H * W) + pos, IDX64) * C + hd)[:, None] + tl.arange(0, D)[None, :]
         do = tl.load(dout + orow, mask=ok[:, None], other=0.0)
         o = tl.load(out + orow, mask=ok[:, None], other=0.0)
+        tl.store(dqs + offs[:, None] * D + tl.arange(0, D)[None, :], tl.zeros((BQ, D), tl.float32))
         rec = rin + offs * 4
         tl.store(rec, tl.load(lse + (w * NH + h) * N + offs, mask=ok, other=float("inf")) * 1.4426950408889634)
         tl.store(rec + 1, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1))
@@ -104,11 +105,13 @@ def _row_info(dout, out, lse, rin, group, w, h, b, y0, x0, gbase, hd, C, NH, H, 
 
 
 @triton.jit
-def _q_keys(q, do, rin, grp64, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h, dsum_h, qk_scale,
+def _q_keys(q, do, rin, grp64, offs_q, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h, dsum_h, qk_scale,
             NQ: tl.constexpr, NK: tl.constexpr, HAS_TB: tl.constexpr, HAS_GROUP: tl.constexpr, SHIFT: tl.constexpr,
-            G64: tl.constexpr, DSUM_MODE: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, ASM: tl.constexpr):
+            G64: tl.constexpr, DQT: tl.constexpr, DSUM_MODE: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
+            ASM: tl.constexpr):
     """One query block against one key tile, all (keys x queries): the tile's dK/dV updates, its share
-    of the block's dQ (unscaled), and dS into ``dsum``."""
+    of the block's dQ (unscaled; DQT: transposed, (2D, BQ) with zero rows from D on), and dS into
+    ``dsum``."""
     if HAS_TB:
         # the head's bias tile (launcher: table + attn_bias over the score scale, key-major, padded) is
         # the product's accumulator: each thread's addresses are one base plus constants, pairs of
@@ -139,7 +142,12 @@ def _q_keys(q, do, rin, grp64, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k,
     dv += _mm(pt.to(do.dtype), do, F32, UPCAST)
     dsl = dst.to(q.dtype)
     dk += _mm(dsl, q, F32, UPCAST)
-    dq = _mm(tl.trans(dsl), k, F32, UPCAST)
+    if DQT:
+        # a block of fewer than 64 queries (the tail): dQ^T = K^T dS^T with K^T's D rows padded to 64
+        # (``kp``: zero columns from D on), so that this product's M is a warpgroup's 64 (wgmma)
+        dq = _mm(tl.trans(kp), dsl, F32, UPCAST)
+    else:
+        dq = _mm(tl.trans(dsl), k, F32, UPCAST)
     if DSUM_MODE == 1:
         # dS sums key-major like the bias tile; their padded rows and columns take the padded pairs
         _red_pairs(dsum_h + offs_k[:, None] * NQ + offs_q[None, :], dst, ASM)
@@ -148,14 +156,13 @@ def _q_keys(q, do, rin, grp64, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k,
 
 @triton.jit
 def _q_block(qkv, dout, rin, dqkv, dqs, bt_h, group, dsum_h, m0, b, y0, x0, gbase, hd, qk_scale, scale, C, H, W, SH,
-             SW, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, kt, BQ: tl.constexpr, TAIL: tl.constexpr, KT: tl.constexpr,
+             SW, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, kt, BQ: tl.constexpr, TAIL: tl.constexpr, KT: tl.constexpr,
              N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, D: tl.constexpr,
              WH: tl.constexpr, WW: tl.constexpr, HAS_TB: tl.constexpr, HAS_GROUP: tl.constexpr, SHIFT: tl.constexpr,
              DSUM_MODE: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
              ASM: tl.constexpr):
     """One query block against a key tile: dK/dV updates, dS into ``dsum``, the tile's dQ share added to
-    the partial sum in ``dqs`` (fp32, this program's slot; none yet for the first tile), or (last tile)
-    dQ stored.
+    the sum in ``dqs`` (fp32, this program's slot).
     The rows' lse, delta and labels come from their ``_row_info`` records."""
     offs_q = m0 + tl.arange(0, BQ)
     q_ok = offs_q < N  # TAIL: the only block with padded queries (masks on the rest fold away)
@@ -173,18 +180,16 @@ def _q_block(qkv, dout, rin, dqkv, dqs, bt_h, group, dsum_h, m0, b, y0, x0, gbas
         do = tl.load(dout + (tok * C + hd)[:, None] + offs_d[None, :], mask=q_ok[:, None], other=0.0)
     else:
         do = tl.load(dout + (tok * C + hd)[:, None] + offs_d[None, :])
-    dk, dv, dq = _q_keys(q, do, rin, grp64, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h, dsum_h, qk_scale,
-                         NQ, NK, HAS_TB, HAS_GROUP, SHIFT, G64, DSUM_MODE, F32, UPCAST, ASM)
-    part = dqs + offs_q[:, None] * D + offs_d[None, :]  # (padded queries have rows too)
-    if kt > 0:
-        dq += tl.load(part)
-    if kt == KT - 1:
-        if TAIL:
-            tl.store(dqkv + qrow, (dq * scale).to(dqkv.dtype.element_ty), mask=q_ok[:, None])
-        else:
-            tl.store(dqkv + qrow, (dq * scale).to(dqkv.dtype.element_ty))
+    dk, dv, dq = _q_keys(q, do, rin, grp64, offs_q, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h, dsum_h,
+                         qk_scale, NQ, NK, HAS_TB, HAS_GROUP, SHIFT, G64, TAIL, DSUM_MODE, F32, UPCAST, ASM)
+    # (each element read and written by the same thread; padded queries have rows too)
+    if TAIL:
+        offs_dp = tl.arange(0, 2 * D)
+        part = dqs + offs_q[None, :] * D + offs_dp[:, None]
+        tl.store(part, tl.load(part, mask=offs_dp[:, None] < D, other=0.0) + dq, mask=offs_dp[:, None] < D)
     else:
-        tl.store(part, dq)
+        part = dqs + offs_q[:, None] * D + offs_d[None, :]
+        tl.store(part, tl.load(part) + dq)
     return dk, dv
 
 
@@ -205,13 +210,13 @@ def _sp_window(qkv, dout, out, lse, rin, dqkv, dqs, bt, group, dsum, w, h, b, y0
                HAS_TB: tl.constexpr, HAS_GROUP: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr,
                F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
     """One window-head: KT key tiles of BLOCK_K one after another, each with its dK, dV in registers
-    (stored after its pass over the query blocks); dQ summed over the tiles in ``dqs`` (KT > 1).
+    (stored after its pass over the query blocks); dQ summed over the tiles in ``dqs``, stored at the end.
     ``rin``: this program's slot for the rows' records (``_row_info``); ``bt`` the bias tiles, ``dsum``
     the dS sums (both (nH, NK, NQ), key-major)."""
     Q_FULL: tl.constexpr = (N // BLOCK_Q) * BLOCK_Q
     NQ: tl.constexpr = Q_FULL + BQ_TAIL
     NK: tl.constexpr = KT * BLOCK_K
-    _row_info(dout, out, lse, rin, group, w, h, b, y0, x0, gbase, hd, C, NH, H, W, SH, SW, NQ, BLOCK_Q, N, D, WH, WW,
+    _row_info(dout, out, lse, rin, dqs, group, w, h, b, y0, x0, gbase, hd, C, NH, H, W, SH, SW, NQ, BLOCK_Q, N, D, WH, WW,
               SHIFT, HAS_GROUP, IDX64)
     # (a loop, not unrolled: one copy of the tile's code, so one set of hoisted addresses)
     for kt in range(0, KT):
@@ -225,16 +230,32 @@ def _sp_window(qkv, dout, out, lse, rin, dqkv, dqs, bt, group, dsum, w, h, b, y0
         k, v, ok_k, reg_k, grp_k, _cy, _cx, _code = _keys(
             qkv, group, qkv, qkv, offs_k, b, y0, x0, gbase, gbase, hd, C, H, W, SH, SW, N, WH, WW, D, SHIFT,
             HAS_GROUP, False, True, IDX64, False)
+        kp = k
+        if BQ_TAIL > 0:  # the tail block's K with D zero columns appended (``_q_keys`` DQT)
+            ly, lx = _lyx(offs_k, N, WW)
+            pos, _r = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
+            offs_dp = tl.arange(0, 2 * D)
+            kp = tl.load(qkv + (_idx(b * (H * W) + pos, IDX64) * (3 * C) + hd + C)[:, None] + offs_dp[None, :],
+                         mask=ok_k[:, None] & (offs_dp < D)[None, :], other=0.0)
         dk = tl.zeros((BLOCK_K, D), tl.float32)
         dv = tl.zeros((BLOCK_K, D), tl.float32)
         for m0 in range(0, Q_FULL, BLOCK_Q):
             dk, dv = _q_block(qkv, dout, rin, dqkv, dqs, bt_t, group, dsum_t, m0, b, y0, x0, gbase, hd, qk_scale,
-                              scale, C, H, W, SH, SW, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, kt, BLOCK_Q, False, KT,
+                              scale, C, H, W, SH, SW, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, kt, BLOCK_Q, False, KT,
                               N, NQ, NK, D, WH, WW, HAS_TB, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST,
                               IDX64, ASM)
         if BQ_TAIL > 0:
             dk, dv = _q_block(qkv, dout, rin, dqkv, dqs, bt_t, group, dsum_t, Q_FULL, b, y0, x0, gbase, hd, qk_scale,
-                              scale, C, H, W, SH, SW, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, kt, BQ_TAIL, True, KT,
+                              scale, C, H, W, SH, SW, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, kt, BQ_TAIL, True, KT,
                               N, NQ, NK, D, WH, WW, HAS_TB, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST,
                               IDX64, ASM)
         _store_kv(dqkv, dk, dv, offs_k, ok_k, b, y0, x0, hd, scale, C, H, W, SH, SW, N, WH, WW, D, SHIFT, IDX64)
+    tl.debug_barrier()  # dQ sums stored by other threads
+    for r in tl.static_range(NQ // BLOCK_Q):
+        offs = r * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        ly, lx = _lyx(offs, N, WW)
+        pos, _r = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
+        offs_d = tl.arange(0, D)
+        dq = tl.load(dqs + offs[:, None] * D + offs_d[None, :])
+        tl.store(dqkv + (_idx(b * (H * W) + pos, IDX64) * (3 * C) + hd)[:, None] + offs_d[None, :],
+                 (dq * scale).to(dqkv.dtype.element_ty), mask=(offs < N)[:, None])

@@ -639,7 +639,7 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     tab_mode = 0 if not want_tab else (2 if deterministic else 1)
     f32 = dict(dtype=torch.float32, device=dev)
     per_chunk = dsum_mode in (2, 3)
-    nq = (N // bn) * bn + (bn if N % bn else 0)  # the single pass's padded query count
+    nq = (N // bn) * bn + _tail(N, bn)  # the single pass's padded query count
     # the single pass's dS sums: (nH, NK, NQ) key-major, padded rows and columns written unmasked
     dpad = (kt * bm, nq) if sp else (N, N)
     if want_dsum:
@@ -660,7 +660,7 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
             dlt = torch.empty((chunks * num_heads, nq, 4), **f32)
         else:  # delta = rowsum(dO * O), phase A -> phase B
             dlt = lse if single else torch.empty_like(lse)
-        dqs = torch.empty((chunks * num_heads, nq, D), **f32) if sp and kt > 1 else lse
+        dqs = torch.empty((chunks * num_heads, nq, D), **f32) if sp else lse
         for w0 in range(stride if outer else 1):
             _bwd_kernel[(num_heads, chunks)](
                 dout, qkv, out, lse, dlt, dqkv, tab, ab, qkv if group is None else group,
@@ -669,7 +669,7 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
                 W, nW, nWw, sh, sw, *G, rh, rw, bnw, stride, w0,
                 WPP=1 if outer else stride, N=N, D=D, WH=wh, WW=ww, SINGLE=single,
                 BS=max(16, triton.next_power_of_2(N)), BLOCK_M=bm, BM_TAIL=_tail(N, bm), BLOCK_N=bn,
-                BN_TAIL=(bn if N % bn else 0) if sp else _tail(N, bn), BLOCK_NB=bnb, BNB_TAIL=_tail(N, bnb), SP=sp, RELOAD=D >= 64,
+                BN_TAIL=_tail(N, bn), BLOCK_NB=bnb, BNB_TAIL=_tail(N, bnb), SP=sp, RELOAD=D >= 64,
                 DSUM_MODE=dsum_mode, KT=kt,
                 TAB_MODE=tab_mode, COSINE=cosine, DLS_MODE=dls_mode,
                 ASM=not _INTERPRET, IDX64=qkv.numel() >= 2**31, num_warps=warps, num_stages=stages,
