@@ -211,7 +211,7 @@ def test_rules_match_by_line_and_call_site():
 # ---- the rules describe the current attention kernels: every loop of their sources gets a trip count
 _CUDA_ATTN = {"window_attention.cu": "int smem_limit() {", "window_attention_bwd.cu": "struct BwdPlan {",
               "window_attention_common.cuh": None}  # file: where its device code ends (launch plans follow)
-_TRITON_ATTN = ("window_attention.py", "window_attention_bwd.py")
+_TRITON_ATTN = ("window_attention.py", "window_attention_bwd.py", "_wattn_bwd_tiles.py", "_wattn_bwd_sp.py")
 
 
 def _loop_lines(path, marker=None, triton=False):

@@ -77,31 +77,41 @@ def _record(rec, ASM: tl.constexpr):
 
 
 @triton.jit
-def _row_info(dout, out, lse, rin, dqs, group, w, h, b, y0, x0, gbase, hd, C, NH, H, W, SH, SW, NQ: tl.constexpr,
-              BQ: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-              SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr, IDX64: tl.constexpr):
-    """Per query row of the window (NQ rows, padded ones included) a record of four 32-bit words in
+def _row_info(dout, out, lse, rin, dqs, group, offs, w, h, b, y0, x0, gbase, hd, C, NH, H, W, SH, SW,
+              N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SHIFT: tl.constexpr,
+              HAS_GROUP: tl.constexpr, IDX64: tl.constexpr):
+    """Per query row ``offs`` of the window (padded ones included) a record of four 32-bit words in
     ``rin``: lse in log2 units (+inf on padded rows), delta = rowsum(dO * O) (0 on padded rows), the
     shift-region label, the int32 group label. The query blocks read a row's record with one 16-byte
     load in the scores' column layout (a thread holds 16 query columns) instead of recomputing
     positions (integer divisions) and loading per column. Also zeroes the rows' dQ sums in ``dqs``."""
-    for r in tl.static_range(NQ // BQ):
-        offs = r * BQ + tl.arange(0, BQ)
-        ok = offs < N
-        ly, lx = _lyx(offs, N, WW)
-        pos, reg = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
-        orow = (_idx(b * (H * W) + pos, IDX64) * C + hd)[:, None] + tl.arange(0, D)[None, :]
-        do = tl.load(dout + orow, mask=ok[:, None], other=0.0)
-        o = tl.load(out + orow, mask=ok[:, None], other=0.0)
-        tl.store(dqs + offs[:, None] * D + tl.arange(0, D)[None, :], tl.zeros((BQ, D), tl.float32))
-        rec = rin + offs * 4
-        tl.store(rec, tl.load(lse + (w * NH + h) * N + offs, mask=ok, other=float("inf")) * 1.4426950408889634)
-        tl.store(rec + 1, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1))
-        if SHIFT:
-            tl.store(rec + 2, reg.to(tl.float32, bitcast=True))
-        if HAS_GROUP:
-            if group.dtype.element_ty != tl.int64:
-                tl.store(rec + 3, tl.load(group + gbase + pos).to(tl.float32, bitcast=True))
+    ok = offs < N
+    ly, lx = _lyx(offs, N, WW)
+    pos, reg = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
+    orow = (_idx(b * (H * W) + pos, IDX64) * C + hd)[:, None] + tl.arange(0, D)[None, :]
+    do = tl.load(dout + orow, mask=ok[:, None], other=0.0)
+    o = tl.load(out + orow, mask=ok[:, None], other=0.0)
+    tl.store(dqs + offs[:, None] * D + tl.arange(0, D)[None, :], tl.zeros((offs.shape[0], D), tl.float32))
+    rec = rin + offs * 4
+    tl.store(rec, tl.load(lse + (w * NH + h) * N + offs, mask=ok, other=float("inf")) * 1.4426950408889634)
+    tl.store(rec + 1, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1))
+    if SHIFT:
+        tl.store(rec + 2, reg.to(tl.float32, bitcast=True))
+    if HAS_GROUP:
+        if group.dtype.element_ty != tl.int64:
+            tl.store(rec + 3, tl.load(group + gbase + pos).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _store_dq(dqkv, dqs, offs, b, y0, x0, hd, scale, C, H, W, SH, SW, N: tl.constexpr, D: tl.constexpr,
+              WH: tl.constexpr, WW: tl.constexpr, SHIFT: tl.constexpr, IDX64: tl.constexpr):
+    """dQ of the query rows ``offs`` (their fp32 sums in ``dqs``) into ``dqkv``; padded rows not stored."""
+    ly, lx = _lyx(offs, N, WW)
+    pos, _r = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
+    offs_d = tl.arange(0, D)
+    dq = tl.load(dqs + offs[:, None] * D + offs_d[None, :])
+    tl.store(dqkv + (_idx(b * (H * W) + pos, IDX64) * (3 * C) + hd)[:, None] + offs_d[None, :],
+             (dq * scale).to(dqkv.dtype.element_ty), mask=(offs < N)[:, None])
 
 
 @triton.jit
@@ -156,8 +166,7 @@ def _q_keys(q, do, rin, grp64, offs_q, k, kp, v, dk, dv, ok_k, reg_k, grp_k, off
 
 @triton.jit
 def _q_block(qkv, dout, rin, dqkv, dqs, bt_h, group, dsum_h, m0, b, y0, x0, gbase, hd, qk_scale, scale, C, H, W, SH,
-             SW, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, kt, BQ: tl.constexpr, TAIL: tl.constexpr, KT: tl.constexpr,
-             N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, D: tl.constexpr,
+             SW, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BQ: tl.constexpr, TAIL: tl.constexpr, N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, D: tl.constexpr,
              WH: tl.constexpr, WW: tl.constexpr, HAS_TB: tl.constexpr, HAS_GROUP: tl.constexpr, SHIFT: tl.constexpr,
              DSUM_MODE: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
              ASM: tl.constexpr):
@@ -216,8 +225,12 @@ def _sp_window(qkv, dout, out, lse, rin, dqkv, dqs, bt, group, dsum, w, h, b, y0
     Q_FULL: tl.constexpr = (N // BLOCK_Q) * BLOCK_Q
     NQ: tl.constexpr = Q_FULL + BQ_TAIL
     NK: tl.constexpr = KT * BLOCK_K
-    _row_info(dout, out, lse, rin, dqs, group, w, h, b, y0, x0, gbase, hd, C, NH, H, W, SH, SW, NQ, BLOCK_Q, N, D, WH, WW,
-              SHIFT, HAS_GROUP, IDX64)
+    for r in tl.static_range(Q_FULL // BLOCK_Q):  # (the tail block has a size of its own)
+        _row_info(dout, out, lse, rin, dqs, group, r * BLOCK_Q + tl.arange(0, BLOCK_Q), w, h, b, y0, x0, gbase, hd,
+                  C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, IDX64)
+    if BQ_TAIL > 0:
+        _row_info(dout, out, lse, rin, dqs, group, Q_FULL + tl.arange(0, BQ_TAIL), w, h, b, y0, x0, gbase, hd, C, NH,
+                  H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, IDX64)
     # (a loop, not unrolled: one copy of the tile's code, so one set of hoisted addresses)
     for kt in range(0, KT):
         tl.debug_barrier()  # records, and the previous tile's dQ partials, stored by other threads
@@ -241,21 +254,19 @@ def _sp_window(qkv, dout, out, lse, rin, dqkv, dqs, bt, group, dsum, w, h, b, y0
         dv = tl.zeros((BLOCK_K, D), tl.float32)
         for m0 in range(0, Q_FULL, BLOCK_Q):
             dk, dv = _q_block(qkv, dout, rin, dqkv, dqs, bt_t, group, dsum_t, m0, b, y0, x0, gbase, hd, qk_scale,
-                              scale, C, H, W, SH, SW, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, kt, BLOCK_Q, False, KT,
+                              scale, C, H, W, SH, SW, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BLOCK_Q, False,
                               N, NQ, NK, D, WH, WW, HAS_TB, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST,
                               IDX64, ASM)
         if BQ_TAIL > 0:
             dk, dv = _q_block(qkv, dout, rin, dqkv, dqs, bt_t, group, dsum_t, Q_FULL, b, y0, x0, gbase, hd, qk_scale,
-                              scale, C, H, W, SH, SW, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, kt, BQ_TAIL, True, KT,
+                              scale, C, H, W, SH, SW, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BQ_TAIL, True,
                               N, NQ, NK, D, WH, WW, HAS_TB, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST,
                               IDX64, ASM)
         _store_kv(dqkv, dk, dv, offs_k, ok_k, b, y0, x0, hd, scale, C, H, W, SH, SW, N, WH, WW, D, SHIFT, IDX64)
     tl.debug_barrier()  # dQ sums stored by other threads
-    for r in tl.static_range(NQ // BLOCK_Q):
-        offs = r * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        ly, lx = _lyx(offs, N, WW)
-        pos, _r = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
-        offs_d = tl.arange(0, D)
-        dq = tl.load(dqs + offs[:, None] * D + offs_d[None, :])
-        tl.store(dqkv + (_idx(b * (H * W) + pos, IDX64) * (3 * C) + hd)[:, None] + offs_d[None, :],
-                 (dq * scale).to(dqkv.dtype.element_ty), mask=(offs < N)[:, None])
+    for r in tl.static_range(Q_FULL // BLOCK_Q):
+        _store_dq(dqkv, dqs, r * BLOCK_Q + tl.arange(0, BLOCK_Q), b, y0, x0, hd, scale, C, H, W, SH, SW, N, D, WH, WW,
+                  SHIFT, IDX64)
+    if BQ_TAIL > 0:
+        _store_dq(dqkv, dqs, Q_FULL + tl.arange(0, BQ_TAIL), b, y0, x0, hd, scale, C, H, W, SH, SW, N, D, WH, WW,
+                  SHIFT, IDX64)
