@@ -1,23 +1,29 @@
-"""Triton window-attention backward, single pass (``_bwd_kernel`` with ``SP``): one window-head per program.
+"""Triton window-attention backward, single pass (``_bwd_kernel`` with ``SP``): d = 32, windows larger
+than one tile (MixMIM stages 1-3), not deterministic, no coords, no cosine.
 
-Key-major ("transposed") tiles: the program holds every key of the window (BLOCK_K rows, 8
-warps = two warpgroups) with dK and dV in registers, and streams the query rows in blocks of
-BLOCK_Q. Per block it computes S^T = K Q^T, P^T, dP^T = V dO^T and dS^T, all (keys x queries):
+Key-major ("transposed") tiles: per window, key tiles of BLOCK_K (128: 8 warps, a warpgroup per 64
+keys) one after another, each with its dK and dV in registers, stream the query rows in blocks of
+BLOCK_Q (64) and a tail block (16 for 196 rows). Per block: S^T = K Q^T, P^T, dP^T = V dO^T, dS^T,
+all (keys x queries), and
 
-* the four big products (S^T, dP^T, dV += P^T dO, dK += dS^T Q) have the keys as their M
-  dimension: wgmma on sm_90 (mma.sync on sm_80), P^T and dS^T fed from registers;
-* dQ of the block, dS K = (dS^T)^T K, reduces over every key: complete in the block, stored once
-  (no dQ accumulator live across the loop, no atomics);
-* the rows' data that the old query-major pass re-read per key block (q, dO, delta, lse, labels,
-  table rows) is read once per query block of BLOCK_Q rows; the keys' once per window.
+* every product is a wgmma on sm_90 (mma.sync on sm_80): S^T, dP^T, dV += P^T dO, dK += dS^T Q have
+  a key tile as M (P^T, dS^T fed from registers), dQ = dS K the 64-query block; the tail's dQ^T =
+  K^T dS^T over K^T padded to 64 rows. dQ of the tiles is summed in the program's fp32 slot
+  ``dqs`` (each element read and written by one thread) and stored once per window;
+* the head's bias (table + attn_bias over the score scale: ``_bias_tile``) is read as a key-major
+  (NK, NQ) tile straight into the S^T product's accumulator (64-bit loads, each thread's addresses
+  one base plus constants), and dS^T goes to a key-major padded ``dsum`` by relaxed 64-bit vector
+  atomics; padded rows and columns of both are never read, so neither is masked;
+* the query rows' lse, delta and labels come from per-window records (``_row_info``: one 16-byte
+  load per row, instead of integer divisions and loads for each of the 16 query columns a thread
+  holds).
 
-Bias gradients: dS summed over windows by relaxed atomics into ``dsum`` (nH, N, N) (the
-deterministic mode takes the two-phase path). Padded keys (rows >= N) read zeros and are
-masked by position; padded queries (the tail block) read a real token with lse = +inf (P = 0),
-dO = 0, and are never stored.
+Padded keys (rows >= N) read zeros and get a -inf bias (or a mask without bias); padded queries
+read a real token with lse = +inf (P = 0), dO = 0, and are never stored. A program runs WPP windows
+(its scratch slots: records and dQ sums, reused per window).
 
-Loops (static instruction counts): ``for m0 in range(0, Q_FULL, BLOCK_Q)`` runs N // BLOCK_Q
-times (the tail block is a separate call).
+Loops (static instruction counts): ``for kt in range(0, KT)`` (KT = cdiv(N, BLOCK_K)) around
+``for m0 in range(0, Q_FULL, BLOCK_Q)`` (N // BLOCK_Q; the tail block is a separate call).
 """
 from __future__ import annotations
 
@@ -166,10 +172,10 @@ def _q_keys(q, do, rin, grp64, offs_q, k, kp, v, dk, dv, ok_k, reg_k, grp_k, off
 
 @triton.jit
 def _q_block(qkv, dout, rin, dqkv, dqs, bt_h, group, dsum_h, m0, b, y0, x0, gbase, hd, qk_scale, scale, C, H, W, SH,
-             SW, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BQ: tl.constexpr, TAIL: tl.constexpr, N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, D: tl.constexpr,
-             WH: tl.constexpr, WW: tl.constexpr, HAS_TB: tl.constexpr, HAS_GROUP: tl.constexpr, SHIFT: tl.constexpr,
-             DSUM_MODE: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
-             ASM: tl.constexpr):
+             SW, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BQ: tl.constexpr, TAIL: tl.constexpr,
+             N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+             HAS_TB: tl.constexpr, HAS_GROUP: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr,
+             F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
     """One query block against a key tile: dK/dV updates, dS into ``dsum``, the tile's dQ share added to
     the sum in ``dqs`` (fp32, this program's slot).
     The rows' lse, delta and labels come from their ``_row_info`` records."""
@@ -205,6 +211,7 @@ def _q_block(qkv, dout, rin, dqkv, dqs, bt_h, group, dsum_h, m0, b, y0, x0, gbas
 @triton.jit
 def _store_kv(dqkv, dk, dv, offs_k, ok, b, y0, x0, hd, scale, C, H, W, SH, SW, N: tl.constexpr, WH: tl.constexpr,
               WW: tl.constexpr, D: tl.constexpr, SHIFT: tl.constexpr, IDX64: tl.constexpr):
+    """dK (times ``scale``) and dV of the key tile ``offs_k`` into ``dqkv``; padded keys not stored."""
     ly, lx = _lyx(offs_k, N, WW)
     pos, _r = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
     krow = (_idx(b * (H * W) + pos, IDX64) * (3 * C) + hd)[:, None] + tl.arange(0, D)[None, :]

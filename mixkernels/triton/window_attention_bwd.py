@@ -1,4 +1,5 @@
-"""Triton fused window attention: backward (forward and the shared helpers in ``window_attention``).
+"""Triton fused window attention: backward (forward and the shared helpers in ``window_attention``;
+the backward's tiles in ``_wattn_bwd_tiles`` and ``_wattn_bwd_sp``).
 
 P is recomputed from the forward's row log-sum-exp, ``dS = P * (dP - delta)`` with
 ``delta = rowsum(dO * O)`` computed in the kernel (no pre-pass: O is read once instead of dO
@@ -8,13 +9,19 @@ twice), ``dS`` is exactly 0 at pairs the shift/group rule masks (even in a NaN r
   a head and a chunk of windows; per window one tile gives dQ, dK, dV directly, and dS is
   summed over the chunk in registers, stored once per program, then summed over programs in a
   fixed order: bias gradients are deterministic at no cost (the ``deterministic`` flag is moot).
-* Larger windows (MixMIM stages 1-3: 196 tokens): a program owns a (window, head); phase 1 walks
-  the key blocks and, for each, all query tiles (dK, dV of the block complete, and the bias
-  gradient), phase 2 walks the query tiles and, for each, all key blocks (dQ complete): S and P
-  are computed twice instead of keeping dQ of every tile live (registers) or accumulating it in
-  memory. The bias gradient (dS summed over windows) goes to ``dsum`` (nH, N, N) with relaxed
-  atomics (no fences; non-deterministic order), or, ``deterministic=True``, to a per-program
-  slot with plain read-modify-writes and a fixed-order sum over programs.
+* Larger windows with d = 32 (MixMIM stages 1-3: 196 tokens), not deterministic, no coords, no
+  cosine: the single pass (``_wattn_bwd_sp``), key-major tiles, every product a wgmma on sm_90.
+  A program owns a head and a few windows; per window, key tiles of 128 one after another, each
+  with its dK, dV in registers, stream the query blocks (64, and a tail block of 16); dQ is summed
+  over the tiles in the program's fp32 slot and stored once. The bias gradient goes to a padded
+  key-major ``dsum`` (nH, NK, NQ) by relaxed vector atomics.
+* Other larger windows: a program owns a (window, head); phase 1 walks the key blocks and, for
+  each, all query tiles (dK, dV of the block complete, and the bias gradient), phase 2 walks the
+  query tiles and, for each, all key blocks (dQ complete): S and P are computed twice instead of
+  keeping dQ of every tile live (registers) or accumulating it in memory. The bias gradient (dS
+  summed over windows) goes to ``dsum`` (nH, N, N) with relaxed atomics (no fences;
+  non-deterministic order), or, ``deterministic=True``, to a per-program slot with plain
+  read-modify-writes and a fixed-order sum over programs.
 * With coords the table index depends on the window: relaxed atomics into the table, or
   (deterministic) fixed-order per-entry sums over each tile's index box (slow; correct).
 Padded query rows compute on a real token with lse = +inf (P = 0), dO = O = 0, and are never
@@ -26,12 +33,13 @@ stored or accumulated; padded keys are zeros masked by position.
   pass, with sums of dS * (s - rowmean_P(s)) that no rounding of lse or O shifts).
 
 Loops (for static instruction counts): ``_bwd_kernel`` ``for i in range(0, WPP)`` (WPP times;
-folded away when 1, the multi-tile case); phase A ``for m0 in range(0, M_FULL, BLOCK_M)``
+folded away when 1, the two-phase case); phase A ``for m0 in range(0, M_FULL, BLOCK_M)``
 (N // BLOCK_M) around ``_p2_tile``'s ``for n0 in range(0, N_FULL, BLOCK_N)`` (N // BLOCK_N,
 also once more for the tail query tile); phase B ``for n0 in range(0, NB_FULL, BLOCK_NB)``
 (N // BLOCK_NB) around ``_p1_block``'s ``for m0 in range(0, M_FULL, BLOCK_M)`` (N // BLOCK_M,
-also once more for the tail key block). The deterministic coords sums (``while`` loops over
-each tile's index box) depend on the data.
+also once more for the tail key block); the single pass's ``for kt in range(0, KT)`` around
+``for m0 in range(0, Q_FULL, BLOCK_Q)`` (N // BLOCK_N). The deterministic coords sums
+(``while`` loops over each tile's index box) depend on the data.
 """
 from __future__ import annotations
 
@@ -275,18 +283,18 @@ def _maxnreg(sp):
 def _bwd_config(N, D, single, no_sp):
     """(BLOCK_M, BLOCK_N, BLOCK_N of phase B, num_warps, num_stages, single pass).
 
-    Windows over one tile with d = 32 (MixMIM stages 1-3) take the single pass: every query row
-    in one tile of 8 warps (two warpgroups of rows; no split rows) with dQ in registers, 16-key
-    blocks streamed once (about 69k warp instructions per 196-token window-head against about
-    101k for the two phases, which compute S and P twice); the rows' data is re-read per key
-    block (L1) rather than held, which keeps it within the register file (at 252 of 255: d = 16
-    already spills a few bytes there). Other head dims, coords (exact int64 index math) and the
-    deterministic mode (read-modify-writes of the partial sums) do not fit next to dQ and take
-    the two phases (``no_sp``): phase B keeps dK and dV of its key block live across every query
-    tile, so its blocks are narrow (16 keys); d >= 64 halves the query tiles and re-reads them
-    per key block in phase A (RELOAD). A single tile with d >= 64 (dQ, dK, dV all live) takes 8
-    warps: the backward has no row reductions, so splitting its columns across warps is free.
-    The interpreter's tiles exercise every loop and tail."""
+    Windows larger than one tile with d = 32 (MixMIM stages 1-3) take the single pass (``_wattn_bwd_sp``):
+    key tiles of BLOCK_M = 128 keys (8 warps, a warpgroup per 64 keys: every product's M is a
+    warpgroup's 64 rows, so all five are wgmma on sm_90, and one mma.sync would halve the rate of
+    all of them), query blocks of BLOCK_N = 64 (dQ's M; 32 scores per thread next to dK, dV: 246
+    registers, no spills) and a tail block of 16 (196 rows cost 208; its dQ^T = K^T dS^T over a
+    64-row padded K^T). Other head dims, coords (exact int64 index math), cosine and the
+    deterministic mode take the two phases (``no_sp``): phase B keeps dK and dV of its key block
+    live across every query tile, so its blocks are narrow (16 keys); d >= 64 halves the query
+    tiles and re-reads them per key block in phase A (RELOAD). A single tile with d >= 64 (dQ, dK,
+    dV all live) takes 8 warps: the backward has no row reductions, so splitting its columns
+    across warps is free. The interpreter's tiles exercise every loop and tail (single pass:
+    query blocks of 32 and tails of 16 or 32, 16-key tiles)."""
     if _INTERPRET:
         sp = not single and D == 32 and not no_sp
         return 16, (32 if sp else 16), 16, 1, 1, sp
@@ -343,7 +351,8 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     # path: on one 64x64 tile they exceed the register file.
     single = _single(N) and not (want_tab and deterministic)
     cosine = logit_scale is not None
-    bm, bn, bnb, warps, stages, sp = _bwd_config(N, D, single, deterministic or coords is not None or cosine or scale == 0)
+    no_sp = deterministic or coords is not None or cosine or scale == 0  # (scale: the bias tile is over it)
+    bm, bn, bnb, warps, stages, sp = _bwd_config(N, D, single, no_sp)
     kt = triton.cdiv(N, bm) if sp else 1
     if sp:  # a few windows per program: the scratch slots are per program
         stride = _SP_WPP
@@ -388,8 +397,8 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
             _bwd_kernel[(num_heads, chunks)](
                 dout, qkv, out, lse, dlt, dqkv, tab, ab, qkv if group is None else group,
                 qkv if coords is None else coords, _codes(wh, ww, dev), dsum, dtab,
-                qkv if logit_scale is None else logit_scale, dls, dqs, float(scale) * _LOG2E, float(scale), num_heads, H,
-                W, nW, nWw, sh, sw, *G, rh, rw, bnw, stride, w0,
+                qkv if logit_scale is None else logit_scale, dls, dqs, float(scale) * _LOG2E, float(scale), num_heads,
+                H, W, nW, nWw, sh, sw, *G, rh, rw, bnw, stride, w0,
                 WPP=1 if outer else stride, N=N, D=D, WH=wh, WW=ww, SINGLE=single,
                 BS=max(16, triton.next_power_of_2(N)), BLOCK_M=bm, BM_TAIL=_tail(N, bm), BLOCK_N=bn,
                 BN_TAIL=_tail(N, bn), BLOCK_NB=bnb, BNB_TAIL=_tail(N, bnb), SP=sp, RELOAD=D >= 64,
@@ -420,7 +429,8 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
         drpb = reduce(dtab, tab_mode == 2).t().contiguous()
     else:
         drpb = alloc((T, num_heads), torch.float32, dev)
-        _gather_table_kernel[(T,)](dsum, drpb, num_heads, dsum.stride(0), dsum_t.stride(1), dsum_t.stride(2), N=N, N_PAD=triton.next_power_of_2(N),
+        _gather_table_kernel[(T,)](dsum, drpb, num_heads, dsum.stride(0), dsum_t.stride(1), dsum_t.stride(2), N=N,
+                                   N_PAD=triton.next_power_of_2(N),
                                    NH_PAD=triton.next_power_of_2(num_heads), WH=wh, WW=ww)
     if not cosine:
         return dqkv, drpb, dbias
