@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .window_attention import _idx, _keys, _lyx, _mm, _opaque, _pos
+from .window_attention import _idx, _keys, _lyx, _mm, _pos
 
 
 @triton.jit
@@ -241,11 +241,8 @@ def _sp_window(qkv, dout, out, lse, rin, dqkv, dqs, bt, group, dsum, w, h, b, y0
     # (a loop, not unrolled: one copy of the tile's code, so one set of hoisted addresses)
     for kt in range(0, KT):
         tl.debug_barrier()  # records, and the previous tile's dQ partials, stored by other threads
-        # the head's bias-tile and dS-sum pointers through an opaque move per tile: kept live for one
-        # tile, not hoisted out of the window loop (where they spill)
-        ho = _opaque(h, ASM)
-        bt_t = bt + ho * (NK * NQ)
-        dsum_t = dsum + ho * (NK * NQ)
+        bt_t = bt + h * (NK * NQ)
+        dsum_t = dsum + h * (NK * NQ)
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         k, v, ok_k, reg_k, grp_k, _cy, _cx, _code = _keys(
             qkv, group, qkv, qkv, offs_k, b, y0, x0, gbase, gbase, hd, C, H, W, SH, SW, N, WH, WW, D, SHIFT,
