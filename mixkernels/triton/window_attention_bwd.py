@@ -244,8 +244,8 @@ def _sum_chunks_kernel(part, res, M, n_chunks: tl.constexpr, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _gather_table_kernel(dsum, drpb, NH, HS, SI, SJ, N: tl.constexpr, N_PAD: tl.constexpr, NH_PAD: tl.constexpr,
-                         WH: tl.constexpr, WW: tl.constexpr):
+def _gather_table_kernel(dsum, drpb, NH, HS: tl.constexpr, SI: tl.constexpr, SJ: tl.constexpr, N: tl.constexpr,
+                         N_PAD: tl.constexpr, NH_PAD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr):
     """drpb[t, h] = sum of dsum[h, i, j] over the pairs with Swin relative index t (fixed order);
     ``dsum`` strides: HS (head), SI (query), SJ (key) (the single pass's is key-major and padded)."""
     t = tl.program_id(0)
