@@ -51,7 +51,7 @@ from ._cosine import _head_scale, _store_unit_grad, dlogit_scale
 from ._wattn_bwd_sp import _sp_window
 from ._wattn_bwd_tiles import _bias_grads, _bwd_rows, _p1_block, _p2_tile, _probs, _t_bias
 from .window_attention import (_INTERPRET, _LOG2E, _alloc_for, _codes, _first_window, _flags, _idx, _keys, _lyx, _mm,
-                               _next_window, _opaque, _pos, _single, _table_bias, _tables, _tail)
+                               _next_window, _pos, _single, _table_bias, _tables, _tail)
 
 __all__ = ["window_attention_backward"]
 
@@ -176,12 +176,10 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
         # the rows' records in ``dlt`` (NQ x 4 words), fp32 dQ partials in ``dqs`` (NQ x D).
         NQ: tl.constexpr = (N // BLOCK_N) * BLOCK_N + BN_TAIL
         NK: tl.constexpr = KT * BLOCK_M
+        slot = c * NH + h
         for i in range(0, WPP):
             if w < BNW:
                 y0, x0, gbase = wy * WH, wx * WW, (b % GG) * (H * W)
-                # (through an opaque move: the slot pointers are recomputed per window, not kept live
-                # across the window loop, where they spill)
-                slot = _opaque(c * NH + h, ASM)
                 _sp_window(qkv, dout, out, lse, dlt + slot * (NQ * 4), dqkv, dqs + slot * (NQ * D), tab,
                            group, dsum, w, h, b, y0, x0, gbase, hd, qk_scale, scale, C, NH, H, W, SH,
                            SW, BLOCK_M, KT, BLOCK_N, BN_TAIL, N, D, WH, WW, HAS_RPB or HAS_BIAS, HAS_GROUP, SHIFT,
