@@ -278,7 +278,7 @@ def _maxnreg(sp):
     return {"maxnreg": 255} if sp and not _INTERPRET else {}
 
 
-def _bwd_config(N, D, single, no_sp):
+def _bwd_config(N, D, single, no_sp, f32):
     """(BLOCK_M, BLOCK_N, BLOCK_N of phase B, num_warps, num_stages, single pass).
 
     Windows larger than one tile with d = 32 (MixMIM stages 1-3) take the single pass (``_wattn_bwd_sp``):
@@ -286,8 +286,10 @@ def _bwd_config(N, D, single, no_sp):
     warpgroup's 64 rows, so all five are wgmma on sm_90, and one mma.sync would halve the rate of
     all of them), query blocks of BLOCK_N = 64 (dQ's M; 32 scores per thread next to dK, dV: 246
     registers, no spills) and a tail block of 16 (196 rows cost 208; its dQ^T = K^T dS^T over a
-    64-row padded K^T). Other head dims, coords (exact int64 index math), cosine and the
-    deterministic mode take the two phases (``no_sp``): phase B keeps dK and dV of its key block
+    64-row padded K^T). Other head dims, coords (exact int64 index math), cosine, the
+    deterministic mode (``no_sp``) and, on the GPU, fp32 inputs (exact fp32 products are FMA loops,
+    far too wide for those tiles; the interpreter runs fp32 through the single pass too, so that its
+    tests check it in exact arithmetic) take the two phases: phase B keeps dK and dV of its key block
     live across every query tile, so its blocks are narrow (16 keys); d >= 64 halves the query
     tiles and re-reads them per key block in phase A (RELOAD). A single tile with d >= 64 (dQ, dK,
     dV all live) takes 8 warps: the backward has no row reductions, so splitting its columns
@@ -298,7 +300,7 @@ def _bwd_config(N, D, single, no_sp):
         return 16, (32 if sp else 16), 16, 1, 1, sp
     if single:
         return 64, 32, 16, (8 if D >= 64 else 4), 1, False
-    if D == 32 and not no_sp:
+    if D == 32 and not no_sp and not f32:
         return 128, 64, 16, 8, 1, True
     return (32, 16, 16, 4, 1, False) if D >= 64 else (64, 32, 16, 4, 1, False)
 
@@ -350,7 +352,7 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     single = _single(N) and not (want_tab and deterministic)
     cosine = logit_scale is not None
     no_sp = deterministic or coords is not None or cosine or scale == 0  # (scale: the bias tile is over it)
-    bm, bn, bnb, warps, stages, sp = _bwd_config(N, D, single, no_sp)
+    bm, bn, bnb, warps, stages, sp = _bwd_config(N, D, single, no_sp, qkv.dtype == torch.float32)
     kt = triton.cdiv(N, bm) if sp else 1
     if sp:  # a few windows per program: the scratch slots are per program
         stride = _SP_WPP
