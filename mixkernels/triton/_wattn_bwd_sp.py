@@ -58,11 +58,13 @@ def _load_pairs(ptrs, ASM: tl.constexpr):
 
 @triton.jit
 def _red_pairs(ptrs, val, ASM: tl.constexpr):
-    """``*ptrs += val`` by relaxed atomics (no fences) in the layout of ``ptrs``: on the GPU one 64-bit
-    ``red`` per pair of a thread's adjacent columns (sm_90; addresses as ``_load_pairs``)."""
+    """``*ptrs += val`` by relaxed atomics (no fences) in the layout of ``ptrs``: on the GPU two 32-bit
+    ``red`` per pair of a thread's adjacent columns, the second address the first's + 4 (one register
+    pair for both; the 64-bit vector ``red`` needs sm_90, and sm_80 must compile too)."""
     if ASM:
         tl.inline_asm_elementwise(
-            "red.relaxed.gpu.global.add.v2.f32 [$2], {$4, $5}; mov.b32 $0, 0; mov.b32 $1, 0;", "=r,=r,l,l,r,r",
+            "red.relaxed.gpu.global.add.f32 [$2], $4; red.relaxed.gpu.global.add.f32 [$2+4], $5; "
+            "mov.b32 $0, 0; mov.b32 $1, 0;", "=r,=r,l,l,r,r",
             [ptrs, val.to(tl.int32, bitcast=True)], dtype=tl.int32, is_pure=False, pack=2)
     else:
         tl.atomic_add(ptrs, val, sem="relaxed")
