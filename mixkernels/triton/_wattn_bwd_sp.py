@@ -12,8 +12,8 @@ all (keys x queries), and
   ``dqs`` (each element read and written by one thread) and stored once per window;
 * the head's bias (table + attn_bias over the score scale: ``_bias_tile``) is read as a key-major
   (NK, NQ) tile straight into the S^T product's accumulator (64-bit loads, each thread's addresses
-  one base plus constants), and dS^T goes to a key-major padded ``dsum`` by relaxed 64-bit vector
-  atomics; padded rows and columns of both are never read, so neither is masked;
+  one base plus constants), and dS^T goes to a key-major padded ``dsum`` by relaxed atomics
+  (no fences); padded rows and columns of both are never read, so neither is masked;
 * the query rows' lse, delta and labels come from per-window records (``_row_info``: one 16-byte
   load per row, instead of integer divisions and loads for each of the 16 query columns a thread
   holds).

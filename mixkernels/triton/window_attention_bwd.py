@@ -14,7 +14,7 @@ twice), ``dS`` is exactly 0 at pairs the shift/group rule masks (even in a NaN r
   A program owns a head and a few windows; per window, key tiles of 128 one after another, each
   with its dK, dV in registers, stream the query blocks (64, and a tail block of 16); dQ is summed
   over the tiles in the program's fp32 slot and stored once. The bias gradient goes to a padded
-  key-major ``dsum`` (nH, NK, NQ) by relaxed vector atomics.
+  key-major ``dsum`` (nH, NK, NQ) by relaxed atomics.
 * Other larger windows: a program owns a (window, head); phase 1 walks the key blocks and, for
   each, all query tiles (dK, dV of the block complete, and the bias gradient), phase 2 walks the
   query tiles and, for each, all key blocks (dQ complete): S and P are computed twice instead of
