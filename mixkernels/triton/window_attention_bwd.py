@@ -51,7 +51,7 @@ from ._cosine import _head_scale, _store_unit_grad, dlogit_scale
 from ._wattn_bwd_sp import _sp_window
 from ._wattn_bwd_tiles import _bias_grads, _bwd_rows, _p1_block, _p2_tile, _probs, _t_bias
 from .window_attention import (_INTERPRET, _LOG2E, _alloc_for, _codes, _first_window, _flags, _idx, _keys, _lyx, _mm,
-                               _next_window, _pos, _single, _table_bias, _tables, _tail)
+                               _next_window, _pos, _pow2_floor, _single, _table_bias, _tables, _tail)
 
 __all__ = ["window_attention_backward"]
 
@@ -267,9 +267,11 @@ def _gather_table_kernel(dsum, drpb, NH, HS: tl.constexpr, SI: tl.constexpr, SJ:
 # never depends on the GPU. Small under the interpreter so that tests run several windows per
 # program.
 _PROGRAMS = 2 if _INTERPRET else 1024
-# Single pass over several key tiles: windows per program (each program's fp32 dQ partials: one
-# slot of N_Q x D, reused by its windows; 16 keeps the slots at ~17 MB for MixMIM-B stage 1).
+# Single pass: at most this many windows per program (a program's scratch slots, its rows' records
+# and fp32 dQ sums, are reused by its windows: 16 keeps them at ~15 MB for MixMIM-B stage 1), and
+# at least this many programs (two per SM of an H100/H200) before windows are shared out.
 _SP_WPP = 2 if _INTERPRET else 16
+_SP_PROGRAMS = 264
 
 
 def _maxnreg(sp):
@@ -354,8 +356,8 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     no_sp = deterministic or coords is not None or cosine or scale == 0  # (scale: the bias tile is over it)
     bm, bn, bnb, warps, stages, sp = _bwd_config(N, D, single, no_sp, qkv.dtype == torch.float32)
     kt = triton.cdiv(N, bm) if sp else 1
-    if sp:  # a few windows per program: the scratch slots are per program
-        stride = _SP_WPP
+    if sp:  # a few windows per program (a power of two: a constexpr), enough programs for the GPU
+        stride = _SP_WPP if _INTERPRET else min(_SP_WPP, _pow2_floor(max(1, bnw * num_heads // _SP_PROGRAMS)))
         chunks = -(-bnw // stride)
     elif single or deterministic:
         chunks = max(1, min(bnw, -(-_PROGRAMS // num_heads)))
