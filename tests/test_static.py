@@ -220,7 +220,7 @@ def test_rules_match_by_line_and_call_site():
 # ---- the rules describe the current attention kernels: every loop of their sources gets a trip count
 _CUDA_ATTN = {"window_attention.cu": "int smem_limit() {", "window_attention_bwd.cu": "struct BwdPlan {",
               "window_attention_common.cuh": None}  # file: where its device code ends (launch plans follow)
-_TRITON_ATTN = ("window_attention.py", "window_attention_bwd.py")
+_TRITON_ATTN = ("window_attention.py", "window_attention_bwd.py", "_wattn_bwd_tiles.py", "_wattn_bwd_sp.py")
 
 
 def _loop_lines(path, marker=None, triton=False):
@@ -295,13 +295,13 @@ def test_rules_match_every_triton_attention_loop():
     import ast
 
     bad = []
-    for f in _TRITON_ATTN:
-        path = os.path.join(_ROOT, "mixkernels", "triton", f)
-        src = open(path).read()
-        params = {a.arg for fn in ast.walk(ast.parse(src)) if isinstance(fn, ast.FunctionDef)
-                  and fn.name.endswith("_kernel") for a in fn.args.args}
-        args = {k: 2 for k in params}  # any launch: names only (range() bounds must be kernel arguments)
-        ctx = static_rules.Ctx({}, (1, 1, 1), 128, args, "kernel")
+    paths = [os.path.join(_ROOT, "mixkernels", "triton", f) for f in _TRITON_ATTN]
+    # the kernels' parameters (helper modules hold no kernels: their loops see the kernels' launches)
+    params = {a.arg for path in paths for fn in ast.walk(ast.parse(open(path).read()))
+              if isinstance(fn, ast.FunctionDef) and fn.name.endswith("_kernel") for a in fn.args.args}
+    args = {k: 2 for k in params}  # any launch: names only (range() bounds must be kernel arguments)
+    ctx = static_rules.Ctx({}, (1, 1, 1), 128, args, "kernel")
+    for f, path in zip(_TRITON_ATTN, paths):
         loops = _loop_lines(path, triton=True)
         assert loops, f
         for line, text in loops:

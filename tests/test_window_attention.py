@@ -142,6 +142,11 @@ CASES = {
                                                    rpb=True), None),
     "win3x5_d128_group_per_bias_f32": (F32, dict(win=(3, 5), B=3, grid=(1, 1), nh=1, d=128, group="per",
                                                  bias=True), None),
+    # d = 32 over several tiles: the key-major single pass (a full query block, a tail block, every mask)
+    "sp_win5x4_d32_shift_group_per_rpb_bias_bf16": (BF16, dict(win=(5, 4), B=1, grid=(1, 2), nh=2, d=32,
+                                                              shift=(2, 1), group="per", rpb=True, bias=True), None),
+    "sp_win6x6_d32_group_shared_rpb_f16": (F16, dict(win=(6, 6), B=1, grid=(1, 1), nh=1, d=32, group="shared",
+                                                     rpb=True), None),
     # d = 128 over one tile: the two-phase backward (the others take the single pass)
     "det_win5x4_d128_shift_group_per_rpb_bias_bf16": (BF16, dict(win=(5, 4), B=1, grid=(1, 2), nh=1, d=128,
                                                                 shift=(2, 1), group="per", rpb=True, bias=True), True),
@@ -312,13 +317,15 @@ def _kernel_vs_reference(device, qkv, nh, win, shift, rpb=None, bias=None, group
     return out, dout, dqkv, drpb, dbias
 
 
-def test_triton_int64_group_labels_are_exact():
-    """Labels equal modulo 2**32 stay different (edge rule 1): 0 and 2**32 must not attend."""
+@pytest.mark.parametrize("win,d", [((4, 4), 16), ((5, 4), 32)])
+def test_triton_int64_group_labels_are_exact(win, d):
+    """Labels equal modulo 2**32 stay different (edge rule 1): 0 and 2**32 must not attend.
+    (d = 32 over several tiles: the single-pass backward.)"""
     device = _DEV
-    nh, win = 1, (4, 4)
-    qkv = torch.randn(1, 4, 8, 3 * 16, device=device)
+    nh = 1
+    qkv = torch.randn(1, win[0], 2 * win[1], 3 * d, device=device)
     lab = torch.tensor([0, 2**32, -1, 2**32 - 1], dtype=torch.int64, device=device)
-    group = lab[torch.randint(0, 4, (1, 4, 8), device=device)]
+    group = lab[torch.randint(0, 4, (1, win[0], 2 * win[1]), device=device)]
     out, dout, dqkv, _, _ = _kernel_vs_reference(device, qkv, nh, win, (0, 0), group=group)
     q = qkv.double().requires_grad_()
     ref = ref_wa(q, nh, win, group=group)
@@ -334,12 +341,13 @@ def ref_wa(qkv, nh, win, **kw):
     return ref.window_attention(qkv, nh, win, **kw)
 
 
-@pytest.mark.parametrize("win", [(4, 3), (7, 5)])
-def test_triton_fully_masked_rows_are_nan(win):
-    """A real row whose every key is -inf (attn_bias) is NaN like the reference; other rows are not."""
+@pytest.mark.parametrize("win,d", [((4, 3), 16), ((7, 5), 16), ((7, 5), 32)])
+def test_triton_fully_masked_rows_are_nan(win, d):
+    """A real row whose every key is -inf (attn_bias) is NaN like the reference; other rows are not.
+    (d = 32 over several tiles: the single-pass backward.)"""
     nh = 2
     N = win[0] * win[1]
-    qkv = torch.randn(1, win[0], 2 * win[1], 3 * nh * 16, device=_DEV, dtype=torch.float64).float()
+    qkv = torch.randn(1, win[0], 2 * win[1], 3 * nh * d, device=_DEV, dtype=torch.float64).float()
     bias = torch.randn(nh, N, N, device=_DEV)
     bias[0, 3, :] = float("-inf")
     bias[1, N - 1, :] = float("-inf")
@@ -354,7 +362,7 @@ def test_triton_fully_masked_rows_are_nan(win):
         assert fin.any()
         torch.testing.assert_close(got.double()[fin], want[fin], atol=2e-5, rtol=1e-4, msg=name)
     y, x = divmod(3, win[1])  # token 3 of window 0, head 0
-    assert torch.isnan(out[0, y, x, :16]).all() and torch.isfinite(out[0, y, x, 16:]).all()
+    assert torch.isnan(out[0, y, x, :d]).all() and torch.isfinite(out[0, y, x, d:]).all()
 
 
 @pytest.mark.parametrize("win", [(3, 3), (5, 4)])
@@ -389,7 +397,7 @@ def test_triton_out_of_range_coords_add_no_bias(win):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_GPU)])
-@pytest.mark.parametrize("case", ["single_coords", "multi_group_shift"])
+@pytest.mark.parametrize("case", ["single_coords", "multi_group_shift", "sp_group_shift"])
 def test_triton_poisoned_outputs_paths(device, case, monkeypatch):
     """Poisoned outputs on the single-tile path (coords table) and the two-pass multi-tile path."""
     tw = pytest.importorskip("mixkernels.triton.window_attention")
@@ -397,8 +405,10 @@ def test_triton_poisoned_outputs_paths(device, case, monkeypatch):
                         lambda shape, dtype, dev: torch.full(shape, float("nan"), dtype=dtype, device=dev))
     if case == "single_coords":
         ckw = dict(win=(3, 4), grid=(1, 3), nh=2, coords="per", rpb=True, bias=True)
-    else:
+    elif case == "multi_group_shift":
         ckw = dict(win=(7, 7), B=1, grid=(1, 1), nh=1, shift=(3, 2), group="per", rpb=True, bias=True)
+    else:  # d = 32: the single pass (non-deterministic), the two phases (deterministic)
+        ckw = dict(win=(5, 4), B=1, grid=(1, 2), nh=1, d=32, shift=(2, 1), group="per", rpb=True, bias=True)
     for det in (False, True):
         _, nh, kw, leaves = _case(device, F32, **ckw)
         _check("triton", device, F32, nh, kw, leaves, deterministic=det)

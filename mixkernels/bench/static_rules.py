@@ -361,6 +361,9 @@ TRITON_RULES: List[Rule] = [
          "full query tiles: N // BLOCK_M"),
     Rule(r"for n0 in range\(0, NB_FULL, BLOCK_NB\)", lambda c: c.a("N") // c.a("BLOCK_NB"),
          "full key blocks of phase B: N // BLOCK_NB"),
+    # Triton backward single pass (_wattn_bwd_sp.py): query blocks of BLOCK_Q = the launch's BLOCK_N
+    Rule(r"for m0 in range\(0, Q_FULL, BLOCK_Q\)", lambda c: c.a("N") // c.a("BLOCK_N"),
+         "full query blocks of the single pass: N // BLOCK_N"),
     # ``for i in range(0, WPP)`` whose back edge carries the line of the _next_window call ending its body
     Rule(r"b = tl\.where\(wrap, b \+ 1, b\)|return w \+ 1, b, wy, wx", lambda c: c.a("WPP"),
          "windows per program: WPP (the loop's back edge carries _next_window's line)", via=r"_next_window\("),

@@ -1,4 +1,5 @@
-"""Triton fused window attention: backward (forward and the shared helpers in ``window_attention``).
+"""Triton fused window attention: backward (forward and the shared helpers in ``window_attention``;
+the backward's tiles in ``_wattn_bwd_tiles`` and ``_wattn_bwd_sp``).
 
 P is recomputed from the forward's row log-sum-exp, ``dS = P * (dP - delta)`` with
 ``delta = rowsum(dO * O)`` computed in the kernel (no pre-pass: O is read once instead of dO
@@ -8,13 +9,19 @@ twice), ``dS`` is exactly 0 at pairs the shift/group rule masks (even in a NaN r
   a head and a chunk of windows; per window one tile gives dQ, dK, dV directly, and dS is
   summed over the chunk in registers, stored once per program, then summed over programs in a
   fixed order: bias gradients are deterministic at no cost (the ``deterministic`` flag is moot).
-* Larger windows (MixMIM stages 1-3: 196 tokens): a program owns a (window, head); phase 1 walks
-  the key blocks and, for each, all query tiles (dK, dV of the block complete, and the bias
-  gradient), phase 2 walks the query tiles and, for each, all key blocks (dQ complete): S and P
-  are computed twice instead of keeping dQ of every tile live (registers) or accumulating it in
-  memory. The bias gradient (dS summed over windows) goes to ``dsum`` (nH, N, N) with relaxed
-  atomics (no fences; non-deterministic order), or, ``deterministic=True``, to a per-program
-  slot with plain read-modify-writes and a fixed-order sum over programs.
+* Larger windows with d = 32 (MixMIM stages 1-3: 196 tokens), not deterministic, no coords, no
+  cosine: the single pass (``_wattn_bwd_sp``), key-major tiles, every product a wgmma on sm_90.
+  A program owns a head and a few windows; per window, key tiles of 128 one after another, each
+  with its dK, dV in registers, stream the query blocks (64, and a tail block of 16); dQ is summed
+  over the tiles in the program's fp32 slot and stored once. The bias gradient goes to a padded
+  key-major ``dsum`` (nH, NK, NQ) by relaxed atomics.
+* Other larger windows: a program owns a (window, head); phase 1 walks the key blocks and, for
+  each, all query tiles (dK, dV of the block complete, and the bias gradient), phase 2 walks the
+  query tiles and, for each, all key blocks (dQ complete): S and P are computed twice instead of
+  keeping dQ of every tile live (registers) or accumulating it in memory. The bias gradient (dS
+  summed over windows) goes to ``dsum`` (nH, N, N) with relaxed atomics (no fences;
+  non-deterministic order), or, ``deterministic=True``, to a per-program slot with plain
+  read-modify-writes and a fixed-order sum over programs.
 * With coords the table index depends on the window: relaxed atomics into the table, or
   (deterministic) fixed-order per-entry sums over each tile's index box (slow; correct).
 Padded query rows compute on a real token with lse = +inf (P = 0), dO = O = 0, and are never
@@ -26,12 +33,13 @@ stored or accumulated; padded keys are zeros masked by position.
   pass, with sums of dS * (s - rowmean_P(s)) that no rounding of lse or O shifts).
 
 Loops (for static instruction counts): ``_bwd_kernel`` ``for i in range(0, WPP)`` (WPP times;
-folded away when 1, the multi-tile case); phase A ``for m0 in range(0, M_FULL, BLOCK_M)``
+folded away when 1, the two-phase case); phase A ``for m0 in range(0, M_FULL, BLOCK_M)``
 (N // BLOCK_M) around ``_p2_tile``'s ``for n0 in range(0, N_FULL, BLOCK_N)`` (N // BLOCK_N,
 also once more for the tail query tile); phase B ``for n0 in range(0, NB_FULL, BLOCK_NB)``
 (N // BLOCK_NB) around ``_p1_block``'s ``for m0 in range(0, M_FULL, BLOCK_M)`` (N // BLOCK_M,
-also once more for the tail key block). The deterministic coords sums (``while`` loops over
-each tile's index box) depend on the data.
+also once more for the tail key block); the single pass's ``for kt in range(0, KT)`` around
+``for m0 in range(0, Q_FULL, BLOCK_Q)`` (N // BLOCK_N). The deterministic coords sums
+(``while`` loops over each tile's index box) depend on the data.
 """
 from __future__ import annotations
 
@@ -40,9 +48,10 @@ import triton
 import triton.language as tl
 
 from ._cosine import _head_scale, _store_unit_grad, dlogit_scale
-from .window_attention import (_INTERPRET, _LOG2E, _alloc_for, _codes, _flags, _gather_rc, _idx, _in_range,
-                               _first_window, _keys, _lyx, _mask, _mm, _next_window, _opaque, _pos, _rows, _single,
-                               _table_bias, _tables, _tail)
+from ._wattn_bwd_sp import _sp_window
+from ._wattn_bwd_tiles import _bias_grads, _bwd_rows, _p1_block, _p2_tile, _probs, _t_bias
+from .window_attention import (_INTERPRET, _LOG2E, _alloc_for, _codes, _first_window, _flags, _idx, _keys, _lyx, _mm,
+                               _next_window, _pos, _pow2_floor, _single, _table_bias, _tables, _tail)
 
 __all__ = ["window_attention_backward"]
 
@@ -51,337 +60,7 @@ __all__ = ["window_attention_backward"]
 
 
 @triton.jit
-def _bwd_rows(qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, cbase, hd, C,
-              NH, H, W, SH, SW, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-              SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr, DELTA: tl.constexpr,
-              IDX64: tl.constexpr, OPAQUE: tl.constexpr = False, ASM: tl.constexpr = False,
-              COSINE: tl.constexpr = False):
-    """A query tile: q (COSINE: normalized), dO, delta = rowsum(dO * O), lse (log2 units; +inf on
-    padded rows), and the rows' labels/coords/table row pointers (padded rows read a real token).
-    DELTA: 0 compute delta; 1 compute and store it in ``dlt`` (lse's layout); 2 load it from ``dlt``;
-    3 none (``_probs`` EXACT computes it)."""
-    row_ok = offs_m < N
-    q, reg, grp, cy, cx, tab_m, ab_m, tok = _rows(qkv, group, coords, tab_h, ab_h, offs_m, b, y0, x0, gbase, cbase,
-                                                  hd, C, H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS,
-                                                  IDX64, OPAQUE, ASM, COSINE)
-    orow = (tok * C + hd)[:, None] + tl.arange(0, D)[None, :]
-    do = tl.load(dout + orow, mask=row_ok[:, None], other=0.0)
-    rows = (w * NH + h) * N + offs_m
-    if DELTA == 2:
-        delta = tl.load(dlt + rows, mask=row_ok, other=0.0)
-    elif DELTA == 3:
-        delta = tl.zeros((offs_m.shape[0],), tl.float32)
-    else:
-        o = tl.load(out + orow, mask=row_ok[:, None], other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        if DELTA == 1:
-            tl.store(dlt + rows, delta, mask=row_ok)
-    lse2 = tl.load(lse + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    return q, do, delta, lse2, reg, grp, cy, cx, tab_m, ab_m, tok, row_ok
-
-
-@triton.jit
-def _probs(q, k, v, do, delta, lse2, t_bias, reg_m, reg_n, grp_m, grp_n, col_ok, qk_scale,
-           HAS_T_BIAS: tl.constexpr, SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr, COL_MASK: tl.constexpr,
-           F32: tl.constexpr, UPCAST: tl.constexpr, EXACT: tl.constexpr = False):
-    """P, dS and q @ k^T of a tile (``t_bias``: the table/attn bias in log2 units); dS is exactly 0
-    at masked pairs. EXACT (cosine mode, whole rows in the tile): P recomputed as the forward's
-    softmax and delta = rowsum(P * dP) from it (as autograd and the CPU kernel): with logits up to
-    ~116, P from the rounded lse and delta from the rounded O would leave rowsum(dS) != 0, which the
-    logit-scale gradient multiplies by the logits; padded rows have dO = 0, hence dS = dV share = 0."""
-    qk = _mm(q, tl.trans(k), F32, UPCAST)
-    t = qk * qk_scale
-    if HAS_T_BIAS:
-        t += t_bias
-    t, allowed = _mask(t, reg_m, reg_n, grp_m, grp_n, col_ok, SHIFT, HAS_GROUP, COL_MASK)
-    if EXACT:
-        m = tl.max(t, 1)
-        m = tl.where(m == float("-inf"), 0.0, m)  # a fully masked row: 0 * (1/0) = NaN, as the reference
-        p = tl.exp2(t - m[:, None])
-        p = p * (1.0 / tl.sum(p, 1))[:, None]
-        dp = _mm(do, tl.trans(v), F32, UPCAST)
-        delta = tl.sum(p * dp, 1)
-    else:
-        p = tl.exp2(t - lse2[:, None])  # masked: 0; padded rows (lse +inf): 0; a fully masked row: NaN
-        dp = _mm(do, tl.trans(v), F32, UPCAST)
-    ds = p * (dp - delta[:, None])
-    if SHIFT or HAS_GROUP or COL_MASK:
-        ds = tl.where(allowed, ds, 0.0)
-    return p, ds, qk
-
-
-@triton.jit
-def _t_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, ab_m, offs_n, col_ok, RH, RW, HAS_RPB: tl.constexpr,
-            HAS_BIAS: tl.constexpr, HAS_COORDS: tl.constexpr, COL_MASK: tl.constexpr, ASM: tl.constexpr):
-    """Table bias + attn_bias of a tile in log2 units (0 when absent: the caller skips the add)."""
-    tb = tl.zeros((tab_m.shape[0], offs_n.shape[0]), tl.float32)
-    if HAS_RPB:
-        tb = _table_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, RH, RW, HAS_COORDS, ASM)
-    if HAS_BIAS:
-        tb += _gather_rc(ab_m, offs_n, col_ok, COL_MASK, ASM) * 1.4426950408889634
-    return tb
-
-
-@triton.jit
-def _red_rc(row_ptr, col_off, val, ok, RMW: tl.constexpr, ASM: tl.constexpr):
-    """``row_ptr[i][col_off[j]] += val[i, j]`` where ``ok``: relaxed atomic (no fences), or
-    (RMW) a plain read-modify-write of memory this program owns. Inline asm computes each
-    address next to its use, so no tile of 64-bit pointers is kept live."""
-    rp, co = tl.broadcast(row_ptr[:, None], col_off[None, :])
-    if ASM:
-        # (the value travels as its bits: Triton 3.6 rejects float and pointer operands together)
-        bits = val.to(tl.int32, bitcast=True)
-        if RMW:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; .reg .b64 a; .reg .f32 x; setp.ne.b32 p, $3, 0; mad.wide.s32 a, $2, 4, $1; "
-                "@p ld.global.f32 x, [a]; @p add.f32 x, x, $4; @p st.global.f32 [a], x; mov.b32 $0, 0; }",
-                "=r,l,r,r,r", [rp, co, ok.to(tl.int32), bits], dtype=tl.int32, is_pure=False, pack=1)
-        else:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; .reg .b64 a; setp.ne.b32 p, $3, 0; mad.wide.s32 a, $2, 4, $1; "
-                "@p red.relaxed.gpu.global.add.f32 [a], $4; mov.b32 $0, 0; }",
-                "=r,l,r,r,r", [rp, co, ok.to(tl.int32), bits], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        if RMW:
-            tl.store(rp + co, tl.load(rp + co, mask=ok, other=0.0) + val, mask=ok)
-        else:
-            tl.atomic_add(rp + co, val, mask=ok, sem="relaxed")
-
-
-@triton.jit
-def _bias_grads(ds, offs_m, offs_n, row_ok, col_ok, cy_m, cx_m, cy_n, cx_n, dsum_h, dtab_h, RH, RW,
-                N: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr, ASM: tl.constexpr):
-    """dS of a tile into the bias-gradient buffers (modes: see ``_bwd_kernel``)."""
-    pair = row_ok[:, None] & col_ok[None, :]
-    if DSUM_MODE == 1 or DSUM_MODE == 2:
-        # RMW (mode 2): each element of a tile shape is read and written by the same thread (one
-        # asm does both), and a window touches it once: no barrier needed between windows.
-        _red_rc(dsum_h + offs_m * N, offs_n, ds, pair, DSUM_MODE == 2, ASM)
-    if TAB_MODE != 0:
-        dy, iny = _in_range(cy_m[:, None], cy_n[None, :], RH)
-        dx, inx = _in_range(cx_m[:, None], cx_n[None, :], RW)
-        inr = iny & inx & pair
-        ty = tl.where(inr, dy + (RH - 1), 0).to(tl.int32)
-        tx = tl.where(inr, dx + (RW - 1), 0).to(tl.int32)
-        if TAB_MODE == 1:
-            tl.atomic_add(dtab_h + ty * (2 * RW - 1) + tx, ds, mask=inr, sem="relaxed")
-        if TAB_MODE == 2:
-            # Fixed-order per-entry sums (duplicates within a tile rule out a scatter), over the box
-            # of table rows/cols that this tile's in-range pairs touch. Slow; deterministic.
-            ds_in = tl.where(inr, ds, 0.0)
-            # (while loops: data-dependent bounds; Triton 3.6's interpreter cannot take range()
-            # bounds from tensors)
-            y = tl.min(tl.where(inr, ty, 1 << 30))
-            y_end = tl.max(tl.where(inr, ty, -1))
-            while y <= y_end:
-                in_y = inr & (ty == y)
-                x = tl.min(tl.where(in_y, tx, 1 << 30))
-                x_end = tl.max(tl.where(in_y, tx, -1))
-                while x <= x_end:
-                    val = tl.sum(tl.sum(tl.where(in_y & (tx == x), ds_in, 0.0), 1), 0)
-                    tptr = dtab_h + y * (2 * RW - 1) + x
-                    tl.store(tptr, tl.load(tptr) + val)
-                    x += 1
-                y += 1
-            tl.debug_barrier()
-
-
-@triton.jit
-def _p1_tile(qkv, dout, out, lse, dlt, tab_h, ab_h, group, coords, dsum_h, dtab_h, m0, w, h, b, y0, x0, gbase, cbase,
-             hd, qk_scale, C, NH, H, W, SH, SW, RH, RW, k, v, dk, dv, offs_n, col_ok, reg_n, grp_n, cy_n, cx_n,
-             code_n, BM: tl.constexpr, COL_MASK: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr,
-             WW: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
-             HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr,
-             F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr, COSINE: tl.constexpr):
-    """Phase 1, one (query tile, key block): dK/dV updates and the tile's bias gradient."""
-    offs_m = m0 + tl.arange(0, BM)
-    q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m, tok, row_ok = _bwd_rows(
-        qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, cbase, hd, C, NH, H, W,
-        SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 2, IDX64, COSINE=COSINE)
-    tb = _t_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, ab_m, offs_n, col_ok, RH, RW, HAS_RPB, HAS_BIAS,
-                 HAS_COORDS, COL_MASK, ASM)
-    p, ds, qk = _probs(q, k, v, do, delta, lse2, tb, reg_m, reg_n, grp_m, grp_n, col_ok, qk_scale, HAS_RPB or HAS_BIAS,
-                       SHIFT, HAS_GROUP, COL_MASK, F32, UPCAST)
-    dv += _mm(tl.trans(p.to(do.dtype)), do, F32, UPCAST)
-    dk += _mm(tl.trans(ds.to(q.dtype)), q, F32, UPCAST)
-    _bias_grads(ds, offs_m, offs_n, row_ok, col_ok, cy_m, cx_m, cy_n, cx_n, dsum_h, dtab_h, RH, RW, N, DSUM_MODE,
-                TAB_MODE, ASM)
-    return dk, dv
-
-
-@triton.jit
-def _p1_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h, n0, w, h, b, y0, x0,
-              gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW,
-              BN: tl.constexpr, COL_MASK: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr,
-              WW: tl.constexpr, BLOCK_M: tl.constexpr, BM_TAIL: tl.constexpr, HAS_RPB: tl.constexpr,
-              HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr,
-              DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
-              IDX64: tl.constexpr, ASM: tl.constexpr, COSINE: tl.constexpr):
-    """Phase 1, one key block: dK and dV over every query tile (stored), and the bias gradient."""
-    offs_n = n0 + tl.arange(0, BN)
-    k, v, col_ok, reg_n, grp_n, cy_n, cx_n, code_n = _keys(
-        qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW, N, WH, WW, D, SHIFT,
-        HAS_GROUP, HAS_COORDS, COL_MASK, IDX64, ASM, COSINE)
-    dk = tl.zeros((BN, D), tl.float32)
-    dv = tl.zeros((BN, D), tl.float32)
-    M_FULL: tl.constexpr = (N // BLOCK_M) * BLOCK_M
-    for m0 in range(0, M_FULL, BLOCK_M):
-        dk, dv = _p1_tile(qkv, dout, out, lse, dlt, tab_h, ab_h, group, coords, dsum_h, dtab_h, m0, w, h, b, y0, x0,
-                          gbase, cbase, hd, qk_scale, C, NH, H, W, SH, SW, RH, RW, k, v, dk, dv, offs_n, col_ok,
-                          reg_n, grp_n, cy_n, cx_n, code_n, BLOCK_M, COL_MASK, N, D, WH, WW, HAS_RPB, HAS_BIAS,
-                          HAS_GROUP, HAS_COORDS, SHIFT, DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM, COSINE)
-    if BM_TAIL > 0:
-        dk, dv = _p1_tile(qkv, dout, out, lse, dlt, tab_h, ab_h, group, coords, dsum_h, dtab_h, M_FULL, w, h, b, y0, x0,
-                          gbase, cbase, hd, qk_scale, C, NH, H, W, SH, SW, RH, RW, k, v, dk, dv, offs_n, col_ok,
-                          reg_n, grp_n, cy_n, cx_n, code_n, BM_TAIL, COL_MASK, N, D, WH, WW, HAS_RPB, HAS_BIAS,
-                          HAS_GROUP, HAS_COORDS, SHIFT, DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM, COSINE)
-    ly, lx = _lyx(offs_n, N, WW)
-    pos, _r = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
-    krow = _idx(b * (H * W) + pos, IDX64) * (3 * C) + hd
-    offs_d = tl.arange(0, D)
-    if COSINE:
-        _store_unit_grad(dqkv, qkv, krow[:, None] + C + offs_d[None, :], dk * scale, col_ok[:, None])
-    else:
-        tl.store(dqkv + krow[:, None] + C + offs_d[None, :], (dk * scale).to(dqkv.dtype.element_ty),
-                 mask=col_ok[:, None])
-    tl.store(dqkv + krow[:, None] + 2 * C + offs_d[None, :], dv.to(dqkv.dtype.element_ty), mask=col_ok[:, None])
-
-
-@triton.jit
-def _dq_block(qkv, dout, out, lse, dlt, group, coords, codes, tab_h, ab_h, n0, w, h, b, y0, x0, gbase, cbase, hd,
-              qk_scale, C, NH, H, W, SH, SW, RH, RW, offs_m, q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m,
-              BN: tl.constexpr, COL_MASK: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr,
-              WW: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
-              HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
-              IDX64: tl.constexpr, RELOAD: tl.constexpr, ASM: tl.constexpr, COSINE: tl.constexpr):
-    """Phase A, one key block of a query tile: its dS @ K (dQ's share, unscaled) and, COSINE, the
-    rows' sums of dS and of P * (q @ k^T) (for the logit-scale gradient). RELOAD: the
-    tile's rows are re-read here (opaque positions) instead of held across the key loop."""
-    if RELOAD:
-        q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m, _tok, _ok = _bwd_rows(
-            qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, cbase, hd, C, NH,
-            H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 2, IDX64, True, ASM, COSINE)
-    offs_n = n0 + tl.arange(0, BN)
-    k, v, col_ok, reg_n, grp_n, cy_n, cx_n, code_n = _keys(
-        qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, W, SH, SW, N, WH, WW, D, SHIFT,
-        HAS_GROUP, HAS_COORDS, COL_MASK, IDX64, ASM, COSINE)
-    tb = _t_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, ab_m, offs_n, col_ok, RH, RW, HAS_RPB, HAS_BIAS,
-                 HAS_COORDS, COL_MASK, ASM)
-    p, ds, qk = _probs(q, k, v, do, delta, lse2, tb, reg_m, reg_n, grp_m, grp_n, col_ok, qk_scale, HAS_RPB or HAS_BIAS,
-                       SHIFT, HAS_GROUP, COL_MASK, F32, UPCAST)
-    dq = _mm(ds.to(k.dtype), k, F32, UPCAST)
-    if COSINE:
-        return dq, tl.sum(ds, 1), tl.sum(p * qk, 1)
-    else:
-        return dq, delta, delta
-
-
-@triton.jit
-def _p2_tile(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, m0, w, h, b, y0, x0, gbase, cbase, hd,
-             qk_scale, scale, C, NH, H, W, SH, SW, RH, RW,
-             BM: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-             BLOCK_N: tl.constexpr, BN_TAIL: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr,
-             HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, F32: tl.constexpr,
-             UPCAST: tl.constexpr, IDX64: tl.constexpr, RELOAD: tl.constexpr, ASM: tl.constexpr,
-             COSINE: tl.constexpr):
-    """Phase A, one query tile: dQ over every key block (and the rows' delta, kept for phase B).
-    COSINE: returns the tile's share of the logit-scale gradient, sum_ij dS_ij (s_ij - sbar_i) with
-    s = q' @ k'^T (q' times the head scale) and sbar_i = sum_j P_ij s_ij: independent of any error
-    in delta or lse (both make dS off by a multiple of P in a row), as the CUDA kernel."""
-    offs_m = m0 + tl.arange(0, BM)
-    q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m, tok, row_ok = _bwd_rows(
-        qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, cbase, hd, C, NH, H, W,
-        SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 1, IDX64, COSINE=COSINE)
-    dq = tl.zeros((BM, D), tl.float32)
-    z = tl.zeros((BM,), tl.float32)
-    sb = tl.zeros((BM,), tl.float32)
-    N_FULL: tl.constexpr = (N // BLOCK_N) * BLOCK_N
-    for n0 in range(0, N_FULL, BLOCK_N):
-        dq_, z_, sb_ = _dq_block(
-            qkv, dout, out, lse, dlt, group, coords, codes, tab_h, ab_h, n0, w, h, b, y0, x0, gbase, cbase, hd,
-            qk_scale, C, NH, H, W, SH, SW, RH, RW, offs_m, q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m,
-            BLOCK_N, False, N, D, WH, WW, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, RELOAD,
-            ASM, COSINE)
-        dq += dq_
-        if COSINE:
-            z += z_
-            sb += sb_
-    if BN_TAIL > 0:
-        dq_, z_, sb_ = _dq_block(
-            qkv, dout, out, lse, dlt, group, coords, codes, tab_h, ab_h, N_FULL, w, h, b, y0, x0, gbase, cbase, hd,
-            qk_scale, C, NH, H, W, SH, SW, RH, RW, offs_m, q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m,
-            BN_TAIL, True, N, D, WH, WW, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS, SHIFT, F32, UPCAST, IDX64, RELOAD,
-            ASM, COSINE)
-        dq += dq_
-        if COSINE:
-            z += z_
-            sb += sb_
-    offs_d = tl.arange(0, D)
-    if COSINE:  # scale: the head scale; <q_hat, dq_hat> per row = sum_j dS_ij s_ij
-        dot = _store_unit_grad(dqkv, qkv, (tok * (3 * C) + hd)[:, None] + offs_d[None, :], dq * scale,
-                               row_ok[:, None])
-        return tl.sum(tl.where(row_ok, dot - z * (scale * sb), 0.0), 0)
-    else:
-        tl.store(dqkv + (tok * (3 * C) + hd)[:, None] + offs_d[None, :], (dq * scale).to(dqkv.dtype.element_ty),
-                 mask=row_ok[:, None])
-        return 0.0
-
-
-@triton.jit
-def _sp_tile(qkv, dout, out, lse, dlt, tab_h, ab_h, group, coords, dsum_h, dtab_h, k, v, dk, dv, dq, offs_m, w,
-             h, b, y0, x0, gbase, cbase, hd, C, NH, H, W, SH, SW, offs_n, col_ok, reg_n, grp_n, cy_n, cx_n, code_n,
-             qk_scale, RH, RW, COL_MASK: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr,
-             WW: tl.constexpr, HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
-             HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr,
-             F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
-    """Single pass, one (query tile, key block): the tile's dK/dV/dQ shares and bias gradient."""
-    # the rows' positions go through an opaque move: their loads are redone per key block, not
-    # hoisted with their 64-bit addresses (live across the loop, those spill)
-    q, do, delta, lse2, reg_m, grp_m, cy_m, cx_m, tab_m, ab_m, tok, row_ok = _bwd_rows(
-        qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, cbase, hd, C, NH, H, W,
-        SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 2, IDX64, True, ASM)
-    tb = _t_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, ab_m, offs_n, col_ok, RH, RW, HAS_RPB, HAS_BIAS,
-                 HAS_COORDS, COL_MASK, ASM)
-    p, ds, qk = _probs(q, k, v, do, delta, lse2, tb, reg_m, reg_n, grp_m, grp_n, col_ok, qk_scale, HAS_RPB or HAS_BIAS,
-                       SHIFT, HAS_GROUP, COL_MASK, F32, UPCAST)
-    dv += _mm(tl.trans(p.to(do.dtype)), do, F32, UPCAST)
-    dsl = ds.to(q.dtype)
-    dk += _mm(tl.trans(dsl), q, F32, UPCAST)
-    dq += _mm(dsl, k, F32, UPCAST)
-    _bias_grads(ds, offs_m, offs_n, row_ok, col_ok, cy_m, cx_m, cy_n, cx_n, dsum_h, dtab_h, RH, RW, N, DSUM_MODE,
-                TAB_MODE, ASM)
-    return dk, dv, dq
-
-
-@triton.jit
-def _sp_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h, n0, w, h, b, y0, x0,
-              gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW, offs_m, dq, BN: tl.constexpr,
-              COL_MASK: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-              HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr, HAS_COORDS: tl.constexpr,
-              SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr, F32: tl.constexpr,
-              UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
-    """Single pass, one key block against every query row: dK, dV of the block complete
-    (stored), dQ's share accumulated in registers."""
-    offs_n = n0 + tl.arange(0, BN)
-    k, v, ok, rn, gn, cyn, cxn, cn = _keys(qkv, group, coords, codes, offs_n, b, y0, x0, gbase, cbase, hd, C, H, W,
-                                           SH, SW, N, WH, WW, D, SHIFT, HAS_GROUP, HAS_COORDS, COL_MASK, IDX64, ASM)
-    dk = tl.zeros((BN, D), tl.float32)
-    dv = tl.zeros((BN, D), tl.float32)
-    dk, dv, dq = _sp_tile(qkv, dout, out, lse, dlt, tab_h, ab_h, group, coords, dsum_h, dtab_h, k, v, dk, dv, dq,
-                          offs_m, w, h, b, y0, x0, gbase, cbase, hd, C, NH, H, W, SH, SW, offs_n, ok, rn, gn, cyn, cxn,
-                          cn, qk_scale, RH, RW, COL_MASK, N, D, WH, WW, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS,
-                          SHIFT, DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM)
-    ly, lx = _lyx(offs_n, N, WW)
-    pos, _r = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
-    krow = _idx(b * (H * W) + pos, IDX64) * (3 * C) + hd
-    offs_d = tl.arange(0, D)
-    tl.store(dqkv + krow[:, None] + C + offs_d[None, :], (dk * scale).to(dqkv.dtype.element_ty), mask=ok[:, None])
-    tl.store(dqkv + krow[:, None] + 2 * C + offs_d[None, :], dv.to(dqkv.dtype.element_ty), mask=ok[:, None])
-    return dq
-
-
-@triton.jit
-def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes, dsum, dtab, ls, dls,
+def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes, dsum, dtab, ls, dls, dqs,
                 qk_scale, scale, NH, H, W, nW, nWw, SH, SW, GG, GC, RH, RW, BNW, STRIDE, W0,
                 WPP: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                 SINGLE: tl.constexpr, BS: tl.constexpr,
@@ -390,7 +69,7 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
                 HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
                 HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr,
                 F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
-                COSINE: tl.constexpr = False, DLS_MODE: tl.constexpr = 0):
+                COSINE: tl.constexpr = False, DLS_MODE: tl.constexpr = 0, KT: tl.constexpr = 1):
     """Program (head h, chunk c): windows c*STRIDE + W0 + [0, WPP) of head h (WPP == STRIDE, W0 == 0
     when the program loops over its chunk; WPP == 1 when the launcher loops, one launch per W0).
 
@@ -491,32 +170,21 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
         if DLS_MODE == 3:
             tl.store(dls + c * NH + h, tl.sum(dls_rows, 0))
     elif SP:
-        # Single pass (SP): all query rows of the window in one BLOCK_M tile (8 warps: two
-        # warpgroups of rows) whose dQ stays in registers, key blocks streamed once: dK/dV per
-        # block, nothing recomputed.
-        N_FULL: tl.constexpr = (N // BLOCK_N) * BLOCK_N
-        offs_m = tl.arange(0, BLOCK_M)
+        # Single pass (SP, ``_wattn_bwd_sp``): KT key tiles of BLOCK_M keys (8 warps) one after another,
+        # dK/dV of a tile in registers, query blocks of BLOCK_N streamed. ``tab``: the launcher's
+        # (nH, NK, NQ) bias tile (NQ the padded query count, NK = KT * BLOCK_M); this program's slots:
+        # the rows' records in ``dlt`` (NQ x 4 words), fp32 dQ partials in ``dqs`` (NQ x D).
+        NQ: tl.constexpr = (N // BLOCK_N) * BLOCK_N + BN_TAIL
+        NK: tl.constexpr = KT * BLOCK_M
+        slot = c * NH + h
         for i in range(0, WPP):
             if w < BNW:
-                y0, x0, gbase, cbase = wy * WH, wx * WW, (b % GG) * (H * W), (b % GC) * (H * W)
-                # delta = rowsum(dO * O) once per row, kept in ``dlt`` for the key blocks
-                _q, _do, _dl, _ls, _rg, _gr, _cy, _cx, _tb, _ab, tok, row_ok = _bwd_rows(
-                    qkv, dout, out, lse, dlt, group, coords, tab_h, ab_h, offs_m, w, h, b, y0, x0, gbase, cbase, hd,
-                    C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, HAS_COORDS, 1, IDX64)
-                tl.debug_barrier()  # delta stored by other threads of this program
-                dq = tl.zeros((BLOCK_M, D), tl.float32)
-                for n0 in range(0, N_FULL, BLOCK_N):
-                    dq = _sp_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h,
-                                   n0, w, h, b, y0, x0, gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH, RW,
-                                   offs_m, dq, BLOCK_N, False, N, D, WH, WW, HAS_RPB, HAS_BIAS, HAS_GROUP, HAS_COORDS,
-                                   SHIFT, DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM)
-                if BN_TAIL > 0:
-                    dq = _sp_block(qkv, dout, out, lse, dlt, dqkv, tab_h, ab_h, group, coords, codes, dsum_h, dtab_h,
-                                   N_FULL, w, h, b, y0, x0, gbase, cbase, hd, qk_scale, scale, C, NH, H, W, SH, SW, RH,
-                                   RW, offs_m, dq, BN_TAIL, True, N, D, WH, WW, HAS_RPB, HAS_BIAS, HAS_GROUP,
-                                   HAS_COORDS, SHIFT, DSUM_MODE, TAB_MODE, F32, UPCAST, IDX64, ASM)
-                tl.store(dqkv + (tok * (3 * C) + hd)[:, None] + tl.arange(0, D)[None, :],
-                         (dq * scale).to(dqkv.dtype.element_ty), mask=row_ok[:, None])
+                y0, x0, gbase = wy * WH, wx * WW, (b % GG) * (H * W)
+                _sp_window(qkv, dout, out, lse, dlt + slot * (NQ * 4), dqkv, dqs + slot * (NQ * D), tab,
+                           group, dsum, w, h, b, y0, x0, gbase, hd, qk_scale, scale, C, NH, H, W, SH,
+                           SW, BLOCK_M, KT, BLOCK_N, BN_TAIL, N, D, WH, WW, HAS_RPB or HAS_BIAS, HAS_GROUP, SHIFT,
+                           DSUM_MODE, F32, UPCAST, IDX64, ASM)
+                tl.debug_barrier()  # the next window's records and partials overwrite this one's
             w, b, wy, wx = _next_window(w, b, wy, wx, nW // nWw, nWw)
     else:
         N_FULL: tl.constexpr = (N // BLOCK_N) * BLOCK_N
@@ -574,9 +242,10 @@ def _sum_chunks_kernel(part, res, M, n_chunks: tl.constexpr, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _gather_table_kernel(dsum, drpb, NH, N: tl.constexpr, N_PAD: tl.constexpr, NH_PAD: tl.constexpr,
-                         WH: tl.constexpr, WW: tl.constexpr):
-    """drpb[t, h] = sum of dsum[h, i, j] over the pairs with Swin relative index t (fixed order)."""
+def _gather_table_kernel(dsum, drpb, NH, HS: tl.constexpr, SI: tl.constexpr, SJ: tl.constexpr, N: tl.constexpr,
+                         N_PAD: tl.constexpr, NH_PAD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr):
+    """drpb[t, h] = sum of dsum[h, i, j] over the pairs with Swin relative index t (fixed order);
+    ``dsum`` strides: HS (head), SI (query), SJ (key) (the single pass's is key-major and padded)."""
     t = tl.program_id(0)
     ty = t // (2 * WW - 1)
     tx = t % (2 * WW - 1)
@@ -586,7 +255,7 @@ def _gather_table_kernel(dsum, drpb, NH, N: tl.constexpr, N_PAD: tl.constexpr, N
     jx = offs_i % WW - tx + WW - 1
     ok = (offs_i < N) & (jy >= 0) & (jy < WH) & (jx >= 0) & (jx < WW)
     j = jy * WW + jx
-    vals = tl.load(dsum + (offs_h[:, None] * N + offs_i[None, :]) * N + j[None, :],
+    vals = tl.load(dsum + offs_h[:, None] * HS + offs_i[None, :] * SI + j[None, :] * SJ,
                    mask=(offs_h[:, None] < NH) & ok[None, :], other=0.0)
     tl.store(drpb + t * NH + offs_h, tl.sum(vals, 1), mask=offs_h < NH)
 
@@ -598,6 +267,11 @@ def _gather_table_kernel(dsum, drpb, NH, N: tl.constexpr, N_PAD: tl.constexpr, N
 # never depends on the GPU. Small under the interpreter so that tests run several windows per
 # program.
 _PROGRAMS = 2 if _INTERPRET else 1024
+# Single pass: at most this many windows per program (a program's scratch slots, its rows' records
+# and fp32 dQ sums, are reused by its windows: 16 keeps them at ~15 MB for MixMIM-B stage 1), and
+# at least this many programs (two per SM of an H100/H200) before windows are shared out.
+_SP_WPP = 2 if _INTERPRET else 16
+_SP_PROGRAMS = 264
 
 
 def _maxnreg(sp):
@@ -606,29 +280,50 @@ def _maxnreg(sp):
     return {"maxnreg": 255} if sp and not _INTERPRET else {}
 
 
-def _bwd_config(N, D, single, no_sp):
+def _bwd_config(N, D, single, no_sp, f32):
     """(BLOCK_M, BLOCK_N, BLOCK_N of phase B, num_warps, num_stages, single pass).
 
-    Windows over one tile with d = 32 (MixMIM stages 1-3) take the single pass: every query row
-    in one tile of 8 warps (two warpgroups of rows; no split rows) with dQ in registers, 16-key
-    blocks streamed once (about 69k warp instructions per 196-token window-head against about
-    101k for the two phases, which compute S and P twice); the rows' data is re-read per key
-    block (L1) rather than held, which keeps it within the register file (at 252 of 255: d = 16
-    already spills a few bytes there). Other head dims, coords (exact int64 index math) and the
-    deterministic mode (read-modify-writes of the partial sums) do not fit next to dQ and take
-    the two phases (``no_sp``): phase B keeps dK and dV of its key block live across every query
-    tile, so its blocks are narrow (16 keys); d >= 64 halves the query tiles and re-reads them
-    per key block in phase A (RELOAD). A single tile with d >= 64 (dQ, dK, dV all live) takes 8
-    warps: the backward has no row reductions, so splitting its columns across warps is free.
-    The interpreter's tiles exercise every loop and tail."""
+    Windows larger than one tile with d = 32 (MixMIM stages 1-3) take the single pass (``_wattn_bwd_sp``):
+    key tiles of BLOCK_M = 128 keys (8 warps, a warpgroup per 64 keys: every product's M is a
+    warpgroup's 64 rows, so all five are wgmma on sm_90, and one mma.sync would halve the rate of
+    all of them), query blocks of BLOCK_N = 64 (dQ's M; 32 scores per thread next to dK, dV: 246
+    registers, no spills) and a tail block of 16 (196 rows cost 208; its dQ^T = K^T dS^T over a
+    64-row padded K^T). Other head dims, coords (exact int64 index math), cosine, the
+    deterministic mode (``no_sp``) and, on the GPU, fp32 inputs (exact fp32 products are FMA loops,
+    far too wide for those tiles; the interpreter runs fp32 through the single pass too, so that its
+    tests check it in exact arithmetic) take the two phases: phase B keeps dK and dV of its key block
+    live across every query tile, so its blocks are narrow (16 keys); d >= 64 halves the query
+    tiles and re-reads them per key block in phase A (RELOAD). A single tile with d >= 64 (dQ, dK,
+    dV all live) takes 8 warps: the backward has no row reductions, so splitting its columns
+    across warps is free. The interpreter's tiles exercise every loop and tail (single pass:
+    query blocks of 32 and tails of 16 or 32, 16-key tiles)."""
     if _INTERPRET:
         sp = not single and D == 32 and not no_sp
-        return (triton.next_power_of_2(N) if sp else 16), 16, 16, 1, 1, sp
+        return 16, (32 if sp else 16), 16, 1, 1, sp
     if single:
         return 64, 32, 16, (8 if D >= 64 else 4), 1, False
-    if D == 32 and not no_sp:
-        return max(128, triton.next_power_of_2(N)), 16, 16, 8, 1, True
+    if D == 32 and not no_sp and not f32:
+        return 128, 64, 16, 8, 1, True
     return (32, 16, 16, 4, 1, False) if D >= 64 else (64, 32, 16, 4, 1, False)
+
+
+def _bias_tile(rpb, attn_bias, wh, ww, nh, nk, nq, scale, qkv):
+    """The single pass's bias: (nH, NK, NQ) fp32, [h, key j, query i] = (table[Swin index(i, j), h] +
+    attn_bias[h, i, j]) / scale (the kernel scales it with the scores); padded keys -inf (masked by
+    position), padded queries 0; a dummy (never read) without bias."""
+    if rpb is None and attn_bias is None:
+        return qkv
+    n = wh * ww
+    bias = 0.0
+    if rpb is not None:
+        c = _codes(wh, ww, qkv.device)[:n].long()
+        bias = rpb[c[:, None] - c[None, :] + ((wh - 1) * (2 * ww - 1) + ww - 1)].permute(2, 0, 1)
+    if attn_bias is not None:
+        bias = bias + attn_bias
+    tile = torch.zeros((nh, nk, nq), dtype=torch.float32, device=qkv.device)
+    tile[:, n:, :] = float("-inf")
+    tile[:, :n, :n] = bias.transpose(1, 2) / scale
+    return tile
 
 
 def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords,
@@ -658,8 +353,13 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     # path: on one 64x64 tile they exceed the register file.
     single = _single(N) and not (want_tab and deterministic)
     cosine = logit_scale is not None
-    bm, bn, bnb, warps, stages, sp = _bwd_config(N, D, single, deterministic or coords is not None or cosine)
-    if single or deterministic:
+    no_sp = deterministic or coords is not None or cosine or scale == 0  # (scale: the bias tile is over it)
+    bm, bn, bnb, warps, stages, sp = _bwd_config(N, D, single, no_sp, qkv.dtype == torch.float32)
+    kt = triton.cdiv(N, bm) if sp else 1
+    if sp:  # a few windows per program (a power of two: a constexpr), enough programs for the GPU
+        stride = _SP_WPP if _INTERPRET else min(_SP_WPP, _pow2_floor(max(1, bnw * num_heads // _SP_PROGRAMS)))
+        chunks = -(-bnw // stride)
+    elif single or deterministic:
         chunks = max(1, min(bnw, -(-_PROGRAMS // num_heads)))
         stride = triton.next_power_of_2(-(-bnw // chunks))  # few distinct loop counts (constexprs)
         chunks = -(-bnw // stride)
@@ -668,13 +368,16 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     # The in-kernel window loop (single tile, in-register dS sums) adds live ranges that the
     # multi-tile kernel cannot afford; there the launcher loops instead, one launch per window of
     # every chunk (stream order keeps each program's partial sums in a fixed order).
-    outer = stride > 1 and not single
+    outer = stride > 1 and not single and not sp
     dsum_mode = 0 if not want_dsum else (3 if single else (2 if deterministic else 1))
     tab_mode = 0 if not want_tab else (2 if deterministic else 1)
     f32 = dict(dtype=torch.float32, device=dev)
     per_chunk = dsum_mode in (2, 3)
+    nq = (N // bn) * bn + _tail(N, bn)  # the single pass's padded query count
+    # the single pass's dS sums: (nH, NK, NQ) key-major, padded rows and columns written unmasked
+    dpad = (kt * bm, nq) if sp else (N, N)
     if want_dsum:
-        shape = ((chunks,) if per_chunk else ()) + (num_heads, N, N)
+        shape = ((chunks,) if per_chunk else ()) + (num_heads,) + dpad
         dsum = torch.zeros(shape, **f32) if dsum_mode != 3 else alloc(shape, torch.float32, dev)
     else:
         dsum = lse
@@ -682,19 +385,26 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     dls_mode = 0 if not (cosine and need_dls) else (3 if single else (2 if deterministic else 1))
     dls = torch.zeros(((chunks,) if dls_mode in (2, 3) else ()) + (num_heads,), **f32) if dls_mode else lse
     if bnw > 0 and num_heads * D > 0:
-        tab, ab = _tables(rpb, attn_bias, qkv, num_heads)
+        if sp:
+            tab, ab = _bias_tile(rpb, attn_bias, wh, ww, num_heads, kt * bm, nq, float(scale), qkv), qkv
+        else:
+            tab, ab = _tables(rpb, attn_bias, qkv, num_heads)
         G = (1 if group is None else group.shape[0], 1 if coords is None else coords.shape[0])
-        dlt = lse if single and not sp else torch.empty_like(lse)  # delta = rowsum(dO * O), phase A -> phase B
+        if sp:  # per program: the rows' records (lse, delta, code, label)
+            dlt = torch.empty((chunks * num_heads, nq, 4), **f32)
+        else:  # delta = rowsum(dO * O), phase A -> phase B
+            dlt = lse if single else torch.empty_like(lse)
+        dqs = torch.empty((chunks * num_heads, nq, D), **f32) if sp else lse
         for w0 in range(stride if outer else 1):
             _bwd_kernel[(num_heads, chunks)](
                 dout, qkv, out, lse, dlt, dqkv, tab, ab, qkv if group is None else group,
                 qkv if coords is None else coords, _codes(wh, ww, dev), dsum, dtab,
-                qkv if logit_scale is None else logit_scale, dls, float(scale) * _LOG2E, float(scale), num_heads, H,
-                W, nW, nWw, sh, sw, *G, rh, rw, bnw, stride, w0,
+                qkv if logit_scale is None else logit_scale, dls, dqs, float(scale) * _LOG2E, float(scale), num_heads,
+                H, W, nW, nWw, sh, sw, *G, rh, rw, bnw, stride, w0,
                 WPP=1 if outer else stride, N=N, D=D, WH=wh, WW=ww, SINGLE=single,
                 BS=max(16, triton.next_power_of_2(N)), BLOCK_M=bm, BM_TAIL=_tail(N, bm), BLOCK_N=bn,
                 BN_TAIL=_tail(N, bn), BLOCK_NB=bnb, BNB_TAIL=_tail(N, bnb), SP=sp, RELOAD=D >= 64,
-                DSUM_MODE=dsum_mode,
+                DSUM_MODE=dsum_mode, KT=kt,
                 TAB_MODE=tab_mode, COSINE=cosine, DLS_MODE=dls_mode,
                 ASM=not _INTERPRET, IDX64=qkv.numel() >= 2**31, num_warps=warps, num_stages=stages,
                 **_flags(qkv, rpb, attn_bias, group, coords, sh, sw), **_maxnreg(sp),
@@ -710,14 +420,19 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
         return res
 
     dsum = reduce(dsum, per_chunk) if want_dsum else None
-    dbias = dsum if need_dbias else torch.empty((0,), **f32)  # outputs must not alias each other
+    dsum_t = dsum.transpose(1, 2) if sp and want_dsum else dsum  # (nH, queries, keys)
+    if need_dbias:  # (outputs must not alias each other)
+        dbias = dsum if not sp else dsum_t[:, :N, :N].contiguous()
+    else:
+        dbias = torch.empty((0,), **f32)
     if not need_drpb:
         drpb = torch.empty((0,), **f32)
     elif coords is not None:
         drpb = reduce(dtab, tab_mode == 2).t().contiguous()
     else:
         drpb = alloc((T, num_heads), torch.float32, dev)
-        _gather_table_kernel[(T,)](dsum, drpb, num_heads, N=N, N_PAD=triton.next_power_of_2(N),
+        _gather_table_kernel[(T,)](dsum, drpb, num_heads, dsum.stride(0), dsum_t.stride(1), dsum_t.stride(2), N=N,
+                                   N_PAD=triton.next_power_of_2(N),
                                    NH_PAD=triton.next_power_of_2(num_heads), WH=wh, WW=ww)
     if not cosine:
         return dqkv, drpb, dbias
