@@ -15,6 +15,7 @@
 // select). Only non-finite V can reach a row through a *masked* key (0 * Inf = NaN in the
 // reference's P @ V); a head whose V holds any is recomputed exactly, one row per thread.
 // A row whose allowed keys are all -inf gives NaN (l = 0), as the reference does.
+#include <climits>
 #include <cstdlib>
 
 #include "window_attention_common.cuh"
@@ -26,6 +27,7 @@ namespace wattn {
 
 struct FwdArgs {
   Geo g;
+  Layout L;  // computed once on the host
   void* out;
   float* lse;
   int hg, nhg, nbuf;
@@ -185,12 +187,87 @@ __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, c
   }
 }
 
+// Q, K, V rows of one head (the forward's per-head load): slot r <- token tok[r], 16-byte cp.async.
+// Thread t moves chunk t % CPR of rows t / CPR + k * (kThreads / CPR), k < CPR: unrolled, since CPR
+// steps cover the 256 slots a pack can hold (no loop, one token lookup per row for the three).
+template <typename T, int D>
+__device__ __forceinline__ void load_qkv_async(T* dst, size_t tile_stride, const T* base, int C, const int* tok,
+                                               int nrows) {
+  using TL = Tile<T, D>;
+  constexpr int kStep = kThreads / TL::kCPR;
+  const int part = threadIdx.x % TL::kCPR, r0 = threadIdx.x / TL::kCPR;
+  const uint4* src = reinterpret_cast<const uint4*>(base) + part;
+  const unsigned rs = unsigned(3 * C / TL::kE), oc = unsigned(C / TL::kE);
+  const size_t ts = tile_stride / sizeof(T);
+#pragma unroll
+  for (int k = 0; k < TL::kCPR; ++k) {
+    const int r = r0 + k * kStep;
+    if (r < nrows) {
+      const uint4* row = src + unsigned(tok[r]) * rs;
+      T* d = dst + r * TL::kLD + part * TL::kE;
+      prim::cp_async<16>(d, row);
+      prim::cp_async<16>(d + ts, row + oc);
+      prim::cp_async<16>(d + 2 * ts, row + 2 * oc);
+    }
+  }
+}
+
+// Whether any element of the chunks this thread loaded into rows [0, nrows) of a tile (the map of
+// load_qkv_async) is NaN/Inf: x * 0 is NaN exactly for those, one packed FMA per two elements.
+template <typename T, int D>
+__device__ __forceinline__ bool v_nonfinite(const T* src, int nrows) {
+  using TL = Tile<T, D>;
+  constexpr int kStep = kThreads / TL::kCPR;
+  const int part = threadIdx.x % TL::kCPR, r0 = threadIdx.x / TL::kCPR;
+  uint32_t acc = 0;
+#pragma unroll
+  for (int k = 0; k < TL::kCPR; ++k) {
+    const int r = r0 + k * kStep;
+    if (r < nrows) {
+      const uint4 v = *reinterpret_cast<const uint4*>(src + r * TL::kLD + part * TL::kE);
+      acc = prim::fma0_b16x2<T>(v.x, acc);
+      acc = prim::fma0_b16x2<T>(v.y, acc);
+      acc = prim::fma0_b16x2<T>(v.z, acc);
+      acc = prim::fma0_b16x2<T>(v.w, acc);
+    }
+  }
+  return (acc & 0x7fff7fffu) != 0;  // +-0 unless some product was NaN
+}
+
+// Coords calls: the box of the pack's (window-relative) coordinates, so that each head loads only the
+// table entries its pairs can reach (every pair's difference lies inside the box's difference range;
+// the rest of the table is never read). Slots [0, nvalid) written (the prologue's barriers); box: 4
+// ints of free shared memory {min y, max y, min x, max x}, ready after the caller's next barrier.
+__device__ __forceinline__ void coord_box(const Pack& S, int nvalid, int* box) {
+  if (threadIdx.x == 0) box[0] = box[2] = INT_MAX, box[1] = box[3] = INT_MIN;
+  __syncthreads();
+  if (threadIdx.x < nvalid) {
+    const int2 c = S.cxy[threadIdx.x];
+    atomicMin(box, c.x);
+    atomicMax(box + 1, c.x);
+    atomicMin(box + 2, c.y);
+    atomicMax(box + 3, c.y);
+  }
+}
+
+// The head's table entries (dy, dx) with |dy| <= ey, |dx| <= ex (coords calls; the table is
+// (2rh-1) x (2rw-1), row-major): warps over rows, lanes over columns.
+__device__ __forceinline__ void load_table_box_async(float* tab, const Geo& G, int h, int ey, int ex) {
+  const int rw2 = 2 * G.rw - 1, ny = 2 * ey + 1, nx = 2 * ex + 1;
+  const int first = (G.rh - 1 - ey) * rw2 + (G.rw - 1 - ex);
+  for (int r = threadIdx.x >> 5; r < ny; r += kWarps)
+    for (int c = threadIdx.x & 31; c < nx; c += 32) {
+      const int i = first + r * rw2 + c;
+      prim::cp_async<4>(tab + i, G.rpb + unsigned(i * G.nH + h));
+    }
+}
+
 template <typename T, int D, int BIAS, bool ABIAS>
 __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 : 1) wattn_fwd_kernel(const FwdArgs A) {
   using TL = Tile<T, D>;
   const Geo& G = A.g;
+  const Layout& L = A.L;
   MK_DYNAMIC_SMEM(smem);
-  const Layout L = make_layout(G, int(sizeof(T)), D, 3, A.nbuf, false, 0);
   const Pack S(smem, L);
   const int pack = blockIdx.x / A.nhg, h0 = (blockIdx.x - pack * A.nhg) * A.hg, nh = imin(A.hg, G.nH - h0);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -198,46 +275,51 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 :
   auto tab = [&](int b) { return reinterpret_cast<float*>(smem + L.tab + b * L.tab_stride); };
 
   prologue<BIAS == 2>(G, pack, S, smem + L.ops);
-  assign_items(S, false, 1, 1, reinterpret_cast<int*>(smem + L.ops));
-  __syncthreads();  // slots, tiles and work lists ready; the prologue's scratch is dead
+  // Tiles go round-robin to the warps (the forward's tiles cost about the same; no work lists).
+  int ey = G.rh - 1, ex = G.rw - 1;
+  if constexpr (BIAS == 2) coord_box(S, imin(G.P, G.nwin - pack * G.P) * G.N, S.items);
+  __syncthreads();  // slots and tiles ready; the prologue's scratch is dead
   // Pack-wide values read right after the barrier (warps converged) and broadcast from lane 0: the
   // compiler then sees warp-uniform loops and emits plain shuffles inside them.
-  const int nvalid = __shfl_sync(kFull, S.info[0], 0);
-  const int it0 = __shfl_sync(kFull, S.wbeg[warp], 0), it1 = __shfl_sync(kFull, S.wbeg[warp + 1], 0);
+  const int nvalid = __shfl_sync(kFull, S.info[0], 0), ntiles = __shfl_sync(kFull, S.info[1], 0);
+  if constexpr (BIAS == 2) {
+    ey = imin(ey, __shfl_sync(kFull, S.items[1] - S.items[0], 0));
+    ex = imin(ex, __shfl_sync(kFull, S.items[3] - S.items[2], 0));
+  }
   for (int b = 0; b < A.nbuf; ++b) {
     for (int op = 0; op < 3; ++op) zero_rows<T, D>(buf(b, op), nvalid, G.cap);
     if (threadIdx.x == 0) tab(b)[G.T] = 0.f;  // read by out-of-range coordinate pairs
   }
   const T* qkv = static_cast<const T*>(G.qkv);
-  const int off[3] = {0, G.C, 2 * G.C};  // q, k, v of a token
   auto issue = [&](int h, int b) {
-    load_rows_async<T, D, 3>(buf(b, 0), L.tile_bytes, qkv + h * D, 3 * G.C, off, S.tok, nvalid);
-    if constexpr (BIAS != 0) load_table_async(tab(b), G.rpb, G.T, G.nH, h);
+    load_qkv_async<T, D>(buf(b, 0), L.tile_bytes, qkv + h * D, G.C, S.tok, nvalid);
+    if constexpr (BIAS == 1) load_table_async(tab(b), G.rpb, G.T, G.nH, h);
+    if constexpr (BIAS == 2) load_table_box_async(tab(b), G, h, ey, ex);
     prim::cp_async_commit();
   };
   issue(h0, 0);
   for (int i = 0; i < nh; ++i) {
-    const int h = h0 + i, b = A.nbuf == 2 ? (i & 1) : 0;
-    if (A.nbuf == 2 && i + 1 < nh) {
-      issue(h + 1, b ^ 1);  // that buffer's last reader finished at the previous barrier
+    // Head j = i + nbuf - 1 is loaded now: the next head (two buffers; its buffer's last reader
+    // finished at the previous barrier) or this one (one buffer; head 0 was loaded above).
+    const int h = h0 + i, b = i & (A.nbuf - 1), j = i + A.nbuf - 1;
+    if (j > 0 && j < nh) issue(h0 + j, j & (A.nbuf - 1));
+    if (j > i && j < nh)
       prim::cp_async_wait<1>();
-    } else {
+    else
       prim::cp_async_wait<0>();
-    }
     const int tab_byte = static_cast<int>(L.tab + b * L.tab_stride);
     if (G.logit_scale) {  // cosine mode: q' = s_h q / |q|, k' = k / |k|, once per row (the barrier below orders it)
       __syncthreads();
       normalize_rows<T, D, TL::kLD>(buf(b, 0), nvalid, head_scale(G.logit_scale, h), nullptr, 0);
       normalize_rows<T, D, TL::kLD>(buf(b, 1), nvalid, 1.f, nullptr, 0);
     }
-    if (!__syncthreads_or(rows_nonfinite<T, D>(buf(b, 2), nvalid))) {
-      for (int it = it0; it < it1; ++it)
-        fwd_tile<T, D, BIAS, ABIAS>(A, S, __shfl_sync(kFull, S.items[it], 0), h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem, lane);
+    if (!__syncthreads_or(v_nonfinite<T, D>(buf(b, 2), nvalid))) {
+      for (int t = warp; t < ntiles; t += kWarps)
+        fwd_tile<T, D, BIAS, ABIAS>(A, S, t, h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem, lane);
     } else {
       fwd_exact<T, D, BIAS, ABIAS>(A, S, h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem);
     }
     __syncthreads();  // buffer b is free again
-    if (A.nbuf == 1 && i + 1 < nh) issue(h + 1, 0);
   }
 }
 
@@ -274,7 +356,8 @@ FwdPlan plan_forward(const WindowAttentionParams& p) {
   if (p.dtype == DType::kFloat32 || N > kThreads || nwin == 0) return f;
   f.g = make_geo(p, pick_pack(N, nwin));
   const int limit = smem_limit();
-  f.hg = heads_per_cta(f.g.npacks, p.nH, 2 * sm_count());
+  // One CTA per SM is enough work per wave: more heads per CTA share the prologue.
+  f.hg = heads_per_cta(f.g.npacks, p.nH, sm_count());
   f.nhg = (p.nH + f.hg - 1) / f.hg;
   for (int nbuf = f.hg > 1 ? 2 : 1; nbuf >= 1; --nbuf) {
     const Layout L = make_layout(f.g, es, p.d, 3, nbuf, false, 0);
@@ -297,7 +380,7 @@ cudaError_t window_attention_forward(const WindowAttentionParams& p, void* out, 
   if (p.B == 0 || p.nH == 0) return cudaSuccess;
   const FwdPlan f = plan_forward(p);
   if (!f.ok) return legacy::forward(p, out, lse, stream);
-  FwdArgs a{f.g, out, lse, f.hg, f.nhg, f.nbuf};
+  FwdArgs a{f.g, f.L, out, lse, f.hg, f.nhg, f.nbuf};
   const dim3 grid(static_cast<unsigned>(f.g.npacks * f.nhg));
   return dispatch_head_dim(p.d, [&](auto dc) -> cudaError_t {
     constexpr int D = decltype(dc)::value;
