@@ -47,7 +47,8 @@ __device__ __forceinline__ float bias_scaled(const RowInfo& r, int2 k, int2 kc, 
   return b;
 }
 
-template <typename T, int D, int BIAS, bool ABIAS, int NT, bool MASKED>
+// FIRST: the tile's first block (m = -inf, l = 0, O = 0: nothing to rescale).
+template <typename T, int D, int BIAS, bool ABIAS, int NT, bool MASKED, bool FIRST>
 __device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFrag<T, D>& qa, const RowInfo (&ri)[2],
                                           const T* sk, const T* sv, int kb, const unsigned char* smem, int zero_byte,
                                           float inv, float (&m)[2], float (&l)[2], float (&o)[D / 8][4], int lane) {
@@ -97,7 +98,7 @@ __device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFr
     nb[rr] = -(mn[rr] == -INFINITY ? 0.f : mn[rr]) * c;
   }
   // Rescale O and l only when some row's max moved (after the first blocks it rarely does).
-  if (__any_sync(kFull, mn[0] != m[0] || mn[1] != m[1])) {
+  if (!FIRST && __any_sync(kFull, mn[0] != m[0] || mn[1] != m[1])) {
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const float alpha = prim::ex2(fmaf(m[rr], c, nb[rr]));
@@ -143,18 +144,28 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
   float o[D / 8][4];
 #pragma unroll
   for (int dj = 0; dj < D / 8; ++dj) o[dj][0] = o[dj][1] = o[dj][2] = o[dj][3] = 0.f;
-  int kb = lo & ~15;
-  for (; kb + 32 <= end; kb += 32) {
-    if (uni && kb >= lo && kb + 32 <= hi)
-      fwd_block<T, D, BIAS, ABIAS, 4, false>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, A.inv_scale, m, l, o, lane);
+  // Blocks of 32 keys, then one of 16 at the end; a block inside one segment needs no mask.
+  auto step = [&](auto nt, auto first, int kb) {
+    constexpr int NT = decltype(nt)::value;
+    constexpr bool F = decltype(first)::value;
+    if (uni && kb >= lo && kb + 8 * NT <= hi)
+      fwd_block<T, D, BIAS, ABIAS, NT, false, F>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, A.inv_scale, m, l, o, lane);
     else
-      fwd_block<T, D, BIAS, ABIAS, 4, true>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, A.inv_scale, m, l, o, lane);
-  }
-  if (kb < end) {
-    if (uni && kb >= lo && kb + 16 <= hi)
-      fwd_block<T, D, BIAS, ABIAS, 2, false>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, A.inv_scale, m, l, o, lane);
+      fwd_block<T, D, BIAS, ABIAS, NT, true, F>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, A.inv_scale, m, l, o, lane);
+  };
+  using Four = std::integral_constant<int, 4>;
+  using Two = std::integral_constant<int, 2>;
+  // The first block is peeled (no rescale); a 16-key block can only be the last.
+  int kb = lo & ~15;  // < end: every tile has a key
+  if (kb + 32 <= end)
+    step(Four{}, std::true_type{}, kb);
+  else
+    step(Two{}, std::true_type{}, kb);
+  for (kb += 32; kb < end; kb += 32) {
+    if (kb + 32 <= end)
+      step(Four{}, std::false_type{}, kb);
     else
-      fwd_block<T, D, BIAS, ABIAS, 2, true>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, A.inv_scale, m, l, o, lane);
+      step(Two{}, std::false_type{}, kb);
   }
   float lse[2], inv[2];
 #pragma unroll
@@ -316,8 +327,11 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 :
   const Pack S(smem, L);
   const int pack = blockIdx.x / A.nhg, h0 = (blockIdx.x - pack * A.nhg) * A.hg, nh = imin(A.hg, G.nH - h0);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  auto buf = [&](int b, int op) { return reinterpret_cast<T*>(smem + L.ops + b * L.buf_stride + op * L.tile_bytes); };
-  auto tab = [&](int b) { return reinterpret_cast<float*>(smem + L.tab + b * L.tab_stride); };
+  // 32-bit shared-memory offsets (the layout's fields are size_t)
+  const unsigned ops = unsigned(L.ops), bstride = unsigned(L.buf_stride), tbytes = unsigned(L.tile_bytes);
+  const unsigned tab0 = unsigned(L.tab), tstride = unsigned(L.tab_stride);
+  auto buf = [&](int b, int op) { return reinterpret_cast<T*>(smem + (ops + b * bstride + op * tbytes)); };
+  auto tab = [&](int b) { return reinterpret_cast<float*>(smem + (tab0 + b * tstride)); };
 
   prologue<BIAS == 2>(G, pack, S, smem + L.ops);
   // Tiles go round-robin to the warps (the forward's tiles cost about the same; no work lists).
@@ -350,7 +364,7 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 :
       prim::cp_async_wait<1>();
     else
       prim::cp_async_wait<0>();
-    const int tab_byte = static_cast<int>(L.tab + b * L.tab_stride);
+    const int tab_byte = static_cast<int>(tab0 + b * tstride);
     float* tb = tab(b);  // this thread's entries landed: to units of 1/scale (published by the barrier below)
     table_entries<BIAS>(G, ey, ex, [&](int e) { tb[e] *= A.inv_scale; });
     if (G.logit_scale) {  // cosine mode: q' = s_h q / |q|, k' = k / |k|, once per row (the barrier below orders it)
