@@ -154,6 +154,37 @@ def test_huge_int64_coords_stay_exact():
     _check(qkv, 2, (4, 4), kw, ref_coords=small)
 
 
+# One SM: the launch plans give each CTA all heads (the forward's double-buffered head loop, odd and
+# even buffers, the table scaled per buffer, the coords box loaded per head).
+HEADS_CASES = [
+    ("mixmim_w7", 2, 14, 14, 3, 32, (7, 7), (0, 0), True, "per_image", False),
+    ("w14_shift_group", 1, 28, 28, 3, 32, (14, 14), (7, 7), True, "shared", False),
+    ("coords", 2, 8, 8, 3, 32, (4, 4), (2, 2), True, "shared", True),
+]
+
+
+@pytest.mark.parametrize("case", HEADS_CASES, ids=lambda c: c[0])
+def test_heads_sharing_a_cta(case, monkeypatch):
+    _, B, H, W, nh, d, win, shift, rpb, group, coords = case
+    monkeypatch.setenv("MIXKERNELS_EMU_SMS", "1")
+    qkv, kw = _inputs(B, H, W, nh, d, win, shift, rpb, False, group, torch.bfloat16, coords=coords)
+    _check(qkv, nh, win, kw, backward=False)
+
+
+@pytest.mark.parametrize("scale", [0.37, -0.3, 0.0], ids=["positive", "negative", "zero"])
+def test_forward_scale(scale):
+    # The fused forward keeps biases in units of 1/scale (needs a normal scale > 0); other scales run
+    # the legacy kernels. Either way the output is the reference's.
+    qkv, kw = _inputs(2, 14, 14, 2, 32, (7, 7), (3, 3), True, False, "per_image", torch.bfloat16)
+    c = E.Call(qkv, 2, (7, 7), (3, 3), kw["rel_pos_bias"], None, kw["group"], scale=scale)
+    out, _ = c.forward()
+    r64 = ref.window_attention(qkv.double(), 2, (7, 7), scale=scale, **{k: v.double() if v.is_floating_point() else v
+                                                                         for k, v in kw.items() if k != "shift_size"},
+                               shift_size=(3, 3))
+    same = ref.window_attention(qkv, 2, (7, 7), scale=scale, **kw)
+    assert_close_2x(out, r64, same, name="out")
+
+
 def test_int64_group_labels_compare_at_full_width():
     # Labels 5 and 5 + 2**32 are different groups (a cast to int32 would merge them).
     qkv, kw = _inputs(2, 14, 14, 2, 32, (7, 7), (0, 0), True, False, "per_image", torch.bfloat16)

@@ -153,6 +153,27 @@ __device__ __forceinline__ float rcp(float x) {
 #endif
 }
 
+// acc' = w * 0 + acc on two packed 16-bit floats (T = __half or __nv_bfloat16), bits in and out:
+// with acc = +-0, a half of the result is NaN iff that half of w is NaN or Inf (else +-0).
+template <typename T>
+__device__ __forceinline__ uint32_t fma0_b16x2(uint32_t w, uint32_t acc) {
+#if defined(MIXKERNELS_SIMT_EMU)
+  uint32_t r = acc;
+  for (int k = 0; k < 2; ++k) {
+    const float x = ::emu::b16_to_float(static_cast<uint16_t>(w >> (16 * k)), std::is_same_v<T, __nv_bfloat16>);
+    if (!std::isfinite(x)) r |= 0x7fffu << (16 * k);  // a NaN half
+  }
+  return r;
+#else
+  uint32_t r;
+  if constexpr (std::is_same_v<T, __half>)
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(w), "r"(0u), "r"(acc));
+  else
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(w), "r"(0u), "r"(acc));
+  return r;
+#endif
+}
+
 // Fire-and-forget fp32 add to global memory (RED, relaxed: no fence).
 __device__ __forceinline__ void red_add(float* p, float v) {
 #if defined(MIXKERNELS_SIMT_EMU)

@@ -3,8 +3,9 @@
 // One CTA (8 warps) per (pack of windows, group of heads), head-group fastest so that the CTAs
 // reading one token row run together. The CTA sorts its pack's tokens by attention segment once
 // (window_attention_common.cuh), then loops over its heads: Q, K, V rows of the next head stream
-// in with cp.async (two buffers when they fit) while the warps work on the current one. Each warp
-// owns 16-row query tiles (longest first, balanced) and walks only the key blocks of its rows'
+// in with cp.async (two buffers when they fit) while the warps work on the current one; coords calls
+// load only the table entries the pack's coordinate box can reach. Warps take the 16-row query tiles
+// round-robin, and each walks only the key blocks of its rows'
 // segments: 32 keys per step (16 at the end), scores on the tensor cores, bias from the head's
 // table slice in shared memory at one add per pair, a mask compare only in blocks that straddle
 // a segment boundary, online softmax in fp32 with the max in natural units and exp2 folded into
@@ -15,6 +16,7 @@
 // select). Only non-finite V can reach a row through a *masked* key (0 * Inf = NaN in the
 // reference's P @ V); a head whose V holds any is recomputed exactly, one row per thread.
 // A row whose allowed keys are all -inf gives NaN (l = 0), as the reference does.
+#include <climits>
 #include <cstdlib>
 
 #include "window_attention_common.cuh"
@@ -26,20 +28,37 @@ namespace wattn {
 
 struct FwdArgs {
   Geo g;
+  Layout L;  // computed once on the host
   void* out;
   float* lse;
+  float inv_scale;  // 1 / scale: biases are kept in units of 1/scale (they start the score accumulators)
   int hg, nhg, nbuf;
 };
 
-template <typename T, int D, int BIAS, bool ABIAS, int NT, bool MASKED>
+// Bias of the pair in units of 1/scale: the table slice in shared memory holds entries times
+// 1/scale (scale_table); attn_bias is scaled here.
+template <int BIAS, bool ABIAS>
+__device__ __forceinline__ float bias_scaled(const RowInfo& r, int2 k, int2 kc, int kl, const unsigned char* smem,
+                                             int zero_byte, int rh2, int rw2, float inv) {
+  float b = 0.f;
+  if constexpr (BIAS != 0)
+    b = *reinterpret_cast<const float*>(smem + bias_entry<BIAS>(r.rq, k.x, make_int2(r.cy, r.cx), kc, zero_byte, rh2, rw2));
+  if constexpr (ABIAS) b = fmaf(__ldg(r.ab + kl), inv, b);
+  return b;
+}
+
+// FIRST: the tile's first block (m = -inf, l = 0, O = 0: nothing to rescale).
+template <typename T, int D, int BIAS, bool ABIAS, int NT, bool MASKED, bool FIRST>
 __device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFrag<T, D>& qa, const RowInfo (&ri)[2],
                                           const T* sk, const T* sv, int kb, const unsigned char* smem, int zero_byte,
-                                          float (&m)[2], float (&l)[2], float (&o)[D / 8][4], int lane) {
+                                          float inv, float (&m)[2], float (&l)[2], float (&o)[D / 8][4], int lane) {
   constexpr int LD = Tile<T, D>::kLD;
   const int t = lane & 3, rh2 = 2 * G.rh - 1, rw2 = 2 * G.rw - 1;
+  const float c = G.scale * kLog2e;  // logits are s * scale; exp2 units
+  // Scores in units of 1/scale: the bias (kept that way in shared memory) starts the accumulators,
+  // the tensor cores add q.k; the scale is applied once, in the exponent's FFMA.
   float s[NT][4];
-  scores<T, D, NT>(s, qa, sk + kb * LD, lane);
-  float mx[2] = {-INFINITY, -INFINITY};
+  int2 kseg[NT][2];
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     const int k0 = kb + 8 * j + 2 * t;
@@ -52,28 +71,37 @@ __device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFr
     for (int e = 0; e < 2; ++e) {
       const int2 ke = e ? make_int2(kk.z, kk.w) : make_int2(kk.x, kk.y);
       const int2 ce = e ? make_int2(kc.z, kc.w) : make_int2(kc.x, kc.y);
+      kseg[j][e] = ke;
 #pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        float x = fmaf(s[j][2 * rr + e], G.scale,
-                       pair_bias<BIAS, ABIAS>(ri[rr], ke, ce, e ? kl.y : kl.x, smem, zero_byte, rh2, rw2));
-        if constexpr (MASKED) x = ri[rr].key == ke.y ? x : -INFINITY;
-        s[j][2 * rr + e] = x;
-        mx[rr] = fmaxf(mx[rr], x);
-      }
+      for (int rr = 0; rr < 2; ++rr)
+        s[j][2 * rr + e] = bias_scaled<BIAS, ABIAS>(ri[rr], ke, ce, e ? kl.y : kl.x, smem, zero_byte, rh2, rw2, inv);
     }
   }
+  scores_add<T, D, NT>(s, qa, sk + kb * LD, lane);
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        float x = s[j][2 * rr + e];
+        if constexpr (MASKED) x = ri[rr].key == kseg[j][e].y ? x : -INFINITY;
+        s[j][2 * rr + e] = x;
+        mx[rr] = fmaxf(mx[rr], x);  // scale > 0 (launcher): the same order as the logits
+      }
   float nb[2], mn[2];
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     mn[rr] = fmaxf(m[rr], quad_max(mx[rr]));
     // A row with nothing allowed so far keeps base 0 so that exp(-inf - base) = 0, not NaN.
-    nb[rr] = -(mn[rr] == -INFINITY ? 0.f : mn[rr]) * kLog2e;
+    nb[rr] = -(mn[rr] == -INFINITY ? 0.f : mn[rr]) * c;
   }
   // Rescale O and l only when some row's max moved (after the first blocks it rarely does).
-  if (__any_sync(kFull, mn[0] != m[0] || mn[1] != m[1])) {
+  if (!FIRST && __any_sync(kFull, mn[0] != m[0] || mn[1] != m[1])) {
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      const float alpha = prim::ex2(fmaf(m[rr], kLog2e, nb[rr]));
+      const float alpha = prim::ex2(fmaf(m[rr], c, nb[rr]));
       l[rr] *= alpha;
 #pragma unroll
       for (int dj = 0; dj < D / 8; ++dj) {
@@ -88,7 +116,7 @@ __device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFr
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float p = prim::ex2(fmaf(s[j][e], kLog2e, nb[e >> 1]));
+      const float p = prim::ex2(fmaf(s[j][e], c, nb[e >> 1]));
       l[e >> 1] += p;
       s[j][e] = p;
     }
@@ -116,18 +144,28 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
   float o[D / 8][4];
 #pragma unroll
   for (int dj = 0; dj < D / 8; ++dj) o[dj][0] = o[dj][1] = o[dj][2] = o[dj][3] = 0.f;
-  int kb = lo & ~15;
-  for (; kb + 32 <= end; kb += 32) {
-    if (uni && kb >= lo && kb + 32 <= hi)
-      fwd_block<T, D, BIAS, ABIAS, 4, false>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, m, l, o, lane);
+  // Blocks of 32 keys, then one of 16 at the end; a block inside one segment needs no mask.
+  auto step = [&](auto nt, auto first, int kb) {
+    constexpr int NT = decltype(nt)::value;
+    constexpr bool F = decltype(first)::value;
+    if (uni && kb >= lo && kb + 8 * NT <= hi)
+      fwd_block<T, D, BIAS, ABIAS, NT, false, F>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, A.inv_scale, m, l, o, lane);
     else
-      fwd_block<T, D, BIAS, ABIAS, 4, true>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, m, l, o, lane);
-  }
-  if (kb < end) {
-    if (uni && kb >= lo && kb + 16 <= hi)
-      fwd_block<T, D, BIAS, ABIAS, 2, false>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, m, l, o, lane);
+      fwd_block<T, D, BIAS, ABIAS, NT, true, F>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, A.inv_scale, m, l, o, lane);
+  };
+  using Four = std::integral_constant<int, 4>;
+  using Two = std::integral_constant<int, 2>;
+  // The first block is peeled (no rescale); a 16-key block can only be the last.
+  int kb = lo & ~15;  // < end: every tile has a key
+  if (kb + 32 <= end)
+    step(Four{}, std::true_type{}, kb);
+  else
+    step(Two{}, std::true_type{}, kb);
+  for (kb += 32; kb < end; kb += 32) {
+    if (kb + 32 <= end)
+      step(Four{}, std::false_type{}, kb);
     else
-      fwd_block<T, D, BIAS, ABIAS, 2, true>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, m, l, o, lane);
+      step(Two{}, std::false_type{}, kb);
   }
   float lse[2], inv[2];
 #pragma unroll
@@ -135,7 +173,7 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
     l[rr] = quad_sum(l[rr]);
     // l = 0 only when every allowed key is -inf: 0 * rcp(0) = NaN, lse = -inf (the reference's).
     inv[rr] = prim::rcp(l[rr]);
-    lse[rr] = (m[rr] == -INFINITY ? 0.f : m[rr]) + prim::lg2(l[rr]) * kLn2;
+    lse[rr] = (m[rr] == -INFINITY ? 0.f : m[rr]) * G.scale + prim::lg2(l[rr]) * kLn2;
   }
   if ((lane & 3) == 0) {
 #pragma unroll
@@ -163,7 +201,8 @@ __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, c
       float s = 0.f;
       for (int d = 0; d < D; ++d) s = fmaf(to_float(sq[q * LD + d]), to_float(sk[k * LD + d]), s);
       const int2 kk = S.ki[k];
-      const float x = fmaf(s, G.scale, pair_bias<BIAS, ABIAS>(r, kk, S.cxy[k], S.lidx[k], smem, zero_byte, rh2, rw2));
+      const float x =
+          (s + bias_scaled<BIAS, ABIAS>(r, kk, S.cxy[k], S.lidx[k], smem, zero_byte, rh2, rw2, A.inv_scale)) * G.scale;
       return r.key == kk.y ? x : -INFINITY;
     };
     float m = -INFINITY;
@@ -185,59 +224,161 @@ __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, c
   }
 }
 
+// Q, K, V rows of one head (the forward's per-head load): slot r <- token tok[r], 16-byte cp.async.
+// Thread t moves chunk t % CPR of rows t / CPR + k * (kThreads / CPR), k < CPR: unrolled, since CPR
+// steps cover the 256 slots a pack can hold (no loop, one token lookup per row for the three).
+template <typename T, int D>
+__device__ __forceinline__ void load_qkv_async(T* dst, size_t tile_stride, const T* base, int C, const int* tok,
+                                               int nrows) {
+  using TL = Tile<T, D>;
+  constexpr int kStep = kThreads / TL::kCPR;
+  const int part = threadIdx.x % TL::kCPR, r0 = threadIdx.x / TL::kCPR;
+  const uint4* src = reinterpret_cast<const uint4*>(base) + part;
+  const unsigned rs = unsigned(3 * C / TL::kE), oc = unsigned(C / TL::kE);
+  const size_t ts = tile_stride / sizeof(T);
+#pragma unroll
+  for (int k = 0; k < TL::kCPR; ++k) {
+    const int r = r0 + k * kStep;
+    if (r < nrows) {
+      const uint4* row = src + unsigned(tok[r]) * rs;
+      T* d = dst + r * TL::kLD + part * TL::kE;
+      prim::cp_async<16>(d, row);
+      prim::cp_async<16>(d + ts, row + oc);
+      prim::cp_async<16>(d + 2 * ts, row + 2 * oc);
+    }
+  }
+}
+
+// Zero the padding rows [nvalid, cap) of ntiles tiles tile_bytes apart (all operand tiles: their
+// rows must be finite, probability 0 times them).
+template <typename T, int D>
+__device__ __forceinline__ void zero_padding(T* tile0, int ntiles, size_t tile_bytes, int nvalid, int cap) {
+  using TL = Tile<T, D>;
+  const int part = threadIdx.x % TL::kCPR;
+  for (int r = nvalid + threadIdx.x / TL::kCPR; r < cap; r += kThreads / TL::kCPR) {
+    unsigned char* row = reinterpret_cast<unsigned char*>(tile0 + r * TL::kLD + part * TL::kE);
+#pragma unroll 1
+    for (int k = 0; k < ntiles; ++k) *reinterpret_cast<uint4*>(row + k * tile_bytes) = make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+// Whether any element of the chunks this thread loaded into rows [0, nrows) of a tile (the map of
+// load_qkv_async) is NaN/Inf: x * 0 is NaN exactly for those, one packed FMA per two elements.
+template <typename T, int D>
+__device__ __forceinline__ bool v_nonfinite(const T* src, int nrows) {
+  using TL = Tile<T, D>;
+  constexpr int kStep = kThreads / TL::kCPR;
+  const int part = threadIdx.x % TL::kCPR, r0 = threadIdx.x / TL::kCPR;
+  uint32_t acc = 0;
+#pragma unroll
+  for (int k = 0; k < TL::kCPR; ++k) {
+    const int r = r0 + k * kStep;
+    if (r < nrows) {
+      const uint4 v = *reinterpret_cast<const uint4*>(src + r * TL::kLD + part * TL::kE);
+      acc = prim::fma0_b16x2<T>(v.x, acc);
+      acc = prim::fma0_b16x2<T>(v.y, acc);
+      acc = prim::fma0_b16x2<T>(v.z, acc);
+      acc = prim::fma0_b16x2<T>(v.w, acc);
+    }
+  }
+  return (acc & 0x7fff7fffu) != 0;  // +-0 unless some product was NaN
+}
+
+// Coords calls: the box of the pack's (window-relative) coordinates, so that each head loads only the
+// table entries its pairs can reach (every pair's difference lies inside the box's difference range;
+// the rest of the table is never read). Slots [0, nvalid) written (the prologue's barriers); box: 4
+// ints of free shared memory {min y, max y, min x, max x}, ready after the caller's next barrier.
+__device__ __forceinline__ void coord_box(const Pack& S, int nvalid, int* box) {
+  if (threadIdx.x == 0) box[0] = box[2] = INT_MAX, box[1] = box[3] = INT_MIN;
+  __syncthreads();
+  if (threadIdx.x < nvalid) {
+    const int2 c = S.cxy[threadIdx.x];
+    atomicMin(box, c.x);
+    atomicMax(box + 1, c.x);
+    atomicMin(box + 2, c.y);
+    atomicMax(box + 3, c.y);
+  }
+}
+
+// The table entries a head of the pack reads, f(i) for each of this thread's: all T (BIAS 1), or
+// (coords calls; table (2rh-1) x (2rw-1), row-major) those with |dy| <= ey, |dx| <= ex, warps over
+// rows, lanes over columns. The same map loads (cp.async) and then scales (1/scale) an entry.
+template <int BIAS, typename F>
+__device__ __forceinline__ void table_entries(const Geo& G, int ey, int ex, F&& f) {
+  if constexpr (BIAS == 1) {
+#pragma unroll 1
+    for (int i = threadIdx.x; i < G.T; i += kThreads) f(i);
+  } else if constexpr (BIAS == 2) {
+    const int rw2 = 2 * G.rw - 1, ny = 2 * ey + 1, nx = 2 * ex + 1;
+    const int first = (G.rh - 1 - ey) * rw2 + (G.rw - 1 - ex);
+#pragma unroll 1
+    for (int r = threadIdx.x >> 5; r < ny; r += kWarps)
+#pragma unroll 1
+      for (int c = threadIdx.x & 31; c < nx; c += 32) f(first + r * rw2 + c);
+  }
+}
+
 template <typename T, int D, int BIAS, bool ABIAS>
 __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 : 1) wattn_fwd_kernel(const FwdArgs A) {
   using TL = Tile<T, D>;
   const Geo& G = A.g;
+  const Layout& L = A.L;
   MK_DYNAMIC_SMEM(smem);
-  const Layout L = make_layout(G, int(sizeof(T)), D, 3, A.nbuf, false, 0);
   const Pack S(smem, L);
   const int pack = blockIdx.x / A.nhg, h0 = (blockIdx.x - pack * A.nhg) * A.hg, nh = imin(A.hg, G.nH - h0);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  auto buf = [&](int b, int op) { return reinterpret_cast<T*>(smem + L.ops + b * L.buf_stride + op * L.tile_bytes); };
-  auto tab = [&](int b) { return reinterpret_cast<float*>(smem + L.tab + b * L.tab_stride); };
+  // 32-bit shared-memory offsets (the layout's fields are size_t)
+  const unsigned ops = unsigned(L.ops), bstride = unsigned(L.buf_stride), tbytes = unsigned(L.tile_bytes);
+  const unsigned tab0 = unsigned(L.tab), tstride = unsigned(L.tab_stride);
+  auto buf = [&](int b, int op) { return reinterpret_cast<T*>(smem + (ops + b * bstride + op * tbytes)); };
+  auto tab = [&](int b) { return reinterpret_cast<float*>(smem + (tab0 + b * tstride)); };
 
   prologue<BIAS == 2>(G, pack, S, smem + L.ops);
-  assign_items(S, false, 1, 1, reinterpret_cast<int*>(smem + L.ops));
-  __syncthreads();  // slots, tiles and work lists ready; the prologue's scratch is dead
+  // Tiles go round-robin to the warps (the forward's tiles cost about the same; no work lists).
+  int ey = G.rh - 1, ex = G.rw - 1;
+  if constexpr (BIAS == 2) coord_box(S, imin(G.P, G.nwin - pack * G.P) * G.N, S.items);
+  __syncthreads();  // slots and tiles ready; the prologue's scratch is dead
   // Pack-wide values read right after the barrier (warps converged) and broadcast from lane 0: the
   // compiler then sees warp-uniform loops and emits plain shuffles inside them.
-  const int nvalid = __shfl_sync(kFull, S.info[0], 0);
-  const int it0 = __shfl_sync(kFull, S.wbeg[warp], 0), it1 = __shfl_sync(kFull, S.wbeg[warp + 1], 0);
-  for (int b = 0; b < A.nbuf; ++b) {
-    for (int op = 0; op < 3; ++op) zero_rows<T, D>(buf(b, op), nvalid, G.cap);
-    if (threadIdx.x == 0) tab(b)[G.T] = 0.f;  // read by out-of-range coordinate pairs
+  const int nvalid = __shfl_sync(kFull, S.info[0], 0), ntiles = __shfl_sync(kFull, S.info[1], 0);
+  if constexpr (BIAS == 2) {
+    ey = imin(ey, __shfl_sync(kFull, S.items[1] - S.items[0], 0));
+    ex = imin(ex, __shfl_sync(kFull, S.items[3] - S.items[2], 0));
   }
+  zero_padding<T, D>(buf(0, 0), 3 * A.nbuf, L.tile_bytes, nvalid, G.cap);
+  if (threadIdx.x < A.nbuf) tab(threadIdx.x)[G.T] = 0.f;  // read by out-of-range coordinate pairs
   const T* qkv = static_cast<const T*>(G.qkv);
-  const int off[3] = {0, G.C, 2 * G.C};  // q, k, v of a token
   auto issue = [&](int h, int b) {
-    load_rows_async<T, D, 3>(buf(b, 0), L.tile_bytes, qkv + h * D, 3 * G.C, off, S.tok, nvalid);
-    if constexpr (BIAS != 0) load_table_async(tab(b), G.rpb, G.T, G.nH, h);
+    load_qkv_async<T, D>(buf(b, 0), L.tile_bytes, qkv + h * D, G.C, S.tok, nvalid);
+    float* tb = tab(b);
+    table_entries<BIAS>(G, ey, ex, [&](int e) { prim::cp_async<4>(tb + e, G.rpb + unsigned(e * G.nH + h)); });
     prim::cp_async_commit();
   };
   issue(h0, 0);
   for (int i = 0; i < nh; ++i) {
-    const int h = h0 + i, b = A.nbuf == 2 ? (i & 1) : 0;
-    if (A.nbuf == 2 && i + 1 < nh) {
-      issue(h + 1, b ^ 1);  // that buffer's last reader finished at the previous barrier
+    // Head j = i + nbuf - 1 is loaded now: the next head (two buffers; its buffer's last reader
+    // finished at the previous barrier) or this one (one buffer; head 0 was loaded above).
+    const int h = h0 + i, b = i & (A.nbuf - 1), j = i + A.nbuf - 1;
+    if (j > 0 && j < nh) issue(h0 + j, j & (A.nbuf - 1));
+    if (j > i && j < nh)
       prim::cp_async_wait<1>();
-    } else {
+    else
       prim::cp_async_wait<0>();
-    }
-    const int tab_byte = static_cast<int>(L.tab + b * L.tab_stride);
+    const int tab_byte = static_cast<int>(tab0 + b * tstride);
+    float* tb = tab(b);  // this thread's entries landed: to units of 1/scale (published by the barrier below)
+    table_entries<BIAS>(G, ey, ex, [&](int e) { tb[e] *= A.inv_scale; });
     if (G.logit_scale) {  // cosine mode: q' = s_h q / |q|, k' = k / |k|, once per row (the barrier below orders it)
       __syncthreads();
       normalize_rows<T, D, TL::kLD>(buf(b, 0), nvalid, head_scale(G.logit_scale, h), nullptr, 0);
       normalize_rows<T, D, TL::kLD>(buf(b, 1), nvalid, 1.f, nullptr, 0);
     }
-    if (!__syncthreads_or(rows_nonfinite<T, D>(buf(b, 2), nvalid))) {
-      for (int it = it0; it < it1; ++it)
-        fwd_tile<T, D, BIAS, ABIAS>(A, S, __shfl_sync(kFull, S.items[it], 0), h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem, lane);
+    if (!__syncthreads_or(v_nonfinite<T, D>(buf(b, 2), nvalid))) {
+      for (int t = warp; t < ntiles; t += kWarps)
+        fwd_tile<T, D, BIAS, ABIAS>(A, S, t, h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem, lane);
     } else {
       fwd_exact<T, D, BIAS, ABIAS>(A, S, h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem);
     }
     __syncthreads();  // buffer b is free again
-    if (A.nbuf == 1 && i + 1 < nh) issue(h + 1, 0);
   }
 }
 
@@ -271,10 +412,13 @@ FwdPlan plan_forward(const WindowAttentionParams& p) {
   FwdPlan f;
   const int es = element_size(p.dtype), N = p.wh * p.ww;
   const int nwin = p.B * (p.H / p.wh) * (p.W / p.ww);
-  if (p.dtype == DType::kFloat32 || N > kThreads || nwin == 0) return f;
+  // scale > 0 keeps the max of s + bias/scale that of the logits; a normal scale keeps 1/scale finite.
+  if (p.dtype == DType::kFloat32 || N > kThreads || nwin == 0 || !(p.scale >= 0x1p-60f && p.scale <= 0x1p60f))
+    return f;
   f.g = make_geo(p, pick_pack(N, nwin));
   const int limit = smem_limit();
-  f.hg = heads_per_cta(f.g.npacks, p.nH, 2 * sm_count());
+  // One CTA per SM is enough work per wave: more heads per CTA share the prologue.
+  f.hg = heads_per_cta(f.g.npacks, p.nH, sm_count());
   f.nhg = (p.nH + f.hg - 1) / f.hg;
   for (int nbuf = f.hg > 1 ? 2 : 1; nbuf >= 1; --nbuf) {
     const Layout L = make_layout(f.g, es, p.d, 3, nbuf, false, 0);
@@ -297,7 +441,7 @@ cudaError_t window_attention_forward(const WindowAttentionParams& p, void* out, 
   if (p.B == 0 || p.nH == 0) return cudaSuccess;
   const FwdPlan f = plan_forward(p);
   if (!f.ok) return legacy::forward(p, out, lse, stream);
-  FwdArgs a{f.g, out, lse, f.hg, f.nhg, f.nbuf};
+  FwdArgs a{f.g, f.L, out, lse, 1.f / p.scale, f.hg, f.nhg, f.nbuf};
   const dim3 grid(static_cast<unsigned>(f.g.npacks * f.nhg));
   return dispatch_head_dim(p.d, [&](auto dc) -> cudaError_t {
     constexpr int D = decltype(dc)::value;

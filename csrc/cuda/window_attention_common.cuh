@@ -64,11 +64,10 @@ struct AFrag {
     for (int kk = 0; kk < D / 16; ++kk) prim::ldsm_x4(a[kk], rows + r * LD + 16 * kk + c);
   }
 };
+// scores_add: s += A * B^T (s holds a starting value, e.g. the bias).
 template <typename T, int D, int NT>
-__device__ __forceinline__ void scores(float (&s)[NT][4], const AFrag<T, D>& A, const T* B, int lane) {
+__device__ __forceinline__ void scores_add(float (&s)[NT][4], const AFrag<T, D>& A, const T* B, int lane) {
   constexpr int LD = Tile<T, D>::kLD;
-#pragma unroll
-  for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
   if constexpr (D == 16) {
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
@@ -88,6 +87,13 @@ __device__ __forceinline__ void scores(float (&s)[NT][4], const AFrag<T, D>& A, 
       }
     }
   }
+}
+
+template <typename T, int D, int NT>
+__device__ __forceinline__ void scores(float (&s)[NT][4], const AFrag<T, D>& A, const T* B, int lane) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+  scores_add<T, D, NT>(s, A, B, lane);
 }
 
 template <typename T, int D, int NT>

@@ -145,6 +145,14 @@ def _chunks(c: Ctx) -> int:
 THREADS_FUSED = 256  # kThreads
 
 
+def _box(c: Ctx) -> int:
+    """Half-width of the coords table box a forward pack loads per head (load_table_box_async): the
+    coordinate span of a pack's tokens relative to their window's first token, capped at r-1.
+    UM-MAE coordinates (one unit of each 2x2 cell kept, so a window of w compact tokens spans 2w
+    original positions, offsets -1..2w-1): span 2w."""
+    return min(c.p["r"] - 1, 2 * c.p["window"])
+
+
 def _ROWS(w: Dict[str, Any], c: Ctx) -> float:
     return w["per_pack"](lambda n: lane_strided(n * _chunks(c), THREADS_FUSED))
 
@@ -203,6 +211,9 @@ CUDA_RULES: List[Rule] = [
     Rule(r"for \(; kb \+ 32 <= end; kb \+= 32\)",
          _fz(lambda w, c: sum(n for (wd, _), n in w["c32"].items() if wd == 32) / w["tiles"]),
          "32-key blocks per query tile (segment ranges, emulated)", kernel=_FUSED),
+    Rule(r"for \(kb \+= 32; kb < end; kb \+= 32\)", _fz(lambda w, c: sum(w["c32"].values()) / w["tiles"] - 1),
+         "key blocks (32, or a last 16) per query tile after the peeled first one (segment ranges, emulated)",
+         kernel=_FUSED),
     Rule(r"for \(int q = threadIdx\.x; q < nvalid; q \+= kThreads\)", lambda c: 0.0,
          "fwd_exact: only for a head whose V holds NaN/Inf", kernel=_FUSED),
     Rule(r"for \(int d = 0; d < D; \+\+d\)", lambda c: c.p["d"], "fwd_exact dot: D", kernel=_FUSED),
@@ -212,6 +223,19 @@ CUDA_RULES: List[Rule] = [
     Rule(r"for \(int e = 0; e < 8; \+\+e\)", lambda c: 8.0, "fwd_exact: 8 columns", kernel=_FUSED),
     Rule(r"for \(int b = 0; b < A\.nbuf; \+\+b\)", _fz(lambda w, c: w["nbuf"]), "operand buffers: nbuf (plan)",
          kernel=_FUSED),
+    Rule(r"for \(int r = nvalid \+ threadIdx\.x / TL::kCPR; r < cap; r \+= kThreads / TL::kCPR\)",
+         _fz(lambda w, c: w["per_pack"](lambda n: lane_strided((w["cap"] - n) * _chunks(c), THREADS_FUSED))),
+         "forward zero_padding: padding rows (cap - valid) x chunks over 256 threads", kernel=_FUSED),
+    Rule(r"for \(int k = 0; k < ntiles; \+\+k\)", _fz(lambda w, c: 3 * w["nbuf"]),
+         "forward zero_padding: the 3 x nbuf operand tiles", kernel=_FUSED),
+    Rule(r"for \(int i = threadIdx\.x; i < G\.T; i \+= kThreads\) f\(i\)", lambda c: lane_strided(c.p["T"], THREADS_FUSED),
+         "forward table entries (load, then scale by 1/scale): T over 256 threads", kernel=_FUSED),
+    Rule(r"for \(int t = warp; t < ntiles; t \+= kWarps\)", _fz(lambda w, c: w["tiles"] / w["packs"] / 8),
+         "forward tiles round-robin over the 8 warps: tiles per pack / 8", kernel=_FUSED),
+    Rule(r"for \(int r = threadIdx\.x >> 5; r < ny; r \+= kWarps\)", lambda c: (2 * _box(c) + 1) / 8,
+         "coords table box: 2e+1 rows over 8 warps (e = min(r-1, pack coordinate span), see _box)", kernel=_FUSED),
+    Rule(r"for \(int c = threadIdx\.x & 31; c < nx; c \+= 32\)", lambda c: math.ceil((2 * _box(c) + 1) / 32),
+         "coords table box: 2e+1 columns over 32 lanes", kernel=_FUSED),
     Rule(r"for \(int op = 0; op < 3; \+\+op\)", lambda c: 3.0, "q, k, v tiles", kernel=_FUSED),
     Rule(r"for \(int i = 0; i < nh; \+\+i\)", _fz(lambda w, c: w["hg"]), "heads per CTA (plan)", kernel=_FUSED),
     Rule(r"for \(int it = it0; it < it1; \+\+it\)", _fz(lambda w, c: w["items"] / w["packs"] / 8),

@@ -83,7 +83,7 @@ def plan(kind: str, B: int, H: int, W: int, nH: int, d: int, wh: int, ww: int, r
     npacks, cap, T = -(-nwin // P), _round16(P * N), (2 * rh - 1) * (2 * rw - 1)
     out = dict(N=N, nwin=nwin, P=P, npacks=npacks, cap=cap, T=T)
     if kind == "fwd":
-        hg = heads_per_cta(npacks, nH, 2 * n_sm)
+        hg = heads_per_cta(npacks, nH, n_sm)  # forward: one CTA per SM per wave
         nbuf, smem = 1, 0
         for nb in ((2, 1) if hg > 1 else (1,)):
             smem = layout_bytes(cap, T, d, es, 3, nb, False, 0)

@@ -4,6 +4,7 @@
 #include "simt_emu.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <numeric>
 
 namespace emu {
@@ -244,7 +245,11 @@ cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
   switch (attr) {
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = 227 * 1024; break;
-    case cudaDevAttrMultiProcessorCount: *v = 132; break;
+    case cudaDevAttrMultiProcessorCount: {  // MIXKERNELS_EMU_SMS: fewer SMs, so tests reach multi-head CTAs
+      const char* e = std::getenv("MIXKERNELS_EMU_SMS");
+      *v = e && std::atoi(e) > 0 ? std::atoi(e) : 132;
+      break;
+    }
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *v = 228 * 1024; break;
     case cudaDevAttrMaxThreadsPerMultiProcessor: *v = 2048; break;
     default: *v = 0; return cudaErrorInvalidValue;
