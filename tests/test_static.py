@@ -405,3 +405,13 @@ def test_cuda_static_smem_leaves_out_the_system_reserve():
     assert _static_smem({"SHARED": 1056}) == 32
     assert _static_smem({"SHARED": 1024}) == 0
     assert _static_smem({"SHARED": 0}) == 0 and _static_smem({}) == 0
+
+
+def test_line_info_of_a_deleted_checkout_maps_to_this_one():
+    """A compile-cache hit may carry line info from another checkout of the same sources (the cache
+    is keyed by content); loop rules read the source text, so that path maps to this checkout."""
+    here = static_sass.__file__
+    gone = "/nonexistent/wt/old" + here[here.rfind("/mixkernels/"):]
+    assert static_sass.source_path(gone) == os.path.abspath(here)
+    assert static_sass._text(gone, 1) == static_sass._text(here, 1) != ""
+    assert static_sass.source_path("/nonexistent/elsewhere.py") == "/nonexistent/elsewhere.py"

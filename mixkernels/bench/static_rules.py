@@ -60,7 +60,9 @@ class Rule:
 def _after(site) -> str:
     import linecache
 
-    return "\n".join(linecache.getline(site.file, site.line + k).rstrip("\n") for k in (1, 2, 3))
+    from .static_sass import source_path
+
+    return "\n".join(linecache.getline(source_path(site.file), site.line + k).rstrip("\n") for k in (1, 2, 3))
 
 
 def lane_strided(total: float, threads: int, start_lane_of_warp: Optional[Sequence[int]] = None) -> float:

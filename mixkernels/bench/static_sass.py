@@ -16,6 +16,7 @@ bound where a warp skips a branch; the kernels here are mostly straight-line bet
 from __future__ import annotations
 
 import linecache
+import os
 import re
 import subprocess
 from dataclasses import dataclass, field
@@ -289,8 +290,24 @@ def _grow(blocks: List[Block], body: set, tail: int, header: int) -> None:
         stack.extend(p for p in blocks[n].pred if p != header)
 
 
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def source_path(path: str) -> str:
+    """``path`` as recorded in a binary's line info, or the same repository-relative file in this
+    checkout when it is gone: the compile cache is keyed by source content, so a hit may carry the
+    path of another (since deleted) checkout of identical sources."""
+    if os.path.exists(path):
+        return path
+    for top in ("/mixkernels/", "/csrc/", "/tests/"):
+        k = path.rfind(top)
+        if k >= 0 and os.path.exists(_REPO + path[k:]):
+            return _REPO + path[k:]
+    return path
+
+
 def _text(path: str, line: int) -> str:
-    return linecache.getline(path, line).rstrip("\n")
+    return linecache.getline(source_path(path), line).rstrip("\n")
 
 
 def _site(i: Instr) -> Optional[LoopSite]:
