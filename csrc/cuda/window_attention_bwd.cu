@@ -17,6 +17,7 @@
 // per (slot, head) while CTAs walk fixed pack sequences, and a last kernel adds the slots in order.
 // Calls with attn_bias, float32, head_dim 128 or shapes that do not fit shared memory run the legacy
 // kernels.
+#include "window_attention_bwd_tiles.cuh"
 #include "window_attention_common.cuh"
 #include "window_attention_cosine.cuh"
 #include "window_attention_legacy.cuh"
@@ -343,31 +344,15 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 && (!CO
     if (threadIdx.x == 0) tab[G.T] = 0.f;
     for (int i = 0; i < nh; ++i) {
       const int h = h0 + i;
-      const T* qkv = static_cast<const T*>(G.qkv);
-      const int off3[3] = {0, G.C, 2 * G.C}, off1[1] = {0};
-      load_rows_async<T, D, 3>(op[0], L.tile_bytes, qkv + h * D, 3 * G.C, off3, S.tok, nvalid);
-      load_rows_async<T, D, 1>(op[3], L.tile_bytes, static_cast<const T*>(A.dout) + h * D, G.C, off1, S.tok, nvalid);
-      load_rows_async<T, D, 1>(op[4], L.tile_bytes, static_cast<const T*>(A.out) + h * D, G.C, off1, S.tok, nvalid);
+      load_head_rows<T, D>(op[0], L.tile_bytes, static_cast<const T*>(G.qkv) + h * D, 3 * G.C, G.C,
+                           static_cast<const T*>(A.dout) + h * D, static_cast<const T*>(A.out) + h * D, G.C, S.tok,
+                           nvalid);
       if constexpr (kTab) load_table_async(tab, G.rpb, G.T, G.nH, h);
       if (threadIdx.x < nvalid) prim::cp_async<4>(nl_raw + 2 * threadIdx.x, A.lse + S.lrow[threadIdx.x] + h * G.N);
       prim::cp_async_commit();
       prim::cp_async_wait<0>();
       __syncthreads();
-      // delta = rowsum(dO * O): TL::kCPR consecutive lanes per row, one 16-byte chunk each.
-      const int chunks = nvalid * TL::kCPR;
-      for (int c0 = 0; c0 < chunks; c0 += kThreads) {
-        const int c = c0 + threadIdx.x, r = c / TL::kCPR, part = c - r * TL::kCPR;
-        float acc = 0.f;
-        if (c < chunks) {
-          const T* a = op[3] + r * TL::kLD + part * TL::kE;
-          const T* b = op[4] + r * TL::kLD + part * TL::kE;
-#pragma unroll
-          for (int e = 0; e < TL::kE; ++e) acc = fmaf(to_float(a[e]), to_float(b[e]), acc);
-        }
-#pragma unroll
-        for (int o = 1; o < TL::kCPR; o <<= 1) acc += __shfl_xor_sync(kFull, acc, o);
-        if (c < chunks && part == 0) nld[r] = make_float2(-nl_raw[2 * r] * kLog2e, acc);
-      }
+      head_delta<T, D>(op[3], op[4], nl_raw, nld, nvalid);
       if constexpr (COS) {  // normalize q (times s_h) and k in place, once per row, keeping 1/|x|
         M.hs = head_scale(G.logit_scale, h);
         normalize_rows<T, D, TL::kLD>(op[0], nvalid, M.hs, &qk_inv[0].x, 2);

@@ -1,0 +1,77 @@
+// Backward-only helpers of the fused window-attention backward (window_attention_bwd.cu): the
+// per-head operand loads, delta = rowsum(dO * O), and the warps' work lists split by item kind.
+// Loops here are `#pragma unroll 1` on purpose: their trip counts are data-dependent and small
+// (3-4 per thread), unrolling only adds peeled copies (code and, for the static report, requests
+// counted once per copy) while the cp.async issue already overlaps without it.
+#pragma once
+#include "window_attention_common.cuh"
+
+namespace mixkernels::cuda::wattn {
+
+// Q, K, V (from qkv), dO and O rows of one head into the five consecutive tiles at dst (tile i at
+// dst + i * tile_stride bytes), 16-byte cp.async: one token lookup per row for all five operands.
+// qkv/dout/out point at the head's first element; strides in elements; c_off = C (K's offset in qkv).
+template <typename T, int D>
+__device__ __forceinline__ void load_head_rows(T* dst, size_t tile_stride, const T* qkv, int qkv_stride, int c_off,
+                                               const T* dout, const T* out, int o_stride, const int* tok, int nrows) {
+  using TL = Tile<T, D>;
+  constexpr int kStep = kThreads / TL::kCPR;
+  const int part = threadIdx.x % TL::kCPR;
+  const uint4* a = reinterpret_cast<const uint4*>(qkv) + part;
+  const uint4* b = reinterpret_cast<const uint4*>(dout) + part;
+  const uint4* c = reinterpret_cast<const uint4*>(out) + part;
+  const unsigned ra = unsigned(qkv_stride / TL::kE), rb = unsigned(o_stride / TL::kE), ck = unsigned(c_off / TL::kE);
+  const size_t ts = tile_stride / sizeof(T);
+  T* d = dst + (threadIdx.x / TL::kCPR) * TL::kLD + part * TL::kE;
+#pragma unroll 1
+  for (int r = threadIdx.x / TL::kCPR; r < nrows; r += kStep, d += kStep * TL::kLD) {  // bwd head rows
+    const unsigned t = unsigned(tok[r]);
+    const uint4* row = a + t * ra;
+    prim::cp_async<16>(d, row);
+    prim::cp_async<16>(d + ts, row + ck);
+    prim::cp_async<16>(d + 2 * ts, row + 2 * ck);
+    prim::cp_async<16>(d + 3 * ts, b + t * rb);
+    prim::cp_async<16>(d + 4 * ts, c + t * rb);
+  }
+}
+
+// Two b16 values of a 32-bit word as floats (bf16: the bits shifted into place, exact).
+template <typename T>
+__device__ __forceinline__ float2 b16x2_to_float2(uint32_t w) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+  } else {
+    const T* h = reinterpret_cast<const T*>(&w);
+    return make_float2(to_float(h[0]), to_float(h[1]));
+  }
+}
+
+// nld[r] = {-lse[r] * log2(e), rowsum(dO[r] * O[r])} for rows [0, nvalid); lse of row r at
+// nl_raw[2r] (it may alias nld: each row's group reads its lse before lane 0 of the group writes).
+// TL::kCPR consecutive lanes per row, one 16-byte chunk each (32 % kCPR == 0: a row's lanes share a
+// warp). The trip count is uniform over the CTA so the shuffles see full warps.
+template <typename T, int D>
+__device__ __forceinline__ void head_delta(const T* dO, const T* O, const float* nl_raw, float2* nld, int nvalid) {
+  using TL = Tile<T, D>;
+  const int chunks = nvalid * TL::kCPR;
+#pragma unroll 1
+  for (int c0 = 0; c0 < chunks; c0 += kThreads) {
+    const int c = c0 + threadIdx.x, r = c / TL::kCPR, part = c % TL::kCPR;
+    float acc = 0.f;
+    if (c < chunks) {
+      const uint4 a = *reinterpret_cast<const uint4*>(dO + r * TL::kLD + part * TL::kE);
+      const uint4 b = *reinterpret_cast<const uint4*>(O + r * TL::kLD + part * TL::kE);
+      const uint32_t aw[4] = {a.x, a.y, a.z, a.w}, bw[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 x = b16x2_to_float2<T>(aw[e]), y = b16x2_to_float2<T>(bw[e]);
+        acc = fmaf(x.y, y.y, fmaf(x.x, y.x, acc));
+      }
+    }
+#pragma unroll
+    for (int o = 1; o < TL::kCPR; o <<= 1) acc += __shfl_xor_sync(kFull, acc, o);
+    if (c < chunks && part == 0) nld[r] = make_float2(-nl_raw[2 * r] * kLog2e, acc);
+  }
+}
+
+}  // namespace mixkernels::cuda::wattn
