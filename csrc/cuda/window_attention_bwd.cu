@@ -3,12 +3,12 @@
 // One CTA (8 warps) per (pack of windows, group of heads), like the forward, with the pack's tokens
 // sorted by attention segment (window_attention_common.cuh). Per head, Q, K, V, dO and O rows and
 // the forward's lse land in shared memory once (cp.async); delta = rowsum(dO * O) is computed
-// there, and the warps then take two kinds of 16-row items, longest first:
-//   * key tiles: S^T = K Q^T and dP^T = V dO^T over the queries of the keys' segments;
+// there, and the warps then take the 16-row tiles, longest first, each in two passes:
+//   * key pass: S^T = K Q^T and dP^T = V dO^T over the queries of the keys' segments;
 //     P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta); dV = P^T dO, dK = scale dS^T Q.
-//   * query tiles: S = Q K^T, dP = dO V^T over the rows' keys; dQ = scale dS K, and the
+//   * query pass: S = Q K^T, dP = dO V^T over the rows' keys; dQ = scale dS K, and the
 //     relative-position bias gradient: dS added to the CTA's table of the head's entries.
-// S and dP are computed twice (once per item kind) instead of reducing dQ (or dK, dV) across warps:
+// S and dP are computed twice (once per pass) instead of reducing dQ (or dK, dV) across warps:
 // the tensor cores have room, and every output row is then written once by one warp, with no
 // atomics and no N x N scratch. Bytes: q, k, v, dO, O and lse read once, dq, dk, dv written once.
 // Bias gradient: fast mode adds into one shared table per CTA (shared atomics) and flushes each
@@ -69,10 +69,12 @@ __device__ __forceinline__ void pair_grad(float s, float dp, const QSide& q, con
   if constexpr (MASKED) ds = q.key == k.key ? ds : 0.f;  // masked_fill's gradient: exactly 0
 }
 
-// Add v to the table entry at byte `entry`. Fast: shared-memory atomic into the CTA's table.
+// Add v to the table entry at byte `entry`. Fast: shared-memory atomic into the CTA's table (a CAS
+// loop on sm_80/sm_90: there is no shared fp32 add; masked pairs add their exact 0 instead of a
+// test and branch per pair).
 // Deterministic: all 32 lanes call; lanes with equal entries are summed in lane order by the lowest
 // one, which then updates the warp's own table (distinct leaders, distinct entries).
-template <bool DET, bool SKIP_ZERO>
+template <bool DET>
 __device__ __forceinline__ void table_add(unsigned char* smem, int entry, float v, float* scratch, int lane) {
   if constexpr (DET) {
     const unsigned same = __match_any_sync(kFull, entry);
@@ -84,7 +86,7 @@ __device__ __forceinline__ void table_add(unsigned char* smem, int entry, float 
       *reinterpret_cast<float*>(smem + entry) += sum;
     }
     __syncwarp();
-  } else if (!SKIP_ZERO || v != 0.f) {  // blocks inside one segment: every pair counts, no test
+  } else {
     atomicAdd(reinterpret_cast<float*>(smem + entry), v);
   }
 }
@@ -182,7 +184,7 @@ __device__ __forceinline__ void query_block(const Geo& G, const HeadSmem& M, con
         }
         s[j][2 * rr + e] = ds;
         if constexpr (DRPB)
-          table_add<DET, MASKED>(const_cast<unsigned char*>(M.smem), entry + M.dtab_delta, ds, M.scratch, lane);
+          table_add<DET>(const_cast<unsigned char*>(M.smem), entry + M.dtab_delta, ds, M.scratch, lane);
       }
     }
   }
@@ -333,11 +335,11 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 && (!CO
   for (int pack = slot; pack < G.npacks; pack += A.nslots) {
     __syncthreads();  // the previous pack is done with every shared array
     prologue<BIAS == 2>(G, pack, S, smem + L.ops);
-    assign_items(S, true, 5, 4, reinterpret_cast<int*>(smem + L.ops));
+    assign_items(S, false, 1, 0, reinterpret_cast<int*>(smem + L.ops));
     __syncthreads();
     // Pack-wide values read right after the barrier and broadcast from lane 0: warp-uniform loops for
     // the compiler too (plain shuffles inside them, no divergence-safe fallbacks).
-    const int nvalid = __shfl_sync(kFull, S.info[0], 0), ntiles = __shfl_sync(kFull, S.info[1], 0);
+    const int nvalid = __shfl_sync(kFull, S.info[0], 0);
     const int it0 = __shfl_sync(kFull, S.wbeg[warp], 0), it1 = __shfl_sync(kFull, S.wbeg[warp + 1], 0);
     for (int i = 0; i < 5; ++i) zero_rows<T, D>(op[i], nvalid, G.cap);
     if (threadIdx.x < G.cap) nld[threadIdx.x] = make_float2(0.f, 0.f);
@@ -347,7 +349,7 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 && (!CO
       load_head_rows<T, D>(op[0], L.tile_bytes, static_cast<const T*>(G.qkv) + h * D, 3 * G.C, G.C,
                            static_cast<const T*>(A.dout) + h * D, static_cast<const T*>(A.out) + h * D, G.C, S.tok,
                            nvalid);
-      if constexpr (kTab) load_table_async(tab, G.rpb, G.T, G.nH, h);
+      if constexpr (kTab) load_head_table(tab, G.rpb, G.T, G.nH, h);
       if (threadIdx.x < nvalid) prim::cp_async<4>(nl_raw + 2 * threadIdx.x, A.lse + S.lrow[threadIdx.x] + h * G.N);
       prim::cp_async_commit();
       prim::cp_async_wait<0>();
@@ -359,16 +361,18 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 && (!CO
         normalize_rows<T, D, TL::kLD>(op[1], nvalid, 1.f, &qk_inv[0].y, 2);
       }
       __syncthreads();  // nld (and the normalized rows) ready; O is dead (its rows become the staging area)
-      float dls = 0.f;
-      for (int it = it0; it < it1; ++it) {
-        const int item = __shfl_sync(kFull, S.items[it], 0);
-        if (item < ntiles) {
-          key_item<T, D, BIAS, COS>(A, M, item, h, stage, lane);
-        } else {
-          if (drpb) dls += query_item<T, D, BIAS, DET, true, COS>(A, M, item - ntiles, h, stage, lane);
-          else dls += query_item<T, D, BIAS, DET, false, COS>(A, M, item - ntiles, h, stage, lane);
+      // Each item is one 16-row tile: its key pass (dK, dV) then its query pass (dQ, bias gradient).
+      // Two copies of the loop (with / without the bias gradient) instead of a test per item.
+      auto tiles = [&](auto drpb_c) {
+        float acc = 0.f;
+        for (int it = it0; it < it1; ++it) {
+          const int tile = __shfl_sync(kFull, S.items[it], 0);
+          key_item<T, D, BIAS, COS>(A, M, tile, h, stage, lane);
+          acc += query_item<T, D, BIAS, DET, decltype(drpb_c)::value, COS>(A, M, tile, h, stage, lane);
         }
-      }
+        return acc;
+      };
+      float dls = drpb ? tiles(std::true_type{}) : tiles(std::false_type{});
       if (COS && A.dls) {  // the head's logit-scale gradient: warps in order (deterministic either way in the CTA)
         dls = cos_warp_sum(dls);
         if (lane == 0) wdls[warp] = dls;
@@ -381,6 +385,7 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 && (!CO
         else atomicAdd(A.dls + h, sum);
       }
       if (drpb) {
+#pragma unroll 1
         for (int e = threadIdx.x; e < G.T; e += kThreads) {
           if constexpr (DET) {
             float sum = 0.f;

@@ -35,6 +35,13 @@ __device__ __forceinline__ void load_head_rows(T* dst, size_t tile_stride, const
   }
 }
 
+// The head's slice of the relative-position table (T entries of column h of the (T, nH) table),
+// load_table_async without the unrolled copies.
+__device__ __forceinline__ void load_head_table(float* tab, const float* rpb, int T, int nH, int h) {
+#pragma unroll 1
+  for (int i = threadIdx.x; i < T; i += kThreads) prim::cp_async<4>(tab + i, rpb + unsigned(i * nH + h));
+}
+
 // Two b16 values of a 32-bit word as floats (bf16: the bits shifted into place, exact).
 template <typename T>
 __device__ __forceinline__ float2 b16x2_to_float2(uint32_t w) {
