@@ -404,6 +404,21 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 && (!CO
   }
 }
 
+// Heads per CTA: the divisor of nH with the least (waves x work per CTA), a CTA's work counted as
+// hg heads plus ~0.75 head of per-pack work (prologue, work lists: the static report's SASS counts
+// at window 7). Fewer, longer CTAs when the grid would end in a short wave (MixMIM-B stage 4: 4 heads
+// x 256 CTAs in one wave instead of 2 x 512 in two).
+inline int bwd_heads_per_cta(int packs, int nH, int slots) {
+  int best = 1;
+  int64_t best_t = INT64_MAX;
+  for (int hg = 1; hg <= nH; ++hg) {
+    if (nH % hg != 0) continue;
+    const int64_t waves = (int64_t(packs) * (nH / hg) + slots - 1) / slots, t = waves * (4 * hg + 3);
+    if (t < best_t) best = hg, best_t = t;
+  }
+  return best;
+}
+
 struct BwdPlan {
   Geo g;
   Layout L;
@@ -424,7 +439,7 @@ BwdPlan plan_backward(const WindowAttentionParams& p, bool need_drpb, bool need_
   f.L = make_layout(f.g, es, p.d, 5, 1, true, tabf);
   if (f.L.total > static_cast<size_t>(smem_limit())) return f;
   f.nslots = det ? imin(f.g.npacks, kDetSlots) : f.g.npacks;
-  f.hg = heads_per_cta(f.nslots, p.nH, 2 * sm_count());
+  f.hg = bwd_heads_per_cta(f.nslots, p.nH, 2 * sm_count());
   f.nhg = (p.nH + f.hg - 1) / f.hg;
   f.ok = true;
   return f;

@@ -57,6 +57,18 @@ def heads_per_cta(packs: int, nH: int, slots: int) -> int:
     return best
 
 
+def bwd_heads_per_cta(packs: int, nH: int, slots: int) -> int:
+    """Backward: the divisor of nH with the least waves x (4 hg + 3) (a CTA's hg heads plus ~0.75 head of
+    per-pack work); the first (smallest) on ties."""
+    best, best_t = 1, None
+    for hg in range(1, nH + 1):
+        if nH % hg == 0:
+            t = -(-(packs * (nH // hg)) // slots) * (4 * hg + 3)
+            if best_t is None or t < best_t:
+                best, best_t = hg, t
+    return best
+
+
 def layout_bytes(cap: int, T: int, D: int, es: int, ops: int, nbuf: int, stage: bool, dtab_floats: int) -> int:
     """``make_layout(...).total``: dynamic shared memory of a fused kernel's CTA."""
     a16 = lambda v: (v + 15) & ~15  # noqa: E731
@@ -94,7 +106,7 @@ def plan(kind: str, B: int, H: int, W: int, nH: int, d: int, wh: int, ww: int, r
     tabf = 0 if not rpb else (WARPS * (T + 1 + 32) if det else T + 1)
     smem = layout_bytes(cap, T, d, es, 5, 1, True, tabf)
     nslots = min(npacks, DET_SLOTS) if det else npacks
-    hg = heads_per_cta(nslots, nH, 2 * n_sm)
+    hg = bwd_heads_per_cta(nslots, nH, 2 * n_sm)
     return dict(out, hg=hg, nhg=-(-nH // hg), nbuf=1, nslots=nslots, smem=smem, fits=smem <= smem_limit)
 
 
