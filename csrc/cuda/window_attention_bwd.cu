@@ -283,18 +283,18 @@ __device__ __forceinline__ float query_item(const BwdArgs& A, const HeadSmem& M,
   return dls;
 }
 
-// Two CTAs per SM cap the kernel at 128 registers. The cosine variant at d = 32 with a table bias
-// fits on sm_90 (128, no spill) but spilled on sm_80 (nvcc 13.0: 8 B stores / 40 B loads), so on
-// sm_80 it runs one CTA per SM (without a bias it fits: 128). __launch_bounds__ only matters in the
-// device pass.
+// Two CTAs per SM cap the kernel at 128 registers. With a table bias at d = 32 nvcc 13.0 fits that
+// on sm_90 (128, no spill) but not on sm_80 (a few bytes of per-pack scalars spilled, cosine or not),
+// so on sm_80 those run one CTA per SM (without a bias they fit: 128). __launch_bounds__ only matters
+// in the device pass.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#define MK_WATTN_BWD_COS_TWO_CTAS false
+#define MK_WATTN_BWD_TAB_TWO_CTAS false
 #else
-#define MK_WATTN_BWD_COS_TWO_CTAS true
+#define MK_WATTN_BWD_TAB_TWO_CTAS true
 #endif
 
 template <typename T, int D, int BIAS, bool DET, bool COS>
-__global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 && (!COS || BIAS == 0 || MK_WATTN_BWD_COS_TWO_CTAS) ? 2 : 1)
+__global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 && (BIAS == 0 || MK_WATTN_BWD_TAB_TWO_CTAS) ? 2 : 1)
     wattn_bwd_kernel(const BwdArgs A) {
   using TL = Tile<T, D>;
   constexpr bool kTab = BIAS != 0;

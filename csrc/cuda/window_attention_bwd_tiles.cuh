@@ -1,5 +1,5 @@
 // Backward-only helpers of the fused window-attention backward (window_attention_bwd.cu): the
-// per-head operand loads, delta = rowsum(dO * O), and the warps' work lists split by item kind.
+// per-head operand loads and delta = rowsum(dO * O).
 // Loops here are `#pragma unroll 1` on purpose: their trip counts are data-dependent and small
 // (3-4 per thread), unrolling only adds peeled copies (code and, for the static report, requests
 // counted once per copy) while the cp.async issue already overlaps without it.
@@ -53,32 +53,28 @@ __device__ __forceinline__ float2 b16x2_to_float2(uint32_t w) {
   }
 }
 
-// nld[r] = {-lse[r] * log2(e), rowsum(dO[r] * O[r])} for rows [0, nvalid); lse of row r at
-// nl_raw[2r] (it may alias nld: each row's group reads its lse before lane 0 of the group writes).
-// TL::kCPR consecutive lanes per row, one 16-byte chunk each (32 % kCPR == 0: a row's lanes share a
-// warp). The trip count is uniform over the CTA so the shuffles see full warps.
+// nld[r] = {-lse[r] * log2(e), rowsum(dO[r] * O[r])} for rows [0, nvalid), one thread per row
+// (nvalid <= cap <= kThreads); lse of row r at nl_raw[2r] (it may alias nld: the row's own thread
+// reads it first). 16-byte reads at the tiles' 16-byte-padded pitch: a quarter warp's eight rows hit
+// distinct bank groups.
 template <typename T, int D>
 __device__ __forceinline__ void head_delta(const T* dO, const T* O, const float* nl_raw, float2* nld, int nvalid) {
   using TL = Tile<T, D>;
-  const int chunks = nvalid * TL::kCPR;
-#pragma unroll 1
-  for (int c0 = 0; c0 < chunks; c0 += kThreads) {
-    const int c = c0 + threadIdx.x, r = c / TL::kCPR, part = c % TL::kCPR;
-    float acc = 0.f;
-    if (c < chunks) {
-      const uint4 a = *reinterpret_cast<const uint4*>(dO + r * TL::kLD + part * TL::kE);
-      const uint4 b = *reinterpret_cast<const uint4*>(O + r * TL::kLD + part * TL::kE);
-      const uint32_t aw[4] = {a.x, a.y, a.z, a.w}, bw[4] = {b.x, b.y, b.z, b.w};
+  const int r = threadIdx.x;
+  if (r >= nvalid) return;
+  float acc = 0.f;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float2 x = b16x2_to_float2<T>(aw[e]), y = b16x2_to_float2<T>(bw[e]);
-        acc = fmaf(x.y, y.y, fmaf(x.x, y.x, acc));
-      }
+  for (int part = 0; part < TL::kCPR; ++part) {
+    const uint4 a = *reinterpret_cast<const uint4*>(dO + r * TL::kLD + part * TL::kE);
+    const uint4 b = *reinterpret_cast<const uint4*>(O + r * TL::kLD + part * TL::kE);
+    const uint32_t aw[4] = {a.x, a.y, a.z, a.w}, bw[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 x = b16x2_to_float2<T>(aw[e]), y = b16x2_to_float2<T>(bw[e]);
+      acc = fmaf(x.y, y.y, fmaf(x.x, y.x, acc));
     }
-#pragma unroll
-    for (int o = 1; o < TL::kCPR; o <<= 1) acc += __shfl_xor_sync(kFull, acc, o);
-    if (c < chunks && part == 0) nld[r] = make_float2(-nl_raw[2 * r] * kLog2e, acc);
   }
+  nld[r] = make_float2(-nl_raw[2 * r] * kLog2e, acc);
 }
 
 }  // namespace mixkernels::cuda::wattn
