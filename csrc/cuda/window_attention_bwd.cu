@@ -404,6 +404,13 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 && (BIA
   }
 }
 
+struct BwdPlan {
+  Geo g;
+  Layout L;
+  int hg = 1, nhg = 1, nslots = 0;
+  bool ok = false;
+};
+
 // Heads per CTA: the divisor of nH with the least (waves x work per CTA), a CTA's work counted as
 // hg heads plus ~0.75 head of per-pack work (prologue, work lists: the static report's SASS counts
 // at window 7). Fewer, longer CTAs when the grid would end in a short wave (MixMIM-B stage 4: 4 heads
@@ -418,13 +425,6 @@ inline int bwd_heads_per_cta(int packs, int nH, int slots) {
   }
   return best;
 }
-
-struct BwdPlan {
-  Geo g;
-  Layout L;
-  int hg = 1, nhg = 1, nslots = 0;
-  bool ok = false;
-};
 
 BwdPlan plan_backward(const WindowAttentionParams& p, bool need_drpb, bool need_dbias, bool det) {
   BwdPlan f;
