@@ -5,7 +5,7 @@ rules (``static_rules.py``) and the CUDA author's ``csrc/cuda/static_estimate.py
 file by path). It mirrors, in Python:
 
 * the launch plan: ``pick_pack`` / ``make_layout`` (``window_attention_index.cuh``), ``heads_per_cta``
-  and ``plan_forward`` / ``plan_backward`` (windows per pack, packs, heads per CTA, buffers, slots);
+  (``bwd_heads_per_cta`` in ``window_attention_bwd.cu``) and ``plan_forward`` / ``plan_backward`` (windows per pack, packs, heads per CTA, buffers, slots);
 * the pack prologue (``window_attention_common.cuh``): segment ids (first token of the window with
   the same shift region and group label), the stable counting sort by segment, the 16-row tiles'
   key ranges, the key blocks each tile walks (masked or not), and ``assign_items``' insertion sort;
@@ -21,8 +21,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["THREADS", "WARPS", "pick_pack", "heads_per_cta", "layout_bytes", "plan", "mixmim_mask", "workload",
-           "attention_workload"]
+__all__ = ["THREADS", "WARPS", "pick_pack", "heads_per_cta", "bwd_heads_per_cta", "layout_bytes", "plan",
+           "mixmim_mask", "workload", "attention_workload"]
 
 THREADS = 256  # kThreads: threads per CTA of the fused kernels
 WARPS = THREADS // 32
