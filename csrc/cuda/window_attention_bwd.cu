@@ -335,7 +335,8 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 && (BIA
   for (int pack = slot; pack < G.npacks; pack += A.nslots) {
     __syncthreads();  // the previous pack is done with every shared array
     prologue<BIAS == 2>(G, pack, S, smem + L.ops);
-    assign_items(S, false, 1, 0, reinterpret_cast<int*>(smem + L.ops));
+    __syncthreads();  // tile ranges ready
+    assign_tiles(S);
     __syncthreads();
     // Pack-wide values read right after the barrier and broadcast from lane 0: warp-uniform loops for
     // the compiler too (plain shuffles inside them, no divergence-safe fallbacks).

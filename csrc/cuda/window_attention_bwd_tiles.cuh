@@ -42,6 +42,32 @@ __device__ __forceinline__ void load_head_table(float* tab, const float* rpb, in
   for (int i = threadIdx.x; i < T; i += kThreads) prim::cp_async<4>(tab + i, rpb + unsigned(i * nH + h));
 }
 
+// The warps' work lists of the pack's tiles (all threads, after a barrier that follows the prologue;
+// the caller synchronizes before reading them). Tiles ranked by cost (key blocks, then index), each
+// rank computed by its own thread of warp 0; rank k goes to warp k % 8 in even rounds of 8 and
+// 7 - k % 8 in odd ones (snake order: a round's longest tiles meet the next round's shortest), and to
+// position k / 8 of that warp's list (longest first). Warp w's list starts at the closed-form count
+// of the tiles of warps before it. Replaces assign_items' serial thread-0 lists in the backward.
+__device__ inline void assign_tiles(const Pack& S) {
+  const int ntiles = S.info[1], t = threadIdx.x;
+  if (t < ntiles) {
+    const int c = tile_blocks(S, t);
+    int r = 0;
+    for (int u = 0; u < ntiles; ++u) {  // bwd tile ranks
+      const int cu = tile_blocks(S, u);
+      r += cu > c || (cu == c && u < t);
+    }
+    const int round = r / kWarps, w = (round & 1) ? kWarps - 1 - r % kWarps : r % kWarps;
+    const int full = ntiles / kWarps, rem = ntiles % kWarps;
+    const int before = full * w + ((full & 1) ? imax(0, w - (kWarps - rem)) : imin(w, rem));
+    S.items[before + round] = t;
+  }
+  if (t <= kWarps) {
+    const int full = ntiles / kWarps, rem = ntiles % kWarps;
+    S.wbeg[t] = full * t + ((full & 1) ? imax(0, t - (kWarps - rem)) : imin(t, rem));
+  }
+}
+
 // Two b16 values of a 32-bit word as floats (bf16: the bits shifted into place, exact).
 template <typename T>
 __device__ __forceinline__ float2 b16x2_to_float2(uint32_t w) {

@@ -225,6 +225,8 @@ CUDA_RULES: List[Rule] = [
     Rule(r"for \(int pack = slot; pack < G\.npacks; pack \+= A\.nslots\)",
          _fz(lambda w, c: w["npacks"] / w["nslots"]), "packs per CTA slot: npacks / nslots (plan)", kernel=_FUSED),
     Rule(r"for \(int i = 0; i < 5; \+\+i\) zero_rows", lambda c: 5.0, "q, k, v, dO, O tiles", kernel=_FUSED),
+    Rule(r"for \(int u = 0; u < ntiles; \+\+u\)", _fz(lambda w, c: w["tiles"] / w["packs"] / 8),
+         "assign_tiles' ranks (warp 0, one thread per tile): tiles per pack, over 8 warps", kernel=_FUSED),
     Rule(r"for \(int e = threadIdx\.x; e < G\.T; e \+= kThreads\)", lambda c: lane_strided(c.p["T"], THREADS_FUSED),
          "flush the bias-gradient table: T entries over 256 threads", kernel=_FUSED),
     Rule(r"for \(int w = 0; w < kWarps; \+\+w\)", lambda c: 8.0, "deterministic: per-warp tables summed",
