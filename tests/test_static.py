@@ -219,13 +219,14 @@ def test_rules_match_by_line_and_call_site():
 
 # ---- the rules describe the current attention kernels: every loop of their sources gets a trip count
 _CUDA_ATTN = {"window_attention.cu": "int smem_limit() {", "window_attention_bwd.cu": "struct BwdPlan {",
-              "window_attention_common.cuh": None}  # file: where its device code ends (launch plans follow)
+              "window_attention_common.cuh": None,  # file: where its device code ends (launch plans follow)
+              "window_attention_bwd_tiles.cuh": None}
 _TRITON_ATTN = ("window_attention.py", "window_attention_bwd.py", "_wattn_bwd_tiles.py", "_wattn_bwd_sp.py")
 
 
 def _loop_lines(path, marker=None, triton=False):
     """(line, text) of the loops a kernel compiles from ``path``: device code only, fully unrolled loops
-    (``#pragma unroll``, ``tl.static_range``) and host code left out."""
+    (``#pragma unroll`` but not ``#pragma unroll 1``, ``tl.static_range``) and host code left out."""
     lines = open(path).read().split("\n")
     if marker:
         lines = lines[:next(i for i, ln in enumerate(lines) if ln.startswith(marker))]
@@ -238,7 +239,8 @@ def _loop_lines(path, marker=None, triton=False):
                 jit = False
             if jit and re.match(r"\s*(for .* in .*range\(|while )", ln) and "static_range" not in ln:
                 out.append((i + 1, ln))
-        elif re.match(r"\s*(for|while) \(", ln) and not lines[i - 1].strip().startswith("#pragma unroll"):
+        elif re.match(r"\s*(for|while) \(", ln) and (not lines[i - 1].strip().startswith("#pragma unroll")
+                                                       or lines[i - 1].strip() == "#pragma unroll 1"):
             out.append((i + 1, ln))
     return out
 
@@ -249,6 +251,8 @@ def test_wattn_workload_plan_and_segments():
     pl = ww.plan("fwd", 128, 56, 56, 4, 32, 14, 14, 14, 14)  # MixMIM-B stage 1 (csrc/cuda/NOTES.md)
     assert (pl["P"], pl["cap"], pl["npacks"], pl["hg"], pl["nbuf"], pl["smem"]) == (1, 208, 2048, 4, 2, 115232)
     assert ww.plan("bwd", 128, 56, 56, 4, 32, 14, 14, 14, 14)["smem"] == 100256
+    # backward heads per CTA: fewest waves x (4 hg + 3); MixMIM-B stage 4: 4 heads x 256 CTAs, one wave
+    assert (lambda pl: (pl["hg"], pl["nslots"] * pl["nhg"]))(ww.plan("bwd", 128, 7, 7, 32, 32, 7, 7, 7, 7)) == (4, 256)
     assert ww.plan("fwd", 128, 56, 56, 4, 32, 7, 7, 7, 7)["P"] == 4  # four 7x7 windows: 196 of 208 slots
     wl = ww.attention_workload(128, 56, 56, 14, 0, True)
     assert wl["tiles"] == 13 * 2048 and wl["nvalid"] == {196: 2048}

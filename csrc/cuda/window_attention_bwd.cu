@@ -3,12 +3,12 @@
 // One CTA (8 warps) per (pack of windows, group of heads), like the forward, with the pack's tokens
 // sorted by attention segment (window_attention_common.cuh). Per head, Q, K, V, dO and O rows and
 // the forward's lse land in shared memory once (cp.async); delta = rowsum(dO * O) is computed
-// there, and the warps then take two kinds of 16-row items, longest first:
-//   * key tiles: S^T = K Q^T and dP^T = V dO^T over the queries of the keys' segments;
+// there, and the warps then take the 16-row tiles, longest first, each in two passes:
+//   * key pass: S^T = K Q^T and dP^T = V dO^T over the queries of the keys' segments;
 //     P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta); dV = P^T dO, dK = scale dS^T Q.
-//   * query tiles: S = Q K^T, dP = dO V^T over the rows' keys; dQ = scale dS K, and the
+//   * query pass: S = Q K^T, dP = dO V^T over the rows' keys; dQ = scale dS K, and the
 //     relative-position bias gradient: dS added to the CTA's table of the head's entries.
-// S and dP are computed twice (once per item kind) instead of reducing dQ (or dK, dV) across warps:
+// S and dP are computed twice (once per pass) instead of reducing dQ (or dK, dV) across warps:
 // the tensor cores have room, and every output row is then written once by one warp, with no
 // atomics and no N x N scratch. Bytes: q, k, v, dO, O and lse read once, dq, dk, dv written once.
 // Bias gradient: fast mode adds into one shared table per CTA (shared atomics) and flushes each
@@ -17,6 +17,7 @@
 // per (slot, head) while CTAs walk fixed pack sequences, and a last kernel adds the slots in order.
 // Calls with attn_bias, float32, head_dim 128 or shapes that do not fit shared memory run the legacy
 // kernels.
+#include "window_attention_bwd_tiles.cuh"
 #include "window_attention_common.cuh"
 #include "window_attention_cosine.cuh"
 #include "window_attention_legacy.cuh"
@@ -68,10 +69,12 @@ __device__ __forceinline__ void pair_grad(float s, float dp, const QSide& q, con
   if constexpr (MASKED) ds = q.key == k.key ? ds : 0.f;  // masked_fill's gradient: exactly 0
 }
 
-// Add v to the table entry at byte `entry`. Fast: shared-memory atomic into the CTA's table.
+// Add v to the table entry at byte `entry`. Fast: shared-memory atomic into the CTA's table (a CAS
+// loop on sm_80/sm_90: there is no shared fp32 add; masked pairs add their exact 0 instead of a
+// test and branch per pair).
 // Deterministic: all 32 lanes call; lanes with equal entries are summed in lane order by the lowest
 // one, which then updates the warp's own table (distinct leaders, distinct entries).
-template <bool DET, bool SKIP_ZERO>
+template <bool DET>
 __device__ __forceinline__ void table_add(unsigned char* smem, int entry, float v, float* scratch, int lane) {
   if constexpr (DET) {
     const unsigned same = __match_any_sync(kFull, entry);
@@ -83,7 +86,7 @@ __device__ __forceinline__ void table_add(unsigned char* smem, int entry, float 
       *reinterpret_cast<float*>(smem + entry) += sum;
     }
     __syncwarp();
-  } else if (!SKIP_ZERO || v != 0.f) {  // blocks inside one segment: every pair counts, no test
+  } else {
     atomicAdd(reinterpret_cast<float*>(smem + entry), v);
   }
 }
@@ -181,7 +184,7 @@ __device__ __forceinline__ void query_block(const Geo& G, const HeadSmem& M, con
         }
         s[j][2 * rr + e] = ds;
         if constexpr (DRPB)
-          table_add<DET, MASKED>(const_cast<unsigned char*>(M.smem), entry + M.dtab_delta, ds, M.scratch, lane);
+          table_add<DET>(const_cast<unsigned char*>(M.smem), entry + M.dtab_delta, ds, M.scratch, lane);
       }
     }
   }
@@ -280,18 +283,18 @@ __device__ __forceinline__ float query_item(const BwdArgs& A, const HeadSmem& M,
   return dls;
 }
 
-// Two CTAs per SM cap the kernel at 128 registers. The cosine variant at d = 32 with a table bias
-// fits on sm_90 (128, no spill) but spilled on sm_80 (nvcc 13.0: 8 B stores / 40 B loads), so on
-// sm_80 it runs one CTA per SM (without a bias it fits: 128). __launch_bounds__ only matters in the
-// device pass.
+// Two CTAs per SM cap the kernel at 128 registers. With a table bias at d = 32 nvcc 13.0 fits that
+// on sm_90 (128, no spill) but not on sm_80 (a few bytes of per-pack scalars spilled, cosine or not),
+// so on sm_80 those run one CTA per SM (without a bias they fit: 128). __launch_bounds__ only matters
+// in the device pass.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#define MK_WATTN_BWD_COS_TWO_CTAS false
+#define MK_WATTN_BWD_TAB_TWO_CTAS false
 #else
-#define MK_WATTN_BWD_COS_TWO_CTAS true
+#define MK_WATTN_BWD_TAB_TWO_CTAS true
 #endif
 
 template <typename T, int D, int BIAS, bool DET, bool COS>
-__global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 && (!COS || BIAS == 0 || MK_WATTN_BWD_COS_TWO_CTAS) ? 2 : 1)
+__global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 && (BIAS == 0 || MK_WATTN_BWD_TAB_TWO_CTAS) ? 2 : 1)
     wattn_bwd_kernel(const BwdArgs A) {
   using TL = Tile<T, D>;
   constexpr bool kTab = BIAS != 0;
@@ -332,58 +335,45 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 && (!CO
   for (int pack = slot; pack < G.npacks; pack += A.nslots) {
     __syncthreads();  // the previous pack is done with every shared array
     prologue<BIAS == 2>(G, pack, S, smem + L.ops);
-    assign_items(S, true, 5, 4, reinterpret_cast<int*>(smem + L.ops));
+    __syncthreads();  // tile ranges ready
+    assign_tiles(S);
     __syncthreads();
     // Pack-wide values read right after the barrier and broadcast from lane 0: warp-uniform loops for
     // the compiler too (plain shuffles inside them, no divergence-safe fallbacks).
-    const int nvalid = __shfl_sync(kFull, S.info[0], 0), ntiles = __shfl_sync(kFull, S.info[1], 0);
+    const int nvalid = __shfl_sync(kFull, S.info[0], 0);
     const int it0 = __shfl_sync(kFull, S.wbeg[warp], 0), it1 = __shfl_sync(kFull, S.wbeg[warp + 1], 0);
     for (int i = 0; i < 5; ++i) zero_rows<T, D>(op[i], nvalid, G.cap);
     if (threadIdx.x < G.cap) nld[threadIdx.x] = make_float2(0.f, 0.f);
     if (threadIdx.x == 0) tab[G.T] = 0.f;
     for (int i = 0; i < nh; ++i) {
       const int h = h0 + i;
-      const T* qkv = static_cast<const T*>(G.qkv);
-      const int off3[3] = {0, G.C, 2 * G.C}, off1[1] = {0};
-      load_rows_async<T, D, 3>(op[0], L.tile_bytes, qkv + h * D, 3 * G.C, off3, S.tok, nvalid);
-      load_rows_async<T, D, 1>(op[3], L.tile_bytes, static_cast<const T*>(A.dout) + h * D, G.C, off1, S.tok, nvalid);
-      load_rows_async<T, D, 1>(op[4], L.tile_bytes, static_cast<const T*>(A.out) + h * D, G.C, off1, S.tok, nvalid);
-      if constexpr (kTab) load_table_async(tab, G.rpb, G.T, G.nH, h);
+      load_head_rows<T, D>(op[0], L.tile_bytes, static_cast<const T*>(G.qkv) + h * D, 3 * G.C, G.C,
+                           static_cast<const T*>(A.dout) + h * D, static_cast<const T*>(A.out) + h * D, G.C, S.tok,
+                           nvalid);
+      if constexpr (kTab) load_head_table(tab, G.rpb, G.T, G.nH, h);
       if (threadIdx.x < nvalid) prim::cp_async<4>(nl_raw + 2 * threadIdx.x, A.lse + S.lrow[threadIdx.x] + h * G.N);
       prim::cp_async_commit();
       prim::cp_async_wait<0>();
       __syncthreads();
-      // delta = rowsum(dO * O): TL::kCPR consecutive lanes per row, one 16-byte chunk each.
-      const int chunks = nvalid * TL::kCPR;
-      for (int c0 = 0; c0 < chunks; c0 += kThreads) {
-        const int c = c0 + threadIdx.x, r = c / TL::kCPR, part = c - r * TL::kCPR;
-        float acc = 0.f;
-        if (c < chunks) {
-          const T* a = op[3] + r * TL::kLD + part * TL::kE;
-          const T* b = op[4] + r * TL::kLD + part * TL::kE;
-#pragma unroll
-          for (int e = 0; e < TL::kE; ++e) acc = fmaf(to_float(a[e]), to_float(b[e]), acc);
-        }
-#pragma unroll
-        for (int o = 1; o < TL::kCPR; o <<= 1) acc += __shfl_xor_sync(kFull, acc, o);
-        if (c < chunks && part == 0) nld[r] = make_float2(-nl_raw[2 * r] * kLog2e, acc);
-      }
+      head_delta<T, D>(op[3], op[4], nl_raw, nld, nvalid);
       if constexpr (COS) {  // normalize q (times s_h) and k in place, once per row, keeping 1/|x|
         M.hs = head_scale(G.logit_scale, h);
         normalize_rows<T, D, TL::kLD>(op[0], nvalid, M.hs, &qk_inv[0].x, 2);
         normalize_rows<T, D, TL::kLD>(op[1], nvalid, 1.f, &qk_inv[0].y, 2);
       }
       __syncthreads();  // nld (and the normalized rows) ready; O is dead (its rows become the staging area)
-      float dls = 0.f;
-      for (int it = it0; it < it1; ++it) {
-        const int item = __shfl_sync(kFull, S.items[it], 0);
-        if (item < ntiles) {
-          key_item<T, D, BIAS, COS>(A, M, item, h, stage, lane);
-        } else {
-          if (drpb) dls += query_item<T, D, BIAS, DET, true, COS>(A, M, item - ntiles, h, stage, lane);
-          else dls += query_item<T, D, BIAS, DET, false, COS>(A, M, item - ntiles, h, stage, lane);
+      // Each item is one 16-row tile: its key pass (dK, dV) then its query pass (dQ, bias gradient).
+      // Two copies of the loop (with / without the bias gradient) instead of a test per item.
+      auto tiles = [&](auto drpb_c) {
+        float acc = 0.f;
+        for (int it = it0; it < it1; ++it) {
+          const int tile = __shfl_sync(kFull, S.items[it], 0);
+          key_item<T, D, BIAS, COS>(A, M, tile, h, stage, lane);
+          acc += query_item<T, D, BIAS, DET, decltype(drpb_c)::value, COS>(A, M, tile, h, stage, lane);
         }
-      }
+        return acc;
+      };
+      float dls = drpb ? tiles(std::true_type{}) : tiles(std::false_type{});
       if (COS && A.dls) {  // the head's logit-scale gradient: warps in order (deterministic either way in the CTA)
         dls = cos_warp_sum(dls);
         if (lane == 0) wdls[warp] = dls;
@@ -396,6 +386,7 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 && (!CO
         else atomicAdd(A.dls + h, sum);
       }
       if (drpb) {
+#pragma unroll 1
         for (int e = threadIdx.x; e < G.T; e += kThreads) {
           if constexpr (DET) {
             float sum = 0.f;
@@ -421,6 +412,21 @@ struct BwdPlan {
   bool ok = false;
 };
 
+// Heads per CTA: the divisor of nH with the least (waves x work per CTA), a CTA's work counted as
+// hg heads plus ~0.75 head of per-pack work (prologue, work lists: the static report's SASS counts
+// at window 7). Fewer, longer CTAs when the grid would end in a short wave (MixMIM-B stage 4: 4 heads
+// x 256 CTAs in one wave instead of 2 x 512 in two).
+inline int bwd_heads_per_cta(int packs, int nH, int slots) {
+  int best = 1;
+  int64_t best_t = INT64_MAX;
+  for (int hg = 1; hg <= nH; ++hg) {
+    if (nH % hg != 0) continue;
+    const int64_t waves = (int64_t(packs) * (nH / hg) + slots - 1) / slots, t = waves * (4 * hg + 3);
+    if (t < best_t) best = hg, best_t = t;
+  }
+  return best;
+}
+
 BwdPlan plan_backward(const WindowAttentionParams& p, bool need_drpb, bool need_dbias, bool det) {
   BwdPlan f;
   const int N = p.wh * p.ww, nwin = p.B * (p.H / p.wh) * (p.W / p.ww);
@@ -434,7 +440,7 @@ BwdPlan plan_backward(const WindowAttentionParams& p, bool need_drpb, bool need_
   f.L = make_layout(f.g, es, p.d, 5, 1, true, tabf);
   if (f.L.total > static_cast<size_t>(smem_limit())) return f;
   f.nslots = det ? imin(f.g.npacks, kDetSlots) : f.g.npacks;
-  f.hg = heads_per_cta(f.nslots, p.nH, 2 * sm_count());
+  f.hg = bwd_heads_per_cta(f.nslots, p.nH, 2 * sm_count());
   f.nhg = (p.nH + f.hg - 1) / f.hg;
   f.ok = true;
   return f;

@@ -131,7 +131,7 @@ def _fused(c: Ctx) -> Dict[str, Any]:
     if pl["nslots"] * pl["nhg"] != c.grid[0]:
         raise ValueError(f"plan {pl['nslots']} x {pl['nhg']} CTAs != captured grid {c.grid[0]}")
     wl = ww.attention_workload(p["B"], p["H"], p["W"], p["window"], p["shift"], bool(p["group"]))
-    items = wl["tiles"] * (1 if kind == "fwd" else 2)  # per call: tiles (forward), key + query tiles
+    items = wl["tiles"]  # work items per call: 16-row tiles (the backward runs both passes of a tile in one item)
     return dict(pl, **wl, kind=kind, items=items, per_pack=lambda f: sum(f(n) * k for n, k in wl["nvalid"].items())
                 / wl["packs"])
 
@@ -187,11 +187,11 @@ CUDA_RULES: List[Rule] = [
          kernel=_FUSED),
     Rule(r"for \(int t = 0; t < ntiles; \+\+t\)", _fz(lambda w, c: w["tiles"] / w["packs"] / 8),
          "tile ranges (thread 0): tiles per pack, over 8 warps", kernel=_FUSED),
-    # assign_items (thread 0): items = tiles (forward) or key + query tiles (backward) per pack
+    # assign_items (thread 0): items = 16-row tiles per pack (forward and backward)
     Rule(r"for \(int i = 0; i < nitems; \+\+i\)", _fz(lambda w, c: w["items"] / w["packs"] / 8),
          "assign_items' insertion sort (thread 0): items per pack, over 8 warps", kernel=_FUSED),
     Rule(r"while \(k > 0 && cost\[order\[k - 1\]\] < cost\[i\]\)",
-         _fz(lambda w, c: w["shifts_" + w["kind"]] / w["items"]),
+         _fz(lambda w, c: w["shifts_fwd"] / w["items"]),
          "insertion-sort shifts per item, emulated on the tiles' block counts", kernel=_FUSED),
     Rule(r"for \(int k = 0; k < nitems; \+\+k\) \{", _fz(lambda w, c: w["items"] / w["packs"] / 8),
          "assign_items' least-loaded warp choice (thread 0): items per pack, over 8 warps", kernel=_FUSED),
@@ -241,7 +241,7 @@ CUDA_RULES: List[Rule] = [
     Rule(r"for \(int op = 0; op < 3; \+\+op\)", lambda c: 3.0, "q, k, v tiles", kernel=_FUSED),
     Rule(r"for \(int i = 0; i < nh; \+\+i\)", _fz(lambda w, c: w["hg"]), "heads per CTA (plan)", kernel=_FUSED),
     Rule(r"for \(int it = it0; it < it1; \+\+it\)", _fz(lambda w, c: w["items"] / w["packs"] / 8),
-         "work items per warp: tiles (x2 backward) per pack over 8 warps", kernel=_FUSED),
+         "work items per warp: tiles per pack over 8 warps", kernel=_FUSED),
     # backward (window_attention_bwd.cu)
     Rule(r"for \(int b = lo & ~15; b < end; b \+= 16\)", _fz(lambda w, c: sum(w["c16"].values()) / w["tiles"]),
          "16-key (or query) blocks per tile (segment ranges, emulated)", kernel=_FUSED),
@@ -251,9 +251,8 @@ CUDA_RULES: List[Rule] = [
     Rule(r"for \(int pack = slot; pack < G\.npacks; pack \+= A\.nslots\)",
          _fz(lambda w, c: w["npacks"] / w["nslots"]), "packs per CTA slot: npacks / nslots (plan)", kernel=_FUSED),
     Rule(r"for \(int i = 0; i < 5; \+\+i\) zero_rows", lambda c: 5.0, "q, k, v, dO, O tiles", kernel=_FUSED),
-    Rule(r"for \(int c0 = 0; c0 < chunks; c0 \+= kThreads\)",
-         _fz(lambda w, c: w["per_pack"](lambda n: math.ceil(n * _chunks(c) / THREADS_FUSED))),
-         "delta: valid rows x chunks in steps of 256", kernel=_FUSED),
+    Rule(r"for \(int u = 0; u < ntiles; \+\+u\)", _fz(lambda w, c: w["tiles"] / w["packs"] / 8),
+         "assign_tiles' ranks (warp 0, one thread per tile): tiles per pack, over 8 warps", kernel=_FUSED),
     Rule(r"for \(int e = threadIdx\.x; e < G\.T; e \+= kThreads\)", lambda c: lane_strided(c.p["T"], THREADS_FUSED),
          "flush the bias-gradient table: T entries over 256 threads", kernel=_FUSED),
     Rule(r"for \(int w = 0; w < kWarps; \+\+w\)", lambda c: 8.0, "deterministic: per-warp tables summed",

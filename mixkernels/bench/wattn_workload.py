@@ -5,7 +5,7 @@ rules (``static_rules.py``) and the CUDA author's ``csrc/cuda/static_estimate.py
 file by path). It mirrors, in Python:
 
 * the launch plan: ``pick_pack`` / ``make_layout`` (``window_attention_index.cuh``), ``heads_per_cta``
-  and ``plan_forward`` / ``plan_backward`` (windows per pack, packs, heads per CTA, buffers, slots);
+  (``bwd_heads_per_cta`` in ``window_attention_bwd.cu``) and ``plan_forward`` / ``plan_backward`` (windows per pack, packs, heads per CTA, buffers, slots);
 * the pack prologue (``window_attention_common.cuh``): segment ids (first token of the window with
   the same shift region and group label), the stable counting sort by segment, the 16-row tiles'
   key ranges, the key blocks each tile walks (masked or not), and ``assign_items``' insertion sort;
@@ -21,8 +21,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["THREADS", "WARPS", "pick_pack", "heads_per_cta", "layout_bytes", "plan", "mixmim_mask", "workload",
-           "attention_workload"]
+__all__ = ["THREADS", "WARPS", "pick_pack", "heads_per_cta", "bwd_heads_per_cta", "layout_bytes", "plan",
+           "mixmim_mask", "workload", "attention_workload"]
 
 THREADS = 256  # kThreads: threads per CTA of the fused kernels
 WARPS = THREADS // 32
@@ -54,6 +54,18 @@ def heads_per_cta(packs: int, nH: int, slots: int) -> int:
     for hg in range(1, nH + 1):
         if nH % hg == 0 and packs * (nH // hg) >= slots:
             best = hg
+    return best
+
+
+def bwd_heads_per_cta(packs: int, nH: int, slots: int) -> int:
+    """Backward: the divisor of nH with the least waves x (4 hg + 3) (a CTA's hg heads plus ~0.75 head of
+    per-pack work); the first (smallest) on ties."""
+    best, best_t = 1, None
+    for hg in range(1, nH + 1):
+        if nH % hg == 0:
+            t = -(-(packs * (nH // hg)) // slots) * (4 * hg + 3)
+            if best_t is None or t < best_t:
+                best, best_t = hg, t
     return best
 
 
@@ -94,7 +106,7 @@ def plan(kind: str, B: int, H: int, W: int, nH: int, d: int, wh: int, ww: int, r
     tabf = 0 if not rpb else (WARPS * (T + 1 + 32) if det else T + 1)
     smem = layout_bytes(cap, T, d, es, 5, 1, True, tabf)
     nslots = min(npacks, DET_SLOTS) if det else npacks
-    hg = heads_per_cta(nslots, nH, 2 * n_sm)
+    hg = bwd_heads_per_cta(nslots, nH, 2 * n_sm)
     return dict(out, hg=hg, nhg=-(-nH // hg), nbuf=1, nslots=nslots, smem=smem, fits=smem <= smem_limit)
 
 

@@ -1,0 +1,106 @@
+// Backward-only helpers of the fused window-attention backward (window_attention_bwd.cu): the
+// per-head operand loads and delta = rowsum(dO * O).
+// Loops here are `#pragma unroll 1` on purpose: their trip counts are data-dependent and small
+// (3-4 per thread), unrolling only adds peeled copies (code and, for the static report, requests
+// counted once per copy) while the cp.async issue already overlaps without it.
+#pragma once
+#include "window_attention_common.cuh"
+
+namespace mixkernels::cuda::wattn {
+
+// Q, K, V (from qkv), dO and O rows of one head into the five consecutive tiles at dst (tile i at
+// dst + i * tile_stride bytes), 16-byte cp.async: one token lookup per row for all five operands.
+// qkv/dout/out point at the head's first element; strides in elements; c_off = C (K's offset in qkv).
+template <typename T, int D>
+__device__ __forceinline__ void load_head_rows(T* dst, size_t tile_stride, const T* qkv, int qkv_stride, int c_off,
+                                               const T* dout, const T* out, int o_stride, const int* tok, int nrows) {
+  using TL = Tile<T, D>;
+  constexpr int kStep = kThreads / TL::kCPR;
+  const int part = threadIdx.x % TL::kCPR;
+  const uint4* a = reinterpret_cast<const uint4*>(qkv) + part;
+  const uint4* b = reinterpret_cast<const uint4*>(dout) + part;
+  const uint4* c = reinterpret_cast<const uint4*>(out) + part;
+  const unsigned ra = unsigned(qkv_stride / TL::kE), rb = unsigned(o_stride / TL::kE), ck = unsigned(c_off / TL::kE);
+  const size_t ts = tile_stride / sizeof(T);
+  T* d = dst + (threadIdx.x / TL::kCPR) * TL::kLD + part * TL::kE;
+#pragma unroll 1
+  for (int r = threadIdx.x / TL::kCPR; r < nrows; r += kStep, d += kStep * TL::kLD) {  // bwd head rows
+    const unsigned t = unsigned(tok[r]);
+    const uint4* row = a + t * ra;
+    prim::cp_async<16>(d, row);
+    prim::cp_async<16>(d + ts, row + ck);
+    prim::cp_async<16>(d + 2 * ts, row + 2 * ck);
+    prim::cp_async<16>(d + 3 * ts, b + t * rb);
+    prim::cp_async<16>(d + 4 * ts, c + t * rb);
+  }
+}
+
+// The head's slice of the relative-position table (T entries of column h of the (T, nH) table),
+// load_table_async without the unrolled copies.
+__device__ __forceinline__ void load_head_table(float* tab, const float* rpb, int T, int nH, int h) {
+#pragma unroll 1
+  for (int i = threadIdx.x; i < T; i += kThreads) prim::cp_async<4>(tab + i, rpb + unsigned(i * nH + h));
+}
+
+// The warps' work lists of the pack's tiles (all threads, after a barrier that follows the prologue;
+// the caller synchronizes before reading them). Tiles ranked by cost (key blocks, then index), each
+// rank computed by its own thread of warp 0; rank k goes to warp k % 8 in even rounds of 8 and
+// 7 - k % 8 in odd ones (snake order: a round's longest tiles meet the next round's shortest), and to
+// position k / 8 of that warp's list (longest first). Warp w's list starts at the closed-form count
+// of the tiles of warps before it. Replaces assign_items' serial thread-0 lists in the backward.
+__device__ inline void assign_tiles(const Pack& S) {
+  const int ntiles = S.info[1], t = threadIdx.x;
+  if (t < ntiles) {
+    const int c = tile_blocks(S, t);
+    int r = 0;
+    for (int u = 0; u < ntiles; ++u) {  // bwd tile ranks
+      const int cu = tile_blocks(S, u);
+      r += cu > c || (cu == c && u < t);
+    }
+    const int round = r / kWarps, w = (round & 1) ? kWarps - 1 - r % kWarps : r % kWarps;
+    const int full = ntiles / kWarps, rem = ntiles % kWarps;
+    const int before = full * w + ((full & 1) ? imax(0, w - (kWarps - rem)) : imin(w, rem));
+    S.items[before + round] = t;
+  }
+  if (t <= kWarps) {
+    const int full = ntiles / kWarps, rem = ntiles % kWarps;
+    S.wbeg[t] = full * t + ((full & 1) ? imax(0, t - (kWarps - rem)) : imin(t, rem));
+  }
+}
+
+// Two b16 values of a 32-bit word as floats (bf16: the bits shifted into place, exact).
+template <typename T>
+__device__ __forceinline__ float2 b16x2_to_float2(uint32_t w) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+  } else {
+    const T* h = reinterpret_cast<const T*>(&w);
+    return make_float2(to_float(h[0]), to_float(h[1]));
+  }
+}
+
+// nld[r] = {-lse[r] * log2(e), rowsum(dO[r] * O[r])} for rows [0, nvalid), one thread per row
+// (nvalid <= cap <= kThreads); lse of row r at nl_raw[2r] (it may alias nld: the row's own thread
+// reads it first). 16-byte reads at the tiles' 16-byte-padded pitch: a quarter warp's eight rows hit
+// distinct bank groups.
+template <typename T, int D>
+__device__ __forceinline__ void head_delta(const T* dO, const T* O, const float* nl_raw, float2* nld, int nvalid) {
+  using TL = Tile<T, D>;
+  const int r = threadIdx.x;
+  if (r >= nvalid) return;
+  float acc = 0.f;
+#pragma unroll
+  for (int part = 0; part < TL::kCPR; ++part) {
+    const uint4 a = *reinterpret_cast<const uint4*>(dO + r * TL::kLD + part * TL::kE);
+    const uint4 b = *reinterpret_cast<const uint4*>(O + r * TL::kLD + part * TL::kE);
+    const uint32_t aw[4] = {a.x, a.y, a.z, a.w}, bw[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 x = b16x2_to_float2<T>(aw[e]), y = b16x2_to_float2<T>(bw[e]);
+      acc = fmaf(x.y, y.y, fmaf(x.x, y.x, acc));
+    }
+  }
+  nld[r] = make_float2(-nl_raw[2 * r] * kLog2e, acc);
+}
+
+}  // namespace mixkernels::cuda::wattn
