@@ -13,8 +13,7 @@ need no rule: :func:`triton_range` evaluates them from the launch's arguments.
 
 The fused CUDA window-attention kernels' loops depend on the data (windows per pack, segments,
 key blocks per tile): their rules take them from ``wattn_workload.py``, which emulates the
-launch plan and the pack prologue on the case's masks (the model ``csrc/cuda/static_estimate.py``
-uses too). ``tests/test_static.py`` checks that every loop of the attention sources has a rule.
+launch plan and the pack prologue on the case's masks. ``tests/test_static.py`` checks that every loop of the attention sources has a rule.
 """
 from __future__ import annotations
 
@@ -116,8 +115,8 @@ def _tvec(c: Ctx) -> int:
 
 
 # ---- fused CUDA window attention (window_attention.cu / _bwd.cu / _common.cuh): the trip counts come
-# from the launch plan and the pack prologue emulated on the case's masks (wattn_workload.py, the
-# model csrc/cuda/static_estimate.py uses too). Nested loops get per-entry averages (totals over all
+# from the launch plan and the pack prologue emulated on the case's masks (wattn_workload.py).
+# Nested loops get per-entry averages (totals over all
 # packs divided by the enclosing loop's total), so the weighted counts are the totals' averages per
 # warp; thread-0 loops (tile ranges, assign_items) count 1/8 per warp.
 def _fused(c: Ctx) -> Dict[str, Any]:

@@ -1,8 +1,7 @@
 """Host model of the fused CUDA window-attention kernels: launch plan and pack prologue.
 
-One model for the two static estimates of ``csrc/cuda/window_attention*.cu``: the report's trip-count
-rules (``static_rules.py``) and the CUDA author's ``csrc/cuda/static_estimate.py`` (which loads this
-file by path). It mirrors, in Python:
+The model behind the static report's trip-count rules for ``csrc/cuda/window_attention*.cu``
+(``static_rules.py``). It mirrors, in Python:
 
 * the launch plan: ``pick_pack`` / ``make_layout`` (``window_attention_index.cuh``), ``heads_per_cta``
   (``bwd_heads_per_cta`` in ``window_attention_bwd.cu``) and ``plan_forward`` / ``plan_backward`` (windows per pack, packs, heads per CTA, buffers, slots);
@@ -22,7 +21,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 __all__ = ["THREADS", "WARPS", "pick_pack", "heads_per_cta", "bwd_heads_per_cta", "layout_bytes", "plan",
-           "mixmim_mask", "workload", "attention_workload"]
+           "mixmim_mask", "attention_workload"]
 
 THREADS = 256  # kThreads: threads per CTA of the fused kernels
 WARPS = THREADS // 32
@@ -201,14 +200,6 @@ def _aggregate(keys: np.ndarray) -> Dict[str, Any]:
         for k in ("tiles", "scan", "scan_warps", "scan_win", "scan_win_warps", "shifts_fwd", "shifts_bwd"):
             tot[k] = tot.get(k, 0) + s[k]
     return dict(tot, packs=math.ceil(nwin / P), P=P, N=N, nwin=nwin, cap=_round16(P * N))
-
-
-def workload(B: int, HW: int, w: int, shift: int, group: Optional[np.ndarray], width: int) -> Dict[str, Any]:
-    """static_estimate's view: counts of (block width, masked) over all tiles of all packs (width 32:
-    the forward's walk, 16: the backward's), tiles, packs, windows per pack."""
-    a = _aggregate(_keys(B, HW, HW, w, shift, group))
-    return dict(counts=a["c32"] if width == 32 else a["c16"], tiles=a["tiles"], packs=a["packs"], P=a["P"], N=a["N"],
-                nwin=a["nwin"])
 
 
 _MEMO: Dict[Tuple, Dict[str, Any]] = {}
