@@ -504,17 +504,24 @@ def gen_wattn(rng):
     return [_rand(rng, (B, H, W, 3 * nH * d), dt), nH, wh, ww, sh, sw, rpb, ab, group, coords, rh, rw, scale]
 
 
-def gen_wattn_bwd(rng):
-    a = gen_wattn(rng)
+def wattn_bwd_args(rng, a, forward="window_attention", more_flags=0):
+    """A backward call for the forward call ``a``: dout, qkv, the forward's out/lse (zeros when it
+    raises: the forward case reports that), a's other arguments, need_drpb, need_dbias, ``more_flags``
+    further need_* flags, deterministic."""
     try:
-        out, lse = torch.ops.mixkernels_C.window_attention(*a)
+        out, lse = getattr(torch.ops.mixkernels_C, forward)(*a)
     except Exception:  # noqa: BLE001 - the forward case reports forward failures
         B, H, W, C3 = a[0].shape
         out = torch.zeros(B, H, W, C3 // 3, dtype=a[0].dtype)
         lse = torch.zeros(B * (H // a[2]) * (W // a[3]), a[1], a[2] * a[3], dtype=acc_of(a[0].dtype))
     dout = _rand(rng, out.shape, out.dtype)
     return [dout, a[0], out, lse, *a[1:], a[6] is not None and rng.random() < 0.8,
-            a[7] is not None and rng.random() < 0.8, rng.random() < 0.5]
+            a[7] is not None and rng.random() < 0.8, *[rng.random() < 0.8 for _ in range(more_flags)],
+            rng.random() < 0.5]
+
+
+def gen_wattn_bwd(rng):
+    return wattn_bwd_args(rng, gen_wattn(rng))
 
 
 def _imgs(rng, B, p, dt):

@@ -9,7 +9,7 @@ import torch
 
 from fuzz_kernels_spec import (
     FLOATS, _ref_wattn, _ref_wattn_bwd, _mask, _rand, _fdt, acc_of, contiguous_or_lenient, gen_wattn, grad_of, hi,
-    need, ref, tens,
+    need, ref, tens, wattn_bwd_args,
 )
 
 
@@ -73,16 +73,7 @@ def gen_wattn_cos(rng):
 
 
 def gen_wattn_cos_bwd(rng):
-    a = gen_wattn_cos(rng)
-    try:
-        out, lse = torch.ops.mixkernels_C.window_attention_cosine(*a)
-    except Exception:  # noqa: BLE001 - the forward case reports forward failures
-        B, H, W, C3 = a[0].shape
-        out = torch.zeros(B, H, W, C3 // 3, dtype=a[0].dtype)
-        lse = torch.zeros(B * (H // a[2]) * (W // a[3]), a[1], a[2] * a[3], dtype=acc_of(a[0].dtype))
-    dout = _rand(rng, out.shape, out.dtype)
-    return [dout, a[0], out, lse, *a[1:], a[6] is not None and rng.random() < 0.8,
-            a[7] is not None and rng.random() < 0.8, rng.random() < 0.8, rng.random() < 0.5]
+    return wattn_bwd_args(rng, gen_wattn_cos(rng), "window_attention_cosine", more_flags=1)  # + need_dlogit_scale
 
 
 def gen_simmim(rng):
