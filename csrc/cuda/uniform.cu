@@ -81,7 +81,7 @@ struct UniformBwd {
 };
 
 template <typename T, int VEC, int UT>
-__global__ void __launch_bounds__(tokens::kThreads) uniform_backward_kernel(
+__global__ void __launch_bounds__(tokens::kThreads, 3) uniform_backward_kernel(
     const T* __restrict__ grad, const uint8_t* __restrict__ keep, const uint8_t* __restrict__ secondary,
     T* __restrict__ dx, float* __restrict__ tok_part, const UniformBwd a) {
   using P = Pack<T, VEC>;
