@@ -370,7 +370,7 @@ def test_ptxas_log_parsing():
 
 REQUIRED = ("backend", "kernel", "shape", "dtype", "arch", "config", "registers", "spill_bytes", "smem_bytes",
             "threads", "ctas_per_sm", "instructions", "instructions_per_element", "floor_bytes", "floor_us", "est_us",
-            "est_fraction_of_floor")
+            "est_fraction_of_floor", "est_fraction_of_copy")
 
 
 def test_report_end_to_end_json_and_compare(tmp_path):
@@ -391,6 +391,8 @@ def test_report_end_to_end_json_and_compare(tmp_path):
         assert all(k in rec for k in REQUIRED), sorted(set(REQUIRED) - set(rec))
         assert rec["error"] is None and rec["arch"] == "sm_90" and rec["spill_bytes"] == 0
         assert 0 < rec["est_fraction_of_floor"] <= 1 and rec["est_us"] >= rec["floor_us"]
+        # a copy of the floor bytes costs floor + one launch: never below % floor
+        assert rec["est_fraction_of_floor"] <= rec["est_fraction_of_copy"] <= 1
         assert rec["instructions"] > 0 and rec["registers"] > 0 and rec["ctas_per_sm"] >= 1
         assert not rec["unmatched_loops"]
     assert "Static estimate, no GPU" in (out1 / "static.md").read_text()
@@ -398,7 +400,7 @@ def test_report_end_to_end_json_and_compare(tmp_path):
                        env=clean_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     md = (out2 / "static.md").read_text()
-    assert "before -> after" in md and " -> " in md
+    assert "before -> after" in md and " -> " in md and "| % copy |" in md
 
 
 def test_cuda_static_smem_leaves_out_the_system_reserve():

@@ -91,6 +91,9 @@ def _finish(case: static_cases.Case, backend: str, launches: List[Dict[str, Any]
         instructions_per_element=round(32 * warp_instr / case.elements, 3), element_unit=case.element_unit,
         elements=case.elements, mufu_per_element=round(mufu / case.elements, 3), floor_bytes=case.floor_bytes,
         floor_us=round(floor_us, 3), est_us=round(est, 3), est_fraction_of_floor=round(min(1.0, floor_us / est), 4),
+        # against a copy of the floor bytes under the same model (one launch): the token ops' yardstick
+        # ("% of copy bandwidth"), where a small op's launch term would otherwise cap % floor
+        est_fraction_of_copy=round(min(1.0, (floor_us + static_model.MODEL["launch_us"]) / est), 4),
         bound=dom["estimate"]["bound"], dominant_kernel=dom["kernel"],
         traffic_ratio=round(total_req / case.floor_bytes, 3) if case.floor_bytes else None,
         unmatched_loops=unmatched, launches=launches, error=None)
@@ -101,7 +104,7 @@ def _error_record(case, backend, err: str) -> Dict[str, Any]:
                 registers=None, spill_bytes=None, smem_bytes=None, threads=None, ctas_per_sm=None, instructions=None,
                 instructions_per_element=None, floor_bytes=case.floor_bytes,
                 floor_us=round(case.floor_bytes / _BW * 1e6, 3), est_us=None, est_fraction_of_floor=None,
-                error=err[-4000:], launches=[], unmatched_loops=[])
+                est_fraction_of_copy=None, error=err[-4000:], launches=[], unmatched_loops=[])
 
 
 # ----------------------------------------------------------------------------- Triton

@@ -36,11 +36,12 @@ def compare_rows(doc, old) -> Dict[tuple, Dict[str, Any]]:
 def _row(r, prev=None) -> str:
     if r.get("error"):
         return (f"| {r['backend']} | {r['kernel']} | {r['shape']} | {r['dtype']} | ERROR: "
-                f"{r['error'].splitlines()[0][:80]} |" + " |" * 10)
+                f"{r['error'].splitlines()[0][:80]} |" + " |" * 11)
     cells = [r["backend"], r["kernel"], r["shape"], r["dtype"], str(r["registers"]),
              str(r["spill_bytes"]), f"{r['smem_bytes'] / 1024:.0f}K", str(r["threads"]), str(r["ctas_per_sm"]),
              _f(r["instructions_per_element"]), _f(r.get("mufu_per_element"), "{:.2f}"), _f(r["floor_us"]),
-             _f(r["est_us"]), _pct(r["est_fraction_of_floor"]), r.get("bound", "")]
+             _f(r["est_us"]), _pct(r["est_fraction_of_floor"]), _pct(r.get("est_fraction_of_copy")),
+             r.get("bound", "")]
     if prev is not None:
         if prev.get("error") or prev.get("est_us") is None:
             cells += ["-", "-", "-"]
@@ -52,7 +53,7 @@ def _row(r, prev=None) -> str:
 
 
 _HEAD = ("| backend | op | shape | dtype | regs | spill B | smem | threads | CTAs/SM | instr/elem | MUFU/elem "
-         "| floor us | est us | % floor | bound |")
+         "| floor us | est us | % floor | % copy | bound |")
 
 
 def _table(records, old_by_key=None) -> List[str]:
@@ -93,7 +94,9 @@ def markdown(doc, old=None) -> str:
           "`instr/elem` = 32 x warp-instructions / elements (thread-instructions per score element for "
           "attention, per 16 B of floor traffic for token ops and losses); `MUFU/elem` the same for MUFU ops. "
           "Floor = bytes each input is read once and each output written once (DESIGN.md section 7), at "
-          f"{m['hbm_bytes_per_s'] / 1e12:.1f} TB/s.", "", "| constant | value |", "|---|---|"]
+          f"{m['hbm_bytes_per_s'] / 1e12:.1f} TB/s. `% copy` = (floor us + launch_us) / est us: the op against a "
+          "copy of its floor bytes under the same model (one launch), the yardstick for token ops and losses "
+          "(\"% of copy bandwidth\"), whose floors are a few us, so that one launch term alone caps `% floor`.", "", "| constant | value |", "|---|---|"]
     L += [f"| {k} | {v} |" for k, v in m.items()]
     cal = doc.get("calibration")
     if cal:
