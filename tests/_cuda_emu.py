@@ -216,13 +216,14 @@ _SIGS = {
     "emu_mix_tokens": [_P, _P, _P, _I, _I, _I, _I, _i],
     "emu_mix_tokens_backward": [_P, _P, _P, _I, _I, _I, _I, _i],
     "emu_unmix_tokens": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _i],
+    "emu_token_tickets": [],
     "emu_unmix_tokens_backward_workspace": [_I, _I, _I, _i, _i],
-    "emu_unmix_tokens_backward": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _i],
+    "emu_unmix_tokens_backward": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _i, _P],
     "emu_window_partition": [_P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _i],
     "emu_window_merge": [_P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _i],
     "emu_uniform_sample": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _i],
     "emu_uniform_sample_backward_workspace": [_I, _I, _I, _I, _i],
-    "emu_uniform_sample_backward": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _i],
+    "emu_uniform_sample_backward": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _i, _P],
     "emu_uniform_scatter": [_P, _P, _P, _I, _I, _I, _I, _I, _i],
     "emu_mixmim_loss_fwd": [_P, _i, _P, _i, _P, _I, _P, _I, _I, _I, _i, _i, _f],
     "emu_mixmim_loss_bwd": [_P, _P, _i, _P, _i, _P, _I, _P, _I, _I, _I, _i, _i, _f],
@@ -237,7 +238,7 @@ def call(name: str, *args) -> int:
     """Call an emulated launcher: tensors (or None) pass as pointers, the rest as the signature says."""
     fn = getattr(library(), name)
     fn.argtypes = _SIGS[name]
-    fn.restype = ctypes.c_int64 if name.endswith("_workspace") else ctypes.c_int
+    fn.restype = ctypes.c_int64 if name.endswith(("_workspace", "_tickets")) else ctypes.c_int
     conv = [_ptr(a) if isinstance(a, torch.Tensor) or a is None else a for a in args]
     return fn(*conv)
 

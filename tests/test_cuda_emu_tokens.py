@@ -72,7 +72,7 @@ def test_unmix_backward(dtype, B, L, C, off, shared):
     dx = E.empty((B, L, C), dtype)
     dtok, dpos = E.empty((C,), torch.float32), E.empty((L, C), torch.float32)
     ws = E.empty((max(1, E.call("emu_unmix_tokens_backward_workspace", B, L, C, 1, 1)),), torch.float32)
-    _ok(E.call("emu_unmix_tokens_backward", g, mask, dx, dtok, dpos, ws, B, L, C, mask.shape[0], DT[dtype]))
+    _ok(E.call("emu_unmix_tokens_backward", g, mask, dx, dtok, dpos, ws, B, L, C, mask.shape[0], DT[dtype], _tickets()))
     mask = mask.expand(B, L)
     x = torch.randn(B, L, C, dtype=torch.float64, requires_grad=True)
     tok = torch.randn(C, dtype=torch.float64, requires_grad=True)
@@ -81,6 +81,47 @@ def test_unmix_backward(dtype, B, L, C, off, shared):
     assert torch.equal(dx.double(), want[0])  # a selection of grad rows
     torch.testing.assert_close(dtok.double(), want[1], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(dpos.double(), want[2], rtol=1e-5, atol=1e-4)
+
+
+def _tickets():
+    return torch.zeros(E.call("emu_token_tickets"), dtype=torch.int32)
+
+
+# Odd shapes (B odd; C not a multiple of the 16 B vector: scalar access and a part-filled last row
+# slice; several slices; several image chunks): the single-launch reduction (the last CTA of each slice
+# group, tickets) gives the two-launch path's bits, the same bits on every call, leaves the tickets
+# zero, and matches the float64 reference (2x rule against the float32 reference).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("B,L,C,off,shared", [(9, 5, 70, 0, False), (67, 2, 130, 0, True), (33, 3, 72, 1, False)],
+                         ids=str)
+def test_unmix_backward_one_launch(dtype, B, L, C, off, shared):
+    mask = (torch.rand(1 if shared else B, L) < 0.5).to(torch.uint8)
+    g = E.aligned(torch.randn(2 * B, L, C).to(dtype), off)
+    nws = max(1, E.call("emu_unmix_tokens_backward_workspace", B, L, C, 1, 1))
+    tickets = _tickets()
+
+    def run(t, seed):
+        E.seed(seed)  # another thread order
+        dx, dtok, dpos = E.empty((B, L, C), dtype), E.empty((C,), torch.float32), E.empty((L, C), torch.float32)
+        ws = E.empty((nws,), torch.float32)
+        _ok(E.call("emu_unmix_tokens_backward", g, mask, dx, dtok, dpos, ws, B, L, C, mask.shape[0], DT[dtype], t))
+        return dx, dtok, dpos
+
+    first = run(tickets, 1)
+    assert not tickets.any(), "the last CTA leaves the tickets zero"
+    for again in (run(tickets, 2), run(None, 3)):
+        assert all(_same_bits(a, b) for a, b in zip(first, again))
+    dx, dtok, dpos = first
+    m = mask.expand(B, L).bool()
+    x = torch.randn(B, L, C, dtype=torch.float64, requires_grad=True)
+    tok = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(L, C, dtype=torch.float64, requires_grad=True)
+    want = torch.autograd.grad(ref.unmix_tokens(x, m, tok, pos), (x, tok, pos), g.double())
+    xs, ts, ps = (t.detach().float().requires_grad_(True) for t in (x, tok, pos))
+    same = torch.autograd.grad(ref.unmix_tokens(xs, m, ts, ps), (xs, ts, ps), g.float())
+    assert torch.equal(dx.double(), want[0])
+    assert_close_2x(dtok, want[1], same[1], name="dtoken")
+    assert_close_2x(dpos, want[2], same[2], name="dpos")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
@@ -119,7 +160,7 @@ def test_uniform(dtype, unit, C, off):
         dx = E.empty((B, H, W, C), dtype)
         dtok = E.empty((C,), torch.float32)
         ws = E.empty((max(1, E.call("emu_uniform_sample_backward_workspace", B, H, W, C, 1)),), torch.float32)
-        _ok(E.call("emu_uniform_sample_backward", g, keep, s, dx, dtok, ws, B, H, W, C, unit, DT[dtype]))
+        _ok(E.call("emu_uniform_sample_backward", g, keep, s, dx, dtok, ws, B, H, W, C, unit, DT[dtype], _tickets()))
         xr = x.double().requires_grad_(True)
         tr = tok.double().requires_grad_(True)
         o = ref.uniform_sample(xr, keep.long(), unit, mask_token=tr, secondary=None if s is None else s.bool())
@@ -130,6 +171,47 @@ def test_uniform(dtype, unit, C, off):
     back = E.empty((B, H, W, C), dtype)
     _ok(E.call("emu_uniform_scatter", E.aligned(out, off), keep, back, B, H, W, C, unit, DT[dtype]))
     assert torch.equal(back, ref.uniform_scatter(out, keep.long(), unit))
+
+
+def _same_bits(a, b):
+    return torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
+                       b.view(torch.int16 if b.element_size() == 2 else torch.int32))
+
+
+# Enough token segments for several first-level groups (odd B; C not a multiple of the 16 B vector):
+# the single-launch dtoken reduction gives the two-launch bits, the same bits on every call, leaves the
+# tickets zero, and matches the float64 reference (2x rule).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("C,off", [(5, 0), (24, 1)], ids=str)
+def test_uniform_backward_one_launch(dtype, C, off):
+    B, H, W, unit = 3, 36, 36, 1
+    hc, wc = H // 2, W // 2
+    keep = torch.randint(0, 4, (B, hc, wc), dtype=torch.uint8)
+    sec = (torch.rand(B, hc, wc) < 0.3).to(torch.uint8)
+    g = E.aligned(torch.randn(B, H // 2, W // 2, C).to(dtype), off)
+    nws = max(1, E.call("emu_uniform_sample_backward_workspace", B, H, W, C, 1))
+    tickets = _tickets()
+
+    def run(t, seed):
+        E.seed(seed)
+        dx, dtok, ws = E.empty((B, H, W, C), dtype), E.empty((C,), torch.float32), E.empty((nws,), torch.float32)
+        _ok(E.call("emu_uniform_sample_backward", g, keep, sec, dx, dtok, ws, B, H, W, C, unit, DT[dtype], t))
+        return dx, dtok
+
+    first = run(tickets, 1)
+    assert not tickets.any(), "the last CTAs leave the tickets zero"
+    for again in (run(tickets, 2), run(None, 3)):
+        assert all(_same_bits(a, b) for a, b in zip(first, again))
+    dx, dtok = first
+    x = torch.randn(B, H, W, C, dtype=torch.float64, requires_grad=True)
+    tok = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    want = torch.autograd.grad(ref.uniform_sample(x, keep.long(), unit, mask_token=tok, secondary=sec.bool()), (x, tok),
+                               g.double())
+    xs, ts = x.detach().float().requires_grad_(True), tok.detach().float().requires_grad_(True)
+    same = torch.autograd.grad(ref.uniform_sample(xs, keep.long(), unit, mask_token=ts, secondary=sec.bool()),
+                               (xs, ts), g.float())
+    assert torch.equal(dx.double(), want[0])
+    assert_close_2x(dtok, want[1], same[1], name="dtoken")
 
 
 @pytest.mark.parametrize("pdt", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])

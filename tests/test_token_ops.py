@@ -433,8 +433,8 @@ def test_cuda_access_widths(dtype, C, off):
 
 @gpu
 def test_cuda_large_shapes():
-    """Swin/MixMIM-sized grids (B=128, 56x56 tokens): grid-stride loops, and the multi-level
-    deterministic column sums (uniform dtoken over 100352 rows: 3 levels; unmix over 3136 rows)."""
+    """Swin/MixMIM-sized grids (B=128, 56x56 tokens): grid-stride loops, and the deterministic
+    single-launch reductions (uniform dtoken over 100352 rows; unmix over 3136 positions)."""
     dev = "cuda"
     B, H, W, C = 128, 56, 56, 40
     x = torch.randn(B, H, W, C, dtype=BF16, device=dev)
@@ -464,6 +464,39 @@ def test_cuda_large_shapes():
                                    rtol=1e-5, atol=5e-3)
         torch.testing.assert_close(dpos.double(), g2.double().sum(0), rtol=1e-5, atol=1e-3)
         assert all(torch.equal(a, b) for a, b in zip(ku(g2, m8, True, True), (dx, dtok, dpos)))
+
+
+@gpu
+def test_cuda_one_launch_reductions_streams_and_graphs():
+    """The backward reductions done in one launch (the last CTA, with the calling stream's tickets)
+    give the same bits on every call, on another stream, and as the two-launch path that a CUDA
+    graph capture takes (odd B, C not a multiple of the 16 B vector)."""
+    dev = "cuda"
+    B, L, C = 33, 49, 70
+    g = torch.randn(2 * B, L, C, dtype=BF16, device=dev)
+    m8 = (torch.rand(B, L, device=dev) < 0.5).to(torch.uint8)
+    ku = _dispatch.kernel("mixing", "unmix_tokens_backward", "cuda")
+    Bu, H, W, Cu = 3, 36, 36, 24
+    keep, sec = mk.uniform_masks(Bu, (H // 2, W // 2), device=dev)
+    gc = torch.randn(Bu, H // 2, W // 2, Cu, dtype=BF16, device=dev)
+    kw = _dispatch.kernel("uniform", "uniform_sample_backward", "cuda")
+    for call in (lambda: ku(g, m8, True, True), lambda: kw(gc, keep, 1, sec.to(torch.uint8), True)):
+        first = call()
+        for _ in range(20):
+            assert all(torch.equal(a, b) for a, b in zip(call(), first))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            other = call()
+        torch.cuda.current_stream().wait_stream(side)
+        assert all(torch.equal(a, b) for a, b in zip(other, first))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = call()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(captured, first))
+        assert all(torch.equal(a, b) for a, b in zip(call(), first))  # eager again after the graph
 
 
 @gpu

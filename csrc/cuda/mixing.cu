@@ -1,9 +1,9 @@
 // CUDA kernels: MixMIM token mixing (mix_tokens) and the dual decoder's un-mixing (unmix_tokens),
 // forward and backward. Every op that moves whole rows (mix, mix backward, unmix with or without
 // pos_embed) is the row gather of tokens_kernels.cuh (one map per row, exact copies, fp32 adds).
-// unmix backward reduces deterministically: one CTA per (position, row slice, image chunk) sums its
-// images in a fixed order (dpos complete when there is one chunk), then fixed-order column sums of
-// the per-position partials give dtoken (tokens_kernels.cuh).
+// unmix backward reduces deterministically in one launch: one CTA per (position, row slice, image
+// chunk) sums its images in a fixed order (dpos complete when there is one chunk), then the last CTA
+// of each slice group sums the per-position partials in a fixed order into dtoken (and dpos).
 #include "mixkernels/tokens_cuda.h"
 #include "tokens_kernels.cuh"
 
@@ -50,23 +50,70 @@ struct UnmixMap {
   }
 };
 
-// Unmix backward, pass 1. CTA = (position p, slice of tx vectors of the row, image chunk k); thread
-// (x: vector of the slice, y: image lane). A lane walks its chunk's images y, y+ty, ... two per
+// Unmix backward in one launch. CTA = (position p, slice of tx vectors of the row, image chunk k);
+// thread (x: vector of the slice, y: image lane). A lane walks its chunk's images y, y+ty, ... two per
 // iteration (four independent 16 B loads in flight): dx[b,p] = g[B+b,p] if mask else g[b,p], and
 // float32 sums tok += mask ? g[b,p] : g[B+b,p], pos += g[b,p] + g[B+b,p]. The ty lanes are then summed
-// in a fixed order through shared memory, so every output is one CTA's (deterministic, no atomics):
-// tok_out[(k*L + p)*C + c] and pos_out[(k*L + p)*C + c] (dpos itself when there is one chunk).
+// in a fixed order through shared memory, so every partial is one CTA's (no atomics on data):
+// tok_part[(k*L + p)*C + c] and pos_part[(k*L + p)*C + c] (dpos itself when there is one chunk).
+// The partials of a slice group (slices s = g mod groups) are then reduced by the group's last CTA
+// to finish (tokens::last_of_group: a ticket counter that the last CTA sets back to zero), or, with
+// no tickets, by a second launch running the same reduction code: the result bits depend on neither.
 struct UnmixBwd {
-  int B, L, slices, chunk;
+  int B, L, slices, chunk, chunks, groups;
   int64_t C;
   bool shared;
 };
 
+struct UnmixOut {
+  float *tok_part, *pos_part;  // partials (pos_part == dpos with one chunk)
+  float *dtoken, *dpos;        // nullptr when not needed
+  unsigned* tickets;           // `groups` zeroed counters, or nullptr (two launches)
+};
+
+// dtoken and (several chunks) dpos on the columns of slice s, from the partials: fixed-order sums
+// (row lanes of the CTA in order, then the lanes in order; chunks in order). cols = tx*VEC <= 64
+// (a slice is at most 128 B of a row), so the 256 threads give 256/cols >= 4 row lanes per column.
+template <int VEC>
+__device__ void unmix_reduce_slice(const UnmixOut& o, const UnmixBwd& a, int s, float* red) {
+  const int threads = tokens::kThreads, tid = threadIdx.y * blockDim.x + threadIdx.x, cols = blockDim.x * VEC;
+  const int64_t c0 = int64_t(s) * cols;
+  const int width = a.C - c0 < cols ? int(a.C - c0) : cols;
+  if (o.dtoken != nullptr) {
+    const int lanes = threads / cols, c = tid % cols, lane = tid / cols;
+    const int64_t R = int64_t(a.chunks) * a.L;
+    float acc = 0.f;
+    if (c < width)
+      for (int64_t r = lane; r < R; r += lanes) acc += __ldcg(o.tok_part + r * a.C + c0 + c);
+    red[tid] = acc;  // [lane][c]
+    __syncthreads();
+    if (tid < width) {
+      float t = 0.f;
+      for (int l = 0; l < lanes; ++l) t += red[l * cols + tid];
+      o.dtoken[c0 + tid] = t;
+    }
+    __syncthreads();
+  }
+  if (o.dpos != nullptr && a.chunks > 1) {
+    for (int j = tid; j < a.L * cols; j += threads) {
+      const int p = j / cols, c = j - p * cols;
+      if (c >= width) continue;
+      float t = 0.f;
+      for (int k = 0; k < a.chunks; ++k) t += __ldcg(o.pos_part + (int64_t(k) * a.L + p) * a.C + c0 + c);
+      o.dpos[int64_t(p) * a.C + c0 + c] = t;
+    }
+  }
+}
+
+__host__ __device__ inline bool unmix_needs_reduce(const UnmixOut& o, int chunks) {
+  return o.dtoken != nullptr || (o.dpos != nullptr && chunks > 1);
+}
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(tokens::kThreads) unmix_backward_kernel(const T* __restrict__ g,
                                                                          const uint8_t* __restrict__ mask,
-                                                                         T* __restrict__ dx, float* __restrict__ tok_out,
-                                                                         float* __restrict__ pos_out, const UnmixBwd a) {
+                                                                         T* __restrict__ dx, const UnmixOut o,
+                                                                         const UnmixBwd a) {
   using P = Pack<T, VEC>;
   __shared__ float red[2][tokens::kThreads * VEC];  // [tok|pos][y][x*VEC + e]
   const int tx = blockDim.x, ty = blockDim.y, x = threadIdx.x, y = threadIdx.y;
@@ -109,12 +156,24 @@ __global__ void __launch_bounds__(tokens::kThreads) unmix_backward_kernel(const 
   for (int j = tid; j < 2 * cols; j += tx * ty) {
     const int q = j >= cols, c = j - q * cols;
     if (int64_t(s) * cols + c >= a.C) continue;
-    float* out = q ? pos_out : tok_out;
+    float* out = q ? o.pos_part : o.tok_part;
     if (out == nullptr) continue;
     float sum = 0.f;
     for (int l = 0; l < ty; ++l) sum += red[q][l * cols + c];
     out[out_row + c] = sum;
   }
+  if (o.tickets == nullptr || !unmix_needs_reduce(o, a.chunks)) return;
+  const int grp = s % a.groups;  // its CTAs: the group's slices x L positions x chunks
+  const unsigned ctas = unsigned(((a.slices - 1 - grp) / a.groups + 1) * a.L * a.chunks);
+  if (!tokens::last_of_group(o.tickets + grp, ctas)) return;
+  for (int s2 = grp; s2 < a.slices; s2 += a.groups) unmix_reduce_slice<VEC>(o, a, s2, red[0]);
+}
+
+// The reduction without tickets: CTA = slice group, the same block shape and code as above.
+template <int VEC>
+__global__ void __launch_bounds__(tokens::kThreads) unmix_reduce_kernel(const UnmixOut o, const UnmixBwd a) {
+  __shared__ float red[tokens::kThreads];
+  for (int s2 = blockIdx.x; s2 < a.slices; s2 += a.groups) unmix_reduce_slice<VEC>(o, a, s2, red);
 }
 
 // Block (tx vectors of a row, ty image lanes): tx covers 128 B of a row (or the whole row if
@@ -136,7 +195,7 @@ inline int64_t unmix_chunks(int64_t B, int64_t L, int64_t slices, int ty) {
 
 struct UnmixPlan {
   dim3 block;
-  int64_t slices, chunks, chunk;
+  int64_t slices, chunks, chunk, groups;
 };
 
 inline UnmixPlan unmix_plan(int64_t B, int64_t L, int64_t C, int vec, int es) {
@@ -145,19 +204,22 @@ inline UnmixPlan unmix_plan(int64_t B, int64_t L, int64_t C, int vec, int es) {
   u.slices = ceil_div(C / vec, u.block.x);
   u.chunks = unmix_chunks(B, L, u.slices, int(u.block.y));
   u.chunk = ceil_div(B, u.chunks);
+  u.groups = u.slices < kTokenTickets ? u.slices : kTokenTickets;
   return u;
 }
 
 template <typename T, int VEC>
-cudaError_t launch_unmix_backward(const void* g, const uint8_t* mask, void* dx, float* tok_out, float* pos_out,
-                                  int64_t B, int64_t L, int64_t C, bool shared, const UnmixPlan& u,
-                                  cudaStream_t stream) {
+cudaError_t launch_unmix_backward(const void* g, const uint8_t* mask, void* dx, const UnmixOut& o, int64_t B,
+                                  int64_t L, int64_t C, bool shared, const UnmixPlan& u, cudaStream_t stream) {
   const int64_t ctas = L * u.slices;
   if (ctas >= (int64_t(1) << 31) || 2 * B * L >= (int64_t(1) << 31)) return cudaErrorInvalidValue;
-  const UnmixBwd a{int(B), int(L), int(u.slices), int(u.chunk), C, shared};
+  const UnmixBwd a{int(B), int(L), int(u.slices), int(u.chunk), int(u.chunks), int(u.groups), C, shared};
   auto k = unmix_backward_kernel<T, VEC>;
-  return MK_LAUNCH(k, dim3(unsigned(ctas), unsigned(u.chunks)), u.block, 0, stream, static_cast<const T*>(g), mask,
-                   static_cast<T*>(dx), tok_out, pos_out, a);
+  cudaError_t err = MK_LAUNCH(k, dim3(unsigned(ctas), unsigned(u.chunks)), u.block, 0, stream,
+                              static_cast<const T*>(g), mask, static_cast<T*>(dx), o, a);
+  if (err != cudaSuccess || o.tickets != nullptr || !unmix_needs_reduce(o, a.chunks)) return err;
+  auto r = unmix_reduce_kernel<VEC>;
+  return MK_LAUNCH(r, dim3(unsigned(u.groups)), u.block, 0, stream, o, a);
 }
 
 }  // namespace
@@ -182,13 +244,10 @@ cudaError_t unmix_tokens(const void* x, const uint8_t* mask, const void* token, 
   return tokens::launch_rows<true>(x, token, pos, out, 2 * B * L, rb, dtype, map, stream);
 }
 
-// Workspace of one plan: [tok partials (n*L, C) | their column-sum scratch] [pos partials (n, L*C) |
-// scratch] (pos only with several image chunks).
+// Workspace of one plan: [tok partials (n*L, C)] [pos partials (n, L*C), only with n > 1 chunks].
 inline int64_t unmix_workspace(const UnmixPlan& u, int64_t L, int64_t C, bool need_token, bool need_pos) {
   const int64_t n = u.chunks;
-  const int64_t ws_tok = need_token ? n * L * C + tokens::column_sum_workspace(n * L, C) : 0;
-  const int64_t ws_pos = need_pos && n > 1 ? n * L * C + tokens::column_sum_workspace(n, L * C) : 0;
-  return ws_tok + ws_pos;
+  return (need_token ? n * L * C : 0) + (need_pos && n > 1 ? n * L * C : 0);
 }
 
 // The plan depends on the element size and the access width (pointer alignment), which the caller
@@ -207,7 +266,7 @@ int64_t unmix_tokens_backward_workspace(int64_t B, int64_t L, int64_t C, bool ne
 
 cudaError_t unmix_tokens_backward(const void* grad, const uint8_t* mask, void* dx, float* dtoken, float* dpos,
                                   float* workspace, int64_t B, int64_t L, int64_t C, int64_t G, DType dtype,
-                                  cudaStream_t stream) {
+                                  cudaStream_t stream, unsigned* tickets) {
   if (B == 0 || L == 0 || C == 0) {  // empty sums are zero
     cudaError_t e = dtoken ? cudaMemsetAsync(dtoken, 0, C * sizeof(float), stream) : cudaSuccess;
     if (e == cudaSuccess && dpos) e = cudaMemsetAsync(dpos, 0, L * C * sizeof(float), stream);
@@ -217,20 +276,13 @@ cudaError_t unmix_tokens_backward(const void* grad, const uint8_t* mask, void* d
   const int vec = tokens::vector_bytes(C * es, es, grad, dx) == 16 ? 16 / es : 1;
   const UnmixPlan u = unmix_plan(B, L, C, vec, es);
   const int64_t n = u.chunks;
-  float* tok_part = dtoken ? workspace : nullptr;
-  float* tok_scratch = dtoken ? workspace + n * L * C : nullptr;
-  float* rest = dtoken ? tok_scratch + tokens::column_sum_workspace(n * L, C) : workspace;
-  float* pos_part = dpos ? (n > 1 ? rest : dpos) : nullptr;
-  cudaError_t err = MK_DISPATCH_DTYPE(dtype, [&] {
+  UnmixOut o{dtoken ? workspace : nullptr, nullptr, dtoken, dpos, tickets};
+  if (dpos) o.pos_part = n > 1 ? workspace + (dtoken ? n * L * C : 0) : dpos;
+  return MK_DISPATCH_DTYPE(dtype, [&] {
     constexpr int V = 16 / sizeof(scalar_t);
-    return vec > 1 ? launch_unmix_backward<scalar_t, V>(grad, mask, dx, tok_part, pos_part, B, L, C, G == 1, u, stream)
-                   : launch_unmix_backward<scalar_t, 1>(grad, mask, dx, tok_part, pos_part, B, L, C, G == 1, u, stream);
+    return vec > 1 ? launch_unmix_backward<scalar_t, V>(grad, mask, dx, o, B, L, C, G == 1, u, stream)
+                   : launch_unmix_backward<scalar_t, 1>(grad, mask, dx, o, B, L, C, G == 1, u, stream);
   });
-  if (err == cudaSuccess && dtoken)
-    err = tokens::column_sum(tok_part, n * L, C, tokens::AllRows{}, dtoken, tok_scratch, stream);
-  if (err == cudaSuccess && dpos && n > 1)
-    err = tokens::column_sum(pos_part, n, L * C, tokens::AllRows{}, dpos, rest + n * L * C, stream);
-  return err;
 }
 
 }  // namespace mixkernels::cuda

@@ -2,6 +2,10 @@
 // torch-free launchers of csrc/cuda/{mixing,windows,uniform}.cu on the current stream, check.
 #include <torch/library.h>
 
+#include <map>
+#include <mutex>
+#include <utility>
+
 #include "mixkernels/tokens_cuda.h"
 #include "mixkernels/torch_cuda.h"
 
@@ -44,6 +48,21 @@ int64_t uniform_cells(int64_t B, int64_t H, int64_t W, int64_t unit) {
   TORCH_CHECK(unit >= 1 && H % (2 * unit) == 0 && W % (2 * unit) == 0, "mixkernels CUDA uniform op: 2*unit = ",
               2 * unit, " must divide the token grid ", H, "x", W);
   return B * (H / (2 * unit)) * (W / (2 * unit));
+}
+
+// The tickets of the single-launch reductions (tokens_cuda.h): one zeroed buffer per (device, stream),
+// kept for the process (calls on a stream run in order, and every launch leaves its counters zero).
+// None while the stream is being captured into a CUDA graph (a replay could run next to an eager call
+// on the same stream): captured calls take the two-launch path, which gives the same bits.
+unsigned* stream_tickets(const at::Tensor& like, cudaStream_t stream) {
+  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &cap) != cudaSuccess || cap != cudaStreamCaptureStatusNone) return nullptr;
+  static std::mutex mu;
+  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();  // never freed
+  const std::lock_guard<std::mutex> lock(mu);
+  at::Tensor& t = (*buffers)[{like.get_device(), stream}];
+  if (!t.defined()) t = at::zeros({kTokenTickets}, like.options().dtype(at::kInt));  // on `stream`: ordered
+  return reinterpret_cast<unsigned*>(t.data_ptr<int>());
 }
 
 at::Tensor acc_like(const at::Tensor& t, at::IntArrayRef shape) { return at::empty(shape, t.options().dtype(at::kFloat)); }
@@ -103,7 +122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unmix_tokens_backward_op(const at
   MK_CHECK_LAUNCH(cuda::unmix_tokens_backward(grad.data_ptr(), m, dx.data_ptr(),
                                               need_token ? dtoken.data_ptr<float>() : nullptr,
                                               need_pos ? dpos.data_ptr<float>() : nullptr, ws.data_ptr<float>(), B, L,
-                                              C, G, dtype_of(grad), current_stream()));
+                                              C, G, dtype_of(grad), current_stream(),
+                                              stream_tickets(grad, current_stream())));
   return {dx, dtoken, dpos};
 }
 
@@ -171,7 +191,8 @@ std::tuple<at::Tensor, at::Tensor> uniform_sample_backward_op(const at::Tensor& 
   auto ws = acc_like(grad, {cuda::uniform_sample_backward_workspace(B, H, W, C, need_token)});
   MK_CHECK_LAUNCH(cuda::uniform_sample_backward(grad.data_ptr(), k, sec, dx.data_ptr(),
                                                 need_token ? dtoken.data_ptr<float>() : nullptr, ws.data_ptr<float>(),
-                                                B, H, W, C, unit, dtype_of(grad), current_stream()));
+                                                B, H, W, C, unit, dtype_of(grad), current_stream(),
+                                                stream_tickets(grad, current_stream())));
   return {dx, dtoken};
 }
 

@@ -1,5 +1,6 @@
 // Device templates shared by the token-op kernels (mixing.cu, windows.cu, uniform.cu):
-// a row gather with the widest aligned vector access, and a deterministic column sum.
+// a row gather with the widest aligned vector access, and the ticket of the single-launch
+// deterministic reductions.
 // Torch-free; included only by .cu files. Templates, so every translation unit may instantiate.
 #pragma once
 #include <cstdint>
@@ -199,65 +200,23 @@ cudaError_t launch_rows(const void* a, const void* fill, const void* b, void* ou
   }
 }
 
-// ---- Deterministic column sums: out[n] = sum over rows r with pred(r) of in[r*N + n].
-// A block (32 columns x 8 row lanes) sums one fixed segment of rows; lanes are combined in a
-// fixed order, segments are reduced again level by level. No atomics: the result does not depend
-// on the grid or the device.
-constexpr int kColX = 32, kColY = 8;
-constexpr int64_t kSegRows = 256;
-
-struct AllRows {
-  __device__ bool operator()(int64_t) const { return true; }
-};
-
-template <typename T, typename Pred>
-__global__ void column_partial_kernel(const T* __restrict__ in, int64_t R, int64_t N, int64_t seg, Pred pred,
-                                      float* __restrict__ out) {
-  __shared__ float lanes[kColY][kColX + 1];
-  const int64_t c = int64_t(blockIdx.x) * kColX + threadIdx.x;
-  const int64_t r0 = int64_t(blockIdx.y) * seg;
-  const int64_t r1 = r0 + seg < R ? r0 + seg : R;
-  float acc = 0.f;
-  if (c < N) {
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += kColY)
-      if (pred(r)) acc += to_float(in[r * N + c]);
-  }
-  lanes[threadIdx.y][threadIdx.x] = acc;
+// ---- Single-launch reductions. The CTAs of a group store their partials, then each takes a ticket
+// from the group's counter; the CTA that takes the last one reduces the group's partials (in an order
+// the code fixes, whoever arrives last: the bits do not change) and sets the counter back to zero, so
+// a counter is zero before and after every launch. Call from every thread of the CTA (barriers); the
+// reducing CTA reads the others' partials through L2 (__ldcg).
+__device__ __forceinline__ bool last_of_group(unsigned* counter, unsigned ctas) {
+  __shared__ unsigned last;
+  __threadfence();  // release: this thread's partial stores reach L2 before its CTA's ticket
   __syncthreads();
-  if (threadIdx.y == 0 && c < N) {
-    float total = 0.f;
-    for (int y = 0; y < kColY; ++y) total += lanes[y][threadIdx.x];
-    out[int64_t(blockIdx.y) * N + c] = total;
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    last = atomicAdd(counter, 1u) == ctas - 1;
+    if (last) atomicExch(counter, 0u);  // every ticket of the launch is taken
   }
-}
-
-inline int64_t column_segment(int64_t R) {
-  const int64_t min_seg = ceil_div(R, 65535);  // grid.y limit
-  return min_seg > kSegRows ? min_seg : kSegRows;
-}
-
-// Floats of workspace column_sum needs for R rows of N columns.
-inline int64_t column_sum_workspace(int64_t R, int64_t N) {
-  if (R <= kSegRows) return 0;
-  const int64_t S = ceil_div(R, column_segment(R));
-  return S * N + column_sum_workspace(S, N);
-}
-
-template <typename T, typename Pred>
-cudaError_t column_sum(const T* in, int64_t R, int64_t N, Pred pred, float* out, float* workspace,
-                       cudaStream_t stream) {
-  if (N == 0) return cudaSuccess;
-  const dim3 block(kColX, kColY);
-  if (R <= kSegRows) {
-    auto k = column_partial_kernel<T, Pred>;
-    return MK_LAUNCH(k, dim3(static_cast<unsigned>(ceil_div(N, kColX)), 1), block, 0, stream, in, R, N, kSegRows, pred, out);
-  }
-  const int64_t seg = column_segment(R), S = ceil_div(R, seg);
-  auto k = column_partial_kernel<T, Pred>;
-  cudaError_t err = MK_LAUNCH(k, dim3(static_cast<unsigned>(ceil_div(N, kColX)), static_cast<unsigned>(S)), block, 0,
-                              stream, in, R, N, seg, pred, workspace);
-  if (err != cudaSuccess) return err;
-  return column_sum<float, AllRows>(workspace, S, N, AllRows{}, out, workspace + S * N, stream);
+  __syncthreads();
+  const bool mine = last != 0;
+  if (mine) __threadfence();  // acquire: the partials of the CTAs that took the earlier tickets
+  return mine;
 }
 
 }  // namespace mixkernels::cuda::tokens

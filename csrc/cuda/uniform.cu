@@ -1,7 +1,7 @@
 // CUDA kernels: UM-MAE uniform sampling with fused secondary masking, its backward and the
 // inverse scatter. Sampling and scatter move rows with the row gather of tokens_kernels.cuh; the
 // backward writes dx and sums the secondary rows (the mask token's gradient) in one pass over the
-// full grid, then a fixed-order column sum of the per-segment partials.
+// full grid, and the last CTAs to finish sum the per-segment partials in a fixed order (one launch).
 #include "mixkernels/tokens_cuda.h"
 #include "tokens_kernels.cuh"
 
@@ -80,10 +80,26 @@ struct UniformBwd {
   int rows, seg, tx;
 };
 
+constexpr int kUniformGroup = 16;  // segments per first-level group of the dtoken reduction
+
+// out[c] = sum of rows [r0, r1) of the (rows, C) partials, each column by one thread, rows in order.
+__device__ __forceinline__ void uniform_rows_sum(const float* part, int64_t C, int r0, int r1, float* out) {
+  for (int64_t c = threadIdx.x; c < C; c += tokens::kThreads) {
+    float t = 0.f;
+    for (int r = r0; r < r1; ++r) t += __ldcg(part + r * C + c);
+    out[c] = t;
+  }
+}
+
+// dtoken from the segment partials in two fixed-order levels: group g sums its kUniformGroup segments
+// into gpart[g], then the groups are summed in order. The last CTA of each group does its group, the
+// last of those the total (tokens::last_of_group: one launch), or, with no tickets,
+// uniform_reduce_kernel runs the same sums: the bits are the same either way.
 template <typename T, int VEC, int UT>
 __global__ void __launch_bounds__(tokens::kThreads, 3) uniform_backward_kernel(
     const T* __restrict__ grad, const uint8_t* __restrict__ keep, const uint8_t* __restrict__ secondary,
-    T* __restrict__ dx, float* __restrict__ tok_part, const UniformBwd a) {
+    T* __restrict__ dx, float* __restrict__ tok_part, float* __restrict__ gpart, float* __restrict__ dtoken,
+    unsigned* __restrict__ tickets, const UniformBwd a) {
   using P = Pack<T, VEC>;
   __shared__ float red[tokens::kThreads * VEC];  // [y][x*VEC + e]
   const int tx = a.tx, ty = tokens::kThreads / tx, x = threadIdx.x % tx, y = threadIdx.x / tx;
@@ -135,10 +151,32 @@ __global__ void __launch_bounds__(tokens::kThreads, 3) uniform_backward_kernel(
     }
     __syncthreads();
   }
+  if (tok_part == nullptr || tickets == nullptr) return;
+  const int segs = int(gridDim.x), groups = (segs + kUniformGroup - 1) / kUniformGroup;
+  const int grp = int(blockIdx.x) / kUniformGroup, s0 = grp * kUniformGroup;
+  const int s1 = s0 + kUniformGroup < segs ? s0 + kUniformGroup : segs;
+  if (!tokens::last_of_group(tickets + grp, unsigned(s1 - s0))) return;
+  uniform_rows_sum(tok_part, a.C, s0, s1, gpart + int64_t(grp) * a.C);
+  if (!tokens::last_of_group(tickets + groups, unsigned(groups))) return;
+  uniform_rows_sum(gpart, a.C, 0, groups, dtoken);
+}
+
+// The same two levels without tickets (one CTA; a column's sums stay with one thread).
+__global__ void __launch_bounds__(tokens::kThreads) uniform_reduce_kernel(const float* __restrict__ tok_part,
+                                                                        float* __restrict__ gpart,
+                                                                        float* __restrict__ dtoken, int64_t C,
+                                                                        int segs) {
+  const int groups = (segs + kUniformGroup - 1) / kUniformGroup;
+  for (int g = 0; g < groups; ++g) {
+    const int r0 = g * kUniformGroup, r1 = r0 + kUniformGroup < segs ? r0 + kUniformGroup : segs;
+    uniform_rows_sum(tok_part, C, r0, r1, gpart + int64_t(g) * C);
+  }
+  uniform_rows_sum(gpart, C, 0, groups, dtoken);
 }
 
 constexpr int kUniformUT = 4;      // tokens per lane per iteration
-constexpr int kUniformSegs = 256;  // segments: one final column-sum launch (tokens_kernels.cuh)
+constexpr int kUniformSegs = 256;  // segments (partials of the dtoken reduction)
+static_assert((kUniformSegs + kUniformGroup - 1) / kUniformGroup + 1 <= kTokenTickets, "a ticket per group + total");
 
 // Channel vectors of a CTA row (tx; ty = kThreads / tx token lanes): the whole row when it has at
 // most kThreads vectors.
@@ -146,10 +184,14 @@ inline int uniform_tx(int64_t cvec) { return static_cast<int>(cvec < tokens::kTh
 
 template <typename T, int VEC>
 cudaError_t launch_uniform_backward(const void* grad, const uint8_t* keep, const uint8_t* secondary, void* dx,
-                                    float* tok_part, const UniformBwd& a, int segs, cudaStream_t stream) {
+                                    float* tok_part, float* gpart, float* dtoken, unsigned* tickets,
+                                    const UniformBwd& a, int segs, cudaStream_t stream) {
   auto k = uniform_backward_kernel<T, VEC, kUniformUT>;
-  return MK_LAUNCH(k, dim3(unsigned(segs)), dim3(tokens::kThreads), 0, stream, static_cast<const T*>(grad), keep, secondary,
-                   static_cast<T*>(dx), tok_part, a);
+  cudaError_t err = MK_LAUNCH(k, dim3(unsigned(segs)), dim3(tokens::kThreads), 0, stream, static_cast<const T*>(grad),
+                              keep, secondary, static_cast<T*>(dx), tok_part, gpart, dtoken, tickets, a);
+  if (err != cudaSuccess || tok_part == nullptr || tickets != nullptr) return err;
+  return MK_LAUNCH(uniform_reduce_kernel, dim3(1), dim3(tokens::kThreads), 0, stream, tok_part, gpart, dtoken, a.C,
+                   segs);
 }
 
 }  // namespace
@@ -168,16 +210,17 @@ inline int uniform_segments(int64_t rows, int ty) {
   return static_cast<int>(n < kUniformSegs ? n : kUniformSegs);
 }
 
+// [segment partials (S, C)] [group partials (ceil(S / kUniformGroup), C)]
 int64_t uniform_sample_backward_workspace(int64_t B, int64_t H, int64_t W, int64_t C, bool need_token) {
   if (!need_token || B * H * W == 0 || C == 0) return 0;
   // the most segments any access width can give (the fewest token lanes: one)
   const int64_t S = uniform_segments(B * H * W, 1);
-  return S * C + tokens::column_sum_workspace(S, C);
+  return (S + ceil_div(S, int64_t(kUniformGroup))) * C;
 }
 
 cudaError_t uniform_sample_backward(const void* grad, const uint8_t* keep, const uint8_t* secondary, void* dx,
                                     float* dtoken, float* workspace, int64_t B, int64_t H, int64_t W, int64_t C,
-                                    int64_t unit, DType dtype, cudaStream_t stream) {
+                                    int64_t unit, DType dtype, cudaStream_t stream, unsigned* tickets) {
   const int64_t rows = B * H * W;
   if (rows == 0 || C == 0) return dtoken ? cudaMemsetAsync(dtoken, 0, C * sizeof(float), stream) : cudaSuccess;
   if (rows >= (int64_t(1) << 31) - 4096) return cudaErrorInvalidValue;  // 32-bit token indices (+ a lane step)
@@ -187,14 +230,16 @@ cudaError_t uniform_sample_backward(const void* grad, const uint8_t* keep, const
   const int segs = uniform_segments(rows, tokens::kThreads / tx);
   const UniformBwd a{UnitGeom(H, W, unit), C, int(rows), int(ceil_div(rows, segs)), tx};
   float* part = dtoken != nullptr && secondary != nullptr ? workspace : nullptr;
+  float* gpart = part != nullptr ? part + int64_t(segs) * C : nullptr;
   cudaError_t err = MK_DISPATCH_DTYPE(dtype, [&] {
     constexpr int V = 16 / sizeof(scalar_t);
-    return vec > 1 ? launch_uniform_backward<scalar_t, V>(grad, keep, secondary, dx, part, a, segs, stream)
-                   : launch_uniform_backward<scalar_t, 1>(grad, keep, secondary, dx, part, a, segs, stream);
+    return vec > 1 ? launch_uniform_backward<scalar_t, V>(grad, keep, secondary, dx, part, gpart, dtoken, tickets, a,
+                                                          segs, stream)
+                   : launch_uniform_backward<scalar_t, 1>(grad, keep, secondary, dx, part, gpart, dtoken, tickets, a,
+                                                          segs, stream);
   });
-  if (err != cudaSuccess || dtoken == nullptr) return err;
-  if (secondary == nullptr) return cudaMemsetAsync(dtoken, 0, C * sizeof(float), stream);
-  return tokens::column_sum(part, segs, C, tokens::AllRows{}, dtoken, workspace + int64_t(segs) * C, stream);
+  if (err != cudaSuccess || dtoken == nullptr || secondary != nullptr) return err;
+  return cudaMemsetAsync(dtoken, 0, C * sizeof(float), stream);  // no secondary cells: nothing to sum
 }
 
 cudaError_t uniform_scatter(const void* compact, const uint8_t* keep, void* out, int64_t B, int64_t H, int64_t W,

@@ -85,7 +85,7 @@ int run(const std::string& op, std::istringstream& in) {
     const int64_t ws = unmix_tokens_backward_workspace(B, L, C, nt, np);
     return unmix_tokens_backward(fake(2 * n), mask, fake(n), nt ? fake<float>(C * 4) : nullptr,
                                  np ? fake<float>(L * C * 4) : nullptr, fake<float>(ws * 4), B, L, C, G, dt(dtype),
-                                 nullptr);
+                                 nullptr, fake<unsigned>(kTokenTickets * 4));  // the binding's per-stream tickets
   }
   if (op == "partition" || op == "merge") {
     int64_t B, H, W, C, wh, ww, sh, sw;
@@ -112,7 +112,8 @@ int run(const std::string& op, std::istringstream& in) {
     in >> nt;
     const int64_t ws = uniform_sample_backward_workspace(B, H, W, C, nt && has_sec);
     return uniform_sample_backward(fake(n / 4), keep, sec, fake(n), (nt && has_sec) ? fake<float>(C * 4) : nullptr,
-                                   fake<float>(ws * 4), B, H, W, C, u, dt(dtype), nullptr);
+                                   fake<float>(ws * 4), B, H, W, C, u, dt(dtype), nullptr,
+                                   fake<unsigned>(kTokenTickets * 4));
   }
   if (op == "mixmim_loss_fwd" || op == "mixmim_loss_bwd" || op == "masked_loss_fwd" || op == "masked_loss_bwd") {
     int pt, it, p, norm;

@@ -110,6 +110,40 @@ def _utx(c: Ctx) -> int:
     return int(min(c.p["C"] // _tvec(c), c.threads))
 
 
+_UNMIX = r"^unmix_(backward|reduce)_kernel$"
+
+
+def _uslices(c: Ctx) -> int:
+    """Row slices of unmix backward: ceil(C/VEC / tx)."""
+    return math.ceil(c.p["C"] // _uvec(c) / c.block[0])
+
+
+def _uchunks(c: Ctx) -> int:
+    """Image chunks of unmix backward: gridDim.y of the main kernel, else mixing.cu's unmix_chunks."""
+    if c.kernel == "unmix_backward_kernel":
+        return c.grid[1]
+    B, L, ty = c.p["B"], c.p["L"], c.block[1]
+    n = min(math.ceil(264 / (L * _uslices(c))), math.ceil(B / ty))
+    return math.ceil(B / math.ceil(B / n)) if n > 1 else 1
+
+
+def _ulanes(c: Ctx) -> int:
+    return max(1, c.threads // (c.block[0] * _uvec(c)))
+
+
+def _uvec(c: Ctx) -> int:
+    """VEC of unmix_backward_kernel<T, VEC> / unmix_reduce_kernel<VEC>."""
+    return _tvec(c) if c.kernel == "unmix_backward_kernel" else int(c.tparams[0])
+
+
+_UNIFORM = r"^uniform_(backward|reduce)_kernel$"
+
+
+def _usegs(c: Ctx) -> int:
+    """Token segments of uniform backward: gridDim.x of the main kernel, argument segs of the reduce."""
+    return c.grid[0] if c.kernel == "uniform_backward_kernel" else int(c.args[4])
+
+
 def _tvec(c: Ctx) -> int:
     return int(c.tparams[1]) if len(c.tparams) > 1 and c.tparams[1].isdigit() else 1
 
@@ -308,6 +342,20 @@ CUDA_RULES: List[Rule] = [
          "tok+pos columns of the slice over the CTA: ceil(2*tx*VEC / threads)", kernel="unmix_backward_kernel"),
     Rule(r"for \(int l = 0; l < ty; \+\+l\)", lambda c: c.block[1], "fixed-order sum over the ty lanes",
          kernel="unmix_backward_kernel"),
+    # unmix_reduce_slice (mixing.cu), inlined in unmix_backward_kernel (the slice group's last CTA;
+    # counted for every CTA: the heaviest path) and in unmix_reduce_kernel (no tickets: grid = groups)
+    Rule(r"for \(int s2 = (grp|blockIdx\.x); s2 < a\.slices; s2 \+= a\.groups\)",
+         lambda c: math.ceil(_uslices(c) / min(_uslices(c), 256)), "slices of a group: ceil(slices / groups)",
+         kernel=_UNMIX),
+    Rule(r"for \(int64_t r = lane; r < R; r \+= lanes\)", lambda c: math.ceil(_uchunks(c) * c.p["L"] / _ulanes(c)),
+         "tok partial rows of a column: ceil(chunks*L / lanes), lanes = threads / (tx*VEC)", kernel=_UNMIX),
+    Rule(r"for \(int l = 0; l < lanes; \+\+l\)", lambda c: _ulanes(c), "fixed-order sum over the row lanes",
+         kernel=_UNMIX),
+    Rule(r"for \(int j = tid; j < a\.L \* cols; j \+= threads\)",
+         lambda c: lane_strided(c.p["L"] * c.block[0] * _uvec(c), c.threads) if _uchunks(c) > 1 else 0.0,
+         "dpos columns of a slice (several chunks only): L*tx*VEC over the CTA", kernel=_UNMIX),
+    Rule(r"for \(int k = 0; k < a\.chunks; \+\+k\)", lambda c: _uchunks(c), "pos partials of a column: chunks",
+         kernel=_UNMIX),
     # uniform_backward_kernel (uniform.cu): grid = token segments, 256 threads = tx channel vectors x
     # ty = 256/tx token lanes, tx = min(C/VEC, 256)
     Rule(r"for \(int64_t cv0 = 0; cv0 < cvec; cv0 \+= tx\)",
@@ -322,8 +370,14 @@ CUDA_RULES: List[Rule] = [
          kernel="uniform_backward_kernel"),
     Rule(r"for \(int l = 0; l < ty; \+\+l\)", lambda c: c.threads // _utx(c), "fixed-order sum over the ty lanes",
          kernel="uniform_backward_kernel"),
-    Rule(r"for \(int64_t r = r0 \+ threadIdx\.y; r < r1; r \+= kColY\)",
-         lambda c: max(1.0, min(c.args[3], c.args[1]) / 8), "rows of a segment over 8 row lanes: seg/8"),
+    # uniform_rows_sum (uniform.cu): dtoken's two levels, inlined in uniform_backward_kernel (the last
+    # CTAs; counted for every CTA: the heaviest path) and in uniform_reduce_kernel (no tickets)
+    Rule(r"for \(int64_t c = threadIdx\.x; c < C; c \+= tokens::kThreads\)",
+         lambda c: lane_strided(c.p["C"], c.threads), "dtoken columns over the CTA", kernel=_UNIFORM),
+    Rule(r"for \(int r = r0; r < r1; \+\+r\)", lambda c: min(16, _usegs(c)),
+         "rows of a level: a group's <= 16 segments, or the <= 16 groups", kernel=_UNIFORM),
+    Rule(r"for \(int g = 0; g < groups; \+\+g\)", lambda c: math.ceil(_usegs(c) / 16),
+         "groups of 16 segments (argument segs)", kernel=_UNIFORM),
     # ---- losses (losses.cu)
     Rule(r"for \(int w = 0; w < warps; \+\+w\) s \+= smem\[w\]", lambda c: c.warps, "block_sum over warps"),
 ]

@@ -86,12 +86,13 @@ int emu_mix_tokens_backward(const void* g, U8 m, void* dx, I B, I L, I C, I G, i
 int emu_unmix_tokens(const void* x, U8 m, const void* tok, const void* pos, void* out, I B, I L, I C, I G, int dt) {
   return unmix_tokens(x, m, tok, pos, out, B, L, C, G, DType(dt), nullptr);
 }
+I emu_token_tickets() { return kTokenTickets; }
 I emu_unmix_tokens_backward_workspace(I B, I L, I C, int nt, int np) {
   return unmix_tokens_backward_workspace(B, L, C, nt != 0, np != 0);
 }
 int emu_unmix_tokens_backward(const void* g, U8 m, void* dx, float* dtok, float* dpos, float* ws, I B, I L, I C, I G,
-                              int dt) {
-  return unmix_tokens_backward(g, m, dx, dtok, dpos, ws, B, L, C, G, DType(dt), nullptr);
+                              int dt, unsigned* tickets) {
+  return unmix_tokens_backward(g, m, dx, dtok, dpos, ws, B, L, C, G, DType(dt), nullptr, tickets);
 }
 int emu_window_partition(const void* x, void* out, I B, I H, I W, I C, I wh, I ww, I sh, I sw, int dt) {
   return window_partition(x, out, B, H, W, C, wh, ww, sh, sw, DType(dt), nullptr);
@@ -106,8 +107,8 @@ I emu_uniform_sample_backward_workspace(I B, I H, I W, I C, int nt) {
   return uniform_sample_backward_workspace(B, H, W, C, nt != 0);
 }
 int emu_uniform_sample_backward(const void* g, U8 keep, U8 sec, void* dx, float* dtok, float* ws, I B, I H, I W, I C,
-                                I u, int dt) {
-  return uniform_sample_backward(g, keep, sec, dx, dtok, ws, B, H, W, C, u, DType(dt), nullptr);
+                                I u, int dt, unsigned* tickets) {
+  return uniform_sample_backward(g, keep, sec, dx, dtok, ws, B, H, W, C, u, DType(dt), nullptr, tickets);
 }
 int emu_uniform_scatter(const void* c, U8 keep, void* out, I B, I H, I W, I C, I u, int dt) {
   return uniform_scatter(c, keep, out, B, H, W, C, u, DType(dt), nullptr);

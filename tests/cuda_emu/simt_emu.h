@@ -230,6 +230,8 @@ inline unsigned __brev(unsigned v) {
   return r;
 }
 template <typename T> inline T __ldg(const T* p) { return *p; }
+template <typename T> inline T __ldcg(const T* p) { return *p; }
+inline void __threadfence() {}  // one memory: every store is visible once made
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __int_as_float(int v) { return ::emu::unbits<float>(static_cast<uint32_t>(v)); }
 inline int __float_as_int(float v) { return static_cast<int>(static_cast<uint32_t>(::emu::bits(v))); }
