@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 __all__ = ["THREADS", "WARPS", "pick_pack", "heads_per_cta", "bwd_heads_per_cta", "layout_bytes", "plan",
-           "mixmim_mask", "attention_workload"]
+           "mixmim_mask", "attention_workload", "seg_walk"]
 
 THREADS = 256  # kThreads: threads per CTA of the fused kernels
 WARPS = THREADS // 32
@@ -216,3 +216,24 @@ def attention_workload(B: int, H: int, W: int, w: int, shift: int, group: bool, 
     if key not in _MEMO:
         _MEMO[key] = _aggregate(_keys(B, H, W, w, shift, mixmim_mask(H, W, seed) if group else None))
     return _MEMO[key]
+
+
+def seg_walk(H: int, W: int, w: int, shift: int, group: bool, bm: int, bn: int, seed: int = 0) -> Dict[str, float]:
+    """The Triton by-segment forward's walk (``mixkernels/triton/_wattn_seg.py``) on the case's masks,
+    averaged over the windows (every image has the same windows): each segment of s tokens is cut
+    into ceil(s/bm) query tiles; a tile walks floor(s/bn) unmasked key blocks and one masked block
+    when bn does not divide s. ``tiles`` per window, ``full`` and ``masked`` blocks per tile,
+    ``pairs``: computed (row, key) pairs per window (tiles x walked keys x bm), ``live``: attending
+    pairs per window."""
+    keys = _keys(1, H, W, w, shift, mixmim_mask(H, W, seed) if group else None)
+    tiles = full = masked = pairs = live = 0
+    for k in keys:
+        for s in np.unique(k, return_counts=True)[1].tolist():
+            nt = -(-s // bm)
+            tiles += nt
+            full += nt * (s // bn)
+            masked += nt * (s % bn != 0)
+            pairs += nt * bm * -(-s // bn) * bn
+            live += s * s
+    n = len(keys)
+    return dict(tiles=tiles / n, full=full / tiles, masked=masked / tiles, pairs=pairs / n, live=live / n)

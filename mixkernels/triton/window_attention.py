@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from ._cosine import _head_scale, _unit
+from ._wattn_seg import seg_forward
 from ._wattn_common import (_coords, _fast, _first_window, _gather, _gather_int, _gather_off, _gather_rc,  # noqa: F401
                             _idx, _in_range, _lyx, _mask, _mm, _next_window, _opaque, _pos, _table_bias)
 
@@ -451,6 +452,16 @@ def _single(N):
     return N < 16 if _INTERPRET else N <= 64
 
 
+def _by_segment(N, sh, sw, attn_bias, group, coords):
+    """Whether the forward takes the by-segment path (``_wattn_seg``): windows over one tile with a
+    group and/or shift mask, no attn_bias, no coords (``SEGMENTS`` False: never, for comparisons)."""
+    return SEGMENTS and not _single(N) and (group is not None or sh > 0 or sw > 0) and attn_bias is None \
+        and coords is None
+
+
+SEGMENTS = True
+
+
 def _windows_per_program(programs, single_tile):
     """Windows per program (a constexpr power of two: loop bounds from kernel arguments break
     Triton 3.6's interpreter with numpy >= 2.4): single-tile windows amortize the hoisted bias
@@ -532,6 +543,11 @@ def _forward(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, 
     out = _alloc((B, H, W, num_heads * D), qkv.dtype, qkv.device)
     lse = _alloc((B * nW, num_heads, N), torch.float32, qkv.device)
     if out.numel() == 0:
+        return out, lse
+    if _by_segment(N, sh, sw, attn_bias, group, coords):
+        seg_forward(qkv, out, lse, _tables(rpb, attn_bias, qkv, num_heads)[0], num_heads, wh, ww, sh, sw, group,
+                    float(scale) * _LOG2E, logit_scale, _flags(qkv, rpb, attn_bias, group, coords, sh, sw),
+                    _codes(wh, ww, qkv.device), _INTERPRET, qkv.numel() >= 2**31)
         return out, lse
     masks = (sh > 0 or sw > 0) + (attn_bias is not None) + (coords is not None)
     heavy = masks > 0 or qkv.dtype == torch.float32 or (group is not None and group.dtype == torch.int64)
