@@ -90,7 +90,7 @@ def _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, 
         v = tl.load(qkv + row[:, None] + 2 * C + offs_d[None, :])
     t = _mm(q, tl.trans(k), F32, UPCAST) * qk_scale
     if HAS_RPB:  # Swin index code_i + c0 - code_j; scode: -4 code_j, bytes (padded: no clamp)
-        t += _gather_off(tab_m[:, None], _gather_int(scode + offs_n, True, ASM)[None, :], ASM)
+        t += _gather_off(tab_m[:, None], tl.load(scode + offs_n)[None, :], ASM)
     if MASK:
         t = tl.where(((offs_n >= lo) & (offs_n < hi))[None, :], t, float("-inf"))
     # A row with no unmasked key so far keeps max -inf and uses 0 as its reference (l stays 0: NaN)
