@@ -170,13 +170,17 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH, H, W, 
 
 
 def seg_config(N, D, dtype, interpret):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): 64-row tiles (wgmma on sm_90), 32-key blocks (a
-    segment's last block wastes under 32 keys); under the interpreter 16 x 16, so that segments of
-    several tiles and blocks run in tests."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): one warp per program, 16-row tiles (mma.sync) and
+    32-key blocks. A segment of s tokens costs ceil(s/BM) * BM rows x ceil(s/BN) * BN keys: at
+    MixMIM-B stage 1 (segments of 28..168 tokens) 16 x 32 walks 74% of the window's 196^2 pairs where
+    64-row wgmma tiles walk 91% (static estimate 297 vs 320 us; 64 x 64: 351, 16 x 16: 305). No
+    software pipelining: a walk is 3-4 blocks, and a pipelined loop's peeled prologue costs more
+    issue than it hides with 16 one-warp programs per SM (estimate 280 vs 297 us; unverified on a
+    GPU). Under the interpreter 16 x 16, so that segments of several tiles and blocks run in tests."""
     if interpret:
         return 16, 16, 1, 1
     f32 = dtype == torch.float32
-    return 64, (16 if D >= 128 or (f32 and D >= 64) else 32), 4, (1 if f32 else 2)
+    return 16, (16 if D >= 128 or (f32 and D >= 64) else 32), 1, 1
 
 
 def seg_tables(H, W, wh, ww, sh, sw, group, bm, device):
