@@ -158,3 +158,21 @@ def test_seg_all_masked_rows_are_nan():
     r64 = ref.window_attention(qkv.double(), nh, (5, 5), rel_pos_bias=table.double(), group=g)
     r_s = ref.window_attention(qkv, nh, (5, 5), rel_pos_bias=table, group=g)
     assert_close_2x(out[..., d:], r64[..., d:], r_s[..., d:], name="out")
+
+
+@pytest.mark.parametrize("H,w,shift,group", [(28, 14, 0, True), (14, 7, 3, False), (28, 14, 7, True)])
+def test_seg_walk_model_matches_the_launcher_tables(H, w, shift, group):
+    """The static rules' model of the walk (``wattn_workload.seg_walk``) counts what the launcher's
+    tables make the kernel walk: tiles per window, unmasked and masked key blocks per tile."""
+    from mixkernels.bench import wattn_workload as ww
+
+    bm, bn = 16, 32
+    g = torch.from_numpy(ww.mixmim_mask(H, H))[None] if group else None
+    meta, ninfo, _ = seg.seg_tables(H, H, w, w, shift, shift, g, bm, "cpu")
+    nt = ninfo[:, 0]
+    lo = torch.cat([meta[i, 3, :n] for i, n in enumerate(nt.tolist())])
+    hi = torch.cat([meta[i, 4, :n] for i, n in enumerate(nt.tolist())])
+    model = ww.seg_walk(H, H, w, shift, group, bm, bn)
+    assert nt.double().mean().item() == pytest.approx(model["tiles"])
+    assert ((hi - lo) // bn).double().mean().item() == pytest.approx(model["full"])
+    assert ((hi - lo) % bn != 0).double().mean().item() == pytest.approx(model["masked"])

@@ -9,7 +9,8 @@ The model behind the static report's trip-count rules for ``csrc/cuda/window_att
   the same shift region and group label), the stable counting sort by segment, the 16-row tiles'
   key ranges, the key blocks each tile walks (masked or not), and ``assign_items``' insertion sort;
 
-on the real masks (MixMIM's 7x7 group mask upsampled, batch-shared; Swin's shift regions).
+on the real masks (MixMIM's 7x7 group mask upsampled, batch-shared; Swin's shift regions). ``seg_walk``
+models the Triton by-segment forward's walk (``mixkernels/triton/_wattn_seg.py``) on the same masks.
 numpy only (no torch, no package-relative imports).
 """
 from __future__ import annotations

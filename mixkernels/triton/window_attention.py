@@ -21,6 +21,11 @@ tile (N <= 64: Swin/MixMIM window 7, UM-MAE window 8) loop over several windows 
 with the window-invariant bias tile gathered once. The grid is head-fastest: the programs of
 one window's heads run side by side and share its qkv rows in L2.
 
+Windows over one tile with a group and/or shift mask and neither attn_bias nor coords (MixMIM
+stages 1-3, shifted window-14 Swin) take the by-segment forward instead (``_wattn_seg``): each
+window's tokens sorted by attention segment, every query tile walking only its segment's keys
+(``_by_segment``; ``SEGMENTS = False`` turns it off for comparisons).
+
 SwinV2 cosine attention (``window_attention_cosine``, the ``COSINE`` constexpr): q and k rows
 L2-normalized where loaded, the head's ``exp(min(logit_scale, log 100))`` folded into the score
 scale, so each score costs what it costs in the plain kernels (helpers in ``_cosine``).
