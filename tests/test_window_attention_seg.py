@@ -68,6 +68,7 @@ def _run(win, grid, shift, labels, dtype, B=2, nh=2, d=16, rpb=True, per_image=T
     ((5, 5), (2, 2), (2, 2), "two", BF16),  # shift + group
     ((6, 5), (1, 2), (0, 0), "one", F32),
     ((5, 4), (2, 1), (0, 0), "single_token", F32),
+    ((7, 7), (1, 2), (0, 0), "single_token", BF16),  # 48 tokens: a full tile and a half tile
     ((5, 5), (1, 2), (0, 0), "int64", F32),
 ])
 def test_seg_forward_matches_reference(win, grid, shift, labels, dtype):
@@ -91,13 +92,15 @@ def test_seg_shared_group_no_rpb_and_cosine():
 
 
 def test_seg_tables_walk_only_segments():
-    """The tables: tokens sorted stably by (region, label); tiles of <= bm rows inside one segment."""
+    """The tables: tokens sorted stably by (region, label); tiles of <= bm rows inside one segment, a
+    segment's last rows in a half tile when they fit one (full tiles listed first)."""
     g = torch.tensor([[3, 1, 3, 1], [1, 1, 7, 3]]).repeat(2, 2)[None]  # (1, 4, 8): windows 2 x 4 x 2
     meta, ninfo, idx = seg.seg_tables(4, 8, 2, 4, 0, 0, g, 2, "cpu")
     w0 = g[0, :2, :4].reshape(-1)
     assert idx[0].tolist() == torch.argsort(w0, stable=True).tolist()
-    nt, nseg = ninfo[0].tolist()
-    assert nseg == 3 and nt == 5  # segments 1 x4, 3 x3, 7 x1 in tiles of 2: 2 + 2 + 1
+    nbig, nseg, nsmall = ninfo[0].tolist()
+    assert nseg == 3 and (nbig, nsmall) == (3, 2)  # segments 1 x4, 3 x3, 7 x1 in tiles of 2 (last row: 1)
+    nt = nbig + nsmall
     r0, lo, hi = meta[0, 2, :nt], meta[0, 3, :nt], meta[0, 4, :nt]
     assert r0.tolist() == [0, 2, 4, 6, 7] and lo.tolist() == [0, 0, 4, 4, 7] and hi.tolist() == [4, 4, 7, 7, 8]
 
@@ -163,16 +166,19 @@ def test_seg_all_masked_rows_are_nan():
 @pytest.mark.parametrize("H,w,shift,group", [(28, 14, 0, True), (14, 7, 3, False), (28, 14, 7, True)])
 def test_seg_walk_model_matches_the_launcher_tables(H, w, shift, group):
     """The static rules' model of the walk (``wattn_workload.seg_walk``) counts what the launcher's
-    tables make the kernel walk: tiles per window, unmasked and masked key blocks per tile."""
+    tables make the kernel walk: full and half tiles per window, unmasked and masked key blocks per
+    tile of each kind."""
     from mixkernels.bench import wattn_workload as ww
 
-    bm, bn = 16, 32
+    bm, bn = 32, 32
     g = torch.from_numpy(ww.mixmim_mask(H, H))[None] if group else None
     meta, ninfo, _ = seg.seg_tables(H, H, w, w, shift, shift, g, bm, "cpu")
-    nt = ninfo[:, 0]
-    lo = torch.cat([meta[i, 3, :n] for i, n in enumerate(nt.tolist())])
-    hi = torch.cat([meta[i, 4, :n] for i, n in enumerate(nt.tolist())])
     model = ww.seg_walk(H, H, w, shift, group, bm, bn)
-    assert nt.double().mean().item() == pytest.approx(model["tiles"])
-    assert ((hi - lo) // bn).double().mean().item() == pytest.approx(model["full"])
-    assert ((hi - lo) % bn != 0).double().mean().item() == pytest.approx(model["masked"])
+    nbig, nsmall = ninfo[:, 0].tolist(), ninfo[:, 2].tolist()
+    for kind, spans in (("big", [(0, b) for b in nbig]), ("small", list(zip(nbig, nsmall)))):
+        lo = torch.cat([meta[i, 3, a:a + n] for i, (a, n) in enumerate(spans)])
+        hi = torch.cat([meta[i, 4, a:a + n] for i, (a, n) in enumerate(spans)])
+        assert sum(n for _, n in spans) / len(spans) == pytest.approx(model[kind])
+        if len(lo):
+            assert ((hi - lo) // bn).double().mean().item() == pytest.approx(model["full_" + kind])
+            assert ((hi - lo) % bn != 0).double().mean().item() == pytest.approx(model["masked_" + kind])

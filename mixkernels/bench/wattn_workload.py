@@ -221,20 +221,28 @@ def attention_workload(B: int, H: int, W: int, w: int, shift: int, group: bool, 
 
 def seg_walk(H: int, W: int, w: int, shift: int, group: bool, bm: int, bn: int, seed: int = 0) -> Dict[str, float]:
     """The Triton by-segment forward's walk (``mixkernels/triton/_wattn_seg.py``) on the case's masks,
-    averaged over the windows (every image has the same windows): each segment of s tokens is cut
-    into ceil(s/bm) query tiles; a tile walks floor(s/bn) unmasked key blocks and one masked block
-    when bn does not divide s. ``tiles`` per window, ``full`` and ``masked`` blocks per tile,
-    ``pairs``: computed (row, key) pairs per window (tiles x walked keys x bm), ``live``: attending
-    pairs per window."""
+    averaged over the windows (every image has the same windows): a segment of s tokens is cut into
+    query tiles of bm rows, its last rows in a tile of bm/2 when they fit one; every tile walks
+    floor(s/bn) unmasked key blocks and one masked block when bn does not divide s. Per window:
+    ``big`` / ``small`` tiles (``tiles`` both); per tile of each kind: ``full_big``, ``masked_big``,
+    ``full_small``, ``masked_small`` blocks (``full``, ``masked``: over all tiles); ``pairs``: computed
+    (row, key) pairs per window, ``live``: attending pairs per window."""
     keys = _keys(1, H, W, w, shift, mixmim_mask(H, W, seed) if group else None)
-    tiles = full = masked = pairs = live = 0
+    c: Counter = Counter()
     for k in keys:
         for s in np.unique(k, return_counts=True)[1].tolist():
             nt = -(-s // bm)
-            tiles += nt
-            full += nt * (s // bn)
-            masked += nt * (s % bn != 0)
-            pairs += nt * bm * -(-s // bn) * bn
-            live += s * s
-    n = len(keys)
-    return dict(tiles=tiles / n, full=full / tiles, masked=masked / tiles, pairs=pairs / n, live=live / n)
+            small = int(s - bm * (nt - 1) <= bm // 2)
+            for kind, n in (("big", nt - small), ("small", small)):
+                c[kind] += n
+                c["full_" + kind] += n * (s // bn)
+                c["masked_" + kind] += n * (s % bn != 0)
+            c["pairs"] += ((nt - small) * bm + small * (bm // 2)) * -(-s // bn) * bn
+            c["live"] += s * s
+    n, t = len(keys), c["big"] + c["small"]
+    div = lambda a, b: a / b if b else 0.0  # noqa: E731
+    return dict(tiles=t / n, big=c["big"] / n, small=c["small"] / n,
+                full=(c["full_big"] + c["full_small"]) / t, masked=(c["masked_big"] + c["masked_small"]) / t,
+                full_big=div(c["full_big"], c["big"]), masked_big=div(c["masked_big"], c["big"]),
+                full_small=div(c["full_small"], c["small"]), masked_small=div(c["masked_small"], c["small"]),
+                pairs=c["pairs"] / n, live=c["live"] / n)

@@ -4,11 +4,12 @@ path for windows over one tile with a group and/or shift mask, no attn_bias, no 
 A window's tokens fall into segments (same shift region AND same group label): a pair attends only
 inside its segment. The launcher sorts each window's tokens stably by segment (torch ops on the
 window-invariant data: positions, labels at full width, regions; ``seg_tables``), so that the live
-pairs form diagonal blocks, and cuts every segment into query tiles of BLOCK_M rows. A program
-(head h, window w) walks its window's tiles (``for t in range(0, ntiles)``); a tile's rows all lie in
-one segment ``[lo, hi)`` of the sorted order and walk only its keys: full BLOCK_N blocks without any
-mask (``for n0 in range(a0, a1, BLOCK_N)``), then the segment's last partial block with the key mask
-``lo <= n < hi`` (``for n0 in range(c0, c1, BLOCK_N)``: 0 or 1 trips). Rows past the segment end
+pairs form diagonal blocks, and cuts every segment into query tiles of BLOCK_M rows, its last rows in
+a tile of BLOCK_M/2 when they fit one. A program (head h, window w) walks its window's full tiles,
+then its half tiles (``_seg_tile``); a tile's rows all lie in one segment ``[lo, hi)`` of the sorted
+order and walk only its keys: full BLOCK_N blocks without any mask (``for n0 in range(a0, a1,
+BLOCK_N)``), then the segment's last partial block with the key mask ``lo <= n < hi`` (``for n0 in
+range(c0, c1, BLOCK_N)``: 0 or 1 trips). Rows past the segment end
 (next segment's or padding) are computed and never stored. q/k/v are read through the sorted
 positions, the table bias by each token's window-local code, out/lse stored at the original
 positions (the backward's contract is unchanged).
@@ -19,8 +20,8 @@ the head's V first (one read of the window's V, ~3% of a program's instructions)
 not finite, every tile walks all the window's keys with the segment mask (the masked loop from 0 to
 N), exactly as the all-pairs kernel.
 
-Loops (static rules in ``static_rules``, trip counts from ``wattn_workload.seg_walk``): the tiles of a
-window, the unmasked key blocks of a tile, the masked block (0 or 1; all blocks of the window only
+Loops (static rules in ``static_rules``, trip counts from ``wattn_workload.seg_walk``): the full and
+the half tiles of a window, the unmasked key blocks of a tile (per tile size), the masked block (0 or 1; all blocks of the window only
 for a head whose V holds NaN/Inf).
 """
 from __future__ import annotations
@@ -104,6 +105,45 @@ def _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, 
 
 
 @triton.jit
+def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale,
+              N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_RPB: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
+              ASM: tl.constexpr, COSINE: tl.constexpr):
+    """Query tile t of the window (BLOCK_M rows from its first row, all in one segment): its walk, then
+    its segment's rows stored at their original positions."""
+    offs_d = tl.arange(0, D)
+    r0 = tl.load(mrow + 2 * N + t)
+    lo = tl.load(mrow + 3 * N + t)
+    hi = tl.load(mrow + 4 * N + t)
+    offs_m = r0 + tl.arange(0, BLOCK_M)
+    jm = tl.minimum(offs_m, N - 1)
+    tok = _idx(hw + tl.load(mrow + jm), IDX64)
+    q = _unit(tl.load(qkv + (tok * (3 * C) + hd)[:, None] + offs_d[None, :]), COSINE)
+    j = tl.load(mrow + N + jm)
+    tab_m = tab_h + (j + (j // WW) * (WW - 1) + ((WH - 1) * (2 * WW - 1) + WW - 1))  # code_i + c0
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    # unmasked full blocks of the segment (none when V is not finite); then the masked blocks:
+    # the segment's last partial block, or (V not finite) every block of the window
+    a1 = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
+    a0 = tl.where(bad, a1, lo)
+    for n0 in range(a0, a1, BLOCK_N):
+        m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
+                                  qk_scale, N, D, BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE)
+    c0 = tl.where(bad, 0, a1)
+    c1 = tl.where(bad, N, hi)
+    for n0 in range(c0, c1, BLOCK_N):
+        m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
+                                  qk_scale, N, D, BLOCK_N, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE)
+    # store the segment's rows only (l = 0: NaN, edge rule 2)
+    row_ok = offs_m < hi
+    o = acc * _fast(l_i, 0, ASM)[:, None]
+    tl.store(out + (tok * C + hd)[:, None] + offs_d[None, :], o.to(out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse + (w * NH + h) * N + j, (m_i + _fast(l_i, 1, ASM)) * 0.6931471805599453, mask=row_ok)
+
+
+@triton.jit
 def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH, H, W, nW, nWw, SH, SW, GG,
                 N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RPB: tl.constexpr, SHIFT: tl.constexpr,
@@ -111,7 +151,7 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH, H, W, 
                 COSINE: tl.constexpr, VBITS: tl.constexpr, VCHECK: tl.constexpr = True):
     """Program (head h, window w), head-fastest. meta (GG*nW, 5, N) int32 per window: sorted tokens'
     grid positions, their window-local indices, and the tiles' first row, segment start, segment
-    end; ninfo (GG*nW, 2): tiles, segments; scode (GG*nW, N + BLOCK_N) int64: -4 * table code of the
+    end; ninfo (GG*nW, 3): BLOCK_M-row tiles, segments, BLOCK_M/2-row tiles; scode (GG*nW, N + BLOCK_N) int64: -4 * table code of the
     sorted keys (the last one repeated past N)."""
     h = tl.program_id(0)
     w = tl.program_id(1)
@@ -128,67 +168,47 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH, H, W, 
     mrow = meta + gw * (5 * N)
     scode = scode + gw * (N + BLOCK_N)
     tab_h = tab + h * ((2 * WH - 1) * (2 * WW - 1))  # (nH, T) table, pre-scaled by log2e
-    ntiles = tl.load(ninfo + 2 * gw)
-    nseg = tl.load(ninfo + 2 * gw + 1)
+    nseg = tl.load(ninfo + 3 * gw + 1)
     bad = nseg < 0  # False
     if (nseg > 1) & VCHECK:
         bad = _v_nonfinite(qkv, b, y0, x0, hd, C, H, W, SH, SW, N, BS, D, WW, SHIFT, IDX64, VBITS)
-    offs_d = tl.arange(0, D)
-    for t in range(0, ntiles):
-        r0 = tl.load(mrow + 2 * N + t)
-        lo = tl.load(mrow + 3 * N + t)
-        hi = tl.load(mrow + 4 * N + t)
-        offs_m = r0 + tl.arange(0, BLOCK_M)
-        jm = tl.minimum(offs_m, N - 1)
-        tok = _idx(hw + tl.load(mrow + jm), IDX64)
-        q = _unit(tl.load(qkv + (tok * (3 * C) + hd)[:, None] + offs_d[None, :]), COSINE)
-        j = tl.load(mrow + N + jm)
-        tab_m = tab_h + (j + (j // WW) * (WW - 1) + ((WH - 1) * (2 * WW - 1) + WW - 1))  # code_i + c0
-        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M, D), tl.float32)
-        # unmasked full blocks of the segment (none when V is not finite); then the masked blocks:
-        # the segment's last partial block, or (V not finite) every block of the window
-        a1 = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
-        a0 = tl.where(bad, a1, lo)
-        for n0 in range(a0, a1, BLOCK_N):
-            m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
-                                      qk_scale, N, D, BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE)
-        c0 = tl.where(bad, 0, a1)
-        c1 = tl.where(bad, N, hi)
-        for n0 in range(c0, c1, BLOCK_N):
-            m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
-                                      qk_scale, N, D, BLOCK_N, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE)
-        # store the segment's rows only (l = 0: NaN, edge rule 2)
-        row_ok = offs_m < hi
-        o = acc * _fast(l_i, 0, ASM)[:, None]
-        tl.store(out + (tok * C + hd)[:, None] + offs_d[None, :], o.to(out.dtype.element_ty), mask=row_ok[:, None])
-        tl.store(lse + (w * NH + h) * N + j, (m_i + _fast(l_i, 1, ASM)) * 0.6931471805599453, mask=row_ok)
+    nbig = tl.load(ninfo + 3 * gw)
+    nsmall = tl.load(ninfo + 3 * gw + 2)
+    for t in range(0, nbig):  # BLOCK_M-row tiles
+        _seg_tile(BLOCK_M, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D, WH,
+                  WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE)
+    for t in range(nbig, nbig + nsmall):  # a segment's last rows when they fit half a tile
+        _seg_tile(BLOCK_M // 2, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D,
+                  WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE)
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
 def seg_config(N, D, dtype, interpret):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): one warp per program, 16-row tiles (mma.sync) and
-    32-key blocks. A segment of s tokens costs ceil(s/BM) * BM rows x ceil(s/BN) * BN keys: at
-    MixMIM-B stage 1 (segments of 28..168 tokens) 16 x 32 walks 74% of the window's 196^2 pairs where
-    64-row wgmma tiles walk 91% (static estimate 297 vs 320 us; 64 x 64: 351, 16 x 16: 305). No
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): one warp per program (mma.sync), tiles of 32 rows and
+    a segment's last rows in a 16-row tile when they fit one, 32-key blocks. A segment of s tokens
+    costs its tiles' rows x ceil(s/BN) * BN keys: at MixMIM-B stage 1 (segments of 28..168 tokens)
+    rows rounded to 16 walk 74% of the window's 196^2 pairs, 64-row wgmma tiles 91% (static
+    estimates: 32/16-row tiles 259 us, 16-row 280, 32-row 274, 64-row 320; 64-key blocks 351). No
     software pipelining: a walk is 3-4 blocks, and a pipelined loop's peeled prologue costs more
-    issue than it hides with 16 one-warp programs per SM (estimate 280 vs 297 us; unverified on a
-    GPU). Under the interpreter 16 x 16, so that segments of several tiles and blocks run in tests."""
+    issue than it hides with 12+ one-warp programs per SM (estimate 280 vs 297 us at 16 rows;
+    unverified on a GPU). Under the interpreter 32/16 x 16, so that segments of several tiles and
+    blocks and both tile sizes run in tests."""
     if interpret:
-        return 16, 16, 1, 1
+        return 32, 16, 1, 1
     f32 = dtype == torch.float32
-    return 16, (16 if D >= 128 or (f32 and D >= 64) else 32), 1, 1
+    return 32, (16 if D >= 128 or (f32 and D >= 64) else 32), 1, 1
 
 
 def seg_tables(H, W, wh, ww, sh, sw, group, bm, device):
     """Per window (and per label map: G = group.shape[0] or 1), the tokens sorted stably by segment
     (shift region, then group label, compared at full width) and the segments cut into tiles of
-    ``bm`` rows. Returns meta (G*nW, 5, N) int32 [grid position, window-local index of each sorted
-    token; tiles' first row, segment start, segment end (tile entries past ntiles: 0)], ninfo
-    (G*nW, 2) int32 [tiles, segments], and the sorted tokens' window-local indices (G*nW, N) int64."""
+    ``bm`` rows, a segment's last rows in a tile of ``bm // 2`` when they fit one. Returns meta
+    (G*nW, 5, N) int32 [grid position, window-local index of each sorted token; tiles' first row,
+    segment start, segment end: full tiles, then half tiles (entries past them: 0)], ninfo (G*nW, 3)
+    int32 [full tiles, segments, half tiles], and the sorted tokens' window-local indices (G*nW, N)
+    int64."""
     N, nWh, nWw = wh * ww, H // wh, W // ww
     ar = torch.arange(N, device=device)
     ly, lx = ar // ww, ar % ww
@@ -218,16 +238,19 @@ def seg_tables(H, W, wh, ww, sh, sw, group, bm, device):
     end = torch.ones_like(new)
     end[..., :-1] = new[..., 1:]
     hi = torch.cummin(torch.where(end, ar + 1, N).flip(-1), dim=-1).values.flip(-1)
+    # tiles start every bm rows of a segment; a start with at most bm/2 rows left is a half tile
     first = (ar - lo) % bm == 0
-    order = torch.argsort((~first).to(torch.int8), dim=-1, stable=True)  # tile rows first, in order
-    nt = first.sum(-1)
-    live = ar < nt[..., None]
+    small = first & (hi - ar <= bm // 2)
+    kind = torch.where(first & ~small, 0, torch.where(small, 1, 2)).to(torch.int8)
+    order = torch.argsort(kind, dim=-1, stable=True)  # full tiles, then half tiles, in row order
+    nbig, nsmall = (first & ~small).sum(-1), small.sum(-1)
+    live = ar < (nbig + nsmall)[..., None]
     tr0 = torch.where(live, order, 0)
     meta = torch.stack([pos.expand(G, -1, -1).gather(-1, idx), idx, tr0, torch.where(live, lo.gather(-1, tr0), 0),
                         torch.where(live, hi.gather(-1, tr0), 0)], dim=-2)
-    ninfo = torch.stack([nt, new.sum(-1)], dim=-1)
+    ninfo = torch.stack([nbig, new.sum(-1), nsmall], dim=-1)
     return (meta.reshape(G * nWh * nWw, 5, N).to(torch.int32).contiguous(),
-            ninfo.reshape(G * nWh * nWw, 2).to(torch.int32).contiguous(), idx.reshape(G * nWh * nWw, N))
+            ninfo.reshape(G * nWh * nWw, 3).to(torch.int32).contiguous(), idx.reshape(G * nWh * nWw, N))
 
 
 def seg_forward(qkv, out, lse, tab, num_heads, wh, ww, sh, sw, group, qk_scale, logit_scale, flags, codes,
