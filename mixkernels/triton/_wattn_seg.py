@@ -16,13 +16,13 @@ positions (the backward's contract is unchanged).
 
 NaN/Inf in V (edge rule 2): the reference multiplies every masked key's V by 0, so a non-finite V
 element reaches every row of the window. A program whose window has more than one segment checks
-the head's V first (one read of the window's V, ~3% of a program's instructions); if any element is
+the head's V first (one read of the window's V, ~4% of a program's instructions); if any element is
 not finite, every tile walks all the window's keys with the segment mask (the masked loop from 0 to
 N), exactly as the all-pairs kernel.
 
 Loops (static rules in ``static_rules``, trip counts from ``wattn_workload.seg_walk``): the full and
-the half tiles of a window, the unmasked key blocks of a tile (per tile size), the masked block (0 or 1; all blocks of the window only
-for a head whose V holds NaN/Inf).
+the half tiles of a window, the unmasked key blocks of a tile (per tile size), the masked block (0 or
+1; all blocks of the window only for a head whose V holds NaN/Inf).
 """
 from __future__ import annotations
 
@@ -40,22 +40,15 @@ def _or(a, b):
 
 
 @triton.jit
-def _v_nonfinite(qkv, b, y0, x0, hd, C, H, W, SH, SW, N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
-                 WW: tl.constexpr, SHIFT: tl.constexpr, IDX64: tl.constexpr, VBITS: tl.constexpr):
+def _v_nonfinite(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, IDX64: tl.constexpr,
+                 VBITS: tl.constexpr):
     """Whether the head's V of the window holds NaN/Inf, on the raw bits in 32-bit words (two 16-bit
     or one fp32 element each): adding one exponent LSB to the exponent field carries into the
-    element's top bit exactly when the exponent is all ones; the words are OR-reduced. VBITS: 0 bf16,
-    1 fp16, 2 fp32."""
-    j = tl.minimum(tl.arange(0, BS), N - 1)
-    y = y0 + j // WW
-    x = x0 + j % WW
-    if SHIFT:
-        y = y + SH
-        y = tl.where(y >= H, y - H, y)
-        x = x + SW
-        x = tl.where(x >= W, x - W, x)
+    element's top bit exactly when the exponent is all ones; the words are OR-reduced. Rows through
+    the window's sorted grid positions (``mrow``). VBITS: 0 bf16, 1 fp16, 2 fp32."""
+    pos = tl.load(mrow + tl.minimum(tl.arange(0, BS), N - 1))
     PER: tl.constexpr = 1 if VBITS == 2 else 2  # elements per word
-    row = (_idx(b * (H * W) + y * W + x, IDX64) * (3 * C) + hd + 2 * C) // PER
+    row = (_idx(hw + pos, IDX64) * (3 * C) + hd + 2 * C) // PER
     words = tl.load(qkv.to(tl.pointer_type(tl.int32), bitcast=True) + row[:, None] + tl.arange(0, D // PER)[None, :])
     if VBITS == 2:
         EMM: tl.constexpr = 0x7F800000
@@ -144,15 +137,15 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
 
 
 @triton.jit
-def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH, H, W, nW, nWw, SH, SW, GG,
+def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH, H, W, nW, GG,
                 N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RPB: tl.constexpr, SHIFT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RPB: tl.constexpr,
                 F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
                 COSINE: tl.constexpr, VBITS: tl.constexpr, VCHECK: tl.constexpr = True):
     """Program (head h, window w), head-fastest. meta (GG*nW, 5, N) int32 per window: sorted tokens'
     grid positions, their window-local indices, and the tiles' first row, segment start, segment
-    end; ninfo (GG*nW, 3): BLOCK_M-row tiles, segments, BLOCK_M/2-row tiles; scode (GG*nW, N + BLOCK_N) int64: -4 * table code of the
-    sorted keys (the last one repeated past N)."""
+    end; ninfo (GG*nW, 3): BLOCK_M-row tiles, segments, BLOCK_M/2-row tiles; scode (GG*nW, N +
+    BLOCK_N) int64: -4 * table code of the sorted keys (the last one repeated past N)."""
     h = tl.program_id(0)
     w = tl.program_id(1)
     if COSINE:
@@ -161,8 +154,6 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH, H, W, 
     hd = h * D
     b = w // nW
     wl = w % nW
-    y0 = (wl // nWw) * WH
-    x0 = (wl % nWw) * WW
     hw = b * (H * W)
     gw = (b % GG) * nW + wl
     mrow = meta + gw * (5 * N)
@@ -171,7 +162,7 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH, H, W, 
     nseg = tl.load(ninfo + 3 * gw + 1)
     bad = nseg < 0  # False
     if (nseg > 1) & VCHECK:
-        bad = _v_nonfinite(qkv, b, y0, x0, hd, C, H, W, SH, SW, N, BS, D, WW, SHIFT, IDX64, VBITS)
+        bad = _v_nonfinite(qkv, mrow, hw, hd, C, N, BS, D, IDX64, VBITS)
     nbig = tl.load(ninfo + 3 * gw)
     nsmall = tl.load(ninfo + 3 * gw + 2)
     for t in range(0, nbig):  # BLOCK_M-row tiles
@@ -264,10 +255,11 @@ def seg_forward(qkv, out, lse, tab, num_heads, wh, ww, sh, sw, group, qk_scale, 
     bm, bn, warps, stages = seg_config(N, D, qkv.dtype, interpret)
     meta, ninfo, idx = seg_tables(H, W, wh, ww, sh, sw, group, bm, qkv.device)
     idx = torch.cat([idx, idx[:, -1:].expand(-1, bn)], 1)  # keys past N: the last one (scores masked)
-    scode = (codes[idx].to(torch.int64) * -4).contiguous()  # -4 * (table code) of each sorted key: byte offsets
+    scode = (codes[idx].to(torch.int64) * -4).contiguous()  # -4 * table code of each sorted key (bytes)
     _seg_kernel[(num_heads, B * nW)](
         qkv, out, lse, tab, meta, ninfo, scode, qkv if logit_scale is None else logit_scale, qk_scale, num_heads,
-        H, W, nW, nWw, sh, sw, 1 if group is None else group.shape[0], N=N, D=D, WH=wh, WW=ww,
-        BS=triton.next_power_of_2(N), BLOCK_M=bm, BLOCK_N=bn, HAS_RPB=flags["HAS_RPB"], SHIFT=flags["SHIFT"],
+        H, W, nW, 1 if group is None else group.shape[0], N=N, D=D, WH=wh, WW=ww,
+        BS=triton.next_power_of_2(N), BLOCK_M=bm, BLOCK_N=bn, HAS_RPB=flags["HAS_RPB"],
         F32=flags["F32"], UPCAST=flags["UPCAST"], IDX64=idx64, ASM=not interpret,
-        COSINE=logit_scale is not None, VBITS={torch.bfloat16: 0, torch.float16: 1}.get(qkv.dtype, 2), num_warps=warps, num_stages=stages)
+        COSINE=logit_scale is not None, VBITS={torch.bfloat16: 0, torch.float16: 1}.get(qkv.dtype, 2),
+        num_warps=warps, num_stages=stages)
