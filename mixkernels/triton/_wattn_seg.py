@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._cosine import _head_scale, _unit
-from ._wattn_common import _fast, _gather_int, _gather_off, _idx, _mm
+from ._wattn_common import _fast, _gather_off, _idx, _mm, _online
 
 
 @triton.jit
@@ -87,14 +87,7 @@ def _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, 
         t += _gather_off(tab_m[:, None], tl.load(scode + offs_n)[None, :], ASM)
     if MASK:
         t = tl.where(((offs_n >= lo) & (offs_n < hi))[None, :], t, float("-inf"))
-    # A row with no unmasked key so far keeps max -inf and uses 0 as its reference (l stays 0: NaN)
-    m_new = tl.maximum(m_i, tl.max(t, 1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_ref)
-    p = tl.exp2(t - m_ref[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32, UPCAST)
-    return m_new, l_i, acc
+    return _online(t, m_i, l_i, acc, v, F32, UPCAST)
 
 
 @triton.jit

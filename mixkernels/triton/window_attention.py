@@ -46,7 +46,7 @@ import triton.language as tl
 from ._cosine import _head_scale, _unit
 from ._wattn_seg import seg_forward
 from ._wattn_common import (_coords, _fast, _first_window, _gather, _gather_int, _gather_off, _gather_rc,  # noqa: F401
-                            _idx, _in_range, _lyx, _mask, _mm, _next_window, _opaque, _pos, _table_bias)
+                            _idx, _in_range, _lyx, _mask, _mm, _next_window, _online, _opaque, _pos, _table_bias)
 
 __all__ = ["window_attention", "window_attention_backward", "window_attention_cosine",
            "window_attention_cosine_backward"]
@@ -136,15 +136,7 @@ def _step(q, tab_m, ab_m, reg_m, grp_m, cy_m, cx_m, m_i, l_i, acc,
     """One online-softmax step of a query tile over a key block (COL_MASK: the padded tail)."""
     t = _logits(q, tab_m, ab_m, reg_m, grp_m, cy_m, cx_m, k, ok, rn, gn, cyn, cxn, cn, offs_n, tab_h, qk_scale,
                 RH, RW, HAS_RPB, HAS_BIAS, HAS_COORDS, SHIFT, HAS_GROUP, COL_MASK, F32, UPCAST, ASM)
-    # A row with no unmasked key so far keeps max -inf and uses 0 as its reference, so its
-    # probabilities and rescale factor are exactly 0 (l stays 0: NaN at the end, edge rule 2).
-    m_new = tl.maximum(m_i, tl.max(t, 1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_ref)
-    p = tl.exp2(t - m_ref[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32, UPCAST)
-    return m_new, l_i, acc
+    return _online(t, m_i, l_i, acc, v, F32, UPCAST)
 
 
 @triton.jit
