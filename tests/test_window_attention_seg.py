@@ -182,3 +182,18 @@ def test_seg_walk_model_matches_the_launcher_tables(H, w, shift, group):
         if len(lo):
             assert ((hi - lo) // bn).double().mean().item() == pytest.approx(model["full_" + kind])
             assert ((hi - lo) % bn != 0).double().mean().item() == pytest.approx(model["masked_" + kind])
+
+
+@pytest.mark.parametrize("scale", [0.3, 1e-7])
+def test_seg_softmax_scale_paths(scale):
+    """Logits in units of 1/scale with the table bias in the MMA accumulator (a plain scale in
+    [2**-20, 2**20] / log2 e), or scaled as the all-pairs kernel (a scale outside it, cosine mode)."""
+    nh, d = 2, 16
+    qkv = torch.randn(2, 10, 5, 3 * nh * d, dtype=torch.float64)
+    g = torch.randint(0, 2, (2, 10, 5))
+    table = torch.randn(81, nh, dtype=torch.float64) * 3
+    kw = dict(shift_size=(2, 1), group=g, scale=scale)
+    want = ref.window_attention(qkv, nh, (5, 5), rel_pos_bias=table, **kw)
+    same = ref.window_attention(qkv.float(), nh, (5, 5), rel_pos_bias=table.float(), **kw)
+    got = mixkernels.window_attention(qkv.float(), nh, (5, 5), rel_pos_bias=table.float(), backend="triton", **kw)
+    assert_close_2x(got, want, same, name="out")

@@ -67,12 +67,37 @@ def _v_nonfinite(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.
 
 
 @triton.jit
+def _mm_acc(a, b, c, F32: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b + c`` (fp32 accumulator ``c``), with ``_mm``'s precision rules."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), c, input_precision="ieee")
+    elif F32:
+        return tl.dot(a, b, c, input_precision="ieee")
+    else:
+        return tl.dot(a, b, c)
+
+
+@triton.jit
+def _online_scaled(t, m_i, l_i, acc, v, sc, F32: tl.constexpr, UPCAST: tl.constexpr):
+    """``_online`` for logits ``t`` in units of 1/sc (sc > 0: the max is the same; m kept in those units):
+    exponents ``t * sc - m * sc``, one FMA per element, where scaled logits take a multiply-add for the
+    scale and the bias and a subtraction."""
+    m_new = tl.maximum(m_i, tl.max(t, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new) * sc
+    alpha = tl.exp2(m_i * sc - m_ref)
+    p = tl.exp2(t * sc - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h, qk_scale,
               N: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, HAS_RPB: tl.constexpr,
               F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
-              COSINE: tl.constexpr):
+              COSINE: tl.constexpr, UNSCALED: tl.constexpr):
     """One online-softmax step of a query tile over the key block at sorted position n0 (MASK: keys
-    outside ``[lo, hi)`` get -inf; keys past N read V as zeros)."""
+    outside ``[lo, hi)`` get -inf; keys past N read V as zeros; UNSCALED: ``_online_scaled``)."""
     offs_n = n0 + tl.arange(0, BN)
     jn = tl.minimum(offs_n, N - 1)
     row = _idx(hw + tl.load(mrow + jn), IDX64) * (3 * C) + hd
@@ -82,19 +107,29 @@ def _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, 
         v = tl.load(qkv + row[:, None] + 2 * C + offs_d[None, :], mask=(offs_n < N)[:, None], other=0.0)
     else:
         v = tl.load(qkv + row[:, None] + 2 * C + offs_d[None, :])
-    t = _mm(q, tl.trans(k), F32, UPCAST) * qk_scale
-    if HAS_RPB:  # Swin index code_i + c0 - code_j; scode: -4 code_j, bytes (padded: no clamp)
-        t += _gather_off(tab_m[:, None], tl.load(scode + offs_n)[None, :], ASM)
+    if UNSCALED:  # logits in units of 1/qk_scale: the table bias (divided by it) is the MMA's accumulator
+        if HAS_RPB:  # Swin index code_i + c0 - code_j; scode: -4 code_j, bytes (padded: no clamp)
+            t = _mm_acc(q, tl.trans(k), _gather_off(tab_m[:, None], tl.load(scode + offs_n)[None, :], ASM), F32,
+                        UPCAST)
+        else:
+            t = _mm(q, tl.trans(k), F32, UPCAST)
+    else:
+        t = _mm(q, tl.trans(k), F32, UPCAST) * qk_scale
+        if HAS_RPB:
+            t += _gather_off(tab_m[:, None], tl.load(scode + offs_n)[None, :], ASM)
     if MASK:
         t = tl.where(((offs_n >= lo) & (offs_n < hi))[None, :], t, float("-inf"))
-    return _online(t, m_i, l_i, acc, v, F32, UPCAST)
+    if UNSCALED:
+        return _online_scaled(t, m_i, l_i, acc, v, qk_scale, F32, UPCAST)
+    else:
+        return _online(t, m_i, l_i, acc, v, F32, UPCAST)
 
 
 @triton.jit
 def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale,
               N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_RPB: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
-              ASM: tl.constexpr, COSINE: tl.constexpr):
+              ASM: tl.constexpr, COSINE: tl.constexpr, UNSCALED: tl.constexpr):
     """Query tile t of the window (BLOCK_M rows from its first row, all in one segment): its walk, then
     its segment's rows stored at their original positions."""
     offs_d = tl.arange(0, D)
@@ -116,16 +151,20 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
     a0 = tl.where(bad, a1, lo)
     for n0 in range(a0, a1, BLOCK_N):
         m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
-                                  qk_scale, N, D, BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE)
+                                  qk_scale, N, D, BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE,
+                                  UNSCALED)
     c0 = tl.where(bad, 0, a1)
     c1 = tl.where(bad, N, hi)
     for n0 in range(c0, c1, BLOCK_N):
         m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
-                                  qk_scale, N, D, BLOCK_N, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE)
+                                  qk_scale, N, D, BLOCK_N, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE,
+                                  UNSCALED)
     # store the segment's rows only (l = 0: NaN, edge rule 2)
     row_ok = offs_m < hi
     o = acc * _fast(l_i, 0, ASM)[:, None]
     tl.store(out + (tok * C + hd)[:, None] + offs_d[None, :], o.to(out.dtype.element_ty), mask=row_ok[:, None])
+    if UNSCALED:
+        m_i = m_i * qk_scale
     tl.store(lse + (w * NH + h) * N + j, (m_i + _fast(l_i, 1, ASM)) * 0.6931471805599453, mask=row_ok)
 
 
@@ -134,7 +173,7 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH, H, W, 
                 N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RPB: tl.constexpr,
                 F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
-                COSINE: tl.constexpr, VBITS: tl.constexpr, VCHECK: tl.constexpr = True):
+                COSINE: tl.constexpr, VBITS: tl.constexpr, UNSCALED: tl.constexpr, VCHECK: tl.constexpr = True):
     """Program (head h, window w), head-fastest. meta (GG*nW, 5, N) int32 per window: sorted tokens'
     grid positions, their window-local indices, and the tiles' first row, segment start, segment
     end; ninfo (GG*nW, 3): BLOCK_M-row tiles, segments, BLOCK_M/2-row tiles; scode (GG*nW, N +
@@ -160,10 +199,10 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH, H, W, 
     nsmall = tl.load(ninfo + 3 * gw + 2)
     for t in range(0, nbig):  # BLOCK_M-row tiles
         _seg_tile(BLOCK_M, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D, WH,
-                  WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE)
+                  WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED)
     for t in range(nbig, nbig + nsmall):  # a segment's last rows when they fit half a tile
         _seg_tile(BLOCK_M // 2, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D,
-                  WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE)
+                  WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -174,7 +213,8 @@ def seg_config(N, D, dtype, interpret):
     a segment's last rows in a 16-row tile when they fit one, 32-key blocks. A segment of s tokens
     costs its tiles' rows x ceil(s/BN) * BN keys: at MixMIM-B stage 1 (segments of 28..168 tokens)
     rows rounded to 16 walk 74% of the window's 196^2 pairs, 64-row wgmma tiles 91% (static
-    estimates: 32/16-row tiles 259 us, 16-row 280, 32-row 274, 64-row 320; 64-key blocks 351). No
+    estimates before ``_online_scaled``: 32/16-row tiles 257 us, 16-row 280, 32-row 274, 64-row 320;
+    64-key blocks 351; with it 250). No
     software pipelining: a walk is 3-4 blocks, and a pipelined loop's peeled prologue costs more
     issue than it hides with 12+ one-warp programs per SM (estimate 280 vs 297 us at 16 rows;
     unverified on a GPU). Under the interpreter 32/16 x 16, so that segments of several tiles and
@@ -249,10 +289,15 @@ def seg_forward(qkv, out, lse, tab, num_heads, wh, ww, sh, sw, group, qk_scale, 
     meta, ninfo, idx = seg_tables(H, W, wh, ww, sh, sw, group, bm, qkv.device)
     idx = torch.cat([idx, idx[:, -1:].expand(-1, bn)], 1)  # keys past N: the last one (scores masked)
     scode = (codes[idx].to(torch.int64) * -4).contiguous()  # -4 * table code of each sorted key (bytes)
+    # logits in units of 1/qk_scale (``_online_scaled``) for a plain softmax scale in a safe range
+    unscaled = logit_scale is None and 2.0 ** -20 <= qk_scale <= 2.0 ** 20
+    if unscaled and flags["HAS_RPB"]:
+        tab = tab / qk_scale
     _seg_kernel[(num_heads, B * nW)](
         qkv, out, lse, tab, meta, ninfo, scode, qkv if logit_scale is None else logit_scale, qk_scale, num_heads,
         H, W, nW, 1 if group is None else group.shape[0], N=N, D=D, WH=wh, WW=ww,
         BS=triton.next_power_of_2(N), BLOCK_M=bm, BLOCK_N=bn, HAS_RPB=flags["HAS_RPB"],
         F32=flags["F32"], UPCAST=flags["UPCAST"], IDX64=idx64, ASM=not interpret,
         COSINE=logit_scale is not None, VBITS={torch.bfloat16: 0, torch.float16: 1}.get(qkv.dtype, 2),
+        UNSCALED=unscaled,
         num_warps=warps, num_stages=stages)
