@@ -77,7 +77,7 @@ def test_seg_forward_matches_reference(win, grid, shift, labels, dtype):
     assert_close_2x(got, want, same, name="out")
 
 
-def test_seg_shared_group_no_rpb_and_cosine():
+def test_seg_shared_group_no_rpb_and_cosine():  # cosine takes the all-pairs kernel (``_forward``)
     got, want, same, *_ = _run((5, 5), (2, 1), (0, 0), "many", F32, rpb=False, per_image=False)
     assert_close_2x(got, want, same, name="out")
     qkv = torch.randn(2, 10, 5, 3 * 2 * 16)
@@ -91,11 +91,64 @@ def test_seg_shared_group_no_rpb_and_cosine():
     assert_close_2x(got, want, ref.window_attention(qkv, 2, (5, 5), **kw), name="cosine out")
 
 
+def _torch_tables(H, W, wh, ww, sh, sw, group, bm, device):
+    """The tables ``_seg_prep`` computes, specified in torch ops. Per window (and per label map: G =
+    group.shape[0] or 1), the tokens sorted stably by segment
+    (shift region, then group label, compared at full width) and the segments cut into tiles of
+    ``bm`` rows, a segment's last rows in a tile of ``bm // 2`` when they fit one. Returns meta
+    (G*nW, 5, N) int32 [grid position, window-local index of each sorted token; tiles' first row,
+    segment start, segment end: full tiles, then half tiles (entries past them: 0)], ninfo (G*nW, 3)
+    int32 [full tiles, segments, half tiles], and the sorted tokens' window-local indices (G*nW, N)
+    int64."""
+    N, nWh, nWw = wh * ww, H // wh, W // ww
+    ar = torch.arange(N, device=device)
+    ly, lx = ar // ww, ar % ww
+    wy = torch.arange(nWh, device=device).repeat_interleave(nWw)
+    wx = torch.arange(nWw, device=device).repeat(nWh)
+    y = (wy[:, None] * wh + ly[None, :] + sh) % H
+    x = (wx[:, None] * ww + lx[None, :] + sw) % W
+    pos = (y * W + x)[None]  # (1, nW, N)
+    keys = []  # least significant first: the label, then the region
+    if group is not None:
+        keys.append(group.reshape(group.shape[0], H * W)[:, pos[0]])  # (G, nW, N), full width
+    if sh > 0 or sw > 0:
+        reg = (wy[:, None] * wh >= H - wh) * (3 * (ly >= wh - sh))[None, :] \
+            + (wx[:, None] * ww >= W - ww) * (lx >= ww - sw)[None, :]
+        keys.append(reg[None])
+    G = keys[0].shape[0] if keys else 1
+    idx = ar.expand(G, nWh * nWw, N)
+    for k in keys:
+        k = k.expand(G, -1, -1)
+        idx = idx.gather(-1, torch.argsort(k.gather(-1, idx), dim=-1, stable=True))
+    new = torch.zeros(idx.shape, dtype=torch.bool, device=device)
+    new[..., 0] = True
+    for k in keys:
+        ks = k.expand(G, -1, -1).gather(-1, idx)
+        new[..., 1:] |= ks[..., 1:] != ks[..., :-1]
+    lo = torch.cummax(torch.where(new, ar, 0), dim=-1).values
+    end = torch.ones_like(new)
+    end[..., :-1] = new[..., 1:]
+    hi = torch.cummin(torch.where(end, ar + 1, N).flip(-1), dim=-1).values.flip(-1)
+    # tiles start every bm rows of a segment; a start with at most bm/2 rows left is a half tile
+    first = (ar - lo) % bm == 0
+    small = first & (hi - ar <= bm // 2)
+    kind = torch.where(first & ~small, 0, torch.where(small, 1, 2)).to(torch.int8)
+    order = torch.argsort(kind, dim=-1, stable=True)  # full tiles, then half tiles, in row order
+    nbig, nsmall = (first & ~small).sum(-1), small.sum(-1)
+    live = ar < (nbig + nsmall)[..., None]
+    tr0 = torch.where(live, order, 0)
+    meta = torch.stack([pos.expand(G, -1, -1).gather(-1, idx), idx, tr0, torch.where(live, lo.gather(-1, tr0), 0),
+                        torch.where(live, hi.gather(-1, tr0), 0)], dim=-2)
+    ninfo = torch.stack([nbig, new.sum(-1), nsmall], dim=-1)
+    return (meta.reshape(G * nWh * nWw, 5, N).to(torch.int32).contiguous(),
+            ninfo.reshape(G * nWh * nWw, 3).to(torch.int32).contiguous(), idx.reshape(G * nWh * nWw, N))
+
+
 def test_seg_tables_walk_only_segments():
     """The tables: tokens sorted stably by (region, label); tiles of <= bm rows inside one segment, a
     segment's last rows in a half tile when they fit one (full tiles listed first)."""
     g = torch.tensor([[3, 1, 3, 1], [1, 1, 7, 3]]).repeat(2, 2)[None]  # (1, 4, 8): windows 2 x 4 x 2
-    meta, ninfo, idx = seg.seg_tables(4, 8, 2, 4, 0, 0, g, 2, "cpu")
+    meta, ninfo, idx = _torch_tables(4, 8, 2, 4, 0, 0, g, 2, "cpu")
     w0 = g[0, :2, :4].reshape(-1)
     assert idx[0].tolist() == torch.argsort(w0, stable=True).tolist()
     nbig, nseg, nsmall = ninfo[0].tolist()
@@ -172,7 +225,7 @@ def test_seg_walk_model_matches_the_launcher_tables(H, w, shift, group):
 
     bm, bn = 32, 32
     g = torch.from_numpy(ww.mixmim_mask(H, H))[None] if group else None
-    meta, ninfo, _ = seg.seg_tables(H, H, w, w, shift, shift, g, bm, "cpu")
+    meta, ninfo, _ = _torch_tables(H, H, w, w, shift, shift, g, bm, "cpu")
     model = ww.seg_walk(H, H, w, shift, group, bm, bn)
     nbig, nsmall = ninfo[:, 0].tolist(), ninfo[:, 2].tolist()
     for kind, spans in (("big", [(0, b) for b in nbig]), ("small", list(zip(nbig, nsmall)))):
@@ -197,3 +250,27 @@ def test_seg_softmax_scale_paths(scale):
     same = ref.window_attention(qkv.float(), nh, (5, 5), rel_pos_bias=table.float(), **kw)
     got = mixkernels.window_attention(qkv.float(), nh, (5, 5), rel_pos_bias=table.float(), backend="triton", **kw)
     assert_close_2x(got, want, same, name="out")
+
+
+@pytest.mark.parametrize("H,W,win,shift,labels,G", [
+    (10, 10, (5, 5), (0, 0), "many", 2), (10, 10, (5, 5), (2, 2), "two", 1), (14, 14, (7, 7), (3, 3), None, 1),
+    (8, 12, (4, 6), (0, 0), "int64", 1), (10, 15, (5, 5), (1, 3), "all_distinct", 2)])
+def test_seg_prep_kernel_matches_the_torch_tables(H, W, win, shift, labels, G):
+    """The pre-kernel's tables (pairwise ranks, a CTA barrier, prefix sums) equal the torch formulation,
+    labels at full width (int64 labels equal modulo 2**32 stay apart)."""
+    if labels is None:
+        g = None
+    elif labels == "all_distinct":
+        g = torch.randperm(G * H * W).reshape(G, H, W)
+    else:
+        g = _labels(labels, G, H, W)
+    for bm in (32, 8):
+        m1, n1, idx = _torch_tables(H, W, *win, *shift, g, bm, "cpu")
+        m2, n2, sc = seg.seg_prepare(H, W, *win, *shift, g, bm, 16, "cpu")
+        assert torch.equal(n1, n2)
+        N = win[0] * win[1]
+        codes = (idx // win[1]) * (2 * win[1] - 1) + idx % win[1]
+        assert torch.equal(sc[:, :N], codes * -4) and not sc[:, N:].any()
+        for gw in range(m1.shape[0]):
+            nt = int(n1[gw, 0] + n1[gw, 2])
+            assert torch.equal(m1[gw, :2], m2[gw, :2]) and torch.equal(m1[gw, 2:, :nt], m2[gw, 2:, :nt])

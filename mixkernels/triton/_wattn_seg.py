@@ -2,8 +2,9 @@
 path for windows over one tile with a group and/or shift mask, no attn_bias, no coords).
 
 A window's tokens fall into segments (same shift region AND same group label): a pair attends only
-inside its segment. The launcher sorts each window's tokens stably by segment (torch ops on the
-window-invariant data: positions, labels at full width, regions; ``seg_tables``), so that the live
+inside its segment. A pre-kernel sorts each window's tokens stably by segment (labels compared at
+full width; ``_seg_prep``, one launch: the tables are per window and label map, not per image and
+head), so that the live
 pairs form diagonal blocks, and cuts every segment into query tiles of BLOCK_M rows, its last rows in
 a tile of BLOCK_M/2 when they fit one. A program (head h, window w) walks its window's full tiles,
 then its half tiles (``_seg_tile``); a tile's rows all lie in one segment ``[lo, hi)`` of the sorted
@@ -31,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ._cosine import _head_scale, _unit
-from ._wattn_common import _fast, _gather_off, _idx, _mm, _online
+from ._wattn_common import _fast, _gather_off, _idx, _mm, _online, _pos
 
 
 @triton.jit
@@ -205,6 +206,79 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH, H, W, 
                   WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED)
 
 
+@triton.jit
+def _seg_key(group, gbase, t, wy, wx, H, W, SH, SW, N: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+             SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr):
+    """Tokens t of window (wy, wx): grid position, window-local index, shift region, group label (full width)."""
+    j = tl.minimum(t, N - 1)
+    ly = j // WW
+    lx = j % WW
+    pos, reg = _pos(ly, lx, wy * WH, wx * WW, H, W, SH, SW, WH, WW, SHIFT)
+    lab = reg
+    if HAS_GROUP:
+        lab = tl.load(group + gbase + pos)
+    return pos, j, reg, lab
+
+
+@triton.jit
+def _seg_prep(group, meta, ninfo, scode, scratch, nW, nWw, H, W, SH, SW, N: tl.constexpr, WH: tl.constexpr,
+              WW: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr):
+    """The tables of ``_seg_kernel`` for window gw of label map g = gw // nW (one program each): a token's
+    sorted position is the number of tokens with a smaller (region, label) key plus those with an equal
+    key and a smaller index (stable), counted pairwise in chunks of CH; its segment is [lo, lo + count).
+    Tiles start every BM rows of a segment (a half tile when at most BM/2 rows are left): per sorted
+    position (through ``scratch``, after a CTA barrier) the full tiles, then the half tiles, in order."""
+    gw = tl.program_id(0)
+    wl = gw % nW
+    wy = wl // nWw
+    wx = wl % nWw
+    gbase = (gw // nW) * (H * W)
+    a = tl.arange(0, BS)
+    pos, j, reg, lab = _seg_key(group, gbase, a, wy, wx, H, W, SH, SW, N, WH, WW, SHIFT, HAS_GROUP)
+    lo = tl.zeros((BS,), tl.int32)
+    cnt = tl.zeros((BS,), tl.int32)
+    before = tl.zeros((BS,), tl.int32)
+    for c0 in tl.static_range(0, BS, CH):
+        b = c0 + tl.arange(0, CH)
+        _p, _j, rb, lb = _seg_key(group, gbase, b, wy, wx, H, W, SH, SW, N, WH, WW, SHIFT, HAS_GROUP)
+        vb = (b < N)[None, :]
+        same_r = rb[None, :] == reg[:, None]
+        eq = same_r & (lb[None, :] == lab[:, None]) & vb
+        lt = ((rb[None, :] < reg[:, None]) | (same_r & (lb[None, :] < lab[:, None]))) & vb
+        lo += tl.sum(lt.to(tl.int32), 1)
+        cnt += tl.sum(eq.to(tl.int32), 1)
+        before += tl.sum((eq & (b[None, :] < a[:, None])).to(tl.int32), 1)
+    valid = a < N
+    rank = lo + before
+    m = meta + gw * (5 * N)
+    tl.store(m + rank, pos, mask=valid)
+    tl.store(m + N + rank, j, mask=valid)
+    sc = scode + gw * (N + BN)
+    tl.store(sc + rank, (j // WW * (2 * WW - 1) + j % WW).to(tl.int64) * -4, mask=valid)
+    tl.store(sc + N + tl.arange(0, BN), tl.zeros((BN,), tl.int64))  # keys past N (masked): any valid offset
+    first = valid & (before % BM == 0)
+    small = first & (cnt - before <= BM // 2)
+    kind = tl.where(first, tl.where(small, 2, 1), 0)
+    scr = scratch + gw * (3 * BS)
+    tl.store(scr + rank, kind, mask=valid)
+    tl.store(scr + BS + rank, lo, mask=valid)
+    tl.store(scr + 2 * BS + rank, lo + cnt, mask=valid)
+    tl.debug_barrier()
+    kr = tl.load(scr + a, mask=valid, other=0)
+    big_r = (kr == 1).to(tl.int32)
+    small_r = (kr == 2).to(tl.int32)
+    nbig = tl.sum(big_r, 0)
+    tid = tl.where(kr == 1, tl.cumsum(big_r, 0) - 1, nbig + tl.cumsum(small_r, 0) - 1)
+    live = kr > 0
+    tl.store(m + 2 * N + tid, a, mask=live)
+    tl.store(m + 3 * N + tid, tl.load(scr + BS + a, mask=live, other=0), mask=live)
+    tl.store(m + 4 * N + tid, tl.load(scr + 2 * BS + a, mask=live, other=0), mask=live)
+    tl.store(ninfo + 3 * gw, nbig)
+    tl.store(ninfo + 3 * gw + 1, tl.sum((valid & (before == 0)).to(tl.int32), 0))
+    tl.store(ninfo + 3 * gw + 2, tl.sum(small_r, 0))
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -225,70 +299,36 @@ def seg_config(N, D, dtype, interpret):
     return 32, (16 if D >= 128 or (f32 and D >= 64) else 32), 1, 1
 
 
-def seg_tables(H, W, wh, ww, sh, sw, group, bm, device):
-    """Per window (and per label map: G = group.shape[0] or 1), the tokens sorted stably by segment
-    (shift region, then group label, compared at full width) and the segments cut into tiles of
-    ``bm`` rows, a segment's last rows in a tile of ``bm // 2`` when they fit one. Returns meta
-    (G*nW, 5, N) int32 [grid position, window-local index of each sorted token; tiles' first row,
-    segment start, segment end: full tiles, then half tiles (entries past them: 0)], ninfo (G*nW, 3)
-    int32 [full tiles, segments, half tiles], and the sorted tokens' window-local indices (G*nW, N)
-    int64."""
-    N, nWh, nWw = wh * ww, H // wh, W // ww
-    ar = torch.arange(N, device=device)
-    ly, lx = ar // ww, ar % ww
-    wy = torch.arange(nWh, device=device).repeat_interleave(nWw)
-    wx = torch.arange(nWw, device=device).repeat(nWh)
-    y = (wy[:, None] * wh + ly[None, :] + sh) % H
-    x = (wx[:, None] * ww + lx[None, :] + sw) % W
-    pos = (y * W + x)[None]  # (1, nW, N)
-    keys = []  # least significant first: the label, then the region
-    if group is not None:
-        keys.append(group.reshape(group.shape[0], H * W)[:, pos[0]])  # (G, nW, N), full width
-    if sh > 0 or sw > 0:
-        reg = (wy[:, None] * wh >= H - wh) * (3 * (ly >= wh - sh))[None, :] \
-            + (wx[:, None] * ww >= W - ww) * (lx >= ww - sw)[None, :]
-        keys.append(reg[None])
-    G = keys[0].shape[0] if keys else 1
-    idx = ar.expand(G, nWh * nWw, N)
-    for k in keys:
-        k = k.expand(G, -1, -1)
-        idx = idx.gather(-1, torch.argsort(k.gather(-1, idx), dim=-1, stable=True))
-    new = torch.zeros(idx.shape, dtype=torch.bool, device=device)
-    new[..., 0] = True
-    for k in keys:
-        ks = k.expand(G, -1, -1).gather(-1, idx)
-        new[..., 1:] |= ks[..., 1:] != ks[..., :-1]
-    lo = torch.cummax(torch.where(new, ar, 0), dim=-1).values
-    end = torch.ones_like(new)
-    end[..., :-1] = new[..., 1:]
-    hi = torch.cummin(torch.where(end, ar + 1, N).flip(-1), dim=-1).values.flip(-1)
-    # tiles start every bm rows of a segment; a start with at most bm/2 rows left is a half tile
-    first = (ar - lo) % bm == 0
-    small = first & (hi - ar <= bm // 2)
-    kind = torch.where(first & ~small, 0, torch.where(small, 1, 2)).to(torch.int8)
-    order = torch.argsort(kind, dim=-1, stable=True)  # full tiles, then half tiles, in row order
-    nbig, nsmall = (first & ~small).sum(-1), small.sum(-1)
-    live = ar < (nbig + nsmall)[..., None]
-    tr0 = torch.where(live, order, 0)
-    meta = torch.stack([pos.expand(G, -1, -1).gather(-1, idx), idx, tr0, torch.where(live, lo.gather(-1, tr0), 0),
-                        torch.where(live, hi.gather(-1, tr0), 0)], dim=-2)
-    ninfo = torch.stack([nbig, new.sum(-1), nsmall], dim=-1)
-    return (meta.reshape(G * nWh * nWw, 5, N).to(torch.int32).contiguous(),
-            ninfo.reshape(G * nWh * nWw, 3).to(torch.int32).contiguous(), idx.reshape(G * nWh * nWw, N))
+def seg_prepare(H, W, wh, ww, sh, sw, group, bm, bn, device):
+    """``_seg_prep``'s tables for G = group.shape[0] (or 1) label maps x nW windows: meta (G*nW, 5, N)
+    int32 [grid position, window-local index of each sorted token; tiles' first row, segment start,
+    segment end: full tiles, then half tiles (entries past them: 0)], ninfo (G*nW, 3) int32 [full tiles,
+    segments, half tiles], scode (G*nW, N + bn) int64: -4 * table code of
+    each sorted key (keys past N: 0). One launch."""
+    N, nWw = wh * ww, W // ww
+    nW = (H // wh) * nWw
+    GW = (1 if group is None else group.shape[0]) * nW
+    BS = triton.next_power_of_2(N)
+    meta = torch.zeros((GW, 5, N), dtype=torch.int32, device=device)
+    ninfo = torch.empty((GW, 3), dtype=torch.int32, device=device)
+    scode = torch.empty((GW, N + bn), dtype=torch.int64, device=device)
+    scratch = torch.empty((GW, 3, BS), dtype=torch.int32, device=device)
+    _seg_prep[(GW,)](meta if group is None else group, meta, ninfo, scode, scratch, nW, nWw, H, W, sh, sw, N=N,
+                     WH=wh, WW=ww, BS=BS, CH=min(BS, 32), BM=bm, BN=bn, SHIFT=sh > 0 or sw > 0,
+                     HAS_GROUP=group is not None, num_warps=4)
+    return meta, ninfo, scode
 
 
-def seg_forward(qkv, out, lse, tab, num_heads, wh, ww, sh, sw, group, qk_scale, logit_scale, flags, codes,
-                interpret, idx64):
-    """Launch ``_seg_kernel`` (flags: ``window_attention._flags``; codes: ``window_attention._codes``)."""
+def seg_forward(qkv, out, lse, tab, num_heads, wh, ww, sh, sw, group, qk_scale, logit_scale, flags, interpret,
+                idx64):
+    """Launch ``_seg_prep`` and ``_seg_kernel`` (flags: ``window_attention._flags``)."""
     B, H, W, C3 = qkv.shape
     D = C3 // (3 * num_heads)
     N = wh * ww
     nWw = W // ww
     nW = (H // wh) * nWw
     bm, bn, warps, stages = seg_config(N, D, qkv.dtype, interpret)
-    meta, ninfo, idx = seg_tables(H, W, wh, ww, sh, sw, group, bm, qkv.device)
-    idx = torch.cat([idx, idx[:, -1:].expand(-1, bn)], 1)  # keys past N: the last one (scores masked)
-    scode = (codes[idx].to(torch.int64) * -4).contiguous()  # -4 * table code of each sorted key (bytes)
+    meta, ninfo, scode = seg_prepare(H, W, wh, ww, sh, sw, group, bm, bn, qkv.device)
     # logits in units of 1/qk_scale (``_online_scaled``) for a plain softmax scale in a safe range
     unscaled = logit_scale is None and 2.0 ** -20 <= qk_scale <= 2.0 ** 20
     if unscaled and flags["HAS_RPB"]:

@@ -451,7 +451,8 @@ def _single(N):
 
 def _by_segment(N, sh, sw, attn_bias, group, coords):
     """Whether the forward takes the by-segment path (``_wattn_seg``): windows over one tile with a
-    group and/or shift mask, no attn_bias, no coords (``SEGMENTS`` False: never, for comparisons)."""
+    group and/or shift mask, no attn_bias, no coords, not cosine (``_forward``: its 16-bit window-16
+    config spills; ``SEGMENTS`` False: never, for comparisons)."""
     return SEGMENTS and not _single(N) and (group is not None or sh > 0 or sw > 0) and attn_bias is None \
         and coords is None
 
@@ -541,10 +542,10 @@ def _forward(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, 
     lse = _alloc((B * nW, num_heads, N), torch.float32, qkv.device)
     if out.numel() == 0:
         return out, lse
-    if _by_segment(N, sh, sw, attn_bias, group, coords):
+    if logit_scale is None and _by_segment(N, sh, sw, attn_bias, group, coords):
         seg_forward(qkv, out, lse, _tables(rpb, attn_bias, qkv, num_heads)[0], num_heads, wh, ww, sh, sw, group,
                     float(scale) * _LOG2E, logit_scale, _flags(qkv, rpb, attn_bias, group, coords, sh, sw),
-                    _codes(wh, ww, qkv.device), _INTERPRET, qkv.numel() >= 2**31)
+                    _INTERPRET, qkv.numel() >= 2**31)
         return out, lse
     masks = (sh > 0 or sw > 0) + (attn_bias is not None) + (coords is not None)
     heavy = masks > 0 or qkv.dtype == torch.float32 or (group is not None and group.dtype == torch.int64)
