@@ -415,11 +415,14 @@ def test_triton_poisoned_outputs_paths(device, case, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16])
-def test_triton_tail_rows_nan_and_poison(dtype, monkeypatch):
-    """The tail rows' one-block pass (16-bit, window 7: rows 48.. of the interpreter's 16-row tiles):
+@pytest.mark.parametrize("segments", [False, True])
+def test_triton_tail_rows_nan_and_poison(dtype, segments, monkeypatch):
+    """The tail rows' one-block pass (16-bit, window 7: rows 48.. of the interpreter's 16-row tiles;
+    ``segments``: the by-segment forward instead, which a group mask selects by default):
     a head whose table is all -inf gives NaN rows (edge rule 2), the other head matches the
     reference, and padded rows are never stored (poisoned outputs)."""
     tw = pytest.importorskip("mixkernels.triton.window_attention")
+    monkeypatch.setattr(tw, "SEGMENTS", segments)
     monkeypatch.setattr(tw, "_alloc",
                         lambda shape, dtype, dev: torch.full(shape, float("nan"), dtype=dtype, device=dev))
     nh, win = 2, (7, 7)

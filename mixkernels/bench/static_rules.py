@@ -445,10 +445,36 @@ TRITON_RULES: List[Rule] = [
     # ``for i in range(0, WPP)`` whose back edge carries the line of the _next_window call ending its body
     Rule(r"b = tl\.where\(wrap, b \+ 1, b\)|return w \+ 1, b, wy, wx", lambda c: c.a("WPP"),
          "windows per program: WPP (the loop's back edge carries _next_window's line)", via=r"_next_window\("),
+    # Triton by-segment forward (_wattn_seg.py): data-dependent walks, from the segment model on the
+    # case's masks (wattn_workload.seg_walk); the all-keys masked walk runs only for a head whose V holds
+    # NaN/Inf. The key loops of _seg_tile are told apart by its call site (full or half tiles).
+    Rule(r"for t in range\(0, nbig\)", lambda c: _seg(c)["big"], "full (BLOCK_M-row) query tiles per window "
+         "(segment model, wattn_workload.seg_walk)"),
+    Rule(r"for t in range\(nbig, nbig \+ nsmall\)", lambda c: _seg(c)["small"],
+         "half (BLOCK_M/2-row) tiles per window: a segment's last rows when they fit one (segment model)"),
+    Rule(r"for n0 in range\(a0, a1, BLOCK_N\)", lambda c: _seg(c)["full_small"],
+         "unmasked key blocks per half tile: floor(s/BLOCK_N) of its segment (segment model)",
+         via=r"_seg_tile\(BLOCK_M // 2"),
+    Rule(r"for n0 in range\(a0, a1, BLOCK_N\)", lambda c: _seg(c)["full_big"],
+         "unmasked key blocks per full tile: floor(s/BLOCK_N) of its segment (segment model)",
+         via=r"_seg_tile\(BLOCK_M,"),
+    Rule(r"for n0 in range\(c0, c1, BLOCK_N\)", lambda c: _seg(c)["masked_small"],
+         "masked key block per half tile: 1 when BLOCK_N does not divide s (segment model; all the "
+         "window's blocks only for a head whose V holds NaN/Inf: never here)", via=r"_seg_tile\(BLOCK_M // 2"),
+    Rule(r"for n0 in range\(c0, c1, BLOCK_N\)", lambda c: _seg(c)["masked_big"],
+         "masked key block per full tile: 1 when BLOCK_N does not divide s (segment model; all the "
+         "window's blocks only for a head whose V holds NaN/Inf: never here)", via=r"_seg_tile\(BLOCK_M,"),
     # deterministic coords path: the box of table rows / cols a tile touches (upper bound)
     Rule(r"while y <= y_end", lambda c: 2 * c.a("WH") - 1, "table rows: <= 2*WH-1"),
     Rule(r"while x <= x_end", lambda c: 2 * c.a("WW") - 1, "table cols: <= 2*WW-1"),
 ]
+
+
+def _seg(c: Ctx) -> Dict[str, float]:
+    from . import wattn_workload as ww
+
+    p = c.p
+    return ww.seg_walk(p["H"], p["W"], p["window"], p["shift"], bool(p["group"]), c.a("BLOCK_M"), c.a("BLOCK_N"))
 
 
 def trips_for(rules: Sequence[Rule], ctx: Ctx, site, triton: bool) -> Tuple[Optional[float], str]:

@@ -9,7 +9,8 @@ The model behind the static report's trip-count rules for ``csrc/cuda/window_att
   the same shift region and group label), the stable counting sort by segment, the 16-row tiles'
   key ranges, the key blocks each tile walks (masked or not), and ``assign_items``' insertion sort;
 
-on the real masks (MixMIM's 7x7 group mask upsampled, batch-shared; Swin's shift regions).
+on the real masks (MixMIM's 7x7 group mask upsampled, batch-shared; Swin's shift regions). ``seg_walk``
+models the Triton by-segment forward's walk (``mixkernels/triton/_wattn_seg.py``) on the same masks.
 numpy only (no torch, no package-relative imports).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 __all__ = ["THREADS", "WARPS", "pick_pack", "heads_per_cta", "bwd_heads_per_cta", "layout_bytes", "plan",
-           "mixmim_mask", "attention_workload"]
+           "mixmim_mask", "attention_workload", "seg_walk"]
 
 THREADS = 256  # kThreads: threads per CTA of the fused kernels
 WARPS = THREADS // 32
@@ -216,3 +217,32 @@ def attention_workload(B: int, H: int, W: int, w: int, shift: int, group: bool, 
     if key not in _MEMO:
         _MEMO[key] = _aggregate(_keys(B, H, W, w, shift, mixmim_mask(H, W, seed) if group else None))
     return _MEMO[key]
+
+
+def seg_walk(H: int, W: int, w: int, shift: int, group: bool, bm: int, bn: int, seed: int = 0) -> Dict[str, float]:
+    """The Triton by-segment forward's walk (``mixkernels/triton/_wattn_seg.py``) on the case's masks,
+    averaged over the windows (every image has the same windows): a segment of s tokens is cut into
+    query tiles of bm rows, its last rows in a tile of bm/2 when they fit one; every tile walks
+    floor(s/bn) unmasked key blocks and one masked block when bn does not divide s. Per window:
+    ``big`` / ``small`` tiles (``tiles`` both); per tile of each kind: ``full_big``, ``masked_big``,
+    ``full_small``, ``masked_small`` blocks (``full``, ``masked``: over all tiles); ``pairs``: computed
+    (row, key) pairs per window, ``live``: attending pairs per window."""
+    keys = _keys(1, H, W, w, shift, mixmim_mask(H, W, seed) if group else None)
+    c: Counter = Counter()
+    for k in keys:
+        for s in np.unique(k, return_counts=True)[1].tolist():
+            nt = -(-s // bm)
+            small = int(s - bm * (nt - 1) <= bm // 2)
+            for kind, n in (("big", nt - small), ("small", small)):
+                c[kind] += n
+                c["full_" + kind] += n * (s // bn)
+                c["masked_" + kind] += n * (s % bn != 0)
+            c["pairs"] += ((nt - small) * bm + small * (bm // 2)) * -(-s // bn) * bn
+            c["live"] += s * s
+    n, t = len(keys), c["big"] + c["small"]
+    div = lambda a, b: a / b if b else 0.0  # noqa: E731
+    return dict(tiles=t / n, big=c["big"] / n, small=c["small"] / n,
+                full=(c["full_big"] + c["full_small"]) / t, masked=(c["masked_big"] + c["masked_small"]) / t,
+                full_big=div(c["full_big"], c["big"]), masked_big=div(c["masked_big"], c["big"]),
+                full_small=div(c["full_small"], c["small"]), masked_small=div(c["masked_small"], c["small"]),
+                pairs=c["pairs"] / n, live=c["live"] / n)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["_mm", "_gather", "_gather_rc", "_opaque", "_gather_int", "_fast", "_idx", "_first_window",
-           "_next_window", "_lyx", "_pos", "_coords", "_in_range", "_table_bias", "_mask", "_gather_off"]
+           "_next_window", "_lyx", "_pos", "_coords", "_in_range", "_table_bias", "_mask", "_gather_off", "_online"]
 
 
 @triton.jit
@@ -233,3 +233,17 @@ def _mask(t, reg_m, reg_n, grp_m, grp_n, col_ok, SHIFT: tl.constexpr, HAS_GROUP:
     if SHIFT or HAS_GROUP or COL_MASK:
         t = tl.where(allowed, t, float("-inf"))
     return t, allowed
+
+
+@triton.jit
+def _online(t, m_i, l_i, acc, v, F32: tl.constexpr, UPCAST: tl.constexpr):
+    """Online-softmax update of a query tile's (m, l, acc) by the masked log2 logits ``t`` of a key
+    block and its V. A row with no unmasked key so far keeps max -inf and uses 0 as its reference, so
+    its probabilities and rescale factor are exactly 0 (l stays 0: NaN at the end, edge rule 2)."""
+    m_new = tl.maximum(m_i, tl.max(t, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(t - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32, UPCAST)
+    return m_new, l_i, acc

@@ -21,6 +21,11 @@ tile (N <= 64: Swin/MixMIM window 7, UM-MAE window 8) loop over several windows 
 with the window-invariant bias tile gathered once. The grid is head-fastest: the programs of
 one window's heads run side by side and share its qkv rows in L2.
 
+Windows over one tile with a group and/or shift mask and neither attn_bias nor coords (MixMIM
+stages 1-3, shifted window-14 Swin) take the by-segment forward instead (``_wattn_seg``): each
+window's tokens sorted by attention segment, every query tile walking only its segment's keys
+(``_by_segment``; ``SEGMENTS = False`` turns it off for comparisons).
+
 SwinV2 cosine attention (``window_attention_cosine``, the ``COSINE`` constexpr): q and k rows
 L2-normalized where loaded, the head's ``exp(min(logit_scale, log 100))`` folded into the score
 scale, so each score costs what it costs in the plain kernels (helpers in ``_cosine``).
@@ -39,8 +44,9 @@ import triton
 import triton.language as tl
 
 from ._cosine import _head_scale, _unit
+from ._wattn_seg import seg_forward
 from ._wattn_common import (_coords, _fast, _first_window, _gather, _gather_int, _gather_off, _gather_rc,  # noqa: F401
-                            _idx, _in_range, _lyx, _mask, _mm, _next_window, _opaque, _pos, _table_bias)
+                            _idx, _in_range, _lyx, _mask, _mm, _next_window, _online, _opaque, _pos, _table_bias)
 
 __all__ = ["window_attention", "window_attention_backward", "window_attention_cosine",
            "window_attention_cosine_backward"]
@@ -130,15 +136,7 @@ def _step(q, tab_m, ab_m, reg_m, grp_m, cy_m, cx_m, m_i, l_i, acc,
     """One online-softmax step of a query tile over a key block (COL_MASK: the padded tail)."""
     t = _logits(q, tab_m, ab_m, reg_m, grp_m, cy_m, cx_m, k, ok, rn, gn, cyn, cxn, cn, offs_n, tab_h, qk_scale,
                 RH, RW, HAS_RPB, HAS_BIAS, HAS_COORDS, SHIFT, HAS_GROUP, COL_MASK, F32, UPCAST, ASM)
-    # A row with no unmasked key so far keeps max -inf and uses 0 as its reference, so its
-    # probabilities and rescale factor are exactly 0 (l stays 0: NaN at the end, edge rule 2).
-    m_new = tl.maximum(m_i, tl.max(t, 1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_ref)
-    p = tl.exp2(t - m_ref[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32, UPCAST)
-    return m_new, l_i, acc
+    return _online(t, m_i, l_i, acc, v, F32, UPCAST)
 
 
 @triton.jit
@@ -451,6 +449,17 @@ def _single(N):
     return N < 16 if _INTERPRET else N <= 64
 
 
+def _by_segment(N, sh, sw, attn_bias, group, coords):
+    """Whether the forward takes the by-segment path (``_wattn_seg``): windows over one tile with a
+    group and/or shift mask, no attn_bias, no coords, not cosine (``_forward``: its 16-bit window-16
+    config spills; ``SEGMENTS`` False: never, for comparisons)."""
+    return SEGMENTS and not _single(N) and (group is not None or sh > 0 or sw > 0) and attn_bias is None \
+        and coords is None
+
+
+SEGMENTS = True
+
+
 def _windows_per_program(programs, single_tile):
     """Windows per program (a constexpr power of two: loop bounds from kernel arguments break
     Triton 3.6's interpreter with numpy >= 2.4): single-tile windows amortize the hoisted bias
@@ -532,6 +541,11 @@ def _forward(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, 
     out = _alloc((B, H, W, num_heads * D), qkv.dtype, qkv.device)
     lse = _alloc((B * nW, num_heads, N), torch.float32, qkv.device)
     if out.numel() == 0:
+        return out, lse
+    if logit_scale is None and _by_segment(N, sh, sw, attn_bias, group, coords):
+        seg_forward(qkv, out, lse, _tables(rpb, attn_bias, qkv, num_heads)[0], num_heads, wh, ww, sh, sw, group,
+                    float(scale) * _LOG2E, logit_scale, _flags(qkv, rpb, attn_bias, group, coords, sh, sw),
+                    _INTERPRET, qkv.numel() >= 2**31)
         return out, lse
     masks = (sh > 0 or sw > 0) + (attn_bias is not None) + (coords is not None)
     heavy = masks > 0 or qkv.dtype == torch.float32 or (group is not None and group.dtype == torch.int64)

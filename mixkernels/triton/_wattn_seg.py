@@ -1,0 +1,343 @@
+"""Triton window-attention forward by attention segment: masked work skipped (``window_attention``'s
+path for windows over one tile with a group and/or shift mask, no attn_bias, no coords).
+
+A window's tokens fall into segments (same shift region AND same group label): a pair attends only
+inside its segment. A pre-kernel sorts each window's tokens stably by segment (labels compared at
+full width; ``_seg_prep``, one launch: the tables are per window and label map, not per image and
+head), so that the live
+pairs form diagonal blocks, and cuts every segment into query tiles of BLOCK_M rows, its last rows in
+a tile of BLOCK_M/2 when they fit one. A program (head h, window w) walks its window's full tiles,
+then its half tiles (``_seg_tile``); a tile's rows all lie in one segment ``[lo, hi)`` of the sorted
+order and walk only its keys: full BLOCK_N blocks without any mask (``for n0 in range(a0, a1,
+BLOCK_N)``), then the segment's last partial block with the key mask ``lo <= n < hi`` (``for n0 in
+range(c0, c1, BLOCK_N)``: 0 or 1 trips). Rows past the segment end
+(next segment's or padding) are computed and never stored. q/k/v are read through the sorted
+positions, the table bias by each token's window-local code, out/lse stored at the original
+positions (the backward's contract is unchanged).
+
+NaN/Inf in V (edge rule 2): the reference multiplies every masked key's V by 0, so a non-finite V
+element reaches every row of the window. A program whose window has more than one segment checks
+the head's V first (one read of the window's V, ~4% of a program's instructions); if any element is
+not finite, every tile walks all the window's keys with the segment mask (the masked loop from 0 to
+N), exactly as the all-pairs kernel.
+
+Loops (static rules in ``static_rules``, trip counts from ``wattn_workload.seg_walk``): the full and
+the half tiles of a window, the unmasked key blocks of a tile (per tile size), the masked block (0 or
+1; all blocks of the window only for a head whose V holds NaN/Inf).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._cosine import _head_scale, _unit
+from ._wattn_common import _fast, _gather_off, _idx, _mm, _online, _pos
+
+
+@triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _v_nonfinite(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, IDX64: tl.constexpr,
+                 VBITS: tl.constexpr):
+    """Whether the head's V of the window holds NaN/Inf, on the raw bits in 32-bit words (two 16-bit
+    or one fp32 element each): adding one exponent LSB to the exponent field carries into the
+    element's top bit exactly when the exponent is all ones; the words are OR-reduced. Rows through
+    the window's sorted grid positions (``mrow``). VBITS: 0 bf16, 1 fp16, 2 fp32."""
+    pos = tl.load(mrow + tl.minimum(tl.arange(0, BS), N - 1))
+    PER: tl.constexpr = 1 if VBITS == 2 else 2  # elements per word
+    row = (_idx(hw + pos, IDX64) * (3 * C) + hd + 2 * C) // PER
+    words = tl.load(qkv.to(tl.pointer_type(tl.int32), bitcast=True) + row[:, None] + tl.arange(0, D // PER)[None, :])
+    if VBITS == 2:
+        EMM: tl.constexpr = 0x7F800000
+        ONE: tl.constexpr = 0x00800000
+        TOP: tl.constexpr = -0x80000000
+    elif VBITS == 1:
+        EMM: tl.constexpr = 0x7C007C00
+        ONE: tl.constexpr = 0x04000400
+        TOP: tl.constexpr = -0x7FFF8000  # 0x80008000
+    else:
+        EMM: tl.constexpr = 0x7F807F80
+        ONE: tl.constexpr = 0x00800080
+        TOP: tl.constexpr = -0x7FFF8000
+    acc = tl.reduce(tl.reduce((words & EMM) + ONE, 1, _or), 0, _or)
+    return (acc & TOP) != 0
+
+
+@triton.jit
+def _mm_acc(a, b, c, F32: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b + c`` (fp32 accumulator ``c``), with ``_mm``'s precision rules."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), c, input_precision="ieee")
+    elif F32:
+        return tl.dot(a, b, c, input_precision="ieee")
+    else:
+        return tl.dot(a, b, c)
+
+
+@triton.jit
+def _online_scaled(t, m_i, l_i, acc, v, sc, F32: tl.constexpr, UPCAST: tl.constexpr):
+    """``_online`` for logits ``t`` in units of 1/sc (sc > 0: the max is the same; m kept in those units):
+    exponents ``t * sc - m * sc``, one FMA per element, where scaled logits take a multiply-add for the
+    scale and the bias and a subtraction."""
+    m_new = tl.maximum(m_i, tl.max(t, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new) * sc
+    alpha = tl.exp2(m_i * sc - m_ref)
+    p = tl.exp2(t * sc - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h, qk_scale,
+              N: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, HAS_RPB: tl.constexpr,
+              F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
+              COSINE: tl.constexpr, UNSCALED: tl.constexpr):
+    """One online-softmax step of a query tile over the key block at sorted position n0 (MASK: keys
+    outside ``[lo, hi)`` get -inf; keys past N read V as zeros; UNSCALED: ``_online_scaled``)."""
+    offs_n = n0 + tl.arange(0, BN)
+    jn = tl.minimum(offs_n, N - 1)
+    row = _idx(hw + tl.load(mrow + jn), IDX64) * (3 * C) + hd
+    offs_d = tl.arange(0, D)
+    k = _unit(tl.load(qkv + row[:, None] + C + offs_d[None, :]), COSINE)
+    if MASK:
+        v = tl.load(qkv + row[:, None] + 2 * C + offs_d[None, :], mask=(offs_n < N)[:, None], other=0.0)
+    else:
+        v = tl.load(qkv + row[:, None] + 2 * C + offs_d[None, :])
+    if UNSCALED:  # logits in units of 1/qk_scale: the table bias (divided by it) is the MMA's accumulator
+        if HAS_RPB:  # Swin index code_i + c0 - code_j; scode: -4 code_j, bytes (padded: no clamp)
+            t = _mm_acc(q, tl.trans(k), _gather_off(tab_m[:, None], tl.load(scode + offs_n)[None, :], ASM), F32,
+                        UPCAST)
+        else:
+            t = _mm(q, tl.trans(k), F32, UPCAST)
+    else:
+        t = _mm(q, tl.trans(k), F32, UPCAST) * qk_scale
+        if HAS_RPB:
+            t += _gather_off(tab_m[:, None], tl.load(scode + offs_n)[None, :], ASM)
+    if MASK:
+        t = tl.where(((offs_n >= lo) & (offs_n < hi))[None, :], t, float("-inf"))
+    if UNSCALED:
+        return _online_scaled(t, m_i, l_i, acc, v, qk_scale, F32, UPCAST)
+    else:
+        return _online(t, m_i, l_i, acc, v, F32, UPCAST)
+
+
+@triton.jit
+def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale,
+              N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_RPB: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
+              ASM: tl.constexpr, COSINE: tl.constexpr, UNSCALED: tl.constexpr):
+    """Query tile t of the window (BLOCK_M rows from its first row, all in one segment): its walk, then
+    its segment's rows stored at their original positions."""
+    offs_d = tl.arange(0, D)
+    r0 = tl.load(mrow + 2 * N + t)
+    lo = tl.load(mrow + 3 * N + t)
+    hi = tl.load(mrow + 4 * N + t)
+    offs_m = r0 + tl.arange(0, BLOCK_M)
+    jm = tl.minimum(offs_m, N - 1)
+    tok = _idx(hw + tl.load(mrow + jm), IDX64)
+    q = _unit(tl.load(qkv + (tok * (3 * C) + hd)[:, None] + offs_d[None, :]), COSINE)
+    j = tl.load(mrow + N + jm)
+    tab_m = tab_h + (j + (j // WW) * (WW - 1) + ((WH - 1) * (2 * WW - 1) + WW - 1))  # code_i + c0
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    # unmasked full blocks of the segment (none when V is not finite); then the masked blocks:
+    # the segment's last partial block, or (V not finite) every block of the window
+    a1 = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
+    a0 = tl.where(bad, a1, lo)
+    for n0 in range(a0, a1, BLOCK_N):
+        m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
+                                  qk_scale, N, D, BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE,
+                                  UNSCALED)
+    c0 = tl.where(bad, 0, a1)
+    c1 = tl.where(bad, N, hi)
+    for n0 in range(c0, c1, BLOCK_N):
+        m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
+                                  qk_scale, N, D, BLOCK_N, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE,
+                                  UNSCALED)
+    # store the segment's rows only (l = 0: NaN, edge rule 2)
+    row_ok = offs_m < hi
+    o = acc * _fast(l_i, 0, ASM)[:, None]
+    tl.store(out + (tok * C + hd)[:, None] + offs_d[None, :], o.to(out.dtype.element_ty), mask=row_ok[:, None])
+    if UNSCALED:
+        m_i = m_i * qk_scale
+    tl.store(lse + (w * NH + h) * N + j, (m_i + _fast(l_i, 1, ASM)) * 0.6931471805599453, mask=row_ok)
+
+
+@triton.jit
+def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH, H, W, nW, GG,
+                N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RPB: tl.constexpr,
+                F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
+                COSINE: tl.constexpr, VBITS: tl.constexpr, UNSCALED: tl.constexpr, VCHECK: tl.constexpr = True):
+    """Program (head h, window w), head-fastest. meta (GG*nW, 5, N) int32 per window: sorted tokens'
+    grid positions, their window-local indices, and the tiles' first row, segment start, segment
+    end; ninfo (GG*nW, 3): BLOCK_M-row tiles, segments, BLOCK_M/2-row tiles; scode (GG*nW, N +
+    BLOCK_N) int64: -4 * table code of the sorted keys (the last one repeated past N)."""
+    h = tl.program_id(0)
+    w = tl.program_id(1)
+    if COSINE:
+        qk_scale = _head_scale(ls, h) * 1.4426950408889634
+    C = NH * D
+    hd = h * D
+    b = w // nW
+    wl = w % nW
+    hw = b * (H * W)
+    gw = (b % GG) * nW + wl
+    mrow = meta + gw * (5 * N)
+    scode = scode + gw * (N + BLOCK_N)
+    tab_h = tab + h * ((2 * WH - 1) * (2 * WW - 1))  # (nH, T) table, pre-scaled by log2e
+    nseg = tl.load(ninfo + 3 * gw + 1)
+    bad = nseg < 0  # False
+    if (nseg > 1) & VCHECK:
+        bad = _v_nonfinite(qkv, mrow, hw, hd, C, N, BS, D, IDX64, VBITS)
+    nbig = tl.load(ninfo + 3 * gw)
+    nsmall = tl.load(ninfo + 3 * gw + 2)
+    for t in range(0, nbig):  # BLOCK_M-row tiles
+        _seg_tile(BLOCK_M, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D, WH,
+                  WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED)
+    for t in range(nbig, nbig + nsmall):  # a segment's last rows when they fit half a tile
+        _seg_tile(BLOCK_M // 2, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D,
+                  WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED)
+
+
+@triton.jit
+def _seg_key(group, gbase, t, wy, wx, H, W, SH, SW, N: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+             SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr):
+    """Tokens t of window (wy, wx): grid position, window-local index, shift region, group label (full width)."""
+    j = tl.minimum(t, N - 1)
+    ly = j // WW
+    lx = j % WW
+    pos, reg = _pos(ly, lx, wy * WH, wx * WW, H, W, SH, SW, WH, WW, SHIFT)
+    lab = reg
+    if HAS_GROUP:
+        lab = tl.load(group + gbase + pos)
+    return pos, j, reg, lab
+
+
+@triton.jit
+def _seg_prep(group, meta, ninfo, scode, scratch, nW, nWw, H, W, SH, SW, N: tl.constexpr, WH: tl.constexpr,
+              WW: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr):
+    """The tables of ``_seg_kernel`` for window gw of label map g = gw // nW (one program each): a token's
+    sorted position is the number of tokens with a smaller (region, label) key plus those with an equal
+    key and a smaller index (stable), counted pairwise in chunks of CH; its segment is [lo, lo + count).
+    Tiles start every BM rows of a segment (a half tile when at most BM/2 rows are left): per sorted
+    position (through ``scratch``, after a CTA barrier) the full tiles, then the half tiles, in order."""
+    gw = tl.program_id(0)
+    wl = gw % nW
+    wy = wl // nWw
+    wx = wl % nWw
+    gbase = (gw // nW) * (H * W)
+    a = tl.arange(0, BS)
+    pos, j, reg, lab = _seg_key(group, gbase, a, wy, wx, H, W, SH, SW, N, WH, WW, SHIFT, HAS_GROUP)
+    lo = tl.zeros((BS,), tl.int32)
+    cnt = tl.zeros((BS,), tl.int32)
+    before = tl.zeros((BS,), tl.int32)
+    for c0 in tl.static_range(0, BS, CH):
+        b = c0 + tl.arange(0, CH)
+        _p, _j, rb, lb = _seg_key(group, gbase, b, wy, wx, H, W, SH, SW, N, WH, WW, SHIFT, HAS_GROUP)
+        vb = (b < N)[None, :]
+        same_r = rb[None, :] == reg[:, None]
+        eq = same_r & (lb[None, :] == lab[:, None]) & vb
+        lt = ((rb[None, :] < reg[:, None]) | (same_r & (lb[None, :] < lab[:, None]))) & vb
+        lo += tl.sum(lt.to(tl.int32), 1)
+        cnt += tl.sum(eq.to(tl.int32), 1)
+        before += tl.sum((eq & (b[None, :] < a[:, None])).to(tl.int32), 1)
+    valid = a < N
+    rank = lo + before
+    m = meta + gw * (5 * N)
+    tl.store(m + rank, pos, mask=valid)
+    tl.store(m + N + rank, j, mask=valid)
+    sc = scode + gw * (N + BN)
+    tl.store(sc + rank, (j // WW * (2 * WW - 1) + j % WW).to(tl.int64) * -4, mask=valid)
+    tl.store(sc + N + tl.arange(0, BN), tl.zeros((BN,), tl.int64))  # keys past N (masked): any valid offset
+    first = valid & (before % BM == 0)
+    small = first & (cnt - before <= BM // 2)
+    kind = tl.where(first, tl.where(small, 2, 1), 0)
+    scr = scratch + gw * (3 * BS)
+    tl.store(scr + rank, kind, mask=valid)
+    tl.store(scr + BS + rank, lo, mask=valid)
+    tl.store(scr + 2 * BS + rank, lo + cnt, mask=valid)
+    tl.debug_barrier()
+    kr = tl.load(scr + a, mask=valid, other=0)
+    big_r = (kr == 1).to(tl.int32)
+    small_r = (kr == 2).to(tl.int32)
+    nbig = tl.sum(big_r, 0)
+    tid = tl.where(kr == 1, tl.cumsum(big_r, 0) - 1, nbig + tl.cumsum(small_r, 0) - 1)
+    live = kr > 0
+    tl.store(m + 2 * N + tid, a, mask=live)
+    tl.store(m + 3 * N + tid, tl.load(scr + BS + a, mask=live, other=0), mask=live)
+    tl.store(m + 4 * N + tid, tl.load(scr + 2 * BS + a, mask=live, other=0), mask=live)
+    tl.store(ninfo + 3 * gw, nbig)
+    tl.store(ninfo + 3 * gw + 1, tl.sum((valid & (before == 0)).to(tl.int32), 0))
+    tl.store(ninfo + 3 * gw + 2, tl.sum(small_r, 0))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def seg_config(N, D, dtype, interpret):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): one warp per program (mma.sync), tiles of 32 rows and
+    a segment's last rows in a 16-row tile when they fit one, 32-key blocks. A segment of s tokens
+    costs its tiles' rows x ceil(s/BN) * BN keys: at MixMIM-B stage 1 (segments of 28..168 tokens)
+    rows rounded to 16 walk 74% of the window's 196^2 pairs, 64-row wgmma tiles 91% (static
+    estimates before ``_online_scaled``: 32/16-row tiles 257 us, 16-row 280, 32-row 274, 64-row 320;
+    64-key blocks 351; with it 250). No
+    software pipelining: a walk is 3-4 blocks, and a pipelined loop's peeled prologue costs more
+    issue than it hides with 12+ one-warp programs per SM (estimate 280 vs 297 us at 16 rows;
+    unverified on a GPU). Under the interpreter 32/16 x 16, so that segments of several tiles and
+    blocks and both tile sizes run in tests."""
+    if interpret:
+        return 32, 16, 1, 1
+    f32 = dtype == torch.float32
+    return 32, (16 if D >= 128 or (f32 and D >= 64) else 32), 1, 1
+
+
+def seg_prepare(H, W, wh, ww, sh, sw, group, bm, bn, device):
+    """``_seg_prep``'s tables for G = group.shape[0] (or 1) label maps x nW windows: meta (G*nW, 5, N)
+    int32 [grid position, window-local index of each sorted token; tiles' first row, segment start,
+    segment end: full tiles, then half tiles (entries past them: 0)], ninfo (G*nW, 3) int32 [full tiles,
+    segments, half tiles], scode (G*nW, N + bn) int64: -4 * table code of
+    each sorted key (keys past N: 0). One launch."""
+    N, nWw = wh * ww, W // ww
+    nW = (H // wh) * nWw
+    GW = (1 if group is None else group.shape[0]) * nW
+    BS = triton.next_power_of_2(N)
+    meta = torch.zeros((GW, 5, N), dtype=torch.int32, device=device)
+    ninfo = torch.empty((GW, 3), dtype=torch.int32, device=device)
+    scode = torch.empty((GW, N + bn), dtype=torch.int64, device=device)
+    scratch = torch.empty((GW, 3, BS), dtype=torch.int32, device=device)
+    _seg_prep[(GW,)](meta if group is None else group, meta, ninfo, scode, scratch, nW, nWw, H, W, sh, sw, N=N,
+                     WH=wh, WW=ww, BS=BS, CH=min(BS, 32), BM=bm, BN=bn, SHIFT=sh > 0 or sw > 0,
+                     HAS_GROUP=group is not None, num_warps=4)
+    return meta, ninfo, scode
+
+
+def seg_forward(qkv, out, lse, tab, num_heads, wh, ww, sh, sw, group, qk_scale, logit_scale, flags, interpret,
+                idx64):
+    """Launch ``_seg_prep`` and ``_seg_kernel`` (flags: ``window_attention._flags``)."""
+    B, H, W, C3 = qkv.shape
+    D = C3 // (3 * num_heads)
+    N = wh * ww
+    nWw = W // ww
+    nW = (H // wh) * nWw
+    bm, bn, warps, stages = seg_config(N, D, qkv.dtype, interpret)
+    meta, ninfo, scode = seg_prepare(H, W, wh, ww, sh, sw, group, bm, bn, qkv.device)
+    # logits in units of 1/qk_scale (``_online_scaled``) for a plain softmax scale in a safe range
+    unscaled = logit_scale is None and 2.0 ** -20 <= qk_scale <= 2.0 ** 20
+    if unscaled and flags["HAS_RPB"]:
+        tab = tab / qk_scale
+    _seg_kernel[(num_heads, B * nW)](
+        qkv, out, lse, tab, meta, ninfo, scode, qkv if logit_scale is None else logit_scale, qk_scale, num_heads,
+        H, W, nW, 1 if group is None else group.shape[0], N=N, D=D, WH=wh, WW=ww,
+        BS=triton.next_power_of_2(N), BLOCK_M=bm, BLOCK_N=bn, HAS_RPB=flags["HAS_RPB"],
+        F32=flags["F32"], UPCAST=flags["UPCAST"], IDX64=idx64, ASM=not interpret,
+        COSINE=logit_scale is not None, VBITS={torch.bfloat16: 0, torch.float16: 1}.get(qkv.dtype, 2),
+        UNSCALED=unscaled,
+        num_warps=warps, num_stages=stages)
