@@ -448,20 +448,20 @@ TRITON_RULES: List[Rule] = [
     # Triton by-segment forward (_wattn_seg.py): data-dependent walks, from the segment model on the
     # case's masks (wattn_workload.seg_walk); the all-keys masked walk runs only for a head whose V holds
     # NaN/Inf. The key loops of _seg_tile are told apart by its call site (full or half tiles).
-    Rule(r"for t in range\(0, nbig\)", lambda c: _seg(c)["big"], "full (BLOCK_M-row) query tiles per window "
+    Rule(r"while t < nbig:", lambda c: _seg(c)["big"], "full (BLOCK_M-row) query tiles per window "
          "(segment model, wattn_workload.seg_walk)"),
-    Rule(r"for t in range\(nbig, nbig \+ nsmall\)", lambda c: _seg(c)["small"],
+    Rule(r"while t < nbig \+ nsmall", lambda c: _seg(c)["small"],
          "half (BLOCK_M/2-row) tiles per window: a segment's last rows when they fit one (segment model)"),
-    Rule(r"for n0 in range\(a0, a1, BLOCK_N\)", lambda c: _seg(c)["full_small"],
+    Rule(r"while n0 < a1", lambda c: _seg(c)["full_small"],
          "unmasked key blocks per half tile: floor(s/BLOCK_N) of its segment (segment model)",
          via=r"_seg_tile\(BLOCK_M // 2"),
-    Rule(r"for n0 in range\(a0, a1, BLOCK_N\)", lambda c: _seg(c)["full_big"],
+    Rule(r"while n0 < a1", lambda c: _seg(c)["full_big"],
          "unmasked key blocks per full tile: floor(s/BLOCK_N) of its segment (segment model)",
          via=r"_seg_tile\(BLOCK_M,"),
-    Rule(r"for n0 in range\(c0, c1, BLOCK_N\)", lambda c: _seg(c)["masked_small"],
+    Rule(r"while n0 < c1", lambda c: _seg(c)["masked_small"],
          "masked key block per half tile: 1 when BLOCK_N does not divide s (segment model; all the "
          "window's blocks only for a head whose V holds NaN/Inf: never here)", via=r"_seg_tile\(BLOCK_M // 2"),
-    Rule(r"for n0 in range\(c0, c1, BLOCK_N\)", lambda c: _seg(c)["masked_big"],
+    Rule(r"while n0 < c1", lambda c: _seg(c)["masked_big"],
          "masked key block per full tile: 1 when BLOCK_N does not divide s (segment model; all the "
          "window's blocks only for a head whose V holds NaN/Inf: never here)", via=r"_seg_tile\(BLOCK_M,"),
     # deterministic coords path: the box of table rows / cols a tile touches (upper bound)

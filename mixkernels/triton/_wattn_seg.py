@@ -8,9 +8,8 @@ head), so that the live
 pairs form diagonal blocks, and cuts every segment into query tiles of BLOCK_M rows, its last rows in
 a tile of BLOCK_M/2 when they fit one. A program (head h, window w) walks its window's full tiles,
 then its half tiles (``_seg_tile``); a tile's rows all lie in one segment ``[lo, hi)`` of the sorted
-order and walk only its keys: full BLOCK_N blocks without any mask (``for n0 in range(a0, a1,
-BLOCK_N)``), then the segment's last partial block with the key mask ``lo <= n < hi`` (``for n0 in
-range(c0, c1, BLOCK_N)``: 0 or 1 trips). Rows past the segment end
+order and walk only its keys: full BLOCK_N blocks without any mask (``while n0 < a1``), then the
+segment's last partial block with the key mask ``lo <= n < hi`` (``while n0 < c1``: 0 or 1 trips). Rows past the segment end
 (next segment's or padding) are computed and never stored. q/k/v are read through the sorted
 positions, the table bias by each token's window-local code, out/lse stored at the original
 positions (the backward's contract is unchanged).
@@ -150,16 +149,20 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
     # the segment's last partial block, or (V not finite) every block of the window
     a1 = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
     a0 = tl.where(bad, a1, lo)
-    for n0 in range(a0, a1, BLOCK_N):
+    # (while loops: Triton 3.6's interpreter cannot take range() bounds from loaded values)
+    n0 = a0
+    while n0 < a1:  # unmasked key blocks
         m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
                                   qk_scale, N, D, BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE,
                                   UNSCALED)
-    c0 = tl.where(bad, 0, a1)
+        n0 += BLOCK_N
+    n0 = tl.where(bad, 0, a1)
     c1 = tl.where(bad, N, hi)
-    for n0 in range(c0, c1, BLOCK_N):
+    while n0 < c1:  # masked key blocks
         m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
                                   qk_scale, N, D, BLOCK_N, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE,
                                   UNSCALED)
+        n0 += BLOCK_N
     # store the segment's rows only (l = 0: NaN, edge rule 2)
     row_ok = offs_m < hi
     o = acc * _fast(l_i, 0, ASM)[:, None]
@@ -198,12 +201,15 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH, H, W, 
         bad = _v_nonfinite(qkv, mrow, hw, hd, C, N, BS, D, IDX64, VBITS)
     nbig = tl.load(ninfo + 3 * gw)
     nsmall = tl.load(ninfo + 3 * gw + 2)
-    for t in range(0, nbig):  # BLOCK_M-row tiles
+    t = nbig * 0
+    while t < nbig:  # BLOCK_M-row tiles
         _seg_tile(BLOCK_M, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D, WH,
                   WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED)
-    for t in range(nbig, nbig + nsmall):  # a segment's last rows when they fit half a tile
+        t += 1
+    while t < nbig + nsmall:  # a segment's last rows when they fit half a tile
         _seg_tile(BLOCK_M // 2, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D,
                   WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED)
+        t += 1
 
 
 @triton.jit
