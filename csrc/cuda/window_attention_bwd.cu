@@ -112,12 +112,13 @@ struct HeadSmem {
   int dsp;
 };
 
-// Key tile (rows r0..r0+15), query block qb: dK and dV rows. ONE (the one-pass plan): dS^T of the
-// block also goes to the shared dS^T matrix (rounded to T as the dK product uses it: the query pass's
-// dQ reads the same values), and the bias gradient (DRPB) takes the block's fp32 dS here.
+// Key tile, query block qb: dK and dV rows. ONE (the one-pass plan): dS^T of the block also goes to
+// the shared dS^T matrix at dsr / dsr8 (this lane's rows, see store_ds_frag; rounded to T as the dK
+// product uses it: the query pass's dQ reads the same values), and the bias gradient (DRPB) takes the
+// block's fp32 dS here.
 template <typename T, int D, int BIAS, int NT, bool MASKED, bool DET, bool DRPB, bool ONE>
 __device__ __forceinline__ void key_block(const Geo& G, const HeadSmem& M, const AFrag<T, D>& ka, const AFrag<T, D>& va,
-                                          const KSide (&ks)[2], int r0, int qb, float (&dk)[D / 8][4],
+                                          const KSide (&ks)[2], T* dsr, T* dsr8, int qb, float (&dk)[D / 8][4],
                                           float (&dv)[D / 8][4], int lane) {
   constexpr int LD = Tile<T, D>::kLD;
   const int t = lane & 3, rh2 = 2 * G.rh - 1, rw2 = 2 * G.rw - 1;
@@ -159,7 +160,7 @@ __device__ __forceinline__ void key_block(const Geo& G, const HeadSmem& M, const
     static_assert(NT == 2, "one 16 x 16 dS block per step");
     uint32_t a[4];
     pack_frag<T>(a, st);
-    store_ds_frag<T>(static_cast<T*>(M.ds), M.dsp, r0, qb, a, lane);
+    store_ds_frag<T>(dsr, dsr8, qb, a);
     accum_frag<T, D>(dk, a, sq, lane);
   } else {
     accum<T, D, NT>(dk, st, sq, lane);
@@ -248,9 +249,11 @@ __device__ __forceinline__ void key_item(const BwdArgs& A, const HeadSmem& M, in
   for (int dj = 0; dj < D / 8; ++dj)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[dj][e] = dv[dj][e] = 0.f;
+  T* dsr = ONE ? static_cast<T*>(M.ds) + (r0 + g) * M.dsp + 2 * (lane & 3) : nullptr;  // this lane's dS^T rows
+  T* dsr8 = ONE ? dsr + 8 * M.dsp : nullptr;
   walk_blocks(S, tile, [&](int qb, auto nt, auto plain) {
-    key_block<T, D, BIAS, decltype(nt)::value, !decltype(plain)::value, DET, DRPB, ONE>(G, M, ka, va, ks, r0, qb, dk,
-                                                                                          dv, lane);
+    key_block<T, D, BIAS, decltype(nt)::value, !decltype(plain)::value, DET, DRPB, ONE>(G, M, ka, va, ks, dsr, dsr8,
+                                                                                          qb, dk, dv, lane);
   });
   T* dqkv = static_cast<T*>(A.dqkv);
   if constexpr (COS)  // the gradient of k' = k / |k| back to k
@@ -306,7 +309,8 @@ __device__ __forceinline__ float query_item(const BwdArgs& A, const HeadSmem& M,
 // ranges are symmetric: a (query tile, key block) pair is walked here iff the key tile's pass
 // walked that query block, both being "some segment meets both tiles").
 template <typename T, int D>
-__device__ __forceinline__ void query_item_ds(const BwdArgs& A, const HeadSmem& M, int tile, int h, T* stage, int lane) {
+__device__ __forceinline__ void query_item_ds(const BwdArgs& A, const HeadSmem& M, int tile, int h, T* stage,
+                                              int lane) {
   using TL = Tile<T, D>;
   const Geo& G = A.g;
   const Pack& S = *M.S;
@@ -327,10 +331,10 @@ __device__ __forceinline__ void query_item_ds(const BwdArgs& A, const HeadSmem& 
   store_rows_bwd<T, D>(dq, G.scale, stage, static_cast<T*>(A.dqkv) + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
 }
 
-// Two CTAs per SM cap the kernel at 128 registers. With a table bias at d = 32 nvcc 13.0 fits that
-// on sm_90 (128, no spill) but not on sm_80 (a few bytes of per-pack scalars spilled, cosine or not),
-// so on sm_80 those run one CTA per SM (without a bias they fit: 128). __launch_bounds__ only matters
-// in the device pass.
+// Two CTAs per SM (two-pass plan) cap the kernel at 128 registers. At d = 32 nvcc 13.0 fits that on
+// sm_90 (128, no spill) but not on sm_80 (a few bytes spilled, with a table bias or not, since the
+// plain/masked walk loops), so on sm_80 the two-pass kernels run one CTA per SM. __launch_bounds__
+// only matters in the device pass.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 #define MK_WATTN_BWD_TAB_TWO_CTAS false
 #else
@@ -340,7 +344,7 @@ __device__ __forceinline__ void query_item_ds(const BwdArgs& A, const HeadSmem& 
 // ONE: the one-pass plan (S and dP once per pair, dS^T kept in shared memory: one CTA per SM).
 template <typename T, int D, int BIAS, bool DET, bool COS, bool ONE>
 __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2 &&
-                                                    (BIAS == 0 || MK_WATTN_BWD_TAB_TWO_CTAS) ? 2 : 1)
+                                                    MK_WATTN_BWD_TAB_TWO_CTAS ? 2 : 1)
     wattn_bwd_kernel(const BwdArgs A) {
   static_assert(!(ONE && COS), "cosine mode sums P s per query row: the two-pass plan");
   using TL = Tile<T, D>;

@@ -110,15 +110,8 @@ template <typename T, int D>
 __device__ __forceinline__ void store_rows_bwd(const float (&c)[D / 8][4], float mul, T* stage, T* base, int stride,
                                                const int* tok, int row0, int nvalid, int lane) {
   using TL = Tile<T, D>;
-  const int g = lane >> 2, t = lane & 3, rows = imin(16, nvalid - row0);
-  __syncwarp();
-#pragma unroll
-  for (int dj = 0; dj < D / 8; ++dj) {
-    const int col = dj * 8 + 2 * t;
-    *reinterpret_cast<uint32_t*>(stage + g * TL::kLD + col) = pack2<T>(c[dj][0] * mul, c[dj][1] * mul);
-    *reinterpret_cast<uint32_t*>(stage + (g + 8) * TL::kLD + col) = pack2<T>(c[dj][2] * mul, c[dj][3] * mul);
-  }
-  __syncwarp();
+  const int rows = imin(16, nvalid - row0);
+  stage_rows_warp<T, D>(c, mul, mul, stage, lane);
   uint4* dst = reinterpret_cast<uint4*>(base);
   const unsigned rs = unsigned(stride / TL::kE);
 #pragma unroll 1
@@ -161,16 +154,15 @@ __device__ __forceinline__ void pack_frag(uint32_t (&a)[4], const float (&p)[2][
   a[3] = pack2<T>(p[1][2], p[1][3]);
 }
 
-// Store the fragment a of a 16 x 16 block (rows = keys r0.., columns = queries q0..) into dS^T at
-// `ds` (pitch P): a[0] (row g, cols 2t..), a[1] (row g+8), a[2] (cols 8+2t..), a[3].
+// Store the fragment a of a 16 x 16 block (rows = keys, columns = queries q0..) into dS^T: `row` and
+// `row8` point at this lane's first column (2t) of its rows g and g + 8 (set once per key tile):
+// a[0] (row g, cols 2t..), a[1] (row g+8), a[2] (cols 8+2t..), a[3].
 template <typename T>
-__device__ __forceinline__ void store_ds_frag(T* ds, int P, int r0, int q0, const uint32_t (&a)[4], int lane) {
-  const int g = lane >> 2, t = lane & 3;
-  T* p = ds + (r0 + g) * P + q0 + 2 * t;
-  *reinterpret_cast<uint32_t*>(p) = a[0];
-  *reinterpret_cast<uint32_t*>(p + 8 * P) = a[1];
-  *reinterpret_cast<uint32_t*>(p + 8) = a[2];
-  *reinterpret_cast<uint32_t*>(p + 8 * P + 8) = a[3];
+__device__ __forceinline__ void store_ds_frag(T* row, T* row8, int q0, const uint32_t (&a)[4]) {
+  *reinterpret_cast<uint32_t*>(row + q0) = a[0];
+  *reinterpret_cast<uint32_t*>(row8 + q0) = a[1];
+  *reinterpret_cast<uint32_t*>(row + q0 + 8) = a[2];
+  *reinterpret_cast<uint32_t*>(row8 + q0 + 8) = a[3];
 }
 
 // The A fragment of the dS block (queries q0..q0+15, keys k0..k0+15) from dS^T: ldmatrix.trans of
