@@ -268,3 +268,49 @@ def test_deterministic_matches_reference(case):
     _, B, H, W, nh, d, win, shift, rpb, ab, group = case
     qkv, kw = _inputs(B, H, W, nh, d, win, shift, rpb, ab, group, torch.bfloat16)
     _check(qkv, nh, win, kw, deterministic=True)
+
+
+def _two_pass_limit(B, H, W, d, win, T):
+    """A shared-memory limit that fits the fused backward's two-pass layout but not the one-pass one
+    (the dS^T matrix on top): wattn_workload mirrors plan_backward."""
+    from mixkernels.bench import wattn_workload as ww
+
+    N = win[0] * win[1]
+    nwin = B * (H // win[0]) * (W // win[1])
+    cap = ww._round16(ww.pick_pack(N, nwin) * N)
+    two = ww.layout_bytes(cap, T, d, 2, 5, 1, True, T + 1)
+    assert two + cap * (cap + 8) * 2 > two + 16
+    return two
+
+
+# The backward's two plans: one pass (S, dP and exp once per pair, dS^T kept in shared memory; the
+# default where it fits) and two passes (a limit between the two layouts). One SM: every CTA walks
+# all heads, and each head's key pass rewrites the dS^T blocks its query pass reads.
+@pytest.mark.parametrize("plan", ["one_pass", "two_pass"])
+@pytest.mark.parametrize("case", HEADS_CASES, ids=lambda c: c[0])
+def test_backward_plans_with_heads_sharing_a_cta(case, plan, monkeypatch):
+    _, B, H, W, nh, d, win, shift, rpb, group, coords = case
+    monkeypatch.setenv("MIXKERNELS_EMU_SMS", "1")
+    qkv, kw = _inputs(B, H, W, nh, d, win, shift, rpb, False, group, torch.bfloat16, coords=coords)
+    if plan == "two_pass":
+        R = kw.get("coord_range", win)
+        monkeypatch.setenv("MIXKERNELS_WATTN_SMEM_LIMIT",
+                           str(_two_pass_limit(B, H, W, d, win, (2 * R[0] - 1) * (2 * R[1] - 1))))
+    _check(qkv, nh, win, kw, deterministic=plan == "one_pass" and coords)
+
+
+def test_backward_of_fully_masked_rows_is_nan():
+    # Rule 2 in the backward: head 1's rows are all -inf, so its gradients are NaN exactly where the
+    # reference's are, and head 0's stay finite and exact.
+    qkv, kw = _inputs(2, 14, 14, 2, 32, (7, 7), (0, 0), True, False, "per_image", torch.bfloat16)
+    kw["rel_pos_bias"][:, 1] = float("-inf")
+    c = _call(qkv, 2, (7, 7), kw)
+    out, lse = c.forward()
+    dout = torch.randn(2, 14, 14, 64, dtype=torch.bfloat16)
+    dqkv, drpb, _ = c.backward(dout, out, lse)
+    r64 = _ref(qkv, 2, (7, 7), kw, dout, lambda t: t.double())
+    same = _ref(qkv, 2, (7, 7), kw, dout, lambda t: t)
+    for g, r, s in ((dqkv, r64[1], same[1]), (drpb, r64[2], same[2])):
+        assert torch.equal(torch.isnan(g), torch.isnan(r)) and torch.isnan(r).any()
+        ok = ~torch.isnan(r)
+        assert_close_2x(g[ok], r[ok], s[ok])

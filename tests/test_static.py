@@ -250,9 +250,12 @@ def test_wattn_workload_plan_and_segments():
 
     pl = ww.plan("fwd", 128, 56, 56, 4, 32, 14, 14, 14, 14)  # MixMIM-B stage 1 (csrc/cuda/NOTES.md)
     assert (pl["P"], pl["cap"], pl["npacks"], pl["hg"], pl["nbuf"], pl["smem"]) == (1, 208, 2048, 4, 2, 115232)
-    assert ww.plan("bwd", 128, 56, 56, 4, 32, 14, 14, 14, 14)["smem"] == 100256
-    # backward heads per CTA: fewest waves x (4 hg + 3); MixMIM-B stage 4: 4 heads x 256 CTAs, one wave
-    assert (lambda pl: (pl["hg"], pl["nslots"] * pl["nhg"]))(ww.plan("bwd", 128, 7, 7, 32, 32, 7, 7, 7, 7)) == (4, 256)
+    # backward: the two-pass layout (100256 B) plus the one-pass plan's 208 x 216 bf16 dS^T matrix
+    assert (lambda pl: (pl["one"], pl["smem"]))(ww.plan("bwd", 128, 56, 56, 4, 32, 14, 14, 14, 14)) == (True, 190112)
+    assert not ww.plan("bwd", 128, 56, 56, 4, 64, 14, 14, 14, 14)["one"]  # head_dim 64: two passes
+    # backward heads per CTA: fewest waves x (4 hg + 3); MixMIM-B stage 4 (one-pass plan, one CTA per SM):
+    # 8 heads x 128 CTAs, one wave
+    assert (lambda pl: (pl["hg"], pl["nslots"] * pl["nhg"]))(ww.plan("bwd", 128, 7, 7, 32, 32, 7, 7, 7, 7)) == (8, 128)
     assert ww.plan("fwd", 128, 56, 56, 4, 32, 7, 7, 7, 7)["P"] == 4  # four 7x7 windows: 196 of 208 slots
     wl = ww.attention_workload(128, 56, 56, 14, 0, True)
     assert wl["tiles"] == 13 * 2048 and wl["nvalid"] == {196: 2048}

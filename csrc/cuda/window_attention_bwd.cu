@@ -8,9 +8,13 @@
 //     P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta); dV = P^T dO, dK = scale dS^T Q.
 //   * query pass: S = Q K^T, dP = dO V^T over the rows' keys; dQ = scale dS K, and the
 //     relative-position bias gradient: dS added to the CTA's table of the head's entries.
-// S and dP are computed twice (once per pass) instead of reducing dQ (or dK, dV) across warps:
-// the tensor cores have room, and every output row is then written once by one warp, with no
-// atomics and no N x N scratch. Bytes: q, k, v, dO, O and lse read once, dq, dk, dv written once.
+// One-pass plan (when a cap x cap 16-bit dS^T matrix fits shared memory too, cosine mode excepted):
+// the key passes of all tiles run first and also write dS^T (rounded as the dK product uses it) to
+// that matrix and the bias gradient from the fp32 dS; after a barrier each query pass is dQ =
+// scale dS K from ldmatrix'd dS blocks: S, dP and exp once per pair, one CTA per SM.
+// Two-pass plan (the rest): S and dP computed twice (once per pass), no N x N scratch.
+// Either way every output row is written once by one warp, with no atomics.
+// Bytes: q, k, v, dO, O and lse read once, dq, dk, dv written once.
 // Bias gradient: fast mode adds into one shared table per CTA (shared atomics) and flushes each
 // entry with one global RED per head; deterministic mode gives every warp its own table (lanes that
 // hit one entry in the same step are summed in lane order), sums the warps in order into a partial
@@ -104,13 +108,18 @@ struct HeadSmem {
   float* scratch;  // deterministic: 32 floats of this warp
   const float2* qk_inv;  // cosine mode: {1/|q|, 1/|k|} per slot (normalize_rows' convention), else null
   float hs;              // cosine mode: the head's exp(min(logit_scale, log 100))
+  void* ds;              // one-pass plan: dS^T (cap x cap, pitch dsp), else null
+  int dsp;
 };
 
-// Key tile kt: dK and dV rows.
-template <typename T, int D, int BIAS, int NT, bool MASKED>
+// Key tile, query block qb: dK and dV rows. ONE (the one-pass plan): dS^T of the block also goes to
+// the shared dS^T matrix at dsr / dsr8 (this lane's rows, see store_ds_frag; rounded to T as the dK
+// product uses it: the query pass's dQ reads the same values), and the bias gradient (DRPB) takes the
+// block's fp32 dS here.
+template <typename T, int D, int BIAS, int NT, bool MASKED, bool DET, bool DRPB, bool ONE>
 __device__ __forceinline__ void key_block(const Geo& G, const HeadSmem& M, const AFrag<T, D>& ka, const AFrag<T, D>& va,
-                                          const KSide (&ks)[2], int qb, float (&dk)[D / 8][4], float (&dv)[D / 8][4],
-                                          int lane) {
+                                          const KSide (&ks)[2], T* dsr, T* dsr8, int qb, float (&dk)[D / 8][4],
+                                          float (&dv)[D / 8][4], int lane) {
   constexpr int LD = Tile<T, D>::kLD;
   const int t = lane & 3, rh2 = 2 * G.rh - 1, rw2 = 2 * G.rw - 1;
   const T* sq = static_cast<const T*>(M.q) + qb * LD;
@@ -141,11 +150,21 @@ __device__ __forceinline__ void key_block(const Geo& G, const HeadSmem& M, const
                                 rw2, p, ds, entry);
         st[j][2 * rr + e] = ds;  // dS^T
         dpt[j][2 * rr + e] = p;  // P^T
+        if constexpr (ONE && DRPB)
+          table_add<DET>(const_cast<unsigned char*>(M.smem), entry + M.dtab_delta, ds, M.scratch, lane);
       }
     }
   }
   accum<T, D, NT>(dv, dpt, sdo, lane);
-  accum<T, D, NT>(dk, st, sq, lane);
+  if constexpr (ONE) {
+    static_assert(NT == 2, "one 16 x 16 dS block per step");
+    uint32_t a[4];
+    pack_frag<T>(a, st);
+    store_ds_frag<T>(dsr, dsr8, qb, a);
+    accum_frag<T, D>(dk, a, sq, lane);
+  } else {
+    accum<T, D, NT>(dk, st, sq, lane);
+  }
 }
 
 // Query tile: dQ rows and the bias gradient. COS (cosine mode) also sums, per row, dS (z) and P * s
@@ -192,16 +211,23 @@ __device__ __forceinline__ void query_block(const Geo& G, const HeadSmem& M, con
 }
 
 // Walk the 16-key (or query) blocks of a tile's range; blocks inside one segment skip the mask.
-// (16 columns per step: S and dP of 32 would not leave registers for the rest.)
+// (16 columns per step: S and dP of 32 would not leave registers for the rest.) Two loops: the plain
+// blocks [p0, p1) (a tile of 16 valid rows of one segment: the blocks inside that segment), then the
+// masked ones, [lo & ~15, p0) and [p1, end); `plain` reaches the body as a constant (no branch per block).
 template <typename F>
 __device__ __forceinline__ void walk_blocks(const Pack& S, int tile, F&& body) {
   // Bounds broadcast from lane 0: warp-uniform for the compiler too (no divergence-safe shuffles).
   const int lo = __shfl_sync(kFull, S.lo[tile], 0), hi = __shfl_sync(kFull, S.hi[tile], 0), end = round16(hi);
   const bool uni = __shfl_sync(kFull, S.uni[tile], 0) != 0;
-  for (int b = lo & ~15; b < end; b += 16) body(b, std::integral_constant<int, 2>{}, uni && b >= lo && b + 16 <= hi);
+  int p0 = round16(lo), p1 = hi & ~15;
+  if (!uni || p0 >= p1) p0 = p1 = end;
+  constexpr std::integral_constant<int, 2> nt{};
+  for (int b = p0; b < p1; b += 16) body(b, nt, std::true_type{});  // bwd plain blocks
+  for (int b = (lo & ~15) == p0 ? p1 : lo & ~15; b < end; b = b + 16 == p0 ? p1 : b + 16)  // bwd masked blocks
+    body(b, nt, std::false_type{});
 }
 
-template <typename T, int D, int BIAS, bool COS>
+template <typename T, int D, int BIAS, bool COS, bool DET = false, bool DRPB = false, bool ONE = false>
 __device__ __forceinline__ void key_item(const BwdArgs& A, const HeadSmem& M, int tile, int h, T* stage, int lane) {
   using TL = Tile<T, D>;
   const Geo& G = A.g;
@@ -223,19 +249,18 @@ __device__ __forceinline__ void key_item(const BwdArgs& A, const HeadSmem& M, in
   for (int dj = 0; dj < D / 8; ++dj)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[dj][e] = dv[dj][e] = 0.f;
-  walk_blocks(S, tile, [&](int qb, auto nt, bool plain) {
-    constexpr int NT = decltype(nt)::value;
-    if (plain)
-      key_block<T, D, BIAS, NT, false>(G, M, ka, va, ks, qb, dk, dv, lane);
-    else
-      key_block<T, D, BIAS, NT, true>(G, M, ka, va, ks, qb, dk, dv, lane);
+  T* dsr = ONE ? static_cast<T*>(M.ds) + (r0 + g) * M.dsp + 2 * (lane & 3) : nullptr;  // this lane's dS^T rows
+  T* dsr8 = ONE ? dsr + 8 * M.dsp : nullptr;
+  walk_blocks(S, tile, [&](int qb, auto nt, auto plain) {
+    key_block<T, D, BIAS, decltype(nt)::value, !decltype(plain)::value, DET, DRPB, ONE>(G, M, ka, va, ks, dsr, dsr8,
+                                                                                          qb, dk, dv, lane);
   });
   T* dqkv = static_cast<T*>(A.dqkv);
   if constexpr (COS)  // the gradient of k' = k / |k| back to k
     cosine_grad_rows<T, D, TL::kLD>(dk, static_cast<const T*>(M.k) + r0 * TL::kLD, M.qk_inv[r0 + g].y,
                                     M.qk_inv[r0 + g + 8].y, 1.f, false, false, lane);
-  store_rows_warp<T, D>(dk, G.scale, G.scale, stage, dqkv + G.C + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
-  store_rows_warp<T, D>(dv, 1.f, 1.f, stage, dqkv + 2 * G.C + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
+  store_rows_bwd<T, D>(dk, G.scale, stage, dqkv + G.C + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
+  store_rows_bwd<T, D>(dv, 1.f, stage, dqkv + 2 * G.C + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
 }
 
 // Returns this lane's share of the tile's logit-scale gradient (COS; 0 otherwise): sum over rows of
@@ -265,12 +290,9 @@ __device__ __forceinline__ float query_item(const BwdArgs& A, const HeadSmem& M,
   float dq[D / 8][4], z[2] = {0.f, 0.f}, sbar[2] = {0.f, 0.f};
 #pragma unroll
   for (int dj = 0; dj < D / 8; ++dj) dq[dj][0] = dq[dj][1] = dq[dj][2] = dq[dj][3] = 0.f;
-  walk_blocks(S, tile, [&](int kb, auto nt, bool plain) {
-    constexpr int NT = decltype(nt)::value;
-    if (plain)
-      query_block<T, D, BIAS, DET, DRPB, COS, NT, false>(G, M, qa, da, qs, kb, dq, z, sbar, lane);
-    else
-      query_block<T, D, BIAS, DET, DRPB, COS, NT, true>(G, M, qa, da, qs, kb, dq, z, sbar, lane);
+  walk_blocks(S, tile, [&](int kb, auto nt, auto plain) {
+    query_block<T, D, BIAS, DET, DRPB, COS, decltype(nt)::value, !decltype(plain)::value>(G, M, qa, da, qs, kb, dq, z,
+                                                                                          sbar, lane);
   });
   float dls = 0.f;
   if constexpr (COS) {  // the gradient of q' = s_h q / |q| back to q
@@ -279,23 +301,52 @@ __device__ __forceinline__ float query_item(const BwdArgs& A, const HeadSmem& M,
                                           M.qk_inv[r0 + g + 8].x, M.hs, r0 + g < nvalid, r0 + g + 8 < nvalid, lane,
                                           quad_sum(z[0]) * quad_sum(sbar[0]), quad_sum(z[1]) * quad_sum(sbar[1]));
   }
-  store_rows_warp<T, D>(dq, G.scale, G.scale, stage, static_cast<T*>(A.dqkv) + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
+  store_rows_bwd<T, D>(dq, G.scale, stage, static_cast<T*>(A.dqkv) + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
   return dls;
 }
 
-// Two CTAs per SM cap the kernel at 128 registers. With a table bias at d = 32 nvcc 13.0 fits that
-// on sm_90 (128, no spill) but not on sm_80 (a few bytes of per-pack scalars spilled, cosine or not),
-// so on sm_80 those run one CTA per SM (without a bias they fit: 128). __launch_bounds__ only matters
-// in the device pass.
+// One-pass plan, query tile: dQ = scale dS K from the dS^T blocks the key pass wrote (the tile
+// ranges are symmetric: a (query tile, key block) pair is walked here iff the key tile's pass
+// walked that query block, both being "some segment meets both tiles").
+template <typename T, int D>
+__device__ __forceinline__ void query_item_ds(const BwdArgs& A, const HeadSmem& M, int tile, int h, T* stage,
+                                              int lane) {
+  using TL = Tile<T, D>;
+  const Geo& G = A.g;
+  const Pack& S = *M.S;
+  const int r0 = 16 * tile;
+  const T* ds = static_cast<const T*>(M.ds);
+  float dq[D / 8][4];
+#pragma unroll
+  for (int dj = 0; dj < D / 8; ++dj) dq[dj][0] = dq[dj][1] = dq[dj][2] = dq[dj][3] = 0.f;
+  // walk_blocks' range, not unrolled: nvcc unrolls this short body 4x, and the static report would
+  // count each trip of the rule as four blocks
+  const int lo = __shfl_sync(kFull, S.lo[tile], 0), end = round16(__shfl_sync(kFull, S.hi[tile], 0));
+#pragma unroll 1
+  for (int b = lo & ~15; b < end; b += 16) {
+    uint32_t a[4];
+    load_ds_frag<T>(a, ds, M.dsp, r0, b, lane);
+    accum_frag<T, D>(dq, a, static_cast<const T*>(M.k) + b * TL::kLD, lane);
+  }
+  store_rows_bwd<T, D>(dq, G.scale, stage, static_cast<T*>(A.dqkv) + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
+}
+
+// Two CTAs per SM (two-pass plan) cap the kernel at 128 registers. At d = 32 nvcc 13.0 fits that on
+// sm_90 (128, no spill) but not on sm_80 (a few bytes spilled, with a table bias or not, since the
+// plain/masked walk loops), so on sm_80 the two-pass kernels run one CTA per SM. __launch_bounds__
+// only matters in the device pass.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 #define MK_WATTN_BWD_TAB_TWO_CTAS false
 #else
 #define MK_WATTN_BWD_TAB_TWO_CTAS true
 #endif
 
-template <typename T, int D, int BIAS, bool DET, bool COS>
-__global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 && (BIAS == 0 || MK_WATTN_BWD_TAB_TWO_CTAS) ? 2 : 1)
+// ONE: the one-pass plan (S and dP once per pair, dS^T kept in shared memory: one CTA per SM).
+template <typename T, int D, int BIAS, bool DET, bool COS, bool ONE>
+__global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2 &&
+                                                    MK_WATTN_BWD_TAB_TWO_CTAS ? 2 : 1)
     wattn_bwd_kernel(const BwdArgs A) {
+  static_assert(!(ONE && COS), "cosine mode sums P s per query row: the two-pass plan");
   using TL = Tile<T, D>;
   constexpr bool kTab = BIAS != 0;
   const Geo& G = A.g;
@@ -329,6 +380,8 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 && (BIA
   float* wdls = COS ? reinterpret_cast<float*>(qk_inv + G.cap) : nullptr;  // one per warp
   M.qk_inv = qk_inv;
   M.hs = 0.f;
+  M.ds = ONE ? smem + L.total : nullptr;  // after the two-pass layout (plan_backward adds ds_bytes)
+  M.dsp = ds_pitch(G.cap);
 
   if (drpb)  // zero once; the flush after each head zeroes what it read
     for (int e = threadIdx.x; e < (DET ? kWarps : 1) * tab_stride_f; e += kThreads) dtab[e] = 0.f;
@@ -364,12 +417,26 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 && (BIA
       __syncthreads();  // nld (and the normalized rows) ready; O is dead (its rows become the staging area)
       // Each item is one 16-row tile: its key pass (dK, dV) then its query pass (dQ, bias gradient).
       // Two copies of the loop (with / without the bias gradient) instead of a test per item.
+      // ONE: all key passes (dS^T to shared memory), a barrier, then all query passes.
       auto tiles = [&](auto drpb_c) {
+        constexpr bool kDrpb = decltype(drpb_c)::value;
         float acc = 0.f;
-        for (int it = it0; it < it1; ++it) {
-          const int tile = __shfl_sync(kFull, S.items[it], 0);
-          key_item<T, D, BIAS, COS>(A, M, tile, h, stage, lane);
-          acc += query_item<T, D, BIAS, DET, decltype(drpb_c)::value, COS>(A, M, tile, h, stage, lane);
+        if constexpr (ONE) {
+          for (int it = it0; it < it1; ++it) {
+            const int tile = __shfl_sync(kFull, S.items[it], 0);
+            key_item<T, D, BIAS, COS, DET, kDrpb, true>(A, M, tile, h, stage, lane);
+          }
+          __syncthreads();  // every dS^T block of the head written
+          for (int it = it0; it < it1; ++it) {
+            const int tile = __shfl_sync(kFull, S.items[it], 0);
+            query_item_ds<T, D>(A, M, tile, h, stage, lane);
+          }
+        } else {
+          for (int it = it0; it < it1; ++it) {
+            const int tile = __shfl_sync(kFull, S.items[it], 0);
+            key_item<T, D, BIAS, COS>(A, M, tile, h, stage, lane);
+            acc += query_item<T, D, BIAS, DET, kDrpb, COS>(A, M, tile, h, stage, lane);
+          }
         }
         return acc;
       };
@@ -408,8 +475,9 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !DET && BIAS != 2 && (BIA
 struct BwdPlan {
   Geo g;
   Layout L;
+  size_t smem = 0;  // L.total, plus the dS^T matrix in the one-pass plan
   int hg = 1, nhg = 1, nslots = 0;
-  bool ok = false;
+  bool ok = false, one = false;
 };
 
 // Heads per CTA: the divisor of nH with the least (waves x work per CTA), a CTA's work counted as
@@ -438,9 +506,14 @@ BwdPlan plan_backward(const WindowAttentionParams& p, bool need_drpb, bool need_
   const int es = element_size(p.dtype);
   const size_t tabf = p.rpb == nullptr ? 0 : det ? size_t(kWarps) * (f.g.T + 1 + 32) : size_t(f.g.T + 1);
   f.L = make_layout(f.g, es, p.d, 5, 1, true, tabf);
-  if (f.L.total > static_cast<size_t>(smem_limit())) return f;
+  const size_t limit = static_cast<size_t>(smem_limit());
+  // One pass (S, dP and exp once per pair) when the dS^T matrix fits too: one CTA per SM. Cosine mode
+  // needs per-row sums of P s in the query pass: two passes.
+  f.one = p.logit_scale == nullptr && f.L.total + ds_bytes(f.g.cap, es) <= limit;
+  f.smem = f.L.total + (f.one ? ds_bytes(f.g.cap, es) : 0);
+  if (f.smem > limit) return f;
   f.nslots = det ? imin(f.g.npacks, kDetSlots) : f.g.npacks;
-  f.hg = bwd_heads_per_cta(f.nslots, p.nH, 2 * sm_count());
+  f.hg = bwd_heads_per_cta(f.nslots, p.nH, (f.one ? 1 : 2) * sm_count());
   f.nhg = (p.nH + f.hg - 1) / f.hg;
   f.ok = true;
   return f;
@@ -491,13 +564,15 @@ cudaError_t window_attention_backward(const WindowAttentionParams& p, const Wind
       using T = typename decltype(tc)::type;
       return dispatch_bias(p, [&](auto bias, auto) -> cudaError_t {
         constexpr int BIAS = decltype(bias)::value;
-        auto kernel = p.logit_scale ? (b.deterministic ? wattn_bwd_kernel<T, D, BIAS, true, true>
-                                                       : wattn_bwd_kernel<T, D, BIAS, false, true>)
-                                    : (b.deterministic ? wattn_bwd_kernel<T, D, BIAS, true, false>
-                                                       : wattn_bwd_kernel<T, D, BIAS, false, false>);
-        cudaError_t e = prepare_smem(kernel, f.L.total);
+        auto kernel = p.logit_scale ? (b.deterministic ? wattn_bwd_kernel<T, D, BIAS, true, true, false>
+                                                       : wattn_bwd_kernel<T, D, BIAS, false, true, false>)
+                      : f.one       ? (b.deterministic ? wattn_bwd_kernel<T, D, BIAS, true, false, true>
+                                                       : wattn_bwd_kernel<T, D, BIAS, false, false, true>)
+                                    : (b.deterministic ? wattn_bwd_kernel<T, D, BIAS, true, false, false>
+                                                       : wattn_bwd_kernel<T, D, BIAS, false, false, false>);
+        cudaError_t e = prepare_smem(kernel, f.smem);
         if (e != cudaSuccess) return e;
-        return MK_LAUNCH(kernel, grid, dim3(kThreads), f.L.total, stream, a);
+        return MK_LAUNCH(kernel, grid, dim3(kThreads), f.smem, stream, a);
       });
     });
   };

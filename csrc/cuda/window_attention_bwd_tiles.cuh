@@ -1,5 +1,5 @@
 // Backward-only helpers of the fused window-attention backward (window_attention_bwd.cu): the
-// per-head operand loads and delta = rowsum(dO * O).
+// per-head operand loads, delta = rowsum(dO * O), and the shared dS^T matrix of the one-pass plan.
 // Loops here are `#pragma unroll 1` on purpose: their trip counts are data-dependent and small
 // (3-4 per thread), unrolling only adds peeled copies (code and, for the static report, requests
 // counted once per copy) while the cp.async issue already overlaps without it.
@@ -101,6 +101,76 @@ __device__ __forceinline__ void head_delta(const T* dO, const T* O, const float*
     }
   }
   nld[r] = make_float2(-nl_raw[2 * r] * kLog2e, acc);
+}
+
+// store_rows_warp (window_attention_common.cuh) with the copy loop bounded by the tile's valid rows
+// instead of a test per chunk: the last tile of a pack (196 = 12 x 16 + 4 rows at window 14) issues
+// one 16-byte store step instead of two, and the static report counts the bytes really stored.
+template <typename T, int D>
+__device__ __forceinline__ void store_rows_bwd(const float (&c)[D / 8][4], float mul, T* stage, T* base, int stride,
+                                               const int* tok, int row0, int nvalid, int lane) {
+  using TL = Tile<T, D>;
+  const int rows = imin(16, nvalid - row0);
+  stage_rows_warp<T, D>(c, mul, mul, stage, lane);
+  uint4* dst = reinterpret_cast<uint4*>(base);
+  const unsigned rs = unsigned(stride / TL::kE);
+#pragma unroll 1
+  for (int i = lane; i < rows * TL::kCPR; i += 32) {  // bwd valid rows of the tile
+    const int r = i / TL::kCPR, part = i - r * TL::kCPR;
+    dst[unsigned(tok[row0 + r]) * rs + part] = *reinterpret_cast<const uint4*>(stage + r * TL::kLD + part * TL::kE);
+  }
+  __syncwarp();
+}
+
+// ---- dS^T in shared memory (the one-pass plan: S and dP computed once, in the key pass).
+// cap x cap 16-bit values, row = key slot, column = query slot, pitch cap + 8 elements: a row is
+// cap/2 + 4 words, an odd multiple of 4 (cap is a multiple of 16), so the 8 rows x 4 words of a
+// fragment store and the 8 rows x 16 bytes of an ldmatrix hit 32 distinct banks.
+MK_HD int ds_pitch(int cap) { return cap + 8; }
+MK_HD size_t ds_bytes(int cap, int es) { return size_t(cap) * size_t(ds_pitch(cap)) * size_t(es); }
+
+// c += A * B for one m16k16 A fragment `a` (16 rows x 16 k) and the 16 rows of B at `B` (length D,
+// pitch Tile::kLD): accum's step for a fragment already packed.
+template <typename T, int D>
+__device__ __forceinline__ void accum_frag(float (&c)[D / 8][4], const uint32_t (&a)[4], const T* B, int lane) {
+  constexpr int LD = Tile<T, D>::kLD;
+  const int i = lane >> 3;
+  const T* rows = B + (8 * (i & 1) + (lane & 7)) * LD + 8 * (i >> 1);
+#pragma unroll
+  for (int dp = 0; dp < D / 16; ++dp) {
+    uint32_t r[4];
+    prim::ldsm_x4_trans(r, rows + 16 * dp);
+    prim::mma16816<T>(c[2 * dp], a, r[0], r[1]);
+    prim::mma16816<T>(c[2 * dp + 1], a, r[2], r[3]);
+  }
+}
+
+// The A fragment of a 16 x 16 accumulator block p (two n-tiles, rounded to T), as accum packs it.
+template <typename T>
+__device__ __forceinline__ void pack_frag(uint32_t (&a)[4], const float (&p)[2][4]) {
+  a[0] = pack2<T>(p[0][0], p[0][1]);
+  a[1] = pack2<T>(p[0][2], p[0][3]);
+  a[2] = pack2<T>(p[1][0], p[1][1]);
+  a[3] = pack2<T>(p[1][2], p[1][3]);
+}
+
+// Store the fragment a of a 16 x 16 block (rows = keys, columns = queries q0..) into dS^T: `row` and
+// `row8` point at this lane's first column (2t) of its rows g and g + 8 (set once per key tile):
+// a[0] (row g, cols 2t..), a[1] (row g+8), a[2] (cols 8+2t..), a[3].
+template <typename T>
+__device__ __forceinline__ void store_ds_frag(T* row, T* row8, int q0, const uint32_t (&a)[4]) {
+  *reinterpret_cast<uint32_t*>(row + q0) = a[0];
+  *reinterpret_cast<uint32_t*>(row8 + q0) = a[1];
+  *reinterpret_cast<uint32_t*>(row + q0 + 8) = a[2];
+  *reinterpret_cast<uint32_t*>(row8 + q0 + 8) = a[3];
+}
+
+// The A fragment of the dS block (queries q0..q0+15, keys k0..k0+15) from dS^T: ldmatrix.trans of
+// the four 8 x 8 blocks, matrix i = (keys k0 + 8 (i >> 1).., queries q0 + 8 (i & 1)..).
+template <typename T>
+__device__ __forceinline__ void load_ds_frag(uint32_t (&a)[4], const T* ds, int P, int q0, int k0, int lane) {
+  const int i = lane >> 3;
+  prim::ldsm_x4_trans(a, ds + (k0 + 8 * (i >> 1) + (lane & 7)) * P + q0 + 8 * (i & 1));
 }
 
 }  // namespace mixkernels::cuda::wattn

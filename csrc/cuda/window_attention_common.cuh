@@ -416,12 +416,9 @@ __device__ __forceinline__ bool rows_nonfinite(const T* src, int nrows) {
   return (acc & 0x80008000u) != 0;
 }
 
-// Write a warp's 16 x D accumulator (rows g times mul, rows g+8 times mul8) through its staging
-// rows (pitch LD) to global rows base + tok[row0 + r] * stride for row0 + r < nvalid, 16-byte
-// stores (32-bit chunk offsets).
+// A warp's 16 x D accumulator (rows g times mul, rows g+8 times mul8) into its staging rows (pitch LD).
 template <typename T, int D>
-__device__ __forceinline__ void store_rows_warp(const float (&c)[D / 8][4], float mul, float mul8, T* stage, T* base,
-                                                int stride, const int* tok, int row0, int nvalid, int lane) {
+__device__ __forceinline__ void stage_rows_warp(const float (&c)[D / 8][4], float mul, float mul8, T* stage, int lane) {
   using TL = Tile<T, D>;
   const int g = lane >> 2, t = lane & 3;
   __syncwarp();
@@ -432,6 +429,16 @@ __device__ __forceinline__ void store_rows_warp(const float (&c)[D / 8][4], floa
     *reinterpret_cast<uint32_t*>(stage + (g + 8) * TL::kLD + col) = pack2<T>(c[dj][2] * mul8, c[dj][3] * mul8);
   }
   __syncwarp();
+}
+
+// Write a warp's 16 x D accumulator (rows g times mul, rows g+8 times mul8) through its staging
+// rows (pitch LD) to global rows base + tok[row0 + r] * stride for row0 + r < nvalid, 16-byte
+// stores (32-bit chunk offsets).
+template <typename T, int D>
+__device__ __forceinline__ void store_rows_warp(const float (&c)[D / 8][4], float mul, float mul8, T* stage, T* base,
+                                                int stride, const int* tok, int row0, int nvalid, int lane) {
+  using TL = Tile<T, D>;
+  stage_rows_warp<T, D>(c, mul, mul8, stage, lane);
   uint4* dst = reinterpret_cast<uint4*>(base);
   const unsigned rs = unsigned(stride / TL::kE);
 #pragma unroll

@@ -160,7 +160,7 @@ def _fused(c: Ctx) -> Dict[str, Any]:
     p = c.p
     kind = "fwd" if "fwd" in c.kernel else "bwd"
     pl = ww.plan(kind, p["B"], p["H"], p["W"], p["heads"], p["d"], p["window"], p["window"], p["r"], p["r"],
-                 p["es"], True, bool(p.get("deterministic", False)))
+                 p["es"], True, bool(p.get("deterministic", False)), cosine=bool(p.get("cosine", False)))
     if pl["nslots"] * pl["nhg"] != c.grid[0]:
         raise ValueError(f"plan {pl['nslots']} x {pl['nhg']} CTAs != captured grid {c.grid[0]}")
     wl = ww.attention_workload(p["B"], p["H"], p["W"], p["window"], p["shift"], bool(p["group"]))
@@ -190,6 +190,13 @@ def _box(c: Ctx) -> int:
 
 def _ROWS(w: Dict[str, Any], c: Ctx) -> float:
     return w["per_pack"](lambda n: lane_strided(n * _chunks(c), THREADS_FUSED))
+
+
+def _store_steps(w: Dict[str, Any], c: Ctx) -> float:
+    """store_rows_bwd's 32-lane steps per tile: ceil(valid rows x chunks / 32), averaged over the tiles."""
+    def steps(n: int) -> float:
+        return sum(math.ceil(min(16, n - r0) * _chunks(c) / 32) for r0 in range(0, n, 16))
+    return w["per_pack"](steps) / w["per_pack"](lambda n: -(-n // 16))
 
 
 CUDA_RULES: List[Rule] = [
@@ -278,6 +285,10 @@ CUDA_RULES: List[Rule] = [
     # backward (window_attention_bwd.cu)
     Rule(r"for \(int b = lo & ~15; b < end; b \+= 16\)", _fz(lambda w, c: sum(w["c16"].values()) / w["tiles"]),
          "16-key (or query) blocks per tile (segment ranges, emulated)", kernel=_FUSED),
+    Rule(r"for \(int b = p0; b < p1; b \+= 16\)", _fz(lambda w, c: w["c16"][(16, False)] / w["tiles"]),
+         "walk_blocks: plain 16-key (or query) blocks per tile (segment ranges, emulated)", kernel=_FUSED),
+    Rule(r"for \(int b = \(lo & ~15\) == p0 \? p1 : lo & ~15; b < end;", _fz(lambda w, c: w["c16"][(16, True)] / w["tiles"]),
+         "walk_blocks: masked 16-key (or query) blocks per tile (segment ranges, emulated)", kernel=_FUSED),
     Rule(r"for \(int e = threadIdx\.x; e < \(DET \? kWarps : 1\) \* tab_stride_f",
          lambda c: lane_strided((8 if c.p.get("deterministic") else 1) * (c.p["T"] + 1), THREADS_FUSED),
          "zero the bias-gradient table(s): T+1 entries (x8 deterministic) over 256 threads", kernel=_FUSED),
@@ -288,6 +299,9 @@ CUDA_RULES: List[Rule] = [
          "assign_tiles' ranks (warp 0, one thread per tile): tiles per pack, over 8 warps", kernel=_FUSED),
     Rule(r"for \(int e = threadIdx\.x; e < G\.T; e \+= kThreads\)", lambda c: lane_strided(c.p["T"], THREADS_FUSED),
          "flush the bias-gradient table: T entries over 256 threads", kernel=_FUSED),
+    Rule(r"for \(int i = lane; i < rows \* TL::kCPR; i \+= 32\)", _fz(_store_steps),
+         "store_rows_bwd: the tile's valid rows x chunks over 32 lanes (tiles of the packs' valid slots)",
+         kernel=_FUSED),
     Rule(r"for \(int w = 0; w < kWarps; \+\+w\)", lambda c: 8.0, "deterministic: per-warp tables summed",
          kernel=_FUSED),
     Rule(r"__[fd]AtomicAdd", lambda c: 1.0, "shared float atomicAdd compiles to a CAS loop: 1 try (no contention)"),

@@ -87,8 +87,10 @@ def layout_bytes(cap: int, T: int, D: int, es: int, ops: int, nbuf: int, stage: 
 
 
 def plan(kind: str, B: int, H: int, W: int, nH: int, d: int, wh: int, ww: int, rh: int, rw: int, es: int = 2,
-         rpb: bool = True, det: bool = False, n_sm: int = N_SM, smem_limit: int = SMEM_OPTIN) -> Dict[str, Any]:
-    """The launcher's plan (``plan_forward`` / ``plan_backward``) of a fused-kernel call."""
+         rpb: bool = True, det: bool = False, n_sm: int = N_SM, smem_limit: int = SMEM_OPTIN,
+         cosine: bool = False) -> Dict[str, Any]:
+    """The launcher's plan (``plan_forward`` / ``plan_backward``) of a fused-kernel call (backward:
+    ``one`` = the one-pass plan, dS^T kept in shared memory)."""
     N = wh * ww
     nwin = B * (H // wh) * (W // ww)
     P = pick_pack(N, nwin)
@@ -105,9 +107,12 @@ def plan(kind: str, B: int, H: int, W: int, nH: int, d: int, wh: int, ww: int, r
         return dict(out, hg=hg, nhg=-(-nH // hg), nbuf=nbuf, nslots=npacks, smem=smem, fits=smem <= smem_limit)
     tabf = 0 if not rpb else (WARPS * (T + 1 + 32) if det else T + 1)
     smem = layout_bytes(cap, T, d, es, 5, 1, True, tabf)
+    # one-pass plan: the cap x cap dS^T matrix (pitch cap + 8) after the layout, one CTA per SM
+    one = not cosine and smem + cap * (cap + 8) * es <= smem_limit
+    smem += cap * (cap + 8) * es if one else 0
     nslots = min(npacks, DET_SLOTS) if det else npacks
-    hg = bwd_heads_per_cta(nslots, nH, 2 * n_sm)
-    return dict(out, hg=hg, nhg=-(-nH // hg), nbuf=1, nslots=nslots, smem=smem, fits=smem <= smem_limit)
+    hg = bwd_heads_per_cta(nslots, nH, (1 if one else 2) * n_sm)
+    return dict(out, hg=hg, nhg=-(-nH // hg), nbuf=1, nslots=nslots, smem=smem, one=one, fits=smem <= smem_limit)
 
 
 def mixmim_mask(H: int, W: int, seed: int = 0) -> np.ndarray:
