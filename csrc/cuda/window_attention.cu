@@ -47,8 +47,9 @@ __device__ __forceinline__ float bias_scaled(const RowInfo& r, int2 k, int2 kc, 
   return b;
 }
 
-// FIRST: the tile's first block (m = -inf, l = 0, O = 0: nothing to rescale).
-template <typename T, int D, int BIAS, bool ABIAS, int NT, bool MASKED, bool FIRST>
+// One block of 8 * NT keys of a tile. MASKED: compare each pair's segment ids (blocks that reach
+// past the tile's segment range or tiles whose rows span two segments).
+template <typename T, int D, int BIAS, bool ABIAS, int NT, bool MASKED>
 __device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFrag<T, D>& qa, const RowInfo (&ri)[2],
                                           const T* sk, const T* sv, int kb, const unsigned char* smem, int zero_byte,
                                           float inv, float (&m)[2], float (&l)[2], float (&o)[D / 8][4], int lane) {
@@ -97,8 +98,9 @@ __device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFr
     // A row with nothing allowed so far keeps base 0 so that exp(-inf - base) = 0, not NaN.
     nb[rr] = -(mn[rr] == -INFINITY ? 0.f : mn[rr]) * c;
   }
-  // Rescale O and l only when some row's max moved (after the first blocks it rarely does).
-  if (!FIRST && __any_sync(kFull, mn[0] != m[0] || mn[1] != m[1])) {
+  // Rescale O and l only when some row's max moved (after the first blocks it rarely does). The
+  // tile's first block lands here too: m = -inf gives alpha = exp2(-inf) = 0 times l = 0, O = 0.
+  if (__any_sync(kFull, mn[0] != m[0] || mn[1] != m[1])) {
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const float alpha = prim::ex2(fmaf(m[rr], c, nb[rr]));
@@ -144,29 +146,29 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
   float o[D / 8][4];
 #pragma unroll
   for (int dj = 0; dj < D / 8; ++dj) o[dj][0] = o[dj][1] = o[dj][2] = o[dj][3] = 0.f;
-  // Blocks of 32 keys, then one of 16 at the end; a block inside one segment needs no mask.
-  auto step = [&](auto nt, auto first, int kb) {
-    constexpr int NT = decltype(nt)::value;
-    constexpr bool F = decltype(first)::value;
-    if (uni && kb >= lo && kb + 8 * NT <= hi)
-      fwd_block<T, D, BIAS, ABIAS, NT, false, F>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, A.inv_scale, m, l, o, lane);
-    else
-      fwd_block<T, D, BIAS, ABIAS, NT, true, F>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, A.inv_scale, m, l, o, lane);
+  // The walk [lo & ~15, round16(hi)) in three parts, each block kind in its own loop (the order of
+  // the blocks is free: online softmax): masked blocks (all of a tile whose rows span segments; the
+  // 16 keys at either end of a one-segment tile's range when lo or hi is not a multiple of 16), and
+  // the unmasked middle [L, R) of a one-segment tile. 32 keys per step, 16 where 32 do not fit.
+  const int b0 = lo & ~15;
+  const int L = uni ? round16(lo) : end, R = uni ? imax(L, hi & ~15) : end;
+  auto block = [&](auto nt, auto masked, int kb) {
+    fwd_block<T, D, BIAS, ABIAS, decltype(nt)::value, decltype(masked)::value>(G, S, qa, ri, sk, sv, kb, smem, zero_byte,
+                                                                                A.inv_scale, m, l, o, lane);
   };
   using Four = std::integral_constant<int, 4>;
   using Two = std::integral_constant<int, 2>;
-  // The first block is peeled (no rescale); a 16-key block can only be the last.
-  int kb = lo & ~15;  // < end: every tile has a key
-  if (kb + 32 <= end)
-    step(Four{}, std::true_type{}, kb);
-  else
-    step(Two{}, std::true_type{}, kb);
-  for (kb += 32; kb < end; kb += 32) {
-    if (kb + 32 <= end)
-      step(Four{}, std::false_type{}, kb);
-    else
-      step(Two{}, std::false_type{}, kb);
-  }
+  int kb = b0;
+#pragma unroll 1
+  for (; kb + 32 <= L; kb += 32) block(Four{}, std::true_type{}, kb);
+  // Masked 16-key blocks: what is left of [b0, L) (0 or 16 keys), then [R, end) (0 or 16 keys).
+  const int n16 = (L - kb) / 16 + (end - R) / 16;
+#pragma unroll 1
+  for (int i = 0, k16 = kb < L ? kb : R; i < n16; ++i, k16 = R) block(Two{}, std::true_type{}, k16);
+#pragma unroll 1
+  for (kb = L; kb + 32 <= R; kb += 32) block(Four{}, std::false_type{}, kb);
+#pragma unroll 1
+  for (; kb < R; kb += 16) block(Two{}, std::false_type{}, kb);  // 0 or 1 time
   float lse[2], inv[2];
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {

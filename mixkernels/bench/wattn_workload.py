@@ -160,11 +160,14 @@ def _pack_stats(kp: Tuple[Tuple[int, ...], ...], N: int) -> Dict[str, Any]:
         uni = last == 16 * t + 15 and segs[16 * t][0] == segs[last][0]
         b0, end = lo & ~15, _round16(hi)
         tb.append((end - b0) // 16)
-        b = b0
-        while b < end:  # the forward: 32-key blocks, then a 16-key tail
-            wd = 32 if b + 32 <= end else 16
-            c32[(wd, not (uni and b >= lo and b + wd <= hi))] += 1
-            b += wd
+        # the forward (fwd_tile): masked [b0, L) and [R, end), unmasked [L, R) of a one-segment tile;
+        # 32-key blocks, 16 where 32 do not fit
+        L = _round16(lo) if uni else end
+        R = max(L, hi & ~15) if uni else end
+        c32[(32, True)] += (L - b0) // 32
+        c32[(16, True)] += (L - b0) % 32 // 16 + (end - R) // 16
+        c32[(32, False)] += (R - L) // 32
+        c32[(16, False)] += (R - L) % 32 // 16
         for b in range(b0, end, 16):  # the backward: 16-key blocks
             c16[(16, not (uni and b >= lo and b + 16 <= hi))] += 1
     warps = [max(scan[w:w + 32]) for w in range(0, nvalid, 32)]
@@ -207,7 +210,8 @@ _MEMO: Dict[Tuple, Dict[str, Any]] = {}
 
 def attention_workload(B: int, H: int, W: int, w: int, shift: int, group: bool, seed: int = 0) -> Dict[str, Any]:
     """Totals over all packs of a call (memoized): ``tiles``; ``c32`` / ``c16`` Counters of
-    (width, masked) key blocks of the forward / backward walks; ``nvalid`` Counter of valid slots per
+    (width, masked) key blocks of the forward / backward walks (each key of each 16-row tile's range
+    in one block of each); ``nvalid`` Counter of valid slots per
     pack; ``scan`` / ``scan_warps``: segment_ids' inner-loop iterations summed over the warps that run
     it (a warp runs until its longest lane is done) and their number (``scan_win`` / ``scan_win_warps``:
     the same for one window per call, as the legacy kernels run it); ``shifts_fwd`` / ``shifts_bwd``:
