@@ -132,7 +132,7 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
                                          int lane) {
   using TL = Tile<T, D>;
   const Geo& G = A.g;
-  const int g = lane >> 2, r0 = 16 * tile, nvalid = S.info[0];
+  const int g = lane >> 2, r0 = 16 * tile, rows = S.info[0];  // slots in use (padding: tok < 0)
   const int zero_byte = tab_byte + 4 * G.T;
   __syncwarp();  // converged after the previous tile's per-lane stores
   AFrag<T, D> qa;
@@ -181,10 +181,10 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int q = r0 + g + 8 * rr;
-      if (q < nvalid) A.lse[S.lrow[q] + h * G.N] = lse[rr];
+      if (q < rows && S.tok[q] >= 0) A.lse[S.lrow[q] + h * G.N] = lse[rr];
     }
   }
-  store_rows_warp<T, D>(o, inv[0], inv[1], sq + r0 * TL::kLD, static_cast<T*>(A.out) + h * D, G.C, S.tok, r0, nvalid,
+  store_rows_warp<T, D>(o, inv[0], inv[1], sq + r0 * TL::kLD, static_cast<T*>(A.out) + h * D, G.C, S.tok, r0, rows,
                         lane);
 }
 
@@ -195,10 +195,13 @@ __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, c
                                        const T* sv, int tab_byte, const unsigned char* smem) {
   constexpr int LD = Tile<T, D>::kLD;
   const Geo& G = A.g;
-  const int nvalid = S.info[0], zero_byte = tab_byte + 4 * G.T, rh2 = 2 * G.rh - 1, rw2 = 2 * G.rw - 1;
-  for (int q = threadIdx.x; q < nvalid; q += kThreads) {
+  const int rows = S.info[0], zero_byte = tab_byte + 4 * G.T, rh2 = 2 * G.rh - 1, rw2 = 2 * G.rw - 1;
+  for (int q = threadIdx.x; q < rows; q += kThreads) {
+    if (S.tok[q] < 0) continue;  // padding slot (aligned one-window packs)
     const RowInfo r = row_info<BIAS, ABIAS>(G, S, q, tab_byte, h);
-    const int wb = q / G.N * G.N, we = wb + G.N;
+    // The keys of the row's window: N slots, or all slots in use of a one-window pack (padding keys
+    // never match a segment: probability 0).
+    const int wb = G.P == 1 ? 0 : q / G.N * G.N, we = G.P == 1 ? rows : wb + G.N;
     auto logit = [&](int k) {
       float s = 0.f;
       for (int d = 0; d < D; ++d) s = fmaf(to_float(sq[q * LD + d]), to_float(sk[k * LD + d]), s);
@@ -241,8 +244,9 @@ __device__ __forceinline__ void load_qkv_async(T* dst, size_t tile_stride, const
 #pragma unroll
   for (int k = 0; k < TL::kCPR; ++k) {
     const int r = r0 + k * kStep;
-    if (r < nrows) {
-      const uint4* row = src + unsigned(tok[r]) * rs;
+    const int t = r < nrows ? tok[r] : -1;
+    if (t >= 0) {  // padding slots stay zero
+      const uint4* row = src + unsigned(t) * rs;
       T* d = dst + r * TL::kLD + part * TL::kE;
       prim::cp_async<16>(d, row);
       prim::cp_async<16>(d + ts, row + oc);
@@ -251,13 +255,14 @@ __device__ __forceinline__ void load_qkv_async(T* dst, size_t tile_stride, const
   }
 }
 
-// Zero the padding rows [nvalid, cap) of ntiles tiles tile_bytes apart (all operand tiles: their
-// rows must be finite, probability 0 times them).
+// Zero the padding rows (tok < 0) of ntiles tiles tile_bytes apart (all operand tiles: their rows
+// must be finite, probability 0 times them).
 template <typename T, int D>
-__device__ __forceinline__ void zero_padding(T* tile0, int ntiles, size_t tile_bytes, int nvalid, int cap) {
+__device__ __forceinline__ void zero_padding(T* tile0, int ntiles, size_t tile_bytes, const int* tok, int cap) {
   using TL = Tile<T, D>;
   const int part = threadIdx.x % TL::kCPR;
-  for (int r = nvalid + threadIdx.x / TL::kCPR; r < cap; r += kThreads / TL::kCPR) {
+  for (int r = threadIdx.x / TL::kCPR; r < cap; r += kThreads / TL::kCPR) {
+    if (tok[r] >= 0) continue;
     unsigned char* row = reinterpret_cast<unsigned char*>(tile0 + r * TL::kLD + part * TL::kE);
 #pragma unroll 1
     for (int k = 0; k < ntiles; ++k) *reinterpret_cast<uint4*>(row + k * tile_bytes) = make_uint4(0u, 0u, 0u, 0u);
@@ -320,6 +325,81 @@ __device__ __forceinline__ void table_entries(const Geo& G, int ey, int ex, F&& 
   }
 }
 
+// One-window packs: move every segment to a slot that is a multiple of 16 (padding slots, tok = -1,
+// between segments) when the pack still fits in cap slots. No 16-row tile then spans two segments:
+// each tile walks only its own segment's keys, masked only in the last 16 (the padding). Packs of
+// several windows, or whose rounded segments do not fit, stay as the prologue sorted them.
+// All threads; after the prologue's tiles are published (a barrier), before the operand buffers are
+// used (`scratch`: kWarps + kThreads ints of them). On return (before the caller's barrier) the slots,
+// tiles and info[0] (slots in use) / info[1] (tiles) hold the aligned layout.
+__device__ __forceinline__ void align_segments(const Geo& G, const Pack& S, int nvalid, int* scratch) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  int2 seg = make_int2(0, 0);
+  if (tid < nvalid) seg = S.seg[tid];
+  const int size = seg.y - seg.x;
+  const int pad = tid < nvalid && seg.x == tid ? round16(size) - size : 0;  // once per segment, at its head
+  int incl = pad;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(kFull, incl, o);
+    incl += lane >= o ? v : 0;
+  }
+  int* wsum = scratch;
+  int* shift = scratch + kWarps;
+  if (lane == 31) wsum[warp] = incl;
+  __syncthreads();
+  int before = 0, total = 0;
+#pragma unroll
+  for (int v = 0; v < kWarps; ++v) {
+    const int w = wsum[v];
+    before += v < warp ? w : 0;
+    total += w;
+  }
+  if (G.P != 1 || nvalid + total > G.cap) return;  // block-uniform
+  shift[tid] = before + incl - pad;  // read at segment heads: the padding of the segments before
+  __syncthreads();
+  int tok = -1, lidx = 0, lrow = 0, d = 0;
+  int2 qi = make_int2(0, -1), ki = make_int2(0, -2), cxy = make_int2(0, 0);
+  if (tid < nvalid) {
+    d = shift[seg.x];
+    tok = S.tok[tid], lidx = S.lidx[tid], lrow = S.lrow[tid];
+    qi = S.qi[tid], ki = S.ki[tid], cxy = S.cxy[tid];
+  }
+  __syncthreads();  // every slot read
+  if (tid < G.cap) {  // padding everywhere first (the prologue's padding entries)
+    S.tok[tid] = -1;
+    S.qi[tid] = make_int2(0, -1);
+    S.ki[tid] = make_int2(0, -2);
+    S.lidx[tid] = 0;
+    S.lrow[tid] = 0;
+    S.cxy[tid] = make_int2(0, 0);
+    S.seg[tid] = make_int2(tid, tid + 1);
+  }
+  __syncthreads();
+  if (tid < nvalid) {
+    const int p = tid + d;
+    S.tok[p] = tok;
+    S.qi[p] = qi;
+    S.ki[p] = ki;
+    S.lidx[p] = lidx;
+    S.lrow[p] = lrow;
+    S.cxy[p] = cxy;
+    S.seg[p] = make_int2(seg.x + d, seg.y + d);
+  }
+  __syncthreads();
+  const int used = nvalid + total;
+  if (tid < used / 16) {  // slot 16 * tid is a token of the tile's segment (segments start at tiles)
+    const int2 sg = S.seg[16 * tid];
+    S.lo[tid] = sg.x;
+    S.hi[tid] = sg.y;
+    S.uni[tid] = 1;  // padding rows join the segment's tile: never stored
+  }
+  if (tid == 0) {
+    S.info[0] = used;
+    S.info[1] = used / 16;
+  }
+}
+
 template <typename T, int D, int BIAS, bool ABIAS>
 __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 : 1) wattn_fwd_kernel(const FwdArgs A) {
   using TL = Tile<T, D>;
@@ -338,8 +418,11 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 :
   prologue<BIAS == 2>(G, pack, S, smem + L.ops);
   // Tiles go round-robin to the warps (the forward's tiles cost about the same; no work lists).
   int ey = G.rh - 1, ex = G.rw - 1;
-  if constexpr (BIAS == 2) coord_box(S, imin(G.P, G.nwin - pack * G.P) * G.N, S.items);
+  const int ntok = imin(G.P, G.nwin - pack * G.P) * G.N;
+  if constexpr (BIAS == 2) coord_box(S, ntok, S.items);
   __syncthreads();  // slots and tiles ready; the prologue's scratch is dead
+  align_segments(G, S, ntok, reinterpret_cast<int*>(smem + L.ops));
+  __syncthreads();
   // Pack-wide values read right after the barrier (warps converged) and broadcast from lane 0: the
   // compiler then sees warp-uniform loops and emits plain shuffles inside them.
   const int nvalid = __shfl_sync(kFull, S.info[0], 0), ntiles = __shfl_sync(kFull, S.info[1], 0);
@@ -347,7 +430,7 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 :
     ey = imin(ey, __shfl_sync(kFull, S.items[1] - S.items[0], 0));
     ex = imin(ex, __shfl_sync(kFull, S.items[3] - S.items[2], 0));
   }
-  zero_padding<T, D>(buf(0, 0), 3 * A.nbuf, L.tile_bytes, nvalid, G.cap);
+  zero_padding<T, D>(buf(0, 0), 3 * A.nbuf, L.tile_bytes, S.tok, G.cap);
   if (threadIdx.x < A.nbuf) tab(threadIdx.x)[G.T] = 0.f;  // read by out-of-range coordinate pairs
   const T* qkv = static_cast<const T*>(G.qkv);
   auto issue = [&](int h, int b) {
