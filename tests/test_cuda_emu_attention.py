@@ -268,6 +268,14 @@ def test_aligned_segment_packs_nan_and_masked_rows():
     assert_close_2x(out[ok], want[ok], same[ok])
 
 
+@pytest.mark.parametrize("gain", [4.0, 12.0], ids=["x4", "x12"])
+def test_large_scores_move_the_softmax_reference(gain):
+    # Scores spread over tens to hundreds of units: row maxima pass the forward's rescale threshold
+    # (2^8) in later key blocks, so O and l rescale mid-row; small gains keep the first reference.
+    qkv, kw = _inputs(1, 28, 28, 2, 32, (14, 14), (7, 7), True, False, "shared", torch.bfloat16)
+    _check((qkv.float() * gain).to(torch.bfloat16), 2, (14, 14), kw)
+
+
 def test_deterministic_bias_gradient_is_bit_identical():
     qkv, kw = _inputs(3, 14, 14, 2, 32, (7, 7), (3, 3), True, False, "per_image", torch.bfloat16)
     c = _call(qkv, 2, (7, 7), kw)

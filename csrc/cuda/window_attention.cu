@@ -47,12 +47,20 @@ __device__ __forceinline__ float bias_scaled(const RowInfo& r, int2 k, int2 kc, 
   return b;
 }
 
+// Online-softmax state of a thread's two rows. m: the reference of the row's exponents (l and O
+// share it, so any reference is exact), nb = -m * scale * log2(e) (0 while m = -inf), mt: the score
+// past which m moves, m + kRescaleLog2 in exp2 units: probabilities stay below 2^kRescaleLog2.
+constexpr float kRescaleLog2 = 8.f;
+struct Softmax {
+  float m[2] = {-INFINITY, -INFINITY}, nb[2] = {0.f, 0.f}, mt[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+};
+
 // One block of 8 * NT keys of a tile. MASKED: compare each pair's segment ids (blocks that reach
 // past the tile's segment range or tiles whose rows span two segments).
 template <typename T, int D, int BIAS, bool ABIAS, int NT, bool MASKED>
 __device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFrag<T, D>& qa, const RowInfo (&ri)[2],
                                           const T* sk, const T* sv, int kb, const unsigned char* smem, int zero_byte,
-                                          float inv, float (&m)[2], float (&l)[2], float (&o)[D / 8][4], int lane) {
+                                          float inv, Softmax& sm, float (&o)[D / 8][4], int lane) {
   constexpr int LD = Tile<T, D>::kLD;
   const int t = lane & 3, rh2 = 2 * G.rh - 1, rw2 = 2 * G.rw - 1;
   const float c = G.scale * kLog2e;  // logits are s * scale; exp2 units
@@ -91,35 +99,36 @@ __device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFr
         s[j][2 * rr + e] = x;
         mx[rr] = fmaxf(mx[rr], x);  // scale > 0 (launcher): the same order as the logits
       }
-  float nb[2], mn[2];
+  float qm[2];
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    mn[rr] = fmaxf(m[rr], quad_max(mx[rr]));
-    // A row with nothing allowed so far keeps base 0 so that exp(-inf - base) = 0, not NaN.
-    nb[rr] = -(mn[rr] == -INFINITY ? 0.f : mn[rr]) * c;
-  }
-  // Rescale O and l only when some row's max moved (after the first blocks it rarely does). The
-  // tile's first block lands here too: m = -inf gives alpha = exp2(-inf) = 0 times l = 0, O = 0.
-  if (__any_sync(kFull, mn[0] != m[0] || mn[1] != m[1])) {
+  for (int rr = 0; rr < 2; ++rr) qm[rr] = quad_max(mx[rr]);
+  // A row's reference moves to its max only when some row of the warp passes its threshold (first
+  // block: m = -inf; later rarely). Then O and l rescale; the first block's alpha = exp2(-inf) = 0
+  // times l = 0, O = 0. Otherwise the probabilities keep the old reference (< 2^kRescaleLog2).
+  if (__any_sync(kFull, qm[0] > sm.mt[0] || qm[1] > sm.mt[1])) {
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      const float alpha = prim::ex2(fmaf(m[rr], c, nb[rr]));
-      l[rr] *= alpha;
+      const float mn = fmaxf(sm.m[rr], qm[rr]);
+      // A row with nothing allowed so far keeps base 0 so that exp(-inf - base) = 0, not NaN.
+      const float nb = -(mn == -INFINITY ? 0.f : mn) * c;
+      const float alpha = prim::ex2(fmaf(sm.m[rr], c, nb));
+      sm.l[rr] *= alpha;
 #pragma unroll
       for (int dj = 0; dj < D / 8; ++dj) {
         o[dj][2 * rr] *= alpha;
         o[dj][2 * rr + 1] *= alpha;
       }
+      sm.m[rr] = mn;
+      sm.nb[rr] = nb;
+      sm.mt[rr] = mn + kRescaleLog2 / c;  // -inf stays -inf, +inf stays +inf (never passed)
     }
   }
-  m[0] = mn[0];
-  m[1] = mn[1];
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float p = prim::ex2(fmaf(s[j][e], c, nb[e >> 1]));
-      l[e >> 1] += p;
+      const float p = prim::ex2(fmaf(s[j][e], c, sm.nb[e >> 1]));
+      sm.l[e >> 1] += p;
       s[j][e] = p;
     }
   accum<T, D, NT>(o, s, sv + kb * LD, lane);
@@ -142,7 +151,7 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
   // Bounds broadcast from lane 0: warp-uniform for the compiler too (no divergence-safe shuffles).
   const int lo = __shfl_sync(kFull, S.lo[tile], 0), hi = __shfl_sync(kFull, S.hi[tile], 0), end = round16(hi);
   const bool uni = __shfl_sync(kFull, S.uni[tile], 0) != 0;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  Softmax sm;
   float o[D / 8][4];
 #pragma unroll
   for (int dj = 0; dj < D / 8; ++dj) o[dj][0] = o[dj][1] = o[dj][2] = o[dj][3] = 0.f;
@@ -154,7 +163,7 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
   const int L = uni ? round16(lo) : end, R = uni ? imax(L, hi & ~15) : end;
   auto block = [&](auto nt, auto masked, int kb) {
     fwd_block<T, D, BIAS, ABIAS, decltype(nt)::value, decltype(masked)::value>(G, S, qa, ri, sk, sv, kb, smem, zero_byte,
-                                                                                A.inv_scale, m, l, o, lane);
+                                                                                A.inv_scale, sm, o, lane);
   };
   using Four = std::integral_constant<int, 4>;
   using Two = std::integral_constant<int, 2>;
@@ -172,10 +181,10 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
   float lse[2], inv[2];
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    l[rr] = quad_sum(l[rr]);
+    const float l = quad_sum(sm.l[rr]);
     // l = 0 only when every allowed key is -inf: 0 * rcp(0) = NaN, lse = -inf (the reference's).
-    inv[rr] = prim::rcp(l[rr]);
-    lse[rr] = (m[rr] == -INFINITY ? 0.f : m[rr]) * G.scale + prim::lg2(l[rr]) * kLn2;
+    inv[rr] = prim::rcp(l);
+    lse[rr] = (sm.m[rr] == -INFINITY ? 0.f : sm.m[rr]) * G.scale + prim::lg2(l) * kLn2;
   }
   if ((lane & 3) == 0) {
 #pragma unroll
