@@ -218,7 +218,7 @@ CUDA_RULES: List[Rule] = [
          "unmasked 32-key blocks per query tile (segment ranges, emulated)", kernel=_FUSED),
     Rule(r"for \(; kb < R; kb \+= 16\)", _fz(lambda w, c: w["c32"][(16, False)] / w["ftiles"]),
          "unmasked 16-key blocks per query tile (0 or 1; segment ranges, emulated)", kernel=_FUSED),
-    Rule(r"for \(int q = threadIdx\.x; q < nvalid; q \+= kThreads\)", lambda c: 0.0,
+    Rule(r"for \(int q = threadIdx\.x; q < rows; q \+= kThreads\)", lambda c: 0.0,
          "fwd_exact: only for a head whose V holds NaN/Inf", kernel=_FUSED),
     Rule(r"for \(int d = 0; d < D; \+\+d\)", lambda c: c.p["d"], "fwd_exact dot: D", kernel=_FUSED),
     Rule(r"for \(int k = wb; k < we; \+\+k\)", lambda c: c.p["N"], "fwd_exact: the window's N keys", kernel=_FUSED),
