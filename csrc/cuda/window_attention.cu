@@ -155,29 +155,43 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
   float o[D / 8][4];
 #pragma unroll
   for (int dj = 0; dj < D / 8; ++dj) o[dj][0] = o[dj][1] = o[dj][2] = o[dj][3] = 0.f;
-  // The walk [lo & ~15, round16(hi)) in three parts, each block kind in its own loop (the order of
-  // the blocks is free: online softmax): masked blocks (all of a tile whose rows span segments; the
-  // 16 keys at either end of a one-segment tile's range when lo or hi is not a multiple of 16), and
-  // the unmasked middle [L, R) of a one-segment tile. 32 keys per step, 16 where 32 do not fit.
+  // The walk [b0, end) = [lo & ~15, round16(hi)) as a masked prefix [b0, b0 + P), an unmasked middle
+  // and a masked suffix [end - Q, end), each block kind in its own loop (block order is free in online
+  // softmax). Tiles whose rows span segments: all masked. One-segment tiles: only the 16 keys at an end
+  // that is not 16-aligned need the mask; an end grows to 32 when that leaves the middle an even number
+  // of 16-key blocks (few 16-key blocks: their fixed cost is that of 32).
   const int b0 = lo & ~15;
-  const int L = uni ? round16(lo) : end, R = uni ? imax(L, hi & ~15) : end;
+  int P = end - b0, Q = 0;
+  if (uni) {
+    const int L = round16(lo), R = imax(L, hi & ~15), u = (R - L) >> 4;
+    P = L - b0;
+    Q = end - R;
+    if (u & 1) {
+      if (P) P += 16; else if (Q) Q += 16;
+    } else if (P && Q) {
+      if (u) P += 16, Q += 16; else P = 32, Q = 0;  // u = 0: head and tail are one 32-key block
+    }
+  }
   auto block = [&](auto nt, auto masked, int kb) {
     fwd_block<T, D, BIAS, ABIAS, decltype(nt)::value, decltype(masked)::value>(G, S, qa, ri, sk, sv, kb, smem, zero_byte,
                                                                                 A.inv_scale, sm, o, lane);
   };
   using Four = std::integral_constant<int, 4>;
   using Two = std::integral_constant<int, 2>;
-  int kb = b0;
+  // Masked 32-key blocks: the prefix's, then a 32-key suffix.
+  const int pm = P >> 5, nm32 = pm + (Q == 32);
 #pragma unroll 1
-  for (; kb + 32 <= L; kb += 32) block(Four{}, std::true_type{}, kb);
-  // Masked 16-key blocks: what is left of [b0, L) (0 or 16 keys), then [R, end) (0 or 16 keys).
-  const int n16 = (L - kb) / 16 + (end - R) / 16;
+  for (int i = 0; i < nm32; ++i) block(Four{}, std::true_type{}, i < pm ? b0 + 32 * i : end - 32);
+  // Masked 16-key blocks: what is left of the prefix, then a 16-key suffix.
+  const int nm16 = ((P >> 4) & 1) + (Q == 16);
 #pragma unroll 1
-  for (int i = 0, k16 = kb < L ? kb : R; i < n16; ++i, k16 = R) block(Two{}, std::true_type{}, k16);
+  for (int i = 0; i < nm16; ++i) block(Two{}, std::true_type{}, i == 0 && (P & 16) ? b0 + P - 16 : end - 16);
+  const int m1 = end - Q;
+  int kb = b0 + P;
 #pragma unroll 1
-  for (kb = L; kb + 32 <= R; kb += 32) block(Four{}, std::false_type{}, kb);
+  for (; kb + 32 <= m1; kb += 32) block(Four{}, std::false_type{}, kb);
 #pragma unroll 1
-  for (; kb < R; kb += 16) block(Two{}, std::false_type{}, kb);  // 0 or 1 time
+  for (; kb < m1; kb += 16) block(Two{}, std::false_type{}, kb);  // 0 or 1 time
   float lse[2], inv[2];
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {

@@ -210,13 +210,13 @@ CUDA_RULES: List[Rule] = [
          "the head's table slice: T entries over 256 threads", kernel=_FUSED),
     # forward (window_attention.cu)
     # fwd_tile's walk: one loop per block kind, iterations per tile = the emulated totals / tiles
-    Rule(r"for \(; kb \+ 32 <= L; kb \+= 32\)", _fz(lambda w, c: w["c32"][(32, True)] / w["ftiles"]),
+    Rule(r"for \(int i = 0; i < nm32; \+\+i\)", _fz(lambda w, c: w["c32"][(32, True)] / w["ftiles"]),
          "masked 32-key blocks per query tile (segment ranges, emulated)", kernel=_FUSED),
-    Rule(r"for \(int i = 0, k16 = kb < L \? kb : R; i < n16;", _fz(lambda w, c: w["c32"][(16, True)] / w["ftiles"]),
+    Rule(r"for \(int i = 0; i < nm16; \+\+i\)", _fz(lambda w, c: w["c32"][(16, True)] / w["ftiles"]),
          "masked 16-key blocks per query tile (segment ranges, emulated)", kernel=_FUSED),
-    Rule(r"for \(kb = L; kb \+ 32 <= R; kb \+= 32\)", _fz(lambda w, c: w["c32"][(32, False)] / w["ftiles"]),
+    Rule(r"for \(; kb \+ 32 <= m1; kb \+= 32\)", _fz(lambda w, c: w["c32"][(32, False)] / w["ftiles"]),
          "unmasked 32-key blocks per query tile (segment ranges, emulated)", kernel=_FUSED),
-    Rule(r"for \(; kb < R; kb \+= 16\)", _fz(lambda w, c: w["c32"][(16, False)] / w["ftiles"]),
+    Rule(r"for \(; kb < m1; kb \+= 16\)", _fz(lambda w, c: w["c32"][(16, False)] / w["ftiles"]),
          "unmasked 16-key blocks per query tile (0 or 1; segment ranges, emulated)", kernel=_FUSED),
     Rule(r"for \(int q = threadIdx\.x; q < rows; q \+= kThreads\)", lambda c: 0.0,
          "fwd_exact: only for a head whose V holds NaN/Inf", kernel=_FUSED),

@@ -178,15 +178,27 @@ def _pack_stats(kp: Tuple[Tuple[int, ...], ...], N: int) -> Dict[str, Any]:
             ftiles.append((segs[16 * t][0], segs[last][1],
                            last == 16 * t + 15 and segs[16 * t][0] == segs[last][0]))
     for lo, hi, uni in ftiles:
-        # fwd_tile: masked [b0, L) and [R, end), unmasked [L, R) of a one-segment tile; 32-key blocks,
+        # fwd_tile: masked prefix [b0, b0 + P) and suffix [end - Q, end), unmasked middle; 32-key blocks,
         # 16 where 32 do not fit
         b0, end = lo & ~15, _round16(hi)
-        L = _round16(lo) if uni else end
-        R = max(L, hi & ~15) if uni else end
-        c32[(32, True)] += (L - b0) // 32
-        c32[(16, True)] += (L - b0) % 32 // 16 + (end - R) // 16
-        c32[(32, False)] += (R - L) // 32
-        c32[(16, False)] += (R - L) % 32 // 16
+        P, Q = end - b0, 0
+        if uni:
+            L = _round16(lo)
+            R = max(L, hi & ~15)
+            u = (R - L) >> 4
+            P, Q = L - b0, end - R
+            if u & 1:
+                if P:
+                    P += 16
+                elif Q:
+                    Q += 16
+            elif P and Q:
+                P, Q = (P + 16, Q + 16) if u else (32, 0)
+        mid = end - Q - b0 - P
+        c32[(32, True)] += (P >> 5) + (Q == 32)
+        c32[(16, True)] += ((P >> 4) & 1) + (Q == 16)
+        c32[(32, False)] += mid // 32
+        c32[(16, False)] += mid % 32 // 16
     warps = [max(scan[w:w + 32]) for w in range(0, nvalid, 32)]
     # the legacy kernels run segment_ids on one window at a time: warps of 32 tokens of a window
     wwarps = [max(scan[i + w:i + min(w + 32, N)]) for i in range(0, nvalid, N) for w in range(0, N, 32)]
