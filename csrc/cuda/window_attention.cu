@@ -47,20 +47,11 @@ __device__ __forceinline__ float bias_scaled(const RowInfo& r, int2 k, int2 kc, 
   return b;
 }
 
-// Online-softmax state of a thread's two rows. m: the reference of the row's exponents (l and O
-// share it, so any reference is exact), nb = -m * scale * log2(e) (0 while m = -inf), mt: the score
-// past which m moves, m + kRescaleLog2 in exp2 units: probabilities stay below 2^kRescaleLog2.
-constexpr float kRescaleLog2 = 8.f;
-struct Softmax {
-  float m[2] = {-INFINITY, -INFINITY}, nb[2] = {0.f, 0.f}, mt[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-};
-
-// One block of 8 * NT keys of a tile. MASKED: compare each pair's segment ids (blocks that reach
-// past the tile's segment range or tiles whose rows span two segments).
-template <typename T, int D, int BIAS, bool ABIAS, int NT, bool MASKED>
+// FIRST: the tile's first block (m = -inf, l = 0, O = 0: nothing to rescale).
+template <typename T, int D, int BIAS, bool ABIAS, int NT, bool MASKED, bool FIRST>
 __device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFrag<T, D>& qa, const RowInfo (&ri)[2],
                                           const T* sk, const T* sv, int kb, const unsigned char* smem, int zero_byte,
-                                          float inv, Softmax& sm, float (&o)[D / 8][4], int lane) {
+                                          float inv, float (&m)[2], float (&l)[2], float (&o)[D / 8][4], int lane) {
   constexpr int LD = Tile<T, D>::kLD;
   const int t = lane & 3, rh2 = 2 * G.rh - 1, rw2 = 2 * G.rw - 1;
   const float c = G.scale * kLog2e;  // logits are s * scale; exp2 units
@@ -99,43 +90,41 @@ __device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFr
         s[j][2 * rr + e] = x;
         mx[rr] = fmaxf(mx[rr], x);  // scale > 0 (launcher): the same order as the logits
       }
-  float qm[2];
+  float nb[2], mn[2];
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) qm[rr] = quad_max(mx[rr]);
-  // A row's reference moves to its max only when some row of the warp passes its threshold (first
-  // block: m = -inf; later rarely). Then O and l rescale; the first block's alpha = exp2(-inf) = 0
-  // times l = 0, O = 0. Otherwise the probabilities keep the old reference (< 2^kRescaleLog2).
-  if (__any_sync(kFull, qm[0] > sm.mt[0] || qm[1] > sm.mt[1])) {
+  for (int rr = 0; rr < 2; ++rr) {
+    mn[rr] = fmaxf(m[rr], quad_max(mx[rr]));
+    // A row with nothing allowed so far keeps base 0 so that exp(-inf - base) = 0, not NaN.
+    nb[rr] = -(mn[rr] == -INFINITY ? 0.f : mn[rr]) * c;
+  }
+  // Rescale O and l only when some row's max moved (after the first blocks it rarely does).
+  if (!FIRST && __any_sync(kFull, mn[0] != m[0] || mn[1] != m[1])) {
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      const float mn = fmaxf(sm.m[rr], qm[rr]);
-      // A row with nothing allowed so far keeps base 0 so that exp(-inf - base) = 0, not NaN.
-      const float nb = -(mn == -INFINITY ? 0.f : mn) * c;
-      const float alpha = prim::ex2(fmaf(sm.m[rr], c, nb));
-      sm.l[rr] *= alpha;
+      const float alpha = prim::ex2(fmaf(m[rr], c, nb[rr]));
+      l[rr] *= alpha;
 #pragma unroll
       for (int dj = 0; dj < D / 8; ++dj) {
         o[dj][2 * rr] *= alpha;
         o[dj][2 * rr + 1] *= alpha;
       }
-      sm.m[rr] = mn;
-      sm.nb[rr] = nb;
-      sm.mt[rr] = mn + kRescaleLog2 / c;  // -inf stays -inf, +inf stays +inf (never passed)
     }
   }
+  m[0] = mn[0];
+  m[1] = mn[1];
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float p = prim::ex2(fmaf(s[j][e], c, sm.nb[e >> 1]));
-      sm.l[e >> 1] += p;
+      const float p = prim::ex2(fmaf(s[j][e], c, nb[e >> 1]));
+      l[e >> 1] += p;
       s[j][e] = p;
     }
   accum<T, D, NT>(o, s, sv + kb * LD, lane);
 }
 
-// One 16-row query tile of head h: O rows and lse.
-template <typename T, int D, int BIAS, bool ABIAS>
+// One 16-row query tile of head h: O rows and lse. ONE: one-window packs (align_segments' layout).
+template <typename T, int D, int BIAS, bool ABIAS, bool ONE>
 __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int tile, int h, T* sq,
                                          const T* sk, const T* sv, int tab_byte, const unsigned char* smem,
                                          int lane) {
@@ -151,54 +140,81 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
   // Bounds broadcast from lane 0: warp-uniform for the compiler too (no divergence-safe shuffles).
   const int lo = __shfl_sync(kFull, S.lo[tile], 0), hi = __shfl_sync(kFull, S.hi[tile], 0), end = round16(hi);
   const bool uni = __shfl_sync(kFull, S.uni[tile], 0) != 0;
-  Softmax sm;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   float o[D / 8][4];
 #pragma unroll
   for (int dj = 0; dj < D / 8; ++dj) o[dj][0] = o[dj][1] = o[dj][2] = o[dj][3] = 0.f;
-  // The walk [b0, end) = [lo & ~15, round16(hi)) as a masked prefix [b0, b0 + P), an unmasked middle
-  // and a masked suffix [end - Q, end), each block kind in its own loop (block order is free in online
-  // softmax). Tiles whose rows span segments: all masked. One-segment tiles: only the 16 keys at an end
-  // that is not 16-aligned need the mask; an end grows to 32 when that leaves the middle an even number
-  // of 16-key blocks (few 16-key blocks: their fixed cost is that of 32).
-  const int b0 = lo & ~15;
-  int P = end - b0, Q = 0;
-  if (uni) {
-    const int L = round16(lo), R = imax(L, hi & ~15), u = (R - L) >> 4;
-    P = L - b0;
-    Q = end - R;
-    if (u & 1) {
-      if (P) P += 16; else if (Q) Q += 16;
-    } else if (P && Q) {
-      if (u) P += 16, Q += 16; else P = 32, Q = 0;  // u = 0: head and tail are one 32-key block
-    }
-  }
-  auto block = [&](auto nt, auto masked, int kb) {
-    fwd_block<T, D, BIAS, ABIAS, decltype(nt)::value, decltype(masked)::value>(G, S, qa, ri, sk, sv, kb, smem, zero_byte,
-                                                                                A.inv_scale, sm, o, lane);
-  };
   using Four = std::integral_constant<int, 4>;
   using Two = std::integral_constant<int, 2>;
-  // Masked 32-key blocks: the prefix's, then a 32-key suffix.
-  const int pm = P >> 5, nm32 = pm + (Q == 32);
+  if constexpr (ONE) {
+    // The walk [b0, end) = [lo & ~15, round16(hi)) as a masked prefix [b0, b0 + P), an unmasked middle
+    // and a masked suffix [end - Q, end), each block kind in its own loop (block order is free in online
+    // softmax). Tiles whose rows span segments: all masked. One-segment tiles: only the 16 keys at an end
+    // that is not 16-aligned need the mask; an end grows to 32 when that leaves the middle an even number
+    // of 16-key blocks (few 16-key blocks: their fixed cost is that of 32).
+    const int b0 = lo & ~15;
+    int P = end - b0, Q = 0;
+    if (uni) {
+      const int L = round16(lo), R = imax(L, hi & ~15), u = (R - L) >> 4;
+      P = L - b0;
+      Q = end - R;
+      if (u & 1) {
+        if (P) P += 16; else if (Q) Q += 16;
+      } else if (P && Q) {
+        if (u) P += 16, Q += 16; else P = 32, Q = 0;  // u = 0: head and tail are one 32-key block
+      }
+    }
+    auto block = [&](auto nt, auto masked, int kb) {
+      fwd_block<T, D, BIAS, ABIAS, decltype(nt)::value, decltype(masked)::value, false>(G, S, qa, ri, sk, sv, kb, smem,
+                                                                                         zero_byte, A.inv_scale, m, l, o,
+                                                                                         lane);
+    };
+    // Masked 32-key blocks: the prefix's, then a 32-key suffix.
+    const int pm = P >> 5, nm32 = pm + (Q == 32);
 #pragma unroll 1
-  for (int i = 0; i < nm32; ++i) block(Four{}, std::true_type{}, i < pm ? b0 + 32 * i : end - 32);
-  // Masked 16-key blocks: what is left of the prefix, then a 16-key suffix.
-  const int nm16 = ((P >> 4) & 1) + (Q == 16);
+    for (int i = 0; i < nm32; ++i) block(Four{}, std::true_type{}, i < pm ? b0 + 32 * i : end - 32);
+    // Masked 16-key blocks: what is left of the prefix, then a 16-key suffix.
+    const int nm16 = ((P >> 4) & 1) + (Q == 16);
 #pragma unroll 1
-  for (int i = 0; i < nm16; ++i) block(Two{}, std::true_type{}, i == 0 && (P & 16) ? b0 + P - 16 : end - 16);
-  const int m1 = end - Q;
-  int kb = b0 + P;
+    for (int i = 0; i < nm16; ++i) block(Two{}, std::true_type{}, i == 0 && (P & 16) ? b0 + P - 16 : end - 16);
+    const int m1 = end - Q;
+    int kb = b0 + P;
 #pragma unroll 1
-  for (; kb + 32 <= m1; kb += 32) block(Four{}, std::false_type{}, kb);
+    for (; kb + 32 <= m1; kb += 32) block(Four{}, std::false_type{}, kb);
 #pragma unroll 1
-  for (; kb < m1; kb += 16) block(Two{}, std::false_type{}, kb);  // 0 or 1 time
+    for (; kb < m1; kb += 16) block(Two{}, std::false_type{}, kb);  // 0 or 1 time
+  } else {
+    // Several windows per pack (tiles span windows: mostly masked blocks): one walk, the block kind
+    // chosen per block.
+    // Blocks of 32 keys, then one of 16 at the end; a block inside one segment needs no mask.
+    auto step = [&](auto nt, auto first, int kb) {
+      constexpr int NT = decltype(nt)::value;
+      constexpr bool F = decltype(first)::value;
+      if (uni && kb >= lo && kb + 8 * NT <= hi)
+        fwd_block<T, D, BIAS, ABIAS, NT, false, F>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, A.inv_scale, m, l, o, lane);
+      else
+        fwd_block<T, D, BIAS, ABIAS, NT, true, F>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, A.inv_scale, m, l, o, lane);
+    };
+    // The first block is peeled (no rescale); a 16-key block can only be the last.
+    int kb = lo & ~15;  // < end: every tile has a key
+    if (kb + 32 <= end)
+      step(Four{}, std::true_type{}, kb);
+    else
+      step(Two{}, std::true_type{}, kb);
+    for (kb += 32; kb < end; kb += 32) {
+      if (kb + 32 <= end)
+        step(Four{}, std::false_type{}, kb);
+      else
+        step(Two{}, std::false_type{}, kb);
+    }
+  }
   float lse[2], inv[2];
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    const float l = quad_sum(sm.l[rr]);
+    l[rr] = quad_sum(l[rr]);
     // l = 0 only when every allowed key is -inf: 0 * rcp(0) = NaN, lse = -inf (the reference's).
-    inv[rr] = prim::rcp(l);
-    lse[rr] = (sm.m[rr] == -INFINITY ? 0.f : sm.m[rr]) * G.scale + prim::lg2(l) * kLn2;
+    inv[rr] = prim::rcp(l[rr]);
+    lse[rr] = (m[rr] == -INFINITY ? 0.f : m[rr]) * G.scale + prim::lg2(l[rr]) * kLn2;
   }
   if ((lane & 3) == 0) {
 #pragma unroll
@@ -278,13 +294,14 @@ __device__ __forceinline__ void load_qkv_async(T* dst, size_t tile_stride, const
   }
 }
 
-// Zero the padding rows (tok < 0) of ntiles tiles tile_bytes apart (all operand tiles: their rows
-// must be finite, probability 0 times them).
+// Zero the padding rows (tok < 0) in [first, cap) of ntiles tiles tile_bytes apart (all operand
+// tiles: their rows must be finite, probability 0 times them).
 template <typename T, int D>
-__device__ __forceinline__ void zero_padding(T* tile0, int ntiles, size_t tile_bytes, const int* tok, int cap) {
+__device__ __forceinline__ void zero_padding(T* tile0, int ntiles, size_t tile_bytes, const int* tok, int first,
+                                             int cap) {
   using TL = Tile<T, D>;
   const int part = threadIdx.x % TL::kCPR;
-  for (int r = threadIdx.x / TL::kCPR; r < cap; r += kThreads / TL::kCPR) {
+  for (int r = first + threadIdx.x / TL::kCPR; r < cap; r += kThreads / TL::kCPR) {
     if (tok[r] >= 0) continue;
     unsigned char* row = reinterpret_cast<unsigned char*>(tile0 + r * TL::kLD + part * TL::kE);
 #pragma unroll 1
@@ -423,7 +440,8 @@ __device__ __forceinline__ void align_segments(const Geo& G, const Pack& S, int 
   }
 }
 
-template <typename T, int D, int BIAS, bool ABIAS>
+// ONE: the launch's packs hold one window each (G.P == 1): segments aligned to tiles when they fit.
+template <typename T, int D, int BIAS, bool ABIAS, bool ONE>
 __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 : 1) wattn_fwd_kernel(const FwdArgs A) {
   using TL = Tile<T, D>;
   const Geo& G = A.g;
@@ -444,8 +462,10 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 :
   const int ntok = imin(G.P, G.nwin - pack * G.P) * G.N;
   if constexpr (BIAS == 2) coord_box(S, ntok, S.items);
   __syncthreads();  // slots and tiles ready; the prologue's scratch is dead
-  align_segments(G, S, ntok, reinterpret_cast<int*>(smem + L.ops));
-  __syncthreads();
+  if constexpr (ONE) {
+    align_segments(G, S, ntok, reinterpret_cast<int*>(smem + L.ops));
+    __syncthreads();
+  }
   // Pack-wide values read right after the barrier (warps converged) and broadcast from lane 0: the
   // compiler then sees warp-uniform loops and emits plain shuffles inside them.
   const int nvalid = __shfl_sync(kFull, S.info[0], 0), ntiles = __shfl_sync(kFull, S.info[1], 0);
@@ -453,7 +473,7 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 :
     ey = imin(ey, __shfl_sync(kFull, S.items[1] - S.items[0], 0));
     ex = imin(ex, __shfl_sync(kFull, S.items[3] - S.items[2], 0));
   }
-  zero_padding<T, D>(buf(0, 0), 3 * A.nbuf, L.tile_bytes, S.tok, G.cap);
+  zero_padding<T, D>(buf(0, 0), 3 * A.nbuf, L.tile_bytes, S.tok, ONE ? 0 : nvalid, G.cap);  // aligned: gaps too
   if (threadIdx.x < A.nbuf) tab(threadIdx.x)[G.T] = 0.f;  // read by out-of-range coordinate pairs
   const T* qkv = static_cast<const T*>(G.qkv);
   auto issue = [&](int h, int b) {
@@ -482,7 +502,7 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 :
     }
     if (!__syncthreads_or(v_nonfinite<T, D>(buf(b, 2), nvalid))) {
       for (int t = warp; t < ntiles; t += kWarps)
-        fwd_tile<T, D, BIAS, ABIAS>(A, S, t, h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem, lane);
+        fwd_tile<T, D, BIAS, ABIAS, ONE>(A, S, t, h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem, lane);
     } else {
       fwd_exact<T, D, BIAS, ABIAS>(A, S, h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem);
     }
@@ -556,7 +576,8 @@ cudaError_t window_attention_forward(const WindowAttentionParams& p, void* out, 
     return dispatch_b16(p.dtype, [&](auto tc) -> cudaError_t {
       using T = typename decltype(tc)::type;
       return dispatch_bias(p, [&](auto bias, auto ab) -> cudaError_t {
-        auto kernel = wattn_fwd_kernel<T, D, decltype(bias)::value, decltype(ab)::value>;
+        auto kernel = f.g.P == 1 ? wattn_fwd_kernel<T, D, decltype(bias)::value, decltype(ab)::value, true>
+                                 : wattn_fwd_kernel<T, D, decltype(bias)::value, decltype(ab)::value, false>;
         cudaError_t err = prepare_smem(kernel, f.L.total);
         if (err != cudaSuccess) return err;
         return MK_LAUNCH(kernel, grid, dim3(kThreads), f.L.total, stream, a);

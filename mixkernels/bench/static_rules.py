@@ -135,6 +135,11 @@ def _fused(c: Ctx) -> Dict[str, Any]:
                 / wl["packs"])
 
 
+def _one(c: Ctx) -> bool:
+    """wattn_fwd_kernel's ONE (one-window packs) template argument."""
+    return len(c.tparams) > 4 and c.tparams[4] == "true"
+
+
 def _fz(f: Callable[[Dict[str, Any], Ctx], float]) -> Callable[[Ctx], float]:
     return lambda c: f(_fused(c), c)
 
@@ -209,7 +214,11 @@ CUDA_RULES: List[Rule] = [
     Rule(r"for \(int i = threadIdx\.x; i < T; i \+= kThreads\)", lambda c: lane_strided(c.p["T"], THREADS_FUSED),
          "the head's table slice: T entries over 256 threads", kernel=_FUSED),
     # forward (window_attention.cu)
-    # fwd_tile's walk: one loop per block kind, iterations per tile = the emulated totals / tiles
+    # fwd_tile's walk, one-window packs (ONE): one loop per block kind, iterations per tile = the
+    # emulated totals / tiles; packs of several windows: one loop, the first block peeled
+    Rule(r"for \(kb \+= 32; kb < end; kb \+= 32\)", _fz(lambda w, c: sum(w["c32"].values()) / w["ftiles"] - 1),
+         "key blocks (32, or a last 16) per query tile after the peeled first one (segment ranges, emulated)",
+         kernel=_FUSED),
     Rule(r"for \(int i = 0; i < nm32; \+\+i\)", _fz(lambda w, c: w["c32"][(32, True)] / w["ftiles"]),
          "masked 32-key blocks per query tile (segment ranges, emulated)", kernel=_FUSED),
     Rule(r"for \(int i = 0; i < nm16; \+\+i\)", _fz(lambda w, c: w["c32"][(16, True)] / w["ftiles"]),
@@ -227,12 +236,14 @@ CUDA_RULES: List[Rule] = [
     Rule(r"for \(int e = 0; e < 8; \+\+e\)", lambda c: 8.0, "fwd_exact: 8 columns", kernel=_FUSED),
     Rule(r"for \(int b = 0; b < A\.nbuf; \+\+b\)", _fz(lambda w, c: w["nbuf"]), "operand buffers: nbuf (plan)",
          kernel=_FUSED),
-    Rule(r"for \(int r = threadIdx\.x / TL::kCPR; r < cap; r \+= kThreads / TL::kCPR\)",
-         _fz(lambda w, c: lane_strided(w["cap"] * _chunks(c), THREADS_FUSED)),
-         "forward zero_padding: the cap slots x chunks over 256 threads", kernel=_FUSED),
+    Rule(r"for \(int r = first \+ threadIdx\.x / TL::kCPR; r < cap; r \+= kThreads / TL::kCPR\)",
+         _fz(lambda w, c: w["per_pack"](lambda n: lane_strided((w["cap"] - (0 if _one(c) else n)) * _chunks(c),
+                                                                THREADS_FUSED))),
+         "forward zero_padding: slots [first, cap) x chunks over 256 threads (ONE: all cap, else the padding)",
+         kernel=_FUSED),
     Rule(r"for \(int k = 0; k < ntiles; \+\+k\)",
-         _fz(lambda w, c: 3 * w["nbuf"] * w["per_pack"](lambda n: (w["cap"] - n) / w["cap"])),
-         "forward zero_padding: the 3 x nbuf operand tiles of padding slots (cap - valid of cap)", kernel=_FUSED),
+         _fz(lambda w, c: 3 * w["nbuf"] * w["per_pack"](lambda n: (w["cap"] - n) / w["cap"] if _one(c) else 1.0)),
+         "forward zero_padding: the 3 x nbuf operand tiles of padding slots (ONE: cap - valid of cap)", kernel=_FUSED),
     Rule(r"for \(int i = threadIdx\.x; i < G\.T; i \+= kThreads\) f\(i\)", lambda c: lane_strided(c.p["T"], THREADS_FUSED),
          "forward table entries (load, then scale by 1/scale): T over 256 threads", kernel=_FUSED),
     Rule(r"for \(int t = warp; t < ntiles; t \+= kWarps\)", _fz(lambda w, c: w["ftiles"] / w["packs"] / 8),

@@ -178,7 +178,14 @@ def _pack_stats(kp: Tuple[Tuple[int, ...], ...], N: int) -> Dict[str, Any]:
             ftiles.append((segs[16 * t][0], segs[last][1],
                            last == 16 * t + 15 and segs[16 * t][0] == segs[last][0]))
     for lo, hi, uni in ftiles:
-        # fwd_tile: masked prefix [b0, b0 + P) and suffix [end - Q, end), unmasked middle; 32-key blocks,
+        if len(kp) > 1:  # fwd_tile<ONE = false>: 32-key blocks from lo & ~15, a last one of 16
+            b, end = lo & ~15, _round16(hi)
+            while b < end:
+                wd = 32 if b + 32 <= end else 16
+                c32[(wd, not (uni and b >= lo and b + wd <= hi))] += 1
+                b += wd
+            continue
+        # fwd_tile<ONE = true>: masked prefix [b0, b0 + P) and suffix [end - Q, end), unmasked middle; 32-key blocks,
         # 16 where 32 do not fit
         b0, end = lo & ~15, _round16(hi)
         P, Q = end - b0, 0
