@@ -262,7 +262,8 @@ def test_wattn_workload_plan_and_segments():
     # the forward's aligned packs (every segment at a 16-slot start; they all fit at this shape): each
     # tile walks only its segment's keys, fewer than the backward's tiles that span two segments
     assert wl["ftiles"] == wl["tiles"] and pairs(wl["c32"]) / pairs(wl["c16"]) == pytest.approx(0.92, abs=0.01)
-    assert wl["c32"][(32, True)] == 0  # masked blocks: only a segment's last 16 keys (its padding)
+    # masked blocks: only at a segment's padded end (16 keys, or 32 to leave an even unmasked middle)
+    assert wl["c32"][(32, True)] + wl["c32"][(16, True)] <= wl["ftiles"]
     live = sum(int(n) ** 2 for k in ww._keys(128, 56, 56, 14, 0, ww.mixmim_mask(56, 56))
                for n in np.unique(k, return_counts=True)[1])
     assert live < pairs(wl["c32"]) < 1.15 * live
