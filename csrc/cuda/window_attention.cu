@@ -220,10 +220,10 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int q = r0 + g + 8 * rr;
-      if (q < rows && S.tok[q] >= 0) A.lse[S.lrow[q] + h * G.N] = lse[rr];
+      if (q < rows && (!ONE || S.tok[q] >= 0)) A.lse[S.lrow[q] + h * G.N] = lse[rr];
     }
   }
-  store_rows_warp<T, D>(o, inv[0], inv[1], sq + r0 * TL::kLD, static_cast<T*>(A.out) + h * D, G.C, S.tok, r0, rows,
+  store_rows_warp<T, D, ONE>(o, inv[0], inv[1], sq + r0 * TL::kLD, static_cast<T*>(A.out) + h * D, G.C, S.tok, r0, rows,
                         lane);
 }
 
@@ -271,7 +271,8 @@ __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, c
 // Q, K, V rows of one head (the forward's per-head load): slot r <- token tok[r], 16-byte cp.async.
 // Thread t moves chunk t % CPR of rows t / CPR + k * (kThreads / CPR), k < CPR: unrolled, since CPR
 // steps cover the 256 slots a pack can hold (no loop, one token lookup per row for the three).
-template <typename T, int D>
+// PAD: slots with tok < 0 inside [0, nrows) (aligned one-window packs) are skipped.
+template <typename T, int D, bool PAD>
 __device__ __forceinline__ void load_qkv_async(T* dst, size_t tile_stride, const T* base, int C, const int* tok,
                                                int nrows) {
   using TL = Tile<T, D>;
@@ -284,7 +285,7 @@ __device__ __forceinline__ void load_qkv_async(T* dst, size_t tile_stride, const
   for (int k = 0; k < TL::kCPR; ++k) {
     const int r = r0 + k * kStep;
     const int t = r < nrows ? tok[r] : -1;
-    if (t >= 0) {  // padding slots stay zero
+    if (PAD ? t >= 0 : r < nrows) {  // padding slots stay zero
       const uint4* row = src + unsigned(t) * rs;
       T* d = dst + r * TL::kLD + part * TL::kE;
       prim::cp_async<16>(d, row);
@@ -477,7 +478,7 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 :
   if (threadIdx.x < A.nbuf) tab(threadIdx.x)[G.T] = 0.f;  // read by out-of-range coordinate pairs
   const T* qkv = static_cast<const T*>(G.qkv);
   auto issue = [&](int h, int b) {
-    load_qkv_async<T, D>(buf(b, 0), L.tile_bytes, qkv + h * D, G.C, S.tok, nvalid);
+    load_qkv_async<T, D, ONE>(buf(b, 0), L.tile_bytes, qkv + h * D, G.C, S.tok, nvalid);
     float* tb = tab(b);
     table_entries<BIAS>(G, ey, ex, [&](int e) { prim::cp_async<4>(tb + e, G.rpb + unsigned(e * G.nH + h)); });
     prim::cp_async_commit();
