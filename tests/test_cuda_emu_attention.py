@@ -225,6 +225,57 @@ def test_nan_inputs_propagate_like_the_reference(where):
     assert_close_2x(out[ok], want[ok], same[ok])
 
 
+def _aligned_group():
+    """(2, 28, 28) labels for windows 14: image 0's windows split 70 / 126 (segments padded to 16-slot
+    starts fit the 208 slots: the forward's aligned layout), image 1's window 0 splits 2 / 194 (16 + 208
+    slots do not fit: the prologue's layout) and its window 1 is one segment."""
+    g = torch.zeros(2, 28, 28, dtype=torch.int64)
+    g[0] = (torch.arange(28) % 14 >= 5).long()[None, :]
+    g[1, 0, 0:2] = 1
+    fits = []
+    for b in range(2):
+        for wy in range(2):
+            for wx in range(2):
+                _, n = g[b, 14 * wy:14 * wy + 14, 14 * wx:14 * wx + 14].unique(return_counts=True)
+                fits.append(int(((n + 15) // 16 * 16).sum()) <= 208)
+    assert any(fits) and not all(fits)  # both layouts run
+    return g
+
+
+@pytest.mark.parametrize("variant", ["rpb", "attn_bias", "shift"])
+def test_aligned_segment_packs(variant):
+    # One-window packs whose segments start at multiples of 16 slots (align_segments), next to packs
+    # that keep the prologue's layout; padding slots inside the pack are never stored.
+    qkv, kw = _inputs(2, 28, 28, 2, 32, (14, 14), (0, 0), True, variant == "attn_bias", "none", torch.bfloat16)
+    kw["group"] = _aligned_group()
+    if variant == "shift":
+        kw["shift_size"] = (0, 7)
+    _check(qkv, 2, (14, 14), kw)
+
+
+def test_aligned_segment_packs_nan_and_masked_rows():
+    # NaN in V (the exact path over an aligned pack's slots) and all -inf rows (NaN, lse -inf).
+    qkv, kw = _inputs(2, 28, 28, 2, 32, (14, 14), (0, 0), True, False, "none", torch.bfloat16)
+    kw["group"] = _aligned_group()
+    qkv[0, 3, 4, 2 * 64 + 5] = float("nan")  # head 0 of V, image 0 window 0
+    kw["rel_pos_bias"][:, 1] = float("-inf")  # head 1: every row fully masked
+    out, lse = _call(qkv, 2, (14, 14), kw).forward()
+    want = ref.window_attention(qkv.double(), 2, (14, 14), **kw)
+    assert torch.equal(torch.isnan(out), torch.isnan(want))
+    assert torch.isnan(out[..., 32:]).all() and torch.isneginf(lse[:, 1]).all()
+    ok = ~torch.isnan(want)
+    same = ref.window_attention(qkv, 2, (14, 14), **kw)
+    assert_close_2x(out[ok], want[ok], same[ok])
+
+
+@pytest.mark.parametrize("gain", [4.0, 12.0], ids=["x4", "x12"])
+def test_large_scores_move_the_softmax_reference(gain):
+    # Scores spread over tens to hundreds of units: row maxima pass the forward's rescale threshold
+    # (2^8) in later key blocks, so O and l rescale mid-row; small gains keep the first reference.
+    qkv, kw = _inputs(1, 28, 28, 2, 32, (14, 14), (7, 7), True, False, "shared", torch.bfloat16)
+    _check((qkv.float() * gain).to(torch.bfloat16), 2, (14, 14), kw)
+
+
 def test_deterministic_bias_gradient_is_bit_identical():
     qkv, kw = _inputs(3, 14, 14, 2, 32, (7, 7), (3, 3), True, False, "per_image", torch.bfloat16)
     c = _call(qkv, 2, (7, 7), kw)

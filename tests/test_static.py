@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from mixkernels.bench import static_cases, static_model, static_rules, static_sass
@@ -260,8 +261,17 @@ def test_wattn_workload_plan_and_segments():
     wl = ww.attention_workload(128, 56, 56, 14, 0, True)
     assert wl["tiles"] == 13 * 2048 and wl["nvalid"] == {196: 2048}
     pairs = lambda cnt: sum(16 * wd * n for (wd, _), n in cnt.items())  # noqa: E731
-    assert pairs(wl["c32"]) == pairs(wl["c16"])  # both walks cover the same key ranges
-    assert pairs(wl["c32"]) / (2048 * 208 * 208) == pytest.approx(0.66, abs=0.01)  # two groups: ~2/3 of dense
+    assert pairs(wl["c16"]) / (2048 * 208 * 208) == pytest.approx(0.66, abs=0.01)  # two groups: ~2/3 of dense
+    # the forward's aligned packs (every segment at a 16-slot start; they all fit at this shape): each
+    # tile walks only its segment's keys, fewer than the backward's tiles that span two segments
+    assert wl["ftiles"] == wl["tiles"] and pairs(wl["c32"]) / pairs(wl["c16"]) == pytest.approx(0.92, abs=0.01)
+    # masked blocks: only at a segment's padded end (16 keys, or 32 to leave an even unmasked middle)
+    assert wl["c32"][(32, True)] + wl["c32"][(16, True)] <= wl["ftiles"]
+    live = sum(int(n) ** 2 for k in ww._keys(128, 56, 56, 14, 0, ww.mixmim_mask(56, 56))
+               for n in np.unique(k, return_counts=True)[1])
+    assert live < pairs(wl["c32"]) < 1.15 * live
+    plain7 = ww.attention_workload(128, 7, 7, 7, 0, False)
+    assert pairs(plain7["c32"]) == pairs(plain7["c16"])  # several windows per pack: the same layout
     plain = ww.attention_workload(128, 7, 7, 7, 0, False)  # Swin stage 4: no mask, windows never meet
     # tile t (rows 16t..16t+15 of 196) walks the 16-key blocks from its first row's window start to its
     # last row's window end

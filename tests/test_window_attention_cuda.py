@@ -24,6 +24,8 @@ CASES = [
     ("everything", 2, 12, 12, 2, 32, (6, 6), (2, 3), True, True, "per_image", False),
     ("ummae_coords", 2, 8, 8, 2, 32, (4, 4), (2, 2), True, False, "shared", True),
     ("n196_d32", 1, 28, 28, 2, 32, (14, 14), (7, 7), True, False, "shared", False),
+    # one-window packs without shift: the forward's aligned segment layout wherever the rounded segments fit
+    ("n196_group", 2, 28, 28, 2, 32, (14, 14), (0, 0), True, True, "shared", False),
     ("n256_d64", 1, 16, 32, 2, 64, (16, 16), (8, 0), True, True, "none", False),
     ("n144_d128", 1, 12, 24, 1, 128, (12, 12), (0, 6), True, True, "per_image", False),
     ("row_window", 2, 4, 16, 2, 16, (1, 8), (0, 3), True, False, "per_image", False),

@@ -123,14 +123,14 @@ __device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFr
   accum<T, D, NT>(o, s, sv + kb * LD, lane);
 }
 
-// One 16-row query tile of head h: O rows and lse.
-template <typename T, int D, int BIAS, bool ABIAS>
+// One 16-row query tile of head h: O rows and lse. ONE: one-window packs (align_segments' layout).
+template <typename T, int D, int BIAS, bool ABIAS, bool ONE>
 __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int tile, int h, T* sq,
                                          const T* sk, const T* sv, int tab_byte, const unsigned char* smem,
                                          int lane) {
   using TL = Tile<T, D>;
   const Geo& G = A.g;
-  const int g = lane >> 2, r0 = 16 * tile, nvalid = S.info[0];
+  const int g = lane >> 2, r0 = 16 * tile, rows = S.info[0];  // slots in use (padding: tok < 0)
   const int zero_byte = tab_byte + 4 * G.T;
   __syncwarp();  // converged after the previous tile's per-lane stores
   AFrag<T, D> qa;
@@ -144,28 +144,69 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
   float o[D / 8][4];
 #pragma unroll
   for (int dj = 0; dj < D / 8; ++dj) o[dj][0] = o[dj][1] = o[dj][2] = o[dj][3] = 0.f;
-  // Blocks of 32 keys, then one of 16 at the end; a block inside one segment needs no mask.
-  auto step = [&](auto nt, auto first, int kb) {
-    constexpr int NT = decltype(nt)::value;
-    constexpr bool F = decltype(first)::value;
-    if (uni && kb >= lo && kb + 8 * NT <= hi)
-      fwd_block<T, D, BIAS, ABIAS, NT, false, F>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, A.inv_scale, m, l, o, lane);
-    else
-      fwd_block<T, D, BIAS, ABIAS, NT, true, F>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, A.inv_scale, m, l, o, lane);
-  };
   using Four = std::integral_constant<int, 4>;
   using Two = std::integral_constant<int, 2>;
-  // The first block is peeled (no rescale); a 16-key block can only be the last.
-  int kb = lo & ~15;  // < end: every tile has a key
-  if (kb + 32 <= end)
-    step(Four{}, std::true_type{}, kb);
-  else
-    step(Two{}, std::true_type{}, kb);
-  for (kb += 32; kb < end; kb += 32) {
+  if constexpr (ONE) {
+    // The walk [b0, end) = [lo & ~15, round16(hi)) as a masked prefix [b0, b0 + P), an unmasked middle
+    // and a masked suffix [end - Q, end), each block kind in its own loop (block order is free in online
+    // softmax). Tiles whose rows span segments: all masked. One-segment tiles: only the 16 keys at an end
+    // that is not 16-aligned need the mask; an end grows to 32 when that leaves the middle an even number
+    // of 16-key blocks (few 16-key blocks: their fixed cost is that of 32).
+    const int b0 = lo & ~15;
+    int P = end - b0, Q = 0;
+    if (uni) {
+      const int L = round16(lo), R = imax(L, hi & ~15), u = (R - L) >> 4;
+      P = L - b0;
+      Q = end - R;
+      if (u & 1) {
+        if (P) P += 16; else if (Q) Q += 16;
+      } else if (P && Q) {
+        if (u) P += 16, Q += 16; else P = 32, Q = 0;  // u = 0: head and tail are one 32-key block
+      }
+    }
+    auto block = [&](auto nt, auto masked, int kb) {
+      fwd_block<T, D, BIAS, ABIAS, decltype(nt)::value, decltype(masked)::value, false>(G, S, qa, ri, sk, sv, kb, smem,
+                                                                                         zero_byte, A.inv_scale, m, l, o,
+                                                                                         lane);
+    };
+    // Masked 32-key blocks: the prefix's, then a 32-key suffix.
+    const int pm = P >> 5, nm32 = pm + (Q == 32);
+#pragma unroll 1
+    for (int i = 0; i < nm32; ++i) block(Four{}, std::true_type{}, i < pm ? b0 + 32 * i : end - 32);
+    // Masked 16-key blocks: what is left of the prefix, then a 16-key suffix.
+    const int nm16 = ((P >> 4) & 1) + (Q == 16);
+#pragma unroll 1
+    for (int i = 0; i < nm16; ++i) block(Two{}, std::true_type{}, i == 0 && (P & 16) ? b0 + P - 16 : end - 16);
+    const int m1 = end - Q;
+    int kb = b0 + P;
+#pragma unroll 1
+    for (; kb + 32 <= m1; kb += 32) block(Four{}, std::false_type{}, kb);
+#pragma unroll 1
+    for (; kb < m1; kb += 16) block(Two{}, std::false_type{}, kb);  // 0 or 1 time
+  } else {
+    // Several windows per pack (tiles span windows: mostly masked blocks): one walk, the block kind
+    // chosen per block.
+    // Blocks of 32 keys, then one of 16 at the end; a block inside one segment needs no mask.
+    auto step = [&](auto nt, auto first, int kb) {
+      constexpr int NT = decltype(nt)::value;
+      constexpr bool F = decltype(first)::value;
+      if (uni && kb >= lo && kb + 8 * NT <= hi)
+        fwd_block<T, D, BIAS, ABIAS, NT, false, F>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, A.inv_scale, m, l, o, lane);
+      else
+        fwd_block<T, D, BIAS, ABIAS, NT, true, F>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, A.inv_scale, m, l, o, lane);
+    };
+    // The first block is peeled (no rescale); a 16-key block can only be the last.
+    int kb = lo & ~15;  // < end: every tile has a key
     if (kb + 32 <= end)
-      step(Four{}, std::false_type{}, kb);
+      step(Four{}, std::true_type{}, kb);
     else
-      step(Two{}, std::false_type{}, kb);
+      step(Two{}, std::true_type{}, kb);
+    for (kb += 32; kb < end; kb += 32) {
+      if (kb + 32 <= end)
+        step(Four{}, std::false_type{}, kb);
+      else
+        step(Two{}, std::false_type{}, kb);
+    }
   }
   float lse[2], inv[2];
 #pragma unroll
@@ -179,10 +220,10 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int q = r0 + g + 8 * rr;
-      if (q < nvalid) A.lse[S.lrow[q] + h * G.N] = lse[rr];
+      if (q < rows && (!ONE || S.tok[q] >= 0)) A.lse[S.lrow[q] + h * G.N] = lse[rr];
     }
   }
-  store_rows_warp<T, D>(o, inv[0], inv[1], sq + r0 * TL::kLD, static_cast<T*>(A.out) + h * D, G.C, S.tok, r0, nvalid,
+  store_rows_warp<T, D, ONE>(o, inv[0], inv[1], sq + r0 * TL::kLD, static_cast<T*>(A.out) + h * D, G.C, S.tok, r0, rows,
                         lane);
 }
 
@@ -193,10 +234,13 @@ __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, c
                                        const T* sv, int tab_byte, const unsigned char* smem) {
   constexpr int LD = Tile<T, D>::kLD;
   const Geo& G = A.g;
-  const int nvalid = S.info[0], zero_byte = tab_byte + 4 * G.T, rh2 = 2 * G.rh - 1, rw2 = 2 * G.rw - 1;
-  for (int q = threadIdx.x; q < nvalid; q += kThreads) {
+  const int rows = S.info[0], zero_byte = tab_byte + 4 * G.T, rh2 = 2 * G.rh - 1, rw2 = 2 * G.rw - 1;
+  for (int q = threadIdx.x; q < rows; q += kThreads) {
+    if (S.tok[q] < 0) continue;  // padding slot (aligned one-window packs)
     const RowInfo r = row_info<BIAS, ABIAS>(G, S, q, tab_byte, h);
-    const int wb = q / G.N * G.N, we = wb + G.N;
+    // The keys of the row's window: N slots, or all slots in use of a one-window pack (padding keys
+    // never match a segment: probability 0).
+    const int wb = G.P == 1 ? 0 : q / G.N * G.N, we = G.P == 1 ? rows : wb + G.N;
     auto logit = [&](int k) {
       float s = 0.f;
       for (int d = 0; d < D; ++d) s = fmaf(to_float(sq[q * LD + d]), to_float(sk[k * LD + d]), s);
@@ -227,7 +271,8 @@ __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, c
 // Q, K, V rows of one head (the forward's per-head load): slot r <- token tok[r], 16-byte cp.async.
 // Thread t moves chunk t % CPR of rows t / CPR + k * (kThreads / CPR), k < CPR: unrolled, since CPR
 // steps cover the 256 slots a pack can hold (no loop, one token lookup per row for the three).
-template <typename T, int D>
+// PAD: slots with tok < 0 inside [0, nrows) (aligned one-window packs) are skipped.
+template <typename T, int D, bool PAD>
 __device__ __forceinline__ void load_qkv_async(T* dst, size_t tile_stride, const T* base, int C, const int* tok,
                                                int nrows) {
   using TL = Tile<T, D>;
@@ -239,8 +284,9 @@ __device__ __forceinline__ void load_qkv_async(T* dst, size_t tile_stride, const
 #pragma unroll
   for (int k = 0; k < TL::kCPR; ++k) {
     const int r = r0 + k * kStep;
-    if (r < nrows) {
-      const uint4* row = src + unsigned(tok[r]) * rs;
+    const int t = r < nrows ? tok[r] : -1;
+    if (PAD ? t >= 0 : r < nrows) {  // padding slots stay zero
+      const uint4* row = src + unsigned(t) * rs;
       T* d = dst + r * TL::kLD + part * TL::kE;
       prim::cp_async<16>(d, row);
       prim::cp_async<16>(d + ts, row + oc);
@@ -249,13 +295,15 @@ __device__ __forceinline__ void load_qkv_async(T* dst, size_t tile_stride, const
   }
 }
 
-// Zero the padding rows [nvalid, cap) of ntiles tiles tile_bytes apart (all operand tiles: their
-// rows must be finite, probability 0 times them).
+// Zero the padding rows (tok < 0) in [first, cap) of ntiles tiles tile_bytes apart (all operand
+// tiles: their rows must be finite, probability 0 times them).
 template <typename T, int D>
-__device__ __forceinline__ void zero_padding(T* tile0, int ntiles, size_t tile_bytes, int nvalid, int cap) {
+__device__ __forceinline__ void zero_padding(T* tile0, int ntiles, size_t tile_bytes, const int* tok, int first,
+                                             int cap) {
   using TL = Tile<T, D>;
   const int part = threadIdx.x % TL::kCPR;
-  for (int r = nvalid + threadIdx.x / TL::kCPR; r < cap; r += kThreads / TL::kCPR) {
+  for (int r = first + threadIdx.x / TL::kCPR; r < cap; r += kThreads / TL::kCPR) {
+    if (tok[r] >= 0) continue;
     unsigned char* row = reinterpret_cast<unsigned char*>(tile0 + r * TL::kLD + part * TL::kE);
 #pragma unroll 1
     for (int k = 0; k < ntiles; ++k) *reinterpret_cast<uint4*>(row + k * tile_bytes) = make_uint4(0u, 0u, 0u, 0u);
@@ -318,7 +366,83 @@ __device__ __forceinline__ void table_entries(const Geo& G, int ey, int ex, F&& 
   }
 }
 
-template <typename T, int D, int BIAS, bool ABIAS>
+// One-window packs: move every segment to a slot that is a multiple of 16 (padding slots, tok = -1,
+// between segments) when the pack still fits in cap slots. No 16-row tile then spans two segments:
+// each tile walks only its own segment's keys, masked only in the last 16 (the padding). Packs of
+// several windows, or whose rounded segments do not fit, stay as the prologue sorted them.
+// All threads; after the prologue's tiles are published (a barrier), before the operand buffers are
+// used (`scratch`: kWarps + kThreads ints of them). On return (before the caller's barrier) the slots,
+// tiles and info[0] (slots in use) / info[1] (tiles) hold the aligned layout.
+__device__ __forceinline__ void align_segments(const Geo& G, const Pack& S, int nvalid, int* scratch) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  int2 seg = make_int2(0, 0);
+  if (tid < nvalid) seg = S.seg[tid];
+  const int size = seg.y - seg.x;
+  const int pad = tid < nvalid && seg.x == tid ? round16(size) - size : 0;  // once per segment, at its head
+  int incl = pad;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(kFull, incl, o);
+    incl += lane >= o ? v : 0;
+  }
+  int* wsum = scratch;
+  int* shift = scratch + kWarps;
+  if (lane == 31) wsum[warp] = incl;
+  __syncthreads();
+  int before = 0, total = 0;
+#pragma unroll
+  for (int v = 0; v < kWarps; ++v) {
+    const int w = wsum[v];
+    before += v < warp ? w : 0;
+    total += w;
+  }
+  if (G.P != 1 || nvalid + total > G.cap) return;  // block-uniform
+  shift[tid] = before + incl - pad;  // read at segment heads: the padding of the segments before
+  __syncthreads();
+  int tok = -1, lidx = 0, lrow = 0, d = 0;
+  int2 qi = make_int2(0, -1), ki = make_int2(0, -2), cxy = make_int2(0, 0);
+  if (tid < nvalid) {
+    d = shift[seg.x];
+    tok = S.tok[tid], lidx = S.lidx[tid], lrow = S.lrow[tid];
+    qi = S.qi[tid], ki = S.ki[tid], cxy = S.cxy[tid];
+  }
+  __syncthreads();  // every slot read
+  if (tid < G.cap) {  // padding everywhere first (the prologue's padding entries)
+    S.tok[tid] = -1;
+    S.qi[tid] = make_int2(0, -1);
+    S.ki[tid] = make_int2(0, -2);
+    S.lidx[tid] = 0;
+    S.lrow[tid] = 0;
+    S.cxy[tid] = make_int2(0, 0);
+    S.seg[tid] = make_int2(tid, tid + 1);
+  }
+  __syncthreads();
+  if (tid < nvalid) {
+    const int p = tid + d;
+    S.tok[p] = tok;
+    S.qi[p] = qi;
+    S.ki[p] = ki;
+    S.lidx[p] = lidx;
+    S.lrow[p] = lrow;
+    S.cxy[p] = cxy;
+    S.seg[p] = make_int2(seg.x + d, seg.y + d);
+  }
+  __syncthreads();
+  const int used = nvalid + total;
+  if (tid < used / 16) {  // slot 16 * tid is a token of the tile's segment (segments start at tiles)
+    const int2 sg = S.seg[16 * tid];
+    S.lo[tid] = sg.x;
+    S.hi[tid] = sg.y;
+    S.uni[tid] = 1;  // padding rows join the segment's tile: never stored
+  }
+  if (tid == 0) {
+    S.info[0] = used;
+    S.info[1] = used / 16;
+  }
+}
+
+// ONE: the launch's packs hold one window each (G.P == 1): segments aligned to tiles when they fit.
+template <typename T, int D, int BIAS, bool ABIAS, bool ONE>
 __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 : 1) wattn_fwd_kernel(const FwdArgs A) {
   using TL = Tile<T, D>;
   const Geo& G = A.g;
@@ -336,8 +460,13 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 :
   prologue<BIAS == 2>(G, pack, S, smem + L.ops);
   // Tiles go round-robin to the warps (the forward's tiles cost about the same; no work lists).
   int ey = G.rh - 1, ex = G.rw - 1;
-  if constexpr (BIAS == 2) coord_box(S, imin(G.P, G.nwin - pack * G.P) * G.N, S.items);
+  const int ntok = imin(G.P, G.nwin - pack * G.P) * G.N;
+  if constexpr (BIAS == 2) coord_box(S, ntok, S.items);
   __syncthreads();  // slots and tiles ready; the prologue's scratch is dead
+  if constexpr (ONE) {
+    align_segments(G, S, ntok, reinterpret_cast<int*>(smem + L.ops));
+    __syncthreads();
+  }
   // Pack-wide values read right after the barrier (warps converged) and broadcast from lane 0: the
   // compiler then sees warp-uniform loops and emits plain shuffles inside them.
   const int nvalid = __shfl_sync(kFull, S.info[0], 0), ntiles = __shfl_sync(kFull, S.info[1], 0);
@@ -345,11 +474,11 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 :
     ey = imin(ey, __shfl_sync(kFull, S.items[1] - S.items[0], 0));
     ex = imin(ex, __shfl_sync(kFull, S.items[3] - S.items[2], 0));
   }
-  zero_padding<T, D>(buf(0, 0), 3 * A.nbuf, L.tile_bytes, nvalid, G.cap);
+  zero_padding<T, D>(buf(0, 0), 3 * A.nbuf, L.tile_bytes, S.tok, ONE ? 0 : nvalid, G.cap);  // aligned: gaps too
   if (threadIdx.x < A.nbuf) tab(threadIdx.x)[G.T] = 0.f;  // read by out-of-range coordinate pairs
   const T* qkv = static_cast<const T*>(G.qkv);
   auto issue = [&](int h, int b) {
-    load_qkv_async<T, D>(buf(b, 0), L.tile_bytes, qkv + h * D, G.C, S.tok, nvalid);
+    load_qkv_async<T, D, ONE>(buf(b, 0), L.tile_bytes, qkv + h * D, G.C, S.tok, nvalid);
     float* tb = tab(b);
     table_entries<BIAS>(G, ey, ex, [&](int e) { prim::cp_async<4>(tb + e, G.rpb + unsigned(e * G.nH + h)); });
     prim::cp_async_commit();
@@ -374,7 +503,7 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 :
     }
     if (!__syncthreads_or(v_nonfinite<T, D>(buf(b, 2), nvalid))) {
       for (int t = warp; t < ntiles; t += kWarps)
-        fwd_tile<T, D, BIAS, ABIAS>(A, S, t, h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem, lane);
+        fwd_tile<T, D, BIAS, ABIAS, ONE>(A, S, t, h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem, lane);
     } else {
       fwd_exact<T, D, BIAS, ABIAS>(A, S, h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem);
     }
@@ -448,7 +577,8 @@ cudaError_t window_attention_forward(const WindowAttentionParams& p, void* out, 
     return dispatch_b16(p.dtype, [&](auto tc) -> cudaError_t {
       using T = typename decltype(tc)::type;
       return dispatch_bias(p, [&](auto bias, auto ab) -> cudaError_t {
-        auto kernel = wattn_fwd_kernel<T, D, decltype(bias)::value, decltype(ab)::value>;
+        auto kernel = f.g.P == 1 ? wattn_fwd_kernel<T, D, decltype(bias)::value, decltype(ab)::value, true>
+                                 : wattn_fwd_kernel<T, D, decltype(bias)::value, decltype(ab)::value, false>;
         cudaError_t err = prepare_smem(kernel, f.L.total);
         if (err != cudaSuccess) return err;
         return MK_LAUNCH(kernel, grid, dim3(kThreads), f.L.total, stream, a);

@@ -432,9 +432,9 @@ __device__ __forceinline__ void stage_rows_warp(const float (&c)[D / 8][4], floa
 }
 
 // Write a warp's 16 x D accumulator (rows g times mul, rows g+8 times mul8) through its staging
-// rows (pitch LD) to global rows base + tok[row0 + r] * stride for row0 + r < nvalid, 16-byte
-// stores (32-bit chunk offsets).
-template <typename T, int D>
+// rows (pitch LD) to global rows base + tok[row0 + r] * stride for row0 + r < nvalid (and, PAD: the
+// forward's aligned packs with padding slots inside, tok >= 0), 16-byte stores (32-bit chunk offsets).
+template <typename T, int D, bool PAD = false>
 __device__ __forceinline__ void store_rows_warp(const float (&c)[D / 8][4], float mul, float mul8, T* stage, T* base,
                                                 int stride, const int* tok, int row0, int nvalid, int lane) {
   using TL = Tile<T, D>;
@@ -444,7 +444,7 @@ __device__ __forceinline__ void store_rows_warp(const float (&c)[D / 8][4], floa
 #pragma unroll
   for (int i = lane; i < 16 * TL::kCPR; i += 32) {
     const int r = i / TL::kCPR, part = i - r * TL::kCPR;
-    if (row0 + r < nvalid)
+    if (row0 + r < nvalid && (!PAD || tok[row0 + r] >= 0))
       dst[unsigned(tok[row0 + r]) * rs + part] = *reinterpret_cast<const uint4*>(stage + r * TL::kLD + part * TL::kE);
   }
   __syncwarp();

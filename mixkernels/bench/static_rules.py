@@ -169,6 +169,11 @@ def _fused(c: Ctx) -> Dict[str, Any]:
                 / wl["packs"])
 
 
+def _one(c: Ctx) -> bool:
+    """wattn_fwd_kernel's ONE (one-window packs) template argument."""
+    return len(c.tparams) > 4 and c.tparams[4] == "true"
+
+
 def _fz(f: Callable[[Dict[str, Any], Ctx], float]) -> Callable[[Ctx], float]:
     return lambda c: f(_fused(c), c)
 
@@ -250,13 +255,20 @@ CUDA_RULES: List[Rule] = [
     Rule(r"for \(int i = threadIdx\.x; i < T; i \+= kThreads\)", lambda c: lane_strided(c.p["T"], THREADS_FUSED),
          "the head's table slice: T entries over 256 threads", kernel=_FUSED),
     # forward (window_attention.cu)
-    Rule(r"for \(; kb \+ 32 <= end; kb \+= 32\)",
-         _fz(lambda w, c: sum(n for (wd, _), n in w["c32"].items() if wd == 32) / w["tiles"]),
-         "32-key blocks per query tile (segment ranges, emulated)", kernel=_FUSED),
-    Rule(r"for \(kb \+= 32; kb < end; kb \+= 32\)", _fz(lambda w, c: sum(w["c32"].values()) / w["tiles"] - 1),
+    # fwd_tile's walk, one-window packs (ONE): one loop per block kind, iterations per tile = the
+    # emulated totals / tiles; packs of several windows: one loop, the first block peeled
+    Rule(r"for \(kb \+= 32; kb < end; kb \+= 32\)", _fz(lambda w, c: sum(w["c32"].values()) / w["ftiles"] - 1),
          "key blocks (32, or a last 16) per query tile after the peeled first one (segment ranges, emulated)",
          kernel=_FUSED),
-    Rule(r"for \(int q = threadIdx\.x; q < nvalid; q \+= kThreads\)", lambda c: 0.0,
+    Rule(r"for \(int i = 0; i < nm32; \+\+i\)", _fz(lambda w, c: w["c32"][(32, True)] / w["ftiles"]),
+         "masked 32-key blocks per query tile (segment ranges, emulated)", kernel=_FUSED),
+    Rule(r"for \(int i = 0; i < nm16; \+\+i\)", _fz(lambda w, c: w["c32"][(16, True)] / w["ftiles"]),
+         "masked 16-key blocks per query tile (segment ranges, emulated)", kernel=_FUSED),
+    Rule(r"for \(; kb \+ 32 <= m1; kb \+= 32\)", _fz(lambda w, c: w["c32"][(32, False)] / w["ftiles"]),
+         "unmasked 32-key blocks per query tile (segment ranges, emulated)", kernel=_FUSED),
+    Rule(r"for \(; kb < m1; kb \+= 16\)", _fz(lambda w, c: w["c32"][(16, False)] / w["ftiles"]),
+         "unmasked 16-key blocks per query tile (0 or 1; segment ranges, emulated)", kernel=_FUSED),
+    Rule(r"for \(int q = threadIdx\.x; q < rows; q \+= kThreads\)", lambda c: 0.0,
          "fwd_exact: only for a head whose V holds NaN/Inf", kernel=_FUSED),
     Rule(r"for \(int d = 0; d < D; \+\+d\)", lambda c: c.p["d"], "fwd_exact dot: D", kernel=_FUSED),
     Rule(r"for \(int k = wb; k < we; \+\+k\)", lambda c: c.p["N"], "fwd_exact: the window's N keys", kernel=_FUSED),
@@ -265,15 +277,18 @@ CUDA_RULES: List[Rule] = [
     Rule(r"for \(int e = 0; e < 8; \+\+e\)", lambda c: 8.0, "fwd_exact: 8 columns", kernel=_FUSED),
     Rule(r"for \(int b = 0; b < A\.nbuf; \+\+b\)", _fz(lambda w, c: w["nbuf"]), "operand buffers: nbuf (plan)",
          kernel=_FUSED),
-    Rule(r"for \(int r = nvalid \+ threadIdx\.x / TL::kCPR; r < cap; r \+= kThreads / TL::kCPR\)",
-         _fz(lambda w, c: w["per_pack"](lambda n: lane_strided((w["cap"] - n) * _chunks(c), THREADS_FUSED))),
-         "forward zero_padding: padding rows (cap - valid) x chunks over 256 threads", kernel=_FUSED),
-    Rule(r"for \(int k = 0; k < ntiles; \+\+k\)", _fz(lambda w, c: 3 * w["nbuf"]),
-         "forward zero_padding: the 3 x nbuf operand tiles", kernel=_FUSED),
+    Rule(r"for \(int r = first \+ threadIdx\.x / TL::kCPR; r < cap; r \+= kThreads / TL::kCPR\)",
+         _fz(lambda w, c: w["per_pack"](lambda n: lane_strided((w["cap"] - (0 if _one(c) else n)) * _chunks(c),
+                                                                THREADS_FUSED))),
+         "forward zero_padding: slots [first, cap) x chunks over 256 threads (ONE: all cap, else the padding)",
+         kernel=_FUSED),
+    Rule(r"for \(int k = 0; k < ntiles; \+\+k\)",
+         _fz(lambda w, c: 3 * w["nbuf"] * w["per_pack"](lambda n: (w["cap"] - n) / w["cap"] if _one(c) else 1.0)),
+         "forward zero_padding: the 3 x nbuf operand tiles of padding slots (ONE: cap - valid of cap)", kernel=_FUSED),
     Rule(r"for \(int i = threadIdx\.x; i < G\.T; i \+= kThreads\) f\(i\)", lambda c: lane_strided(c.p["T"], THREADS_FUSED),
          "forward table entries (load, then scale by 1/scale): T over 256 threads", kernel=_FUSED),
-    Rule(r"for \(int t = warp; t < ntiles; t \+= kWarps\)", _fz(lambda w, c: w["tiles"] / w["packs"] / 8),
-         "forward tiles round-robin over the 8 warps: tiles per pack / 8", kernel=_FUSED),
+    Rule(r"for \(int t = warp; t < ntiles; t \+= kWarps\)", _fz(lambda w, c: w["ftiles"] / w["packs"] / 8),
+         "forward tiles (after align_segments) round-robin over the 8 warps: tiles per pack / 8", kernel=_FUSED),
     Rule(r"for \(int r = threadIdx\.x >> 5; r < ny; r \+= kWarps\)", lambda c: (2 * _box(c) + 1) / 8,
          "coords table box: 2e+1 rows over 8 warps (e = min(r-1, pack coordinate span), see _box)", kernel=_FUSED),
     Rule(r"for \(int c = threadIdx\.x & 31; c < nx; c \+= 32\)", lambda c: math.ceil((2 * _box(c) + 1) / 32),

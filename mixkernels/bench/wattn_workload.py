@@ -146,7 +146,7 @@ def _assign_shifts(costs) -> int:
 
 def _pack_stats(kp: Tuple[Tuple[int, ...], ...], N: int) -> Dict[str, Any]:
     """Prologue of one pack (windows' (region, label) keys): tiles, blocks walked, loop counts."""
-    segs, scan = [], []
+    segs, scan, sizes = [], [], []
     off = 0
     for k in kp:
         first: Dict[int, int] = {}
@@ -155,6 +155,7 @@ def _pack_stats(kp: Tuple[Tuple[int, ...], ...], N: int) -> Dict[str, Any]:
         scan += [fid + 1 if fid < j else j for j, fid in enumerate(ids)]
         for fid in sorted(set(ids)):
             c = ids.count(fid)
+            sizes.append(c)
             segs += [(off, off + c)] * c
             off += c
     nvalid = len(segs)
@@ -166,17 +167,55 @@ def _pack_stats(kp: Tuple[Tuple[int, ...], ...], N: int) -> Dict[str, Any]:
         uni = last == 16 * t + 15 and segs[16 * t][0] == segs[last][0]
         b0, end = lo & ~15, _round16(hi)
         tb.append((end - b0) // 16)
-        b = b0
-        while b < end:  # the forward: 32-key blocks, then a 16-key tail
-            wd = 32 if b + 32 <= end else 16
-            c32[(wd, not (uni and b >= lo and b + wd <= hi))] += 1
-            b += wd
         for b in range(b0, end, 16):  # the backward: 16-key blocks
             c16[(16, not (uni and b >= lo and b + 16 <= hi))] += 1
+    # the forward's tiles: align_segments (window_attention.cu) starts every segment of a one-window
+    # pack at a multiple of 16 slots when they still fit in the pack's cap slots; then each tile is
+    # one segment's (its padding rows included) and walks that segment's keys
+    ftiles = []
+    if len(kp) == 1 and sum(_round16(c) for c in sizes) <= _round16(N):
+        off = 0
+        for c in sizes:
+            ftiles += [(off, off + c, True)] * (_round16(c) // 16)
+            off += _round16(c)
+    else:
+        for t in range(nt):
+            last = min(16 * t + 15, nvalid - 1)
+            ftiles.append((segs[16 * t][0], segs[last][1],
+                           last == 16 * t + 15 and segs[16 * t][0] == segs[last][0]))
+    for lo, hi, uni in ftiles:
+        if len(kp) > 1:  # fwd_tile<ONE = false>: 32-key blocks from lo & ~15, a last one of 16
+            b, end = lo & ~15, _round16(hi)
+            while b < end:
+                wd = 32 if b + 32 <= end else 16
+                c32[(wd, not (uni and b >= lo and b + wd <= hi))] += 1
+                b += wd
+            continue
+        # fwd_tile<ONE = true>: masked prefix [b0, b0 + P) and suffix [end - Q, end), unmasked middle; 32-key blocks,
+        # 16 where 32 do not fit
+        b0, end = lo & ~15, _round16(hi)
+        P, Q = end - b0, 0
+        if uni:
+            L = _round16(lo)
+            R = max(L, hi & ~15)
+            u = (R - L) >> 4
+            P, Q = L - b0, end - R
+            if u & 1:
+                if P:
+                    P += 16
+                elif Q:
+                    Q += 16
+            elif P and Q:
+                P, Q = (P + 16, Q + 16) if u else (32, 0)
+        mid = end - Q - b0 - P
+        c32[(32, True)] += (P >> 5) + (Q == 32)
+        c32[(16, True)] += ((P >> 4) & 1) + (Q == 16)
+        c32[(32, False)] += mid // 32
+        c32[(16, False)] += mid % 32 // 16
     warps = [max(scan[w:w + 32]) for w in range(0, nvalid, 32)]
     # the legacy kernels run segment_ids on one window at a time: warps of 32 tokens of a window
     wwarps = [max(scan[i + w:i + min(w + 32, N)]) for i in range(0, nvalid, N) for w in range(0, N, 32)]
-    return dict(nvalid=nvalid, tiles=nt, c32=c32, c16=c16, scan=sum(warps), scan_warps=len(warps),
+    return dict(nvalid=nvalid, tiles=nt, ftiles=len(ftiles), c32=c32, c16=c16, scan=sum(warps), scan_warps=len(warps),
                 scan_win=sum(wwarps), scan_win_warps=len(wwarps),
                 shifts_fwd=_assign_shifts([b + 1 for b in tb]),
                 shifts_bwd=_assign_shifts([(b + 1) * 5 for b in tb] + [(b + 1) * 4 for b in tb]))
@@ -203,7 +242,7 @@ def _aggregate(keys: np.ndarray) -> Dict[str, Any]:
         tot["c32"].update(s["c32"])
         tot["c16"].update(s["c16"])
         tot["nvalid"][s["nvalid"]] += 1
-        for k in ("tiles", "scan", "scan_warps", "scan_win", "scan_win_warps", "shifts_fwd", "shifts_bwd"):
+        for k in ("tiles", "ftiles", "scan", "scan_warps", "scan_win", "scan_win_warps", "shifts_fwd", "shifts_bwd"):
             tot[k] = tot.get(k, 0) + s[k]
     return dict(tot, packs=math.ceil(nwin / P), P=P, N=N, nwin=nwin, cap=_round16(P * N))
 
@@ -212,8 +251,10 @@ _MEMO: Dict[Tuple, Dict[str, Any]] = {}
 
 
 def attention_workload(B: int, H: int, W: int, w: int, shift: int, group: bool, seed: int = 0) -> Dict[str, Any]:
-    """Totals over all packs of a call (memoized): ``tiles``; ``c32`` / ``c16`` Counters of
-    (width, masked) key blocks of the forward / backward walks; ``nvalid`` Counter of valid slots per
+    """Totals over all packs of a call (memoized): ``tiles`` (16-row tiles of the prologue's
+    layout; ``ftiles``: the forward's, after align_segments); ``c32`` / ``c16`` Counters of
+    (width, masked) key blocks of the forward / backward walks (each key of each 16-row tile's range
+    in one block of each; the forward's tiles are ``ftiles``); ``nvalid`` Counter of valid slots per
     pack; ``scan`` / ``scan_warps``: segment_ids' inner-loop iterations summed over the warps that run
     it (a warp runs until its longest lane is done) and their number (``scan_win`` / ``scan_win_warps``:
     the same for one window per call, as the legacy kernels run it); ``shifts_fwd`` / ``shifts_bwd``:
