@@ -30,18 +30,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._wattn_common import _mm_acc
 from .window_attention import _idx, _keys, _lyx, _mm, _pos
-
-
-@triton.jit
-def _mm_acc(a, b, acc, F32: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc + a @ b`` (``_mm``'s precisions)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif F32:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit

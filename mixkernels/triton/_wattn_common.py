@@ -28,6 +28,17 @@ def _mm(a, b, F32: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _mm_acc(a, b, acc, F32: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` (fp32 accumulator ``acc``), with ``_mm``'s precision rules."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif F32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _gather(ptrs, ok, MASKED: tl.constexpr, ASM: tl.constexpr):
     """fp32 table gather (0 where not ``ok`` when MASKED). Inline asm on the GPU: a ``tl.load``
     gets a coalesced layout of its own and a shared-memory round trip into the MMA layout;

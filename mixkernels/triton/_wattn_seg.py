@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._cosine import _head_scale, _unit
-from ._wattn_common import _fast, _gather_off, _idx, _mm, _online, _pos
+from ._wattn_common import _fast, _gather_off, _idx, _mm, _mm_acc, _online, _pos
 
 
 @triton.jit
@@ -64,17 +64,6 @@ def _v_nonfinite(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.
         TOP: tl.constexpr = -0x7FFF8000
     acc = tl.reduce(tl.reduce((words & EMM) + ONE, 1, _or), 0, _or)
     return (acc & TOP) != 0
-
-
-@triton.jit
-def _mm_acc(a, b, c, F32: tl.constexpr, UPCAST: tl.constexpr):
-    """``a @ b + c`` (fp32 accumulator ``c``), with ``_mm``'s precision rules."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), c, input_precision="ieee")
-    elif F32:
-        return tl.dot(a, b, c, input_precision="ieee")
-    else:
-        return tl.dot(a, b, c)
 
 
 @triton.jit
