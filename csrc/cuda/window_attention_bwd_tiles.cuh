@@ -129,31 +129,6 @@ __device__ __forceinline__ void store_rows_bwd(const float (&c)[D / 8][4], float
 MK_HD int ds_pitch(int cap) { return cap + 8; }
 MK_HD size_t ds_bytes(int cap, int es) { return size_t(cap) * size_t(ds_pitch(cap)) * size_t(es); }
 
-// c += A * B for one m16k16 A fragment `a` (16 rows x 16 k) and the 16 rows of B at `B` (length D,
-// pitch Tile::kLD): accum's step for a fragment already packed.
-template <typename T, int D>
-__device__ __forceinline__ void accum_frag(float (&c)[D / 8][4], const uint32_t (&a)[4], const T* B, int lane) {
-  constexpr int LD = Tile<T, D>::kLD;
-  const int i = lane >> 3;
-  const T* rows = B + (8 * (i & 1) + (lane & 7)) * LD + 8 * (i >> 1);
-#pragma unroll
-  for (int dp = 0; dp < D / 16; ++dp) {
-    uint32_t r[4];
-    prim::ldsm_x4_trans(r, rows + 16 * dp);
-    prim::mma16816<T>(c[2 * dp], a, r[0], r[1]);
-    prim::mma16816<T>(c[2 * dp + 1], a, r[2], r[3]);
-  }
-}
-
-// The A fragment of a 16 x 16 accumulator block p (two n-tiles, rounded to T), as accum packs it.
-template <typename T>
-__device__ __forceinline__ void pack_frag(uint32_t (&a)[4], const float (&p)[2][4]) {
-  a[0] = pack2<T>(p[0][0], p[0][1]);
-  a[1] = pack2<T>(p[0][2], p[0][3]);
-  a[2] = pack2<T>(p[1][0], p[1][1]);
-  a[3] = pack2<T>(p[1][2], p[1][3]);
-}
-
 // Store the fragment a of a 16 x 16 block (rows = keys, columns = queries q0..) into dS^T: `row` and
 // `row8` point at this lane's first column (2t) of its rows g and g + 8 (set once per key tile):
 // a[0] (row g, cols 2t..), a[1] (row g+8), a[2] (cols 8+2t..), a[3].

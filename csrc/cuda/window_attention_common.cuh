@@ -96,29 +96,39 @@ __device__ __forceinline__ void scores(float (&s)[NT][4], const AFrag<T, D>& A, 
   scores_add<T, D, NT>(s, A, B, lane);
 }
 
+// c += A * B for one m16k16 A fragment `a` (16 rows x 16 k) and the 16 rows of B at `B` (length D,
+// pitch Tile::kLD): accum's step for a fragment already packed.
+template <typename T, int D>
+__device__ __forceinline__ void accum_frag(float (&c)[D / 8][4], const uint32_t (&a)[4], const T* B, int lane) {
+  constexpr int LD = Tile<T, D>::kLD;
+  const int i = lane >> 3;
+  const T* rows = B + (8 * (i & 1) + (lane & 7)) * LD + 8 * (i >> 1);
+#pragma unroll
+  for (int dp = 0; dp < D / 16; ++dp) {
+    uint32_t r[4];
+    prim::ldsm_x4_trans(r, rows + 16 * dp);
+    prim::mma16816<T>(c[2 * dp], a, r[0], r[1]);
+    prim::mma16816<T>(c[2 * dp + 1], a, r[2], r[3]);
+  }
+}
+
+// The A fragment of a 16 x 16 accumulator block p (two n-tiles, rounded to T), as accum packs it.
+template <typename T>
+__device__ __forceinline__ void pack_frag(uint32_t (&a)[4], const float (&p)[2][4]) {
+  a[0] = pack2<T>(p[0][0], p[0][1]);
+  a[1] = pack2<T>(p[0][2], p[0][3]);
+  a[2] = pack2<T>(p[1][0], p[1][1]);
+  a[3] = pack2<T>(p[1][2], p[1][3]);
+}
+
 template <typename T, int D, int NT>
 __device__ __forceinline__ void accum(float (&c)[D / 8][4], const float (&p)[NT][4], const T* B, int lane) {
   constexpr int LD = Tile<T, D>::kLD;
-  {
-    const int i = lane >> 3;
 #pragma unroll
-    for (int kk = 0; kk < NT / 2; ++kk) {
-      // Two accumulator n-tiles are one m16k16 A fragment.
-      uint32_t a[4];
-      a[0] = pack2<T>(p[2 * kk][0], p[2 * kk][1]);
-      a[1] = pack2<T>(p[2 * kk][2], p[2 * kk][3]);
-      a[2] = pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]);
-      a[3] = pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3]);
-      // matrix i: B rows 16kk + 8(i&1).., cols 8(2dp + (i>>1)): (b0, b1) of n-tiles 2dp and 2dp+1
-      const T* rows = B + (16 * kk + 8 * (i & 1) + (lane & 7)) * LD + 8 * (i >> 1);
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t r[4];
-        prim::ldsm_x4_trans(r, rows + 16 * dp);
-        prim::mma16816<T>(c[2 * dp], a, r[0], r[1]);
-        prim::mma16816<T>(c[2 * dp + 1], a, r[2], r[3]);
-      }
-    }
+  for (int kk = 0; kk < NT / 2; ++kk) {  // two accumulator n-tiles are one m16k16 A fragment
+    uint32_t a[4];
+    pack_frag<T>(a, *reinterpret_cast<const float(*)[2][4]>(p + 2 * kk));
+    accum_frag<T, D>(c, a, B + 16 * kk * LD, lane);
   }
 }
 
