@@ -26,7 +26,8 @@ def _f(v, fmt="{:.1f}"):
 
 
 def _pct(v):
-    return "-" if v is None else f"{100 * v:.0f}%"
+    # one decimal: a target's edge (e.g. 39.7% against 40%) must not round across it
+    return "-" if v is None else f"{100 * v:.1f}%"
 
 
 def compare_rows(doc, old) -> Dict[tuple, Dict[str, Any]]:
