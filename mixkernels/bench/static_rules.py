@@ -487,12 +487,20 @@ TRITON_RULES: List[Rule] = [
     Rule(r"while n0 < a1", lambda c: _seg(c)["full_big"],
          "unmasked key blocks per full tile: floor(s/BLOCK_N) of its segment (segment model)",
          via=r"_seg_tile\(BLOCK_M,"),
-    Rule(r"while n0 < c1", lambda c: _seg(c)["masked_small"],
-         "masked key block per half tile: 1 when BLOCK_N does not divide s (segment model; all the "
-         "window's blocks only for a head whose V holds NaN/Inf: never here)", via=r"_seg_tile\(BLOCK_M // 2"),
-    Rule(r"while n0 < c1", lambda c: _seg(c)["masked_big"],
-         "masked key block per full tile: 1 when BLOCK_N does not divide s (segment model; all the "
-         "window's blocks only for a head whose V holds NaN/Inf: never here)", via=r"_seg_tile\(BLOCK_M,"),
+    Rule(r"while n0 < c2", lambda c: _seg(c)["masked_small"],
+         "masked key block per half tile: 1 when BLOCK_N does not divide s (TAIL: when more than BLOCK_N/2 "
+         "keys are left; segment model; all the window's blocks only for a head whose V holds NaN/Inf: never "
+         "here)", via=r"_seg_tile\(BLOCK_M // 2"),
+    Rule(r"while n0 < c2", lambda c: _seg(c)["masked_big"],
+         "masked key block per full tile: 1 when BLOCK_N does not divide s (TAIL: when more than BLOCK_N/2 "
+         "keys are left; segment model; all the window's blocks only for a head whose V holds NaN/Inf: never "
+         "here)", via=r"_seg_tile\(BLOCK_M,"),
+    Rule(r"while n0 < c1", lambda c: _seg(c)["tail_small"],
+         "masked half key block per half tile (TAIL): 1 when 0 < s % BLOCK_N <= BLOCK_N/2 (segment model)",
+         via=r"_seg_tile\(BLOCK_M // 2"),
+    Rule(r"while n0 < c1", lambda c: _seg(c)["tail_big"],
+         "masked half key block per full tile (TAIL): 1 when 0 < s % BLOCK_N <= BLOCK_N/2 (segment model)",
+         via=r"_seg_tile\(BLOCK_M,"),
     # deterministic coords path: the box of table rows / cols a tile touches (upper bound)
     Rule(r"while y <= y_end", lambda c: 2 * c.a("WH") - 1, "table rows: <= 2*WH-1"),
     Rule(r"while x <= x_end", lambda c: 2 * c.a("WW") - 1, "table cols: <= 2*WW-1"),
@@ -503,7 +511,8 @@ def _seg(c: Ctx) -> Dict[str, float]:
     from . import wattn_workload as ww
 
     p = c.p
-    return ww.seg_walk(p["H"], p["W"], p["window"], p["shift"], bool(p["group"]), c.a("BLOCK_M"), c.a("BLOCK_N"))
+    return ww.seg_walk(p["H"], p["W"], p["window"], p["shift"], bool(p["group"]), c.a("BLOCK_M"), c.a("BLOCK_N"),
+                       tail=bool(c.a("TAIL")))
 
 
 def trips_for(rules: Sequence[Rule], ctx: Ctx, site, triton: bool) -> Tuple[Optional[float], str]:

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._cosine import _head_scale, _unit
-from ._wattn_common import _fast, _gather_off, _idx, _mm, _mm_acc, _online, _pos
+from ._wattn_common import _fast, _gather_off, _gather_smem, _idx, _mm, _mm_acc, _online, _pos, _smem_table
 
 
 @triton.jit
@@ -81,10 +81,20 @@ def _online_scaled(t, m_i, l_i, acc, v, sc, F32: tl.constexpr, UPCAST: tl.conste
 
 
 @triton.jit
+def _seg_bias(tab_m, scode, offs_n, ASM: tl.constexpr, SMEM: tl.constexpr):
+    """Table bias of the tile's rows (``tab_m``: row's table address, code_i + c0) and the keys at sorted
+    positions ``offs_n`` (``scode``: -4 code_j): from the shared copy (SMEM) or the global table."""
+    if SMEM:
+        return _gather_smem(tab_m[:, None], tl.load(scode + offs_n).to(tl.int32)[None, :])
+    else:
+        return _gather_off(tab_m[:, None], tl.load(scode + offs_n)[None, :], ASM)
+
+
+@triton.jit
 def _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h, qk_scale,
               N: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, HAS_RPB: tl.constexpr,
               F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
-              COSINE: tl.constexpr, UNSCALED: tl.constexpr):
+              COSINE: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr):
     """One online-softmax step of a query tile over the key block at sorted position n0 (MASK: keys
     outside ``[lo, hi)`` get -inf; keys past N read V as zeros; UNSCALED: ``_online_scaled``)."""
     offs_n = n0 + tl.arange(0, BN)
@@ -98,14 +108,13 @@ def _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, 
         v = tl.load(qkv + row[:, None] + 2 * C + offs_d[None, :])
     if UNSCALED:  # logits in units of 1/qk_scale: the table bias (divided by it) is the MMA's accumulator
         if HAS_RPB:  # Swin index code_i + c0 - code_j; scode: -4 code_j, bytes (padded: no clamp)
-            t = _mm_acc(q, tl.trans(k), _gather_off(tab_m[:, None], tl.load(scode + offs_n)[None, :], ASM), F32,
-                        UPCAST)
+            t = _mm_acc(q, tl.trans(k), _seg_bias(tab_m, scode, offs_n, ASM, SMEM), F32, UPCAST)
         else:
             t = _mm(q, tl.trans(k), F32, UPCAST)
     else:
         t = _mm(q, tl.trans(k), F32, UPCAST) * qk_scale
         if HAS_RPB:
-            t += _gather_off(tab_m[:, None], tl.load(scode + offs_n)[None, :], ASM)
+            t += _seg_bias(tab_m, scode, offs_n, ASM, SMEM)
     if MASK:
         t = tl.where(((offs_n >= lo) & (offs_n < hi))[None, :], t, float("-inf"))
     if UNSCALED:
@@ -118,7 +127,8 @@ def _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, 
 def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale,
               N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_RPB: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
-              ASM: tl.constexpr, COSINE: tl.constexpr, UNSCALED: tl.constexpr):
+              ASM: tl.constexpr, COSINE: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr,
+              TAIL: tl.constexpr):
     """Query tile t of the window (BLOCK_M rows from its first row, all in one segment): its walk, then
     its segment's rows stored at their original positions."""
     offs_d = tl.arange(0, D)
@@ -130,7 +140,11 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
     tok = _idx(hw + tl.load(mrow + jm), IDX64)
     q = _unit(tl.load(qkv + (tok * (3 * C) + hd)[:, None] + offs_d[None, :]), COSINE)
     j = tl.load(mrow + N + jm)
-    tab_m = tab_h + (j + (j // WW) * (WW - 1) + ((WH - 1) * (2 * WW - 1) + WW - 1))  # code_i + c0
+    code = j + (j // WW) * (WW - 1) + ((WH - 1) * (2 * WW - 1) + WW - 1)  # code_i + c0
+    if SMEM:  # tab_h: the shared copy's 32-bit address
+        tab_m = tab_h + 4 * code
+    else:
+        tab_m = tab_h + code
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
@@ -143,15 +157,24 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
     while n0 < a1:  # unmasked key blocks
         m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
                                   qk_scale, N, D, BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE,
-                                  UNSCALED)
+                                  UNSCALED, SMEM)
         n0 += BLOCK_N
     n0 = tl.where(bad, 0, a1)
     c1 = tl.where(bad, N, hi)
-    while n0 < c1:  # masked key blocks
+    c2 = c1
+    if TAIL:
+        c2 = c1 - BLOCK_N // 2
+    while n0 < c2:  # masked key blocks (TAIL: while more than half a block is left)
         m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
                                   qk_scale, N, D, BLOCK_N, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE,
-                                  UNSCALED)
+                                  UNSCALED, SMEM)
         n0 += BLOCK_N
+    if TAIL:
+        while n0 < c1:  # the last <= BLOCK_N/2 keys in a half block (0 or 1 trips)
+            m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
+                                      qk_scale, N, D, BLOCK_N // 2, True, HAS_RPB, F32, UPCAST, IDX64, ASM,
+                                      COSINE, UNSCALED, SMEM)
+            n0 += BLOCK_N
     # store the segment's rows only (l = 0: NaN, edge rule 2)
     row_ok = offs_m < hi
     o = acc * _fast(l_i, 0, ASM)[:, None]
@@ -166,7 +189,8 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH, H, W, 
                 N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RPB: tl.constexpr,
                 F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
-                COSINE: tl.constexpr, VBITS: tl.constexpr, UNSCALED: tl.constexpr, VCHECK: tl.constexpr = True):
+                COSINE: tl.constexpr, VBITS: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr = False,
+                TP: tl.constexpr = 1024, TAIL: tl.constexpr = False, VCHECK: tl.constexpr = True):
     """Program (head h, window w), head-fastest. meta (GG*nW, 5, N) int32 per window: sorted tokens'
     grid positions, their window-local indices, and the tiles' first row, segment start, segment
     end; ninfo (GG*nW, 3): BLOCK_M-row tiles, segments, BLOCK_M/2-row tiles; scode (GG*nW, N +
@@ -183,7 +207,10 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH, H, W, 
     gw = (b % GG) * nW + wl
     mrow = meta + gw * (5 * N)
     scode = scode + gw * (N + BLOCK_N)
-    tab_h = tab + h * ((2 * WH - 1) * (2 * WW - 1))  # (nH, T) table, pre-scaled by log2e
+    T: tl.constexpr = (2 * WH - 1) * (2 * WW - 1)
+    tab_h = tab + h * T  # (nH, T) table, pre-scaled by log2e
+    if SMEM:  # the head's table in shared memory (TP: T rounded to a power of two): 32-bit addresses, LDS
+        tab_h = _smem_table(tab_h, T, TP)
     nseg = tl.load(ninfo + 3 * gw + 1)
     bad = nseg < 0  # False
     if (nseg > 1) & VCHECK:
@@ -193,11 +220,11 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH, H, W, 
     t = nbig * 0
     while t < nbig:  # BLOCK_M-row tiles
         _seg_tile(BLOCK_M, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D, WH,
-                  WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED)
+                  WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL)
         t += 1
     while t < nbig + nsmall:  # a segment's last rows when they fit half a tile
         _seg_tile(BLOCK_M // 2, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D,
-                  WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED)
+                  WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL)
         t += 1
 
 
@@ -323,6 +350,7 @@ def seg_forward(qkv, out, lse, tab, num_heads, wh, ww, sh, sw, group, qk_scale, 
     nWw = W // ww
     nW = (H // wh) * nWw
     bm, bn, warps, stages = seg_config(N, D, qkv.dtype, interpret)
+    ntab = (2 * wh - 1) * (2 * ww - 1)
     meta, ninfo, scode = seg_prepare(H, W, wh, ww, sh, sw, group, bm, bn, qkv.device)
     # logits in units of 1/qk_scale (``_online_scaled``) for a plain softmax scale in a safe range
     unscaled = logit_scale is None and 2.0 ** -20 <= qk_scale <= 2.0 ** 20
@@ -334,5 +362,5 @@ def seg_forward(qkv, out, lse, tab, num_heads, wh, ww, sh, sw, group, qk_scale, 
         BS=triton.next_power_of_2(N), BLOCK_M=bm, BLOCK_N=bn, HAS_RPB=flags["HAS_RPB"],
         F32=flags["F32"], UPCAST=flags["UPCAST"], IDX64=idx64, ASM=not interpret,
         COSINE=logit_scale is not None, VBITS={torch.bfloat16: 0, torch.float16: 1}.get(qkv.dtype, 2),
-        UNSCALED=unscaled,
-        num_warps=warps, num_stages=stages)
+        UNSCALED=unscaled, SMEM=not interpret and flags["HAS_RPB"] and ntab <= 4096,
+        TP=triton.next_power_of_2(ntab), TAIL=bn >= 32 or interpret, num_warps=warps, num_stages=stages)
