@@ -259,9 +259,11 @@ def test_seg_softmax_scale_paths(scale):
 @pytest.mark.parametrize("H,W,win,shift,labels,G", [
     (10, 10, (5, 5), (0, 0), "many", 2), (10, 10, (5, 5), (2, 2), "two", 1), (14, 14, (7, 7), (3, 3), None, 1),
     (8, 12, (4, 6), (0, 0), "int64", 1), (10, 15, (5, 5), (1, 3), "all_distinct", 2)])
-def test_seg_prep_kernel_matches_the_torch_tables(H, W, win, shift, labels, G):
-    """The pre-kernel's tables (pairwise ranks, a CTA barrier, prefix sums) equal the torch formulation,
-    labels at full width (int64 labels equal modulo 2**32 stay apart)."""
+def test_seg_prep_kernel_matches_the_torch_tables(H, W, win, shift, labels, G, monkeypatch):
+    """The pre-kernel's tables (pairwise ranks over several programs a window, the last one's prefix
+    sums) equal the torch formulation, labels at full width (int64 labels equal modulo 2**32 stay
+    apart)."""
+    monkeypatch.setattr(seg, "PREP_ROWS", 8)  # 2-7 programs a window
     if labels is None:
         g = None
     elif labels == "all_distinct":

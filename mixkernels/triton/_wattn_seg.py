@@ -243,24 +243,27 @@ def _seg_key(group, gbase, t, wy, wx, H, W, SH, SW, N: tl.constexpr, WH: tl.cons
 
 
 @triton.jit
-def _seg_prep(group, meta, ninfo, scode, scratch, nW, nWw, H, W, SH, SW, N: tl.constexpr, WH: tl.constexpr,
-              WW: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-              SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr):
-    """The tables of ``_seg_kernel`` for window gw of label map g = gw // nW (one program each): a token's
-    sorted position is the number of tokens with a smaller (region, label) key plus those with an equal
-    key and a smaller index (stable), counted pairwise in chunks of CH; its segment is [lo, lo + count).
-    Tiles start every BM rows of a segment (a half tile when at most BM/2 rows are left): per sorted
-    position (through ``scratch``, after a CTA barrier) the full tiles, then the half tiles, in order."""
+def _seg_prep(group, meta, ninfo, scode, scratch, count, nW, nWw, H, W, SH, SW, N: tl.constexpr, WH: tl.constexpr,
+              WW: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, RC: tl.constexpr, BM: tl.constexpr,
+              BN: tl.constexpr, SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr):
+    """The tables of ``_seg_kernel`` for window gw of label map g = gw // nW, RC tokens per program
+    (program (gw, c): tokens c*RC ...): a token's sorted position is the number of tokens with a smaller
+    (region, label) key plus those with an equal key and a smaller index (stable), counted pairwise
+    against all the window's tokens in chunks of CH; its segment is [lo, lo + count). Tiles start every
+    BM rows of a segment (a half tile when at most BM/2 rows are left): per sorted position (through
+    ``scratch``) the full tiles, then the half tiles, in order, listed by the window's last program to
+    finish (``count``: zeroed per window; an acq_rel atomic after a CTA barrier publishes the
+    program's stores)."""
     gw = tl.program_id(0)
     wl = gw % nW
     wy = wl // nWw
     wx = wl % nWw
     gbase = (gw // nW) * (H * W)
-    a = tl.arange(0, BS)
+    a = tl.program_id(1) * RC + tl.arange(0, RC)
     pos, j, reg, lab = _seg_key(group, gbase, a, wy, wx, H, W, SH, SW, N, WH, WW, SHIFT, HAS_GROUP)
-    lo = tl.zeros((BS,), tl.int32)
-    cnt = tl.zeros((BS,), tl.int32)
-    before = tl.zeros((BS,), tl.int32)
+    lo = tl.zeros((RC,), tl.int32)
+    cnt = tl.zeros((RC,), tl.int32)
+    before = tl.zeros((RC,), tl.int32)
     for c0 in tl.static_range(0, BS, CH):
         b = c0 + tl.arange(0, CH)
         _p, _j, rb, lb = _seg_key(group, gbase, b, wy, wx, H, W, SH, SW, N, WH, WW, SHIFT, HAS_GROUP)
@@ -278,7 +281,8 @@ def _seg_prep(group, meta, ninfo, scode, scratch, nW, nWw, H, W, SH, SW, N: tl.c
     tl.store(m + N + rank, j, mask=valid)
     sc = scode + gw * (N + BN)
     tl.store(sc + rank, (j // WW * (2 * WW - 1) + j % WW).to(tl.int64) * -4, mask=valid)
-    tl.store(sc + N + tl.arange(0, BN), tl.zeros((BN,), tl.int64))  # keys past N (masked): any valid offset
+    kb = tl.arange(0, BN)  # keys past N (masked): any valid offset; the first program writes them
+    tl.store(sc + N + kb, tl.zeros((BN,), tl.int64), mask=kb < BN * (tl.program_id(1) == 0).to(tl.int32))
     first = valid & (before % BM == 0)
     small = first & (cnt - before <= BM // 2)
     kind = tl.where(first, tl.where(small, 2, 1), 0)
@@ -287,21 +291,38 @@ def _seg_prep(group, meta, ninfo, scode, scratch, nW, nWw, H, W, SH, SW, N: tl.c
     tl.store(scr + BS + rank, lo, mask=valid)
     tl.store(scr + 2 * BS + rank, lo + cnt, mask=valid)
     tl.debug_barrier()
-    kr = tl.load(scr + a, mask=valid, other=0)
+    done = tl.atomic_add(count + gw, 1, sem="acq_rel")
+    if done == tl.num_programs(1) - 1:  # every program of the window has stored its ranks
+        tl.debug_barrier()
+        _seg_list(m, ninfo + 3 * gw, scr, N, BS)
+
+
+@triton.jit
+def _seg_list(m, info, scr, N: tl.constexpr, BS: tl.constexpr):
+    """``_seg_prep``'s tile lists of one window from the per-rank tile kinds (0 none, 1 full tile starts
+    here, 2 half tile) and segment bounds in ``scr`` (read through L2: other programs wrote them); a
+    segment starts at the sorted positions that equal their segment's start."""
+    a = tl.arange(0, BS)
+    valid = a < N
+    kr = tl.load(scr + a, mask=valid, other=0, cache_modifier=".cg")
+    lo = tl.load(scr + BS + a, mask=valid, other=-1, cache_modifier=".cg")
     big_r = (kr == 1).to(tl.int32)
     small_r = (kr == 2).to(tl.int32)
     nbig = tl.sum(big_r, 0)
     tid = tl.where(kr == 1, tl.cumsum(big_r, 0) - 1, nbig + tl.cumsum(small_r, 0) - 1)
     live = kr > 0
     tl.store(m + 2 * N + tid, a, mask=live)
-    tl.store(m + 3 * N + tid, tl.load(scr + BS + a, mask=live, other=0), mask=live)
-    tl.store(m + 4 * N + tid, tl.load(scr + 2 * BS + a, mask=live, other=0), mask=live)
-    tl.store(ninfo + 3 * gw, nbig)
-    tl.store(ninfo + 3 * gw + 1, tl.sum((valid & (before == 0)).to(tl.int32), 0))
-    tl.store(ninfo + 3 * gw + 2, tl.sum(small_r, 0))
+    tl.store(m + 3 * N + tid, lo, mask=live)
+    tl.store(m + 4 * N + tid, tl.load(scr + 2 * BS + a, mask=live, other=0, cache_modifier=".cg"), mask=live)
+    tl.store(info, nbig)
+    tl.store(info + 1, tl.sum((lo == a).to(tl.int32), 0))
+    tl.store(info + 2, tl.sum(small_r, 0))
 
 
 # ----------------------------------------------------------------------------- launchers
+
+
+PREP_ROWS = 16  # tokens per ``_seg_prep`` program (all the window's keys each): ceil(N/16) programs a window
 
 
 def seg_config(N, D, dtype, interpret):
@@ -326,18 +347,20 @@ def seg_prepare(H, W, wh, ww, sh, sw, group, bm, bn, device):
     int32 [grid position, window-local index of each sorted token; tiles' first row, segment start,
     segment end: full tiles, then half tiles (entries past them: 0)], ninfo (G*nW, 3) int32 [full tiles,
     segments, half tiles], scode (G*nW, N + bn) int64: -4 * table code of
-    each sorted key (keys past N: 0). One launch."""
+    each sorted key (keys past N: 0). One launch (and one memset)."""
     N, nWw = wh * ww, W // ww
     nW = (H // wh) * nWw
     GW = (1 if group is None else group.shape[0]) * nW
     BS = triton.next_power_of_2(N)
-    meta = torch.zeros((GW, 5, N), dtype=torch.int32, device=device)
+    zeros = torch.zeros(GW * (5 * N + 1), dtype=torch.int32, device=device)  # one memset: meta, counters
+    meta, count = zeros[:GW * 5 * N].view(GW, 5, N), zeros[GW * 5 * N:]
     ninfo = torch.empty((GW, 3), dtype=torch.int32, device=device)
     scode = torch.empty((GW, N + bn), dtype=torch.int64, device=device)
     scratch = torch.empty((GW, 3, BS), dtype=torch.int32, device=device)
-    _seg_prep[(GW,)](meta if group is None else group, meta, ninfo, scode, scratch, nW, nWw, H, W, sh, sw, N=N,
-                     WH=wh, WW=ww, BS=BS, CH=min(BS, 32), BM=bm, BN=bn, SHIFT=sh > 0 or sw > 0,
-                     HAS_GROUP=group is not None, num_warps=4)
+    rc = min(BS, PREP_ROWS)
+    _seg_prep[(GW, triton.cdiv(N, rc))](meta if group is None else group, meta, ninfo, scode, scratch, count, nW,
+                                        nWw, H, W, sh, sw, N=N, WH=wh, WW=ww, BS=BS, CH=min(BS, 32), RC=rc, BM=bm,
+                                        BN=bn, SHIFT=sh > 0 or sw > 0, HAS_GROUP=group is not None, num_warps=4)
     return meta, ninfo, scode
 
 
