@@ -481,6 +481,12 @@ TRITON_RULES: List[Rule] = [
          "(segment model, wattn_workload.seg_walk)"),
     Rule(r"while t < nbig \+ nsmall", lambda c: _seg(c)["small"],
          "half (BLOCK_M/2-row) tiles per window: a segment's last rows when they fit one (segment model)"),
+    Rule(r"while n0 \+ 2 \* BLOCK_N <= a1", lambda c: _seg(c)["wide_small"],
+         "unmasked double key blocks per half tile (WIDE): floor(s/(2*BLOCK_N)) (segment model)",
+         via=r"_seg_tile\(BLOCK_M // 2"),
+    Rule(r"while n0 \+ 2 \* BLOCK_N <= a1", lambda c: _seg(c)["wide_big"],
+         "unmasked double key blocks per full tile (WIDE): floor(s/(2*BLOCK_N)) (segment model)",
+         via=r"_seg_tile\(BLOCK_M,"),
     Rule(r"while n0 < a1", lambda c: _seg(c)["full_small"],
          "unmasked key blocks per half tile: floor(s/BLOCK_N) of its segment (segment model)",
          via=r"_seg_tile\(BLOCK_M // 2"),
@@ -512,7 +518,7 @@ def _seg(c: Ctx) -> Dict[str, float]:
 
     p = c.p
     return ww.seg_walk(p["H"], p["W"], p["window"], p["shift"], bool(p["group"]), c.a("BLOCK_M"), c.a("BLOCK_N"),
-                       tail=bool(c.a("TAIL")))
+                       tail=bool(c.a("TAIL")), wide=bool(c.a("WIDE")))
 
 
 def trips_for(rules: Sequence[Rule], ctx: Ctx, site, triton: bool) -> Tuple[Optional[float], str]:

@@ -128,7 +128,7 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
               N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_RPB: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
               ASM: tl.constexpr, COSINE: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr,
-              TAIL: tl.constexpr):
+              TAIL: tl.constexpr, WIDE: tl.constexpr):
     """Query tile t of the window (BLOCK_M rows from its first row, all in one segment): its walk, then
     its segment's rows stored at their original positions."""
     offs_d = tl.arange(0, D)
@@ -154,7 +154,13 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
     a0 = tl.where(bad, a1, lo)
     # (while loops: Triton 3.6's interpreter cannot take range() bounds from loaded values)
     n0 = a0
-    while n0 < a1:  # unmasked key blocks
+    if WIDE:
+        while n0 + 2 * BLOCK_N <= a1:  # unmasked key blocks, two at a time
+            m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
+                                      qk_scale, N, D, 2 * BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM,
+                                      COSINE, UNSCALED, SMEM)
+            n0 += 2 * BLOCK_N
+    while n0 < a1:  # unmasked key blocks (WIDE: the last odd one)
         m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
                                   qk_scale, N, D, BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE,
                                   UNSCALED, SMEM)
@@ -190,7 +196,7 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH, H, W, 
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RPB: tl.constexpr,
                 F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
                 COSINE: tl.constexpr, VBITS: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr = False,
-                TP: tl.constexpr = 1024, TAIL: tl.constexpr = False, VCHECK: tl.constexpr = True):
+                TP: tl.constexpr = 1024, TAIL: tl.constexpr = False, WIDE: tl.constexpr = False, VCHECK: tl.constexpr = True):
     """Program (head h, window w), head-fastest. meta (GG*nW, 5, N) int32 per window: sorted tokens'
     grid positions, their window-local indices, and the tiles' first row, segment start, segment
     end; ninfo (GG*nW, 3): BLOCK_M-row tiles, segments, BLOCK_M/2-row tiles; scode (GG*nW, N +
@@ -220,11 +226,11 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH, H, W, 
     t = nbig * 0
     while t < nbig:  # BLOCK_M-row tiles
         _seg_tile(BLOCK_M, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D, WH,
-                  WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL)
+                  WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE)
         t += 1
     while t < nbig + nsmall:  # a segment's last rows when they fit half a tile
         _seg_tile(BLOCK_M // 2, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D,
-                  WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL)
+                  WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE)
         t += 1
 
 
@@ -322,6 +328,9 @@ def _seg_list(m, info, scr, N: tl.constexpr, BS: tl.constexpr):
 # ----------------------------------------------------------------------------- launchers
 
 
+# unmasked key blocks two at a time (16-bit inputs): halves the per-block share of the rescale, alpha and
+# row-reduction shuffles; 239 registers at d 32 (8 one-warp CTAs/SM, was 12): see seg_config
+WIDE = True
 PREP_ROWS = 16  # tokens per ``_seg_prep`` program (all the window's keys each): ceil(N/16) programs a window
 
 
@@ -331,7 +340,11 @@ def seg_config(N, D, dtype, interpret):
     costs its tiles' rows x ceil(s/BN) * BN keys: at MixMIM-B stage 1 (segments of 28..168 tokens)
     rows rounded to 16 walk 74% of the window's 196^2 pairs, 64-row wgmma tiles 91% (static
     estimates before ``_online_scaled``: 32/16-row tiles 257 us, 16-row 280, 32-row 274, 64-row 320;
-    64-key blocks 351; with it 250). No
+    64-key blocks 351; with it 250). Session 4 (mixmim-b-s1 bf16 static estimates): the table in shared
+    memory 249.7 us; a segment's last <= BN/2 keys in a half block (TAIL) 236.9; ``_seg_prep`` over
+    13 programs a window 232.8; unmasked blocks two at a time (WIDE, 16-bit inputs) 220.6, at 239
+    registers: 8 one-warp CTAs/SM, the model's threshold for full issue (unverified on a GPU: set
+    ``WIDE = False`` if it measures slower). No
     software pipelining: a walk is 3-4 blocks, and a pipelined loop's peeled prologue costs more
     issue than it hides with 12+ one-warp programs per SM (estimate 280 vs 297 us at 16 rows;
     unverified on a GPU). Under the interpreter 32/16 x 16, so that segments of several tiles and
@@ -386,4 +399,6 @@ def seg_forward(qkv, out, lse, tab, num_heads, wh, ww, sh, sw, group, qk_scale, 
         F32=flags["F32"], UPCAST=flags["UPCAST"], IDX64=idx64, ASM=not interpret,
         COSINE=logit_scale is not None, VBITS={torch.bfloat16: 0, torch.float16: 1}.get(qkv.dtype, 2),
         UNSCALED=unscaled, SMEM=not interpret and flags["HAS_RPB"] and ntab <= 4096,
-        TP=triton.next_power_of_2(ntab), TAIL=bn >= 32 or interpret, num_warps=warps, num_stages=stages)
+        TP=triton.next_power_of_2(ntab), TAIL=bn >= 32 or interpret,
+        WIDE=WIDE and (interpret or qkv.dtype != torch.float32),  # fp32: a 64-key block spills
+        num_warps=warps, num_stages=stages)
