@@ -191,13 +191,14 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
 
 
 @triton.jit
-def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH, H, W, nW, GG,
+def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.constexpr, H, W, nW, GG,
                 N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RPB: tl.constexpr,
                 F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
                 COSINE: tl.constexpr, VBITS: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr = False,
                 TP: tl.constexpr = 1024, TAIL: tl.constexpr = False, WIDE: tl.constexpr = False, VCHECK: tl.constexpr = True):
-    """Program (head h, window w), head-fastest. meta (GG*nW, 5, N) int32 per window: sorted tokens'
+    """Program (head h, window w), head-fastest (NH constexpr: a key's K and V at immediate offsets from one
+    row address). meta (GG*nW, 5, N) int32 per window: sorted tokens'
     grid positions, their window-local indices, and the tiles' first row, segment start, segment
     end; ninfo (GG*nW, 3): BLOCK_M-row tiles, segments, BLOCK_M/2-row tiles; scode (GG*nW, N +
     BLOCK_N) int64: -4 * table code of the sorted keys (the last one repeated past N)."""
