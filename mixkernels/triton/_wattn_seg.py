@@ -40,16 +40,55 @@ def _or(a, b):
 
 
 @triton.jit
+def _nan0(x, y, VBITS: tl.constexpr):
+    """x * 0 + y on raw 32-bit words holding two bf16 (VBITS 0), two fp16 (1) or one fp32 (2): NaN where x or
+    y is NaN/Inf... (x: NaN/Inf gives NaN; y: NaN stays NaN); +-0 + y otherwise. GPU only."""
+    if VBITS == 2:
+        return tl.inline_asm_elementwise("fma.rn.f32 $0, $1, 0f00000000, $2;", "=r,r,r", [x, y], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    elif VBITS == 1:
+        return tl.inline_asm_elementwise("{ .reg .b32 z; mov.b32 z, 0; fma.rn.f16x2 $0, $1, z, $2; }", "=r,r,r",
+                                         [x, y], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise("{ .reg .b32 z; mov.b32 z, 0; fma.rn.bf16x2 $0, $1, z, $2; }", "=r,r,r",
+                                         [x, y], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _nan_x2(a, b):
+    return _nan0(a, b, 0)
+
+
+@triton.jit
+def _nan_h2(a, b):
+    return _nan0(a, b, 1)
+
+
+@triton.jit
+def _nan_f32(a, b):
+    return _nan0(a, b, 2)
+
+
+@triton.jit
 def _v_nonfinite(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, IDX64: tl.constexpr,
-                 VBITS: tl.constexpr):
-    """Whether the head's V of the window holds NaN/Inf, on the raw bits in 32-bit words (two 16-bit
-    or one fp32 element each): adding one exponent LSB to the exponent field carries into the
-    element's top bit exactly when the exponent is all ones; the words are OR-reduced. Rows through
-    the window's sorted grid positions (``mrow``). VBITS: 0 bf16, 1 fp16, 2 fp32."""
+                 VBITS: tl.constexpr, ASM: tl.constexpr):
+    """Whether the head's V of the window holds NaN/Inf, on 32-bit words (two 16-bit or one fp32 element
+    each), OR-reduced. On the GPU one packed FMA per word, x * 0 + 0: +-0 for a finite element, NaN
+    for NaN/Inf (the signs are masked off at the end). Under the interpreter on the raw bits: adding one
+    exponent LSB to the exponent field carries into the element's top bit exactly when the exponent
+    is all ones. Rows through the window's sorted grid positions (``mrow``). VBITS: 0 bf16, 1 fp16, 2 fp32."""
     pos = tl.load(mrow + tl.minimum(tl.arange(0, BS), N - 1))
     PER: tl.constexpr = 1 if VBITS == 2 else 2  # elements per word
-    row = (_idx(hw + pos, IDX64) * (3 * C) + hd + 2 * C) // PER
-    words = tl.load(qkv.to(tl.pointer_type(tl.int32), bitcast=True) + row[:, None] + tl.arange(0, D // PER)[None, :])
+    rows = (qkv + (_idx(hw + pos, IDX64) * (3 * C) + hd + 2 * C)).to(tl.pointer_type(tl.int32), bitcast=True)
+    words = tl.load(rows[:, None] + tl.arange(0, D // PER)[None, :])
+    if ASM:  # x * 0 + y over the words: NaN if any is NaN/Inf (one packed FMA per word), then * 0
+        flat = tl.reshape(words, [BS * (D // PER)], can_reorder=True)  # any order: one reduction
+        if VBITS == 2:
+            return (_nan0(tl.reduce(flat, 0, _nan_f32), 0, 2) & 0x7FFFFFFF) != 0
+        elif VBITS == 1:
+            return (_nan0(tl.reduce(flat, 0, _nan_h2), 0, 1) & 0x7FFF7FFF) != 0
+        else:
+            return (_nan0(tl.reduce(flat, 0, _nan_x2), 0, 0) & 0x7FFF7FFF) != 0
     if VBITS == 2:
         EMM: tl.constexpr = 0x7F800000
         ONE: tl.constexpr = 0x00800000
@@ -221,7 +260,7 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.con
     nseg = tl.load(ninfo + 3 * gw + 1)
     bad = nseg < 0  # False
     if (nseg > 1) & VCHECK:
-        bad = _v_nonfinite(qkv, mrow, hw, hd, C, N, BS, D, IDX64, VBITS)
+        bad = _v_nonfinite(qkv, mrow, hw, hd, C, N, BS, D, IDX64, VBITS, ASM)
     nbig = tl.load(ninfo + 3 * gw)
     nsmall = tl.load(ninfo + 3 * gw + 2)
     t = nbig * 0
