@@ -138,13 +138,13 @@ def _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, 
     outside ``[lo, hi)`` get -inf; keys past N read V as zeros; UNSCALED: ``_online_scaled``)."""
     offs_n = n0 + tl.arange(0, BN)
     jn = tl.minimum(offs_n, N - 1)
-    row = _idx(hw + tl.load(mrow + jn), IDX64) * (3 * C) + hd
-    offs_d = tl.arange(0, D)
-    k = _unit(tl.load(qkv + row[:, None] + C + offs_d[None, :]), COSINE)
+    # head base (uniform) + the thread's channels (loop-invariant) + the key's row: one wide multiply-add a row
+    kv = (qkv + hd + C + tl.arange(0, D))[None, :] + (_idx(hw + tl.load(mrow + jn), IDX64) * (3 * C))[:, None]
+    k = _unit(tl.load(kv), COSINE)
     if MASK:
-        v = tl.load(qkv + row[:, None] + 2 * C + offs_d[None, :], mask=(offs_n < N)[:, None], other=0.0)
+        v = tl.load(kv + C, mask=(offs_n < N)[:, None], other=0.0)
     else:
-        v = tl.load(qkv + row[:, None] + 2 * C + offs_d[None, :])
+        v = tl.load(kv + C)
     if UNSCALED:  # logits in units of 1/qk_scale: the table bias (divided by it) is the MMA's accumulator
         if HAS_RPB:  # Swin index code_i + c0 - code_j; scode: -4 code_j, bytes (padded: no clamp)
             t = _mm_acc(q, tl.trans(k), _seg_bias(tab_m, scode, offs_n, ASM, SMEM), F32, UPCAST)
