@@ -3,26 +3,31 @@ path for windows over one tile with a group and/or shift mask, no attn_bias, no 
 
 A window's tokens fall into segments (same shift region AND same group label): a pair attends only
 inside its segment. A pre-kernel sorts each window's tokens stably by segment (labels compared at
-full width; ``_seg_prep``, one launch: the tables are per window and label map, not per image and
-head), so that the live
+full width; ``_seg_prep``, one launch of ceil(N/PREP_ROWS) programs a window: the tables are per
+window and label map, not per image and head), so that the live
 pairs form diagonal blocks, and cuts every segment into query tiles of BLOCK_M rows, its last rows in
 a tile of BLOCK_M/2 when they fit one. A program (head h, window w) walks its window's full tiles,
 then its half tiles (``_seg_tile``); a tile's rows all lie in one segment ``[lo, hi)`` of the sorted
-order and walk only its keys: full BLOCK_N blocks without any mask (``while n0 < a1``), then the
-segment's last partial block with the key mask ``lo <= n < hi`` (``while n0 < c1``: 0 or 1 trips). Rows past the segment end
+order and walk only its keys: full BLOCK_N blocks without any mask (WIDE: two at a time, ``while n0 +
+2 * BLOCK_N <= a1``, then the odd one, ``while n0 < a1``), then the segment's last partial block with
+the key mask ``lo <= n < hi`` (``while n0 < c2``: 0 or 1 trips; TAIL: only when more than BLOCK_N/2
+keys are left, else a masked BLOCK_N/2 block, ``while n0 < c1``). Rows past the segment end
 (next segment's or padding) are computed and never stored. q/k/v are read through the sorted
-positions, the table bias by each token's window-local code, out/lse stored at the original
+positions, the table bias by each token's window-local code (on the GPU from a copy of the head's
+table in shared memory: a 32-bit add and an LDS per element), out/lse stored at the original
 positions (the backward's contract is unchanged).
 
 NaN/Inf in V (edge rule 2): the reference multiplies every masked key's V by 0, so a non-finite V
 element reaches every row of the window. A program whose window has more than one segment checks
-the head's V first (one read of the window's V, ~4% of a program's instructions); if any element is
-not finite, every tile walks all the window's keys with the segment mask (the masked loop from 0 to
+the head's V first (one read of the window's V, one packed FMA per 32-bit word on the GPU, ~3% of a
+program's instructions); if any element is
+not finite, every tile walks all the window's keys with the segment mask (the masked loops from 0 to
 N), exactly as the all-pairs kernel.
 
 Loops (static rules in ``static_rules``, trip counts from ``wattn_workload.seg_walk``): the full and
-the half tiles of a window, the unmasked key blocks of a tile (per tile size), the masked block (0 or
-1; all blocks of the window only for a head whose V holds NaN/Inf).
+the half tiles of a window, the unmasked key blocks of a tile (per tile size; double and single with
+WIDE), the masked blocks (0 or 1 each; all blocks of the window only for a head whose V holds
+NaN/Inf).
 """
 from __future__ import annotations
 
@@ -41,8 +46,8 @@ def _or(a, b):
 
 @triton.jit
 def _nan0(x, y, VBITS: tl.constexpr):
-    """x * 0 + y on raw 32-bit words holding two bf16 (VBITS 0), two fp16 (1) or one fp32 (2): NaN where x or
-    y is NaN/Inf... (x: NaN/Inf gives NaN; y: NaN stays NaN); +-0 + y otherwise. GPU only."""
+    """x * 0 + y on raw 32-bit words holding two bf16 (VBITS 0), two fp16 (1) or one fp32 (2), per element:
+    NaN where x is NaN/Inf or y is NaN, y (Inf included) otherwise. GPU only."""
     if VBITS == 2:
         return tl.inline_asm_elementwise("fma.rn.f32 $0, $1, 0f00000000, $2;", "=r,r,r", [x, y], dtype=tl.int32,
                                          is_pure=True, pack=1)
