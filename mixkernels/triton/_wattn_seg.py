@@ -87,7 +87,7 @@ def _v_nonfinite(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.
     rows = (qkv + (_idx(hw + pos, IDX64) * (3 * C) + hd + 2 * C)).to(tl.pointer_type(tl.int32), bitcast=True)
     words = tl.load(rows[:, None] + tl.arange(0, D // PER)[None, :])
     if ASM:  # x * 0 + y over the words: NaN if any is NaN/Inf (one packed FMA per word), then * 0
-        flat = tl.reshape(words, [BS * (D // PER)], can_reorder=True)  # any order: one reduction
+        flat = tl.reshape(words, [BS * (D // PER)])  # one reduction
         if VBITS == 2:
             return (_nan0(tl.reduce(flat, 0, _nan_f32), 0, 2) & 0x7FFFFFFF) != 0
         elif VBITS == 1:
