@@ -376,9 +376,11 @@ def test_ptxas_log_parsing():
     log = ("ptxas info    : Compiling entry function 'a' for 'sm_90'\nptxas info    : Function properties for a\n"
            "    48 bytes stack frame, 48 bytes spill stores, 52 bytes spill loads\n"
            "ptxas info    : Used 255 registers\nptxas info    : Compiling entry function 'b' for 'sm_90'\n"
-           "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\nptxas info    : Used 40 registers\n")
-    assert aot.ptxas_stats(log, "a") == dict(regs=255, spill_st=48, spill_ld=52, stack=48)
+           "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+           "ptxas info    : Used 40 registers, used 1 barriers, 4096 bytes smem\n")
+    assert aot.ptxas_stats(log, "a") == dict(regs=255, spill_st=48, spill_ld=52, stack=48, smem=-1)
     assert aot.ptxas_stats(log, "b")["regs"] == 40
+    assert aot.ptxas_stats(log, "b")["smem"] == 4096  # static arrays (inline asm's), on top of Triton's dynamic
 
 
 REQUIRED = ("backend", "kernel", "shape", "dtype", "arch", "config", "registers", "spill_bytes", "smem_bytes",

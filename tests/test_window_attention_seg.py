@@ -220,13 +220,16 @@ def test_seg_all_masked_rows_are_nan():
 def test_seg_walk_model_matches_the_launcher_tables(H, w, shift, group):
     """The static rules' model of the walk (``wattn_workload.seg_walk``) counts what the launcher's
     tables make the kernel walk: full and half tiles per window, unmasked and masked key blocks per
-    tile of each kind."""
+    tile of each kind (with TAIL: masked full and half blocks; with WIDE: double and single unmasked
+    blocks)."""
     from mixkernels.bench import wattn_workload as ww
 
     bm, bn = 32, 32
     g = torch.from_numpy(ww.mixmim_mask(H, H))[None] if group else None
     meta, ninfo, _ = _torch_tables(H, H, w, w, shift, shift, g, bm, "cpu")
     model = ww.seg_walk(H, H, w, shift, group, bm, bn)
+    tailed = ww.seg_walk(H, H, w, shift, group, bm, bn, tail=True)
+    wide = ww.seg_walk(H, H, w, shift, group, bm, bn, wide=True)
     nbig, nsmall = ninfo[:, 0].tolist(), ninfo[:, 2].tolist()
     for kind, spans in (("big", [(0, b) for b in nbig]), ("small", list(zip(nbig, nsmall)))):
         lo = torch.cat([meta[i, 3, a:a + n] for i, (a, n) in enumerate(spans)])
@@ -235,6 +238,12 @@ def test_seg_walk_model_matches_the_launcher_tables(H, w, shift, group):
         if len(lo):
             assert ((hi - lo) // bn).double().mean().item() == pytest.approx(model["full_" + kind])
             assert ((hi - lo) % bn != 0).double().mean().item() == pytest.approx(model["masked_" + kind])
+            r = (hi - lo) % bn  # TAIL: the last <= bn/2 keys in a half block, more in a masked full one
+            assert (r > bn // 2).double().mean().item() == pytest.approx(tailed["masked_" + kind])
+            assert ((r > 0) & (r <= bn // 2)).double().mean().item() == pytest.approx(tailed["tail_" + kind])
+            # WIDE: unmasked blocks two at a time, then the odd one
+            assert ((hi - lo) // (2 * bn)).double().mean().item() == pytest.approx(wide["wide_" + kind])
+            assert ((hi - lo) // bn % 2).double().mean().item() == pytest.approx(wide["full_" + kind])
 
 
 @pytest.mark.parametrize("scale", [0.3, 1e-7])
@@ -255,9 +264,11 @@ def test_seg_softmax_scale_paths(scale):
 @pytest.mark.parametrize("H,W,win,shift,labels,G", [
     (10, 10, (5, 5), (0, 0), "many", 2), (10, 10, (5, 5), (2, 2), "two", 1), (14, 14, (7, 7), (3, 3), None, 1),
     (8, 12, (4, 6), (0, 0), "int64", 1), (10, 15, (5, 5), (1, 3), "all_distinct", 2)])
-def test_seg_prep_kernel_matches_the_torch_tables(H, W, win, shift, labels, G):
-    """The pre-kernel's tables (pairwise ranks, a CTA barrier, prefix sums) equal the torch formulation,
-    labels at full width (int64 labels equal modulo 2**32 stay apart)."""
+def test_seg_prep_kernel_matches_the_torch_tables(H, W, win, shift, labels, G, monkeypatch):
+    """The pre-kernel's tables (pairwise ranks over several programs a window, the last one's prefix
+    sums) equal the torch formulation, labels at full width (int64 labels equal modulo 2**32 stay
+    apart)."""
+    monkeypatch.setattr(seg, "PREP_ROWS", 8)  # 2-7 programs a window
     if labels is None:
         g = None
     elif labels == "all_distinct":

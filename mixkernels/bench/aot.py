@@ -394,7 +394,9 @@ def tool(name: str) -> str:
 
 
 def ptxas_stats(log: str, function: Optional[str] = None) -> Dict[str, int]:
-    """Registers / spill stores / spill loads / stack from a ``ptxas -v`` log (-1 where absent).
+    """Registers / spill stores / spill loads / stack / static shared memory (``smem``: arrays a kernel
+    declares itself, e.g. in inline asm; Triton's own buffers are dynamic) from a ``ptxas -v`` log (-1
+    where absent).
 
     ``function``: the (mangled) name whose block to read when the log covers several functions.
     """
@@ -404,7 +406,8 @@ def ptxas_stats(log: str, function: Optional[str] = None) -> Dict[str, int]:
         log = m.group(1) if m else ""
     num = lambda pat: int(m.group(1)) if (m := re.search(pat, log)) else -1  # noqa: E731
     return dict(regs=num(r"Used (\d+) registers"), spill_st=num(r"(\d+) bytes spill stores"),
-                spill_ld=num(r"(\d+) bytes spill loads"), stack=num(r"(\d+) bytes stack frame"))
+                spill_ld=num(r"(\d+) bytes spill loads"), stack=num(r"(\d+) bytes stack frame"),
+                smem=num(r"(\d+) bytes smem"))
 
 
 def resource_usage(cubin_path: str) -> Dict[str, Dict[str, int]]:

@@ -156,9 +156,9 @@ def triton_records(cases, cache: Optional[str], jobs: int, log=print) -> Tuple[L
             regs = ps["regs"] if ps["regs"] > 0 else aot.resource_usage(comp.cubin_path)[la.name]["REG"]
             args = la.named_args()
             ctx = static_rules.Ctx(case.params, la.grid, comp.num_warps * 32, args, la.name)
+            smem = comp.shared + max(ps["smem"], 0)  # Triton's dynamic buffers + static arrays of inline asm
             stats.append(_launch_stats(fn, ctx, static_rules.TRITON_RULES, True, regs=regs, spill_st=ps["spill_st"],
-                                       spill_ld=ps["spill_ld"], smem=comp.shared, programs=la.programs,
-                                       name=la.name))
+                                       spill_ld=ps["spill_ld"], smem=smem, programs=la.programs, name=la.name))
             stats[-1]["spec"] = comp.spec
         records.append(_error_record(case, "triton", "\n".join(errs)) if errs or not stats else
                        _finish(case, "triton", stats))

@@ -433,6 +433,13 @@ def _rng(*a):
     return range(*[int(x) for x in a])
 
 
+def _seg_tiles(where: str, key: str, why: str) -> List[Rule]:
+    """A key loop of ``_seg_tile`` at its two call sites: half tiles (``seg_walk``'s ``key``_small), full
+    tiles (``key``_big); ``why`` names the tile kind at ``{}``."""
+    return [Rule(where, lambda c: _seg(c)[key + "_small"], why.format("half"), via=r"_seg_tile\(BLOCK_M // 2"),
+            Rule(where, lambda c: _seg(c)[key + "_big"], why.format("full"), via=r"_seg_tile\(BLOCK_M,")]
+
+
 def triton_range(site_text: str, args: Dict[str, Any]) -> Optional[Tuple[float, str]]:
     """Trip count of ``for x in range(...)`` when its bounds are kernel arguments/constants only."""
     m = re.search(r"\bin\s+(?:tl\.)?range\((.*)\)\s*:", site_text)
@@ -481,18 +488,15 @@ TRITON_RULES: List[Rule] = [
          "(segment model, wattn_workload.seg_walk)"),
     Rule(r"while t < nbig \+ nsmall", lambda c: _seg(c)["small"],
          "half (BLOCK_M/2-row) tiles per window: a segment's last rows when they fit one (segment model)"),
-    Rule(r"while n0 < a1", lambda c: _seg(c)["full_small"],
-         "unmasked key blocks per half tile: floor(s/BLOCK_N) of its segment (segment model)",
-         via=r"_seg_tile\(BLOCK_M // 2"),
-    Rule(r"while n0 < a1", lambda c: _seg(c)["full_big"],
-         "unmasked key blocks per full tile: floor(s/BLOCK_N) of its segment (segment model)",
-         via=r"_seg_tile\(BLOCK_M,"),
-    Rule(r"while n0 < c1", lambda c: _seg(c)["masked_small"],
-         "masked key block per half tile: 1 when BLOCK_N does not divide s (segment model; all the "
-         "window's blocks only for a head whose V holds NaN/Inf: never here)", via=r"_seg_tile\(BLOCK_M // 2"),
-    Rule(r"while n0 < c1", lambda c: _seg(c)["masked_big"],
-         "masked key block per full tile: 1 when BLOCK_N does not divide s (segment model; all the "
-         "window's blocks only for a head whose V holds NaN/Inf: never here)", via=r"_seg_tile\(BLOCK_M,"),
+    *_seg_tiles(r"while n0 \+ 2 \* BLOCK_N <= a1", "wide",
+                "unmasked double key blocks per {} tile (WIDE): floor(s/(2*BLOCK_N)) (segment model)"),
+    *_seg_tiles(r"while n0 < a1", "full", "unmasked key blocks per {} tile: floor(s/BLOCK_N) of its segment "
+                "(WIDE: the odd one; segment model)"),
+    *_seg_tiles(r"while n0 < c2", "masked", "masked key block per {} tile: 1 when BLOCK_N does not divide s "
+                "(TAIL: when more than BLOCK_N/2 keys are left; segment model; all the window's blocks only for "
+                "a head whose V holds NaN/Inf: never here)"),
+    *_seg_tiles(r"while n0 < c1", "tail", "masked half key block per {} tile (TAIL): 1 when 0 < s % BLOCK_N <= "
+                "BLOCK_N/2 (segment model)"),
     # deterministic coords path: the box of table rows / cols a tile touches (upper bound)
     Rule(r"while y <= y_end", lambda c: 2 * c.a("WH") - 1, "table rows: <= 2*WH-1"),
     Rule(r"while x <= x_end", lambda c: 2 * c.a("WW") - 1, "table cols: <= 2*WW-1"),
@@ -503,7 +507,8 @@ def _seg(c: Ctx) -> Dict[str, float]:
     from . import wattn_workload as ww
 
     p = c.p
-    return ww.seg_walk(p["H"], p["W"], p["window"], p["shift"], bool(p["group"]), c.a("BLOCK_M"), c.a("BLOCK_N"))
+    return ww.seg_walk(p["H"], p["W"], p["window"], p["shift"], bool(p["group"]), c.a("BLOCK_M"), c.a("BLOCK_N"),
+                       tail=bool(c.a("TAIL")), wide=bool(c.a("WIDE")))
 
 
 def trips_for(rules: Sequence[Rule], ctx: Ctx, site, triton: bool) -> Tuple[Optional[float], str]:

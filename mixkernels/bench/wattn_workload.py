@@ -265,14 +265,18 @@ def attention_workload(B: int, H: int, W: int, w: int, shift: int, group: bool, 
     return _MEMO[key]
 
 
-def seg_walk(H: int, W: int, w: int, shift: int, group: bool, bm: int, bn: int, seed: int = 0) -> Dict[str, float]:
+def seg_walk(H: int, W: int, w: int, shift: int, group: bool, bm: int, bn: int, seed: int = 0,
+             tail: bool = False, wide: bool = False) -> Dict[str, float]:
     """The Triton by-segment forward's walk (``mixkernels/triton/_wattn_seg.py``) on the case's masks,
     averaged over the windows (every image has the same windows): a segment of s tokens is cut into
     query tiles of bm rows, its last rows in a tile of bm/2 when they fit one; every tile walks
     floor(s/bn) unmasked key blocks and one masked block when bn does not divide s. Per window:
     ``big`` / ``small`` tiles (``tiles`` both); per tile of each kind: ``full_big``, ``masked_big``,
     ``full_small``, ``masked_small`` blocks (``full``, ``masked``: over all tiles); ``pairs``: computed
-    (row, key) pairs per window, ``live``: attending pairs per window."""
+    (row, key) pairs per window, ``live``: attending pairs per window. ``tail`` (the kernel's TAIL): the
+    last s % bn keys take a masked bn/2 block when they fit one (``tail_big``, ``tail_small`` per tile;
+    ``masked_*`` then counts only the masked bn blocks). ``wide`` (the kernel's WIDE): unmasked blocks
+    two at a time (``wide_big``, ``wide_small``: double blocks per tile; ``full_*``: the single ones)."""
     keys = _keys(1, H, W, w, shift, mixmim_mask(H, W, seed) if group else None)
     c: Counter = Counter()
     for k in keys:
@@ -281,9 +285,14 @@ def seg_walk(H: int, W: int, w: int, shift: int, group: bool, bm: int, bn: int, 
             small = int(s - bm * (nt - 1) <= bm // 2)
             for kind, n in (("big", nt - small), ("small", small)):
                 c[kind] += n
-                c["full_" + kind] += n * (s // bn)
-                c["masked_" + kind] += n * (s % bn != 0)
-            c["pairs"] += ((nt - small) * bm + small * (bm // 2)) * -(-s // bn) * bn
+                r = s % bn
+                half = tail and 0 < r <= bn // 2
+                c["full_" + kind] += n * (s // bn % 2 if wide else s // bn)
+                c["wide_" + kind] += n * (s // (2 * bn) if wide else 0)
+                c["masked_" + kind] += n * (r != 0 and not half)
+                c["tail_" + kind] += n * half
+            keys_walked = (s // bn) * bn + (bn // 2 if tail and 0 < s % bn <= bn // 2 else -(-(s % bn) // bn) * bn)
+            c["pairs"] += ((nt - small) * bm + small * (bm // 2)) * keys_walked
             c["live"] += s * s
     n, t = len(keys), c["big"] + c["small"]
     div = lambda a, b: a / b if b else 0.0  # noqa: E731
@@ -291,4 +300,6 @@ def seg_walk(H: int, W: int, w: int, shift: int, group: bool, bm: int, bn: int, 
                 full=(c["full_big"] + c["full_small"]) / t, masked=(c["masked_big"] + c["masked_small"]) / t,
                 full_big=div(c["full_big"], c["big"]), masked_big=div(c["masked_big"], c["big"]),
                 full_small=div(c["full_small"], c["small"]), masked_small=div(c["masked_small"], c["small"]),
+                tail_big=div(c["tail_big"], c["big"]), tail_small=div(c["tail_small"], c["small"]),
+                wide_big=div(c["wide_big"], c["big"]), wide_small=div(c["wide_small"], c["small"]),
                 pairs=c["pairs"] / n, live=c["live"] / n)

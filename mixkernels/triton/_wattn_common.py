@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["_mm", "_gather", "_gather_rc", "_opaque", "_gather_int", "_fast", "_idx", "_first_window",
-           "_next_window", "_lyx", "_pos", "_coords", "_in_range", "_table_bias", "_mask", "_gather_off", "_online"]
+           "_next_window", "_lyx", "_pos", "_coords", "_in_range", "_table_bias", "_mask", "_gather_off", "_online", "_smem_table", "_gather_smem"]
 
 
 @triton.jit
@@ -92,6 +92,39 @@ def _gather_off(ptrs, offs, ASM: tl.constexpr):
                                          "=f,l,l", [p, o], dtype=tl.float32, is_pure=True, pack=1)
     else:
         return tl.load(p + (o >> 2))
+
+
+@triton.jit
+def _smem_table(tab_h, T: tl.constexpr, TP: tl.constexpr):
+    """Copy the head's fp32 table (T entries, TP = next power of two <= 4096) into a static shared
+    array of the program's own (``mk_wtab``, declared once per kernel: call once, outside loops) and
+    return its 32-bit shared address, after a CTA barrier. ``_gather_smem`` then reads the table
+    with one 32-bit add and an LDS per element, where a global gather needs a 64-bit add (two
+    instructions) and an LDG. GPU only (inline asm)."""
+    if TP <= 1024:
+        base = tl.inline_asm_elementwise(".shared .align 16 .b8 mk_wtab[4096]; mov.u32 $0, mk_wtab;", "=r,r",
+                                         [T + tl.program_id(0) * 0], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.static_assert(TP <= 4096, "_smem_table: table over 4096 entries")
+        base = tl.inline_asm_elementwise(".shared .align 16 .b8 mk_wtab[16384]; mov.u32 $0, mk_wtab;", "=r,r",
+                                         [T + tl.program_id(0) * 0], dtype=tl.int32, is_pure=False, pack=1)
+    i = tl.arange(0, TP)
+    v = tl.load(tab_h + i, mask=i < T, other=0.0)
+    tl.inline_asm_elementwise("st.shared.f32 [$1], $2; mov.u32 $0, 0;", "=r,r,f", [base + 4 * i, v], dtype=tl.int32,
+                              is_pure=False, pack=1)
+    tl.debug_barrier()
+    # the address again through an asm with side effects after the barrier: reads derived from it
+    # (pure, so that the layout pass may give them the scores' layout) cannot move above the barrier
+    return tl.inline_asm_elementwise("mov.u32 $0, $1;", "=r,r", [base], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _gather_smem(row_addr, col_off):
+    """fp32 ``*(row_addr + col_off)`` from ``_smem_table``'s shared array (32-bit byte addresses),
+    broadcast to one tile, in the tile's layout (``_gather``)."""
+    r, c = tl.broadcast(row_addr, col_off)
+    return tl.inline_asm_elementwise("{ .reg .b32 a; add.s32 a, $1, $2; ld.shared.f32 $0, [a]; }", "=f,r,r",
+                                     [r, c], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit

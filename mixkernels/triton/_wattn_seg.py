@@ -3,26 +3,31 @@ path for windows over one tile with a group and/or shift mask, no attn_bias, no 
 
 A window's tokens fall into segments (same shift region AND same group label): a pair attends only
 inside its segment. A pre-kernel sorts each window's tokens stably by segment (labels compared at
-full width; ``_seg_prep``, one launch: the tables are per window and label map, not per image and
-head), so that the live
+full width; ``_seg_prep``, one launch of ceil(N/PREP_ROWS) programs a window: the tables are per
+window and label map, not per image and head), so that the live
 pairs form diagonal blocks, and cuts every segment into query tiles of BLOCK_M rows, its last rows in
 a tile of BLOCK_M/2 when they fit one. A program (head h, window w) walks its window's full tiles,
 then its half tiles (``_seg_tile``); a tile's rows all lie in one segment ``[lo, hi)`` of the sorted
-order and walk only its keys: full BLOCK_N blocks without any mask (``while n0 < a1``), then the
-segment's last partial block with the key mask ``lo <= n < hi`` (``while n0 < c1``: 0 or 1 trips). Rows past the segment end
+order and walk only its keys: full BLOCK_N blocks without any mask (WIDE: two at a time, ``while n0 +
+2 * BLOCK_N <= a1``, then the odd one, ``while n0 < a1``), then the segment's last partial block with
+the key mask ``lo <= n < hi`` (``while n0 < c2``: 0 or 1 trips; TAIL: only when more than BLOCK_N/2
+keys are left, else a masked BLOCK_N/2 block, ``while n0 < c1``). Rows past the segment end
 (next segment's or padding) are computed and never stored. q/k/v are read through the sorted
-positions, the table bias by each token's window-local code, out/lse stored at the original
+positions, the table bias by each token's window-local code (on the GPU from a copy of the head's
+table in shared memory: a 32-bit add and an LDS per element), out/lse stored at the original
 positions (the backward's contract is unchanged).
 
 NaN/Inf in V (edge rule 2): the reference multiplies every masked key's V by 0, so a non-finite V
 element reaches every row of the window. A program whose window has more than one segment checks
-the head's V first (one read of the window's V, ~4% of a program's instructions); if any element is
-not finite, every tile walks all the window's keys with the segment mask (the masked loop from 0 to
+the head's V first (one read of the window's V, one packed FMA per 32-bit word on the GPU, ~3% of a
+program's instructions); if any element is
+not finite, every tile walks all the window's keys with the segment mask (the masked loops from 0 to
 N), exactly as the all-pairs kernel.
 
 Loops (static rules in ``static_rules``, trip counts from ``wattn_workload.seg_walk``): the full and
-the half tiles of a window, the unmasked key blocks of a tile (per tile size), the masked block (0 or
-1; all blocks of the window only for a head whose V holds NaN/Inf).
+the half tiles of a window, the unmasked key blocks of a tile (per tile size; double and single with
+WIDE), the masked blocks (0 or 1 each; all blocks of the window only for a head whose V holds
+NaN/Inf).
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ._cosine import _head_scale, _unit
-from ._wattn_common import _fast, _gather_off, _idx, _mm, _mm_acc, _online, _pos
+from ._wattn_common import _fast, _gather_off, _gather_smem, _idx, _mm, _mm_acc, _online, _pos, _smem_table
 
 
 @triton.jit
@@ -40,16 +45,55 @@ def _or(a, b):
 
 
 @triton.jit
+def _nan0(x, y, VBITS: tl.constexpr):
+    """x * 0 + y on raw 32-bit words holding two bf16 (VBITS 0), two fp16 (1) or one fp32 (2), per element:
+    NaN where x is NaN/Inf or y is NaN, y (Inf included) otherwise. GPU only."""
+    if VBITS == 2:
+        return tl.inline_asm_elementwise("fma.rn.f32 $0, $1, 0f00000000, $2;", "=r,r,r", [x, y], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    elif VBITS == 1:
+        return tl.inline_asm_elementwise("{ .reg .b32 z; mov.b32 z, 0; fma.rn.f16x2 $0, $1, z, $2; }", "=r,r,r",
+                                         [x, y], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise("{ .reg .b32 z; mov.b32 z, 0; fma.rn.bf16x2 $0, $1, z, $2; }", "=r,r,r",
+                                         [x, y], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _nan_x2(a, b):
+    return _nan0(a, b, 0)
+
+
+@triton.jit
+def _nan_h2(a, b):
+    return _nan0(a, b, 1)
+
+
+@triton.jit
+def _nan_f32(a, b):
+    return _nan0(a, b, 2)
+
+
+@triton.jit
 def _v_nonfinite(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, IDX64: tl.constexpr,
-                 VBITS: tl.constexpr):
-    """Whether the head's V of the window holds NaN/Inf, on the raw bits in 32-bit words (two 16-bit
-    or one fp32 element each): adding one exponent LSB to the exponent field carries into the
-    element's top bit exactly when the exponent is all ones; the words are OR-reduced. Rows through
-    the window's sorted grid positions (``mrow``). VBITS: 0 bf16, 1 fp16, 2 fp32."""
+                 VBITS: tl.constexpr, ASM: tl.constexpr):
+    """Whether the head's V of the window holds NaN/Inf, on 32-bit words (two 16-bit or one fp32 element
+    each), OR-reduced. On the GPU one packed FMA per word, x * 0 + 0: +-0 for a finite element, NaN
+    for NaN/Inf (the signs are masked off at the end). Under the interpreter on the raw bits: adding one
+    exponent LSB to the exponent field carries into the element's top bit exactly when the exponent
+    is all ones. Rows through the window's sorted grid positions (``mrow``). VBITS: 0 bf16, 1 fp16, 2 fp32."""
     pos = tl.load(mrow + tl.minimum(tl.arange(0, BS), N - 1))
     PER: tl.constexpr = 1 if VBITS == 2 else 2  # elements per word
-    row = (_idx(hw + pos, IDX64) * (3 * C) + hd + 2 * C) // PER
-    words = tl.load(qkv.to(tl.pointer_type(tl.int32), bitcast=True) + row[:, None] + tl.arange(0, D // PER)[None, :])
+    rows = (qkv + (_idx(hw + pos, IDX64) * (3 * C) + hd + 2 * C)).to(tl.pointer_type(tl.int32), bitcast=True)
+    words = tl.load(rows[:, None] + tl.arange(0, D // PER)[None, :])
+    if ASM:  # x * 0 + y over the words: NaN if any is NaN/Inf (one packed FMA per word), then * 0
+        flat = tl.reshape(words, [BS * (D // PER)])  # one reduction
+        if VBITS == 2:
+            return (_nan0(tl.reduce(flat, 0, _nan_f32), 0, 2) & 0x7FFFFFFF) != 0
+        elif VBITS == 1:
+            return (_nan0(tl.reduce(flat, 0, _nan_h2), 0, 1) & 0x7FFF7FFF) != 0
+        else:
+            return (_nan0(tl.reduce(flat, 0, _nan_x2), 0, 0) & 0x7FFF7FFF) != 0
     if VBITS == 2:
         EMM: tl.constexpr = 0x7F800000
         ONE: tl.constexpr = 0x00800000
@@ -81,31 +125,40 @@ def _online_scaled(t, m_i, l_i, acc, v, sc, F32: tl.constexpr, UPCAST: tl.conste
 
 
 @triton.jit
+def _seg_bias(tab_m, scode, offs_n, ASM: tl.constexpr, SMEM: tl.constexpr):
+    """Table bias of the tile's rows (``tab_m``: row's table address, code_i + c0) and the keys at sorted
+    positions ``offs_n`` (``scode``: -4 code_j): from the shared copy (SMEM) or the global table."""
+    if SMEM:
+        return _gather_smem(tab_m[:, None], tl.load(scode + offs_n).to(tl.int32)[None, :])
+    else:
+        return _gather_off(tab_m[:, None], tl.load(scode + offs_n)[None, :], ASM)
+
+
+@triton.jit
 def _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h, qk_scale,
               N: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, HAS_RPB: tl.constexpr,
               F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
-              COSINE: tl.constexpr, UNSCALED: tl.constexpr):
+              COSINE: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr):
     """One online-softmax step of a query tile over the key block at sorted position n0 (MASK: keys
     outside ``[lo, hi)`` get -inf; keys past N read V as zeros; UNSCALED: ``_online_scaled``)."""
     offs_n = n0 + tl.arange(0, BN)
     jn = tl.minimum(offs_n, N - 1)
-    row = _idx(hw + tl.load(mrow + jn), IDX64) * (3 * C) + hd
-    offs_d = tl.arange(0, D)
-    k = _unit(tl.load(qkv + row[:, None] + C + offs_d[None, :]), COSINE)
+    # head base (uniform) + the thread's channels (loop-invariant) + the key's row: one wide multiply-add a row
+    kv = (qkv + hd + C + tl.arange(0, D))[None, :] + (_idx(hw + tl.load(mrow + jn), IDX64) * (3 * C))[:, None]
+    k = _unit(tl.load(kv), COSINE)
     if MASK:
-        v = tl.load(qkv + row[:, None] + 2 * C + offs_d[None, :], mask=(offs_n < N)[:, None], other=0.0)
+        v = tl.load(kv + C, mask=(offs_n < N)[:, None], other=0.0)
     else:
-        v = tl.load(qkv + row[:, None] + 2 * C + offs_d[None, :])
+        v = tl.load(kv + C)
     if UNSCALED:  # logits in units of 1/qk_scale: the table bias (divided by it) is the MMA's accumulator
         if HAS_RPB:  # Swin index code_i + c0 - code_j; scode: -4 code_j, bytes (padded: no clamp)
-            t = _mm_acc(q, tl.trans(k), _gather_off(tab_m[:, None], tl.load(scode + offs_n)[None, :], ASM), F32,
-                        UPCAST)
+            t = _mm_acc(q, tl.trans(k), _seg_bias(tab_m, scode, offs_n, ASM, SMEM), F32, UPCAST)
         else:
             t = _mm(q, tl.trans(k), F32, UPCAST)
     else:
         t = _mm(q, tl.trans(k), F32, UPCAST) * qk_scale
         if HAS_RPB:
-            t += _gather_off(tab_m[:, None], tl.load(scode + offs_n)[None, :], ASM)
+            t += _seg_bias(tab_m, scode, offs_n, ASM, SMEM)
     if MASK:
         t = tl.where(((offs_n >= lo) & (offs_n < hi))[None, :], t, float("-inf"))
     if UNSCALED:
@@ -118,7 +171,8 @@ def _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, 
 def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale,
               N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_RPB: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
-              ASM: tl.constexpr, COSINE: tl.constexpr, UNSCALED: tl.constexpr):
+              ASM: tl.constexpr, COSINE: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr,
+              TAIL: tl.constexpr, WIDE: tl.constexpr):
     """Query tile t of the window (BLOCK_M rows from its first row, all in one segment): its walk, then
     its segment's rows stored at their original positions."""
     offs_d = tl.arange(0, D)
@@ -130,7 +184,11 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
     tok = _idx(hw + tl.load(mrow + jm), IDX64)
     q = _unit(tl.load(qkv + (tok * (3 * C) + hd)[:, None] + offs_d[None, :]), COSINE)
     j = tl.load(mrow + N + jm)
-    tab_m = tab_h + (j + (j // WW) * (WW - 1) + ((WH - 1) * (2 * WW - 1) + WW - 1))  # code_i + c0
+    code = j + (j // WW) * (WW - 1) + ((WH - 1) * (2 * WW - 1) + WW - 1)  # code_i + c0
+    if SMEM:  # tab_h: the shared copy's 32-bit address
+        tab_m = tab_h + 4 * code
+    else:
+        tab_m = tab_h + code
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
@@ -140,18 +198,33 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
     a0 = tl.where(bad, a1, lo)
     # (while loops: Triton 3.6's interpreter cannot take range() bounds from loaded values)
     n0 = a0
-    while n0 < a1:  # unmasked key blocks
+    if WIDE:
+        while n0 + 2 * BLOCK_N <= a1:  # unmasked key blocks, two at a time
+            m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
+                                      qk_scale, N, D, 2 * BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM,
+                                      COSINE, UNSCALED, SMEM)
+            n0 += 2 * BLOCK_N
+    while n0 < a1:  # unmasked key blocks (WIDE: the last odd one)
         m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
                                   qk_scale, N, D, BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE,
-                                  UNSCALED)
+                                  UNSCALED, SMEM)
         n0 += BLOCK_N
     n0 = tl.where(bad, 0, a1)
     c1 = tl.where(bad, N, hi)
-    while n0 < c1:  # masked key blocks
+    c2 = c1
+    if TAIL:
+        c2 = c1 - BLOCK_N // 2
+    while n0 < c2:  # masked key blocks (TAIL: while more than half a block is left)
         m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
                                   qk_scale, N, D, BLOCK_N, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE,
-                                  UNSCALED)
+                                  UNSCALED, SMEM)
         n0 += BLOCK_N
+    if TAIL:
+        while n0 < c1:  # the last <= BLOCK_N/2 keys in a half block (0 or 1 trips)
+            m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
+                                      qk_scale, N, D, BLOCK_N // 2, True, HAS_RPB, F32, UPCAST, IDX64, ASM,
+                                      COSINE, UNSCALED, SMEM)
+            n0 += BLOCK_N
     # store the segment's rows only (l = 0: NaN, edge rule 2)
     row_ok = offs_m < hi
     o = acc * _fast(l_i, 0, ASM)[:, None]
@@ -162,12 +235,14 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
 
 
 @triton.jit
-def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH, H, W, nW, GG,
+def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.constexpr, H, W, nW, GG,
                 N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RPB: tl.constexpr,
                 F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
-                COSINE: tl.constexpr, VBITS: tl.constexpr, UNSCALED: tl.constexpr, VCHECK: tl.constexpr = True):
-    """Program (head h, window w), head-fastest. meta (GG*nW, 5, N) int32 per window: sorted tokens'
+                COSINE: tl.constexpr, VBITS: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr = False,
+                TP: tl.constexpr = 1024, TAIL: tl.constexpr = False, WIDE: tl.constexpr = False, VCHECK: tl.constexpr = True):
+    """Program (head h, window w), head-fastest (NH constexpr: a key's K and V at immediate offsets from one
+    row address). meta (GG*nW, 5, N) int32 per window: sorted tokens'
     grid positions, their window-local indices, and the tiles' first row, segment start, segment
     end; ninfo (GG*nW, 3): BLOCK_M-row tiles, segments, BLOCK_M/2-row tiles; scode (GG*nW, N +
     BLOCK_N) int64: -4 * table code of the sorted keys (the last one repeated past N)."""
@@ -183,21 +258,24 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH, H, W, 
     gw = (b % GG) * nW + wl
     mrow = meta + gw * (5 * N)
     scode = scode + gw * (N + BLOCK_N)
-    tab_h = tab + h * ((2 * WH - 1) * (2 * WW - 1))  # (nH, T) table, pre-scaled by log2e
+    T: tl.constexpr = (2 * WH - 1) * (2 * WW - 1)
+    tab_h = tab + h * T  # (nH, T) table, pre-scaled by log2e
+    if SMEM:  # the head's table in shared memory (TP: T rounded to a power of two): 32-bit addresses, LDS
+        tab_h = _smem_table(tab_h, T, TP)
     nseg = tl.load(ninfo + 3 * gw + 1)
     bad = nseg < 0  # False
     if (nseg > 1) & VCHECK:
-        bad = _v_nonfinite(qkv, mrow, hw, hd, C, N, BS, D, IDX64, VBITS)
+        bad = _v_nonfinite(qkv, mrow, hw, hd, C, N, BS, D, IDX64, VBITS, ASM)
     nbig = tl.load(ninfo + 3 * gw)
     nsmall = tl.load(ninfo + 3 * gw + 2)
     t = nbig * 0
     while t < nbig:  # BLOCK_M-row tiles
         _seg_tile(BLOCK_M, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D, WH,
-                  WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED)
+                  WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE)
         t += 1
     while t < nbig + nsmall:  # a segment's last rows when they fit half a tile
         _seg_tile(BLOCK_M // 2, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D,
-                  WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED)
+                  WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE)
         t += 1
 
 
@@ -216,24 +294,27 @@ def _seg_key(group, gbase, t, wy, wx, H, W, SH, SW, N: tl.constexpr, WH: tl.cons
 
 
 @triton.jit
-def _seg_prep(group, meta, ninfo, scode, scratch, nW, nWw, H, W, SH, SW, N: tl.constexpr, WH: tl.constexpr,
-              WW: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-              SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr):
-    """The tables of ``_seg_kernel`` for window gw of label map g = gw // nW (one program each): a token's
-    sorted position is the number of tokens with a smaller (region, label) key plus those with an equal
-    key and a smaller index (stable), counted pairwise in chunks of CH; its segment is [lo, lo + count).
-    Tiles start every BM rows of a segment (a half tile when at most BM/2 rows are left): per sorted
-    position (through ``scratch``, after a CTA barrier) the full tiles, then the half tiles, in order."""
+def _seg_prep(group, meta, ninfo, scode, scratch, count, nW, nWw, H, W, SH, SW, N: tl.constexpr, WH: tl.constexpr,
+              WW: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, RC: tl.constexpr, BM: tl.constexpr,
+              BN: tl.constexpr, SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr):
+    """The tables of ``_seg_kernel`` for window gw of label map g = gw // nW, RC tokens per program
+    (program (gw, c): tokens c*RC ...): a token's sorted position is the number of tokens with a smaller
+    (region, label) key plus those with an equal key and a smaller index (stable), counted pairwise
+    against all the window's tokens in chunks of CH; its segment is [lo, lo + count). Tiles start every
+    BM rows of a segment (a half tile when at most BM/2 rows are left): per sorted position (through
+    ``scratch``) the full tiles, then the half tiles, in order, listed by the window's last program to
+    finish (``count``: zeroed per window; an acq_rel atomic after a CTA barrier publishes the
+    program's stores)."""
     gw = tl.program_id(0)
     wl = gw % nW
     wy = wl // nWw
     wx = wl % nWw
     gbase = (gw // nW) * (H * W)
-    a = tl.arange(0, BS)
+    a = tl.program_id(1) * RC + tl.arange(0, RC)
     pos, j, reg, lab = _seg_key(group, gbase, a, wy, wx, H, W, SH, SW, N, WH, WW, SHIFT, HAS_GROUP)
-    lo = tl.zeros((BS,), tl.int32)
-    cnt = tl.zeros((BS,), tl.int32)
-    before = tl.zeros((BS,), tl.int32)
+    lo = tl.zeros((RC,), tl.int32)
+    cnt = tl.zeros((RC,), tl.int32)
+    before = tl.zeros((RC,), tl.int32)
     for c0 in tl.static_range(0, BS, CH):
         b = c0 + tl.arange(0, CH)
         _p, _j, rb, lb = _seg_key(group, gbase, b, wy, wx, H, W, SH, SW, N, WH, WW, SHIFT, HAS_GROUP)
@@ -251,7 +332,8 @@ def _seg_prep(group, meta, ninfo, scode, scratch, nW, nWw, H, W, SH, SW, N: tl.c
     tl.store(m + N + rank, j, mask=valid)
     sc = scode + gw * (N + BN)
     tl.store(sc + rank, (j // WW * (2 * WW - 1) + j % WW).to(tl.int64) * -4, mask=valid)
-    tl.store(sc + N + tl.arange(0, BN), tl.zeros((BN,), tl.int64))  # keys past N (masked): any valid offset
+    kb = tl.arange(0, BN)  # keys past N (masked): any valid offset; the first program writes them
+    tl.store(sc + N + kb, tl.zeros((BN,), tl.int64), mask=kb < BN * (tl.program_id(1) == 0).to(tl.int32))
     first = valid & (before % BM == 0)
     small = first & (cnt - before <= BM // 2)
     kind = tl.where(first, tl.where(small, 2, 1), 0)
@@ -260,21 +342,41 @@ def _seg_prep(group, meta, ninfo, scode, scratch, nW, nWw, H, W, SH, SW, N: tl.c
     tl.store(scr + BS + rank, lo, mask=valid)
     tl.store(scr + 2 * BS + rank, lo + cnt, mask=valid)
     tl.debug_barrier()
-    kr = tl.load(scr + a, mask=valid, other=0)
+    done = tl.atomic_add(count + gw, 1, sem="acq_rel")
+    if done == tl.num_programs(1) - 1:  # every program of the window has stored its ranks
+        tl.debug_barrier()
+        _seg_list(m, ninfo + 3 * gw, scr, N, BS)
+
+
+@triton.jit
+def _seg_list(m, info, scr, N: tl.constexpr, BS: tl.constexpr):
+    """``_seg_prep``'s tile lists of one window from the per-rank tile kinds (0 none, 1 full tile starts
+    here, 2 half tile) and segment bounds in ``scr`` (read through L2: other programs wrote them); a
+    segment starts at the sorted positions that equal their segment's start."""
+    a = tl.arange(0, BS)
+    valid = a < N
+    kr = tl.load(scr + a, mask=valid, other=0, cache_modifier=".cg")
+    lo = tl.load(scr + BS + a, mask=valid, other=-1, cache_modifier=".cg")
     big_r = (kr == 1).to(tl.int32)
     small_r = (kr == 2).to(tl.int32)
     nbig = tl.sum(big_r, 0)
     tid = tl.where(kr == 1, tl.cumsum(big_r, 0) - 1, nbig + tl.cumsum(small_r, 0) - 1)
     live = kr > 0
     tl.store(m + 2 * N + tid, a, mask=live)
-    tl.store(m + 3 * N + tid, tl.load(scr + BS + a, mask=live, other=0), mask=live)
-    tl.store(m + 4 * N + tid, tl.load(scr + 2 * BS + a, mask=live, other=0), mask=live)
-    tl.store(ninfo + 3 * gw, nbig)
-    tl.store(ninfo + 3 * gw + 1, tl.sum((valid & (before == 0)).to(tl.int32), 0))
-    tl.store(ninfo + 3 * gw + 2, tl.sum(small_r, 0))
+    tl.store(m + 3 * N + tid, lo, mask=live)
+    tl.store(m + 4 * N + tid, tl.load(scr + 2 * BS + a, mask=live, other=0, cache_modifier=".cg"), mask=live)
+    tl.store(info, nbig)
+    tl.store(info + 1, tl.sum((lo == a).to(tl.int32), 0))
+    tl.store(info + 2, tl.sum(small_r, 0))
 
 
 # ----------------------------------------------------------------------------- launchers
+
+
+# unmasked key blocks two at a time (16-bit inputs): halves the per-block share of the rescale, alpha and
+# row-reduction shuffles; 239 registers at d 32 (8 one-warp CTAs/SM, was 12): see seg_config
+WIDE = True
+PREP_ROWS = 16  # tokens per ``_seg_prep`` program (all the window's keys each): ceil(N/16) programs a window
 
 
 def seg_config(N, D, dtype, interpret):
@@ -283,7 +385,11 @@ def seg_config(N, D, dtype, interpret):
     costs its tiles' rows x ceil(s/BN) * BN keys: at MixMIM-B stage 1 (segments of 28..168 tokens)
     rows rounded to 16 walk 74% of the window's 196^2 pairs, 64-row wgmma tiles 91% (static
     estimates before ``_online_scaled``: 32/16-row tiles 257 us, 16-row 280, 32-row 274, 64-row 320;
-    64-key blocks 351; with it 250). No
+    64-key blocks 351; with it 250). Session 4 (mixmim-b-s1 bf16 static estimates): the table in shared
+    memory 249.7 us; a segment's last <= BN/2 keys in a half block (TAIL) 236.9; ``_seg_prep`` over
+    13 programs a window 232.8; unmasked blocks two at a time (WIDE, 16-bit inputs) 220.6, at 239
+    registers: 8 one-warp CTAs/SM, the model's threshold for full issue (unverified on a GPU: set
+    ``WIDE = False`` if it measures slower). No
     software pipelining: a walk is 3-4 blocks, and a pipelined loop's peeled prologue costs more
     issue than it hides with 12+ one-warp programs per SM (estimate 280 vs 297 us at 16 rows;
     unverified on a GPU). Under the interpreter 32/16 x 16, so that segments of several tiles and
@@ -299,18 +405,20 @@ def seg_prepare(H, W, wh, ww, sh, sw, group, bm, bn, device):
     int32 [grid position, window-local index of each sorted token; tiles' first row, segment start,
     segment end: full tiles, then half tiles (entries past them: 0)], ninfo (G*nW, 3) int32 [full tiles,
     segments, half tiles], scode (G*nW, N + bn) int64: -4 * table code of
-    each sorted key (keys past N: 0). One launch."""
+    each sorted key (keys past N: 0). One launch (and one memset)."""
     N, nWw = wh * ww, W // ww
     nW = (H // wh) * nWw
     GW = (1 if group is None else group.shape[0]) * nW
     BS = triton.next_power_of_2(N)
-    meta = torch.zeros((GW, 5, N), dtype=torch.int32, device=device)
+    zeros = torch.zeros(GW * (5 * N + 1), dtype=torch.int32, device=device)  # one memset: meta, counters
+    meta, count = zeros[:GW * 5 * N].view(GW, 5, N), zeros[GW * 5 * N:]
     ninfo = torch.empty((GW, 3), dtype=torch.int32, device=device)
     scode = torch.empty((GW, N + bn), dtype=torch.int64, device=device)
     scratch = torch.empty((GW, 3, BS), dtype=torch.int32, device=device)
-    _seg_prep[(GW,)](meta if group is None else group, meta, ninfo, scode, scratch, nW, nWw, H, W, sh, sw, N=N,
-                     WH=wh, WW=ww, BS=BS, CH=min(BS, 32), BM=bm, BN=bn, SHIFT=sh > 0 or sw > 0,
-                     HAS_GROUP=group is not None, num_warps=4)
+    rc = min(BS, PREP_ROWS)
+    _seg_prep[(GW, triton.cdiv(N, rc))](meta if group is None else group, meta, ninfo, scode, scratch, count, nW,
+                                        nWw, H, W, sh, sw, N=N, WH=wh, WW=ww, BS=BS, CH=min(BS, 32), RC=rc, BM=bm,
+                                        BN=bn, SHIFT=sh > 0 or sw > 0, HAS_GROUP=group is not None, num_warps=4)
     return meta, ninfo, scode
 
 
@@ -323,6 +431,7 @@ def seg_forward(qkv, out, lse, tab, num_heads, wh, ww, sh, sw, group, qk_scale, 
     nWw = W // ww
     nW = (H // wh) * nWw
     bm, bn, warps, stages = seg_config(N, D, qkv.dtype, interpret)
+    ntab = (2 * wh - 1) * (2 * ww - 1)
     meta, ninfo, scode = seg_prepare(H, W, wh, ww, sh, sw, group, bm, bn, qkv.device)
     # logits in units of 1/qk_scale (``_online_scaled``) for a plain softmax scale in a safe range
     unscaled = logit_scale is None and 2.0 ** -20 <= qk_scale <= 2.0 ** 20
@@ -334,5 +443,7 @@ def seg_forward(qkv, out, lse, tab, num_heads, wh, ww, sh, sw, group, qk_scale, 
         BS=triton.next_power_of_2(N), BLOCK_M=bm, BLOCK_N=bn, HAS_RPB=flags["HAS_RPB"],
         F32=flags["F32"], UPCAST=flags["UPCAST"], IDX64=idx64, ASM=not interpret,
         COSINE=logit_scale is not None, VBITS={torch.bfloat16: 0, torch.float16: 1}.get(qkv.dtype, 2),
-        UNSCALED=unscaled,
+        UNSCALED=unscaled, SMEM=not interpret and flags["HAS_RPB"] and ntab <= 4096,
+        TP=triton.next_power_of_2(ntab), TAIL=bn >= 32 or interpret,
+        WIDE=WIDE and (interpret or qkv.dtype != torch.float32),  # fp32: a 64-key block spills
         num_warps=warps, num_stages=stages)
