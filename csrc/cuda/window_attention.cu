@@ -132,7 +132,8 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
   const Geo& G = A.g;
   const int g = lane >> 2, r0 = 16 * tile, rows = S.info[0];  // slots in use (padding: tok < 0)
   const int zero_byte = tab_byte + 4 * G.T;
-  __syncwarp();  // converged after the previous tile's per-lane stores
+  // No __syncwarp here: store_rows_warp ended the previous tile with one, and qa.load's ldmatrix is
+  // .aligned (a converged warp) anyway.
   AFrag<T, D> qa;
   qa.load(sq + r0 * TL::kLD, lane);
   const RowInfo ri[2] = {row_info<BIAS, ABIAS>(G, S, r0 + g, tab_byte, h),

@@ -192,6 +192,40 @@ __device__ inline void segment_ids(const int64_t* lab, const int* reg, int* kid,
   }
 }
 
+// segment_ids for the pack prologue, without a serial scan per token: token n = threadIdx.x (all threads
+// call; `label`, `region` are its own, lab/reg published by a barrier; padding tokens: any id). Inside a warp __match_any_sync
+// finds the lanes of the same (window, label, region); the first of them (the warp's leader of that
+// key) is listed, in token order, in `list` (ids of the list entries in `at`, counts per warp in
+// `cnt`). Only leaders scan, and only the earlier leaders of their window (one entry per key and warp:
+// MixMIM's two labels find theirs within the first warp's few entries); the rest of the key's lanes
+// take the result by shuffle. Same ids as segment_ids.
+__device__ __forceinline__ int pack_segment_id(const int64_t* lab, const int* reg, int64_t label, int region, int n,
+                                               bool valid, int N, int* list, int* at, int* cnt) {
+  const int lane = n & 31, warp = n >> 5, win = n / N;
+  const unsigned same = __match_any_sync(kFull, label) & __match_any_sync(kFull, region) &
+                        __match_any_sync(kFull, win);
+  const int first = __ffs(static_cast<int>(same)) - 1;
+  const unsigned leaders = __ballot_sync(kFull, lane == first);
+  if (lane == 0) cnt[warp] = __popc(leaders);
+  __syncthreads();
+  int idx = __popc(leaders & prim::lanemask_lt(lane));
+#pragma unroll
+  for (int v = 0; v < kWarps; ++v) idx += v < warp ? cnt[v] : 0;
+  if (lane == first) list[idx] = n, at[n] = idx;
+  __syncthreads();
+  int k = n;
+  if (lane == first && valid) {  // the window's first token leads: at[win * N] is the window's first entry
+    for (int i = at[win * N]; i < idx; ++i) {
+      const int m = list[i];
+      if (lab[m] == label && reg[m] == region) {
+        k = m;
+        break;
+      }
+    }
+  }
+  return __shfl_sync(kFull, k, first);
+}
+
 // int32 coordinates of tokens [0, count) from int64 ones (windows of N tokens): relative to the
 // window's first token when the window spans less than coord_limit, else gap-compressed
 // (compress_gap): either way the same pairs get the same table entries. gy/gx: scratch.
@@ -283,9 +317,9 @@ __device__ void prologue(const Geo& G, int pack, const Pack& S, unsigned char* s
   cxv[n] = int(x);
   __syncthreads();
   if constexpr (COORDS) window_coords(vy, vx, cyv, cxv, gy, gx, nvalid, G.N, G.rh, G.rw);
-  segment_ids(lab, reg, kidv, nvalid, G.N);
+  const int sid = pack_segment_id(lab, reg, label, region, n, valid, G.N, start, kidv, wsum);
+  const int kid = valid ? sid : n;  // padding: a segment of its own
   __syncthreads();
-  const int kid = valid ? kidv[n] : n;  // padding: a segment of its own
   const int P = table_pos(cyv[n], cxv[n], G.rw);
 
   // Stable counting sort by segment id: rank within the warp, counts of earlier warps, bin starts.

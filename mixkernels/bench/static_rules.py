@@ -222,6 +222,9 @@ CUDA_RULES: List[Rule] = [
     Rule(r"for \(int n = threadIdx\.x; n < count; n \+= blockDim\.x\)",
          _fz(lambda w, c: w["per_pack"](lambda n: lane_strided(n, THREADS_FUSED))),
          "segment ids / window coordinates: the pack's valid tokens over 256 threads", kernel=_FUSED),
+    Rule(r"for \(int i = at\[win \* N\]; i < idx; \+\+i\)", _fz(lambda w, c: w["lscan"] / w["scan_warps"]),
+         "pack_segment_id: a key's warp leader scans the window's earlier leaders (emulated per warp, longest "
+         "lane, averaged)", kernel=_FUSED),
     Rule(r"for \(int m = n / N \* N; m < n; \+\+m\)", _fz(lambda w, c: w["scan"] / w["scan_warps"]),
          "segment_ids' scan to the segment's first token: emulated per warp (longest lane), averaged",
          kernel=_FUSED),
@@ -287,7 +290,7 @@ CUDA_RULES: List[Rule] = [
          "forward zero_padding: the 3 x nbuf operand tiles of padding slots (ONE: cap - valid of cap)", kernel=_FUSED),
     Rule(r"for \(int i = threadIdx\.x; i < G\.T; i \+= kThreads\) f\(i\)", lambda c: lane_strided(c.p["T"], THREADS_FUSED),
          "forward table entries (load, then scale by 1/scale): T over 256 threads", kernel=_FUSED),
-    Rule(r"for \(int t = warp; t < ntiles; t \+= kWarps\)", _fz(lambda w, c: w["ftiles"] / w["packs"] / 8),
+    Rule(r"for \(int t = u?warp; t < ntiles; t \+= kWarps\)", _fz(lambda w, c: w["ftiles"] / w["packs"] / 8),
          "forward tiles (after align_segments) round-robin over the 8 warps: tiles per pack / 8", kernel=_FUSED),
     Rule(r"for \(int r = threadIdx\.x >> 5; r < ny; r \+= kWarps\)", lambda c: (2 * _box(c) + 1) / 8,
          "coords table box: 2e+1 rows over 8 warps (e = min(r-1, pack coordinate span), see _box)", kernel=_FUSED),

@@ -213,9 +213,24 @@ def _pack_stats(kp: Tuple[Tuple[int, ...], ...], N: int) -> Dict[str, Any]:
         c32[(32, False)] += mid // 32
         c32[(16, False)] += mid % 32 // 16
     warps = [max(scan[w:w + 32]) for w in range(0, nvalid, 32)]
+    # pack_segment_id (the fused prologue): the first lane of each (window, key) in a warp leads and
+    # scans the earlier leaders of its window in token order, up to and including the first match
+    flat = [(i, j, v) for i, k in enumerate(kp) for j, v in enumerate(k)]
+    lead, seen = [], set()
+    for n, (i, j, v) in enumerate(flat):
+        if (n // 32, i, v) not in seen:
+            seen.add((n // 32, i, v))
+            lead.append(n)
+    lscan = [0] * len(warps)
+    for e, n in enumerate(lead):
+        i, _, v = flat[n]
+        e0 = next(x for x, m in enumerate(lead) if flat[m][0] == i)  # the window's first token's entry
+        hit = next((x for x in range(e0, e) if flat[lead[x]][2] == v), None)
+        lscan[n // 32] = max(lscan[n // 32], e - e0 if hit is None else hit - e0 + 1)
     # the legacy kernels run segment_ids on one window at a time: warps of 32 tokens of a window
     wwarps = [max(scan[i + w:i + min(w + 32, N)]) for i in range(0, nvalid, N) for w in range(0, N, 32)]
     return dict(nvalid=nvalid, tiles=nt, ftiles=len(ftiles), c32=c32, c16=c16, scan=sum(warps), scan_warps=len(warps),
+                lscan=sum(lscan),
                 scan_win=sum(wwarps), scan_win_warps=len(wwarps),
                 shifts_fwd=_assign_shifts([b + 1 for b in tb]),
                 shifts_bwd=_assign_shifts([(b + 1) * 5 for b in tb] + [(b + 1) * 4 for b in tb]))
@@ -242,7 +257,7 @@ def _aggregate(keys: np.ndarray) -> Dict[str, Any]:
         tot["c32"].update(s["c32"])
         tot["c16"].update(s["c16"])
         tot["nvalid"][s["nvalid"]] += 1
-        for k in ("tiles", "ftiles", "scan", "scan_warps", "scan_win", "scan_win_warps", "shifts_fwd", "shifts_bwd"):
+        for k in ("tiles", "ftiles", "scan", "scan_warps", "lscan", "scan_win", "scan_win_warps", "shifts_fwd", "shifts_bwd"):
             tot[k] = tot.get(k, 0) + s[k]
     return dict(tot, packs=math.ceil(nwin / P), P=P, N=N, nwin=nwin, cap=_round16(P * N))
 
@@ -256,7 +271,8 @@ def attention_workload(B: int, H: int, W: int, w: int, shift: int, group: bool, 
     (width, masked) key blocks of the forward / backward walks (each key of each 16-row tile's range
     in one block of each; the forward's tiles are ``ftiles``); ``nvalid`` Counter of valid slots per
     pack; ``scan`` / ``scan_warps``: segment_ids' inner-loop iterations summed over the warps that run
-    it (a warp runs until its longest lane is done) and their number (``scan_win`` / ``scan_win_warps``:
+    it (a warp runs until its longest lane is done) and their number (``lscan``: the same for the fused
+    prologue's pack_segment_id, whose leaders scan the earlier leaders; ``scan_win`` / ``scan_win_warps``:
     the same for one window per call, as the legacy kernels run it); ``shifts_fwd`` / ``shifts_bwd``:
     assign_items' insertion-sort iterations; ``packs``, ``P``, ``N``, ``nwin``, ``cap``."""
     key = (B, H, W, w, shift, group, seed)
