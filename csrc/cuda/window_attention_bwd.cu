@@ -31,6 +31,14 @@ namespace wattn {
 
 constexpr int kDetSlots = 256;  // deterministic mode: CTAs (x head groups) walking fixed pack sequences
 
+// Bias-gradient tables of T + 1 floats per CTA: deterministic mode one per warp (and 32 floats of
+// scratch per warp after them); fast mode one, or in the one-pass plan one per lane & 3 (the lanes
+// of one step of the key pass that share t share the query, so hit distinct entries: no two lanes of
+// a step meet on one entry, which in one shared table made most steps retry up to 3 times).
+MK_HD size_t bwd_tab_floats(int T, bool det, bool one) {
+  return det ? size_t(kWarps) * (T + 1 + 32) : size_t(one ? 4 : 1) * (T + 1);
+}
+
 struct BwdArgs {
   Geo g;
   const void* dout;
@@ -47,7 +55,7 @@ struct QSide {
   int qb;  // table byte + 4 * (center + P(query))
   int key;
   int2 c;  // coords + (rh-1, rw-1)
-  float nl, delta;  // -lse * log2(e), rowsum(dO * O)
+  float nl, delta;  // -lse * log2(e), -dsc * rowsum(dO * O) (dsc: see pair_grad)
 };
 struct KSide {
   int kb;  // -4 * P(key)
@@ -55,21 +63,25 @@ struct KSide {
   int2 c;
 };
 
-// p and dS of a pair from its score s and dP; `entry`: byte of its table entry (drpb).
+// p and dS of a pair from its score s and dP, dS times dsc (the one-pass plan folds the softmax scale
+// into dS there: dK = dS^T Q and dQ = dS K need no multiply per output, the bias gradient's flush
+// divides it out; elsewhere dsc = 1, no multiply); `entry`: byte of its bias-gradient entry (qb and
+// zero_byte count in the gradient table's bytes, the bias table sits at entry + bias_off: the
+// gradient's adds use the entry as it is, the bias load takes the offset in its address).
 template <int BIAS, bool MASKED>
 __device__ __forceinline__ void pair_grad(float s, float dp, const QSide& q, const KSide& k, float scale,
-                                          const unsigned char* smem, int zero_byte, int rh2, int rw2, float& p,
-                                          float& ds, int& entry) {
+                                          float dsc, const unsigned char* smem, int bias_off, int zero_byte, int rh2,
+                                          int rw2, float& p, float& ds, int& entry) {
   float b = 0.f;
   entry = zero_byte;
   if constexpr (BIAS != 0) {
     entry = bias_entry<BIAS>(q.qb, k.kb, q.c, k.c, zero_byte, rh2, rw2);
-    b = *reinterpret_cast<const float*>(smem + entry);
+    b = *reinterpret_cast<const float*>(smem + bias_off + entry);
   }
   float x = fmaf(s, scale, b);
   if constexpr (MASKED) x = q.key == k.key ? x : -INFINITY;
   p = prim::ex2(fmaf(x, kLog2e, q.nl));
-  ds = p * (dp - q.delta);
+  ds = p * fmaf(dp, dsc, q.delta);
   if constexpr (MASKED) ds = q.key == k.key ? ds : 0.f;  // masked_fill's gradient: exactly 0
 }
 
@@ -95,6 +107,34 @@ __device__ __forceinline__ void table_add(unsigned char* smem, int entry, float 
   }
 }
 
+// Fast mode, the key pass's N pairs of one block: first tries of all N back to back (no branch and
+// no reconvergence per pair, unlike atomicAdd's CAS loop), then warp-wide rounds retrying what did not
+// land (lanes of one step hitting one entry, or another warp in between) until every add landed.
+template <int N>
+__device__ __forceinline__ void table_add_batch(unsigned char* smem, const int (&entry)[N], const float (&v)[N]) {
+  unsigned o[N], r[N], miss = 0;  // try i landed iff r[i] == o[i]
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    unsigned* p = reinterpret_cast<unsigned*>(smem + entry[i]);
+    o[i] = *static_cast<volatile unsigned*>(p);
+    r[i] = atomicCAS(p, o[i], __float_as_uint(__uint_as_float(o[i]) + v[i]));
+    miss |= r[i] ^ o[i];
+  }
+#pragma unroll 1
+  while (__any_sync(kFull, miss != 0)) {  // bwd drpb retry rounds
+    miss = 0;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if (r[i] != o[i]) {
+        unsigned* p = reinterpret_cast<unsigned*>(smem + entry[i]);
+        o[i] = *static_cast<volatile unsigned*>(p);
+        r[i] = atomicCAS(p, o[i], __float_as_uint(__uint_as_float(o[i]) + v[i]));
+      }
+      miss |= r[i] ^ o[i];
+    }
+  }
+}
+
 struct HeadSmem {
   const unsigned char* smem;
   const Pack* S;
@@ -103,8 +143,8 @@ struct HeadSmem {
   const void* v;
   const void* dO;
   const float2* nld;  // {-lse * log2(e), delta} per slot
-  int tab_byte, zero_byte;
-  int dtab_delta;  // drpb table byte - bias table byte (this warp's table in deterministic mode)
+  int ent_byte, zero_byte;  // entry 0 and T (zero) of the gradient table (this warp's, deterministic mode)
+  int bias_off;             // bias table byte - gradient table byte
   float* scratch;  // deterministic: 32 floats of this warp
   const float2* qk_inv;  // cosine mode: {1/|q|, 1/|k|} per slot (normalize_rows' convention), else null
   float hs;              // cosine mode: the head's exp(min(logit_scale, log 100))
@@ -125,6 +165,8 @@ __device__ __forceinline__ void key_block(const Geo& G, const HeadSmem& M, const
   const T* sq = static_cast<const T*>(M.q) + qb * LD;
   const T* sdo = static_cast<const T*>(M.dO) + qb * LD;
   float st[NT][4], dpt[NT][4];
+  constexpr bool kBatch = ONE && DRPB && !DET;  // the block's bias-gradient adds after its pairs
+  int bent[kBatch ? 4 * NT : 1];
   scores<T, D, NT>(st, ka, sq, lane);
   scores<T, D, NT>(dpt, va, sdo, lane);
 #pragma unroll
@@ -137,7 +179,7 @@ __device__ __forceinline__ void key_block(const Geo& G, const HeadSmem& M, const
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       QSide q;
-      q.qb = M.tab_byte + 4 * table_center(G.rh, G.rw) + (e ? qi.z : qi.x);
+      q.qb = M.ent_byte + 4 * table_center(G.rh, G.rw) + (e ? qi.z : qi.x);
       q.key = e ? qi.w : qi.y;
       q.c = e ? make_int2(qc.z + G.rh - 1, qc.w + G.rw - 1) : make_int2(qc.x + G.rh - 1, qc.y + G.rw - 1);
       q.nl = e ? nd.z : nd.x;
@@ -146,14 +188,26 @@ __device__ __forceinline__ void key_block(const Geo& G, const HeadSmem& M, const
       for (int rr = 0; rr < 2; ++rr) {
         float p, ds;
         int entry;
-        pair_grad<BIAS, MASKED>(st[j][2 * rr + e], dpt[j][2 * rr + e], q, ks[rr], G.scale, M.smem, M.zero_byte, rh2,
-                                rw2, p, ds, entry);
+        pair_grad<BIAS, MASKED>(st[j][2 * rr + e], dpt[j][2 * rr + e], q, ks[rr], G.scale, ONE ? G.scale : 1.f,
+                                M.smem, M.bias_off, M.zero_byte, rh2, rw2, p, ds, entry);
         st[j][2 * rr + e] = ds;  // dS^T
         dpt[j][2 * rr + e] = p;  // P^T
-        if constexpr (ONE && DRPB)
-          table_add<DET>(const_cast<unsigned char*>(M.smem), entry + M.dtab_delta, ds, M.scratch, lane);
+        if constexpr (kBatch)
+          bent[4 * j + 2 * e + rr] = entry;
+        else if constexpr (ONE && DRPB)
+          table_add<DET>(const_cast<unsigned char*>(M.smem), entry, ds, M.scratch, lane);
       }
     }
+  }
+  if constexpr (kBatch) {
+    float bv[4 * NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) bv[4 * j + 2 * e + rr] = st[j][2 * rr + e];
+    table_add_batch(const_cast<unsigned char*>(M.smem), bent, bv);
   }
   accum<T, D, NT>(dv, dpt, sdo, lane);
   if constexpr (ONE) {
@@ -195,15 +249,15 @@ __device__ __forceinline__ void query_block(const Geo& G, const HeadSmem& M, con
       for (int rr = 0; rr < 2; ++rr) {
         float p, ds;
         int entry;
-        pair_grad<BIAS, MASKED>(s[j][2 * rr + e], dp[j][2 * rr + e], qs[rr], k, G.scale, M.smem, M.zero_byte, rh2,
-                                rw2, p, ds, entry);
+        pair_grad<BIAS, MASKED>(s[j][2 * rr + e], dp[j][2 * rr + e], qs[rr], k, G.scale, 1.f, M.smem, M.bias_off,
+                                M.zero_byte, rh2, rw2, p, ds, entry);
         if constexpr (COS) {
           z[rr] += ds;
           sbar[rr] = fmaf(p, s[j][2 * rr + e], sbar[rr]);
         }
         s[j][2 * rr + e] = ds;
         if constexpr (DRPB)
-          table_add<DET>(const_cast<unsigned char*>(M.smem), entry + M.dtab_delta, ds, M.scratch, lane);
+          table_add<DET>(const_cast<unsigned char*>(M.smem), entry, ds, M.scratch, lane);
       }
     }
   }
@@ -259,7 +313,7 @@ __device__ __forceinline__ void key_item(const BwdArgs& A, const HeadSmem& M, in
   if constexpr (COS)  // the gradient of k' = k / |k| back to k
     cosine_grad_rows<T, D, TL::kLD>(dk, static_cast<const T*>(M.k) + r0 * TL::kLD, M.qk_inv[r0 + g].y,
                                     M.qk_inv[r0 + g + 8].y, 1.f, false, false, lane);
-  store_rows_bwd<T, D>(dk, G.scale, stage, dqkv + G.C + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
+  store_rows_bwd<T, D>(dk, ONE ? 1.f : G.scale, stage, dqkv + G.C + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
   store_rows_bwd<T, D>(dv, 1.f, stage, dqkv + 2 * G.C + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
 }
 
@@ -281,7 +335,7 @@ __device__ __forceinline__ float query_item(const BwdArgs& A, const HeadSmem& M,
     const int slot = r0 + g + 8 * rr;
     const int2 qi = S.qi[slot], c = S.cxy[slot];
     const float2 nd = M.nld[slot];
-    qs[rr].qb = M.tab_byte + 4 * table_center(G.rh, G.rw) + qi.x;
+    qs[rr].qb = M.ent_byte + 4 * table_center(G.rh, G.rw) + qi.x;
     qs[rr].key = qi.y;
     qs[rr].c = make_int2(c.x + G.rh - 1, c.y + G.rw - 1);
     qs[rr].nl = nd.x;
@@ -328,7 +382,7 @@ __device__ __forceinline__ void query_item_ds(const BwdArgs& A, const HeadSmem& 
     load_ds_frag<T>(a, ds, M.dsp, r0, b, lane);
     accum_frag<T, D>(dq, a, static_cast<const T*>(M.k) + b * TL::kLD, lane);
   }
-  store_rows_bwd<T, D>(dq, G.scale, stage, static_cast<T*>(A.dqkv) + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
+  store_rows_bwd<T, D>(dq, 1.f, stage, static_cast<T*>(A.dqkv) + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
 }
 
 // Two CTAs per SM (two-pass plan) cap the kernel at 128 registers. At d = 32 nvcc 13.0 fits that on
@@ -351,7 +405,8 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
   constexpr bool kTab = BIAS != 0;
   const Geo& G = A.g;
   MK_DYNAMIC_SMEM(smem);
-  const size_t tabf = !kTab ? 0 : DET ? size_t(kWarps) * (G.T + 1 + 32) : size_t(G.T + 1);
+  const size_t tabf = !kTab ? 0 : bwd_tab_floats(G.T, DET, ONE);
+  constexpr int kTabs = DET ? kWarps : ONE ? 4 : 1;  // gradient tables (bwd_tab_floats)
   const Layout L = make_layout(G, int(sizeof(T)), D, 5, 1, true, tabf);
   const Pack S(smem, L);
   const int slot = blockIdx.x / A.nhg, h0 = (blockIdx.x - slot * A.nhg) * A.hg, nh = imin(A.hg, G.nH - h0);
@@ -362,7 +417,7 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
   for (int i = 0; i < 5; ++i) op[i] = reinterpret_cast<T*>(smem + L.ops + i * L.tile_bytes);  // q k v dO O
   float* tab = reinterpret_cast<float*>(smem + L.tab);
   float* dtab = reinterpret_cast<float*>(smem + L.dtab);
-  const int tab_stride_f = G.T + 1;  // deterministic: one table per warp
+  const int tab_stride_f = G.T + 1;
   T* stage = reinterpret_cast<T*>(smem + L.stage) + warp * 16 * TL::kLD;
   float2* nld = reinterpret_cast<float2*>(smem + L.nld);
   float* nl_raw = reinterpret_cast<float*>(smem + L.nld);  // lse lands here first (slot s at 2s)
@@ -372,9 +427,9 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
   M.S = &S;
   M.q = op[0]; M.k = op[1]; M.v = op[2]; M.dO = op[3];
   M.nld = nld;
-  M.tab_byte = static_cast<int>(L.tab);
-  M.zero_byte = static_cast<int>(L.tab) + 4 * G.T;
-  M.dtab_delta = static_cast<int>(L.dtab - L.tab) + (DET ? 4 * warp * tab_stride_f : 0);
+  M.ent_byte = static_cast<int>(L.dtab) + 4 * tab_stride_f * (DET ? warp : ONE ? lane & 3 : 0);
+  M.zero_byte = M.ent_byte + 4 * G.T;  // reads the bias table's zero; its gradient slot is never flushed
+  M.bias_off = static_cast<int>(L.tab) - M.ent_byte;
   M.scratch = dtab + kWarps * tab_stride_f + 32 * warp;
   float2* qk_inv = COS ? nld + G.cap : nullptr;  // cosine mode (make_layout reserves it)
   float* wdls = COS ? reinterpret_cast<float*>(qk_inv + G.cap) : nullptr;  // one per warp
@@ -384,7 +439,7 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
   M.dsp = ds_pitch(G.cap);
 
   if (drpb)  // zero once; the flush after each head zeroes what it read
-    for (int e = threadIdx.x; e < (DET ? kWarps : 1) * tab_stride_f; e += kThreads) dtab[e] = 0.f;
+    for (int e = threadIdx.x; e < kTabs * tab_stride_f; e += kThreads) dtab[e] = 0.f;
   for (int pack = slot; pack < G.npacks; pack += A.nslots) {
     __syncthreads();  // the previous pack is done with every shared array
     prologue<BIAS == 2>(G, pack, S, smem + L.ops);
@@ -408,7 +463,7 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
       prim::cp_async_commit();
       prim::cp_async_wait<0>();
       __syncthreads();
-      head_delta<T, D>(op[3], op[4], nl_raw, nld, nvalid);
+      head_delta<T, D>(op[3], op[4], nl_raw, nld, nvalid, ONE ? -G.scale : -1.f);
       if constexpr (COS) {  // normalize q (times s_h) and k in place, once per row, keeping 1/|x|
         M.hs = head_scale(G.logit_scale, h);
         normalize_rows<T, D, TL::kLD>(op[0], nvalid, M.hs, &qk_inv[0].x, 2);
@@ -453,6 +508,7 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
         else atomicAdd(A.dls + h, sum);
       }
       if (drpb) {
+        const float inv_dsc = ONE ? 1.f / G.scale : 1.f;  // the tables hold dS times dsc (pair_grad)
 #pragma unroll 1
         for (int e = threadIdx.x; e < G.T; e += kThreads) {
           if constexpr (DET) {
@@ -461,10 +517,16 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
               sum += dtab[w * tab_stride_f + e];
               dtab[w * tab_stride_f + e] = 0.f;
             }
-            A.drpb[(int64_t(slot) * G.nH + h) * G.T + e] += sum;  // this CTA owns (slot, h)
+            A.drpb[(int64_t(slot) * G.nH + h) * G.T + e] += sum * inv_dsc;  // this CTA owns (slot, h)
           } else {
-            if (dtab[e] != 0.f) prim::red_add(A.drpb + int64_t(e) * G.nH + h, dtab[e]);
+            float sum = dtab[e];
             dtab[e] = 0.f;
+#pragma unroll
+            for (int w = 1; w < kTabs; ++w) {
+              sum += dtab[w * tab_stride_f + e];
+              dtab[w * tab_stride_f + e] = 0.f;
+            }
+            if (sum != 0.f) prim::red_add(A.drpb + int64_t(e) * G.nH + h, sum * inv_dsc);
           }
         }
       }
@@ -504,12 +566,18 @@ BwdPlan plan_backward(const WindowAttentionParams& p, bool need_drpb, bool need_
     return f;
   f.g = make_geo(p, pick_pack(N, nwin));
   const int es = element_size(p.dtype);
-  const size_t tabf = p.rpb == nullptr ? 0 : det ? size_t(kWarps) * (f.g.T + 1 + 32) : size_t(f.g.T + 1);
-  f.L = make_layout(f.g, es, p.d, 5, 1, true, tabf);
+  auto layout = [&](bool one) {
+    return make_layout(f.g, es, p.d, 5, 1, true, p.rpb == nullptr ? 0 : bwd_tab_floats(f.g.T, det, one));
+  };
   const size_t limit = static_cast<size_t>(smem_limit());
   // One pass (S, dP and exp once per pair) when the dS^T matrix fits too: one CTA per SM. Cosine mode
-  // needs per-row sums of P s in the query pass: two passes.
-  f.one = p.logit_scale == nullptr && f.L.total + ds_bytes(f.g.cap, es) <= limit;
+  // needs per-row sums of P s in the query pass: two passes. The one-pass plan keeps dS times the
+  // scale (pair_grad), exact only for a scale that neither underflows nor overflows it (and is not 0:
+  // the bias gradient divides it out); other scales (NaN too) take two passes.
+  const float as = p.scale < 0.f ? -p.scale : p.scale;
+  f.L = layout(true);
+  f.one = p.logit_scale == nullptr && as >= 0x1p-20f && as <= 0x1p20f && f.L.total + ds_bytes(f.g.cap, es) <= limit;
+  if (!f.one) f.L = layout(false);
   f.smem = f.L.total + (f.one ? ds_bytes(f.g.cap, es) : 0);
   if (f.smem > limit) return f;
   f.nslots = det ? imin(f.g.npacks, kDetSlots) : f.g.npacks;

@@ -79,12 +79,13 @@ __device__ __forceinline__ float2 b16x2_to_float2(uint32_t w) {
   }
 }
 
-// nld[r] = {-lse[r] * log2(e), rowsum(dO[r] * O[r])} for rows [0, nvalid), one thread per row
+// nld[r] = {-lse[r] * log2(e), ndsc * rowsum(dO[r] * O[r])} for rows [0, nvalid), one thread per row
 // (nvalid <= cap <= kThreads); lse of row r at nl_raw[2r] (it may alias nld: the row's own thread
 // reads it first). 16-byte reads at the tiles' 16-byte-padded pitch: a quarter warp's eight rows hit
 // distinct bank groups.
 template <typename T, int D>
-__device__ __forceinline__ void head_delta(const T* dO, const T* O, const float* nl_raw, float2* nld, int nvalid) {
+__device__ __forceinline__ void head_delta(const T* dO, const T* O, const float* nl_raw, float2* nld, int nvalid,
+                                           float ndsc) {
   using TL = Tile<T, D>;
   const int r = threadIdx.x;
   if (r >= nvalid) return;
@@ -100,7 +101,7 @@ __device__ __forceinline__ void head_delta(const T* dO, const T* O, const float*
       acc = fmaf(x.y, y.y, fmaf(x.x, y.x, acc));
     }
   }
-  nld[r] = make_float2(-nl_raw[2 * r] * kLog2e, acc);
+  nld[r] = make_float2(-nl_raw[2 * r] * kLog2e, acc * ndsc);
 }
 
 // store_rows_warp (window_attention_common.cuh) with the copy loop bounded by the tile's valid rows
