@@ -317,10 +317,12 @@ CUDA_RULES: List[Rule] = [
     Rule(r"for \(int b = \(lo & ~15\) == p0 \? p1 : lo & ~15; b < end;", _fz(lambda w, c: w["c16"][(16, True)] / w["tiles"]),
          "walk_blocks: masked 16-key (or query) blocks per tile (segment ranges, emulated)", kernel=_FUSED),
     Rule(r"for \(int e = threadIdx\.x; e < kTabs \* tab_stride_f",
-         lambda c: lane_strided((8 if c.p.get("deterministic") else 4 if _bwd_one(c) else 1) * (c.p["T"] + 1),
+         lambda c: lane_strided((8 if c.p.get("deterministic") or _bwd_one(c) else 1) * (c.p["T"] + 1),
                                 THREADS_FUSED),
-         "zero the bias-gradient table(s): T+1 entries (x8 deterministic, x4 one-pass) over 256 threads",
-         kernel=_FUSED),
+         "zero the bias-gradient table(s): T+1 entries (x8 deterministic, x8 one-pass: 4 tables of {gradient, "
+         "bias}) over 256 threads", kernel=_FUSED),
+    Rule(r"for \(int e = threadIdx\.x; e <= G\.T; e \+= kThreads\)", lambda c: lane_strided(c.p["T"] + 1, THREADS_FUSED),
+         "one-pass: the head's bias entries (T+1) into the 4 interleaved tables, over 256 threads", kernel=_FUSED),
     Rule(r"while \(__any_sync\(kFull, miss != 0\)\)",
          lambda c: ww_retry(c), "table_add_batch's retry rounds per key block: lanes of one step meeting on one "
          "entry of their table (emulated on the case's masks: wattn_workload.drpb_retry_rounds)", kernel=_FUSED),

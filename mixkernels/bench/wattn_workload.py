@@ -106,7 +106,7 @@ def plan(kind: str, B: int, H: int, W: int, nH: int, d: int, wh: int, ww: int, r
                 break
         return dict(out, hg=hg, nhg=-(-nH // hg), nbuf=nbuf, nslots=npacks, smem=smem, fits=smem <= smem_limit)
     def tabf(one: bool) -> int:  # bwd_tab_floats
-        return 0 if not rpb else (WARPS * (T + 1 + 32) if det else (4 if one else 1) * (T + 1))
+        return 0 if not rpb else (WARPS * (T + 1 + 32) if det else (8 if one else 1) * (T + 1))
     # one-pass plan: the cap x cap dS^T matrix (pitch cap + 8) after the layout, one CTA per SM
     smem = layout_bytes(cap, T, d, es, 5, 1, True, tabf(True))
     one = not cosine and smem + cap * (cap + 8) * es <= smem_limit
