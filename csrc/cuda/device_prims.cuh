@@ -174,6 +174,20 @@ __device__ __forceinline__ uint32_t fma0_b16x2(uint32_t w, uint32_t acc) {
 #endif
 }
 
+// The float at byte OFF past the shared-memory pointer p, the offset in the load's immediate (a
+// plain load of p + OFF may have OFF folded into p's own offsets first, costing an add). Read-only
+// data: no ordering against other accesses.
+template <int OFF>
+__device__ __forceinline__ float lds_at(const void* p) {
+#if defined(MIXKERNELS_SIMT_EMU)
+  return *reinterpret_cast<const float*>(static_cast<const unsigned char*>(p) + OFF);
+#else
+  float v;
+  asm("ld.shared.f32 %0, [%1+%2];" : "=f"(v) : "r"(smem_addr(p)), "n"(OFF));
+  return v;
+#endif
+}
+
 // Fire-and-forget fp32 add to global memory (RED, relaxed: no fence).
 __device__ __forceinline__ void red_add(float* p, float v) {
 #if defined(MIXKERNELS_SIMT_EMU)

@@ -15,8 +15,10 @@
 // Two-pass plan (the rest): S and dP computed twice (once per pass), no N x N scratch.
 // Either way every output row is written once by one warp, with no atomics.
 // Bytes: q, k, v, dO, O and lse read once, dq, dk, dv written once.
-// Bias gradient: fast mode adds into one shared table per CTA (shared atomics) and flushes each
-// entry with one global RED per head; deterministic mode gives every warp its own table (lanes that
+// Bias gradient: fast mode adds into shared tables per CTA and flushes each entry with one global RED
+// per head: two-pass, one table (atomicAdd); one-pass, one table per lane & 3 interleaved with a bias
+// copy, a block's adds tried as plain CASes back to back with warp-uniform retry rounds
+// (table_add_batch) and the softmax scale folded into dS; deterministic mode gives every warp its own table (lanes that
 // hit one entry in the same step are summed in lane order), sums the warps in order into a partial
 // per (slot, head) while CTAs walk fixed pack sequences, and a last kernel adds the slots in order.
 // Calls with attn_bias, float32, head_dim 128 or shapes that do not fit shared memory run the legacy
@@ -42,59 +44,6 @@ struct BwdArgs {
   int hg, nhg, nslots;
 };
 
-// Query side and key side of a pair.
-struct QSide {
-  int qb;  // table byte + 4 * (center + P(query))
-  int key;
-  int2 c;  // coords + (rh-1, rw-1)
-  float nl, delta;  // -lse * log2(e), rowsum(dO * O)
-};
-struct KSide {
-  int kb;  // -4 * P(key)
-  int key;
-  int2 c;
-};
-
-// p and dS of a pair from its score s and dP; `entry`: byte of its table entry (drpb).
-template <int BIAS, bool MASKED>
-__device__ __forceinline__ void pair_grad(float s, float dp, const QSide& q, const KSide& k, float scale,
-                                          const unsigned char* smem, int zero_byte, int rh2, int rw2, float& p,
-                                          float& ds, int& entry) {
-  float b = 0.f;
-  entry = zero_byte;
-  if constexpr (BIAS != 0) {
-    entry = bias_entry<BIAS>(q.qb, k.kb, q.c, k.c, zero_byte, rh2, rw2);
-    b = *reinterpret_cast<const float*>(smem + entry);
-  }
-  float x = fmaf(s, scale, b);
-  if constexpr (MASKED) x = q.key == k.key ? x : -INFINITY;
-  p = prim::ex2(fmaf(x, kLog2e, q.nl));
-  ds = p * (dp - q.delta);
-  if constexpr (MASKED) ds = q.key == k.key ? ds : 0.f;  // masked_fill's gradient: exactly 0
-}
-
-// Add v to the table entry at byte `entry`. Fast: shared-memory atomic into the CTA's table (a CAS
-// loop on sm_80/sm_90: there is no shared fp32 add; masked pairs add their exact 0 instead of a
-// test and branch per pair).
-// Deterministic: all 32 lanes call; lanes with equal entries are summed in lane order by the lowest
-// one, which then updates the warp's own table (distinct leaders, distinct entries).
-template <bool DET>
-__device__ __forceinline__ void table_add(unsigned char* smem, int entry, float v, float* scratch, int lane) {
-  if constexpr (DET) {
-    const unsigned same = __match_any_sync(kFull, entry);
-    scratch[lane] = v;
-    __syncwarp();
-    if (lane == __ffs(static_cast<int>(same)) - 1) {
-      float sum = 0.f;
-      for (unsigned m = same; m; m &= m - 1) sum += scratch[__ffs(static_cast<int>(m)) - 1];
-      *reinterpret_cast<float*>(smem + entry) += sum;
-    }
-    __syncwarp();
-  } else {
-    atomicAdd(reinterpret_cast<float*>(smem + entry), v);
-  }
-}
-
 struct HeadSmem {
   const unsigned char* smem;
   const Pack* S;
@@ -103,8 +52,9 @@ struct HeadSmem {
   const void* v;
   const void* dO;
   const float2* nld;  // {-lse * log2(e), delta} per slot
-  int tab_byte, zero_byte;
-  int dtab_delta;  // drpb table byte - bias table byte (this warp's table in deterministic mode)
+  unsigned char* eb;  // gradient table entry 0 (this warp's in deterministic mode, this lane & 3's one-pass)
+  unsigned char* zp;  // its entry T (reads the bias table's zero; its gradient is never flushed)
+  int bias_off;       // bias of an entry - its gradient, bytes
   float* scratch;  // deterministic: 32 floats of this warp
   const float2* qk_inv;  // cosine mode: {1/|q|, 1/|k|} per slot (normalize_rows' convention), else null
   float hs;              // cosine mode: the head's exp(min(logit_scale, log 100))
@@ -125,6 +75,9 @@ __device__ __forceinline__ void key_block(const Geo& G, const HeadSmem& M, const
   const T* sq = static_cast<const T*>(M.q) + qb * LD;
   const T* sdo = static_cast<const T*>(M.dO) + qb * LD;
   float st[NT][4], dpt[NT][4];
+  constexpr bool kBatch = ONE && DRPB && !DET;  // the block's bias-gradient adds after its pairs
+  constexpr int kES = ONE && !DET ? 2 : 1;       // floats per table entry (bwd_tab_floats)
+  unsigned char* bent[kBatch ? 4 * NT : 1];
   scores<T, D, NT>(st, ka, sq, lane);
   scores<T, D, NT>(dpt, va, sdo, lane);
 #pragma unroll
@@ -137,7 +90,7 @@ __device__ __forceinline__ void key_block(const Geo& G, const HeadSmem& M, const
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       QSide q;
-      q.qb = M.tab_byte + 4 * table_center(G.rh, G.rw) + (e ? qi.z : qi.x);
+      q.qo = kES * (e ? qi.z : qi.x);
       q.key = e ? qi.w : qi.y;
       q.c = e ? make_int2(qc.z + G.rh - 1, qc.w + G.rw - 1) : make_int2(qc.x + G.rh - 1, qc.y + G.rw - 1);
       q.nl = e ? nd.z : nd.x;
@@ -145,15 +98,28 @@ __device__ __forceinline__ void key_block(const Geo& G, const HeadSmem& M, const
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
         float p, ds;
-        int entry;
-        pair_grad<BIAS, MASKED>(st[j][2 * rr + e], dpt[j][2 * rr + e], q, ks[rr], G.scale, M.smem, M.zero_byte, rh2,
-                                rw2, p, ds, entry);
+        unsigned char* entry;
+        pair_grad<BIAS, MASKED, true, ONE && !DET>(st[j][2 * rr + e], dpt[j][2 * rr + e], q, ks[rr], G.scale,
+                                                   ONE ? G.scale : 1.f,
+                                M.bias_off, M.zp, rh2, rw2, p, ds, entry);
         st[j][2 * rr + e] = ds;  // dS^T
         dpt[j][2 * rr + e] = p;  // P^T
-        if constexpr (ONE && DRPB)
-          table_add<DET>(const_cast<unsigned char*>(M.smem), entry + M.dtab_delta, ds, M.scratch, lane);
+        if constexpr (kBatch)
+          bent[4 * j + 2 * e + rr] = entry;
+        else if constexpr (ONE && DRPB)
+          table_add<DET>(entry, ds, M.scratch, lane);
       }
     }
+  }
+  if constexpr (kBatch) {
+    float bv[4 * NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) bv[4 * j + 2 * e + rr] = st[j][2 * rr + e];
+    table_add_batch(bent, bv);
   }
   accum<T, D, NT>(dv, dpt, sdo, lane);
   if constexpr (ONE) {
@@ -194,8 +160,8 @@ __device__ __forceinline__ void query_block(const Geo& G, const HeadSmem& M, con
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
         float p, ds;
-        int entry;
-        pair_grad<BIAS, MASKED>(s[j][2 * rr + e], dp[j][2 * rr + e], qs[rr], k, G.scale, M.smem, M.zero_byte, rh2,
+        unsigned char* entry;
+        pair_grad<BIAS, MASKED>(s[j][2 * rr + e], dp[j][2 * rr + e], qs[rr], k, G.scale, 1.f, M.bias_off, M.zp, rh2,
                                 rw2, p, ds, entry);
         if constexpr (COS) {
           z[rr] += ds;
@@ -203,7 +169,7 @@ __device__ __forceinline__ void query_block(const Geo& G, const HeadSmem& M, con
         }
         s[j][2 * rr + e] = ds;
         if constexpr (DRPB)
-          table_add<DET>(const_cast<unsigned char*>(M.smem), entry + M.dtab_delta, ds, M.scratch, lane);
+          table_add<DET>(entry, ds, M.scratch, lane);
       }
     }
   }
@@ -230,6 +196,7 @@ __device__ __forceinline__ void walk_blocks(const Pack& S, int tile, F&& body) {
 template <typename T, int D, int BIAS, bool COS, bool DET = false, bool DRPB = false, bool ONE = false>
 __device__ __forceinline__ void key_item(const BwdArgs& A, const HeadSmem& M, int tile, int h, T* stage, int lane) {
   using TL = Tile<T, D>;
+  constexpr int kES = ONE && !DET ? 2 : 1;  // floats per table entry (bwd_tab_floats)
   const Geo& G = A.g;
   const Pack& S = *M.S;
   const int g = lane >> 2, r0 = 16 * tile;
@@ -240,7 +207,7 @@ __device__ __forceinline__ void key_item(const BwdArgs& A, const HeadSmem& M, in
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const int slot = r0 + g + 8 * rr;
-    ks[rr].kb = S.ki[slot].x;
+    ks[rr].kp = opaque_smem(M.eb + kES * (4 * table_center(G.rh, G.rw) + S.ki[slot].x), lane);
     ks[rr].key = S.ki[slot].y;
     ks[rr].c = S.cxy[slot];
   }
@@ -259,7 +226,7 @@ __device__ __forceinline__ void key_item(const BwdArgs& A, const HeadSmem& M, in
   if constexpr (COS)  // the gradient of k' = k / |k| back to k
     cosine_grad_rows<T, D, TL::kLD>(dk, static_cast<const T*>(M.k) + r0 * TL::kLD, M.qk_inv[r0 + g].y,
                                     M.qk_inv[r0 + g + 8].y, 1.f, false, false, lane);
-  store_rows_bwd<T, D>(dk, G.scale, stage, dqkv + G.C + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
+  store_rows_bwd<T, D>(dk, ONE ? 1.f : G.scale, stage, dqkv + G.C + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
   store_rows_bwd<T, D>(dv, 1.f, stage, dqkv + 2 * G.C + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
 }
 
@@ -281,7 +248,7 @@ __device__ __forceinline__ float query_item(const BwdArgs& A, const HeadSmem& M,
     const int slot = r0 + g + 8 * rr;
     const int2 qi = S.qi[slot], c = S.cxy[slot];
     const float2 nd = M.nld[slot];
-    qs[rr].qb = M.tab_byte + 4 * table_center(G.rh, G.rw) + qi.x;
+    qs[rr].qp = M.eb + 4 * table_center(G.rh, G.rw) + qi.x;  // two-pass: one float per entry
     qs[rr].key = qi.y;
     qs[rr].c = make_int2(c.x + G.rh - 1, c.y + G.rw - 1);
     qs[rr].nl = nd.x;
@@ -328,7 +295,7 @@ __device__ __forceinline__ void query_item_ds(const BwdArgs& A, const HeadSmem& 
     load_ds_frag<T>(a, ds, M.dsp, r0, b, lane);
     accum_frag<T, D>(dq, a, static_cast<const T*>(M.k) + b * TL::kLD, lane);
   }
-  store_rows_bwd<T, D>(dq, G.scale, stage, static_cast<T*>(A.dqkv) + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
+  store_rows_bwd<T, D>(dq, 1.f, stage, static_cast<T*>(A.dqkv) + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
 }
 
 // Two CTAs per SM (two-pass plan) cap the kernel at 128 registers. At d = 32 nvcc 13.0 fits that on
@@ -351,7 +318,9 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
   constexpr bool kTab = BIAS != 0;
   const Geo& G = A.g;
   MK_DYNAMIC_SMEM(smem);
-  const size_t tabf = !kTab ? 0 : DET ? size_t(kWarps) * (G.T + 1 + 32) : size_t(G.T + 1);
+  const size_t tabf = !kTab ? 0 : bwd_tab_floats(G.T, DET, ONE);
+  constexpr bool kIL = ONE && !DET;  // interleaved {bias, gradient} tables (bwd_tab_floats)
+  constexpr int kTabs = DET ? kWarps : ONE ? 4 : 1, kES = kIL ? 2 : 1;  // gradient tables, floats per entry
   const Layout L = make_layout(G, int(sizeof(T)), D, 5, 1, true, tabf);
   const Pack S(smem, L);
   const int slot = blockIdx.x / A.nhg, h0 = (blockIdx.x - slot * A.nhg) * A.hg, nh = imin(A.hg, G.nH - h0);
@@ -362,7 +331,7 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
   for (int i = 0; i < 5; ++i) op[i] = reinterpret_cast<T*>(smem + L.ops + i * L.tile_bytes);  // q k v dO O
   float* tab = reinterpret_cast<float*>(smem + L.tab);
   float* dtab = reinterpret_cast<float*>(smem + L.dtab);
-  const int tab_stride_f = G.T + 1;  // deterministic: one table per warp
+  const int tab_stride_f = kES * (G.T + 1);
   T* stage = reinterpret_cast<T*>(smem + L.stage) + warp * 16 * TL::kLD;
   float2* nld = reinterpret_cast<float2*>(smem + L.nld);
   float* nl_raw = reinterpret_cast<float*>(smem + L.nld);  // lse lands here first (slot s at 2s)
@@ -372,9 +341,12 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
   M.S = &S;
   M.q = op[0]; M.k = op[1]; M.v = op[2]; M.dO = op[3];
   M.nld = nld;
-  M.tab_byte = static_cast<int>(L.tab);
-  M.zero_byte = static_cast<int>(L.tab) + 4 * G.T;
-  M.dtab_delta = static_cast<int>(L.dtab - L.tab) + (DET ? 4 * warp * tab_stride_f : 0);
+  {
+    const int ent = static_cast<int>(L.dtab) + 4 * tab_stride_f * (DET ? warp : ONE ? lane & 3 : 0);
+    M.eb = smem + ent;
+    M.zp = M.eb + kES * 4 * G.T;
+    M.bias_off = kIL ? 4 : static_cast<int>(L.tab) - ent;
+  }
   M.scratch = dtab + kWarps * tab_stride_f + 32 * warp;
   float2* qk_inv = COS ? nld + G.cap : nullptr;  // cosine mode (make_layout reserves it)
   float* wdls = COS ? reinterpret_cast<float*>(qk_inv + G.cap) : nullptr;  // one per warp
@@ -384,7 +356,7 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
   M.dsp = ds_pitch(G.cap);
 
   if (drpb)  // zero once; the flush after each head zeroes what it read
-    for (int e = threadIdx.x; e < (DET ? kWarps : 1) * tab_stride_f; e += kThreads) dtab[e] = 0.f;
+    for (int e = threadIdx.x; e < kTabs * tab_stride_f; e += kThreads) dtab[e] = 0.f;
   for (int pack = slot; pack < G.npacks; pack += A.nslots) {
     __syncthreads();  // the previous pack is done with every shared array
     prologue<BIAS == 2>(G, pack, S, smem + L.ops);
@@ -408,7 +380,15 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
       prim::cp_async_commit();
       prim::cp_async_wait<0>();
       __syncthreads();
-      head_delta<T, D>(op[3], op[4], nl_raw, nld, nvalid);
+      if constexpr (kTab && kIL) {  // the bias entries (the zero at T too) into the interleaved tables
+#pragma unroll 1
+        for (int e = threadIdx.x; e <= G.T; e += kThreads) {
+          const float b = tab[e];
+#pragma unroll
+          for (int w = 0; w < kTabs; ++w) dtab[w * tab_stride_f + 2 * e + 1] = b;
+        }
+      }
+      head_delta<T, D>(op[3], op[4], nl_raw, nld, nvalid, ONE ? -G.scale : -1.f);
       if constexpr (COS) {  // normalize q (times s_h) and k in place, once per row, keeping 1/|x|
         M.hs = head_scale(G.logit_scale, h);
         normalize_rows<T, D, TL::kLD>(op[0], nvalid, M.hs, &qk_inv[0].x, 2);
@@ -416,31 +396,34 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
       }
       __syncthreads();  // nld (and the normalized rows) ready; O is dead (its rows become the staging area)
       // Each item is one 16-row tile: its key pass (dK, dV) then its query pass (dQ, bias gradient).
-      // Two copies of the loop (with / without the bias gradient) instead of a test per item.
+      // Two copies of the loop (with / without the bias gradient) instead of a test per item, on
+      // their own source lines (the static report would read same-line copies of different sizes as
+      // unrolled copies sharing one trip count).
       // ONE: all key passes (dS^T to shared memory), a barrier, then all query passes.
-      auto tiles = [&](auto drpb_c) {
-        constexpr bool kDrpb = decltype(drpb_c)::value;
-        float acc = 0.f;
-        if constexpr (ONE) {
-          for (int it = it0; it < it1; ++it) {
-            const int tile = __shfl_sync(kFull, S.items[it], 0);
-            key_item<T, D, BIAS, COS, DET, kDrpb, true>(A, M, tile, h, stage, lane);
-          }
-          __syncthreads();  // every dS^T block of the head written
-          for (int it = it0; it < it1; ++it) {
-            const int tile = __shfl_sync(kFull, S.items[it], 0);
-            query_item_ds<T, D>(A, M, tile, h, stage, lane);
-          }
+      float dls = 0.f;
+      if constexpr (ONE) {
+        if (drpb) {
+          for (int it = it0; it < it1; ++it)
+            key_item<T, D, BIAS, COS, DET, true, true>(A, M, __shfl_sync(kFull, S.items[it], 0), h, stage, lane);
         } else {
+          for (int it = it0; it < it1; ++it)
+            key_item<T, D, BIAS, COS, DET, false, true>(A, M, __shfl_sync(kFull, S.items[it], 0), h, stage, lane);
+        }
+        __syncthreads();  // every dS^T block of the head written
+        for (int it = it0; it < it1; ++it)
+          query_item_ds<T, D>(A, M, __shfl_sync(kFull, S.items[it], 0), h, stage, lane);
+      } else {
+        auto tiles = [&](auto drpb_c) {
+          float acc = 0.f;
           for (int it = it0; it < it1; ++it) {
             const int tile = __shfl_sync(kFull, S.items[it], 0);
             key_item<T, D, BIAS, COS>(A, M, tile, h, stage, lane);
-            acc += query_item<T, D, BIAS, DET, kDrpb, COS>(A, M, tile, h, stage, lane);
+            acc += query_item<T, D, BIAS, DET, decltype(drpb_c)::value, COS>(A, M, tile, h, stage, lane);
           }
-        }
-        return acc;
-      };
-      float dls = drpb ? tiles(std::true_type{}) : tiles(std::false_type{});
+          return acc;
+        };
+        dls = drpb ? tiles(std::true_type{}) : tiles(std::false_type{});
+      }
       if (COS && A.dls) {  // the head's logit-scale gradient: warps in order (deterministic either way in the CTA)
         dls = cos_warp_sum(dls);
         if (lane == 0) wdls[warp] = dls;
@@ -453,6 +436,7 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
         else atomicAdd(A.dls + h, sum);
       }
       if (drpb) {
+        const float inv_dsc = ONE ? 1.f / G.scale : 1.f;  // the tables hold dS times dsc (pair_grad)
 #pragma unroll 1
         for (int e = threadIdx.x; e < G.T; e += kThreads) {
           if constexpr (DET) {
@@ -461,10 +445,17 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
               sum += dtab[w * tab_stride_f + e];
               dtab[w * tab_stride_f + e] = 0.f;
             }
-            A.drpb[(int64_t(slot) * G.nH + h) * G.T + e] += sum;  // this CTA owns (slot, h)
+            A.drpb[(int64_t(slot) * G.nH + h) * G.T + e] += sum * inv_dsc;  // this CTA owns (slot, h)
           } else {
-            if (dtab[e] != 0.f) prim::red_add(A.drpb + int64_t(e) * G.nH + h, dtab[e]);
-            dtab[e] = 0.f;
+            const int gi = kES * e;  // the gradient of entry e (interleaved: its bias after it)
+            float sum = dtab[gi];
+            dtab[gi] = 0.f;
+#pragma unroll
+            for (int w = 1; w < kTabs; ++w) {
+              sum += dtab[w * tab_stride_f + gi];
+              dtab[w * tab_stride_f + gi] = 0.f;
+            }
+            if (sum != 0.f) prim::red_add(A.drpb + int64_t(e) * G.nH + h, sum * inv_dsc);
           }
         }
       }
@@ -504,12 +495,18 @@ BwdPlan plan_backward(const WindowAttentionParams& p, bool need_drpb, bool need_
     return f;
   f.g = make_geo(p, pick_pack(N, nwin));
   const int es = element_size(p.dtype);
-  const size_t tabf = p.rpb == nullptr ? 0 : det ? size_t(kWarps) * (f.g.T + 1 + 32) : size_t(f.g.T + 1);
-  f.L = make_layout(f.g, es, p.d, 5, 1, true, tabf);
+  auto layout = [&](bool one) {
+    return make_layout(f.g, es, p.d, 5, 1, true, p.rpb == nullptr ? 0 : bwd_tab_floats(f.g.T, det, one));
+  };
   const size_t limit = static_cast<size_t>(smem_limit());
   // One pass (S, dP and exp once per pair) when the dS^T matrix fits too: one CTA per SM. Cosine mode
-  // needs per-row sums of P s in the query pass: two passes.
-  f.one = p.logit_scale == nullptr && f.L.total + ds_bytes(f.g.cap, es) <= limit;
+  // needs per-row sums of P s in the query pass: two passes. The one-pass plan keeps dS times the
+  // scale (pair_grad), exact only for a scale that neither underflows nor overflows it (and is not 0:
+  // the bias gradient divides it out); other scales (NaN too) take two passes.
+  const float as = p.scale < 0.f ? -p.scale : p.scale;
+  f.L = layout(true);
+  f.one = p.logit_scale == nullptr && as >= 0x1p-20f && as <= 0x1p20f && f.L.total + ds_bytes(f.g.cap, es) <= limit;
+  if (!f.one) f.L = layout(false);
   f.smem = f.L.total + (f.one ? ds_bytes(f.g.cap, es) : 0);
   if (f.smem > limit) return f;
   f.nslots = det ? imin(f.g.npacks, kDetSlots) : f.g.npacks;

@@ -1,6 +1,7 @@
 // Backward-only helpers of the fused window-attention backward (window_attention_bwd.cu): the
-// per-head operand loads, delta = rowsum(dO * O), and the shared dS^T matrix of the one-pass plan.
-// Loops here are `#pragma unroll 1` on purpose: their trip counts are data-dependent and small
+// per-head operand loads, delta = rowsum(dO * O), the shared dS^T matrix of the one-pass plan, and a
+// pair's p and dS with its bias-gradient add (pair_grad, table_add, table_add_batch).
+// Row loops here are `#pragma unroll 1` on purpose: their trip counts are data-dependent and small
 // (3-4 per thread), unrolling only adds peeled copies (code and, for the static report, requests
 // counted once per copy) while the cp.async issue already overlaps without it.
 #pragma once
@@ -79,12 +80,13 @@ __device__ __forceinline__ float2 b16x2_to_float2(uint32_t w) {
   }
 }
 
-// nld[r] = {-lse[r] * log2(e), rowsum(dO[r] * O[r])} for rows [0, nvalid), one thread per row
+// nld[r] = {-lse[r] * log2(e), ndsc * rowsum(dO[r] * O[r])} for rows [0, nvalid), one thread per row
 // (nvalid <= cap <= kThreads); lse of row r at nl_raw[2r] (it may alias nld: the row's own thread
 // reads it first). 16-byte reads at the tiles' 16-byte-padded pitch: a quarter warp's eight rows hit
 // distinct bank groups.
 template <typename T, int D>
-__device__ __forceinline__ void head_delta(const T* dO, const T* O, const float* nl_raw, float2* nld, int nvalid) {
+__device__ __forceinline__ void head_delta(const T* dO, const T* O, const float* nl_raw, float2* nld, int nvalid,
+                                           float ndsc) {
   using TL = Tile<T, D>;
   const int r = threadIdx.x;
   if (r >= nvalid) return;
@@ -100,7 +102,7 @@ __device__ __forceinline__ void head_delta(const T* dO, const T* O, const float*
       acc = fmaf(x.y, y.y, fmaf(x.x, y.x, acc));
     }
   }
-  nld[r] = make_float2(-nl_raw[2 * r] * kLog2e, acc);
+  nld[r] = make_float2(-nl_raw[2 * r] * kLog2e, acc * ndsc);
 }
 
 // store_rows_warp (window_attention_common.cuh) with the copy loop bounded by the tile's valid rows
@@ -146,6 +148,127 @@ template <typename T>
 __device__ __forceinline__ void load_ds_frag(uint32_t (&a)[4], const T* ds, int P, int q0, int k0, int lane) {
   const int i = lane >> 3;
   prim::ldsm_x4_trans(a, ds + (k0 + 8 * (i >> 1) + (lane & 7)) * P + q0 + 8 * (i & 1));
+}
+
+// ---- Pairs and the bias gradient (window_attention_bwd.cu's key and query blocks).
+
+// Bias-gradient tables of T + 1 floats per CTA: deterministic mode one per warp (and 32 floats of
+// scratch per warp after them); fast mode two-pass one. Fast mode one-pass: one per lane & 3 (the
+// lanes of one step of the key pass that share t share the query, so hit distinct entries: no two
+// lanes of a step meet on one entry, which in one shared table made most steps retry up to 3 times),
+// each interleaved with a copy of the bias table ({gradient, bias} per entry: one address per pair
+// for the bias load, the read and the CAS).
+MK_HD size_t bwd_tab_floats(int T, bool det, bool one) {
+  return det ? size_t(kWarps) * (T + 1 + 32) : size_t(one ? 8 : 1) * (T + 1);
+}
+
+
+// Query side and key side of a pair.
+struct QSide {
+  unsigned char* qp;  // query pass: the lane's gradient table + 4 * (center + P(query))
+  int qo;             // key pass: 4 * P(query) x floats per entry
+  int key;
+  int2 c;  // coords + (rh-1, rw-1)
+  float nl, delta;  // -lse * log2(e), -dsc * rowsum(dO * O) (dsc: see pair_grad)
+};
+struct KSide {
+  int kb;             // query pass: -4 * P(key)
+  unsigned char* kp;  // key pass: the lane's gradient table + (4 * (center - P(key))) x floats per entry
+  int key;
+  int2 c;
+};
+
+// The shared-memory pointer p as a value the compilers cannot take apart (an identity shuffle of its
+// shared address): an address derived from it by one add stays one add, instead of the pair's offsets
+// summed first and the base (uniform, the CTA's shared window) added per use: the shared CAS has no
+// register + uniform addressing. Warp-uniform call sites only.
+__device__ __forceinline__ unsigned char* opaque_smem(unsigned char* p, int lane) {
+#if defined(MIXKERNELS_SIMT_EMU)
+  (void)lane;
+  return p;
+#else
+  const unsigned a = __shfl_sync(kFull, static_cast<unsigned>(__cvta_generic_to_shared(p)), lane);
+  return static_cast<unsigned char*>(__cvta_shared_to_generic(a));
+#endif
+}
+
+// p and dS of a pair from its score s and dP, dS times dsc (the one-pass plan folds the softmax scale
+// into dS there: dK = dS^T Q and dQ = dS K need no multiply per output, the bias gradient's flush
+// divides it out; elsewhere dsc = 1, no multiply); `entry`: its bias-gradient entry (the bias at
+// entry + bias_off bytes; zp: the zero entry T), the key pass's (KEY) key pointer + query offset or
+// the query pass's query pointer + key offset: one add per pair (the one-pass plan's key pointers
+// are opaque_smem, so the compilers cannot fold the pair's add back into the table base).
+template <int BIAS, bool MASKED, bool KEY = false, bool IL = false>
+__device__ __forceinline__ void pair_grad(float s, float dp, const QSide& q, const KSide& k, float scale,
+                                          float dsc, int bias_off, unsigned char* zp, int rh2, int rw2, float& p,
+                                          float& ds, unsigned char*& entry) {
+  float b = 0.f;
+  entry = zp;
+  if constexpr (BIAS != 0) {
+    if constexpr (BIAS == 2) {
+      const bool in = static_cast<unsigned>(q.c.x - k.c.x) < static_cast<unsigned>(rh2) &&
+                      static_cast<unsigned>(q.c.y - k.c.y) < static_cast<unsigned>(rw2);
+      entry = in ? (KEY ? k.kp + q.qo : q.qp + k.kb) : zp;
+    } else {
+      entry = KEY ? k.kp + q.qo : q.qp + k.kb;
+    }
+    b = IL ? prim::lds_at<4>(entry) : *reinterpret_cast<const float*>(entry + bias_off);
+  }
+  float x = fmaf(s, scale, b);
+  if constexpr (MASKED) x = q.key == k.key ? x : -INFINITY;
+  p = prim::ex2(fmaf(x, kLog2e, q.nl));
+  ds = p * fmaf(dp, dsc, q.delta);
+  if constexpr (MASKED) ds = q.key == k.key ? ds : 0.f;  // masked_fill's gradient: exactly 0
+}
+
+// Add v to the table entry at byte `entry`. Fast: shared-memory atomic into the CTA's table (a CAS
+// loop on sm_80/sm_90: there is no shared fp32 add; masked pairs add their exact 0 instead of a
+// test and branch per pair).
+// Deterministic: all 32 lanes call; lanes with equal entries are summed in lane order by the lowest
+// one, which then updates the warp's own table (distinct leaders, distinct entries).
+template <bool DET>
+__device__ __forceinline__ void table_add(unsigned char* entry, float v, float* scratch, int lane) {
+  if constexpr (DET) {  // (entries of one table: equal low 32 bits <=> equal pointers)
+    const unsigned same = __match_any_sync(kFull, static_cast<unsigned>(reinterpret_cast<uintptr_t>(entry)));
+    scratch[lane] = v;
+    __syncwarp();
+    if (lane == __ffs(static_cast<int>(same)) - 1) {
+      float sum = 0.f;
+      for (unsigned m = same; m; m &= m - 1) sum += scratch[__ffs(static_cast<int>(m)) - 1];
+      *reinterpret_cast<float*>(entry) += sum;
+    }
+    __syncwarp();
+  } else {
+    atomicAdd(reinterpret_cast<float*>(entry), v);
+  }
+}
+
+// Fast mode, the key pass's N pairs of one block: first tries of all N back to back (no branch and
+// no reconvergence per pair, unlike atomicAdd's CAS loop), then warp-wide rounds retrying what did not
+// land (lanes of one step hitting one entry, or another warp in between) until every add landed.
+template <int N>
+__device__ __forceinline__ void table_add_batch(unsigned char* const (&entry)[N], const float (&v)[N]) {
+  unsigned o[N], r[N], miss = 0;  // try i landed iff r[i] == o[i]
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    unsigned* p = reinterpret_cast<unsigned*>(entry[i]);
+    o[i] = *static_cast<volatile unsigned*>(p);
+    r[i] = atomicCAS(p, o[i], __float_as_uint(__uint_as_float(o[i]) + v[i]));
+    miss |= r[i] ^ o[i];
+  }
+#pragma unroll 1
+  while (__any_sync(kFull, miss != 0)) {  // bwd drpb retry rounds
+    miss = 0;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if (r[i] != o[i]) {
+        unsigned* p = reinterpret_cast<unsigned*>(entry[i]);
+        o[i] = *static_cast<volatile unsigned*>(p);
+        r[i] = atomicCAS(p, o[i], __float_as_uint(__uint_as_float(o[i]) + v[i]));
+      }
+      miss |= r[i] ^ o[i];
+    }
+  }
 }
 
 }  // namespace mixkernels::cuda::wattn

@@ -174,6 +174,18 @@ def _one(c: Ctx) -> bool:
     return len(c.tparams) > 4 and c.tparams[4] == "true"
 
 
+def _bwd_one(c: Ctx) -> bool:
+    """wattn_bwd_kernel's ONE (the one-pass plan) template argument."""
+    return len(c.tparams) > 5 and c.tparams[5] == "true"
+
+
+def ww_retry(c: Ctx) -> float:
+    from . import wattn_workload as ww
+
+    p = c.p
+    return ww.drpb_retry_rounds(p["B"], p["H"], p["W"], p["window"], p["shift"], bool(p["group"]), p["r"])
+
+
 def _fz(f: Callable[[Dict[str, Any], Ctx], float]) -> Callable[[Ctx], float]:
     return lambda c: f(_fused(c), c)
 
@@ -307,9 +319,16 @@ CUDA_RULES: List[Rule] = [
          "walk_blocks: plain 16-key (or query) blocks per tile (segment ranges, emulated)", kernel=_FUSED),
     Rule(r"for \(int b = \(lo & ~15\) == p0 \? p1 : lo & ~15; b < end;", _fz(lambda w, c: w["c16"][(16, True)] / w["tiles"]),
          "walk_blocks: masked 16-key (or query) blocks per tile (segment ranges, emulated)", kernel=_FUSED),
-    Rule(r"for \(int e = threadIdx\.x; e < \(DET \? kWarps : 1\) \* tab_stride_f",
-         lambda c: lane_strided((8 if c.p.get("deterministic") else 1) * (c.p["T"] + 1), THREADS_FUSED),
-         "zero the bias-gradient table(s): T+1 entries (x8 deterministic) over 256 threads", kernel=_FUSED),
+    Rule(r"for \(int e = threadIdx\.x; e < kTabs \* tab_stride_f",
+         lambda c: lane_strided((8 if c.p.get("deterministic") or _bwd_one(c) else 1) * (c.p["T"] + 1),
+                                THREADS_FUSED),
+         "zero the bias-gradient table(s): T+1 entries (x8 deterministic, x8 one-pass: 4 tables of {gradient, "
+         "bias}) over 256 threads", kernel=_FUSED),
+    Rule(r"for \(int e = threadIdx\.x; e <= G\.T; e \+= kThreads\)", lambda c: lane_strided(c.p["T"] + 1, THREADS_FUSED),
+         "one-pass: the head's bias entries (T+1) into the 4 interleaved tables, over 256 threads", kernel=_FUSED),
+    Rule(r"while \(__any_sync\(kFull, miss != 0\)\)",
+         lambda c: ww_retry(c), "table_add_batch's retry rounds per key block: lanes of one step meeting on one "
+         "entry of their table (emulated on the case's masks: wattn_workload.drpb_retry_rounds)", kernel=_FUSED),
     Rule(r"for \(int pack = slot; pack < G\.npacks; pack \+= A\.nslots\)",
          _fz(lambda w, c: w["npacks"] / w["nslots"]), "packs per CTA slot: npacks / nslots (plan)", kernel=_FUSED),
     Rule(r"for \(int i = 0; i < 5; \+\+i\) zero_rows", lambda c: 5.0, "q, k, v, dO, O tiles", kernel=_FUSED),

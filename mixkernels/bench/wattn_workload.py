@@ -105,11 +105,12 @@ def plan(kind: str, B: int, H: int, W: int, nH: int, d: int, wh: int, ww: int, r
                 nbuf = nb
                 break
         return dict(out, hg=hg, nhg=-(-nH // hg), nbuf=nbuf, nslots=npacks, smem=smem, fits=smem <= smem_limit)
-    tabf = 0 if not rpb else (WARPS * (T + 1 + 32) if det else T + 1)
-    smem = layout_bytes(cap, T, d, es, 5, 1, True, tabf)
+    def tabf(one: bool) -> int:  # bwd_tab_floats
+        return 0 if not rpb else (WARPS * (T + 1 + 32) if det else (8 if one else 1) * (T + 1))
     # one-pass plan: the cap x cap dS^T matrix (pitch cap + 8) after the layout, one CTA per SM
+    smem = layout_bytes(cap, T, d, es, 5, 1, True, tabf(True))
     one = not cosine and smem + cap * (cap + 8) * es <= smem_limit
-    smem += cap * (cap + 8) * es if one else 0
+    smem = smem + cap * (cap + 8) * es if one else layout_bytes(cap, T, d, es, 5, 1, True, tabf(False))
     nslots = min(npacks, DET_SLOTS) if det else npacks
     hg = bwd_heads_per_cta(nslots, nH, (1 if one else 2) * n_sm)
     return dict(out, hg=hg, nhg=-(-nH // hg), nbuf=1, nslots=nslots, smem=smem, one=one, fits=smem <= smem_limit)
@@ -319,3 +320,63 @@ def seg_walk(H: int, W: int, w: int, shift: int, group: bool, bm: int, bn: int, 
                 tail_big=div(c["tail_big"], c["big"]), tail_small=div(c["tail_small"], c["small"]),
                 wide_big=div(c["wide_big"], c["big"]), wide_small=div(c["wide_small"], c["small"]),
                 pairs=c["pairs"] / n, live=c["live"] / n)
+
+
+def _retry_rounds(kp: Tuple[Tuple[int, ...], ...], N: int, w: int, r: int, per_t: bool) -> Tuple[int, int]:
+    """The fused backward's key blocks of one pack (the one-pass plan's key pass) and their bias-gradient
+    retry rounds (table_add_batch): in each of a block's 8 steps the warp's 32 lanes (g, t) try one CAS
+    each, key slot 16 tile + g + 8 rr, query slot block + 8 j + 2 t + e, into the table of their t
+    (per_t) or one shared table; of the lanes of one step that hit one entry only one lands per round,
+    so a block takes max(multiplicity) - 1 rounds (other warps in between are not modelled). Masked and
+    padding pairs try their exact 0 too."""
+    segs, pos = [], []
+    off = 0
+    for wi, k in enumerate(kp):
+        first: Dict[int, int] = {}
+        ids = [first.setdefault(v, j) for j, v in enumerate(k)]
+        for fid in sorted(set(ids)):
+            js = [j for j, f in enumerate(ids) if f == fid]
+            segs += [(off, off + len(js))] * len(js)
+            pos += [wi * N + j for j in js]
+            off += len(js)
+    nvalid = len(segs)
+    cap = _round16(nvalid)
+    pos += list(range(nvalid, cap))  # padding slots: their own index (positions in a later window)
+    j = np.array(pos) % N
+    P = (j // w) * (2 * r - 1) + j % w
+    g, t = np.arange(32) >> 2, np.arange(32) & 3
+    blocks = rounds = 0
+    for kt in range(cap // 16):
+        last = min(16 * kt + 15, nvalid - 1)
+        lo, hi = segs[16 * kt][0], segs[last][1]
+        for b in range(lo & ~15, _round16(hi), 16):
+            worst = 1
+            for jj in range(2):
+                for e in range(2):
+                    for rr in range(2):
+                        ent = (P[b + 8 * jj + 2 * t + e] - P[16 * kt + g + 8 * rr]) * 4 + (t if per_t else 0)
+                        worst = max(worst, int(np.unique(ent, return_counts=True)[1].max()))
+            blocks += 1
+            rounds += worst - 1
+    return blocks, rounds
+
+
+def drpb_retry_rounds(B: int, H: int, W: int, w: int, shift: int, group: bool, r: int, per_t: bool = True,
+                      seed: int = 0) -> float:
+    """Bias-gradient retry rounds per key block of the fused backward's one-pass key pass (see
+    _retry_rounds), averaged over the call's blocks (memoized)."""
+    key = ("retry", B, H, W, w, shift, group, r, per_t, seed)
+    if key not in _MEMO:
+        keys = _keys(B, H, W, w, shift, mixmim_mask(H, W, seed) if group else None)
+        nwin, N = keys.shape
+        P = pick_pack(N, nwin)
+        cache: Dict[Any, Tuple[int, int]] = {}
+        blocks = rounds = 0
+        for p0 in range(0, nwin, P):
+            kp = tuple(tuple(int(x) for x in k) for k in keys[p0:p0 + P])
+            if kp not in cache:
+                cache[kp] = _retry_rounds(kp, N, w, r, per_t)
+            blocks += cache[kp][0]
+            rounds += cache[kp][1]
+        _MEMO[key] = rounds / max(1, blocks)
+    return _MEMO[key]
