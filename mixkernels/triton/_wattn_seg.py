@@ -372,6 +372,8 @@ def _seg_list(m, info, scr, N: tl.constexpr, BS: tl.constexpr):
 
 # ----------------------------------------------------------------------------- launchers
 
+_LOG2E = 1.4426950408889634
+
 
 # unmasked key blocks two at a time (16-bit inputs): halves the per-block share of the rescale, alpha and
 # row-reduction shuffles; 239 registers at d 32 (8 one-warp CTAs/SM, was 12): see seg_config
@@ -422,9 +424,10 @@ def seg_prepare(H, W, wh, ww, sh, sw, group, bm, bn, device):
     return meta, ninfo, scode
 
 
-def seg_forward(qkv, out, lse, tab, num_heads, wh, ww, sh, sw, group, qk_scale, logit_scale, flags, interpret,
+def seg_forward(qkv, out, lse, rpb, num_heads, wh, ww, sh, sw, group, qk_scale, logit_scale, flags, interpret,
                 idx64):
-    """Launch ``_seg_prep`` and ``_seg_kernel`` (flags: ``window_attention._flags``)."""
+    """Launch ``_seg_prep`` and ``_seg_kernel`` (rpb: fp32 ((2wh-1)*(2ww-1), nH) or None; qk_scale: the
+    softmax scale times log2e; flags: ``window_attention._flags``)."""
     B, H, W, C3 = qkv.shape
     D = C3 // (3 * num_heads)
     N = wh * ww
@@ -435,8 +438,8 @@ def seg_forward(qkv, out, lse, tab, num_heads, wh, ww, sh, sw, group, qk_scale, 
     meta, ninfo, scode = seg_prepare(H, W, wh, ww, sh, sw, group, bm, bn, qkv.device)
     # logits in units of 1/qk_scale (``_online_scaled``) for a plain softmax scale in a safe range
     unscaled = logit_scale is None and 2.0 ** -20 <= qk_scale <= 2.0 ** 20
-    if unscaled and flags["HAS_RPB"]:
-        tab = tab / qk_scale
+    # the (nH, T) table in one launch: pre-scaled by log2e, or (unscaled) in units of 1/qk_scale
+    tab = qkv if rpb is None else (rpb.t() * (_LOG2E / qk_scale if unscaled else _LOG2E)).contiguous()
     _seg_kernel[(num_heads, B * nW)](
         qkv, out, lse, tab, meta, ninfo, scode, qkv if logit_scale is None else logit_scale, qk_scale, num_heads,
         H, W, nW, 1 if group is None else group.shape[0], N=N, D=D, WH=wh, WW=ww,

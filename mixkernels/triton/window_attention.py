@@ -543,7 +543,7 @@ def _forward(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, 
     if out.numel() == 0:
         return out, lse
     if logit_scale is None and _by_segment(N, sh, sw, attn_bias, group, coords):
-        seg_forward(qkv, out, lse, _tables(rpb, attn_bias, qkv, num_heads)[0], num_heads, wh, ww, sh, sw, group,
+        seg_forward(qkv, out, lse, rpb, num_heads, wh, ww, sh, sw, group,
                     float(scale) * _LOG2E, logit_scale, _flags(qkv, rpb, attn_bias, group, coords, sh, sw),
                     _INTERPRET, qkv.numel() >= 2**31)
         return out, lse
