@@ -128,10 +128,10 @@ def _online_scaled(t, m_i, l_i, acc, v, sc, F32: tl.constexpr, UPCAST: tl.conste
 def _seg_bias(tab_m, scode, offs_n, ASM: tl.constexpr, SMEM: tl.constexpr):
     """Table bias of the tile's rows (``tab_m``: row's table address, code_i + c0) and the keys at sorted
     positions ``offs_n`` (``scode``: -4 code_j): from the shared copy (SMEM) or the global table."""
-    if SMEM:
-        return _gather_smem(tab_m[:, None], tl.load(scode + offs_n).to(tl.int32)[None, :])
+    if SMEM:  # int32 codes: a lane's two adjacent keys in one 64-bit shared load after the layout change
+        return _gather_smem(tab_m[:, None], tl.load(scode + offs_n)[None, :])
     else:
-        return _gather_off(tab_m[:, None], tl.load(scode + offs_n)[None, :], ASM)
+        return _gather_off(tab_m[:, None], tl.load(scode + offs_n).to(tl.int64)[None, :], ASM)
 
 
 @triton.jit
@@ -245,7 +245,7 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.con
     row address). meta (GG*nW, 5, N) int32 per window: sorted tokens'
     grid positions, their window-local indices, and the tiles' first row, segment start, segment
     end; ninfo (GG*nW, 3): BLOCK_M-row tiles, segments, BLOCK_M/2-row tiles; scode (GG*nW, N +
-    BLOCK_N) int64: -4 * table code of the sorted keys (the last one repeated past N)."""
+    BLOCK_N) int32: -4 * table code of the sorted keys (the last one repeated past N)."""
     h = tl.program_id(0)
     w = tl.program_id(1)
     if COSINE:
@@ -331,9 +331,9 @@ def _seg_prep(group, meta, ninfo, scode, scratch, count, nW, nWw, H, W, SH, SW, 
     tl.store(m + rank, pos, mask=valid)
     tl.store(m + N + rank, j, mask=valid)
     sc = scode + gw * (N + BN)
-    tl.store(sc + rank, (j // WW * (2 * WW - 1) + j % WW).to(tl.int64) * -4, mask=valid)
+    tl.store(sc + rank, (j // WW * (2 * WW - 1) + j % WW) * -4, mask=valid)
     kb = tl.arange(0, BN)  # keys past N (masked): any valid offset; the first program writes them
-    tl.store(sc + N + kb, tl.zeros((BN,), tl.int64), mask=kb < BN * (tl.program_id(1) == 0).to(tl.int32))
+    tl.store(sc + N + kb, tl.zeros((BN,), tl.int32), mask=kb < BN * (tl.program_id(1) == 0).to(tl.int32))
     first = valid & (before % BM == 0)
     small = first & (cnt - before <= BM // 2)
     kind = tl.where(first, tl.where(small, 2, 1), 0)
@@ -406,7 +406,7 @@ def seg_prepare(H, W, wh, ww, sh, sw, group, bm, bn, device):
     """``_seg_prep``'s tables for G = group.shape[0] (or 1) label maps x nW windows: meta (G*nW, 5, N)
     int32 [grid position, window-local index of each sorted token; tiles' first row, segment start,
     segment end: full tiles, then half tiles (entries past them: 0)], ninfo (G*nW, 3) int32 [full tiles,
-    segments, half tiles], scode (G*nW, N + bn) int64: -4 * table code of
+    segments, half tiles], scode (G*nW, N + bn) int32: -4 * table code of
     each sorted key (keys past N: 0). One launch (and one memset)."""
     N, nWw = wh * ww, W // ww
     nW = (H // wh) * nWw
@@ -415,7 +415,7 @@ def seg_prepare(H, W, wh, ww, sh, sw, group, bm, bn, device):
     zeros = torch.zeros(GW * (5 * N + 1), dtype=torch.int32, device=device)  # one memset: meta, counters
     meta, count = zeros[:GW * 5 * N].view(GW, 5, N), zeros[GW * 5 * N:]
     ninfo = torch.empty((GW, 3), dtype=torch.int32, device=device)
-    scode = torch.empty((GW, N + bn), dtype=torch.int64, device=device)
+    scode = torch.empty((GW, N + bn), dtype=torch.int32, device=device)
     scratch = torch.empty((GW, 3, BS), dtype=torch.int32, device=device)
     rc = min(BS, PREP_ROWS)
     _seg_prep[(GW, triton.cdiv(N, rc))](meta if group is None else group, meta, ninfo, scode, scratch, count, nW,
