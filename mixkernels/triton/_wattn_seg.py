@@ -142,7 +142,9 @@ def _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, 
     """One online-softmax step of a query tile over the key block at sorted position n0 (MASK: keys
     outside ``[lo, hi)`` get -inf; keys past N read V as zeros; UNSCALED: ``_online_scaled``)."""
     offs_n = n0 + tl.arange(0, BN)
-    jn = tl.minimum(offs_n, N - 1)
+    jn = offs_n
+    if MASK:  # unmasked blocks end at a segment's full blocks (<= N): no clamp
+        jn = tl.minimum(offs_n, N - 1)
     # head base (uniform) + the thread's channels (loop-invariant) + the key's row: one wide multiply-add a row
     kv = (qkv + hd + C + tl.arange(0, D))[None, :] + (_idx(hw + tl.load(mrow + jn), IDX64) * (3 * C))[:, None]
     k = _unit(tl.load(kv), COSINE)
