@@ -247,7 +247,7 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.con
     row address). meta (GG*nW, 5, N) int32 per window: sorted tokens'
     grid positions, their window-local indices, and the tiles' first row, segment start, segment
     end; ninfo (GG*nW, 3): BLOCK_M-row tiles, segments, BLOCK_M/2-row tiles; scode (GG*nW, N +
-    BLOCK_N) int32: -4 * table code of the sorted keys (the last one repeated past N)."""
+    BLOCK_N) int32: -4 * table code of the sorted keys (0 past N)."""
     h = tl.program_id(0)
     w = tl.program_id(1)
     if COSINE:
@@ -393,7 +393,10 @@ def seg_config(N, D, dtype, interpret):
     memory 249.7 us; a segment's last <= BN/2 keys in a half block (TAIL) 236.9; ``_seg_prep`` over
     13 programs a window 232.8; unmasked blocks two at a time (WIDE, 16-bit inputs) 220.6, at 239
     registers: 8 one-warp CTAs/SM, the model's threshold for full issue (unverified on a GPU: set
-    ``WIDE = False`` if it measures slower). No
+    ``WIDE = False`` if it measures slower); then (from 214.0) int32 key codes, two keys per shared
+    load, 212.8; no key clamp in unmasked blocks 212.5. Tried and dropped (no gain under ptxas's
+    register-allocation noise of +-7 instructions per 64-key step): a V check over exactly N rows
+    (power-of-two row blocks), a one-compare (unsigned) segment mask. No
     software pipelining: a walk is 3-4 blocks, and a pipelined loop's peeled prologue costs more
     issue than it hides with 12+ one-warp programs per SM (estimate 280 vs 297 us at 16 rows;
     unverified on a GPU). Under the interpreter 32/16 x 16, so that segments of several tiles and
