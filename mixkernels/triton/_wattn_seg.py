@@ -128,7 +128,7 @@ def _online_scaled(t, m_i, l_i, acc, v, sc, F32: tl.constexpr, UPCAST: tl.conste
 def _seg_bias(tab_m, scode, offs_n, ASM: tl.constexpr, SMEM: tl.constexpr):
     """Table bias of the tile's rows (``tab_m``: row's table address, code_i + c0) and the keys at sorted
     positions ``offs_n`` (``scode``: -4 code_j): from the shared copy (SMEM) or the global table."""
-    if SMEM:  # int32 codes: a lane's two adjacent keys in one 64-bit shared load after the layout change
+    if SMEM:  # int32 codes: after the layout change a 64-key step reads its 16 in 4 LDS.128 (int64: 16 LDS)
         return _gather_smem(tab_m[:, None], tl.load(scode + offs_n)[None, :])
     else:
         return _gather_off(tab_m[:, None], tl.load(scode + offs_n).to(tl.int64)[None, :], ASM)
@@ -393,7 +393,7 @@ def seg_config(N, D, dtype, interpret):
     memory 249.7 us; a segment's last <= BN/2 keys in a half block (TAIL) 236.9; ``_seg_prep`` over
     13 programs a window 232.8; unmasked blocks two at a time (WIDE, 16-bit inputs) 220.6, at 239
     registers: 8 one-warp CTAs/SM, the model's threshold for full issue (unverified on a GPU: set
-    ``WIDE = False`` if it measures slower); then (from 214.0) int32 key codes, two keys per shared
+    ``WIDE = False`` if it measures slower); then (from 214.0) int32 key codes, four keys per shared
     load, 212.8; no key clamp in unmasked blocks 212.5. Tried and dropped (no gain under ptxas's
     register-allocation noise of +-7 instructions per 64-key step): a V check over exactly N rows
     (power-of-two row blocks), a one-compare (unsigned) segment mask. No
