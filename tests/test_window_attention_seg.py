@@ -201,6 +201,22 @@ def test_seg_nonfinite_v_of_a_masked_key_reaches_every_row(value, dtype):
     assert_close_2x(got[ok], want[ok], same[ok], name="finite out")
 
 
+@pytest.mark.parametrize("value,dtype", [(float("nan"), BF16), (float("inf"), F32)])
+def test_seg_nonfinite_v_of_the_last_key_in_one_segment(value, dtype):
+    """Keys past N read the last sorted key's V (p = 0): with one segment (no V check) NaN/Inf there
+    must give exactly the reference's pattern: NaN, or Inf (p > 0 times Inf), never 0 * Inf from a padded key."""
+    B, nh, d, win = 1, 2, 16, (5, 5)
+    qkv = torch.randn(B, 5, 10, 3 * nh * d, dtype=torch.float64)
+    qkv[0, 4, 4, 2 * nh * d + d + 5] = value  # head 1, channel 5 of V, window 0's last token
+    got, want, same, *_ = _run(win, (1, 2), (0, 0), "one", dtype, B=B, qkv=qkv)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert not torch.isfinite(got[0, :, :5, d + 5]).any()
+    ok = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), ok)
+    assert torch.equal(got[~ok & ~torch.isnan(want)], want[~ok & ~torch.isnan(want)].to(got.dtype))  # same Inf
+    assert_close_2x(got[ok], want[ok], same[ok], name="finite out")
+
+
 def test_seg_all_masked_rows_are_nan():
     """A head whose table is all -inf: every row NaN (edge rule 2); the other head is exact."""
     nh, d = 2, 16

@@ -128,10 +128,10 @@ def _online_scaled(t, m_i, l_i, acc, v, sc, F32: tl.constexpr, UPCAST: tl.conste
 def _seg_bias(tab_m, scode, offs_n, ASM: tl.constexpr, SMEM: tl.constexpr):
     """Table bias of the tile's rows (``tab_m``: row's table address, code_i + c0) and the keys at sorted
     positions ``offs_n`` (``scode``: -4 code_j): from the shared copy (SMEM) or the global table."""
-    if SMEM:
-        return _gather_smem(tab_m[:, None], tl.load(scode + offs_n).to(tl.int32)[None, :])
+    if SMEM:  # int32 codes: after the layout change a 64-key step reads its 16 in 4 LDS.128 (int64: 16 LDS)
+        return _gather_smem(tab_m[:, None], tl.load(scode + offs_n)[None, :])
     else:
-        return _gather_off(tab_m[:, None], tl.load(scode + offs_n)[None, :], ASM)
+        return _gather_off(tab_m[:, None], tl.load(scode + offs_n).to(tl.int64)[None, :], ASM)
 
 
 @triton.jit
@@ -142,7 +142,9 @@ def _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, 
     """One online-softmax step of a query tile over the key block at sorted position n0 (MASK: keys
     outside ``[lo, hi)`` get -inf; keys past N read V as zeros; UNSCALED: ``_online_scaled``)."""
     offs_n = n0 + tl.arange(0, BN)
-    jn = tl.minimum(offs_n, N - 1)
+    jn = offs_n
+    if MASK:  # unmasked blocks end at a segment's full blocks (<= N): no clamp
+        jn = tl.minimum(offs_n, N - 1)
     # head base (uniform) + the thread's channels (loop-invariant) + the key's row: one wide multiply-add a row
     kv = (qkv + hd + C + tl.arange(0, D))[None, :] + (_idx(hw + tl.load(mrow + jn), IDX64) * (3 * C))[:, None]
     k = _unit(tl.load(kv), COSINE)
@@ -245,7 +247,7 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.con
     row address). meta (GG*nW, 5, N) int32 per window: sorted tokens'
     grid positions, their window-local indices, and the tiles' first row, segment start, segment
     end; ninfo (GG*nW, 3): BLOCK_M-row tiles, segments, BLOCK_M/2-row tiles; scode (GG*nW, N +
-    BLOCK_N) int64: -4 * table code of the sorted keys (the last one repeated past N)."""
+    BLOCK_N) int32: -4 * table code of the sorted keys (0 past N)."""
     h = tl.program_id(0)
     w = tl.program_id(1)
     if COSINE:
@@ -331,9 +333,9 @@ def _seg_prep(group, meta, ninfo, scode, scratch, count, nW, nWw, H, W, SH, SW, 
     tl.store(m + rank, pos, mask=valid)
     tl.store(m + N + rank, j, mask=valid)
     sc = scode + gw * (N + BN)
-    tl.store(sc + rank, (j // WW * (2 * WW - 1) + j % WW).to(tl.int64) * -4, mask=valid)
+    tl.store(sc + rank, (j // WW * (2 * WW - 1) + j % WW) * -4, mask=valid)
     kb = tl.arange(0, BN)  # keys past N (masked): any valid offset; the first program writes them
-    tl.store(sc + N + kb, tl.zeros((BN,), tl.int64), mask=kb < BN * (tl.program_id(1) == 0).to(tl.int32))
+    tl.store(sc + N + kb, tl.zeros((BN,), tl.int32), mask=kb < BN * (tl.program_id(1) == 0).to(tl.int32))
     first = valid & (before % BM == 0)
     small = first & (cnt - before <= BM // 2)
     kind = tl.where(first, tl.where(small, 2, 1), 0)
@@ -391,7 +393,10 @@ def seg_config(N, D, dtype, interpret):
     memory 249.7 us; a segment's last <= BN/2 keys in a half block (TAIL) 236.9; ``_seg_prep`` over
     13 programs a window 232.8; unmasked blocks two at a time (WIDE, 16-bit inputs) 220.6, at 239
     registers: 8 one-warp CTAs/SM, the model's threshold for full issue (unverified on a GPU: set
-    ``WIDE = False`` if it measures slower). No
+    ``WIDE = False`` if it measures slower); then (from 214.0) int32 key codes, four keys per shared
+    load, 212.8; no key clamp in unmasked blocks 212.5. Tried and dropped (no gain under ptxas's
+    register-allocation noise of +-7 instructions per 64-key step): a V check over exactly N rows
+    (power-of-two row blocks), a one-compare (unsigned) segment mask. No
     software pipelining: a walk is 3-4 blocks, and a pipelined loop's peeled prologue costs more
     issue than it hides with 12+ one-warp programs per SM (estimate 280 vs 297 us at 16 rows;
     unverified on a GPU). Under the interpreter 32/16 x 16, so that segments of several tiles and
@@ -406,7 +411,7 @@ def seg_prepare(H, W, wh, ww, sh, sw, group, bm, bn, device):
     """``_seg_prep``'s tables for G = group.shape[0] (or 1) label maps x nW windows: meta (G*nW, 5, N)
     int32 [grid position, window-local index of each sorted token; tiles' first row, segment start,
     segment end: full tiles, then half tiles (entries past them: 0)], ninfo (G*nW, 3) int32 [full tiles,
-    segments, half tiles], scode (G*nW, N + bn) int64: -4 * table code of
+    segments, half tiles], scode (G*nW, N + bn) int32: -4 * table code of
     each sorted key (keys past N: 0). One launch (and one memset)."""
     N, nWw = wh * ww, W // ww
     nW = (H // wh) * nWw
@@ -415,7 +420,7 @@ def seg_prepare(H, W, wh, ww, sh, sw, group, bm, bn, device):
     zeros = torch.zeros(GW * (5 * N + 1), dtype=torch.int32, device=device)  # one memset: meta, counters
     meta, count = zeros[:GW * 5 * N].view(GW, 5, N), zeros[GW * 5 * N:]
     ninfo = torch.empty((GW, 3), dtype=torch.int32, device=device)
-    scode = torch.empty((GW, N + bn), dtype=torch.int64, device=device)
+    scode = torch.empty((GW, N + bn), dtype=torch.int32, device=device)
     scratch = torch.empty((GW, 3, BS), dtype=torch.int32, device=device)
     rc = min(BS, PREP_ROWS)
     _seg_prep[(GW, triton.cdiv(N, rc))](meta if group is None else group, meta, ninfo, scode, scratch, count, nW,
