@@ -437,6 +437,11 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
       }
       if (drpb) {
         const float inv_dsc = ONE ? 1.f / G.scale : 1.f;  // the tables hold dS times dsc (pair_grad)
+        // Entry e's global address as one 32 x 32 + 64-bit multiply-add in bytes (e >= 0): the signed
+        // int64_t(e) * nH + h was a full 64-bit multiply and a shift, 7 instructions per entry, and the
+        // flush runs T / 256 entries per thread and head (~63 at a 16K-entry coords table).
+        unsigned char* const drpb_h = reinterpret_cast<unsigned char*>(A.drpb + h);
+        const unsigned row_bytes = static_cast<unsigned>(G.nH) * unsigned(sizeof(float));
 #pragma unroll 1
         for (int e = threadIdx.x; e < G.T; e += kThreads) {
           if constexpr (DET) {
@@ -455,7 +460,8 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
               sum += dtab[w * tab_stride_f + gi];
               dtab[w * tab_stride_f + gi] = 0.f;
             }
-            if (sum != 0.f) prim::red_add(A.drpb + int64_t(e) * G.nH + h, sum * inv_dsc);
+            if (sum != 0.f)
+              prim::red_add(reinterpret_cast<float*>(drpb_h + size_t(unsigned(e)) * row_bytes), sum * inv_dsc);
           }
         }
       }
