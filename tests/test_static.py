@@ -218,10 +218,55 @@ def test_rules_match_by_line_and_call_site():
     assert t is None and why.startswith("unmatched")
 
 
+def test_loop_found_from_source_structure_when_the_back_edge_has_another_line(tmp_path):
+    """ptxas may give a loop's back edge its closing brace or the body's last statement: the rule must
+    still match (it once read the backward's CAS retry loop as run once: 533 us for 459)."""
+    cu = tmp_path / "k.cuh"
+    cu.write_text("void f() {\n"                                  # 1
+                  "  while (__any_sync(m, miss != 0)) {  // {\n"  # 2
+                  "    if (x) {\n"                                # 3
+                  "      y = \"}\";\n"                          # 4
+                  "    }\n"                                       # 5
+                  "    z += 1;\n"                                 # 6
+                  "  }\n"                                         # 7
+                  "  for (int i = 0; i < n; ++i)\n"               # 8
+                  "  {\n"                                         # 9
+                  "    w(i);\n"                                   # 10
+                  "  }\n"                                         # 11
+                  "}\n")                                          # 12
+    at = lambda ln: static_sass.LoopSite(str(cu), ln, cu.read_text().split("\n")[ln - 1])
+    assert static_sass.enclosing_loop(at(7)).line == 2      # closing brace -> its loop statement
+    assert static_sass.enclosing_loop(at(6)).line == 2      # last statement, past an if block
+    assert static_sass.enclosing_loop(at(5)) is None        # an if's brace is no loop
+    assert static_sass.enclosing_loop(at(11)).line == 8     # lone `{` on the line below the for
+    assert static_sass.enclosing_loop(at(2)) is None        # already the loop statement
+    py = tmp_path / "k.py"
+    py.write_text("def k(n):\n    i = 0\n    while i < n:\n        if i:\n            pass\n        i += 1\n    return i\n")
+    site = static_sass.LoopSite(str(py), 6, "        i += 1")
+    assert static_sass.enclosing_loop(site).line == 3
+    assert static_sass.enclosing_loop(static_sass.LoopSite(str(py), 7, "    return i")) is None
+
+    # the real retry loop of the CUDA backward, by its closing brace
+    path = os.path.join(_ROOT, "csrc", "cuda", "window_attention_bwd_tiles.cuh")
+    src = open(path).read().split("\n")
+    head = next(i for i, ln in enumerate(src) if "while (__any_sync(kFull, miss != 0))" in ln)
+    depth, end = 0, None
+    for i in range(head, len(src)):
+        depth += src[i].count("{") - src[i].count("}")
+        if depth == 0:
+            end = i
+            break
+    ctx = static_rules.Ctx({}, (1, 1, 1), 256, [], "wattn_bwd_kernel", (), (256, 1, 1))
+    t, why = static_rules.trips_for(static_rules.CUDA_RULES, ctx,
+                                    static_sass.LoopSite(path, end + 1, src[end]), triton=False)
+    assert "retry rounds" in why and f"loop at {head + 1}" in why, why
+
+
 # ---- the rules describe the current attention kernels: every loop of their sources gets a trip count
 _CUDA_ATTN = {"window_attention.cu": "int smem_limit() {", "window_attention_bwd.cu": "struct BwdPlan {",
               "window_attention_common.cuh": None,  # file: where its device code ends (launch plans follow)
               "window_attention_bwd_tiles.cuh": None}
+# (_wattn_seg.py's loops need a case's segment model: the committed-report test below covers them)
 _TRITON_ATTN = ("window_attention.py", "window_attention_bwd.py", "_wattn_bwd_tiles.py", "_wattn_bwd_sp.py")
 
 

@@ -268,7 +268,7 @@ __device__ __forceinline__ void table_add_batch(unsigned char* const (&entry)[N]
       }
       miss |= r[i] ^ o[i];
     }
-  }  // end of while (__any_sync(kFull, miss != 0)): ptxas may give the back edge this line (static rules)
+  }
 }
 
 }  // namespace mixkernels::cuda::wattn

@@ -537,6 +537,21 @@ def trips_for(rules: Sequence[Rule], ctx: Ctx, site, triton: bool) -> Tuple[Opti
     """(iterations per entry, how it was derived) for a loop at ``site`` (a static_sass.LoopSite)."""
     if site is None:
         return None, "unmatched: no line info"
+    t, why = _trips_at(rules, ctx, site, triton)
+    if t is None and not why.startswith("rule"):
+        # ptxas may give the back edge another line of the loop (its closing brace, the last statement):
+        # match the loop statement found from the source's structure
+        from .static_sass import enclosing_loop
+
+        head = enclosing_loop(site)
+        if head is not None:
+            t, why2 = _trips_at(rules, ctx, head, triton)
+            if t is not None or why2.startswith("rule"):
+                return t, f"{why2} (back edge at line {site.line}, loop at {head.line})"
+    return t, why
+
+
+def _trips_at(rules: Sequence[Rule], ctx: Ctx, site, triton: bool) -> Tuple[Optional[float], str]:
     via = site.chain[0][2] if site.chain else ""
     for r in rules:
         if r.kernel and not re.search(r.kernel, ctx.kernel):

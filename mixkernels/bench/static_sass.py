@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["Instr", "Block", "Loop", "LoopSite", "Function", "disassemble", "parse", "weigh", "classify",
+           "enclosing_loop",
            "hmma_flops", "inflight_bytes", "access_bytes"]
 
 _FUNC = re.compile(r"^//-+ \.text\.(\S+)\s+-+")
@@ -315,6 +316,64 @@ def _site(i: Instr) -> Optional[LoopSite]:
         return None
     (f, ln), outer = i.loc[0], i.loc[1:]
     return LoopSite(f, ln, _text(f, ln), tuple((of, ol, _text(of, ol)) for of, ol in outer))
+
+
+_LOOP_HEAD = re.compile(r"^\s*(?:\}\s*)?(?:for|while|do)\b")
+
+
+def _code(line: str, python: bool) -> str:
+    """``line`` without its comment and string literals (brace and indent scanning only)."""
+    line = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', '""', line)
+    k = line.find("#" if python else "//")
+    return line if k < 0 else line[:k]
+
+
+def enclosing_loop(site: Optional[LoopSite], reach: int = 400) -> Optional[LoopSite]:
+    """The loop statement a back edge belongs to, found from the source's structure when the compiler
+    put the back edge on another line of the loop (its closing brace, the body's last statement).
+
+    C/C++: a line starting with ``}`` resolves to the statement its brace closes; any other line to the
+    innermost enclosing ``{`` block whose statement is a ``for``/``while``/``do``. Python (Triton):
+    the innermost less-indented ``for``/``while`` above the line. None when ``site`` already is a loop
+    statement or no loop encloses it. The inlining chain is kept."""
+    if site is None or _LOOP_HEAD.match(site.text):
+        return None
+    path = source_path(site.file)
+    python = path.endswith(".py")
+    lines = [_text(path, n) for n in range(max(1, site.line - reach), site.line + 1)]
+    first = site.line - len(lines) + 1
+    if python:
+        cur = _code(site.text, True)
+        indent = len(cur) - len(cur.lstrip()) if cur.strip() else 1 << 30
+        for n in range(len(lines) - 2, -1, -1):
+            code = _code(lines[n], True)
+            if not code.strip():
+                continue
+            ind = len(code) - len(code.lstrip())
+            if ind < indent:
+                if re.match(r"\s*(for|while)\b", code):
+                    return LoopSite(site.file, first + n, lines[n], site.chain)
+                indent = ind
+        return None
+    closing = _code(site.text, False).strip().startswith("}") and "{" not in _code(site.text, False)
+    depth = 0
+    for n in range(len(lines) - 1, -1, -1):
+        code = _code(lines[n], False)
+        for ch in reversed(code):
+            if ch == "}":
+                depth += 1
+            elif ch == "{":
+                depth -= 1
+                target = 0 if closing else -1
+                if depth == target:
+                    # the statement owning this brace: its line, or the line above for a lone `{`
+                    m = n if code.strip() != "{" or n == 0 else n - 1
+                    if _LOOP_HEAD.match(lines[m]):
+                        return LoopSite(site.file, first + m, lines[m], site.chain)
+                    if closing:
+                        return None
+                    depth = 0  # not a loop: look further out
+    return None
 
 
 def _site_of_block(b: Block) -> Optional[LoopSite]:
