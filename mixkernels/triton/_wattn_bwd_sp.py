@@ -47,6 +47,30 @@ def _load_pairs(ptrs, ASM: tl.constexpr):
 
 
 @triton.jit
+def _load_pairs_rw(ptrs, ASM: tl.constexpr):
+    """``_load_pairs`` of fp32 data this kernel writes (a plain ``ld.global``, not the read-only path). Pure
+    for the compiler, so that the layout pass gives it its consumer's layout (a product's accumulator): the
+    caller keeps the order (the value feeds the store of the same addresses; barriers outside its loop)."""
+    if ASM:
+        return tl.inline_asm_elementwise("ld.global.v2.f32 {$0, $1}, [$2];", "=f,=f,l,l", [ptrs],
+                                         dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _store_pairs(ptrs, val, ASM: tl.constexpr):
+    """``*ptrs = val`` (fp32) in the layout of ``val``: on the GPU one 64-bit store per pair of a thread's
+    adjacent columns (``_load_pairs``), no layout conversion through shared memory."""
+    if ASM:
+        tl.inline_asm_elementwise("st.global.v2.f32 [$2], {$4, $5}; mov.b32 $0, 0; mov.b32 $1, 0;",
+                                  "=r,=r,l,l,r,r", [ptrs, val.to(tl.int32, bitcast=True)], dtype=tl.int32,
+                                  is_pure=False, pack=2)
+    else:
+        tl.store(ptrs, val)
+
+
+@triton.jit
 def _red_pairs(ptrs, val, ASM: tl.constexpr):
     """``*ptrs += val`` by relaxed atomics (no fences) in the layout of ``ptrs``: on the GPU two 32-bit
     ``red`` per pair of a thread's adjacent columns, the second address the first's + 4 (one register
@@ -113,13 +137,13 @@ def _store_dq(dqkv, dqs, offs, b, y0, x0, hd, scale, C, H, W, SH, SW, N: tl.cons
 
 
 @triton.jit
-def _q_keys(q, do, rin, grp64, offs_q, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h, dsum_h, qk_scale,
+def _q_keys(q, do, rin, grp64, offs_q, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h, dsum_h, dq_part, qk_scale,
             NQ: tl.constexpr, NK: tl.constexpr, HAS_TB: tl.constexpr, HAS_GROUP: tl.constexpr, SHIFT: tl.constexpr,
             G64: tl.constexpr, DQT: tl.constexpr, DSUM_MODE: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
             ASM: tl.constexpr):
     """One query block against one key tile, all (keys x queries): the tile's dK/dV updates, its share
-    of the block's dQ (unscaled; DQT: transposed, (2D, BQ) with zero rows from D on), and dS into
-    ``dsum``."""
+    of the block's dQ (unscaled; DQT: transposed, (2D, BQ) with zero rows from D on, returned; else added
+    to its fp32 sum at ``dq_part`` in place), and dS into ``dsum``."""
     if HAS_TB:
         # the head's bias tile (launcher: table + attn_bias over the score scale, key-major, padded) is
         # the product's accumulator: each thread's addresses are one base plus constants, pairs of
@@ -155,7 +179,11 @@ def _q_keys(q, do, rin, grp64, offs_q, k, kp, v, dk, dv, ok_k, reg_k, grp_k, off
         # (``kp``: zero columns from D on), so that this product's M is a warpgroup's 64 (wgmma)
         dq = _mm(tl.trans(kp), dsl, F32, UPCAST)
     else:
-        dq = _mm(tl.trans(dsl), k, F32, UPCAST)
+        # the block's dQ sum (this program's scratch, (BQ, D) at ``dq_part``) is the product's accumulator,
+        # read and written in its register layout (each element by one thread, pairs of d adjacent): no
+        # layout conversion through shared memory and no barriers
+        dq = _mm_acc(tl.trans(dsl), k, _load_pairs_rw(dq_part, ASM), F32, UPCAST)
+        _store_pairs(dq_part, dq, ASM)
     if DSUM_MODE == 1:
         # dS sums key-major like the bias tile; their padded rows and columns take the padded pairs
         _red_pairs(dsum_h + offs_k[:, None] * NQ + offs_q[None, :], dst, ASM)
@@ -187,16 +215,14 @@ def _q_block(qkv, dout, rin, dqkv, dqs, bt_h, group, dsum_h, m0, b, y0, x0, gbas
         do = tl.load(dout + (tok * C + hd)[:, None] + offs_d[None, :], mask=q_ok[:, None], other=0.0)
     else:
         do = tl.load(dout + (tok * C + hd)[:, None] + offs_d[None, :])
+    part = dqs + offs_q[:, None] * D + offs_d[None, :]  # (full blocks: the dQ sums, updated in _q_keys)
     dk, dv, dq = _q_keys(q, do, rin, grp64, offs_q, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h, dsum_h,
-                         qk_scale, NQ, NK, HAS_TB, HAS_GROUP, SHIFT, G64, TAIL, DSUM_MODE, F32, UPCAST, ASM)
+                         part, qk_scale, NQ, NK, HAS_TB, HAS_GROUP, SHIFT, G64, TAIL, DSUM_MODE, F32, UPCAST, ASM)
     # (each element read and written by the same thread; padded queries have rows too)
     if TAIL:
         offs_dp = tl.arange(0, 2 * D)
         part = dqs + offs_q[None, :] * D + offs_dp[:, None]
         tl.store(part, tl.load(part, mask=offs_dp[:, None] < D, other=0.0) + dq, mask=offs_dp[:, None] < D)
-    else:
-        part = dqs + offs_q[:, None] * D + offs_d[None, :]
-        tl.store(part, tl.load(part) + dq)
     return dk, dv
 
 

@@ -51,7 +51,7 @@ from ._cosine import _head_scale, _store_unit_grad, dlogit_scale
 from ._wattn_bwd_sp import _sp_window
 from ._wattn_bwd_tiles import _bias_grads, _bwd_rows, _p1_block, _p2_tile, _probs, _t_bias
 from .window_attention import (_INTERPRET, _LOG2E, _alloc_for, _codes, _first_window, _flags, _idx, _keys, _lyx, _mm,
-                               _next_window, _pos, _pow2_floor, _single, _table_bias, _tables, _tail)
+                               _next_window, _pos, _single, _table_bias, _tables, _tail)
 
 __all__ = ["window_attention_backward"]
 
@@ -268,10 +268,27 @@ def _gather_table_kernel(dsum, drpb, NH, HS: tl.constexpr, SI: tl.constexpr, SJ:
 # program.
 _PROGRAMS = 2 if _INTERPRET else 1024
 # Single pass: at most this many windows per program (a program's scratch slots, its rows' records
-# and fp32 dQ sums, are reused by its windows: 16 keeps them at ~15 MB for MixMIM-B stage 1), and
-# at least this many programs (two per SM of an H100/H200) before windows are shared out.
-_SP_WPP = 2 if _INTERPRET else 16
-_SP_PROGRAMS = 264
+# and fp32 dQ sums, are reused by its windows; fewer programs, less scratch). One program per SM is
+# resident (~240 registers x 256 threads), so the windows per program are chosen for the fewest
+# window-heads on the busiest SM (``_sp_stride``), on an SM count of the GPU's (H100/H200: 132).
+_SP_WPP = 2 if _INTERPRET else 64
+_SP_SMS = 132
+
+
+def _sp_stride(bnw, num_heads, device):
+    """Windows per program of the single pass: the one with the fewest window-heads per SM when its
+    ceil(bnw / stride) x num_heads programs run one at a time per SM (the largest on ties: fewer
+    programs, fewer per-program prologues). MixMIM-B stage 1 (2048 windows, 4 heads): 63 (132
+    programs, 63 window-heads per SM, where 16 gave 4 x 16)."""
+    if _INTERPRET:
+        return _SP_WPP
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else _SP_SMS
+    best, best_t = 1, None
+    for s in range(1, min(_SP_WPP, bnw) + 1):
+        t = -(-(-(-bnw // s) * num_heads) // sms) * s
+        if best_t is None or t <= best_t:
+            best, best_t = s, t
+    return best
 
 
 def _maxnreg(sp):
@@ -356,8 +373,8 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     no_sp = deterministic or coords is not None or cosine or scale == 0  # (scale: the bias tile is over it)
     bm, bn, bnb, warps, stages, sp = _bwd_config(N, D, single, no_sp, qkv.dtype == torch.float32)
     kt = triton.cdiv(N, bm) if sp else 1
-    if sp:  # a few windows per program (a power of two: a constexpr), enough programs for the GPU
-        stride = _SP_WPP if _INTERPRET else min(_SP_WPP, _pow2_floor(max(1, bnw * num_heads // _SP_PROGRAMS)))
+    if sp:  # windows per program (a constexpr): the fewest window-heads on the busiest SM
+        stride = _sp_stride(bnw, num_heads, dev)
         chunks = -(-bnw // stride)
     elif single or deterministic:
         chunks = max(1, min(bnw, -(-_PROGRAMS // num_heads)))
