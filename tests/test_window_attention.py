@@ -365,6 +365,39 @@ def test_triton_fully_masked_rows_are_nan(win, d):
     assert torch.isnan(out[0, y, x, :d]).all() and torch.isfinite(out[0, y, x, d:]).all()
 
 
+@pytest.mark.parametrize("labels", ["shared", "per"])
+def test_triton_sp_group_fully_masked_rows(labels):
+    """The single-pass backward with group labels and fully masked rows (-inf attn_bias): batch-shared
+    labels fold the group mask into the per-window-position bias tile (``_bias_tile``), per-image
+    labels mask in the kernel; both match the reference's gradients where it is finite, and keep
+    dS exactly 0 at the pairs the group rule masks (finite gradients for rows that cannot see
+    the NaN row's keys)."""
+    tw = _triton_module()
+    nh, d, win = 2, 32, (5, 4)
+    N = win[0] * win[1]
+    qkv = torch.randn(2, win[0], 2 * win[1], 3 * nh * d, device=_DEV, dtype=torch.float64).float()
+    group = torch.randint(0, 2, (1 if labels == "shared" else 2, win[0], 2 * win[1]), device=_DEV)
+    group[:, 0, 0] = 0
+    group[:, 0, 1] = 1  # both labels in the first window
+    bias = torch.randn(nh, N, N, device=_DEV)
+    bias[0, 3, :] = float("-inf")
+    rpb = torch.randn((2 * win[0] - 1) * (2 * win[1] - 1), nh, device=_DEV)
+    args = (nh, *win, 0, 0, rpb, bias, group, None, *win, d ** -0.5)
+    out, lse = tw.window_attention(qkv, *args)
+    dout = torch.randn_like(out)
+    dqkv, drpb, dbias = tw.window_attention_backward(dout, qkv, out, lse, *args, True, True, False)
+    q = qkv.double().requires_grad_()
+    b = bias.double().requires_grad_()
+    t = rpb.double().requires_grad_()
+    r = ref_wa(q, nh, win, attn_bias=b, rel_pos_bias=t, group=group)
+    gq, gb, gt = torch.autograd.grad(r, (q, b, t), dout.double())
+    for name, got, want in (("out", out, r), ("dqkv", dqkv, gq), ("dbias", dbias, gb), ("drpb", drpb, gt)):
+        fin = torch.isfinite(want)
+        assert fin.any() and torch.isfinite(got[fin]).all(), f"{name}: NaN where the reference is finite"
+        torch.testing.assert_close(got.double()[fin], want[fin], atol=2e-5, rtol=1e-4, msg=name)
+    assert torch.isnan(dqkv).any()
+
+
 @pytest.mark.parametrize("win", [(3, 3), (5, 4)])
 def test_triton_out_of_range_coords_add_no_bias(win):
     """Pairs whose coordinate difference is outside coord_range get no table bias and still attend

@@ -93,7 +93,7 @@ def _record(rec, ASM: tl.constexpr):
     a barrier that orders them after the stores (``_sp_window``: the tail block's through ``_opaque``)."""
     if ASM:
         a, b, c, d = tl.inline_asm_elementwise("ld.global.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [rec],
-                                               dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
+                                               dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=False,
                                                pack=1)
         return a.to(tl.float32, bitcast=True), b.to(tl.float32, bitcast=True), c, d
     else:
@@ -159,6 +159,8 @@ def _q_keys(q, do, rin, grp64, offs_q, k, kp, v, dk, dv, ok_k, reg_k, grp_k, off
     if G64:
         grp_q = grp64
     st = tl.fma(st, qk_scale, -lse2[None, :])  # log2 units, minus the row's lse
+    # HAS_TB: 0 no bias tile; 1 the head's; 2 the head's per window position, with -inf at the pairs the
+    # group rule masks (labels shared by the batch, no shift: ``_bias_tile``), so that only dS is masked here.
     # Padded keys: -inf rows of the bias tile (HAS_TB), else masked here; their dS only reaches dQ times
     # their zero K rows, and the padded rows of ``dsum``.
     if SHIFT or HAS_GROUP or not HAS_TB:
@@ -168,7 +170,8 @@ def _q_keys(q, do, rin, grp64, offs_q, k, kp, v, dk, dv, ok_k, reg_k, grp_k, off
         if HAS_GROUP:
             same = grp_k[:, None] == grp_q[None, :]
             allowed = (allowed & same) if (SHIFT or not HAS_TB) else same
-        st = tl.where(allowed, st, float("-inf"))
+        if HAS_TB != 2:  # (2: the tile holds -inf at the pairs the group rule masks)
+            st = tl.where(allowed, st, float("-inf"))
     pt = tl.exp2(st)  # masked: 0; padded queries (lse +inf): 0; a fully masked row: NaN
     dpt = _mm(v, tl.trans(do), F32, UPCAST)
     dst = pt * (dpt - delta[None, :])
@@ -241,7 +244,7 @@ def _store_kv(dqkv, dk, dv, offs_k, ok, b, y0, x0, hd, scale, C, H, W, SH, SW, N
 
 
 @triton.jit
-def _sp_window(qkv, dout, out, lse, rin, dqkv, dqs, bt, group, dsum, w, h, b, y0, x0, gbase, hd, qk_scale, scale,
+def _sp_window(qkv, dout, out, lse, rin, dqkv, dqs, bt, group, dsum, w, wpos, h, b, y0, x0, gbase, hd, qk_scale, scale,
                C, NH, H, W, SH, SW, BLOCK_K: tl.constexpr, KT: tl.constexpr, BLOCK_Q: tl.constexpr,
                BQ_TAIL: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                HAS_TB: tl.constexpr, HAS_GROUP: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr,
@@ -262,7 +265,7 @@ def _sp_window(qkv, dout, out, lse, rin, dqkv, dqs, bt, group, dsum, w, h, b, y0
     # (a loop, not unrolled: one copy of the tile's code, so one set of hoisted addresses)
     for kt in range(0, KT):
         tl.debug_barrier()  # records, and the previous tile's dQ partials, stored by other threads
-        bt_t = bt + h * (NK * NQ)
+        bt_t = bt + ((wpos * NH if HAS_TB == 2 else 0) + h) * (NK * NQ)
         dsum_t = dsum + h * (NK * NQ)
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         k, v, ok_k, reg_k, grp_k, _cy, _cx, _code = _keys(

@@ -69,7 +69,7 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
                 HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
                 HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr,
                 F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
-                COSINE: tl.constexpr = False, DLS_MODE: tl.constexpr = 0, KT: tl.constexpr = 1):
+                COSINE: tl.constexpr = False, DLS_MODE: tl.constexpr = 0, KT: tl.constexpr = 1, SP_TB: tl.constexpr = 0):
     """Program (head h, chunk c): windows c*STRIDE + W0 + [0, WPP) of head h (WPP == STRIDE, W0 == 0
     when the program loops over its chunk; WPP == 1 when the launcher loops, one launch per W0).
 
@@ -181,8 +181,8 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
             if w < BNW:
                 y0, x0, gbase = wy * WH, wx * WW, (b % GG) * (H * W)
                 _sp_window(qkv, dout, out, lse, dlt + slot * (NQ * 4), dqkv, dqs + slot * (NQ * D), tab,
-                           group, dsum, w, h, b, y0, x0, gbase, hd, qk_scale, scale, C, NH, H, W, SH,
-                           SW, BLOCK_M, KT, BLOCK_N, BN_TAIL, N, D, WH, WW, HAS_RPB or HAS_BIAS, HAS_GROUP, SHIFT,
+                           group, dsum, w, wy * nWw + wx, h, b, y0, x0, gbase, hd, qk_scale, scale, C, NH, H, W, SH,
+                           SW, BLOCK_M, KT, BLOCK_N, BN_TAIL, N, D, WH, WW, SP_TB, HAS_GROUP, SHIFT,
                            DSUM_MODE, F32, UPCAST, IDX64, ASM)
                 tl.debug_barrier()  # the next window's records and partials overwrite this one's
             w, b, wy, wx = _next_window(w, b, wy, wx, nW // nWw, nWw)
@@ -324,23 +324,34 @@ def _bwd_config(N, D, single, no_sp, f32):
     return (32, 16, 16, 4, 1, False) if D >= 64 else (64, 32, 16, 4, 1, False)
 
 
-def _bias_tile(rpb, attn_bias, wh, ww, nh, nk, nq, scale, qkv):
+def _bias_tile(rpb, attn_bias, wh, ww, nh, nk, nq, scale, qkv, labels=None):
     """The single pass's bias: (nH, NK, NQ) fp32, [h, key j, query i] = (table[Swin index(i, j), h] +
     attn_bias[h, i, j]) / scale (the kernel scales it with the scores); padded keys -inf (masked by
-    position), padded queries 0; a dummy (never read) without bias."""
-    if rpb is None and attn_bias is None:
+    position), padded queries 0; a dummy (never read) without bias. ``labels`` (nW, N): the group
+    labels of each window position (shared by the batch, no shift): then (nW, nH, NK, NQ), one tile
+    per window position with -inf where the labels differ (the kernel's scores need no select there)."""
+    if rpb is None and attn_bias is None and labels is None:
         return qkv
     n = wh * ww
-    bias = 0.0
+    bias = torch.zeros((nh, n, n), dtype=torch.float32, device=qkv.device)
     if rpb is not None:
         c = _codes(wh, ww, qkv.device)[:n].long()
-        bias = rpb[c[:, None] - c[None, :] + ((wh - 1) * (2 * ww - 1) + ww - 1)].permute(2, 0, 1)
+        bias = bias + rpb[c[:, None] - c[None, :] + ((wh - 1) * (2 * ww - 1) + ww - 1)].permute(2, 0, 1)
     if attn_bias is not None:
         bias = bias + attn_bias
-    tile = torch.zeros((nh, nk, nq), dtype=torch.float32, device=qkv.device)
-    tile[:, n:, :] = float("-inf")
-    tile[:, :n, :n] = bias.transpose(1, 2) / scale
-    return tile
+    tile = torch.zeros((1 if labels is None else labels.shape[0], nh, nk, nq), dtype=torch.float32,
+                       device=qkv.device)
+    tile[:, :, n:, :] = float("-inf")
+    tile[:, :, :n, :n] = bias.transpose(1, 2) / scale
+    if labels is not None:  # [w, key j, query i]: labels compared at full width
+        tile[:, :, :n, :n].masked_fill_((labels[:, :, None] != labels[:, None, :])[:, None], float("-inf"))
+    return tile if labels is None else tile.reshape(labels.shape[0] * nh, nk, nq)
+
+
+def _window_labels(group, wh, ww):
+    """(nW, N) labels of each window position from batch-shared labels (1, H, W) (no shift)."""
+    _, H, W = group.shape
+    return group[0].reshape(H // wh, wh, W // ww, ww).permute(0, 2, 1, 3).reshape((H // wh) * (W // ww), wh * ww)
 
 
 def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords,
@@ -373,6 +384,10 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     no_sp = deterministic or coords is not None or cosine or scale == 0  # (scale: the bias tile is over it)
     bm, bn, bnb, warps, stages, sp = _bwd_config(N, D, single, no_sp, qkv.dtype == torch.float32)
     kt = triton.cdiv(N, bm) if sp else 1
+    # single pass: the bias tile per head (1), or per head and window position with the group mask in it
+    # (2: labels shared by the batch, no shift), or none (0)
+    sp_tb = 0 if not sp else (2 if group is not None and group.shape[0] == 1 and sh == 0 and sw == 0 else
+                              (1 if rpb is not None or attn_bias is not None else 0))
     if sp:  # windows per program (a constexpr): the fewest window-heads on the busiest SM
         stride = _sp_stride(bnw, num_heads, dev)
         chunks = -(-bnw // stride)
@@ -403,7 +418,8 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     dls = torch.zeros(((chunks,) if dls_mode in (2, 3) else ()) + (num_heads,), **f32) if dls_mode else lse
     if bnw > 0 and num_heads * D > 0:
         if sp:
-            tab, ab = _bias_tile(rpb, attn_bias, wh, ww, num_heads, kt * bm, nq, float(scale), qkv), qkv
+            tab, ab = _bias_tile(rpb, attn_bias, wh, ww, num_heads, kt * bm, nq, float(scale), qkv,
+                                 _window_labels(group, wh, ww) if sp_tb == 2 else None), qkv
         else:
             tab, ab = _tables(rpb, attn_bias, qkv, num_heads)
         G = (1 if group is None else group.shape[0], 1 if coords is None else coords.shape[0])
@@ -421,7 +437,7 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
                 WPP=1 if outer else stride, N=N, D=D, WH=wh, WW=ww, SINGLE=single,
                 BS=max(16, triton.next_power_of_2(N)), BLOCK_M=bm, BM_TAIL=_tail(N, bm), BLOCK_N=bn,
                 BN_TAIL=_tail(N, bn), BLOCK_NB=bnb, BNB_TAIL=_tail(N, bnb), SP=sp, RELOAD=D >= 64,
-                DSUM_MODE=dsum_mode, KT=kt,
+                DSUM_MODE=dsum_mode, KT=kt, SP_TB=sp_tb,
                 TAB_MODE=tab_mode, COSINE=cosine, DLS_MODE=dls_mode,
                 ASM=not _INTERPRET, IDX64=qkv.numel() >= 2**31, num_warps=warps, num_stages=stages,
                 **_flags(qkv, rpb, attn_bias, group, coords, sh, sw), **_maxnreg(sp),
