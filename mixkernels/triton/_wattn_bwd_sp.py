@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._wattn_common import _mm_acc, _opaque
+from ._wattn_common import _mm_acc
 from .window_attention import _idx, _keys, _lyx, _mm, _pos
 
 
@@ -87,10 +87,7 @@ def _red_pairs(ptrs, val, ASM: tl.constexpr):
 @triton.jit
 def _record(rec, ASM: tl.constexpr):
     """A row's ``_row_info`` record (lse2, delta as fp32; labels as int32): one 16-byte load on the GPU
-    (a plain ``ld.global``: the records are written earlier in this kernel). Pure for the compiler, so
-    that each thread loads the records of its own query columns in the scores' layout (no conversion
-    through shared memory and barriers); so the caller's addresses must not be loop-invariant across
-    a barrier that orders them after the stores (``_sp_window``: the tail block's through ``_opaque``)."""
+    (a plain ``ld.global``: the records are written earlier in this kernel)."""
     if ASM:
         a, b, c, d = tl.inline_asm_elementwise("ld.global.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [rec],
                                                dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=False,
@@ -286,9 +283,7 @@ def _sp_window(qkv, dout, out, lse, rin, dqkv, dqs, bt, group, dsum, w, wpos, h,
                               N, NQ, NK, D, WH, WW, HAS_TB, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST,
                               IDX64, ASM)
         if BQ_TAIL > 0:
-            # (the tail's record addresses through an asm with side effects: invariant, its pure loads
-            # would be hoisted out of this loop, above the barrier that orders them after _row_info)
-            dk, dv = _q_block(qkv, dout, rin + _opaque(kt * 0, ASM), dqkv, dqs, bt_t, group, dsum_t, Q_FULL, b, y0, x0, gbase, hd, qk_scale,
+            dk, dv = _q_block(qkv, dout, rin, dqkv, dqs, bt_t, group, dsum_t, Q_FULL, b, y0, x0, gbase, hd, qk_scale,
                               scale, C, H, W, SH, SW, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BQ_TAIL, True,
                               N, NQ, NK, D, WH, WW, HAS_TB, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST,
                               IDX64, ASM)
