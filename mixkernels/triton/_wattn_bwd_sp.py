@@ -6,10 +6,11 @@ keys) one after another, each with its dK and dV in registers, stream the query 
 BLOCK_Q (64) and a tail block (16 for 196 rows). Per block: S^T = K Q^T, P^T, dP^T = V dO^T, dS^T,
 all (keys x queries), and
 
-* every product is a wgmma on sm_90 (mma.sync on sm_80): S^T, dP^T, dV += P^T dO, dK += dS^T Q have
-  a key tile as M (P^T, dS^T fed from registers), dQ = dS K the 64-query block; the tail's dQ^T =
-  K^T dS^T over K^T padded to 64 rows. dQ of the tiles is summed in the program's fp32 slot
-  ``dqs`` (each element read and written by one thread) and stored once per window;
+* every product but one is a wgmma on sm_90 (mma.sync on sm_80): S^T, dP^T, dV += P^T dO, dK += dS^T Q
+  have a key tile as M (P^T, dS^T fed from registers), dQ = dS K the 64-query block (its sum the
+  product's accumulator, read and written in that layout); the tail's dQ (M = 16) is an mma.sync.
+  dQ of the tiles is summed in the program's fp32 slot ``dqs`` (each element read and written by one
+  thread) and stored once per window;
 * the head's bias (table + attn_bias over the score scale: ``_bias_tile``) is read as a key-major
   (NK, NQ) tile straight into the S^T product's accumulator (64-bit loads, each thread's addresses
   one base plus constants), and dS^T goes to a key-major padded ``dsum`` by relaxed atomics
@@ -137,13 +138,12 @@ def _store_dq(dqkv, dqs, offs, b, y0, x0, hd, scale, C, H, W, SH, SW, N: tl.cons
 
 
 @triton.jit
-def _q_keys(q, do, rin, grp64, offs_q, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h, dsum_h, dq_part, qk_scale,
+def _q_keys(q, do, rin, grp64, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h, dsum_h, dq_part, qk_scale,
             NQ: tl.constexpr, NK: tl.constexpr, HAS_TB: tl.constexpr, HAS_GROUP: tl.constexpr, SHIFT: tl.constexpr,
-            G64: tl.constexpr, DQT: tl.constexpr, DSUM_MODE: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
+            G64: tl.constexpr, TAIL: tl.constexpr, DSUM_MODE: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
             ASM: tl.constexpr):
     """One query block against one key tile, all (keys x queries): the tile's dK/dV updates, its share
-    of the block's dQ (unscaled; DQT: transposed, (2D, BQ) with zero rows from D on, returned; else added
-    to its fp32 sum at ``dq_part`` in place), and dS into ``dsum``."""
+    of the block's dQ (unscaled, added to its fp32 sum at ``dq_part`` in place), and dS into ``dsum``."""
     if HAS_TB:
         # the head's bias tile (launcher: table + attn_bias over the score scale, key-major, padded) is
         # the product's accumulator: each thread's addresses are one base plus constants, pairs of
@@ -177,10 +177,10 @@ def _q_keys(q, do, rin, grp64, offs_q, k, kp, v, dk, dv, ok_k, reg_k, grp_k, off
     dv += _mm(pt.to(do.dtype), do, F32, UPCAST)
     dsl = dst.to(q.dtype)
     dk += _mm(dsl, q, F32, UPCAST)
-    if DQT:
-        # a block of fewer than 64 queries (the tail): dQ^T = K^T dS^T with K^T's D rows padded to 64
-        # (``kp``: zero columns from D on), so that this product's M is a warpgroup's 64 (wgmma)
-        dq = _mm(tl.trans(kp), dsl, F32, UPCAST)
+    if TAIL:
+        # (M = 16 queries: an mma.sync, half the rate for 16 of 208 rows, where a wgmma over a 64-row padded
+        # K^T cost a load and registers per tile; its sum updated by the caller, plain loads and stores)
+        dq = _mm(tl.trans(dsl), k, F32, UPCAST)
     else:
         # the block's dQ sum (this program's scratch, (BQ, D) at ``dq_part``) is the product's accumulator,
         # read and written in its register layout (each element by one thread, pairs of d adjacent): no
@@ -195,7 +195,7 @@ def _q_keys(q, do, rin, grp64, offs_q, k, kp, v, dk, dv, ok_k, reg_k, grp_k, off
 
 @triton.jit
 def _q_block(qkv, dout, rin, dqkv, dqs, bt_h, group, dsum_h, m0, b, y0, x0, gbase, hd, qk_scale, scale, C, H, W, SH,
-             SW, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BQ: tl.constexpr, TAIL: tl.constexpr,
+             SW, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BQ: tl.constexpr, TAIL: tl.constexpr,
              N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
              HAS_TB: tl.constexpr, HAS_GROUP: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr,
              F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
@@ -218,14 +218,11 @@ def _q_block(qkv, dout, rin, dqkv, dqs, bt_h, group, dsum_h, m0, b, y0, x0, gbas
         do = tl.load(dout + (tok * C + hd)[:, None] + offs_d[None, :], mask=q_ok[:, None], other=0.0)
     else:
         do = tl.load(dout + (tok * C + hd)[:, None] + offs_d[None, :])
-    part = dqs + offs_q[:, None] * D + offs_d[None, :]  # (full blocks: the dQ sums, updated in _q_keys)
-    dk, dv, dq = _q_keys(q, do, rin, grp64, offs_q, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h, dsum_h,
-                         part, qk_scale, NQ, NK, HAS_TB, HAS_GROUP, SHIFT, G64, TAIL, DSUM_MODE, F32, UPCAST, ASM)
-    # (each element read and written by the same thread; padded queries have rows too)
-    if TAIL:
-        offs_dp = tl.arange(0, 2 * D)
-        part = dqs + offs_q[None, :] * D + offs_dp[:, None]
-        tl.store(part, tl.load(part, mask=offs_dp[:, None] < D, other=0.0) + dq, mask=offs_dp[:, None] < D)
+    part = dqs + offs_q[:, None] * D + offs_d[None, :]  # the rows' dQ sums (padded queries have rows too)
+    dk, dv, dq = _q_keys(q, do, rin, grp64, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h, dsum_h, part,
+                         qk_scale, NQ, NK, HAS_TB, HAS_GROUP, SHIFT, G64, TAIL, DSUM_MODE, F32, UPCAST, ASM)
+    if TAIL:  # (full blocks: updated in _q_keys)
+        tl.store(part, tl.load(part) + dq)
     return dk, dv
 
 
@@ -268,23 +265,16 @@ def _sp_window(qkv, dout, out, lse, rin, dqkv, dqs, bt, group, dsum, w, wpos, h,
         k, v, ok_k, reg_k, grp_k, _cy, _cx, _code = _keys(
             qkv, group, qkv, qkv, offs_k, b, y0, x0, gbase, gbase, hd, C, H, W, SH, SW, N, WH, WW, D, SHIFT,
             HAS_GROUP, False, True, IDX64, False)
-        kp = k
-        if BQ_TAIL > 0:  # the tail block's K with D zero columns appended (``_q_keys`` DQT)
-            ly, lx = _lyx(offs_k, N, WW)
-            pos, _r = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
-            offs_dp = tl.arange(0, 2 * D)
-            kp = tl.load(qkv + (_idx(b * (H * W) + pos, IDX64) * (3 * C) + hd + C)[:, None] + offs_dp[None, :],
-                         mask=ok_k[:, None] & (offs_dp < D)[None, :], other=0.0)
         dk = tl.zeros((BLOCK_K, D), tl.float32)
         dv = tl.zeros((BLOCK_K, D), tl.float32)
         for m0 in range(0, Q_FULL, BLOCK_Q):
             dk, dv = _q_block(qkv, dout, rin, dqkv, dqs, bt_t, group, dsum_t, m0, b, y0, x0, gbase, hd, qk_scale,
-                              scale, C, H, W, SH, SW, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BLOCK_Q, False,
+                              scale, C, H, W, SH, SW, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BLOCK_Q, False,
                               N, NQ, NK, D, WH, WW, HAS_TB, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST,
                               IDX64, ASM)
         if BQ_TAIL > 0:
             dk, dv = _q_block(qkv, dout, rin, dqkv, dqs, bt_t, group, dsum_t, Q_FULL, b, y0, x0, gbase, hd, qk_scale,
-                              scale, C, H, W, SH, SW, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BQ_TAIL, True,
+                              scale, C, H, W, SH, SW, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BQ_TAIL, True,
                               N, NQ, NK, D, WH, WW, HAS_TB, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST,
                               IDX64, ASM)
         _store_kv(dqkv, dk, dv, offs_k, ok_k, b, y0, x0, hd, scale, C, H, W, SH, SW, N, WH, WW, D, SHIFT, IDX64)

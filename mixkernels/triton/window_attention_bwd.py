@@ -302,10 +302,11 @@ def _bwd_config(N, D, single, no_sp, f32):
 
     Windows larger than one tile with d = 32 (MixMIM stages 1-3) take the single pass (``_wattn_bwd_sp``):
     key tiles of BLOCK_M = 128 keys (8 warps, a warpgroup per 64 keys: every product's M is a
-    warpgroup's 64 rows, so all five are wgmma on sm_90, and one mma.sync would halve the rate of
-    all of them), query blocks of BLOCK_N = 64 (dQ's M; 32 scores per thread next to dK, dV: 246
-    registers, no spills) and a tail block of 16 (196 rows cost 208; its dQ^T = K^T dS^T over a
-    64-row padded K^T). Other head dims, coords (exact int64 index math), cosine, the
+    warpgroup's 64 rows, so all five are wgmma on sm_90), query blocks of BLOCK_N = 64 (dQ's M; 32
+    scores per thread next to dK, dV: 247 registers, no spills) and a tail block of 16 (196 rows cost
+    208; its dQ an mma.sync of M = 16: half the rate for 16 of 208 rows, where a wgmma over a 64-row
+    padded K^T cost a load and registers per tile, 384 against 545 instructions per tile outside the
+    query loop). Other head dims, coords (exact int64 index math), cosine, the
     deterministic mode (``no_sp``) and, on the GPU, fp32 inputs (exact fp32 products are FMA loops,
     far too wide for those tiles; the interpreter runs fp32 through the single pass too, so that its
     tests check it in exact arithmetic) take the two phases: phase B keeps dK and dV of its key block
