@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._wattn_common import _mm_acc
+from ._wattn_common import _mm_acc, _opaque
 from .window_attention import _idx, _keys, _lyx, _mm, _pos
 
 
@@ -101,11 +101,11 @@ def _record(rec, ASM: tl.constexpr):
 
 @triton.jit
 def _row_info(dout, out, lse, rin, dqs, group, offs, w, h, b, y0, x0, gbase, hd, C, NH, H, W, SH, SW,
-              N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SHIFT: tl.constexpr,
+              NQ: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SHIFT: tl.constexpr,
               HAS_GROUP: tl.constexpr, IDX64: tl.constexpr):
     """Per query row ``offs`` of the window (padded ones included) a record of four 32-bit words in
-    ``rin``: lse in log2 units (+inf on padded rows), delta = rowsum(dO * O) (0 on padded rows), the
-    shift-region label, the int32 group label. The query blocks read a row's record with one 16-byte
+    ``rin``: lse in log2 units (+inf on padded rows), a spare word, the shift-region label, the int32
+    group label; and -delta = -rowsum(dO * O) (0 on padded rows) at ``rin + 4 NQ + row``. The query blocks read a row's record with one 16-byte
     load in the scores' column layout (a thread holds 16 query columns) instead of recomputing
     positions (integer divisions) and loading per column. Also zeroes the rows' dQ sums in ``dqs``."""
     ok = offs < N
@@ -117,7 +117,7 @@ def _row_info(dout, out, lse, rin, dqs, group, offs, w, h, b, y0, x0, gbase, hd,
     tl.store(dqs + offs[:, None] * D + tl.arange(0, D)[None, :], tl.zeros((offs.shape[0], D), tl.float32))
     rec = rin + offs * 4
     tl.store(rec, tl.load(lse + (w * NH + h) * N + offs, mask=ok, other=float("inf")) * 1.4426950408889634)
-    tl.store(rec + 1, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1))
+    tl.store(rin + NQ * 4 + offs, -tl.sum(do.to(tl.float32) * o.to(tl.float32), 1))
     if SHIFT:
         tl.store(rec + 2, reg.to(tl.float32, bitcast=True))
     if HAS_GROUP:
@@ -152,7 +152,7 @@ def _q_keys(q, do, rin, grp64, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k,
     else:
         st = _mm(k, tl.trans(q), F32, UPCAST)
     # the rows' records read here, next to their use (fewer registers live across the products)
-    lse2, delta, reg_q, grp_q = _record(rin + offs_q * 4, ASM)
+    lse2, _spare, reg_q, grp_q = _record(rin + offs_q * 4, ASM)
     if G64:
         grp_q = grp64
     st = tl.fma(st, qk_scale, -lse2[None, :])  # log2 units, minus the row's lse
@@ -170,8 +170,10 @@ def _q_keys(q, do, rin, grp64, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k,
         if HAS_TB != 2:  # (2: the tile holds -inf at the pairs the group rule masks)
             st = tl.where(allowed, st, float("-inf"))
     pt = tl.exp2(st)  # masked: 0; padded queries (lse +inf): 0; a fully masked row: NaN
-    dpt = _mm(v, tl.trans(do), F32, UPCAST)
-    dst = pt * (dpt - delta[None, :])
+    # dP^T - delta in one product: its accumulator starts at -delta of each query column (``_row_info``),
+    # read in the accumulator's layout (one 8-byte load per pair of a thread's adjacent columns)
+    nd = rin + NQ * 4 + offs_q[None, :] + offs_k[:, None] * 0
+    dst = pt * _mm_acc(v, tl.trans(do), _load_pairs_rw(nd, ASM), F32, UPCAST)
     if SHIFT or HAS_GROUP:
         dst = tl.where(allowed, dst, 0.0)  # exactly 0 at pairs the shift/group rule masks (even in a NaN row)
     dv += _mm(pt.to(do.dtype), do, F32, UPCAST)
@@ -252,10 +254,10 @@ def _sp_window(qkv, dout, out, lse, rin, dqkv, dqs, bt, group, dsum, w, wpos, h,
     NK: tl.constexpr = KT * BLOCK_K
     for r in tl.static_range(Q_FULL // BLOCK_Q):  # (the tail block has a size of its own)
         _row_info(dout, out, lse, rin, dqs, group, r * BLOCK_Q + tl.arange(0, BLOCK_Q), w, h, b, y0, x0, gbase, hd,
-                  C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, IDX64)
+                  C, NH, H, W, SH, SW, NQ, N, D, WH, WW, SHIFT, HAS_GROUP, IDX64)
     if BQ_TAIL > 0:
         _row_info(dout, out, lse, rin, dqs, group, Q_FULL + tl.arange(0, BQ_TAIL), w, h, b, y0, x0, gbase, hd, C, NH,
-                  H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, IDX64)
+                  H, W, SH, SW, NQ, N, D, WH, WW, SHIFT, HAS_GROUP, IDX64)
     # (a loop, not unrolled: one copy of the tile's code, so one set of hoisted addresses)
     for kt in range(0, KT):
         tl.debug_barrier()  # records, and the previous tile's dQ partials, stored by other threads
@@ -273,7 +275,9 @@ def _sp_window(qkv, dout, out, lse, rin, dqkv, dqs, bt, group, dsum, w, wpos, h,
                               N, NQ, NK, D, WH, WW, HAS_TB, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST,
                               IDX64, ASM)
         if BQ_TAIL > 0:
-            dk, dv = _q_block(qkv, dout, rin, dqkv, dqs, bt_t, group, dsum_t, Q_FULL, b, y0, x0, gbase, hd, qk_scale,
+            # (the tail's -delta addresses through an asm with side effects: invariant, its pure loads would
+            # be hoisted out of this loop, above the barrier that orders them after _row_info)
+            dk, dv = _q_block(qkv, dout, rin + _opaque(kt * 0, ASM), dqkv, dqs, bt_t, group, dsum_t, Q_FULL, b, y0, x0, gbase, hd, qk_scale,
                               scale, C, H, W, SH, SW, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BQ_TAIL, True,
                               N, NQ, NK, D, WH, WW, HAS_TB, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST,
                               IDX64, ASM)
