@@ -105,7 +105,8 @@ def _row_info(dout, out, lse, rin, dqs, group, offs, w, h, b, y0, x0, gbase, hd,
               HAS_GROUP: tl.constexpr, IDX64: tl.constexpr):
     """Per query row ``offs`` of the window (padded ones included) a record of four 32-bit words in
     ``rin``: lse in log2 units (+inf on padded rows), a spare word, the shift-region label, the int32
-    group label; and -delta = -rowsum(dO * O) (0 on padded rows) at ``rin + 4 NQ + row``. The query blocks read a row's record with one 16-byte
+    group label; and -delta = -rowsum(dO * O) (0 on padded rows) at ``rin + 4 NQ + row`` and again at
+    ``rin + 5 NQ + row`` (``_q_keys``: a thread's two rows of a column read different copies). The query blocks read a row's record with one 16-byte
     load in the scores' column layout (a thread holds 16 query columns) instead of recomputing
     positions (integer divisions) and loading per column. Also zeroes the rows' dQ sums in ``dqs``."""
     ok = offs < N
@@ -117,7 +118,9 @@ def _row_info(dout, out, lse, rin, dqs, group, offs, w, h, b, y0, x0, gbase, hd,
     tl.store(dqs + offs[:, None] * D + tl.arange(0, D)[None, :], tl.zeros((offs.shape[0], D), tl.float32))
     rec = rin + offs * 4
     tl.store(rec, tl.load(lse + (w * NH + h) * N + offs, mask=ok, other=float("inf")) * 1.4426950408889634)
-    tl.store(rin + NQ * 4 + offs, -tl.sum(do.to(tl.float32) * o.to(tl.float32), 1))
+    nd = -tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(rin + NQ * 4 + offs, nd)
+    tl.store(rin + NQ * 5 + offs, nd)
     if SHIFT:
         tl.store(rec + 2, reg.to(tl.float32, bitcast=True))
     if HAS_GROUP:
@@ -171,8 +174,9 @@ def _q_keys(q, do, rin, grp64, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k,
             st = tl.where(allowed, st, float("-inf"))
     pt = tl.exp2(st)  # masked: 0; padded queries (lse +inf): 0; a fully masked row: NaN
     # dP^T - delta in one product: its accumulator starts at -delta of each query column (``_row_info``),
-    # read in the accumulator's layout (one 8-byte load per pair of a thread's adjacent columns)
-    nd = rin + NQ * 4 + offs_q[None, :] + offs_k[:, None] * 0
+    # read in the accumulator's layout (one 8-byte load per pair of a thread's adjacent columns; its rows
+    # r and r + 8 from the two copies: one load each, where loads of one address are merged and copied)
+    nd = rin + NQ * 4 + ((offs_k // 8) % 2)[:, None] * NQ + offs_q[None, :]
     dst = pt * _mm_acc(v, tl.trans(do), _load_pairs_rw(nd, ASM), F32, UPCAST)
     if SHIFT or HAS_GROUP:
         dst = tl.where(allowed, dst, 0.0)  # exactly 0 at pairs the shift/group rule masks (even in a NaN row)

@@ -173,7 +173,7 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
         # Single pass (SP, ``_wattn_bwd_sp``): KT key tiles of BLOCK_M keys (8 warps) one after another,
         # dK/dV of a tile in registers, query blocks of BLOCK_N streamed. ``tab``: the launcher's
         # (nH, NK, NQ) bias tile (NQ the padded query count, NK = KT * BLOCK_M); this program's slots:
-        # the rows' records in ``dlt`` (NQ x 4 words, then -delta of the NQ rows), fp32 dQ partials in ``dqs``
+        # the rows' records in ``dlt`` (NQ x 4 words, then -delta of the NQ rows, twice), fp32 dQ partials in ``dqs``
         # (NQ x D).
         NQ: tl.constexpr = (N // BLOCK_N) * BLOCK_N + BN_TAIL
         NK: tl.constexpr = KT * BLOCK_M
@@ -181,7 +181,7 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
         for i in range(0, WPP):
             if w < BNW:
                 y0, x0, gbase = wy * WH, wx * WW, (b % GG) * (H * W)
-                _sp_window(qkv, dout, out, lse, dlt + slot * (NQ * 5), dqkv, dqs + slot * (NQ * D), tab,
+                _sp_window(qkv, dout, out, lse, dlt + slot * (NQ * 6), dqkv, dqs + slot * (NQ * D), tab,
                            group, dsum, w, wy * nWw + wx, h, b, y0, x0, gbase, hd, qk_scale, scale, C, NH, H, W, SH,
                            SW, BLOCK_M, KT, BLOCK_N, BN_TAIL, N, D, WH, WW, SP_TB, HAS_GROUP, SHIFT,
                            DSUM_MODE, F32, UPCAST, IDX64, ASM)
@@ -426,7 +426,7 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
             tab, ab = _tables(rpb, attn_bias, qkv, num_heads)
         G = (1 if group is None else group.shape[0], 1 if coords is None else coords.shape[0])
         if sp:  # per program: the rows' records (lse, delta, code, label)
-            dlt = torch.empty((chunks * num_heads, nq * 5), **f32)
+            dlt = torch.empty((chunks * num_heads, nq * 6), **f32)
         else:  # delta = rowsum(dO * O), phase A -> phase B
             dlt = lse if single else torch.empty_like(lse)
         dqs = torch.empty((chunks * num_heads, nq, D), **f32) if sp else lse
