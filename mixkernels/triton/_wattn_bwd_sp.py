@@ -87,7 +87,7 @@ def _red_pairs(ptrs, val, ASM: tl.constexpr):
 
 @triton.jit
 def _record(rec, ASM: tl.constexpr):
-    """A row's ``_row_info`` record (lse2, delta as fp32; labels as int32): one 16-byte load on the GPU
+    """A row's ``_row_info`` record (-lse2, a spare word as fp32; labels as int32): one 16-byte load on the GPU
     (a plain ``ld.global``: the records are written earlier in this kernel)."""
     if ASM:
         a, b, c, d = tl.inline_asm_elementwise("ld.global.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [rec],
@@ -104,7 +104,7 @@ def _row_info(dout, out, lse, rin, dqs, group, offs, w, h, b, y0, x0, gbase, hd,
               NQ: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SHIFT: tl.constexpr,
               HAS_GROUP: tl.constexpr, IDX64: tl.constexpr):
     """Per query row ``offs`` of the window (padded ones included) a record of four 32-bit words in
-    ``rin``: lse in log2 units (+inf on padded rows), a spare word, the shift-region label, the int32
+    ``rin``: -lse in log2 units (-inf on padded rows), a spare word, the shift-region label, the int32
     group label; and -delta = -rowsum(dO * O) (0 on padded rows) at ``rin + 4 NQ + row`` and again at
     ``rin + 5 NQ + row`` (``_q_keys``: a thread's two rows of a column read different copies). The query blocks read a row's record with one 16-byte
     load in the scores' column layout (a thread holds 16 query columns) instead of recomputing
@@ -117,7 +117,7 @@ def _row_info(dout, out, lse, rin, dqs, group, offs, w, h, b, y0, x0, gbase, hd,
     o = tl.load(out + orow, mask=ok[:, None], other=0.0)
     tl.store(dqs + offs[:, None] * D + tl.arange(0, D)[None, :], tl.zeros((offs.shape[0], D), tl.float32))
     rec = rin + offs * 4
-    tl.store(rec, tl.load(lse + (w * NH + h) * N + offs, mask=ok, other=float("inf")) * 1.4426950408889634)
+    tl.store(rec, tl.load(lse + (w * NH + h) * N + offs, mask=ok, other=float("inf")) * -1.4426950408889634)
     nd = -tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(rin + NQ * 4 + offs, nd)
     tl.store(rin + NQ * 5 + offs, nd)
@@ -155,10 +155,10 @@ def _q_keys(q, do, rin, grp64, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k,
     else:
         st = _mm(k, tl.trans(q), F32, UPCAST)
     # the rows' records read here, next to their use (fewer registers live across the products)
-    lse2, _spare, reg_q, grp_q = _record(rin + offs_q * 4, ASM)
+    nlse2, _spare, reg_q, grp_q = _record(rin + offs_q * 4, ASM)
     if G64:
         grp_q = grp64
-    st = tl.fma(st, qk_scale, -lse2[None, :])  # log2 units, minus the row's lse
+    st = tl.fma(st, qk_scale, nlse2[None, :])  # log2 units, minus the row's lse
     # HAS_TB: 0 no bias tile; 1 the head's; 2 the head's per window position, with -inf at the pairs the
     # group rule masks (labels shared by the batch, no shift: ``_bias_tile``), so that only dS is masked here.
     # Padded keys: -inf rows of the bias tile (HAS_TB), else masked here; their dS only reaches dQ times

@@ -250,15 +250,24 @@ def _gather_table_kernel(dsum, drpb, NH, HS: tl.constexpr, SI: tl.constexpr, SJ:
     t = tl.program_id(0)
     ty = t // (2 * WW - 1)
     tx = t % (2 * WW - 1)
-    offs_i = tl.arange(0, N_PAD)
     offs_h = tl.arange(0, NH_PAD)
-    jy = offs_i // WW - ty + WH - 1
-    jx = offs_i % WW - tx + WW - 1
-    ok = (offs_i < N) & (jy >= 0) & (jy < WH) & (jx >= 0) & (jx < WW)
-    j = jy * WW + jx
-    vals = tl.load(dsum + offs_h[:, None] * HS + offs_i[None, :] * SI + j[None, :] * SJ,
-                   mask=(offs_h[:, None] < NH) & ok[None, :], other=0.0)
-    tl.store(drpb + t * NH + offs_h, tl.sum(vals, 1), mask=offs_h < NH)
+    # many heads: the queries in chunks of CH summed elementwise, then one reduction across the chunk's
+    # lanes (a reduction over all N_PAD queries at once costs a shuffle tree per head row held)
+    CH: tl.constexpr = 32 if NH_PAD >= 16 and N_PAD > 32 else N_PAD
+    acc = tl.zeros((NH_PAD, CH), tl.float32)
+    for c in tl.static_range(N_PAD // CH):
+        offs_i = c * CH + tl.arange(0, CH)
+        jy = offs_i // WW - ty + WH - 1
+        jx = offs_i % WW - tx + WW - 1
+        ok = (offs_i < N) & (jy >= 0) & (jy < WH) & (jx >= 0) & (jx < WW)
+        j = jy * WW + jx
+        vals = tl.load(dsum + offs_h[:, None] * HS + offs_i[None, :] * SI + j[None, :] * SJ,
+                       mask=(offs_h[:, None] < NH) & ok[None, :], other=0.0)
+        if c == 0:
+            acc = vals
+        else:
+            acc += vals
+    tl.store(drpb + t * NH + offs_h, tl.sum(acc, 1), mask=offs_h < NH)
 
 
 # ----------------------------------------------------------------------------- launchers
