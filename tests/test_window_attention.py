@@ -398,6 +398,32 @@ def test_triton_sp_group_fully_masked_rows(labels):
     assert torch.isnan(dqkv).any()
 
 
+@pytest.mark.parametrize("nh,win", [(2, (5, 4)), (16, (6, 6)), (17, (7, 7))])
+def test_triton_gather_table_kernel(nh, win):
+    """The table gradient's gather (drpb[t, h] = sum of dS over the pairs with Swin index t), both of its
+    summation schemes (>= 16 heads: queries in chunks), on the single pass's padded key-major layout."""
+    tw = pytest.importorskip("mixkernels.triton.window_attention_bwd")
+    wh, ww = win
+    N = wh * ww
+    nk, nq = N + 5, N + 3
+    dsum = torch.randn(nh, nk, nq, device=_DEV)  # [h, key j, query i], padded
+    T = (2 * wh - 1) * (2 * ww - 1)
+    drpb = torch.full((T, nh), float("nan"), device=_DEV)
+    tw._gather_table_kernel[(T,)](dsum, drpb, nh, dsum.stride(0), dsum.stride(2), dsum.stride(1), N=N,
+                                  N_PAD=triton_next_pow2(N), NH_PAD=triton_next_pow2(nh), WH=wh, WW=ww)
+    yy, xx = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
+    y, x = yy.reshape(-1), xx.reshape(-1)
+    idx = (y[:, None] - y[None, :] + wh - 1) * (2 * ww - 1) + (x[:, None] - x[None, :] + ww - 1)  # [i, j]
+    dq = dsum[:, :N, :N].transpose(1, 2).double()  # [h, i, j]
+    want = torch.zeros(T, nh, dtype=torch.float64).index_add_(0, idx.reshape(-1).to(_DEV),
+                                                               dq.reshape(nh, -1).t())
+    torch.testing.assert_close(drpb.double(), want, atol=1e-4, rtol=1e-5)
+
+
+def triton_next_pow2(n):
+    return 1 << (n - 1).bit_length()
+
+
 @pytest.mark.parametrize("win", [(3, 3), (5, 4)])
 def test_triton_out_of_range_coords_add_no_bias(win):
     """Pairs whose coordinate difference is outside coord_range get no table bias and still attend
