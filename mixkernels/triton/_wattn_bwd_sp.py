@@ -14,8 +14,12 @@ all (keys x queries), and
 * the head's bias (table + attn_bias over the score scale: ``_bias_tile``) is read as a key-major
   (NK, NQ) tile straight into the S^T product's accumulator (64-bit loads, each thread's addresses
   one base plus constants), and dS^T goes to a key-major padded ``dsum`` by relaxed atomics
-  (no fences); padded rows and columns of both are never read, so neither is masked;
-* the query rows' lse, delta and labels come from per-window records (``_row_info``: one 16-byte
+  (no fences); padded rows and columns of both are never read, so neither is masked. With group
+  labels shared by the batch and no shift, the tile is per head and window position and holds -inf
+  where the labels differ: the scores need no select (dS keeps its select: exactly 0 at masked pairs);
+* dP^T - delta is one product: its accumulator starts at -delta of each query column (two copies
+  per window, one for each of a thread's two rows of a column), loaded like the bias;
+* the query rows' -lse and labels come from per-window records (``_row_info``: one 16-byte
   load per row, instead of integer divisions and loads for each of the 16 query columns a thread
   holds).
 

@@ -10,11 +10,13 @@ twice), ``dS`` is exactly 0 at pairs the shift/group rule masks (even in a NaN r
   summed over the chunk in registers, stored once per program, then summed over programs in a
   fixed order: bias gradients are deterministic at no cost (the ``deterministic`` flag is moot).
 * Larger windows with d = 32 (MixMIM stages 1-3: 196 tokens), not deterministic, no coords, no
-  cosine: the single pass (``_wattn_bwd_sp``), key-major tiles, every product a wgmma on sm_90.
-  A program owns a head and a few windows; per window, key tiles of 128 one after another, each
-  with its dK, dV in registers, stream the query blocks (64, and a tail block of 16); dQ is summed
-  over the tiles in the program's fp32 slot and stored once. The bias gradient goes to a padded
-  key-major ``dsum`` (nH, NK, NQ) by relaxed atomics.
+  cosine: the single pass (``_wattn_bwd_sp``), key-major tiles, every product but the tail's dQ a
+  wgmma on sm_90. A program owns a head and a run of windows (as many as give the fewest
+  window-heads on the busiest SM: ``_sp_stride``); per window, key tiles of 128 one after another,
+  each with its dK, dV in registers, stream the query blocks (64, and a tail block of 16); dQ is
+  summed over the tiles in the program's fp32 slot and stored once. The bias gradient goes to a
+  padded key-major ``dsum`` (nH, NK, NQ) by relaxed atomics. Batch-shared group labels (no shift)
+  are folded into the bias tile (one per head and window position, -inf where labels differ).
 * Other larger windows: a program owns a (window, head); phase 1 walks the key blocks and, for
   each, all query tiles (dK, dV of the block complete, and the bias gradient), phase 2 walks the
   query tiles and, for each, all key blocks (dQ complete): S and P are computed twice instead of
