@@ -40,25 +40,20 @@ from .window_attention import _idx, _keys, _lyx, _mm, _pos
 
 
 @triton.jit
-def _load_pairs(ptrs, ASM: tl.constexpr):
-    """fp32 ``*ptrs`` (read-only data) in the layout of ``ptrs`` (the scores'): on the GPU one 64-bit load
-    per pair of a thread's adjacent columns (their addresses adjacent, the first 8-byte aligned), no
-    layout conversion through shared memory."""
+def _load_pairs(ptrs, ASM: tl.constexpr, RO: tl.constexpr = True):
+    """fp32 ``*ptrs`` in the layout of ``ptrs`` (the scores' or a product's accumulator): on the GPU one
+    64-bit load per pair of a thread's adjacent columns (their addresses adjacent, the first 8-byte
+    aligned), no layout conversion through shared memory. RO: read-only data (the non-coherent path);
+    else data this kernel writes (a plain ``ld.global``; pure for the compiler all the same, so that the
+    layout pass gives it its consumer's layout: the caller keeps the order, its addresses varying in the
+    loop whose barrier follows the stores)."""
     if ASM:
-        return tl.inline_asm_elementwise("ld.global.nc.v2.f32 {$0, $1}, [$2];", "=f,=f,l,l", [ptrs],
-                                         dtype=tl.float32, is_pure=True, pack=2)
-    else:
-        return tl.load(ptrs)
-
-
-@triton.jit
-def _load_pairs_rw(ptrs, ASM: tl.constexpr):
-    """``_load_pairs`` of fp32 data this kernel writes (a plain ``ld.global``, not the read-only path). Pure
-    for the compiler, so that the layout pass gives it its consumer's layout (a product's accumulator): the
-    caller keeps the order (the value feeds the store of the same addresses; barriers outside its loop)."""
-    if ASM:
-        return tl.inline_asm_elementwise("ld.global.v2.f32 {$0, $1}, [$2];", "=f,=f,l,l", [ptrs],
-                                         dtype=tl.float32, is_pure=True, pack=2)
+        if RO:
+            return tl.inline_asm_elementwise("ld.global.nc.v2.f32 {$0, $1}, [$2];", "=f,=f,l,l", [ptrs],
+                                             dtype=tl.float32, is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise("ld.global.v2.f32 {$0, $1}, [$2];", "=f,=f,l,l", [ptrs],
+                                             dtype=tl.float32, is_pure=True, pack=2)
     else:
         return tl.load(ptrs)
 
@@ -181,7 +176,7 @@ def _q_keys(q, do, rin, grp64, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k,
     # read in the accumulator's layout (one 8-byte load per pair of a thread's adjacent columns; its rows
     # r and r + 8 from the two copies: one load each, where loads of one address are merged and copied)
     nd = rin + NQ * 4 + ((offs_k // 8) % 2)[:, None] * NQ + offs_q[None, :]
-    dst = pt * _mm_acc(v, tl.trans(do), _load_pairs_rw(nd, ASM), F32, UPCAST)
+    dst = pt * _mm_acc(v, tl.trans(do), _load_pairs(nd, ASM, False), F32, UPCAST)
     if SHIFT or HAS_GROUP:
         dst = tl.where(allowed, dst, 0.0)  # exactly 0 at pairs the shift/group rule masks (even in a NaN row)
     dv += _mm(pt.to(do.dtype), do, F32, UPCAST)
@@ -195,7 +190,7 @@ def _q_keys(q, do, rin, grp64, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k,
         # the block's dQ sum (this program's scratch, (BQ, D) at ``dq_part``) is the product's accumulator,
         # read and written in its register layout (each element by one thread, pairs of d adjacent): no
         # layout conversion through shared memory and no barriers
-        dq = _mm_acc(tl.trans(dsl), k, _load_pairs_rw(dq_part, ASM), F32, UPCAST)
+        dq = _mm_acc(tl.trans(dsl), k, _load_pairs(dq_part, ASM, False), F32, UPCAST)
         _store_pairs(dq_part, dq, ASM)
     if DSUM_MODE == 1:
         # dS sums key-major like the bias tile; their padded rows and columns take the padded pairs
