@@ -352,13 +352,15 @@ def _bias_tile(rpb, attn_bias, wh, ww, nh, nk, nq, scale, qkv, labels=None):
         bias = bias + rpb[c[:, None] - c[None, :] + ((wh - 1) * (2 * ww - 1) + ww - 1)].permute(2, 0, 1)
     if attn_bias is not None:
         bias = bias + attn_bias
-    tile = torch.zeros((1 if labels is None else labels.shape[0], nh, nk, nq), dtype=torch.float32,
-                       device=qkv.device)
-    tile[:, :, n:, :] = float("-inf")
-    tile[:, :, :n, :n] = bias.transpose(1, 2) / scale
-    if labels is not None:  # [w, key j, query i]: labels compared at full width
-        tile[:, :, :n, :n].masked_fill_((labels[:, :, None] != labels[:, None, :])[:, None], float("-inf"))
-    return tile if labels is None else tile.reshape(labels.shape[0] * nh, nk, nq)
+    tile = torch.zeros((nh, nk, nq), dtype=torch.float32, device=qkv.device)
+    tile[:, n:, :] = float("-inf")
+    tile[:, :n, :n] = bias.transpose(1, 2) / scale
+    if labels is None:
+        return tile
+    # [w, key j, query i]: labels compared at full width; the large tile written once (one pass)
+    same = torch.ones((labels.shape[0], nk, nq), dtype=torch.bool, device=qkv.device)
+    same[:, :n, :n] = labels[:, :, None] == labels[:, None, :]
+    return torch.where(same[:, None], tile[None], float("-inf")).reshape(labels.shape[0] * nh, nk, nq)
 
 
 def _window_labels(group, wh, ww):
