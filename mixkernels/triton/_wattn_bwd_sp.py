@@ -100,14 +100,15 @@ def _record(rec, ASM: tl.constexpr):
 
 @triton.jit
 def _row_info(dout, out, lse, rin, dqs, group, offs, w, h, b, y0, x0, gbase, hd, C, NH, H, W, SH, SW,
-              NQ: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SHIFT: tl.constexpr,
-              HAS_GROUP: tl.constexpr, IDX64: tl.constexpr):
+              NQ: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+              SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr, IDX64: tl.constexpr):
     """Per query row ``offs`` of the window (padded ones included) a record of four 32-bit words in
     ``rin``: -lse in log2 units (-inf on padded rows), a spare word, the shift-region label, the int32
     group label; and -delta = -rowsum(dO * O) (0 on padded rows) at ``rin + 4 NQ + row`` and again at
-    ``rin + 5 NQ + row`` (``_q_keys``: a thread's two rows of a column read different copies). The query blocks read a row's record with one 16-byte
-    load in the scores' column layout (a thread holds 16 query columns) instead of recomputing
-    positions (integer divisions) and loading per column. Also zeroes the rows' dQ sums in ``dqs``."""
+    ``rin + 5 NQ + row`` (``_q_keys``: a thread's two rows of a column read different copies). The query
+    blocks read a row's record with one 16-byte load (converted to the scores' column layout: a thread
+    holds 16 query columns) instead of recomputing positions (integer divisions) and loading per column.
+    Also zeroes the rows' dQ sums in ``dqs``."""
     ok = offs < N
     ly, lx = _lyx(offs, N, WW)
     pos, reg = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
@@ -280,7 +281,8 @@ def _sp_window(qkv, dout, out, lse, rin, dqkv, dqs, bt, group, dsum, w, wpos, h,
         if BQ_TAIL > 0:
             # (the tail's -delta addresses through an asm with side effects: invariant, its pure loads would
             # be hoisted out of this loop, above the barrier that orders them after _row_info)
-            dk, dv = _q_block(qkv, dout, rin + _opaque(kt * 0, ASM), dqkv, dqs, bt_t, group, dsum_t, Q_FULL, b, y0, x0, gbase, hd, qk_scale,
+            dk, dv = _q_block(qkv, dout, rin + _opaque(kt * 0, ASM), dqkv, dqs, bt_t, group, dsum_t, Q_FULL, b, y0,
+                              x0, gbase, hd, qk_scale,
                               scale, C, H, W, SH, SW, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BQ_TAIL, True,
                               N, NQ, NK, D, WH, WW, HAS_TB, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST,
                               IDX64, ASM)

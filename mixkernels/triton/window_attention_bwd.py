@@ -71,7 +71,8 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
                 HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
                 HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr,
                 F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
-                COSINE: tl.constexpr = False, DLS_MODE: tl.constexpr = 0, KT: tl.constexpr = 1, SP_TB: tl.constexpr = 0):
+                COSINE: tl.constexpr = False, DLS_MODE: tl.constexpr = 0, KT: tl.constexpr = 1,
+                SP_TB: tl.constexpr = 0):
     """Program (head h, chunk c): windows c*STRIDE + W0 + [0, WPP) of head h (WPP == STRIDE, W0 == 0
     when the program loops over its chunk; WPP == 1 when the launcher loops, one launch per W0).
 
