@@ -365,6 +365,65 @@ def test_triton_fully_masked_rows_are_nan(win, d):
     assert torch.isnan(out[0, y, x, :d]).all() and torch.isfinite(out[0, y, x, d:]).all()
 
 
+@pytest.mark.parametrize("labels", ["shared", "per"])
+def test_triton_sp_group_fully_masked_rows(labels):
+    """The single-pass backward with group labels and fully masked rows (-inf attn_bias): batch-shared
+    labels fold the group mask into the per-window-position bias tile (``_bias_tile``), per-image
+    labels mask in the kernel; both match the reference's gradients where it is finite, and keep
+    dS exactly 0 at the pairs the group rule masks (finite gradients for rows that cannot see
+    the NaN row's keys)."""
+    tw = _triton_module()
+    nh, d, win = 2, 32, (5, 4)
+    N = win[0] * win[1]
+    qkv = torch.randn(2, win[0], 2 * win[1], 3 * nh * d, device=_DEV, dtype=torch.float64).float()
+    group = torch.randint(0, 2, (1 if labels == "shared" else 2, win[0], 2 * win[1]), device=_DEV)
+    group[:, 0, 0] = 0
+    group[:, 0, 1] = 1  # both labels in the first window
+    bias = torch.randn(nh, N, N, device=_DEV)
+    bias[0, 3, :] = float("-inf")
+    rpb = torch.randn((2 * win[0] - 1) * (2 * win[1] - 1), nh, device=_DEV)
+    args = (nh, *win, 0, 0, rpb, bias, group, None, *win, d ** -0.5)
+    out, lse = tw.window_attention(qkv, *args)
+    dout = torch.randn_like(out)
+    dqkv, drpb, dbias = tw.window_attention_backward(dout, qkv, out, lse, *args, True, True, False)
+    q = qkv.double().requires_grad_()
+    b = bias.double().requires_grad_()
+    t = rpb.double().requires_grad_()
+    r = ref_wa(q, nh, win, attn_bias=b, rel_pos_bias=t, group=group)
+    gq, gb, gt = torch.autograd.grad(r, (q, b, t), dout.double())
+    for name, got, want in (("out", out, r), ("dqkv", dqkv, gq), ("dbias", dbias, gb), ("drpb", drpb, gt)):
+        fin = torch.isfinite(want)
+        assert fin.any() and torch.isfinite(got[fin]).all(), f"{name}: NaN where the reference is finite"
+        torch.testing.assert_close(got.double()[fin], want[fin], atol=2e-5, rtol=1e-4, msg=name)
+    assert torch.isnan(dqkv).any()
+
+
+@pytest.mark.parametrize("nh,win", [(2, (5, 4)), (16, (6, 6)), (17, (7, 7))])
+def test_triton_gather_table_kernel(nh, win):
+    """The table gradient's gather (drpb[t, h] = sum of dS over the pairs with Swin index t), both of its
+    summation schemes (>= 16 heads: queries in chunks), on the single pass's padded key-major layout."""
+    tw = pytest.importorskip("mixkernels.triton.window_attention_bwd")
+    wh, ww = win
+    N = wh * ww
+    nk, nq = N + 5, N + 3
+    dsum = torch.randn(nh, nk, nq, device=_DEV)  # [h, key j, query i], padded
+    T = (2 * wh - 1) * (2 * ww - 1)
+    drpb = torch.full((T, nh), float("nan"), device=_DEV)
+    tw._gather_table_kernel[(T,)](dsum, drpb, nh, dsum.stride(0), dsum.stride(2), dsum.stride(1), N=N,
+                                  N_PAD=triton_next_pow2(N), NH_PAD=triton_next_pow2(nh), WH=wh, WW=ww)
+    yy, xx = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
+    y, x = yy.reshape(-1), xx.reshape(-1)
+    idx = (y[:, None] - y[None, :] + wh - 1) * (2 * ww - 1) + (x[:, None] - x[None, :] + ww - 1)  # [i, j]
+    dq = dsum[:, :N, :N].transpose(1, 2).double()  # [h, i, j]
+    want = torch.zeros(T, nh, dtype=torch.float64).index_add_(0, idx.reshape(-1).to(_DEV),
+                                                               dq.reshape(nh, -1).t())
+    torch.testing.assert_close(drpb.double(), want, atol=1e-4, rtol=1e-5)
+
+
+def triton_next_pow2(n):
+    return 1 << (n - 1).bit_length()
+
+
 @pytest.mark.parametrize("win", [(3, 3), (5, 4)])
 def test_triton_out_of_range_coords_add_no_bias(win):
     """Pairs whose coordinate difference is outside coord_range get no table bias and still attend

@@ -6,15 +6,20 @@ keys) one after another, each with its dK and dV in registers, stream the query 
 BLOCK_Q (64) and a tail block (16 for 196 rows). Per block: S^T = K Q^T, P^T, dP^T = V dO^T, dS^T,
 all (keys x queries), and
 
-* every product is a wgmma on sm_90 (mma.sync on sm_80): S^T, dP^T, dV += P^T dO, dK += dS^T Q have
-  a key tile as M (P^T, dS^T fed from registers), dQ = dS K the 64-query block; the tail's dQ^T =
-  K^T dS^T over K^T padded to 64 rows. dQ of the tiles is summed in the program's fp32 slot
-  ``dqs`` (each element read and written by one thread) and stored once per window;
+* every product but one is a wgmma on sm_90 (mma.sync on sm_80): S^T, dP^T, dV += P^T dO, dK += dS^T Q
+  have a key tile as M (P^T, dS^T fed from registers), dQ = dS K the 64-query block (its sum the
+  product's accumulator, read and written in that layout); the tail's dQ (M = 16) is an mma.sync.
+  dQ of the tiles is summed in the program's fp32 slot ``dqs`` (each element read and written by one
+  thread) and stored once per window;
 * the head's bias (table + attn_bias over the score scale: ``_bias_tile``) is read as a key-major
   (NK, NQ) tile straight into the S^T product's accumulator (64-bit loads, each thread's addresses
   one base plus constants), and dS^T goes to a key-major padded ``dsum`` by relaxed atomics
-  (no fences); padded rows and columns of both are never read, so neither is masked;
-* the query rows' lse, delta and labels come from per-window records (``_row_info``: one 16-byte
+  (no fences); padded rows and columns of both are never read, so neither is masked. With group
+  labels shared by the batch and no shift, the tile is per head and window position and holds -inf
+  where the labels differ: the scores need no select (dS keeps its select: exactly 0 at masked pairs);
+* dP^T - delta is one product: its accumulator starts at -delta of each query column (two copies
+  per window, one for each of a thread's two rows of a column), loaded like the bias;
+* the query rows' -lse and labels come from per-window records (``_row_info``: one 16-byte
   load per row, instead of integer divisions and loads for each of the 16 query columns a thread
   holds).
 
@@ -30,20 +35,39 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._wattn_common import _mm_acc
+from ._wattn_common import _mm_acc, _opaque
 from .window_attention import _idx, _keys, _lyx, _mm, _pos
 
 
 @triton.jit
-def _load_pairs(ptrs, ASM: tl.constexpr):
-    """fp32 ``*ptrs`` (read-only data) in the layout of ``ptrs`` (the scores'): on the GPU one 64-bit load
-    per pair of a thread's adjacent columns (their addresses adjacent, the first 8-byte aligned), no
-    layout conversion through shared memory."""
+def _load_pairs(ptrs, ASM: tl.constexpr, RO: tl.constexpr = True):
+    """fp32 ``*ptrs`` in the layout of ``ptrs`` (the scores' or a product's accumulator): on the GPU one
+    64-bit load per pair of a thread's adjacent columns (their addresses adjacent, the first 8-byte
+    aligned), no layout conversion through shared memory. RO: read-only data (the non-coherent path);
+    else data this kernel writes (a plain ``ld.global``; pure for the compiler all the same, so that the
+    layout pass gives it its consumer's layout: the caller keeps the order, its addresses varying in the
+    loop whose barrier follows the stores)."""
     if ASM:
-        return tl.inline_asm_elementwise("ld.global.nc.v2.f32 {$0, $1}, [$2];", "=f,=f,l,l", [ptrs],
-                                         dtype=tl.float32, is_pure=True, pack=2)
+        if RO:
+            return tl.inline_asm_elementwise("ld.global.nc.v2.f32 {$0, $1}, [$2];", "=f,=f,l,l", [ptrs],
+                                             dtype=tl.float32, is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise("ld.global.v2.f32 {$0, $1}, [$2];", "=f,=f,l,l", [ptrs],
+                                             dtype=tl.float32, is_pure=True, pack=2)
     else:
         return tl.load(ptrs)
+
+
+@triton.jit
+def _store_pairs(ptrs, val, ASM: tl.constexpr):
+    """``*ptrs = val`` (fp32) in the layout of ``val``: on the GPU one 64-bit store per pair of a thread's
+    adjacent columns (``_load_pairs``), no layout conversion through shared memory."""
+    if ASM:
+        tl.inline_asm_elementwise("st.global.v2.f32 [$2], {$4, $5}; mov.b32 $0, 0; mov.b32 $1, 0;",
+                                  "=r,=r,l,l,r,r", [ptrs, val.to(tl.int32, bitcast=True)], dtype=tl.int32,
+                                  is_pure=False, pack=2)
+    else:
+        tl.store(ptrs, val)
 
 
 @triton.jit
@@ -62,7 +86,7 @@ def _red_pairs(ptrs, val, ASM: tl.constexpr):
 
 @triton.jit
 def _record(rec, ASM: tl.constexpr):
-    """A row's ``_row_info`` record (lse2, delta as fp32; labels as int32): one 16-byte load on the GPU
+    """A row's ``_row_info`` record (-lse2, a spare word as fp32; labels as int32): one 16-byte load on the GPU
     (a plain ``ld.global``: the records are written earlier in this kernel)."""
     if ASM:
         a, b, c, d = tl.inline_asm_elementwise("ld.global.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [rec],
@@ -76,13 +100,15 @@ def _record(rec, ASM: tl.constexpr):
 
 @triton.jit
 def _row_info(dout, out, lse, rin, dqs, group, offs, w, h, b, y0, x0, gbase, hd, C, NH, H, W, SH, SW,
-              N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SHIFT: tl.constexpr,
-              HAS_GROUP: tl.constexpr, IDX64: tl.constexpr):
+              NQ: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+              SHIFT: tl.constexpr, HAS_GROUP: tl.constexpr, IDX64: tl.constexpr):
     """Per query row ``offs`` of the window (padded ones included) a record of four 32-bit words in
-    ``rin``: lse in log2 units (+inf on padded rows), delta = rowsum(dO * O) (0 on padded rows), the
-    shift-region label, the int32 group label. The query blocks read a row's record with one 16-byte
-    load in the scores' column layout (a thread holds 16 query columns) instead of recomputing
-    positions (integer divisions) and loading per column. Also zeroes the rows' dQ sums in ``dqs``."""
+    ``rin``: -lse in log2 units (-inf on padded rows), a spare word, the shift-region label, the int32
+    group label; and -delta = -rowsum(dO * O) (0 on padded rows) at ``rin + 4 NQ + row`` and again at
+    ``rin + 5 NQ + row`` (``_q_keys``: a thread's two rows of a column read different copies). The query
+    blocks read a row's record with one 16-byte load (converted to the scores' column layout: a thread
+    holds 16 query columns) instead of recomputing positions (integer divisions) and loading per column.
+    Also zeroes the rows' dQ sums in ``dqs``."""
     ok = offs < N
     ly, lx = _lyx(offs, N, WW)
     pos, reg = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
@@ -91,8 +117,10 @@ def _row_info(dout, out, lse, rin, dqs, group, offs, w, h, b, y0, x0, gbase, hd,
     o = tl.load(out + orow, mask=ok[:, None], other=0.0)
     tl.store(dqs + offs[:, None] * D + tl.arange(0, D)[None, :], tl.zeros((offs.shape[0], D), tl.float32))
     rec = rin + offs * 4
-    tl.store(rec, tl.load(lse + (w * NH + h) * N + offs, mask=ok, other=float("inf")) * 1.4426950408889634)
-    tl.store(rec + 1, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1))
+    tl.store(rec, tl.load(lse + (w * NH + h) * N + offs, mask=ok, other=float("inf")) * -1.4426950408889634)
+    nd = -tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(rin + NQ * 4 + offs, nd)
+    tl.store(rin + NQ * 5 + offs, nd)
     if SHIFT:
         tl.store(rec + 2, reg.to(tl.float32, bitcast=True))
     if HAS_GROUP:
@@ -113,13 +141,12 @@ def _store_dq(dqkv, dqs, offs, b, y0, x0, hd, scale, C, H, W, SH, SW, N: tl.cons
 
 
 @triton.jit
-def _q_keys(q, do, rin, grp64, offs_q, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h, dsum_h, qk_scale,
+def _q_keys(q, do, rin, grp64, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h, dsum_h, dq_part, qk_scale,
             NQ: tl.constexpr, NK: tl.constexpr, HAS_TB: tl.constexpr, HAS_GROUP: tl.constexpr, SHIFT: tl.constexpr,
-            G64: tl.constexpr, DQT: tl.constexpr, DSUM_MODE: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
+            G64: tl.constexpr, TAIL: tl.constexpr, DSUM_MODE: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
             ASM: tl.constexpr):
     """One query block against one key tile, all (keys x queries): the tile's dK/dV updates, its share
-    of the block's dQ (unscaled; DQT: transposed, (2D, BQ) with zero rows from D on), and dS into
-    ``dsum``."""
+    of the block's dQ (unscaled, added to its fp32 sum at ``dq_part`` in place), and dS into ``dsum``."""
     if HAS_TB:
         # the head's bias tile (launcher: table + attn_bias over the score scale, key-major, padded) is
         # the product's accumulator: each thread's addresses are one base plus constants, pairs of
@@ -128,10 +155,12 @@ def _q_keys(q, do, rin, grp64, offs_q, k, kp, v, dk, dv, ok_k, reg_k, grp_k, off
     else:
         st = _mm(k, tl.trans(q), F32, UPCAST)
     # the rows' records read here, next to their use (fewer registers live across the products)
-    lse2, delta, reg_q, grp_q = _record(rin + offs_q * 4, ASM)
+    nlse2, _spare, reg_q, grp_q = _record(rin + offs_q * 4, ASM)
     if G64:
         grp_q = grp64
-    st = tl.fma(st, qk_scale, -lse2[None, :])  # log2 units, minus the row's lse
+    st = tl.fma(st, qk_scale, nlse2[None, :])  # log2 units, minus the row's lse
+    # HAS_TB: 0 no bias tile; 1 the head's; 2 the head's per window position, with -inf at the pairs the
+    # group rule masks (labels shared by the batch, no shift: ``_bias_tile``), so that only dS is masked here.
     # Padded keys: -inf rows of the bias tile (HAS_TB), else masked here; their dS only reaches dQ times
     # their zero K rows, and the padded rows of ``dsum``.
     if SHIFT or HAS_GROUP or not HAS_TB:
@@ -141,21 +170,29 @@ def _q_keys(q, do, rin, grp64, offs_q, k, kp, v, dk, dv, ok_k, reg_k, grp_k, off
         if HAS_GROUP:
             same = grp_k[:, None] == grp_q[None, :]
             allowed = (allowed & same) if (SHIFT or not HAS_TB) else same
-        st = tl.where(allowed, st, float("-inf"))
+        if HAS_TB != 2:  # (2: the tile holds -inf at the pairs the group rule masks)
+            st = tl.where(allowed, st, float("-inf"))
     pt = tl.exp2(st)  # masked: 0; padded queries (lse +inf): 0; a fully masked row: NaN
-    dpt = _mm(v, tl.trans(do), F32, UPCAST)
-    dst = pt * (dpt - delta[None, :])
+    # dP^T - delta in one product: its accumulator starts at -delta of each query column (``_row_info``),
+    # read in the accumulator's layout (one 8-byte load per pair of a thread's adjacent columns; its rows
+    # r and r + 8 from the two copies: one load each, where loads of one address are merged and copied)
+    nd = rin + NQ * 4 + ((offs_k // 8) % 2)[:, None] * NQ + offs_q[None, :]
+    dst = pt * _mm_acc(v, tl.trans(do), _load_pairs(nd, ASM, False), F32, UPCAST)
     if SHIFT or HAS_GROUP:
         dst = tl.where(allowed, dst, 0.0)  # exactly 0 at pairs the shift/group rule masks (even in a NaN row)
     dv += _mm(pt.to(do.dtype), do, F32, UPCAST)
     dsl = dst.to(q.dtype)
     dk += _mm(dsl, q, F32, UPCAST)
-    if DQT:
-        # a block of fewer than 64 queries (the tail): dQ^T = K^T dS^T with K^T's D rows padded to 64
-        # (``kp``: zero columns from D on), so that this product's M is a warpgroup's 64 (wgmma)
-        dq = _mm(tl.trans(kp), dsl, F32, UPCAST)
-    else:
+    if TAIL:
+        # (M = 16 queries: an mma.sync, half the rate for 16 of 208 rows, where a wgmma over a 64-row padded
+        # K^T cost a load and registers per tile; its sum updated by the caller, plain loads and stores)
         dq = _mm(tl.trans(dsl), k, F32, UPCAST)
+    else:
+        # the block's dQ sum (this program's scratch, (BQ, D) at ``dq_part``) is the product's accumulator,
+        # read and written in its register layout (each element by one thread, pairs of d adjacent): no
+        # layout conversion through shared memory and no barriers
+        dq = _mm_acc(tl.trans(dsl), k, _load_pairs(dq_part, ASM, False), F32, UPCAST)
+        _store_pairs(dq_part, dq, ASM)
     if DSUM_MODE == 1:
         # dS sums key-major like the bias tile; their padded rows and columns take the padded pairs
         _red_pairs(dsum_h + offs_k[:, None] * NQ + offs_q[None, :], dst, ASM)
@@ -164,7 +201,7 @@ def _q_keys(q, do, rin, grp64, offs_q, k, kp, v, dk, dv, ok_k, reg_k, grp_k, off
 
 @triton.jit
 def _q_block(qkv, dout, rin, dqkv, dqs, bt_h, group, dsum_h, m0, b, y0, x0, gbase, hd, qk_scale, scale, C, H, W, SH,
-             SW, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BQ: tl.constexpr, TAIL: tl.constexpr,
+             SW, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BQ: tl.constexpr, TAIL: tl.constexpr,
              N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
              HAS_TB: tl.constexpr, HAS_GROUP: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr,
              F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr):
@@ -187,15 +224,10 @@ def _q_block(qkv, dout, rin, dqkv, dqs, bt_h, group, dsum_h, m0, b, y0, x0, gbas
         do = tl.load(dout + (tok * C + hd)[:, None] + offs_d[None, :], mask=q_ok[:, None], other=0.0)
     else:
         do = tl.load(dout + (tok * C + hd)[:, None] + offs_d[None, :])
-    dk, dv, dq = _q_keys(q, do, rin, grp64, offs_q, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h, dsum_h,
+    part = dqs + offs_q[:, None] * D + offs_d[None, :]  # the rows' dQ sums (padded queries have rows too)
+    dk, dv, dq = _q_keys(q, do, rin, grp64, offs_q, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, bt_h, dsum_h, part,
                          qk_scale, NQ, NK, HAS_TB, HAS_GROUP, SHIFT, G64, TAIL, DSUM_MODE, F32, UPCAST, ASM)
-    # (each element read and written by the same thread; padded queries have rows too)
-    if TAIL:
-        offs_dp = tl.arange(0, 2 * D)
-        part = dqs + offs_q[None, :] * D + offs_dp[:, None]
-        tl.store(part, tl.load(part, mask=offs_dp[:, None] < D, other=0.0) + dq, mask=offs_dp[:, None] < D)
-    else:
-        part = dqs + offs_q[:, None] * D + offs_d[None, :]
+    if TAIL:  # (full blocks: updated in _q_keys)
         tl.store(part, tl.load(part) + dq)
     return dk, dv
 
@@ -212,7 +244,7 @@ def _store_kv(dqkv, dk, dv, offs_k, ok, b, y0, x0, hd, scale, C, H, W, SH, SW, N
 
 
 @triton.jit
-def _sp_window(qkv, dout, out, lse, rin, dqkv, dqs, bt, group, dsum, w, h, b, y0, x0, gbase, hd, qk_scale, scale,
+def _sp_window(qkv, dout, out, lse, rin, dqkv, dqs, bt, group, dsum, w, wpos, h, b, y0, x0, gbase, hd, qk_scale, scale,
                C, NH, H, W, SH, SW, BLOCK_K: tl.constexpr, KT: tl.constexpr, BLOCK_Q: tl.constexpr,
                BQ_TAIL: tl.constexpr, N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                HAS_TB: tl.constexpr, HAS_GROUP: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr,
@@ -226,36 +258,32 @@ def _sp_window(qkv, dout, out, lse, rin, dqkv, dqs, bt, group, dsum, w, h, b, y0
     NK: tl.constexpr = KT * BLOCK_K
     for r in tl.static_range(Q_FULL // BLOCK_Q):  # (the tail block has a size of its own)
         _row_info(dout, out, lse, rin, dqs, group, r * BLOCK_Q + tl.arange(0, BLOCK_Q), w, h, b, y0, x0, gbase, hd,
-                  C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, IDX64)
+                  C, NH, H, W, SH, SW, NQ, N, D, WH, WW, SHIFT, HAS_GROUP, IDX64)
     if BQ_TAIL > 0:
         _row_info(dout, out, lse, rin, dqs, group, Q_FULL + tl.arange(0, BQ_TAIL), w, h, b, y0, x0, gbase, hd, C, NH,
-                  H, W, SH, SW, N, D, WH, WW, SHIFT, HAS_GROUP, IDX64)
+                  H, W, SH, SW, NQ, N, D, WH, WW, SHIFT, HAS_GROUP, IDX64)
     # (a loop, not unrolled: one copy of the tile's code, so one set of hoisted addresses)
     for kt in range(0, KT):
         tl.debug_barrier()  # records, and the previous tile's dQ partials, stored by other threads
-        bt_t = bt + h * (NK * NQ)
+        bt_t = bt + ((wpos * NH if HAS_TB == 2 else 0) + h) * (NK * NQ)
         dsum_t = dsum + h * (NK * NQ)
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         k, v, ok_k, reg_k, grp_k, _cy, _cx, _code = _keys(
             qkv, group, qkv, qkv, offs_k, b, y0, x0, gbase, gbase, hd, C, H, W, SH, SW, N, WH, WW, D, SHIFT,
             HAS_GROUP, False, True, IDX64, False)
-        kp = k
-        if BQ_TAIL > 0:  # the tail block's K with D zero columns appended (``_q_keys`` DQT)
-            ly, lx = _lyx(offs_k, N, WW)
-            pos, _r = _pos(ly, lx, y0, x0, H, W, SH, SW, WH, WW, SHIFT)
-            offs_dp = tl.arange(0, 2 * D)
-            kp = tl.load(qkv + (_idx(b * (H * W) + pos, IDX64) * (3 * C) + hd + C)[:, None] + offs_dp[None, :],
-                         mask=ok_k[:, None] & (offs_dp < D)[None, :], other=0.0)
         dk = tl.zeros((BLOCK_K, D), tl.float32)
         dv = tl.zeros((BLOCK_K, D), tl.float32)
         for m0 in range(0, Q_FULL, BLOCK_Q):
             dk, dv = _q_block(qkv, dout, rin, dqkv, dqs, bt_t, group, dsum_t, m0, b, y0, x0, gbase, hd, qk_scale,
-                              scale, C, H, W, SH, SW, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BLOCK_Q, False,
+                              scale, C, H, W, SH, SW, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BLOCK_Q, False,
                               N, NQ, NK, D, WH, WW, HAS_TB, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST,
                               IDX64, ASM)
         if BQ_TAIL > 0:
-            dk, dv = _q_block(qkv, dout, rin, dqkv, dqs, bt_t, group, dsum_t, Q_FULL, b, y0, x0, gbase, hd, qk_scale,
-                              scale, C, H, W, SH, SW, k, kp, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BQ_TAIL, True,
+            # (the tail's -delta addresses through an asm with side effects: invariant, its pure loads would
+            # be hoisted out of this loop, above the barrier that orders them after _row_info)
+            dk, dv = _q_block(qkv, dout, rin + _opaque(kt * 0, ASM), dqkv, dqs, bt_t, group, dsum_t, Q_FULL, b, y0,
+                              x0, gbase, hd, qk_scale,
+                              scale, C, H, W, SH, SW, k, v, dk, dv, ok_k, reg_k, grp_k, offs_k, BQ_TAIL, True,
                               N, NQ, NK, D, WH, WW, HAS_TB, HAS_GROUP, SHIFT, DSUM_MODE, F32, UPCAST,
                               IDX64, ASM)
         _store_kv(dqkv, dk, dv, offs_k, ok_k, b, y0, x0, hd, scale, C, H, W, SH, SW, N, WH, WW, D, SHIFT, IDX64)

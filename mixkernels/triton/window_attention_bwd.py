@@ -10,11 +10,13 @@ twice), ``dS`` is exactly 0 at pairs the shift/group rule masks (even in a NaN r
   summed over the chunk in registers, stored once per program, then summed over programs in a
   fixed order: bias gradients are deterministic at no cost (the ``deterministic`` flag is moot).
 * Larger windows with d = 32 (MixMIM stages 1-3: 196 tokens), not deterministic, no coords, no
-  cosine: the single pass (``_wattn_bwd_sp``), key-major tiles, every product a wgmma on sm_90.
-  A program owns a head and a few windows; per window, key tiles of 128 one after another, each
-  with its dK, dV in registers, stream the query blocks (64, and a tail block of 16); dQ is summed
-  over the tiles in the program's fp32 slot and stored once. The bias gradient goes to a padded
-  key-major ``dsum`` (nH, NK, NQ) by relaxed atomics.
+  cosine: the single pass (``_wattn_bwd_sp``), key-major tiles, every product but the tail's dQ a
+  wgmma on sm_90. A program owns a head and a run of windows (as many as give the fewest
+  window-heads on the busiest SM: ``_sp_stride``); per window, key tiles of 128 one after another,
+  each with its dK, dV in registers, stream the query blocks (64, and a tail block of 16); dQ is
+  summed over the tiles in the program's fp32 slot and stored once. The bias gradient goes to a
+  padded key-major ``dsum`` (nH, NK, NQ) by relaxed atomics. Batch-shared group labels (no shift)
+  are folded into the bias tile (one per head and window position, -inf where labels differ).
 * Other larger windows: a program owns a (window, head); phase 1 walks the key blocks and, for
   each, all query tiles (dK, dV of the block complete, and the bias gradient), phase 2 walks the
   query tiles and, for each, all key blocks (dQ complete): S and P are computed twice instead of
@@ -51,7 +53,7 @@ from ._cosine import _head_scale, _store_unit_grad, dlogit_scale
 from ._wattn_bwd_sp import _sp_window
 from ._wattn_bwd_tiles import _bias_grads, _bwd_rows, _p1_block, _p2_tile, _probs, _t_bias
 from .window_attention import (_INTERPRET, _LOG2E, _alloc_for, _codes, _first_window, _flags, _idx, _keys, _lyx, _mm,
-                               _next_window, _pos, _pow2_floor, _single, _table_bias, _tables, _tail)
+                               _next_window, _pos, _single, _table_bias, _tables, _tail)
 
 __all__ = ["window_attention_backward"]
 
@@ -69,7 +71,8 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
                 HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUP: tl.constexpr,
                 HAS_COORDS: tl.constexpr, SHIFT: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr,
                 F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
-                COSINE: tl.constexpr = False, DLS_MODE: tl.constexpr = 0, KT: tl.constexpr = 1):
+                COSINE: tl.constexpr = False, DLS_MODE: tl.constexpr = 0, KT: tl.constexpr = 1,
+                SP_TB: tl.constexpr = 0):
     """Program (head h, chunk c): windows c*STRIDE + W0 + [0, WPP) of head h (WPP == STRIDE, W0 == 0
     when the program loops over its chunk; WPP == 1 when the launcher loops, one launch per W0).
 
@@ -173,16 +176,17 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
         # Single pass (SP, ``_wattn_bwd_sp``): KT key tiles of BLOCK_M keys (8 warps) one after another,
         # dK/dV of a tile in registers, query blocks of BLOCK_N streamed. ``tab``: the launcher's
         # (nH, NK, NQ) bias tile (NQ the padded query count, NK = KT * BLOCK_M); this program's slots:
-        # the rows' records in ``dlt`` (NQ x 4 words), fp32 dQ partials in ``dqs`` (NQ x D).
+        # the rows' records in ``dlt`` (NQ x 4 words, then -delta of the NQ rows, twice), fp32 dQ partials in ``dqs``
+        # (NQ x D).
         NQ: tl.constexpr = (N // BLOCK_N) * BLOCK_N + BN_TAIL
         NK: tl.constexpr = KT * BLOCK_M
         slot = c * NH + h
         for i in range(0, WPP):
             if w < BNW:
                 y0, x0, gbase = wy * WH, wx * WW, (b % GG) * (H * W)
-                _sp_window(qkv, dout, out, lse, dlt + slot * (NQ * 4), dqkv, dqs + slot * (NQ * D), tab,
-                           group, dsum, w, h, b, y0, x0, gbase, hd, qk_scale, scale, C, NH, H, W, SH,
-                           SW, BLOCK_M, KT, BLOCK_N, BN_TAIL, N, D, WH, WW, HAS_RPB or HAS_BIAS, HAS_GROUP, SHIFT,
+                _sp_window(qkv, dout, out, lse, dlt + slot * (NQ * 6), dqkv, dqs + slot * (NQ * D), tab,
+                           group, dsum, w, wy * nWw + wx, h, b, y0, x0, gbase, hd, qk_scale, scale, C, NH, H, W, SH,
+                           SW, BLOCK_M, KT, BLOCK_N, BN_TAIL, N, D, WH, WW, SP_TB, HAS_GROUP, SHIFT,
                            DSUM_MODE, F32, UPCAST, IDX64, ASM)
                 tl.debug_barrier()  # the next window's records and partials overwrite this one's
             w, b, wy, wx = _next_window(w, b, wy, wx, nW // nWw, nWw)
@@ -249,15 +253,24 @@ def _gather_table_kernel(dsum, drpb, NH, HS: tl.constexpr, SI: tl.constexpr, SJ:
     t = tl.program_id(0)
     ty = t // (2 * WW - 1)
     tx = t % (2 * WW - 1)
-    offs_i = tl.arange(0, N_PAD)
     offs_h = tl.arange(0, NH_PAD)
-    jy = offs_i // WW - ty + WH - 1
-    jx = offs_i % WW - tx + WW - 1
-    ok = (offs_i < N) & (jy >= 0) & (jy < WH) & (jx >= 0) & (jx < WW)
-    j = jy * WW + jx
-    vals = tl.load(dsum + offs_h[:, None] * HS + offs_i[None, :] * SI + j[None, :] * SJ,
-                   mask=(offs_h[:, None] < NH) & ok[None, :], other=0.0)
-    tl.store(drpb + t * NH + offs_h, tl.sum(vals, 1), mask=offs_h < NH)
+    # many heads: the queries in chunks of CH summed elementwise, then one reduction across the chunk's
+    # lanes (a reduction over all N_PAD queries at once costs a shuffle tree per head row held)
+    CH: tl.constexpr = 32 if NH_PAD >= 16 and N_PAD > 32 else N_PAD
+    acc = tl.zeros((NH_PAD, CH), tl.float32)
+    for c in tl.static_range(N_PAD // CH):
+        offs_i = c * CH + tl.arange(0, CH)
+        jy = offs_i // WW - ty + WH - 1
+        jx = offs_i % WW - tx + WW - 1
+        ok = (offs_i < N) & (jy >= 0) & (jy < WH) & (jx >= 0) & (jx < WW)
+        j = jy * WW + jx
+        vals = tl.load(dsum + offs_h[:, None] * HS + offs_i[None, :] * SI + j[None, :] * SJ,
+                       mask=(offs_h[:, None] < NH) & ok[None, :], other=0.0)
+        if c == 0:
+            acc = vals
+        else:
+            acc += vals
+    tl.store(drpb + t * NH + offs_h, tl.sum(acc, 1), mask=offs_h < NH)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -268,10 +281,27 @@ def _gather_table_kernel(dsum, drpb, NH, HS: tl.constexpr, SI: tl.constexpr, SJ:
 # program.
 _PROGRAMS = 2 if _INTERPRET else 1024
 # Single pass: at most this many windows per program (a program's scratch slots, its rows' records
-# and fp32 dQ sums, are reused by its windows: 16 keeps them at ~15 MB for MixMIM-B stage 1), and
-# at least this many programs (two per SM of an H100/H200) before windows are shared out.
-_SP_WPP = 2 if _INTERPRET else 16
-_SP_PROGRAMS = 264
+# and fp32 dQ sums, are reused by its windows; fewer programs, less scratch). One program per SM is
+# resident (~240 registers x 256 threads), so the windows per program are chosen for the fewest
+# window-heads on the busiest SM (``_sp_stride``), on an SM count of the GPU's (H100/H200: 132).
+_SP_WPP = 2 if _INTERPRET else 64
+_SP_SMS = 132
+
+
+def _sp_stride(bnw, num_heads, device):
+    """Windows per program of the single pass: the one with the fewest window-heads per SM when its
+    ceil(bnw / stride) x num_heads programs run one at a time per SM (the largest on ties: fewer
+    programs, fewer per-program prologues). MixMIM-B stage 1 (2048 windows, 4 heads): 63 (132
+    programs, 63 window-heads per SM, where 16 gave 4 x 16)."""
+    if _INTERPRET:
+        return _SP_WPP
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else _SP_SMS
+    best, best_t = 1, None
+    for s in range(1, min(_SP_WPP, bnw) + 1):
+        t = -(-(-(-bnw // s) * num_heads) // sms) * s
+        if best_t is None or t <= best_t:
+            best, best_t = s, t
+    return best
 
 
 def _maxnreg(sp):
@@ -285,10 +315,11 @@ def _bwd_config(N, D, single, no_sp, f32):
 
     Windows larger than one tile with d = 32 (MixMIM stages 1-3) take the single pass (``_wattn_bwd_sp``):
     key tiles of BLOCK_M = 128 keys (8 warps, a warpgroup per 64 keys: every product's M is a
-    warpgroup's 64 rows, so all five are wgmma on sm_90, and one mma.sync would halve the rate of
-    all of them), query blocks of BLOCK_N = 64 (dQ's M; 32 scores per thread next to dK, dV: 246
-    registers, no spills) and a tail block of 16 (196 rows cost 208; its dQ^T = K^T dS^T over a
-    64-row padded K^T). Other head dims, coords (exact int64 index math), cosine, the
+    warpgroup's 64 rows, so all five are wgmma on sm_90), query blocks of BLOCK_N = 64 (dQ's M; 32
+    scores per thread next to dK, dV: 247 registers, no spills) and a tail block of 16 (196 rows cost
+    208; its dQ an mma.sync of M = 16: half the rate for 16 of 208 rows, where a wgmma over a 64-row
+    padded K^T cost a load and registers per tile, 384 against 545 instructions per tile outside the
+    query loop). Other head dims, coords (exact int64 index math), cosine, the
     deterministic mode (``no_sp``) and, on the GPU, fp32 inputs (exact fp32 products are FMA loops,
     far too wide for those tiles; the interpreter runs fp32 through the single pass too, so that its
     tests check it in exact arithmetic) take the two phases: phase B keeps dK and dV of its key block
@@ -307,23 +338,36 @@ def _bwd_config(N, D, single, no_sp, f32):
     return (32, 16, 16, 4, 1, False) if D >= 64 else (64, 32, 16, 4, 1, False)
 
 
-def _bias_tile(rpb, attn_bias, wh, ww, nh, nk, nq, scale, qkv):
+def _bias_tile(rpb, attn_bias, wh, ww, nh, nk, nq, scale, qkv, labels=None):
     """The single pass's bias: (nH, NK, NQ) fp32, [h, key j, query i] = (table[Swin index(i, j), h] +
     attn_bias[h, i, j]) / scale (the kernel scales it with the scores); padded keys -inf (masked by
-    position), padded queries 0; a dummy (never read) without bias."""
-    if rpb is None and attn_bias is None:
+    position), padded queries 0; a dummy (never read) without bias. ``labels`` (nW, N): the group
+    labels of each window position (shared by the batch, no shift): then (nW, nH, NK, NQ), one tile
+    per window position with -inf where the labels differ (the kernel's scores need no select there)."""
+    if rpb is None and attn_bias is None and labels is None:
         return qkv
     n = wh * ww
-    bias = 0.0
+    bias = torch.zeros((nh, n, n), dtype=torch.float32, device=qkv.device)
     if rpb is not None:
         c = _codes(wh, ww, qkv.device)[:n].long()
-        bias = rpb[c[:, None] - c[None, :] + ((wh - 1) * (2 * ww - 1) + ww - 1)].permute(2, 0, 1)
+        bias = bias + rpb[c[:, None] - c[None, :] + ((wh - 1) * (2 * ww - 1) + ww - 1)].permute(2, 0, 1)
     if attn_bias is not None:
         bias = bias + attn_bias
     tile = torch.zeros((nh, nk, nq), dtype=torch.float32, device=qkv.device)
     tile[:, n:, :] = float("-inf")
     tile[:, :n, :n] = bias.transpose(1, 2) / scale
-    return tile
+    if labels is None:
+        return tile
+    # [w, key j, query i]: labels compared at full width; the large tile written once (one pass)
+    same = torch.ones((labels.shape[0], nk, nq), dtype=torch.bool, device=qkv.device)
+    same[:, :n, :n] = labels[:, :, None] == labels[:, None, :]
+    return torch.where(same[:, None], tile[None], float("-inf")).reshape(labels.shape[0] * nh, nk, nq)
+
+
+def _window_labels(group, wh, ww):
+    """(nW, N) labels of each window position from batch-shared labels (1, H, W) (no shift)."""
+    _, H, W = group.shape
+    return group[0].reshape(H // wh, wh, W // ww, ww).permute(0, 2, 1, 3).reshape((H // wh) * (W // ww), wh * ww)
 
 
 def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords,
@@ -356,8 +400,12 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     no_sp = deterministic or coords is not None or cosine or scale == 0  # (scale: the bias tile is over it)
     bm, bn, bnb, warps, stages, sp = _bwd_config(N, D, single, no_sp, qkv.dtype == torch.float32)
     kt = triton.cdiv(N, bm) if sp else 1
-    if sp:  # a few windows per program (a power of two: a constexpr), enough programs for the GPU
-        stride = _SP_WPP if _INTERPRET else min(_SP_WPP, _pow2_floor(max(1, bnw * num_heads // _SP_PROGRAMS)))
+    # single pass: the bias tile per head (1), or per head and window position with the group mask in it
+    # (2: labels shared by the batch, no shift), or none (0)
+    sp_tb = 0 if not sp else (2 if group is not None and group.shape[0] == 1 and sh == 0 and sw == 0 else
+                              (1 if rpb is not None or attn_bias is not None else 0))
+    if sp:  # windows per program (a constexpr): the fewest window-heads on the busiest SM
+        stride = _sp_stride(bnw, num_heads, dev)
         chunks = -(-bnw // stride)
     elif single or deterministic:
         chunks = max(1, min(bnw, -(-_PROGRAMS // num_heads)))
@@ -386,12 +434,13 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     dls = torch.zeros(((chunks,) if dls_mode in (2, 3) else ()) + (num_heads,), **f32) if dls_mode else lse
     if bnw > 0 and num_heads * D > 0:
         if sp:
-            tab, ab = _bias_tile(rpb, attn_bias, wh, ww, num_heads, kt * bm, nq, float(scale), qkv), qkv
+            tab, ab = _bias_tile(rpb, attn_bias, wh, ww, num_heads, kt * bm, nq, float(scale), qkv,
+                                 _window_labels(group, wh, ww) if sp_tb == 2 else None), qkv
         else:
             tab, ab = _tables(rpb, attn_bias, qkv, num_heads)
         G = (1 if group is None else group.shape[0], 1 if coords is None else coords.shape[0])
         if sp:  # per program: the rows' records (lse, delta, code, label)
-            dlt = torch.empty((chunks * num_heads, nq, 4), **f32)
+            dlt = torch.empty((chunks * num_heads, nq * 6), **f32)
         else:  # delta = rowsum(dO * O), phase A -> phase B
             dlt = lse if single else torch.empty_like(lse)
         dqs = torch.empty((chunks * num_heads, nq, D), **f32) if sp else lse
@@ -404,7 +453,7 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
                 WPP=1 if outer else stride, N=N, D=D, WH=wh, WW=ww, SINGLE=single,
                 BS=max(16, triton.next_power_of_2(N)), BLOCK_M=bm, BM_TAIL=_tail(N, bm), BLOCK_N=bn,
                 BN_TAIL=_tail(N, bn), BLOCK_NB=bnb, BNB_TAIL=_tail(N, bnb), SP=sp, RELOAD=D >= 64,
-                DSUM_MODE=dsum_mode, KT=kt,
+                DSUM_MODE=dsum_mode, KT=kt, SP_TB=sp_tb,
                 TAB_MODE=tab_mode, COSINE=cosine, DLS_MODE=dls_mode,
                 ASM=not _INTERPRET, IDX64=qkv.numel() >= 2**31, num_warps=warps, num_stages=stages,
                 **_flags(qkv, rpb, attn_bias, group, coords, sh, sw), **_maxnreg(sp),
