@@ -62,7 +62,7 @@ __device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFr
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     const int k0 = kb + 8 * j + 2 * t;
-    const int4 kk = *reinterpret_cast<const int4*>(S.ki + k0);  // keys k0, k0+1: {-4P, segment}
+    const int4 kk = prim::lds_v4(S.ki + k0);  // keys k0, k0+1: {-4P, segment}, one LDS.128
     int4 kc = make_int4(0, 0, 0, 0);
     int2 kl = make_int2(0, 0);
     if constexpr (BIAS == 2) kc = *reinterpret_cast<const int4*>(S.cxy + k0);
@@ -145,6 +145,7 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
   float o[D / 8][4];
 #pragma unroll
   for (int dj = 0; dj < D / 8; ++dj) o[dj][0] = o[dj][1] = o[dj][2] = o[dj][3] = 0.f;
+  using Eight = std::integral_constant<int, 8>;
   using Four = std::integral_constant<int, 4>;
   using Two = std::integral_constant<int, 2>;
   if constexpr (ONE) {
@@ -178,10 +179,14 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
     const int nm16 = ((P >> 4) & 1) + (Q == 16);
 #pragma unroll 1
     for (int i = 0; i < nm16; ++i) block(Two{}, std::true_type{}, i == 0 && (P & 16) ? b0 + P - 16 : end - 16);
+    // The unmasked middle in 64-key blocks (one max update, rescale vote and loop step per 64 keys),
+    // then at most one block of 32 and one of 16.
     const int m1 = end - Q;
     int kb = b0 + P;
 #pragma unroll 1
-    for (; kb + 32 <= m1; kb += 32) block(Four{}, std::false_type{}, kb);
+    for (; kb + 64 <= m1; kb += 64) block(Eight{}, std::false_type{}, kb);
+#pragma unroll 1
+    for (; kb + 32 <= m1; kb += 32) block(Four{}, std::false_type{}, kb);  // 0 or 1 time
 #pragma unroll 1
     for (; kb < m1; kb += 16) block(Two{}, std::false_type{}, kb);  // 0 or 1 time
   } else {
@@ -547,7 +552,7 @@ FwdPlan plan_forward(const WindowAttentionParams& p) {
     return f;
   f.g = make_geo(p, pick_pack(N, nwin));
   const int limit = smem_limit();
-  // One CTA per SM is enough work per wave: more heads per CTA share the prologue.
+  // More heads per CTA share the prologue; fewer leave the last wave fuller (heads_per_cta).
   f.hg = heads_per_cta(f.g.npacks, p.nH, sm_count());
   f.nhg = (p.nH + f.hg - 1) / f.hg;
   for (int nbuf = f.hg > 1 ? 2 : 1; nbuf >= 1; --nbuf) {

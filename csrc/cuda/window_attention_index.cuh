@@ -223,13 +223,18 @@ inline cudaError_t dispatch_b16(DType t, F&& body) {
   return cudaErrorInvalidValue;
 }
 
-// Heads per CTA: the largest divisor of nH that still leaves at least one full wave of CTAs
-// (units = packs, slots = CTAs resident on the device): sharing the prologue among more heads pays
-// until the SMs run out of CTAs.
+// Forward heads per CTA: the divisor of nH with the fewest CTAs per SM (slots = SMs) x (4 hg + 3)
+// (a CTA's hg heads plus its pack prologue, ~3/4 of a head); the first (smallest) on ties. Sharing the
+// prologue among more heads pays until the last wave runs short of CTAs: Swin-T stage 4 (32 packs,
+// 24 heads) takes 6 heads x 128 CTAs (one per SM), not 4 heads x 192 CTAs (two on some SMs).
 inline int heads_per_cta(int packs, int nH, int slots) {
   int best = 1;
-  for (int hg = 1; hg <= nH; ++hg)
-    if (nH % hg == 0 && int64_t(packs) * (nH / hg) >= slots) best = hg;
+  int64_t best_t = -1;
+  for (int hg = 1; hg <= nH; ++hg) {
+    if (nH % hg != 0) continue;
+    const int64_t t = (int64_t(packs) * (nH / hg) + slots - 1) / slots * (4 * hg + 3);
+    if (best_t < 0 || t < best_t) best = hg, best_t = t;
+  }
   return best;
 }
 
