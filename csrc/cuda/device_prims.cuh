@@ -188,8 +188,8 @@ __device__ __forceinline__ float lds_at(const void* p) {
 #endif
 }
 
-// 16 bytes of shared memory in one LDS.128 even when only some of its words are used (nvcc
-// otherwise narrows a vector load to the words read, one LDS each). Read-only data, 16-byte aligned.
+// 16 bytes of shared memory in one LDS.128 even if some words go unused (ptxas narrows a plain, even
+// inline-asm, ld.shared.v4 to one LDS per word read; .volatile keeps it). Read-only, 16-byte aligned.
 __device__ __forceinline__ int4 lds_v4(const void* p) {
 #if defined(MIXKERNELS_SIMT_EMU)
   return *static_cast<const int4*>(p);
