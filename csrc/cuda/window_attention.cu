@@ -573,7 +573,7 @@ FwdPlan plan_forward(const WindowAttentionParams& p) {
     return f;
   f.g = make_geo(p, pick_pack(N, nwin));
   const int limit = smem_limit();
-  // More heads per CTA share the prologue; fewer leave the last wave fuller (heads_per_cta).
+  // More heads per CTA share the prologue; fewer fill the SMs evenly (heads_per_cta).
   f.hg = heads_per_cta(f.g.npacks, p.nH, sm_count());
   f.nhg = (p.nH + f.hg - 1) / f.hg;
   for (int nbuf = f.hg > 1 ? 2 : 1; nbuf >= 1; --nbuf) {

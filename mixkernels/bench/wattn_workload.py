@@ -50,14 +50,20 @@ def pick_pack(N: int, nwin: int) -> int:
 
 def heads_per_cta(packs: int, nH: int, slots: int) -> int:
     """Forward: the divisor of nH with the fewest CTAs per SM (``slots`` = SMs) x (4 hg + 3) (a CTA's hg
-    heads plus its pack prologue); the first (smallest) on ties."""
-    best, best_t = 1, None
-    for hg in range(1, nH + 1):
-        if nH % hg == 0:
-            t = -(-(packs * (nH // hg)) // slots) * (4 * hg + 3)
+    heads plus its pack prologue; the first on ties), among those that leave two CTAs on at least 3/4 of
+    the SMs when any does."""
+    for pass_ in (0, 1):
+        best, best_t = 1, None
+        for hg in range(1, nH + 1):
+            ctas = packs * (nH // hg)
+            if nH % hg or (pass_ == 0 and 2 * ctas < 3 * slots):
+                continue
+            t = -(-ctas // slots) * (4 * hg + 3)
             if best_t is None or t < best_t:
                 best, best_t = hg, t
-    return best
+        if best_t is not None:
+            return best
+    return 1
 
 
 def bwd_heads_per_cta(packs: int, nH: int, slots: int) -> int:
