@@ -188,6 +188,18 @@ __device__ __forceinline__ float lds_at(const void* p) {
 #endif
 }
 
+// 16 bytes of shared memory in one LDS.128 even if some words go unused (ptxas narrows a plain, even
+// inline-asm, ld.shared.v4 to one LDS per word read; .volatile keeps it). Read-only, 16-byte aligned.
+__device__ __forceinline__ int4 lds_v4(const void* p) {
+#if defined(MIXKERNELS_SIMT_EMU)
+  return *static_cast<const int4*>(p);
+#else
+  int4 v;
+  asm("ld.volatile.shared.v4.s32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(smem_addr(p)));
+  return v;
+#endif
+}
+
 // Fire-and-forget fp32 add to global memory (RED, relaxed: no fence).
 __device__ __forceinline__ void red_add(float* p, float v) {
 #if defined(MIXKERNELS_SIMT_EMU)

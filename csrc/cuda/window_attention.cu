@@ -62,7 +62,7 @@ __device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFr
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     const int k0 = kb + 8 * j + 2 * t;
-    const int4 kk = *reinterpret_cast<const int4*>(S.ki + k0);  // keys k0, k0+1: {-4P, segment}
+    const int4 kk = prim::lds_v4(S.ki + k0);  // keys k0, k0+1: {-4P, segment}, one LDS.128
     int4 kc = make_int4(0, 0, 0, 0);
     int2 kl = make_int2(0, 0);
     if constexpr (BIAS == 2) kc = *reinterpret_cast<const int4*>(S.cxy + k0);
@@ -139,32 +139,21 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
   const RowInfo ri[2] = {row_info<BIAS, ABIAS>(G, S, r0 + g, tab_byte, h),
                          row_info<BIAS, ABIAS>(G, S, r0 + g + 8, tab_byte, h)};
   // Bounds broadcast from lane 0: warp-uniform for the compiler too (no divergence-safe shuffles).
-  const int lo = __shfl_sync(kFull, S.lo[tile], 0), hi = __shfl_sync(kFull, S.hi[tile], 0), end = round16(hi);
-  const bool uni = __shfl_sync(kFull, S.uni[tile], 0) != 0;
+  // ONE: lo/hi/uni hold the tile's walk (one_walk, computed once per pack), else its key range.
+  const int lo = __shfl_sync(kFull, S.lo[tile], 0), hi = __shfl_sync(kFull, S.hi[tile], 0);
+  const int un = __shfl_sync(kFull, S.uni[tile], 0);
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   float o[D / 8][4];
 #pragma unroll
   for (int dj = 0; dj < D / 8; ++dj) o[dj][0] = o[dj][1] = o[dj][2] = o[dj][3] = 0.f;
+  using Eight = std::integral_constant<int, 8>;
   using Four = std::integral_constant<int, 4>;
   using Two = std::integral_constant<int, 2>;
   if constexpr (ONE) {
-    // The walk [b0, end) = [lo & ~15, round16(hi)) as a masked prefix [b0, b0 + P), an unmasked middle
+    // The walk (one_walk): a masked prefix [b0, b0 + P), the unmasked middle [lo, hi) = [b0 + P, end - Q)
     // and a masked suffix [end - Q, end), each block kind in its own loop (block order is free in online
-    // softmax). Tiles whose rows span segments: all masked. One-segment tiles: only the 16 keys at an end
-    // that is not 16-aligned need the mask; an end grows to 32 when that leaves the middle an even number
-    // of 16-key blocks (few 16-key blocks: their fixed cost is that of 32).
-    const int b0 = lo & ~15;
-    int P = end - b0, Q = 0;
-    if (uni) {
-      const int L = round16(lo), R = imax(L, hi & ~15), u = (R - L) >> 4;
-      P = L - b0;
-      Q = end - R;
-      if (u & 1) {
-        if (P) P += 16; else if (Q) Q += 16;
-      } else if (P && Q) {
-        if (u) P += 16, Q += 16; else P = 32, Q = 0;  // u = 0: head and tail are one 32-key block
-      }
-    }
+    // softmax).
+    const int P = un >> 8, Q = un & 255, b0 = lo - P, end = hi + Q;
     auto block = [&](auto nt, auto masked, int kb) {
       fwd_block<T, D, BIAS, ABIAS, decltype(nt)::value, decltype(masked)::value, false>(G, S, qa, ri, sk, sv, kb, smem,
                                                                                          zero_byte, A.inv_scale, m, l, o,
@@ -178,16 +167,22 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
     const int nm16 = ((P >> 4) & 1) + (Q == 16);
 #pragma unroll 1
     for (int i = 0; i < nm16; ++i) block(Two{}, std::true_type{}, i == 0 && (P & 16) ? b0 + P - 16 : end - 16);
-    const int m1 = end - Q;
-    int kb = b0 + P;
+    // The unmasked middle in 64-key blocks (one max update, rescale vote and loop step per 64 keys),
+    // then at most one block of 32 and one of 16.
+    const int m1 = hi;
+    int kb = lo;
 #pragma unroll 1
-    for (; kb + 32 <= m1; kb += 32) block(Four{}, std::false_type{}, kb);
+    for (; kb + 64 <= m1; kb += 64) block(Eight{}, std::false_type{}, kb);
+#pragma unroll 1
+    for (; kb + 32 <= m1; kb += 32) block(Four{}, std::false_type{}, kb);  // 0 or 1 time
 #pragma unroll 1
     for (; kb < m1; kb += 16) block(Two{}, std::false_type{}, kb);  // 0 or 1 time
   } else {
     // Several windows per pack (tiles span windows: mostly masked blocks): one walk, the block kind
     // chosen per block.
     // Blocks of 32 keys, then one of 16 at the end; a block inside one segment needs no mask.
+    const bool uni = un != 0;
+    const int end = round16(hi);
     auto step = [&](auto nt, auto first, int kb) {
       constexpr int NT = decltype(nt)::value;
       constexpr bool F = decltype(first)::value;
@@ -367,13 +362,43 @@ __device__ __forceinline__ void table_entries(const Geo& G, int ey, int ex, F&& 
   }
 }
 
+// The walk of a one-window pack's tile with key range [lo, hi) (uni: its rows are one segment's),
+// stored over the tile's lo/hi/uni once per pack: {b0 + P, end - Q, P << 8 | Q} for the masked prefix
+// [b0, b0 + P), unmasked middle and masked suffix [end - Q, end) of [b0, end) = [lo & ~15, round16(hi)).
+// Tiles whose rows span segments: all masked. One-segment tiles: only the 16 keys at an end that is not
+// 16-aligned need the mask; an end grows to 32 when that leaves the middle an even number of 16-key
+// blocks (few 16-key blocks: their fixed cost is that of 32).
+__device__ __forceinline__ int3 one_walk(int lo, int hi, bool uni) {
+  const int b0 = lo & ~15, end = round16(hi);
+  int P = end - b0, Q = 0;
+  if (uni) {
+    const int L = round16(lo), R = imax(L, hi & ~15), u = (R - L) >> 4;
+    P = L - b0;
+    Q = end - R;
+    if (u & 1) {
+      if (P) P += 16; else if (Q) Q += 16;
+    } else if (P && Q) {
+      if (u) P += 16, Q += 16; else P = 32, Q = 0;  // u = 0: head and tail are one 32-key block
+    }
+  }
+  return make_int3(b0 + P, end - Q, P << 8 | Q);
+}
+
+__device__ __forceinline__ void set_walk(const Pack& S, int t, int lo, int hi, bool uni) {
+  const int3 w = one_walk(lo, hi, uni);
+  S.lo[t] = w.x;
+  S.hi[t] = w.y;
+  S.uni[t] = w.z;
+}
+
 // One-window packs: move every segment to a slot that is a multiple of 16 (padding slots, tok = -1,
 // between segments) when the pack still fits in cap slots. No 16-row tile then spans two segments:
 // each tile walks only its own segment's keys, masked only in the last 16 (the padding). Packs of
 // several windows, or whose rounded segments do not fit, stay as the prologue sorted them.
 // All threads; after the prologue's tiles are published (a barrier), before the operand buffers are
 // used (`scratch`: kWarps + kThreads ints of them). On return (before the caller's barrier) the slots,
-// tiles and info[0] (slots in use) / info[1] (tiles) hold the aligned layout.
+// tiles' walks (one_walk) and info[0] (slots in use) / info[1] (tiles) hold the aligned layout, or the
+// prologue's.
 __device__ __forceinline__ void align_segments(const Geo& G, const Pack& S, int nvalid, int* scratch) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   int2 seg = make_int2(0, 0);
@@ -397,7 +422,10 @@ __device__ __forceinline__ void align_segments(const Geo& G, const Pack& S, int 
     before += v < warp ? w : 0;
     total += w;
   }
-  if (G.P != 1 || nvalid + total > G.cap) return;  // block-uniform
+  if (G.P != 1 || nvalid + total > G.cap) {  // block-uniform: the prologue's layout stays
+    if (tid < S.info[1]) set_walk(S, tid, S.lo[tid], S.hi[tid], S.uni[tid] != 0);
+    return;
+  }
   shift[tid] = before + incl - pad;  // read at segment heads: the padding of the segments before
   __syncthreads();
   int tok = -1, lidx = 0, lrow = 0, d = 0;
@@ -432,9 +460,7 @@ __device__ __forceinline__ void align_segments(const Geo& G, const Pack& S, int 
   const int used = nvalid + total;
   if (tid < used / 16) {  // slot 16 * tid is a token of the tile's segment (segments start at tiles)
     const int2 sg = S.seg[16 * tid];
-    S.lo[tid] = sg.x;
-    S.hi[tid] = sg.y;
-    S.uni[tid] = 1;  // padding rows join the segment's tile: never stored
+    set_walk(S, tid, sg.x, sg.y, true);  // padding rows join the segment's tile: never stored
   }
   if (tid == 0) {
     S.info[0] = used;
@@ -547,7 +573,7 @@ FwdPlan plan_forward(const WindowAttentionParams& p) {
     return f;
   f.g = make_geo(p, pick_pack(N, nwin));
   const int limit = smem_limit();
-  // One CTA per SM is enough work per wave: more heads per CTA share the prologue.
+  // More heads per CTA share the prologue; fewer fill the SMs evenly (heads_per_cta).
   f.hg = heads_per_cta(f.g.npacks, p.nH, sm_count());
   f.nhg = (p.nH + f.hg - 1) / f.hg;
   for (int nbuf = f.hg > 1 ? 2 : 1; nbuf >= 1; --nbuf) {

@@ -223,13 +223,22 @@ inline cudaError_t dispatch_b16(DType t, F&& body) {
   return cudaErrorInvalidValue;
 }
 
-// Heads per CTA: the largest divisor of nH that still leaves at least one full wave of CTAs
-// (units = packs, slots = CTAs resident on the device): sharing the prologue among more heads pays
-// until the SMs run out of CTAs.
+// Forward heads per CTA: the divisor of nH with the fewest CTAs per SM (slots = SMs) x (4 hg + 3)
+// (a CTA's hg heads plus its pack prologue, ~3/4 of a head; the first on ties), among those that leave
+// two CTAs on at least 3/4 of the SMs when any does (one CTA per SM halves the loads in flight: the
+// static model then reads MixMIM-B stage 4 as memory-bound). Swin-T stage 4 (32 packs, 24 heads):
+// 3 heads x 256 CTAs, was 4 x 192 (two on some SMs, one on the rest: 8 heads' work on the busiest).
 inline int heads_per_cta(int packs, int nH, int slots) {
   int best = 1;
-  for (int hg = 1; hg <= nH; ++hg)
-    if (nH % hg == 0 && int64_t(packs) * (nH / hg) >= slots) best = hg;
+  int64_t best_t = -1;
+  for (int pass = 0; pass < 2 && best_t < 0; ++pass) {
+    for (int hg = 1; hg <= nH; ++hg) {
+      const int64_t ctas = int64_t(packs) * (nH / hg);
+      if (nH % hg != 0 || (pass == 0 && 2 * ctas < 3 * int64_t(slots))) continue;
+      const int64_t t = (ctas + slots - 1) / slots * (4 * hg + 3);
+      if (best_t < 0 || t < best_t) best = hg, best_t = t;
+    }
+  }
   return best;
 }
 

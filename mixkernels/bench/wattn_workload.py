@@ -49,12 +49,21 @@ def pick_pack(N: int, nwin: int) -> int:
 
 
 def heads_per_cta(packs: int, nH: int, slots: int) -> int:
-    """Largest divisor of nH that still leaves at least ``slots`` CTAs."""
-    best = 1
-    for hg in range(1, nH + 1):
-        if nH % hg == 0 and packs * (nH // hg) >= slots:
-            best = hg
-    return best
+    """Forward: the divisor of nH with the fewest CTAs per SM (``slots`` = SMs) x (4 hg + 3) (a CTA's hg
+    heads plus its pack prologue; the first on ties), among those that leave two CTAs on at least 3/4 of
+    the SMs when any does."""
+    for pass_ in (0, 1):
+        best, best_t = 1, None
+        for hg in range(1, nH + 1):
+            ctas = packs * (nH // hg)
+            if nH % hg or (pass_ == 0 and 2 * ctas < 3 * slots):
+                continue
+            t = -(-ctas // slots) * (4 * hg + 3)
+            if best_t is None or t < best_t:
+                best, best_t = hg, t
+        if best_t is not None:
+            return best
+    return 1
 
 
 def bwd_heads_per_cta(packs: int, nH: int, slots: int) -> int:
@@ -97,7 +106,7 @@ def plan(kind: str, B: int, H: int, W: int, nH: int, d: int, wh: int, ww: int, r
     npacks, cap, T = -(-nwin // P), _round16(P * N), (2 * rh - 1) * (2 * rw - 1)
     out = dict(N=N, nwin=nwin, P=P, npacks=npacks, cap=cap, T=T)
     if kind == "fwd":
-        hg = heads_per_cta(npacks, nH, n_sm)  # forward: one CTA per SM per wave
+        hg = heads_per_cta(npacks, nH, n_sm)  # forward: CTAs per SM x (4 hg + 3)
         nbuf, smem = 1, 0
         for nb in ((2, 1) if hg > 1 else (1,)):
             smem = layout_bytes(cap, T, d, es, 3, nb, False, 0)
@@ -211,7 +220,8 @@ def _pack_stats(kp: Tuple[Tuple[int, ...], ...], N: int) -> Dict[str, Any]:
         mid = end - Q - b0 - P
         c32[(32, True)] += (P >> 5) + (Q == 32)
         c32[(16, True)] += ((P >> 4) & 1) + (Q == 16)
-        c32[(32, False)] += mid // 32
+        c32[(64, False)] += mid // 64
+        c32[(32, False)] += mid % 64 // 32
         c32[(16, False)] += mid % 32 // 16
     warps = [max(scan[w:w + 32]) for w in range(0, nvalid, 32)]
     # pack_segment_id (the fused prologue): the first lane of each (window, key) in a warp leads and
