@@ -154,6 +154,23 @@ def test_huge_int64_coords_stay_exact():
     _check(qkv, 2, (4, 4), kw, ref_coords=small)
 
 
+def test_backward_coords_box_and_its_fallback(monkeypatch):
+    # The fast backward's coords box plan with a budget of ~50 of the 99 table entries (a lower shared
+    # memory limit): image 0's packs (x in {0, 1}; y spread past the range: capped, out-of-range pairs)
+    # need 11 x 3 box entries and run box-local tables; packs holding image 1's windows need the whole
+    # table and run the two-pass fallback over it. Both against the reference, rule 3 included.
+    from mixkernels.bench import wattn_workload as ww
+
+    qkv, kw = _inputs(2, 16, 16, 2, 32, (8, 8), (0, 0), True, False, "none", torch.bfloat16, coords=True)
+    c = torch.randint(0, 9, (2, 16, 16, 2))
+    c[0, ..., 1] = torch.randint(0, 2, (16, 16))
+    kw["coords"] = c
+    limit = ww.bwd_box_bytes(192, 50, 32, 2)  # 3 windows of 64 per pack: cap 192
+    assert 33 <= ww.bwd_box_tmax(192, 11 * 9, 32, 2, limit)[0] < 11 * 9
+    monkeypatch.setenv("MIXKERNELS_WATTN_SMEM_LIMIT", str(limit))
+    _check(qkv, 2, (8, 8), kw, ref_coords=c)
+
+
 # One SM: the launch plans give each CTA all heads (the forward's double-buffered head loop, odd and
 # even buffers, the table scaled per buffer, the coords box loaded per head).
 HEADS_CASES = [

@@ -21,282 +21,16 @@
 // (table_add_batch) and the softmax scale folded into dS; deterministic mode gives every warp its own table (lanes that
 // hit one entry in the same step are summed in lane order), sums the warps in order into a partial
 // per (slot, head) while CTAs walk fixed pack sequences, and a last kernel adds the slots in order.
+// Coords calls in fast mode take the one-pass plan with box-local tables (window_attention_bwd_box.cuh:
+// only the table entries a pack's coordinate box reaches, loaded and flushed per head).
 // Calls with attn_bias, float32, head_dim 128 or shapes that do not fit shared memory run the legacy
 // kernels.
-#include "window_attention_bwd_tiles.cuh"
-#include "window_attention_common.cuh"
-#include "window_attention_cosine.cuh"
+#include "window_attention_bwd_box.cuh"
+#include "window_attention_bwd_items.cuh"
 #include "window_attention_legacy.cuh"
 
 namespace mixkernels::cuda {
 namespace wattn {
-
-constexpr int kDetSlots = 256;  // deterministic mode: CTAs (x head groups) walking fixed pack sequences
-
-struct BwdArgs {
-  Geo g;
-  const void* dout;
-  const void* out;
-  const float* lse;
-  void* dqkv;
-  float* drpb;  // fast: (T, nH), zeroed; deterministic: partials [nslots][nH][T], zeroed; null: not needed
-  float* dls;   // cosine mode: fast (nH) zeroed; deterministic: partials [nslots][nH], zeroed; null: not needed
-  int hg, nhg, nslots;
-};
-
-struct HeadSmem {
-  const unsigned char* smem;
-  const Pack* S;
-  const void* q;
-  const void* k;
-  const void* v;
-  const void* dO;
-  const float2* nld;  // {-lse * log2(e), delta} per slot
-  unsigned char* eb;  // gradient table entry 0 (this warp's in deterministic mode, this lane & 3's one-pass)
-  unsigned char* zp;  // its entry T (reads the bias table's zero; its gradient is never flushed)
-  int bias_off;       // bias of an entry - its gradient, bytes
-  float* scratch;  // deterministic: 32 floats of this warp
-  const float2* qk_inv;  // cosine mode: {1/|q|, 1/|k|} per slot (normalize_rows' convention), else null
-  float hs;              // cosine mode: the head's exp(min(logit_scale, log 100))
-  void* ds;              // one-pass plan: dS^T (cap x cap, pitch dsp), else null
-  int dsp;
-};
-
-// Key tile, query block qb: dK and dV rows. ONE (the one-pass plan): dS^T of the block also goes to
-// the shared dS^T matrix at dsr / dsr8 (this lane's rows, see store_ds_frag; rounded to T as the dK
-// product uses it: the query pass's dQ reads the same values), and the bias gradient (DRPB) takes the
-// block's fp32 dS here.
-template <typename T, int D, int BIAS, int NT, bool MASKED, bool DET, bool DRPB, bool ONE>
-__device__ __forceinline__ void key_block(const Geo& G, const HeadSmem& M, const AFrag<T, D>& ka, const AFrag<T, D>& va,
-                                          const KSide (&ks)[2], T* dsr, T* dsr8, int qb, float (&dk)[D / 8][4],
-                                          float (&dv)[D / 8][4], int lane) {
-  constexpr int LD = Tile<T, D>::kLD;
-  const int t = lane & 3, rh2 = 2 * G.rh - 1, rw2 = 2 * G.rw - 1;
-  const T* sq = static_cast<const T*>(M.q) + qb * LD;
-  const T* sdo = static_cast<const T*>(M.dO) + qb * LD;
-  float st[NT][4], dpt[NT][4];
-  constexpr bool kBatch = ONE && DRPB && !DET;  // the block's bias-gradient adds after its pairs
-  constexpr int kES = ONE && !DET ? 2 : 1;       // floats per table entry (bwd_tab_floats)
-  unsigned char* bent[kBatch ? 4 * NT : 1];
-  scores<T, D, NT>(st, ka, sq, lane);
-  scores<T, D, NT>(dpt, va, sdo, lane);
-#pragma unroll
-  for (int j = 0; j < NT; ++j) {
-    const int q0 = qb + 8 * j + 2 * t;
-    const int4 qi = *reinterpret_cast<const int4*>(M.S->qi + q0);
-    const float4 nd = *reinterpret_cast<const float4*>(M.nld + q0);
-    int4 qc = make_int4(0, 0, 0, 0);
-    if constexpr (BIAS == 2) qc = *reinterpret_cast<const int4*>(M.S->cxy + q0);
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      QSide q;
-      q.qo = kES * (e ? qi.z : qi.x);
-      q.key = e ? qi.w : qi.y;
-      q.c = e ? make_int2(qc.z + G.rh - 1, qc.w + G.rw - 1) : make_int2(qc.x + G.rh - 1, qc.y + G.rw - 1);
-      q.nl = e ? nd.z : nd.x;
-      q.delta = e ? nd.w : nd.y;
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        float p, ds;
-        unsigned char* entry;
-        pair_grad<BIAS, MASKED, true, ONE && !DET>(st[j][2 * rr + e], dpt[j][2 * rr + e], q, ks[rr], G.scale,
-                                                   ONE ? G.scale : 1.f,
-                                M.bias_off, M.zp, rh2, rw2, p, ds, entry);
-        st[j][2 * rr + e] = ds;  // dS^T
-        dpt[j][2 * rr + e] = p;  // P^T
-        if constexpr (kBatch)
-          bent[4 * j + 2 * e + rr] = entry;
-        else if constexpr (ONE && DRPB)
-          table_add<DET>(entry, ds, M.scratch, lane);
-      }
-    }
-  }
-  if constexpr (kBatch) {
-    float bv[4 * NT];
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e)
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) bv[4 * j + 2 * e + rr] = st[j][2 * rr + e];
-    table_add_batch(bent, bv);
-  }
-  accum<T, D, NT>(dv, dpt, sdo, lane);
-  if constexpr (ONE) {
-    static_assert(NT == 2, "one 16 x 16 dS block per step");
-    uint32_t a[4];
-    pack_frag<T>(a, st);
-    store_ds_frag<T>(dsr, dsr8, qb, a);
-    accum_frag<T, D>(dk, a, sq, lane);
-  } else {
-    accum<T, D, NT>(dk, st, sq, lane);
-  }
-}
-
-// Query tile: dQ rows and the bias gradient. COS (cosine mode) also sums, per row, dS (z) and P * s
-// (sbar, s = q'.k' the pair's cosine score): see query_item.
-template <typename T, int D, int BIAS, bool DET, bool DRPB, bool COS, int NT, bool MASKED>
-__device__ __forceinline__ void query_block(const Geo& G, const HeadSmem& M, const AFrag<T, D>& qa,
-                                            const AFrag<T, D>& da, const QSide (&qs)[2], int kb,
-                                            float (&dq)[D / 8][4], float (&z)[2], float (&sbar)[2], int lane) {
-  constexpr int LD = Tile<T, D>::kLD;
-  const int t = lane & 3, rh2 = 2 * G.rh - 1, rw2 = 2 * G.rw - 1;
-  const T* sk = static_cast<const T*>(M.k) + kb * LD;
-  float s[NT][4], dp[NT][4];
-  scores<T, D, NT>(s, qa, sk, lane);
-  scores<T, D, NT>(dp, da, static_cast<const T*>(M.v) + kb * LD, lane);
-#pragma unroll
-  for (int j = 0; j < NT; ++j) {
-    const int k0 = kb + 8 * j + 2 * t;
-    const int4 ki = *reinterpret_cast<const int4*>(M.S->ki + k0);
-    int4 kc = make_int4(0, 0, 0, 0);
-    if constexpr (BIAS == 2) kc = *reinterpret_cast<const int4*>(M.S->cxy + k0);
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      KSide k;
-      k.kb = e ? ki.z : ki.x;
-      k.key = e ? ki.w : ki.y;
-      k.c = e ? make_int2(kc.z, kc.w) : make_int2(kc.x, kc.y);
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        float p, ds;
-        unsigned char* entry;
-        pair_grad<BIAS, MASKED>(s[j][2 * rr + e], dp[j][2 * rr + e], qs[rr], k, G.scale, 1.f, M.bias_off, M.zp, rh2,
-                                rw2, p, ds, entry);
-        if constexpr (COS) {
-          z[rr] += ds;
-          sbar[rr] = fmaf(p, s[j][2 * rr + e], sbar[rr]);
-        }
-        s[j][2 * rr + e] = ds;
-        if constexpr (DRPB)
-          table_add<DET>(entry, ds, M.scratch, lane);
-      }
-    }
-  }
-  accum<T, D, NT>(dq, s, sk, lane);
-}
-
-// Walk the 16-key (or query) blocks of a tile's range; blocks inside one segment skip the mask.
-// (16 columns per step: S and dP of 32 would not leave registers for the rest.) Two loops: the plain
-// blocks [p0, p1) (a tile of 16 valid rows of one segment: the blocks inside that segment), then the
-// masked ones, [lo & ~15, p0) and [p1, end); `plain` reaches the body as a constant (no branch per block).
-template <typename F>
-__device__ __forceinline__ void walk_blocks(const Pack& S, int tile, F&& body) {
-  // Bounds broadcast from lane 0: warp-uniform for the compiler too (no divergence-safe shuffles).
-  const int lo = __shfl_sync(kFull, S.lo[tile], 0), hi = __shfl_sync(kFull, S.hi[tile], 0), end = round16(hi);
-  const bool uni = __shfl_sync(kFull, S.uni[tile], 0) != 0;
-  int p0 = round16(lo), p1 = hi & ~15;
-  if (!uni || p0 >= p1) p0 = p1 = end;
-  constexpr std::integral_constant<int, 2> nt{};
-  for (int b = p0; b < p1; b += 16) body(b, nt, std::true_type{});  // bwd plain blocks
-  for (int b = (lo & ~15) == p0 ? p1 : lo & ~15; b < end; b = b + 16 == p0 ? p1 : b + 16)  // bwd masked blocks
-    body(b, nt, std::false_type{});
-}
-
-template <typename T, int D, int BIAS, bool COS, bool DET = false, bool DRPB = false, bool ONE = false>
-__device__ __forceinline__ void key_item(const BwdArgs& A, const HeadSmem& M, int tile, int h, T* stage, int lane) {
-  using TL = Tile<T, D>;
-  constexpr int kES = ONE && !DET ? 2 : 1;  // floats per table entry (bwd_tab_floats)
-  const Geo& G = A.g;
-  const Pack& S = *M.S;
-  const int g = lane >> 2, r0 = 16 * tile;
-  AFrag<T, D> ka, va;
-  ka.load(static_cast<const T*>(M.k) + r0 * TL::kLD, lane);
-  va.load(static_cast<const T*>(M.v) + r0 * TL::kLD, lane);
-  KSide ks[2];
-#pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const int slot = r0 + g + 8 * rr;
-    ks[rr].kp = opaque_smem(M.eb + kES * (4 * table_center(G.rh, G.rw) + S.ki[slot].x), lane);
-    ks[rr].key = S.ki[slot].y;
-    ks[rr].c = S.cxy[slot];
-  }
-  float dk[D / 8][4], dv[D / 8][4];
-#pragma unroll
-  for (int dj = 0; dj < D / 8; ++dj)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[dj][e] = dv[dj][e] = 0.f;
-  T* dsr = ONE ? static_cast<T*>(M.ds) + (r0 + g) * M.dsp + 2 * (lane & 3) : nullptr;  // this lane's dS^T rows
-  T* dsr8 = ONE ? dsr + 8 * M.dsp : nullptr;
-  walk_blocks(S, tile, [&](int qb, auto nt, auto plain) {
-    key_block<T, D, BIAS, decltype(nt)::value, !decltype(plain)::value, DET, DRPB, ONE>(G, M, ka, va, ks, dsr, dsr8,
-                                                                                          qb, dk, dv, lane);
-  });
-  T* dqkv = static_cast<T*>(A.dqkv);
-  if constexpr (COS)  // the gradient of k' = k / |k| back to k
-    cosine_grad_rows<T, D, TL::kLD>(dk, static_cast<const T*>(M.k) + r0 * TL::kLD, M.qk_inv[r0 + g].y,
-                                    M.qk_inv[r0 + g + 8].y, 1.f, false, false, lane);
-  store_rows_bwd<T, D>(dk, ONE ? 1.f : G.scale, stage, dqkv + G.C + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
-  store_rows_bwd<T, D>(dv, 1.f, stage, dqkv + 2 * G.C + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
-}
-
-// Returns this lane's share of the tile's logit-scale gradient (COS; 0 otherwise): sum over rows of
-// <q', dq'> - z sbar = sum_j P (dP - delta)(s - sbar), which does not depend on delta: with delta
-// from the rounded O, sum_j dS = z is not 0, and z sbar (logits up to ~116) would leak into the sum.
-template <typename T, int D, int BIAS, bool DET, bool DRPB, bool COS>
-__device__ __forceinline__ float query_item(const BwdArgs& A, const HeadSmem& M, int tile, int h, T* stage, int lane) {
-  using TL = Tile<T, D>;
-  const Geo& G = A.g;
-  const Pack& S = *M.S;
-  const int g = lane >> 2, r0 = 16 * tile;
-  AFrag<T, D> qa, da;
-  qa.load(static_cast<const T*>(M.q) + r0 * TL::kLD, lane);
-  da.load(static_cast<const T*>(M.dO) + r0 * TL::kLD, lane);
-  QSide qs[2];
-#pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const int slot = r0 + g + 8 * rr;
-    const int2 qi = S.qi[slot], c = S.cxy[slot];
-    const float2 nd = M.nld[slot];
-    qs[rr].qp = M.eb + 4 * table_center(G.rh, G.rw) + qi.x;  // two-pass: one float per entry
-    qs[rr].key = qi.y;
-    qs[rr].c = make_int2(c.x + G.rh - 1, c.y + G.rw - 1);
-    qs[rr].nl = nd.x;
-    qs[rr].delta = nd.y;
-  }
-  float dq[D / 8][4], z[2] = {0.f, 0.f}, sbar[2] = {0.f, 0.f};
-#pragma unroll
-  for (int dj = 0; dj < D / 8; ++dj) dq[dj][0] = dq[dj][1] = dq[dj][2] = dq[dj][3] = 0.f;
-  walk_blocks(S, tile, [&](int kb, auto nt, auto plain) {
-    query_block<T, D, BIAS, DET, DRPB, COS, decltype(nt)::value, !decltype(plain)::value>(G, M, qa, da, qs, kb, dq, z,
-                                                                                          sbar, lane);
-  });
-  float dls = 0.f;
-  if constexpr (COS) {  // the gradient of q' = s_h q / |q| back to q
-    const int nvalid = S.info[0];
-    dls = cosine_grad_rows<T, D, TL::kLD>(dq, static_cast<const T*>(M.q) + r0 * TL::kLD, M.qk_inv[r0 + g].x,
-                                          M.qk_inv[r0 + g + 8].x, M.hs, r0 + g < nvalid, r0 + g + 8 < nvalid, lane,
-                                          quad_sum(z[0]) * quad_sum(sbar[0]), quad_sum(z[1]) * quad_sum(sbar[1]));
-  }
-  store_rows_bwd<T, D>(dq, G.scale, stage, static_cast<T*>(A.dqkv) + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
-  return dls;
-}
-
-// One-pass plan, query tile: dQ = scale dS K from the dS^T blocks the key pass wrote (the tile
-// ranges are symmetric: a (query tile, key block) pair is walked here iff the key tile's pass
-// walked that query block, both being "some segment meets both tiles").
-template <typename T, int D>
-__device__ __forceinline__ void query_item_ds(const BwdArgs& A, const HeadSmem& M, int tile, int h, T* stage,
-                                              int lane) {
-  using TL = Tile<T, D>;
-  const Geo& G = A.g;
-  const Pack& S = *M.S;
-  const int r0 = 16 * tile;
-  const T* ds = static_cast<const T*>(M.ds);
-  float dq[D / 8][4];
-#pragma unroll
-  for (int dj = 0; dj < D / 8; ++dj) dq[dj][0] = dq[dj][1] = dq[dj][2] = dq[dj][3] = 0.f;
-  // walk_blocks' range, not unrolled: nvcc unrolls this short body 4x, and the static report would
-  // count each trip of the rule as four blocks
-  const int lo = __shfl_sync(kFull, S.lo[tile], 0), end = round16(__shfl_sync(kFull, S.hi[tile], 0));
-#pragma unroll 1
-  for (int b = lo & ~15; b < end; b += 16) {
-    uint32_t a[4];
-    load_ds_frag<T>(a, ds, M.dsp, r0, b, lane);
-    accum_frag<T, D>(dq, a, static_cast<const T*>(M.k) + b * TL::kLD, lane);
-  }
-  store_rows_bwd<T, D>(dq, 1.f, stage, static_cast<T*>(A.dqkv) + h * D, 3 * G.C, S.tok, r0, S.info[0], lane);
-}
 
 // Two CTAs per SM (two-pass plan) cap the kernel at 128 registers. At d = 32 nvcc 13.0 fits that on
 // sm_90 (128, no spill) but not on sm_80 (a few bytes spilled, with a table bias or not, since the
@@ -308,22 +42,20 @@ __device__ __forceinline__ void query_item_ds(const BwdArgs& A, const HeadSmem& 
 #define MK_WATTN_BWD_TAB_TWO_CTAS true
 #endif
 
-// ONE: the one-pass plan (S and dP once per pair, dS^T kept in shared memory: one CTA per SM).
-template <typename T, int D, int BIAS, bool DET, bool COS, bool ONE>
-__global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2 &&
-                                                    MK_WATTN_BWD_TAB_TWO_CTAS ? 2 : 1)
-    wattn_bwd_kernel(const BwdArgs A) {
-  static_assert(!(ONE && COS), "cosine mode sums P s per query row: the two-pass plan");
+// The heads of one pack (all threads; after the pack's work lists are published): operands, delta,
+// the tiles' passes, the bias-gradient flush. L: the layout this pack runs in (the coords box plan:
+// the box layout, or the whole-table two-pass layout for a pack whose box exceeds the budget). ONE:
+// one pass; BOX: box-local tables (bx; the slots' table offsets already box-local).
+template <typename T, int D, int BIAS, bool DET, bool COS, bool ONE, bool BOX>
+__device__ __forceinline__ void pack_heads(const BwdArgs& A, unsigned char* smem, const Layout& L, const Pack& S,
+                                           const BwdBox& bx, int slot, int h0, int nh) {
+  static_assert(!BOX || (ONE && BIAS == 2 && !DET), "box tables: coords, fast mode, one pass");
   using TL = Tile<T, D>;
   constexpr bool kTab = BIAS != 0;
   const Geo& G = A.g;
-  MK_DYNAMIC_SMEM(smem);
-  const size_t tabf = !kTab ? 0 : bwd_tab_floats(G.T, DET, ONE);
   constexpr bool kIL = ONE && !DET;  // interleaved {bias, gradient} tables (bwd_tab_floats)
   constexpr int kTabs = DET ? kWarps : ONE ? 4 : 1, kES = kIL ? 2 : 1;  // gradient tables, floats per entry
-  const Layout L = make_layout(G, int(sizeof(T)), D, 5, 1, true, tabf);
-  const Pack S(smem, L);
-  const int slot = blockIdx.x / A.nhg, h0 = (blockIdx.x - slot * A.nhg) * A.hg, nh = imin(A.hg, G.nH - h0);
+  const int tabT = BOX ? A.tmax : G.T;  // entries of this layout's tables (the zero entry at tabT)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const bool drpb = kTab && A.drpb != nullptr;
   T* op[5];
@@ -331,7 +63,7 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
   for (int i = 0; i < 5; ++i) op[i] = reinterpret_cast<T*>(smem + L.ops + i * L.tile_bytes);  // q k v dO O
   float* tab = reinterpret_cast<float*>(smem + L.tab);
   float* dtab = reinterpret_cast<float*>(smem + L.dtab);
-  const int tab_stride_f = kES * (G.T + 1);
+  const int tab_stride_f = kES * (tabT + 1);
   T* stage = reinterpret_cast<T*>(smem + L.stage) + warp * 16 * TL::kLD;
   float2* nld = reinterpret_cast<float2*>(smem + L.nld);
   float* nl_raw = reinterpret_cast<float*>(smem + L.nld);  // lse lands here first (slot s at 2s)
@@ -343,8 +75,9 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
   M.nld = nld;
   {
     const int ent = static_cast<int>(L.dtab) + 4 * tab_stride_f * (DET ? warp : ONE ? lane & 3 : 0);
-    M.eb = smem + ent;
-    M.zp = M.eb + kES * 4 * G.T;
+    const int center = BOX ? bx.ey * bx.nx + bx.ex : table_center(G.rh, G.rw);
+    M.eb = smem + ent + kES * 4 * center;
+    M.zp = smem + ent + kES * 4 * tabT;
     M.bias_off = kIL ? 4 : static_cast<int>(L.tab) - ent;
   }
   M.scratch = dtab + kWarps * tab_stride_f + 32 * warp;
@@ -355,93 +88,111 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
   M.ds = ONE ? smem + L.total : nullptr;  // after the two-pass layout (plan_backward adds ds_bytes)
   M.dsp = ds_pitch(G.cap);
 
-  if (drpb)  // zero once; the flush after each head zeroes what it read
-    for (int e = threadIdx.x; e < kTabs * tab_stride_f; e += kThreads) dtab[e] = 0.f;
-  for (int pack = slot; pack < G.npacks; pack += A.nslots) {
-    __syncthreads();  // the previous pack is done with every shared array
-    prologue<BIAS == 2>(G, pack, S, smem + L.ops);
-    __syncthreads();  // tile ranges ready
-    assign_tiles(S);
+  // Pack-wide values read after the caller's barrier and broadcast from lane 0: warp-uniform loops
+  // for the compiler too (plain shuffles inside them, no divergence-safe fallbacks).
+  const int nvalid = __shfl_sync(kFull, S.info[0], 0);
+  const int it0 = __shfl_sync(kFull, S.wbeg[warp], 0), it1 = __shfl_sync(kFull, S.wbeg[warp + 1], 0);
+  for (int i = 0; i < 5; ++i) zero_rows<T, D>(op[i], nvalid, G.cap);
+  if (threadIdx.x < G.cap) nld[threadIdx.x] = make_float2(0.f, 0.f);
+  if (!BOX && threadIdx.x == 0) tab[G.T] = 0.f;  // box: the zero entry's bias copies stay 0 in dtab
+  for (int i = 0; i < nh; ++i) {
+    const int h = h0 + i;
+    load_head_rows<T, D>(op[0], L.tile_bytes, static_cast<const T*>(G.qkv) + h * D, 3 * G.C, G.C,
+                         static_cast<const T*>(A.dout) + h * D, static_cast<const T*>(A.out) + h * D, G.C, S.tok,
+                         nvalid);
+    if constexpr (BOX)
+      box_entries(bx, [&](int e, int g) { prim::cp_async<4>(tab + e, G.rpb + unsigned(g * G.nH + h)); });
+    else if constexpr (kTab)
+      load_head_table(tab, G.rpb, G.T, G.nH, h);
+    if (threadIdx.x < nvalid) prim::cp_async<4>(nl_raw + 2 * threadIdx.x, A.lse + S.lrow[threadIdx.x] + h * G.N);
+    prim::cp_async_commit();
+    prim::cp_async_wait<0>();
     __syncthreads();
-    // Pack-wide values read right after the barrier and broadcast from lane 0: warp-uniform loops for
-    // the compiler too (plain shuffles inside them, no divergence-safe fallbacks).
-    const int nvalid = __shfl_sync(kFull, S.info[0], 0);
-    const int it0 = __shfl_sync(kFull, S.wbeg[warp], 0), it1 = __shfl_sync(kFull, S.wbeg[warp + 1], 0);
-    for (int i = 0; i < 5; ++i) zero_rows<T, D>(op[i], nvalid, G.cap);
-    if (threadIdx.x < G.cap) nld[threadIdx.x] = make_float2(0.f, 0.f);
-    if (threadIdx.x == 0) tab[G.T] = 0.f;
-    for (int i = 0; i < nh; ++i) {
-      const int h = h0 + i;
-      load_head_rows<T, D>(op[0], L.tile_bytes, static_cast<const T*>(G.qkv) + h * D, 3 * G.C, G.C,
-                           static_cast<const T*>(A.dout) + h * D, static_cast<const T*>(A.out) + h * D, G.C, S.tok,
-                           nvalid);
-      if constexpr (kTab) load_head_table(tab, G.rpb, G.T, G.nH, h);
-      if (threadIdx.x < nvalid) prim::cp_async<4>(nl_raw + 2 * threadIdx.x, A.lse + S.lrow[threadIdx.x] + h * G.N);
-      prim::cp_async_commit();
-      prim::cp_async_wait<0>();
-      __syncthreads();
-      if constexpr (kTab && kIL) {  // the bias entries (the zero at T too) into the interleaved tables
-#pragma unroll 1
-        for (int e = threadIdx.x; e <= G.T; e += kThreads) {
-          const float b = tab[e];
+    if constexpr (BOX) {  // the box's bias entries into the interleaved tables
+      box_entries(bx, [&](int e, int) {
+        const float b = tab[e];
 #pragma unroll
-          for (int w = 0; w < kTabs; ++w) dtab[w * tab_stride_f + 2 * e + 1] = b;
-        }
+        for (int w = 0; w < kTabs; ++w) dtab[w * tab_stride_f + 2 * e + 1] = b;
+      });
+    } else if constexpr (kTab && kIL) {  // the bias entries (the zero at T too) into the interleaved tables
+#pragma unroll 1
+      for (int e = threadIdx.x; e <= G.T; e += kThreads) {
+        const float b = tab[e];
+#pragma unroll
+        for (int w = 0; w < kTabs; ++w) dtab[w * tab_stride_f + 2 * e + 1] = b;
       }
-      head_delta<T, D>(op[3], op[4], nl_raw, nld, nvalid, ONE ? -G.scale : -1.f);
-      if constexpr (COS) {  // normalize q (times s_h) and k in place, once per row, keeping 1/|x|
-        M.hs = head_scale(G.logit_scale, h);
-        normalize_rows<T, D, TL::kLD>(op[0], nvalid, M.hs, &qk_inv[0].x, 2);
-        normalize_rows<T, D, TL::kLD>(op[1], nvalid, 1.f, &qk_inv[0].y, 2);
-      }
-      __syncthreads();  // nld (and the normalized rows) ready; O is dead (its rows become the staging area)
-      // Each item is one 16-row tile: its key pass (dK, dV) then its query pass (dQ, bias gradient).
-      // Two copies of the loop (with / without the bias gradient) instead of a test per item, on
-      // their own source lines (the static report would read same-line copies of different sizes as
-      // unrolled copies sharing one trip count).
-      // ONE: all key passes (dS^T to shared memory), a barrier, then all query passes.
-      float dls = 0.f;
-      if constexpr (ONE) {
-        if (drpb) {
-          for (int it = it0; it < it1; ++it)
-            key_item<T, D, BIAS, COS, DET, true, true>(A, M, __shfl_sync(kFull, S.items[it], 0), h, stage, lane);
-        } else {
-          for (int it = it0; it < it1; ++it)
-            key_item<T, D, BIAS, COS, DET, false, true>(A, M, __shfl_sync(kFull, S.items[it], 0), h, stage, lane);
-        }
-        __syncthreads();  // every dS^T block of the head written
-        for (int it = it0; it < it1; ++it)
-          query_item_ds<T, D>(A, M, __shfl_sync(kFull, S.items[it], 0), h, stage, lane);
-      } else {
-        auto tiles = [&](auto drpb_c) {
-          float acc = 0.f;
-          for (int it = it0; it < it1; ++it) {
-            const int tile = __shfl_sync(kFull, S.items[it], 0);
-            key_item<T, D, BIAS, COS>(A, M, tile, h, stage, lane);
-            acc += query_item<T, D, BIAS, DET, decltype(drpb_c)::value, COS>(A, M, tile, h, stage, lane);
-          }
-          return acc;
-        };
-        dls = drpb ? tiles(std::true_type{}) : tiles(std::false_type{});
-      }
-      if (COS && A.dls) {  // the head's logit-scale gradient: warps in order (deterministic either way in the CTA)
-        dls = cos_warp_sum(dls);
-        if (lane == 0) wdls[warp] = dls;
-      }
-      __syncthreads();  // all items done: flush the bias gradient, free the operands
-      if (COS && A.dls && threadIdx.x == 0) {
-        float sum = 0.f;
-        for (int w = 0; w < kWarps; ++w) sum += wdls[w];
-        if constexpr (DET) A.dls[int64_t(slot) * G.nH + h] += sum;  // this CTA owns (slot, h)
-        else atomicAdd(A.dls + h, sum);
-      }
+    }
+    head_delta<T, D>(op[3], op[4], nl_raw, nld, nvalid, ONE ? -G.scale : -1.f);
+    if constexpr (COS) {  // normalize q (times s_h) and k in place, once per row, keeping 1/|x|
+      M.hs = head_scale(G.logit_scale, h);
+      normalize_rows<T, D, TL::kLD>(op[0], nvalid, M.hs, &qk_inv[0].x, 2);
+      normalize_rows<T, D, TL::kLD>(op[1], nvalid, 1.f, &qk_inv[0].y, 2);
+    }
+    __syncthreads();  // nld (and the normalized rows) ready; O is dead (its rows become the staging area)
+    // Each item is one 16-row tile: its key pass (dK, dV) then its query pass (dQ, bias gradient).
+    // Two copies of the loop (with / without the bias gradient) instead of a test per item, on
+    // their own source lines (the static report would read same-line copies of different sizes as
+    // unrolled copies sharing one trip count).
+    // ONE: all key passes (dS^T to shared memory), a barrier, then all query passes.
+    float dls = 0.f;
+    if constexpr (ONE) {
       if (drpb) {
-        const float inv_dsc = ONE ? 1.f / G.scale : 1.f;  // the tables hold dS times dsc (pair_grad)
-        // Entry e's global address as one 32 x 32 + 64-bit multiply-add in bytes (e >= 0): the signed
-        // int64_t(e) * nH + h was a full 64-bit multiply and a shift, 7 instructions per entry, and the
-        // flush runs T / 256 entries per thread and head (~63 at a 16K-entry coords table).
-        unsigned char* const drpb_h = reinterpret_cast<unsigned char*>(A.drpb + h);
-        const unsigned row_bytes = static_cast<unsigned>(G.nH) * unsigned(sizeof(float));
+        for (int it = it0; it < it1; ++it)
+          key_item<T, D, BIAS, COS, DET, true, true>(A, M, __shfl_sync(kFull, S.items[it], 0), h, stage, lane);
+      } else {
+        for (int it = it0; it < it1; ++it)
+          key_item<T, D, BIAS, COS, DET, false, true>(A, M, __shfl_sync(kFull, S.items[it], 0), h, stage, lane);
+      }
+      __syncthreads();  // every dS^T block of the head written
+      for (int it = it0; it < it1; ++it)
+        query_item_ds<T, D>(A, M, __shfl_sync(kFull, S.items[it], 0), h, stage, lane);
+    } else {
+      auto tiles = [&](auto drpb_c) {
+        float acc = 0.f;
+        for (int it = it0; it < it1; ++it) {
+          const int tile = __shfl_sync(kFull, S.items[it], 0);
+          key_item<T, D, BIAS, COS>(A, M, tile, h, stage, lane);
+          acc += query_item<T, D, BIAS, DET, decltype(drpb_c)::value, COS>(A, M, tile, h, stage, lane);
+        }
+        return acc;
+      };
+      dls = drpb ? tiles(std::true_type{}) : tiles(std::false_type{});
+    }
+    if (COS && A.dls) {  // the head's logit-scale gradient: warps in order (deterministic either way in the CTA)
+      dls = cos_warp_sum(dls);
+      if (lane == 0) wdls[warp] = dls;
+    }
+    __syncthreads();  // all items done: flush the bias gradient, free the operands
+    if (COS && A.dls && threadIdx.x == 0) {
+      float sum = 0.f;
+      for (int w = 0; w < kWarps; ++w) sum += wdls[w];
+      if constexpr (DET) A.dls[int64_t(slot) * G.nH + h] += sum;  // this CTA owns (slot, h)
+      else atomicAdd(A.dls + h, sum);
+    }
+    if (drpb) {
+      const float inv_dsc = ONE ? 1.f / G.scale : 1.f;  // the tables hold dS times dsc (pair_grad)
+      // Entry e's global address as one 32 x 32 + 64-bit multiply-add in bytes (e >= 0): the signed
+      // int64_t(e) * nH + h was a full 64-bit multiply and a shift, 7 instructions per entry, and the
+      // flush runs T / 256 entries per thread and head (~63 at a 16K-entry coords table).
+      unsigned char* const drpb_h = reinterpret_cast<unsigned char*>(A.drpb + h);
+      const unsigned row_bytes = static_cast<unsigned>(G.nH) * unsigned(sizeof(float));
+      // fast mode: entry e of the kTabs tables (gradient at kES e) summed, zeroed, one RED per entry
+      auto flush = [&](int e, int g) {
+        const int gi = kES * e;  // the gradient of entry e (interleaved: its bias after it)
+        float sum = dtab[gi];
+        dtab[gi] = 0.f;
+#pragma unroll
+        for (int w = 1; w < kTabs; ++w) {
+          sum += dtab[w * tab_stride_f + gi];
+          dtab[w * tab_stride_f + gi] = 0.f;
+        }
+        if (sum != 0.f)
+          prim::red_add(reinterpret_cast<float*>(drpb_h + size_t(unsigned(g)) * row_bytes), sum * inv_dsc);
+      };
+      (void)flush;  // (deterministic mode: unused)
+      if constexpr (BOX) {
+        box_entries(bx, flush);
+      } else {
 #pragma unroll 1
         for (int e = threadIdx.x; e < G.T; e += kThreads) {
           if constexpr (DET) {
@@ -452,19 +203,57 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
             }
             A.drpb[(int64_t(slot) * G.nH + h) * G.T + e] += sum * inv_dsc;  // this CTA owns (slot, h)
           } else {
-            const int gi = kES * e;  // the gradient of entry e (interleaved: its bias after it)
-            float sum = dtab[gi];
-            dtab[gi] = 0.f;
-#pragma unroll
-            for (int w = 1; w < kTabs; ++w) {
-              sum += dtab[w * tab_stride_f + gi];
-              dtab[w * tab_stride_f + gi] = 0.f;
-            }
-            if (sum != 0.f)
-              prim::red_add(reinterpret_cast<float*>(drpb_h + size_t(unsigned(e)) * row_bytes), sum * inv_dsc);
+            flush(e, e);
           }
         }
       }
+    }
+  }
+}
+
+// ONE: the one-pass plan (S and dP once per pair, dS^T kept in shared memory: one CTA per SM).
+// Coords calls in fast mode (ONE, BIAS 2, !DET) run the box plan: box-local tables of A.tmax entries
+// per pack, and the whole-table two-pass code for a pack whose box exceeds them.
+template <typename T, int D, int BIAS, bool DET, bool COS, bool ONE>
+__global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2 &&
+                                                    MK_WATTN_BWD_TAB_TWO_CTAS ? 2 : 1)
+    wattn_bwd_kernel(const BwdArgs A) {
+  static_assert(!(ONE && COS), "cosine mode sums P s per query row: the two-pass plan");
+  constexpr bool kBox = ONE && BIAS == 2 && !DET;
+  constexpr bool kTab = BIAS != 0;
+  const Geo& G = A.g;
+  MK_DYNAMIC_SMEM(smem);
+  Geo gb = G;  // the box plan's layout: tables of tmax entries
+  if (kBox) gb.T = A.tmax;
+  const Layout L = make_layout(gb, int(sizeof(T)), D, 5, 1, true, !kTab ? 0 : bwd_tab_floats(gb.T, DET, ONE));
+  const Pack S(smem, L);
+  const int slot = blockIdx.x / A.nhg, h0 = (blockIdx.x - slot * A.nhg) * A.hg, nh = imin(A.hg, G.nH - h0);
+  const bool drpb = kTab && A.drpb != nullptr;
+  float* dtab = reinterpret_cast<float*>(smem + L.dtab);
+  const int ntab = !kTab ? 0 : static_cast<int>(bwd_tab_floats(gb.T, DET, ONE)) - (DET ? kWarps * 32 : 0);
+
+  if (drpb)  // zero once; the flush after each head zeroes what it read
+    for (int e = threadIdx.x; e < ntab; e += kThreads) dtab[e] = 0.f;
+  for (int pack = slot; pack < G.npacks; pack += A.nslots) {
+    __syncthreads();  // the previous pack is done with every shared array
+    prologue<BIAS == 2>(G, pack, S, smem + L.ops);
+    if constexpr (kBox) box_reset(S);
+    __syncthreads();  // tile ranges ready
+    assign_tiles(S);
+    __syncthreads();
+    if constexpr (kBox) {
+      const BwdBox bx = pack_box(G, S, A.tmax);
+      if (bx.fits) {
+        pack_heads<T, D, BIAS, DET, COS, true, true>(A, smem, L, S, bx, slot, h0, nh);
+      } else {  // the whole table, two passes, in the two-pass layout (its tables zeroed first and after)
+        const Layout Lf = make_layout(G, int(sizeof(T)), D, 5, 1, true, bwd_tab_floats(G.T, false, false));
+        if (drpb) zero_floats(reinterpret_cast<float*>(smem + Lf.dtab), G.T + 1);
+        pack_heads<T, D, BIAS, DET, COS, false, false>(A, smem, Lf, S, bx, slot, h0, nh);  // bwd box fallback
+        __syncthreads();
+        if (drpb) zero_floats(dtab, ntab);
+      }
+    } else {
+      pack_heads<T, D, BIAS, DET, COS, ONE, false>(A, smem, L, S, BwdBox{}, slot, h0, nh);
     }
   }
 }
@@ -474,6 +263,7 @@ struct BwdPlan {
   Layout L;
   size_t smem = 0;  // L.total, plus the dS^T matrix in the one-pass plan
   int hg = 1, nhg = 1, nslots = 0;
+  int tmax = 0;  // the coords box plan's table entries (0: not that plan)
   bool ok = false, one = false;
 };
 
@@ -510,10 +300,37 @@ BwdPlan plan_backward(const WindowAttentionParams& p, bool need_drpb, bool need_
   // scale (pair_grad), exact only for a scale that neither underflows nor overflows it (and is not 0:
   // the bias gradient divides it out); other scales (NaN too) take two passes.
   const float as = p.scale < 0.f ? -p.scale : p.scale;
-  f.L = layout(true);
-  f.one = p.logit_scale == nullptr && as >= 0x1p-20f && as <= 0x1p20f && f.L.total + ds_bytes(f.g.cap, es) <= limit;
-  if (!f.one) f.L = layout(false);
-  f.smem = f.L.total + (f.one ? ds_bytes(f.g.cap, es) : 0);
+  const bool one_ok = p.logit_scale == nullptr && as >= 0x1p-20f && as <= 0x1p20f;
+  // Coords calls in fast mode: the box plan (window_attention_bwd_box.cuh), one pass with box-local
+  // tables of the most entries tmax <= T that fit next to dS^T; packs whose box is larger run the
+  // whole-table two-pass layout in the same shared memory (so it must fit too, unless tmax = T).
+  if (one_ok && !det && p.rpb != nullptr && p.coords != nullptr) {
+    const size_t ds = ds_bytes(f.g.cap, es), full = layout(false).total;
+    auto box_layout = [&](int t) {
+      Geo gb = f.g;
+      gb.T = t;
+      return make_layout(gb, es, p.d, 5, 1, true, bwd_tab_floats(t, false, true));
+    };
+    int lo = 0, hi = f.g.T;  // the largest t in [1, T] with box_layout(t).total + ds <= limit, else 0
+    while (lo < hi) {
+      const int mid = hi - (hi - lo) / 2;
+      if (box_layout(mid).total + ds <= limit) lo = mid;
+      else hi = mid - 1;
+    }
+    if (lo >= 1 && (lo == f.g.T || full <= limit)) {
+      f.one = true;
+      f.tmax = lo;
+      f.L = box_layout(lo);
+      f.smem = f.L.total + ds;
+      if (lo < f.g.T && full > f.smem) f.smem = full;
+    }
+  }
+  if (f.tmax == 0) {
+    f.L = layout(true);
+    f.one = one_ok && f.L.total + ds_bytes(f.g.cap, es) <= limit;
+    if (!f.one) f.L = layout(false);
+    f.smem = f.L.total + (f.one ? ds_bytes(f.g.cap, es) : 0);
+  }
   if (f.smem > limit) return f;
   f.nslots = det ? imin(f.g.npacks, kDetSlots) : f.g.npacks;
   f.hg = bwd_heads_per_cta(f.nslots, p.nH, (f.one ? 1 : 2) * sm_count());
@@ -559,7 +376,7 @@ cudaError_t window_attention_backward(const WindowAttentionParams& p, const Wind
     if ((err = cudaMemsetAsync(dls_dst, 0, n, stream)) != cudaSuccess) return err;
   }
   if (p.B == 0 || p.nH == 0) return cudaSuccess;
-  BwdArgs a{f.g, b.dout, b.out, b.lse, b.dqkv, drpb_dst, dls_dst, f.hg, f.nhg, f.nslots};
+  BwdArgs a{f.g, b.dout, b.out, b.lse, b.dqkv, drpb_dst, dls_dst, f.hg, f.nhg, f.nslots, f.tmax};
   const dim3 grid(static_cast<unsigned>(f.nslots * f.nhg));
   auto body = [&](auto dc) -> cudaError_t {
     constexpr int D = decltype(dc)::value;

@@ -160,7 +160,8 @@ def _fused(c: Ctx) -> Dict[str, Any]:
     p = c.p
     kind = "fwd" if "fwd" in c.kernel else "bwd"
     pl = ww.plan(kind, p["B"], p["H"], p["W"], p["heads"], p["d"], p["window"], p["window"], p["r"], p["r"],
-                 p["es"], True, bool(p.get("deterministic", False)), cosine=bool(p.get("cosine", False)))
+                 p["es"], True, bool(p.get("deterministic", False)), cosine=bool(p.get("cosine", False)),
+                 coords=bool(p.get("coords", False)))
     if pl["nslots"] * pl["nhg"] != c.grid[0]:
         raise ValueError(f"plan {pl['nslots']} x {pl['nhg']} CTAs != captured grid {c.grid[0]}")
     wl = ww.attention_workload(p["B"], p["H"], p["W"], p["window"], p["shift"], bool(p["group"]))
@@ -312,6 +313,9 @@ CUDA_RULES: List[Rule] = [
     Rule(r"for \(int c = threadIdx\.x & 31; c < nx; c \+= 32\)", lambda c: math.ceil((2 * _box(c) + 1) / 32),
          "coords table box: 2e+1 columns over 32 lanes", kernel=_FUSED),
     Rule(r"for \(int op = 0; op < 3; \+\+op\)", lambda c: 3.0, "q, k, v tiles", kernel=_FUSED),
+    Rule(r"for \(int i = 0; i < nh; \+\+i\)", lambda c: 0.0,
+         "box fallback's heads (a pack's box over the plan's tmax entries): never at these shapes",
+         via=r"bwd box fallback", kernel=_FUSED),
     Rule(r"for \(int i = 0; i < nh; \+\+i\)", _fz(lambda w, c: w["hg"]), "heads per CTA (plan)", kernel=_FUSED),
     Rule(r"for \(int it = it0; it < it1; \+\+it\)", _fz(lambda w, c: w["items"] / w["packs"] / 8),
          "work items per warp: tiles per pack over 8 warps", kernel=_FUSED),
@@ -322,11 +326,20 @@ CUDA_RULES: List[Rule] = [
          "walk_blocks: plain 16-key (or query) blocks per tile (segment ranges, emulated)", kernel=_FUSED),
     Rule(r"for \(int b = \(lo & ~15\) == p0 \? p1 : lo & ~15; b < end;", _fz(lambda w, c: w["c16"][(16, True)] / w["tiles"]),
          "walk_blocks: masked 16-key (or query) blocks per tile (segment ranges, emulated)", kernel=_FUSED),
-    Rule(r"for \(int e = threadIdx\.x; e < kTabs \* tab_stride_f",
-         lambda c: lane_strided((8 if c.p.get("deterministic") or _bwd_one(c) else 1) * (c.p["T"] + 1),
-                                THREADS_FUSED),
-         "zero the bias-gradient table(s): T+1 entries (x8 deterministic, x8 one-pass: 4 tables of {gradient, "
-         "bias}) over 256 threads", kernel=_FUSED),
+    Rule(r"for \(int e = threadIdx\.x; e < ntab; e \+= kThreads\)",
+         _fz(lambda w, c: lane_strided((8 if c.p.get("deterministic") or _bwd_one(c) else 1)
+                                       * ((w.get("tmax") or c.p["T"]) + 1), THREADS_FUSED)),
+         "zero the bias-gradient table(s): T+1 entries (coords box plan: tmax+1; x8 deterministic, x8 one-pass: "
+         "4 tables of {gradient, bias}) over 256 threads", kernel=_FUSED),
+    # the coords box plan (window_attention_bwd_box.cuh): per head the box's entries are loaded, copied
+    # into the interleaved tables and flushed; packs whose box exceeds tmax run the whole-table two-pass
+    # code (its head loop and zeroing: never at these shapes, UM-MAE boxes are 33 x 33 of tmax ~1900)
+    Rule(r"for \(int e = threadIdx\.x; e < x\.nb; e \+= kThreads\)",
+         lambda c: lane_strided((2 * _box(c) + 1) ** 2, THREADS_FUSED),
+         "backward coords box: (2e+1)^2 entries over 256 threads (e = min(r-1, pack coordinate span), see _box)",
+         kernel=_FUSED),
+    Rule(r"bwd box fallback zeroing", lambda c: 0.0,
+         "box fallback only (a pack's box over the plan's tmax entries): never at these shapes", kernel=_FUSED),
     Rule(r"for \(int e = threadIdx\.x; e <= G\.T; e \+= kThreads\)", lambda c: lane_strided(c.p["T"] + 1, THREADS_FUSED),
          "one-pass: the head's bias entries (T+1) into the 4 interleaved tables, over 256 threads", kernel=_FUSED),
     Rule(r"while \(__any_sync\(kFull, miss != 0\)\)",

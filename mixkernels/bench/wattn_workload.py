@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 __all__ = ["THREADS", "WARPS", "pick_pack", "heads_per_cta", "bwd_heads_per_cta", "layout_bytes", "plan",
+           "bwd_box_bytes", "bwd_box_tmax",
            "mixmim_mask", "attention_workload", "seg_walk"]
 
 THREADS = 256  # kThreads: threads per CTA of the fused kernels
@@ -97,9 +98,10 @@ def layout_bytes(cap: int, T: int, D: int, es: int, ops: int, nbuf: int, stage: 
 
 def plan(kind: str, B: int, H: int, W: int, nH: int, d: int, wh: int, ww: int, rh: int, rw: int, es: int = 2,
          rpb: bool = True, det: bool = False, n_sm: int = N_SM, smem_limit: int = SMEM_OPTIN,
-         cosine: bool = False) -> Dict[str, Any]:
+         cosine: bool = False, coords: bool = False) -> Dict[str, Any]:
     """The launcher's plan (``plan_forward`` / ``plan_backward``) of a fused-kernel call (backward:
-    ``one`` = the one-pass plan, dS^T kept in shared memory)."""
+    ``one`` = the one-pass plan, dS^T kept in shared memory; ``tmax`` > 0: the coords box plan's
+    box-local tables of tmax entries, see :func:`bwd_box_tmax`)."""
     N = wh * ww
     nwin = B * (H // wh) * (W // ww)
     P = pick_pack(N, nwin)
@@ -116,13 +118,40 @@ def plan(kind: str, B: int, H: int, W: int, nH: int, d: int, wh: int, ww: int, r
         return dict(out, hg=hg, nhg=-(-nH // hg), nbuf=nbuf, nslots=npacks, smem=smem, fits=smem <= smem_limit)
     def tabf(one: bool) -> int:  # bwd_tab_floats
         return 0 if not rpb else (WARPS * (T + 1 + 32) if det else (8 if one else 1) * (T + 1))
+    nslots = min(npacks, DET_SLOTS) if det else npacks
+    if coords and rpb and not det and not cosine:  # the coords box plan (window_attention_bwd_box.cuh)
+        tmax, smem = bwd_box_tmax(cap, T, d, es, smem_limit)
+        if tmax:
+            hg = bwd_heads_per_cta(nslots, nH, n_sm)
+            return dict(out, hg=hg, nhg=-(-nH // hg), nbuf=1, nslots=nslots, smem=smem, one=True, tmax=tmax,
+                        fits=True)
     # one-pass plan: the cap x cap dS^T matrix (pitch cap + 8) after the layout, one CTA per SM
     smem = layout_bytes(cap, T, d, es, 5, 1, True, tabf(True))
     one = not cosine and smem + cap * (cap + 8) * es <= smem_limit
     smem = smem + cap * (cap + 8) * es if one else layout_bytes(cap, T, d, es, 5, 1, True, tabf(False))
-    nslots = min(npacks, DET_SLOTS) if det else npacks
     hg = bwd_heads_per_cta(nslots, nH, (1 if one else 2) * n_sm)
-    return dict(out, hg=hg, nhg=-(-nH // hg), nbuf=1, nslots=nslots, smem=smem, one=one, fits=smem <= smem_limit)
+    return dict(out, hg=hg, nhg=-(-nH // hg), nbuf=1, nslots=nslots, smem=smem, one=one, tmax=0,
+                fits=smem <= smem_limit)
+
+
+def bwd_box_bytes(cap: int, tmax: int, d: int, es: int) -> int:
+    """Shared memory of the coords box plan at a budget of tmax table entries: the one-pass layout with
+    tables of tmax entries, plus the dS^T matrix."""
+    return layout_bytes(cap, tmax, d, es, 5, 1, True, 8 * (tmax + 1)) + cap * (cap + 8) * es
+
+
+def bwd_box_tmax(cap: int, T: int, d: int, es: int, smem_limit: int = SMEM_OPTIN) -> Tuple[int, int]:
+    """plan_backward's coords box budget: (tmax, dynamic shared memory), tmax the most entries <= T
+    whose box layout fits; (0, 0) when none does, or when tmax < T and the whole-table two-pass layout
+    (for packs whose box is larger) does not fit either."""
+    full = layout_bytes(cap, T, d, es, 5, 1, True, T + 1)
+    lo, hi = 0, T
+    while lo < hi:
+        mid = hi - (hi - lo) // 2
+        lo, hi = (mid, hi) if bwd_box_bytes(cap, mid, d, es) <= smem_limit else (lo, mid - 1)
+    if lo < 1 or (lo < T and full > smem_limit):
+        return 0, 0
+    return lo, max(bwd_box_bytes(cap, lo, d, es), full if lo < T else 0)
 
 
 def mixmim_mask(H: int, W: int, seed: int = 0) -> np.ndarray:
