@@ -236,8 +236,8 @@ def test_seg_all_masked_rows_are_nan():
 def test_seg_walk_model_matches_the_launcher_tables(H, w, shift, group):
     """The static rules' model of the walk (``wattn_workload.seg_walk``) counts what the launcher's
     tables make the kernel walk: full and half tiles per window, unmasked and masked key blocks per
-    tile of each kind (with TAIL: masked full and half blocks; with WIDE: double and single unmasked
-    blocks)."""
+    tile of each kind (with TAIL: masked full and half blocks; with QUARTER also quarter blocks; with
+    WIDE: double and single unmasked blocks)."""
     from mixkernels.bench import wattn_workload as ww
 
     bm, bn = 32, 32
@@ -246,6 +246,7 @@ def test_seg_walk_model_matches_the_launcher_tables(H, w, shift, group):
     model = ww.seg_walk(H, H, w, shift, group, bm, bn)
     tailed = ww.seg_walk(H, H, w, shift, group, bm, bn, tail=True)
     wide = ww.seg_walk(H, H, w, shift, group, bm, bn, wide=True)
+    quart = ww.seg_walk(H, H, w, shift, group, bm, bn, tail=True, quarter=True)
     nbig, nsmall = ninfo[:, 0].tolist(), ninfo[:, 2].tolist()
     for kind, spans in (("big", [(0, b) for b in nbig]), ("small", list(zip(nbig, nsmall)))):
         lo = torch.cat([meta[i, 3, a:a + n] for i, (a, n) in enumerate(spans)])
@@ -257,6 +258,10 @@ def test_seg_walk_model_matches_the_launcher_tables(H, w, shift, group):
             r = (hi - lo) % bn  # TAIL: the last <= bn/2 keys in a half block, more in a masked full one
             assert (r > bn // 2).double().mean().item() == pytest.approx(tailed["masked_" + kind])
             assert ((r > 0) & (r <= bn // 2)).double().mean().item() == pytest.approx(tailed["tail_" + kind])
+            # QUARTER: the last <= bn/4 keys in a quarter block, up to bn/2 in a half one
+            assert ((r > 0) & (r <= bn // 4)).double().mean().item() == pytest.approx(quart["quarter_" + kind])
+            assert ((r > bn // 4) & (r <= bn // 2)).double().mean().item() == pytest.approx(quart["tail_" + kind])
+            assert (r > bn // 2).double().mean().item() == pytest.approx(quart["masked_" + kind])
             # WIDE: unmasked blocks two at a time, then the odd one
             assert ((hi - lo) // (2 * bn)).double().mean().item() == pytest.approx(wide["wide_" + kind])
             assert ((hi - lo) // bn % 2).double().mean().item() == pytest.approx(wide["full_" + kind])

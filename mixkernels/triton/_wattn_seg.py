@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ._cosine import _head_scale, _unit
-from ._wattn_common import _fast, _gather_off, _gather_smem, _idx, _mm, _mm_acc, _online, _pos, _smem_table
+from ._wattn_common import _fast, _gather_off, _gather_smem, _idx, _mm, _mm_acc, _online, _pos, _pv, _smem_table
 
 
 @triton.jit
@@ -111,16 +111,16 @@ def _v_nonfinite(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.
 
 
 @triton.jit
-def _online_scaled(t, m_i, l_i, acc, v, sc, F32: tl.constexpr, UPCAST: tl.constexpr):
+def _online_scaled(t, m_i, l_i, acc, v, sc, F32: tl.constexpr, UPCAST: tl.constexpr, TF32: tl.constexpr = False):
     """``_online`` for logits ``t`` in units of 1/sc (sc > 0: the max is the same; m kept in those units):
     exponents ``t * sc - m * sc``, one FMA per element, where scaled logits take a multiply-add for the
-    scale and the bias and a subtraction."""
+    scale and the bias and a subtraction. TF32: ``_pv``."""
     m_new = tl.maximum(m_i, tl.max(t, 1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new) * sc
     alpha = tl.exp2(m_i * sc - m_ref)
     p = tl.exp2(t * sc - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32, UPCAST)
+    acc = acc * alpha[:, None] + _pv(p, v, F32, UPCAST, TF32)
     return m_new, l_i, acc
 
 
@@ -163,10 +163,11 @@ def _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, 
             t += _seg_bias(tab_m, scode, offs_n, ASM, SMEM)
     if MASK:
         t = tl.where(((offs_n >= lo) & (offs_n < hi))[None, :], t, float("-inf"))
+    TF32: tl.constexpr = BN < 16 and not (F32 or UPCAST)  # a 16-bit MMA needs K >= 16 (``_pv``)
     if UNSCALED:
-        return _online_scaled(t, m_i, l_i, acc, v, qk_scale, F32, UPCAST)
+        return _online_scaled(t, m_i, l_i, acc, v, qk_scale, F32, UPCAST, TF32)
     else:
-        return _online(t, m_i, l_i, acc, v, F32, UPCAST)
+        return _online(t, m_i, l_i, acc, v, F32, UPCAST, TF32)
 
 
 @triton.jit
@@ -174,7 +175,7 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
               N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_RPB: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
               ASM: tl.constexpr, COSINE: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr,
-              TAIL: tl.constexpr, WIDE: tl.constexpr):
+              TAIL: tl.constexpr, WIDE: tl.constexpr, QUARTER: tl.constexpr):
     """Query tile t of the window (BLOCK_M rows from its first row, all in one segment): its walk, then
     its segment's rows stored at their original positions."""
     offs_d = tl.arange(0, D)
@@ -214,17 +215,26 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
     n0 = tl.where(bad, 0, a1)
     c1 = tl.where(bad, N, hi)
     c2 = c1
+    c3 = c1
     if TAIL:
         c2 = c1 - BLOCK_N // 2
+    if QUARTER:
+        c3 = c1 - BLOCK_N // 4
     while n0 < c2:  # masked key blocks (TAIL: while more than half a block is left)
         m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
                                   qk_scale, N, D, BLOCK_N, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE,
                                   UNSCALED, SMEM)
         n0 += BLOCK_N
     if TAIL:
-        while n0 < c1:  # the last <= BLOCK_N/2 keys in a half block (0 or 1 trips)
+        while n0 < c3:  # the last <= BLOCK_N/2 keys in a half block (QUARTER: > BLOCK_N/4; 0 or 1 trips)
             m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
                                       qk_scale, N, D, BLOCK_N // 2, True, HAS_RPB, F32, UPCAST, IDX64, ASM,
+                                      COSINE, UNSCALED, SMEM)
+            n0 += BLOCK_N
+    if QUARTER:
+        while n0 < c1:  # the last <= BLOCK_N/4 keys in a quarter block (0 or 1 trips)
+            m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
+                                      qk_scale, N, D, BLOCK_N // 4, True, HAS_RPB, F32, UPCAST, IDX64, ASM,
                                       COSINE, UNSCALED, SMEM)
             n0 += BLOCK_N
     # store the segment's rows only (l = 0: NaN, edge rule 2)
@@ -242,7 +252,8 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.con
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RPB: tl.constexpr,
                 F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
                 COSINE: tl.constexpr, VBITS: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr = False,
-                TP: tl.constexpr = 1024, TAIL: tl.constexpr = False, WIDE: tl.constexpr = False, VCHECK: tl.constexpr = True):
+                TP: tl.constexpr = 1024, TAIL: tl.constexpr = False, WIDE: tl.constexpr = False, VCHECK: tl.constexpr = True,
+                QUARTER: tl.constexpr = False):
     """Program (head h, window w), head-fastest (NH constexpr: a key's K and V at immediate offsets from one
     row address). meta (GG*nW, 5, N) int32 per window: sorted tokens'
     grid positions, their window-local indices, and the tiles' first row, segment start, segment
@@ -273,11 +284,11 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.con
     t = nbig * 0
     while t < nbig:  # BLOCK_M-row tiles
         _seg_tile(BLOCK_M, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D, WH,
-                  WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE)
+                  WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE, QUARTER)
         t += 1
     while t < nbig + nsmall:  # a segment's last rows when they fit half a tile
         _seg_tile(BLOCK_M // 2, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D,
-                  WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE)
+                  WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE, QUARTER)
         t += 1
 
 
@@ -380,6 +391,8 @@ _LOG2E = 1.4426950408889634
 # unmasked key blocks two at a time (16-bit inputs): halves the per-block share of the rescale, alpha and
 # row-reduction shuffles; 239 registers at d 32 (8 one-warp CTAs/SM, was 12): see seg_config
 WIDE = True
+# a segment's last <= BLOCK_N/4 keys in a quarter block (8 keys; P @ V in TF32 for 16-bit inputs, ``_pv``)
+QUARTER = True
 PREP_ROWS = 16  # tokens per ``_seg_prep`` program (all the window's keys each): ceil(N/16) programs a window
 
 
@@ -452,6 +465,6 @@ def seg_forward(qkv, out, lse, rpb, num_heads, wh, ww, sh, sw, group, qk_scale, 
         F32=flags["F32"], UPCAST=flags["UPCAST"], IDX64=idx64, ASM=not interpret,
         COSINE=logit_scale is not None, VBITS={torch.bfloat16: 0, torch.float16: 1}.get(qkv.dtype, 2),
         UNSCALED=unscaled, SMEM=not interpret and flags["HAS_RPB"] and ntab <= 4096,
-        TP=triton.next_power_of_2(ntab), TAIL=bn >= 32 or interpret,
+        TP=triton.next_power_of_2(ntab), TAIL=bn >= 32 or interpret, QUARTER=QUARTER and (bn >= 32 or interpret),
         WIDE=WIDE and (interpret or qkv.dtype != torch.float32),  # fp32: a 64-key block spills
         num_warps=warps, num_stages=stages)
