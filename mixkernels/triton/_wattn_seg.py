@@ -147,18 +147,21 @@ def _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, 
         jn = tl.minimum(offs_n, N - 1)
     # head base (uniform) + the thread's channels (loop-invariant) + the key's row: one wide multiply-add a row
     kv = (qkv + hd + C + tl.arange(0, D))[None, :] + (_idx(hw + tl.load(mrow + jn), IDX64) * (3 * C))[:, None]
-    k = _unit(tl.load(kv), COSINE)
+    if COSINE:
+        kt = tl.trans(_unit(tl.load(kv), COSINE))
+    else:
+        kt = tl.load(tl.trans(kv))
     if MASK:
         v = tl.load(kv + C, mask=(offs_n < N)[:, None], other=0.0)
     else:
         v = tl.load(kv + C)
     if UNSCALED:  # logits in units of 1/qk_scale: the table bias (divided by it) is the MMA's accumulator
         if HAS_RPB:  # Swin index code_i + c0 - code_j; scode: -4 code_j, bytes (padded: no clamp)
-            t = _mm_acc(q, tl.trans(k), _seg_bias(tab_m, scode, offs_n, ASM, SMEM), F32, UPCAST)
+            t = _mm_acc(q, kt, _seg_bias(tab_m, scode, offs_n, ASM, SMEM), F32, UPCAST)
         else:
-            t = _mm(q, tl.trans(k), F32, UPCAST)
+            t = _mm(q, kt, F32, UPCAST)
     else:
-        t = _mm(q, tl.trans(k), F32, UPCAST) * qk_scale
+        t = _mm(q, kt, F32, UPCAST) * qk_scale
         if HAS_RPB:
             t += _seg_bias(tab_m, scode, offs_n, ASM, SMEM)
     if MASK:
