@@ -232,6 +232,28 @@ def test_seg_all_masked_rows_are_nan():
     assert_close_2x(out[..., d:], r64[..., d:], r_s[..., d:], name="out")
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16, torch.float16])
+def test_seg_second_walk_from_the_true_maxima(dtype):
+    """The walk's reference is the rows' largest logit over their segment's first keys (the probe): keys
+    far above it (p past LMAX: K rows scaled by 60, logits ~60x the others) and rows whose probe keys
+    are all -inf but later keys finite (l < 1/2: -inf table entries) take the second walk from the rows'
+    true maxima; the result is exact either way."""
+    B, nh, d = 2, 2, 16
+    qkv = torch.randn(B, 10, 10, 3 * nh * d, dtype=torch.float64)
+    qkv[:, 3:, 2::3, nh * d:2 * nh * d] *= 60.0  # K of a third of the tokens, past every window's first rows
+    table = torch.randn(81, nh, dtype=torch.float64)
+    table[torch.rand(81) < 0.3] = float("-inf")
+    g = _labels("two", B, 10, 10)
+    want = ref.window_attention(qkv, nh, (5, 5), rel_pos_bias=table, group=g)
+    x, t = qkv.to(dtype), table.float()
+    same = ref.window_attention(x, nh, (5, 5), rel_pos_bias=t, group=g)
+    got = mixkernels.window_attention(x, nh, (5, 5), backend="triton", rel_pos_bias=t, group=g)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    ok = torch.isfinite(want)
+    assert ok.float().mean() > 0.9
+    assert_close_2x(got[ok], want[ok], same[ok], name="out")
+
+
 @pytest.mark.parametrize("H,w,shift,group", [(28, 14, 0, True), (14, 7, 3, False), (28, 14, 7, True)])
 def test_seg_walk_model_matches_the_launcher_tables(H, w, shift, group):
     """The static rules' model of the walk (``wattn_workload.seg_walk``) counts what the launcher's

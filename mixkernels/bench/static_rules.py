@@ -510,6 +510,10 @@ TRITON_RULES: List[Rule] = [
          "(segment model, wattn_workload.seg_walk)"),
     Rule(r"while t < nbig \+ nsmall", lambda c: _seg(c)["small"],
          "half (BLOCK_M/2-row) tiles per window: a segment's last rows when they fit one (segment model)"),
+    Rule(r"while go:", lambda c: 1.0, "the by-segment tile's walk: once (a second walk only when the probe's "
+         "reference fails a row: overflow, NaN/Inf, all-masked rows; never at the model's inputs)"),
+    Rule(r"while n1 < c1:", lambda c: 0.0, "the by-segment tile's max pass: only before a second walk (never at "
+         "the model's inputs)"),
     *_seg_tiles(r"while n0 \+ 2 \* BLOCK_N <= a1", "wide",
                 "unmasked double key blocks per {} tile (WIDE): floor(s/(2*BLOCK_N)) (segment model)"),
     *_seg_tiles(r"while n0 < a1", "full", "unmasked key blocks per {} tile: floor(s/BLOCK_N) of its segment "

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["_mm", "_gather", "_gather_rc", "_opaque", "_gather_int", "_fast", "_idx", "_first_window",
-           "_next_window", "_lyx", "_pos", "_coords", "_in_range", "_table_bias", "_mask", "_gather_off", "_online", "_pv", "_smem_table", "_gather_smem"]
+           "_next_window", "_lyx", "_pos", "_coords", "_in_range", "_table_bias", "_mask", "_gather_off", "_online", "_pv_acc", "_smem_table", "_gather_smem"]
 
 
 @triton.jit
@@ -280,26 +280,25 @@ def _mask(t, reg_m, reg_n, grp_m, grp_n, col_ok, SHIFT: tl.constexpr, HAS_GROUP:
 
 
 @triton.jit
-def _online(t, m_i, l_i, acc, v, F32: tl.constexpr, UPCAST: tl.constexpr, TF32: tl.constexpr = False):
+def _online(t, m_i, l_i, acc, v, F32: tl.constexpr, UPCAST: tl.constexpr):
     """Online-softmax update of a query tile's (m, l, acc) by the masked log2 logits ``t`` of a key
     block and its V. A row with no unmasked key so far keeps max -inf and uses 0 as its reference, so
-    its probabilities and rescale factor are exactly 0 (l stays 0: NaN at the end, edge rule 2).
-    TF32: P @ V in TF32 from fp32 P (``_pv``)."""
+    its probabilities and rescale factor are exactly 0 (l stays 0: NaN at the end, edge rule 2)."""
     m_new = tl.maximum(m_i, tl.max(t, 1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_ref)
     p = tl.exp2(t - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _pv(p, v, F32, UPCAST, TF32)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32, UPCAST)
     return m_new, l_i, acc
 
 
 @triton.jit
-def _pv(p, v, F32: tl.constexpr, UPCAST: tl.constexpr, TF32: tl.constexpr):
-    """P @ V (fp32 P, V of the inputs' dtype). TF32 (16-bit V, a block of fewer than 16 keys, where a
-    16-bit MMA needs K >= 16): in TF32 from fp32 P (10 mantissa bits, more than P rounded to 16 bits
-    keeps; V is exact in TF32); else P rounded to V's dtype (``_mm``)."""
+def _pv_acc(p, v, acc, F32: tl.constexpr, UPCAST: tl.constexpr, TF32: tl.constexpr):
+    """acc + P @ V (fp32 P and acc, V of the inputs' dtype). TF32 (16-bit V, a block of fewer than 16
+    keys, where a 16-bit MMA needs K >= 16): in TF32 from fp32 P (10 mantissa bits, more than P rounded
+    to 16 bits keeps; V is exact in TF32); else P rounded to V's dtype (``_mm_acc``)."""
     if TF32:
-        return tl.dot(p, v.to(tl.float32), input_precision="tf32")
+        return tl.dot(p, v.to(tl.float32), acc, input_precision="tf32")
     else:
-        return _mm(p.to(v.dtype), v, F32, UPCAST)
+        return _mm_acc(p.to(v.dtype), v, acc, F32, UPCAST)

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ._cosine import _head_scale, _unit
-from ._wattn_common import _fast, _gather_off, _gather_smem, _idx, _mm, _mm_acc, _online, _pos, _pv, _smem_table
+from ._wattn_common import _fast, _gather_off, _gather_smem, _idx, _mm, _mm_acc, _pos, _pv_acc, _smem_table
 
 
 @triton.jit
@@ -111,20 +111,6 @@ def _v_nonfinite(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.
 
 
 @triton.jit
-def _online_scaled(t, m_i, l_i, acc, v, sc, F32: tl.constexpr, UPCAST: tl.constexpr, TF32: tl.constexpr = False):
-    """``_online`` for logits ``t`` in units of 1/sc (sc > 0: the max is the same; m kept in those units):
-    exponents ``t * sc - m * sc``, one FMA per element, where scaled logits take a multiply-add for the
-    scale and the bias and a subtraction. TF32: ``_pv``."""
-    m_new = tl.maximum(m_i, tl.max(t, 1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new) * sc
-    alpha = tl.exp2(m_i * sc - m_ref)
-    p = tl.exp2(t * sc - m_ref[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _pv(p, v, F32, UPCAST, TF32)
-    return m_new, l_i, acc
-
-
-@triton.jit
 def _seg_bias(tab_m, scode, offs_n, ASM: tl.constexpr, SMEM: tl.constexpr):
     """Table bias of the tile's rows (``tab_m``: row's table address, code_i + c0) and the keys at sorted
     positions ``offs_n`` (``scode``: -4 code_j): from the shared copy (SMEM) or the global table."""
@@ -135,12 +121,12 @@ def _seg_bias(tab_m, scode, offs_n, ASM: tl.constexpr, SMEM: tl.constexpr):
 
 
 @triton.jit
-def _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h, qk_scale,
-              N: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, HAS_RPB: tl.constexpr,
-              F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
-              COSINE: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr):
-    """One online-softmax step of a query tile over the key block at sorted position n0 (MASK: keys
-    outside ``[lo, hi)`` get -inf; keys past N read V as zeros; UNSCALED: ``_online_scaled``)."""
+def _seg_scores(q, tab_m, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N: tl.constexpr, D: tl.constexpr,
+                BN: tl.constexpr, MASK: tl.constexpr, HAS_RPB: tl.constexpr, F32: tl.constexpr,
+                UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr, COSINE: tl.constexpr,
+                UNSCALED: tl.constexpr, SMEM: tl.constexpr):
+    """Log2 logits of the tile's rows and the BN keys at sorted position n0 (UNSCALED: in units of
+    1/qk_scale; MASK: -inf outside ``[lo, hi)``), the keys' K row addresses and positions."""
     offs_n = n0 + tl.arange(0, BN)
     jn = offs_n
     if MASK:  # unmasked blocks end at a segment's full blocks (<= N): no clamp
@@ -149,12 +135,8 @@ def _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, 
     kv = (qkv + hd + C + tl.arange(0, D))[None, :] + (_idx(hw + tl.load(mrow + jn), IDX64) * (3 * C))[:, None]
     if COSINE:
         kt = tl.trans(_unit(tl.load(kv), COSINE))
-    else:
+    else:  # K^T straight from memory: a 16-bit B operand without a shared-memory transposition per chunk
         kt = tl.load(tl.trans(kv))
-    if MASK:
-        v = tl.load(kv + C, mask=(offs_n < N)[:, None], other=0.0)
-    else:
-        v = tl.load(kv + C)
     if UNSCALED:  # logits in units of 1/qk_scale: the table bias (divided by it) is the MMA's accumulator
         if HAS_RPB:  # Swin index code_i + c0 - code_j; scode: -4 code_j, bytes (padded: no clamp)
             t = _mm_acc(q, kt, _seg_bias(tab_m, scode, offs_n, ASM, SMEM), F32, UPCAST)
@@ -166,11 +148,41 @@ def _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, 
             t += _seg_bias(tab_m, scode, offs_n, ASM, SMEM)
     if MASK:
         t = tl.where(((offs_n >= lo) & (offs_n < hi))[None, :], t, float("-inf"))
-    TF32: tl.constexpr = BN < 16 and not (F32 or UPCAST)  # a 16-bit MMA needs K >= 16 (``_pv``)
-    if UNSCALED:
-        return _online_scaled(t, m_i, l_i, acc, v, qk_scale, F32, UPCAST, TF32)
+    return t, kv, offs_n
+
+
+@triton.jit
+def _seg_max(q, tab_m, m_i, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N: tl.constexpr, D: tl.constexpr,
+             BN: tl.constexpr, HAS_RPB: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
+             IDX64: tl.constexpr, ASM: tl.constexpr, COSINE: tl.constexpr, UNSCALED: tl.constexpr,
+             SMEM: tl.constexpr):
+    """``m_i`` raised to the rows' largest logit over the BN keys at n0 (masked to ``[lo, hi)``)."""
+    t, _kv, _n = _seg_scores(q, tab_m, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D, BN, True, HAS_RPB,
+                             F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+    return tl.maximum(m_i, tl.max(t, 1))
+
+
+@triton.jit
+def _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale,
+              N: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, HAS_RPB: tl.constexpr,
+              F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
+              COSINE: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr):
+    """One softmax step of a query tile over the key block at sorted position n0 against the rows' fixed
+    reference ``ms`` (log2 units, times qk_scale when UNSCALED): p = exp2(logit - ms), l += sum p,
+    acc += p @ V; no running max, no rescale (``_seg_tile`` checks the result). MASK: keys outside
+    ``[lo, hi)`` get -inf; keys past N read V as zeros."""
+    t, kv, offs_n = _seg_scores(q, tab_m, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D, BN, MASK,
+                                HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+    if MASK:
+        v = tl.load(kv + C, mask=(offs_n < N)[:, None], other=0.0)
     else:
-        return _online(t, m_i, l_i, acc, v, F32, UPCAST, TF32)
+        v = tl.load(kv + C)
+    if UNSCALED:  # one FMA per element
+        p = tl.exp2(t * qk_scale - ms[:, None])
+    else:
+        p = tl.exp2(t - ms[:, None])
+    TF32: tl.constexpr = BN < 16 and not (F32 or UPCAST)  # a 16-bit MMA needs K >= 16 (``_pv_acc``)
+    return l_i + tl.sum(p, 1), _pv_acc(p, v, acc, F32, UPCAST, TF32)
 
 
 @triton.jit
@@ -195,27 +207,21 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
         tab_m = tab_h + 4 * code
     else:
         tab_m = tab_h + code
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    # The rows' reference: their largest logit over the segment's first BLOCK_N/4 keys (a probe: no exp,
+    # no P @ V); every step then adds p = exp2(logit - reference) without a running max or rescale. Kept
+    # when every stored row's sum of p lies in [1/2, LMAX] (the probe's largest key alone adds 1; LMAX
+    # keeps p within fp16, and |acc| <= LMAX max|V|: finite for |V| < 2**96, where an online softmax's
+    # p <= 1 allows |V| < 2**120); otherwise (a later key more than log2(LMAX) above the probe's largest,
+    # NaN/Inf, a row whose probe keys are all -inf) the tile walks again from its rows' true maxima (a
+    # max-only pass over its keys): p <= 1 as in an online softmax.
+    m_i = _seg_max(q, tab_m, tl.full((BLOCK_M,), float("-inf"), tl.float32), qkv, mrow, scode, hw, lo, lo, hi,
+                   hd, C, qk_scale, N, D, BLOCK_N // 4, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+    LMAX: tl.constexpr = 32768.0 if q.dtype.is_fp16() else 4294967296.0  # 2**15 | 2**32
+    row_ok = offs_m < hi
     # unmasked full blocks of the segment (none when V is not finite); then the masked blocks:
     # the segment's last partial block, or (V not finite) every block of the window
     a1 = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
     a0 = tl.where(bad, a1, lo)
-    # (while loops: Triton 3.6's interpreter cannot take range() bounds from loaded values)
-    n0 = a0
-    if WIDE:
-        while n0 + 2 * BLOCK_N <= a1:  # unmasked key blocks, two at a time
-            m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
-                                      qk_scale, N, D, 2 * BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM,
-                                      COSINE, UNSCALED, SMEM)
-            n0 += 2 * BLOCK_N
-    while n0 < a1:  # unmasked key blocks (WIDE: the last odd one)
-        m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
-                                  qk_scale, N, D, BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE,
-                                  UNSCALED, SMEM)
-        n0 += BLOCK_N
-    n0 = tl.where(bad, 0, a1)
     c1 = tl.where(bad, N, hi)
     c2 = c1
     c3 = c1
@@ -223,30 +229,56 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
         c2 = c1 - BLOCK_N // 2
     if QUARTER:
         c3 = c1 - BLOCK_N // 4
-    while n0 < c2:  # masked key blocks (TAIL: while more than half a block is left)
-        m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
-                                  qk_scale, N, D, BLOCK_N, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE,
-                                  UNSCALED, SMEM)
-        n0 += BLOCK_N
-    if TAIL:
-        while n0 < c3:  # the last <= BLOCK_N/2 keys in a half block (QUARTER: > BLOCK_N/4; 0 or 1 trips)
-            m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
-                                      qk_scale, N, D, BLOCK_N // 2, True, HAS_RPB, F32, UPCAST, IDX64, ASM,
-                                      COSINE, UNSCALED, SMEM)
+    ms = tl.zeros((BLOCK_M,), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    it = lo * 0
+    go = it == 0
+    # (while loops: Triton 3.6's interpreter cannot take range() bounds from loaded values)
+    while go:  # the walk: once, twice only when the probe's reference fails a row
+        ms = tl.where(m_i == float("-inf"), 0.0, m_i)
+        if UNSCALED:
+            ms = ms * qk_scale
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, D), tl.float32)
+        n0 = a0
+        if WIDE:
+            while n0 + 2 * BLOCK_N <= a1:  # unmasked key blocks, two at a time
+                l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
+                                     2 * BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+                n0 += 2 * BLOCK_N
+        while n0 < a1:  # unmasked key blocks (WIDE: the last odd one)
+            l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
+                                 BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
             n0 += BLOCK_N
-    if QUARTER:
-        while n0 < c1:  # the last <= BLOCK_N/4 keys in a quarter block (0 or 1 trips)
-            m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
-                                      qk_scale, N, D, BLOCK_N // 4, True, HAS_RPB, F32, UPCAST, IDX64, ASM,
-                                      COSINE, UNSCALED, SMEM)
+        n0 = tl.where(bad, 0, a1)
+        while n0 < c2:  # masked key blocks (TAIL: while more than half a block is left)
+            l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
+                                 BLOCK_N, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
             n0 += BLOCK_N
+        if TAIL:
+            while n0 < c3:  # the last <= BLOCK_N/2 keys in a half block (QUARTER: > BLOCK_N/4; 0 or 1 trips)
+                l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
+                                     BLOCK_N // 2, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+                n0 += BLOCK_N
+        if QUARTER:
+            while n0 < c1:  # the last <= BLOCK_N/4 keys in a quarter block (0 or 1 trips)
+                l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
+                                     BLOCK_N // 4, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+                n0 += BLOCK_N
+        fine = (l_i >= 0.5) & (l_i <= LMAX)  # False for NaN
+        go = (tl.max((row_ok & (fine.to(tl.int32) == 0)).to(tl.int32), 0) > 0) & (it == 0)
+        if go:
+            n1 = tl.where(bad, 0, lo)
+            while n1 < c1:  # max pass: the rows' largest logits over the tile's keys (only after a failed walk)
+                m_i = _seg_max(q, tab_m, m_i, qkv, mrow, scode, hw, n1, lo, hi, hd, C, qk_scale, N, D, BLOCK_N,
+                               HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+                n1 += BLOCK_N
+        it += 1
     # store the segment's rows only (l = 0: NaN, edge rule 2)
-    row_ok = offs_m < hi
     o = acc * _fast(l_i, 0, ASM)[:, None]
     tl.store(out + (tok * C + hd)[:, None] + offs_d[None, :], o.to(out.dtype.element_ty), mask=row_ok[:, None])
-    if UNSCALED:
-        m_i = m_i * qk_scale
-    tl.store(lse + (w * NH + h) * N + j, (m_i + _fast(l_i, 1, ASM)) * 0.6931471805599453, mask=row_ok)
+    tl.store(lse + (w * NH + h) * N + j, (ms + _fast(l_i, 1, ASM)) * 0.6931471805599453, mask=row_ok)
 
 
 @triton.jit
@@ -255,8 +287,8 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.con
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RPB: tl.constexpr,
                 F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
                 COSINE: tl.constexpr, VBITS: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr = False,
-                TP: tl.constexpr = 1024, TAIL: tl.constexpr = False, WIDE: tl.constexpr = False, VCHECK: tl.constexpr = True,
-                QUARTER: tl.constexpr = False):
+                TP: tl.constexpr = 1024, TAIL: tl.constexpr = False, WIDE: tl.constexpr = False,
+                VCHECK: tl.constexpr = True, QUARTER: tl.constexpr = False):
     """Program (head h, window w), head-fastest (NH constexpr: a key's K and V at immediate offsets from one
     row address). meta (GG*nW, 5, N) int32 per window: sorted tokens'
     grid positions, their window-local indices, and the tiles' first row, segment start, segment
