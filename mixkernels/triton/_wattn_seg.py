@@ -11,11 +11,20 @@ then its half tiles (``_seg_tile``); a tile's rows all lie in one segment ``[lo,
 order and walk only its keys: full BLOCK_N blocks without any mask (WIDE: two at a time, ``while n0 +
 2 * BLOCK_N <= a1``, then the odd one, ``while n0 < a1``), then the segment's last partial block with
 the key mask ``lo <= n < hi`` (``while n0 < c2``: 0 or 1 trips; TAIL: only when more than BLOCK_N/2
-keys are left, else a masked BLOCK_N/2 block, ``while n0 < c1``). Rows past the segment end
-(next segment's or padding) are computed and never stored. q/k/v are read through the sorted
-positions, the table bias by each token's window-local code (on the GPU from a copy of the head's
-table in shared memory: a 32-bit add and an LDS per element), out/lse stored at the original
-positions (the backward's contract is unchanged).
+keys are left, else a masked BLOCK_N/2 block, ``while n0 < c3``, or with QUARTER for at most
+BLOCK_N/4 keys a masked BLOCK_N/4 block, ``while n0 < c1``). Rows past the segment end (next
+segment's or padding) are computed and never stored.
+
+Softmax against a fixed per-row reference (``_seg_tile``): a probe of the segment's first BLOCK_N/4
+keys gives each row a reference near its largest logit, and every step adds p = exp2(logit -
+reference) to l and p @ V to acc with no running max and no rescale (an online softmax's max, alpha
+and 32 rescale multiplies per step). A tile whose stored rows' sums of p leave [LMIN, LMAX] (a key
+far above the probe's, NaN/Inf, rows with no finite probe key) walks again (``while go``, at most
+twice) from its rows' true maxima (a max-only pass, ``while n1 < c1``): p <= 1 there, as online.
+
+q/k/v are read through the sorted positions, the table bias by each token's window-local code (on
+the GPU from a copy of the head's table in shared memory: a 32-bit add and an LDS per element),
+out/lse stored at the original positions (the backward's contract is unchanged).
 
 NaN/Inf in V (edge rule 2): the reference multiplies every masked key's V by 0, so a non-finite V
 element reaches every row of the window. A program whose window has more than one segment checks
@@ -25,8 +34,9 @@ not finite, every tile walks all the window's keys with the segment mask (the ma
 N), exactly as the all-pairs kernel.
 
 Loops (static rules in ``static_rules``, trip counts from ``wattn_workload.seg_walk``): the full and
-the half tiles of a window, the unmasked key blocks of a tile (per tile size; double and single with
-WIDE), the masked blocks (0 or 1 each; all blocks of the window only for a head whose V holds
+the half tiles of a window, a tile's walk (once; a second only after a failed reference, never at the
+model's inputs) and max pass (0), the unmasked key blocks of a tile (per tile size; double and single
+with WIDE), the masked blocks (0 or 1 each; all blocks of the window only for a head whose V holds
 NaN/Inf).
 """
 from __future__ import annotations
@@ -124,12 +134,13 @@ def _seg_bias(tab_m, scode, offs_n, ASM: tl.constexpr, SMEM: tl.constexpr):
 def _seg_scores(q, tab_m, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N: tl.constexpr, D: tl.constexpr,
                 BN: tl.constexpr, MASK: tl.constexpr, HAS_RPB: tl.constexpr, F32: tl.constexpr,
                 UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr, COSINE: tl.constexpr,
-                UNSCALED: tl.constexpr, SMEM: tl.constexpr):
+                UNSCALED: tl.constexpr, SMEM: tl.constexpr, CLAMP: tl.constexpr):
     """Log2 logits of the tile's rows and the BN keys at sorted position n0 (UNSCALED: in units of
-    1/qk_scale; MASK: -inf outside ``[lo, hi)``), the keys' K row addresses and positions."""
+    1/qk_scale; MASK: -inf outside ``[lo, hi)``; CLAMP: keys past N read the last one), the keys' K row
+    addresses and positions."""
     offs_n = n0 + tl.arange(0, BN)
     jn = offs_n
-    if MASK:  # unmasked blocks end at a segment's full blocks (<= N): no clamp
+    if CLAMP:  # unmasked blocks end at a segment's full blocks (<= N): no clamp
         jn = tl.minimum(offs_n, N - 1)
     # head base (uniform) + the thread's channels (loop-invariant) + the key's row: one wide multiply-add a row
     kv = (qkv + hd + C + tl.arange(0, D))[None, :] + (_idx(hw + tl.load(mrow + jn), IDX64) * (3 * C))[:, None]
@@ -155,10 +166,11 @@ def _seg_scores(q, tab_m, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N: 
 def _seg_max(q, tab_m, m_i, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N: tl.constexpr, D: tl.constexpr,
              BN: tl.constexpr, HAS_RPB: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
              IDX64: tl.constexpr, ASM: tl.constexpr, COSINE: tl.constexpr, UNSCALED: tl.constexpr,
-             SMEM: tl.constexpr):
-    """``m_i`` raised to the rows' largest logit over the BN keys at n0 (masked to ``[lo, hi)``)."""
-    t, _kv, _n = _seg_scores(q, tab_m, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D, BN, True, HAS_RPB,
-                             F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+             SMEM: tl.constexpr, MASK: tl.constexpr):
+    """``m_i`` raised to the rows' largest logit over the BN keys at n0 (MASK: of those in ``[lo, hi)``;
+    keys past N read the last one)."""
+    t, _kv, _n = _seg_scores(q, tab_m, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D, BN, MASK, HAS_RPB,
+                             F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, True)
     return tl.maximum(m_i, tl.max(t, 1))
 
 
@@ -172,7 +184,7 @@ def _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, q
     acc += p @ V; no running max, no rescale (``_seg_tile`` checks the result). MASK: keys outside
     ``[lo, hi)`` get -inf; keys past N read V as zeros."""
     t, kv, offs_n = _seg_scores(q, tab_m, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D, BN, MASK,
-                                HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+                                HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, MASK)
     if MASK:
         v = tl.load(kv + C, mask=(offs_n < N)[:, None], other=0.0)
     else:
@@ -208,15 +220,20 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
     else:
         tab_m = tab_h + code
     # The rows' reference: their largest logit over the segment's first BLOCK_N/4 keys (a probe: no exp,
-    # no P @ V); every step then adds p = exp2(logit - reference) without a running max or rescale. Kept
-    # when every stored row's sum of p lies in [1/2, LMAX] (the probe's largest key alone adds 1; LMAX
-    # keeps p within fp16, and |acc| <= LMAX max|V|: finite for |V| < 2**96, where an online softmax's
-    # p <= 1 allows |V| < 2**120); otherwise (a later key more than log2(LMAX) above the probe's largest,
-    # NaN/Inf, a row whose probe keys are all -inf) the tile walks again from its rows' true maxima (a
-    # max-only pass over its keys): p <= 1 as in an online softmax.
+    # no P @ V; bf16 and fp32 inputs: Q K^T alone, over the next BLOCK_N/4 sorted keys); every step then
+    # adds p = exp2(logit - reference) without a running max or rescale. Kept when every stored row's sum
+    # of p lies in [LMIN, LMAX]: LMAX keeps p within fp16, and |acc| <= LMAX max|V| finite for |V| < 2**96
+    # (an online softmax's p <= 1: |V| < 2**120); LMIN keeps the largest p (>= l/N) a normal number far
+    # from underflow (fp16: the masked probe with the bias, whose largest key alone adds 1). Otherwise (a
+    # later key more than log2(LMAX) above the probe's largest, NaN/Inf, a row whose probe keys are all
+    # -inf or far above the others) the tile walks again from its rows' true maxima (a max-only pass over
+    # its keys): p <= 1 as in an online softmax.
+    FP16: tl.constexpr = q.dtype.is_fp16()
     m_i = _seg_max(q, tab_m, tl.full((BLOCK_M,), float("-inf"), tl.float32), qkv, mrow, scode, hw, lo, lo, hi,
-                   hd, C, qk_scale, N, D, BLOCK_N // 4, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
-    LMAX: tl.constexpr = 32768.0 if q.dtype.is_fp16() else 4294967296.0  # 2**15 | 2**32
+                   hd, C, qk_scale, N, D, BLOCK_N // 4, HAS_RPB and FP16, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED,
+                   SMEM, FP16)
+    LMAX: tl.constexpr = 32768.0 if FP16 else 4294967296.0  # 2**15 | 2**32
+    LMIN: tl.constexpr = 0.5 if FP16 else 2.3283064365386963e-10  # 2**-32
     row_ok = offs_m < hi
     # unmasked full blocks of the segment (none when V is not finite); then the masked blocks:
     # the segment's last partial block, or (V not finite) every block of the window
@@ -266,13 +283,14 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
                 l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
                                      BLOCK_N // 4, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
                 n0 += BLOCK_N
-        fine = (l_i >= 0.5) & (l_i <= LMAX)  # False for NaN
+        fine = (l_i >= LMIN) & (l_i <= LMAX)  # False for NaN
         go = (tl.max((row_ok & (fine.to(tl.int32) == 0)).to(tl.int32), 0) > 0) & (it == 0)
-        if go:
+        if go:  # (from -inf: the probe's reference can lie above the rows' true maxima)
+            m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
             n1 = tl.where(bad, 0, lo)
             while n1 < c1:  # max pass: the rows' largest logits over the tile's keys (only after a failed walk)
                 m_i = _seg_max(q, tab_m, m_i, qkv, mrow, scode, hw, n1, lo, hi, hd, C, qk_scale, N, D, BLOCK_N,
-                               HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+                               HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, True)
                 n1 += BLOCK_N
         it += 1
     # store the segment's rows only (l = 0: NaN, edge rule 2)
@@ -426,7 +444,7 @@ _LOG2E = 1.4426950408889634
 # unmasked key blocks two at a time (16-bit inputs): halves the per-block share of the rescale, alpha and
 # row-reduction shuffles; 239 registers at d 32 (8 one-warp CTAs/SM, was 12): see seg_config
 WIDE = True
-# a segment's last <= BLOCK_N/4 keys in a quarter block (8 keys; P @ V in TF32 for 16-bit inputs, ``_pv``)
+# a segment's last <= BLOCK_N/4 keys in a quarter block (8 keys; P @ V in TF32 for 16-bit inputs, ``_pv_acc``)
 QUARTER = True
 PREP_ROWS = 16  # tokens per ``_seg_prep`` program (all the window's keys each): ceil(N/16) programs a window
 
@@ -447,8 +465,16 @@ def seg_config(N, D, dtype, interpret):
     (power-of-two row blocks), a one-compare (unsigned) segment mask. No
     software pipelining: a walk is 3-4 blocks, and a pipelined loop's peeled prologue costs more
     issue than it hides with 12+ one-warp programs per SM (estimate 280 vs 297 us at 16 rows;
-    unverified on a GPU). Under the interpreter 32/16 x 16, so that segments of several tiles and
-    blocks and both tile sizes run in tests."""
+    unverified on a GPU). Session 5 (from 212.5): a segment's last <= BN/4 keys in a quarter block
+    (QUARTER; P @ V in TF32, which the model counts at the 16-bit rate though sm_90 runs TF32 mma.sync
+    at half of it: ~+0.8 us) 208.0; K^T loaded straight (no per-chunk shared-memory transposition)
+    206.2; the fixed per-row reference from a probe (no running max or rescale) 194.9; the probe
+    without the bias and the key mask for bf16/fp32 193.2 (unverified on a GPU; a real model whose rows
+    often have a key more than 32 log2 units above the probe's keys pays a second walk there). Tried
+    and dropped: per-lane partial row sums (a (BLOCK_M, 4) l, reduced once: the steps lose their 8
+    shuffles but the check and the end gain more, 195.7), a float max for the walk's retry flag
+    (196.3). Under the interpreter 32/16 x 16, so that segments of several tiles and blocks and both
+    tile sizes run in tests."""
     if interpret:
         return 32, 16, 1, 1
     f32 = dtype == torch.float32
@@ -489,7 +515,7 @@ def seg_forward(qkv, out, lse, rpb, num_heads, wh, ww, sh, sw, group, qk_scale, 
     bm, bn, warps, stages = seg_config(N, D, qkv.dtype, interpret)
     ntab = (2 * wh - 1) * (2 * ww - 1)
     meta, ninfo, scode = seg_prepare(H, W, wh, ww, sh, sw, group, bm, bn, qkv.device)
-    # logits in units of 1/qk_scale (``_online_scaled``) for a plain softmax scale in a safe range
+    # logits in units of 1/qk_scale (``_seg_step``: one FMA per exponent) for a plain softmax scale in a safe range
     unscaled = logit_scale is None and 2.0 ** -20 <= qk_scale <= 2.0 ** 20
     # the (nH, T) table in one launch: pre-scaled by log2e, or (unscaled) in units of 1/qk_scale
     tab = qkv if rpb is None else (rpb.t() * (_LOG2E / qk_scale if unscaled else _LOG2E)).contiguous()
