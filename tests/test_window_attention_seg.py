@@ -232,12 +232,34 @@ def test_seg_all_masked_rows_are_nan():
     assert_close_2x(out[..., d:], r64[..., d:], r_s[..., d:], name="out")
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16, torch.float16])
+def test_seg_second_walk_from_the_true_maxima(dtype):
+    """The walk's reference is the rows' largest logit over their segment's first keys (the probe): keys
+    far above it (p past LMAX: K rows scaled by 60, logits ~60x the others) and rows whose probe keys
+    are all -inf but later keys finite (l < 1/2: -inf table entries) take the second walk from the rows'
+    true maxima; the result is exact either way."""
+    B, nh, d = 2, 2, 16
+    qkv = torch.randn(B, 10, 10, 3 * nh * d, dtype=torch.float64)
+    qkv[:, 3:, 2::3, nh * d:2 * nh * d] *= 60.0  # K of a third of the tokens, past every window's first rows
+    table = torch.randn(81, nh, dtype=torch.float64)
+    table[torch.rand(81) < 0.3] = float("-inf")
+    g = _labels("two", B, 10, 10)
+    want = ref.window_attention(qkv, nh, (5, 5), rel_pos_bias=table, group=g)
+    x, t = qkv.to(dtype), table.float()
+    same = ref.window_attention(x, nh, (5, 5), rel_pos_bias=t, group=g)
+    got = mixkernels.window_attention(x, nh, (5, 5), backend="triton", rel_pos_bias=t, group=g)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    ok = torch.isfinite(want)
+    assert ok.float().mean() > 0.9
+    assert_close_2x(got[ok], want[ok], same[ok], name="out")
+
+
 @pytest.mark.parametrize("H,w,shift,group", [(28, 14, 0, True), (14, 7, 3, False), (28, 14, 7, True)])
 def test_seg_walk_model_matches_the_launcher_tables(H, w, shift, group):
     """The static rules' model of the walk (``wattn_workload.seg_walk``) counts what the launcher's
     tables make the kernel walk: full and half tiles per window, unmasked and masked key blocks per
-    tile of each kind (with TAIL: masked full and half blocks; with WIDE: double and single unmasked
-    blocks)."""
+    tile of each kind (with TAIL: masked full and half blocks; with QUARTER also quarter blocks; with
+    WIDE: double and single unmasked blocks)."""
     from mixkernels.bench import wattn_workload as ww
 
     bm, bn = 32, 32
@@ -246,6 +268,7 @@ def test_seg_walk_model_matches_the_launcher_tables(H, w, shift, group):
     model = ww.seg_walk(H, H, w, shift, group, bm, bn)
     tailed = ww.seg_walk(H, H, w, shift, group, bm, bn, tail=True)
     wide = ww.seg_walk(H, H, w, shift, group, bm, bn, wide=True)
+    quart = ww.seg_walk(H, H, w, shift, group, bm, bn, tail=True, quarter=True)
     nbig, nsmall = ninfo[:, 0].tolist(), ninfo[:, 2].tolist()
     for kind, spans in (("big", [(0, b) for b in nbig]), ("small", list(zip(nbig, nsmall)))):
         lo = torch.cat([meta[i, 3, a:a + n] for i, (a, n) in enumerate(spans)])
@@ -257,6 +280,10 @@ def test_seg_walk_model_matches_the_launcher_tables(H, w, shift, group):
             r = (hi - lo) % bn  # TAIL: the last <= bn/2 keys in a half block, more in a masked full one
             assert (r > bn // 2).double().mean().item() == pytest.approx(tailed["masked_" + kind])
             assert ((r > 0) & (r <= bn // 2)).double().mean().item() == pytest.approx(tailed["tail_" + kind])
+            # QUARTER: the last <= bn/4 keys in a quarter block, up to bn/2 in a half one
+            assert ((r > 0) & (r <= bn // 4)).double().mean().item() == pytest.approx(quart["quarter_" + kind])
+            assert ((r > bn // 4) & (r <= bn // 2)).double().mean().item() == pytest.approx(quart["tail_" + kind])
+            assert (r > bn // 2).double().mean().item() == pytest.approx(quart["masked_" + kind])
             # WIDE: unmasked blocks two at a time, then the odd one
             assert ((hi - lo) // (2 * bn)).double().mean().item() == pytest.approx(wide["wide_" + kind])
             assert ((hi - lo) // bn % 2).double().mean().item() == pytest.approx(wide["full_" + kind])

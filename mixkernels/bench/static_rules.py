@@ -526,6 +526,10 @@ TRITON_RULES: List[Rule] = [
          "(segment model, wattn_workload.seg_walk)"),
     Rule(r"while t < nbig \+ nsmall", lambda c: _seg(c)["small"],
          "half (BLOCK_M/2-row) tiles per window: a segment's last rows when they fit one (segment model)"),
+    Rule(r"while go:", lambda c: 1.0, "the by-segment tile's walk: once (a second walk only when the probe's "
+         "reference fails a row: overflow, NaN/Inf, all-masked rows; never at the model's inputs)"),
+    Rule(r"while n1 < c1:", lambda c: 0.0, "the by-segment tile's max pass: only before a second walk (never at "
+         "the model's inputs)"),
     *_seg_tiles(r"while n0 \+ 2 \* BLOCK_N <= a1", "wide",
                 "unmasked double key blocks per {} tile (WIDE): floor(s/(2*BLOCK_N)) (segment model)"),
     *_seg_tiles(r"while n0 < a1", "full", "unmasked key blocks per {} tile: floor(s/BLOCK_N) of its segment "
@@ -533,8 +537,10 @@ TRITON_RULES: List[Rule] = [
     *_seg_tiles(r"while n0 < c2", "masked", "masked key block per {} tile: 1 when BLOCK_N does not divide s "
                 "(TAIL: when more than BLOCK_N/2 keys are left; segment model; all the window's blocks only for "
                 "a head whose V holds NaN/Inf: never here)"),
-    *_seg_tiles(r"while n0 < c1", "tail", "masked half key block per {} tile (TAIL): 1 when 0 < s % BLOCK_N <= "
-                "BLOCK_N/2 (segment model)"),
+    *_seg_tiles(r"while n0 < c3", "tail", "masked half key block per {} tile (TAIL): 1 when 0 < s % BLOCK_N <= "
+                "BLOCK_N/2 (QUARTER: BLOCK_N/4 < s % BLOCK_N <= BLOCK_N/2; segment model)"),
+    *_seg_tiles(r"while n0 < c1:", "quarter", "masked quarter key block per {} tile (QUARTER): 1 when "
+                "0 < s % BLOCK_N <= BLOCK_N/4 (segment model)"),
     # deterministic coords path: the box of table rows / cols a tile touches (upper bound)
     Rule(r"while y <= y_end", lambda c: 2 * c.a("WH") - 1, "table rows: <= 2*WH-1"),
     Rule(r"while x <= x_end", lambda c: 2 * c.a("WW") - 1, "table cols: <= 2*WW-1"),
@@ -546,7 +552,7 @@ def _seg(c: Ctx) -> Dict[str, float]:
 
     p = c.p
     return ww.seg_walk(p["H"], p["W"], p["window"], p["shift"], bool(p["group"]), c.a("BLOCK_M"), c.a("BLOCK_N"),
-                       tail=bool(c.a("TAIL")), wide=bool(c.a("WIDE")))
+                       tail=bool(c.a("TAIL")), wide=bool(c.a("WIDE")), quarter=bool(c.args.get("QUARTER", False)))
 
 
 def trips_for(rules: Sequence[Rule], ctx: Ctx, site, triton: bool) -> Tuple[Optional[float], str]:

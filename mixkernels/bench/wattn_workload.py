@@ -322,7 +322,7 @@ def attention_workload(B: int, H: int, W: int, w: int, shift: int, group: bool, 
 
 
 def seg_walk(H: int, W: int, w: int, shift: int, group: bool, bm: int, bn: int, seed: int = 0,
-             tail: bool = False, wide: bool = False) -> Dict[str, float]:
+             tail: bool = False, wide: bool = False, quarter: bool = False) -> Dict[str, float]:
     """The Triton by-segment forward's walk (``mixkernels/triton/_wattn_seg.py``) on the case's masks,
     averaged over the windows (every image has the same windows): a segment of s tokens is cut into
     query tiles of bm rows, its last rows in a tile of bm/2 when they fit one; every tile walks
@@ -332,7 +332,9 @@ def seg_walk(H: int, W: int, w: int, shift: int, group: bool, bm: int, bn: int, 
     (row, key) pairs per window, ``live``: attending pairs per window. ``tail`` (the kernel's TAIL): the
     last s % bn keys take a masked bn/2 block when they fit one (``tail_big``, ``tail_small`` per tile;
     ``masked_*`` then counts only the masked bn blocks). ``wide`` (the kernel's WIDE): unmasked blocks
-    two at a time (``wide_big``, ``wide_small``: double blocks per tile; ``full_*``: the single ones)."""
+    two at a time (``wide_big``, ``wide_small``: double blocks per tile; ``full_*``: the single ones).
+    ``quarter`` (the kernel's QUARTER, with ``tail``): the last s % bn <= bn/4 keys take a masked bn/4 block
+    (``quarter_big``, ``quarter_small`` per tile; ``tail_*`` then counts only the bn/2 blocks)."""
     keys = _keys(1, H, W, w, shift, mixmim_mask(H, W, seed) if group else None)
     c: Counter = Counter()
     for k in keys:
@@ -342,12 +344,17 @@ def seg_walk(H: int, W: int, w: int, shift: int, group: bool, bm: int, bn: int, 
             for kind, n in (("big", nt - small), ("small", small)):
                 c[kind] += n
                 r = s % bn
-                half = tail and 0 < r <= bn // 2
+                quart = tail and quarter and 0 < r <= bn // 4
+                half = tail and 0 < r <= bn // 2 and not quart
                 c["full_" + kind] += n * (s // bn % 2 if wide else s // bn)
                 c["wide_" + kind] += n * (s // (2 * bn) if wide else 0)
-                c["masked_" + kind] += n * (r != 0 and not half)
+                c["masked_" + kind] += n * (r != 0 and not half and not quart)
                 c["tail_" + kind] += n * half
-            keys_walked = (s // bn) * bn + (bn // 2 if tail and 0 < s % bn <= bn // 2 else -(-(s % bn) // bn) * bn)
+                c["quarter_" + kind] += n * quart
+            r = s % bn
+            last = bn // 4 if tail and quarter and 0 < r <= bn // 4 else bn // 2 if tail and 0 < r <= bn // 2 \
+                else -(-r // bn) * bn
+            keys_walked = (s // bn) * bn + last
             c["pairs"] += ((nt - small) * bm + small * (bm // 2)) * keys_walked
             c["live"] += s * s
     n, t = len(keys), c["big"] + c["small"]
@@ -357,6 +364,7 @@ def seg_walk(H: int, W: int, w: int, shift: int, group: bool, bm: int, bn: int, 
                 full_big=div(c["full_big"], c["big"]), masked_big=div(c["masked_big"], c["big"]),
                 full_small=div(c["full_small"], c["small"]), masked_small=div(c["masked_small"], c["small"]),
                 tail_big=div(c["tail_big"], c["big"]), tail_small=div(c["tail_small"], c["small"]),
+                quarter_big=div(c["quarter_big"], c["big"]), quarter_small=div(c["quarter_small"], c["small"]),
                 wide_big=div(c["wide_big"], c["big"]), wide_small=div(c["wide_small"], c["small"]),
                 pairs=c["pairs"] / n, live=c["live"] / n)
 

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["_mm", "_gather", "_gather_rc", "_opaque", "_gather_int", "_fast", "_idx", "_first_window",
-           "_next_window", "_lyx", "_pos", "_coords", "_in_range", "_table_bias", "_mask", "_gather_off", "_online", "_smem_table", "_gather_smem"]
+           "_next_window", "_lyx", "_pos", "_coords", "_in_range", "_table_bias", "_mask", "_gather_off", "_online", "_pv_acc", "_smem_table", "_gather_smem"]
 
 
 @triton.jit
@@ -291,3 +291,14 @@ def _online(t, m_i, l_i, acc, v, F32: tl.constexpr, UPCAST: tl.constexpr):
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32, UPCAST)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _pv_acc(p, v, acc, F32: tl.constexpr, UPCAST: tl.constexpr, TF32: tl.constexpr):
+    """acc + P @ V (fp32 P and acc, V of the inputs' dtype). TF32 (16-bit V, a block of fewer than 16
+    keys, where a 16-bit MMA needs K >= 16): in TF32 from fp32 P (10 mantissa bits, more than P rounded
+    to 16 bits keeps; V is exact in TF32); else P rounded to V's dtype (``_mm_acc``)."""
+    if TF32:
+        return tl.dot(p, v.to(tl.float32), acc, input_precision="tf32")
+    else:
+        return _mm_acc(p.to(v.dtype), v, acc, F32, UPCAST)

@@ -11,11 +11,20 @@ then its half tiles (``_seg_tile``); a tile's rows all lie in one segment ``[lo,
 order and walk only its keys: full BLOCK_N blocks without any mask (WIDE: two at a time, ``while n0 +
 2 * BLOCK_N <= a1``, then the odd one, ``while n0 < a1``), then the segment's last partial block with
 the key mask ``lo <= n < hi`` (``while n0 < c2``: 0 or 1 trips; TAIL: only when more than BLOCK_N/2
-keys are left, else a masked BLOCK_N/2 block, ``while n0 < c1``). Rows past the segment end
-(next segment's or padding) are computed and never stored. q/k/v are read through the sorted
-positions, the table bias by each token's window-local code (on the GPU from a copy of the head's
-table in shared memory: a 32-bit add and an LDS per element), out/lse stored at the original
-positions (the backward's contract is unchanged).
+keys are left, else a masked BLOCK_N/2 block, ``while n0 < c3``, or with QUARTER for at most
+BLOCK_N/4 keys a masked BLOCK_N/4 block, ``while n0 < c1``). Rows past the segment end (next
+segment's or padding) are computed and never stored.
+
+Softmax against a fixed per-row reference (``_seg_tile``): a probe of the segment's first BLOCK_N/4
+keys gives each row a reference near its largest logit, and every step adds p = exp2(logit -
+reference) to l and p @ V to acc with no running max and no rescale (an online softmax's max, alpha
+and 32 rescale multiplies per step). A tile whose stored rows' sums of p leave [LMIN, LMAX] (a key
+far above the probe's, NaN/Inf, rows with no finite probe key) walks again (``while go``, at most
+twice) from its rows' true maxima (a max-only pass, ``while n1 < c1``): p <= 1 there, as online.
+
+q/k/v are read through the sorted positions, the table bias by each token's window-local code (on
+the GPU from a copy of the head's table in shared memory: a 32-bit add and an LDS per element),
+out/lse stored at the original positions (the backward's contract is unchanged).
 
 NaN/Inf in V (edge rule 2): the reference multiplies every masked key's V by 0, so a non-finite V
 element reaches every row of the window. A program whose window has more than one segment checks
@@ -25,8 +34,9 @@ not finite, every tile walks all the window's keys with the segment mask (the ma
 N), exactly as the all-pairs kernel.
 
 Loops (static rules in ``static_rules``, trip counts from ``wattn_workload.seg_walk``): the full and
-the half tiles of a window, the unmasked key blocks of a tile (per tile size; double and single with
-WIDE), the masked blocks (0 or 1 each; all blocks of the window only for a head whose V holds
+the half tiles of a window, a tile's walk (once; a second only after a failed reference, never at the
+model's inputs) and max pass (0), the unmasked key blocks of a tile (per tile size; double and single
+with WIDE), the masked blocks (0 or 1 each; all blocks of the window only for a head whose V holds
 NaN/Inf).
 """
 from __future__ import annotations
@@ -36,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ._cosine import _head_scale, _unit
-from ._wattn_common import _fast, _gather_off, _gather_smem, _idx, _mm, _mm_acc, _online, _pos, _smem_table
+from ._wattn_common import _fast, _gather_off, _gather_smem, _idx, _mm, _mm_acc, _pos, _pv_acc, _smem_table
 
 
 @triton.jit
@@ -111,20 +121,6 @@ def _v_nonfinite(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.
 
 
 @triton.jit
-def _online_scaled(t, m_i, l_i, acc, v, sc, F32: tl.constexpr, UPCAST: tl.constexpr):
-    """``_online`` for logits ``t`` in units of 1/sc (sc > 0: the max is the same; m kept in those units):
-    exponents ``t * sc - m * sc``, one FMA per element, where scaled logits take a multiply-add for the
-    scale and the bias and a subtraction."""
-    m_new = tl.maximum(m_i, tl.max(t, 1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new) * sc
-    alpha = tl.exp2(m_i * sc - m_ref)
-    p = tl.exp2(t * sc - m_ref[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32, UPCAST)
-    return m_new, l_i, acc
-
-
-@triton.jit
 def _seg_bias(tab_m, scode, offs_n, ASM: tl.constexpr, SMEM: tl.constexpr):
     """Table bias of the tile's rows (``tab_m``: row's table address, code_i + c0) and the keys at sorted
     positions ``offs_n`` (``scode``: -4 code_j): from the shared copy (SMEM) or the global table."""
@@ -135,38 +131,70 @@ def _seg_bias(tab_m, scode, offs_n, ASM: tl.constexpr, SMEM: tl.constexpr):
 
 
 @triton.jit
-def _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h, qk_scale,
-              N: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, HAS_RPB: tl.constexpr,
-              F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
-              COSINE: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr):
-    """One online-softmax step of a query tile over the key block at sorted position n0 (MASK: keys
-    outside ``[lo, hi)`` get -inf; keys past N read V as zeros; UNSCALED: ``_online_scaled``)."""
+def _seg_scores(q, tab_m, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N: tl.constexpr, D: tl.constexpr,
+                BN: tl.constexpr, MASK: tl.constexpr, HAS_RPB: tl.constexpr, F32: tl.constexpr,
+                UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr, COSINE: tl.constexpr,
+                UNSCALED: tl.constexpr, SMEM: tl.constexpr, CLAMP: tl.constexpr):
+    """Log2 logits of the tile's rows and the BN keys at sorted position n0 (UNSCALED: in units of
+    1/qk_scale; MASK: -inf outside ``[lo, hi)``; CLAMP: keys past N read the last one), the keys' K row
+    addresses and positions."""
     offs_n = n0 + tl.arange(0, BN)
     jn = offs_n
-    if MASK:  # unmasked blocks end at a segment's full blocks (<= N): no clamp
+    if CLAMP:  # unmasked blocks end at a segment's full blocks (<= N): no clamp
         jn = tl.minimum(offs_n, N - 1)
     # head base (uniform) + the thread's channels (loop-invariant) + the key's row: one wide multiply-add a row
     kv = (qkv + hd + C + tl.arange(0, D))[None, :] + (_idx(hw + tl.load(mrow + jn), IDX64) * (3 * C))[:, None]
-    k = _unit(tl.load(kv), COSINE)
-    if MASK:
-        v = tl.load(kv + C, mask=(offs_n < N)[:, None], other=0.0)
-    else:
-        v = tl.load(kv + C)
+    if COSINE:
+        kt = tl.trans(_unit(tl.load(kv), COSINE))
+    else:  # K^T straight from memory: a 16-bit B operand without a shared-memory transposition per chunk
+        kt = tl.load(tl.trans(kv))
     if UNSCALED:  # logits in units of 1/qk_scale: the table bias (divided by it) is the MMA's accumulator
         if HAS_RPB:  # Swin index code_i + c0 - code_j; scode: -4 code_j, bytes (padded: no clamp)
-            t = _mm_acc(q, tl.trans(k), _seg_bias(tab_m, scode, offs_n, ASM, SMEM), F32, UPCAST)
+            t = _mm_acc(q, kt, _seg_bias(tab_m, scode, offs_n, ASM, SMEM), F32, UPCAST)
         else:
-            t = _mm(q, tl.trans(k), F32, UPCAST)
+            t = _mm(q, kt, F32, UPCAST)
     else:
-        t = _mm(q, tl.trans(k), F32, UPCAST) * qk_scale
+        t = _mm(q, kt, F32, UPCAST) * qk_scale
         if HAS_RPB:
             t += _seg_bias(tab_m, scode, offs_n, ASM, SMEM)
     if MASK:
         t = tl.where(((offs_n >= lo) & (offs_n < hi))[None, :], t, float("-inf"))
-    if UNSCALED:
-        return _online_scaled(t, m_i, l_i, acc, v, qk_scale, F32, UPCAST)
+    return t, kv, offs_n
+
+
+@triton.jit
+def _seg_max(q, tab_m, m_i, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N: tl.constexpr, D: tl.constexpr,
+             BN: tl.constexpr, HAS_RPB: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
+             IDX64: tl.constexpr, ASM: tl.constexpr, COSINE: tl.constexpr, UNSCALED: tl.constexpr,
+             SMEM: tl.constexpr, MASK: tl.constexpr):
+    """``m_i`` raised to the rows' largest logit over the BN keys at n0 (MASK: of those in ``[lo, hi)``;
+    keys past N read the last one)."""
+    t, _kv, _n = _seg_scores(q, tab_m, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D, BN, MASK, HAS_RPB,
+                             F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, True)
+    return tl.maximum(m_i, tl.max(t, 1))
+
+
+@triton.jit
+def _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale,
+              N: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, HAS_RPB: tl.constexpr,
+              F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
+              COSINE: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr):
+    """One softmax step of a query tile over the key block at sorted position n0 against the rows' fixed
+    reference ``ms`` (log2 units, times qk_scale when UNSCALED): p = exp2(logit - ms), l += sum p,
+    acc += p @ V; no running max, no rescale (``_seg_tile`` checks the result). MASK: keys outside
+    ``[lo, hi)`` get -inf; keys past N read V as zeros."""
+    t, kv, offs_n = _seg_scores(q, tab_m, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D, BN, MASK,
+                                HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, MASK)
+    if MASK:
+        v = tl.load(kv + C, mask=(offs_n < N)[:, None], other=0.0)
     else:
-        return _online(t, m_i, l_i, acc, v, F32, UPCAST)
+        v = tl.load(kv + C)
+    if UNSCALED:  # one FMA per element
+        p = tl.exp2(t * qk_scale - ms[:, None])
+    else:
+        p = tl.exp2(t - ms[:, None])
+    TF32: tl.constexpr = BN < 16 and not (F32 or UPCAST)  # a 16-bit MMA needs K >= 16 (``_pv_acc``)
+    return l_i + tl.sum(p, 1), _pv_acc(p, v, acc, F32, UPCAST, TF32)
 
 
 @triton.jit
@@ -174,7 +202,7 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
               N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_RPB: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
               ASM: tl.constexpr, COSINE: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr,
-              TAIL: tl.constexpr, WIDE: tl.constexpr):
+              TAIL: tl.constexpr, WIDE: tl.constexpr, QUARTER: tl.constexpr):
     """Query tile t of the window (BLOCK_M rows from its first row, all in one segment): its walk, then
     its segment's rows stored at their original positions."""
     offs_d = tl.arange(0, D)
@@ -191,49 +219,84 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
         tab_m = tab_h + 4 * code
     else:
         tab_m = tab_h + code
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    # The rows' reference: their largest logit over the segment's first BLOCK_N/4 keys (a probe: no exp,
+    # no P @ V; bf16 and fp32 inputs: Q K^T alone, over the next BLOCK_N/4 sorted keys); every step then
+    # adds p = exp2(logit - reference) without a running max or rescale. Kept when every stored row's sum
+    # of p lies in [LMIN, LMAX]: LMAX keeps p within fp16, and |acc| <= LMAX max|V| finite for |V| < 2**96
+    # (an online softmax's p <= 1: |V| < 2**120); LMIN keeps the largest p (>= l/N) a normal number far
+    # from underflow (fp16: the masked probe with the bias, whose largest key alone adds 1). Otherwise (a
+    # later key more than log2(LMAX) above the probe's largest, NaN/Inf, a row whose probe keys are all
+    # -inf or far above the others) the tile walks again from its rows' true maxima (a max-only pass over
+    # its keys): p <= 1 as in an online softmax.
+    FP16: tl.constexpr = q.dtype.is_fp16()
+    m_i = _seg_max(q, tab_m, tl.full((BLOCK_M,), float("-inf"), tl.float32), qkv, mrow, scode, hw, lo, lo, hi,
+                   hd, C, qk_scale, N, D, BLOCK_N // 4, HAS_RPB and FP16, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED,
+                   SMEM, FP16)
+    LMAX: tl.constexpr = 32768.0 if FP16 else 4294967296.0  # 2**15 | 2**32
+    LMIN: tl.constexpr = 0.5 if FP16 else 2.3283064365386963e-10  # 2**-32
+    row_ok = offs_m < hi
     # unmasked full blocks of the segment (none when V is not finite); then the masked blocks:
     # the segment's last partial block, or (V not finite) every block of the window
     a1 = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
     a0 = tl.where(bad, a1, lo)
-    # (while loops: Triton 3.6's interpreter cannot take range() bounds from loaded values)
-    n0 = a0
-    if WIDE:
-        while n0 + 2 * BLOCK_N <= a1:  # unmasked key blocks, two at a time
-            m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
-                                      qk_scale, N, D, 2 * BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM,
-                                      COSINE, UNSCALED, SMEM)
-            n0 += 2 * BLOCK_N
-    while n0 < a1:  # unmasked key blocks (WIDE: the last odd one)
-        m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
-                                  qk_scale, N, D, BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE,
-                                  UNSCALED, SMEM)
-        n0 += BLOCK_N
-    n0 = tl.where(bad, 0, a1)
     c1 = tl.where(bad, N, hi)
     c2 = c1
+    c3 = c1
     if TAIL:
         c2 = c1 - BLOCK_N // 2
-    while n0 < c2:  # masked key blocks (TAIL: while more than half a block is left)
-        m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
-                                  qk_scale, N, D, BLOCK_N, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE,
-                                  UNSCALED, SMEM)
-        n0 += BLOCK_N
-    if TAIL:
-        while n0 < c1:  # the last <= BLOCK_N/2 keys in a half block (0 or 1 trips)
-            m_i, l_i, acc = _seg_step(q, tab_m, m_i, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, tab_h,
-                                      qk_scale, N, D, BLOCK_N // 2, True, HAS_RPB, F32, UPCAST, IDX64, ASM,
-                                      COSINE, UNSCALED, SMEM)
+    if QUARTER:
+        c3 = c1 - BLOCK_N // 4
+    ms = tl.zeros((BLOCK_M,), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    it = lo * 0
+    go = it == 0
+    # (while loops: Triton 3.6's interpreter cannot take range() bounds from loaded values)
+    while go:  # the walk: once, twice only when the probe's reference fails a row
+        ms = tl.where(m_i == float("-inf"), 0.0, m_i)
+        if UNSCALED:
+            ms = ms * qk_scale
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, D), tl.float32)
+        n0 = a0
+        if WIDE:
+            while n0 + 2 * BLOCK_N <= a1:  # unmasked key blocks, two at a time
+                l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
+                                     2 * BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+                n0 += 2 * BLOCK_N
+        while n0 < a1:  # unmasked key blocks (WIDE: the last odd one)
+            l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
+                                 BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
             n0 += BLOCK_N
+        n0 = tl.where(bad, 0, a1)
+        while n0 < c2:  # masked key blocks (TAIL: while more than half a block is left)
+            l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
+                                 BLOCK_N, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+            n0 += BLOCK_N
+        if TAIL:
+            while n0 < c3:  # the last <= BLOCK_N/2 keys in a half block (QUARTER: > BLOCK_N/4; 0 or 1 trips)
+                l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
+                                     BLOCK_N // 2, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+                n0 += BLOCK_N
+        if QUARTER:
+            while n0 < c1:  # the last <= BLOCK_N/4 keys in a quarter block (0 or 1 trips)
+                l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
+                                     BLOCK_N // 4, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+                n0 += BLOCK_N
+        fine = (l_i >= LMIN) & (l_i <= LMAX)  # False for NaN
+        go = (tl.max((row_ok & (fine.to(tl.int32) == 0)).to(tl.int32), 0) > 0) & (it == 0)
+        if go:  # (from -inf: the probe's reference can lie above the rows' true maxima)
+            m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+            n1 = tl.where(bad, 0, lo)
+            while n1 < c1:  # max pass: the rows' largest logits over the tile's keys (only after a failed walk)
+                m_i = _seg_max(q, tab_m, m_i, qkv, mrow, scode, hw, n1, lo, hi, hd, C, qk_scale, N, D, BLOCK_N,
+                               HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, True)
+                n1 += BLOCK_N
+        it += 1
     # store the segment's rows only (l = 0: NaN, edge rule 2)
-    row_ok = offs_m < hi
     o = acc * _fast(l_i, 0, ASM)[:, None]
     tl.store(out + (tok * C + hd)[:, None] + offs_d[None, :], o.to(out.dtype.element_ty), mask=row_ok[:, None])
-    if UNSCALED:
-        m_i = m_i * qk_scale
-    tl.store(lse + (w * NH + h) * N + j, (m_i + _fast(l_i, 1, ASM)) * 0.6931471805599453, mask=row_ok)
+    tl.store(lse + (w * NH + h) * N + j, (ms + _fast(l_i, 1, ASM)) * 0.6931471805599453, mask=row_ok)
 
 
 @triton.jit
@@ -242,7 +305,8 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.con
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RPB: tl.constexpr,
                 F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
                 COSINE: tl.constexpr, VBITS: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr = False,
-                TP: tl.constexpr = 1024, TAIL: tl.constexpr = False, WIDE: tl.constexpr = False, VCHECK: tl.constexpr = True):
+                TP: tl.constexpr = 1024, TAIL: tl.constexpr = False, WIDE: tl.constexpr = False,
+                VCHECK: tl.constexpr = True, QUARTER: tl.constexpr = False):
     """Program (head h, window w), head-fastest (NH constexpr: a key's K and V at immediate offsets from one
     row address). meta (GG*nW, 5, N) int32 per window: sorted tokens'
     grid positions, their window-local indices, and the tiles' first row, segment start, segment
@@ -273,11 +337,11 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.con
     t = nbig * 0
     while t < nbig:  # BLOCK_M-row tiles
         _seg_tile(BLOCK_M, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D, WH,
-                  WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE)
+                  WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE, QUARTER)
         t += 1
     while t < nbig + nsmall:  # a segment's last rows when they fit half a tile
         _seg_tile(BLOCK_M // 2, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D,
-                  WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE)
+                  WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE, QUARTER)
         t += 1
 
 
@@ -380,6 +444,8 @@ _LOG2E = 1.4426950408889634
 # unmasked key blocks two at a time (16-bit inputs): halves the per-block share of the rescale, alpha and
 # row-reduction shuffles; 239 registers at d 32 (8 one-warp CTAs/SM, was 12): see seg_config
 WIDE = True
+# a segment's last <= BLOCK_N/4 keys in a quarter block (8 keys; P @ V in TF32 for 16-bit inputs, ``_pv_acc``)
+QUARTER = True
 PREP_ROWS = 16  # tokens per ``_seg_prep`` program (all the window's keys each): ceil(N/16) programs a window
 
 
@@ -399,8 +465,16 @@ def seg_config(N, D, dtype, interpret):
     (power-of-two row blocks), a one-compare (unsigned) segment mask. No
     software pipelining: a walk is 3-4 blocks, and a pipelined loop's peeled prologue costs more
     issue than it hides with 12+ one-warp programs per SM (estimate 280 vs 297 us at 16 rows;
-    unverified on a GPU). Under the interpreter 32/16 x 16, so that segments of several tiles and
-    blocks and both tile sizes run in tests."""
+    unverified on a GPU). Session 5 (from 212.5): a segment's last <= BN/4 keys in a quarter block
+    (QUARTER; P @ V in TF32, which the model counts at the 16-bit rate though sm_90 runs TF32 mma.sync
+    at half of it: ~+0.8 us) 208.0; K^T loaded straight (no per-chunk shared-memory transposition)
+    206.2; the fixed per-row reference from a probe (no running max or rescale) 194.9; the probe
+    without the bias and the key mask for bf16/fp32 193.2 (unverified on a GPU; a real model whose rows
+    often have a key more than 32 log2 units above the probe's keys pays a second walk there). Tried
+    and dropped: per-lane partial row sums (a (BLOCK_M, 4) l, reduced once: the steps lose their 8
+    shuffles but the check and the end gain more, 195.7), a float max for the walk's retry flag
+    (196.3). Under the interpreter 32/16 x 16, so that segments of several tiles and blocks and both
+    tile sizes run in tests."""
     if interpret:
         return 32, 16, 1, 1
     f32 = dtype == torch.float32
@@ -441,7 +515,7 @@ def seg_forward(qkv, out, lse, rpb, num_heads, wh, ww, sh, sw, group, qk_scale, 
     bm, bn, warps, stages = seg_config(N, D, qkv.dtype, interpret)
     ntab = (2 * wh - 1) * (2 * ww - 1)
     meta, ninfo, scode = seg_prepare(H, W, wh, ww, sh, sw, group, bm, bn, qkv.device)
-    # logits in units of 1/qk_scale (``_online_scaled``) for a plain softmax scale in a safe range
+    # logits in units of 1/qk_scale (``_seg_step``: one FMA per exponent) for a plain softmax scale in a safe range
     unscaled = logit_scale is None and 2.0 ** -20 <= qk_scale <= 2.0 ** 20
     # the (nH, T) table in one launch: pre-scaled by log2e, or (unscaled) in units of 1/qk_scale
     tab = qkv if rpb is None else (rpb.t() * (_LOG2E / qk_scale if unscaled else _LOG2E)).contiguous()
@@ -452,6 +526,6 @@ def seg_forward(qkv, out, lse, rpb, num_heads, wh, ww, sh, sw, group, qk_scale, 
         F32=flags["F32"], UPCAST=flags["UPCAST"], IDX64=idx64, ASM=not interpret,
         COSINE=logit_scale is not None, VBITS={torch.bfloat16: 0, torch.float16: 1}.get(qkv.dtype, 2),
         UNSCALED=unscaled, SMEM=not interpret and flags["HAS_RPB"] and ntab <= 4096,
-        TP=triton.next_power_of_2(ntab), TAIL=bn >= 32 or interpret,
+        TP=triton.next_power_of_2(ntab), TAIL=bn >= 32 or interpret, QUARTER=QUARTER and (bn >= 32 or interpret),
         WIDE=WIDE and (interpret or qkv.dtype != torch.float32),  # fp32: a 64-key block spills
         num_warps=warps, num_stages=stages)
