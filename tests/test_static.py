@@ -218,6 +218,13 @@ def test_rules_match_by_line_and_call_site():
     assert t is None and why.startswith("unmatched")
 
 
+def test_mma_flops_count_tf32_at_half_the_16_bit_rate():
+    assert static_sass.hmma_flops("HMMA.16816.F32.BF16") == 2 * 16 * 8 * 16
+    assert static_sass.hmma_flops("HMMA.1688.F32.TF32") == 2 * (2 * 16 * 8 * 8)
+    assert static_sass.hmma_flops("HGMMA.64x64x16.F32.BF16") == 2 * 64 * 64 * 16 / 4
+    assert static_sass.hmma_flops("HGMMA.64x64x8.F32.TF32") == 2 * (2 * 64 * 64 * 8 / 4)
+
+
 def test_loop_found_from_source_structure_when_the_back_edge_has_another_line(tmp_path):
     """ptxas may give a loop's back edge its closing brace or the body's last statement: the rule must
     still match (it once read the backward's CAS retry loop as run once: 533 us for 459)."""

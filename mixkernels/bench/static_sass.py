@@ -542,16 +542,19 @@ def classify(ins: Instr) -> List[str]:
 
 
 def hmma_flops(op: str) -> float:
-    """FLOPs per warp of one MMA instruction: HMMA.MNK (one warp) or HGMMA.MxNxK (a warpgroup of 4)."""
+    """FLOPs per warp of one MMA instruction: HMMA.MNK (one warp) or HGMMA.MxNxK (a warpgroup of 4), in
+    16-bit-rate FLOPs: TF32 products run at half the fp16/bf16 tensor rate on sm_80/sm_90 (H100 SXM dense:
+    494 against 989 TFLOP/s), so they count twice."""
     parts = op.split(".")
+    rate = 2.0 if "TF32" in parts else 1.0
     if parts[0] == "HGMMA":
         m = re.match(r"(\d+)x(\d+)x(\d+)", parts[1])
-        return 2.0 * int(m.group(1)) * int(m.group(2)) * int(m.group(3)) / 4 if m else 0.0
+        return rate * 2.0 * int(m.group(1)) * int(m.group(2)) * int(m.group(3)) / 4 if m else 0.0
     shape = parts[1] if len(parts) > 1 else ""
     table = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4), "16832": (16, 8, 32), "8832": (8, 8, 32)}
     if shape in table:
         m_, n_, k_ = table[shape]
-        return 2.0 * m_ * n_ * k_
+        return rate * 2.0 * m_ * n_ * k_
     return 0.0
 
 
