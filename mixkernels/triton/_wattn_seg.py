@@ -41,6 +41,9 @@ NaN/Inf).
 """
 from __future__ import annotations
 
+import functools
+import types
+
 import torch
 import triton
 import triton.language as tl
@@ -446,6 +449,21 @@ _LOG2E = 1.4426950408889634
 WIDE = True
 # a segment's last <= BLOCK_N/4 keys in a quarter block (8 keys; P @ V in TF32 for 16-bit inputs, ``_pv_acc``)
 QUARTER = True
+
+
+@functools.lru_cache(maxsize=None)
+def _tf32_k8() -> bool:
+    """Whether this Triton's NVIDIA backend takes 32-bit dots with K = 8, which the quarter block's TF32
+    P @ V is (Triton 3.9: K >= 8 for 32-bit types; 3.6, the GPU machine's: K >= 16 for every non-8-bit
+    type, so QUARTER is off there and a segment's last keys take the half block)."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import min_dot_size
+
+        f32 = types.SimpleNamespace(scalar=types.SimpleNamespace(primitive_bitwidth=32))
+        return min_dot_size(GPUTarget("cuda", 90, 32))(f32, f32)[2] <= 8
+    except Exception:  # another backend layout: keep the half block, which every version compiles
+        return False
 PREP_ROWS = 16  # tokens per ``_seg_prep`` program (all the window's keys each): ceil(N/16) programs a window
 
 
@@ -526,6 +544,6 @@ def seg_forward(qkv, out, lse, rpb, num_heads, wh, ww, sh, sw, group, qk_scale, 
         F32=flags["F32"], UPCAST=flags["UPCAST"], IDX64=idx64, ASM=not interpret,
         COSINE=logit_scale is not None, VBITS={torch.bfloat16: 0, torch.float16: 1}.get(qkv.dtype, 2),
         UNSCALED=unscaled, SMEM=not interpret and flags["HAS_RPB"] and ntab <= 4096,
-        TP=triton.next_power_of_2(ntab), TAIL=bn >= 32 or interpret, QUARTER=QUARTER and (bn >= 32 or interpret),
+        TP=triton.next_power_of_2(ntab), TAIL=bn >= 32 or interpret, QUARTER=QUARTER and _tf32_k8() and (bn >= 32 or interpret),
         WIDE=WIDE and (interpret or qkv.dtype != torch.float32),  # fp32: a 64-key block spills
         num_warps=warps, num_stages=stages)
