@@ -6,7 +6,8 @@
 #      even when `nvcc` on PATH is a wrapper), in a staged copy of the tree
 #   3. checks that every kernel-level op (mixkernels_C::*) has a CPU and a CUDA kernel registered
 #      and that `python -m mixkernels.info` names the toolkit
-#   4. AOT-compiles every Triton kernel with that Triton (tests/test_triton_aot.py)
+#   4. AOT-compiles every Triton kernel with that Triton (tests/test_triton_aot.py), and runs the
+#      static report on the Triton window attention with it (every loop counted)
 #   5. runs the Triton-interpreter tests with that Triton and numpy (token ops, losses, headline
 #      cases, window attention: a failure fails the run; TWIN_STRICT_ATTENTION=0 only reports it)
 # Each step prints its time. Knobs: MIXKERNELS_TWIN_VENV (default build/gpu-twin/venv, reused
@@ -74,6 +75,26 @@ lap "kernel registrations + info"
 
 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_aot.py
 lap "Triton AOT compile (tests/test_triton_aot.py)"
+
+# The static report under this Triton (its line info has no inlining call sites: Rule.inside tells
+# the inlined loop copies apart): every loop of the Triton window attention counted, estimates printed
+"$PY" -m mixkernels.bench --static --backend triton --dtype bf16 --shapes mixmim-b-s1,mixmim-b-s4 \
+  --ops window_attention_fwd,window_attention_bwd --out "$TWIN/static" --cache "$TWIN/static-cache" > "$TWIN/static.log" 2>&1 \
+  || { tail -n 30 "$TWIN/static.log"; exit 1; }
+"$PY" - "$TWIN/static/static.json" <<'PY'
+import json, sys
+recs = json.load(open(sys.argv[1]))["records"]
+for r in recs:
+    head = f"twin static: {r['kernel']} {r['shape']} {r['dtype']}:"
+    if r.get("error"):
+        print(head, "FAILED", r["error"][-600:])
+    else:
+        print(head, f"{r['est_us']:.1f} us, {100 * r['est_fraction_of_floor']:.1f}% of the floor, "
+              f"{r['instructions_per_element']:.1f} instr/elem")
+bad = [(r["kernel"], r["shape"], r["unmatched_loops"]) for r in recs if r["unmatched_loops"] or r.get("error")]
+assert len(recs) == 4 and not bad, bad
+PY
+lap "static report, Triton window attention (every loop matched)"
 
 "$PY" -m pytest -q -p no:cacheprovider -n 2 tests/test_token_ops.py tests/test_losses.py tests/test_gpu_headline.py \
   -k "triton and not window_attention"

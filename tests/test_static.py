@@ -218,6 +218,26 @@ def test_rules_match_by_line_and_call_site():
     assert t is None and why.startswith("unmatched")
 
 
+def test_rules_tell_inlined_copies_apart_without_call_sites():
+    # Triton 3.6's line info has no inlining call sites: a helper's loop inlined at two call sites is told
+    # apart by its enclosing loops (Rule.inside); with call sites (3.9) ``via`` decides, as before
+    rules = [static_rules.Rule(r"while n0 < a1", lambda c: 2.0, "half", via=r"tile\(M // 2", inside=r"while t < b \+ s"),
+             static_rules.Rule(r"while n0 < a1", lambda c: 5.0, "full", via=r"tile\(M,", inside=r"while t < b:"),
+             static_rules.Rule(r"return w \+ 1", lambda c: 7.0, "windows", via=r"next\(", inside=static_rules.TOP)]
+    ctx = static_rules.Ctx({}, (1, 1, 1), 32, {}, "kernel")
+    key = static_sass.LoopSite("k.py", 9, "        while n0 < a1:")
+    go = static_sass.LoopSite("k.py", 5, "    while go:")
+    small, big = static_sass.LoopSite("k.py", 30, "    while t < b + s:"), static_sass.LoopSite("k.py", 20, "    while t < b:")
+    assert static_rules.trips_for(rules, ctx, key, True, [go, small])[0] == 2.0
+    assert static_rules.trips_for(rules, ctx, key, True, [go, big])[0] == 5.0
+    assert static_rules.trips_for(rules, ctx, key, True, [go])[0] is None          # neither: unmatched
+    called = static_sass.LoopSite("k.py", 9, key.text, (("k.py", 21, "    tile(M, q)"),))
+    assert static_rules.trips_for(rules, ctx, called, True, [go, small])[0] == 5.0  # call site wins
+    ret = static_sass.LoopSite("c.py", 3, "    return w + 1, b")
+    assert static_rules.trips_for(rules, ctx, ret, True, [])[0] == 7.0             # outermost loop
+    assert static_rules.trips_for(rules, ctx, ret, True, [big])[0] is None
+
+
 def test_mma_flops_count_tf32_at_half_the_16_bit_rate():
     assert static_sass.hmma_flops("HMMA.16816.F32.BF16") == 2 * 16 * 8 * 16
     assert static_sass.hmma_flops("HMMA.1688.F32.TF32") == 2 * (2 * 16 * 8 * 8)

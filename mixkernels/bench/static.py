@@ -42,7 +42,8 @@ _BW = static_model.MODEL["hbm_bytes_per_s"]
 
 def _launch_stats(fn: static_sass.Function, ctx: static_rules.Ctx, rules, triton: bool, *, regs: int,
                   spill_st: int, spill_ld: int, smem: int, programs: int, name: str) -> Dict[str, Any]:
-    counts = static_sass.weigh(fn, lambda lp: static_rules.trips_for(rules, ctx, lp.site, triton))
+    counts = static_sass.weigh(fn, lambda lp: static_rules.trips_for(rules, ctx, lp.site, triton,
+                                                                    static_sass.outer_sites(fn, lp)))
     occ = static_model.occupancy(regs, smem, ctx.threads)
     loops = [dict(site=str(lp.site), trips=round(lp.trips, 3), why=lp.why, matched=lp.matched) for lp in fn.loops]
     if spill_st < 0:  # no ptxas log: static local-memory traffic from the SASS

@@ -54,6 +54,12 @@ class Rule:
     via: str = ""
     kernel: str = ""
     after: str = ""  # regex on the next 3 source lines: tells loops with the same header apart
+    # stands in for ``via`` when the line info has no inlining call sites (Triton 3.6, the GPU machine's):
+    # a regex on the enclosing loops' source lines, innermost first, joined by " | "; TOP for none
+    inside: str = ""
+
+
+TOP = "<top>"  # ``Rule.inside`` for a loop no other loop encloses
 
 
 def _after(site) -> str:
@@ -474,8 +480,10 @@ def _rng(*a):
 def _seg_tiles(where: str, key: str, why: str) -> List[Rule]:
     """A key loop of ``_seg_tile`` at its two call sites: half tiles (``seg_walk``'s ``key``_small), full
     tiles (``key``_big); ``why`` names the tile kind at ``{}``."""
-    return [Rule(where, lambda c: _seg(c)[key + "_small"], why.format("half"), via=r"_seg_tile\(BLOCK_M // 2"),
-            Rule(where, lambda c: _seg(c)[key + "_big"], why.format("full"), via=r"_seg_tile\(BLOCK_M,")]
+    return [Rule(where, lambda c: _seg(c)[key + "_small"], why.format("half"), via=r"_seg_tile\(BLOCK_M // 2",
+                 inside=r"while t < nbig \+ nsmall"),
+            Rule(where, lambda c: _seg(c)[key + "_big"], why.format("full"), via=r"_seg_tile\(BLOCK_M,",
+                 inside=r"while t < nbig:")]
 
 
 def triton_range(site_text: str, args: Dict[str, Any]) -> Optional[Tuple[float, str]]:
@@ -518,7 +526,8 @@ TRITON_RULES: List[Rule] = [
          "full query blocks of the single pass: N // BLOCK_N"),
     # ``for i in range(0, WPP)`` whose back edge carries the line of the _next_window call ending its body
     Rule(r"b = tl\.where\(wrap, b \+ 1, b\)|return w \+ 1, b, wy, wx", lambda c: c.a("WPP"),
-         "windows per program: WPP (the loop's back edge carries _next_window's line)", via=r"_next_window\("),
+         "windows per program: WPP (the loop's back edge carries _next_window's line)", via=r"_next_window\(",
+         inside=TOP),
     # Triton by-segment forward (_wattn_seg.py): data-dependent walks, from the segment model on the
     # case's masks (wattn_workload.seg_walk); the all-keys masked walk runs only for a head whose V holds
     # NaN/Inf. The key loops of _seg_tile are told apart by its call site (full or half tiles).
@@ -555,11 +564,13 @@ def _seg(c: Ctx) -> Dict[str, float]:
                        tail=bool(c.a("TAIL")), wide=bool(c.a("WIDE")), quarter=bool(c.args.get("QUARTER", False)))
 
 
-def trips_for(rules: Sequence[Rule], ctx: Ctx, site, triton: bool) -> Tuple[Optional[float], str]:
-    """(iterations per entry, how it was derived) for a loop at ``site`` (a static_sass.LoopSite)."""
+def trips_for(rules: Sequence[Rule], ctx: Ctx, site, triton: bool,
+              outer: Sequence[Any] = ()) -> Tuple[Optional[float], str]:
+    """(iterations per entry, how it was derived) for a loop at ``site`` (a static_sass.LoopSite);
+    ``outer``: the sites of the loops enclosing it, innermost first (for ``Rule.inside``)."""
     if site is None:
         return None, "unmatched: no line info"
-    t, why = _trips_at(rules, ctx, site, triton)
+    t, why = _trips_at(rules, ctx, site, triton, outer)
     if t is None and not why.startswith("rule"):
         # ptxas may give the back edge another line of the loop (its closing brace, the last statement):
         # match the loop statement found from the source's structure
@@ -567,18 +578,26 @@ def trips_for(rules: Sequence[Rule], ctx: Ctx, site, triton: bool) -> Tuple[Opti
 
         head = enclosing_loop(site)
         if head is not None:
-            t, why2 = _trips_at(rules, ctx, head, triton)
+            t, why2 = _trips_at(rules, ctx, head, triton, outer)
             if t is not None or why2.startswith("rule"):
                 return t, f"{why2} (back edge at line {site.line}, loop at {head.line})"
     return t, why
 
 
-def _trips_at(rules: Sequence[Rule], ctx: Ctx, site, triton: bool) -> Tuple[Optional[float], str]:
+def _trips_at(rules: Sequence[Rule], ctx: Ctx, site, triton: bool,
+              outer: Sequence[Any] = ()) -> Tuple[Optional[float], str]:
     via = site.chain[0][2] if site.chain else ""
+    enclosing = " | ".join(o.text.strip() if o is not None else "?" for o in outer) or TOP
     for r in rules:
         if r.kernel and not re.search(r.kernel, ctx.kernel):
             continue
-        if re.search(r.where, site.text) and (not r.via or re.search(r.via, via)) and \
+        if not r.via:
+            called = True
+        elif site.chain or not r.inside:
+            called = bool(re.search(r.via, via))
+        else:  # no inlining call sites in the line info: the enclosing loops tell the copies apart
+            called = bool(re.search(r.inside, enclosing))
+        if re.search(r.where, site.text) and called and \
                 (not r.after or re.search(r.after, _after(site))):
             try:
                 return float(r.trips(ctx)), r.why

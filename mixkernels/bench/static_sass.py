@@ -387,6 +387,15 @@ def _site_of_block(b: Block) -> Optional[LoopSite]:
 # ----------------------------------------------------------------------------- weighting
 
 
+def outer_sites(fn: Function, lp: Loop) -> List[Optional[LoopSite]]:
+    """The sites of the loops enclosing ``lp``, innermost first."""
+    out, j = [], lp.parent
+    while j is not None:
+        out.append(fn.loops[j].site)
+        j = fn.loops[j].parent
+    return out
+
+
 def weigh(fn: Function, trips: Callable[[Loop], Tuple[Optional[float], str]]) -> Dict[str, float]:
     """Set each loop's trip count from ``trips(loop) -> (iterations per entry or None, why)`` and
     return the instructions a warp executes: ``total`` and per class (see :func:`classify`).
