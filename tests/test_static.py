@@ -457,6 +457,32 @@ def test_ptxas_log_parsing():
     assert aot.ptxas_stats(log, "b")["smem"] == 4096  # static arrays (inline asm's), on top of Triton's dynamic
 
 
+def test_launcher_side_work_is_recorded_and_priced(monkeypatch):
+    # a launcher's own torch ops (tables, masks, memsets) run beside its kernels: each is one more launch
+    import torch
+
+    from mixkernels.bench import aot, static
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ops = []
+
+    def launcher():
+        x = torch.empty(1000, dtype=torch.float32)   # allocation and views move nothing
+        t = x.view(10, 100).t()
+        z = torch.zeros(4096, dtype=torch.int32)      # a memset: 16 KB written
+        (t * 2.0).contiguous()                        # two launches: mul, then clone of the transposed result
+        return z
+
+    aot.capture(launcher, torch_ops=ops)
+    assert [o["op"] for o in ops] == ["zeros", "mul", "clone"], ops
+    assert ops[0] == dict(op="zeros", read_bytes=0, write_bytes=16384)
+    assert ops[1]["read_bytes"] == 4000 and ops[1]["write_bytes"] == 4000
+    side = static._side(ops)
+    launch = static_model.MODEL["launch_us"]
+    assert side[0]["us"] == pytest.approx(16384 / static._BW * 1e6 + launch, abs=1e-3)
+    assert sum(o["us"] for o in side) > 3 * launch
+
+
 REQUIRED = ("backend", "kernel", "shape", "dtype", "arch", "config", "registers", "spill_bytes", "smem_bytes",
             "threads", "ctas_per_sm", "instructions", "instructions_per_element", "floor_bytes", "floor_us", "est_us",
             "est_fraction_of_floor", "est_fraction_of_copy")

@@ -124,8 +124,44 @@ def _shrink(v):
     return base[k:k + 64]
 
 
-def capture(call: Callable[[], Any], tag: Any = None, gpu_like: bool = True) -> List[Launch]:
-    """Run ``call()`` with every Triton launch recorded instead of executed; returns the launches."""
+# aten ops that move no device memory (views, allocation, metadata, host scalars)
+_NO_TRAFFIC = frozenset("""view _unsafe_view as_strided expand permute t transpose reshape select slice unsqueeze
+    squeeze alias detach empty empty_strided empty_like new_empty new_empty_strided lift_fresh _reshape_alias unbind
+    split split_with_sizes chunk narrow diagonal unfold view_as _local_scalar_dense item sym_size sym_stride
+    sym_numel sym_storage_offset size stride dim numel is_same_size is_nonzero scalar_tensor""".split())
+
+
+def _torch_ops(ops: List[Dict[str, Any]]):
+    """A dispatch mode appending each aten op that moves device memory to ``ops``: {op, read_bytes,
+    write_bytes}, the whole of every tensor argument read (an upper bound for gathers) and every
+    tensor result written. The launcher's own torch work (tables, masks, memsets), which the static
+    report prices as separate memory-bound launches."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def nbytes(xs):
+        return sum(x.numel() * x.element_size() for x in xs if isinstance(x, torch.Tensor))
+
+    class Rec(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            name = func.overloadpacket.__name__
+            if name not in _NO_TRAFFIC:
+                outs = out if isinstance(out, (tuple, list)) else (out,)
+                ins = [a for a in (*args, *kwargs.values())]
+                ins += [x for a in ins if isinstance(a, (tuple, list)) for x in a]  # cat, stack, index
+                w = nbytes(outs)
+                ops.append(dict(op=name, read_bytes=nbytes(ins), write_bytes=w))
+            return out
+
+    return Rec()
+
+
+def capture(call: Callable[[], Any], tag: Any = None, gpu_like: bool = True,
+            torch_ops: Optional[List[Dict[str, Any]]] = None) -> List[Launch]:
+    """Run ``call()`` with every Triton launch recorded instead of executed; returns the launches.
+    ``torch_ops``: a list that receives the aten ops ``call()`` runs that move memory (see :func:`_torch_ops`)."""
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "AOT capture must run without TRITON_INTERPRET"
     from triton.runtime.jit import JITFunction
 
@@ -141,7 +177,8 @@ def capture(call: Callable[[], Any], tag: Any = None, gpu_like: bool = True) -> 
     old = JITFunction.run
     JITFunction.run = record
     try:
-        with (_gpu_like() if gpu_like else contextlib.nullcontext()):
+        with (_gpu_like() if gpu_like else contextlib.nullcontext()), \
+                (_torch_ops(torch_ops) if torch_ops is not None else contextlib.nullcontext()):
             call()
     finally:
         JITFunction.run = old

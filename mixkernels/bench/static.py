@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import static_cases, static_model, static_rules, static_sass
 
@@ -61,10 +61,24 @@ def _warps(launch) -> int:
     return max(1, -(-launch["threads"] // 32))
 
 
-def _finish(case: static_cases.Case, backend: str, launches: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """Record of one case: the launches' estimates summed, the dominant launch's resources."""
+def _side(ops: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The launcher's own device work beside its kernels (torch ops, memsets), each priced as one
+    memory-bound launch: (bytes read + written) / bandwidth + launch_us."""
+    out = []
+    for o in ops:
+        b = o["read_bytes"] + o["write_bytes"]
+        out.append(dict(o, us=round(b / _BW * 1e6 + static_model.MODEL["launch_us"], 3)))
+    return out
+
+
+def _finish(case: static_cases.Case, backend: str, launches: List[Dict[str, Any]],
+            side_ops: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
+    """Record of one case: the launches' estimates summed (plus the launcher's side work: torch ops,
+    memsets; see :func:`_side`), the dominant launch's resources."""
     total_req = sum(l_["counts"].get("global_bytes", 0.0) * l_["programs"] * _warps(l_) for l_ in launches)
-    est = 0.0
+    side = _side(side_ops)
+    side_bytes = sum(o["read_bytes"] + o["write_bytes"] for o in side)
+    est = sum(o["us"] for o in side)
     for l_ in launches:
         warps = _warps(l_)
         req = l_["counts"].get("global_bytes", 0.0) * l_["programs"] * warps
@@ -96,7 +110,8 @@ def _finish(case: static_cases.Case, backend: str, launches: List[Dict[str, Any]
         # ("% of copy bandwidth"), where a small op's launch term would otherwise cap % floor
         est_fraction_of_copy=round(min(1.0, (floor_us + static_model.MODEL["launch_us"]) / est), 4),
         bound=dom["estimate"]["bound"], dominant_kernel=dom["kernel"],
-        traffic_ratio=round(total_req / case.floor_bytes, 3) if case.floor_bytes else None,
+        traffic_ratio=round((total_req + side_bytes) / case.floor_bytes, 3) if case.floor_bytes else None,
+        side_ops=side, side_us=round(sum(o["us"] for o in side), 3),
         unmatched_loops=unmatched, launches=launches, error=None)
 
 
@@ -115,12 +130,15 @@ def triton_records(cases, cache: Optional[str], jobs: int, log=print) -> Tuple[L
     from . import aot
 
     t0 = time.time()
-    caps = []
+    caps, side = [], {}
     for c in cases:
-        try:
-            caps.append((c, aot.capture(c.triton, tag=c.key), None))
+        ops: List[Dict[str, Any]] = []
+        try:  # once unrecorded first: a launcher's per-shape caches (e.g. key code tables) are warm in training
+            aot.capture(c.triton)
+            caps.append((c, aot.capture(c.triton, tag=c.key, torch_ops=ops), None))
         except Exception as e:  # noqa: BLE001 - a launcher that fails at this geometry is a record
             caps.append((c, [], f"capture failed: {type(e).__name__}: {e}"))
+        side[c.key] = ops
     uniq: Dict[str, Any] = {}
     for _, launches, _ in caps:
         for la in launches:
@@ -162,7 +180,7 @@ def triton_records(cases, cache: Optional[str], jobs: int, log=print) -> Tuple[L
                                        spill_ld=ps["spill_ld"], smem=smem, programs=la.programs, name=la.name))
             stats[-1]["spec"] = comp.spec
         records.append(_error_record(case, "triton", "\n".join(errs)) if errs or not stats else
-                       _finish(case, "triton", stats))
+                       _finish(case, "triton", stats, side[case.key]))
     info = dict(launches=sum(len(x[1]) for x in caps), specializations=len(uniq),
                 compiled=sum(not c.cached for c in compiled.values()), cached=sum(c.cached for c in compiled.values()),
                 compile_seconds=round(t1 - t0, 1), analysis_seconds=round(time.time() - t1, 1))
@@ -199,10 +217,10 @@ def cuda_records(cases, cache: str, jobs: int, log=print) -> Tuple[List[Dict[str
             lines.append(ln)
             owner.append(i)
     caps = static_cuda.capture(b, lines)
-    per_case: Dict[int, List[Tuple[int, Any]]] = {}
-    for i, (rc, launches) in zip(owner, caps):
-        per_case.setdefault(i, []).append((rc, launches))
-    wanted = {la.name for _, launches in caps for la in launches}
+    per_case: Dict[int, List[Tuple[int, Any, List[int]]]] = {}
+    for i, (rc, launches, sets) in zip(owner, caps):
+        per_case.setdefault(i, []).append((rc, launches, sets))
+    wanted = {la.name for _, launches, _ in caps for la in launches}
     funcs: Dict[str, static_sass.Function] = {}
     for path in sorted({b.kernel_cubin[n] for n in wanted if n in b.kernel_cubin}):
         funcs.update(static_sass.parse(static_sass.disassemble(path), only=wanted))
@@ -214,12 +232,13 @@ def cuda_records(cases, cache: str, jobs: int, log=print) -> Tuple[List[Dict[str
         if not c.cuda:  # no CUDA launch for this case (e.g. cosine mode before the CUDA harness has it)
             continue
         got = per_case.get(i, [])
-        bad = [rc for rc, _ in got if rc != 0]
+        bad = [rc for rc, _, _ in got if rc != 0]
         if bad or not got:
             records.append(_error_record(c, "cuda", f"launcher returned cudaError {bad} (configuration not supported)"))
             continue
         stats = []
-        for _, launches in got:
+        side = [dict(op="cudaMemsetAsync", read_bytes=0, write_bytes=n) for _, _, sets in got for n in sets]
+        for _, launches, _ in got:
             for la in launches:
                 short = la.short
                 base = short.split("<")[0]
@@ -232,7 +251,7 @@ def cuda_records(cases, cache: str, jobs: int, log=print) -> Tuple[List[Dict[str
                                            regs=ps["regs"] if ps["regs"] > 0 else u.get("REG", 0),
                                            spill_st=ps["spill_st"], spill_ld=ps["spill_ld"],
                                            smem=_static_smem(u) + la.smem, programs=la.programs, name=short))
-        records.append(_finish(c, "cuda", stats) if stats else _error_record(c, "cuda", "no kernel launched"))
+        records.append(_finish(c, "cuda", stats, side) if stats else _error_record(c, "cuda", "no kernel launched"))
     home = static_cuda.cuda_home()
     ver = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True).stdout
     return records, dict(build_seconds=b.seconds, build_dir=b.dir, seconds=round(time.time() - t0, 1),

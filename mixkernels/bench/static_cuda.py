@@ -185,20 +185,24 @@ def kparams(cubin: str) -> Dict[str, List[int]]:
     return {k: [v[i] for i in sorted(v)] for k, v in res.items() if v}
 
 
-def capture(b: Build, lines: Sequence[str]) -> List[Tuple[int, List[CudaLaunch]]]:
-    """Run the harness on call lines; per line: (cudaError_t returned, launches in order)."""
+def capture(b: Build, lines: Sequence[str]) -> List[Tuple[int, List[CudaLaunch], List[int]]]:
+    """Run the harness on call lines; per line: (cudaError_t returned, launches in order, the bytes of
+    each cudaMemsetAsync)."""
     env = dict(os.environ, MK_STATIC_PARAMS=os.path.join(b.dir, "params.txt"))
     r = subprocess.run([b.exe], input="\n".join(lines) + "\n", capture_output=True, text=True, env=env, timeout=120)
     if r.returncode != 0:
         raise RuntimeError(f"capture harness failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    out: List[Tuple[int, List[CudaLaunch]]] = []
+    out: List[Tuple[int, List[CudaLaunch], List[int]]] = []
     cur: List[CudaLaunch] = []
+    sets: List[int] = []
     for line in r.stdout.splitlines():
         f = line.split()
         if not f:
             continue
         if f[0] == "CALL":
-            cur = []
+            cur, sets = [], []
+        elif f[0] == "MEMSET":
+            sets.append(int(f[1]))
         elif f[0] == "LAUNCH":
             name = f[1]
             g = tuple(int(x) for x in f[2:5])
@@ -212,7 +216,7 @@ def capture(b: Build, lines: Sequence[str]) -> List[Tuple[int, List[CudaLaunch]]
                 args.append(v)
             cur.append(CudaLaunch(name, g, bl, int(f[8]), args))  # type: ignore[arg-type]
         elif f[0] == "END":
-            out.append((int(f[2]), cur))
+            out.append((int(f[2]), cur, sets))
         elif f[0] == "UNKNOWN":
             raise RuntimeError(f"capture harness: unknown call {f[1]}")
     return out
