@@ -81,7 +81,10 @@ def markdown(doc, old=None) -> str:
          + (f" Compared with `{old['env']['commit'][:12]}` ({old['env']['date']})." if old else ""), ""]
     L += ["## Model", "",
           "Per launch: `t = max(t_issue + t_mufu + t_mma, t_mem, t_lat) + launch_us`, summed over an op's launches "
-          "(issue slots, MUFU and tensor cores are not assumed to overlap: see Calibration).",
+          "(issue slots, MUFU and tensor cores are not assumed to overlap: see Calibration). The launcher's own "
+          "device work beside its kernels counts too (`side_ops` in static.json: each torch op that moves memory, "
+          "recorded after one warm call, and each cudaMemsetAsync): one launch each, (bytes read + written) / "
+          "bandwidth + launch_us.",
           "`t_issue` = warp-instructions executed / (SMs x schedulers x clock x issue_eff), issue_eff = min(1, "
           "resident warps per scheduler / warps_to_hide_latency); `t_mufu` = MUFU lane-ops / (SMs x "
           "mufu_per_sm_clk x clock); `t_mma` = MMA FLOPs / (SMs x mma_flop_per_sm_clk x clock), the HMMA "
