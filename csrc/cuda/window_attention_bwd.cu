@@ -22,7 +22,7 @@
 // hit one entry in the same step are summed in lane order), sums the warps in order into a partial
 // per (slot, head) while CTAs walk fixed pack sequences, and a last kernel adds the slots in order.
 // Coords calls in fast mode take the one-pass plan with box-local tables (window_attention_bwd_box.cuh:
-// only the table entries a pack's coordinate box reaches, loaded and flushed per head).
+// a pack's box of table entries, loaded and flushed per head, or per CTA and head when persistent).
 // Calls with attn_bias, float32, head_dim 128 or shapes that do not fit shared memory run the legacy
 // kernels.
 #include "window_attention_bwd_box.cuh"

@@ -345,7 +345,7 @@ CUDA_RULES: List[Rule] = [
          via=r"bwd box change", kernel=_FUSED),
     Rule(r"for \(int i = 0; i < n; \+\+i\) \{  // bwd box flushes",
          _fz(lambda w, c: w["hg"] if w.get("pers") else 0.0),
-         "persistent box tables: hg heads flushed after the CTA's last pack", via=r"bwd box last flush",
+         "persistent box tables: hg heads flushed after the CTA's last pack (call site: bwd box last flush)",
          kernel=_FUSED),
     Rule(r"for \(int e = threadIdx\.x; e < x\.nb; e \+= kThreads\)",
          _fz(lambda w, c: 0.0 if w.get("pers") else lane_strided((2 * _box(c) + 1) ** 2, THREADS_FUSED)),
