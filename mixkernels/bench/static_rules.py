@@ -334,9 +334,7 @@ CUDA_RULES: List[Rule] = [
     # the coords box plan (window_attention_bwd_box.cuh): per head the box's entries are loaded, copied
     # into the interleaved tables and flushed; packs whose box exceeds tmax run the whole-table two-pass
     # code (its head loop and zeroing: never at these shapes, UM-MAE boxes are 33 x 33 of tmax ~1900)
-    # persistent box tables (plan "pers": several packs per CTA): each head's box loaded when the box
-    # changes (once per CTA at these shapes: every pack has the same box), summed per pack ("fold") and
-    # flushed after the CTA's last pack; else loaded and flushed per pack and head
+    # persistent box tables (plan "pers"): loaded once per CTA (one box per call), folded per pack, flushed last
     Rule(r"for \(int i = 0; i < n; \+\+i\) \{  // bwd box loads",
          _fz(lambda w, c: w["hg"] * w["nslots"] / w["npacks"] if w.get("pers") else 0.0),
          "persistent box tables: hg heads loaded once per CTA (per pack: hg x nslots / npacks)", kernel=_FUSED),
