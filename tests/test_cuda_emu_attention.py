@@ -171,6 +171,38 @@ def test_backward_coords_box_and_its_fallback(monkeypatch):
     _check(qkv, 2, (8, 8), kw, ref_coords=c)
 
 
+@pytest.mark.parametrize("fallback", [False, True], ids=["box_change", "fallback"])
+def test_backward_persistent_box_tables(fallback, monkeypatch):
+    # One SM: the coords box plan runs all 3 packs in one CTA with persistent box tables (each head's box
+    # bias and gradient sum kept over the CTA's packs, flushed to drpb when the box changes and after the
+    # last pack). box_change: image 0's packs (x in {0, 1}) and the others have different boxes, all fit.
+    # fallback (window 4, coord_range 10: want 17 x 17 < T = 19 x 19): a lower shared memory limit leaves
+    # ~300 entries; image 1's packs (spread past the range) need the whole table and run the two-pass
+    # fallback after image 0's pack flushed its tables. Both against the reference, rule 3 included.
+    from mixkernels.bench import wattn_workload as ww
+
+    monkeypatch.setenv("MIXKERNELS_EMU_SMS", "1")
+    if fallback:
+        win, R = (4, 4), (10, 10)
+        qkv, kw = _inputs(2, 16, 16, 2, 32, win, (0, 0), True, False, "none", torch.bfloat16, coords=True, R=R)
+        c = torch.randint(0, 21, (2, 16, 16, 2))
+        c[0] = torch.randint(0, 5, (16, 16, 2))  # spans <= 8: box 17 x 17
+        limit = ww.bwd_box_bytes(208, 300, 32, 2, ph=2)  # 13 windows of 16 per pack: cap 208
+        monkeypatch.setenv("MIXKERNELS_WATTN_SMEM_LIMIT", str(limit))
+    else:
+        win, R = (8, 8), (6, 5)
+        qkv, kw = _inputs(2, 16, 16, 2, 32, win, (0, 0), True, False, "none", torch.bfloat16, coords=True, R=R)
+        c = torch.randint(0, 9, (2, 16, 16, 2))
+        c[0, ..., 1] = torch.randint(0, 2, (16, 16))
+        limit = None
+    pl = ww.plan("bwd", 2, 16, 16, 2, 32, *win, *R, 2, True, False, n_sm=1, coords=True,
+                 **({} if limit is None else {"smem_limit": limit}))
+    assert pl["pers"] and pl["nslots"] == 1 and pl["npacks"] == 3 and pl["hg"] == 2
+    assert pl["tmax"] < pl["T"] if fallback else pl["tmax"] == pl["T"]
+    kw["coords"] = c
+    _check(qkv, 2, win, kw, ref_coords=c)
+
+
 # One SM: the launch plans give each CTA all heads (the forward's double-buffered head loop, odd and
 # even buffers, the table scaled per buffer, the coords box loaded per head).
 HEADS_CASES = [

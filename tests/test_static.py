@@ -331,6 +331,11 @@ def test_wattn_workload_plan_and_segments():
     # backward heads per CTA: fewest waves x (4 hg + 3); MixMIM-B stage 4 (one-pass plan, one CTA per SM):
     # 8 heads x 128 CTAs, one wave
     assert (lambda pl: (pl["hg"], pl["nslots"] * pl["nhg"]))(ww.plan("bwd", 128, 7, 7, 32, 32, 7, 7, 7, 7)) == (8, 128)
+    # coords box plan, UM-MAE-T stage 1 (683 packs of 3 windows): persistent box tables, 6 packs x 114 CTAs
+    # (the busiest SM's 6 packs of one pack per CTA), hg 3, tables of 1140 >= 33 x 33 entries
+    um = ww.plan("bwd", 128, 32, 32, 3, 32, 8, 8, 64, 64, coords=True)
+    assert (um["pers"], um["hg"], um["nslots"], um["tmax"]) == (True, 3, 114, 1140)
+    assert ww.box_packs_per_cta(171, 3, 132) == 4  # UM-MAE-T stage 2: 43 x 3 CTAs, one wave of 4 packs
     assert ww.plan("fwd", 128, 56, 56, 4, 32, 7, 7, 7, 7)["P"] == 4  # four 7x7 windows: 196 of 208 slots
     wl = ww.attention_workload(128, 56, 56, 14, 0, True)
     assert wl["tiles"] == 13 * 2048 and wl["nvalid"] == {196: 2048}
@@ -370,7 +375,7 @@ def test_rules_match_every_fused_cuda_attention_loop(shape):
                 continue
             p = cases[f"window_attention_{kind}"].params
             pl = ww.plan(kind, p["B"], p["H"], p["W"], p["heads"], p["d"], p["window"], p["window"], p["r"], p["r"],
-                         p["es"])
+                         p["es"], coords=bool(p.get("coords", False)))
             assert pl["fits"]
             ctx = static_rules.Ctx(p, (pl["nslots"] * pl["nhg"], 1, 1), 256, [], f"wattn_{kind}_kernel",
                                    ("__nv_bfloat16", "32", "1", "false"), (256, 1, 1))

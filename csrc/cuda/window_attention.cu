@@ -328,22 +328,6 @@ __device__ __forceinline__ bool v_nonfinite(const T* src, int nrows) {
   return (acc & 0x7fff7fffu) != 0;  // +-0 unless some product was NaN
 }
 
-// Coords calls: the box of the pack's (window-relative) coordinates, so that each head loads only the
-// table entries its pairs can reach (every pair's difference lies inside the box's difference range;
-// the rest of the table is never read). Slots [0, nvalid) written (the prologue's barriers); box: 4
-// ints of free shared memory {min y, max y, min x, max x}, ready after the caller's next barrier.
-__device__ __forceinline__ void coord_box(const Pack& S, int nvalid, int* box) {
-  if (threadIdx.x == 0) box[0] = box[2] = INT_MAX, box[1] = box[3] = INT_MIN;
-  __syncthreads();
-  if (threadIdx.x < nvalid) {
-    const int2 c = S.cxy[threadIdx.x];
-    atomicMin(box, c.x);
-    atomicMax(box + 1, c.x);
-    atomicMin(box + 2, c.y);
-    atomicMax(box + 3, c.y);
-  }
-}
-
 // The table entries a head of the pack reads, f(i) for each of this thread's: all T (BIAS 1), or
 // (coords calls; table (2rh-1) x (2rw-1), row-major) those with |dy| <= ey, |dx| <= ex, warps over
 // rows, lanes over columns. The same map loads (cp.async) and then scales (1/scale) an entry.
@@ -488,7 +472,12 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 :
   // Tiles go round-robin to the warps (the forward's tiles cost about the same; no work lists).
   int ey = G.rh - 1, ex = G.rw - 1;
   const int ntok = imin(G.P, G.nwin - pack * G.P) * G.N;
-  if constexpr (BIAS == 2) coord_box(S, ntok, S.items);
+  if constexpr (BIAS == 2) {  // the table entries a head reads: differences inside the pack's box
+    const int4 box = coord_box(S.items, threadIdx.x < ntok ? S.cxy[threadIdx.x] : make_int2(0, 0),
+                               threadIdx.x < ntok, G.rh, G.rw);
+    ey = box.z;
+    ex = box.w;
+  }
   __syncthreads();  // slots and tiles ready; the prologue's scratch is dead
   if constexpr (ONE) {
     align_segments(G, S, ntok, reinterpret_cast<int*>(smem + L.ops));
@@ -497,10 +486,6 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 :
   // Pack-wide values read right after the barrier (warps converged) and broadcast from lane 0: the
   // compiler then sees warp-uniform loops and emits plain shuffles inside them.
   const int nvalid = __shfl_sync(kFull, S.info[0], 0), ntiles = __shfl_sync(kFull, S.info[1], 0);
-  if constexpr (BIAS == 2) {
-    ey = imin(ey, __shfl_sync(kFull, S.items[1] - S.items[0], 0));
-    ex = imin(ex, __shfl_sync(kFull, S.items[3] - S.items[2], 0));
-  }
   zero_padding<T, D>(buf(0, 0), 3 * A.nbuf, L.tile_bytes, S.tok, ONE ? 0 : nvalid, G.cap);  // aligned: gaps too
   if (threadIdx.x < A.nbuf) tab(threadIdx.x)[G.T] = 0.f;  // read by out-of-range coordinate pairs
   const T* qkv = static_cast<const T*>(G.qkv);

@@ -22,7 +22,7 @@
 // hit one entry in the same step are summed in lane order), sums the warps in order into a partial
 // per (slot, head) while CTAs walk fixed pack sequences, and a last kernel adds the slots in order.
 // Coords calls in fast mode take the one-pass plan with box-local tables (window_attention_bwd_box.cuh:
-// only the table entries a pack's coordinate box reaches, loaded and flushed per head).
+// a pack's box of table entries, loaded and flushed per head, or per CTA and head when persistent).
 // Calls with attn_bias, float32, head_dim 128 or shapes that do not fit shared memory run the legacy
 // kernels.
 #include "window_attention_bwd_box.cuh"
@@ -64,6 +64,10 @@ __device__ __forceinline__ void pack_heads(const BwdArgs& A, unsigned char* smem
   float* tab = reinterpret_cast<float*>(smem + L.tab);
   float* dtab = reinterpret_cast<float*>(smem + L.dtab);
   const int tab_stride_f = kES * (tabT + 1);
+  // box plan, persistent tables (A.pers): head i's box bias and gradient sum after the kTabs tables
+  float* const pb = dtab + kTabs * tab_stride_f;
+  float* const pg = pb + A.hg * A.tmax;
+  (void)pb, (void)pg;
   T* stage = reinterpret_cast<T*>(smem + L.stage) + warp * 16 * TL::kLD;
   float2* nld = reinterpret_cast<float2*>(smem + L.nld);
   float* nl_raw = reinterpret_cast<float*>(smem + L.nld);  // lse lands here first (slot s at 2s)
@@ -100,17 +104,19 @@ __device__ __forceinline__ void pack_heads(const BwdArgs& A, unsigned char* smem
     load_head_rows<T, D>(op[0], L.tile_bytes, static_cast<const T*>(G.qkv) + h * D, 3 * G.C, G.C,
                          static_cast<const T*>(A.dout) + h * D, static_cast<const T*>(A.out) + h * D, G.C, S.tok,
                          nvalid);
-    if constexpr (BOX)
-      box_entries(bx, [&](int e, int g) { prim::cp_async<4>(tab + e, G.rpb + unsigned(g * G.nH + h)); });
-    else if constexpr (kTab)
+    if constexpr (BOX) {
+      if (!A.pers)
+        box_entries(bx, [&](int e, int g) { prim::cp_async<4>(tab + e, G.rpb + unsigned(g * G.nH + h)); });  // bwd box per-pack load
+    } else if constexpr (kTab)
       load_head_table(tab, G.rpb, G.T, G.nH, h);
     if (threadIdx.x < nvalid) prim::cp_async<4>(nl_raw + 2 * threadIdx.x, A.lse + S.lrow[threadIdx.x] + h * G.N);
     prim::cp_async_commit();
     prim::cp_async_wait<0>();
     __syncthreads();
     if constexpr (BOX) {  // the box's bias entries into the interleaved tables
+      const float* const src = A.pers ? pb + i * A.tmax : tab;
       box_entries(bx, [&](int e, int) {
-        const float b = tab[e];
+        const float b = src[e];
 #pragma unroll
         for (int w = 0; w < kTabs; ++w) dtab[w * tab_stride_f + 2 * e + 1] = b;
       });
@@ -176,8 +182,8 @@ __device__ __forceinline__ void pack_heads(const BwdArgs& A, unsigned char* smem
       // flush runs T / 256 entries per thread and head (~63 at a 16K-entry coords table).
       unsigned char* const drpb_h = reinterpret_cast<unsigned char*>(A.drpb + h);
       const unsigned row_bytes = static_cast<unsigned>(G.nH) * unsigned(sizeof(float));
-      // fast mode: entry e of the kTabs tables (gradient at kES e) summed, zeroed, one RED per entry
-      auto flush = [&](int e, int g) {
+      // fast mode: entry e of the kTabs tables (gradient at kES e) summed and zeroed
+      auto take = [&](int e) {
         const int gi = kES * e;  // the gradient of entry e (interleaved: its bias after it)
         float sum = dtab[gi];
         dtab[gi] = 0.f;
@@ -186,12 +192,21 @@ __device__ __forceinline__ void pack_heads(const BwdArgs& A, unsigned char* smem
           sum += dtab[w * tab_stride_f + gi];
           dtab[w * tab_stride_f + gi] = 0.f;
         }
+        return sum;
+      };
+      auto flush = [&](int e, int g) {  // one RED per entry
+        const float sum = take(e);
         if (sum != 0.f)
           prim::red_add(reinterpret_cast<float*>(drpb_h + size_t(unsigned(g)) * row_bytes), sum * inv_dsc);
       };
       (void)flush;  // (deterministic mode: unused)
       if constexpr (BOX) {
-        box_entries(bx, flush);
+        if (A.pers) {  // into the head's persistent sum (box_flush adds it to drpb)
+          float* const gs = pg + i * A.tmax;
+          box_entries(bx, [&](int e, int) { gs[e] += take(e); });  // bwd box fold
+        } else {
+          box_entries(bx, flush);  // bwd box per-pack flush
+        }
       } else {
 #pragma unroll 1
         for (int e = threadIdx.x; e < G.T; e += kThreads) {
@@ -225,7 +240,8 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
   MK_DYNAMIC_SMEM(smem);
   Geo gb = G;  // the box plan's layout: tables of tmax entries
   if (kBox) gb.T = A.tmax;
-  const Layout L = make_layout(gb, int(sizeof(T)), D, 5, 1, true, !kTab ? 0 : bwd_tab_floats(gb.T, DET, ONE));
+  const size_t pfl = kBox && A.pers ? size_t(2) * A.hg * A.tmax : 0;  // persistent box tables (plan_backward)
+  const Layout L = make_layout(gb, int(sizeof(T)), D, 5, 1, true, !kTab ? 0 : bwd_tab_floats(gb.T, DET, ONE) + pfl);
   const Pack S(smem, L);
   const int slot = blockIdx.x / A.nhg, h0 = (blockIdx.x - slot * A.nhg) * A.hg, nh = imin(A.hg, G.nH - h0);
   const bool drpb = kTab && A.drpb != nullptr;
@@ -234,18 +250,36 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
 
   if (drpb)  // zero once; the flush after each head zeroes what it read
     for (int e = threadIdx.x; e < ntab; e += kThreads) dtab[e] = 0.f;
+  // box plan, persistent tables (A.pers): each head's box bias and gradient sum after the kernel's
+  // tables (pack_heads), for the box of half-widths pey, pex (pey < 0: none loaded)
+  float* const pb = dtab + ntab;
+  float* const pg = pb + A.hg * A.tmax;
+  const float inv_sc = 1.f / G.scale;  // the box tables hold dS times the scale (pair_grad)
+  int pey = -1, pex = 0;
+  (void)pb, (void)pg, (void)inv_sc, (void)pey, (void)pex;
   for (int pack = slot; pack < G.npacks; pack += A.nslots) {
     __syncthreads();  // the previous pack is done with every shared array
     prologue<BIAS == 2>(G, pack, S, smem + L.ops);
-    if constexpr (kBox) box_reset(S);
     __syncthreads();  // tile ranges ready
     assign_tiles(S);
     __syncthreads();
     if constexpr (kBox) {
       const BwdBox bx = pack_box(G, S, A.tmax);
       if (bx.fits) {
+        if (A.pers && (bx.ey != pey || bx.ex != pex)) {  // another box: flush the held one, load this one
+          if (drpb && pey >= 0)
+            box_flush(box_of(G, pey, pex, A.tmax), A.drpb, G.nH, A.tmax, pg, inv_sc, h0, nh);  // bwd box change
+          box_load(bx, G.rpb, G.nH, A.tmax, pb, pg, h0, nh);
+          pey = bx.ey;
+          pex = bx.ex;
+        }
         pack_heads<T, D, BIAS, DET, COS, true, true>(A, smem, L, S, bx, slot, h0, nh);
       } else {  // the whole table, two passes, in the two-pass layout (its tables zeroed first and after)
+        if (drpb && pey >= 0) {  // the layout overwrites the persistent tables: flushed first
+          box_flush(box_of(G, pey, pex, A.tmax), A.drpb, G.nH, A.tmax, pg, inv_sc, h0, nh);  // bwd box change
+          __syncthreads();
+        }
+        pey = -1;
         const Layout Lf = make_layout(G, int(sizeof(T)), D, 5, 1, true, bwd_tab_floats(G.T, false, false));
         if (drpb) zero_floats(reinterpret_cast<float*>(smem + Lf.dtab), G.T + 1);
         pack_heads<T, D, BIAS, DET, COS, false, false>(A, smem, Lf, S, bx, slot, h0, nh);  // bwd box fallback
@@ -256,6 +290,8 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
       pack_heads<T, D, BIAS, DET, COS, ONE, false>(A, smem, L, S, BwdBox{}, slot, h0, nh);
     }
   }
+  if (kBox && drpb && pey >= 0)  // the CTA's last box (entries of this thread's own: no barrier)
+    box_flush(box_of(G, pey, pex, A.tmax), A.drpb, G.nH, A.tmax, pg, inv_sc, h0, nh);  // bwd box last flush
 }
 
 struct BwdPlan {
@@ -265,6 +301,7 @@ struct BwdPlan {
   int hg = 1, nhg = 1, nslots = 0;
   int tmax = 0;  // the coords box plan's table entries (0: not that plan)
   bool ok = false, one = false;
+  bool pers = false;  // the coords box plan's persistent tables (box_load / box_flush), nslots < npacks
 };
 
 // Heads per CTA: the divisor of nH with the least (waves x work per CTA), a CTA's work counted as
@@ -279,6 +316,21 @@ inline int bwd_heads_per_cta(int packs, int nH, int slots) {
     const int64_t waves = (int64_t(packs) * (nH / hg) + slots - 1) / slots, t = waves * (4 * hg + 3);
     if (t < best_t) best = hg, best_t = t;
   }
+  return best;
+}
+
+// Coords box plan with persistent tables: packs per CTA, each CTA walking them with one box load and
+// flush per head (window_attention_bwd_box.cuh). The most, up to 8, whose busiest SM (waves x packs
+// per CTA, one CTA per SM) runs no more packs than with one pack per CTA (UM-MAE-T stage 1: 683 packs,
+// 6 per CTA, 114 CTAs; one pack per CTA takes 6 waves of 132).
+inline int box_packs_per_cta(int packs, int nhg, int slots) {
+  auto busiest = [&](int k) {
+    const int64_t ctas = int64_t((packs + k - 1) / k) * nhg;
+    return (ctas + slots - 1) / slots * k;
+  };
+  int best = 1;
+  for (int k = 2; k <= 8; ++k)
+    if (busiest(k) <= busiest(1)) best = k;
   return best;
 }
 
@@ -304,25 +356,42 @@ BwdPlan plan_backward(const WindowAttentionParams& p, bool need_drpb, bool need_
   // Coords calls in fast mode: the box plan (window_attention_bwd_box.cuh), one pass with box-local
   // tables of the most entries tmax <= T that fit next to dS^T; packs whose box is larger run the
   // whole-table two-pass layout in the same shared memory (so it must fit too, unless tmax = T).
+  // With several packs per CTA (box_packs_per_cta) the CTA's hg heads keep their box bias and gradient
+  // sum over its packs (2 hg t floats more) when that still fits the box of uniform-sampled windows
+  // (coordinates spanning 2w: UM-MAE), else one pack per CTA as before.
   if (one_ok && !det && p.rpb != nullptr && p.coords != nullptr) {
     const size_t ds = ds_bytes(f.g.cap, es), full = layout(false).total;
-    auto box_layout = [&](int t) {
+    auto box_layout = [&](int t, int ph) {
       Geo gb = f.g;
       gb.T = t;
-      return make_layout(gb, es, p.d, 5, 1, true, bwd_tab_floats(t, false, true));
+      return make_layout(gb, es, p.d, 5, 1, true, bwd_tab_floats(t, false, true) + size_t(2) * ph * t);
     };
-    int lo = 0, hi = f.g.T;  // the largest t in [1, T] with box_layout(t).total + ds <= limit, else 0
-    while (lo < hi) {
-      const int mid = hi - (hi - lo) / 2;
-      if (box_layout(mid).total + ds <= limit) lo = mid;
-      else hi = mid - 1;
-    }
-    if (lo >= 1 && (lo == f.g.T || full <= limit)) {
+    auto box_tmax = [&](int ph) {  // the largest t in [1, T] with box_layout(t, ph).total + ds <= limit, else 0
+      int lo = 0, hi = f.g.T;
+      while (lo < hi) {
+        const int mid = hi - (hi - lo) / 2;
+        if (box_layout(mid, ph).total + ds <= limit) lo = mid;
+        else hi = mid - 1;
+      }
+      return lo >= 1 && (lo == f.g.T || full <= limit) ? lo : 0;
+    };
+    const int lo = box_tmax(0);
+    if (lo >= 1) {
       f.one = true;
       f.tmax = lo;
-      f.L = box_layout(lo);
+      f.nslots = f.g.npacks;
+      f.hg = bwd_heads_per_cta(f.nslots, p.nH, sm_count());
+      const int nhg = (p.nH + f.hg - 1) / f.hg, k = box_packs_per_cta(f.g.npacks, nhg, sm_count());
+      const int want = imin(f.g.T, (2 * imin(f.g.rh - 1, 2 * p.wh) + 1) * (2 * imin(f.g.rw - 1, 2 * p.ww) + 1));
+      const int lp = k > 1 ? box_tmax(f.hg) : 0;
+      if (lp >= want) {
+        f.pers = true;
+        f.tmax = lp;
+        f.nslots = (f.g.npacks + k - 1) / k;
+      }
+      f.L = box_layout(f.tmax, f.pers ? f.hg : 0);
       f.smem = f.L.total + ds;
-      if (lo < f.g.T && full > f.smem) f.smem = full;
+      if (f.tmax < f.g.T && full > f.smem) f.smem = full;
     }
   }
   if (f.tmax == 0) {
@@ -330,10 +399,10 @@ BwdPlan plan_backward(const WindowAttentionParams& p, bool need_drpb, bool need_
     f.one = one_ok && f.L.total + ds_bytes(f.g.cap, es) <= limit;
     if (!f.one) f.L = layout(false);
     f.smem = f.L.total + (f.one ? ds_bytes(f.g.cap, es) : 0);
+    f.nslots = det ? imin(f.g.npacks, kDetSlots) : f.g.npacks;
+    f.hg = bwd_heads_per_cta(f.nslots, p.nH, (f.one ? 1 : 2) * sm_count());
   }
   if (f.smem > limit) return f;
-  f.nslots = det ? imin(f.g.npacks, kDetSlots) : f.g.npacks;
-  f.hg = bwd_heads_per_cta(f.nslots, p.nH, (f.one ? 1 : 2) * sm_count());
   f.nhg = (p.nH + f.hg - 1) / f.hg;
   f.ok = true;
   return f;
@@ -376,7 +445,7 @@ cudaError_t window_attention_backward(const WindowAttentionParams& p, const Wind
     if ((err = cudaMemsetAsync(dls_dst, 0, n, stream)) != cudaSuccess) return err;
   }
   if (p.B == 0 || p.nH == 0) return cudaSuccess;
-  BwdArgs a{f.g, b.dout, b.out, b.lse, b.dqkv, drpb_dst, dls_dst, f.hg, f.nhg, f.nslots, f.tmax};
+  BwdArgs a{f.g, b.dout, b.out, b.lse, b.dqkv, drpb_dst, dls_dst, f.hg, f.nhg, f.nslots, f.tmax, f.pers ? 1 : 0};
   const dim3 grid(static_cast<unsigned>(f.nslots * f.nhg));
   auto body = [&](auto dc) -> cudaError_t {
     constexpr int D = decltype(dc)::value;

@@ -9,8 +9,6 @@
 // and in-range ones have |dy| <= ey, |dx| <= ex. Packs whose box exceeds the plan's budget (tmax
 // entries; coordinates spread wider than the budget) run the two-pass code on the whole table.
 #pragma once
-#include <climits>
-
 #include "window_attention_bwd_tiles.cuh"
 
 namespace mixkernels::cuda::wattn {
@@ -24,46 +22,36 @@ struct BwdBox {
   int c0, g0, sc, gstep, wrap;
 };
 
-// Before the barrier that publishes the pack's work lists: thread 0 resets the box scratch (the
-// second half of S.items: the work lists take at most kMaxTiles entries).
-__device__ __forceinline__ void box_reset(const Pack& S) {
-  int* b = S.items + kMaxTiles;
-  if (threadIdx.x == 0) b[0] = b[2] = INT_MAX, b[1] = b[3] = INT_MIN;
-}
-
-// After that barrier (all threads): the box of the coordinates of the pack's cap slots (padding slots
-// hold (0, 0), which every window's own first token has too), then, when it fits tmax entries, each
-// slot's table offset rewritten to the box (S.qi[s].x = 4 Q(s), S.ki[s].x = -4 Q(s); the slot's own
-// thread, read after the head loop's barriers). Block-uniform result; one barrier inside.
-__device__ __forceinline__ BwdBox pack_box(const Geo& G, const Pack& S, int tmax) {
-  int* b = S.items + kMaxTiles;
-  int2 c = make_int2(0, 0);
-  if (threadIdx.x < G.cap) {
-    c = S.cxy[threadIdx.x];
-    atomicMin(b, c.x);
-    atomicMax(b + 1, c.x);
-    atomicMin(b + 2, c.y);
-    atomicMax(b + 3, c.y);
-  }
-  __syncthreads();
-  const int y0 = b[0], x0 = b[2];
+// The box of half-widths ey, ex with box_entries' walk for this thread (block-uniform but for the walk).
+__device__ __forceinline__ BwdBox box_of(const Geo& G, int ey, int ex, int tmax) {
   BwdBox x;
-  // spans as unsigned differences (exact for any ints, max >= min), capped at the table's half-widths
-  const unsigned sy = unsigned(b[1]) - unsigned(y0), sx = unsigned(b[3]) - unsigned(x0);
-  x.ey = sy < unsigned(G.rh - 1) ? int(sy) : G.rh - 1;
-  x.ex = sx < unsigned(G.rw - 1) ? int(sx) : G.rw - 1;
-  x.nx = 2 * x.ex + 1;
-  x.nb = (2 * x.ey + 1) * x.nx;
+  x.ey = ey;
+  x.ex = ex;
+  x.nx = 2 * ex + 1;
+  x.nb = (2 * ey + 1) * x.nx;
   x.fits = x.nb <= tmax;
-  const int rw2 = 2 * G.rw - 1, first = (G.rh - 1 - x.ey) * rw2 + (G.rw - 1 - x.ex);  // full index of entry 0
+  const int rw2 = 2 * G.rw - 1, first = (G.rh - 1 - ey) * rw2 + (G.rw - 1 - ex);  // full index of entry 0
   const int r0 = int(threadIdx.x) / x.nx, sr = kThreads / x.nx;
   x.c0 = int(threadIdx.x) - r0 * x.nx;
   x.g0 = first + r0 * rw2 + x.c0;
   x.sc = kThreads - sr * x.nx;
   x.gstep = sr * rw2 + x.sc;
   x.wrap = rw2 - x.nx;
-  if (x.fits && threadIdx.x < G.cap) {
-    const int q = (c.x - y0) * x.nx + (c.y - x0);
+  return x;
+}
+
+// After the barrier that publishes the pack's work lists (all threads): the box of the coordinates of
+// the pack's cap slots (coord_box; padding slots hold (0, 0), which every window's own first token has
+// too; scratch: the second half of S.items, the work lists take at most kMaxTiles entries), then, when
+// it fits tmax entries, each slot's table offset rewritten to the box (S.qi[s].x = 4 Q(s), S.ki[s].x =
+// -4 Q(s); the slot's own thread, read after the head loop's barriers). Block-uniform result.
+__device__ __forceinline__ BwdBox pack_box(const Geo& G, const Pack& S, int tmax) {
+  const bool has = threadIdx.x < G.cap;
+  const int2 c = has ? S.cxy[threadIdx.x] : make_int2(0, 0);
+  const int4 b = coord_box(S.items + kMaxTiles, c, has, G.rh, G.rw);  // {min y, min x, ey, ex}
+  const BwdBox x = box_of(G, b.z, b.w, tmax);
+  if (x.fits && has) {
+    const int q = (c.x - b.x) * x.nx + (c.y - b.y);
     S.qi[threadIdx.x].x = 4 * q;
     S.ki[threadIdx.x].x = -4 * q;
   }
@@ -88,6 +76,42 @@ __device__ __forceinline__ void box_entries(const BwdBox& x, F&& f) {
 __device__ __forceinline__ void zero_floats(float* p, int n) {
 #pragma unroll 1
   for (int e = threadIdx.x; e < n; e += kThreads) p[e] = 0.f;  // bwd box fallback zeroing
+}
+
+// Persistent box tables (plan: several packs per CTA, A.pers): for each of the CTA's n heads the box's
+// bias (pb, cp.async) and its gradient summed over the CTA's packs (pg, zeroed), tmax floats per head,
+// loaded when a pack's box differs from the one they hold and flushed (one RED per entry and head) when
+// it changes, before a whole-table fallback pack and after the CTA's last pack: the (T, nH) table is
+// read and added to once per CTA instead of once per pack. Entry e of every box belongs to thread
+// e % kThreads (box_entries), so loads, sums and flushes of one entry never cross threads.
+__device__ __forceinline__ void box_load(const BwdBox& x, const float* rpb, int nH, int tmax, float* pb, float* pg,
+                                         int h0, int n) {
+#pragma unroll 1
+  for (int i = 0; i < n; ++i) {  // bwd box loads
+    float* b = pb + i * tmax;
+    float* g = pg + i * tmax;
+    const int h = h0 + i;
+    box_entries(x, [&](int e, int gi) {
+      prim::cp_async<4>(b + e, rpb + unsigned(gi * nH + h));
+      g[e] = 0.f;
+    });
+  }
+  prim::cp_async_commit();
+}
+
+// pg (times inv_dsc) into drpb (T, nH) for n heads from h0 (the RED skipped for an exact 0 sum).
+__device__ __forceinline__ void box_flush(const BwdBox& x, float* drpb, int nH, int tmax, const float* pg,
+                                          float inv_dsc, int h0, int n) {
+  const unsigned row_bytes = static_cast<unsigned>(nH) * unsigned(sizeof(float));
+#pragma unroll 1
+  for (int i = 0; i < n; ++i) {  // bwd box flushes
+    const float* g = pg + i * tmax;
+    unsigned char* const dst = reinterpret_cast<unsigned char*>(drpb + h0 + i);
+    box_entries(x, [&](int e, int gi) {
+      const float v = g[e];
+      if (v != 0.f) prim::red_add(reinterpret_cast<float*>(dst + size_t(unsigned(gi)) * row_bytes), v * inv_dsc);
+    });
+  }
 }
 
 }  // namespace mixkernels::cuda::wattn

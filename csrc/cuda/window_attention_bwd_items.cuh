@@ -19,6 +19,7 @@ struct BwdArgs {
   float* dls;   // cosine mode: fast (nH) zeroed; deterministic: partials [nslots][nH], zeroed; null: not needed
   int hg, nhg, nslots;
   int tmax;  // coords box plan: the box tables' entries (window_attention_bwd_box.cuh), else 0
+  int pers;  // coords box plan: 1 = persistent box tables over the CTA's packs (box_load / box_flush)
 };
 
 struct HeadSmem {

@@ -15,6 +15,8 @@
 // n-tile j, c[j][0..1] = (row g, cols 8j+2t..8j+2t+1) and c[j][2..3] = (row g+8, same cols).
 // fp16/bf16 only: float32 calls run the legacy kernels.
 #pragma once
+#include <climits>
+
 #include "mixkernels/cuda_common.h"
 #include "window_attention_index.cuh"
 
@@ -367,6 +369,25 @@ __device__ void prologue(const Geo& G, int pack, const Pack& S, unsigned char* s
       S.uni[t] = last == first + 15 && S.seg[first].x == S.seg[last].x;
     }
   }
+}
+
+// Coords calls: {min y, min x, ey, ex} of the coordinates c (c.x = y, c.y = x) of the threads with
+// `has` (a pack's slots), ey / ex the y / x spans capped at the table's half-widths rh-1 / rw-1: every
+// pair's difference lies in [-ey, ey] x [-ex, ex] or out of the table's range. The spans are unsigned
+// differences (exact for any ints, max >= min). All threads call (two barriers inside); box: 4 ints
+// of free shared memory {min y, max y, min x, max x}. Block-uniform result (forward and backward).
+__device__ __forceinline__ int4 coord_box(int* box, int2 c, bool has, int rh, int rw) {
+  if (threadIdx.x == 0) box[0] = box[2] = INT_MAX, box[1] = box[3] = INT_MIN;
+  __syncthreads();
+  if (has) {
+    atomicMin(box, c.x);
+    atomicMax(box + 1, c.x);
+    atomicMin(box + 2, c.y);
+    atomicMax(box + 3, c.y);
+  }
+  __syncthreads();
+  const unsigned sy = unsigned(box[1]) - unsigned(box[0]), sx = unsigned(box[3]) - unsigned(box[2]);
+  return make_int4(box[0], box[2], sy < unsigned(rh - 1) ? int(sy) : rh - 1, sx < unsigned(rw - 1) ? int(sx) : rw - 1);
 }
 
 // Key blocks of 16 a tile visits, and the tile order / warp assignment (longest first, each to

@@ -340,6 +340,25 @@ CUDA_RULES: List[Rule] = [
     # the coords box plan (window_attention_bwd_box.cuh): per head the box's entries are loaded, copied
     # into the interleaved tables and flushed; packs whose box exceeds tmax run the whole-table two-pass
     # code (its head loop and zeroing: never at these shapes, UM-MAE boxes are 33 x 33 of tmax ~1900)
+    # persistent box tables (plan "pers"): loaded once per CTA (one box per call), folded per pack, flushed last
+    Rule(r"for \(int i = 0; i < n; \+\+i\) \{  // bwd box loads",
+         _fz(lambda w, c: w["hg"] * w["nslots"] / w["npacks"] if w.get("pers") else 0.0),
+         "persistent box tables: hg heads loaded once per CTA (per pack: hg x nslots / npacks)", kernel=_FUSED),
+    Rule(r"for \(int i = 0; i < n; \+\+i\) \{  // bwd box flushes", lambda c: 0.0,
+         "persistent box tables flushed on a box change: never at these shapes (one box per call)",
+         via=r"bwd box change", kernel=_FUSED),
+    Rule(r"for \(int i = 0; i < n; \+\+i\) \{  // bwd box flushes",
+         _fz(lambda w, c: w["hg"] if w.get("pers") else 0.0),
+         "persistent box tables: hg heads flushed after the CTA's last pack (call site: bwd box last flush)",
+         kernel=_FUSED),
+    Rule(r"for \(int e = threadIdx\.x; e < x\.nb; e \+= kThreads\)",
+         _fz(lambda w, c: 0.0 if w.get("pers") else lane_strided((2 * _box(c) + 1) ** 2, THREADS_FUSED)),
+         "box entries loaded and flushed per pack and head: not with persistent box tables",
+         via=r"bwd box per-pack (load|flush)", kernel=_FUSED),
+    Rule(r"for \(int e = threadIdx\.x; e < x\.nb; e \+= kThreads\)",
+         _fz(lambda w, c: lane_strided((2 * _box(c) + 1) ** 2, THREADS_FUSED) if w.get("pers") else 0.0),
+         "box entries summed into the persistent tables per pack and head: only with them",
+         via=r"bwd box fold", kernel=_FUSED),
     Rule(r"for \(int e = threadIdx\.x; e < x\.nb; e \+= kThreads\)",
          lambda c: lane_strided((2 * _box(c) + 1) ** 2, THREADS_FUSED),
          "backward coords box: (2e+1)^2 entries over 256 threads (e = min(r-1, pack coordinate span), see _box)",

@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 __all__ = ["THREADS", "WARPS", "pick_pack", "heads_per_cta", "bwd_heads_per_cta", "layout_bytes", "plan",
-           "bwd_box_bytes", "bwd_box_tmax",
+           "bwd_box_bytes", "bwd_box_tmax", "box_packs_per_cta",
            "mixmim_mask", "attention_workload", "seg_walk"]
 
 THREADS = 256  # kThreads: threads per CTA of the fused kernels
@@ -123,35 +123,50 @@ def plan(kind: str, B: int, H: int, W: int, nH: int, d: int, wh: int, ww: int, r
         tmax, smem = bwd_box_tmax(cap, T, d, es, smem_limit)
         if tmax:
             hg = bwd_heads_per_cta(nslots, nH, n_sm)
-            return dict(out, hg=hg, nhg=-(-nH // hg), nbuf=1, nslots=nslots, smem=smem, one=True, tmax=tmax,
+            nhg = -(-nH // hg)
+            k = box_packs_per_cta(npacks, nhg, n_sm)
+            want = min(T, (2 * min(rh - 1, 2 * wh) + 1) * (2 * min(rw - 1, 2 * ww) + 1))
+            lp, lsmem = bwd_box_tmax(cap, T, d, es, smem_limit, hg) if k > 1 else (0, 0)
+            pers = lp >= want
+            if pers:  # persistent box tables: k packs per CTA
+                tmax, smem, nslots = lp, lsmem, -(-npacks // k)
+            return dict(out, hg=hg, nhg=nhg, nbuf=1, nslots=nslots, smem=smem, one=True, tmax=tmax, pers=pers,
                         fits=True)
     # one-pass plan: the cap x cap dS^T matrix (pitch cap + 8) after the layout, one CTA per SM
     smem = layout_bytes(cap, T, d, es, 5, 1, True, tabf(True))
     one = not cosine and smem + cap * (cap + 8) * es <= smem_limit
     smem = smem + cap * (cap + 8) * es if one else layout_bytes(cap, T, d, es, 5, 1, True, tabf(False))
     hg = bwd_heads_per_cta(nslots, nH, (1 if one else 2) * n_sm)
-    return dict(out, hg=hg, nhg=-(-nH // hg), nbuf=1, nslots=nslots, smem=smem, one=one, tmax=0,
+    return dict(out, hg=hg, nhg=-(-nH // hg), nbuf=1, nslots=nslots, smem=smem, one=one, tmax=0, pers=False,
                 fits=smem <= smem_limit)
 
 
-def bwd_box_bytes(cap: int, tmax: int, d: int, es: int) -> int:
+def bwd_box_bytes(cap: int, tmax: int, d: int, es: int, ph: int = 0) -> int:
     """Shared memory of the coords box plan at a budget of tmax table entries: the one-pass layout with
-    tables of tmax entries, plus the dS^T matrix."""
-    return layout_bytes(cap, tmax, d, es, 5, 1, True, 8 * (tmax + 1)) + cap * (cap + 8) * es
+    tables of tmax entries (and ph heads' persistent box bias and gradient sum, tmax floats each), plus
+    the dS^T matrix."""
+    return layout_bytes(cap, tmax, d, es, 5, 1, True, 8 * (tmax + 1) + 2 * ph * tmax) + cap * (cap + 8) * es
 
 
-def bwd_box_tmax(cap: int, T: int, d: int, es: int, smem_limit: int = SMEM_OPTIN) -> Tuple[int, int]:
+def box_packs_per_cta(packs: int, nhg: int, slots: int) -> int:
+    """plan_backward's packs per CTA of the coords box plan with persistent tables: the most, up to 8, whose
+    busiest SM (waves x packs per CTA, one CTA per SM) runs no more packs than with one pack per CTA."""
+    busiest = lambda k: -(-(-(-packs // k) * nhg) // slots) * k  # noqa: E731
+    return max([1] + [k for k in range(2, 9) if busiest(k) <= busiest(1)])
+
+
+def bwd_box_tmax(cap: int, T: int, d: int, es: int, smem_limit: int = SMEM_OPTIN, ph: int = 0) -> Tuple[int, int]:
     """plan_backward's coords box budget: (tmax, dynamic shared memory), tmax the most entries <= T
-    whose box layout fits; (0, 0) when none does, or when tmax < T and the whole-table two-pass layout
-    (for packs whose box is larger) does not fit either."""
+    whose box layout (ph heads' persistent tables included) fits; (0, 0) when none does, or when tmax < T
+    and the whole-table two-pass layout (for packs whose box is larger) does not fit either."""
     full = layout_bytes(cap, T, d, es, 5, 1, True, T + 1)
     lo, hi = 0, T
     while lo < hi:
         mid = hi - (hi - lo) // 2
-        lo, hi = (mid, hi) if bwd_box_bytes(cap, mid, d, es) <= smem_limit else (lo, mid - 1)
+        lo, hi = (mid, hi) if bwd_box_bytes(cap, mid, d, es, ph) <= smem_limit else (lo, mid - 1)
     if lo < 1 or (lo < T and full > smem_limit):
         return 0, 0
-    return lo, max(bwd_box_bytes(cap, lo, d, es), full if lo < T else 0)
+    return lo, max(bwd_box_bytes(cap, lo, d, es, ph), full if lo < T else 0)
 
 
 def mixmim_mask(H: int, W: int, seed: int = 0) -> np.ndarray:
