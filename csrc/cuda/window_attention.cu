@@ -9,7 +9,9 @@
 // segments: 32 keys per step (16 at the end), scores on the tensor cores, bias from the head's
 // table slice in shared memory at one add per pair, a mask compare only in blocks that straddle
 // a segment boundary, online softmax in fp32 with the max in natural units and exp2 folded into
-// one FFMA, P rounded to the input type for P@V. O leaves through the warp's own Q rows with
+// one FFMA, P rounded to the input type for P@V. One-window packs (window 14) sum against a fixed
+// per-row reference instead (fwd_tile: a probe of the segment's first keys; the online walk again
+// for a tile whose check fails). O leaves through the warp's own Q rows with
 // 16-byte stores, plus the fp32 lse for the backward. Every input byte is read once.
 //
 // NaN/Inf: scores, biases and masks follow the reference as they are (masked pairs are -inf by
@@ -253,7 +255,9 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
       for (int dj = 0; dj < D / 8; ++dj) z = fmaf(o[dj][2 * rr + 1], 0.f, fmaf(o[dj][2 * rr], 0.f, z));
       bad |= stored[rr] && !(l[rr] >= kLmin && l[rr] <= kLmax && z == 0.f);
     }
-    if (__any_sync(kFull, bad)) {
+    // A loop of at most one trip (it runs only when some row failed).
+#pragma unroll 1
+    for (bool again = __any_sync(kFull, bad); again; again = false) {
       m[0] = m[1] = -INFINITY;
       l[0] = l[1] = 0.f;
 #pragma unroll
