@@ -325,6 +325,20 @@ def test_large_scores_move_the_softmax_reference(gain):
     _check((qkv.float() * gain).to(torch.bfloat16), 2, (14, 14), kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fixed_reference_falls_back_online(dtype):
+    # Window-14 tiles sum p against a fixed reference (the largest of the segment's first 8 keys) and
+    # walk again online when a stored row's sum of p leaves [LMIN, LMAX] (fp16: [0.5, 2^15]) or its O
+    # overflows: scores spread x9 put later keys ~10-20 units above the probe's (fp16 fails the
+    # sum check), and bf16 V near 2^113 makes p * v overflow fp32 while the sum check passes.
+    qkv, kw = _inputs(1, 28, 28, 2, 32, (14, 14), (0, 0), True, False, "shared", dtype)
+    x = qkv.float()
+    x[..., :128] *= 3.0  # q and k: scores x9
+    if dtype == torch.bfloat16:
+        x[..., 128:] *= 2.0 ** 112
+    _check(x.to(dtype), 2, (14, 14), kw, backward=False)
+
+
 def test_deterministic_bias_gradient_is_bit_identical():
     qkv, kw = _inputs(3, 14, 14, 2, 32, (7, 7), (3, 3), True, False, "per_image", torch.bfloat16)
     c = _call(qkv, 2, (7, 7), kw)

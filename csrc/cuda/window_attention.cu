@@ -9,7 +9,9 @@
 // segments: 32 keys per step (16 at the end), scores on the tensor cores, bias from the head's
 // table slice in shared memory at one add per pair, a mask compare only in blocks that straddle
 // a segment boundary, online softmax in fp32 with the max in natural units and exp2 folded into
-// one FFMA, P rounded to the input type for P@V. O leaves through the warp's own Q rows with
+// one FFMA, P rounded to the input type for P@V. One-window packs (window 14) sum against a fixed
+// per-row reference instead (fwd_tile: a probe of the segment's first keys; the online walk again
+// for a tile whose check fails). O leaves through the warp's own Q rows with
 // 16-byte stores, plus the fp32 lse for the backward. Every input byte is read once.
 //
 // NaN/Inf: scores, biases and masks follow the reference as they are (masked pairs are -inf by
@@ -47,18 +49,15 @@ __device__ __forceinline__ float bias_scaled(const RowInfo& r, int2 k, int2 kc, 
   return b;
 }
 
-// FIRST: the tile's first block (m = -inf, l = 0, O = 0: nothing to rescale).
-template <typename T, int D, int BIAS, bool ABIAS, int NT, bool MASKED, bool FIRST>
-__device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFrag<T, D>& qa, const RowInfo (&ri)[2],
-                                          const T* sk, const T* sv, int kb, const unsigned char* smem, int zero_byte,
-                                          float inv, float (&m)[2], float (&l)[2], float (&o)[D / 8][4], int lane) {
+// Scores of the block's 8*NT keys at kb in units of 1/scale: the bias (kept that way in shared memory)
+// starts the accumulators, the tensor cores add q.k (the scale is applied once, in the exponent's FFMA);
+// kseg: the keys' {-4P, segment} for the mask.
+template <typename T, int D, int BIAS, bool ABIAS, int NT>
+__device__ __forceinline__ void block_scores(const Geo& G, const Pack& S, const AFrag<T, D>& qa, const RowInfo (&ri)[2],
+                                             const T* sk, int kb, const unsigned char* smem, int zero_byte, float inv,
+                                             float (&s)[NT][4], int2 (&kseg)[NT][2], int lane) {
   constexpr int LD = Tile<T, D>::kLD;
   const int t = lane & 3, rh2 = 2 * G.rh - 1, rw2 = 2 * G.rw - 1;
-  const float c = G.scale * kLog2e;  // logits are s * scale; exp2 units
-  // Scores in units of 1/scale: the bias (kept that way in shared memory) starts the accumulators,
-  // the tensor cores add q.k; the scale is applied once, in the exponent's FFMA.
-  float s[NT][4];
-  int2 kseg[NT][2];
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     const int k0 = kb + 8 * j + 2 * t;
@@ -78,6 +77,52 @@ __device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFr
     }
   }
   scores_add<T, D, NT>(s, qa, sk + kb * LD, lane);
+}
+
+// The rows' fixed reference for a walk without a running max: their largest score (units of 1/scale)
+// over the 8 keys at kb (a probe: the first keys of a one-window pack tile's segment), masked; -inf
+// where none is allowed there.
+template <typename T, int D, int BIAS, bool ABIAS>
+__device__ __forceinline__ void fwd_probe(const Geo& G, const Pack& S, const AFrag<T, D>& qa, const RowInfo (&ri)[2],
+                                          const T* sk, int kb, const unsigned char* smem, int zero_byte, float inv,
+                                          float (&m)[2], int lane) {
+  float s[1][4];
+  int2 kseg[1][2];
+  block_scores<T, D, BIAS, ABIAS, 1>(G, S, qa, ri, sk, kb, smem, zero_byte, inv, s, kseg, lane);
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) mx = fmaxf(mx, ri[rr].key == kseg[0][e].y ? s[0][2 * rr + e] : -INFINITY);
+    m[rr] = quad_max(mx);
+  }
+}
+
+// FIRST: the tile's first block (m = -inf, l = 0, O = 0: nothing to rescale). FIXED: against a fixed
+// per-row reference (m holds the exponent base -ref * scale * log2 e): no row max, no rescale.
+template <typename T, int D, int BIAS, bool ABIAS, int NT, bool MASKED, bool FIRST, bool FIXED = false>
+__device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFrag<T, D>& qa, const RowInfo (&ri)[2],
+                                          const T* sk, const T* sv, int kb, const unsigned char* smem, int zero_byte,
+                                          float inv, float (&m)[2], float (&l)[2], float (&o)[D / 8][4], int lane) {
+  constexpr int LD = Tile<T, D>::kLD;
+  const float c = G.scale * kLog2e;  // logits are s * scale; exp2 units
+  float s[NT][4];
+  int2 kseg[NT][2];
+  block_scores<T, D, BIAS, ABIAS, NT>(G, S, qa, ri, sk, kb, smem, zero_byte, inv, s, kseg, lane);
+  if constexpr (FIXED) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[j][e];
+        if constexpr (MASKED) x = ri[e >> 1].key == kseg[j][e & 1].y ? x : -INFINITY;
+        const float p = prim::ex2(fmaf(x, c, m[e >> 1]));
+        l[e >> 1] += p;
+        s[j][e] = p;
+      }
+    accum<T, D, NT>(o, s, sv + kb * LD, lane);
+    return;
+  }
   float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int j = 0; j < NT; ++j)
@@ -149,34 +194,76 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
   using Eight = std::integral_constant<int, 8>;
   using Four = std::integral_constant<int, 4>;
   using Two = std::integral_constant<int, 2>;
+  // Rows of the tile that are stored (the rest: padding, never checked or stored).
+  bool stored[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int q = r0 + g + 8 * rr;
+    stored[rr] = q < rows && (!ONE || S.tok[q] >= 0);
+  }
   if constexpr (ONE) {
     // The walk (one_walk): a masked prefix [b0, b0 + P), the unmasked middle [lo, hi) = [b0 + P, end - Q)
-    // and a masked suffix [end - Q, end), each block kind in its own loop (block order is free in online
-    // softmax).
+    // and a masked suffix [end - Q, end), each block kind in its own loop (block order is free in the
+    // sums). FIXED: against the probe's reference, else online (max and rescale).
     const int P = un >> 8, Q = un & 255, b0 = lo - P, end = hi + Q;
-    auto block = [&](auto nt, auto masked, int kb) {
-      fwd_block<T, D, BIAS, ABIAS, decltype(nt)::value, decltype(masked)::value, false>(G, S, qa, ri, sk, sv, kb, smem,
-                                                                                         zero_byte, A.inv_scale, m, l, o,
-                                                                                         lane);
+    float nb[2];
+    auto walk = [&](auto fixed) {
+      constexpr bool F = decltype(fixed)::value;
+      auto block = [&](auto nt, auto masked, int kb) {
+        fwd_block<T, D, BIAS, ABIAS, decltype(nt)::value, decltype(masked)::value, false, F>(
+            G, S, qa, ri, sk, sv, kb, smem, zero_byte, A.inv_scale, F ? nb : m, l, o, lane);
+      };
+      // Masked 32-key blocks: the prefix's, then a 32-key suffix.
+      const int pm = P >> 5, nm32 = pm + (Q == 32);
+#pragma unroll 1
+      for (int i = 0; i < nm32; ++i) block(Four{}, std::true_type{}, i < pm ? b0 + 32 * i : end - 32);
+      // Masked 16-key blocks: what is left of the prefix, then a 16-key suffix.
+      const int nm16 = ((P >> 4) & 1) + (Q == 16);
+#pragma unroll 1
+      for (int i = 0; i < nm16; ++i) block(Two{}, std::true_type{}, i == 0 && (P & 16) ? b0 + P - 16 : end - 16);
+      // The unmasked middle in 64-key blocks (one max update, rescale vote and loop step per 64 keys
+      // online), then at most one block of 32 and one of 16.
+      const int m1 = hi;
+      int kb = lo;
+#pragma unroll 1
+      for (; kb + 64 <= m1; kb += 64) block(Eight{}, std::false_type{}, kb);
+#pragma unroll 1
+      for (; kb + 32 <= m1; kb += 32) block(Four{}, std::false_type{}, kb);  // 0 or 1 time
+#pragma unroll 1
+      for (; kb < m1; kb += 16) block(Two{}, std::false_type{}, kb);  // 0 or 1 time
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) l[rr] = quad_sum(l[rr]);
     };
-    // Masked 32-key blocks: the prefix's, then a 32-key suffix.
-    const int pm = P >> 5, nm32 = pm + (Q == 32);
+    // Softmax against a fixed reference per row: the largest score over the segment's first 8 keys
+    // (fwd_probe), p = exp2(s c - ref c) summed with no running max and no rescale. Kept when every
+    // stored row's sum of p lies in [LMIN, LMAX] and its O is finite: p <= LMAX stays within the
+    // input type (fp16: 2^15), and a p > 1 times a large |v| that overflows O shows as Inf. Otherwise
+    // (a key far above the probe's, NaN/Inf, a row with no allowed probe key, huge V) the tile walks
+    // again online (p <= 1), as before.
+    constexpr bool kHalf = std::is_same<T, __half>::value;
+    constexpr float kLmin = kHalf ? 0.5f : 0x1p-32f, kLmax = kHalf ? 0x1p15f : 0x1p32f;
+    const float c = G.scale * kLog2e;
+    fwd_probe<T, D, BIAS, ABIAS>(G, S, qa, ri, sk, b0, smem, zero_byte, A.inv_scale, m, lane);
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) nb[rr] = -(m[rr] == -INFINITY ? 0.f : m[rr]) * c;
+    walk(std::true_type{});  // fixed reference
+    bool bad = false;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float z = 0.f;  // NaN iff some O entry of the row is NaN/Inf
+#pragma unroll
+      for (int dj = 0; dj < D / 8; ++dj) z = fmaf(o[dj][2 * rr + 1], 0.f, fmaf(o[dj][2 * rr], 0.f, z));
+      bad |= stored[rr] && !(l[rr] >= kLmin && l[rr] <= kLmax && z == 0.f);
+    }
+    // A loop of at most one trip (it runs only when some row failed).
 #pragma unroll 1
-    for (int i = 0; i < nm32; ++i) block(Four{}, std::true_type{}, i < pm ? b0 + 32 * i : end - 32);
-    // Masked 16-key blocks: what is left of the prefix, then a 16-key suffix.
-    const int nm16 = ((P >> 4) & 1) + (Q == 16);
-#pragma unroll 1
-    for (int i = 0; i < nm16; ++i) block(Two{}, std::true_type{}, i == 0 && (P & 16) ? b0 + P - 16 : end - 16);
-    // The unmasked middle in 64-key blocks (one max update, rescale vote and loop step per 64 keys),
-    // then at most one block of 32 and one of 16.
-    const int m1 = hi;
-    int kb = lo;
-#pragma unroll 1
-    for (; kb + 64 <= m1; kb += 64) block(Eight{}, std::false_type{}, kb);
-#pragma unroll 1
-    for (; kb + 32 <= m1; kb += 32) block(Four{}, std::false_type{}, kb);  // 0 or 1 time
-#pragma unroll 1
-    for (; kb < m1; kb += 16) block(Two{}, std::false_type{}, kb);  // 0 or 1 time
+    for (bool again = __any_sync(kFull, bad); again; again = false) {
+      m[0] = m[1] = -INFINITY;
+      l[0] = l[1] = 0.f;
+#pragma unroll
+      for (int dj = 0; dj < D / 8; ++dj) o[dj][0] = o[dj][1] = o[dj][2] = o[dj][3] = 0.f;
+      walk(std::false_type{});  // online fallback walk
+    }
   } else {
     // Several windows per pack (tiles span windows: mostly masked blocks): one walk, the block kind
     // chosen per block.
@@ -203,21 +290,20 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
       else
         step(Two{}, std::false_type{}, kb);
     }
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) l[rr] = quad_sum(l[rr]);
   }
   float lse[2], inv[2];
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    l[rr] = quad_sum(l[rr]);
     // l = 0 only when every allowed key is -inf: 0 * rcp(0) = NaN, lse = -inf (the reference's).
     inv[rr] = prim::rcp(l[rr]);
     lse[rr] = (m[rr] == -INFINITY ? 0.f : m[rr]) * G.scale + prim::lg2(l[rr]) * kLn2;
   }
   if ((lane & 3) == 0) {
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      const int q = r0 + g + 8 * rr;
-      if (q < rows && (!ONE || S.tok[q] >= 0)) A.lse[S.lrow[q] + h * G.N] = lse[rr];
-    }
+    for (int rr = 0; rr < 2; ++rr)
+      if (stored[rr]) A.lse[S.lrow[r0 + g + 8 * rr] + h * G.N] = lse[rr];
   }
   store_rows_warp<T, D, ONE>(o, inv[0], inv[1], sq + r0 * TL::kLD, static_cast<T*>(A.out) + h * D, G.C, S.tok, r0, rows,
                         lane);

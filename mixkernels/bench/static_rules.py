@@ -282,6 +282,15 @@ CUDA_RULES: List[Rule] = [
     Rule(r"for \(kb \+= 32; kb < end; kb \+= 32\)", _fz(lambda w, c: sum(w["c32"].values()) / w["ftiles"] - 1),
          "key blocks (32, or a last 16) per query tile after the peeled first one (segment ranges, emulated)",
          kernel=_FUSED),
+    # the online walk after a failed fixed reference (fwd_tile, ONE): never at the model's inputs
+    Rule(r"for \(bool again = __any_sync\(kFull, bad\); again; again = false\)", lambda c: 0.0,
+         "one-window tile's online walk again: only after the probe's reference fails a row (never at the "
+         "model's inputs)", kernel=_FUSED),
+    *[Rule(w, lambda c: 0.0, "one-window tile's online walk: only after the probe's reference fails a row "
+           "(never at the model's inputs)", via=r"online fallback walk", kernel=_FUSED)
+      for w in (r"for \(int i = 0; i < nm32; \+\+i\)", r"for \(int i = 0; i < nm16; \+\+i\)",
+                r"for \(; kb \+ 64 <= m1; kb \+= 64\)", r"for \(; kb \+ 32 <= m1; kb \+= 32\)",
+                r"for \(; kb < m1; kb \+= 16\)")],
     Rule(r"for \(int i = 0; i < nm32; \+\+i\)", _fz(lambda w, c: w["c32"][(32, True)] / w["ftiles"]),
          "masked 32-key blocks per query tile (segment ranges, emulated)", kernel=_FUSED),
     Rule(r"for \(int i = 0; i < nm16; \+\+i\)", _fz(lambda w, c: w["c32"][(16, True)] / w["ftiles"]),
