@@ -503,8 +503,8 @@ def _code_offs(wh, ww, device):
 
 def _tables(rpb, attn_bias, qkv, num_heads):
     """(nH, T) relative-position table pre-scaled by log2e (a head's row is contiguous); dummies
-    (never read) for absent inputs."""
-    tab = qkv if rpb is None else (rpb.t() * _LOG2E).contiguous()
+    (never read) for absent inputs. One launch: scaled straight into the contiguous buffer."""
+    tab = qkv if rpb is None else torch.mul(rpb.t(), _LOG2E, out=rpb.new_empty((rpb.shape[1], rpb.shape[0])))
     return tab, qkv if attn_bias is None else attn_bias
 
 

@@ -273,6 +273,51 @@ def _gather_table_kernel(dsum, drpb, NH, HS: tl.constexpr, SI: tl.constexpr, SJ:
     tl.store(drpb + t * NH + offs_h, tl.sum(acc, 1), mask=offs_h < NH)
 
 
+@triton.jit
+def _sp_bias_kernel(rpb, abias, group, tile, dsum, inv_scale, NH, W, nWw, N: tl.constexpr, WH: tl.constexpr,
+                    WW: tl.constexpr, NK: tl.constexpr, NQ: tl.constexpr, BK: tl.constexpr, BQ: tl.constexpr,
+                    HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, LABELS: tl.constexpr, ZERO: tl.constexpr):
+    """The single pass's bias tile (``_bias_tile``'s spec) in one launch. Program (p, key block kb):
+    tile p = w * NH + h (LABELS: per window position w) or h, keys [kb * BK, +BK), every query.
+    [p, key j, query i] = (rpb[Swin index(i, j), h] + abias[h, i, j]) * inv_scale (fp32 1 / scale), 0 at
+    padded queries, -inf at padded keys and (LABELS) where the labels of i and j (batch-shared
+    ``group`` (1, H, W) at window position w, compared at full width) differ. ZERO: the programs of
+    w = 0 also zero the same block of the bias-gradient sums ``dsum`` (nH, NK, NQ) (their atomics'
+    target: no memset of its own)."""
+    p = tl.program_id(0)
+    h = p % NH
+    offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    offs_q = tl.arange(0, BQ)
+    kin = offs_k < N
+    qin = offs_q < N
+    both = kin[:, None] & qin[None, :]
+    lyk = offs_k // WW
+    lxk = offs_k % WW
+    lyq = offs_q // WW
+    lxq = offs_q % WW
+    val = tl.zeros((BK, BQ), tl.float32)
+    if HAS_RPB:  # table row (y_i - y_j + WH - 1) * (2WW - 1) + x_i - x_j + WW - 1; rpb (T, nH) read in place
+        row = rpb + h + ((WH - 1) * (2 * WW - 1) + WW - 1 - (lyk * (2 * WW - 1) + lxk)) * NH  # per key
+        val = tl.load(row[:, None] + ((lyq * (2 * WW - 1) + lxq) * NH)[None, :], mask=both, other=0.0)
+    if HAS_BIAS:
+        val += tl.load(abias + h * (N * N) + offs_q[None, :] * N + offs_k[:, None], mask=both, other=0.0)
+    val = val * inv_scale  # (a product: IEEE division costs ~10 instructions and an RCP per element)
+    if LABELS:
+        w = p // NH
+        wy = w // nWw
+        wx = w % nWw
+        gk = tl.load(group + (wy * WH + lyk) * W + wx * WW + lxk, mask=kin)
+        gq = tl.load(group + (wy * WH + lyq) * W + wx * WW + lxq, mask=qin)
+        val = tl.where((gk[:, None] == gq[None, :]) | (offs_q >= N)[None, :], val, float("-inf"))
+    val = tl.where(kin[:, None], val, float("-inf"))
+    inb = (offs_k < NK)[:, None] & (offs_q < NQ)[None, :]
+    blk = offs_k[:, None] * NQ + offs_q[None, :]
+    tl.store(tile + p * (NK * NQ) + blk, val, mask=inb)
+    if ZERO:
+        if p < NH:
+            tl.store(dsum + h * (NK * NQ) + blk, tl.zeros((BK, BQ), tl.float32), mask=inb)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 # Deterministic multi-tile backward and every single-tile backward: about this many programs
@@ -338,36 +383,25 @@ def _bwd_config(N, D, single, no_sp, f32):
     return (32, 16, 16, 4, 1, False) if D >= 64 else (64, 32, 16, 4, 1, False)
 
 
-def _bias_tile(rpb, attn_bias, wh, ww, nh, nk, nq, scale, qkv, labels=None):
+def _bias_tile(rpb, attn_bias, group, wh, ww, nh, nk, nq, scale, qkv, dsum):
     """The single pass's bias: (nH, NK, NQ) fp32, [h, key j, query i] = (table[Swin index(i, j), h] +
-    attn_bias[h, i, j]) / scale (the kernel scales it with the scores); padded keys -inf (masked by
-    position), padded queries 0; a dummy (never read) without bias. ``labels`` (nW, N): the group
-    labels of each window position (shared by the batch, no shift): then (nW, nH, NK, NQ), one tile
-    per window position with -inf where the labels differ (the kernel's scores need no select there)."""
-    if rpb is None and attn_bias is None and labels is None:
+    attn_bias[h, i, j]) * fp32(1 / scale) (the kernel scales it with the scores); padded keys -inf (masked by
+    position), padded queries 0; a dummy (never read) without bias. ``group`` (1, H, W) (labels shared
+    by the batch, no shift) or None: then (nW * nH, NK, NQ), one tile per window position with -inf
+    where the labels differ (the kernel's scores need no select there). One launch
+    (``_sp_bias_kernel``), which also zeroes ``dsum`` (nH, NK, NQ) unless None; inputs contiguous."""
+    if rpb is None and attn_bias is None and group is None:
         return qkv
-    n = wh * ww
-    bias = torch.zeros((nh, n, n), dtype=torch.float32, device=qkv.device)
-    if rpb is not None:
-        c = _codes(wh, ww, qkv.device)[:n].long()
-        bias = bias + rpb[c[:, None] - c[None, :] + ((wh - 1) * (2 * ww - 1) + ww - 1)].permute(2, 0, 1)
-    if attn_bias is not None:
-        bias = bias + attn_bias
-    tile = torch.zeros((nh, nk, nq), dtype=torch.float32, device=qkv.device)
-    tile[:, n:, :] = float("-inf")
-    tile[:, :n, :n] = bias.transpose(1, 2) / scale
-    if labels is None:
-        return tile
-    # [w, key j, query i]: labels compared at full width; the large tile written once (one pass)
-    same = torch.ones((labels.shape[0], nk, nq), dtype=torch.bool, device=qkv.device)
-    same[:, :n, :n] = labels[:, :, None] == labels[:, None, :]
-    return torch.where(same[:, None], tile[None], float("-inf")).reshape(labels.shape[0] * nh, nk, nq)
-
-
-def _window_labels(group, wh, ww):
-    """(nW, N) labels of each window position from batch-shared labels (1, H, W) (no shift)."""
-    _, H, W = group.shape
-    return group[0].reshape(H // wh, wh, W // ww, ww).permute(0, 2, 1, 3).reshape((H // wh) * (W // ww), wh * ww)
+    _, H, W, _ = qkv.shape
+    nw = (H // wh) * (W // ww) if group is not None else 1
+    tile = torch.empty((nw * nh, nk, nq), dtype=torch.float32, device=qkv.device)
+    bk = 32 if nk % 32 == 0 else 16  # nk: a multiple of the key tile (16 or 128); 32 rows amortize the columns' work
+    _sp_bias_kernel[(nw * nh, nk // bk)](
+        qkv if rpb is None else rpb, qkv if attn_bias is None else attn_bias, qkv if group is None else group, tile,
+        tile if dsum is None else dsum, 1.0 / float(scale), nh, W, W // ww, N=wh * ww, WH=wh, WW=ww, NK=nk, NQ=nq, BK=bk,
+        BQ=triton.next_power_of_2(nq), HAS_RPB=rpb is not None, HAS_BIAS=attn_bias is not None,
+        LABELS=group is not None, ZERO=dsum is not None, num_warps=4)
+    return tile
 
 
 def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords,
@@ -424,18 +458,21 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     nq = (N // bn) * bn + _tail(N, bn)  # the single pass's padded query count
     # the single pass's dS sums: (nH, NK, NQ) key-major, padded rows and columns written unmasked
     dpad = (kt * bm, nq) if sp else (N, N)
+    run = bnw > 0 and num_heads * D > 0
+    # the single pass's bias-tile launch zeroes dsum (its atomics' target) when it runs
+    zero_in_tile = sp and run and sp_tb != 0 and dsum_mode == 1
     if want_dsum:
         shape = ((chunks,) if per_chunk else ()) + (num_heads,) + dpad
-        dsum = torch.zeros(shape, **f32) if dsum_mode != 3 else alloc(shape, torch.float32, dev)
+        dsum = alloc(shape, torch.float32, dev) if dsum_mode == 3 or zero_in_tile else torch.zeros(shape, **f32)
     else:
         dsum = lse
     dtab = torch.zeros(((chunks,) if tab_mode == 2 else ()) + (num_heads, T), **f32) if want_tab else lse
     dls_mode = 0 if not (cosine and need_dls) else (3 if single else (2 if deterministic else 1))
     dls = torch.zeros(((chunks,) if dls_mode in (2, 3) else ()) + (num_heads,), **f32) if dls_mode else lse
-    if bnw > 0 and num_heads * D > 0:
+    if run:
         if sp:
-            tab, ab = _bias_tile(rpb, attn_bias, wh, ww, num_heads, kt * bm, nq, float(scale), qkv,
-                                 _window_labels(group, wh, ww) if sp_tb == 2 else None), qkv
+            tab, ab = _bias_tile(rpb, attn_bias, group if sp_tb == 2 else None, wh, ww, num_heads, kt * bm, nq,
+                                 float(scale), qkv, dsum if zero_in_tile else None), qkv
         else:
             tab, ab = _tables(rpb, attn_bias, qkv, num_heads)
         G = (1 if group is None else group.shape[0], 1 if coords is None else coords.shape[0])
