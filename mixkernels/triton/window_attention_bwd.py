@@ -94,7 +94,10 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
     C = NH * D
     hd = h * D
     T = (2 * RH - 1) * (2 * RW - 1)
-    tab_h = tab + h * T
+    if SINGLE and not HAS_COORDS:  # the launcher passes rpb (T, nH) itself (``_tables``): read in place
+        tab_h = tab + h
+    else:
+        tab_h = tab + h * T
     ab_h = abias + h * (N * N)
     slot = c if (DSUM_MODE == 2 or DSUM_MODE == 3) else 0
     dsum_h = dsum + (slot * NH + h) * (N * N)
@@ -110,10 +113,18 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
         HAS_T_BIAS: tl.constexpr = (HAS_RPB and not HAS_COORDS) or HAS_BIAS
         code_n = ly_n * (2 * WW - 1) + lx_n
         ly_m, lx_m = _lyx(offs_m, N, WW)
-        tab_m = tab_h + (ly_m * (2 * WW - 1) + lx_m + ((WH - 1) * (2 * WW - 1) + WW - 1))
         ab_m = ab_h + tl.minimum(offs_m, N - 1) * N
-        inv_bias = _t_bias(tab_h, tab_m, code_n, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH, RW,
-                           HAS_RPB and not HAS_COORDS, HAS_BIAS, False, True, ASM)
+        if HAS_COORDS:
+            tab_m = tab_h + (ly_m * (2 * WW - 1) + lx_m + ((WH - 1) * (2 * WW - 1) + WW - 1))
+            inv_bias = _t_bias(tab_h, tab_m, code_n, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH, RW,
+                               False, HAS_BIAS, False, True, ASM)
+        else:  # rpb's column h (stride NH), scaled to log2 units here, once per program
+            tab_m = tab_h + (ly_m * (2 * WW - 1) + lx_m + ((WH - 1) * (2 * WW - 1) + WW - 1)) * NH
+            inv_bias = _t_bias(tab_h, tab_m, code_n * NH, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH, RW,
+                               HAS_RPB, False, False, True, ASM) * 1.4426950408889634
+            if HAS_BIAS:
+                inv_bias += _t_bias(tab_h, tab_m, code_n, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH, RW,
+                                    False, True, False, True, ASM)
         dsum_acc = tl.zeros((BS, BS), tl.float32)
         dls_rows = tl.zeros((BS,), tl.float32)
         offs_d = tl.arange(0, D)
@@ -235,13 +246,15 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
 
 
 @triton.jit
-def _sum_chunks_kernel(part, res, M, n_chunks: tl.constexpr, BLOCK: tl.constexpr):
-    """res[i] = sum_c part[c, i] in chunk order (deterministic)."""
+def _sum_chunks_kernel(part, res, M, n_chunks: tl.constexpr, BLOCK: tl.constexpr, U: tl.constexpr):
+    """res[i] = sum_c part[c, i] in chunk order (deterministic); U (divides n_chunks) chunks per step,
+    their loads in flight together (one chunk's alone leaves the few programs latency-bound)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     msk = offs < M
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for c in range(0, n_chunks):
-        acc += tl.load(part + c * M + offs, mask=msk, other=0.0)
+    for c in range(0, n_chunks, U):
+        for u in tl.static_range(U):
+            acc += tl.load(part + (c + u) * M + offs, mask=msk, other=0.0)
     tl.store(res + offs, acc, mask=msk)
 
 
@@ -330,6 +343,7 @@ _PROGRAMS = 2 if _INTERPRET else 1024
 # resident (~240 registers x 256 threads), so the windows per program are chosen for the fewest
 # window-heads on the busiest SM (``_sp_stride``), on an SM count of the GPU's (H100/H200: 132).
 _SP_WPP = 2 if _INTERPRET else 64
+_SUM_BLOCK, _SUM_WARPS = 512, 8  # 2 fp32 per thread, U chunks' loads in flight
 _SP_SMS = 132
 
 
@@ -398,8 +412,8 @@ def _bias_tile(rpb, attn_bias, group, wh, ww, nh, nk, nq, scale, qkv, dsum):
     bk = 32 if nk % 32 == 0 else 16  # nk: a multiple of the key tile (16 or 128); 32 rows amortize the columns' work
     _sp_bias_kernel[(nw * nh, nk // bk)](
         qkv if rpb is None else rpb, qkv if attn_bias is None else attn_bias, qkv if group is None else group, tile,
-        tile if dsum is None else dsum, 1.0 / float(scale), nh, W, W // ww, N=wh * ww, WH=wh, WW=ww, NK=nk, NQ=nq, BK=bk,
-        BQ=triton.next_power_of_2(nq), HAS_RPB=rpb is not None, HAS_BIAS=attn_bias is not None,
+        tile if dsum is None else dsum, 1.0 / float(scale), nh, W, W // ww, N=wh * ww, WH=wh, WW=ww, NK=nk, NQ=nq,
+        BK=bk, BQ=triton.next_power_of_2(nq), HAS_RPB=rpb is not None, HAS_BIAS=attn_bias is not None,
         LABELS=group is not None, ZERO=dsum is not None, num_warps=4)
     return tile
 
@@ -474,7 +488,7 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
             tab, ab = _bias_tile(rpb, attn_bias, group if sp_tb == 2 else None, wh, ww, num_heads, kt * bm, nq,
                                  float(scale), qkv, dsum if zero_in_tile else None), qkv
         else:
-            tab, ab = _tables(rpb, attn_bias, qkv, num_heads)
+            tab, ab = _tables(rpb, attn_bias, qkv, num_heads, raw=single and coords is None)
         G = (1 if group is None else group.shape[0], 1 if coords is None else coords.shape[0])
         if sp:  # per program: the rows' records (lse, delta, code, label)
             dlt = torch.empty((chunks * num_heads, nq * 6), **f32)
@@ -502,7 +516,9 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
         res = alloc(part.shape[1:], torch.float32, dev)
         M = res.numel()
         if M:
-            _sum_chunks_kernel[(triton.cdiv(M, 1024),)](part, res, M, n_chunks=chunks, BLOCK=1024)
+            u = next(u for u in (8, 4, 2, 1) if chunks % u == 0)
+            _sum_chunks_kernel[(triton.cdiv(M, _SUM_BLOCK),)](part, res, M, n_chunks=chunks, BLOCK=_SUM_BLOCK, U=u,
+                                                             num_warps=_SUM_WARPS)
         return res
 
     dsum = reduce(dsum, per_chunk) if want_dsum else None
