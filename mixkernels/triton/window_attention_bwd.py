@@ -16,7 +16,8 @@ twice), ``dS`` is exactly 0 at pairs the shift/group rule masks (even in a NaN r
   each with its dK, dV in registers, stream the query blocks (64, and a tail block of 16); dQ is
   summed over the tiles in the program's fp32 slot and stored once. The bias gradient goes to a
   padded key-major ``dsum`` (nH, NK, NQ) by relaxed atomics. Batch-shared group labels (no shift)
-  are folded into the bias tile (one per head and window position, -inf where labels differ).
+  are folded into the bias tile (one per head and window position, -inf where labels differ),
+  built by one launch before the kernel (``_sp_bias_kernel``, which also zeroes ``dsum``).
 * Other larger windows: a program owns a (window, head); phase 1 walks the key blocks and, for
   each, all query tiles (dK, dV of the block complete, and the bias gradient), phase 2 walks the
   query tiles and, for each, all key blocks (dQ complete): S and P are computed twice instead of
@@ -120,11 +121,11 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
                                False, HAS_BIAS, False, True, ASM)
         else:  # rpb's column h (stride NH), scaled to log2 units here, once per program
             tab_m = tab_h + (ly_m * (2 * WW - 1) + lx_m + ((WH - 1) * (2 * WW - 1) + WW - 1)) * NH
-            inv_bias = _t_bias(tab_h, tab_m, code_n * NH, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH, RW,
-                               HAS_RPB, False, False, True, ASM) * 1.4426950408889634
-            if HAS_BIAS:
-                inv_bias += _t_bias(tab_h, tab_m, code_n, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH, RW,
-                                    False, True, False, True, ASM)
+            inv_bias = _t_bias(tab_h, tab_m, code_n, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH, RW,
+                               False, HAS_BIAS, False, True, ASM)
+            if HAS_RPB:
+                inv_bias += _t_bias(tab_h, tab_m, code_n * NH, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH,
+                                    RW, True, False, False, True, ASM) * 1.4426950408889634
         dsum_acc = tl.zeros((BS, BS), tl.float32)
         dls_rows = tl.zeros((BS,), tl.float32)
         offs_d = tl.arange(0, D)
@@ -409,12 +410,12 @@ def _bias_tile(rpb, attn_bias, group, wh, ww, nh, nk, nq, scale, qkv, dsum):
     _, H, W, _ = qkv.shape
     nw = (H // wh) * (W // ww) if group is not None else 1
     tile = torch.empty((nw * nh, nk, nq), dtype=torch.float32, device=qkv.device)
-    bk = 32 if nk % 32 == 0 else 16  # nk: a multiple of the key tile (16 or 128); 32 rows amortize the columns' work
+    bk = 32 if nk % 32 == 0 else 16  # nk: a multiple of the key tile (16 or 128); 32 rows amortize the columns
     _sp_bias_kernel[(nw * nh, nk // bk)](
-        qkv if rpb is None else rpb, qkv if attn_bias is None else attn_bias, qkv if group is None else group, tile,
-        tile if dsum is None else dsum, 1.0 / float(scale), nh, W, W // ww, N=wh * ww, WH=wh, WW=ww, NK=nk, NQ=nq,
-        BK=bk, BQ=triton.next_power_of_2(nq), HAS_RPB=rpb is not None, HAS_BIAS=attn_bias is not None,
-        LABELS=group is not None, ZERO=dsum is not None, num_warps=4)
+        qkv if rpb is None else rpb.contiguous(), qkv if attn_bias is None else attn_bias,
+        qkv if group is None else group, tile, tile if dsum is None else dsum, 1.0 / float(scale), nh, W, W // ww,
+        N=wh * ww, WH=wh, WW=ww, NK=nk, NQ=nq, BK=bk, BQ=triton.next_power_of_2(nq), HAS_RPB=rpb is not None,
+        HAS_BIAS=attn_bias is not None, LABELS=group is not None, ZERO=dsum is not None, num_warps=4)
     return tile
 
 
