@@ -398,6 +398,54 @@ def test_triton_sp_group_fully_masked_rows(labels):
     assert torch.isnan(dqkv).any()
 
 
+def _torch_bias_tile(rpb, attn_bias, labels, wh, ww, nh, nk, nq, scale):
+    """The single pass's bias tile built by torch ops (the spec of ``_sp_bias_kernel``)."""
+    n = wh * ww
+    bias = torch.zeros((nh, n, n), dtype=torch.float32)
+    if rpb is not None:
+        j = torch.arange(n)
+        c = (j // ww) * (2 * ww - 1) + j % ww
+        bias = bias + rpb[c[:, None] - c[None, :] + ((wh - 1) * (2 * ww - 1) + ww - 1)].permute(2, 0, 1)
+    if attn_bias is not None:
+        bias = bias + attn_bias
+    tile = torch.zeros((nh, nk, nq), dtype=torch.float32)
+    tile[:, n:, :] = float("-inf")
+    tile[:, :n, :n] = bias.transpose(1, 2) * torch.tensor(1.0 / scale, dtype=torch.float32)
+    if labels is None:
+        return tile
+    same = torch.ones((labels.shape[0], nk, nq), dtype=torch.bool)
+    same[:, :n, :n] = labels[:, :, None] == labels[:, None, :]
+    return torch.where(same[:, None], tile[None], float("-inf")).reshape(labels.shape[0] * nh, nk, nq)
+
+
+@pytest.mark.parametrize("rpb,bias,group", [(True, False, True), (False, True, False), (True, True, False),
+                                            (False, False, True)])
+def test_triton_sp_bias_tile_kernel(rpb, bias, group):
+    """The single pass's bias tile (one launch, ``_sp_bias_kernel``) equals the torch-built tile bit for bit
+    (table + attn_bias over the scale, padded keys -inf, padded queries 0, per window position -inf where
+    the batch-shared labels differ: int64 labels that differ only above bit 32 stay apart), and the
+    launch zeroes the poisoned bias-gradient sums."""
+    tw = pytest.importorskip("mixkernels.triton.window_attention_bwd")
+    nh, wh, ww = 3, 3, 5
+    n, nk, nq = wh * ww, 32, 24
+    H, W = 2 * wh, 3 * ww
+    t = torch.randn((2 * wh - 1) * (2 * ww - 1), nh) if rpb else None
+    ab = torch.randn(nh, n, n) if bias else None
+    g = None
+    if group:
+        g = torch.randint(0, 2, (1, H, W), dtype=torch.int64) + (torch.randint(0, 2, (1, H, W)) << 33)
+    qkv = torch.empty(1, H, W, 3 * nh * 16)
+    dsum = torch.full((nh, nk, nq), float("nan"))
+    got = tw._bias_tile(t, ab, g, wh, ww, nh, nk, nq, 0.37, qkv, dsum)
+    labels = None
+    if group:
+        labels = g[0].reshape(H // wh, wh, W // ww, ww).permute(0, 2, 1, 3).reshape(-1, n)
+        assert (labels[:, :, None] != labels[:, None, :]).any() and ((labels >> 33) != (labels & 1)).any()
+    want = _torch_bias_tile(t, ab, labels, wh, ww, nh, nk, nq, 0.37)
+    assert got.shape == want.shape and torch.equal(got, want)
+    assert torch.equal(dsum, torch.zeros_like(dsum))
+
+
 @pytest.mark.parametrize("nh,win", [(2, (5, 4)), (16, (6, 6)), (17, (7, 7))])
 def test_triton_gather_table_kernel(nh, win):
     """The table gradient's gather (drpb[t, h] = sum of dS over the pairs with Swin index t), both of its

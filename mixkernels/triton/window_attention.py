@@ -18,7 +18,8 @@ conversion), one compare+select for the shift or group mask (labels read per tok
 labels compared at full width), max, exp2, sum. Padded query rows read a real token and are
 never stored; padded keys read zeros and are masked to ``-inf`` by position. Windows of one
 tile (N <= 64: Swin/MixMIM window 7, UM-MAE window 8) loop over several windows per program
-with the window-invariant bias tile gathered once. The grid is head-fastest: the programs of
+with the window-invariant bias tile gathered once (without coords straight from ``rpb`` (T, nH), scaled
+there: no launch for a scaled copy of the table). The grid is head-fastest: the programs of
 one window's heads run side by side and share its qkv rows in L2.
 
 Windows over one tile with a group and/or shift mask and neither attn_bias nor coords (MixMIM
@@ -317,7 +318,10 @@ def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes, ls,
         qk_scale = _head_scale(ls, h) * 1.4426950408889634
     C = NH * D
     hd = h * D
-    tab_h = tab + h * ((2 * RH - 1) * (2 * RW - 1))  # (nH, T) table, pre-scaled by log2e
+    if SINGLE and not HAS_COORDS:  # the launcher passes rpb (T, nH) itself (``_tables``): read in place
+        tab_h = tab + h
+    else:
+        tab_h = tab + h * ((2 * RH - 1) * (2 * RW - 1))  # (nH, T) table, pre-scaled by log2e
     ab_h = abias + h * (N * N)
     N_TILES: tl.constexpr = N // BLOCK_M
     if SINGLE:
@@ -328,9 +332,10 @@ def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes, ls,
         col_ok = offs_n < N
         INV_BIAS: tl.constexpr = (HAS_RPB and not HAS_COORDS) or HAS_BIAS
         inv_bias = tl.zeros((BS, BS), tl.float32)
-        if HAS_RPB and not HAS_COORDS:
-            tab_m = tab_h + (ly_m * (2 * WW - 1) + lx_m + ((WH - 1) * (2 * WW - 1) + WW - 1))
-            inv_bias += _gather(tab_m[:, None] - (ly_n * (2 * WW - 1) + lx_n)[None, :], col_ok, False, ASM)
+        if HAS_RPB and not HAS_COORDS:  # rpb's column h (stride NH), scaled to log2 units here, once per program
+            tab_m = tab_h + (ly_m * (2 * WW - 1) + lx_m + ((WH - 1) * (2 * WW - 1) + WW - 1)) * NH
+            inv_bias += _gather(tab_m[:, None] - ((ly_n * (2 * WW - 1) + lx_n) * NH)[None, :], col_ok, False,
+                                ASM) * 1.4426950408889634
         if HAS_BIAS:
             inv_bias += _gather(ab_h + tl.minimum(offs_m, N - 1)[:, None] * N + offs_n[None, :], col_ok[None, :],
                                 True, ASM) * 1.4426950408889634
@@ -501,10 +506,15 @@ def _code_offs(wh, ww, device):
     return t
 
 
-def _tables(rpb, attn_bias, qkv, num_heads):
-    """(nH, T) relative-position table pre-scaled by log2e (a head's row is contiguous); dummies
-    (never read) for absent inputs."""
-    tab = qkv if rpb is None else (rpb.t() * _LOG2E).contiguous()
+def _tables(rpb, attn_bias, qkv, num_heads, raw=False):
+    """(nH, T) relative-position table pre-scaled by log2e (a head's row is contiguous; one launch:
+    scaled straight into the contiguous buffer), or ``raw`` (single-tile windows without coords: the
+    kernels gather their bias tile once per program and scale it there) rpb (T, nH) itself, no launch;
+    dummies (never read) for absent inputs."""
+    if rpb is None or raw:
+        tab = qkv if rpb is None else rpb.contiguous()
+    else:
+        tab = torch.mul(rpb.t(), _LOG2E, out=rpb.new_empty((rpb.shape[1], rpb.shape[0])))
     return tab, qkv if attn_bias is None else attn_bias
 
 
@@ -551,9 +561,9 @@ def _forward(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, 
     heavy = masks > 0 or qkv.dtype == torch.float32 or (group is not None and group.dtype == torch.int64)
     wide = masks + (group is not None) >= 2 or (heavy and D >= 64)
     bm, bn, tpp, warps, stages = _fwd_config(N, D, heavy, wide)
-    tab, ab = _tables(rpb, attn_bias, qkv, num_heads)
     bnw = B * nW
     single = _single(N)
+    tab, ab = _tables(rpb, attn_bias, qkv, num_heads, raw=single and coords is None)
     wpp = _windows_per_program(bnw * num_heads, single)
     G = (1 if group is None else group.shape[0], 1 if coords is None else coords.shape[0])
     _fwd_kernel[(num_heads, triton.cdiv(bnw, wpp))](

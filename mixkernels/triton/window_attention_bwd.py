@@ -16,7 +16,8 @@ twice), ``dS`` is exactly 0 at pairs the shift/group rule masks (even in a NaN r
   each with its dK, dV in registers, stream the query blocks (64, and a tail block of 16); dQ is
   summed over the tiles in the program's fp32 slot and stored once. The bias gradient goes to a
   padded key-major ``dsum`` (nH, NK, NQ) by relaxed atomics. Batch-shared group labels (no shift)
-  are folded into the bias tile (one per head and window position, -inf where labels differ).
+  are folded into the bias tile (one per head and window position, -inf where labels differ),
+  built by one launch before the kernel (``_sp_bias_kernel``, which also zeroes ``dsum``).
 * Other larger windows: a program owns a (window, head); phase 1 walks the key blocks and, for
   each, all query tiles (dK, dV of the block complete, and the bias gradient), phase 2 walks the
   query tiles and, for each, all key blocks (dQ complete): S and P are computed twice instead of
@@ -94,7 +95,10 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
     C = NH * D
     hd = h * D
     T = (2 * RH - 1) * (2 * RW - 1)
-    tab_h = tab + h * T
+    if SINGLE and not HAS_COORDS:  # the launcher passes rpb (T, nH) itself (``_tables``): read in place
+        tab_h = tab + h
+    else:
+        tab_h = tab + h * T
     ab_h = abias + h * (N * N)
     slot = c if (DSUM_MODE == 2 or DSUM_MODE == 3) else 0
     dsum_h = dsum + (slot * NH + h) * (N * N)
@@ -110,10 +114,18 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
         HAS_T_BIAS: tl.constexpr = (HAS_RPB and not HAS_COORDS) or HAS_BIAS
         code_n = ly_n * (2 * WW - 1) + lx_n
         ly_m, lx_m = _lyx(offs_m, N, WW)
-        tab_m = tab_h + (ly_m * (2 * WW - 1) + lx_m + ((WH - 1) * (2 * WW - 1) + WW - 1))
         ab_m = ab_h + tl.minimum(offs_m, N - 1) * N
-        inv_bias = _t_bias(tab_h, tab_m, code_n, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH, RW,
-                           HAS_RPB and not HAS_COORDS, HAS_BIAS, False, True, ASM)
+        if HAS_COORDS:
+            tab_m = tab_h + (ly_m * (2 * WW - 1) + lx_m + ((WH - 1) * (2 * WW - 1) + WW - 1))
+            inv_bias = _t_bias(tab_h, tab_m, code_n, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH, RW,
+                               False, HAS_BIAS, False, True, ASM)
+        else:  # rpb's column h (stride NH), scaled to log2 units here, once per program
+            tab_m = tab_h + (ly_m * (2 * WW - 1) + lx_m + ((WH - 1) * (2 * WW - 1) + WW - 1)) * NH
+            inv_bias = _t_bias(tab_h, tab_m, code_n, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH, RW,
+                               False, HAS_BIAS, False, True, ASM)
+            if HAS_RPB:
+                inv_bias += _t_bias(tab_h, tab_m, code_n * NH, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH,
+                                    RW, True, False, False, True, ASM) * 1.4426950408889634
         dsum_acc = tl.zeros((BS, BS), tl.float32)
         dls_rows = tl.zeros((BS,), tl.float32)
         offs_d = tl.arange(0, D)
@@ -235,13 +247,15 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
 
 
 @triton.jit
-def _sum_chunks_kernel(part, res, M, n_chunks: tl.constexpr, BLOCK: tl.constexpr):
-    """res[i] = sum_c part[c, i] in chunk order (deterministic)."""
+def _sum_chunks_kernel(part, res, M, n_chunks: tl.constexpr, BLOCK: tl.constexpr, U: tl.constexpr):
+    """res[i] = sum_c part[c, i] in chunk order (deterministic); U (divides n_chunks) chunks per step,
+    their loads in flight together (one chunk's alone leaves the few programs latency-bound)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     msk = offs < M
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for c in range(0, n_chunks):
-        acc += tl.load(part + c * M + offs, mask=msk, other=0.0)
+    for c in range(0, n_chunks, U):
+        for u in tl.static_range(U):
+            acc += tl.load(part + (c + u) * M + offs, mask=msk, other=0.0)
     tl.store(res + offs, acc, mask=msk)
 
 
@@ -273,6 +287,51 @@ def _gather_table_kernel(dsum, drpb, NH, HS: tl.constexpr, SI: tl.constexpr, SJ:
     tl.store(drpb + t * NH + offs_h, tl.sum(acc, 1), mask=offs_h < NH)
 
 
+@triton.jit
+def _sp_bias_kernel(rpb, abias, group, tile, dsum, inv_scale, NH, W, nWw, N: tl.constexpr, WH: tl.constexpr,
+                    WW: tl.constexpr, NK: tl.constexpr, NQ: tl.constexpr, BK: tl.constexpr, BQ: tl.constexpr,
+                    HAS_RPB: tl.constexpr, HAS_BIAS: tl.constexpr, LABELS: tl.constexpr, ZERO: tl.constexpr):
+    """The single pass's bias tile (``_bias_tile``'s spec) in one launch. Program (p, key block kb):
+    tile p = w * NH + h (LABELS: per window position w) or h, keys [kb * BK, +BK), every query.
+    [p, key j, query i] = (rpb[Swin index(i, j), h] + abias[h, i, j]) * inv_scale (fp32 1 / scale), 0 at
+    padded queries, -inf at padded keys and (LABELS) where the labels of i and j (batch-shared
+    ``group`` (1, H, W) at window position w, compared at full width) differ. ZERO: the programs of
+    w = 0 also zero the same block of the bias-gradient sums ``dsum`` (nH, NK, NQ) (their atomics'
+    target: no memset of its own)."""
+    p = tl.program_id(0)
+    h = p % NH
+    offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    offs_q = tl.arange(0, BQ)
+    kin = offs_k < N
+    qin = offs_q < N
+    both = kin[:, None] & qin[None, :]
+    lyk = offs_k // WW
+    lxk = offs_k % WW
+    lyq = offs_q // WW
+    lxq = offs_q % WW
+    val = tl.zeros((BK, BQ), tl.float32)
+    if HAS_RPB:  # table row (y_i - y_j + WH - 1) * (2WW - 1) + x_i - x_j + WW - 1; rpb (T, nH) read in place
+        row = rpb + h + ((WH - 1) * (2 * WW - 1) + WW - 1 - (lyk * (2 * WW - 1) + lxk)) * NH  # per key
+        val = tl.load(row[:, None] + ((lyq * (2 * WW - 1) + lxq) * NH)[None, :], mask=both, other=0.0)
+    if HAS_BIAS:
+        val += tl.load(abias + h * (N * N) + offs_q[None, :] * N + offs_k[:, None], mask=both, other=0.0)
+    val = val * inv_scale  # (a product: IEEE division costs ~10 instructions and an RCP per element)
+    if LABELS:
+        w = p // NH
+        wy = w // nWw
+        wx = w % nWw
+        gk = tl.load(group + (wy * WH + lyk) * W + wx * WW + lxk, mask=kin)
+        gq = tl.load(group + (wy * WH + lyq) * W + wx * WW + lxq, mask=qin)
+        val = tl.where((gk[:, None] == gq[None, :]) | (offs_q >= N)[None, :], val, float("-inf"))
+    val = tl.where(kin[:, None], val, float("-inf"))
+    inb = (offs_k < NK)[:, None] & (offs_q < NQ)[None, :]
+    blk = offs_k[:, None] * NQ + offs_q[None, :]
+    tl.store(tile + p * (NK * NQ) + blk, val, mask=inb)
+    if ZERO:
+        if p < NH:
+            tl.store(dsum + h * (NK * NQ) + blk, tl.zeros((BK, BQ), tl.float32), mask=inb)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 # Deterministic multi-tile backward and every single-tile backward: about this many programs
@@ -285,6 +344,7 @@ _PROGRAMS = 2 if _INTERPRET else 1024
 # resident (~240 registers x 256 threads), so the windows per program are chosen for the fewest
 # window-heads on the busiest SM (``_sp_stride``), on an SM count of the GPU's (H100/H200: 132).
 _SP_WPP = 2 if _INTERPRET else 64
+_SUM_BLOCK, _SUM_WARPS = 512, 8  # 2 fp32 per thread, U chunks' loads in flight
 _SP_SMS = 132
 
 
@@ -338,36 +398,25 @@ def _bwd_config(N, D, single, no_sp, f32):
     return (32, 16, 16, 4, 1, False) if D >= 64 else (64, 32, 16, 4, 1, False)
 
 
-def _bias_tile(rpb, attn_bias, wh, ww, nh, nk, nq, scale, qkv, labels=None):
+def _bias_tile(rpb, attn_bias, group, wh, ww, nh, nk, nq, scale, qkv, dsum):
     """The single pass's bias: (nH, NK, NQ) fp32, [h, key j, query i] = (table[Swin index(i, j), h] +
-    attn_bias[h, i, j]) / scale (the kernel scales it with the scores); padded keys -inf (masked by
-    position), padded queries 0; a dummy (never read) without bias. ``labels`` (nW, N): the group
-    labels of each window position (shared by the batch, no shift): then (nW, nH, NK, NQ), one tile
-    per window position with -inf where the labels differ (the kernel's scores need no select there)."""
-    if rpb is None and attn_bias is None and labels is None:
+    attn_bias[h, i, j]) * fp32(1 / scale) (the kernel scales it with the scores); padded keys -inf (masked by
+    position), padded queries 0; a dummy (never read) without bias. ``group`` (1, H, W) (labels shared
+    by the batch, no shift) or None: then (nW * nH, NK, NQ), one tile per window position with -inf
+    where the labels differ (the kernel's scores need no select there). One launch
+    (``_sp_bias_kernel``), which also zeroes ``dsum`` (nH, NK, NQ) unless None; inputs contiguous."""
+    if rpb is None and attn_bias is None and group is None:
         return qkv
-    n = wh * ww
-    bias = torch.zeros((nh, n, n), dtype=torch.float32, device=qkv.device)
-    if rpb is not None:
-        c = _codes(wh, ww, qkv.device)[:n].long()
-        bias = bias + rpb[c[:, None] - c[None, :] + ((wh - 1) * (2 * ww - 1) + ww - 1)].permute(2, 0, 1)
-    if attn_bias is not None:
-        bias = bias + attn_bias
-    tile = torch.zeros((nh, nk, nq), dtype=torch.float32, device=qkv.device)
-    tile[:, n:, :] = float("-inf")
-    tile[:, :n, :n] = bias.transpose(1, 2) / scale
-    if labels is None:
-        return tile
-    # [w, key j, query i]: labels compared at full width; the large tile written once (one pass)
-    same = torch.ones((labels.shape[0], nk, nq), dtype=torch.bool, device=qkv.device)
-    same[:, :n, :n] = labels[:, :, None] == labels[:, None, :]
-    return torch.where(same[:, None], tile[None], float("-inf")).reshape(labels.shape[0] * nh, nk, nq)
-
-
-def _window_labels(group, wh, ww):
-    """(nW, N) labels of each window position from batch-shared labels (1, H, W) (no shift)."""
-    _, H, W = group.shape
-    return group[0].reshape(H // wh, wh, W // ww, ww).permute(0, 2, 1, 3).reshape((H // wh) * (W // ww), wh * ww)
+    _, H, W, _ = qkv.shape
+    nw = (H // wh) * (W // ww) if group is not None else 1
+    tile = torch.empty((nw * nh, nk, nq), dtype=torch.float32, device=qkv.device)
+    bk = 32 if nk % 32 == 0 else 16  # nk: a multiple of the key tile (16 or 128); 32 rows amortize the columns
+    _sp_bias_kernel[(nw * nh, nk // bk)](
+        qkv if rpb is None else rpb.contiguous(), qkv if attn_bias is None else attn_bias,
+        qkv if group is None else group, tile, tile if dsum is None else dsum, 1.0 / float(scale), nh, W, W // ww,
+        N=wh * ww, WH=wh, WW=ww, NK=nk, NQ=nq, BK=bk, BQ=triton.next_power_of_2(nq), HAS_RPB=rpb is not None,
+        HAS_BIAS=attn_bias is not None, LABELS=group is not None, ZERO=dsum is not None, num_warps=4)
+    return tile
 
 
 def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords,
@@ -424,20 +473,23 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     nq = (N // bn) * bn + _tail(N, bn)  # the single pass's padded query count
     # the single pass's dS sums: (nH, NK, NQ) key-major, padded rows and columns written unmasked
     dpad = (kt * bm, nq) if sp else (N, N)
+    run = bnw > 0 and num_heads * D > 0
+    # the single pass's bias-tile launch zeroes dsum (its atomics' target) when it runs
+    zero_in_tile = sp and run and sp_tb != 0 and dsum_mode == 1
     if want_dsum:
         shape = ((chunks,) if per_chunk else ()) + (num_heads,) + dpad
-        dsum = torch.zeros(shape, **f32) if dsum_mode != 3 else alloc(shape, torch.float32, dev)
+        dsum = alloc(shape, torch.float32, dev) if dsum_mode == 3 or zero_in_tile else torch.zeros(shape, **f32)
     else:
         dsum = lse
     dtab = torch.zeros(((chunks,) if tab_mode == 2 else ()) + (num_heads, T), **f32) if want_tab else lse
     dls_mode = 0 if not (cosine and need_dls) else (3 if single else (2 if deterministic else 1))
     dls = torch.zeros(((chunks,) if dls_mode in (2, 3) else ()) + (num_heads,), **f32) if dls_mode else lse
-    if bnw > 0 and num_heads * D > 0:
+    if run:
         if sp:
-            tab, ab = _bias_tile(rpb, attn_bias, wh, ww, num_heads, kt * bm, nq, float(scale), qkv,
-                                 _window_labels(group, wh, ww) if sp_tb == 2 else None), qkv
+            tab, ab = _bias_tile(rpb, attn_bias, group if sp_tb == 2 else None, wh, ww, num_heads, kt * bm, nq,
+                                 float(scale), qkv, dsum if zero_in_tile else None), qkv
         else:
-            tab, ab = _tables(rpb, attn_bias, qkv, num_heads)
+            tab, ab = _tables(rpb, attn_bias, qkv, num_heads, raw=single and coords is None)
         G = (1 if group is None else group.shape[0], 1 if coords is None else coords.shape[0])
         if sp:  # per program: the rows' records (lse, delta, code, label)
             dlt = torch.empty((chunks * num_heads, nq * 6), **f32)
@@ -465,7 +517,9 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
         res = alloc(part.shape[1:], torch.float32, dev)
         M = res.numel()
         if M:
-            _sum_chunks_kernel[(triton.cdiv(M, 1024),)](part, res, M, n_chunks=chunks, BLOCK=1024)
+            u = next(u for u in (8, 4, 2, 1) if chunks % u == 0)
+            _sum_chunks_kernel[(triton.cdiv(M, _SUM_BLOCK),)](part, res, M, n_chunks=chunks, BLOCK=_SUM_BLOCK, U=u,
+                                                             num_warps=_SUM_WARPS)
         return res
 
     dsum = reduce(dsum, per_chunk) if want_dsum else None
