@@ -217,6 +217,29 @@ def test_seg_nonfinite_v_of_the_last_key_in_one_segment(value, dtype):
     assert_close_2x(got[ok], want[ok], same[ok], name="finite out")
 
 
+@pytest.mark.parametrize("labels,dtype", [("two", BF16), ("one", F32), ("two", F32)])
+def test_seg_large_v_takes_the_walk_from_the_true_maxima(labels, dtype):
+    """SEMANTICS rule 5: finite |v| up to 2**120 stays finite. The probe's reference can leave p near
+    2**29.6 (a +20.5 table entry at the right-hand neighbour, which the bf16/fp32 probe does not see,
+    over logits near 0: row sums inside [LMIN, LMAX]), and p * 1.5 * 2**100 overflows fp32: a
+    window whose V holds |v| >= 2**96 walks from its rows' true maxima (p <= 1), one segment included."""
+    B, nh, d, win = 1, 2, 16, (5, 5)
+    qkv = torch.randn(B, 5, 10, 3 * nh * d, dtype=torch.float64)
+    qkv[..., :nh * d] *= 0.1
+    for y, x, c, s in ((1, 2, 3, 1.5), (2, 3, d + 5, -1.5), (3, 6, 7, 1.5), (4, 8, d, -1.0)):
+        qkv[0, y, x, 2 * nh * d + c] = s * 2.0 ** 100
+    table = torch.zeros(81, nh, dtype=torch.float64)
+    table[4 * 9 + 5] = 20.5  # one horizontal offset: one dominant key a row (no rounding race between two)
+    g = _labels(labels, B, 5, 10)
+    want = ref.window_attention(qkv, nh, win, rel_pos_bias=table, group=g)
+    assert want.abs().max() > 2.0 ** 99 and torch.isfinite(want).all()
+    x, t = qkv.to(dtype), table.float()
+    same = ref.window_attention(x, nh, win, rel_pos_bias=t, group=g)
+    got = mixkernels.window_attention(x, nh, win, backend="triton", rel_pos_bias=t, group=g)
+    assert torch.isfinite(got).all()
+    assert_close_2x(got, want, same, name="out")
+
+
 def test_seg_all_masked_rows_are_nan():
     """A head whose table is all -inf: every row NaN (edge rule 2); the other head is exact."""
     nh, d = 2, 16

@@ -27,11 +27,12 @@ the GPU from a copy of the head's table in shared memory: a 32-bit add and an LD
 out/lse stored at the original positions (the backward's contract is unchanged).
 
 NaN/Inf in V (edge rule 2): the reference multiplies every masked key's V by 0, so a non-finite V
-element reaches every row of the window. A program whose window has more than one segment checks
-the head's V first (one read of the window's V, one packed FMA per 32-bit word on the GPU, ~3% of a
-program's instructions); if any element is
-not finite, every tile walks all the window's keys with the segment mask (the masked loops from 0 to
-N), exactly as the all-pairs kernel.
+element reaches every row of the window. A program checks the head's V first (one read of the
+window's V, one op per 32-bit word on the GPU, ~3% of a program's instructions; fp16 only for windows
+of more than one segment); if any element is not finite or (bf16/fp32) has |v| >= 2**96, every tile
+walks all the window's keys with the segment mask (the masked loops from 0 to N), exactly as the
+all-pairs kernel, and from its rows' true maxima (p <= 1: exact for |v| < 2**120, SEMANTICS rule 5;
+the probe's reference lets p reach 2**32).
 
 Loops (static rules in ``static_rules``, trip counts from ``wattn_workload.seg_walk``): the full and
 the half tiles of a window, a tile's walk (once; a second only after a failed reference, never at the
@@ -73,43 +74,70 @@ def _nan0(x, y, VBITS: tl.constexpr):
 
 
 @triton.jit
-def _nan_x2(a, b):
-    return _nan0(a, b, 0)
-
-
-@triton.jit
 def _nan_h2(a, b):
     return _nan0(a, b, 1)
 
 
 @triton.jit
-def _nan_f32(a, b):
-    return _nan0(a, b, 2)
+def _mxmn(amx, amn, bmx, bmn):
+    """(max, min) of two bf16x2 words' (max, min), NaN-propagating. GPU only."""
+    mx = tl.inline_asm_elementwise("max.NaN.bf16x2 $0, $1, $2;", "=r,r,r", [amx, bmx], dtype=tl.int32,
+                                   is_pure=True, pack=1)
+    mn = tl.inline_asm_elementwise("min.NaN.bf16x2 $0, $1, $2;", "=r,r,r", [amn, bmn], dtype=tl.int32,
+                                   is_pure=True, pack=1)
+    return mx, mn
 
 
 @triton.jit
-def _v_nonfinite(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, IDX64: tl.constexpr,
-                 VBITS: tl.constexpr, ASM: tl.constexpr):
-    """Whether the head's V of the window holds NaN/Inf, on 32-bit words (two 16-bit or one fp32 element
-    each), OR-reduced. On the GPU one packed FMA per word, x * 0 + 0: +-0 for a finite element, NaN
-    for NaN/Inf (the signs are masked off at the end). Under the interpreter on the raw bits: adding one
-    exponent LSB to the exponent field carries into the element's top bit exactly when the exponent
-    is all ones. Rows through the window's sorted grid positions (``mrow``). VBITS: 0 bf16, 1 fp16, 2 fp32."""
-    pos = tl.load(mrow + tl.minimum(tl.arange(0, BS), N - 1))
-    PER: tl.constexpr = 1 if VBITS == 2 else 2  # elements per word
+def _abs_add(a, b):
+    """|a| + |b| on fp32 held as int32 words (one FADD with both operands' |.|): NaN stays NaN. GPU only."""
+    return tl.inline_asm_elementwise("{ .reg .f32 x, y; abs.f32 x, $1; abs.f32 y, $2; add.f32 $0, x, y; }",
+                                     "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _v_words(qkv, mrow, hw, hd, C, r0, R: tl.constexpr, N: tl.constexpr, D: tl.constexpr, IDX64: tl.constexpr,
+             PER: tl.constexpr):
+    """The 32-bit words (PER elements each) of the head's V in the R sorted rows from r0 (past N: the
+    last row), (R, D // PER)."""
+    pos = tl.load(mrow + tl.minimum(r0 + tl.arange(0, R), N - 1))
     rows = (qkv + (_idx(hw + pos, IDX64) * (3 * C) + hd + 2 * C)).to(tl.pointer_type(tl.int32), bitcast=True)
-    words = tl.load(rows[:, None] + tl.arange(0, D // PER)[None, :])
-    if ASM:  # x * 0 + y over the words: NaN if any is NaN/Inf (one packed FMA per word), then * 0
+    return tl.load(rows[:, None] + tl.arange(0, D // PER)[None, :])
+
+
+@triton.jit
+def _v_check(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, IDX64: tl.constexpr,
+             VBITS: tl.constexpr, ASM: tl.constexpr):
+    """Whether the head's V of the window holds NaN/Inf or (bf16/fp32; fp16 cannot) an element with
+    |v| >= 2**96 (GPU fp32: the sum of |v| reaching 2**96, so also some with |v| >= 2**84, for which the
+    walk from the maxima is as exact), on 32-bit words (two 16-bit or one fp32 element each). GPU, one
+    op per word: bf16, the words' NaN-propagating max and min elementwise over blocks of 8 rows (chains
+    that sm_90 fuses into 3-input VHMNMX, two words an op each), reduced, then the larger magnitude's
+    bits against 2**96 (NaN/Inf lie above); fp32, the sum of |v| (FADD |a|, |b|); fp16, x * 0 + y (one
+    packed FMA): NaN for any NaN/Inf, +-0 otherwise. Interpreter: on the raw bits, adding 33 (fp16: 1)
+    exponent LSBs to the exponent field carries into the element's top bit exactly when the exponent
+    is >= 127 + 96 (fp16: all ones). Rows through the window's sorted grid positions (``mrow``).
+    VBITS: 0 bf16, 1 fp16, 2 fp32."""
+    PER: tl.constexpr = 1 if VBITS == 2 else 2  # elements per word
+    if ASM and VBITS == 0:
+        R: tl.constexpr = 8
+        mx = _v_words(qkv, mrow, hw, hd, C, 0, R, N, D, IDX64, PER)
+        mn = mx
+        for r0 in tl.static_range(R, BS, R):
+            w = _v_words(qkv, mrow, hw, hd, C, r0, R, N, D, IDX64, PER)
+            mx, mn = _mxmn(mx, mn, w, w)
+        mx, mn = tl.reduce((tl.reshape(mx, [R * (D // 2)]), tl.reshape(mn, [R * (D // 2)])), 0, _mxmn)
+        m = tl.maximum(tl.maximum(mx & 0x7FFF, (mx >> 16) & 0x7FFF), tl.maximum(mn & 0x7FFF, (mn >> 16) & 0x7FFF))
+        return m >= 0x6F80
+    words = _v_words(qkv, mrow, hw, hd, C, 0, BS, N, D, IDX64, PER)
+    if ASM:
         flat = tl.reshape(words, [BS * (D // PER)])  # one reduction
         if VBITS == 2:
-            return (_nan0(tl.reduce(flat, 0, _nan_f32), 0, 2) & 0x7FFFFFFF) != 0
-        elif VBITS == 1:
-            return (_nan0(tl.reduce(flat, 0, _nan_h2), 0, 1) & 0x7FFF7FFF) != 0
-        else:
-            return (_nan0(tl.reduce(flat, 0, _nan_x2), 0, 0) & 0x7FFF7FFF) != 0
+            return (tl.reduce(flat, 0, _abs_add) & 0x7FFFFFFF) >= 0x6F800000
+        return (_nan0(tl.reduce(flat, 0, _nan_h2), 0, 1) & 0x7FFF7FFF) != 0
     if VBITS == 2:
         EMM: tl.constexpr = 0x7F800000
-        ONE: tl.constexpr = 0x00800000
+        ONE: tl.constexpr = 0x10800000  # 33 << 23
         TOP: tl.constexpr = -0x80000000
     elif VBITS == 1:
         EMM: tl.constexpr = 0x7C007C00
@@ -117,7 +145,7 @@ def _v_nonfinite(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.
         TOP: tl.constexpr = -0x7FFF8000  # 0x80008000
     else:
         EMM: tl.constexpr = 0x7F807F80
-        ONE: tl.constexpr = 0x00800080
+        ONE: tl.constexpr = 0x10801080  # 33 << 7 in each half
         TOP: tl.constexpr = -0x7FFF8000
     acc = tl.reduce(tl.reduce((words & EMM) + ONE, 1, _or), 0, _or)
     return (acc & TOP) != 0
@@ -226,13 +254,16 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
     # no P @ V; bf16 and fp32 inputs: Q K^T alone, over the next BLOCK_N/4 sorted keys); every step then
     # adds p = exp2(logit - reference) without a running max or rescale. Kept when every stored row's sum
     # of p lies in [LMIN, LMAX]: LMAX keeps p within fp16, and |acc| <= LMAX max|V| finite for |V| < 2**96
-    # (an online softmax's p <= 1: |V| < 2**120); LMIN keeps the largest p (>= l/N) a normal number far
+    # (a window whose V holds more, ``bad``, starts from a reference of +inf: l = 0, the walk from the
+    # maxima, p <= 1: finite for |V| < 2**120, as an online softmax); LMIN keeps the largest p (>= l/N) a normal number far
     # from underflow (fp16: the masked probe with the bias, whose largest key alone adds 1). Otherwise (a
     # later key more than log2(LMAX) above the probe's largest, NaN/Inf, a row whose probe keys are all
     # -inf or far above the others) the tile walks again from its rows' true maxima (a max-only pass over
     # its keys): p <= 1 as in an online softmax.
     FP16: tl.constexpr = q.dtype.is_fp16()
-    m_i = _seg_max(q, tab_m, tl.full((BLOCK_M,), float("-inf"), tl.float32), qkv, mrow, scode, hw, lo, lo, hi,
+    # bad (V holds NaN/Inf or |v| >= 2**96): a reference of +inf, p = 0, l = 0 < LMIN: the walk from the maxima
+    m_i = _seg_max(q, tab_m, tl.where(bad, float("inf"), tl.full((BLOCK_M,), float("-inf"), tl.float32)), qkv,
+                   mrow, scode, hw, lo, lo, hi,
                    hd, C, qk_scale, N, D, BLOCK_N // 4, HAS_RPB and FP16, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED,
                    SMEM, FP16)
     LMAX: tl.constexpr = 32768.0 if FP16 else 4294967296.0  # 2**15 | 2**32
@@ -333,8 +364,8 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.con
         tab_h = _smem_table(tab_h, T, TP)
     nseg = tl.load(ninfo + 3 * gw + 1)
     bad = nseg < 0  # False
-    if (nseg > 1) & VCHECK:
-        bad = _v_nonfinite(qkv, mrow, hw, hd, C, N, BS, D, IDX64, VBITS, ASM)
+    if VCHECK & ((nseg > 1) | (VBITS != 1)):  # fp16 with one segment: NaN/Inf reach every row by the walk
+        bad = _v_check(qkv, mrow, hw, hd, C, N, BS, D, IDX64, VBITS, ASM)
     nbig = tl.load(ninfo + 3 * gw)
     nsmall = tl.load(ninfo + 3 * gw + 2)
     t = nbig * 0
