@@ -185,6 +185,16 @@ def test_seg_lse_matches_all_pairs_kernel_and_backward(monkeypatch):
     torch.testing.assert_close(dt.double(), gt, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("win,dtype", [((7, 7), BF16), ((5, 5), F32)])
+def test_seg_padded_quarter_block(win, dtype, monkeypatch):
+    """The quarter block's P @ V over twice its keys, P and V padded with zeros (PADQ: Triton 3.6's path,
+    no 32-bit dot with K = 8): a one-token segment walks one quarter block (4 keys under the interpreter),
+    the rest 48 keys (three blocks) or 24 (a block and a half block)."""
+    monkeypatch.setattr(seg, "PADQ", True)
+    got, want, same, *_ = _run(win, (1, 2), (0, 0), "single_token", dtype)
+    assert_close_2x(got, want, same, name="out")
+
+
 @pytest.mark.parametrize("value,dtype", [(float("nan"), F32), (float("inf"), F32), (float("nan"), BF16),
                                          (float("inf"), torch.float16)])
 def test_seg_nonfinite_v_of_a_masked_key_reaches_every_row(value, dtype):

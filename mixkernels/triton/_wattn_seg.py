@@ -209,11 +209,13 @@ def _seg_max(q, tab_m, m_i, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N
 def _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale,
               N: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, HAS_RPB: tl.constexpr,
               F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
-              COSINE: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr):
+              COSINE: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr, PAD: tl.constexpr = False):
     """One softmax step of a query tile over the key block at sorted position n0 against the rows' fixed
     reference ``ms`` (log2 units, times qk_scale when UNSCALED): p = exp2(logit - ms), l += sum p,
     acc += p @ V; no running max, no rescale (``_seg_tile`` checks the result). MASK: keys outside
-    ``[lo, hi)`` get -inf; keys past N read V as zeros."""
+    ``[lo, hi)`` get -inf; keys past N read V as zeros. PAD (16-bit inputs, a block of fewer than 16
+    keys, for a Triton without 32-bit K = 8 dots): P @ V as a 16-bit MMA over 2 * BN keys, P and V
+    padded with zeros: the MMA of 2 * BN keys, the logits, exponentials and row sums of BN."""
     t, kv, offs_n = _seg_scores(q, tab_m, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D, BN, MASK,
                                 HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, MASK)
     if MASK:
@@ -224,6 +226,10 @@ def _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, q
         p = tl.exp2(t * qk_scale - ms[:, None])
     else:
         p = tl.exp2(t - ms[:, None])
+    if PAD:  # [p | 0] @ [v; 0]
+        p2 = tl.reshape(tl.permute(tl.join(p, tl.zeros_like(p)), (0, 2, 1)), (p.shape[0], 2 * BN))
+        v2 = tl.reshape(tl.permute(tl.join(v, tl.zeros_like(v)), (2, 0, 1)), (2 * BN, D))
+        return l_i + tl.sum(p, 1), _pv_acc(p2, v2, acc, F32, UPCAST, False)
     TF32: tl.constexpr = BN < 16 and not (F32 or UPCAST)  # a 16-bit MMA needs K >= 16 (``_pv_acc``)
     return l_i + tl.sum(p, 1), _pv_acc(p, v, acc, F32, UPCAST, TF32)
 
@@ -233,7 +239,7 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
               N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_RPB: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
               ASM: tl.constexpr, COSINE: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr,
-              TAIL: tl.constexpr, WIDE: tl.constexpr, QUARTER: tl.constexpr):
+              TAIL: tl.constexpr, WIDE: tl.constexpr, QUARTER: tl.constexpr, PADQ: tl.constexpr):
     """Query tile t of the window (BLOCK_M rows from its first row, all in one segment): its walk, then
     its segment's rows stored at their original positions."""
     offs_d = tl.arange(0, D)
@@ -315,7 +321,8 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
         if QUARTER:
             while n0 < c1:  # the last <= BLOCK_N/4 keys in a quarter block (0 or 1 trips)
                 l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
-                                     BLOCK_N // 4, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+                                     BLOCK_N // 4, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM,
+                                     PADQ)
                 n0 += BLOCK_N
         fine = (l_i >= LMIN) & (l_i <= LMAX)  # False for NaN
         go = (tl.max((row_ok & (fine.to(tl.int32) == 0)).to(tl.int32), 0) > 0) & (it == 0)
@@ -340,7 +347,7 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.con
                 F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
                 COSINE: tl.constexpr, VBITS: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr = False,
                 TP: tl.constexpr = 1024, TAIL: tl.constexpr = False, WIDE: tl.constexpr = False,
-                VCHECK: tl.constexpr = True, QUARTER: tl.constexpr = False):
+                VCHECK: tl.constexpr = True, QUARTER: tl.constexpr = False, PADQ: tl.constexpr = False):
     """Program (head h, window w), head-fastest (NH constexpr: a key's K and V at immediate offsets from one
     row address). meta (GG*nW, 5, N) int32 per window: sorted tokens'
     grid positions, their window-local indices, and the tiles' first row, segment start, segment
@@ -371,11 +378,13 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.con
     t = nbig * 0
     while t < nbig:  # BLOCK_M-row tiles
         _seg_tile(BLOCK_M, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D, WH,
-                  WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE, QUARTER)
+                  WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE, QUARTER,
+                  PADQ)
         t += 1
     while t < nbig + nsmall:  # a segment's last rows when they fit half a tile
         _seg_tile(BLOCK_M // 2, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D,
-                  WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE, QUARTER)
+                  WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE, QUARTER,
+                  PADQ)
         t += 1
 
 
@@ -480,20 +489,24 @@ _LOG2E = 1.4426950408889634
 WIDE = True
 # a segment's last <= BLOCK_N/4 keys in a quarter block (8 keys; P @ V in TF32 for 16-bit inputs, ``_pv_acc``)
 QUARTER = True
+# the quarter block's P @ V over 2 * 8 keys, P and V padded with zeros (``_seg_step``'s PAD): always where the
+# Triton backend takes no 32-bit dot with K = 8 (``_tf32_k8``); True: here too (mixmim-b-s1 bf16 static, Triton
+# 3.9: 196.0 us vs TF32's 194.5, the half block's 198.2)
+PADQ = False
 
 
 @functools.lru_cache(maxsize=None)
 def _tf32_k8() -> bool:
     """Whether this Triton's NVIDIA backend takes 32-bit dots with K = 8, which the quarter block's TF32
     P @ V is (Triton 3.9: K >= 8 for 32-bit types; 3.6, the GPU machine's: K >= 16 for every non-8-bit
-    type, so QUARTER is off there and a segment's last keys take the half block)."""
+    type, so the quarter block's P @ V takes 16 keys there, padded with zeros: PADQ)."""
     try:
         from triton.backends.compiler import GPUTarget
         from triton.backends.nvidia.compiler import min_dot_size
 
         f32 = types.SimpleNamespace(scalar=types.SimpleNamespace(primitive_bitwidth=32))
         return min_dot_size(GPUTarget("cuda", 90, 32))(f32, f32)[2] <= 8
-    except Exception:  # another backend layout: keep the half block, which every version compiles
+    except Exception:  # another backend layout: the padded quarter block, which every version compiles
         return False
 PREP_ROWS = 16  # tokens per ``_seg_prep`` program (all the window's keys each): ceil(N/16) programs a window
 
@@ -575,6 +588,7 @@ def seg_forward(qkv, out, lse, rpb, num_heads, wh, ww, sh, sw, group, qk_scale, 
         F32=flags["F32"], UPCAST=flags["UPCAST"], IDX64=idx64, ASM=not interpret,
         COSINE=logit_scale is not None, VBITS={torch.bfloat16: 0, torch.float16: 1}.get(qkv.dtype, 2),
         UNSCALED=unscaled, SMEM=not interpret and flags["HAS_RPB"] and ntab <= 4096,
-        TP=triton.next_power_of_2(ntab), TAIL=bn >= 32 or interpret, QUARTER=QUARTER and _tf32_k8() and (bn >= 32 or interpret),
+        TP=triton.next_power_of_2(ntab), TAIL=bn >= 32 or interpret, QUARTER=QUARTER and (bn >= 32 or interpret),
+        PADQ=PADQ or not _tf32_k8(),
         WIDE=WIDE and (interpret or qkv.dtype != torch.float32),  # fp32: a 64-key block spills
         num_warps=warps, num_stages=stages)
