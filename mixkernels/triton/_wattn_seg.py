@@ -109,7 +109,7 @@ def _v_words(qkv, mrow, hw, hd, C, r0, R: tl.constexpr, N: tl.constexpr, D: tl.c
 def _v_check(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, IDX64: tl.constexpr,
              VBITS: tl.constexpr, ASM: tl.constexpr):
     """Whether the head's V of the window holds NaN/Inf or (bf16/fp32; fp16 cannot) an element with
-    |v| >= 2**96 (GPU fp32: the sum of |v| reaching 2**96, so also some with |v| >= 2**84, for which the
+    |v| >= 2**96 (GPU fp32: the sum of |v| reaching 2**96, so also some with |v| >= 2**83, for which the
     walk from the maxima is as exact), on 32-bit words (two 16-bit or one fp32 element each). GPU, one
     op per word: bf16, the words' NaN-propagating max and min elementwise over blocks of 8 rows (chains
     that sm_90 fuses into 3-input VHMNMX, two words an op each), reduced, then the larger magnitude's
@@ -123,7 +123,7 @@ def _v_check(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.cons
         R: tl.constexpr = 8
         mx = _v_words(qkv, mrow, hw, hd, C, 0, R, N, D, IDX64, PER)
         mn = mx
-        for r0 in tl.static_range(R, BS, R):
+        for r0 in tl.static_range(R, (N + R - 1) // R * R, R):  # the blocks that hold rows < N
             w = _v_words(qkv, mrow, hw, hd, C, r0, R, N, D, IDX64, PER)
             mx, mn = _mxmn(mx, mn, w, w)
         mx, mn = tl.reduce((tl.reshape(mx, [R * (D // 2)]), tl.reshape(mn, [R * (D // 2)])), 0, _mxmn)
