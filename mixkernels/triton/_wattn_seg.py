@@ -209,7 +209,7 @@ def _seg_max(q, tab_m, m_i, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N
 def _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale,
               N: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, HAS_RPB: tl.constexpr,
               F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
-              COSINE: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr, PAD: tl.constexpr = False):
+              COSINE: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr, PAD: tl.constexpr):
     """One softmax step of a query tile over the key block at sorted position n0 against the rows' fixed
     reference ``ms`` (log2 units, times qk_scale when UNSCALED): p = exp2(logit - ms), l += sum p,
     acc += p @ V; no running max, no rescale (``_seg_tile`` checks the result). MASK: keys outside
@@ -226,12 +226,14 @@ def _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, q
         p = tl.exp2(t * qk_scale - ms[:, None])
     else:
         p = tl.exp2(t - ms[:, None])
-    if PAD:  # [p | 0] @ [v; 0]
+    if PAD:  # [p | 0] @ [v; 0] (no early return: Triton 3.6 still builds the code after it)
         p2 = tl.reshape(tl.permute(tl.join(p, tl.zeros_like(p)), (0, 2, 1)), (p.shape[0], 2 * BN))
         v2 = tl.reshape(tl.permute(tl.join(v, tl.zeros_like(v)), (2, 0, 1)), (2 * BN, D))
-        return l_i + tl.sum(p, 1), _pv_acc(p2, v2, acc, F32, UPCAST, False)
-    TF32: tl.constexpr = BN < 16 and not (F32 or UPCAST)  # a 16-bit MMA needs K >= 16 (``_pv_acc``)
-    return l_i + tl.sum(p, 1), _pv_acc(p, v, acc, F32, UPCAST, TF32)
+        acc = _pv_acc(p2, v2, acc, F32, UPCAST, False)
+    else:
+        TF32: tl.constexpr = BN < 16 and not (F32 or UPCAST)  # a 16-bit MMA needs K >= 16 (``_pv_acc``)
+        acc = _pv_acc(p, v, acc, F32, UPCAST, TF32)
+    return l_i + tl.sum(p, 1), acc
 
 
 @triton.jit
@@ -302,21 +304,21 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
         if WIDE:
             while n0 + 2 * BLOCK_N <= a1:  # unmasked key blocks, two at a time
                 l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
-                                     2 * BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+                                     2 * BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, False)
                 n0 += 2 * BLOCK_N
         while n0 < a1:  # unmasked key blocks (WIDE: the last odd one)
             l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
-                                 BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+                                 BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, False)
             n0 += BLOCK_N
         n0 = tl.where(bad, 0, a1)
         while n0 < c2:  # masked key blocks (TAIL: while more than half a block is left)
             l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
-                                 BLOCK_N, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+                                 BLOCK_N, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, False)
             n0 += BLOCK_N
         if TAIL:
             while n0 < c3:  # the last <= BLOCK_N/2 keys in a half block (QUARTER: > BLOCK_N/4; 0 or 1 trips)
                 l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
-                                     BLOCK_N // 2, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+                                     BLOCK_N // 2, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, False)
                 n0 += BLOCK_N
         if QUARTER:
             while n0 < c1:  # the last <= BLOCK_N/4 keys in a quarter block (0 or 1 trips)
