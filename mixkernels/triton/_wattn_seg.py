@@ -226,14 +226,12 @@ def _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, q
         p = tl.exp2(t * qk_scale - ms[:, None])
     else:
         p = tl.exp2(t - ms[:, None])
-    if PAD:  # [p | 0] @ [v; 0] (no early return: Triton 3.6 still builds the code after it)
-        p2 = tl.reshape(tl.permute(tl.join(p, tl.zeros_like(p)), (0, 2, 1)), (p.shape[0], 2 * BN))
-        v2 = tl.reshape(tl.permute(tl.join(v, tl.zeros_like(v)), (2, 0, 1)), (2 * BN, D))
-        acc = _pv_acc(p2, v2, acc, F32, UPCAST, False)
-    else:
-        TF32: tl.constexpr = BN < 16 and not (F32 or UPCAST)  # a 16-bit MMA needs K >= 16 (``_pv_acc``)
-        acc = _pv_acc(p, v, acc, F32, UPCAST, TF32)
-    return l_i + tl.sum(p, 1), acc
+    l_i = l_i + tl.sum(p, 1)
+    if PAD:  # [p | 0] @ [v; 0] (no early return here: Triton 3.6 still builds the code after one)
+        p = tl.reshape(tl.permute(tl.join(p, tl.zeros_like(p)), (0, 2, 1)), (p.shape[0], 2 * BN))
+        v = tl.reshape(tl.permute(tl.join(v, tl.zeros_like(v)), (2, 0, 1)), (2 * BN, D))
+    TF32: tl.constexpr = BN < 16 and not (F32 or UPCAST or PAD)  # a 16-bit MMA needs K >= 16 (``_pv_acc``)
+    return l_i, _pv_acc(p, v, acc, F32, UPCAST, TF32)
 
 
 @triton.jit
