@@ -12,7 +12,9 @@ order and walk only its keys: full BLOCK_N blocks without any mask (WIDE: two at
 2 * BLOCK_N <= a1``, then the odd one, ``while n0 < a1``), then the segment's last partial block with
 the key mask ``lo <= n < hi`` (``while n0 < c2``: 0 or 1 trips; TAIL: only when more than BLOCK_N/2
 keys are left, else a masked BLOCK_N/2 block, ``while n0 < c3``, or with QUARTER for at most
-BLOCK_N/4 keys a masked BLOCK_N/4 block, ``while n0 < c1``). Rows past the segment end (next
+BLOCK_N/4 keys a masked BLOCK_N/4 block, ``while n0 < c1``; its P @ V in TF32 with K = BLOCK_N/4, or
+where the Triton backend has no such dot (PADQ) a 16-bit one over 2 * BLOCK_N/4 keys, P and V padded
+with zeros). Rows past the segment end (next
 segment's or padding) are computed and never stored.
 
 Softmax against a fixed per-row reference (``_seg_tile``): a probe of the segment's first BLOCK_N/4
@@ -261,11 +263,11 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
     # adds p = exp2(logit - reference) without a running max or rescale. Kept when every stored row's sum
     # of p lies in [LMIN, LMAX]: LMAX keeps p within fp16, and |acc| <= LMAX max|V| finite for |V| < 2**96
     # (a window whose V holds more, ``bad``, starts from a reference of +inf: l = 0, the walk from the
-    # maxima, p <= 1: finite for |V| < 2**120, as an online softmax); LMIN keeps the largest p (>= l/N) a normal number far
-    # from underflow (fp16: the masked probe with the bias, whose largest key alone adds 1). Otherwise (a
-    # later key more than log2(LMAX) above the probe's largest, NaN/Inf, a row whose probe keys are all
-    # -inf or far above the others) the tile walks again from its rows' true maxima (a max-only pass over
-    # its keys): p <= 1 as in an online softmax.
+    # maxima, p <= 1: finite for |V| < 2**120, as an online softmax); LMIN keeps the largest p (>= l/N)
+    # a normal number far from underflow (fp16: the masked probe with the bias, whose largest key alone
+    # adds 1). Otherwise (a later key more than log2(LMAX) above the probe's largest, NaN/Inf, a row
+    # whose probe keys are all -inf or far above the others) the tile walks again from its rows' true
+    # maxima (a max-only pass over its keys): p <= 1 as in an online softmax.
     FP16: tl.constexpr = q.dtype.is_fp16()
     # bad (V holds NaN/Inf or |v| >= 2**96): a reference of +inf, p = 0, l = 0 < LMIN: the walk from the maxima
     m_i = _seg_max(q, tab_m, tl.where(bad, float("inf"), tl.full((BLOCK_M,), float("-inf"), tl.float32)), qkv,
@@ -302,7 +304,8 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
         if WIDE:
             while n0 + 2 * BLOCK_N <= a1:  # unmasked key blocks, two at a time
                 l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
-                                     2 * BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, False)
+                                     2 * BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM,
+                                     False)
                 n0 += 2 * BLOCK_N
         while n0 < a1:  # unmasked key blocks (WIDE: the last odd one)
             l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
@@ -316,7 +319,8 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
         if TAIL:
             while n0 < c3:  # the last <= BLOCK_N/2 keys in a half block (QUARTER: > BLOCK_N/4; 0 or 1 trips)
                 l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
-                                     BLOCK_N // 2, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, False)
+                                     BLOCK_N // 2, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM,
+                                     False)
                 n0 += BLOCK_N
         if QUARTER:
             while n0 < c1:  # the last <= BLOCK_N/4 keys in a quarter block (0 or 1 trips)
@@ -535,8 +539,13 @@ def seg_config(N, D, dtype, interpret):
     often have a key more than 32 log2 units above the probe's keys pays a second walk there). Tried
     and dropped: per-lane partial row sums (a (BLOCK_M, 4) l, reduced once: the steps lose their 8
     shuffles but the check and the end gain more, 195.7), a float max for the walk's retry flag
-    (196.3). Under the interpreter 32/16 x 16, so that segments of several tiles and blocks and both
-    tile sizes run in tests."""
+    (196.3). Session 6: the V check also flags |v| >= 2**96 for every bf16/fp32 window (exact for
+    |v| < 2**120; bf16 max/min chains over the 8-row blocks that hold rows < N) 194.2; Triton 3.6 (no
+    32-bit K = 8 dot): the quarter block with a zero-padded 16-key P @ V (PADQ) 197.0 there (the half
+    block: 199.1). Tried and dropped: the walk's zeroing only before the first walk and in the retry
+    (196.4: ptxas still zeroes twice and adds moves), zeros through an asm move (202.3), one max/min
+    tree over the whole V (no VHMNMX fusion, 194.9; 16/32-row blocks likewise). Under the interpreter
+    32/16 x 16, so that segments of several tiles and blocks and both tile sizes run in tests."""
     if interpret:
         return 32, 16, 1, 1
     f32 = dtype == torch.float32
