@@ -185,6 +185,16 @@ def test_seg_lse_matches_all_pairs_kernel_and_backward(monkeypatch):
     torch.testing.assert_close(dt.double(), gt, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("win,dtype", [((7, 7), BF16), ((5, 5), F32)])
+def test_seg_padded_quarter_block(win, dtype, monkeypatch):
+    """The quarter block's P @ V over twice its keys, P and V padded with zeros (PADQ: Triton 3.6's path,
+    no 32-bit dot with K = 8): a one-token segment walks one quarter block (4 keys under the interpreter),
+    the rest 48 keys (three blocks) or 24 (a block and a half block)."""
+    monkeypatch.setattr(seg, "PADQ", True)
+    got, want, same, *_ = _run(win, (1, 2), (0, 0), "single_token", dtype)
+    assert_close_2x(got, want, same, name="out")
+
+
 @pytest.mark.parametrize("value,dtype", [(float("nan"), F32), (float("inf"), F32), (float("nan"), BF16),
                                          (float("inf"), torch.float16)])
 def test_seg_nonfinite_v_of_a_masked_key_reaches_every_row(value, dtype):
@@ -215,6 +225,29 @@ def test_seg_nonfinite_v_of_the_last_key_in_one_segment(value, dtype):
     assert torch.equal(torch.isfinite(got), ok)
     assert torch.equal(got[~ok & ~torch.isnan(want)], want[~ok & ~torch.isnan(want)].to(got.dtype))  # same Inf
     assert_close_2x(got[ok], want[ok], same[ok], name="finite out")
+
+
+@pytest.mark.parametrize("labels,dtype", [("two", BF16), ("one", F32), ("two", F32)])
+def test_seg_large_v_takes_the_walk_from_the_true_maxima(labels, dtype):
+    """SEMANTICS rule 5: finite |v| up to 2**120 stays finite. The probe's reference can leave p near
+    2**29.6 (a +20.5 table entry at the right-hand neighbour, which the bf16/fp32 probe does not see,
+    over logits near 0: row sums inside [LMIN, LMAX]), and p * 1.5 * 2**100 overflows fp32: a
+    window whose V holds |v| >= 2**96 walks from its rows' true maxima (p <= 1), one segment included."""
+    B, nh, d, win = 1, 2, 16, (5, 5)
+    qkv = torch.randn(B, 5, 10, 3 * nh * d, dtype=torch.float64)
+    qkv[..., :nh * d] *= 0.1
+    for y, x, c, s in ((1, 2, 3, 1.5), (2, 3, d + 5, -1.5), (3, 6, 7, 1.5), (4, 8, d, -1.0)):
+        qkv[0, y, x, 2 * nh * d + c] = s * 2.0 ** 100
+    table = torch.zeros(81, nh, dtype=torch.float64)
+    table[4 * 9 + 5] = 20.5  # one horizontal offset: one dominant key a row (no rounding race between two)
+    g = _labels(labels, B, 5, 10)
+    want = ref.window_attention(qkv, nh, win, rel_pos_bias=table, group=g)
+    assert want.abs().max() > 2.0 ** 99 and torch.isfinite(want).all()
+    x, t = qkv.to(dtype), table.float()
+    same = ref.window_attention(x, nh, win, rel_pos_bias=t, group=g)
+    got = mixkernels.window_attention(x, nh, win, backend="triton", rel_pos_bias=t, group=g)
+    assert torch.isfinite(got).all()
+    assert_close_2x(got, want, same, name="out")
 
 
 def test_seg_all_masked_rows_are_nan():

@@ -12,7 +12,9 @@ order and walk only its keys: full BLOCK_N blocks without any mask (WIDE: two at
 2 * BLOCK_N <= a1``, then the odd one, ``while n0 < a1``), then the segment's last partial block with
 the key mask ``lo <= n < hi`` (``while n0 < c2``: 0 or 1 trips; TAIL: only when more than BLOCK_N/2
 keys are left, else a masked BLOCK_N/2 block, ``while n0 < c3``, or with QUARTER for at most
-BLOCK_N/4 keys a masked BLOCK_N/4 block, ``while n0 < c1``). Rows past the segment end (next
+BLOCK_N/4 keys a masked BLOCK_N/4 block, ``while n0 < c1``; its P @ V in TF32 with K = BLOCK_N/4, or
+where the Triton backend has no such dot (PADQ) a 16-bit one over 2 * BLOCK_N/4 keys, P and V padded
+with zeros). Rows past the segment end (next
 segment's or padding) are computed and never stored.
 
 Softmax against a fixed per-row reference (``_seg_tile``): a probe of the segment's first BLOCK_N/4
@@ -27,11 +29,12 @@ the GPU from a copy of the head's table in shared memory: a 32-bit add and an LD
 out/lse stored at the original positions (the backward's contract is unchanged).
 
 NaN/Inf in V (edge rule 2): the reference multiplies every masked key's V by 0, so a non-finite V
-element reaches every row of the window. A program whose window has more than one segment checks
-the head's V first (one read of the window's V, one packed FMA per 32-bit word on the GPU, ~3% of a
-program's instructions); if any element is
-not finite, every tile walks all the window's keys with the segment mask (the masked loops from 0 to
-N), exactly as the all-pairs kernel.
+element reaches every row of the window. A program checks the head's V first (one read of the
+window's V, one op per 32-bit word on the GPU, ~3% of a program's instructions; fp16 only for windows
+of more than one segment); if any element is not finite or (bf16/fp32) has |v| >= 2**96, every tile
+walks all the window's keys with the segment mask (the masked loops from 0 to N), exactly as the
+all-pairs kernel, and from its rows' true maxima (p <= 1: exact for |v| < 2**120, SEMANTICS rule 5;
+the probe's reference lets p reach 2**32).
 
 Loops (static rules in ``static_rules``, trip counts from ``wattn_workload.seg_walk``): the full and
 the half tiles of a window, a tile's walk (once; a second only after a failed reference, never at the
@@ -73,43 +76,70 @@ def _nan0(x, y, VBITS: tl.constexpr):
 
 
 @triton.jit
-def _nan_x2(a, b):
-    return _nan0(a, b, 0)
-
-
-@triton.jit
 def _nan_h2(a, b):
     return _nan0(a, b, 1)
 
 
 @triton.jit
-def _nan_f32(a, b):
-    return _nan0(a, b, 2)
+def _mxmn(amx, amn, bmx, bmn):
+    """(max, min) of two bf16x2 words' (max, min), NaN-propagating. GPU only."""
+    mx = tl.inline_asm_elementwise("max.NaN.bf16x2 $0, $1, $2;", "=r,r,r", [amx, bmx], dtype=tl.int32,
+                                   is_pure=True, pack=1)
+    mn = tl.inline_asm_elementwise("min.NaN.bf16x2 $0, $1, $2;", "=r,r,r", [amn, bmn], dtype=tl.int32,
+                                   is_pure=True, pack=1)
+    return mx, mn
 
 
 @triton.jit
-def _v_nonfinite(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, IDX64: tl.constexpr,
-                 VBITS: tl.constexpr, ASM: tl.constexpr):
-    """Whether the head's V of the window holds NaN/Inf, on 32-bit words (two 16-bit or one fp32 element
-    each), OR-reduced. On the GPU one packed FMA per word, x * 0 + 0: +-0 for a finite element, NaN
-    for NaN/Inf (the signs are masked off at the end). Under the interpreter on the raw bits: adding one
-    exponent LSB to the exponent field carries into the element's top bit exactly when the exponent
-    is all ones. Rows through the window's sorted grid positions (``mrow``). VBITS: 0 bf16, 1 fp16, 2 fp32."""
-    pos = tl.load(mrow + tl.minimum(tl.arange(0, BS), N - 1))
-    PER: tl.constexpr = 1 if VBITS == 2 else 2  # elements per word
+def _abs_add(a, b):
+    """|a| + |b| on fp32 held as int32 words (one FADD with both operands' |.|): NaN stays NaN. GPU only."""
+    return tl.inline_asm_elementwise("{ .reg .f32 x, y; abs.f32 x, $1; abs.f32 y, $2; add.f32 $0, x, y; }",
+                                     "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _v_words(qkv, mrow, hw, hd, C, r0, R: tl.constexpr, N: tl.constexpr, D: tl.constexpr, IDX64: tl.constexpr,
+             PER: tl.constexpr):
+    """The 32-bit words (PER elements each) of the head's V in the R sorted rows from r0 (past N: the
+    last row), (R, D // PER)."""
+    pos = tl.load(mrow + tl.minimum(r0 + tl.arange(0, R), N - 1))
     rows = (qkv + (_idx(hw + pos, IDX64) * (3 * C) + hd + 2 * C)).to(tl.pointer_type(tl.int32), bitcast=True)
-    words = tl.load(rows[:, None] + tl.arange(0, D // PER)[None, :])
-    if ASM:  # x * 0 + y over the words: NaN if any is NaN/Inf (one packed FMA per word), then * 0
+    return tl.load(rows[:, None] + tl.arange(0, D // PER)[None, :])
+
+
+@triton.jit
+def _v_check(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, IDX64: tl.constexpr,
+             VBITS: tl.constexpr, ASM: tl.constexpr):
+    """Whether the head's V of the window holds NaN/Inf or (bf16/fp32; fp16 cannot) an element with
+    |v| >= 2**96 (GPU fp32: the sum of |v| reaching 2**96, so also some with |v| >= 2**83, for which the
+    walk from the maxima is as exact), on 32-bit words (two 16-bit or one fp32 element each). GPU, one
+    op per word: bf16, the words' NaN-propagating max and min elementwise over blocks of 8 rows (chains
+    that sm_90 fuses into 3-input VHMNMX, two words an op each), reduced, then the larger magnitude's
+    bits against 2**96 (NaN/Inf lie above); fp32, the sum of |v| (FADD |a|, |b|); fp16, x * 0 + y (one
+    packed FMA): NaN for any NaN/Inf, +-0 otherwise. Interpreter: on the raw bits, adding 33 (fp16: 1)
+    exponent LSBs to the exponent field carries into the element's top bit exactly when the exponent
+    is >= 127 + 96 (fp16: all ones). Rows through the window's sorted grid positions (``mrow``).
+    VBITS: 0 bf16, 1 fp16, 2 fp32."""
+    PER: tl.constexpr = 1 if VBITS == 2 else 2  # elements per word
+    if ASM and VBITS == 0:
+        R: tl.constexpr = 8
+        mx = _v_words(qkv, mrow, hw, hd, C, 0, R, N, D, IDX64, PER)
+        mn = mx
+        for r0 in tl.static_range(R, (N + R - 1) // R * R, R):  # the blocks that hold rows < N
+            w = _v_words(qkv, mrow, hw, hd, C, r0, R, N, D, IDX64, PER)
+            mx, mn = _mxmn(mx, mn, w, w)
+        mx, mn = tl.reduce((tl.reshape(mx, [R * (D // 2)]), tl.reshape(mn, [R * (D // 2)])), 0, _mxmn)
+        m = tl.maximum(tl.maximum(mx & 0x7FFF, (mx >> 16) & 0x7FFF), tl.maximum(mn & 0x7FFF, (mn >> 16) & 0x7FFF))
+        return m >= 0x6F80
+    words = _v_words(qkv, mrow, hw, hd, C, 0, BS, N, D, IDX64, PER)
+    if ASM:
         flat = tl.reshape(words, [BS * (D // PER)])  # one reduction
         if VBITS == 2:
-            return (_nan0(tl.reduce(flat, 0, _nan_f32), 0, 2) & 0x7FFFFFFF) != 0
-        elif VBITS == 1:
-            return (_nan0(tl.reduce(flat, 0, _nan_h2), 0, 1) & 0x7FFF7FFF) != 0
-        else:
-            return (_nan0(tl.reduce(flat, 0, _nan_x2), 0, 0) & 0x7FFF7FFF) != 0
+            return (tl.reduce(flat, 0, _abs_add) & 0x7FFFFFFF) >= 0x6F800000
+        return (_nan0(tl.reduce(flat, 0, _nan_h2), 0, 1) & 0x7FFF7FFF) != 0
     if VBITS == 2:
         EMM: tl.constexpr = 0x7F800000
-        ONE: tl.constexpr = 0x00800000
+        ONE: tl.constexpr = 0x10800000  # 33 << 23
         TOP: tl.constexpr = -0x80000000
     elif VBITS == 1:
         EMM: tl.constexpr = 0x7C007C00
@@ -117,7 +147,7 @@ def _v_nonfinite(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.
         TOP: tl.constexpr = -0x7FFF8000  # 0x80008000
     else:
         EMM: tl.constexpr = 0x7F807F80
-        ONE: tl.constexpr = 0x00800080
+        ONE: tl.constexpr = 0x10801080  # 33 << 7 in each half
         TOP: tl.constexpr = -0x7FFF8000
     acc = tl.reduce(tl.reduce((words & EMM) + ONE, 1, _or), 0, _or)
     return (acc & TOP) != 0
@@ -181,11 +211,13 @@ def _seg_max(q, tab_m, m_i, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N
 def _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale,
               N: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, HAS_RPB: tl.constexpr,
               F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
-              COSINE: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr):
+              COSINE: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr, PAD: tl.constexpr):
     """One softmax step of a query tile over the key block at sorted position n0 against the rows' fixed
     reference ``ms`` (log2 units, times qk_scale when UNSCALED): p = exp2(logit - ms), l += sum p,
     acc += p @ V; no running max, no rescale (``_seg_tile`` checks the result). MASK: keys outside
-    ``[lo, hi)`` get -inf; keys past N read V as zeros."""
+    ``[lo, hi)`` get -inf; keys past N read V as zeros. PAD (16-bit inputs, a block of fewer than 16
+    keys, for a Triton without 32-bit K = 8 dots): P @ V as a 16-bit MMA over 2 * BN keys, P and V
+    padded with zeros: the MMA of 2 * BN keys, the logits, exponentials and row sums of BN."""
     t, kv, offs_n = _seg_scores(q, tab_m, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D, BN, MASK,
                                 HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, MASK)
     if MASK:
@@ -196,8 +228,12 @@ def _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, q
         p = tl.exp2(t * qk_scale - ms[:, None])
     else:
         p = tl.exp2(t - ms[:, None])
-    TF32: tl.constexpr = BN < 16 and not (F32 or UPCAST)  # a 16-bit MMA needs K >= 16 (``_pv_acc``)
-    return l_i + tl.sum(p, 1), _pv_acc(p, v, acc, F32, UPCAST, TF32)
+    l_i = l_i + tl.sum(p, 1)
+    if PAD:  # [p | 0] @ [v; 0] (no early return here: Triton 3.6 still builds the code after one)
+        p = tl.reshape(tl.permute(tl.join(p, tl.zeros_like(p)), (0, 2, 1)), (p.shape[0], 2 * BN))
+        v = tl.reshape(tl.permute(tl.join(v, tl.zeros_like(v)), (2, 0, 1)), (2 * BN, D))
+    TF32: tl.constexpr = BN < 16 and not (F32 or UPCAST or PAD)  # a 16-bit MMA needs K >= 16 (``_pv_acc``)
+    return l_i, _pv_acc(p, v, acc, F32, UPCAST, TF32)
 
 
 @triton.jit
@@ -205,7 +241,7 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
               N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_RPB: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
               ASM: tl.constexpr, COSINE: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr,
-              TAIL: tl.constexpr, WIDE: tl.constexpr, QUARTER: tl.constexpr):
+              TAIL: tl.constexpr, WIDE: tl.constexpr, QUARTER: tl.constexpr, PADQ: tl.constexpr):
     """Query tile t of the window (BLOCK_M rows from its first row, all in one segment): its walk, then
     its segment's rows stored at their original positions."""
     offs_d = tl.arange(0, D)
@@ -226,13 +262,16 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
     # no P @ V; bf16 and fp32 inputs: Q K^T alone, over the next BLOCK_N/4 sorted keys); every step then
     # adds p = exp2(logit - reference) without a running max or rescale. Kept when every stored row's sum
     # of p lies in [LMIN, LMAX]: LMAX keeps p within fp16, and |acc| <= LMAX max|V| finite for |V| < 2**96
-    # (an online softmax's p <= 1: |V| < 2**120); LMIN keeps the largest p (>= l/N) a normal number far
-    # from underflow (fp16: the masked probe with the bias, whose largest key alone adds 1). Otherwise (a
-    # later key more than log2(LMAX) above the probe's largest, NaN/Inf, a row whose probe keys are all
-    # -inf or far above the others) the tile walks again from its rows' true maxima (a max-only pass over
-    # its keys): p <= 1 as in an online softmax.
+    # (a window whose V holds more, ``bad``, starts from a reference of +inf: l = 0, the walk from the
+    # maxima, p <= 1: finite for |V| < 2**120, as an online softmax); LMIN keeps the largest p (>= l/N)
+    # a normal number far from underflow (fp16: the masked probe with the bias, whose largest key alone
+    # adds 1). Otherwise (a later key more than log2(LMAX) above the probe's largest, NaN/Inf, a row
+    # whose probe keys are all -inf or far above the others) the tile walks again from its rows' true
+    # maxima (a max-only pass over its keys): p <= 1 as in an online softmax.
     FP16: tl.constexpr = q.dtype.is_fp16()
-    m_i = _seg_max(q, tab_m, tl.full((BLOCK_M,), float("-inf"), tl.float32), qkv, mrow, scode, hw, lo, lo, hi,
+    # bad (V holds NaN/Inf or |v| >= 2**96): a reference of +inf, p = 0, l = 0 < LMIN: the walk from the maxima
+    m_i = _seg_max(q, tab_m, tl.where(bad, float("inf"), tl.full((BLOCK_M,), float("-inf"), tl.float32)), qkv,
+                   mrow, scode, hw, lo, lo, hi,
                    hd, C, qk_scale, N, D, BLOCK_N // 4, HAS_RPB and FP16, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED,
                    SMEM, FP16)
     LMAX: tl.constexpr = 32768.0 if FP16 else 4294967296.0  # 2**15 | 2**32
@@ -265,26 +304,29 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
         if WIDE:
             while n0 + 2 * BLOCK_N <= a1:  # unmasked key blocks, two at a time
                 l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
-                                     2 * BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+                                     2 * BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM,
+                                     False)
                 n0 += 2 * BLOCK_N
         while n0 < a1:  # unmasked key blocks (WIDE: the last odd one)
             l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
-                                 BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+                                 BLOCK_N, False, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, False)
             n0 += BLOCK_N
         n0 = tl.where(bad, 0, a1)
         while n0 < c2:  # masked key blocks (TAIL: while more than half a block is left)
             l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
-                                 BLOCK_N, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+                                 BLOCK_N, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, False)
             n0 += BLOCK_N
         if TAIL:
             while n0 < c3:  # the last <= BLOCK_N/2 keys in a half block (QUARTER: > BLOCK_N/4; 0 or 1 trips)
                 l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
-                                     BLOCK_N // 2, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+                                     BLOCK_N // 2, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM,
+                                     False)
                 n0 += BLOCK_N
         if QUARTER:
             while n0 < c1:  # the last <= BLOCK_N/4 keys in a quarter block (0 or 1 trips)
                 l_i, acc = _seg_step(q, tab_m, ms, l_i, acc, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D,
-                                     BLOCK_N // 4, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM)
+                                     BLOCK_N // 4, True, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM,
+                                     PADQ)
                 n0 += BLOCK_N
         fine = (l_i >= LMIN) & (l_i <= LMAX)  # False for NaN
         go = (tl.max((row_ok & (fine.to(tl.int32) == 0)).to(tl.int32), 0) > 0) & (it == 0)
@@ -309,7 +351,7 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.con
                 F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
                 COSINE: tl.constexpr, VBITS: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr = False,
                 TP: tl.constexpr = 1024, TAIL: tl.constexpr = False, WIDE: tl.constexpr = False,
-                VCHECK: tl.constexpr = True, QUARTER: tl.constexpr = False):
+                VCHECK: tl.constexpr = True, QUARTER: tl.constexpr = False, PADQ: tl.constexpr = False):
     """Program (head h, window w), head-fastest (NH constexpr: a key's K and V at immediate offsets from one
     row address). meta (GG*nW, 5, N) int32 per window: sorted tokens'
     grid positions, their window-local indices, and the tiles' first row, segment start, segment
@@ -333,18 +375,20 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.con
         tab_h = _smem_table(tab_h, T, TP)
     nseg = tl.load(ninfo + 3 * gw + 1)
     bad = nseg < 0  # False
-    if (nseg > 1) & VCHECK:
-        bad = _v_nonfinite(qkv, mrow, hw, hd, C, N, BS, D, IDX64, VBITS, ASM)
+    if VCHECK & ((nseg > 1) | (VBITS != 1)):  # fp16 with one segment: NaN/Inf reach every row by the walk
+        bad = _v_check(qkv, mrow, hw, hd, C, N, BS, D, IDX64, VBITS, ASM)
     nbig = tl.load(ninfo + 3 * gw)
     nsmall = tl.load(ninfo + 3 * gw + 2)
     t = nbig * 0
     while t < nbig:  # BLOCK_M-row tiles
         _seg_tile(BLOCK_M, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D, WH,
-                  WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE, QUARTER)
+                  WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE, QUARTER,
+                  PADQ)
         t += 1
     while t < nbig + nsmall:  # a segment's last rows when they fit half a tile
         _seg_tile(BLOCK_M // 2, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D,
-                  WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE, QUARTER)
+                  WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE, QUARTER,
+                  PADQ)
         t += 1
 
 
@@ -449,20 +493,24 @@ _LOG2E = 1.4426950408889634
 WIDE = True
 # a segment's last <= BLOCK_N/4 keys in a quarter block (8 keys; P @ V in TF32 for 16-bit inputs, ``_pv_acc``)
 QUARTER = True
+# the quarter block's P @ V over 2 * 8 keys, P and V padded with zeros (``_seg_step``'s PAD): always where the
+# Triton backend takes no 32-bit dot with K = 8 (``_tf32_k8``); True: here too (mixmim-b-s1 bf16 static, Triton
+# 3.9: 196.0 us vs TF32's 194.5, the half block's 198.2)
+PADQ = False
 
 
 @functools.lru_cache(maxsize=None)
 def _tf32_k8() -> bool:
     """Whether this Triton's NVIDIA backend takes 32-bit dots with K = 8, which the quarter block's TF32
     P @ V is (Triton 3.9: K >= 8 for 32-bit types; 3.6, the GPU machine's: K >= 16 for every non-8-bit
-    type, so QUARTER is off there and a segment's last keys take the half block)."""
+    type, so the quarter block's P @ V takes 16 keys there, padded with zeros: PADQ)."""
     try:
         from triton.backends.compiler import GPUTarget
         from triton.backends.nvidia.compiler import min_dot_size
 
         f32 = types.SimpleNamespace(scalar=types.SimpleNamespace(primitive_bitwidth=32))
         return min_dot_size(GPUTarget("cuda", 90, 32))(f32, f32)[2] <= 8
-    except Exception:  # another backend layout: keep the half block, which every version compiles
+    except Exception:  # another backend layout: the padded quarter block, which every version compiles
         return False
 PREP_ROWS = 16  # tokens per ``_seg_prep`` program (all the window's keys each): ceil(N/16) programs a window
 
@@ -491,8 +539,13 @@ def seg_config(N, D, dtype, interpret):
     often have a key more than 32 log2 units above the probe's keys pays a second walk there). Tried
     and dropped: per-lane partial row sums (a (BLOCK_M, 4) l, reduced once: the steps lose their 8
     shuffles but the check and the end gain more, 195.7), a float max for the walk's retry flag
-    (196.3). Under the interpreter 32/16 x 16, so that segments of several tiles and blocks and both
-    tile sizes run in tests."""
+    (196.3). Session 6: the V check also flags |v| >= 2**96 for every bf16/fp32 window (exact for
+    |v| < 2**120; bf16 max/min chains over the 8-row blocks that hold rows < N) 194.2; Triton 3.6 (no
+    32-bit K = 8 dot): the quarter block with a zero-padded 16-key P @ V (PADQ) 197.0 there (the half
+    block: 199.1). Tried and dropped: the walk's zeroing only before the first walk and in the retry
+    (196.4: ptxas still zeroes twice and adds moves), zeros through an asm move (202.3), one max/min
+    tree over the whole V (no VHMNMX fusion, 194.9; 16/32-row blocks likewise). Under the interpreter
+    32/16 x 16, so that segments of several tiles and blocks and both tile sizes run in tests."""
     if interpret:
         return 32, 16, 1, 1
     f32 = dtype == torch.float32
@@ -544,6 +597,7 @@ def seg_forward(qkv, out, lse, rpb, num_heads, wh, ww, sh, sw, group, qk_scale, 
         F32=flags["F32"], UPCAST=flags["UPCAST"], IDX64=idx64, ASM=not interpret,
         COSINE=logit_scale is not None, VBITS={torch.bfloat16: 0, torch.float16: 1}.get(qkv.dtype, 2),
         UNSCALED=unscaled, SMEM=not interpret and flags["HAS_RPB"] and ntab <= 4096,
-        TP=triton.next_power_of_2(ntab), TAIL=bn >= 32 or interpret, QUARTER=QUARTER and _tf32_k8() and (bn >= 32 or interpret),
+        TP=triton.next_power_of_2(ntab), TAIL=bn >= 32 or interpret, QUARTER=QUARTER and (bn >= 32 or interpret),
+        PADQ=PADQ or not _tf32_k8(),
         WIDE=WIDE and (interpret or qkv.dtype != torch.float32),  # fp32: a 64-key block spills
         num_warps=warps, num_stages=stages)
