@@ -95,8 +95,9 @@ def _gather_off(ptrs, offs, ASM: tl.constexpr):
 
 
 @triton.jit
-def _smem_table(tab_h, T: tl.constexpr, TP: tl.constexpr):
-    """Copy the head's fp32 table (T entries, TP = next power of two <= 4096) into a static shared
+def _smem_table(tab_h, T: tl.constexpr, TP: tl.constexpr, stride=1, scale=None):
+    """Copy the head's fp32 table (T entries ``stride`` apart, times ``scale`` when given: one rounding, as a
+    scaled copy made beforehand; TP = next power of two <= 4096) into a static shared
     array of the program's own (``mk_wtab``, declared once per kernel: call once, outside loops) and
     return its 32-bit shared address, after a CTA barrier. ``_gather_smem`` then reads the table
     with one 32-bit add and an LDS per element, where a global gather needs a 64-bit add (two
@@ -109,7 +110,9 @@ def _smem_table(tab_h, T: tl.constexpr, TP: tl.constexpr):
         base = tl.inline_asm_elementwise(".shared .align 16 .b8 mk_wtab[16384]; mov.u32 $0, mk_wtab;", "=r,r",
                                          [T + tl.program_id(0) * 0], dtype=tl.int32, is_pure=False, pack=1)
     i = tl.arange(0, TP)
-    v = tl.load(tab_h + i, mask=i < T, other=0.0)
+    v = tl.load(tab_h + i * stride, mask=i < T, other=0.0)
+    if scale is not None:
+        v = v * scale
     tl.inline_asm_elementwise("st.shared.f32 [$1], $2; mov.u32 $0, 0;", "=r,r,f", [base + 4 * i, v], dtype=tl.int32,
                               is_pure=False, pack=1)
     tl.debug_barrier()

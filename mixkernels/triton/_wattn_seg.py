@@ -345,7 +345,7 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
 
 
 @triton.jit
-def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.constexpr, H, W, nW, GG,
+def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.constexpr, H, W, nW, GG, tab_scale,
                 N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RPB: tl.constexpr,
                 F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
@@ -356,7 +356,9 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.con
     row address). meta (GG*nW, 5, N) int32 per window: sorted tokens'
     grid positions, their window-local indices, and the tiles' first row, segment start, segment
     end; ninfo (GG*nW, 3): BLOCK_M-row tiles, segments, BLOCK_M/2-row tiles; scode (GG*nW, N +
-    BLOCK_N) int32: -4 * table code of the sorted keys (0 past N)."""
+    BLOCK_N) int32: -4 * table code of the sorted keys (0 past N). tab: with SMEM the module's (T, nH)
+    rel-pos table itself, scaled by ``tab_scale`` into the shared copy (no scaled copy launched); else the
+    (nH, T) table already scaled."""
     h = tl.program_id(0)
     w = tl.program_id(1)
     if COSINE:
@@ -370,9 +372,10 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.con
     mrow = meta + gw * (5 * N)
     scode = scode + gw * (N + BLOCK_N)
     T: tl.constexpr = (2 * WH - 1) * (2 * WW - 1)
-    tab_h = tab + h * T  # (nH, T) table, pre-scaled by log2e
     if SMEM:  # the head's table in shared memory (TP: T rounded to a power of two): 32-bit addresses, LDS
-        tab_h = _smem_table(tab_h, T, TP)
+        tab_h = _smem_table(tab + h, T, TP, NH, tab_scale)
+    else:
+        tab_h = tab + h * T  # (nH, T) table, pre-scaled
     nseg = tl.load(ninfo + 3 * gw + 1)
     bad = nseg < 0  # False
     if VCHECK & ((nseg > 1) | (VBITS != 1)):  # fp16 with one segment: NaN/Inf reach every row by the walk
@@ -588,15 +591,23 @@ def seg_forward(qkv, out, lse, rpb, num_heads, wh, ww, sh, sw, group, qk_scale, 
     meta, ninfo, scode = seg_prepare(H, W, wh, ww, sh, sw, group, bm, bn, qkv.device)
     # logits in units of 1/qk_scale (``_seg_step``: one FMA per exponent) for a plain softmax scale in a safe range
     unscaled = logit_scale is None and 2.0 ** -20 <= qk_scale <= 2.0 ** 20
-    # the (nH, T) table in one launch: pre-scaled by log2e, or (unscaled) in units of 1/qk_scale
-    tab = qkv if rpb is None else (rpb.t() * (_LOG2E / qk_scale if unscaled else _LOG2E)).contiguous()
+    # the table pre-scaled by log2e, or (unscaled) in units of 1/qk_scale: in the kernel's shared copy (SMEM,
+    # read from rpb in place: no launch), else an (nH, T) copy in one launch
+    tab_scale = _LOG2E / qk_scale if unscaled else _LOG2E
+    smem = not interpret and flags["HAS_RPB"] and ntab <= 4096
+    if rpb is None:
+        tab = qkv
+    elif smem:
+        tab = rpb.contiguous()  # (T, nH): a no-op for a module's parameter
+    else:
+        tab = torch.mul(rpb.t(), tab_scale, out=torch.empty((num_heads, ntab), dtype=torch.float32, device=rpb.device))
     _seg_kernel[(num_heads, B * nW)](
         qkv, out, lse, tab, meta, ninfo, scode, qkv if logit_scale is None else logit_scale, qk_scale, num_heads,
-        H, W, nW, 1 if group is None else group.shape[0], N=N, D=D, WH=wh, WW=ww,
+        H, W, nW, 1 if group is None else group.shape[0], tab_scale, N=N, D=D, WH=wh, WW=ww,
         BS=triton.next_power_of_2(N), BLOCK_M=bm, BLOCK_N=bn, HAS_RPB=flags["HAS_RPB"],
         F32=flags["F32"], UPCAST=flags["UPCAST"], IDX64=idx64, ASM=not interpret,
         COSINE=logit_scale is not None, VBITS={torch.bfloat16: 0, torch.float16: 1}.get(qkv.dtype, 2),
-        UNSCALED=unscaled, SMEM=not interpret and flags["HAS_RPB"] and ntab <= 4096,
+        UNSCALED=unscaled, SMEM=smem,
         TP=triton.next_power_of_2(ntab), TAIL=bn >= 32 or interpret, QUARTER=QUARTER and (bn >= 32 or interpret),
         PADQ=PADQ or not _tf32_k8(),
         WIDE=WIDE and (interpret or qkv.dtype != torch.float32),  # fp32: a 64-key block spills
