@@ -10,9 +10,9 @@
 // sums), and every thread adding the 8 slots (absent warps' slots hold 0) in a fixed tree: results
 // are deterministic and no atomics are used; a one-warp CTA (p16 at V = 8) needs no shared memory.
 // Index math is 32-bit (fast division by host-computed magic numbers); only the CTA's base offsets
-// are 64-bit. Instruction budget (sm_90 SASS, MixMIM-B p32 bf16 pred / fp32 images): ~6 per value
-// (convert, mean, centre, variance, error) for 24 values per thread, plus the CTA's index map and
-// three sums: ~23 thread-instructions per 16 B moved (the copy-bandwidth floor needs < ~110).
+// are 64-bit. Instructions (sm_90 SASS, MixMIM-B p32, bf16 pred / fp32 images): ~6 per value
+// (convert, sum, centre, variance, error) for 24 values per thread, plus the CTA's index map and
+// three sums: 47.5 thread-instructions per 16 B moved; the model is memory-bound below ~120.
 #include "device_prims.cuh"
 #include "mixkernels/cuda_common.h"
 #include "mixkernels/losses_cuda.h"
