@@ -12,7 +12,7 @@
 // Index math is 32-bit (fast division by host-computed magic numbers); only the CTA's base offsets
 // are 64-bit. Instructions (sm_90 SASS, MixMIM-B p32, bf16 pred / fp32 images): ~6 per value
 // (convert, sum, centre, variance, error) for 24 values per thread, plus the CTA's index map and
-// three sums: 47.5 thread-instructions per 16 B moved; the model is memory-bound below ~120.
+// three sums: 44 thread-instructions per 16 B moved; the model is memory-bound below ~120.
 #include "device_prims.cuh"
 #include "mixkernels/cuda_common.h"
 #include "mixkernels/losses_cuda.h"
@@ -69,6 +69,13 @@ __device__ __forceinline__ void load_v(const T* src, float* dst) {
   for (int k0 = 0; k0 < V; k0 += K) {
     if constexpr (K == 1) {
       dst[k0] = to_float(src[k0]);
+    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {  // a bf16 pair -> two floats: SHL + LOP
+      const Vec<uint32_t, K / 2> x = *reinterpret_cast<const Vec<uint32_t, K / 2>*>(src + k0);
+#pragma unroll
+      for (int k = 0; k < K / 2; ++k) {
+        dst[k0 + 2 * k] = __uint_as_float(x.v[k] << 16);
+        dst[k0 + 2 * k + 1] = __uint_as_float(x.v[k] & 0xffff0000u);
+      }
     } else {
       const Vec<T, K> x = *reinterpret_cast<const Vec<T, K>*>(src + k0);
 #pragma unroll
@@ -179,14 +186,12 @@ __global__ void __launch_bounds__(kMaxThreads, 1) loss_kernel(const Params prm) 
                   static_cast<int64_t>(py) * prm.p * prm.W + static_cast<int64_t>(px) * prm.p;
   const TP* u_row = static_cast<const TP*>(prm.pred) + row;
 
-  float t[U][3 * V], u[U][3 * V];
+  float t[U][3 * V], u[U][3 * V];  // set and read only where act[s]
   bool act[U];
 #pragma unroll
   for (int s = 0; s < U; ++s) {
     const unsigned un = tid + s * blockDim.x;
     act[s] = un < static_cast<unsigned>(prm.units);
-#pragma unroll
-    for (int k = 0; k < 3 * V; ++k) t[s][k] = u[s][k] = 0.f;
     if (act[s]) {
       const unsigned i = prm.upr.div(un), j0 = (un - i * prm.upr.d) * V;
       const TP* src = u_row + (i * prm.p + j0) * 3;
@@ -207,8 +212,10 @@ __global__ void __launch_bounds__(kMaxThreads, 1) loss_kernel(const Params prm) 
     float s1[3] = {0.f, 0.f, 0.f};  // per channel: three short chains
 #pragma unroll
     for (int s = 0; s < U; ++s) {
+      if (act[s]) {
 #pragma unroll
-      for (int k = 0; k < 3 * V; ++k) s1[k % 3] += t[s][k];  // absent units hold 0
+        for (int k = 0; k < 3 * V; ++k) s1[k % 3] += t[s][k];
+      }
     }
     // A division, as the reference's mean: a constant patch gets exactly its value (target 0).
     const float mean = cta_sum((s1[0] + s1[1]) + s1[2], slots[0], prm.warps) / prm.d;
