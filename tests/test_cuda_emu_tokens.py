@@ -214,13 +214,25 @@ def test_uniform_backward_one_launch(dtype, C, off):
     assert_close_2x(dtok, want[1], same[1], name="dtoken")
 
 
+# (p, norm_pix, pointer offset in elements) at W = 3p: 8-pixel units (p % 8: one warp at p 8/16, four
+# warps at 32), 4-pixel units (p 4/12: W % 8 != 0; or p = 8 with bf16 pointers 8-byte aligned), one
+# pixel per unit (odd p, or misaligned pointers: four units per thread, three warps at p = 17)
+LOSS_CASES = [(8, True, 0), (16, True, 0), (32, True, 0), (4, False, 0), (12, True, 0), (8, True, 4), (3, True, 0),
+              (17, False, 0), (8, True, 1)]
+
+
+def _loss_inputs(pdt, p, off, rows, B=2):
+    H, W = 4 * p, 3 * p
+    L = (H // p) * (W // p)
+    imgs = E.aligned(torch.randn(B, 3, H, W) * 0.5 + 0.3, off)
+    pred = E.aligned(torch.randn(rows * B, L, p * p * 3).to(pdt), off)
+    return imgs, pred, B, H, W, L
+
+
 @pytest.mark.parametrize("pdt", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("p,norm", [(8, True), (4, False), (3, True)])
-def test_losses(pdt, p, norm):
-    B, H, W = 2, 4 * p, 3 * p
-    L, D = (H // p) * (W // p), p * p * 3
-    imgs = E.aligned(torch.randn(B, 3, H, W))
-    pred = E.aligned(torch.randn(2 * B, L, D).to(pdt))
+@pytest.mark.parametrize("p,norm,off", LOSS_CASES, ids=str)
+def test_losses(pdt, p, norm, off):
+    imgs, pred, B, H, W, L = _loss_inputs(pdt, p, off, 2)
     mask = (torch.rand(B, L) < 0.5).to(torch.uint8)
     out = E.empty((B, L), torch.float32)
     _ok(E.call("emu_mixmim_loss_fwd", pred, DT[pdt], imgs, 0, mask, L, out, B, H, W, p, int(norm), 1e-6))
@@ -229,10 +241,39 @@ def test_losses(pdt, p, norm):
     same = ref.mixmim_loss(pred.float(), imgs, mask.bool(), p, norm_pix=norm, reduction="none")
     assert_close_2x(out, want, same, name="mixmim loss")
     g = E.aligned(torch.rand(B, L))
-    dpred = E.empty(tuple(pred.shape), pdt)
+    dpred = E.aligned(torch.full(tuple(pred.shape), float("nan")).to(pdt), off)  # poisoned: every row is written
     _ok(E.call("emu_mixmim_loss_bwd", g, pred, DT[pdt], imgs, 0, mask, L, dpred, B, H, W, p, int(norm), 1e-6))
     (gw,) = torch.autograd.grad(want, pr, g.double())
     ps = pred.detach().clone().requires_grad_(True)
     (gs,) = torch.autograd.grad(ref.mixmim_loss(ps, imgs.to(pdt), mask.bool(), p, norm_pix=norm, reduction="none"),
                                 ps, g.to(torch.float32))
     assert_close_2x(dpred, gw, gs, name="mixmim loss backward")
+
+
+@pytest.mark.parametrize("pdt", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("p,norm,off", LOSS_CASES, ids=str)
+def test_masked_loss(pdt, p, norm, off):
+    """Full-length pred with patch_idx -1 on the uncounted rows (loss 0, gradient 0), per-image masks,
+    images in pred's dtype; the last patch of image 0 is constant (norm_pix target exactly 0)."""
+    imgs, pred, B, H, W, L = _loss_inputs(pdt, p, off, 1)
+    imgs = E.aligned(imgs.to(pdt), off)
+    imgs[0, :, H - p:, W - p:] = 0.25
+    mask = torch.rand(B, L) < 0.5
+    mask[0, -1] = True
+    idx = torch.where(mask, torch.arange(L), torch.full((B, L), -1)).contiguous()
+    out = E.empty((B, L), torch.float32)
+    _ok(E.call("emu_masked_loss_fwd", pred, DT[pdt], imgs, DT[pdt], idx, out, B, L, H, W, p, int(norm), 1e-6))
+    pr = pred.double().requires_grad_(True)
+    want = ref.masked_recon_loss(pr, imgs.double(), mask, p, norm_pix=norm, reduction="none")
+    same = ref.masked_recon_loss(pred.float(), imgs, mask, p, norm_pix=norm, reduction="none")
+    assert_close_2x(out, want, same, name="masked loss")
+    assert (out[~mask] == 0).all()
+    g = E.aligned(torch.rand(B, L))
+    dpred = E.aligned(torch.full(tuple(pred.shape), float("nan")).to(pdt), off)
+    _ok(E.call("emu_masked_loss_bwd", g, pred, DT[pdt], imgs, DT[pdt], idx, dpred, B, L, H, W, p, int(norm), 1e-6))
+    (gw,) = torch.autograd.grad(want, pr, g.double())
+    ps = pred.detach().clone().requires_grad_(True)
+    (gs,) = torch.autograd.grad(ref.masked_recon_loss(ps, imgs.to(pdt), mask, p, norm_pix=norm, reduction="none"),
+                                ps, g)
+    assert_close_2x(dpred, gw, gs, name="masked loss backward")
+    assert (dpred[~mask] == 0).all()

@@ -399,13 +399,14 @@ def _offset(t, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("p", [1, 3, 7, 8, 32])
+@pytest.mark.parametrize("p", [1, 3, 4, 7, 8, 12, 16, 32])
 @pytest.mark.parametrize("off", [0, 1], ids=["aligned", "misaligned"])
 @pytest.mark.parametrize("dtypes", [(BF16, F32), (F32, F16)], ids=["bf16-f32", "f32-f16"])
 def test_cuda_vector_and_scalar_paths(p, off, dtypes):
-    """The CUDA kernels take 4-pixel vector units only when p % 4 == 0, W % 4 == 0 and pred/imgs/dpred
-    are aligned: misaligned base pointers (p = 8: vector path refused; p = 32: the scalar path with
-    1024 units, 4 per thread), odd p with W % 4 != 0, and p = 1 (D - 1 = 2 in the variance)."""
+    """The CUDA kernels take 8-pixel vector units when p % 8 == 0, W % 8 == 0 and pred/imgs/dpred are
+    16-byte aligned (p 8/16/32: one, one and four warps), 4-pixel units when only p % 4 == 0 and W % 4 == 0
+    (p 4/12), else one pixel per unit: misaligned base pointers (p = 32: the scalar path with 1024
+    units, 4 per thread), odd p with W % 4 != 0, and p = 1 (D - 1 = 2 in the variance)."""
     dev, B = "cuda", 3
     H, W = 2 * p, 3 * p
     L, D = 6, p * p * 3

@@ -479,8 +479,7 @@ CUDA_RULES: List[Rule] = [
          "rows of a level: a group's <= 16 segments, or the <= 16 groups", kernel=_UNIFORM),
     Rule(r"for \(int g = 0; g < groups; \+\+g\)", lambda c: math.ceil(_usegs(c) / 16),
          "groups of 16 segments (argument segs)", kernel=_UNIFORM),
-    # ---- losses (losses.cu)
-    Rule(r"for \(int w = 0; w < warps; \+\+w\) s \+= smem\[w\]", lambda c: c.warps, "block_sum over warps"),
+    # ---- losses (losses.cu): no loops (units and CTA sums unrolled)
 ]
 
 
