@@ -684,6 +684,23 @@ void backward_impl(const Geom& g, const at::Tensor& dout, const at::Tensor& qkv,
   }
 }
 
+// Allocates the gradients (in qkv's dtype / its accumulation dtype) and runs the backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_outputs(
+    const Geom& g, const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
+    const c10::optional<at::Tensor>& rpb, const c10::optional<at::Tensor>& attn_bias, double scale,
+    const at::Tensor& hscale, bool need_drpb, bool need_dbias, bool need_dls) {
+  const auto acc = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto dqkv = at::empty_like(qkv);
+  auto drpb = need_drpb ? at::empty_like(*rpb) : at::empty({0}, qkv.options().dtype(acc));
+  auto dbias = need_dbias ? at::empty_like(*attn_bias) : at::empty({0}, qkv.options().dtype(acc));
+  auto dls = at::empty({need_dls ? g.nH : 0}, qkv.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "window_attention_backward", [&] {
+    backward_impl<scalar_t>(g, dout, qkv, out, lse, rpb, attn_bias, scale, hscale, need_drpb, need_dbias, need_dls,
+                            dqkv, drpb, dbias, dls);
+  });
+  return {dqkv, drpb, dbias, dls};
+}
+
 // The checks and outputs of both backward entry points; `logit_scale` is set in cosine mode only.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_entry(
     const char* op, const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
@@ -705,15 +722,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_entry(
   MK_CHECK_ARG(!need_drpb || rpb.has_value(), op, "need_drpb", "come with rpb", "rpb=None");
   MK_CHECK_ARG(!need_dbias || attn_bias.has_value(), op, "need_dbias", "come with attn_bias", "attn_bias=None");
   const at::Tensor hscale = logit_scale.has_value() ? head_scales(op, qkv, *logit_scale, g.nH) : at::Tensor();
-  auto dqkv = at::empty_like(qkv);
-  auto drpb = need_drpb ? at::empty_like(*rpb) : at::empty({0}, qkv.options().dtype(acc));
-  auto dbias = need_dbias ? at::empty_like(*attn_bias) : at::empty({0}, qkv.options().dtype(acc));
-  auto dls = at::empty({need_dls ? g.nH : 0}, qkv.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "window_attention_backward", [&] {
-    backward_impl<scalar_t>(g, dout, qkv, out, lse, rpb, attn_bias, scale, hscale, need_drpb, need_dbias, need_dls,
-                            dqkv, drpb, dbias, dls);
-  });
-  if (need_dls) {  // torch.clamp's gradient: exactly 0 where clamped (even if NaN flowed in)
+  at::Tensor dqkv, drpb, dbias, dls;
+  if (hscale.defined() && acc != at::kDouble) {
+    // Cosine logits reach ~100 + bias, and sum_j dS_ij = 0 holds only up to rounding: accumulated in float,
+    // d logit_scale = sum_ij dS_ij <q'_i, k'_j> loses ~2**7 ulp to that cancellation (fuzz: 2.5e-5 against
+    // the 1e-5 rule where the float32 reference is exact). So this mode runs in double (the forward's float
+    // head scales, exact copies of the checked inputs) and rounds each gradient once at the end.
+    const auto up = [](const at::Tensor& t) { return t.to(at::kDouble); };
+    const auto up_opt = [&](const c10::optional<at::Tensor>& t) {
+      return t.has_value() ? c10::optional<at::Tensor>(up(*t)) : c10::nullopt;
+    };
+    std::tie(dqkv, drpb, dbias, dls) = backward_outputs(g, up(dout), up(qkv), up(out), up(lse), up_opt(rpb),
+                                                        up_opt(attn_bias), scale, up(hscale), need_drpb,
+                                                        need_dbias, need_dls);
+    dqkv = dqkv.to(qkv.scalar_type()), drpb = drpb.to(acc), dbias = dbias.to(acc), dls = dls.to(acc);
+  } else {
+    std::tie(dqkv, drpb, dbias, dls) = backward_outputs(g, dout, qkv, out, lse, rpb, attn_bias, scale, hscale,
+                                                        need_drpb, need_dbias, need_dls);
+  }
+  if (need_dls) {  // torch.clamp's gradient, in logit_scale's dtype: exactly 0 where clamped (even if NaN flowed in)
     dls = at::where(at::le(*logit_scale, std::log(100.0)), dls, at::zeros({}, dls.options()));
   }
   return {dqkv, drpb, dbias, dls};
