@@ -293,7 +293,7 @@ def test_loop_found_from_source_structure_when_the_back_edge_has_another_line(tm
 _CUDA_ATTN = {"window_attention.cu": "int smem_limit() {", "window_attention_bwd.cu": "struct BwdPlan {",
               "window_attention_common.cuh": None,  # file: where its device code ends (launch plans follow)
               "window_attention_bwd_tiles.cuh": None, "window_attention_bwd_items.cuh": None,
-              "window_attention_bwd_box.cuh": None}
+              "window_attention_bwd_box.cuh": None, "window_attention_fwd_pack.cuh": None}
 # (_wattn_seg.py's loops need a case's segment model: the committed-report test below covers them)
 _TRITON_ATTN = ("window_attention.py", "window_attention_bwd.py", "_wattn_bwd_tiles.py", "_wattn_bwd_sp.py")
 

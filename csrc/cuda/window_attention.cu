@@ -23,6 +23,7 @@
 
 #include "window_attention_common.cuh"
 #include "window_attention_cosine.cuh"
+#include "window_attention_fwd_pack.cuh"
 #include "window_attention_legacy.cuh"
 
 namespace mixkernels::cuda {
@@ -168,6 +169,32 @@ __device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFr
   accum<T, D, NT>(o, s, sv + kb * LD, lane);
 }
 
+// A warp's 16 x D O tile (rows g times mul0, rows g+8 times mul1) through its staging rows (pitch LD) to
+// the global rows of tok[g], tok[g+8] (stride C elements): lane (g, t) stores 16-byte chunks t, t+4, ..
+// of its own two rows, those with `stored` (the tile's rows told apart from padding once, at its start).
+template <typename T, int D>
+__device__ __forceinline__ void store_tile(const float (&o)[D / 8][4], float mul0, float mul1, T* stage, T* out, int C,
+                                           const int* tok, const bool (&stored)[2], int lane) {
+  using TL = Tile<T, D>;
+  stage_rows_warp<T, D>(o, mul0, mul1, stage, lane);
+  const int g = lane >> 2, t = lane & 3;
+  uint4* dst = reinterpret_cast<uint4*>(out);
+  const unsigned rs = unsigned(C / TL::kE);
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    if (!stored[rr]) continue;
+    const int r = g + 8 * rr;
+    const unsigned row = unsigned(tok[r]) * rs;  // 32-bit 16-byte offsets, as the loads
+#pragma unroll
+    for (int k = 0; k < (TL::kCPR + 3) / 4; ++k) {
+      const int c = t + 4 * k;
+      if (TL::kCPR % 4 == 0 || c < TL::kCPR)
+        dst[row + unsigned(c)] = *reinterpret_cast<const uint4*>(stage + r * TL::kLD + c * TL::kE);
+    }
+  }
+  __syncwarp();
+}
+
 // One 16-row query tile of head h: O rows and lse. ONE: one-window packs (align_segments' layout).
 template <typename T, int D, int BIAS, bool ABIAS, bool ONE>
 __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int tile, int h, T* sq,
@@ -243,26 +270,31 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
     constexpr bool kHalf = std::is_same<T, __half>::value;
     constexpr float kLmin = kHalf ? 0.5f : 0x1p-32f, kLmax = kHalf ? 0x1p15f : 0x1p32f;
     const float c = G.scale * kLog2e;
-    fwd_probe<T, D, BIAS, ABIAS>(G, S, qa, ri, sk, b0, smem, zero_byte, A.inv_scale, m, lane);
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) nb[rr] = -(m[rr] == -INFINITY ? 0.f : m[rr]) * c;
-    walk(std::true_type{});  // fixed reference
-    bool bad = false;
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float z = 0.f;  // NaN iff some O entry of the row is NaN/Inf
-#pragma unroll
-      for (int dj = 0; dj < D / 8; ++dj) z = fmaf(o[dj][2 * rr + 1], 0.f, fmaf(o[dj][2 * rr], 0.f, z));
-      bad |= stored[rr] && !(l[rr] >= kLmin && l[rr] <= kLmax && z == 0.f);
-    }
-    // A loop of at most one trip (it runs only when some row failed).
+    // Pass 0 against the probe's reference; pass 1, the online walk, only after some stored row failed
+    // (a loop, not an if, so that the static rules count the passes that run: 1 at the model's inputs).
 #pragma unroll 1
-    for (bool again = __any_sync(kFull, bad); again; again = false) {
-      m[0] = m[1] = -INFINITY;
-      l[0] = l[1] = 0.f;
+    for (int pass = 0; pass < 2; ++pass) {
+      if (pass == 0) {
+        fwd_probe<T, D, BIAS, ABIAS>(G, S, qa, ri, sk, b0, smem, zero_byte, A.inv_scale, m, lane);
 #pragma unroll
-      for (int dj = 0; dj < D / 8; ++dj) o[dj][0] = o[dj][1] = o[dj][2] = o[dj][3] = 0.f;
-      walk(std::false_type{});  // online fallback walk
+        for (int rr = 0; rr < 2; ++rr) nb[rr] = -(m[rr] == -INFINITY ? 0.f : m[rr]) * c;
+        walk(std::true_type{});  // fixed reference
+        bool bad = false;
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          float z = 0.f;  // NaN iff some O entry of the row is NaN/Inf
+#pragma unroll
+          for (int dj = 0; dj < D / 8; ++dj) z = fmaf(o[dj][2 * rr + 1], 0.f, fmaf(o[dj][2 * rr], 0.f, z));
+          bad |= stored[rr] && !(l[rr] >= kLmin && l[rr] <= kLmax && z == 0.f);
+        }
+        if (!__any_sync(kFull, bad)) break;
+      } else {
+        m[0] = m[1] = -INFINITY;
+        l[0] = l[1] = 0.f;
+#pragma unroll
+        for (int dj = 0; dj < D / 8; ++dj) o[dj][0] = o[dj][1] = o[dj][2] = o[dj][3] = 0.f;
+        walk(std::false_type{});  // online fallback walk
+      }
     }
   } else {
     // Several windows per pack (tiles span windows: mostly masked blocks): one walk, the block kind
@@ -305,8 +337,7 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
     for (int rr = 0; rr < 2; ++rr)
       if (stored[rr]) A.lse[S.lrow[r0 + g + 8 * rr] + h * G.N] = lse[rr];
   }
-  store_rows_warp<T, D, ONE>(o, inv[0], inv[1], sq + r0 * TL::kLD, static_cast<T*>(A.out) + h * D, G.C, S.tok, r0, rows,
-                        lane);
+  store_tile<T, D>(o, inv[0], inv[1], sq + r0 * TL::kLD, static_cast<T*>(A.out) + h * D, G.C, S.tok + r0, stored, lane);
 }
 
 // The exact path for a head whose V holds NaN/Inf: every row over all keys of its window, masked
@@ -347,194 +378,6 @@ __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, c
       for (int e = 0; e < 8; ++e) orow[dc + e] = from_float<T>(acc[e] * inv);
     }
     A.lse[S.lrow[q] + h * G.N] = -nb * kLn2 + prim::lg2(l) * kLn2;
-  }
-}
-
-// Q, K, V rows of one head (the forward's per-head load): slot r <- token tok[r], 16-byte cp.async.
-// Thread t moves chunk t % CPR of rows t / CPR + k * (kThreads / CPR), k < CPR: unrolled, since CPR
-// steps cover the 256 slots a pack can hold (no loop, one token lookup per row for the three).
-// PAD: slots with tok < 0 inside [0, nrows) (aligned one-window packs) are skipped.
-template <typename T, int D, bool PAD>
-__device__ __forceinline__ void load_qkv_async(T* dst, size_t tile_stride, const T* base, int C, const int* tok,
-                                               int nrows) {
-  using TL = Tile<T, D>;
-  constexpr int kStep = kThreads / TL::kCPR;
-  const int part = threadIdx.x % TL::kCPR, r0 = threadIdx.x / TL::kCPR;
-  const uint4* src = reinterpret_cast<const uint4*>(base) + part;
-  const unsigned rs = unsigned(3 * C / TL::kE), oc = unsigned(C / TL::kE);
-  const size_t ts = tile_stride / sizeof(T);
-#pragma unroll
-  for (int k = 0; k < TL::kCPR; ++k) {
-    const int r = r0 + k * kStep;
-    const int t = r < nrows ? tok[r] : -1;
-    if (PAD ? t >= 0 : r < nrows) {  // padding slots stay zero
-      const uint4* row = src + unsigned(t) * rs;
-      T* d = dst + r * TL::kLD + part * TL::kE;
-      prim::cp_async<16>(d, row);
-      prim::cp_async<16>(d + ts, row + oc);
-      prim::cp_async<16>(d + 2 * ts, row + 2 * oc);
-    }
-  }
-}
-
-// Zero the padding rows (tok < 0) in [first, cap) of ntiles tiles tile_bytes apart (all operand
-// tiles: their rows must be finite, probability 0 times them).
-template <typename T, int D>
-__device__ __forceinline__ void zero_padding(T* tile0, int ntiles, size_t tile_bytes, const int* tok, int first,
-                                             int cap) {
-  using TL = Tile<T, D>;
-  const int part = threadIdx.x % TL::kCPR;
-  for (int r = first + threadIdx.x / TL::kCPR; r < cap; r += kThreads / TL::kCPR) {
-    if (tok[r] >= 0) continue;
-    unsigned char* row = reinterpret_cast<unsigned char*>(tile0 + r * TL::kLD + part * TL::kE);
-#pragma unroll 1
-    for (int k = 0; k < ntiles; ++k) *reinterpret_cast<uint4*>(row + k * tile_bytes) = make_uint4(0u, 0u, 0u, 0u);
-  }
-}
-
-// Whether any element of the chunks this thread loaded into rows [0, nrows) of a tile (the map of
-// load_qkv_async) is NaN/Inf: x * 0 is NaN exactly for those, one packed FMA per two elements.
-template <typename T, int D>
-__device__ __forceinline__ bool v_nonfinite(const T* src, int nrows) {
-  using TL = Tile<T, D>;
-  constexpr int kStep = kThreads / TL::kCPR;
-  const int part = threadIdx.x % TL::kCPR, r0 = threadIdx.x / TL::kCPR;
-  uint32_t acc = 0;
-#pragma unroll
-  for (int k = 0; k < TL::kCPR; ++k) {
-    const int r = r0 + k * kStep;
-    if (r < nrows) {
-      const uint4 v = *reinterpret_cast<const uint4*>(src + r * TL::kLD + part * TL::kE);
-      acc = prim::fma0_b16x2<T>(v.x, acc);
-      acc = prim::fma0_b16x2<T>(v.y, acc);
-      acc = prim::fma0_b16x2<T>(v.z, acc);
-      acc = prim::fma0_b16x2<T>(v.w, acc);
-    }
-  }
-  return (acc & 0x7fff7fffu) != 0;  // +-0 unless some product was NaN
-}
-
-// The table entries a head of the pack reads, f(i) for each of this thread's: all T (BIAS 1), or
-// (coords calls; table (2rh-1) x (2rw-1), row-major) those with |dy| <= ey, |dx| <= ex, warps over
-// rows, lanes over columns. The same map loads (cp.async) and then scales (1/scale) an entry.
-template <int BIAS, typename F>
-__device__ __forceinline__ void table_entries(const Geo& G, int ey, int ex, F&& f) {
-  if constexpr (BIAS == 1) {
-#pragma unroll 1
-    for (int i = threadIdx.x; i < G.T; i += kThreads) f(i);
-  } else if constexpr (BIAS == 2) {
-    const int rw2 = 2 * G.rw - 1, ny = 2 * ey + 1, nx = 2 * ex + 1;
-    const int first = (G.rh - 1 - ey) * rw2 + (G.rw - 1 - ex);
-#pragma unroll 1
-    for (int r = threadIdx.x >> 5; r < ny; r += kWarps)
-#pragma unroll 1
-      for (int c = threadIdx.x & 31; c < nx; c += 32) f(first + r * rw2 + c);
-  }
-}
-
-// The walk of a one-window pack's tile with key range [lo, hi) (uni: its rows are one segment's),
-// stored over the tile's lo/hi/uni once per pack: {b0 + P, end - Q, P << 8 | Q} for the masked prefix
-// [b0, b0 + P), unmasked middle and masked suffix [end - Q, end) of [b0, end) = [lo & ~15, round16(hi)).
-// Tiles whose rows span segments: all masked. One-segment tiles: only the 16 keys at an end that is not
-// 16-aligned need the mask; an end grows to 32 when that leaves the middle an even number of 16-key
-// blocks (few 16-key blocks: their fixed cost is that of 32).
-__device__ __forceinline__ int3 one_walk(int lo, int hi, bool uni) {
-  const int b0 = lo & ~15, end = round16(hi);
-  int P = end - b0, Q = 0;
-  if (uni) {
-    const int L = round16(lo), R = imax(L, hi & ~15), u = (R - L) >> 4;
-    P = L - b0;
-    Q = end - R;
-    if (u & 1) {
-      if (P) P += 16; else if (Q) Q += 16;
-    } else if (P && Q) {
-      if (u) P += 16, Q += 16; else P = 32, Q = 0;  // u = 0: head and tail are one 32-key block
-    }
-  }
-  return make_int3(b0 + P, end - Q, P << 8 | Q);
-}
-
-__device__ __forceinline__ void set_walk(const Pack& S, int t, int lo, int hi, bool uni) {
-  const int3 w = one_walk(lo, hi, uni);
-  S.lo[t] = w.x;
-  S.hi[t] = w.y;
-  S.uni[t] = w.z;
-}
-
-// One-window packs: move every segment to a slot that is a multiple of 16 (padding slots, tok = -1,
-// between segments) when the pack still fits in cap slots. No 16-row tile then spans two segments:
-// each tile walks only its own segment's keys, masked only in the last 16 (the padding). Packs of
-// several windows, or whose rounded segments do not fit, stay as the prologue sorted them.
-// All threads; after the prologue's tiles are published (a barrier), before the operand buffers are
-// used (`scratch`: kWarps + kThreads ints of them). On return (before the caller's barrier) the slots,
-// tiles' walks (one_walk) and info[0] (slots in use) / info[1] (tiles) hold the aligned layout, or the
-// prologue's.
-__device__ __forceinline__ void align_segments(const Geo& G, const Pack& S, int nvalid, int* scratch) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  int2 seg = make_int2(0, 0);
-  if (tid < nvalid) seg = S.seg[tid];
-  const int size = seg.y - seg.x;
-  const int pad = tid < nvalid && seg.x == tid ? round16(size) - size : 0;  // once per segment, at its head
-  int incl = pad;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int v = __shfl_up_sync(kFull, incl, o);
-    incl += lane >= o ? v : 0;
-  }
-  int* wsum = scratch;
-  int* shift = scratch + kWarps;
-  if (lane == 31) wsum[warp] = incl;
-  __syncthreads();
-  int before = 0, total = 0;
-#pragma unroll
-  for (int v = 0; v < kWarps; ++v) {
-    const int w = wsum[v];
-    before += v < warp ? w : 0;
-    total += w;
-  }
-  if (G.P != 1 || nvalid + total > G.cap) {  // block-uniform: the prologue's layout stays
-    if (tid < S.info[1]) set_walk(S, tid, S.lo[tid], S.hi[tid], S.uni[tid] != 0);
-    return;
-  }
-  shift[tid] = before + incl - pad;  // read at segment heads: the padding of the segments before
-  __syncthreads();
-  int tok = -1, lidx = 0, lrow = 0, d = 0;
-  int2 qi = make_int2(0, -1), ki = make_int2(0, -2), cxy = make_int2(0, 0);
-  if (tid < nvalid) {
-    d = shift[seg.x];
-    tok = S.tok[tid], lidx = S.lidx[tid], lrow = S.lrow[tid];
-    qi = S.qi[tid], ki = S.ki[tid], cxy = S.cxy[tid];
-  }
-  __syncthreads();  // every slot read
-  if (tid < G.cap) {  // padding everywhere first (the prologue's padding entries)
-    S.tok[tid] = -1;
-    S.qi[tid] = make_int2(0, -1);
-    S.ki[tid] = make_int2(0, -2);
-    S.lidx[tid] = 0;
-    S.lrow[tid] = 0;
-    S.cxy[tid] = make_int2(0, 0);
-    S.seg[tid] = make_int2(tid, tid + 1);
-  }
-  __syncthreads();
-  if (tid < nvalid) {
-    const int p = tid + d;
-    S.tok[p] = tok;
-    S.qi[p] = qi;
-    S.ki[p] = ki;
-    S.lidx[p] = lidx;
-    S.lrow[p] = lrow;
-    S.cxy[p] = cxy;
-    S.seg[p] = make_int2(seg.x + d, seg.y + d);
-  }
-  __syncthreads();
-  const int used = nvalid + total;
-  if (tid < used / 16) {  // slot 16 * tid is a token of the tile's segment (segments start at tiles)
-    const int2 sg = S.seg[16 * tid];
-    set_walk(S, tid, sg.x, sg.y, true);  // padding rows join the segment's tile: never stored
-  }
-  if (tid == 0) {
-    S.info[0] = used;
-    S.info[1] = used / 16;
   }
 }
 

@@ -283,9 +283,9 @@ CUDA_RULES: List[Rule] = [
          "key blocks (32, or a last 16) per query tile after the peeled first one (segment ranges, emulated)",
          kernel=_FUSED),
     # the online walk after a failed fixed reference (fwd_tile, ONE): never at the model's inputs
-    Rule(r"for \(bool again = __any_sync\(kFull, bad\); again; again = false\)", lambda c: 0.0,
-         "one-window tile's online walk again: only after the probe's reference fails a row (never at the "
-         "model's inputs)", kernel=_FUSED),
+    Rule(r"for \(int pass = 0; pass < 2; \+\+pass\)", lambda c: 1.0,
+         "one-window tile's passes: the fixed reference; the online walk again only after the probe's "
+         "reference fails a row (never at the model's inputs)", kernel=_FUSED),
     *[Rule(w, lambda c: 0.0, "one-window tile's online walk: only after the probe's reference fails a row "
            "(never at the model's inputs)", via=r"online fallback walk", kernel=_FUSED)
       for w in (r"for \(int i = 0; i < nm32; \+\+i\)", r"for \(int i = 0; i < nm16; \+\+i\)",
