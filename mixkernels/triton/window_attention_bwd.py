@@ -115,17 +115,13 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
         code_n = ly_n * (2 * WW - 1) + lx_n
         ly_m, lx_m = _lyx(offs_m, N, WW)
         ab_m = ab_h + tl.minimum(offs_m, N - 1) * N
-        if HAS_COORDS:
-            tab_m = tab_h + (ly_m * (2 * WW - 1) + lx_m + ((WH - 1) * (2 * WW - 1) + WW - 1))
-            inv_bias = _t_bias(tab_h, tab_m, code_n, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH, RW,
-                               False, HAS_BIAS, False, True, ASM)
-        else:  # rpb's column h (stride NH), scaled to log2 units here, once per program
-            tab_m = tab_h + (ly_m * (2 * WW - 1) + lx_m + ((WH - 1) * (2 * WW - 1) + WW - 1)) * NH
-            inv_bias = _t_bias(tab_h, tab_m, code_n, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH, RW,
-                               False, HAS_BIAS, False, True, ASM)
-            if HAS_RPB:
-                inv_bias += _t_bias(tab_h, tab_m, code_n * NH, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH,
-                                    RW, True, False, False, True, ASM) * 1.4426950408889634
+        # (tab_m: rows of rpb's column h (stride NH), read only without coords; _t_bias takes its shape)
+        tab_m = tab_h + (ly_m * (2 * WW - 1) + lx_m + ((WH - 1) * (2 * WW - 1) + WW - 1)) * NH
+        inv_bias = _t_bias(tab_h, tab_m, code_n, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH, RW,
+                           False, HAS_BIAS, False, True, ASM)
+        if HAS_RPB and not HAS_COORDS:  # rpb's column h, scaled to log2 units here, once per program
+            inv_bias += _t_bias(tab_h, tab_m, code_n * NH, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH,
+                                RW, True, False, False, True, ASM) * 1.4426950408889634
         dsum_acc = tl.zeros((BS, BS), tl.float32)
         dls_rows = tl.zeros((BS,), tl.float32)
         offs_d = tl.arange(0, D)
