@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ._cosine import _store_unit_grad
+from ._wattn_coords import _coord_off
 from .window_attention import (_gather_rc, _idx, _in_range, _keys, _lyx, _mask, _mm, _pos, _rows, _table_bias)
 
 
@@ -131,11 +132,11 @@ def _bias_grads(ds, offs_m, offs_n, row_ok, col_ok, cy_m, cx_m, cy_n, cx_n, dsum
         dy, iny = _in_range(cy_m[:, None], cy_n[None, :], RH)
         dx, inx = _in_range(cx_m[:, None], cx_n[None, :], RW)
         inr = iny & inx & pair
-        ty = tl.where(inr, dy + (RH - 1), 0).to(tl.int32)
-        tx = tl.where(inr, dx + (RW - 1), 0).to(tl.int32)
         if TAB_MODE == 1:
-            tl.atomic_add(dtab_h + (ty * (2 * RW - 1) + tx) * TS, ds, mask=inr, sem="relaxed")
+            tl.atomic_add(dtab_h + _coord_off(cy_m, cx_m, cy_n, cx_n, RH, RW, TS), ds, mask=inr, sem="relaxed")
         if TAB_MODE == 2:
+            ty = tl.where(inr, dy + (RH - 1), 0).to(tl.int32)
+            tx = tl.where(inr, dx + (RW - 1), 0).to(tl.int32)
             # Fixed-order per-entry sums (duplicates within a tile rule out a scatter), over the box
             # of table rows/cols that this tile's in-range pairs touch. Slow; deterministic.
             ds_in = tl.where(inr, ds, 0.0)

@@ -15,7 +15,18 @@ import triton.language as tl
 
 from ._wattn_common import _gather, _in_range
 
-__all__ = ["_add_coord_bias"]
+__all__ = ["_add_coord_bias", "_coord_off"]
+
+
+@triton.jit
+def _coord_off(cy_m, cx_m, cy_n, cx_n, RH, RW, TS):
+    """Offsets (int32) of the pairs' table entries, ((dy + RH-1)(2RW-1) + dx + RW-1) * TS, from the
+    rows' and keys' int64 coordinates, for the pairs in range (elsewhere meaningless: masked). A
+    difference of per-row and per-key int32 keys (one IADD per pair): wrapping int32 arithmetic is
+    exact mod 2**32, and an in-range pair's offset is below T * TS < 2**31."""
+    k_m = cy_m.to(tl.int32) * ((2 * RW - 1) * TS) + cx_m.to(tl.int32) * TS
+    k_n = cy_n.to(tl.int32) * ((2 * RW - 1) * TS) + cx_n.to(tl.int32) * TS - ((RH - 1) * (2 * RW - 1) + RW - 1) * TS
+    return k_m[:, None] - k_n[None, :]
 
 
 @triton.jit
@@ -24,11 +35,10 @@ def _add_coord_bias(t, tab_h, cy_m, cx_m, cy_n, cx_n, RH, RW, NH, LOG2: tl.const
     rows' and keys' int64 coordinates (edge rules 1 and 3: exact differences; 0 for a pair outside
     the table). ``tab_h`` = rpb + h with rpb (T, nH) fp32 contiguous, T = (2RH-1)(2RW-1), read
     unscaled. LOG2: ``t`` in log2 units, the bias scaled by log2e in the add's FFMA; else natural units."""
-    dy, iny = _in_range(cy_m[:, None], cy_n[None, :], RH)
-    dx, inx = _in_range(cx_m[:, None], cx_n[None, :], RW)
+    _dy, iny = _in_range(cy_m[:, None], cy_n[None, :], RH)
+    _dx, inx = _in_range(cx_m[:, None], cx_n[None, :], RW)
     inr = iny & inx
-    idx = tl.where(inr, (dy + (RH - 1)) * (2 * RW - 1) + (dx + (RW - 1)), 0).to(tl.int32)
-    g = _gather(tab_h + idx * NH, inr, True, ASM)
+    g = _gather(tab_h + _coord_off(cy_m, cx_m, cy_n, cx_n, RH, RW, NH), inr, True, ASM)
     if LOG2:
         return tl.fma(g, 1.4426950408889634, t)
     else:
