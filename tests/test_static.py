@@ -488,6 +488,27 @@ def test_launcher_side_work_is_recorded_and_priced(monkeypatch):
     assert sum(o["us"] for o in side) > 3 * launch
 
 
+def test_side_work_counts_an_overwritten_destination_as_written_only(monkeypatch):
+    # ``out=`` buffers and write-only in-place destinations were also counted as read (their bytes twice)
+    import torch
+
+    from mixkernels.bench import aot
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ops = []
+
+    def launcher():
+        a = torch.empty(100, 10)                       # 4000 bytes
+        torch.mul(a.t(), 2.0, out=a.new_empty((10, 100)))
+        a.zero_()
+        a.copy_(torch.empty(100, 10))
+        a.add_(1.0)                                    # in place, read-modify-write: read as well
+
+    aot.capture(launcher, torch_ops=ops)
+    assert [(o["op"], o["read_bytes"], o["write_bytes"]) for o in ops] == [
+        ("mul", 4000, 4000), ("zero_", 0, 4000), ("copy_", 4000, 4000), ("add_", 4000, 4000)], ops
+
+
 REQUIRED = ("backend", "kernel", "shape", "dtype", "arch", "config", "registers", "spill_bytes", "smem_bytes",
             "threads", "ctas_per_sm", "instructions", "instructions_per_element", "floor_bytes", "floor_us", "est_us",
             "est_fraction_of_floor", "est_fraction_of_copy")

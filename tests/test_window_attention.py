@@ -123,6 +123,8 @@ CASES = {
     "det_shift_group_per_rpb_bias_f32": (F32, dict(win=(4, 3), shift=(1, 2), group="per", rpb=True, bias=True),
                                          True),
     "det_coords_per_rpb_f16": (F16, dict(win=(2, 3), grid=(2, 2), nh=1, coords="per", rpb=True), True),
+    # coords with several heads: rpb (T, nH) read in place and drpb summed in that layout (stride nH)
+    "det_coords_shared_rpb_nh3_f32": (F32, dict(win=(2, 3), grid=(2, 1), nh=3, coords="shared", rpb=True), True),
     # Triton tile paths (interpreter tiles are 16 wide): one tile (N < 16), one pass with a tail
     # tile (N = 20, 35), two passes (N = 49), odd window counts per program, coords on multi tiles.
     "win5x4_coords_per_rpb_bias_bf16": (BF16, dict(win=(5, 4), grid=(1, 1), nh=1, coords="per", rpb=True,
@@ -475,8 +477,9 @@ def triton_next_pow2(n):
 @pytest.mark.parametrize("win", [(3, 3), (5, 4)])
 def test_triton_out_of_range_coords_add_no_bias(win):
     """Pairs whose coordinate difference is outside coord_range get no table bias and still attend
-    (edge rule 3); int64 coordinates far apart must not wrap into range."""
-    nh, (wh, ww) = 1, win
+    (edge rule 3); int64 coordinates far apart must not wrap into range. Two heads: the table's
+    columns (rpb (T, nH) read in place, stride nH) must not mix."""
+    nh, (wh, ww) = 2, win
     N = wh * ww
     B = 2
     qkv = torch.randn(B, wh, ww, 3 * nh * 16, device=_DEV)

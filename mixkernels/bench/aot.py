@@ -124,6 +124,8 @@ def _shrink(v):
     return base[k:k + 64]
 
 
+# aten ops that overwrite their first argument without reading it (its bytes count as written only)
+_WRITE_ONLY_SELF = frozenset("zero_ fill_ copy_ normal_ uniform_ random_ bernoulli_ exponential_".split())
 # aten ops that move no device memory (views, allocation, metadata, host scalars)
 _NO_TRAFFIC = frozenset("""view _unsafe_view as_strided expand permute t transpose reshape select slice unsqueeze
     squeeze alias detach empty empty_strided empty_like new_empty new_empty_strided lift_fresh _reshape_alias unbind
@@ -134,8 +136,9 @@ _NO_TRAFFIC = frozenset("""view _unsafe_view as_strided expand permute t transpo
 def _torch_ops(ops: List[Dict[str, Any]]):
     """A dispatch mode appending each aten op that moves device memory to ``ops``: {op, read_bytes,
     write_bytes}, the whole of every tensor argument read (an upper bound for gathers) and every
-    tensor result written. The launcher's own torch work (tables, masks, memsets), which the static
-    report prices as separate memory-bound launches."""
+    tensor result written; an ``out=`` buffer and the destination of a write-only in-place op
+    (``zero_``, ``fill_``, ``copy_``) are written, not read. The launcher's own torch work (tables,
+    masks, memsets), which the static report prices as separate memory-bound launches."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -149,7 +152,8 @@ def _torch_ops(ops: List[Dict[str, Any]]):
             name = func.overloadpacket.__name__
             if name not in _NO_TRAFFIC:
                 outs = out if isinstance(out, (tuple, list)) else (out,)
-                ins = [a for a in (*args, *kwargs.values())]
+                ins = list((*args[1 if name in _WRITE_ONLY_SELF else 0:],
+                            *(v for k, v in kwargs.items() if k != "out")))
                 ins += [x for a in ins if isinstance(a, (tuple, list)) for x in a]  # cat, stack, index
                 w = nbytes(outs)
                 ops.append(dict(op=name, read_bytes=nbytes(ins), write_bytes=w))

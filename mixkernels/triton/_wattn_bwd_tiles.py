@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ._cosine import _store_unit_grad
+from ._wattn_coords import _coord_off
 from .window_attention import (_gather_rc, _idx, _in_range, _keys, _lyx, _mask, _mm, _pos, _rows, _table_bias)
 
 
@@ -118,9 +119,10 @@ def _red_rc(row_ptr, col_off, val, ok, RMW: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _bias_grads(ds, offs_m, offs_n, row_ok, col_ok, cy_m, cx_m, cy_n, cx_n, dsum_h, dtab_h, RH, RW,
+def _bias_grads(ds, offs_m, offs_n, row_ok, col_ok, cy_m, cx_m, cy_n, cx_n, dsum_h, dtab_h, RH, RW, TS,
                 N: tl.constexpr, DSUM_MODE: tl.constexpr, TAB_MODE: tl.constexpr, ASM: tl.constexpr):
-    """dS of a tile into the bias-gradient buffers (modes: see ``_bwd_kernel``)."""
+    """dS of a tile into the bias-gradient buffers (modes: see ``_bwd_kernel``); ``dtab_h``'s entries
+    at stride TS (the table gradient in rpb's (T, nH) layout: TS = nH)."""
     pair = row_ok[:, None] & col_ok[None, :]
     if DSUM_MODE == 1 or DSUM_MODE == 2:
         # RMW (mode 2): each element of a tile shape is read and written by the same thread (one
@@ -130,11 +132,11 @@ def _bias_grads(ds, offs_m, offs_n, row_ok, col_ok, cy_m, cx_m, cy_n, cx_n, dsum
         dy, iny = _in_range(cy_m[:, None], cy_n[None, :], RH)
         dx, inx = _in_range(cx_m[:, None], cx_n[None, :], RW)
         inr = iny & inx & pair
-        ty = tl.where(inr, dy + (RH - 1), 0).to(tl.int32)
-        tx = tl.where(inr, dx + (RW - 1), 0).to(tl.int32)
         if TAB_MODE == 1:
-            tl.atomic_add(dtab_h + ty * (2 * RW - 1) + tx, ds, mask=inr, sem="relaxed")
+            tl.atomic_add(dtab_h + _coord_off(cy_m, cx_m, cy_n, cx_n, RH, RW, TS), ds, mask=inr, sem="relaxed")
         if TAB_MODE == 2:
+            ty = tl.where(inr, dy + (RH - 1), 0).to(tl.int32)
+            tx = tl.where(inr, dx + (RW - 1), 0).to(tl.int32)
             # Fixed-order per-entry sums (duplicates within a tile rule out a scatter), over the box
             # of table rows/cols that this tile's in-range pairs touch. Slow; deterministic.
             ds_in = tl.where(inr, ds, 0.0)
@@ -148,7 +150,7 @@ def _bias_grads(ds, offs_m, offs_n, row_ok, col_ok, cy_m, cx_m, cy_n, cx_n, dsum
                 x_end = tl.max(tl.where(in_y, tx, -1))
                 while x <= x_end:
                     val = tl.sum(tl.sum(tl.where(in_y & (tx == x), ds_in, 0.0), 1), 0)
-                    tptr = dtab_h + y * (2 * RW - 1) + x
+                    tptr = dtab_h + (y * (2 * RW - 1) + x) * TS
                     tl.store(tptr, tl.load(tptr) + val)
                     x += 1
                 y += 1
@@ -173,8 +175,8 @@ def _p1_tile(qkv, dout, out, lse, dlt, tab_h, ab_h, group, coords, dsum_h, dtab_
                        SHIFT, HAS_GROUP, COL_MASK, F32, UPCAST)
     dv += _mm(tl.trans(p.to(do.dtype)), do, F32, UPCAST)
     dk += _mm(tl.trans(ds.to(q.dtype)), q, F32, UPCAST)
-    _bias_grads(ds, offs_m, offs_n, row_ok, col_ok, cy_m, cx_m, cy_n, cx_n, dsum_h, dtab_h, RH, RW, N, DSUM_MODE,
-                TAB_MODE, ASM)
+    _bias_grads(ds, offs_m, offs_n, row_ok, col_ok, cy_m, cx_m, cy_n, cx_n, dsum_h, dtab_h, RH, RW, NH, N,
+                DSUM_MODE, TAB_MODE, ASM)
     return dk, dv
 
 

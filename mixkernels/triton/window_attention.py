@@ -19,8 +19,8 @@ labels compared at full width), max, exp2, sum. Padded query rows read a real to
 never stored; padded keys read zeros and are masked to ``-inf`` by position. Windows of one
 tile (N <= 64: Swin/MixMIM window 7, UM-MAE window 8) loop over several windows per program
 with the window-invariant bias tile gathered once (without coords straight from ``rpb`` (T, nH), scaled
-there: no launch for a scaled copy of the table). The grid is head-fastest: the programs of
-one window's heads run side by side and share its qkv rows in L2.
+there; with coords read in place per window, ``_wattn_coords``: no launch for a table copy). The
+grid is head-fastest: the programs of one window's heads run side by side and share its qkv rows in L2.
 
 Windows over one tile with a group and/or shift mask and neither attn_bias nor coords (MixMIM
 stages 1-3, shifted window-14 Swin) take the by-segment forward instead (``_wattn_seg``): each
@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from ._cosine import _head_scale, _unit
+from ._wattn_coords import _add_coord_bias
 from ._wattn_seg import seg_forward
 from ._wattn_common import (_coords, _fast, _first_window, _gather, _gather_int, _gather_off, _gather_rc,  # noqa: F401
                             _idx, _in_range, _lyx, _mask, _mm, _next_window, _online, _opaque, _pos, _table_bias)
@@ -318,7 +319,7 @@ def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes, ls,
         qk_scale = _head_scale(ls, h) * 1.4426950408889634
     C = NH * D
     hd = h * D
-    if SINGLE and not HAS_COORDS:  # the launcher passes rpb (T, nH) itself (``_tables``): read in place
+    if SINGLE:  # the launcher passes rpb (T, nH) itself (``_tables``, raw): read in place
         tab_h = tab + h
     else:
         tab_h = tab + h * ((2 * RH - 1) * (2 * RW - 1))  # (nH, T) table, pre-scaled by log2e
@@ -331,6 +332,7 @@ def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes, ls,
         ly_n, lx_n = _lyx(offs_n, N, WW)
         col_ok = offs_n < N
         INV_BIAS: tl.constexpr = (HAS_RPB and not HAS_COORDS) or HAS_BIAS
+        NAT: tl.constexpr = HAS_RPB and HAS_COORDS  # rpb unscaled (``_wattn_coords``): natural-unit logits
         inv_bias = tl.zeros((BS, BS), tl.float32)
         if HAS_RPB and not HAS_COORDS:  # rpb's column h (stride NH), scaled to log2 units here, once per program
             tab_m = tab_h + (ly_m * (2 * WW - 1) + lx_m + ((WH - 1) * (2 * WW - 1) + WW - 1)) * NH
@@ -338,7 +340,7 @@ def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes, ls,
                                 ASM) * 1.4426950408889634
         if HAS_BIAS:
             inv_bias += _gather(ab_h + tl.minimum(offs_m, N - 1)[:, None] * N + offs_n[None, :], col_ok[None, :],
-                                True, ASM) * 1.4426950408889634
+                                True, ASM) * (1.0 if NAT else 1.4426950408889634)
         offs_d = tl.arange(0, D)
         w, b, wy, wx = _first_window(c * WPP, nW, nWw)
         for i in range(0, WPP):
@@ -352,7 +354,7 @@ def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes, ls,
                 krow = _idx(b * (H * W) + pos_n, IDX64) * (3 * C) + hd
                 k = _unit(tl.load(qkv + krow[:, None] + C + offs_d[None, :], mask=col_ok[:, None], other=0.0), COSINE)
                 v = tl.load(qkv + krow[:, None] + 2 * C + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-                t = _mm(q, tl.trans(k), F32, UPCAST) * qk_scale
+                t = _mm(q, tl.trans(k), F32, UPCAST) * (qk_scale * 0.6931471805599453 if NAT else qk_scale)
                 if INV_BIAS:
                     t += inv_bias
                 grp_m = reg_m
@@ -363,11 +365,11 @@ def _fwd_kernel(qkv, out, lse, tab, abias, group, coords, codes, ls,
                 if HAS_RPB and HAS_COORDS:
                     cy_m, cx_m = _coords(coords, (b % GC) * (H * W), pos_m, ly_m, lx_m, True)
                     cy_n, cx_n = _coords(coords, (b % GC) * (H * W), pos_n, ly_n, lx_n, True)
-                    t += _table_bias(tab_h, tab_h, lx_n, cy_m, cx_m, cy_n, cx_n, RH, RW, True, ASM)
+                    t = _add_coord_bias(t, tab_h, cy_m, cx_m, cy_n, cx_n, RH, RW, NH, False, ASM)  # rpb in place
                 t, _ = _mask(t, reg_m, reg_n, grp_m, grp_n, col_ok, SHIFT, HAS_GROUP, True)
                 m = tl.max(t, 1)
-                m = tl.where(m == float("-inf"), 0.0, m)
-                p = tl.exp2(t - m[:, None])
+                m = tl.where(m == float("-inf"), 0.0, m) * (1.4426950408889634 if NAT else 1.0)  # log2 units
+                p = tl.exp2((t * 1.4426950408889634 if NAT else t) - m[:, None])
                 l_i = tl.sum(p, 1)
                 acc = _mm(p.to(v.dtype), v, F32, UPCAST)
                 _finish(out, lse, acc, m, l_i, offs_m, w, h, b, y0, x0, hd, C, NH, H, W, SH, SW, N, D, WH, WW, SHIFT,
@@ -563,7 +565,7 @@ def _forward(qkv, num_heads, wh, ww, sh, sw, rpb, attn_bias, group, coords, rh, 
     bm, bn, tpp, warps, stages = _fwd_config(N, D, heavy, wide)
     bnw = B * nW
     single = _single(N)
-    tab, ab = _tables(rpb, attn_bias, qkv, num_heads, raw=single and coords is None)
+    tab, ab = _tables(rpb, attn_bias, qkv, num_heads, raw=single)
     wpp = _windows_per_program(bnw * num_heads, single)
     G = (1 if group is None else group.shape[0], 1 if coords is None else coords.shape[0])
     _fwd_kernel[(num_heads, triton.cdiv(bnw, wpp))](

@@ -52,9 +52,10 @@ import triton.language as tl
 
 from ._cosine import _head_scale, _store_unit_grad, dlogit_scale
 from ._wattn_bwd_sp import _sp_window
+from ._wattn_coords import _add_coord_bias
 from ._wattn_bwd_tiles import _bias_grads, _bwd_rows, _p1_block, _p2_tile, _probs, _t_bias
 from .window_attention import (_INTERPRET, _LOG2E, _alloc_for, _codes, _first_window, _flags, _idx, _keys, _lyx, _mm,
-                               _next_window, _pos, _single, _table_bias, _tables, _tail)
+                               _next_window, _pos, _single, _tables, _tail)
 
 __all__ = ["window_attention_backward"]
 
@@ -80,8 +81,8 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
     DSUM_MODE (dS summed over windows, (nH,N,N), for attn_bias and the table without coords):
     0 none; 1 relaxed atomics into dsum; 2 read-modify-write of this program's slot dsum[c]
     (chunks,nH,N,N); 3 (single tile) summed in registers, one store into dsum[c].
-    TAB_MODE (table with coords, (nH,T)): 0 none; 1 relaxed atomics into dtab; 2 this
-    program's slot dtab[c] (chunks,nH,T), fixed-order per-entry sums.
+    TAB_MODE (table with coords, in drpb's (T,nH) layout): 0 none; 1 relaxed atomics into dtab
+    (drpb itself); 2 this program's slot dtab[c] (chunks,T,nH), fixed-order per-entry sums.
     COSINE (SwinV2, ``_cosine``): ``scale`` becomes the head scale (dQ, dK w.r.t. the normalized
     rows), mapped through the normalization where stored. DLS_MODE (logit-scale gradient partials):
     0 none; 1 relaxed atomics into dls (nH,); 2 read-modify-write of dls[c] (chunks, nH); 3 (single
@@ -95,14 +96,14 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
     C = NH * D
     hd = h * D
     T = (2 * RH - 1) * (2 * RW - 1)
-    if SINGLE and not HAS_COORDS:  # the launcher passes rpb (T, nH) itself (``_tables``): read in place
+    if SINGLE:  # the launcher passes rpb (T, nH) itself (``_tables``, raw): read in place
         tab_h = tab + h
     else:
         tab_h = tab + h * T
     ab_h = abias + h * (N * N)
     slot = c if (DSUM_MODE == 2 or DSUM_MODE == 3) else 0
     dsum_h = dsum + (slot * NH + h) * (N * N)
-    dtab_h = dtab + ((c if TAB_MODE == 2 else 0) * NH + h) * T
+    dtab_h = dtab + (c if TAB_MODE == 2 else 0) * (T * NH) + h  # (T, nH), drpb's layout: stride NH
     w, b, wy, wx = _first_window(c * STRIDE + W0, nW, nWw)
     if SINGLE:
         # Single tile (one query tile, one key block): the window-invariant bias tile once per program.
@@ -115,17 +116,13 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
         code_n = ly_n * (2 * WW - 1) + lx_n
         ly_m, lx_m = _lyx(offs_m, N, WW)
         ab_m = ab_h + tl.minimum(offs_m, N - 1) * N
-        if HAS_COORDS:
-            tab_m = tab_h + (ly_m * (2 * WW - 1) + lx_m + ((WH - 1) * (2 * WW - 1) + WW - 1))
-            inv_bias = _t_bias(tab_h, tab_m, code_n, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH, RW,
-                               False, HAS_BIAS, False, True, ASM)
-        else:  # rpb's column h (stride NH), scaled to log2 units here, once per program
-            tab_m = tab_h + (ly_m * (2 * WW - 1) + lx_m + ((WH - 1) * (2 * WW - 1) + WW - 1)) * NH
-            inv_bias = _t_bias(tab_h, tab_m, code_n, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH, RW,
-                               False, HAS_BIAS, False, True, ASM)
-            if HAS_RPB:
-                inv_bias += _t_bias(tab_h, tab_m, code_n * NH, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH,
-                                    RW, True, False, False, True, ASM) * 1.4426950408889634
+        # (tab_m: rows of rpb's column h (stride NH), read here only without coords; _t_bias takes its shape)
+        tab_m = tab_h + (ly_m * (2 * WW - 1) + lx_m + ((WH - 1) * (2 * WW - 1) + WW - 1)) * NH
+        inv_bias = _t_bias(tab_h, tab_m, code_n, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH, RW,
+                           False, HAS_BIAS, False, True, ASM)
+        if HAS_RPB and not HAS_COORDS:  # rpb's column h, scaled to log2 units here, once per program
+            inv_bias += _t_bias(tab_h, tab_m, code_n * NH, lx_m, lx_m, lx_n, lx_n, ab_m, offs_n, col_ok, RH,
+                                RW, True, False, False, True, ASM) * 1.4426950408889634
         dsum_acc = tl.zeros((BS, BS), tl.float32)
         dls_rows = tl.zeros((BS,), tl.float32)
         offs_d = tl.arange(0, D)
@@ -141,7 +138,7 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
                     SHIFT, HAS_GROUP, HAS_COORDS, True, IDX64, ASM, COSINE)
                 tb = inv_bias
                 if HAS_RPB and HAS_COORDS:
-                    tb += _table_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, RH, RW, True, ASM)
+                    tb = _add_coord_bias(tb, tab_h, cy_m, cx_m, cy_n, cx_n, RH, RW, NH, True, ASM)  # rpb in place
                 p, ds, _qk = _probs(q, k, v, do, delta, lse2, tb, reg_m, reg_n, grp_m, grp_n, col_ok, qk_scale,
                                     HAS_RPB or HAS_BIAS, SHIFT, HAS_GROUP, True, F32, UPCAST, COSINE)
                 if COSINE:
@@ -176,8 +173,8 @@ def _bwd_kernel(dout, qkv, out, lse, dlt, dqkv, tab, abias, group, coords, codes
                              mask=col_ok[:, None])
                     if DSUM_MODE == 3:
                         dsum_acc += ds  # padded rows/cols: never stored
-                _bias_grads(ds, offs_m, offs_n, row_ok, col_ok, cy_m, cx_m, cy_n, cx_n, dsum_h, dtab_h, RH, RW, N,
-                            0 if DSUM_MODE == 3 else DSUM_MODE, TAB_MODE, ASM)
+                _bias_grads(ds, offs_m, offs_n, row_ok, col_ok, cy_m, cx_m, cy_n, cx_n, dsum_h, dtab_h, RH, RW, NH,
+                            N, 0 if DSUM_MODE == 3 else DSUM_MODE, TAB_MODE, ASM)
             w, b, wy, wx = _next_window(w, b, wy, wx, nW // nWw, nWw)
         if DSUM_MODE == 3:
             tl.store(dsum_h + offs_m[:, None] * N + offs_n[None, :], dsum_acc,
@@ -481,7 +478,8 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
         dsum = alloc(shape, torch.float32, dev) if dsum_mode == 3 or zero_in_tile else torch.zeros(shape, **f32)
     else:
         dsum = lse
-    dtab = torch.zeros(((chunks,) if tab_mode == 2 else ()) + (num_heads, T), **f32) if want_tab else lse
+    # the coords table gradient in drpb's (T, nH) layout: atomics (mode 1) or slots (2) summed into drpb, no transpose
+    dtab = torch.zeros(((chunks,) if tab_mode == 2 else ()) + (T, num_heads), **f32) if want_tab else lse
     dls_mode = 0 if not (cosine and need_dls) else (3 if single else (2 if deterministic else 1))
     dls = torch.zeros(((chunks,) if dls_mode in (2, 3) else ()) + (num_heads,), **f32) if dls_mode else lse
     if run:
@@ -489,7 +487,7 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
             tab, ab = _bias_tile(rpb, attn_bias, group if sp_tb == 2 else None, wh, ww, num_heads, kt * bm, nq,
                                  float(scale), qkv, dsum if zero_in_tile else None), qkv
         else:
-            tab, ab = _tables(rpb, attn_bias, qkv, num_heads, raw=single and coords is None)
+            tab, ab = _tables(rpb, attn_bias, qkv, num_heads, raw=single)
         G = (1 if group is None else group.shape[0], 1 if coords is None else coords.shape[0])
         if sp:  # per program: the rows' records (lse, delta, code, label)
             dlt = torch.empty((chunks * num_heads, nq * 6), **f32)
@@ -531,7 +529,7 @@ def window_attention_backward(dout, qkv, out, lse, num_heads, wh, ww, sh, sw, rp
     if not need_drpb:
         drpb = torch.empty((0,), **f32)
     elif coords is not None:
-        drpb = reduce(dtab, tab_mode == 2).t().contiguous()
+        drpb = reduce(dtab, tab_mode == 2)
     else:
         drpb = alloc((T, num_heads), torch.float32, dev)
         _gather_table_kernel[(T,)](dsum, drpb, num_heads, dsum.stride(0), dsum_t.stride(1), dsum_t.stride(2), N=N,
