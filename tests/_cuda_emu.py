@@ -182,7 +182,9 @@ class Call:
         assert err == 0, f"emulated forward returned cudaError {err}"
         return out, lse
 
-    def backward(self, dout, out, lse, need_drpb=True, need_dbias=True, deterministic=False):
+    def backward(self, dout, out, lse, need_drpb=True, need_dbias=True, deterministic=False, sums=True):
+        """sums (fast mode): add the bias / logit-scale gradients into persistent zeroed sums that the
+        last CTA copies out and zeroes again, as the binding does (checked: left zero); False: memsets."""
         lib = library()
         need_drpb = need_drpb and self.rpb is not None
         need_dbias = need_dbias and self.ab is not None
@@ -193,15 +195,25 @@ class Call:
         drpb = _aligned_empty(tuple(self.rpb.shape), torch.float32) if need_drpb else None
         dbias = _aligned_empty(tuple(self.ab.shape), torch.float32) if need_dbias else None
         dout, out, lse = _aligned(dout.contiguous()), _aligned(out.contiguous()), _aligned(lse.contiguous())
+        acc = None
+        if sums and not deterministic:
+            lib.emu_wattn_bwd_sums_floats.restype = ctypes.c_int64
+            acc = _aligned_empty((lib.emu_wattn_bwd_sums_floats(ctypes.byref(self.p)),), torch.float32, 0.0)
+        res = self._backward(lib, dout, out, lse, dqkv, drpb, dbias, ws, need_drpb, need_dbias, deterministic, acc)
+        assert acc is None or not acc.any(), "the persistent sums were not left zero"
+        return res
+
+    def _backward(self, lib, dout, out, lse, dqkv, drpb, dbias, ws, need_drpb, need_dbias, deterministic, acc):
         if self.ls is not None:  # cosine mode: (dqkv, drpb, dbias, raw logit-scale sums (nH,))
             dls = _aligned_empty((self.nh,), torch.float32)
             err = lib.emu_wattn_backward_cos(ctypes.byref(self.p), _ptr(dout), _ptr(out), _ptr(lse), _ptr(dqkv),
                                              _ptr(drpb), _ptr(dbias), _ptr(dls), _ptr(ws), int(need_drpb),
-                                             int(need_dbias), int(deterministic))
+                                             int(need_dbias), int(deterministic), _ptr(acc))
             assert err == 0, f"emulated backward returned cudaError {err}"
             return dqkv, drpb, dbias, dls
         err = lib.emu_wattn_backward(ctypes.byref(self.p), _ptr(dout), _ptr(out), _ptr(lse), _ptr(dqkv), _ptr(drpb),
-                                     _ptr(dbias), _ptr(ws), int(need_drpb), int(need_dbias), int(deterministic))
+                                     _ptr(dbias), _ptr(ws), int(need_drpb), int(need_dbias), int(deterministic),
+                                     _ptr(acc))
         assert err == 0, f"emulated backward returned cudaError {err}"
         return dqkv, drpb, dbias
 

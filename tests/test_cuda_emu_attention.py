@@ -75,14 +75,14 @@ def _rule3(kw, coords):
     return dict(kw, rel_pos_bias=big, coords=coords, coord_range=(Eh, Ew)), lambda g: g[idx]
 
 
-def _check(qkv, nh, win, kw, deterministic=False, backward=True, ref_coords=None):
+def _check(qkv, nh, win, kw, deterministic=False, backward=True, ref_coords=None, sums=True):
     B, H, W, C3 = qkv.shape
     c = _call(qkv, nh, win, kw)
     out, lse = c.forward()
     got = [out]
     dout = torch.randn(B, H, W, C3 // 3, dtype=qkv.dtype)
     if backward:
-        dqkv, drpb, dbias = c.backward(dout, out, lse, deterministic=deterministic)
+        dqkv, drpb, dbias = c.backward(dout, out, lse, deterministic=deterministic, sums=sums)
         got += [dqkv] + [g for g in (drpb, dbias) if g is not None]
     back = None
     if ref_coords is not None:
@@ -118,6 +118,15 @@ def test_matches_reference(case, dtype):
     _, B, H, W, nh, d, win, shift, rpb, ab, group = case
     qkv, kw = _inputs(B, H, W, nh, d, win, shift, rpb, ab, group, dtype)
     _check(qkv, nh, win, kw)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=lambda c: c[0])
+def test_fast_bias_gradient_without_persistent_sums(case):
+    """Fast mode without the stream's persistent sums (a CUDA graph capture): the bias gradient is added
+    into the memset-zeroed output instead of being copied out by the last CTA (the default path above)."""
+    _, B, H, W, nh, d, win, shift, rpb, ab, group = case
+    qkv, kw = _inputs(B, H, W, nh, d, win, shift, rpb, ab, group, torch.bfloat16)
+    _check(qkv, nh, win, kw, sums=False)
 
 
 def test_float32_runs_legacy_kernels():

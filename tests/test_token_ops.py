@@ -138,6 +138,40 @@ def test_unmix_backward_deterministic(backend):
     torch.testing.assert_close(a[2], g.sum(0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("B,L,C,dtype,shared,need", [
+    (5, 12, 24, F32, False, (True, True)),  # 5 chunks of 1 image: dpos from the partials
+    (3, 7, 70, BF16, True, (True, False)),  # 2 column blocks, the last one partial; dtoken only
+    (6, 4, 9, F16, False, (False, True)),  # dpos only (chunked)
+    (70, 140, 24, BF16, False, (True, True)),  # one chunk: dpos written directly; 70 images in 2 tiles of 64
+])
+def test_unmix_backward_triton_tickets(monkeypatch, B, L, C, dtype, shared, need):
+    """Triton unmix backward: the one-launch reduction (each column block's last program, through the
+    stream's ticket counters, left zero) and the two-launch one (taken during CUDA graph capture) give
+    the same bits, and match float64 sums; every need_token/need_pos combination, odd C."""
+    from mixkernels.triton import _rows, mixing
+    dev = _device("triton")
+    g = torch.randn(2 * B, L, C, device=dev).to(dtype)
+    mask = (torch.rand(1 if shared else B, L, device=dev) < 0.5).to(torch.uint8)
+    _poison(dev, 4 * L * C * 4)
+    one = mixing.unmix_tokens_backward(g, mask, *need)
+    assert not _rows.stream_tickets(g, 1).any(), "tickets left non-zero"
+    monkeypatch.setattr(mixing, "stream_tickets", lambda like, n: None)
+    two = mixing.unmix_tokens_backward(g, mask, *need)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+    m = mask.bool().unsqueeze(-1)
+    assert torch.equal(one[0], torch.where(m, g[B:], g[:B]))
+    g64 = g.double()
+    if need[0]:
+        torch.testing.assert_close(one[1].double(), torch.where(m, g64[:B], g64[B:]).sum((0, 1)), rtol=1e-5, atol=1e-4)
+    else:
+        assert one[1].numel() == 0
+    if need[1]:
+        torch.testing.assert_close(one[2].double(), g64.sum(0), rtol=1e-5, atol=1e-4)
+    else:
+        assert one[2].numel() == 0
+
+
 # ---------------------------------------------------------------- window partition / merge
 WINDOW_GEOMS = [  # (B, H, W, C, window, shift)
     (1, 6, 8, 7, (3, 4), (0, 0)),

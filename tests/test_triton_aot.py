@@ -180,6 +180,15 @@ def _launch_everything():
                 if full:
                     uniform.uniform_sample_backward(cmp_, keep, u, sec, False)
                 uniform.uniform_scatter(cmp_, keep, u)
+    # -- unmix backward at the MixMIM-B decoder (L 49, C 512) and on a short sequence (batch chunks:
+    # dpos from the partials), in one launch (stream tickets) and as the two a CUDA graph capture takes
+    tickets = mixing.stream_tickets
+    for no_tickets in (False, True):
+        if no_tickets:
+            mixing.stream_tickets = lambda like, n: None
+        for L, C in ((49, 512), (4, 128)):
+            mixing.unmix_tokens_backward(E(256, L, C, dtype=bf16), E(1, L, dtype=torch.uint8), True, True)
+    mixing.stream_tickets = tickets
 
     # -- losses at 224 px, batch 128: patch 4 (MixMIM/UM-MAE tokens), 16 (MAE), 32 (MixMIM targets)
     for pdt, idt in ((f16, f32), (bf16, bf16), (f32, f32)):

@@ -211,4 +211,25 @@ __device__ __forceinline__ void red_add(float* p, float v) {
 
 __device__ __forceinline__ unsigned lanemask_lt(int lane) { return (1u << lane) - 1u; }
 
+// Single-launch reductions (the token backwards; the attention backward's fast-mode sums). The CTAs
+// of a group store their partials, then each takes a ticket from the group's counter; the CTA that
+// takes the last one reduces the group's partials (in an order the code fixes, whoever arrives last:
+// the bits do not change) and sets the counter back to zero, so a counter is zero before and after
+// every launch. Call from every thread of the CTA (barriers); the reducing CTA reads the others'
+// partials through L2 (__ldcg).
+__device__ __forceinline__ bool last_of_group(unsigned* counter, unsigned ctas) {
+  __threadfence();  // release: this thread's partial stores reach L2 before its CTA's ticket
+  __syncthreads();
+  int last = 0;
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    last = atomicAdd(counter, 1u) == ctas - 1;
+    if (last) atomicExch(counter, 0u);  // every ticket of the launch is taken
+  }
+  // broadcast by the barrier itself: no static shared memory (the attention backward's dynamic
+  // shared memory may fill the opt-in limit)
+  const bool mine = __syncthreads_or(last) != 0;
+  if (mine) __threadfence();  // acquire: the partials of the CTAs that took the earlier tickets
+  return mine;
+}
+
 }  // namespace mixkernels::cuda::prim

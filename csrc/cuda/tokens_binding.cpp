@@ -2,10 +2,6 @@
 // torch-free launchers of csrc/cuda/{mixing,windows,uniform}.cu on the current stream, check.
 #include <torch/library.h>
 
-#include <map>
-#include <mutex>
-#include <utility>
-
 #include "mixkernels/tokens_cuda.h"
 #include "mixkernels/torch_cuda.h"
 
@@ -50,19 +46,10 @@ int64_t uniform_cells(int64_t B, int64_t H, int64_t W, int64_t unit) {
   return B * (H / (2 * unit)) * (W / (2 * unit));
 }
 
-// The tickets of the single-launch reductions (tokens_cuda.h): one zeroed buffer per (device, stream),
-// kept for the process (calls on a stream run in order, and every launch leaves its counters zero).
-// None while the stream is being captured into a CUDA graph (a replay could run next to an eager call
-// on the same stream): captured calls take the two-launch path, which gives the same bits.
+// The tickets of the single-launch reductions (tokens_cuda.h): the stream's zeroed counters, or none
+// while it is being captured into a CUDA graph (two launches then).
 unsigned* stream_tickets(const at::Tensor& like, cudaStream_t stream) {
-  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &cap) != cudaSuccess || cap != cudaStreamCaptureStatusNone) return nullptr;
-  static std::mutex mu;
-  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();  // never freed
-  const std::lock_guard<std::mutex> lock(mu);
-  at::Tensor& t = (*buffers)[{like.get_device(), stream}];
-  if (!t.defined()) t = at::zeros({kTokenTickets}, like.options().dtype(at::kInt));  // on `stream`: ordered
-  return reinterpret_cast<unsigned*>(t.data_ptr<int>());
+  return reinterpret_cast<unsigned*>(stream_zeros(like, stream, kTokenTickets, StreamZeros::kTokenTickets));
 }
 
 at::Tensor acc_like(const at::Tensor& t, at::IntArrayRef shape) { return at::empty(shape, t.options().dtype(at::kFloat)); }

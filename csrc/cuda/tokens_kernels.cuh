@@ -200,23 +200,7 @@ cudaError_t launch_rows(const void* a, const void* fill, const void* b, void* ou
   }
 }
 
-// ---- Single-launch reductions. The CTAs of a group store their partials, then each takes a ticket
-// from the group's counter; the CTA that takes the last one reduces the group's partials (in an order
-// the code fixes, whoever arrives last: the bits do not change) and sets the counter back to zero, so
-// a counter is zero before and after every launch. Call from every thread of the CTA (barriers); the
-// reducing CTA reads the others' partials through L2 (__ldcg).
-__device__ __forceinline__ bool last_of_group(unsigned* counter, unsigned ctas) {
-  __shared__ unsigned last;
-  __threadfence();  // release: this thread's partial stores reach L2 before its CTA's ticket
-  __syncthreads();
-  if (threadIdx.x == 0 && threadIdx.y == 0) {
-    last = atomicAdd(counter, 1u) == ctas - 1;
-    if (last) atomicExch(counter, 0u);  // every ticket of the launch is taken
-  }
-  __syncthreads();
-  const bool mine = last != 0;
-  if (mine) __threadfence();  // acquire: the partials of the CTAs that took the earlier tickets
-  return mine;
-}
+// ---- Single-launch reductions: prim::last_of_group (device_prims.cuh).
+using prim::last_of_group;
 
 }  // namespace mixkernels::cuda::tokens

@@ -183,6 +183,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   b.need_dbias = need_dbias;
   b.deterministic = deterministic;
   b.dlogit_scale = need_dls ? dls.data_ptr<float>() : nullptr;
+  if (!deterministic && (need_drpb || need_dls))  // the stream's zeroed sums: no memset (none while capturing)
+    b.sums = reinterpret_cast<float*>(
+        stream_zeros(qkv, current_stream(), window_attention_bwd_sums_floats(p), StreamZeros::kAttentionSums));
   MK_CHECK_LAUNCH(window_attention_backward(p, b, current_stream()));
   return {dqkv, drpb, dbias, dls};
 }

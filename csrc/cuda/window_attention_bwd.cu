@@ -226,6 +226,24 @@ __device__ __forceinline__ void pack_heads(const BwdArgs& A, unsigned char* smem
   }
 }
 
+// Fast mode with the caller's persistent sums: every CTA's adds are in (a fence, then its ticket); the
+// last CTA copies the sums to the outputs and zeroes them for the next call, so no memset runs before
+// the kernel. The bits are those of the adds, as with a zeroed output.
+__device__ __forceinline__ void finish_sums(const BwdArgs& A) {
+  if (!prim::last_of_group(A.ticket, gridDim.x)) return;
+  const int n = A.drpb != nullptr ? A.g.T * A.g.nH : 0, m = A.dls != nullptr ? A.g.nH : 0;
+#pragma unroll 1
+  for (int e = threadIdx.x; e < n; e += kThreads) {  // bwd sums out
+    A.drpb_out[e] = __ldcg(A.drpb + e);
+    A.drpb[e] = 0.f;
+  }
+#pragma unroll 1
+  for (int e = threadIdx.x; e < m; e += kThreads) {  // bwd dls sums out
+    A.dls_out[e] = __ldcg(A.dls + e);
+    A.dls[e] = 0.f;
+  }
+}
+
 // ONE: the one-pass plan (S and dP once per pair, dS^T kept in shared memory: one CTA per SM).
 // Coords calls in fast mode (ONE, BIAS 2, !DET) run the box plan: box-local tables of A.tmax entries
 // per pack, and the whole-table two-pass code for a pack whose box exceeds them.
@@ -250,6 +268,12 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
 
   if (drpb)  // zero once; the flush after each head zeroes what it read
     for (int e = threadIdx.x; e < ntab; e += kThreads) dtab[e] = 0.f;
+  if constexpr (DET) {  // this CTA's own partials (slot, heads h0 .. h0+nh-1), zeroed before its first add
+    float* const part = drpb ? A.drpb + (int64_t(slot) * G.nH + h0) * G.T : nullptr;
+#pragma unroll 1
+    for (int e = threadIdx.x; drpb && e < nh * G.T; e += kThreads) part[e] = 0.f;  // bwd det partials zeroing
+    if (COS && A.dls && threadIdx.x < nh) A.dls[int64_t(slot) * G.nH + h0 + threadIdx.x] = 0.f;
+  }
   // box plan, persistent tables (A.pers): each head's box bias and gradient sum after the kernel's
   // tables (pack_heads), for the box of half-widths pey, pex (pey < 0: none loaded)
   float* const pb = dtab + ntab;
@@ -292,6 +316,7 @@ __global__ void __launch_bounds__(kThreads, !ONE && D <= 32 && !DET && BIAS != 2
   }
   if (kBox && drpb && pey >= 0)  // the CTA's last box (entries of this thread's own: no barrier)
     box_flush(box_of(G, pey, pex, A.tmax), A.drpb, G.nH, A.tmax, pg, inv_sc, h0, nh);  // bwd box last flush
+  if (!DET && A.ticket != nullptr) finish_sums(A);
 }
 
 struct BwdPlan {
@@ -419,6 +444,10 @@ size_t window_attention_bwd_workspace_bytes(const WindowAttentionParams& p, bool
   return size_t(f.nslots) * p.nH * ((need_drpb ? f.g.T : 0) + (p.logit_scale ? 1 : 0)) * sizeof(float);
 }
 
+int64_t window_attention_bwd_sums_floats(const WindowAttentionParams& p) {
+  return 4 + int64_t(2 * p.rh - 1) * (2 * p.rw - 1) * p.nH + p.nH;  // ticket (16 B), drpb (T,nH), dls (nH)
+}
+
 bool window_attention_fits(const WindowAttentionParams& p, bool backward, bool need_drpb, bool deterministic) {
   if (!backward) return wattn::fused_forward_fits(p) || wattn::legacy::fits(p, false, false, false);
   return wattn::plan_backward(p, need_drpb, false, deterministic).ok || wattn::legacy::fits(p, true, need_drpb, deterministic);
@@ -429,23 +458,36 @@ cudaError_t window_attention_backward(const WindowAttentionParams& p, const Wind
   using namespace wattn;
   const BwdPlan f = plan_backward(p, b.need_drpb, b.need_dbias, b.deterministic);
   if (!f.ok) return legacy::backward(p, b, stream);
-  const size_t drpb_bytes = size_t(f.g.T) * p.nH * sizeof(float);
-  float* drpb_dst = nullptr;
   cudaError_t err = cudaSuccess;
+  if (p.B == 0 || p.nH == 0) {  // empty sums are zero
+    if (b.need_drpb && (err = cudaMemsetAsync(b.drpb, 0, size_t(f.g.T) * p.nH * sizeof(float), stream)) != cudaSuccess)
+      return err;
+    return b.dlogit_scale ? cudaMemsetAsync(b.dlogit_scale, 0, size_t(p.nH) * sizeof(float), stream) : cudaSuccess;
+  }
+  // Fast mode adds into zeroed sums: the caller's persistent ones (b.sums: copied out and zeroed again by
+  // the last CTA) or the outputs themselves after a memset. Deterministic mode: partials in the workspace,
+  // each CTA zeroing its own, then summed in order into the outputs (sum_parts).
+  const bool own = !b.deterministic && b.sums != nullptr;
+  float* drpb_dst = nullptr;
   if (b.need_drpb) {
-    drpb_dst = b.deterministic ? static_cast<float*>(b.workspace) : b.drpb;
-    const size_t n = b.deterministic ? size_t(f.nslots) * drpb_bytes : drpb_bytes;
-    if ((err = cudaMemsetAsync(drpb_dst, 0, n, stream)) != cudaSuccess) return err;
+    drpb_dst = b.deterministic ? static_cast<float*>(b.workspace) : own ? b.sums + 4 : b.drpb;
+    if (!b.deterministic && !own &&
+        (err = cudaMemsetAsync(drpb_dst, 0, size_t(f.g.T) * p.nH * sizeof(float), stream)) != cudaSuccess)
+      return err;
   }
   float* dls_dst = nullptr;  // cosine mode: (nH) sums, or deterministic partials after drpb's
   if (b.dlogit_scale) {
     float* parts = static_cast<float*>(b.workspace) + (b.need_drpb ? size_t(f.nslots) * f.g.T * p.nH : 0);
-    dls_dst = b.deterministic ? parts : b.dlogit_scale;
-    const size_t n = size_t(b.deterministic ? f.nslots : 1) * p.nH * sizeof(float);
-    if ((err = cudaMemsetAsync(dls_dst, 0, n, stream)) != cudaSuccess) return err;
+    dls_dst = b.deterministic ? parts : own ? b.sums + 4 + size_t(f.g.T) * p.nH : b.dlogit_scale;
+    if (!b.deterministic && !own && (err = cudaMemsetAsync(dls_dst, 0, size_t(p.nH) * sizeof(float), stream)) != cudaSuccess)
+      return err;
   }
-  if (p.B == 0 || p.nH == 0) return cudaSuccess;
   BwdArgs a{f.g, b.dout, b.out, b.lse, b.dqkv, drpb_dst, dls_dst, f.hg, f.nhg, f.nslots, f.tmax, f.pers ? 1 : 0};
+  if (own && (drpb_dst != nullptr || dls_dst != nullptr)) {
+    a.ticket = reinterpret_cast<unsigned*>(b.sums);
+    a.drpb_out = b.drpb;
+    a.dls_out = b.dlogit_scale;
+  }
   const dim3 grid(static_cast<unsigned>(f.nslots * f.nhg));
   auto body = [&](auto dc) -> cudaError_t {
     constexpr int D = decltype(dc)::value;

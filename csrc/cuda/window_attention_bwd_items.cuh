@@ -15,11 +15,18 @@ struct BwdArgs {
   const void* out;
   const float* lse;
   void* dqkv;
-  float* drpb;  // fast: (T, nH), zeroed; deterministic: partials [nslots][nH][T], zeroed; null: not needed
-  float* dls;   // cosine mode: fast (nH) zeroed; deterministic: partials [nslots][nH], zeroed; null: not needed
+  float* drpb;  // fast: (T, nH) sums, zeroed; deterministic: partials [nslots][nH][T] (the kernel zeroes
+                // its own); null: not needed
+  float* dls;   // cosine mode: fast (nH) sums, zeroed; deterministic: partials [nslots][nH] (zeroed by
+                // the kernel); null: not needed
   int hg, nhg, nslots;
   int tmax;  // coords box plan: the box tables' entries (window_attention_bwd_box.cuh), else 0
   int pers;  // coords box plan: 1 = persistent box tables over the CTA's packs (box_load / box_flush)
+  // fast mode with the caller's persistent sums (WindowAttentionBwdBuffers::sums): drpb / dls point
+  // into them, and the last CTA to finish (ticket) copies them to drpb_out / dls_out and zeroes them
+  unsigned* ticket = nullptr;
+  float* drpb_out = nullptr;
+  float* dls_out = nullptr;
 };
 
 struct HeadSmem {

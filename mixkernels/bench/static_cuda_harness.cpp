@@ -64,6 +64,7 @@ int run(const std::string& op, std::istringstream& in) {
     if (nd) b.drpb = fake<float>(T * p.nH * 4);
     if (nb) b.dbias = fake<float>(int64_t(p.nH) * N * N * 4);
     b.workspace = fake(window_attention_bwd_workspace_bytes(p, b.need_drpb, b.need_dbias, b.deterministic));
+    if (nd && !det) b.sums = fake<float>(window_attention_bwd_sums_floats(p) * 4);  // the binding's per-stream sums
     return window_attention_backward(p, b, nullptr);
   }
   if (op == "mix_fwd" || op == "mix_bwd" || op == "unmix_fwd" || op == "unmix_bwd") {

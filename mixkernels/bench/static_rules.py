@@ -372,6 +372,18 @@ CUDA_RULES: List[Rule] = [
          lambda c: lane_strided((2 * _box(c) + 1) ** 2, THREADS_FUSED),
          "backward coords box: (2e+1)^2 entries over 256 threads (e = min(r-1, pack coordinate span), see _box)",
          kernel=_FUSED),
+    Rule(r"bwd det partials zeroing", _fz(lambda w, c: lane_strided(w["hg"] * c.p["T"], THREADS_FUSED)),
+         "deterministic: the CTA's own bias-gradient partials (hg heads x T) zeroed once, over 256 threads",
+         kernel=_FUSED),
+    # finish_sums: one CTA of the grid (the last to finish) runs these loops; like the pack loops' weights,
+    # the count is the per-warp average over the grid's CTAs (its straight-line code counts for every CTA)
+    Rule(r"bwd sums out", lambda c: lane_strided(c.p["T"] * c.p["heads"], THREADS_FUSED) / c.grid[0],
+         "fast mode, persistent sums: the last CTA copies out and zeroes T x nH entries over 256 threads "
+         "(one CTA of the grid: per-CTA average)", kernel=_FUSED),
+    Rule(r"bwd dls sums out",
+         lambda c: lane_strided(c.p["heads"], THREADS_FUSED) / c.grid[0] if c.p.get("cosine") else 0.0,
+         "fast mode, persistent sums, cosine: the last CTA copies out the nH logit-scale sums (one CTA of the "
+         "grid: per-CTA average)", kernel=_FUSED),
     Rule(r"bwd box fallback zeroing", lambda c: 0.0,
          "box fallback only (a pack's box over the plan's tmax entries): never at these shapes", kernel=_FUSED),
     Rule(r"for \(int e = threadIdx\.x; e <= G\.T; e \+= kThreads\)", lambda c: lane_strided(c.p["T"] + 1, THREADS_FUSED),

@@ -8,11 +8,13 @@ and ``BLOCK_R`` fills the tile to ~4096 elements, so each thread issues 16-byte 
 from __future__ import annotations
 
 import os
+import threading
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 
-__all__ = ["tile", "needs_int64", "interpreting", "acc_empty"]
+__all__ = ["tile", "needs_int64", "interpreting", "acc_empty", "stream_tickets"]
 
 _TILE_ELEMS = 4096
 _MAX_BLOCK_C = 256
@@ -36,3 +38,28 @@ def needs_int64(*tensors: torch.Tensor) -> bool:
 
 def acc_empty(ref: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=torch.float32, device=ref.device)
+
+
+_TICKETS: Dict[Tuple[str, int], torch.Tensor] = {}
+_TICKETS_LOCK = threading.Lock()
+
+
+def stream_tickets(like: torch.Tensor, n: int) -> Optional[torch.Tensor]:
+    """``n`` zeroed int32 ticket counters for a single-launch reduction (the last program of a group
+    reduces the group's partials and sets its counter back to zero), on ``like``'s device: one buffer
+    per (device, stream), kept for the process (launches on a stream run in order, and each leaves its
+    counters zero); it grows (a fresh zeroed buffer, once) when a launch needs more. None while the
+    stream is being captured into a CUDA graph (a replay could run beside an eager call sharing the
+    buffer): the caller then reduces in a second launch with the same code, hence the same bits."""
+    stream = 0
+    if like.device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        stream = torch.cuda.current_stream(like.device).cuda_stream
+    key = (str(like.device), stream)
+    with _TICKETS_LOCK:
+        t = _TICKETS.get(key)
+        if t is None or t.numel() < n:
+            t = torch.zeros(max(n, 64), dtype=torch.int32, device=like.device)
+            _TICKETS[key] = t
+        return t

@@ -2,7 +2,8 @@
 
 Layouts follow csrc/ops.cpp: x (B,L,C) contiguous, mask uint8 (G,L) with G in {1,B},
 mask_token (C,) and pos_embed (L,C) in x.dtype. Reduced gradients are float32, summed
-deterministically (per-program partials, then a fixed-order torch sum; no atomics).
+deterministically: per-program partials, then a fixed-order sum by the last program of each column
+block (a ticket counter; no atomics on data), or by a second launch of the same code.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rows import acc_empty, interpreting, needs_int64, tile
+from ._rows import acc_empty, needs_int64, stream_tickets, tile
 
 __all__ = ["mix_tokens", "mix_tokens_backward", "unmix_tokens", "unmix_tokens_backward"]
 
@@ -88,29 +89,38 @@ def _unmix_kernel(x, mask, tok, pos, out, R, L, B, C, SHARED: tl.constexpr, HAS_
 
 
 @triton.jit
-def _unmix_bwd_kernel(g, mask, dx, tok_part, pos_part, L, B, C, SHARED: tl.constexpr,
-                      NEED_TOK: tl.constexpr, NEED_POS: tl.constexpr, B_CHUNK: tl.constexpr, BLOCK_P: tl.constexpr,
-                      BLOCK_C: tl.constexpr, INT64: tl.constexpr):
-    # Program (pid_p, pid_c, k): positions of block pid_p, images [k*B_CHUNK, (k+1)*B_CHUNK) that are < B.
-    # dx[b,p] = g[B+b,p] if mask else g[b,p]; partial sums over b go out in float32.
-    # The trip count is a constexpr (a power of two): Triton 3.6's interpreter cannot take loop
-    # bounds from kernel arguments with numpy >= 2.4 (int() of a 1-element array).
-    pid_p = tl.program_id(0)
+def _unmix_bwd_kernel(g, mask, dx, tok_part, pos_part, dtok, dpos, tickets, L, B, C, SHARED: tl.constexpr,
+                      NEED_TOK: tl.constexpr, NEED_POS: tl.constexpr, CHUNKS: tl.constexpr, B_TILE: tl.constexpr,
+                      N_TILES: tl.constexpr, R_TILE: tl.constexpr, TOK_TILES: tl.constexpr, POS_TILES: tl.constexpr,
+                      BLOCK_C: tl.constexpr, TICKETS: tl.constexpr, INT64: tl.constexpr):
+    # Program (p, c, k): position p, columns of block c, images [k*N_TILES*B_TILE, ...) that are < B,
+    # B_TILE at a time (the rows of the tile). dx[b,p] = g[B+b,p] if mask else g[b,p]; float32 sums
+    # tok += mask ? g[b,p] : g[B+b,p], pos += g[b,p] + g[B+b,p], summed over the tile's rows at the end:
+    # tok_part[k*L + p] and pos_part[k*L + p] (dpos[p] itself when CHUNKS == 1). With TICKETS the last
+    # program of column block c to finish (L * CHUNKS of them) reduces the block's partials.
+    # Trip counts are constexprs: Triton 3.6's interpreter cannot take loop bounds from kernel
+    # arguments with numpy >= 2.4 (int() of a 1-element array).
+    p = tl.program_id(0)
+    c = tl.program_id(1)
     k = tl.program_id(2)
-    p, cols, pm, cm = _row_tile(L, C, BLOCK_P, BLOCK_C, INT64)
-    io = pm[:, None] & cm[None, :]
-    tok_acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    pos_acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for i in range(0, B_CHUNK):
-        b = k * B_CHUNK + i
-        pb = pm & (tl.zeros_like(p) + b < B)  # as a vector: Triton 3.9's interpreter rejects scalar masks here
-        live = pb[:, None] & cm[None, :]
+    lane = tl.arange(0, B_TILE)
+    if INT64:
+        lane = lane.to(tl.int64)
+    cols = c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_C), BLOCK_C)
+    cm = cols < C
+    tok_acc = tl.zeros((B_TILE, BLOCK_C), dtype=tl.float32)
+    pos_acc = tl.zeros((B_TILE, BLOCK_C), dtype=tl.float32)
+    for t in range(0, N_TILES):
+        b = (k * N_TILES + t) * B_TILE + lane
+        bm = b < B
+        live = bm[:, None] & cm[None, :]
         if SHARED:
-            masked = tl.load(mask + p, mask=pm, other=0) != 0
+            masked = tl.load(mask + p + lane * 0) != 0
         else:
-            masked = tl.load(mask + b * L + p, mask=pb, other=0) != 0
+            masked = tl.load(mask + b * L + p, mask=bm, other=0) != 0
         r1 = b * L + p
-        r2 = (B + b) * L + p
+        r2 = r1 + B * L
         g1 = tl.load(g + r1[:, None] * C + cols[None, :], mask=live, other=0.0)
         g2 = tl.load(g + r2[:, None] * C + cols[None, :], mask=live, other=0.0)
         tl.store(dx + r1[:, None] * C + cols[None, :], tl.where(masked[:, None], g2, g1), mask=live)
@@ -118,11 +128,64 @@ def _unmix_bwd_kernel(g, mask, dx, tok_part, pos_part, L, B, C, SHARED: tl.const
             tok_acc += tl.where(masked[:, None], g1, g2).to(tl.float32)
         if NEED_POS:
             pos_acc += g1.to(tl.float32) + g2.to(tl.float32)
-    if NEED_POS:
-        tl.store(pos_part + (k * L + p)[:, None] * C + cols[None, :], pos_acc, mask=io)
+    row = k * L + p
+    if INT64:
+        row = row.to(tl.int64)
     if NEED_TOK:
-        n_p = tl.num_programs(0)
-        tl.store(tok_part + (k * n_p + pid_p) * C + cols, tl.sum(tok_acc, axis=0), mask=cm)
+        tl.store(tok_part + row * C + cols, tl.sum(tok_acc, axis=0), mask=cm)
+    if NEED_POS:
+        if CHUNKS == 1:
+            tl.store(dpos + row * C + cols, tl.sum(pos_acc, axis=0), mask=cm)
+        else:
+            tl.store(pos_part + row * C + cols, tl.sum(pos_acc, axis=0), mask=cm)
+    if TICKETS:
+        tl.debug_barrier()  # every thread's partial stores precede the ticket (acq_rel: released)
+        done = tl.atomic_add(tickets + c, 1, sem="acq_rel")
+        if done == L * CHUNKS - 1:  # the other programs of block c have published their partials
+            tl.atomic_xchg(tickets + c, 0, sem="relaxed")  # every ticket is taken: ready for the next launch
+            tl.debug_barrier()
+            _unmix_reduce(tok_part, pos_part, dtok, dpos, c, L, C, NEED_TOK, NEED_POS, CHUNKS, R_TILE, TOK_TILES,
+                          POS_TILES, BLOCK_C, INT64)
+
+
+@triton.jit
+def _unmix_reduce(tok_part, pos_part, dtok, dpos, c, L, C, NEED_TOK: tl.constexpr, NEED_POS: tl.constexpr,
+                  CHUNKS: tl.constexpr, R_TILE: tl.constexpr, TOK_TILES: tl.constexpr, POS_TILES: tl.constexpr,
+                  BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+    """Column block c of dtoken (the CHUNKS*L partial rows, R_TILE at a time, then the tile's rows) and,
+    with CHUNKS > 1, of dpos (chunks in order): a fixed order, whichever program runs it. The partials
+    are read through L2 (.cg): other programs wrote them."""
+    cols = c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_C), BLOCK_C)
+    cm = cols < C
+    r = tl.arange(0, R_TILE)
+    if INT64:
+        r = r.to(tl.int64)
+    if NEED_TOK:
+        acc = tl.zeros((R_TILE, BLOCK_C), dtype=tl.float32)
+        for t in range(0, TOK_TILES):
+            rows = t * R_TILE + r
+            io = (rows < CHUNKS * L)[:, None] & cm[None, :]
+            acc += tl.load(tok_part + rows[:, None] * C + cols[None, :], mask=io, other=0.0, cache_modifier=".cg")
+        tl.store(dtok + cols, tl.sum(acc, axis=0), mask=cm)
+    if NEED_POS and CHUNKS > 1:
+        for t in range(0, POS_TILES):
+            ps = t * R_TILE + r
+            io = (ps < L)[:, None] & cm[None, :]
+            acc = tl.zeros((R_TILE, BLOCK_C), dtype=tl.float32)
+            for k in range(0, CHUNKS):
+                acc += tl.load(pos_part + (k * L + ps)[:, None] * C + cols[None, :], mask=io, other=0.0,
+                               cache_modifier=".cg")
+            tl.store(dpos + ps[:, None] * C + cols[None, :], acc, mask=io)
+
+
+@triton.jit
+def _unmix_reduce_kernel(tok_part, pos_part, dtok, dpos, L, C, NEED_TOK: tl.constexpr, NEED_POS: tl.constexpr,
+                         CHUNKS: tl.constexpr, R_TILE: tl.constexpr, TOK_TILES: tl.constexpr,
+                         POS_TILES: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+    # The reduction without tickets (CUDA graph capture): program = column block, the same code.
+    _unmix_reduce(tok_part, pos_part, dtok, dpos, tl.program_id(0), L, C, NEED_TOK, NEED_POS, CHUNKS, R_TILE,
+                  TOK_TILES, POS_TILES, BLOCK_C, INT64)
 
 
 # ---------------------------------------------------------------- launchers
@@ -173,9 +236,28 @@ def unmix_tokens(x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor,
     return out
 
 
+# Unmix backward geometry: a column block is 128 B of a row (whole lines), the tile B_TILE images x
+# BLOCK_C columns (~4096 elements), and the batch split into chunks until there are ~264 programs (two
+# per SM of an H200). A fixed target, not the device's SM count, and the same under the interpreter: the
+# summation order, hence the result bits, is the same everywhere.
+_UNMIX_PROGRAMS = 264
+
+
+def _unmix_plan(B: int, L: int, C: int, es: int):
+    block_c = min(triton.next_power_of_2(C), max(1, 128 // es))
+    n_c = triton.cdiv(C, block_c)
+    chunk = triton.next_power_of_2(triton.cdiv(B, triton.cdiv(_UNMIX_PROGRAMS, L * n_c)))
+    b_tile = min(chunk, max(1, 4096 // block_c))
+    chunks = triton.cdiv(B, chunk)
+    r_tile = max(1, min(4096 // block_c, triton.next_power_of_2(chunks * L)))
+    return block_c, n_c, chunks, b_tile, chunk // b_tile, r_tile
+
+
 def unmix_tokens_backward(grad: torch.Tensor, mask: torch.Tensor, need_token: bool,
                           need_pos: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grad (2B,L,C), mask uint8 (G,L) -> (dx (B,L,C), dtoken (C,) f32 or empty, dpos (L,C) f32 or empty)."""
+    """grad (2B,L,C), mask uint8 (G,L) -> (dx (B,L,C), dtoken (C,) f32 or empty, dpos (L,C) f32 or empty).
+    One launch (the reductions by each column block's last program, through ``stream_tickets``), or two
+    while a CUDA graph is being captured; the same bits either way."""
     B2, L, C = grad.shape
     B = B2 // 2
     dx = torch.empty((B, L, C), dtype=grad.dtype, device=grad.device)
@@ -183,20 +265,20 @@ def unmix_tokens_backward(grad: torch.Tensor, mask: torch.Tensor, need_token: bo
         tok = torch.zeros(C, dtype=torch.float32, device=grad.device) if need_token else acc_empty(grad)
         pos = torch.zeros(L, C, dtype=torch.float32, device=grad.device) if need_pos else acc_empty(grad)
         return dx, tok, pos
-    block_p, block_c, nw = tile(C, L)
-    block_p = max(1, min(block_p, 2048 // block_c))  # two float32 accumulator tiles live in registers
-    n_p, n_c = triton.cdiv(L, block_p), triton.cdiv(C, block_c)
-    # Split the batch so a GPU has enough programs; one chunk under the interpreter.
-    n_k = 1 if interpreting() or not grad.is_cuda else max(1, min(B, triton.cdiv(1024, n_p * n_c)))
-    chunk = triton.next_power_of_2(triton.cdiv(B, n_k))  # a constexpr: few distinct values
-    n_k = triton.cdiv(B, chunk)
+    block_c, n_c, chunks, b_tile, n_tiles, r_tile = _unmix_plan(B, L, C, grad.element_size())
     f32 = dict(dtype=torch.float32, device=grad.device)
-    tok_part = torch.empty((n_k, n_p, C), **f32) if need_token else acc_empty(grad)
-    pos_part = torch.empty((n_k, L, C), **f32) if need_pos else acc_empty(grad)
-    _unmix_bwd_kernel[(n_p, n_c, n_k)](
-        grad, mask, dx, tok_part, pos_part, L, B, C, SHARED=mask.shape[0] == 1, NEED_TOK=need_token,
-        NEED_POS=need_pos, B_CHUNK=chunk, BLOCK_P=block_p, BLOCK_C=block_c, INT64=needs_int64(grad), num_warps=nw)
-    # Fixed-order reductions of the partials (torch's sum is deterministic; no atomics).
-    dtoken = tok_part.sum(dim=(0, 1)) if need_token else tok_part
-    dpos = pos_part.sum(dim=0) if need_pos else pos_part
+    dtoken = torch.empty(C, **f32) if need_token else acc_empty(grad)
+    dpos = torch.empty((L, C), **f32) if need_pos else acc_empty(grad)
+    tok_part = torch.empty((chunks, L, C), **f32) if need_token else dtoken
+    pos_part = torch.empty((chunks, L, C), **f32) if need_pos and chunks > 1 else dpos
+    reduce = need_token or (need_pos and chunks > 1)
+    tickets = stream_tickets(grad, n_c) if reduce else None
+    geo = dict(NEED_TOK=need_token, NEED_POS=need_pos, CHUNKS=chunks, R_TILE=r_tile,
+               TOK_TILES=triton.cdiv(chunks * L, r_tile), POS_TILES=triton.cdiv(L, r_tile), BLOCK_C=block_c,
+               INT64=needs_int64(grad, tok_part, pos_part))
+    _unmix_bwd_kernel[(L, n_c, chunks)](
+        grad, mask, dx, tok_part, pos_part, dtoken, dpos, tickets if tickets is not None else dtoken, L, B, C,
+        SHARED=mask.shape[0] == 1, B_TILE=b_tile, N_TILES=n_tiles, TICKETS=tickets is not None, num_warps=4, **geo)
+    if reduce and tickets is None:
+        _unmix_reduce_kernel[(n_c,)](tok_part, pos_part, dtoken, dpos, L, C, num_warps=4, **geo)
     return dx, dtoken, dpos

@@ -53,21 +53,25 @@ int64_t emu_wattn_bwd_workspace(const EmuWattn* e, int need_drpb, int need_dbias
   return static_cast<int64_t>(window_attention_bwd_workspace_bytes(params(*e), need_drpb, need_dbias, det));
 }
 
+int64_t emu_wattn_bwd_sums_floats(const EmuWattn* e) { return window_attention_bwd_sums_floats(params(*e)); }
+
+// sums: the fast mode's zeroed persistent sums (WindowAttentionBwdBuffers::sums), or null (memsets).
 int emu_wattn_backward(const EmuWattn* e, const void* dout, const void* out, const float* lse, void* dqkv, float* drpb,
-                       float* dbias, void* workspace, int need_drpb, int need_dbias, int det) {
+                       float* dbias, void* workspace, int need_drpb, int need_dbias, int det, float* sums) {
   WindowAttentionBwdBuffers b;
   b.dout = dout; b.out = out; b.lse = lse; b.dqkv = dqkv; b.drpb = drpb; b.dbias = dbias; b.workspace = workspace;
-  b.need_drpb = need_drpb != 0; b.need_dbias = need_dbias != 0; b.deterministic = det != 0;
+  b.need_drpb = need_drpb != 0; b.need_dbias = need_dbias != 0; b.deterministic = det != 0; b.sums = sums;
   return static_cast<int>(window_attention_backward(params(*e), b, nullptr));
 }
 
 // Cosine mode: also the raw (nH,) logit-scale gradient sums (no clamp mask), when dls is given.
 int emu_wattn_backward_cos(const EmuWattn* e, const void* dout, const void* out, const float* lse, void* dqkv,
                            float* drpb, float* dbias, float* dls, void* workspace, int need_drpb, int need_dbias,
-                           int det) {
+                           int det, float* sums) {
   WindowAttentionBwdBuffers b;
   b.dout = dout; b.out = out; b.lse = lse; b.dqkv = dqkv; b.drpb = drpb; b.dbias = dbias; b.workspace = workspace;
   b.need_drpb = need_drpb != 0; b.need_dbias = need_dbias != 0; b.deterministic = det != 0; b.dlogit_scale = dls;
+  b.sums = sums;
   return static_cast<int>(window_attention_backward(params(*e), b, nullptr));
 }
 

@@ -40,8 +40,15 @@ struct WindowAttentionBwdBuffers {
   float* dbias = nullptr;      // (nH,N,N) when need_dbias, fully written
   float* dlogit_scale = nullptr;  // cosine mode, optional: (nH,) sum of <q', dq'> per head (no clamp mask)
   void* workspace = nullptr;   // window_attention_bwd_workspace_bytes(...) bytes, no init needed
+  // Fast mode, optional: window_attention_bwd_sums_floats(p) zeroed floats that every call leaves zeroed
+  // again (keep one buffer per stream): the kernel adds the drpb / dlogit_scale sums there and its last
+  // CTA copies them out, so no memset runs first. Null: drpb and dlogit_scale are zeroed by memsets.
+  float* sums = nullptr;
   bool need_drpb = false, need_dbias = false, deterministic = false;
 };
+
+// Floats of WindowAttentionBwdBuffers::sums: a ticket counter (padded to 16 B), drpb (T,nH), dlogit_scale (nH).
+int64_t window_attention_bwd_sums_floats(const WindowAttentionParams& p);
 
 // Forward: out (B,H,W,C) and lse (B*nW,nH,N). Returns the launch status; cudaErrorInvalidValue
 // when the configuration does not fit the device (see window_attention_fits).
