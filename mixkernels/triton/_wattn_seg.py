@@ -52,7 +52,8 @@ import triton
 import triton.language as tl
 
 from ._cosine import _head_scale, _unit
-from ._wattn_common import _fast, _gather_off, _gather_smem, _idx, _mm, _mm_acc, _pos, _pv_acc, _smem_table
+from ._wattn_common import (_fast, _gather_off, _gather_smem, _idx, _mm, _mm_acc, _pos, _pv_acc, _rpb_table,
+                            _smem_table)
 
 
 @triton.jit
@@ -419,8 +420,9 @@ def _seg_prep(group, meta, ninfo, scode, scratch, count, nW, nWw, H, W, SH, SW, 
     against all the window's tokens in chunks of CH; its segment is [lo, lo + count). Tiles start every
     BM rows of a segment (a half tile when at most BM/2 rows are left): per sorted position (through
     ``scratch``) the full tiles, then the half tiles, in order, listed by the window's last program to
-    finish (``count``: zeroed per window; an acq_rel atomic after a CTA barrier publishes the
-    program's stores)."""
+    finish (``count``: one counter per window, 0 at the launch; an acq_rel atomic after a CTA barrier
+    publishes the program's stores; the last program stores 0 back, so the launcher keeps the counters
+    between launches and zeroes them only once, ``_counters``)."""
     gw = tl.program_id(0)
     wl = gw % nW
     wy = wl // nWw
@@ -462,6 +464,7 @@ def _seg_prep(group, meta, ninfo, scode, scratch, count, nW, nWw, H, W, SH, SW, 
     if done == tl.num_programs(1) - 1:  # every program of the window has stored its ranks
         tl.debug_barrier()
         _seg_list(m, ninfo + 3 * gw, scr, N, BS)
+        tl.store(count + gw, 0)  # every other program's add is done: the counter is 0 for the next launch
 
 
 @triton.jit
@@ -476,14 +479,19 @@ def _seg_list(m, info, scr, N: tl.constexpr, BS: tl.constexpr):
     big_r = (kr == 1).to(tl.int32)
     small_r = (kr == 2).to(tl.int32)
     nbig = tl.sum(big_r, 0)
-    tid = tl.where(kr == 1, tl.cumsum(big_r, 0) - 1, nbig + tl.cumsum(small_r, 0) - 1)
+    nsmall = tl.sum(small_r, 0)
+    cb = tl.cumsum(big_r, 0)
+    cs = tl.cumsum(small_r, 0)
+    # rank a's entry: its tile's index, or (no tile starts at a) the next entry past the tiles, which get 0:
+    # a permutation of [0, N), so the stores write every entry (meta is not zeroed beforehand)
+    tid = tl.where(kr == 1, cb - 1, tl.where(kr == 2, nbig + cs - 1, nbig + nsmall + a - cb - cs))
     live = kr > 0
-    tl.store(m + 2 * N + tid, a, mask=live)
-    tl.store(m + 3 * N + tid, lo, mask=live)
-    tl.store(m + 4 * N + tid, tl.load(scr + 2 * BS + a, mask=live, other=0, cache_modifier=".cg"), mask=live)
+    tl.store(m + 2 * N + tid, tl.where(live, a, 0), mask=valid)
+    tl.store(m + 3 * N + tid, tl.where(live, lo, 0), mask=valid)
+    tl.store(m + 4 * N + tid, tl.load(scr + 2 * BS + a, mask=live, other=0, cache_modifier=".cg"), mask=valid)
     tl.store(info, nbig)
     tl.store(info + 1, tl.sum((lo == a).to(tl.int32), 0))
-    tl.store(info + 2, tl.sum(small_r, 0))
+    tl.store(info + 2, nsmall)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -555,25 +563,47 @@ def seg_config(N, D, dtype, interpret):
     return 32, (16 if D >= 128 or (f32 and D >= 64) else 32), 1, 1
 
 
+_COUNTS = {}
+
+
+def _counters(GW, device):
+    """``_seg_prep``'s per-window counters: an int32 buffer of at least GW zeros, kept per (device, CUDA
+    stream) and zeroed once when made (a one-time memset): every launch leaves its counters at 0 (the
+    window's last program stores 0 back). Launches on one stream run in order, so they share a buffer;
+    launches on different streams get one each. (First call outside CUDA-graph capture, as the
+    kernels' compilation needs anyway: a buffer made during capture belongs to the graph's pool.)"""
+    device = torch.device(device)
+    key = (str(device), torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    c = _COUNTS.get(key)
+    if c is None or c.numel() < GW:
+        c = _COUNTS[key] = torch.zeros(GW, dtype=torch.int32, device=device)
+    return c
+
+
+def _empty(shape, dtype, device):
+    """``seg_prepare``'s table allocation (uninitialized: ``_seg_prep`` writes every element). Tests poison it."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def seg_prepare(H, W, wh, ww, sh, sw, group, bm, bn, device):
     """``_seg_prep``'s tables for G = group.shape[0] (or 1) label maps x nW windows: meta (G*nW, 5, N)
     int32 [grid position, window-local index of each sorted token; tiles' first row, segment start,
     segment end: full tiles, then half tiles (entries past them: 0)], ninfo (G*nW, 3) int32 [full tiles,
     segments, half tiles], scode (G*nW, N + bn) int32: -4 * table code of
-    each sorted key (keys past N: 0). One launch (and one memset)."""
+    each sorted key (keys past N: 0). One launch, no memset (the counters persist, ``_counters``)."""
     N, nWw = wh * ww, W // ww
     nW = (H // wh) * nWw
     GW = (1 if group is None else group.shape[0]) * nW
     BS = triton.next_power_of_2(N)
-    zeros = torch.zeros(GW * (5 * N + 1), dtype=torch.int32, device=device)  # one memset: meta, counters
-    meta, count = zeros[:GW * 5 * N].view(GW, 5, N), zeros[GW * 5 * N:]
-    ninfo = torch.empty((GW, 3), dtype=torch.int32, device=device)
-    scode = torch.empty((GW, N + bn), dtype=torch.int32, device=device)
+    meta = _empty((GW, 5, N), torch.int32, device)
+    ninfo = _empty((GW, 3), torch.int32, device)
+    scode = _empty((GW, N + bn), torch.int32, device)
     scratch = torch.empty((GW, 3, BS), dtype=torch.int32, device=device)
     rc = min(BS, PREP_ROWS)
-    _seg_prep[(GW, triton.cdiv(N, rc))](meta if group is None else group, meta, ninfo, scode, scratch, count, nW,
-                                        nWw, H, W, sh, sw, N=N, WH=wh, WW=ww, BS=BS, CH=min(BS, 32), RC=rc, BM=bm,
-                                        BN=bn, SHIFT=sh > 0 or sw > 0, HAS_GROUP=group is not None, num_warps=4)
+    _seg_prep[(GW, triton.cdiv(N, rc))](meta if group is None else group, meta, ninfo, scode, scratch,
+                                        _counters(GW, device), nW, nWw, H, W, sh, sw, N=N, WH=wh, WW=ww, BS=BS,
+                                        CH=min(BS, 32), RC=rc, BM=bm, BN=bn, SHIFT=sh > 0 or sw > 0,
+                                        HAS_GROUP=group is not None, num_warps=4)
     return meta, ninfo, scode
 
 
@@ -595,12 +625,7 @@ def seg_forward(qkv, out, lse, rpb, num_heads, wh, ww, sh, sw, group, qk_scale, 
     # read from rpb in place: no launch), else an (nH, T) copy in one launch
     tab_scale = _LOG2E / qk_scale if unscaled else _LOG2E
     smem = not interpret and flags["HAS_RPB"] and ntab <= 4096
-    if rpb is None:
-        tab = qkv
-    elif smem:
-        tab = rpb.contiguous()  # (T, nH): a no-op for a module's parameter
-    else:
-        tab = torch.mul(rpb.t(), tab_scale, out=torch.empty((num_heads, ntab), dtype=torch.float32, device=rpb.device))
+    tab = _rpb_table(rpb, qkv, tab_scale, smem)
     _seg_kernel[(num_heads, B * nW)](
         qkv, out, lse, tab, meta, ninfo, scode, qkv if logit_scale is None else logit_scale, qk_scale, num_heads,
         H, W, nW, 1 if group is None else group.shape[0], tab_scale, N=N, D=D, WH=wh, WW=ww,
