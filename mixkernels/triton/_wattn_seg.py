@@ -155,6 +155,17 @@ def _v_check(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.cons
 
 
 @triton.jit
+def _ref0(m, ASM: tl.constexpr):
+    """A row's reference from its largest logit ``m``: 0 for -inf (GPU: an asm with side effects, so that it stays
+    in the max pass's loop instead of sinking below it, where it would count as the tile's work)."""
+    if ASM:
+        return tl.inline_asm_elementwise("{ .reg .pred p; setp.eq.f32 p, $1, 0fFF800000; selp.f32 $0, 0f00000000, "
+                                         "$1, p; }", "=f,f", [m], dtype=tl.float32, is_pure=False, pack=1)
+    else:
+        return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
 def _seg_bias(tab_m, scode, offs_n, ASM: tl.constexpr, SMEM: tl.constexpr):
     """Table bias of the tile's rows (``tab_m``: row's table address, code_i + c0) and the keys at sorted
     positions ``offs_n`` (``scode``: -4 code_j): from the shared copy (SMEM) or the global table."""
@@ -289,6 +300,8 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
         c2 = c1 - BLOCK_N // 2
     if QUARTER:
         c3 = c1 - BLOCK_N // 4
+    # the first walk's reference: the probe's (a stored row without a finite one fails the check: l is inf or NaN)
+    mref = m_i
     ms = tl.zeros((BLOCK_M,), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
@@ -296,11 +309,9 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
     go = it == 0
     # (while loops: Triton 3.6's interpreter cannot take range() bounds from loaded values)
     while go:  # the walk: once, twice only when the probe's reference fails a row
-        ms = tl.where(m_i == float("-inf"), 0.0, m_i)
+        ms = mref
         if UNSCALED:
             ms = ms * qk_scale
-        l_i = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M, D), tl.float32)
         n0 = a0
         if WIDE:
             while n0 + 2 * BLOCK_N <= a1:  # unmasked key blocks, two at a time
@@ -331,13 +342,21 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
                 n0 += BLOCK_N
         fine = (l_i >= LMIN) & (l_i <= LMAX)  # False for NaN
         go = (tl.max((row_ok & (fine.to(tl.int32) == 0)).to(tl.int32), 0) > 0) & (it == 0)
-        if go:  # (from -inf: the probe's reference can lie above the rows' true maxima)
-            m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-            n1 = tl.where(bad, 0, lo)
-            while n1 < c1:  # max pass: the rows' largest logits over the tile's keys (only after a failed walk)
-                m_i = _seg_max(q, tab_m, m_i, qkv, mrow, scode, hw, n1, lo, hi, hd, C, qk_scale, N, D, BLOCK_N,
-                               HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, True)
-                n1 += BLOCK_N
+        # the max pass only after a failed walk (no trip otherwise; in the loop, not under an ``if``: its setup
+        # is then the loop's, counted with its trips), from -inf: the probe's reference can lie above the rows'
+        # true maxima
+        n1s = tl.where(bad, 0, lo)
+        n1 = tl.where(go, n1s, c1)
+        while n1 < c1:  # max pass: the rows' largest logits over the tile's keys (only after a failed walk)
+            m_i = _seg_max(q, tab_m, tl.where(n1 == n1s, float("-inf"), m_i), qkv, mrow, scode, hw, n1, lo, hi, hd,
+                           C, qk_scale, N, D, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, True)
+            mref = _ref0(m_i, ASM)  # no unmasked key: p = 0, l = 0, NaN (edge rule 2)
+            # l and acc restart from 0 for the second walk: reset here (>= 1 trip: lo < hi) by a select the
+            # compiler cannot fold (n1 >= 0), so that the walk starts from the loop's l and acc, not from
+            # constants: constant zeros are re-made on each key loop's entry edge (18 CS2R a tile)
+            l_i = tl.where(n1 < 0, l_i, 0.0)
+            acc = tl.where(n1 < 0, acc, 0.0)
+            n1 += BLOCK_N
         it += 1
     # store the segment's rows only (l = 0: NaN, edge rule 2)
     o = acc * _fast(l_i, 0, ASM)[:, None]
