@@ -29,9 +29,9 @@ the GPU from a copy of the head's table in shared memory: a 32-bit add and an LD
 out/lse stored at the original positions (the backward's contract is unchanged).
 
 NaN/Inf in V (edge rule 2): the reference multiplies every masked key's V by 0, so a non-finite V
-element reaches every row of the window. A program checks the head's V first (one read of the
-window's V, one op per 32-bit word on the GPU, ~3% of a program's instructions; fp16 only for windows
-of more than one segment); if any element is not finite or (bf16/fp32) has |v| >= 2**96, every tile
+element reaches every row of the window. A program checks the head's V first (``_wattn_vcheck``; one
+read of the window's V, one op per 32-bit word on the GPU, ~3% of a program's instructions; fp16 only
+for windows of more than one segment); if any element is not finite or (bf16/fp32) has |v| >= 2**96, every tile
 walks all the window's keys with the segment mask (the masked loops from 0 to N), exactly as the
 all-pairs kernel, and from its rows' true maxima (p <= 1: exact for |v| < 2**120, SEMANTICS rule 5;
 the probe's reference lets p reach 2**32).
@@ -54,104 +54,7 @@ import triton.language as tl
 from ._cosine import _head_scale, _unit
 from ._wattn_common import (_fast, _gather_off, _gather_smem, _idx, _mm, _mm_acc, _pos, _pv_acc, _rpb_table,
                             _smem_table)
-
-
-@triton.jit
-def _or(a, b):
-    return a | b
-
-
-@triton.jit
-def _nan0(x, y, VBITS: tl.constexpr):
-    """x * 0 + y on raw 32-bit words holding two bf16 (VBITS 0), two fp16 (1) or one fp32 (2), per element:
-    NaN where x is NaN/Inf or y is NaN, y (Inf included) otherwise. GPU only."""
-    if VBITS == 2:
-        return tl.inline_asm_elementwise("fma.rn.f32 $0, $1, 0f00000000, $2;", "=r,r,r", [x, y], dtype=tl.int32,
-                                         is_pure=True, pack=1)
-    elif VBITS == 1:
-        return tl.inline_asm_elementwise("{ .reg .b32 z; mov.b32 z, 0; fma.rn.f16x2 $0, $1, z, $2; }", "=r,r,r",
-                                         [x, y], dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        return tl.inline_asm_elementwise("{ .reg .b32 z; mov.b32 z, 0; fma.rn.bf16x2 $0, $1, z, $2; }", "=r,r,r",
-                                         [x, y], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _nan_h2(a, b):
-    return _nan0(a, b, 1)
-
-
-@triton.jit
-def _mxmn(amx, amn, bmx, bmn):
-    """(max, min) of two bf16x2 words' (max, min), NaN-propagating. GPU only."""
-    mx = tl.inline_asm_elementwise("max.NaN.bf16x2 $0, $1, $2;", "=r,r,r", [amx, bmx], dtype=tl.int32,
-                                   is_pure=True, pack=1)
-    mn = tl.inline_asm_elementwise("min.NaN.bf16x2 $0, $1, $2;", "=r,r,r", [amn, bmn], dtype=tl.int32,
-                                   is_pure=True, pack=1)
-    return mx, mn
-
-
-@triton.jit
-def _abs_add(a, b):
-    """|a| + |b| on fp32 held as int32 words (one FADD with both operands' |.|): NaN stays NaN. GPU only."""
-    return tl.inline_asm_elementwise("{ .reg .f32 x, y; abs.f32 x, $1; abs.f32 y, $2; add.f32 $0, x, y; }",
-                                     "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _v_words(qkv, mrow, hw, hd, C, r0, R: tl.constexpr, N: tl.constexpr, D: tl.constexpr, IDX64: tl.constexpr,
-             PER: tl.constexpr):
-    """The 32-bit words (PER elements each) of the head's V in the R sorted rows from r0 (past N: the
-    last row), (R, D // PER)."""
-    pos = tl.load(mrow + tl.minimum(r0 + tl.arange(0, R), N - 1))
-    rows = (qkv + (_idx(hw + pos, IDX64) * (3 * C) + hd + 2 * C)).to(tl.pointer_type(tl.int32), bitcast=True)
-    return tl.load(rows[:, None] + tl.arange(0, D // PER)[None, :])
-
-
-@triton.jit
-def _v_check(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, IDX64: tl.constexpr,
-             VBITS: tl.constexpr, ASM: tl.constexpr):
-    """Whether the head's V of the window holds NaN/Inf or (bf16/fp32; fp16 cannot) an element with
-    |v| >= 2**96 (GPU fp32: the sum of |v| reaching 2**96, so also some with |v| >= 2**83, for which the
-    walk from the maxima is as exact), on 32-bit words (two 16-bit or one fp32 element each). GPU, one
-    op per word: bf16, the words' NaN-propagating max and min elementwise over blocks of 8 rows (chains
-    that sm_90 fuses into 3-input VHMNMX, two words an op each), reduced, then the larger magnitude's
-    bits against 2**96 (NaN/Inf lie above); fp32, the sum of |v| (FADD |a|, |b|); fp16, x * 0 + y (one
-    packed FMA): NaN for any NaN/Inf, +-0 otherwise. Interpreter: on the raw bits, adding 33 (fp16: 1)
-    exponent LSBs to the exponent field carries into the element's top bit exactly when the exponent
-    is >= 127 + 96 (fp16: all ones). Rows through the window's sorted grid positions (``mrow``).
-    VBITS: 0 bf16, 1 fp16, 2 fp32."""
-    PER: tl.constexpr = 1 if VBITS == 2 else 2  # elements per word
-    if ASM and VBITS == 0:
-        R: tl.constexpr = 8
-        mx = _v_words(qkv, mrow, hw, hd, C, 0, R, N, D, IDX64, PER)
-        mn = mx
-        for r0 in tl.static_range(R, (N + R - 1) // R * R, R):  # the blocks that hold rows < N
-            w = _v_words(qkv, mrow, hw, hd, C, r0, R, N, D, IDX64, PER)
-            mx, mn = _mxmn(mx, mn, w, w)
-        mx, mn = tl.reduce((tl.reshape(mx, [R * (D // 2)]), tl.reshape(mn, [R * (D // 2)])), 0, _mxmn)
-        m = tl.maximum(tl.maximum(mx & 0x7FFF, (mx >> 16) & 0x7FFF), tl.maximum(mn & 0x7FFF, (mn >> 16) & 0x7FFF))
-        return m >= 0x6F80
-    words = _v_words(qkv, mrow, hw, hd, C, 0, BS, N, D, IDX64, PER)
-    if ASM:
-        flat = tl.reshape(words, [BS * (D // PER)])  # one reduction
-        if VBITS == 2:
-            return (tl.reduce(flat, 0, _abs_add) & 0x7FFFFFFF) >= 0x6F800000
-        return (_nan0(tl.reduce(flat, 0, _nan_h2), 0, 1) & 0x7FFF7FFF) != 0
-    if VBITS == 2:
-        EMM: tl.constexpr = 0x7F800000
-        ONE: tl.constexpr = 0x10800000  # 33 << 23
-        TOP: tl.constexpr = -0x80000000
-    elif VBITS == 1:
-        EMM: tl.constexpr = 0x7C007C00
-        ONE: tl.constexpr = 0x04000400
-        TOP: tl.constexpr = -0x7FFF8000  # 0x80008000
-    else:
-        EMM: tl.constexpr = 0x7F807F80
-        ONE: tl.constexpr = 0x10801080  # 33 << 7 in each half
-        TOP: tl.constexpr = -0x7FFF8000
-    acc = tl.reduce(tl.reduce((words & EMM) + ONE, 1, _or), 0, _or)
-    return (acc & TOP) != 0
+from ._wattn_vcheck import _v_check
 
 
 @triton.jit
@@ -341,7 +244,10 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
                                      PADQ)
                 n0 += BLOCK_N
         fine = (l_i >= LMIN) & (l_i <= LMAX)  # False for NaN
-        go = (tl.max((row_ok & (fine.to(tl.int32) == 0)).to(tl.int32), 0) > 0) & (it == 0)
+        fail = (row_ok & (fine.to(tl.int32) == 0)).to(tl.int32)
+        # reduced as a flat (BLOCK_M x 8) broadcast, which spans the whole warp: one REDUX on Triton 3.6 too (the
+        # rows alone: three shuffle steps there, each with a fallback for a diverged warp)
+        go = (tl.max(tl.reshape(tl.broadcast_to(fail[:, None], (BLOCK_M, 8)), [BLOCK_M * 8]), 0) > 0) & (it == 0)
         # the max pass only after a failed walk (no trip otherwise; in the loop, not under an ``if``: its setup
         # is then the loop's, counted with its trips), from -inf: the probe's reference can lie above the rows'
         # true maxima
@@ -574,8 +480,14 @@ def seg_config(N, D, dtype, interpret):
     32-bit K = 8 dot): the quarter block with a zero-padded 16-key P @ V (PADQ) 197.0 there (the half
     block: 199.1). Tried and dropped: the walk's zeroing only before the first walk and in the retry
     (196.4: ptxas still zeroes twice and adds moves), zeros through an asm move (202.3), one max/min
-    tree over the whole V (no VHMNMX fusion, 194.9; 16/32-row blocks likewise). Under the interpreter
-    32/16 x 16, so that segments of several tiles and blocks and both tile sizes run in tests."""
+    tree over the whole V (no VHMNMX fusion, 194.9; 16/32-row blocks likewise). Session 7 (side work
+    priced: 196.5 with ``seg_prepare``'s 2 us memset; Triton 3.6 199.2): no memset (``_seg_prep``'s
+    counters kept between launches, meta's tails written) 194.5; l and acc zeroed once a tile (the second
+    walk's reset in the max pass: as constants they were re-made at the double block loop's entry, 18
+    CS2R a tile) 193.6; the max pass's setup inside its loop, the first walk from the probe's reference
+    as it is 193.1 (3.6: 196.2). Tried and dropped: ``max.NaN.xorsign.abs.bf16x2`` for the V check (one
+    op a word, but ptxas does not fuse it into 3-input VHMNMX: as many ops as the two chains). Under the
+    interpreter 32/16 x 16, so that segments of several tiles and blocks and both tile sizes run in tests."""
     if interpret:
         return 32, 16, 1, 1
     f32 = dtype == torch.float32
