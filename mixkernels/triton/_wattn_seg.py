@@ -69,6 +69,31 @@ def _ref0(m, ASM: tl.constexpr):
 
 
 @triton.jit
+def _store_pairs(out, row_off, o, row_ok, D: tl.constexpr, ASM: tl.constexpr):
+    """``out[row_off + c] = o[:, c]`` (16-bit ``out``, rows where ``row_ok``) as 32-bit words of two adjacent
+    columns; on the GPU a convert-and-store asm per word in o's own register layout (the MMA's: a thread's
+    words are pairs it holds), where a ``tl.store`` reaches a coalesced layout through shared memory."""
+    lo, hi = tl.split(tl.reshape(o, (o.shape[0], D // 2, 2)))
+    words = out.to(tl.pointer_type(tl.int32), bitcast=True) + (row_off // 2)[:, None] + tl.arange(0, D // 2)[None, :]
+    ok = tl.broadcast_to(row_ok[:, None], lo.shape).to(tl.int32)
+    if ASM:  # (the address as int64 and the values as raw words: Triton 3.6 rejects pointer and float asm operands)
+        a, x, y = words.to(tl.int64), lo.to(tl.int32, bitcast=True), hi.to(tl.int32, bitcast=True)
+        if out.dtype.element_ty.is_fp16():
+            tl.inline_asm_elementwise("{ .reg .pred p; .reg .b32 w; setp.ne.b32 p, $4, 0; cvt.rn.f16x2.f32 w, $3, $2; "
+                                      "@p st.global.b32 [$1], w; mov.b32 $0, 0; }", "=r,l,r,r,r", [a, x, y, ok],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            tl.inline_asm_elementwise("{ .reg .pred p; .reg .b32 w; setp.ne.b32 p, $4, 0; cvt.rn.bf16x2.f32 w, $3, $2; "
+                                      "@p st.global.b32 [$1], w; mov.b32 $0, 0; }", "=r,l,r,r,r", [a, x, y, ok],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        ty = out.dtype.element_ty
+        w = (lo.to(ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | \
+            (hi.to(ty).to(tl.int16, bitcast=True).to(tl.int32) << 16)
+        tl.store(words, w, mask=ok != 0)
+
+
+@triton.jit
 def _seg_bias(tab_m, scode, offs_n, ASM: tl.constexpr, SMEM: tl.constexpr):
     """Table bias of the tile's rows (``tab_m``: row's table address, code_i + c0) and the keys at sorted
     positions ``offs_n`` (``scode``: -4 code_j): from the shared copy (SMEM) or the global table."""
@@ -156,7 +181,8 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
               N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_RPB: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
               ASM: tl.constexpr, COSINE: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr,
-              TAIL: tl.constexpr, WIDE: tl.constexpr, QUARTER: tl.constexpr, PADQ: tl.constexpr):
+              TAIL: tl.constexpr, WIDE: tl.constexpr, QUARTER: tl.constexpr, PADQ: tl.constexpr,
+              PAIRS: tl.constexpr):
     """Query tile t of the window (BLOCK_M rows from its first row, all in one segment): its walk, then
     its segment's rows stored at their original positions."""
     offs_d = tl.arange(0, D)
@@ -266,7 +292,10 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
         it += 1
     # store the segment's rows only (l = 0: NaN, edge rule 2)
     o = acc * _fast(l_i, 0, ASM)[:, None]
-    tl.store(out + (tok * C + hd)[:, None] + offs_d[None, :], o.to(out.dtype.element_ty), mask=row_ok[:, None])
+    if PAIRS and out.dtype.element_ty.primitive_bitwidth == 16:
+        _store_pairs(out, tok * C + hd, o, row_ok, D, ASM)
+    else:
+        tl.store(out + (tok * C + hd)[:, None] + offs_d[None, :], o.to(out.dtype.element_ty), mask=row_ok[:, None])
     tl.store(lse + (w * NH + h) * N + j, (ms + _fast(l_i, 1, ASM)) * 0.6931471805599453, mask=row_ok)
 
 
@@ -277,7 +306,8 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.con
                 F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
                 COSINE: tl.constexpr, VBITS: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr = False,
                 TP: tl.constexpr = 1024, TAIL: tl.constexpr = False, WIDE: tl.constexpr = False,
-                VCHECK: tl.constexpr = True, QUARTER: tl.constexpr = False, PADQ: tl.constexpr = False):
+                VCHECK: tl.constexpr = True, QUARTER: tl.constexpr = False, PADQ: tl.constexpr = False,
+                PAIRS: tl.constexpr = False):
     """Program (head h, window w), head-fastest (NH constexpr: a key's K and V at immediate offsets from one
     row address). meta (GG*nW, 5, N) int32 per window: sorted tokens'
     grid positions, their window-local indices, and the tiles' first row, segment start, segment
@@ -312,12 +342,12 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.con
     while t < nbig:  # BLOCK_M-row tiles
         _seg_tile(BLOCK_M, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D, WH,
                   WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE, QUARTER,
-                  PADQ)
+                  PADQ, PAIRS)
         t += 1
     while t < nbig + nsmall:  # a segment's last rows when they fit half a tile
         _seg_tile(BLOCK_M // 2, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D,
                   WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE, QUARTER,
-                  PADQ)
+                  PADQ, PAIRS)
         t += 1
 
 
@@ -433,6 +463,8 @@ QUARTER = True
 # Triton backend takes no 32-bit dot with K = 8 (``_tf32_k8``); True: here too (mixmim-b-s1 bf16 static, Triton
 # 3.9: 196.0 us vs TF32's 194.5, the half block's 198.2)
 PADQ = False
+# 16-bit outputs stored as words of two columns in the MMA's layout (``_store_pairs``), not through shared memory
+PAIRS = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -565,6 +597,6 @@ def seg_forward(qkv, out, lse, rpb, num_heads, wh, ww, sh, sw, group, qk_scale, 
         COSINE=logit_scale is not None, VBITS={torch.bfloat16: 0, torch.float16: 1}.get(qkv.dtype, 2),
         UNSCALED=unscaled, SMEM=smem,
         TP=triton.next_power_of_2(ntab), TAIL=bn >= 32 or interpret, QUARTER=QUARTER and (bn >= 32 or interpret),
-        PADQ=PADQ or not _tf32_k8(),
+        PADQ=PADQ or not _tf32_k8(), PAIRS=PAIRS,
         WIDE=WIDE and (interpret or qkv.dtype != torch.float32),  # fp32: a 64-key block spills
         num_warps=warps, num_stages=stages)
