@@ -26,7 +26,8 @@ twice) from its rows' true maxima (a max-only pass, ``while n1 < c1``): p <= 1 t
 
 q/k/v are read through the sorted positions, the table bias by each token's window-local code (on
 the GPU from a copy of the head's table in shared memory: a 32-bit add and an LDS per element),
-out/lse stored at the original positions (the backward's contract is unchanged).
+out/lse stored at the original positions (the backward's contract is unchanged; 16-bit out as column
+pairs straight from the MMA's registers, ``_store_pairs``).
 
 NaN/Inf in V (edge rule 2): the reference multiplies every masked key's V by 0, so a non-finite V
 element reaches every row of the window. A program checks the head's V first (``_wattn_vcheck``; one
@@ -517,9 +518,13 @@ def seg_config(N, D, dtype, interpret):
     counters kept between launches, meta's tails written) 194.5; l and acc zeroed once a tile (the second
     walk's reset in the max pass: as constants they were re-made at the double block loop's entry, 18
     CS2R a tile) 193.6; the max pass's setup inside its loop, the first walk from the probe's reference
-    as it is 193.1 (3.6: 196.2). Tried and dropped: ``max.NaN.xorsign.abs.bf16x2`` for the V check (one
-    op a word, but ptxas does not fuse it into 3-input VHMNMX: as many ops as the two chains). Under the
-    interpreter 32/16 x 16, so that segments of several tiles and blocks and both tile sizes run in tests."""
+    as it is 193.1 (3.6: 196.2); the retry flag reduced over the whole warp (3.6 then emits REDUX too,
+    not three shuffles with diverged-warp fallbacks) 193.1 (3.6: 194.6); 16-bit outputs stored as column
+    pairs in the MMA's layout (``_store_pairs``; 16 STG.32 a 32-row tile for 4 STG.128 through shared
+    memory: unverified on a GPU, set ``PAIRS = False`` if it measures slower) 192.7 (3.6: 193.9). Tried
+    and dropped: ``max.NaN.xorsign.abs.bf16x2`` for the V check (one op a word, but no 3-input VHMNMX
+    fusion: as many ops as the two chains). Under the interpreter 32/16 x 16, so that segments of
+    several tiles and blocks and both tile sizes run in tests."""
     if interpret:
         return 32, 16, 1, 1
     f32 = dtype == torch.float32
