@@ -3,7 +3,8 @@
 Window walk (``_first_window``/``_next_window``), window-local and original token positions with
 Swin's shift regions (``_lyx``/``_pos``), coordinates and exact int64 range tests, the
 relative-position table gathered in the scores' register layout by inline asm (``_gather*``,
-``_table_bias``), the shift/group/padding mask, the MMA wrapper and MUFU approximations. Re-exported
+``_table_bias``), the shift/group/padding mask, the MMA wrapper and MUFU approximations, and the
+launchers' relative-position table (``_rpb_table``). Re-exported
 by ``window_attention`` (the backward imports them from there).
 """
 from __future__ import annotations
