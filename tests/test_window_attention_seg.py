@@ -361,3 +361,24 @@ def test_seg_prep_kernel_matches_the_torch_tables(H, W, win, shift, labels, G, m
         for gw in range(m1.shape[0]):
             nt = int(n1[gw, 0] + n1[gw, 2])
             assert torch.equal(m1[gw, :2], m2[gw, :2]) and torch.equal(m1[gw, 2:, :nt], m2[gw, 2:, :nt])
+
+
+def test_seg_prep_counters_persist_and_meta_tails_are_written(monkeypatch):
+    """No memset: ``_seg_prep``'s per-window counters live across launches (the window's last program
+    stores 0 back) and meta's entries past the tiles are written (0), not left from the allocation. A
+    first call, then calls with fewer and more windows, other groups and window shapes, all exact on
+    tables allocated poisoned (-7) and the one counter buffer, which is all 0 after each call."""
+    monkeypatch.setattr(seg, "PREP_ROWS", 8)  # several programs a window count on the counters
+    monkeypatch.setattr(seg, "_empty", lambda shape, dtype, dev: torch.full(shape, -7, dtype=dtype, device=dev))
+    monkeypatch.setattr(seg, "_COUNTS", {})
+    calls = [(10, 10, (5, 5), (0, 0), _labels("many", 2, 10, 10)),  # 8 windows
+             (10, 10, (5, 5), (2, 2), _labels("two", 1, 10, 10)),  # 4: a smaller shape and group after
+             (10, 15, (5, 5), (1, 3), _labels("many", 2, 10, 15)),  # 12: the buffer grows
+             (14, 14, (7, 7), (3, 3), None)]  # 4, other window (7 programs a window)
+    for H, W, win, shift, g in calls:
+        m1, n1, _ = _torch_tables(H, W, *win, *shift, g, 8, "cpu")
+        m2, n2, _ = seg.seg_prepare(H, W, *win, *shift, g, 8, 16, "cpu")
+        assert torch.equal(n1, n2)
+        assert torch.equal(m1, m2)  # the tails past the tiles included: 0
+        (cnt,) = seg._COUNTS.values()
+        assert cnt.numel() >= m1.shape[0] and not cnt.any()

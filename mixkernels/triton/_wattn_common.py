@@ -3,16 +3,19 @@
 Window walk (``_first_window``/``_next_window``), window-local and original token positions with
 Swin's shift regions (``_lyx``/``_pos``), coordinates and exact int64 range tests, the
 relative-position table gathered in the scores' register layout by inline asm (``_gather*``,
-``_table_bias``), the shift/group/padding mask, the MMA wrapper and MUFU approximations. Re-exported
+``_table_bias``), the shift/group/padding mask, the MMA wrapper and MUFU approximations, and the
+launchers' relative-position table (``_rpb_table``). Re-exported
 by ``window_attention`` (the backward imports them from there).
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 __all__ = ["_mm", "_gather", "_gather_rc", "_opaque", "_gather_int", "_fast", "_idx", "_first_window",
-           "_next_window", "_lyx", "_pos", "_coords", "_in_range", "_table_bias", "_mask", "_gather_off", "_online", "_pv_acc", "_smem_table", "_gather_smem"]
+           "_next_window", "_lyx", "_pos", "_coords", "_in_range", "_table_bias", "_mask", "_gather_off", "_online", "_pv_acc", "_smem_table", "_gather_smem",
+           "_rpb_table"]
 
 
 @triton.jit
@@ -305,3 +308,18 @@ def _pv_acc(p, v, acc, F32: tl.constexpr, UPCAST: tl.constexpr, TF32: tl.constex
         return tl.dot(p, v.to(tl.float32), acc, input_precision="tf32")
     else:
         return _mm_acc(p.to(v.dtype), v, acc, F32, UPCAST)
+
+
+# ----------------------------------------------------------------------------- launcher helpers
+
+
+def _rpb_table(rpb, dummy, scale, raw):
+    """The kernels' relative-position table: rpb ((T, nH) fp32) as an (nH, T) copy times ``scale`` (a
+    head's row contiguous; one launch, scaled straight into the new buffer), or with ``raw`` (kernels
+    that read the table in place and scale it themselves: a shared-memory copy, a bias tile gathered
+    once per program) rpb itself (a no-op for a module's parameter); ``dummy`` (never read) without rpb."""
+    if rpb is None:
+        return dummy
+    if raw:
+        return rpb.contiguous()
+    return torch.mul(rpb.t(), scale, out=rpb.new_empty((rpb.shape[1], rpb.shape[0])))

@@ -26,12 +26,13 @@ twice) from its rows' true maxima (a max-only pass, ``while n1 < c1``): p <= 1 t
 
 q/k/v are read through the sorted positions, the table bias by each token's window-local code (on
 the GPU from a copy of the head's table in shared memory: a 32-bit add and an LDS per element),
-out/lse stored at the original positions (the backward's contract is unchanged).
+out/lse stored at the original positions (the backward's contract is unchanged; 16-bit out as column
+pairs straight from the MMA's registers, ``_store_pairs``).
 
 NaN/Inf in V (edge rule 2): the reference multiplies every masked key's V by 0, so a non-finite V
-element reaches every row of the window. A program checks the head's V first (one read of the
-window's V, one op per 32-bit word on the GPU, ~3% of a program's instructions; fp16 only for windows
-of more than one segment); if any element is not finite or (bf16/fp32) has |v| >= 2**96, every tile
+element reaches every row of the window. A program checks the head's V first (``_wattn_vcheck``; one
+read of the window's V, one op per 32-bit word on the GPU, ~3% of a program's instructions; fp16 only
+for windows of more than one segment); if any element is not finite or (bf16/fp32) has |v| >= 2**96, every tile
 walks all the window's keys with the segment mask (the masked loops from 0 to N), exactly as the
 all-pairs kernel, and from its rows' true maxima (p <= 1: exact for |v| < 2**120, SEMANTICS rule 5;
 the probe's reference lets p reach 2**32).
@@ -52,105 +53,45 @@ import triton
 import triton.language as tl
 
 from ._cosine import _head_scale, _unit
-from ._wattn_common import _fast, _gather_off, _gather_smem, _idx, _mm, _mm_acc, _pos, _pv_acc, _smem_table
+from ._wattn_common import (_fast, _gather_off, _gather_smem, _idx, _mm, _mm_acc, _pos, _pv_acc, _rpb_table,
+                            _smem_table)
+from ._wattn_vcheck import _v_check
 
 
 @triton.jit
-def _or(a, b):
-    return a | b
-
-
-@triton.jit
-def _nan0(x, y, VBITS: tl.constexpr):
-    """x * 0 + y on raw 32-bit words holding two bf16 (VBITS 0), two fp16 (1) or one fp32 (2), per element:
-    NaN where x is NaN/Inf or y is NaN, y (Inf included) otherwise. GPU only."""
-    if VBITS == 2:
-        return tl.inline_asm_elementwise("fma.rn.f32 $0, $1, 0f00000000, $2;", "=r,r,r", [x, y], dtype=tl.int32,
-                                         is_pure=True, pack=1)
-    elif VBITS == 1:
-        return tl.inline_asm_elementwise("{ .reg .b32 z; mov.b32 z, 0; fma.rn.f16x2 $0, $1, z, $2; }", "=r,r,r",
-                                         [x, y], dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        return tl.inline_asm_elementwise("{ .reg .b32 z; mov.b32 z, 0; fma.rn.bf16x2 $0, $1, z, $2; }", "=r,r,r",
-                                         [x, y], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _nan_h2(a, b):
-    return _nan0(a, b, 1)
-
-
-@triton.jit
-def _mxmn(amx, amn, bmx, bmn):
-    """(max, min) of two bf16x2 words' (max, min), NaN-propagating. GPU only."""
-    mx = tl.inline_asm_elementwise("max.NaN.bf16x2 $0, $1, $2;", "=r,r,r", [amx, bmx], dtype=tl.int32,
-                                   is_pure=True, pack=1)
-    mn = tl.inline_asm_elementwise("min.NaN.bf16x2 $0, $1, $2;", "=r,r,r", [amn, bmn], dtype=tl.int32,
-                                   is_pure=True, pack=1)
-    return mx, mn
-
-
-@triton.jit
-def _abs_add(a, b):
-    """|a| + |b| on fp32 held as int32 words (one FADD with both operands' |.|): NaN stays NaN. GPU only."""
-    return tl.inline_asm_elementwise("{ .reg .f32 x, y; abs.f32 x, $1; abs.f32 y, $2; add.f32 $0, x, y; }",
-                                     "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _v_words(qkv, mrow, hw, hd, C, r0, R: tl.constexpr, N: tl.constexpr, D: tl.constexpr, IDX64: tl.constexpr,
-             PER: tl.constexpr):
-    """The 32-bit words (PER elements each) of the head's V in the R sorted rows from r0 (past N: the
-    last row), (R, D // PER)."""
-    pos = tl.load(mrow + tl.minimum(r0 + tl.arange(0, R), N - 1))
-    rows = (qkv + (_idx(hw + pos, IDX64) * (3 * C) + hd + 2 * C)).to(tl.pointer_type(tl.int32), bitcast=True)
-    return tl.load(rows[:, None] + tl.arange(0, D // PER)[None, :])
-
-
-@triton.jit
-def _v_check(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, IDX64: tl.constexpr,
-             VBITS: tl.constexpr, ASM: tl.constexpr):
-    """Whether the head's V of the window holds NaN/Inf or (bf16/fp32; fp16 cannot) an element with
-    |v| >= 2**96 (GPU fp32: the sum of |v| reaching 2**96, so also some with |v| >= 2**83, for which the
-    walk from the maxima is as exact), on 32-bit words (two 16-bit or one fp32 element each). GPU, one
-    op per word: bf16, the words' NaN-propagating max and min elementwise over blocks of 8 rows (chains
-    that sm_90 fuses into 3-input VHMNMX, two words an op each), reduced, then the larger magnitude's
-    bits against 2**96 (NaN/Inf lie above); fp32, the sum of |v| (FADD |a|, |b|); fp16, x * 0 + y (one
-    packed FMA): NaN for any NaN/Inf, +-0 otherwise. Interpreter: on the raw bits, adding 33 (fp16: 1)
-    exponent LSBs to the exponent field carries into the element's top bit exactly when the exponent
-    is >= 127 + 96 (fp16: all ones). Rows through the window's sorted grid positions (``mrow``).
-    VBITS: 0 bf16, 1 fp16, 2 fp32."""
-    PER: tl.constexpr = 1 if VBITS == 2 else 2  # elements per word
-    if ASM and VBITS == 0:
-        R: tl.constexpr = 8
-        mx = _v_words(qkv, mrow, hw, hd, C, 0, R, N, D, IDX64, PER)
-        mn = mx
-        for r0 in tl.static_range(R, (N + R - 1) // R * R, R):  # the blocks that hold rows < N
-            w = _v_words(qkv, mrow, hw, hd, C, r0, R, N, D, IDX64, PER)
-            mx, mn = _mxmn(mx, mn, w, w)
-        mx, mn = tl.reduce((tl.reshape(mx, [R * (D // 2)]), tl.reshape(mn, [R * (D // 2)])), 0, _mxmn)
-        m = tl.maximum(tl.maximum(mx & 0x7FFF, (mx >> 16) & 0x7FFF), tl.maximum(mn & 0x7FFF, (mn >> 16) & 0x7FFF))
-        return m >= 0x6F80
-    words = _v_words(qkv, mrow, hw, hd, C, 0, BS, N, D, IDX64, PER)
+def _ref0(m, ASM: tl.constexpr):
+    """A row's reference from its largest logit ``m``: 0 for -inf (GPU: an asm with side effects, so that it stays
+    in the max pass's loop instead of sinking below it, where it would count as the tile's work)."""
     if ASM:
-        flat = tl.reshape(words, [BS * (D // PER)])  # one reduction
-        if VBITS == 2:
-            return (tl.reduce(flat, 0, _abs_add) & 0x7FFFFFFF) >= 0x6F800000
-        return (_nan0(tl.reduce(flat, 0, _nan_h2), 0, 1) & 0x7FFF7FFF) != 0
-    if VBITS == 2:
-        EMM: tl.constexpr = 0x7F800000
-        ONE: tl.constexpr = 0x10800000  # 33 << 23
-        TOP: tl.constexpr = -0x80000000
-    elif VBITS == 1:
-        EMM: tl.constexpr = 0x7C007C00
-        ONE: tl.constexpr = 0x04000400
-        TOP: tl.constexpr = -0x7FFF8000  # 0x80008000
+        return tl.inline_asm_elementwise("{ .reg .pred p; setp.eq.f32 p, $1, 0fFF800000; selp.f32 $0, 0f00000000, "
+                                         "$1, p; }", "=f,f", [m], dtype=tl.float32, is_pure=False, pack=1)
     else:
-        EMM: tl.constexpr = 0x7F807F80
-        ONE: tl.constexpr = 0x10801080  # 33 << 7 in each half
-        TOP: tl.constexpr = -0x7FFF8000
-    acc = tl.reduce(tl.reduce((words & EMM) + ONE, 1, _or), 0, _or)
-    return (acc & TOP) != 0
+        return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _store_pairs(out, row_off, o, row_ok, D: tl.constexpr, ASM: tl.constexpr):
+    """``out[row_off + c] = o[:, c]`` (16-bit ``out``, rows where ``row_ok``) as 32-bit words of two adjacent
+    columns; on the GPU a convert-and-store asm per word in o's own register layout (the MMA's: a thread's
+    words are pairs it holds), where a ``tl.store`` reaches a coalesced layout through shared memory."""
+    lo, hi = tl.split(tl.reshape(o, (o.shape[0], D // 2, 2)))
+    words = out.to(tl.pointer_type(tl.int32), bitcast=True) + (row_off // 2)[:, None] + tl.arange(0, D // 2)[None, :]
+    ok = tl.broadcast_to(row_ok[:, None], lo.shape).to(tl.int32)
+    if ASM:  # (the address as int64 and the values as raw words: Triton 3.6 rejects pointer and float asm operands)
+        a, x, y = words.to(tl.int64), lo.to(tl.int32, bitcast=True), hi.to(tl.int32, bitcast=True)
+        if out.dtype.element_ty.is_fp16():
+            tl.inline_asm_elementwise("{ .reg .pred p; .reg .b32 w; setp.ne.b32 p, $4, 0; cvt.rn.f16x2.f32 w, $3, $2; "
+                                      "@p st.global.b32 [$1], w; mov.b32 $0, 0; }", "=r,l,r,r,r", [a, x, y, ok],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            tl.inline_asm_elementwise("{ .reg .pred p; .reg .b32 w; setp.ne.b32 p, $4, 0; cvt.rn.bf16x2.f32 w, $3, $2; "
+                                      "@p st.global.b32 [$1], w; mov.b32 $0, 0; }", "=r,l,r,r,r", [a, x, y, ok],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        ty = out.dtype.element_ty
+        w = (lo.to(ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | \
+            (hi.to(ty).to(tl.int16, bitcast=True).to(tl.int32) << 16)
+        tl.store(words, w, mask=ok != 0)
 
 
 @triton.jit
@@ -241,7 +182,8 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
               N: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_RPB: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
               ASM: tl.constexpr, COSINE: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr,
-              TAIL: tl.constexpr, WIDE: tl.constexpr, QUARTER: tl.constexpr, PADQ: tl.constexpr):
+              TAIL: tl.constexpr, WIDE: tl.constexpr, QUARTER: tl.constexpr, PADQ: tl.constexpr,
+              PAIRS: tl.constexpr):
     """Query tile t of the window (BLOCK_M rows from its first row, all in one segment): its walk, then
     its segment's rows stored at their original positions."""
     offs_d = tl.arange(0, D)
@@ -288,6 +230,8 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
         c2 = c1 - BLOCK_N // 2
     if QUARTER:
         c3 = c1 - BLOCK_N // 4
+    # the first walk's reference: the probe's (a stored row without a finite one fails the check: l is inf or NaN)
+    mref = m_i
     ms = tl.zeros((BLOCK_M,), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
@@ -295,11 +239,9 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
     go = it == 0
     # (while loops: Triton 3.6's interpreter cannot take range() bounds from loaded values)
     while go:  # the walk: once, twice only when the probe's reference fails a row
-        ms = tl.where(m_i == float("-inf"), 0.0, m_i)
+        ms = mref
         if UNSCALED:
             ms = ms * qk_scale
-        l_i = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M, D), tl.float32)
         n0 = a0
         if WIDE:
             while n0 + 2 * BLOCK_N <= a1:  # unmasked key blocks, two at a time
@@ -329,18 +271,32 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
                                      PADQ)
                 n0 += BLOCK_N
         fine = (l_i >= LMIN) & (l_i <= LMAX)  # False for NaN
-        go = (tl.max((row_ok & (fine.to(tl.int32) == 0)).to(tl.int32), 0) > 0) & (it == 0)
-        if go:  # (from -inf: the probe's reference can lie above the rows' true maxima)
-            m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-            n1 = tl.where(bad, 0, lo)
-            while n1 < c1:  # max pass: the rows' largest logits over the tile's keys (only after a failed walk)
-                m_i = _seg_max(q, tab_m, m_i, qkv, mrow, scode, hw, n1, lo, hi, hd, C, qk_scale, N, D, BLOCK_N,
-                               HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, True)
-                n1 += BLOCK_N
+        fail = (row_ok & (fine.to(tl.int32) == 0)).to(tl.int32)
+        # reduced as a flat (BLOCK_M x 8) broadcast, which spans the whole warp: one REDUX on Triton 3.6 too (the
+        # rows alone: three shuffle steps there, each with a fallback for a diverged warp)
+        go = (tl.max(tl.reshape(tl.broadcast_to(fail[:, None], (BLOCK_M, 8)), [BLOCK_M * 8]), 0) > 0) & (it == 0)
+        # the max pass only after a failed walk (no trip otherwise; in the loop, not under an ``if``: its setup
+        # is then the loop's, counted with its trips), from -inf: the probe's reference can lie above the rows'
+        # true maxima
+        n1s = tl.where(bad, 0, lo)
+        n1 = tl.where(go, n1s, c1)
+        while n1 < c1:  # max pass: the rows' largest logits over the tile's keys (only after a failed walk)
+            m_i = _seg_max(q, tab_m, tl.where(n1 == n1s, float("-inf"), m_i), qkv, mrow, scode, hw, n1, lo, hi, hd,
+                           C, qk_scale, N, D, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, True)
+            mref = _ref0(m_i, ASM)  # no unmasked key: p = 0, l = 0, NaN (edge rule 2)
+            # l and acc restart from 0 for the second walk: reset here (>= 1 trip: lo < hi) by a select the
+            # compiler cannot fold (n1 >= 0), so that the walk starts from the loop's l and acc, not from
+            # constants: constant zeros are re-made on each key loop's entry edge (18 CS2R a tile)
+            l_i = tl.where(n1 < 0, l_i, 0.0)
+            acc = tl.where(n1 < 0, acc, 0.0)
+            n1 += BLOCK_N
         it += 1
     # store the segment's rows only (l = 0: NaN, edge rule 2)
     o = acc * _fast(l_i, 0, ASM)[:, None]
-    tl.store(out + (tok * C + hd)[:, None] + offs_d[None, :], o.to(out.dtype.element_ty), mask=row_ok[:, None])
+    if PAIRS and out.dtype.element_ty.primitive_bitwidth == 16:
+        _store_pairs(out, tok * C + hd, o, row_ok, D, ASM)
+    else:
+        tl.store(out + (tok * C + hd)[:, None] + offs_d[None, :], o.to(out.dtype.element_ty), mask=row_ok[:, None])
     tl.store(lse + (w * NH + h) * N + j, (ms + _fast(l_i, 1, ASM)) * 0.6931471805599453, mask=row_ok)
 
 
@@ -351,7 +307,8 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.con
                 F32: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr,
                 COSINE: tl.constexpr, VBITS: tl.constexpr, UNSCALED: tl.constexpr, SMEM: tl.constexpr = False,
                 TP: tl.constexpr = 1024, TAIL: tl.constexpr = False, WIDE: tl.constexpr = False,
-                VCHECK: tl.constexpr = True, QUARTER: tl.constexpr = False, PADQ: tl.constexpr = False):
+                VCHECK: tl.constexpr = True, QUARTER: tl.constexpr = False, PADQ: tl.constexpr = False,
+                PAIRS: tl.constexpr = False):
     """Program (head h, window w), head-fastest (NH constexpr: a key's K and V at immediate offsets from one
     row address). meta (GG*nW, 5, N) int32 per window: sorted tokens'
     grid positions, their window-local indices, and the tiles' first row, segment start, segment
@@ -386,12 +343,12 @@ def _seg_kernel(qkv, out, lse, tab, meta, ninfo, scode, ls, qk_scale, NH: tl.con
     while t < nbig:  # BLOCK_M-row tiles
         _seg_tile(BLOCK_M, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D, WH,
                   WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE, QUARTER,
-                  PADQ)
+                  PADQ, PAIRS)
         t += 1
     while t < nbig + nsmall:  # a segment's last rows when they fit half a tile
         _seg_tile(BLOCK_M // 2, qkv, out, lse, tab_h, mrow, scode, t, bad, w, h, hw, hd, C, NH, qk_scale, N, D,
                   WH, WW, BLOCK_N, HAS_RPB, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, TAIL, WIDE, QUARTER,
-                  PADQ)
+                  PADQ, PAIRS)
         t += 1
 
 
@@ -419,8 +376,9 @@ def _seg_prep(group, meta, ninfo, scode, scratch, count, nW, nWw, H, W, SH, SW, 
     against all the window's tokens in chunks of CH; its segment is [lo, lo + count). Tiles start every
     BM rows of a segment (a half tile when at most BM/2 rows are left): per sorted position (through
     ``scratch``) the full tiles, then the half tiles, in order, listed by the window's last program to
-    finish (``count``: zeroed per window; an acq_rel atomic after a CTA barrier publishes the
-    program's stores)."""
+    finish (``count``: one counter per window, 0 at the launch; an acq_rel atomic after a CTA barrier
+    publishes the program's stores; the last program stores 0 back, so the launcher keeps the counters
+    between launches and zeroes them only once, ``_counters``)."""
     gw = tl.program_id(0)
     wl = gw % nW
     wy = wl // nWw
@@ -462,6 +420,7 @@ def _seg_prep(group, meta, ninfo, scode, scratch, count, nW, nWw, H, W, SH, SW, 
     if done == tl.num_programs(1) - 1:  # every program of the window has stored its ranks
         tl.debug_barrier()
         _seg_list(m, ninfo + 3 * gw, scr, N, BS)
+        tl.store(count + gw, 0)  # every other program's add is done: the counter is 0 for the next launch
 
 
 @triton.jit
@@ -476,14 +435,19 @@ def _seg_list(m, info, scr, N: tl.constexpr, BS: tl.constexpr):
     big_r = (kr == 1).to(tl.int32)
     small_r = (kr == 2).to(tl.int32)
     nbig = tl.sum(big_r, 0)
-    tid = tl.where(kr == 1, tl.cumsum(big_r, 0) - 1, nbig + tl.cumsum(small_r, 0) - 1)
+    nsmall = tl.sum(small_r, 0)
+    cb = tl.cumsum(big_r, 0)
+    cs = tl.cumsum(small_r, 0)
+    # rank a's entry: its tile's index, or (no tile starts at a) the next entry past the tiles, which get 0:
+    # a permutation of [0, N), so the stores write every entry (meta is not zeroed beforehand)
+    tid = tl.where(kr == 1, cb - 1, tl.where(kr == 2, nbig + cs - 1, nbig + nsmall + a - cb - cs))
     live = kr > 0
-    tl.store(m + 2 * N + tid, a, mask=live)
-    tl.store(m + 3 * N + tid, lo, mask=live)
-    tl.store(m + 4 * N + tid, tl.load(scr + 2 * BS + a, mask=live, other=0, cache_modifier=".cg"), mask=live)
+    tl.store(m + 2 * N + tid, tl.where(live, a, 0), mask=valid)
+    tl.store(m + 3 * N + tid, tl.where(live, lo, 0), mask=valid)
+    tl.store(m + 4 * N + tid, tl.load(scr + 2 * BS + a, mask=live, other=0, cache_modifier=".cg"), mask=valid)
     tl.store(info, nbig)
     tl.store(info + 1, tl.sum((lo == a).to(tl.int32), 0))
-    tl.store(info + 2, tl.sum(small_r, 0))
+    tl.store(info + 2, nsmall)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -500,6 +464,8 @@ QUARTER = True
 # Triton backend takes no 32-bit dot with K = 8 (``_tf32_k8``); True: here too (mixmim-b-s1 bf16 static, Triton
 # 3.9: 196.0 us vs TF32's 194.5, the half block's 198.2)
 PADQ = False
+# 16-bit outputs stored as words of two columns in the MMA's layout (``_store_pairs``), not through shared memory
+PAIRS = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -547,12 +513,44 @@ def seg_config(N, D, dtype, interpret):
     32-bit K = 8 dot): the quarter block with a zero-padded 16-key P @ V (PADQ) 197.0 there (the half
     block: 199.1). Tried and dropped: the walk's zeroing only before the first walk and in the retry
     (196.4: ptxas still zeroes twice and adds moves), zeros through an asm move (202.3), one max/min
-    tree over the whole V (no VHMNMX fusion, 194.9; 16/32-row blocks likewise). Under the interpreter
-    32/16 x 16, so that segments of several tiles and blocks and both tile sizes run in tests."""
+    tree over the whole V (no VHMNMX fusion, 194.9; 16/32-row blocks likewise). Session 7 (side work
+    priced: 196.5 with ``seg_prepare``'s 2 us memset; Triton 3.6 199.2): no memset (``_seg_prep``'s
+    counters kept between launches, meta's tails written) 194.5; l and acc zeroed once a tile (the second
+    walk's reset in the max pass: as constants they were re-made at the double block loop's entry, 18
+    CS2R a tile) 193.6; the max pass's setup inside its loop, the first walk from the probe's reference
+    as it is 193.1 (3.6: 196.2); the retry flag reduced over the whole warp (3.6 then emits REDUX too,
+    not three shuffles with diverged-warp fallbacks) 193.1 (3.6: 194.6); 16-bit outputs stored as column
+    pairs in the MMA's layout (``_store_pairs``; 16 STG.32 a 32-row tile for 4 STG.128 through shared
+    memory: unverified on a GPU, set ``PAIRS = False`` if it measures slower) 192.7 (3.6: 193.9). Tried
+    and dropped: ``max.NaN.xorsign.abs.bf16x2`` for the V check (one op a word, but no 3-input VHMNMX
+    fusion: as many ops as the two chains). Under the interpreter 32/16 x 16, so that segments of
+    several tiles and blocks and both tile sizes run in tests."""
     if interpret:
         return 32, 16, 1, 1
     f32 = dtype == torch.float32
     return 32, (16 if D >= 128 or (f32 and D >= 64) else 32), 1, 1
+
+
+_COUNTS = {}
+
+
+def _counters(GW, device):
+    """``_seg_prep``'s per-window counters: an int32 buffer of at least GW zeros, kept per (device, CUDA
+    stream) and zeroed once when made (a one-time memset): every launch leaves its counters at 0 (the
+    window's last program stores 0 back). Launches on one stream run in order, so they share a buffer;
+    launches on different streams get one each. (First call outside CUDA-graph capture, as the
+    kernels' compilation needs anyway: a buffer made during capture belongs to the graph's pool.)"""
+    device = torch.device(device)
+    key = (str(device), torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    c = _COUNTS.get(key)
+    if c is None or c.numel() < GW:
+        c = _COUNTS[key] = torch.zeros(GW, dtype=torch.int32, device=device)
+    return c
+
+
+def _empty(shape, dtype, device):
+    """``seg_prepare``'s table allocation (uninitialized: ``_seg_prep`` writes every element). Tests poison it."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def seg_prepare(H, W, wh, ww, sh, sw, group, bm, bn, device):
@@ -560,20 +558,20 @@ def seg_prepare(H, W, wh, ww, sh, sw, group, bm, bn, device):
     int32 [grid position, window-local index of each sorted token; tiles' first row, segment start,
     segment end: full tiles, then half tiles (entries past them: 0)], ninfo (G*nW, 3) int32 [full tiles,
     segments, half tiles], scode (G*nW, N + bn) int32: -4 * table code of
-    each sorted key (keys past N: 0). One launch (and one memset)."""
+    each sorted key (keys past N: 0). One launch, no memset (the counters persist, ``_counters``)."""
     N, nWw = wh * ww, W // ww
     nW = (H // wh) * nWw
     GW = (1 if group is None else group.shape[0]) * nW
     BS = triton.next_power_of_2(N)
-    zeros = torch.zeros(GW * (5 * N + 1), dtype=torch.int32, device=device)  # one memset: meta, counters
-    meta, count = zeros[:GW * 5 * N].view(GW, 5, N), zeros[GW * 5 * N:]
-    ninfo = torch.empty((GW, 3), dtype=torch.int32, device=device)
-    scode = torch.empty((GW, N + bn), dtype=torch.int32, device=device)
+    meta = _empty((GW, 5, N), torch.int32, device)
+    ninfo = _empty((GW, 3), torch.int32, device)
+    scode = _empty((GW, N + bn), torch.int32, device)
     scratch = torch.empty((GW, 3, BS), dtype=torch.int32, device=device)
     rc = min(BS, PREP_ROWS)
-    _seg_prep[(GW, triton.cdiv(N, rc))](meta if group is None else group, meta, ninfo, scode, scratch, count, nW,
-                                        nWw, H, W, sh, sw, N=N, WH=wh, WW=ww, BS=BS, CH=min(BS, 32), RC=rc, BM=bm,
-                                        BN=bn, SHIFT=sh > 0 or sw > 0, HAS_GROUP=group is not None, num_warps=4)
+    _seg_prep[(GW, triton.cdiv(N, rc))](meta if group is None else group, meta, ninfo, scode, scratch,
+                                        _counters(GW, device), nW, nWw, H, W, sh, sw, N=N, WH=wh, WW=ww, BS=BS,
+                                        CH=min(BS, 32), RC=rc, BM=bm, BN=bn, SHIFT=sh > 0 or sw > 0,
+                                        HAS_GROUP=group is not None, num_warps=4)
     return meta, ninfo, scode
 
 
@@ -595,12 +593,7 @@ def seg_forward(qkv, out, lse, rpb, num_heads, wh, ww, sh, sw, group, qk_scale, 
     # read from rpb in place: no launch), else an (nH, T) copy in one launch
     tab_scale = _LOG2E / qk_scale if unscaled else _LOG2E
     smem = not interpret and flags["HAS_RPB"] and ntab <= 4096
-    if rpb is None:
-        tab = qkv
-    elif smem:
-        tab = rpb.contiguous()  # (T, nH): a no-op for a module's parameter
-    else:
-        tab = torch.mul(rpb.t(), tab_scale, out=torch.empty((num_heads, ntab), dtype=torch.float32, device=rpb.device))
+    tab = _rpb_table(rpb, qkv, tab_scale, smem)
     _seg_kernel[(num_heads, B * nW)](
         qkv, out, lse, tab, meta, ninfo, scode, qkv if logit_scale is None else logit_scale, qk_scale, num_heads,
         H, W, nW, 1 if group is None else group.shape[0], tab_scale, N=N, D=D, WH=wh, WW=ww,
@@ -609,6 +602,6 @@ def seg_forward(qkv, out, lse, rpb, num_heads, wh, ww, sh, sw, group, qk_scale, 
         COSINE=logit_scale is not None, VBITS={torch.bfloat16: 0, torch.float16: 1}.get(qkv.dtype, 2),
         UNSCALED=unscaled, SMEM=smem,
         TP=triton.next_power_of_2(ntab), TAIL=bn >= 32 or interpret, QUARTER=QUARTER and (bn >= 32 or interpret),
-        PADQ=PADQ or not _tf32_k8(),
+        PADQ=PADQ or not _tf32_k8(), PAIRS=PAIRS,
         WIDE=WIDE and (interpret or qkv.dtype != torch.float32),  # fp32: a 64-key block spills
         num_warps=warps, num_stages=stages)

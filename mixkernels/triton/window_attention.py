@@ -48,7 +48,8 @@ from ._cosine import _head_scale, _unit
 from ._wattn_coords import _add_coord_bias
 from ._wattn_seg import seg_forward
 from ._wattn_common import (_coords, _fast, _first_window, _gather, _gather_int, _gather_off, _gather_rc,  # noqa: F401
-                            _idx, _in_range, _lyx, _mask, _mm, _next_window, _online, _opaque, _pos, _table_bias)
+                            _idx, _in_range, _lyx, _mask, _mm, _next_window, _online, _opaque, _pos, _rpb_table,
+                            _table_bias)
 
 __all__ = ["window_attention", "window_attention_backward", "window_attention_cosine",
            "window_attention_cosine_backward"]
@@ -513,11 +514,7 @@ def _tables(rpb, attn_bias, qkv, num_heads, raw=False):
     scaled straight into the contiguous buffer), or ``raw`` (single-tile windows without coords: the
     kernels gather their bias tile once per program and scale it there) rpb (T, nH) itself, no launch;
     dummies (never read) for absent inputs."""
-    if rpb is None or raw:
-        tab = qkv if rpb is None else rpb.contiguous()
-    else:
-        tab = torch.mul(rpb.t(), _LOG2E, out=rpb.new_empty((rpb.shape[1], rpb.shape[0])))
-    return tab, qkv if attn_bias is None else attn_bias
+    return _rpb_table(rpb, qkv, _LOG2E, raw), qkv if attn_bias is None else attn_bias
 
 
 def _flags(qkv, rpb, attn_bias, group, coords, sh, sw):
