@@ -17,6 +17,7 @@ from mixkernels.testing import assert_close_2x
 
 tw = pytest.importorskip("mixkernels.triton.window_attention")
 seg = pytest.importorskip("mixkernels.triton._wattn_seg")
+_rows = pytest.importorskip("mixkernels.triton._rows")
 F32, BF16 = torch.float32, torch.bfloat16
 
 
@@ -370,7 +371,7 @@ def test_seg_prep_counters_persist_and_meta_tails_are_written(monkeypatch):
     tables allocated poisoned (-7) and the one counter buffer, which is all 0 after each call."""
     monkeypatch.setattr(seg, "PREP_ROWS", 8)  # several programs a window count on the counters
     monkeypatch.setattr(seg, "_empty", lambda shape, dtype, dev: torch.full(shape, -7, dtype=dtype, device=dev))
-    monkeypatch.setattr(seg, "_COUNTS", {})
+    monkeypatch.setattr(_rows, "_TICKETS", {})
     calls = [(10, 10, (5, 5), (0, 0), _labels("many", 2, 10, 10)),  # 8 windows
              (10, 10, (5, 5), (2, 2), _labels("two", 1, 10, 10)),  # 4: a smaller shape and group after
              (10, 15, (5, 5), (1, 3), _labels("many", 2, 10, 15)),  # 12: the buffer grows
@@ -380,5 +381,5 @@ def test_seg_prep_counters_persist_and_meta_tails_are_written(monkeypatch):
         m2, n2, _ = seg.seg_prepare(H, W, *win, *shift, g, 8, 16, "cpu")
         assert torch.equal(n1, n2)
         assert torch.equal(m1, m2)  # the tails past the tiles included: 0
-        (cnt,) = seg._COUNTS.values()
+        (cnt,) = _rows._TICKETS.values()
         assert cnt.numel() >= m1.shape[0] and not cnt.any()

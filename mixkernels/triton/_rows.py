@@ -44,22 +44,24 @@ _TICKETS: Dict[Tuple[str, int], torch.Tensor] = {}
 _TICKETS_LOCK = threading.Lock()
 
 
-def stream_tickets(like: torch.Tensor, n: int) -> Optional[torch.Tensor]:
+def stream_tickets(like, n: int) -> Optional[torch.Tensor]:
     """``n`` zeroed int32 ticket counters for a single-launch reduction (the last program of a group
-    reduces the group's partials and sets its counter back to zero), on ``like``'s device: one buffer
+    reduces the group's partials and sets its counter back to zero), on ``like``'s device (``like``: a
+    tensor or a device; every user on a stream shares the buffer, each leaving it zero): one buffer
     per (device, stream), kept for the process (launches on a stream run in order, and each leaves its
     counters zero); it grows (a fresh zeroed buffer, once) when a launch needs more. None while the
     stream is being captured into a CUDA graph (a replay could run beside an eager call sharing the
     buffer): the caller then reduces in a second launch with the same code, hence the same bits."""
+    device = like.device if isinstance(like, torch.Tensor) else torch.device(like)
     stream = 0
-    if like.device.type == "cuda":
+    if device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
             return None
-        stream = torch.cuda.current_stream(like.device).cuda_stream
-    key = (str(like.device), stream)
+        stream = torch.cuda.current_stream(device).cuda_stream
+    key = (str(device), stream)
     with _TICKETS_LOCK:
         t = _TICKETS.get(key)
         if t is None or t.numel() < n:
-            t = torch.zeros(max(n, 64), dtype=torch.int32, device=like.device)
+            t = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
             _TICKETS[key] = t
         return t

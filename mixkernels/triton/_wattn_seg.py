@@ -55,6 +55,7 @@ import triton.language as tl
 from ._cosine import _head_scale, _unit
 from ._wattn_common import (_fast, _gather_off, _gather_smem, _idx, _mm, _mm_acc, _pos, _pv_acc, _rpb_table,
                             _smem_table)
+from ._rows import stream_tickets
 from ._wattn_vcheck import _v_check
 
 
@@ -531,21 +532,12 @@ def seg_config(N, D, dtype, interpret):
     return 32, (16 if D >= 128 or (f32 and D >= 64) else 32), 1, 1
 
 
-_COUNTS = {}
-
-
 def _counters(GW, device):
-    """``_seg_prep``'s per-window counters: an int32 buffer of at least GW zeros, kept per (device, CUDA
-    stream) and zeroed once when made (a one-time memset): every launch leaves its counters at 0 (the
-    window's last program stores 0 back). Launches on one stream run in order, so they share a buffer;
-    launches on different streams get one each. (First call outside CUDA-graph capture, as the
-    kernels' compilation needs anyway: a buffer made during capture belongs to the graph's pool.)"""
-    device = torch.device(device)
-    key = (str(device), torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    c = _COUNTS.get(key)
-    if c is None or c.numel() < GW:
-        c = _COUNTS[key] = torch.zeros(GW, dtype=torch.int32, device=device)
-    return c
+    """``_seg_prep``'s per-window counters: ``_rows.stream_tickets`` (zeroed once per (device, stream), left
+    at 0 by every launch: the window's last program stores 0 back), or while a CUDA graph is captured a
+    fresh zeroed buffer (one memset in the graph)."""
+    c = stream_tickets(device, GW)
+    return torch.zeros(GW, dtype=torch.int32, device=device) if c is None else c
 
 
 def _empty(shape, dtype, device):
