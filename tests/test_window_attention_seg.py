@@ -288,6 +288,25 @@ def test_seg_second_walk_from_the_true_maxima(dtype):
     assert_close_2x(got[ok], want[ok], same[ok], name="out")
 
 
+@pytest.mark.parametrize("shift,dtype", [(14.0, torch.float16), (-14.0, torch.float16), (14.0, BF16)])
+def test_seg_probe_without_the_table_bias(shift, dtype):
+    """The probe's reference leaves the table bias out: a table shifted by a constant (the softmax is the
+    same) moves every p by 2**(shift log2 e), here ~2**20. fp16: +14 puts p past fp16's range (P @ V in
+    fp16: inf, then NaN, unless l > LMAX sends the tile on the walk from the maxima); -14 puts every p
+    among fp16's subnormals (a relative error up to 2**-4 unless l < LMIN does); bf16's [LMIN, LMAX] holds
+    both shifts in the first walk."""
+    B, nh, d = 1, 2, 16
+    qkv = torch.randn(B, 5, 10, 3 * nh * d, dtype=torch.float64)
+    table = torch.randn(81, nh, dtype=torch.float64) * 0.5
+    g = _labels("two", B, 5, 10)
+    x, t = qkv.to(dtype), table.float() + shift
+    want = ref.window_attention(qkv, nh, (5, 5), rel_pos_bias=t.double(), group=g)
+    same = ref.window_attention(x, nh, (5, 5), rel_pos_bias=t, group=g)
+    got = mixkernels.window_attention(x, nh, (5, 5), backend="triton", rel_pos_bias=t, group=g)
+    assert torch.isfinite(got).all()
+    assert_close_2x(got, want, same, name="out")
+
+
 @pytest.mark.parametrize("H,w,shift,group", [(28, 14, 0, True), (14, 7, 3, False), (28, 14, 7, True)])
 def test_seg_walk_model_matches_the_launcher_tables(H, w, shift, group):
     """The static rules' model of the walk (``wattn_workload.seg_walk``) counts what the launcher's
