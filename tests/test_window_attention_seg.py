@@ -71,6 +71,8 @@ def _run(win, grid, shift, labels, dtype, B=2, nh=2, d=16, rpb=True, per_image=T
     ((5, 4), (2, 1), (0, 0), "single_token", F32),
     ((7, 7), (1, 2), (0, 0), "single_token", BF16),  # 48 tokens: a full tile and a half tile
     ((5, 5), (1, 2), (0, 0), "int64", F32),
+    ((7, 7), (1, 2), (0, 0), "many", torch.float16),  # segments shorter than the probe: its keys clamped
+    ((5, 5), (2, 2), (2, 2), "single_token", torch.float16),
 ])
 def test_seg_forward_matches_reference(win, grid, shift, labels, dtype):
     got, want, same, *_ = _run(win, grid, shift, labels, dtype)
