@@ -71,6 +71,8 @@ def _run(win, grid, shift, labels, dtype, B=2, nh=2, d=16, rpb=True, per_image=T
     ((5, 4), (2, 1), (0, 0), "single_token", F32),
     ((7, 7), (1, 2), (0, 0), "single_token", BF16),  # 48 tokens: a full tile and a half tile
     ((5, 5), (1, 2), (0, 0), "int64", F32),
+    ((7, 7), (1, 2), (0, 0), "many", torch.float16),  # segments shorter than the probe: its keys clamped
+    ((5, 5), (2, 2), (2, 2), "single_token", torch.float16),
 ])
 def test_seg_forward_matches_reference(win, grid, shift, labels, dtype):
     got, want, same, *_ = _run(win, grid, shift, labels, dtype)
@@ -286,6 +288,25 @@ def test_seg_second_walk_from_the_true_maxima(dtype):
     ok = torch.isfinite(want)
     assert ok.float().mean() > 0.9
     assert_close_2x(got[ok], want[ok], same[ok], name="out")
+
+
+@pytest.mark.parametrize("shift,dtype", [(14.0, torch.float16), (-14.0, torch.float16), (14.0, BF16)])
+def test_seg_probe_without_the_table_bias(shift, dtype):
+    """The probe's reference leaves the table bias out: a table shifted by a constant (the softmax is the
+    same) moves every p by 2**(shift log2 e), here ~2**20. fp16: +14 puts p past fp16's range (P @ V in
+    fp16: inf, then NaN, unless l > LMAX sends the tile on the walk from the maxima); -14 puts every p
+    among fp16's subnormals (a relative error up to 2**-4 unless l < LMIN does); bf16's [LMIN, LMAX] holds
+    both shifts in the first walk."""
+    B, nh, d = 1, 2, 16
+    qkv = torch.randn(B, 5, 10, 3 * nh * d, dtype=torch.float64)
+    table = torch.randn(81, nh, dtype=torch.float64) * 0.5
+    g = _labels("two", B, 5, 10)
+    x, t = qkv.to(dtype), table.float() + shift
+    want = ref.window_attention(qkv, nh, (5, 5), rel_pos_bias=t.double(), group=g)
+    same = ref.window_attention(x, nh, (5, 5), rel_pos_bias=t, group=g)
+    got = mixkernels.window_attention(x, nh, (5, 5), backend="triton", rel_pos_bias=t, group=g)
+    assert torch.isfinite(got).all()
+    assert_close_2x(got, want, same, name="out")
 
 
 @pytest.mark.parametrize("H,w,shift,group", [(28, 14, 0, True), (14, 7, 3, False), (28, 14, 7, True)])

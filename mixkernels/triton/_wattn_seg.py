@@ -111,12 +111,13 @@ def _seg_scores(q, tab_m, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N: 
                 UPCAST: tl.constexpr, IDX64: tl.constexpr, ASM: tl.constexpr, COSINE: tl.constexpr,
                 UNSCALED: tl.constexpr, SMEM: tl.constexpr, CLAMP: tl.constexpr):
     """Log2 logits of the tile's rows and the BN keys at sorted position n0 (UNSCALED: in units of
-    1/qk_scale; MASK: -inf outside ``[lo, hi)``; CLAMP: keys past N read the last one), the keys' K row
+    1/qk_scale; MASK: -inf outside ``[lo, hi)``; CLAMP: keys past N, or (no MASK) past hi, read the key
+    before), the keys' K row
     addresses and positions."""
     offs_n = n0 + tl.arange(0, BN)
     jn = offs_n
     if CLAMP:  # unmasked blocks end at a segment's full blocks (<= N): no clamp
-        jn = tl.minimum(offs_n, N - 1)
+        jn = tl.minimum(offs_n, N - 1) if MASK else tl.minimum(offs_n, hi - 1)
     # head base (uniform) + the thread's channels (loop-invariant) + the key's row: one wide multiply-add a row
     kv = (qkv + hd + C + tl.arange(0, D))[None, :] + (_idx(hw + tl.load(mrow + jn), IDX64) * (3 * C))[:, None]
     if COSINE:
@@ -143,7 +144,7 @@ def _seg_max(q, tab_m, m_i, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N
              IDX64: tl.constexpr, ASM: tl.constexpr, COSINE: tl.constexpr, UNSCALED: tl.constexpr,
              SMEM: tl.constexpr, MASK: tl.constexpr):
     """``m_i`` raised to the rows' largest logit over the BN keys at n0 (MASK: of those in ``[lo, hi)``;
-    keys past N read the last one)."""
+    keys past N, or with no MASK past hi, read the key before)."""
     t, _kv, _n = _seg_scores(q, tab_m, qkv, mrow, scode, hw, n0, lo, hi, hd, C, qk_scale, N, D, BN, MASK, HAS_RPB,
                              F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, True)
     return tl.maximum(m_i, tl.max(t, 1))
@@ -201,24 +202,24 @@ def _seg_tile(BLOCK_M: tl.constexpr, qkv, out, lse, tab_h, mrow, scode, t, bad, 
         tab_m = tab_h + 4 * code
     else:
         tab_m = tab_h + code
-    # The rows' reference: their largest logit over the segment's first BLOCK_N/4 keys (a probe: no exp,
-    # no P @ V; bf16 and fp32 inputs: Q K^T alone, over the next BLOCK_N/4 sorted keys); every step then
-    # adds p = exp2(logit - reference) without a running max or rescale. Kept when every stored row's sum
-    # of p lies in [LMIN, LMAX]: LMAX keeps p within fp16, and |acc| <= LMAX max|V| finite for |V| < 2**96
-    # (a window whose V holds more, ``bad``, starts from a reference of +inf: l = 0, the walk from the
-    # maxima, p <= 1: finite for |V| < 2**120, as an online softmax); LMIN keeps the largest p (>= l/N)
-    # a normal number far from underflow (fp16: the masked probe with the bias, whose largest key alone
-    # adds 1). Otherwise (a later key more than log2(LMAX) above the probe's largest, NaN/Inf, a row
-    # whose probe keys are all -inf or far above the others) the tile walks again from its rows' true
-    # maxima (a max-only pass over its keys): p <= 1 as in an online softmax.
-    FP16: tl.constexpr = q.dtype.is_fp16()
+    # The rows' reference: their largest Q K^T over the segment's first BLOCK_N/4 keys (a probe: no bias,
+    # mask, exp or P @ V; fp16: keys past the segment read its last; bf16, fp32: the next sorted keys); every
+    # step then adds p = exp2(logit - reference) without a running max or rescale. Kept when every
+    # stored row's sum of p lies in [LMIN, LMAX]: LMAX keeps p within fp16, and |acc| <= LMAX max|V| finite
+    # for |V| < 2**96 (a window whose V holds more, ``bad``, starts from a reference of +inf: l = 0, the walk
+    # from the maxima, p <= 1: finite for |V| < 2**120, as an online softmax); LMIN bounds underflow: bf16
+    # and fp32, p >= 2**-32 / N far above their subnormals; fp16 (P @ V in fp16: p below 2**-14 round to
+    # multiples of 2**-24), l >= N 2**-12 (N <= 2048; 1/2 above), so those p add at most N 2**-25 / l max|V|
+    # <= 2**-13 max|V| to a row, half what normal p's rounding can. Otherwise (a later key more than
+    # log2(LMAX) above the reference, a row's keys all far below it, NaN/Inf, rows whose keys are all -inf)
+    # the tile walks again from its rows' true maxima (a max-only pass over its keys): p <= 1 as online.
     # bad (V holds NaN/Inf or |v| >= 2**96): a reference of +inf, p = 0, l = 0 < LMIN: the walk from the maxima
+    FP16: tl.constexpr = q.dtype.is_fp16()
     m_i = _seg_max(q, tab_m, tl.where(bad, float("inf"), tl.full((BLOCK_M,), float("-inf"), tl.float32)), qkv,
-                   mrow, scode, hw, lo, lo, hi,
-                   hd, C, qk_scale, N, D, BLOCK_N // 4, HAS_RPB and FP16, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED,
-                   SMEM, FP16)
+                   mrow, scode, hw, lo, lo, hi if FP16 else N,
+                   hd, C, qk_scale, N, D, BLOCK_N // 4, False, F32, UPCAST, IDX64, ASM, COSINE, UNSCALED, SMEM, False)
     LMAX: tl.constexpr = 32768.0 if FP16 else 4294967296.0  # 2**15 | 2**32
-    LMIN: tl.constexpr = 0.5 if FP16 else 2.3283064365386963e-10  # 2**-32
+    LMIN: tl.constexpr = min(N / 4096.0, 0.5) if FP16 else 2.3283064365386963e-10  # N 2**-12 | 2**-32
     row_ok = offs_m < hi
     # unmasked full blocks of the segment (none when V is not finite); then the masked blocks:
     # the segment's last partial block, or (V not finite) every block of the window
@@ -524,8 +525,11 @@ def seg_config(N, D, dtype, interpret):
     pairs in the MMA's layout (``_store_pairs``; 16 STG.32 a 32-row tile for 4 STG.128 through shared
     memory: unverified on a GPU, set ``PAIRS = False`` if it measures slower) 192.7 (3.6: 193.9). Tried
     and dropped: ``max.NaN.xorsign.abs.bf16x2`` for the V check (one op a word, but no 3-input VHMNMX
-    fusion: as many ops as the two chains). Under the interpreter 32/16 x 16, so that segments of
-    several tiles and blocks and both tile sizes run in tests."""
+    fusion: as many ops as the two chains). fp16's probe without the table bias (LMIN 1/2 -> N 2**-12):
+    fp16 194.8 -> 193.7 (3.6: 196.5 -> 195.4; unverified on a GPU: a real model whose probe keys' bias lies
+    > 4.4 log2 units below its rows' best pays a second walk); its V check over blocks of 8 rows < N (one FMA
+    chain) 193.5 (195.3); no key mask, keys past the segment clamped to its last 193.2 (194.6). Under the interpreter 32/16 x 16, so
+    that segments of several tiles and blocks and both tile sizes run in tests."""
     if interpret:
         return 32, 16, 1, 1
     f32 = dtype == torch.float32

@@ -73,18 +73,23 @@ def _v_check(qkv, mrow, hw, hd, C, N: tl.constexpr, BS: tl.constexpr, D: tl.cons
     op per word: bf16, the words' NaN-propagating max and min elementwise over blocks of 8 rows (chains
     that sm_90 fuses into 3-input VHMNMX, two words an op each), reduced, then the larger magnitude's
     bits against 2**96 (NaN/Inf lie above); fp32, the sum of |v| (FADD |a|, |b|); fp16, x * 0 + y (one
-    packed FMA): NaN for any NaN/Inf, +-0 otherwise. Interpreter: on the raw bits, adding 33 (fp16: 1)
+    packed FMA) chained over the same blocks: NaN for any NaN/Inf, +-0 otherwise. Interpreter: on the raw bits, adding 33 (fp16: 1)
     exponent LSBs to the exponent field carries into the element's top bit exactly when the exponent
     is >= 127 + 96 (fp16: all ones). Rows through the window's sorted grid positions (``mrow``).
     VBITS: 0 bf16, 1 fp16, 2 fp32."""
     PER: tl.constexpr = 1 if VBITS == 2 else 2  # elements per word
-    if ASM and VBITS == 0:
+    if ASM and VBITS != 2:
         R: tl.constexpr = 8
         mx = _v_words(qkv, mrow, hw, hd, C, 0, R, N, D, IDX64, PER)
         mn = mx
         for r0 in tl.static_range(R, (N + R - 1) // R * R, R):  # the blocks that hold rows < N
             w = _v_words(qkv, mrow, hw, hd, C, r0, R, N, D, IDX64, PER)
-            mx, mn = _mxmn(mx, mn, w, w)
+            if VBITS == 0:
+                mx, mn = _mxmn(mx, mn, w, w)
+            else:
+                mx = _nan0(w, mx, 1)
+        if VBITS == 1:
+            return (_nan0(tl.reduce(tl.reshape(mx, [R * (D // 2)]), 0, _nan_h2), 0, 1) & 0x7FFF7FFF) != 0
         mx, mn = tl.reduce((tl.reshape(mx, [R * (D // 2)]), tl.reshape(mn, [R * (D // 2)])), 0, _mxmn)
         m = tl.maximum(tl.maximum(mx & 0x7FFF, (mx >> 16) & 0x7FFF), tl.maximum(mn & 0x7FFF, (mn >> 16) & 0x7FFF))
         return m >= 0x6F80
