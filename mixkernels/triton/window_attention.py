@@ -511,9 +511,9 @@ def _code_offs(wh, ww, device):
 
 def _tables(rpb, attn_bias, qkv, num_heads, raw=False):
     """(nH, T) relative-position table pre-scaled by log2e (a head's row is contiguous; one launch:
-    scaled straight into the contiguous buffer), or ``raw`` (single-tile windows without coords: the
-    kernels gather their bias tile once per program and scale it there) rpb (T, nH) itself, no launch;
-    dummies (never read) for absent inputs."""
+    scaled straight into the contiguous buffer), or ``raw`` (single-tile windows: without coords the
+    kernels gather their bias tile once per program and scale it there; with coords they read it per
+    pair, ``_wattn_coords``) rpb (T, nH) itself, no launch; dummies (never read) for absent inputs."""
     return _rpb_table(rpb, qkv, _LOG2E, raw), qkv if attn_bias is None else attn_bias
 
 
