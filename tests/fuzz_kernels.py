@@ -82,6 +82,9 @@ def _mutate_value(rng, v: Any) -> Tuple[Any, str]:
         return (not v), "flag flipped"
     if isinstance(v, int):
         nv = rng.choice((0, -1, v + 1, v - 1, 2 * v) + HUGE)
+        # within int64: the schema's int (torch's argument parser rejects a wider Python int before any
+        # kernel); a second mutation of 2**62 doubled lands on int64's largest value instead
+        nv = max(-(2**63), min(2**63 - 1, nv))
         return nv, f"int {nv}"
     if isinstance(v, float):
         nv = rng.choice((float("nan"), float("inf"), -0.0, 1e30))
