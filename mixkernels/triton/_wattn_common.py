@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["_mm", "_gather", "_gather_rc", "_opaque", "_gather_int", "_fast", "_idx", "_first_window",
-           "_next_window", "_lyx", "_pos", "_coords", "_in_range", "_table_bias", "_mask", "_gather_off", "_online", "_pv_acc", "_smem_table", "_gather_smem",
+           "_next_window", "_lyx", "_pos", "_coords", "_in_range", "_coord_off", "_table_bias", "_mask", "_gather_off", "_online", "_pv_acc", "_smem_table", "_gather_smem",
            "_rpb_table"]
 
 
@@ -256,14 +256,23 @@ def _in_range(a, b, R):
 
 
 @triton.jit
+def _coord_off(cy_m, cx_m, cy_n, cx_n, RH, RW, TS):
+    """Offsets (int32) of the pairs' table entries, ((dy + RH-1)(2RW-1) + dx + RW-1) * TS, from the
+    rows' and keys' int64 coordinates, for the pairs in range (elsewhere meaningless: masked). A
+    difference of per-row and per-key int32 keys (one IADD per pair): wrapping int32 arithmetic is
+    exact mod 2**32, and an in-range pair's offset is below T * TS < 2**31."""
+    k_m = cy_m.to(tl.int32) * ((2 * RW - 1) * TS) + cx_m.to(tl.int32) * TS
+    k_n = cy_n.to(tl.int32) * ((2 * RW - 1) * TS) + cx_n.to(tl.int32) * TS - ((RH - 1) * (2 * RW - 1) + RW - 1) * TS
+    return k_m[:, None] - k_n[None, :]
+
+
+@triton.jit
 def _table_bias(tab_h, tab_m, code_n, cy_m, cx_m, cy_n, cx_n, RH, RW, HAS_COORDS: tl.constexpr, ASM: tl.constexpr):
     """Relative-position bias (log2 units) of every pair, gathered in the scores' layout."""
     if HAS_COORDS:
-        dy, iny = _in_range(cy_m[:, None], cy_n[None, :], RH)
-        dx, inx = _in_range(cx_m[:, None], cx_n[None, :], RW)
-        inr = iny & inx
-        idx = tl.where(inr, (dy + (RH - 1)) * (2 * RW - 1) + (dx + (RW - 1)), 0).to(tl.int32)
-        return _gather(tab_h + idx, inr, True, ASM)
+        _dy, iny = _in_range(cy_m[:, None], cy_n[None, :], RH)
+        _dx, inx = _in_range(cx_m[:, None], cx_n[None, :], RW)
+        return _gather(tab_h + _coord_off(cy_m, cx_m, cy_n, cx_n, RH, RW, 1), iny & inx, True, ASM)
     else:
         # Swin index (ly_i - ly_j + wh-1)*(2ww-1) + (lx_i - lx_j + ww-1) = code_i + c0 - code_j
         return _gather_rc(tab_m, -code_n, code_n, False, ASM)

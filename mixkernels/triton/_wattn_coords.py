@@ -13,20 +13,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._wattn_common import _gather, _in_range
+from ._wattn_common import _coord_off, _gather, _in_range
 
 __all__ = ["_add_coord_bias", "_coord_off"]
-
-
-@triton.jit
-def _coord_off(cy_m, cx_m, cy_n, cx_n, RH, RW, TS):
-    """Offsets (int32) of the pairs' table entries, ((dy + RH-1)(2RW-1) + dx + RW-1) * TS, from the
-    rows' and keys' int64 coordinates, for the pairs in range (elsewhere meaningless: masked). A
-    difference of per-row and per-key int32 keys (one IADD per pair): wrapping int32 arithmetic is
-    exact mod 2**32, and an in-range pair's offset is below T * TS < 2**31."""
-    k_m = cy_m.to(tl.int32) * ((2 * RW - 1) * TS) + cx_m.to(tl.int32) * TS
-    k_n = cy_n.to(tl.int32) * ((2 * RW - 1) * TS) + cx_n.to(tl.int32) * TS - ((RH - 1) * (2 * RW - 1) + RW - 1) * TS
-    return k_m[:, None] - k_n[None, :]
 
 
 @triton.jit
