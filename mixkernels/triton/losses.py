@@ -52,18 +52,43 @@ def _target(imgs, b, patch, H, W, nw, eps, ld, i, k, valid,
 
 
 @triton.jit
-def _mixmim_fwd_kernel(pred, imgs, mask, out, B, L, mask_stride, H, W, nw, eps,
-                       P: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr):
-    # Program (b, l): image b's prediction of patch l is row b of the first half where
-    # mask[b, l], else row 2B-1-b (the flipped second half): only one row is read.
+def _mixmim_patch(imgs, mask, B, L, mask_stride, H, W, nw, eps,
+                  P: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr):
+    """Program (b, l) of the MixMIM loss: pid, b, l, the mask value m, the pred row src it reads
+    (row b of the first half where m, else row 2B-1-b), the tile (i, k, valid) and the target t."""
     pid = tl.program_id(0)
     b = pid // L
     l = pid - b * L
-    D: tl.constexpr = 3 * P * P
     m = tl.load(mask + b * mask_stride + l)
     src = tl.where(m != 0, b, 2 * B - 1 - b)
     i, k, valid = _tile(P, BP, BK)
     t = _target(imgs, b, l, H, W, nw, eps, valid, i, k, valid, P, NORM)
+    return pid, b, l, m, src, i, k, valid, t
+
+
+@triton.jit
+def _masked_patch(imgs, patch_idx, Lp, H, W, nw, eps,
+                  P: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr):
+    """Program (pred row pid) of the masked loss: pid, whether it counts (patch_idx >= 0), the tile
+    (i, k, valid), its load mask ld (nothing loaded for an uncounted row) and the target t."""
+    pid = tl.program_id(0)
+    b = pid // Lp
+    idx = tl.load(patch_idx + pid)
+    live = idx >= 0
+    patch = tl.maximum(idx, 0)
+    i, k, valid = _tile(P, BP, BK)
+    ld = valid & ((i * 0 + k * 0 + idx) >= 0)  # tile-shaped load mask (scalar masks trip the interpreter)
+    t = _target(imgs, b, patch, H, W, nw, eps, ld, i, k, valid, P, NORM)
+    return pid, live, i, k, valid, ld, t
+
+
+@triton.jit
+def _mixmim_fwd_kernel(pred, imgs, mask, out, B, L, mask_stride, H, W, nw, eps,
+                       P: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr):
+    # Program (b, l): image b's prediction of patch l is row b of the first half where
+    # mask[b, l], else row 2B-1-b (the flipped second half): only one row is read.
+    pid, b, l, m, src, i, k, valid, t = _mixmim_patch(imgs, mask, B, L, mask_stride, H, W, nw, eps, P, BP, BK, NORM)
+    D: tl.constexpr = 3 * P * P
     roff = (src.to(tl.int64) * L + l) * D + i * (3 * P) + k
     u = tl.load(pred + roff, mask=valid, other=0.0).to(tl.float32)
     e = tl.where(valid, u - t, 0.0)
@@ -75,15 +100,9 @@ def _mixmim_bwd_kernel(grad, pred, imgs, mask, dpred, B, L, mask_stride, H, W, n
                        P: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr):
     # Every pred row feeds exactly one patch loss, so program (b, l) owns rows b and 2B-1-b
     # of patch l: the gradient goes to the row that was used, zeros to the other one.
-    pid = tl.program_id(0)
-    b = pid // L
-    l = pid - b * L
+    pid, b, l, m, src, i, k, valid, t = _mixmim_patch(imgs, mask, B, L, mask_stride, H, W, nw, eps, P, BP, BK, NORM)
     D: tl.constexpr = 3 * P * P
-    m = tl.load(mask + b * mask_stride + l)
-    src = tl.where(m != 0, b, 2 * B - 1 - b)
     other = tl.where(m != 0, 2 * B - 1 - b, b)
-    i, k, valid = _tile(P, BP, BK)
-    t = _target(imgs, b, l, H, W, nw, eps, valid, i, k, valid, P, NORM)
     inner = i * (3 * P) + k
     soff = (src.to(tl.int64) * L + l) * D + inner
     u = tl.load(pred + soff, mask=valid, other=0.0).to(tl.float32)
@@ -98,15 +117,8 @@ def _mixmim_bwd_kernel(grad, pred, imgs, mask, dpred, B, L, mask_stride, H, W, n
 def _masked_fwd_kernel(pred, imgs, patch_idx, out, Lp, H, W, nw, eps,
                        P: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr):
     # Program per pred row; rows with patch_idx < 0 do not count: no loads, loss 0.
-    pid = tl.program_id(0)
-    b = pid // Lp
+    pid, live, i, k, valid, ld, t = _masked_patch(imgs, patch_idx, Lp, H, W, nw, eps, P, BP, BK, NORM)
     D: tl.constexpr = 3 * P * P
-    idx = tl.load(patch_idx + pid)
-    live = idx >= 0
-    patch = tl.maximum(idx, 0)
-    i, k, valid = _tile(P, BP, BK)
-    ld = valid & ((i * 0 + k * 0 + idx) >= 0)  # tile-shaped load mask (scalar masks trip the interpreter)
-    t = _target(imgs, b, patch, H, W, nw, eps, ld, i, k, valid, P, NORM)
     u = tl.load(pred + pid.to(tl.int64) * D + i * (3 * P) + k, mask=ld, other=0.0).to(tl.float32)
     e = tl.where(valid, u - t, 0.0)
     loss = tl.sum(tl.sum(e * e, axis=1), axis=0) / D
@@ -116,15 +128,8 @@ def _masked_fwd_kernel(pred, imgs, patch_idx, out, Lp, H, W, nw, eps,
 @triton.jit
 def _masked_bwd_kernel(grad, pred, imgs, patch_idx, dpred, Lp, H, W, nw, eps,
                        P: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // Lp
+    pid, live, i, k, valid, ld, t = _masked_patch(imgs, patch_idx, Lp, H, W, nw, eps, P, BP, BK, NORM)
     D: tl.constexpr = 3 * P * P
-    idx = tl.load(patch_idx + pid)
-    live = idx >= 0
-    patch = tl.maximum(idx, 0)
-    i, k, valid = _tile(P, BP, BK)
-    ld = valid & ((i * 0 + k * 0 + idx) >= 0)  # tile-shaped load mask (scalar masks trip the interpreter)
-    t = _target(imgs, b, patch, H, W, nw, eps, ld, i, k, valid, P, NORM)
     off = pid.to(tl.int64) * D + i * (3 * P) + k
     u = tl.load(pred + off, mask=ld, other=0.0).to(tl.float32)
     g = tl.load(grad + pid).to(tl.float32)

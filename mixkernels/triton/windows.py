@@ -16,14 +16,21 @@ __all__ = ["window_partition", "window_merge"]
 
 
 @triton.jit
-def _partition_kernel(x, out, R, H, W, C, wh, ww, sh, sw, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                      INT64: tl.constexpr):
-    # Output row r = (window, n) reads token ((wi*wh + n/ww + sh) % H, (wj*ww + n%ww + sw) % W).
+def _rows_cols(BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+    """This program's output rows (int64 when the offsets need it) and its contiguous column block."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     if INT64:
         rows = rows.to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_C), BLOCK_C)
+    return rows, cols
+
+
+@triton.jit
+def _partition_kernel(x, out, R, H, W, C, wh, ww, sh, sw, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                      INT64: tl.constexpr):
+    # Output row r = (window, n) reads token ((wi*wh + n/ww + sh) % H, (wj*ww + n%ww + sw) % W).
+    rows, cols = _rows_cols(BLOCK_R, BLOCK_C, INT64)
     N = wh * ww
     nww = W // ww
     nw = (H // wh) * nww
@@ -43,11 +50,7 @@ def _partition_kernel(x, out, R, H, W, C, wh, ww, sh, sw, BLOCK_R: tl.constexpr,
 def _merge_kernel(win_ptr, out, R, H, W, C, wh, ww, sh, sw, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                   INT64: tl.constexpr):
     # Output token (b,y,x) sits at (y-sh, x-sw) mod (H,W) on the rolled grid.
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    if INT64:
-        rows = rows.to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_C), BLOCK_C)
+    rows, cols = _rows_cols(BLOCK_R, BLOCK_C, INT64)
     HW = H * W
     b = rows // HW
     y = (rows // W) % H
