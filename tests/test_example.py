@@ -325,6 +325,7 @@ def _params(path):
 
 STEPS_2P = 3
 LR = ("--lr", "0.1")  # batch 4: lr 1.6e-3, a visible change in 3 AdamW steps
+LR_PER_STEP = 0.1 * 4 / 256  # --lr is for batch 256, scaled linearly (examples/pretrain.py)
 
 
 @pytest.fixture(scope="module")
@@ -357,7 +358,17 @@ def test_two_processes_match_one_process(one_process, method, wrap, tmp_path):
         # AdamW's first steps move each weight by about lr * sign(grad): a gradient near 0 whose rounding
         # differs between the two reductions can move by a small fraction of lr (seen: 1.8e-5 on 1 of 12288
         # elements); wrong data or masks would move most weights by ~lr = 1.6e-3.
-        torch.testing.assert_close(r0[k], one[k], rtol=1e-4, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+        a, b = r0[k], one[k]
+        if k.endswith("qkv.bias"):
+            # The key third's gradient is 0 up to rounding (softmax ignores a per-row constant, and q.b_k is
+            # one): AdamW turns that noise into steps of up to lr (seen: 1.9e-4 on 6 of 96 entries). Bounded
+            # there by the steps' size; the query and value thirds are compared as everything else.
+            kb = torch.zeros_like(a, dtype=torch.bool).view(3, -1)
+            kb[1] = True
+            kb = kb.view(-1)
+            assert (a[kb] - b[kb]).abs().max().item() <= 2 * STEPS_2P * LR_PER_STEP, k
+            a, b = a[~kb], b[~kb]
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
     if wrap == "fsdp":  # sharded checkpoint: every rank's shards plus meta.pt, no single full file
         assert (tmp_path / "checkpoint.dcp" / "meta.pt").exists() and not (tmp_path / "checkpoint.pt").exists()
         # ... resumable at another world size: one process loads it (resharded) exactly
