@@ -401,102 +401,113 @@ __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, c
   }
 }
 
-// ONE: the launch's packs hold one window each (G.P == 1): segments aligned to tiles when they fit.
-// CTA b runs the items (pack, head) = pack * nH + h in [b ipc, (b+1) ipc): each pack of its range once
-// (prologue, coords box), then its heads there. Only coords calls walk several packs (kWalk; the plan's
-// items_per_cta): the others run ipc = hg items dividing nH, one pack, and keep the registers of one
-// (the one-window kernels sit at 128, two CTAs per SM). Coords kernels of one-window packs keep one
-// CTA per SM (the launch bound of two spills them).
+// The items [it0, it1) of pack `pack` (all threads; after the previous pack's last barrier, which freed
+// every shared array): prologue, coords box, then its heads.
 template <typename T, int D, int BIAS, bool ABIAS, bool ONE>
-__global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && !(BIAS == 2 && ONE) ? 2 : 1)
-    wattn_fwd_kernel(const FwdArgs A) {
-  constexpr bool kWalk = BIAS == 2;
+__device__ __forceinline__ void fwd_pack(const FwdArgs& A, unsigned char* smem, const Pack& S, int pack, int it0,
+                                         int it1) {
   using TL = Tile<T, D>;
   const Geo& G = A.g;
   const Layout& L = A.L;
-  MK_DYNAMIC_SMEM(smem);
-  const Pack S(smem, L);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   // 32-bit shared-memory offsets (the layout's fields are size_t)
   const unsigned ops = unsigned(L.ops), bstride = unsigned(L.buf_stride), tbytes = unsigned(L.tile_bytes);
   const unsigned tab0 = unsigned(L.tab), tstride = unsigned(L.tab_stride);
   auto buf = [&](int b, int op) { return reinterpret_cast<T*>(smem + (ops + b * bstride + op * tbytes)); };
   auto tab = [&](int b) { return reinterpret_cast<float*>(smem + (tab0 + b * tstride)); };
-  const int it0 = int(blockIdx.x) * A.ipc, it1 = imin(it0 + A.ipc, G.npacks * G.nH);
-#pragma unroll 1
-  for (int pack = it0 / G.nH; pack * G.nH < it1; ++pack) {  // fwd packs of the CTA's items
-    // (the previous pack's last barrier freed every shared array)
-    const int h0 = imax(it0 - pack * G.nH, 0), nh = imin(it1 - pack * G.nH, G.nH) - h0;
-    prologue<BIAS == 2>(G, pack, S, smem + L.ops);
-    // Tiles go round-robin to the warps (the forward's tiles cost about the same; no work lists).
-    __syncthreads();  // slots and tiles ready; the prologue's scratch is dead
-    if constexpr (ONE) {
-      align_segments(G, S, imin(G.P, G.nwin - pack * G.P) * G.N, reinterpret_cast<int*>(smem + L.ops));
-      __syncthreads();
+  // (the previous pack's last barrier freed every shared array)
+  const int h0 = imax(it0 - pack * G.nH, 0), nh = imin(it1 - pack * G.nH, G.nH) - h0;
+  prologue<BIAS == 2>(G, pack, S, smem + L.ops);
+  // Tiles go round-robin to the warps (the forward's tiles cost about the same; no work lists).
+  __syncthreads();  // slots and tiles ready; the prologue's scratch is dead
+  if constexpr (ONE) {
+    align_segments(G, S, imin(G.P, G.nwin - pack * G.P) * G.N, reinterpret_cast<int*>(smem + L.ops));
+    __syncthreads();
+  }
+  // Coords: the pack's box tables (window_attention_box.cuh), spans uncapped (out-of-range entries 0);
+  // a box over tmax entries (a wider coordinate spread) runs fwd_exact on the (T, nH) table instead.
+  CoordBox bx{};
+  bool boxed = true;
+  int center = table_center(G.rh, G.rw);
+  if constexpr (BIAS == 2) {
+    bx = pack_box(G, S, A.tmax, A.tmax, A.tmax);  // the slots' offsets box-local (read after a barrier)
+    boxed = bx.fits;
+    center = bx.ey * bx.nx + bx.ex;
+  }
+  // Pack-wide values read right after the barrier (warps converged) and broadcast from lane 0: the
+  // compiler then sees warp-uniform loops and emits plain shuffles inside them.
+  const int nvalid = __shfl_sync(kFull, S.info[0], 0), ntiles = __shfl_sync(kFull, S.info[1], 0);
+  zero_padding<T, D>(buf(0, 0), 3 * A.nbuf, L.tile_bytes, S.tok, ONE ? 0 : nvalid, G.cap);  // aligned: gaps too
+  const T* qkv = static_cast<const T*>(G.qkv);
+  const int rw2 = 2 * G.rw - 1;
+  auto issue = [&](int h, int b) {
+    load_qkv_async<T, D, ONE>(buf(b, 0), L.tile_bytes, qkv + h * D, G.C, S.tok, nvalid);
+    float* tb = tab(b);
+    if constexpr (BIAS == 2) {  // box entries: in the table's range (column and row) or 0 (rule 3)
+      if (boxed)
+        box_entries(bx, [&](int e, int g, int c) {  // fwd box load
+          if (unsigned(c - bx.ex + G.rw - 1) < unsigned(rw2) && unsigned(g) < unsigned(G.T))
+            prim::cp_async<4>(tb + e, G.rpb + unsigned(g * G.nH + h));
+          else
+            tb[e] = 0.f;
+        });
+    } else {
+      table_entries<BIAS>(G, [&](int e) { prim::cp_async<4>(tb + e, G.rpb + unsigned(e * G.nH + h)); });
     }
-    // Coords: the pack's box tables (window_attention_box.cuh), spans uncapped (out-of-range entries 0);
-    // a box over tmax entries (a wider coordinate spread) runs fwd_exact on the (T, nH) table instead.
-    CoordBox bx{};
-    bool boxed = true;
-    int center = table_center(G.rh, G.rw);
+    prim::cp_async_commit();
+  };
+  issue(h0, 0);
+  for (int i = 0; i < nh; ++i) {
+    // Head j = i + nbuf - 1 is loaded now: the next head (two buffers; its buffer's last reader
+    // finished at the previous barrier) or this one (one buffer; head 0 was loaded above).
+    const int h = h0 + i, b = i & (A.nbuf - 1), j = i + A.nbuf - 1;
+    if (j > 0 && j < nh) issue(h0 + j, j & (A.nbuf - 1));
+    if (j > i && j < nh)
+      prim::cp_async_wait<1>();
+    else
+      prim::cp_async_wait<0>();
+    const int cen_byte = static_cast<int>(tab0 + b * tstride) + 4 * center;
+    float* tb = tab(b);  // this thread's entries landed: to units of 1/scale (published by the barrier below)
     if constexpr (BIAS == 2) {
-      bx = pack_box(G, S, A.tmax, A.tmax, A.tmax);  // the slots' offsets box-local (read after a barrier)
-      boxed = bx.fits;
-      center = bx.ey * bx.nx + bx.ex;
+      if (boxed) box_entries(bx, [&](int e, int) { tb[e] *= A.inv_scale; });  // fwd box scale
+    } else {
+      table_entries<BIAS>(G, [&](int e) { tb[e] *= A.inv_scale; });
     }
-    // Pack-wide values read right after the barrier (warps converged) and broadcast from lane 0: the
-    // compiler then sees warp-uniform loops and emits plain shuffles inside them.
-    const int nvalid = __shfl_sync(kFull, S.info[0], 0), ntiles = __shfl_sync(kFull, S.info[1], 0);
-    zero_padding<T, D>(buf(0, 0), 3 * A.nbuf, L.tile_bytes, S.tok, ONE ? 0 : nvalid, G.cap);  // aligned: gaps too
-    const T* qkv = static_cast<const T*>(G.qkv);
-    const int rw2 = 2 * G.rw - 1;
-    auto issue = [&](int h, int b) {
-      load_qkv_async<T, D, ONE>(buf(b, 0), L.tile_bytes, qkv + h * D, G.C, S.tok, nvalid);
-      float* tb = tab(b);
-      if constexpr (BIAS == 2) {  // box entries: in the table's range (column and row) or 0 (rule 3)
-        if (boxed)
-          box_entries(bx, [&](int e, int g, int c) {  // fwd box load
-            if (unsigned(c - bx.ex + G.rw - 1) < unsigned(rw2) && unsigned(g) < unsigned(G.T))
-              prim::cp_async<4>(tb + e, G.rpb + unsigned(g * G.nH + h));
-            else
-              tb[e] = 0.f;
-          });
-      } else {
-        table_entries<BIAS>(G, [&](int e) { prim::cp_async<4>(tb + e, G.rpb + unsigned(e * G.nH + h)); });
-      }
-      prim::cp_async_commit();
-    };
-    issue(h0, 0);
-    for (int i = 0; i < nh; ++i) {
-      // Head j = i + nbuf - 1 is loaded now: the next head (two buffers; its buffer's last reader
-      // finished at the previous barrier) or this one (one buffer; head 0 was loaded above).
-      const int h = h0 + i, b = i & (A.nbuf - 1), j = i + A.nbuf - 1;
-      if (j > 0 && j < nh) issue(h0 + j, j & (A.nbuf - 1));
-      if (j > i && j < nh)
-        prim::cp_async_wait<1>();
-      else
-        prim::cp_async_wait<0>();
-      const int cen_byte = static_cast<int>(tab0 + b * tstride) + 4 * center;
-      float* tb = tab(b);  // this thread's entries landed: to units of 1/scale (published by the barrier below)
-      if constexpr (BIAS == 2) {
-        if (boxed) box_entries(bx, [&](int e, int) { tb[e] *= A.inv_scale; });  // fwd box scale
-      } else {
-        table_entries<BIAS>(G, [&](int e) { tb[e] *= A.inv_scale; });
-      }
-      if (G.logit_scale) {  // cosine mode: q' = s_h q / |q|, k' = k / |k|, once per row (the barrier below orders it)
-        __syncthreads();
-        normalize_rows<T, D, TL::kLD>(buf(b, 0), nvalid, head_scale(G.logit_scale, h), nullptr, 0);
-        normalize_rows<T, D, TL::kLD>(buf(b, 1), nvalid, 1.f, nullptr, 0);
-      }
-      if (!__syncthreads_or(v_nonfinite<T, D>(buf(b, 2), nvalid)) && boxed) {
-        for (int t = warp; t < ntiles; t += kWarps)
-          fwd_tile<T, D, BIAS, ABIAS, ONE>(A, S, t, h, buf(b, 0), buf(b, 1), buf(b, 2), cen_byte, smem, lane);
-      } else {
-        fwd_exact<T, D, BIAS, ABIAS>(A, S, h, buf(b, 0), buf(b, 1), buf(b, 2), cen_byte, smem, !boxed);
-      }
-      __syncthreads();  // buffer b is free again
+    if (G.logit_scale) {  // cosine mode: q' = s_h q / |q|, k' = k / |k|, once per row (the barrier below orders it)
+      __syncthreads();
+      normalize_rows<T, D, TL::kLD>(buf(b, 0), nvalid, head_scale(G.logit_scale, h), nullptr, 0);
+      normalize_rows<T, D, TL::kLD>(buf(b, 1), nvalid, 1.f, nullptr, 0);
     }
-    if constexpr (!kWalk) break;  // one pack (plan_forward)
+    if (!__syncthreads_or(v_nonfinite<T, D>(buf(b, 2), nvalid)) && boxed) {
+      for (int t = warp; t < ntiles; t += kWarps)
+        fwd_tile<T, D, BIAS, ABIAS, ONE>(A, S, t, h, buf(b, 0), buf(b, 1), buf(b, 2), cen_byte, smem, lane);
+    } else {
+      fwd_exact<T, D, BIAS, ABIAS>(A, S, h, buf(b, 0), buf(b, 1), buf(b, 2), cen_byte, smem, !boxed);
+    }
+    __syncthreads();  // buffer b is free again
+  }
+}
+
+// ONE: the launch's packs hold one window each (G.P == 1): segments aligned to tiles when they fit.
+// CTA b runs the items (pack, head) = pack * nH + h in [b ipc, (b+1) ipc): each pack of its range once
+// (prologue, coords box), then its heads there. Only coords calls walk several packs (kWalk; the plan's
+// items_per_cta): the others run ipc = hg items dividing nH, one pack, and keep the registers of one
+// (the one-window kernels sit at 128, two CTAs per SM). Coords kernels of one-window packs keep one
+// CTA per SM (the launch bound of two spills them). The first pack is peeled off the pack loop: ptxas
+// then issues its first head's Q/K/V rows as one batch (inside a loop it branches per row step, and the
+// static model counts a third of the loads in flight).
+template <typename T, int D, int BIAS, bool ABIAS, bool ONE>
+__global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && !(BIAS == 2 && ONE) ? 2 : 1)
+    wattn_fwd_kernel(const FwdArgs A) {
+  constexpr bool kWalk = BIAS == 2;
+  MK_DYNAMIC_SMEM(smem);
+  const Pack S(smem, A.L);
+  const int it0 = int(blockIdx.x) * A.ipc, it1 = imin(it0 + A.ipc, A.g.npacks * A.g.nH);
+  int pack = it0 / A.g.nH;
+  fwd_pack<T, D, BIAS, ABIAS, ONE>(A, smem, S, pack, it0, it1);
+  if constexpr (kWalk) {
+#pragma unroll 1
+    for (++pack; pack * A.g.nH < it1; ++pack) fwd_pack<T, D, BIAS, ABIAS, ONE>(A, smem, S, pack, it0, it1);  // fwd packs
   }
 }
 

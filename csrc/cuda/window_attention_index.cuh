@@ -259,11 +259,11 @@ MK_HD int range_packs(int ipc, int nH) {
 // The ipc with the fewest CTAs per SM (slots = SMs) x (8 ipc + 9 packs), packs the most a range touches:
 // a coords pack's prologue (window coordinates, segment ids, sort, box) costs about 9/8 of a head there
 // (static report, UM-MAE-T stage 1: ~1,500 and ~1,330 warp-instructions), unlike heads_per_cta's 3/4.
-// heads_per_cta's filter (two CTAs on 3/4 of the SMs) is not applied. UM-MAE-T stage 1 (683 packs of 3
-// windows, 3 heads): 129 CTAs of 16 items, 16 heads and at most 6 packs on the busiest SM (hg 3 ran 18
-// heads and 6 packs there; ranges of 4 or 8 items, two CTAs per SM, 16 heads and 8 packs). The static
-// model reads one CTA per SM as short of loads in flight at stage 1 with shift (memory-bound, 46.7 us,
-// still below 50.9) and at stage 2 with shift (24.3 us, was 23.4 with hg 2): see csrc/cuda/NOTES.md.
+// heads_per_cta's filter (two CTAs on 3/4 of the SMs) is not applied: a coords CTA keeps a head's
+// 3 x cap rows in flight at once (4,608 B per warp in the static model, enough for the HBM latency with
+// one CTA per SM). UM-MAE-T stage 1 (683 packs of 3 windows, 3 heads): 129 CTAs of 16 items, 16 heads and
+// at most 6 packs on the busiest SM (hg 3 ran 18 heads and 6 packs there; ranges of 4 or 8 items, two
+// CTAs per SM, 16 heads and 8 packs). The kernel still fits two CTAs per SM (box tables).
 inline int items_per_cta(int packs, int nH, int slots) {
   const int64_t items = int64_t(packs) * nH;
   int best = 1;

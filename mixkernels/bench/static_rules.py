@@ -334,8 +334,9 @@ CUDA_RULES: List[Rule] = [
          lambda c: lane_strided((2 * _fbox(c) + 1) ** 2, THREADS_FUSED),
          "forward coords box: (2e+1)^2 entries over 256 threads, loaded and scaled per head (e = the pack "
          "coordinate span 2w, see _box, uncapped)", via=r"fwd box (load|scale)", kernel=_FUSED),
-    Rule(r"for \(int pack = it0 / G\.nH; pack \* G\.nH < it1; \+\+pack\)", _fz(lambda w, c: w["ppc"]),
-         "forward packs per CTA: the most a range of ipc items touches (plan: range_packs)", kernel=_FUSED),
+    Rule(r"for \(\+\+pack; pack \* A\.g\.nH < it1; \+\+pack\)", _fz(lambda w, c: w["ppc"] - 1),
+         "forward packs per CTA after the peeled first: the most a range of ipc items touches, less 1 (plan: "
+         "range_packs)", kernel=_FUSED),
     Rule(r"for \(int op = 0; op < 3; \+\+op\)", lambda c: 3.0, "q, k, v tiles", kernel=_FUSED),
     Rule(r"for \(int i = 0; i < nh; \+\+i\)", lambda c: 0.0,
          "box fallback's heads (a pack's box over the plan's tmax entries): never at these shapes",
