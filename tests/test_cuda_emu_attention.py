@@ -180,6 +180,44 @@ def test_backward_coords_box_and_its_fallback(monkeypatch):
     _check(qkv, 2, (8, 8), kw, ref_coords=c)
 
 
+@pytest.mark.parametrize("ipc", [0, 4], ids=["plan", "ranges4"])
+@pytest.mark.parametrize("cdtype", [torch.int32, torch.int64], ids=["int32", "int64"])
+def test_forward_coords_box_and_its_fallback(cdtype, ipc, monkeypatch):
+    # The forward's coords box tables (window_attention_box.cuh) at a budget of 100 entries (a lower shared
+    # memory limit): image 0's windows (coordinates in 0..2: box <= 9 x 9) run box-local tables; the packs
+    # holding image 1's (0..8: spans past coord_range (6, 5), boxes up to 33 x 33 with out-of-range entries)
+    # exceed it and run the exact path on the whole table in global memory. ranges4: CTAs walk 4 of the 9
+    # items (3 packs, the last of 2 windows, x 3 heads): ranges start mid-pack and cross from a box pack
+    # to fallback packs. Against the reference, rule 3 included.
+    from mixkernels.bench import wattn_workload as ww
+
+    qkv, kw = _inputs(2, 16, 16, 3, 32, (8, 8), (0, 0), True, False, "none", torch.bfloat16, coords=True)
+    c = torch.randint(0, 9, (2, 16, 16, 2))
+    c[0] = torch.randint(0, 3, (16, 16, 2))
+    kw["coords"] = c.to(cdtype)
+    pl = ww.plan("fwd", 2, 16, 16, 3, 32, 8, 8, 6, 5, 2, True, coords=True)
+    if ipc:
+        monkeypatch.setenv("MIXKERNELS_WATTN_FWD_IPC", str(ipc))
+    nbuf = 2 if (ipc or pl["ipc"]) > 1 else 1
+    limit = ww.layout_bytes(pl["cap"], 100, 32, 2, 3, nbuf, False, 0)
+    assert 100 <= ww.fwd_box_tmax(pl["cap"], 32, 2, nbuf, 8, 8, limit) < 121  # 9 x 9 fits, 11 x 11 does not
+    monkeypatch.setenv("MIXKERNELS_WATTN_SMEM_LIMIT", str(limit))
+    _check(qkv, 3, (8, 8), kw, backward=False, ref_coords=c)
+
+
+@pytest.mark.parametrize("ipc", [0, 3], ids=["plan", "ranges3"])
+def test_forward_coords_one_window_packs(ipc, monkeypatch):
+    # One-window packs (window 14: aligned segments, shift regions) with batch-shared int32 coordinates
+    # spanning past coord_range (9, 9): box tables of up to 45 x 45 entries, out-of-range ones 0. ranges3:
+    # CTAs of 3 items over 2 heads, so ranges start mid-pack.
+    if ipc:
+        monkeypatch.setenv("MIXKERNELS_WATTN_FWD_IPC", str(ipc))
+    qkv, kw = _inputs(2, 28, 28, 2, 32, (14, 14), (7, 7), True, False, "shared", torch.bfloat16, coords=True,
+                      R=(9, 9))
+    kw["coords"] = torch.randint(0, 12, (28, 28, 2), dtype=torch.int32)
+    _check(qkv, 2, (14, 14), kw, backward=False, ref_coords=kw["coords"])
+
+
 @pytest.mark.parametrize("fallback", [False, True], ids=["box_change", "fallback"])
 def test_backward_persistent_box_tables(fallback, monkeypatch):
     # One SM: the coords box plan runs all 3 packs in one CTA with persistent box tables (each head's box

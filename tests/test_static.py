@@ -293,7 +293,8 @@ def test_loop_found_from_source_structure_when_the_back_edge_has_another_line(tm
 _CUDA_ATTN = {"window_attention.cu": "int smem_limit() {", "window_attention_bwd.cu": "struct BwdPlan {",
               "window_attention_common.cuh": None,  # file: where its device code ends (launch plans follow)
               "window_attention_bwd_tiles.cuh": None, "window_attention_bwd_items.cuh": None,
-              "window_attention_bwd_box.cuh": None, "window_attention_fwd_pack.cuh": None}
+              "window_attention_bwd_box.cuh": None, "window_attention_fwd_pack.cuh": None,
+              "window_attention_box.cuh": None}
 # (_wattn_seg.py's loops need a case's segment model: the committed-report test below covers them)
 _TRITON_ATTN = ("window_attention.py", "window_attention_bwd.py", "_wattn_bwd_tiles.py", "_wattn_bwd_sp.py")
 
@@ -358,6 +359,26 @@ def test_wattn_workload_plan_and_segments():
     assert pairs(plain["c16"]) == 32 * 256 * blocks
     # segment_ids' scan: without labels or shift every token's segment starts at its window's first
     assert plain["scan"] == plain["scan_warps"]
+
+
+def test_wattn_workload_forward_coords_plan():
+    from mixkernels.bench import static_model
+    from mixkernels.bench import wattn_workload as ww
+
+    # UM-MAE-T stage 1 (683 packs of 3 windows, 3 heads): box tables of 1,839 entries keep the CTA at
+    # two per SM; 129 CTAs of 16 (pack, head) items, at most 6 packs each
+    pl = ww.plan("fwd", 128, 32, 32, 3, 32, 8, 8, 64, 64, coords=True)
+    assert (pl["P"], pl["npacks"], pl["ipc"], pl["ppc"], pl["nslots"], pl["nbuf"], pl["tmax"]) == \
+        (3, 683, 16, 6, 129, 2, 1839)
+    assert static_model.occupancy(128, pl["smem"], 256)["ctas"] == 2
+    # range_packs: the most packs a range of ipc items touches, against every range of a long grid
+    for nH in (1, 2, 3, 4, 6):
+        for ipc in range(1, 20):
+            most = max((b * ipc + ipc - 1) // nH - b * ipc // nH + 1 for b in range(200))
+            assert ww.range_packs(ipc, nH) == most, (ipc, nH)
+    # without coords the forward keeps heads_per_cta's plan (one pack per CTA)
+    pl = ww.plan("fwd", 128, 32, 32, 3, 32, 8, 8, 8, 8)
+    assert (pl["ipc"], pl["ppc"], pl["tmax"]) == (ww.heads_per_cta(pl["npacks"], 3, 132), 1, 0)
 
 
 @pytest.mark.parametrize("shape", static_cases.HEADLINE)

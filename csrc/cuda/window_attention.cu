@@ -1,10 +1,13 @@
 // Fused mask-aware window attention, forward (CUDA C++).
 //
 // One CTA (8 warps) per (pack of windows, group of heads), head-group fastest so that the CTAs
-// reading one token row run together. The CTA sorts its pack's tokens by attention segment once
+// reading one token row run together; coords calls: per range of (pack, head) items, several packs
+// (items_per_cta). The CTA sorts its pack's tokens by attention segment once
 // (window_attention_common.cuh), then loops over its heads: Q, K, V rows of the next head stream
 // in with cp.async (two buffers when they fit) while the warps work on the current one; coords calls
-// load only the table entries the pack's coordinate box can reach. Warps take the 16-row query tiles
+// load only the table entries the pack's coordinate box can reach, into box-local tables
+// (window_attention_box.cuh: two CTAs per SM at UM-MAE, and no range test per pair; packs whose box
+// exceeds the plan's budget run the exact path on the whole table). Warps take the 16-row query tiles
 // round-robin, and each walks only the key blocks of its rows'
 // segments: 32 keys per step (16 at the end), scores on the tensor cores, bias from the head's
 // table slice in shared memory at one add per pair, a mask compare only in blocks that straddle
@@ -21,6 +24,7 @@
 #include <climits>
 #include <cstdlib>
 
+#include "window_attention_box.cuh"
 #include "window_attention_common.cuh"
 #include "window_attention_cosine.cuh"
 #include "window_attention_fwd_pack.cuh"
@@ -35,17 +39,20 @@ struct FwdArgs {
   void* out;
   float* lse;
   float inv_scale;  // 1 / scale: biases are kept in units of 1/scale (they start the score accumulators)
-  int hg, nhg, nbuf;
+  int ipc, nbuf;  // items (pack, head) per CTA (a contiguous range, pack-major), operand buffers
+  int tmax;       // coords calls: entries of the box tables (the layout's tables), window_attention_box.cuh
 };
 
 // Bias of the pair in units of 1/scale: the table slice in shared memory holds entries times
-// 1/scale (scale_table); attn_bias is scaled here.
+// 1/scale (scale_table); attn_bias is scaled here. Coords calls read box tables (pack_box) whose
+// out-of-range entries hold 0: one entry per pair and no range test, as with the plain table (kc,
+// zero_byte, rh2, rw2 are left unused since).
 template <int BIAS, bool ABIAS>
 __device__ __forceinline__ float bias_scaled(const RowInfo& r, int2 k, int2 kc, int kl, const unsigned char* smem,
                                              int zero_byte, int rh2, int rw2, float inv) {
+  (void)kc, (void)zero_byte, (void)rh2, (void)rw2;
   float b = 0.f;
-  if constexpr (BIAS != 0)
-    b = *reinterpret_cast<const float*>(smem + bias_entry<BIAS>(r.rq, k.x, make_int2(r.cy, r.cx), kc, zero_byte, rh2, rw2));
+  if constexpr (BIAS != 0) b = *reinterpret_cast<const float*>(smem + (r.rq + k.x));
   if constexpr (ABIAS) b = fmaf(__ldg(r.ab + kl), inv, b);
   return b;
 }
@@ -63,9 +70,8 @@ __device__ __forceinline__ void block_scores(const Geo& G, const Pack& S, const 
   for (int j = 0; j < NT; ++j) {
     const int k0 = kb + 8 * j + 2 * t;
     const int4 kk = prim::lds_v4(S.ki + k0);  // keys k0, k0+1: {-4P, segment}, one LDS.128
-    int4 kc = make_int4(0, 0, 0, 0);
+    const int4 kc = make_int4(0, 0, 0, 0);  // coords: no per-pair range test (box tables)
     int2 kl = make_int2(0, 0);
-    if constexpr (BIAS == 2) kc = *reinterpret_cast<const int4*>(S.cxy + k0);
     if constexpr (ABIAS) kl = *reinterpret_cast<const int2*>(S.lidx + k0);
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
@@ -196,20 +202,21 @@ __device__ __forceinline__ void store_tile(const float (&o)[D / 8][4], float mul
 }
 
 // One 16-row query tile of head h: O rows and lse. ONE: one-window packs (align_segments' layout).
+// cen_byte: the head's table center entry (row_info).
 template <typename T, int D, int BIAS, bool ABIAS, bool ONE>
 __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int tile, int h, T* sq,
-                                         const T* sk, const T* sv, int tab_byte, const unsigned char* smem,
+                                         const T* sk, const T* sv, int cen_byte, const unsigned char* smem,
                                          int lane) {
   using TL = Tile<T, D>;
   const Geo& G = A.g;
   const int g = lane >> 2, r0 = 16 * tile, rows = S.info[0];  // slots in use (padding: tok < 0)
-  const int zero_byte = tab_byte + 4 * G.T;
+  const int zero_byte = 0;  // unused (bias_scaled)
   // No __syncwarp here: store_rows_warp ended the previous tile with one, and qa.load's ldmatrix is
   // .aligned (a converged warp) anyway.
   AFrag<T, D> qa;
   qa.load(sq + r0 * TL::kLD, lane);
-  const RowInfo ri[2] = {row_info<BIAS, ABIAS>(G, S, r0 + g, tab_byte, h),
-                         row_info<BIAS, ABIAS>(G, S, r0 + g + 8, tab_byte, h)};
+  const RowInfo ri[2] = {row_info<BIAS, ABIAS>(G, S, r0 + g, cen_byte, h),
+                         row_info<BIAS, ABIAS>(G, S, r0 + g + 8, cen_byte, h)};
   // Bounds broadcast from lane 0: warp-uniform for the compiler too (no divergence-safe shuffles).
   // ONE: lo/hi/uni hold the tile's walk (one_walk, computed once per pack), else its key range.
   const int lo = __shfl_sync(kFull, S.lo[tile], 0), hi = __shfl_sync(kFull, S.hi[tile], 0);
@@ -342,15 +349,19 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
 
 // The exact path for a head whose V holds NaN/Inf: every row over all keys of its window, masked
 // keys with probability 0 (so 0 * NaN = NaN reaches the output as in the reference). Slow; rare.
+// Also the whole-table fallback of a coords pack whose box exceeds the plan's tmax entries (glob: the
+// bias read from the (T, nH) table in global memory, the slots' full-table positions kept, rule 3's
+// range test per pair); otherwise the bias comes from the head's table in shared memory (cen_byte).
 template <typename T, int D, int BIAS, bool ABIAS>
 __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, const T* sk,
-                                       const T* sv, int tab_byte, const unsigned char* smem) {
+                                       const T* sv, int cen_byte, const unsigned char* smem, bool glob) {
   constexpr int LD = Tile<T, D>::kLD;
   const Geo& G = A.g;
-  const int rows = S.info[0], zero_byte = tab_byte + 4 * G.T, rh2 = 2 * G.rh - 1, rw2 = 2 * G.rw - 1;
+  const int rows = S.info[0], rh2 = 2 * G.rh - 1, rw2 = 2 * G.rw - 1;
   for (int q = threadIdx.x; q < rows; q += kThreads) {
     if (S.tok[q] < 0) continue;  // padding slot (aligned one-window packs)
-    const RowInfo r = row_info<BIAS, ABIAS>(G, S, q, tab_byte, h);
+    const RowInfo r = row_info<BIAS, ABIAS>(G, S, q, cen_byte, h);
+    const int2 qc = S.cxy[q];
     // The keys of the row's window: N slots, or all slots in use of a one-window pack (padding keys
     // never match a segment: probability 0).
     const int wb = G.P == 1 ? 0 : q / G.N * G.N, we = G.P == 1 ? rows : wb + G.N;
@@ -358,8 +369,17 @@ __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, c
       float s = 0.f;
       for (int d = 0; d < D; ++d) s = fmaf(to_float(sq[q * LD + d]), to_float(sk[k * LD + d]), s);
       const int2 kk = S.ki[k];
-      const float x =
-          (s + bias_scaled<BIAS, ABIAS>(r, kk, S.cxy[k], S.lidx[k], smem, zero_byte, rh2, rw2, A.inv_scale)) * G.scale;
+      float b;
+      if (BIAS == 2 && glob) {  // coordinate differences (int32, window_coords) in the table's range
+        const int2 kc = S.cxy[k];
+        const int dy = qc.x - kc.x + G.rh - 1, dx = qc.y - kc.y + G.rw - 1;
+        const bool in = unsigned(dy) < unsigned(rh2) && unsigned(dx) < unsigned(rw2);
+        b = in ? __ldg(G.rpb + (int64_t(dy) * rw2 + dx) * G.nH + h) * A.inv_scale : 0.f;
+        if constexpr (ABIAS) b = fmaf(__ldg(r.ab + S.lidx[k]), A.inv_scale, b);
+      } else {
+        b = bias_scaled<BIAS, ABIAS>(r, kk, S.cxy[k], S.lidx[k], smem, 0, rh2, rw2, A.inv_scale);
+      }
+      const float x = (s + b) * G.scale;
       return r.key == kk.y ? x : -INFINITY;
     };
     float m = -INFINITY;
@@ -381,47 +401,59 @@ __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, c
   }
 }
 
-// ONE: the launch's packs hold one window each (G.P == 1): segments aligned to tiles when they fit.
+// The items [it0, it1) of pack `pack` (all threads; after the previous pack's last barrier, which freed
+// every shared array): prologue, coords box, then its heads.
 template <typename T, int D, int BIAS, bool ABIAS, bool ONE>
-__global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 : 1) wattn_fwd_kernel(const FwdArgs A) {
+__device__ __forceinline__ void fwd_pack(const FwdArgs& A, unsigned char* smem, const Pack& S, int pack, int it0,
+                                         int it1) {
   using TL = Tile<T, D>;
   const Geo& G = A.g;
   const Layout& L = A.L;
-  MK_DYNAMIC_SMEM(smem);
-  const Pack S(smem, L);
-  const int pack = blockIdx.x / A.nhg, h0 = (blockIdx.x - pack * A.nhg) * A.hg, nh = imin(A.hg, G.nH - h0);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   // 32-bit shared-memory offsets (the layout's fields are size_t)
   const unsigned ops = unsigned(L.ops), bstride = unsigned(L.buf_stride), tbytes = unsigned(L.tile_bytes);
   const unsigned tab0 = unsigned(L.tab), tstride = unsigned(L.tab_stride);
   auto buf = [&](int b, int op) { return reinterpret_cast<T*>(smem + (ops + b * bstride + op * tbytes)); };
   auto tab = [&](int b) { return reinterpret_cast<float*>(smem + (tab0 + b * tstride)); };
-
+  // (the previous pack's last barrier freed every shared array)
+  const int h0 = imax(it0 - pack * G.nH, 0), nh = imin(it1 - pack * G.nH, G.nH) - h0;
   prologue<BIAS == 2>(G, pack, S, smem + L.ops);
   // Tiles go round-robin to the warps (the forward's tiles cost about the same; no work lists).
-  int ey = G.rh - 1, ex = G.rw - 1;
-  const int ntok = imin(G.P, G.nwin - pack * G.P) * G.N;
-  if constexpr (BIAS == 2) {  // the table entries a head reads: differences inside the pack's box
-    const int4 box = coord_box(S.items, threadIdx.x < ntok ? S.cxy[threadIdx.x] : make_int2(0, 0),
-                               threadIdx.x < ntok, G.rh, G.rw);
-    ey = box.z;
-    ex = box.w;
-  }
   __syncthreads();  // slots and tiles ready; the prologue's scratch is dead
   if constexpr (ONE) {
-    align_segments(G, S, ntok, reinterpret_cast<int*>(smem + L.ops));
+    align_segments(G, S, imin(G.P, G.nwin - pack * G.P) * G.N, reinterpret_cast<int*>(smem + L.ops));
     __syncthreads();
+  }
+  // Coords: the pack's box tables (window_attention_box.cuh), spans uncapped (out-of-range entries 0);
+  // a box over tmax entries (a wider coordinate spread) runs fwd_exact on the (T, nH) table instead.
+  CoordBox bx{};
+  bool boxed = true;
+  int center = table_center(G.rh, G.rw);
+  if constexpr (BIAS == 2) {
+    bx = pack_box(G, S, A.tmax, A.tmax, A.tmax);  // the slots' offsets box-local (read after a barrier)
+    boxed = bx.fits;
+    center = bx.ey * bx.nx + bx.ex;
   }
   // Pack-wide values read right after the barrier (warps converged) and broadcast from lane 0: the
   // compiler then sees warp-uniform loops and emits plain shuffles inside them.
   const int nvalid = __shfl_sync(kFull, S.info[0], 0), ntiles = __shfl_sync(kFull, S.info[1], 0);
   zero_padding<T, D>(buf(0, 0), 3 * A.nbuf, L.tile_bytes, S.tok, ONE ? 0 : nvalid, G.cap);  // aligned: gaps too
-  if (threadIdx.x < A.nbuf) tab(threadIdx.x)[G.T] = 0.f;  // read by out-of-range coordinate pairs
   const T* qkv = static_cast<const T*>(G.qkv);
+  const int rw2 = 2 * G.rw - 1;
   auto issue = [&](int h, int b) {
     load_qkv_async<T, D, ONE>(buf(b, 0), L.tile_bytes, qkv + h * D, G.C, S.tok, nvalid);
     float* tb = tab(b);
-    table_entries<BIAS>(G, ey, ex, [&](int e) { prim::cp_async<4>(tb + e, G.rpb + unsigned(e * G.nH + h)); });
+    if constexpr (BIAS == 2) {  // box entries: in the table's range (column and row) or 0 (rule 3)
+      if (boxed)
+        box_entries(bx, [&](int e, int g, int c) {  // fwd box load
+          if (unsigned(c - bx.ex + G.rw - 1) < unsigned(rw2) && unsigned(g) < unsigned(G.T))
+            prim::cp_async<4>(tb + e, G.rpb + unsigned(g * G.nH + h));
+          else
+            tb[e] = 0.f;
+        });
+    } else {
+      table_entries<BIAS>(G, [&](int e) { prim::cp_async<4>(tb + e, G.rpb + unsigned(e * G.nH + h)); });
+    }
     prim::cp_async_commit();
   };
   issue(h0, 0);
@@ -434,21 +466,48 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 :
       prim::cp_async_wait<1>();
     else
       prim::cp_async_wait<0>();
-    const int tab_byte = static_cast<int>(tab0 + b * tstride);
+    const int cen_byte = static_cast<int>(tab0 + b * tstride) + 4 * center;
     float* tb = tab(b);  // this thread's entries landed: to units of 1/scale (published by the barrier below)
-    table_entries<BIAS>(G, ey, ex, [&](int e) { tb[e] *= A.inv_scale; });
+    if constexpr (BIAS == 2) {
+      if (boxed) box_entries(bx, [&](int e, int) { tb[e] *= A.inv_scale; });  // fwd box scale
+    } else {
+      table_entries<BIAS>(G, [&](int e) { tb[e] *= A.inv_scale; });
+    }
     if (G.logit_scale) {  // cosine mode: q' = s_h q / |q|, k' = k / |k|, once per row (the barrier below orders it)
       __syncthreads();
       normalize_rows<T, D, TL::kLD>(buf(b, 0), nvalid, head_scale(G.logit_scale, h), nullptr, 0);
       normalize_rows<T, D, TL::kLD>(buf(b, 1), nvalid, 1.f, nullptr, 0);
     }
-    if (!__syncthreads_or(v_nonfinite<T, D>(buf(b, 2), nvalid))) {
+    if (!__syncthreads_or(v_nonfinite<T, D>(buf(b, 2), nvalid)) && boxed) {
       for (int t = warp; t < ntiles; t += kWarps)
-        fwd_tile<T, D, BIAS, ABIAS, ONE>(A, S, t, h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem, lane);
+        fwd_tile<T, D, BIAS, ABIAS, ONE>(A, S, t, h, buf(b, 0), buf(b, 1), buf(b, 2), cen_byte, smem, lane);
     } else {
-      fwd_exact<T, D, BIAS, ABIAS>(A, S, h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem);
+      fwd_exact<T, D, BIAS, ABIAS>(A, S, h, buf(b, 0), buf(b, 1), buf(b, 2), cen_byte, smem, !boxed);
     }
     __syncthreads();  // buffer b is free again
+  }
+}
+
+// ONE: the launch's packs hold one window each (G.P == 1): segments aligned to tiles when they fit.
+// CTA b runs the items (pack, head) = pack * nH + h in [b ipc, (b+1) ipc): each pack of its range once
+// (prologue, coords box), then its heads there. Only coords calls walk several packs (kWalk; the plan's
+// items_per_cta): the others run ipc = hg items dividing nH, one pack, and keep the registers of one
+// (the one-window kernels sit at 128, two CTAs per SM). Coords kernels of one-window packs keep one
+// CTA per SM (the launch bound of two spills them). The first pack is peeled off the pack loop: ptxas
+// then issues its first head's Q/K/V rows as one batch (inside a loop it branches per row step, and the
+// static model counts a third of the loads in flight).
+template <typename T, int D, int BIAS, bool ABIAS, bool ONE>
+__global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && !(BIAS == 2 && ONE) ? 2 : 1)
+    wattn_fwd_kernel(const FwdArgs A) {
+  constexpr bool kWalk = BIAS == 2;
+  MK_DYNAMIC_SMEM(smem);
+  const Pack S(smem, A.L);
+  const int it0 = int(blockIdx.x) * A.ipc, it1 = imin(it0 + A.ipc, A.g.npacks * A.g.nH);
+  int pack = it0 / A.g.nH;
+  fwd_pack<T, D, BIAS, ABIAS, ONE>(A, smem, S, pack, it0, it1);
+  if constexpr (kWalk) {
+#pragma unroll 1
+    for (++pack; pack * A.g.nH < it1; ++pack) fwd_pack<T, D, BIAS, ABIAS, ONE>(A, smem, S, pack, it0, it1);  // fwd packs
   }
 }
 
@@ -470,13 +529,47 @@ int sm_count() {
   return v > 0 ? v : 132;
 }
 
-// Launch plan: windows per pack, heads per CTA, buffers; ok == false: use the legacy kernels.
+int smem_per_sm() {
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess)
+    return 0;
+  return v > 0 ? v : 0;
+}
+
+// Launch plan: windows per pack, items per CTA, buffers, coords box budget; ok == false: use the
+// legacy kernels.
 struct FwdPlan {
   Geo g;
   Layout L;
-  int hg = 1, nhg = 1, nbuf = 1;
+  int ipc = 1, nctas = 0, nbuf = 1, tmax = 0;
   bool ok = false;
 };
+
+// Coords calls: the box tables' entries (window_attention_box.cuh) for nbuf buffers. The most that
+// keep two CTAs on an SM when that leaves room for the box of uniform-sampled windows ((4w+1)^2: a
+// window of w compact tokens spans 2w positions; UM-MAE-T: 33 x 33, 1838 fit at cap 192, d 32), else
+// the most that fit the limit (0: none).
+int fwd_box_tmax(const Geo& g, int es, int d, int nbuf, int limit) {
+  auto total = [&](int t) {
+    Geo gb = g;
+    gb.T = t;
+    return make_layout(gb, es, d, 3, nbuf, false, 0).total;
+  };
+  auto most = [&](size_t cap) {  // the largest t in [1, 2^20] with total(t) <= cap, else 0
+    int lo = 0, hi = 1 << 20;
+    while (lo < hi) {
+      const int mid = hi - (hi - lo) / 2;
+      if (total(mid) <= cap) lo = mid;
+      else hi = mid - 1;
+    }
+    return lo;
+  };
+  const int two = smem_per_sm() / 2 - 1024;  // per CTA, less the 1 KB the SM reserves per block
+  const int want = (4 * g.wh + 1) * (4 * g.ww + 1);
+  const int t2 = two > 0 ? most(static_cast<size_t>(imin(two, limit))) : 0;
+  return t2 >= want ? t2 : most(static_cast<size_t>(limit));
+}
 
 FwdPlan plan_forward(const WindowAttentionParams& p) {
   FwdPlan f;
@@ -487,11 +580,23 @@ FwdPlan plan_forward(const WindowAttentionParams& p) {
     return f;
   f.g = make_geo(p, pick_pack(N, nwin));
   const int limit = smem_limit();
-  // More heads per CTA share the prologue; fewer fill the SMs evenly (heads_per_cta).
-  f.hg = heads_per_cta(f.g.npacks, p.nH, sm_count());
-  f.nhg = (p.nH + f.hg - 1) / f.hg;
-  for (int nbuf = f.hg > 1 ? 2 : 1; nbuf >= 1; --nbuf) {
-    const Layout L = make_layout(f.g, es, p.d, 3, nbuf, false, 0);
+  const bool box = p.rpb != nullptr && p.coords != nullptr;  // dispatch_bias' mode 2
+  // More items per CTA share the prologue; fewer fill the SMs evenly (items_per_cta; ranges over
+  // several packs only for coords calls, the kernels that walk them: kWalk).
+  f.ipc = box ? items_per_cta(f.g.npacks, p.nH, sm_count()) : heads_per_cta(f.g.npacks, p.nH, sm_count());
+  if (const char* env = box ? std::getenv("MIXKERNELS_WATTN_FWD_IPC") : nullptr) {  // tests: ranges across packs
+    const long v = std::strtol(env, nullptr, 10);
+    if (v > 0 && v <= int64_t(f.g.npacks) * p.nH) f.ipc = static_cast<int>(v);
+  }
+  f.nctas = static_cast<int>((int64_t(f.g.npacks) * p.nH + f.ipc - 1) / f.ipc);
+  for (int nbuf = f.ipc > 1 ? 2 : 1; nbuf >= 1; --nbuf) {
+    Geo gb = f.g;
+    if (box) {
+      f.tmax = fwd_box_tmax(f.g, es, p.d, nbuf, limit);
+      if (f.tmax < 1) continue;
+      gb.T = f.tmax;  // the layout's tables: box tables
+    }
+    const Layout L = make_layout(gb, es, p.d, 3, nbuf, false, 0);
     if (L.total <= static_cast<size_t>(limit)) {
       f.L = L;
       f.nbuf = nbuf;
@@ -511,8 +616,8 @@ cudaError_t window_attention_forward(const WindowAttentionParams& p, void* out, 
   if (p.B == 0 || p.nH == 0) return cudaSuccess;
   const FwdPlan f = plan_forward(p);
   if (!f.ok) return legacy::forward(p, out, lse, stream);
-  FwdArgs a{f.g, f.L, out, lse, 1.f / p.scale, f.hg, f.nhg, f.nbuf};
-  const dim3 grid(static_cast<unsigned>(f.g.npacks * f.nhg));
+  FwdArgs a{f.g, f.L, out, lse, 1.f / p.scale, f.ipc, f.nbuf, f.tmax};
+  const dim3 grid(static_cast<unsigned>(f.nctas));
   return dispatch_head_dim(p.d, [&](auto dc) -> cudaError_t {
     constexpr int D = decltype(dc)::value;
     return dispatch_b16(p.dtype, [&](auto tc) -> cudaError_t {

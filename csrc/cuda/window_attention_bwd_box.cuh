@@ -9,67 +9,17 @@
 // and in-range ones have |dy| <= ey, |dx| <= ex. Packs whose box exceeds the plan's budget (tmax
 // entries; coordinates spread wider than the budget) run the two-pass code on the whole table.
 #pragma once
+#include "window_attention_box.cuh"
 #include "window_attention_bwd_tiles.cuh"
 
 namespace mixkernels::cuda::wattn {
 
-struct BwdBox {
-  int ey, ex, nx;
-  int nb;     // entries: (2ey+1)(2ex+1)
-  bool fits;  // nb <= the budget
-  // box_entries' walk: this thread's first entry (threadIdx.x = r nx + c) as column c and full-table
-  // index g; a step of kThreads entries adds sc columns and gstep to g, a column wrap adds wrap to g
-  int c0, g0, sc, gstep, wrap;
-};
+// The box helpers (CoordBox, box_of, pack_box, box_entries) are shared with the forward
+// (window_attention_box.cuh); the backward's box is capped at the table's half-widths.
+using BwdBox = CoordBox;
 
-// The box of half-widths ey, ex with box_entries' walk for this thread (block-uniform but for the walk).
-__device__ __forceinline__ BwdBox box_of(const Geo& G, int ey, int ex, int tmax) {
-  BwdBox x;
-  x.ey = ey;
-  x.ex = ex;
-  x.nx = 2 * ex + 1;
-  x.nb = (2 * ey + 1) * x.nx;
-  x.fits = x.nb <= tmax;
-  const int rw2 = 2 * G.rw - 1, first = (G.rh - 1 - ey) * rw2 + (G.rw - 1 - ex);  // full index of entry 0
-  const int r0 = int(threadIdx.x) / x.nx, sr = kThreads / x.nx;
-  x.c0 = int(threadIdx.x) - r0 * x.nx;
-  x.g0 = first + r0 * rw2 + x.c0;
-  x.sc = kThreads - sr * x.nx;
-  x.gstep = sr * rw2 + x.sc;
-  x.wrap = rw2 - x.nx;
-  return x;
-}
-
-// After the barrier that publishes the pack's work lists (all threads): the box of the coordinates of
-// the pack's cap slots (coord_box; padding slots hold (0, 0), which every window's own first token has
-// too; scratch: the second half of S.items, the work lists take at most kMaxTiles entries), then, when
-// it fits tmax entries, each slot's table offset rewritten to the box (S.qi[s].x = 4 Q(s), S.ki[s].x =
-// -4 Q(s); the slot's own thread, read after the head loop's barriers). Block-uniform result.
 __device__ __forceinline__ BwdBox pack_box(const Geo& G, const Pack& S, int tmax) {
-  const bool has = threadIdx.x < G.cap;
-  const int2 c = has ? S.cxy[threadIdx.x] : make_int2(0, 0);
-  const int4 b = coord_box(S.items + kMaxTiles, c, has, G.rh, G.rw);  // {min y, min x, ey, ex}
-  const BwdBox x = box_of(G, b.z, b.w, tmax);
-  if (x.fits && has) {
-    const int q = (c.x - b.x) * x.nx + (c.y - b.y);
-    S.qi[threadIdx.x].x = 4 * q;
-    S.ki[threadIdx.x].x = -4 * q;
-  }
-  return x;
-}
-
-// f(box entry, full-table entry) for this thread's share of the box: entries over the CTA's threads
-// (the full-table index stepped along, no division per entry).
-template <typename F>
-__device__ __forceinline__ void box_entries(const BwdBox& x, F&& f) {
-  int c = x.c0, g = x.g0;
-#pragma unroll 1
-  for (int e = threadIdx.x; e < x.nb; e += kThreads) {  // bwd box entries
-    f(e, g);
-    c += x.sc;
-    g += x.gstep;
-    if (c >= x.nx) c -= x.nx, g += x.wrap;
-  }
+  return pack_box(G, S, tmax, G.rh - 1, G.rw - 1);
 }
 
 // Box fallback only (a pack whose box exceeds the budget): n floats of shared memory to zero.

@@ -531,11 +531,12 @@ struct RowInfo {
   const float* ab;  // attn_bias row (h, n_local, :)
 };
 
+// cen_byte: byte offset of the table's center entry (table_center, or a coords box's center).
 template <int BIAS, bool ABIAS>
-__device__ __forceinline__ RowInfo row_info(const Geo& G, const Pack& S, int slot, int tab_byte, int h) {
+__device__ __forceinline__ RowInfo row_info(const Geo& G, const Pack& S, int slot, int cen_byte, int h) {
   RowInfo r;
   const int2 q = S.qi[slot];
-  r.rq = tab_byte + 4 * table_center(G.rh, G.rw) + q.x;
+  r.rq = cen_byte + q.x;
   r.key = q.y;
   r.cy = r.cx = 0;
   if constexpr (BIAS == 2) {

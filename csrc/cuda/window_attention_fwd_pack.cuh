@@ -74,21 +74,13 @@ __device__ __forceinline__ bool v_nonfinite(const T* src, int nrows) {
   return (acc & 0x7fff7fffu) != 0;  // +-0 unless some product was NaN
 }
 
-// The table entries a head of the pack reads, f(i) for each of this thread's: all T (BIAS 1), or
-// (coords calls; table (2rh-1) x (2rw-1), row-major) those with |dy| <= ey, |dx| <= ex, warps over
-// rows, lanes over columns. The same map loads (cp.async) and then scales (1/scale) an entry.
+// The table entries a head of the pack reads (BIAS 1: all T), f(i) for each of this thread's. The same
+// map loads (cp.async) and then scales (1/scale) an entry. Coords calls: box_entries (window_attention_box.cuh).
 template <int BIAS, typename F>
-__device__ __forceinline__ void table_entries(const Geo& G, int ey, int ex, F&& f) {
+__device__ __forceinline__ void table_entries(const Geo& G, F&& f) {
   if constexpr (BIAS == 1) {
 #pragma unroll 1
     for (int i = threadIdx.x; i < G.T; i += kThreads) f(i);
-  } else if constexpr (BIAS == 2) {
-    const int rw2 = 2 * G.rw - 1, ny = 2 * ey + 1, nx = 2 * ex + 1;
-    const int first = (G.rh - 1 - ey) * rw2 + (G.rw - 1 - ex);
-#pragma unroll 1
-    for (int r = threadIdx.x >> 5; r < ny; r += kWarps)
-#pragma unroll 1
-      for (int c = threadIdx.x & 31; c < nx; c += 32) f(first + r * rw2 + c);
   }
 }
 

@@ -242,6 +242,41 @@ inline int heads_per_cta(int packs, int nH, int slots) {
   return best;
 }
 
+// The most packs a range of ipc consecutive items (pack, head), pack-major with nH heads per pack, can
+// touch: ranges start at multiples of ipc, i.e. at heads that are multiples of gcd(ipc, nH).
+MK_HD int range_packs(int ipc, int nH) {
+  int a = ipc, b = nH;
+  while (b) {
+    const int t = a % b;
+    a = b;
+    b = t;
+  }
+  return (nH - a + ipc - 1) / nH + 1;
+}
+
+// Forward items per CTA for coords calls (the kernels that walk several packs, kWalk): CTA b runs the
+// items [b ipc, (b+1) ipc) (wattn_fwd_kernel), a prologue per pack of its range and a head per item.
+// The ipc with the fewest CTAs per SM (slots = SMs) x (8 ipc + 9 packs), packs the most a range touches:
+// a coords pack's prologue (window coordinates, segment ids, sort, box) costs about 9/8 of a head there
+// (static report, UM-MAE-T stage 1: ~1,500 and ~1,330 warp-instructions), unlike heads_per_cta's 3/4.
+// heads_per_cta's filter (two CTAs on 3/4 of the SMs) is not applied: a coords CTA keeps a head's
+// 3 x cap rows in flight at once (4,608 B per warp in the static model, enough for the HBM latency with
+// one CTA per SM). UM-MAE-T stage 1 (683 packs of 3 windows, 3 heads): 129 CTAs of 16 items, 16 heads and
+// at most 6 packs on the busiest SM (hg 3 ran 18 heads and 6 packs there; ranges of 4 or 8 items, two
+// CTAs per SM, 16 heads and 8 packs). The kernel still fits two CTAs per SM (box tables).
+inline int items_per_cta(int packs, int nH, int slots) {
+  const int64_t items = int64_t(packs) * nH;
+  int best = 1;
+  int64_t best_t = -1;
+  const int64_t top = (items + slots - 1) / slots;  // longer ranges leave SMs idle
+  for (int ipc = 1; ipc <= top; ++ipc) {
+    const int64_t ctas = (items + ipc - 1) / ipc;
+    const int64_t t = (ctas + slots - 1) / slots * (8 * int64_t(ipc) + 9 * range_packs(ipc, nH));
+    if (best_t < 0 || t < best_t) best = ipc, best_t = t;
+  }
+  return best;
+}
+
 // Whether the fused forward runs this call (else the legacy kernels do).
 bool fused_forward_fits(const WindowAttentionParams& p);
 

@@ -205,11 +205,17 @@ THREADS_FUSED = 256  # kThreads
 
 
 def _box(c: Ctx) -> int:
-    """Half-width of the coords table box a forward pack loads per head (load_table_box_async): the
+    """Half-width of the coords table box a backward pack loads per head (window_attention_bwd_box.cuh): the
     coordinate span of a pack's tokens relative to their window's first token, capped at r-1.
     UM-MAE coordinates (one unit of each 2x2 cell kept, so a window of w compact tokens spans 2w
     original positions, offsets -1..2w-1): span 2w."""
     return min(c.p["r"] - 1, 2 * c.p["window"])
+
+
+def _fbox(c: Ctx) -> int:
+    """Half-width of the forward's coords box (window_attention_box.cuh): the pack's coordinate span,
+    uncapped (entries out of the table's range hold 0): 2w at UM-MAE (see _box)."""
+    return 2 * c.p["window"]
 
 
 def _ROWS(w: Dict[str, Any], c: Ctx) -> float:
@@ -323,15 +329,20 @@ CUDA_RULES: List[Rule] = [
          "forward table entries (load, then scale by 1/scale): T over 256 threads", kernel=_FUSED),
     Rule(r"for \(int t = u?warp; t < ntiles; t \+= kWarps\)", _fz(lambda w, c: w["ftiles"] / w["packs"] / 8),
          "forward tiles (after align_segments) round-robin over the 8 warps: tiles per pack / 8", kernel=_FUSED),
-    Rule(r"for \(int r = threadIdx\.x >> 5; r < ny; r \+= kWarps\)", lambda c: (2 * _box(c) + 1) / 8,
-         "coords table box: 2e+1 rows over 8 warps (e = min(r-1, pack coordinate span), see _box)", kernel=_FUSED),
-    Rule(r"for \(int c = threadIdx\.x & 31; c < nx; c \+= 32\)", lambda c: math.ceil((2 * _box(c) + 1) / 32),
-         "coords table box: 2e+1 columns over 32 lanes", kernel=_FUSED),
+    # the forward's coords box tables (window_attention_box.cuh): spans uncapped (out-of-range entries 0)
+    Rule(r"for \(int e = threadIdx\.x; e < x\.nb; e \+= kThreads\)",
+         lambda c: lane_strided((2 * _fbox(c) + 1) ** 2, THREADS_FUSED),
+         "forward coords box: (2e+1)^2 entries over 256 threads, loaded and scaled per head (e = the pack "
+         "coordinate span 2w, see _box, uncapped)", via=r"fwd box (load|scale)", kernel=_FUSED),
+    Rule(r"for \(\+\+pack; pack \* A\.g\.nH < it1; \+\+pack\)", _fz(lambda w, c: w["ppc"] - 1),
+         "forward packs per CTA after the peeled first: the most a range of ipc items touches, less 1 (plan: "
+         "range_packs)", kernel=_FUSED),
     Rule(r"for \(int op = 0; op < 3; \+\+op\)", lambda c: 3.0, "q, k, v tiles", kernel=_FUSED),
     Rule(r"for \(int i = 0; i < nh; \+\+i\)", lambda c: 0.0,
          "box fallback's heads (a pack's box over the plan's tmax entries): never at these shapes",
          via=r"bwd box fallback", kernel=_FUSED),
-    Rule(r"for \(int i = 0; i < nh; \+\+i\)", _fz(lambda w, c: w["hg"]), "heads per CTA (plan)", kernel=_FUSED),
+    Rule(r"for \(int i = 0; i < nh; \+\+i\)", _fz(lambda w, c: w["hg"]),
+         "heads per CTA (plan; forward: per pack of the costliest range, ipc / its packs)", kernel=_FUSED),
     Rule(r"for \(int it = it0; it < it1; \+\+it\)", _fz(lambda w, c: w["items"] / w["packs"] / 8),
          "work items per warp: tiles per pack over 8 warps", kernel=_FUSED),
     # backward (window_attention_bwd.cu)

@@ -21,7 +21,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["THREADS", "WARPS", "pick_pack", "heads_per_cta", "bwd_heads_per_cta", "layout_bytes", "plan",
+__all__ = ["THREADS", "WARPS", "pick_pack", "heads_per_cta", "items_per_cta", "range_packs", "fwd_box_tmax",
+           "bwd_heads_per_cta", "layout_bytes", "plan",
            "bwd_box_bytes", "bwd_box_tmax", "box_packs_per_cta",
            "mixmim_mask", "attention_workload", "seg_walk"]
 
@@ -31,6 +32,7 @@ MAX_TILES = THREADS // 16
 PACK_SLOTS = 208  # kPackSlots
 DET_SLOTS = 256  # kDetSlots (deterministic backward)
 SMEM_OPTIN = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on sm_90 (the capture stub answers the same)
+SMEM_PER_SM = 233472  # cudaDevAttrMaxSharedMemoryPerMultiprocessor on sm_90 (likewise)
 N_SM = 132
 
 
@@ -65,6 +67,38 @@ def heads_per_cta(packs: int, nH: int, slots: int) -> int:
         if best_t is not None:
             return best
     return 1
+
+
+def range_packs(ipc: int, nH: int) -> int:
+    """The most packs a range of ipc consecutive (pack, head) items, pack-major, can touch."""
+    return (nH - math.gcd(ipc, nH) + ipc - 1) // nH + 1
+
+
+def items_per_cta(packs: int, nH: int, slots: int) -> int:
+    """Forward, coords calls: items (pack, head) per CTA, a contiguous range each: the fewest CTAs per SM x
+    (8 ipc + 9 range_packs), the first (smallest) on ties; no two-CTA filter (window_attention_index.cuh)."""
+    items = packs * nH
+    best, best_t = 1, None
+    for ipc in range(1, -(-items // slots) + 1):
+        t = -(-(-(-items // ipc)) // slots) * (8 * ipc + 9 * range_packs(ipc, nH))
+        if best_t is None or t < best_t:
+            best, best_t = ipc, t
+    return best
+
+
+def fwd_box_tmax(cap: int, d: int, es: int, nbuf: int, wh: int, ww: int, smem_limit: int = SMEM_OPTIN,
+                 smem_per_sm: int = SMEM_PER_SM) -> int:
+    """plan_forward's coords box budget (fwd_box_tmax): the most entries keeping two CTAs per SM when
+    that holds the box of uniform-sampled windows ((4w+1)^2), else the most that fit the limit."""
+    def most(cap_bytes: int) -> int:
+        lo, hi = 0, 1 << 20
+        while lo < hi:
+            mid = hi - (hi - lo) // 2
+            lo, hi = (mid, hi) if layout_bytes(cap, mid, d, es, 3, nbuf, False, 0) <= cap_bytes else (lo, mid - 1)
+        return lo
+    two = smem_per_sm // 2 - 1024
+    t2 = most(min(two, smem_limit)) if two > 0 else 0
+    return t2 if t2 >= (4 * wh + 1) * (4 * ww + 1) else most(smem_limit)
 
 
 def bwd_heads_per_cta(packs: int, nH: int, slots: int) -> int:
@@ -108,14 +142,22 @@ def plan(kind: str, B: int, H: int, W: int, nH: int, d: int, wh: int, ww: int, r
     npacks, cap, T = -(-nwin // P), _round16(P * N), (2 * rh - 1) * (2 * rw - 1)
     out = dict(N=N, nwin=nwin, P=P, npacks=npacks, cap=cap, T=T)
     if kind == "fwd":
-        hg = heads_per_cta(npacks, nH, n_sm)  # forward: CTAs per SM x (4 hg + 3)
-        nbuf, smem = 1, 0
-        for nb in ((2, 1) if hg > 1 else (1,)):
-            smem = layout_bytes(cap, T, d, es, 3, nb, False, 0)
+        # forward: CTAs per SM x (4 ipc + 3 packs); ranges over several packs for coords calls only
+        ipc = items_per_cta(npacks, nH, n_sm) if coords and rpb else heads_per_cta(npacks, nH, n_sm)
+        nctas, ppc = -(-npacks * nH // ipc), range_packs(ipc, nH)
+        nbuf, smem, tmax = 1, 0, 0
+        for nb in ((2, 1) if ipc > 1 else (1,)):
+            if coords and rpb:  # box tables of tmax entries (window_attention_box.cuh)
+                tmax = fwd_box_tmax(cap, d, es, nb, wh, ww, smem_limit)
+                if tmax < 1:
+                    continue
+            smem = layout_bytes(cap, tmax if coords and rpb else T, d, es, 3, nb, False, 0)
             if smem <= smem_limit:
                 nbuf = nb
                 break
-        return dict(out, hg=hg, nhg=-(-nH // hg), nbuf=nbuf, nslots=npacks, smem=smem, fits=smem <= smem_limit)
+        # hg: heads per pack of the costliest CTA (ipc items over ppc packs); nslots x nhg = the grid
+        return dict(out, ipc=ipc, ppc=ppc, hg=ipc / ppc, nhg=1, nbuf=nbuf, nslots=nctas, smem=smem,
+                    tmax=tmax, fits=smem <= smem_limit)
     def tabf(one: bool) -> int:  # bwd_tab_floats
         return 0 if not rpb else (WARPS * (T + 1 + 32) if det else (8 if one else 1) * (T + 1))
     nslots = min(npacks, DET_SLOTS) if det else npacks
