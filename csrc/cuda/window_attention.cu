@@ -36,6 +36,8 @@ struct FwdArgs {
   float* lse;
   float inv_scale;  // 1 / scale: biases are kept in units of 1/scale (they start the score accumulators)
   int hg, nhg, nbuf;
+  const int4* plan;  // PLAN: the pack positions' plans (wattn_fwd_plan_kernel), L.tab bytes each
+  int ppi;           // PLAN: packs per image (positions)
 };
 
 // Bias of the pair in units of 1/scale: the table slice in shared memory holds entries times
@@ -382,7 +384,8 @@ __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, c
 }
 
 // ONE: the launch's packs hold one window each (G.P == 1): segments aligned to tiles when they fit.
-template <typename T, int D, int BIAS, bool ABIAS, bool ONE>
+// PLAN: the slots and tiles come from the pack position's plan (A.plan; window_attention_fwd_pack.cuh).
+template <typename T, int D, int BIAS, bool ABIAS, bool ONE, bool PLAN>
 __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 : 1) wattn_fwd_kernel(const FwdArgs A) {
   using TL = Tile<T, D>;
   const Geo& G = A.g;
@@ -397,21 +400,27 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 :
   auto buf = [&](int b, int op) { return reinterpret_cast<T*>(smem + (ops + b * bstride + op * tbytes)); };
   auto tab = [&](int b) { return reinterpret_cast<float*>(smem + (tab0 + b * tstride)); };
 
-  prologue<BIAS == 2>(G, pack, S, smem + L.ops);
-  // Tiles go round-robin to the warps (the forward's tiles cost about the same; no work lists).
   int ey = G.rh - 1, ex = G.rw - 1;
-  const int ntok = imin(G.P, G.nwin - pack * G.P) * G.N;
-  if constexpr (BIAS == 2) {  // the table entries a head reads: differences inside the pack's box
-    const int4 box = coord_box(S.items, threadIdx.x < ntok ? S.cxy[threadIdx.x] : make_int2(0, 0),
-                               threadIdx.x < ntok, G.rh, G.rw);
-    ey = box.z;
-    ex = box.w;
+  if constexpr (PLAN) {  // image img's pack at position pos: tokens from img * H*W, lse rows from img * nW*nH*N
+    const int img = pack / A.ppi, pos = pack - img * A.ppi;
+    load_plan(smem, L, S, G.cap, A.plan + size_t(pos) * (L.tab / 16), img * G.H * G.W, img * G.nW * G.nH * G.N);
+    if constexpr (BIAS == 2) ey = S.info[2], ex = S.info[3];
+  } else {
+    prologue<BIAS == 2>(G, pack, S, smem + L.ops);
+    const int ntok = imin(G.P, G.nwin - pack * G.P) * G.N;
+    if constexpr (BIAS == 2) {  // the table entries a head reads: differences inside the pack's box
+      const int4 box = coord_box(S.items, threadIdx.x < ntok ? S.cxy[threadIdx.x] : make_int2(0, 0),
+                                 threadIdx.x < ntok, G.rh, G.rw);
+      ey = box.z;
+      ex = box.w;
+    }
+    __syncthreads();  // slots and tiles ready; the prologue's scratch is dead
+    if constexpr (ONE) {
+      align_segments(G, S, ntok, reinterpret_cast<int*>(smem + L.ops));
+      __syncthreads();
+    }
   }
-  __syncthreads();  // slots and tiles ready; the prologue's scratch is dead
-  if constexpr (ONE) {
-    align_segments(G, S, ntok, reinterpret_cast<int*>(smem + L.ops));
-    __syncthreads();
-  }
+  // Tiles go round-robin to the warps (the forward's tiles cost about the same; no work lists).
   // Pack-wide values read right after the barrier (warps converged) and broadcast from lane 0: the
   // compiler then sees warp-uniform loops and emits plain shuffles inside them.
   const int nvalid = __shfl_sync(kFull, S.info[0], 0), ntiles = __shfl_sync(kFull, S.info[1], 0);
@@ -476,6 +485,7 @@ struct FwdPlan {
   Layout L;
   int hg = 1, nhg = 1, nbuf = 1;
   bool ok = false;
+  int ppi = 0;  // > 0: pack plans apply (packs per image = plan positions), see window_attention_fwd_pack.cuh
 };
 
 FwdPlan plan_forward(const WindowAttentionParams& p) {
@@ -499,27 +509,54 @@ FwdPlan plan_forward(const WindowAttentionParams& p) {
       break;
     }
   }
+  // Pack plans: the layout of a pack depends only on its position in the image when the labels and
+  // coordinates are batch-shared and every image has whole packs; worth the extra launch when some
+  // position has packs in several images.
+  const bool shared = (!p.group || p.group_batch == 1) && (!p.coords || p.coords_batch == 1);
+  if (f.ok && shared && f.g.nW % f.g.P == 0 && p.B > 1) f.ppi = f.g.nW / f.g.P;
   return f;
 }
 
 bool fused_forward_fits(const WindowAttentionParams& p) { return plan_forward(p).ok; }
 
+size_t plan_bytes(const FwdPlan& f) { return f.ppi > 0 ? size_t(f.ppi) * f.L.tab : 0; }
+
 }  // namespace wattn
 
-cudaError_t window_attention_forward(const WindowAttentionParams& p, void* out, float* lse, cudaStream_t stream) {
+size_t window_attention_fwd_workspace_bytes(const WindowAttentionParams& p) {
+  if (p.B == 0 || p.nH == 0) return 0;
+  return wattn::plan_bytes(wattn::plan_forward(p));
+}
+
+cudaError_t window_attention_forward(const WindowAttentionParams& p, void* out, float* lse, cudaStream_t stream,
+                                     void* workspace) {
   using namespace wattn;
   if (p.B == 0 || p.nH == 0) return cudaSuccess;
   const FwdPlan f = plan_forward(p);
   if (!f.ok) return legacy::forward(p, out, lse, stream);
-  FwdArgs a{f.g, f.L, out, lse, 1.f / p.scale, f.hg, f.nhg, f.nbuf};
+  const bool use_plan = f.ppi > 0 && workspace != nullptr;  // no workspace: the in-kernel prologue
+  int4* plan = static_cast<int4*>(workspace);
+  FwdArgs a{f.g, f.L, out, lse, 1.f / p.scale, f.hg, f.nhg, f.nbuf, plan, f.ppi};
   const dim3 grid(static_cast<unsigned>(f.g.npacks * f.nhg));
   return dispatch_head_dim(p.d, [&](auto dc) -> cudaError_t {
     constexpr int D = decltype(dc)::value;
     return dispatch_b16(p.dtype, [&](auto tc) -> cudaError_t {
       using T = typename decltype(tc)::type;
       return dispatch_bias(p, [&](auto bias, auto ab) -> cudaError_t {
-        auto kernel = f.g.P == 1 ? wattn_fwd_kernel<T, D, decltype(bias)::value, decltype(ab)::value, true>
-                                 : wattn_fwd_kernel<T, D, decltype(bias)::value, decltype(ab)::value, false>;
+        constexpr int BIAS = decltype(bias)::value;
+        constexpr bool AB = decltype(ab)::value;
+        if (use_plan) {
+          auto pk = f.g.P == 1 ? wattn_fwd_plan_kernel<BIAS == 2, true> : wattn_fwd_plan_kernel<BIAS == 2, false>;
+          const size_t psmem = plan_smem_bytes(f.L);
+          cudaError_t err = prepare_smem(pk, psmem);
+          if (err != cudaSuccess) return err;
+          err = MK_LAUNCH(pk, dim3(static_cast<unsigned>(f.ppi)), dim3(kThreads), psmem, stream, f.g, f.L, plan);
+          if (err != cudaSuccess) return err;
+        }
+        auto kernel = f.g.P == 1 ? (use_plan ? wattn_fwd_kernel<T, D, BIAS, AB, true, true>
+                                             : wattn_fwd_kernel<T, D, BIAS, AB, true, false>)
+                                 : (use_plan ? wattn_fwd_kernel<T, D, BIAS, AB, false, true>
+                                             : wattn_fwd_kernel<T, D, BIAS, AB, false, false>);
         cudaError_t err = prepare_smem(kernel, f.L.total);
         if (err != cudaSuccess) return err;
         return MK_LAUNCH(kernel, grid, dim3(kThreads), f.L.total, stream, a);
