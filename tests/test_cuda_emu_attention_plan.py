@@ -22,6 +22,13 @@ _SKIP = E.unavailable()
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 
+@pytest.fixture(autouse=True)
+def _plans_wherever_they_apply(monkeypatch):
+    """These shapes put a CTA or two on each of the 132 SMs, too few for the launcher's cost rule:
+    MIXKERNELS_WATTN_PLAN=1 takes the plans wherever they apply (test_plan_cost_rule checks the rule)."""
+    monkeypatch.setenv("MIXKERNELS_WATTN_PLAN", "1")
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
 
@@ -45,10 +52,10 @@ def _plan_check(qkv, nh, win, kw, planned: bool = True, nan: bool = False):
 
     c = _call(qkv, nh, win, kw)
     assert (E.fwd_workspace(c) > 0) == planned
-    if "coords" not in kw:  # the static report's model of the launcher (per-image coordinates only)
+    if planned and "coords" not in kw:  # the static report's model of the launcher's layout
         B, H, W, C3 = qkv.shape
         pl = ww.plan("fwd", B, H, W, nh, C3 // 3 // nh, *win, *win, qkv.element_size())
-        assert E.fwd_workspace(c) == pl["ppi"] * pl["plan_bytes"]
+        assert E.fwd_workspace(c) == (H // win[0]) * (W // win[1]) // pl["P"] * pl["plan_bytes"]
     out, lse, n = _run(c, True)
     assert n == (2 if planned else 1), "the plan kernel did not run" if planned else "unexpected plan launch"
     out0, lse0, n0 = _run(c, False)
@@ -145,3 +152,31 @@ def test_plan_nan_and_masked_rows(win):
     assert torch.isnan(out[..., 32:]).all() and torch.isneginf(lse[:, 1]).all()
     rows = slice(14, 21) if win[0] == 7 else slice(14, 28)  # image 1's window holding the NaN
     assert torch.isnan(out[1, rows, :, :32]).any()
+
+
+def test_plan_cost_rule(monkeypatch):
+    # Without the override the plans run only when the busiest SM has enough CTAs (>= 4 for one-window
+    # packs, >= 5 for packs of several windows), as the static report's model (wattn_workload.plan) says;
+    # MIXKERNELS_WATTN_PLAN=0 turns them off. 8 packs of one 14x14 window, 2 heads (one CTA each on 1 SM).
+    from mixkernels.bench import wattn_workload as ww
+
+    qkv, kw = _inputs(2, 28, 28, 2, 32, (14, 14), (7, 7), True, False, "shared", torch.bfloat16)
+    c = _call(qkv, 2, (14, 14), kw)
+    monkeypatch.delenv("MIXKERNELS_WATTN_PLAN")
+    assert E.fwd_workspace(c) == 0  # 132 SMs: one CTA each
+    assert ww.plan("fwd", 2, 28, 28, 2, 32, 14, 14, 14, 14)["ppi"] == 0
+    monkeypatch.setenv("MIXKERNELS_EMU_SMS", "1")  # one SM: 8 CTAs
+    pl = ww.plan("fwd", 2, 28, 28, 2, 32, 14, 14, 14, 14, n_sm=1)
+    assert pl["ppi"] == 4 and E.fwd_workspace(c) == 4 * pl["plan_bytes"]
+    out, _, n = _run(c, True)
+    assert n == 2
+    monkeypatch.setenv("MIXKERNELS_WATTN_PLAN", "0")
+    assert E.fwd_workspace(c) == 0
+    # packs of several windows: 4 CTAs on one SM do not pay for the plan, 5 would
+    qkv7, kw7 = _inputs(2, 28, 28, 2, 32, (7, 7), (3, 3), True, False, "none", torch.bfloat16)
+    monkeypatch.delenv("MIXKERNELS_WATTN_PLAN")
+    pl7 = ww.plan("fwd", 2, 28, 28, 2, 32, 7, 7, 7, 7, n_sm=1)
+    assert pl7["npacks"] * pl7["nhg"] == 8 and pl7["ppi"] == 4  # 8 CTAs: plans
+    assert E.fwd_workspace(_call(qkv7, 2, (7, 7), kw7)) == 4 * pl7["plan_bytes"]
+    pl7 = ww.plan("fwd", 2, 28, 28, 2, 32, 7, 7, 7, 7, n_sm=2)  # 4 CTAs per SM: none
+    assert pl7["ppi"] == 0

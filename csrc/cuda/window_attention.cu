@@ -510,10 +510,19 @@ FwdPlan plan_forward(const WindowAttentionParams& p) {
     }
   }
   // Pack plans: the layout of a pack depends only on its position in the image when the labels and
-  // coordinates are batch-shared and every image has whole packs; worth the extra launch when some
-  // position has packs in several images.
+  // coordinates are batch-shared and every image has whole packs (and some position has packs in
+  // several images). Worth the extra launch (~3,000 warp-instructions per warp of the busiest SM's time
+  // in the static model: 2 us launch + the plan kernel) when the busiest SM runs enough CTAs: a CTA's
+  // prologue is ~950 per warp for one-window packs, ~660 for packs of several windows, i.e. at least 4
+  // resp. 5 CTAs. MIXKERNELS_WATTN_PLAN=1 / 0: always / never where they apply (tests).
   const bool shared = (!p.group || p.group_batch == 1) && (!p.coords || p.coords_batch == 1);
-  if (f.ok && shared && f.g.nW % f.g.P == 0 && p.B > 1) f.ppi = f.g.nW / f.g.P;
+  if (f.ok && shared && f.g.nW % f.g.P == 0 && p.B > 1) {
+    const int sms = sm_count(), per_sm = (f.g.npacks * f.nhg + sms - 1) / sms;
+    bool use = per_sm * (f.g.P == 1 ? 19 : 13) > 60;
+    if (const char* env = std::getenv("MIXKERNELS_WATTN_PLAN"))
+      use = env[0] == '1' ? true : env[0] == '0' ? false : use;
+    if (use) f.ppi = f.g.nW / f.g.P;
+  }
   return f;
 }
 

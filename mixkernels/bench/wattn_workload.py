@@ -112,8 +112,8 @@ def plan(kind: str, B: int, H: int, W: int, nH: int, d: int, wh: int, ww: int, r
     """The launcher's plan (``plan_forward`` / ``plan_backward``) of a fused-kernel call (backward:
     ``one`` = the one-pass plan, dS^T kept in shared memory; ``tmax`` > 0: the coords box plan's
     box-local tables of tmax entries, see :func:`bwd_box_tmax`). Forward: ``ppi`` > 0 when the pack
-    plans apply (packs per image = plan positions; labels batch-shared as the cases', coordinates
-    per image as UM-MAE's: none with coords), ``plan_bytes`` per position."""
+    plans run (packs per image = plan positions; labels batch-shared as the cases', coordinates per
+    image as UM-MAE's: none with coords; enough CTAs on the busiest SM), ``plan_bytes`` per position."""
     N = wh * ww
     nwin = B * (H // wh) * (W // ww)
     P = pick_pack(N, nwin)
@@ -128,9 +128,10 @@ def plan(kind: str, B: int, H: int, W: int, nH: int, d: int, wh: int, ww: int, r
                 nbuf = nb
                 break
         nW = (H // wh) * (W // ww)
-        ppi = nW // P if not coords and nW % P == 0 and B > 1 else 0
+        per_sm = -(-(npacks * -(-nH // hg)) // n_sm)  # plan_forward's cost rule (busiest SM's CTAs)
+        ppi = nW // P if not coords and nW % P == 0 and B > 1 and per_sm * (19 if P == 1 else 13) > 60 else 0
         return dict(out, hg=hg, nhg=-(-nH // hg), nbuf=nbuf, nslots=npacks, smem=smem, fits=smem <= smem_limit,
-                    ppi=ppi, plan_bytes=plan_bytes(cap) if ppi else 0)
+                    ppi=ppi, plan_bytes=plan_bytes(cap))
     def tabf(one: bool) -> int:  # bwd_tab_floats
         return 0 if not rpb else (WARPS * (T + 1 + 32) if det else (8 if one else 1) * (T + 1))
     nslots = min(npacks, DET_SLOTS) if det else npacks
