@@ -2,7 +2,8 @@
 //
 // One CTA (8 warps) per (pack of windows, group of heads), head-group fastest so that the CTAs
 // reading one token row run together. The CTA sorts its pack's tokens by attention segment once
-// (window_attention_common.cuh), then loops over its heads: Q, K, V rows of the next head stream
+// (window_attention_common.cuh; or copies the layout of its pack position, built once per call by the
+// plan kernel when it is batch-shared: window_attention_fwd_pack.cuh), then loops over its heads: Q, K, V rows of the next head stream
 // in with cp.async (two buffers when they fit) while the warps work on the current one; coords calls
 // load only the table entries the pack's coordinate box can reach. Warps take the 16-row query tiles
 // round-robin, and each walks only the key blocks of its rows'
