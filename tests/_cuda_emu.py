@@ -173,12 +173,14 @@ class Call:
         self.N = wh * ww
         self.nh = nh
 
-    def forward(self):
+    def forward(self, plan=True):
+        """plan: pass the launcher the pack plans' workspace, as the binding does (False: none, every CTA
+        runs the pack prologue)."""
         lib = library()
         B, H, W, C = self.shape
         out = _aligned_empty((B, H, W, C), self.qkv.dtype)
         lse = _aligned_empty((B * self.nW, self.nh, self.N), torch.float32)
-        err = lib.emu_wattn_forward(ctypes.byref(self.p), _ptr(out), _ptr(lse))
+        err = lib.emu_wattn_forward(ctypes.byref(self.p), _ptr(out), _ptr(lse), ctypes.c_int(int(plan)))
         assert err == 0, f"emulated forward returned cudaError {err}"
         return out, lse
 
@@ -216,6 +218,20 @@ class Call:
                                      _ptr(acc))
         assert err == 0, f"emulated backward returned cudaError {err}"
         return dqkv, drpb, dbias
+
+
+def fwd_workspace(c: "Call") -> int:
+    """Bytes of the forward's pack-plan workspace for the call (0: no plan applies)."""
+    lib = library()
+    lib.emu_wattn_fwd_workspace.restype = ctypes.c_int64
+    return lib.emu_wattn_fwd_workspace(ctypes.byref(c.p))
+
+
+def launches() -> int:
+    """Kernel launches the emulator has run so far."""
+    lib = library()
+    lib.emu_launches.restype = ctypes.c_longlong
+    return lib.emu_launches()
 
 
 def seed(s: int) -> None:

@@ -325,6 +325,11 @@ def test_wattn_workload_plan_and_segments():
 
     pl = ww.plan("fwd", 128, 56, 56, 4, 32, 14, 14, 14, 14)  # MixMIM-B stage 1 (csrc/cuda/NOTES.md)
     assert (pl["P"], pl["cap"], pl["npacks"], pl["hg"], pl["nbuf"], pl["smem"]) == (1, 208, 2048, 4, 2, 115232)
+    # pack plans (batch-shared labels): 16 positions of 9536 B (208 slots x 44 B + tiles)
+    assert (pl["ppi"], pl["plan_bytes"]) == (16, 9536)
+    assert ww.plan("fwd", 1, 56, 56, 4, 32, 14, 14, 14, 14)["ppi"] == 0  # one image: no position shared
+    assert ww.plan("fwd", 128, 7, 7, 32, 32, 7, 7, 7, 7)["ppi"] == 0  # stage 4: 1 window per image, 4 per pack
+    assert ww.plan("fwd", 128, 14, 14, 16, 32, 14, 14, 14, 14)["ppi"] == 0  # stage 3: 2 CTAs per SM do not pay
     # backward: the one-pass layout (the two-pass one, 100256 B, with 4 interleaved {gradient, bias}
     # tables instead of one gradient table: + 20432 B) plus the 208 x 216 bf16 dS^T matrix
     assert (lambda pl: (pl["one"], pl["smem"]))(ww.plan("bwd", 128, 56, 56, 4, 32, 14, 14, 14, 14)) == (True, 210544)

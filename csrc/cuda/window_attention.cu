@@ -3,7 +3,8 @@
 // One CTA (8 warps) per (pack of windows, group of heads), head-group fastest so that the CTAs
 // reading one token row run together; coords calls: per range of (pack, head) items, several packs
 // (items_per_cta). The CTA sorts its pack's tokens by attention segment once
-// (window_attention_common.cuh), then loops over its heads: Q, K, V rows of the next head stream
+// (window_attention_common.cuh; or copies the layout of its pack position, built once per call by the
+// plan kernel when it is batch-shared: window_attention_fwd_pack.cuh), then loops over its heads: Q, K, V rows of the next head stream
 // in with cp.async (two buffers when they fit) while the warps work on the current one; coords calls
 // load only the table entries the pack's coordinate box can reach, into box-local tables
 // (window_attention_box.cuh: two CTAs per SM at UM-MAE, and no range test per pair; packs whose box
@@ -41,6 +42,8 @@ struct FwdArgs {
   float inv_scale;  // 1 / scale: biases are kept in units of 1/scale (they start the score accumulators)
   int ipc, nbuf;  // items (pack, head) per CTA (a contiguous range, pack-major), operand buffers
   int tmax;       // coords calls: entries of the box tables (the layout's tables), window_attention_box.cuh
+  const int4* plan;  // PLAN: the pack positions' plans (wattn_fwd_plan_kernel), L.tab bytes each
+  int ppi;           // PLAN: packs per image (positions)
 };
 
 // Bias of the pair in units of 1/scale: the table slice in shared memory holds entries times
@@ -402,8 +405,9 @@ __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, c
 }
 
 // The items [it0, it1) of pack `pack` (all threads; after the previous pack's last barrier, which freed
-// every shared array): prologue, coords box, then its heads.
-template <typename T, int D, int BIAS, bool ABIAS, bool ONE>
+// every shared array): prologue (PLAN: the pack position's plan, A.plan; window_attention_fwd_pack.cuh),
+// coords box, then its heads.
+template <typename T, int D, int BIAS, bool ABIAS, bool ONE, bool PLAN>
 __device__ __forceinline__ void fwd_pack(const FwdArgs& A, unsigned char* smem, const Pack& S, int pack, int it0,
                                          int it1) {
   using TL = Tile<T, D>;
@@ -417,13 +421,18 @@ __device__ __forceinline__ void fwd_pack(const FwdArgs& A, unsigned char* smem, 
   auto tab = [&](int b) { return reinterpret_cast<float*>(smem + (tab0 + b * tstride)); };
   // (the previous pack's last barrier freed every shared array)
   const int h0 = imax(it0 - pack * G.nH, 0), nh = imin(it1 - pack * G.nH, G.nH) - h0;
-  prologue<BIAS == 2>(G, pack, S, smem + L.ops);
-  // Tiles go round-robin to the warps (the forward's tiles cost about the same; no work lists).
-  __syncthreads();  // slots and tiles ready; the prologue's scratch is dead
-  if constexpr (ONE) {
-    align_segments(G, S, imin(G.P, G.nwin - pack * G.P) * G.N, reinterpret_cast<int*>(smem + L.ops));
-    __syncthreads();
+  if constexpr (PLAN) {  // image img's pack at position pos: tokens from img * H*W, lse rows from img * nW*nH*N
+    const int img = pack / A.ppi, pos = pack - img * A.ppi;
+    load_plan(smem, L, S, G.cap, A.plan + size_t(pos) * (L.tab / 16), img * G.H * G.W, img * G.nW * G.nH * G.N);
+  } else {
+    prologue<BIAS == 2>(G, pack, S, smem + L.ops);
+    __syncthreads();  // slots and tiles ready; the prologue's scratch is dead
+    if constexpr (ONE) {
+      align_segments(G, S, imin(G.P, G.nwin - pack * G.P) * G.N, reinterpret_cast<int*>(smem + L.ops));
+      __syncthreads();
+    }
   }
+  // Tiles go round-robin to the warps (the forward's tiles cost about the same; no work lists).
   // Coords: the pack's box tables (window_attention_box.cuh), spans uncapped (out-of-range entries 0);
   // a box over tmax entries (a wider coordinate spread) runs fwd_exact on the (T, nH) table instead.
   CoordBox bx{};
@@ -496,7 +505,8 @@ __device__ __forceinline__ void fwd_pack(const FwdArgs& A, unsigned char* smem, 
 // CTA per SM (the launch bound of two spills them). The first pack is peeled off the pack loop: ptxas
 // then issues its first head's Q/K/V rows as one batch (inside a loop it branches per row step, and the
 // static model counts a third of the loads in flight).
-template <typename T, int D, int BIAS, bool ABIAS, bool ONE>
+// PLAN: the packs' slots and tiles come from their positions' plans (A.plan), not the prologue.
+template <typename T, int D, int BIAS, bool ABIAS, bool ONE, bool PLAN>
 __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && !(BIAS == 2 && ONE) ? 2 : 1)
     wattn_fwd_kernel(const FwdArgs A) {
   constexpr bool kWalk = BIAS == 2;
@@ -504,10 +514,10 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && !(BIAS == 2 && 
   const Pack S(smem, A.L);
   const int it0 = int(blockIdx.x) * A.ipc, it1 = imin(it0 + A.ipc, A.g.npacks * A.g.nH);
   int pack = it0 / A.g.nH;
-  fwd_pack<T, D, BIAS, ABIAS, ONE>(A, smem, S, pack, it0, it1);
+  fwd_pack<T, D, BIAS, ABIAS, ONE, PLAN>(A, smem, S, pack, it0, it1);
   if constexpr (kWalk) {
 #pragma unroll 1
-    for (++pack; pack * A.g.nH < it1; ++pack) fwd_pack<T, D, BIAS, ABIAS, ONE>(A, smem, S, pack, it0, it1);  // fwd packs
+    for (++pack; pack * A.g.nH < it1; ++pack) fwd_pack<T, D, BIAS, ABIAS, ONE, PLAN>(A, smem, S, pack, it0, it1);  // fwd packs
   }
 }
 
@@ -544,6 +554,7 @@ struct FwdPlan {
   Layout L;
   int ipc = 1, nctas = 0, nbuf = 1, tmax = 0;
   bool ok = false;
+  int ppi = 0;  // > 0: pack plans apply (packs per image = plan positions), see window_attention_fwd_pack.cuh
 };
 
 // Coords calls: the box tables' entries (window_attention_box.cuh) for nbuf buffers. The most that
@@ -604,27 +615,63 @@ FwdPlan plan_forward(const WindowAttentionParams& p) {
       break;
     }
   }
+  // Pack plans: the layout of a pack depends only on its position in the image when the labels and
+  // coordinates are batch-shared and every image has whole packs (and some position has packs in
+  // several images). Worth the extra launch (~3,000 warp-instructions per warp of the busiest SM's time
+  // in the static model: 2 us launch + the plan kernel) when the busiest SM runs enough CTAs: a CTA's
+  // prologue is ~950 per warp for one-window packs, ~660 for packs of several windows, i.e. at least 4
+  // resp. 5 CTAs. MIXKERNELS_WATTN_PLAN=1 / 0: always / never where they apply (tests).
+  const bool shared = (!p.group || p.group_batch == 1) && (!p.coords || p.coords_batch == 1);
+  if (f.ok && shared && f.g.nW % f.g.P == 0 && p.B > 1) {
+    const int sms = sm_count(), per_sm = (f.nctas + sms - 1) / sms;
+    bool use = per_sm * (f.g.P == 1 ? 19 : 13) > 60;
+    if (const char* env = std::getenv("MIXKERNELS_WATTN_PLAN"))
+      use = env[0] == '1' ? true : env[0] == '0' ? false : use;
+    if (use) f.ppi = f.g.nW / f.g.P;
+  }
   return f;
 }
 
 bool fused_forward_fits(const WindowAttentionParams& p) { return plan_forward(p).ok; }
 
+size_t plan_bytes(const FwdPlan& f) { return f.ppi > 0 ? size_t(f.ppi) * f.L.tab : 0; }
+
 }  // namespace wattn
 
-cudaError_t window_attention_forward(const WindowAttentionParams& p, void* out, float* lse, cudaStream_t stream) {
+size_t window_attention_fwd_workspace_bytes(const WindowAttentionParams& p) {
+  if (p.B == 0 || p.nH == 0) return 0;
+  return wattn::plan_bytes(wattn::plan_forward(p));
+}
+
+cudaError_t window_attention_forward(const WindowAttentionParams& p, void* out, float* lse, cudaStream_t stream,
+                                     void* workspace) {
   using namespace wattn;
   if (p.B == 0 || p.nH == 0) return cudaSuccess;
   const FwdPlan f = plan_forward(p);
   if (!f.ok) return legacy::forward(p, out, lse, stream);
-  FwdArgs a{f.g, f.L, out, lse, 1.f / p.scale, f.ipc, f.nbuf, f.tmax};
+  const bool use_plan = f.ppi > 0 && workspace != nullptr;  // no workspace: the in-kernel prologue
+  FwdArgs a{f.g, f.L, out, lse, 1.f / p.scale, f.ipc, f.nbuf, f.tmax, static_cast<const int4*>(workspace), f.ppi};
   const dim3 grid(static_cast<unsigned>(f.nctas));
   return dispatch_head_dim(p.d, [&](auto dc) -> cudaError_t {
     constexpr int D = decltype(dc)::value;
     return dispatch_b16(p.dtype, [&](auto tc) -> cudaError_t {
       using T = typename decltype(tc)::type;
       return dispatch_bias(p, [&](auto bias, auto ab) -> cudaError_t {
-        auto kernel = f.g.P == 1 ? wattn_fwd_kernel<T, D, decltype(bias)::value, decltype(ab)::value, true>
-                                 : wattn_fwd_kernel<T, D, decltype(bias)::value, decltype(ab)::value, false>;
+        constexpr int BIAS = decltype(bias)::value;
+        constexpr bool AB = decltype(ab)::value;
+        if (use_plan) {
+          auto pk = f.g.P == 1 ? wattn_fwd_plan_kernel<BIAS == 2, true> : wattn_fwd_plan_kernel<BIAS == 2, false>;
+          const size_t psmem = plan_smem_bytes(f.L);
+          cudaError_t err = prepare_smem(pk, psmem);
+          if (err != cudaSuccess) return err;
+          err = MK_LAUNCH(pk, dim3(static_cast<unsigned>(f.ppi)), dim3(kThreads), psmem, stream, f.g, f.L,
+                          static_cast<int4*>(workspace));
+          if (err != cudaSuccess) return err;
+        }
+        auto kernel = f.g.P == 1 ? (use_plan ? wattn_fwd_kernel<T, D, BIAS, AB, true, true>
+                                             : wattn_fwd_kernel<T, D, BIAS, AB, true, false>)
+                                 : (use_plan ? wattn_fwd_kernel<T, D, BIAS, AB, false, true>
+                                             : wattn_fwd_kernel<T, D, BIAS, AB, false, false>);
         cudaError_t err = prepare_smem(kernel, f.L.total);
         if (err != cudaSuccess) return err;
         return MK_LAUNCH(kernel, grid, dim3(kThreads), f.L.total, stream, a);

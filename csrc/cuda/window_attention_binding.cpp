@@ -117,7 +117,12 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(Prepared& r) {
   const int64_t nW = (p.H / p.wh) * (p.W / p.ww);
   auto out = at::empty({p.B, p.H, p.W, p.nH * p.d}, r.qkv.options());
   auto lse = at::empty({p.B * nW, p.nH, p.wh * p.ww}, r.qkv.options().dtype(at::kFloat));
-  MK_CHECK_LAUNCH(window_attention_forward(p, out.data_ptr(), lse.data_ptr<float>(), current_stream()));
+  // the pack plans (batch-shared layouts): a stream-ordered allocation, valid under graph capture
+  const size_t ws_bytes = window_attention_fwd_workspace_bytes(p);
+  const at::Tensor ws = ws_bytes ? at::empty({static_cast<int64_t>(ws_bytes)}, r.qkv.options().dtype(at::kByte))
+                                 : at::Tensor();
+  MK_CHECK_LAUNCH(window_attention_forward(p, out.data_ptr(), lse.data_ptr<float>(), current_stream(),
+                                           ws_bytes ? ws.data_ptr() : nullptr));
   return {out, lse};
 }
 

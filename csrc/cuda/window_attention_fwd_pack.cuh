@@ -190,5 +190,58 @@ __device__ __forceinline__ void align_segments(const Geo& G, const Pack& S, int 
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Pack plans. With a batch-shared layout (no group labels or batch-shared ones, no coords or
+// batch-shared ones) and whole packs per image (windows per image % P == 0), pack p's slots and
+// tiles are those of pack p % (packs per image) of image 0, with tok moved by image * H*W and lrow
+// by image * nW*nH*N: the plan kernel builds each position's once (prologue, align_segments) and
+// stores the pack arrays [0, L.tab) of shared memory as they are, image-relative; the forward copies
+// its position's (load_plan) instead of running the prologue per CTA (coords: then its box, pack_box).
+
+// Dynamic shared memory of the plan kernel: the pack arrays, then the prologue's scratch.
+MK_HD size_t plan_smem_bytes(const Layout& L) { return L.tab + prologue_scratch_bytes(); }
+
+// One CTA (kThreads) per pack position of image 0; plan: positions x L.tab / 16 chunks.
+template <bool COORDS, bool ONE>
+__global__ void __launch_bounds__(kThreads) wattn_fwd_plan_kernel(const Geo G, const Layout L, int4* plan) {
+  MK_DYNAMIC_SMEM(smem);
+  const Pack S(smem, L);
+  const int pack = blockIdx.x;  // < packs per image: image 0's
+  unsigned char* scratch = smem + L.tab;
+  // the forward's own sequence (fwd_pack without a plan) up to its first use of the slots; the coords
+  // box comes after, per pack, in fwd_pack (pack_box reads the slots' coordinates, stored here)
+  prologue<COORDS>(G, pack, S, scratch);
+  __syncthreads();
+  if constexpr (ONE) {
+    align_segments(G, S, imin(G.P, G.nwin - pack * G.P) * G.N, reinterpret_cast<int*>(scratch));
+    __syncthreads();
+  }
+  const int n = int(L.tab / 16);
+  const int4* src = reinterpret_cast<const int4*>(smem);
+  int4* dst = plan + size_t(pack) * size_t(n);
+  for (int c = threadIdx.x; c < n; c += kThreads) dst[c] = src[c];
+}
+
+// The forward's copy of its position's plan `src` (L.tab / 16 chunks) into shared memory by cp.async,
+// then tok (padding -1 kept) plus tok0 and lrow plus lrow0: the image's first token and lse row. All
+// threads; ends with a barrier (no cp.async left pending). Two plain loops: the static count and the
+// issue slots see no per-chunk branch.
+__device__ __forceinline__ void load_plan(unsigned char* smem, const Layout& L, const Pack& S, int cap,
+                                          const int4* src, int tok0, int lrow0) {
+  const int n = int(L.tab / 16);
+  int4* dst = reinterpret_cast<int4*>(smem);
+  for (int c = threadIdx.x; c < n; c += kThreads) prim::cp_async<16>(dst + c, src + c);
+  prim::cp_async_commit();
+  prim::cp_async_wait<0>();
+  __syncthreads();
+  if (threadIdx.x < cap) {  // kThreads >= cap: one slot per thread
+    const int t = S.tok[threadIdx.x];
+    S.tok[threadIdx.x] = t >= 0 ? t + tok0 : t;
+    S.lrow[threadIdx.x] += lrow0;
+  }
+  __syncthreads();
+}
+
 }  // namespace wattn
 }  // namespace mixkernels::cuda

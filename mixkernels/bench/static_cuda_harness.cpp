@@ -52,7 +52,10 @@ int run(const std::string& op, std::istringstream& in) {
     if (group) p.group = fake<int>(int64_t(p.group_batch) * p.H * p.W * 4);
     if (coords) p.coords = fake<int>(int64_t(p.coords_batch) * p.H * p.W * 8);
     float* lse = fake<float>(tok * p.nH * 4);
-    if (op == "wattn_fwd") return window_attention_forward(p, fake(tok * C * es), lse, nullptr);
+    if (op == "wattn_fwd") {  // with the binding's workspace (the pack plans, when they apply)
+      const size_t ws = window_attention_fwd_workspace_bytes(p);
+      return window_attention_forward(p, fake(tok * C * es), lse, nullptr, ws ? fake(ws) : nullptr);
+    }
     WindowAttentionBwdBuffers b;
     int nd, nb, det;
     in >> nd >> nb >> det;

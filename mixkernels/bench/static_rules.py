@@ -84,7 +84,7 @@ def lane_strided(total: float, threads: int, start_lane_of_warp: Optional[Sequen
 #   wattn_bwd_dq_kernel(G, qkv, dout, lse, delta, dqkv, drpb, dbias, dls, scale, nrb, kc, ncols, cap, nslots)
 #   wattn_bwd_dkdv_kernel(G, qkv, dout, lse, delta, dqkv, scale, nrb, kc, ncols, cap)
 _LEGACY = r"legacy::"
-_FUSED = r"^wattn_(fwd|bwd)_kernel$"
+_FUSED = r"^wattn_(fwd|bwd|fwd_plan)_kernel$"  # the plan kernel runs the forward's prologue per pack position
 _LEGACY_NARGS = {"wattn_fwd_kernel": 8, "wattn_bwd_dq_kernel": 15, "wattn_bwd_dkdv_kernel": 11}
 
 
@@ -168,8 +168,13 @@ def _fused(c: Ctx) -> Dict[str, Any]:
     pl = ww.plan(kind, p["B"], p["H"], p["W"], p["heads"], p["d"], p["window"], p["window"], p["r"], p["r"],
                  p["es"], True, bool(p.get("deterministic", False)), cosine=bool(p.get("cosine", False)),
                  coords=bool(p.get("coords", False)))
-    if pl["nslots"] * pl["nhg"] != c.grid[0]:
+    if c.kernel == "wattn_fwd_plan_kernel":  # one CTA per pack position (image 0's packs)
+        if pl["ppi"] != c.grid[0]:
+            raise ValueError(f"plan positions {pl['ppi']} != captured grid {c.grid[0]}")
+    elif pl["nslots"] * pl["nhg"] != c.grid[0]:
         raise ValueError(f"plan {pl['nslots']} x {pl['nhg']} CTAs != captured grid {c.grid[0]}")
+    if c.kernel == "wattn_fwd_kernel" and len(c.tparams) > 5 and (c.tparams[5] == "true") != (pl["ppi"] > 0):
+        raise ValueError(f"captured PLAN={c.tparams[5]}, modelled packs per image {pl['ppi']}")
     wl = ww.attention_workload(p["B"], p["H"], p["W"], p["window"], p["shift"], bool(p["group"]))
     items = wl["tiles"]  # work items per call: 16-row tiles (the backward runs both passes of a tile in one item)
     return dict(pl, **wl, kind=kind, items=items, per_pack=lambda f: sum(f(n) * k for n, k in wl["nvalid"].items())
@@ -325,6 +330,11 @@ CUDA_RULES: List[Rule] = [
     Rule(r"for \(int k = 0; k < ntiles; \+\+k\)",
          _fz(lambda w, c: 3 * w["nbuf"] * w["per_pack"](lambda n: (w["cap"] - n) / w["cap"] if _one(c) else 1.0)),
          "forward zero_padding: the 3 x nbuf operand tiles of padding slots (ONE: cap - valid of cap)", kernel=_FUSED),
+    # pack plans (window_attention_fwd_pack.cuh): the plan kernel stores a position's pack arrays, the
+    # forward's CTAs copy them (load_plan): L.tab / 16 chunks over 256 threads either way
+    Rule(r"for \(int c = threadIdx\.x; c < n; c \+= kThreads\)",
+         _fz(lambda w, c: lane_strided(w["plan_bytes"] / 16, THREADS_FUSED)),
+         "pack plan store / copy: L.tab / 16 chunks over 256 threads", kernel=_FUSED),
     Rule(r"for \(int i = threadIdx\.x; i < G\.T; i \+= kThreads\) f\(i\)", lambda c: lane_strided(c.p["T"], THREADS_FUSED),
          "forward table entries (load, then scale by 1/scale): T over 256 threads", kernel=_FUSED),
     Rule(r"for \(int t = u?warp; t < ntiles; t \+= kWarps\)", _fz(lambda w, c: w["ftiles"] / w["packs"] / 8),

@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 __all__ = ["THREADS", "WARPS", "pick_pack", "heads_per_cta", "items_per_cta", "range_packs", "fwd_box_tmax",
-           "bwd_heads_per_cta", "layout_bytes", "plan",
+           "bwd_heads_per_cta", "layout_bytes", "plan_bytes", "plan",
            "bwd_box_bytes", "bwd_box_tmax", "box_packs_per_cta",
            "mixmim_mask", "attention_workload", "seg_walk"]
 
@@ -130,12 +130,24 @@ def layout_bytes(cap: int, T: int, D: int, es: int, ops: int, nbuf: int, stage: 
     return a16(o)
 
 
+def plan_bytes(cap: int) -> int:
+    """``Layout::tab`` of the forward's layout: the pack arrays (slots, tiles, info) that a pack plan holds
+    (``window_attention_fwd_pack.cuh``: wattn_fwd_plan_kernel stores them, load_plan copies them)."""
+    a16 = lambda v: (v + 15) & ~15  # noqa: E731
+    o = 0
+    for per in (4, 8, 8, 4, 4, 8, 8):  # tok qi ki lidx lrow cxy seg
+        o = a16(o + cap * per)
+    return a16(o + 4 * (3 * MAX_TILES + 2 * MAX_TILES + WARPS + 1 + 4))  # (no nld in the forward) tiles
+
+
 def plan(kind: str, B: int, H: int, W: int, nH: int, d: int, wh: int, ww: int, rh: int, rw: int, es: int = 2,
          rpb: bool = True, det: bool = False, n_sm: int = N_SM, smem_limit: int = SMEM_OPTIN,
          cosine: bool = False, coords: bool = False) -> Dict[str, Any]:
     """The launcher's plan (``plan_forward`` / ``plan_backward``) of a fused-kernel call (backward:
     ``one`` = the one-pass plan, dS^T kept in shared memory; ``tmax`` > 0: the coords box plan's
-    box-local tables of tmax entries, see :func:`bwd_box_tmax`)."""
+    box-local tables of tmax entries, see :func:`bwd_box_tmax`). Forward: ``ppi`` > 0 when the pack
+    plans run (packs per image = plan positions; labels batch-shared as the cases', coordinates per
+    image as UM-MAE's: none with coords; enough CTAs on the busiest SM), ``plan_bytes`` per position."""
     N = wh * ww
     nwin = B * (H // wh) * (W // ww)
     P = pick_pack(N, nwin)
@@ -155,9 +167,12 @@ def plan(kind: str, B: int, H: int, W: int, nH: int, d: int, wh: int, ww: int, r
             if smem <= smem_limit:
                 nbuf = nb
                 break
+        nW = (H // wh) * (W // ww)
+        per_sm = -(-nctas // n_sm)  # plan_forward's cost rule (busiest SM's CTAs)
+        ppi = nW // P if not coords and nW % P == 0 and B > 1 and per_sm * (19 if P == 1 else 13) > 60 else 0
         # hg: heads per pack of the costliest CTA (ipc items over ppc packs); nslots x nhg = the grid
         return dict(out, ipc=ipc, ppc=ppc, hg=ipc / ppc, nhg=1, nbuf=nbuf, nslots=nctas, smem=smem,
-                    tmax=tmax, fits=smem <= smem_limit)
+                    tmax=tmax, fits=smem <= smem_limit, ppi=ppi, plan_bytes=plan_bytes(cap))
     def tabf(one: bool) -> int:  # bwd_tab_floats
         return 0 if not rpb else (WARPS * (T + 1 + 32) if det else (8 if one else 1) * (T + 1))
     nslots = min(npacks, DET_SLOTS) if det else npacks

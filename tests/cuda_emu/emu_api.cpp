@@ -2,6 +2,7 @@
 // library with ctypes). They forward to the torch-free launchers of csrc/cuda unchanged; tensors
 // are CPU memory standing in for device memory.
 #include <cstdint>
+#include <vector>
 
 #include "mixkernels/losses_cuda.h"
 #include "mixkernels/simmim_loss_cuda.h"
@@ -45,8 +46,19 @@ int emu_wattn_fits(const EmuWattn* e, int backward, int need_drpb, int det) {
   return window_attention_fits(params(*e), backward != 0, need_drpb != 0, det != 0);
 }
 
-int emu_wattn_forward(const EmuWattn* e, void* out, float* lse) {
-  return static_cast<int>(window_attention_forward(params(*e), out, lse, nullptr));
+long long emu_launches() { return emu::S().launches; }
+
+int64_t emu_wattn_fwd_workspace(const EmuWattn* e) {
+  return static_cast<int64_t>(window_attention_fwd_workspace_bytes(params(*e)));
+}
+
+// plan: give the launcher the workspace of the pack plans (as the binding does); 0: none (every CTA
+// runs the pack prologue).
+int emu_wattn_forward(const EmuWattn* e, void* out, float* lse, int plan) {
+  const WindowAttentionParams p = params(*e);
+  const size_t bytes = plan ? window_attention_fwd_workspace_bytes(p) : 0;
+  std::vector<int4> ws(bytes / 16 + 1, make_int4(-7, -7, -7, -7));  // poison: the plan kernel writes it all
+  return static_cast<int>(window_attention_forward(p, out, lse, nullptr, bytes ? ws.data() : nullptr));
 }
 
 int64_t emu_wattn_bwd_workspace(const EmuWattn* e, int need_drpb, int need_dbias, int det) {

@@ -81,6 +81,7 @@ struct State {
   int block_reduce_or = 0, block_reduce_count = 0;
   size_t stack_bytes = 256 * 1024;
   long long collectives = 0;
+  long long launches = 0;  // kernel launches so far (tests: which path a launcher took)
 };
 
 inline State& S() {
@@ -149,6 +150,7 @@ cudaError_t launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream
   if (b.x * b.y * b.z == 0 || b.x * b.y * b.z > 1024) return cudaErrorInvalidConfiguration;
   if (smem > 227 * 1024) return cudaErrorInvalidValue;
   auto tup = std::make_tuple(args...);
+  ++S().launches;
   for (unsigned z = 0; z < g.z; ++z)
     for (unsigned y = 0; y < g.y; ++y)
       for (unsigned x = 0; x < g.x; ++x)

@@ -50,9 +50,16 @@ struct WindowAttentionBwdBuffers {
 // Floats of WindowAttentionBwdBuffers::sums: a ticket counter (padded to 16 B), drpb (T,nH), dlogit_scale (nH).
 int64_t window_attention_bwd_sums_floats(const WindowAttentionParams& p);
 
+// Bytes of the forward's optional workspace (16-byte aligned, no init needed) on the current device:
+// the pack plans of a call whose windows' layout is batch-shared (0 when none applies).
+size_t window_attention_fwd_workspace_bytes(const WindowAttentionParams& p);
+
 // Forward: out (B,H,W,C) and lse (B*nW,nH,N). Returns the launch status; cudaErrorInvalidValue
-// when the configuration does not fit the device (see window_attention_fits).
-cudaError_t window_attention_forward(const WindowAttentionParams& p, void* out, float* lse, cudaStream_t stream);
+// when the configuration does not fit the device (see window_attention_fits). With a workspace of
+// window_attention_fwd_workspace_bytes(p) > 0 bytes a plan kernel lays out each pack position once
+// (two launches); without one every CTA runs the pack prologue itself (same results, bit for bit).
+cudaError_t window_attention_forward(const WindowAttentionParams& p, void* out, float* lse, cudaStream_t stream,
+                                     void* workspace = nullptr);
 
 // Scratch bytes the backward needs (delta + deterministic-mode partial sums, including the logit
 // scale's in cosine mode) on the current device.
