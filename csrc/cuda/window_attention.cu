@@ -16,7 +16,8 @@
 //
 // NaN/Inf: scores, biases and masks follow the reference as they are (masked pairs are -inf by
 // select). Only non-finite V can reach a row through a *masked* key (0 * Inf = NaN in the
-// reference's P @ V); a head whose V holds any is recomputed exactly, one row per thread.
+// reference's P @ V); a head whose V holds any (or, bf16, |v| >~ 2^62, which p <= 2^32 of a fixed
+// reference could overflow) is recomputed exactly, one row per thread.
 // A row whose allowed keys are all -inf gives NaN (l = 0), as the reference does.
 #include <climits>
 #include <cstdlib>
@@ -221,6 +222,7 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
   using Eight = std::integral_constant<int, 8>;
   using Four = std::integral_constant<int, 4>;
   using Two = std::integral_constant<int, 2>;
+  using One = std::integral_constant<int, 1>;
   // Rows of the tile that are stored (the rest: padding, never checked or stored).
   bool stored[2];
 #pragma unroll
@@ -230,8 +232,8 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
   }
   if constexpr (ONE) {
     // The walk (one_walk): a masked prefix [b0, b0 + P), the unmasked middle [lo, hi) = [b0 + P, end - Q)
-    // and a masked suffix [end - Q, end), each block kind in its own loop (block order is free in the
-    // sums). FIXED: against the probe's reference, else online (max and rescale).
+    // and a masked suffix [end - Q, end) (Q: 32, 16, 16 + 8 or 8), each block kind in its own loop (block
+    // order is free in the sums). FIXED: against the probe's reference, else online (max and rescale).
     const int P = un >> 8, Q = un & 255, b0 = lo - P, end = hi + Q;
     float nb[2];
     auto walk = [&](auto fixed) {
@@ -244,10 +246,14 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
       const int pm = P >> 5, nm32 = pm + (Q == 32);
 #pragma unroll 1
       for (int i = 0; i < nm32; ++i) block(Four{}, std::true_type{}, i < pm ? b0 + 32 * i : end - 32);
-      // Masked 16-key blocks: what is left of the prefix, then a 16-key suffix.
-      const int nm16 = ((P >> 4) & 1) + (Q == 16);
+      // Masked 16-key blocks: what is left of the prefix, then a 16-key suffix (Q = 16 or 24).
+      const int nm16 = ((P >> 4) & 1) + ((Q >> 4) & 1);
 #pragma unroll 1
-      for (int i = 0; i < nm16; ++i) block(Two{}, std::true_type{}, i == 0 && (P & 16) ? b0 + P - 16 : end - 16);
+      for (int i = 0; i < nm16; ++i) block(Two{}, std::true_type{}, i == 0 && (P & 16) ? b0 + P - 16 : end - Q);
+      // A masked 8-key suffix (Q = 8 or 24): a segment's last 1..8 keys.
+      const int nm8 = (Q >> 3) & 1;
+#pragma unroll 1
+      for (int i = 0; i < nm8; ++i) block(One{}, std::true_type{}, end - 8);
       // The unmasked middle in 64-key blocks (one max update, rescale vote and loop step per 64 keys
       // online), then at most one block of 32 and one of 16.
       const int m1 = hi;
@@ -263,9 +269,9 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
     };
     // Softmax against a fixed reference per row: the largest score over the segment's first 8 keys
     // (fwd_probe), p = exp2(s c - ref c) summed with no running max and no rescale. Kept when every
-    // stored row's sum of p lies in [LMIN, LMAX] and its O is finite: p <= LMAX stays within the
-    // input type (fp16: 2^15), and a p > 1 times a large |v| that overflows O shows as Inf. Otherwise
-    // (a key far above the probe's, NaN/Inf, a row with no allowed probe key, huge V) the tile walks
+    // stored row's sum of p lies in [LMIN, LMAX]: p <= LMAX stays within the input type (fp16: 2^15),
+    // and O = sum p v stays finite for the V that reach here (v_unsafe: fp16 finite, bf16 |v| < 2^64).
+    // Otherwise (a key far above the probe's, NaN/Inf, a row with no allowed probe key) the tile walks
     // again online (p <= 1), as before.
     constexpr bool kHalf = std::is_same<T, __half>::value;
     constexpr float kLmin = kHalf ? 0.5f : 0x1p-32f, kLmax = kHalf ? 0x1p15f : 0x1p32f;
@@ -279,14 +285,11 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) nb[rr] = -(m[rr] == -INFINITY ? 0.f : m[rr]) * c;
         walk(std::true_type{});  // fixed reference
+        // (O needs no check: v_unsafe sent V that p <= LMAX could overflow to fwd_exact, and a NaN p
+        // is a NaN l.)
         bool bad = false;
 #pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-          float z = 0.f;  // NaN iff some O entry of the row is NaN/Inf
-#pragma unroll
-          for (int dj = 0; dj < D / 8; ++dj) z = fmaf(o[dj][2 * rr + 1], 0.f, fmaf(o[dj][2 * rr], 0.f, z));
-          bad |= stored[rr] && !(l[rr] >= kLmin && l[rr] <= kLmax && z == 0.f);
-        }
+        for (int rr = 0; rr < 2; ++rr) bad |= stored[rr] && !(l[rr] >= kLmin && l[rr] <= kLmax);
         if (!__any_sync(kFull, bad)) break;
       } else {
         m[0] = m[1] = -INFINITY;
@@ -340,8 +343,9 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
   store_tile<T, D>(o, inv[0], inv[1], sq + r0 * TL::kLD, static_cast<T*>(A.out) + h * D, G.C, S.tok + r0, stored, lane);
 }
 
-// The exact path for a head whose V holds NaN/Inf: every row over all keys of its window, masked
-// keys with probability 0 (so 0 * NaN = NaN reaches the output as in the reference). Slow; rare.
+// The exact path for a head whose V holds NaN/Inf (or huge bf16 values: v_unsafe): every row over all
+// keys of its window, masked keys with probability 0 (so 0 * NaN = NaN reaches the output as in the
+// reference). Slow; rare.
 template <typename T, int D, int BIAS, bool ABIAS>
 __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, const T* sk,
                                        const T* sv, int tab_byte, const unsigned char* smem) {
@@ -382,7 +386,8 @@ __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, c
 }
 
 // ONE: the launch's packs hold one window each (G.P == 1): segments aligned to tiles when they fit.
-template <typename T, int D, int BIAS, bool ABIAS, bool ONE>
+// COS: cosine mode (G.logit_scale set): a template flag, so that other launches carry no trace of it.
+template <typename T, int D, int BIAS, bool ABIAS, bool ONE, bool COS>
 __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 : 1) wattn_fwd_kernel(const FwdArgs A) {
   using TL = Tile<T, D>;
   const Geo& G = A.g;
@@ -420,8 +425,12 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 :
   const T* qkv = static_cast<const T*>(G.qkv);
   auto issue = [&](int h, int b) {
     load_qkv_async<T, D, ONE>(buf(b, 0), L.tile_bytes, qkv + h * D, G.C, S.tok, nvalid);
-    float* tb = tab(b);
-    table_entries<BIAS>(G, ey, ex, [&](int e) { prim::cp_async<4>(tb + e, G.rpb + unsigned(e * G.nH + h)); });
+    if constexpr (BIAS == 1) {
+      load_table_scaled(tab(b), G.rpb, G.T, G.nH, h, A.inv_scale);
+    } else if constexpr (BIAS == 2) {
+      float* tb = tab(b);
+      box_entries(G, ey, ex, [&](int e) { prim::cp_async<4>(tb + e, G.rpb + unsigned(e * G.nH + h)); });
+    }
     prim::cp_async_commit();
   };
   issue(h0, 0);
@@ -435,14 +444,16 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 :
     else
       prim::cp_async_wait<0>();
     const int tab_byte = static_cast<int>(tab0 + b * tstride);
-    float* tb = tab(b);  // this thread's entries landed: to units of 1/scale (published by the barrier below)
-    table_entries<BIAS>(G, ey, ex, [&](int e) { tb[e] *= A.inv_scale; });
-    if (G.logit_scale) {  // cosine mode: q' = s_h q / |q|, k' = k / |k|, once per row (the barrier below orders it)
+    if constexpr (BIAS == 2) {  // this thread's entries landed: to units of 1/scale (published by the barrier below)
+      float* tb = tab(b);
+      box_entries(G, ey, ex, [&](int e) { tb[e] *= A.inv_scale; });
+    }
+    if constexpr (COS) {  // cosine mode: q' = s_h q / |q|, k' = k / |k|, once per row (the barrier below orders it)
       __syncthreads();
       normalize_rows<T, D, TL::kLD>(buf(b, 0), nvalid, head_scale(G.logit_scale, h), nullptr, 0);
       normalize_rows<T, D, TL::kLD>(buf(b, 1), nvalid, 1.f, nullptr, 0);
     }
-    if (!__syncthreads_or(v_nonfinite<T, D>(buf(b, 2), nvalid))) {
+    if (!__syncthreads_or(v_unsafe<T, D>(buf(b, 2), nvalid))) {
       for (int t = warp; t < ntiles; t += kWarps)
         fwd_tile<T, D, BIAS, ABIAS, ONE>(A, S, t, h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem, lane);
     } else {
@@ -518,8 +529,12 @@ cudaError_t window_attention_forward(const WindowAttentionParams& p, void* out, 
     return dispatch_b16(p.dtype, [&](auto tc) -> cudaError_t {
       using T = typename decltype(tc)::type;
       return dispatch_bias(p, [&](auto bias, auto ab) -> cudaError_t {
-        auto kernel = f.g.P == 1 ? wattn_fwd_kernel<T, D, decltype(bias)::value, decltype(ab)::value, true>
-                                 : wattn_fwd_kernel<T, D, decltype(bias)::value, decltype(ab)::value, false>;
+        constexpr int B = decltype(bias)::value;
+        constexpr bool AB = decltype(ab)::value;
+        auto kernel = p.logit_scale ? (f.g.P == 1 ? wattn_fwd_kernel<T, D, B, AB, true, true>
+                                                  : wattn_fwd_kernel<T, D, B, AB, false, true>)
+                                    : (f.g.P == 1 ? wattn_fwd_kernel<T, D, B, AB, true, false>
+                                                  : wattn_fwd_kernel<T, D, B, AB, false, false>);
         cudaError_t err = prepare_smem(kernel, f.L.total);
         if (err != cudaSuccess) return err;
         return MK_LAUNCH(kernel, grid, dim3(kThreads), f.L.total, stream, a);
