@@ -369,7 +369,8 @@ def test_segment_tails(case, dtype):
 @pytest.mark.parametrize("variant", ["nan_rows", "online", "cosine", "large_v", "huge_v"])
 def test_segment_tails_fallbacks_and_cosine(variant):
     # The 8-key tail block in the online walk (a tile whose fixed reference fails: scores x9 put later
-    # keys far above the probe's; NaN rows), next to NaN and fully masked rows, and in cosine mode. bf16
+    # keys far above the probe's; NaN rows: there a masked 16-key block at end - 8 takes such a tail), next
+    # to NaN and fully masked rows, and in cosine mode (its kernels: the 16-key block in both walks). bf16
     # V of 2^56 keeps the fixed reference with no O check (p <= 2^32 times it stays finite), V of 2^70
     # takes the exact path (v_unsafe), both with scores x9.
     win, sizes = (14, 14), [[88, 60, 48], [73, 75, 48], [7, 13, 176], [100, 96]]

@@ -197,7 +197,10 @@ __device__ __forceinline__ void store_tile(const float (&o)[D / 8][4], float mul
 }
 
 // One 16-row query tile of head h: O rows and lse. ONE: one-window packs (align_segments' layout).
-template <typename T, int D, int BIAS, bool ABIAS, bool ONE>
+// EIGHT: 8-key tail blocks (one_walk's Q = 8, 24) in their own loop; else the masked 16-key loop takes
+// them at end - 8 (keys past end: padding or other segments' slots, masked, below cap): the cosine
+// kernels, where the extra loop spills a few registers at 128 (sm_80 and sm_90).
+template <typename T, int D, int BIAS, bool ABIAS, bool ONE, bool EIGHT>
 __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int tile, int h, T* sq,
                                          const T* sk, const T* sv, int tab_byte, const unsigned char* smem,
                                          int lane) {
@@ -246,14 +249,24 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
       const int pm = P >> 5, nm32 = pm + (Q == 32);
 #pragma unroll 1
       for (int i = 0; i < nm32; ++i) block(Four{}, std::true_type{}, i < pm ? b0 + 32 * i : end - 32);
-      // Masked 16-key blocks: what is left of the prefix, then a 16-key suffix (Q = 16 or 24).
-      const int nm16 = ((P >> 4) & 1) + ((Q >> 4) & 1);
+      // Masked 16-key blocks: what is left of the prefix, then a 16-key suffix (Q = 16 or 24; !EIGHT: 16-key
+      // blocks from end - Q on, the last at end - 8).
+      constexpr bool E8 = EIGHT && F;  // the online walk (a fallback) never has the 8-key loop
+      const int p16 = (P >> 4) & 1, nm16 = p16 + ((Q >> 4) & 1) + (E8 ? 0 : (Q >> 3) & 1);
 #pragma unroll 1
-      for (int i = 0; i < nm16; ++i) block(Two{}, std::true_type{}, i == 0 && (P & 16) ? b0 + P - 16 : end - Q);
-      // A masked 8-key suffix (Q = 8 or 24): a segment's last 1..8 keys.
-      const int nm8 = (Q >> 3) & 1;
+      for (int i = 0; i < nm16; ++i)
+        block(Two{}, std::true_type{}, i == 0 && (P & 16) ? b0 + P - 16 : E8 ? end - Q : end - Q + 16 * (i - p16));
+      // A masked 8-key suffix (Q = 8 or 24): a segment's last 1..8 keys. The online walk takes them in a
+      // masked 16-key block at end - 8 instead (keys past end: padding or other segments' slots, masked,
+      // below cap = a multiple of 16): one block kind less there keeps sm_80 at 128 registers unspilled.
+      const int nm8 = E8 ? (Q >> 3) & 1 : 0;
 #pragma unroll 1
-      for (int i = 0; i < nm8; ++i) block(One{}, std::true_type{}, end - 8);
+      for (int i = 0; i < nm8; ++i) {
+        if constexpr (F)
+          block(One{}, std::true_type{}, end - 8);
+        else
+          block(Two{}, std::true_type{}, end - 8);
+      }
       // The unmasked middle in 64-key blocks (one max update, rescale vote and loop step per 64 keys
       // online), then at most one block of 32 and one of 16.
       const int m1 = hi;
@@ -335,10 +348,9 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
     inv[rr] = prim::rcp(l[rr]);
     lse[rr] = (m[rr] == -INFINITY ? 0.f : m[rr]) * G.scale + prim::lg2(l[rr]) * kLn2;
   }
-  if ((lane & 3) == 0) {
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr)
-      if (stored[rr]) A.lse[S.lrow[r0 + g + 8 * rr] + h * G.N] = lse[rr];
+  if ((lane & 3) < 2) {  // every lane of a quad holds both rows' lse: lane t = 0 stores row g, t = 1 row g + 8
+    const bool r8 = (lane & 1) != 0;
+    if (r8 ? stored[1] : stored[0]) A.lse[S.lrow[r0 + g + (r8 ? 8 : 0)] + h * G.N] = r8 ? lse[1] : lse[0];
   }
   store_tile<T, D>(o, inv[0], inv[1], sq + r0 * TL::kLD, static_cast<T*>(A.out) + h * D, G.C, S.tok + r0, stored, lane);
 }
@@ -386,12 +398,20 @@ __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, c
 }
 
 // ONE: the launch's packs hold one window each (G.P == 1): segments aligned to tiles when they fit.
-// COS: cosine mode (G.logit_scale set): a template flag, so that other launches carry no trace of it.
+// COS: cosine mode (G.logit_scale set): a template flag, so that other launches carry no trace of it (the
+// runtime test stays inside: with a compile-time branch the kernel spilled at 128 registers on sm_80).
 template <typename T, int D, int BIAS, bool ABIAS, bool ONE, bool COS>
 __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 : 1) wattn_fwd_kernel(const FwdArgs A) {
   using TL = Tile<T, D>;
   const Geo& G = A.g;
   const Layout& L = A.L;
+  // fwd_tile's 8-key tail loop: not in cosine kernels, nor below sm_90, where it spills a few registers at
+  // 128 (ptxas' allocation there; the masked 16-key loop takes those tails instead).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  constexpr bool kEight = false;
+#else
+  constexpr bool kEight = !COS;
+#endif
   MK_DYNAMIC_SMEM(smem);
   const Pack S(smem, L);
   const int pack = blockIdx.x / A.nhg, h0 = (blockIdx.x - pack * A.nhg) * A.hg, nh = imin(A.hg, G.nH - h0);
@@ -448,14 +468,14 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && BIAS != 2 ? 2 :
       float* tb = tab(b);
       box_entries(G, ey, ex, [&](int e) { tb[e] *= A.inv_scale; });
     }
-    if constexpr (COS) {  // cosine mode: q' = s_h q / |q|, k' = k / |k|, once per row (the barrier below orders it)
+    if (COS && G.logit_scale) {  // cosine: q' = s_h q/|q|, k' = k/|k| per row (the barrier below orders it)
       __syncthreads();
       normalize_rows<T, D, TL::kLD>(buf(b, 0), nvalid, head_scale(G.logit_scale, h), nullptr, 0);
       normalize_rows<T, D, TL::kLD>(buf(b, 1), nvalid, 1.f, nullptr, 0);
     }
     if (!__syncthreads_or(v_unsafe<T, D>(buf(b, 2), nvalid))) {
       for (int t = warp; t < ntiles; t += kWarps)
-        fwd_tile<T, D, BIAS, ABIAS, ONE>(A, S, t, h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem, lane);
+        fwd_tile<T, D, BIAS, ABIAS, ONE, kEight>(A, S, t, h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem, lane);
     } else {
       fwd_exact<T, D, BIAS, ABIAS>(A, S, h, buf(b, 0), buf(b, 1), buf(b, 2), tab_byte, smem);
     }

@@ -97,15 +97,13 @@ __device__ __forceinline__ bool v_unsafe(const T* src, int nrows) {
 // The head's whole table (BIAS 1), scaled to units of 1/scale on the way in: plain loads, four per
 // thread in flight (T < 4 kThreads whenever the window fits a CTA: (2rh-1)(2rw-1) < 4 rh rw <= 4N), then
 // the products stored; no cp.async and no second pass over shared memory. Published by a barrier.
+// Loads past T read entry T - 1 instead (unpredicated, never stored).
 __device__ __forceinline__ void load_table_scaled(float* tb, const float* rpb, int T, int nH, int h, float inv) {
 #pragma unroll 1
   for (int e0 = threadIdx.x; e0 < T; e0 += 4 * kThreads) {
     float v[4];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int e = e0 + k * kThreads;
-      v[k] = e < T ? __ldg(rpb + unsigned(e * nH + h)) : 0.f;
-    }
+    for (int k = 0; k < 4; ++k) v[k] = __ldg(rpb + unsigned(imin(e0 + k * kThreads, T - 1) * nH + h));
 #pragma unroll
     for (int k = 0; k < 4; ++k)
       if (e0 + k * kThreads < T) tb[e0 + k * kThreads] = v[k] * inv;
