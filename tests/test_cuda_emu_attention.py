@@ -364,6 +364,82 @@ def test_aligned_segment_packs_nan_and_masked_rows():
     assert_close_2x(out[ok], want[ok], same[ok])
 
 
+def _tail_group(window, sizes_list, seed=0):
+    """(B, wh, ww) int32 labels, one window per image: image b's window holds segments of sizes_list[b]
+    tokens (label i for segment i) at random positions."""
+    wh, ww = window
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.empty(len(sizes_list), wh * ww, dtype=torch.int32)
+    for b, sizes in enumerate(sizes_list):
+        assert sum(sizes) == wh * ww
+        lab = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32), torch.tensor(sizes))
+        g[b] = lab[torch.randperm(wh * ww, generator=gen)]
+    return g.reshape(-1, wh, ww)
+
+
+# One-window packs (window = image) whose segments end 1..15 keys into a 16-key block: a segment's last
+# 1..8 keys are an 8-key block of the walk (one_walk: Q = 8, or 24 after a masked prefix), 9..15 a
+# 16-key one. (name, window, segment sizes per image); the size mod 16 is the segment's tail.
+TAIL_CASES = [
+    # N 225 (cap 240: pads up to 15 fit the aligned layout): tails 1 | 0 (7 full blocks: odd middle),
+    # 3 | 14 | 0 (a 3-key segment: u = 0)
+    ("w15_tails_1_3_14", (15, 15), [[113, 112], [3, 14, 208]]),
+    # N 210 (cap 224): tails 2 | 0 (6 full blocks: even middle), 2 (3 full blocks) | 0
+    ("w14x15_tail_2", (14, 15), [[98, 112], [50, 160]]),
+    # N 196 (cap 208, pads up to 12): tails 8 | 12, 9 | 11, 5 | 15, 6 | 14, 7 | 13, 4 | 0
+    ("w14_tails_4_to_15", (14, 14), [[88, 60, 48], [73, 75, 48], [21, 95, 80], [6, 78, 112], [7, 13, 176],
+                                     [100, 96]]),
+    # rounded segments that do not fit (the prologue's layout): tiles inside the big segment have a masked
+    # prefix and an 8-key suffix (tails 2 and 4 with odd / even full blocks: Q = 8 and 24)
+    ("w14_unaligned", (14, 14), [[17, 17, 162], [17, 17, 146, 16]]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", TAIL_CASES, ids=lambda c: c[0])
+def test_segment_tails(case, dtype):
+    _, win, sizes = case
+    qkv, kw = _inputs(len(sizes), win[0], win[1], 2, 32, win, (0, 0), True, False, "none", dtype)
+    kw["group"] = _tail_group(win, sizes)
+    _check(qkv, 2, win, kw, backward=dtype == torch.bfloat16)  # the backward reads the forward's lse
+
+
+@pytest.mark.parametrize("variant", ["nan_rows", "online", "cosine", "large_v", "huge_v"])
+def test_segment_tails_fallbacks_and_cosine(variant):
+    # The 8-key tail block in the online walk (a tile whose fixed reference fails: scores x9 put later
+    # keys far above the probe's; NaN rows: there a masked 16-key block at end - 8 takes such a tail), next
+    # to NaN and fully masked rows, and in cosine mode (its kernels: the 16-key block in both walks). bf16
+    # V of 2^56 keeps the fixed reference with no O check (p <= 2^32 times it stays finite), V of 2^70
+    # takes the exact path (v_unsafe), both with scores x9.
+    win, sizes = (14, 14), [[88, 60, 48], [73, 75, 48], [7, 13, 176], [100, 96]]
+    dtype = torch.float16 if variant == "online" else torch.bfloat16
+    qkv, kw = _inputs(len(sizes), 14, 14, 2, 32, win, (0, 0), True, False, "none", dtype)
+    kw["group"] = _tail_group(win, sizes, seed=1)
+    if variant in ("online", "large_v", "huge_v"):
+        x = qkv.float()
+        x[..., :128] *= 3.0
+        x[..., 128:] *= {"online": 1.0, "large_v": 2.0 ** 56, "huge_v": 2.0 ** 70}[variant]
+        _check(x.to(dtype), 2, win, kw, backward=False)
+        return
+    if variant == "cosine":
+        ls = torch.tensor([2.0, 3.5])
+        c = E.Call(qkv, 2, win, (0, 0), kw["rel_pos_bias"], None, kw["group"], logit_scale=ls)
+        out, _ = c.forward()
+        want = ref.window_attention(qkv.double(), 2, win, logit_scale=ls.double(), **kw)
+        same = ref.window_attention(qkv, 2, win, logit_scale=ls.to(dtype), **kw)
+        assert_close_2x(out, want, same)
+        return
+    qkv[0, 3, 4, 40] = float("nan")  # head 1 of Q: one NaN row of image 0 (its tile walks again online)
+    kw["rel_pos_bias"][:, 0] = float("-inf")  # head 0: every row fully masked (NaN, lse -inf)
+    out, lse = _call(qkv, 2, win, kw).forward()
+    want = ref.window_attention(qkv.double(), 2, win, **kw)
+    assert torch.equal(torch.isnan(out), torch.isnan(want)) and torch.isnan(out[..., :32]).all()
+    assert torch.isneginf(lse[:, 0]).all() and int(torch.isnan(out[..., 32:]).sum()) == 32
+    ok = ~torch.isnan(want)
+    same = ref.window_attention(qkv, 2, win, **kw)
+    assert_close_2x(out[ok], want[ok], same[ok])
+
+
 @pytest.mark.parametrize("gain", [4.0, 12.0], ids=["x4", "x12"])
 def test_large_scores_move_the_softmax_reference(gain):
     # Scores spread over tens to hundreds of units: row maxima pass the forward's rescale threshold
@@ -375,9 +451,9 @@ def test_large_scores_move_the_softmax_reference(gain):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_fixed_reference_falls_back_online(dtype):
     # Window-14 tiles sum p against a fixed reference (the largest of the segment's first 8 keys) and
-    # walk again online when a stored row's sum of p leaves [LMIN, LMAX] (fp16: [0.5, 2^15]) or its O
-    # overflows: scores spread x9 put later keys ~10-20 units above the probe's (fp16 fails the
-    # sum check), and bf16 V near 2^113 makes p * v overflow fp32 while the sum check passes.
+    # walk again online when a stored row's sum of p leaves [LMIN, LMAX] (fp16: [0.5, 2^15]): scores
+    # spread x9 put later keys ~10-20 units above the probe's (fp16 fails the sum check). bf16 V near
+    # 2^113, whose p * v could overflow fp32 while the sum check passes, takes the exact path (v_unsafe).
     qkv, kw = _inputs(1, 28, 28, 2, 32, (14, 14), (0, 0), True, False, "shared", dtype)
     x = qkv.float()
     x[..., :128] *= 3.0  # q and k: scores x9

@@ -54,6 +54,28 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
 #endif
 }
 
+// D += A*B, mma.sync m16n8k8 (a k8 step: e.g. P@V over 8 keys), fp32 accumulators; T is __half or
+// __nv_bfloat16. Fragments (PTX ISA "Matrix Fragments for mma.m16n8k8", .f16/.bf16), lane = 4g + t:
+//   A (16x8 row):  a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..2t+1]
+//   B (8x8 col):   b0 = B[k=2t..2t+1][n=g]
+//   C/D:           as m16n8k16
+template <typename T>
+__device__ __forceinline__ void mma1688(float (&c)[4], const uint32_t (&a)[2], uint32_t b0) {
+#if defined(MIXKERNELS_SIMT_EMU)
+  mma1688_emu(c, a, b0, std::is_same_v<T, __nv_bfloat16>);
+#else
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(b0));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(b0));
+  }
+#endif
+}
+
 // ldmatrix.sync.aligned.m8n8.x{2,4}[.trans].shared.b16. Lanes 8i..8i+7 give the (16-byte aligned)
 // addresses of rows 0..7 of matrix i; lane 4g+t receives in r[i]: M_i[g][2t..2t+1] (plain) or
 // M_i[2t][g], M_i[2t+1][g] (.trans), the first element in the low half.
@@ -153,23 +175,35 @@ __device__ __forceinline__ float rcp(float x) {
 #endif
 }
 
-// acc' = w * 0 + acc on two packed 16-bit floats (T = __half or __nv_bfloat16), bits in and out:
-// with acc = +-0, a half of the result is NaN iff that half of w is NaN or Inf (else +-0).
+// a * b + c on two packed 16-bit floats (T = __half or __nv_bfloat16; fma.rn), bits in and out. E.g.
+// w * 0 + acc from acc = +-0: a half is NaN iff that half of w is NaN or Inf (else +-0); w * w + acc from
+// acc = +0: non-negative sums, a half Inf or NaN iff that half of some w was NaN, Inf or its square overflowed.
 template <typename T>
-__device__ __forceinline__ uint32_t fma0_b16x2(uint32_t w, uint32_t acc) {
+__device__ __forceinline__ uint32_t fma_b16x2(uint32_t a, uint32_t b, uint32_t c) {
 #if defined(MIXKERNELS_SIMT_EMU)
-  uint32_t r = acc;
+  constexpr bool bf = std::is_same_v<T, __nv_bfloat16>;
+  uint32_t r = 0;
   for (int k = 0; k < 2; ++k) {
-    const float x = ::emu::b16_to_float(static_cast<uint16_t>(w >> (16 * k)), std::is_same_v<T, __nv_bfloat16>);
-    if (!std::isfinite(x)) r |= 0x7fffu << (16 * k);  // a NaN half
+    auto x = [&](uint32_t w) { return double(::emu::b16_to_float(static_cast<uint16_t>(w >> (16 * k)), bf)); };
+    const double e = x(a) * x(b) + x(c);  // exact for b16 inputs (or Inf / NaN): one rounding below
+    const float f = std::fabs(e) >= 0x1p128 ? float(e > 0 ? INFINITY : -INFINITY) : float(e);
+    uint16_t h;
+    if constexpr (bf) {
+      const __nv_bfloat16 v = __float2bfloat16_rn(f);
+      std::memcpy(&h, &v, 2);
+    } else {
+      const __half v = __float2half_rn(f);
+      std::memcpy(&h, &v, 2);
+    }
+    r |= uint32_t(h) << (16 * k);
   }
   return r;
 #else
   uint32_t r;
   if constexpr (std::is_same_v<T, __half>)
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(w), "r"(0u), "r"(acc));
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
   else
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(w), "r"(0u), "r"(acc));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
   return r;
 #endif
 }

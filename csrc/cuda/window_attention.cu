@@ -20,7 +20,8 @@
 //
 // NaN/Inf: scores, biases and masks follow the reference as they are (masked pairs are -inf by
 // select). Only non-finite V can reach a row through a *masked* key (0 * Inf = NaN in the
-// reference's P @ V); a head whose V holds any is recomputed exactly, one row per thread.
+// reference's P @ V); a head whose V holds any (or, bf16, |v| >~ 2^62, which p <= 2^32 of a fixed
+// reference could overflow) is recomputed exactly, one row per thread.
 // A row whose allowed keys are all -inf gives NaN (l = 0), as the reference does.
 #include <climits>
 #include <cstdlib>
@@ -206,7 +207,10 @@ __device__ __forceinline__ void store_tile(const float (&o)[D / 8][4], float mul
 
 // One 16-row query tile of head h: O rows and lse. ONE: one-window packs (align_segments' layout).
 // cen_byte: the head's table center entry (row_info).
-template <typename T, int D, int BIAS, bool ABIAS, bool ONE>
+// EIGHT: 8-key tail blocks (one_walk's Q = 8, 24) in their own loop; else the masked 16-key loop takes
+// them at end - 8 (keys past end: padding or other segments' slots, masked, below cap): the cosine
+// kernels, where the extra loop spills a few registers at 128 (sm_80 and sm_90).
+template <typename T, int D, int BIAS, bool ABIAS, bool ONE, bool EIGHT>
 __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int tile, int h, T* sq,
                                          const T* sk, const T* sv, int cen_byte, const unsigned char* smem,
                                          int lane) {
@@ -231,6 +235,7 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
   using Eight = std::integral_constant<int, 8>;
   using Four = std::integral_constant<int, 4>;
   using Two = std::integral_constant<int, 2>;
+  using One = std::integral_constant<int, 1>;
   // Rows of the tile that are stored (the rest: padding, never checked or stored).
   bool stored[2];
 #pragma unroll
@@ -240,8 +245,8 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
   }
   if constexpr (ONE) {
     // The walk (one_walk): a masked prefix [b0, b0 + P), the unmasked middle [lo, hi) = [b0 + P, end - Q)
-    // and a masked suffix [end - Q, end), each block kind in its own loop (block order is free in the
-    // sums). FIXED: against the probe's reference, else online (max and rescale).
+    // and a masked suffix [end - Q, end) (Q: 32, 16, 16 + 8 or 8), each block kind in its own loop (block
+    // order is free in the sums). FIXED: against the probe's reference, else online (max and rescale).
     const int P = un >> 8, Q = un & 255, b0 = lo - P, end = hi + Q;
     float nb[2];
     auto walk = [&](auto fixed) {
@@ -254,10 +259,24 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
       const int pm = P >> 5, nm32 = pm + (Q == 32);
 #pragma unroll 1
       for (int i = 0; i < nm32; ++i) block(Four{}, std::true_type{}, i < pm ? b0 + 32 * i : end - 32);
-      // Masked 16-key blocks: what is left of the prefix, then a 16-key suffix.
-      const int nm16 = ((P >> 4) & 1) + (Q == 16);
+      // Masked 16-key blocks: what is left of the prefix, then a 16-key suffix (Q = 16 or 24; !EIGHT: 16-key
+      // blocks from end - Q on, the last at end - 8).
+      constexpr bool E8 = EIGHT && F;  // the online walk (a fallback) never has the 8-key loop
+      const int p16 = (P >> 4) & 1, nm16 = p16 + ((Q >> 4) & 1) + (E8 ? 0 : (Q >> 3) & 1);
 #pragma unroll 1
-      for (int i = 0; i < nm16; ++i) block(Two{}, std::true_type{}, i == 0 && (P & 16) ? b0 + P - 16 : end - 16);
+      for (int i = 0; i < nm16; ++i)
+        block(Two{}, std::true_type{}, i == 0 && (P & 16) ? b0 + P - 16 : E8 ? end - Q : end - Q + 16 * (i - p16));
+      // A masked 8-key suffix (Q = 8 or 24): a segment's last 1..8 keys. The online walk takes them in a
+      // masked 16-key block at end - 8 instead (keys past end: padding or other segments' slots, masked,
+      // below cap = a multiple of 16): one block kind less there keeps sm_80 at 128 registers unspilled.
+      const int nm8 = E8 ? (Q >> 3) & 1 : 0;
+#pragma unroll 1
+      for (int i = 0; i < nm8; ++i) {
+        if constexpr (F)
+          block(One{}, std::true_type{}, end - 8);
+        else
+          block(Two{}, std::true_type{}, end - 8);
+      }
       // The unmasked middle in 64-key blocks (one max update, rescale vote and loop step per 64 keys
       // online), then at most one block of 32 and one of 16.
       const int m1 = hi;
@@ -273,9 +292,9 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
     };
     // Softmax against a fixed reference per row: the largest score over the segment's first 8 keys
     // (fwd_probe), p = exp2(s c - ref c) summed with no running max and no rescale. Kept when every
-    // stored row's sum of p lies in [LMIN, LMAX] and its O is finite: p <= LMAX stays within the
-    // input type (fp16: 2^15), and a p > 1 times a large |v| that overflows O shows as Inf. Otherwise
-    // (a key far above the probe's, NaN/Inf, a row with no allowed probe key, huge V) the tile walks
+    // stored row's sum of p lies in [LMIN, LMAX]: p <= LMAX stays within the input type (fp16: 2^15),
+    // and O = sum p v stays finite for the V that reach here (v_unsafe: fp16 finite, bf16 |v| < 2^64).
+    // Otherwise (a key far above the probe's, NaN/Inf, a row with no allowed probe key) the tile walks
     // again online (p <= 1), as before.
     constexpr bool kHalf = std::is_same<T, __half>::value;
     constexpr float kLmin = kHalf ? 0.5f : 0x1p-32f, kLmax = kHalf ? 0x1p15f : 0x1p32f;
@@ -289,14 +308,11 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) nb[rr] = -(m[rr] == -INFINITY ? 0.f : m[rr]) * c;
         walk(std::true_type{});  // fixed reference
+        // (O needs no check: v_unsafe sent V that p <= LMAX could overflow to fwd_exact, and a NaN p
+        // is a NaN l.)
         bool bad = false;
 #pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-          float z = 0.f;  // NaN iff some O entry of the row is NaN/Inf
-#pragma unroll
-          for (int dj = 0; dj < D / 8; ++dj) z = fmaf(o[dj][2 * rr + 1], 0.f, fmaf(o[dj][2 * rr], 0.f, z));
-          bad |= stored[rr] && !(l[rr] >= kLmin && l[rr] <= kLmax && z == 0.f);
-        }
+        for (int rr = 0; rr < 2; ++rr) bad |= stored[rr] && !(l[rr] >= kLmin && l[rr] <= kLmax);
         if (!__any_sync(kFull, bad)) break;
       } else {
         m[0] = m[1] = -INFINITY;
@@ -342,16 +358,16 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
     inv[rr] = prim::rcp(l[rr]);
     lse[rr] = (m[rr] == -INFINITY ? 0.f : m[rr]) * G.scale + prim::lg2(l[rr]) * kLn2;
   }
-  if ((lane & 3) == 0) {
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr)
-      if (stored[rr]) A.lse[S.lrow[r0 + g + 8 * rr] + h * G.N] = lse[rr];
+  if ((lane & 3) < 2) {  // every lane of a quad holds both rows' lse: lane t = 0 stores row g, t = 1 row g + 8
+    const bool r8 = (lane & 1) != 0;
+    if (r8 ? stored[1] : stored[0]) A.lse[S.lrow[r0 + g + (r8 ? 8 : 0)] + h * G.N] = r8 ? lse[1] : lse[0];
   }
   store_tile<T, D>(o, inv[0], inv[1], sq + r0 * TL::kLD, static_cast<T*>(A.out) + h * D, G.C, S.tok + r0, stored, lane);
 }
 
-// The exact path for a head whose V holds NaN/Inf: every row over all keys of its window, masked
-// keys with probability 0 (so 0 * NaN = NaN reaches the output as in the reference). Slow; rare.
+// The exact path for a head whose V holds NaN/Inf (or huge bf16 values: v_unsafe): every row over all
+// keys of its window, masked keys with probability 0 (so 0 * NaN = NaN reaches the output as in the
+// reference). Slow; rare.
 // Also the whole-table fallback of a coords pack whose box exceeds the plan's tmax entries (glob: the
 // bias read from the (T, nH) table in global memory, the slots' full-table positions kept, rule 3's
 // range test per pair); otherwise the bias comes from the head's table in shared memory (cen_byte).
@@ -406,13 +422,22 @@ __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, c
 
 // The items [it0, it1) of pack `pack` (all threads; after the previous pack's last barrier, which freed
 // every shared array): prologue (PLAN: the pack position's plan, A.plan; window_attention_fwd_pack.cuh),
-// coords box, then its heads.
-template <typename T, int D, int BIAS, bool ABIAS, bool ONE, bool PLAN>
+// coords box, then its heads. COS: cosine mode (G.logit_scale set), a template flag so that other
+// launches carry no trace of it (the runtime test stays inside: with a compile-time branch the kernel
+// spilled at 128 registers on sm_80).
+template <typename T, int D, int BIAS, bool ABIAS, bool ONE, bool PLAN, bool COS>
 __device__ __forceinline__ void fwd_pack(const FwdArgs& A, unsigned char* smem, const Pack& S, int pack, int it0,
                                          int it1) {
   using TL = Tile<T, D>;
   const Geo& G = A.g;
   const Layout& L = A.L;
+  // fwd_tile's 8-key tail loop: not in cosine kernels, nor below sm_90, where it spills a few registers at
+  // 128 (ptxas' allocation there; the masked 16-key loop takes those tails instead).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  constexpr bool kEight = false;
+#else
+  constexpr bool kEight = !COS;
+#endif
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   // 32-bit shared-memory offsets (the layout's fields are size_t)
   const unsigned ops = unsigned(L.ops), bstride = unsigned(L.buf_stride), tbytes = unsigned(L.tile_bytes);
@@ -451,8 +476,10 @@ __device__ __forceinline__ void fwd_pack(const FwdArgs& A, unsigned char* smem, 
   const int rw2 = 2 * G.rw - 1;
   auto issue = [&](int h, int b) {
     load_qkv_async<T, D, ONE>(buf(b, 0), L.tile_bytes, qkv + h * D, G.C, S.tok, nvalid);
-    float* tb = tab(b);
-    if constexpr (BIAS == 2) {  // box entries: in the table's range (column and row) or 0 (rule 3)
+    if constexpr (BIAS == 1) {
+      load_table_scaled(tab(b), G.rpb, G.T, G.nH, h, A.inv_scale);
+    } else if constexpr (BIAS == 2) {  // box entries: in the table's range (column and row) or 0 (rule 3)
+      float* tb = tab(b);
       if (boxed)
         box_entries(bx, [&](int e, int g, int c) {  // fwd box load
           if (unsigned(c - bx.ex + G.rw - 1) < unsigned(rw2) && unsigned(g) < unsigned(G.T))
@@ -460,8 +487,6 @@ __device__ __forceinline__ void fwd_pack(const FwdArgs& A, unsigned char* smem, 
           else
             tb[e] = 0.f;
         });
-    } else {
-      table_entries<BIAS>(G, [&](int e) { prim::cp_async<4>(tb + e, G.rpb + unsigned(e * G.nH + h)); });
     }
     prim::cp_async_commit();
   };
@@ -476,20 +501,18 @@ __device__ __forceinline__ void fwd_pack(const FwdArgs& A, unsigned char* smem, 
     else
       prim::cp_async_wait<0>();
     const int cen_byte = static_cast<int>(tab0 + b * tstride) + 4 * center;
-    float* tb = tab(b);  // this thread's entries landed: to units of 1/scale (published by the barrier below)
-    if constexpr (BIAS == 2) {
+    if constexpr (BIAS == 2) {  // this thread's entries landed: to units of 1/scale (published by the barrier below)
+      float* tb = tab(b);
       if (boxed) box_entries(bx, [&](int e, int) { tb[e] *= A.inv_scale; });  // fwd box scale
-    } else {
-      table_entries<BIAS>(G, [&](int e) { tb[e] *= A.inv_scale; });
     }
-    if (G.logit_scale) {  // cosine mode: q' = s_h q / |q|, k' = k / |k|, once per row (the barrier below orders it)
+    if (COS && G.logit_scale) {  // cosine: q' = s_h q/|q|, k' = k/|k| per row (the barrier below orders it)
       __syncthreads();
       normalize_rows<T, D, TL::kLD>(buf(b, 0), nvalid, head_scale(G.logit_scale, h), nullptr, 0);
       normalize_rows<T, D, TL::kLD>(buf(b, 1), nvalid, 1.f, nullptr, 0);
     }
-    if (!__syncthreads_or(v_nonfinite<T, D>(buf(b, 2), nvalid)) && boxed) {
+    if (!__syncthreads_or(v_unsafe<T, D>(buf(b, 2), nvalid)) && boxed) {
       for (int t = warp; t < ntiles; t += kWarps)
-        fwd_tile<T, D, BIAS, ABIAS, ONE>(A, S, t, h, buf(b, 0), buf(b, 1), buf(b, 2), cen_byte, smem, lane);
+        fwd_tile<T, D, BIAS, ABIAS, ONE, kEight>(A, S, t, h, buf(b, 0), buf(b, 1), buf(b, 2), cen_byte, smem, lane);
     } else {
       fwd_exact<T, D, BIAS, ABIAS>(A, S, h, buf(b, 0), buf(b, 1), buf(b, 2), cen_byte, smem, !boxed);
     }
@@ -505,8 +528,9 @@ __device__ __forceinline__ void fwd_pack(const FwdArgs& A, unsigned char* smem, 
 // CTA per SM (the launch bound of two spills them). The first pack is peeled off the pack loop: ptxas
 // then issues its first head's Q/K/V rows as one batch (inside a loop it branches per row step, and the
 // static model counts a third of the loads in flight).
-// PLAN: the packs' slots and tiles come from their positions' plans (A.plan), not the prologue.
-template <typename T, int D, int BIAS, bool ABIAS, bool ONE, bool PLAN>
+// PLAN: the packs' slots and tiles come from their positions' plans (A.plan), not the prologue. COS:
+// cosine mode (fwd_pack).
+template <typename T, int D, int BIAS, bool ABIAS, bool ONE, bool PLAN, bool COS>
 __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && !(BIAS == 2 && ONE) ? 2 : 1)
     wattn_fwd_kernel(const FwdArgs A) {
   constexpr bool kWalk = BIAS == 2;
@@ -514,10 +538,10 @@ __global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && !(BIAS == 2 && 
   const Pack S(smem, A.L);
   const int it0 = int(blockIdx.x) * A.ipc, it1 = imin(it0 + A.ipc, A.g.npacks * A.g.nH);
   int pack = it0 / A.g.nH;
-  fwd_pack<T, D, BIAS, ABIAS, ONE, PLAN>(A, smem, S, pack, it0, it1);
+  fwd_pack<T, D, BIAS, ABIAS, ONE, PLAN, COS>(A, smem, S, pack, it0, it1);
   if constexpr (kWalk) {
 #pragma unroll 1
-    for (++pack; pack * A.g.nH < it1; ++pack) fwd_pack<T, D, BIAS, ABIAS, ONE, PLAN>(A, smem, S, pack, it0, it1);  // fwd packs
+    for (++pack; pack * A.g.nH < it1; ++pack) fwd_pack<T, D, BIAS, ABIAS, ONE, PLAN, COS>(A, smem, S, pack, it0, it1);  // fwd packs
   }
 }
 
@@ -592,6 +616,9 @@ FwdPlan plan_forward(const WindowAttentionParams& p) {
   f.g = make_geo(p, pick_pack(N, nwin));
   const int limit = smem_limit();
   const bool box = p.rpb != nullptr && p.coords != nullptr;  // dispatch_bias' mode 2
+  // One-window coords kernels at head_dim 128 spill on sm_90 (ptxas, even at 255 registers): the
+  // legacy kernels take those calls, and the dispatch below does not build them (kOneCoords).
+  if (box && f.g.P == 1 && p.d > 64) return f;
   // More items per CTA share the prologue; fewer fill the SMs evenly (items_per_cta; ranges over
   // several packs only for coords calls, the kernels that walk them: kWalk).
   f.ipc = box ? items_per_cta(f.g.npacks, p.nH, sm_count()) : heads_per_cta(f.g.npacks, p.nH, sm_count());
@@ -668,10 +695,19 @@ cudaError_t window_attention_forward(const WindowAttentionParams& p, void* out, 
                           static_cast<int4*>(workspace));
           if (err != cudaSuccess) return err;
         }
-        auto kernel = f.g.P == 1 ? (use_plan ? wattn_fwd_kernel<T, D, BIAS, AB, true, true>
-                                             : wattn_fwd_kernel<T, D, BIAS, AB, true, false>)
-                                 : (use_plan ? wattn_fwd_kernel<T, D, BIAS, AB, false, true>
-                                             : wattn_fwd_kernel<T, D, BIAS, AB, false, false>);
+        constexpr bool kOneCoords = !(BIAS == 2 && D > 64);  // plan_forward: legacy there
+        auto pick = [&](auto cos) {  // one kernel type: void(const FwdArgs)
+          constexpr bool C = decltype(cos)::value;
+          auto many = use_plan ? wattn_fwd_kernel<T, D, BIAS, AB, false, true, C>
+                               : wattn_fwd_kernel<T, D, BIAS, AB, false, false, C>;
+          if constexpr (kOneCoords)
+            return f.g.P == 1 ? (use_plan ? wattn_fwd_kernel<T, D, BIAS, AB, true, true, C>
+                                          : wattn_fwd_kernel<T, D, BIAS, AB, true, false, C>)
+                              : many;
+          else
+            return many;
+        };
+        auto kernel = p.logit_scale ? pick(std::true_type{}) : pick(std::false_type{});
         cudaError_t err = prepare_smem(kernel, f.L.total);
         if (err != cudaSuccess) return err;
         return MK_LAUNCH(kernel, grid, dim3(kThreads), f.L.total, stream, a);

@@ -123,6 +123,28 @@ __device__ __forceinline__ void pack_frag(uint32_t (&a)[4], const float (&p)[2][
   a[3] = pack2<T>(p[1][2], p[1][3]);
 }
 
+// c += A * B for one m16k8 A fragment `a` (16 rows x 8 k) and the 8 rows of B at `B` (length D, pitch
+// Tile::kLD): m16n8k8 steps, one per 8 columns (an odd last n-tile of P, e.g. an 8-key block).
+template <typename T, int D>
+__device__ __forceinline__ void accum_frag8(float (&c)[D / 8][4], const uint32_t (&a)[2], const T* B, int lane) {
+  constexpr int LD = Tile<T, D>::kLD;
+  if constexpr (D == 16) {
+    uint32_t r[2];  // matrix i: B rows 0-7, cols 8i..8i+7, transposed: b0 of n-tile i
+    prim::ldsm_x2_trans(r, B + (lane & 7) * LD + 8 * ((lane >> 3) & 1));
+    prim::mma1688<T>(c[0], a, r[0]);
+    prim::mma1688<T>(c[1], a, r[1]);
+  } else {
+    const T* rows = B + (lane & 7) * LD + 8 * (lane >> 3);
+#pragma unroll
+    for (int q = 0; q < D / 32; ++q) {
+      uint32_t r[4];  // matrix i: B rows 0-7, cols 32q + 8i.., transposed: b0 of n-tile 4q + i
+      prim::ldsm_x4_trans(r, rows + 32 * q);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) prim::mma1688<T>(c[4 * q + i], a, r[i]);
+    }
+  }
+}
+
 template <typename T, int D, int NT>
 __device__ __forceinline__ void accum(float (&c)[D / 8][4], const float (&p)[NT][4], const T* B, int lane) {
   constexpr int LD = Tile<T, D>::kLD;
@@ -131,6 +153,10 @@ __device__ __forceinline__ void accum(float (&c)[D / 8][4], const float (&p)[NT]
     uint32_t a[4];
     pack_frag<T>(a, *reinterpret_cast<const float(*)[2][4]>(p + 2 * kk));
     accum_frag<T, D>(c, a, B + 16 * kk * LD, lane);
+  }
+  if constexpr (NT & 1) {  // an odd last n-tile: one m16k8 A fragment
+    const uint32_t a[2] = {pack2<T>(p[NT - 1][0], p[NT - 1][1]), pack2<T>(p[NT - 1][2], p[NT - 1][3])};
+    accum_frag8<T, D>(c, a, B + 8 * (NT - 1) * LD, lane);
   }
 }
 

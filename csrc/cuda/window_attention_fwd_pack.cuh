@@ -8,31 +8,40 @@
 namespace mixkernels::cuda {
 namespace wattn {
 
-// Q, K, V rows of one head (the forward's per-head load): slot r <- token tok[r], 16-byte cp.async.
-// Thread t moves chunk t % CPR of rows t / CPR + k * (kThreads / CPR), k < CPR: unrolled, since CPR
-// steps cover the 256 slots a pack can hold (no loop, one token lookup per row for the three).
+// The forward's per-head row map: two threads per slot, slots t / 2 and t / 2 + 128 of thread t (the 256
+// a pack can hold), thread t taking 16-byte chunks t % 2 + 2j, j < CPR / 2, of each: a lane pair covers
+// one 32-byte sector per instruction, and a thread's chunks of a row are 32 bytes apart (immediate
+// offsets from one address per operand).
+constexpr int kRowStep = kThreads / 2;
+
+// Q, K, V rows of one head (the forward's per-head load): slot r <- token tok[r], 16-byte cp.async in
+// the map above: unrolled, one token lookup and one global address per row and operand (was one per
+// 16-byte chunk: a thread per chunk).
 // PAD: slots with tok < 0 inside [0, nrows) (aligned one-window packs) are skipped.
 template <typename T, int D, bool PAD>
 __device__ __forceinline__ void load_qkv_async(T* dst, size_t tile_stride, const T* base, int C, const int* tok,
                                                int nrows) {
   using TL = Tile<T, D>;
-  constexpr int kStep = kThreads / TL::kCPR;
-  const int part = threadIdx.x % TL::kCPR, r0 = threadIdx.x / TL::kCPR;
+  static_assert(TL::kCPR % 2 == 0, "two threads per row");
+  const int half = threadIdx.x & 1, r0 = threadIdx.x >> 1;
   const uint4* src = reinterpret_cast<const uint4*>(base);
   const unsigned rs = unsigned(3 * C / TL::kE), oc = unsigned(C / TL::kE);
   const size_t ts = tile_stride / sizeof(T);
 #pragma unroll
-  for (int k = 0; k < TL::kCPR; ++k) {
-    const int r = r0 + k * kStep;
+  for (int k = 0; k < kThreads / kRowStep; ++k) {
+    const int r = r0 + k * kRowStep;
     const int t = r < nrows ? tok[r] : -1;
     if (PAD ? t >= 0 : r < nrows) {  // padding slots stay zero
       // 32-bit 16-byte offsets (the binding keeps qkv under 64 GB, i.e. 2^32 chunks): one
       // IMAD.WIDE.U32 per operand instead of 64-bit shifts and adds.
-      const unsigned o = unsigned(t) * rs + unsigned(part);
-      T* d = dst + r * TL::kLD + part * TL::kE;
-      prim::cp_async<16>(d, src + o);
-      prim::cp_async<16>(d + ts, src + (o + oc));
-      prim::cp_async<16>(d + 2 * ts, src + (o + 2 * oc));
+      const unsigned o = unsigned(t) * rs + unsigned(half);
+      T* d = dst + r * TL::kLD + half * TL::kE;
+#pragma unroll
+      for (int op = 0; op < 3; ++op) {
+        const uint4* s = src + (o + unsigned(op) * oc);
+#pragma unroll
+        for (int j = 0; j < TL::kCPR / 2; ++j) prim::cp_async<16>(d + op * ts + 2 * j * TL::kE, s + 2 * j);
+      }
     }
   }
 }
@@ -52,35 +61,52 @@ __device__ __forceinline__ void zero_padding(T* tile0, int ntiles, size_t tile_b
   }
 }
 
-// Whether any element of the chunks this thread loaded into rows [0, nrows) of a tile (the map of
-// load_qkv_async) is NaN/Inf: x * 0 is NaN exactly for those, one packed FMA per two elements.
+// Whether V needs the exact path: some element of the chunks this thread loaded into rows [0, nrows) of a
+// tile (the map of load_qkv_async) is NaN/Inf or, bf16, so large that the fixed-reference sums could
+// overflow. fp16: x * 0 is NaN exactly for NaN/Inf (finite fp16 |v| < 2^16 and p <= 2^15 keep O finite);
+// bf16: the sum of squares (non-negative: no cancellation) is Inf/NaN iff some x is, or |x| >~ 2^62
+// (below that, |O| <= l max|v| <= 2^32 * 2^64 is finite). One packed FMA per two elements either way.
 template <typename T, int D>
-__device__ __forceinline__ bool v_nonfinite(const T* src, int nrows) {
+__device__ __forceinline__ bool v_unsafe(const T* src, int nrows) {
   using TL = Tile<T, D>;
-  constexpr int kStep = kThreads / TL::kCPR;
-  const int part = threadIdx.x % TL::kCPR, r0 = threadIdx.x / TL::kCPR;
+  constexpr bool kBf = std::is_same<T, __nv_bfloat16>::value;
+  const int half = threadIdx.x & 1, r0 = threadIdx.x >> 1;
   uint32_t acc = 0;
 #pragma unroll
-  for (int k = 0; k < TL::kCPR; ++k) {
-    const int r = r0 + k * kStep;
+  for (int k = 0; k < kThreads / kRowStep; ++k) {
+    const int r = r0 + k * kRowStep;
     if (r < nrows) {
-      const uint4 v = *reinterpret_cast<const uint4*>(src + r * TL::kLD + part * TL::kE);
-      acc = prim::fma0_b16x2<T>(v.x, acc);
-      acc = prim::fma0_b16x2<T>(v.y, acc);
-      acc = prim::fma0_b16x2<T>(v.z, acc);
-      acc = prim::fma0_b16x2<T>(v.w, acc);
+#pragma unroll
+      for (int j = 0; j < TL::kCPR / 2; ++j) {
+        const uint4 v = *reinterpret_cast<const uint4*>(src + r * TL::kLD + (half + 2 * j) * TL::kE);
+        acc = prim::fma_b16x2<T>(v.x, kBf ? v.x : 0u, acc);
+        acc = prim::fma_b16x2<T>(v.y, kBf ? v.y : 0u, acc);
+        acc = prim::fma_b16x2<T>(v.z, kBf ? v.z : 0u, acc);
+        acc = prim::fma_b16x2<T>(v.w, kBf ? v.w : 0u, acc);
+      }
     }
   }
-  return (acc & 0x7fff7fffu) != 0;  // +-0 unless some product was NaN
+  if constexpr (kBf) {  // a half's exponent all ones: Inf or NaN
+    const uint32_t e = acc & 0x7f807f80u;
+    return (e & 0xffffu) == 0x7f80u || (e >> 16) == 0x7f80u;
+  } else {
+    return (acc & 0x7fff7fffu) != 0;  // +-0 unless some product was NaN
+  }
 }
 
-// The table entries a head of the pack reads (BIAS 1: all T), f(i) for each of this thread's. The same
-// map loads (cp.async) and then scales (1/scale) an entry. Coords calls: box_entries (window_attention_box.cuh).
-template <int BIAS, typename F>
-__device__ __forceinline__ void table_entries(const Geo& G, F&& f) {
-  if constexpr (BIAS == 1) {
+// The head's whole table (BIAS 1), scaled to units of 1/scale on the way in: plain loads, four per
+// thread in flight (T < 4 kThreads whenever the window fits a CTA: (2rh-1)(2rw-1) < 4 rh rw <= 4N), then
+// the products stored; no cp.async and no second pass over shared memory. Published by a barrier.
+// Loads past T read entry T - 1 instead (unpredicated, never stored).
+__device__ __forceinline__ void load_table_scaled(float* tb, const float* rpb, int T, int nH, int h, float inv) {
 #pragma unroll 1
-    for (int i = threadIdx.x; i < G.T; i += kThreads) f(i);
+  for (int e0 = threadIdx.x; e0 < T; e0 += 4 * kThreads) {
+    float v[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = __ldg(rpb + unsigned(imin(e0 + k * kThreads, T - 1) * nH + h));
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      if (e0 + k * kThreads < T) tb[e0 + k * kThreads] = v[k] * inv;
   }
 }
 
@@ -89,19 +115,24 @@ __device__ __forceinline__ void table_entries(const Geo& G, F&& f) {
 // [b0, b0 + P), unmasked middle and masked suffix [end - Q, end) of [b0, end) = [lo & ~15, round16(hi)).
 // Tiles whose rows span segments: all masked. One-segment tiles: only the 16 keys at an end that is not
 // 16-aligned need the mask; an end grows to 32 when that leaves the middle an even number of 16-key
-// blocks (few 16-key blocks: their fixed cost is that of 32).
+// blocks (few 16-key blocks: their fixed cost is that of 32). A last 16 keys holding 1..8 of the
+// segment's end in 8 instead (Q = 8, or 24: 16 + 8; the walk ends at round8(hi)): half its pairs, and
+// an odd middle then takes an unmasked 16-key block rather than growing the end to 32.
 __device__ __forceinline__ int3 one_walk(int lo, int hi, bool uni) {
-  const int b0 = lo & ~15, end = round16(hi);
+  const int b0 = lo & ~15;
+  int end = round16(hi);
   int P = end - b0, Q = 0;
   if (uni) {
     const int L = round16(lo), R = imax(L, hi & ~15), u = (R - L) >> 4;
+    const bool eight = unsigned((hi & 15) - 1) < 8u;  // the segment's last 16-key block holds 1..8 keys
     P = L - b0;
     Q = end - R;
     if (u & 1) {
-      if (P) P += 16; else if (Q) Q += 16;
+      if (P) P += 16; else if (Q && !eight) Q += 16;
     } else if (P && Q) {
       if (u) P += 16, Q += 16; else P = 32, Q = 0;  // u = 0: head and tail are one 32-key block
     }
+    if (eight && Q) Q -= 8, end -= 8;
   }
   return make_int3(b0 + P, end - Q, P << 8 | Q);
 }

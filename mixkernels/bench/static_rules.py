@@ -300,12 +300,15 @@ CUDA_RULES: List[Rule] = [
     *[Rule(w, lambda c: 0.0, "one-window tile's online walk: only after the probe's reference fails a row "
            "(never at the model's inputs)", via=r"online fallback walk", kernel=_FUSED)
       for w in (r"for \(int i = 0; i < nm32; \+\+i\)", r"for \(int i = 0; i < nm16; \+\+i\)",
+                r"for \(int i = 0; i < nm8; \+\+i\)",
                 r"for \(; kb \+ 64 <= m1; kb \+= 64\)", r"for \(; kb \+ 32 <= m1; kb \+= 32\)",
                 r"for \(; kb < m1; kb \+= 16\)")],
     Rule(r"for \(int i = 0; i < nm32; \+\+i\)", _fz(lambda w, c: w["c32"][(32, True)] / w["ftiles"]),
          "masked 32-key blocks per query tile (segment ranges, emulated)", kernel=_FUSED),
     Rule(r"for \(int i = 0; i < nm16; \+\+i\)", _fz(lambda w, c: w["c32"][(16, True)] / w["ftiles"]),
          "masked 16-key blocks per query tile (segment ranges, emulated)", kernel=_FUSED),
+    Rule(r"for \(int i = 0; i < nm8; \+\+i\)", _fz(lambda w, c: w["c32"][(8, True)] / w["ftiles"]),
+         "masked 8-key blocks per query tile: a segment's last 1..8 keys (segment ranges, emulated)", kernel=_FUSED),
     Rule(r"for \(; kb \+ 64 <= m1; kb \+= 64\)", _fz(lambda w, c: w["c32"][(64, False)] / w["ftiles"]),
          "unmasked 64-key blocks per query tile (segment ranges, emulated)", kernel=_FUSED),
     Rule(r"for \(; kb \+ 32 <= m1; kb \+= 32\)", _fz(lambda w, c: w["c32"][(32, False)] / w["ftiles"]),
@@ -335,8 +338,9 @@ CUDA_RULES: List[Rule] = [
     Rule(r"for \(int c = threadIdx\.x; c < n; c \+= kThreads\)",
          _fz(lambda w, c: lane_strided(w["plan_bytes"] / 16, THREADS_FUSED)),
          "pack plan store / copy: L.tab / 16 chunks over 256 threads", kernel=_FUSED),
-    Rule(r"for \(int i = threadIdx\.x; i < G\.T; i \+= kThreads\) f\(i\)", lambda c: lane_strided(c.p["T"], THREADS_FUSED),
-         "forward table entries (load, then scale by 1/scale): T over 256 threads", kernel=_FUSED),
+    Rule(r"for \(int e0 = threadIdx\.x; e0 < T; e0 \+= 4 \* kThreads\)",
+         lambda c: lane_strided(c.p["T"], 4 * THREADS_FUSED, [32 * w for w in range(THREADS_FUSED // 32)]),
+         "forward table (scaled on the way in): T over 256 threads x 4 unrolled", kernel=_FUSED),
     Rule(r"for \(int t = u?warp; t < ntiles; t \+= kWarps\)", _fz(lambda w, c: w["ftiles"] / w["packs"] / 8),
          "forward tiles (after align_segments) round-robin over the 8 warps: tiles per pack / 8", kernel=_FUSED),
     # the forward's coords box tables (window_attention_box.cuh): spans uncapped (out-of-range entries 0)

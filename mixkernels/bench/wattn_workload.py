@@ -304,23 +304,28 @@ def _pack_stats(kp: Tuple[Tuple[int, ...], ...], N: int) -> Dict[str, Any]:
             continue
         # fwd_tile<ONE = true>: masked prefix [b0, b0 + P) and suffix [end - Q, end), unmasked middle; 32-key blocks,
         # 16 where 32 do not fit
+        # (one_walk: a last 16 keys holding 1..8 of the segment take an 8-key block, Q = 8 or 24)
         b0, end = lo & ~15, _round16(hi)
         P, Q = end - b0, 0
         if uni:
             L = _round16(lo)
             R = max(L, hi & ~15)
             u = (R - L) >> 4
+            eight = 1 <= (hi & 15) <= 8
             P, Q = L - b0, end - R
             if u & 1:
                 if P:
                     P += 16
-                elif Q:
+                elif Q and not eight:
                     Q += 16
             elif P and Q:
                 P, Q = (P + 16, Q + 16) if u else (32, 0)
+            if eight and Q:
+                Q, end = Q - 8, end - 8
         mid = end - Q - b0 - P
         c32[(32, True)] += (P >> 5) + (Q == 32)
-        c32[(16, True)] += ((P >> 4) & 1) + (Q == 16)
+        c32[(16, True)] += ((P >> 4) & 1) + ((Q >> 4) & 1)
+        c32[(8, True)] += (Q >> 3) & 1
         c32[(64, False)] += mid // 64
         c32[(32, False)] += mid % 64 // 32
         c32[(16, False)] += mid % 32 // 16

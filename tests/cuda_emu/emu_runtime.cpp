@@ -103,8 +103,13 @@ void resolve_warp(int w) {
       //   A: a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]
       //   B: b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g]
       //   C/D: c0,c1 = D[g][2t..2t+1], c2,c3 = D[g+8][2t..2t+1]     (lower half = lower index)
+      //   m16n8k8 (iarg2 = 8): a0 = A[g][2t..2t+1], a1 = A[g+8][2t..2t+1]; b0 = B[2t..2t+1][g]; C/D as k16
       const bool bf = L[0]->iarg != 0;
-      float A[16][16], B[16][8], C[16][8];
+      const int K = L[0]->iarg2;
+      for (int ln = 1; ln < 32; ++ln)
+        if ((L[ln]->iarg != 0) != bf || L[ln]->iarg2 != K) fail("mma lanes disagree on shape or type");
+      if (K != 16 && K != 8) fail("mma shape: k16 or k8");
+      float A[16][16] = {}, B[16][8] = {}, C[16][8];
       auto lo = [&](uint64_t w) { return b16_to_float(static_cast<uint16_t>(w & 0xffff), bf); };
       auto hi = [&](uint64_t w) { return b16_to_float(static_cast<uint16_t>((w >> 16) & 0xffff), bf); };
       for (int ln = 0; ln < 32; ++ln) {
@@ -112,10 +117,12 @@ void resolve_warp(int w) {
         const Lane& l = *L[ln];
         A[g][2 * t] = lo(l.in[0]), A[g][2 * t + 1] = hi(l.in[0]);
         A[g + 8][2 * t] = lo(l.in[1]), A[g + 8][2 * t + 1] = hi(l.in[1]);
-        A[g][2 * t + 8] = lo(l.in[2]), A[g][2 * t + 9] = hi(l.in[2]);
-        A[g + 8][2 * t + 8] = lo(l.in[3]), A[g + 8][2 * t + 9] = hi(l.in[3]);
         B[2 * t][g] = lo(l.in[4]), B[2 * t + 1][g] = hi(l.in[4]);
-        B[2 * t + 8][g] = lo(l.in[5]), B[2 * t + 9][g] = hi(l.in[5]);
+        if (K == 16) {
+          A[g][2 * t + 8] = lo(l.in[2]), A[g][2 * t + 9] = hi(l.in[2]);
+          A[g + 8][2 * t + 8] = lo(l.in[3]), A[g + 8][2 * t + 9] = hi(l.in[3]);
+          B[2 * t + 8][g] = lo(l.in[5]), B[2 * t + 9][g] = hi(l.in[5]);
+        }
         C[g][2 * t] = unbits<float>(l.in[6]), C[g][2 * t + 1] = unbits<float>(l.in[7]);
         C[g + 8][2 * t] = unbits<float>(l.in[8]), C[g + 8][2 * t + 1] = unbits<float>(l.in[9]);
       }
@@ -123,7 +130,7 @@ void resolve_warp(int w) {
       for (int r = 0; r < 16; ++r)
         for (int c = 0; c < 8; ++c) {
           float acc = C[r][c];
-          for (int k = 0; k < 16; ++k) acc += A[r][k] * B[k][c];  // products of b16 values are exact in fp32
+          for (int k = 0; k < K; ++k) acc += A[r][k] * B[k][c];  // products of b16 values are exact in fp32
           D[r][c] = acc;
         }
       for (int ln = 0; ln < 32; ++ln) {

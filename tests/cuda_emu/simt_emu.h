@@ -262,6 +262,20 @@ inline void mma16816_emu(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uin
   l.in[5] = b1;
   for (int i = 0; i < 4; ++i) l.in[6 + i] = ::emu::bits(c[i]);
   l.iarg = bf;
+  l.iarg2 = 16;
+  ::emu::warp_collective(::emu::Op::Mma);
+  for (int i = 0; i < 4; ++i) c[i] = ::emu::unbits<float>(l.out[i]);
+}
+
+// D = A*B + C, m16n8k8 (the k8 shape: iarg2 = 8), b16 inputs, fp32 accumulate.
+inline void mma1688_emu(float (&c)[4], const uint32_t (&a)[2], uint32_t b0, bool bf) {
+  ::emu::Lane& l = ::emu::me();
+  l.in[0] = a[0];
+  l.in[1] = a[1];
+  l.in[4] = b0;
+  for (int i = 0; i < 4; ++i) l.in[6 + i] = ::emu::bits(c[i]);
+  l.iarg = bf;
+  l.iarg2 = 8;
   ::emu::warp_collective(::emu::Op::Mma);
   for (int i = 0; i < 4; ++i) c[i] = ::emu::unbits<float>(l.out[i]);
 }
