@@ -420,6 +420,10 @@ __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, c
   }
 }
 
+// The forward kernels launched two CTAs per SM (so at most 128 registers): head_dim <= 32 without
+// attn_bias, except the one-window coords kernels (they spill at 128).
+constexpr bool fwd_two_ctas(int D, int BIAS, bool ABIAS, bool ONE) { return D <= 32 && !ABIAS && !(BIAS == 2 && ONE); }
+
 // The items [it0, it1) of pack `pack` (all threads; after the previous pack's last barrier, which freed
 // every shared array): prologue (PLAN: the pack position's plan, A.plan; window_attention_fwd_pack.cuh),
 // coords box, then its heads. COS: cosine mode (G.logit_scale set), a template flag so that other
@@ -431,12 +435,14 @@ __device__ __forceinline__ void fwd_pack(const FwdArgs& A, unsigned char* smem, 
   using TL = Tile<T, D>;
   const Geo& G = A.g;
   const Layout& L = A.L;
-  // fwd_tile's 8-key tail loop: not in cosine kernels, nor below sm_90, where it spills a few registers at
-  // 128 (ptxas' allocation there; the masked 16-key loop takes those tails instead).
+  // fwd_tile's 8-key tail loop: only in the kernels with 255 registers, not cosine, sm_90. Where the
+  // launch bound keeps two CTAs per SM (128 registers: the one-window rpb kernels of MixMIM/Swin stage
+  // 1), in the cosine kernels and below sm_90 it spills a few registers (ptxas' allocation); the masked
+  // 16-key loop takes those tails instead (at end - 8: same pairs, twice the computed ones).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   constexpr bool kEight = false;
 #else
-  constexpr bool kEight = !COS;
+  constexpr bool kEight = !COS && !fwd_two_ctas(D, BIAS, ABIAS, ONE);
 #endif
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   // 32-bit shared-memory offsets (the layout's fields are size_t)
@@ -531,7 +537,7 @@ __device__ __forceinline__ void fwd_pack(const FwdArgs& A, unsigned char* smem, 
 // PLAN: the packs' slots and tiles come from their positions' plans (A.plan), not the prologue. COS:
 // cosine mode (fwd_pack).
 template <typename T, int D, int BIAS, bool ABIAS, bool ONE, bool PLAN, bool COS>
-__global__ void __launch_bounds__(kThreads, D <= 32 && !ABIAS && !(BIAS == 2 && ONE) ? 2 : 1)
+__global__ void __launch_bounds__(kThreads, fwd_two_ctas(D, BIAS, ABIAS, ONE) ? 2 : 1)
     wattn_fwd_kernel(const FwdArgs A) {
   constexpr bool kWalk = BIAS == 2;
   MK_DYNAMIC_SMEM(smem);

@@ -186,6 +186,17 @@ def _one(c: Ctx) -> bool:
     return len(c.tparams) > 4 and c.tparams[4] == "true"
 
 
+def _eight(c: Ctx) -> bool:
+    """Whether wattn_fwd_kernel has its 8-key tail loop (window_attention.cu, kEight on sm_90): a
+    one-window, non-cosine kernel without fwd_two_ctas' two CTAs per SM (T, D, BIAS, ABIAS, ONE, PLAN,
+    COS); elsewhere the masked 16-key loop takes those tails (at end - 8)."""
+    t = c.tparams
+    if len(t) < 7 or not _one(c) or t[6] == "true":
+        return False
+    two = int(t[1]) <= 32 and t[3] != "true" and not (t[2] == "2" and t[4] == "true")
+    return not two
+
+
 def _bwd_one(c: Ctx) -> bool:
     """wattn_bwd_kernel's ONE (the one-pass plan) template argument."""
     return len(c.tparams) > 5 and c.tparams[5] == "true"
@@ -305,9 +316,11 @@ CUDA_RULES: List[Rule] = [
                 r"for \(; kb < m1; kb \+= 16\)")],
     Rule(r"for \(int i = 0; i < nm32; \+\+i\)", _fz(lambda w, c: w["c32"][(32, True)] / w["ftiles"]),
          "masked 32-key blocks per query tile (segment ranges, emulated)", kernel=_FUSED),
-    Rule(r"for \(int i = 0; i < nm16; \+\+i\)", _fz(lambda w, c: w["c32"][(16, True)] / w["ftiles"]),
-         "masked 16-key blocks per query tile (segment ranges, emulated)", kernel=_FUSED),
-    Rule(r"for \(int i = 0; i < nm8; \+\+i\)", _fz(lambda w, c: w["c32"][(8, True)] / w["ftiles"]),
+    Rule(r"for \(int i = 0; i < nm16; \+\+i\)",
+         _fz(lambda w, c: (w["c32"][(16, True)] + (0 if _eight(c) else w["c32"][(8, True)])) / w["ftiles"]),
+         "masked 16-key blocks per query tile (segment ranges, emulated; without the 8-key loop also the "
+         "segments' last 1..8 keys, at end - 8)", kernel=_FUSED),
+    Rule(r"for \(int i = 0; i < nm8; \+\+i\)", _fz(lambda w, c: w["c32"][(8, True)] / w["ftiles"] if _eight(c) else 0.0),
          "masked 8-key blocks per query tile: a segment's last 1..8 keys (segment ranges, emulated)", kernel=_FUSED),
     Rule(r"for \(; kb \+ 64 <= m1; kb \+= 64\)", _fz(lambda w, c: w["c32"][(64, False)] / w["ftiles"]),
          "unmasked 64-key blocks per query tile (segment ranges, emulated)", kernel=_FUSED),
