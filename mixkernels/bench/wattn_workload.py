@@ -113,31 +113,36 @@ def bwd_heads_per_cta(packs: int, nH: int, slots: int) -> int:
     return best
 
 
-def layout_bytes(cap: int, T: int, D: int, es: int, ops: int, nbuf: int, stage: bool, dtab_floats: int) -> int:
-    """``make_layout(...).total``: dynamic shared memory of a fused kernel's CTA."""
-    a16 = lambda v: (v + 15) & ~15  # noqa: E731
+def _a16(v: int) -> int:
+    return (v + 15) & ~15
+
+
+def _pack_arrays(cap: int, stage: bool) -> int:
+    """``Layout::tab``: the pack arrays at the start of a fused kernel's shared memory (slots, the
+    backward's staging nld, tiles and info)."""
     o = 0
     for per in (4, 8, 8, 4, 4, 8, 8):  # tok qi ki lidx lrow cxy seg
-        o = a16(o + cap * per)
-    o = a16(o + (cap * 8 if stage else 0))  # nld
-    o = a16(o + 4 * (3 * MAX_TILES + 2 * MAX_TILES + WARPS + 1 + 4))  # tiles
-    o += a16((T + 1) * 4) * nbuf
-    o = a16(o + dtab_floats * 4)
+        o = _a16(o + cap * per)
+    o = _a16(o + (cap * 8 if stage else 0))  # nld
+    return _a16(o + 4 * (3 * MAX_TILES + 2 * MAX_TILES + WARPS + 1 + 4))  # tiles
+
+
+def layout_bytes(cap: int, T: int, D: int, es: int, ops: int, nbuf: int, stage: bool, dtab_floats: int) -> int:
+    """``make_layout(...).total``: dynamic shared memory of a fused kernel's CTA."""
+    o = _pack_arrays(cap, stage)
+    o += _a16((T + 1) * 4) * nbuf
+    o = _a16(o + dtab_floats * 4)
     tile = cap * (D + 16 // es) * es
-    o += a16(max(tile * ops * nbuf, THREADS * (8 * 3 + 4 * 10) + WARPS * THREADS * 4))
+    o += _a16(max(tile * ops * nbuf, THREADS * (8 * 3 + 4 * 10) + WARPS * THREADS * 4))
     if stage and cap < WARPS * 16:
         o += WARPS * 16 * (D + 16 // es) * es
-    return a16(o)
+    return _a16(o)
 
 
 def plan_bytes(cap: int) -> int:
     """``Layout::tab`` of the forward's layout: the pack arrays (slots, tiles, info) that a pack plan holds
     (``window_attention_fwd_pack.cuh``: wattn_fwd_plan_kernel stores them, load_plan copies them)."""
-    a16 = lambda v: (v + 15) & ~15  # noqa: E731
-    o = 0
-    for per in (4, 8, 8, 4, 4, 8, 8):  # tok qi ki lidx lrow cxy seg
-        o = a16(o + cap * per)
-    return a16(o + 4 * (3 * MAX_TILES + 2 * MAX_TILES + WARPS + 1 + 4))  # (no nld in the forward) tiles
+    return _pack_arrays(cap, False)  # no nld in the forward
 
 
 def plan(kind: str, B: int, H: int, W: int, nH: int, d: int, wh: int, ww: int, rh: int, rw: int, es: int = 2,
