@@ -49,12 +49,9 @@ struct FwdArgs {
 
 // Bias of the pair in units of 1/scale: the table slice in shared memory holds entries times
 // 1/scale (scale_table); attn_bias is scaled here. Coords calls read box tables (pack_box) whose
-// out-of-range entries hold 0: one entry per pair and no range test, as with the plain table (kc,
-// zero_byte, rh2, rw2 are left unused since).
+// out-of-range entries hold 0: one entry per pair and no range test, as with the plain table.
 template <int BIAS, bool ABIAS>
-__device__ __forceinline__ float bias_scaled(const RowInfo& r, int2 k, int2 kc, int kl, const unsigned char* smem,
-                                             int zero_byte, int rh2, int rw2, float inv) {
-  (void)kc, (void)zero_byte, (void)rh2, (void)rw2;
+__device__ __forceinline__ float bias_scaled(const RowInfo& r, int2 k, int kl, const unsigned char* smem, float inv) {
   float b = 0.f;
   if constexpr (BIAS != 0) b = *reinterpret_cast<const float*>(smem + (r.rq + k.x));
   if constexpr (ABIAS) b = fmaf(__ldg(r.ab + kl), inv, b);
@@ -66,25 +63,23 @@ __device__ __forceinline__ float bias_scaled(const RowInfo& r, int2 k, int2 kc, 
 // kseg: the keys' {-4P, segment} for the mask.
 template <typename T, int D, int BIAS, bool ABIAS, int NT>
 __device__ __forceinline__ void block_scores(const Geo& G, const Pack& S, const AFrag<T, D>& qa, const RowInfo (&ri)[2],
-                                             const T* sk, int kb, const unsigned char* smem, int zero_byte, float inv,
+                                             const T* sk, int kb, const unsigned char* smem, float inv,
                                              float (&s)[NT][4], int2 (&kseg)[NT][2], int lane) {
   constexpr int LD = Tile<T, D>::kLD;
-  const int t = lane & 3, rh2 = 2 * G.rh - 1, rw2 = 2 * G.rw - 1;
+  const int t = lane & 3;
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     const int k0 = kb + 8 * j + 2 * t;
     const int4 kk = prim::lds_v4(S.ki + k0);  // keys k0, k0+1: {-4P, segment}, one LDS.128
-    const int4 kc = make_int4(0, 0, 0, 0);  // coords: no per-pair range test (box tables)
     int2 kl = make_int2(0, 0);
     if constexpr (ABIAS) kl = *reinterpret_cast<const int2*>(S.lidx + k0);
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const int2 ke = e ? make_int2(kk.z, kk.w) : make_int2(kk.x, kk.y);
-      const int2 ce = e ? make_int2(kc.z, kc.w) : make_int2(kc.x, kc.y);
       kseg[j][e] = ke;
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr)
-        s[j][2 * rr + e] = bias_scaled<BIAS, ABIAS>(ri[rr], ke, ce, e ? kl.y : kl.x, smem, zero_byte, rh2, rw2, inv);
+        s[j][2 * rr + e] = bias_scaled<BIAS, ABIAS>(ri[rr], ke, e ? kl.y : kl.x, smem, inv);
     }
   }
   scores_add<T, D, NT>(s, qa, sk + kb * LD, lane);
@@ -95,11 +90,11 @@ __device__ __forceinline__ void block_scores(const Geo& G, const Pack& S, const 
 // where none is allowed there.
 template <typename T, int D, int BIAS, bool ABIAS>
 __device__ __forceinline__ void fwd_probe(const Geo& G, const Pack& S, const AFrag<T, D>& qa, const RowInfo (&ri)[2],
-                                          const T* sk, int kb, const unsigned char* smem, int zero_byte, float inv,
+                                          const T* sk, int kb, const unsigned char* smem, float inv,
                                           float (&m)[2], int lane) {
   float s[1][4];
   int2 kseg[1][2];
-  block_scores<T, D, BIAS, ABIAS, 1>(G, S, qa, ri, sk, kb, smem, zero_byte, inv, s, kseg, lane);
+  block_scores<T, D, BIAS, ABIAS, 1>(G, S, qa, ri, sk, kb, smem, inv, s, kseg, lane);
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     float mx = -INFINITY;
@@ -113,13 +108,13 @@ __device__ __forceinline__ void fwd_probe(const Geo& G, const Pack& S, const AFr
 // per-row reference (m holds the exponent base -ref * scale * log2 e): no row max, no rescale.
 template <typename T, int D, int BIAS, bool ABIAS, int NT, bool MASKED, bool FIRST, bool FIXED = false>
 __device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFrag<T, D>& qa, const RowInfo (&ri)[2],
-                                          const T* sk, const T* sv, int kb, const unsigned char* smem, int zero_byte,
-                                          float inv, float (&m)[2], float (&l)[2], float (&o)[D / 8][4], int lane) {
+                                          const T* sk, const T* sv, int kb, const unsigned char* smem, float inv,
+                                          float (&m)[2], float (&l)[2], float (&o)[D / 8][4], int lane) {
   constexpr int LD = Tile<T, D>::kLD;
   const float c = G.scale * kLog2e;  // logits are s * scale; exp2 units
   float s[NT][4];
   int2 kseg[NT][2];
-  block_scores<T, D, BIAS, ABIAS, NT>(G, S, qa, ri, sk, kb, smem, zero_byte, inv, s, kseg, lane);
+  block_scores<T, D, BIAS, ABIAS, NT>(G, S, qa, ri, sk, kb, smem, inv, s, kseg, lane);
   if constexpr (FIXED) {
 #pragma unroll
     for (int j = 0; j < NT; ++j)
@@ -217,7 +212,6 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
   using TL = Tile<T, D>;
   const Geo& G = A.g;
   const int g = lane >> 2, r0 = 16 * tile, rows = S.info[0];  // slots in use (padding: tok < 0)
-  const int zero_byte = 0;  // unused (bias_scaled)
   // No __syncwarp here: store_rows_warp ended the previous tile with one, and qa.load's ldmatrix is
   // .aligned (a converged warp) anyway.
   AFrag<T, D> qa;
@@ -253,7 +247,7 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
       constexpr bool F = decltype(fixed)::value;
       auto block = [&](auto nt, auto masked, int kb) {
         fwd_block<T, D, BIAS, ABIAS, decltype(nt)::value, decltype(masked)::value, false, F>(
-            G, S, qa, ri, sk, sv, kb, smem, zero_byte, A.inv_scale, F ? nb : m, l, o, lane);
+            G, S, qa, ri, sk, sv, kb, smem, A.inv_scale, F ? nb : m, l, o, lane);
       };
       // Masked 32-key blocks: the prefix's, then a 32-key suffix.
       const int pm = P >> 5, nm32 = pm + (Q == 32);
@@ -304,7 +298,7 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
 #pragma unroll 1
     for (int pass = 0; pass < 2; ++pass) {
       if (pass == 0) {
-        fwd_probe<T, D, BIAS, ABIAS>(G, S, qa, ri, sk, b0, smem, zero_byte, A.inv_scale, m, lane);
+        fwd_probe<T, D, BIAS, ABIAS>(G, S, qa, ri, sk, b0, smem, A.inv_scale, m, lane);
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) nb[rr] = -(m[rr] == -INFINITY ? 0.f : m[rr]) * c;
         walk(std::true_type{});  // fixed reference
@@ -332,9 +326,9 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
       constexpr int NT = decltype(nt)::value;
       constexpr bool F = decltype(first)::value;
       if (uni && kb >= lo && kb + 8 * NT <= hi)
-        fwd_block<T, D, BIAS, ABIAS, NT, false, F>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, A.inv_scale, m, l, o, lane);
+        fwd_block<T, D, BIAS, ABIAS, NT, false, F>(G, S, qa, ri, sk, sv, kb, smem, A.inv_scale, m, l, o, lane);
       else
-        fwd_block<T, D, BIAS, ABIAS, NT, true, F>(G, S, qa, ri, sk, sv, kb, smem, zero_byte, A.inv_scale, m, l, o, lane);
+        fwd_block<T, D, BIAS, ABIAS, NT, true, F>(G, S, qa, ri, sk, sv, kb, smem, A.inv_scale, m, l, o, lane);
     };
     // The first block is peeled (no rescale); a 16-key block can only be the last.
     int kb = lo & ~15;  // < end: every tile has a key
@@ -396,7 +390,7 @@ __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, c
         b = in ? __ldg(G.rpb + (int64_t(dy) * rw2 + dx) * G.nH + h) * A.inv_scale : 0.f;
         if constexpr (ABIAS) b = fmaf(__ldg(r.ab + S.lidx[k]), A.inv_scale, b);
       } else {
-        b = bias_scaled<BIAS, ABIAS>(r, kk, S.cxy[k], S.lidx[k], smem, 0, rh2, rw2, A.inv_scale);
+        b = bias_scaled<BIAS, ABIAS>(r, kk, S.lidx[k], smem, A.inv_scale);
       }
       const float x = (s + b) * G.scale;
       return r.key == kk.y ? x : -INFINITY;
@@ -623,7 +617,7 @@ FwdPlan plan_forward(const WindowAttentionParams& p) {
   const int limit = smem_limit();
   const bool box = p.rpb != nullptr && p.coords != nullptr;  // dispatch_bias' mode 2
   // One-window coords kernels at head_dim 128 spill on sm_90 (ptxas, even at 255 registers): the
-  // legacy kernels take those calls, and the dispatch below does not build them (kOneCoords).
+  // legacy kernels take those calls, and the dispatch below does not build them (kOneBuilt).
   if (box && f.g.P == 1 && p.d > 64) return f;
   // More items per CTA share the prologue; fewer fill the SMs evenly (items_per_cta; ranges over
   // several packs only for coords calls, the kernels that walk them: kWalk).
@@ -701,12 +695,12 @@ cudaError_t window_attention_forward(const WindowAttentionParams& p, void* out, 
                           static_cast<int4*>(workspace));
           if (err != cudaSuccess) return err;
         }
-        constexpr bool kOneCoords = !(BIAS == 2 && D > 64);  // plan_forward: legacy there
+        constexpr bool kOneBuilt = !(BIAS == 2 && D > 64);  // one-window kernels (plan_forward: legacy there)
         auto pick = [&](auto cos) {  // one kernel type: void(const FwdArgs)
           constexpr bool C = decltype(cos)::value;
           auto many = use_plan ? wattn_fwd_kernel<T, D, BIAS, AB, false, true, C>
                                : wattn_fwd_kernel<T, D, BIAS, AB, false, false, C>;
-          if constexpr (kOneCoords)
+          if constexpr (kOneBuilt)
             return f.g.P == 1 ? (use_plan ? wattn_fwd_kernel<T, D, BIAS, AB, true, true, C>
                                           : wattn_fwd_kernel<T, D, BIAS, AB, true, false, C>)
                               : many;

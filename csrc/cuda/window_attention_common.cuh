@@ -553,7 +553,6 @@ __device__ __forceinline__ void load_table_async(float* tab, const float* rpb, i
 struct RowInfo {
   int rq;    // byte offset of (table + center) + 4 * table position: + ki.x gives the entry's byte
   int key;   // segment id (-1 padding)
-  int cy, cx;  // coords calls: row coordinates + (rh-1, rw-1)
   const float* ab;  // attn_bias row (h, n_local, :)
 };
 
@@ -564,40 +563,9 @@ __device__ __forceinline__ RowInfo row_info(const Geo& G, const Pack& S, int slo
   const int2 q = S.qi[slot];
   r.rq = cen_byte + q.x;
   r.key = q.y;
-  r.cy = r.cx = 0;
-  if constexpr (BIAS == 2) {
-    const int2 c = S.cxy[slot];
-    r.cy = c.x + G.rh - 1;
-    r.cx = c.y + G.rw - 1;
-  }
   r.ab = nullptr;
   if constexpr (ABIAS) r.ab = G.attn_bias + (int64_t(h) * G.N + S.lidx[slot]) * G.N;
   return r;
-}
-
-// Byte offset (from the shared-memory base) of the table entry of a pair: qb = table byte +
-// 4 * (center + P(query)), kb = -4 * P(key). Coords calls: qc = query coords + (rh-1, rw-1), kc = key
-// coords; out-of-range pairs read the zero entry (no bias, the pair still attends).
-template <int BIAS>
-__device__ __forceinline__ int bias_entry(int qb, int kb, int2 qc, int2 kc, int zero_byte, int rh2, int rw2) {
-  if constexpr (BIAS == 2) {
-    const bool in = static_cast<unsigned>(qc.x - kc.x) < static_cast<unsigned>(rh2) &&
-                    static_cast<unsigned>(qc.y - kc.y) < static_cast<unsigned>(rw2);
-    return in ? qb + kb : zero_byte;
-  } else {
-    return qb + kb;
-  }
-}
-
-// Bias of the pair (row r, key with ki = k, coords kc, local index kl), natural units.
-template <int BIAS, bool ABIAS>
-__device__ __forceinline__ float pair_bias(const RowInfo& r, int2 k, int2 kc, int kl, const unsigned char* smem,
-                                           int zero_byte, int rh2, int rw2) {
-  float b = 0.f;
-  if constexpr (BIAS != 0)
-    b = *reinterpret_cast<const float*>(smem + bias_entry<BIAS>(r.rq, k.x, make_int2(r.cy, r.cx), kc, zero_byte, rh2, rw2));
-  if constexpr (ABIAS) b += __ldg(r.ab + kl);
-  return b;
 }
 
 }  // namespace mixkernels::cuda::wattn
