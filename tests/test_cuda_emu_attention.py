@@ -395,9 +395,10 @@ TAIL_CASES = [
 ]
 
 
-# head_dim 32: the two-CTA kernel (128 registers) takes the 1..8-key tails as masked 16-key blocks at
-# end - 8; head_dim 64 (255 registers): the 8-key loop (window_attention.cu: kEight, fwd_two_ctas).
-@pytest.mark.parametrize("d", [32, 64], ids=["d32_16key_tails", "d64_8key_loop"])
+# Both head dims take the 8-key loop (one-window kernels: one CTA per SM, 255 registers; window_attention.cu
+# kEight, fwd_two_ctas); the masked 16-key blocks at end - 8 that replace it in the cosine kernels (and
+# below sm_90) are test_segment_tails_fallbacks_and_cosine's "cosine" case.
+@pytest.mark.parametrize("d", [32, 64], ids=["d32", "d64"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", TAIL_CASES, ids=lambda c: c[0])
 def test_segment_tails(case, dtype, d):

@@ -350,7 +350,7 @@ def test_wattn_workload_plan_and_segments():
     # the forward's aligned packs (every segment at a 16-slot start; they all fit at this shape): each
     # tile walks only its segment's keys, fewer than the backward's tiles that span two segments
     # (0.92 with 16-key tails; a last 16 keys holding 1..8 of the segment takes an 8-key block: 0.88, in the
-    # kernels with the 8-key loop: static_rules._eight; the two-CTA kernels take it as a 16-key block)
+    # kernels with the 8-key loop: static_rules._eight; the cosine ones take it as a 16-key block)
     assert wl["ftiles"] == wl["tiles"] and pairs(wl["c32"]) / pairs(wl["c16"]) == pytest.approx(0.88, abs=0.01)
     # masked blocks: only at a segment's padded end (8 keys, 16, or 32 to leave an even unmasked middle)
     assert wl["c32"][(32, True)] + wl["c32"][(16, True)] + wl["c32"][(8, True)] <= wl["ftiles"]

@@ -415,8 +415,11 @@ __device__ void fwd_exact(const FwdArgs& A, const Pack& S, int h, const T* sq, c
 }
 
 // The forward kernels launched two CTAs per SM (so at most 128 registers): head_dim <= 32 without
-// attn_bias, except the one-window coords kernels (they spill at 128).
-constexpr bool fwd_two_ctas(int D, int BIAS, bool ABIAS, bool ONE) { return D <= 32 && !ABIAS && !(BIAS == 2 && ONE); }
+// attn_bias, packs of several windows. The one-window kernels run one CTA (8 warps, up to 255
+// registers): the coords ones spill at 128, and the rpb ones (MixMIM stage 1) keep the 8-key tail loop
+// that 128 registers could not hold (static, sm_90: 220.5 -> 214.5 us at mixmim-b-s1; the model charges
+// nothing for 8 resident warps instead of 16).
+constexpr bool fwd_two_ctas(int D, int BIAS, bool ABIAS, bool ONE) { return D <= 32 && !ABIAS && !ONE; }
 
 // The items [it0, it1) of pack `pack` (all threads; after the previous pack's last barrier, which freed
 // every shared array): prologue (PLAN: the pack position's plan, A.plan; window_attention_fwd_pack.cuh),
@@ -429,10 +432,9 @@ __device__ __forceinline__ void fwd_pack(const FwdArgs& A, unsigned char* smem, 
   using TL = Tile<T, D>;
   const Geo& G = A.g;
   const Layout& L = A.L;
-  // fwd_tile's 8-key tail loop: only in the kernels with 255 registers, not cosine, sm_90. Where the
-  // launch bound keeps two CTAs per SM (128 registers: the one-window rpb kernels of MixMIM/Swin stage
-  // 1), in the cosine kernels and below sm_90 it spills a few registers (ptxas' allocation); the masked
-  // 16-key loop takes those tails instead (at end - 8: same pairs, twice the computed ones).
+  // fwd_tile's 8-key tail loop: only in the kernels with 255 registers (every one-window kernel), not
+  // cosine, sm_90. In the cosine kernels and below sm_90 it spills a few registers (ptxas' allocation);
+  // the masked 16-key loop takes those tails instead (at end - 8: same pairs, twice the computed ones).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   constexpr bool kEight = false;
 #else

@@ -188,13 +188,10 @@ def _one(c: Ctx) -> bool:
 
 def _eight(c: Ctx) -> bool:
     """Whether wattn_fwd_kernel has its 8-key tail loop (window_attention.cu, kEight on sm_90): a
-    one-window, non-cosine kernel without fwd_two_ctas' two CTAs per SM (T, D, BIAS, ABIAS, ONE, PLAN,
-    COS); elsewhere the masked 16-key loop takes those tails (at end - 8)."""
+    one-window (one CTA per SM, fwd_two_ctas), non-cosine kernel (T, D, BIAS, ABIAS, ONE, PLAN, COS);
+    elsewhere the masked 16-key loop takes those tails (at end - 8)."""
     t = c.tparams
-    if len(t) < 7 or not _one(c) or t[6] == "true":
-        return False
-    two = int(t[1]) <= 32 and t[3] != "true" and not (t[2] == "2" and t[4] == "true")
-    return not two
+    return len(t) >= 7 and _one(c) and t[6] != "true"
 
 
 def _bwd_one(c: Ctx) -> bool:
