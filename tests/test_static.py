@@ -320,6 +320,39 @@ def _loop_lines(path, marker=None, triton=False):
     return out
 
 
+def _n_units(wl):
+    return wl["u32p"]["n"] + wl["u32s"]["n"]
+
+
+def test_rules_count_the_forward_walk_per_unit_kind():
+    """fwd_unit's walk loops are counted per unit (a pair walks its segment once for two tiles), told apart
+    by the walk's call line; without pairs (head_dim 64) every tile is a single unit."""
+    from mixkernels.bench import wattn_workload as ww
+
+    wl = ww.attention_workload(128, 56, 56, 14, 0, True)
+    path = os.path.join(_ROOT, "csrc", "cuda", "window_attention.cu")
+    src = open(path).read().splitlines()
+    loop = next(i for i, t in enumerate(src) if "for (; kb + 64 <= m1; kb += 64)" in t)
+    calls = {tag: next(i for i, t in enumerate(src) if f"fixed reference, {tag} units" in t) for tag in ("pair", "single")}
+    units = next(i for i, t in enumerate(src) if "for (; u < npairs; u += kWarps)" in t)
+
+    def trips(d, tag=None, text=None, line=loop):
+        p = dict(B=128, H=56, W=56, heads=4, d=d, window=14, shift=0, r=14, es=2, group=True, N=196, T=729)
+        pl = ww.plan("fwd", 128, 56, 56, 4, d, 14, 14, 14, 14)
+        ctx = static_rules.Ctx(p, (pl["nslots"] * pl["nhg"], 1, 1), 256, [], "wattn_fwd_kernel",
+                               ("__nv_bfloat16", str(d), "1", "false", "true", "true", "false"), (256, 1, 1))
+        chain = ((path, calls[tag] + 1, src[calls[tag]]),) if tag else ()
+        site = static_sass.LoopSite(path, line + 1, text or src[line], chain)
+        return static_rules.trips_for(static_rules.CUDA_RULES, ctx, site, triton=False)
+
+    assert trips(32, "pair")[0] == pytest.approx(wl["u32p"][(64, False)] / wl["u32p"]["n"])
+    assert trips(32, "single")[0] == pytest.approx(wl["u32s"][(64, False)] / wl["u32s"]["n"])
+    assert trips(32)[0] == pytest.approx(wl["c32"][(64, False)] / wl["ftiles"])  # no call site: a tile's share
+    assert trips(64, "single")[0] == pytest.approx(wl["c32"][(64, False)] / wl["ftiles"])  # no pairs at d 64
+    assert trips(32, line=units)[0] == pytest.approx(6 / 8)  # 6 pairs per pack over 8 warps
+    assert trips(64, line=units)[0] == 0
+
+
 def test_wattn_workload_plan_and_segments():
     from mixkernels.bench import wattn_workload as ww
 
@@ -358,6 +391,11 @@ def test_wattn_workload_plan_and_segments():
     live = sum(int(n) ** 2 for k in ww._keys(128, 56, 56, 14, 0, ww.mixmim_mask(56, 56))
                for n in np.unique(k, return_counts=True)[1])
     assert live < pairs(wl["c32"]) < 1.15 * live
+    # fwd_unit's units (align_segments' flags): a segment's tiles in pairs, an odd last tile single; a pair
+    # walks its segment once for both tiles. MixMIM-B stage 1: 6 pairs + 1 single per pack
+    assert (wl["u32p"]["n"], wl["u32s"]["n"]) == (6 * 2048, 2048)
+    assert all(wl["c32"][k] == 2 * wl["u32p"][k] + wl["u32s"][k] for k in wl["c32"])
+    assert not _n_units(ww.attention_workload(128, 7, 7, 7, 0, False))  # several windows per pack: no units
     plain7 = ww.attention_workload(128, 7, 7, 7, 0, False)
     assert pairs(plain7["c32"]) == pairs(plain7["c16"])  # several windows per pack: the same layout
     plain = ww.attention_workload(128, 7, 7, 7, 0, False)  # Swin stage 4: no mask, windows never meet

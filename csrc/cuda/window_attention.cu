@@ -58,13 +58,15 @@ __device__ __forceinline__ float bias_scaled(const RowInfo& r, int2 k, int kl, c
   return b;
 }
 
-// Scores of the block's 8*NT keys at kb in units of 1/scale: the bias (kept that way in shared memory)
-// starts the accumulators, the tensor cores add q.k (the scale is applied once, in the exponent's FFMA);
-// kseg: the keys' {-4P, segment} for the mask.
-template <typename T, int D, int BIAS, bool ABIAS, int NT>
-__device__ __forceinline__ void block_scores(const Geo& G, const Pack& S, const AFrag<T, D>& qa, const RowInfo (&ri)[2],
-                                             const T* sk, int kb, const unsigned char* smem, float inv,
-                                             float (&s)[NT][4], int2 (&kseg)[NT][2], int lane) {
+// Scores of the block's 8*NT keys at kb in units of 1/scale for R row tiles (the forward's pair units:
+// R = 2, one segment's; each key's info and K fragment loaded once for both): the bias (kept that way in
+// shared memory) starts the accumulators, the tensor cores add q.k (the scale is applied once, in the
+// exponent's FFMA); kseg: the keys' {-4P, segment} for the mask.
+template <typename T, int D, int BIAS, bool ABIAS, int NT, int R>
+__device__ __forceinline__ void block_scores(const Geo& G, const Pack& S, const AFrag<T, D> (&qa)[R],
+                                             const RowInfo (&ri)[R][2], const T* sk, int kb,
+                                             const unsigned char* smem, float inv, float (&s)[R][NT][4],
+                                             int2 (&kseg)[NT][2], int lane) {
   constexpr int LD = Tile<T, D>::kLD;
   const int t = lane & 3;
 #pragma unroll
@@ -78,100 +80,115 @@ __device__ __forceinline__ void block_scores(const Geo& G, const Pack& S, const 
       const int2 ke = e ? make_int2(kk.z, kk.w) : make_int2(kk.x, kk.y);
       kseg[j][e] = ke;
 #pragma unroll
-      for (int rr = 0; rr < 2; ++rr)
-        s[j][2 * rr + e] = bias_scaled<BIAS, ABIAS>(ri[rr], ke, e ? kl.y : kl.x, smem, inv);
+      for (int u = 0; u < R; ++u)
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr)
+          s[u][j][2 * rr + e] = bias_scaled<BIAS, ABIAS>(ri[u][rr], ke, e ? kl.y : kl.x, smem, inv);
     }
   }
-  scores_add<T, D, NT>(s, qa, sk + kb * LD, lane);
+  scores_add_rows<T, D, NT, R>(s, qa, sk + kb * LD, lane);
 }
 
 // The rows' fixed reference for a walk without a running max: their largest score (units of 1/scale)
 // over the 8 keys at kb (a probe: the first keys of a one-window pack tile's segment), masked; -inf
 // where none is allowed there.
-template <typename T, int D, int BIAS, bool ABIAS>
-__device__ __forceinline__ void fwd_probe(const Geo& G, const Pack& S, const AFrag<T, D>& qa, const RowInfo (&ri)[2],
-                                          const T* sk, int kb, const unsigned char* smem, float inv,
-                                          float (&m)[2], int lane) {
-  float s[1][4];
+template <typename T, int D, int BIAS, bool ABIAS, int R>
+__device__ __forceinline__ void fwd_probe(const Geo& G, const Pack& S, const AFrag<T, D> (&qa)[R],
+                                          const RowInfo (&ri)[R][2], const T* sk, int kb,
+                                          const unsigned char* smem, float inv, float (&m)[R][2], int lane) {
+  float s[R][1][4];
   int2 kseg[1][2];
-  block_scores<T, D, BIAS, ABIAS, 1>(G, S, qa, ri, sk, kb, smem, inv, s, kseg, lane);
+  block_scores<T, D, BIAS, ABIAS, 1, R>(G, S, qa, ri, sk, kb, smem, inv, s, kseg, lane);
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    float mx = -INFINITY;
-#pragma unroll
-    for (int e = 0; e < 2; ++e) mx = fmaxf(mx, ri[rr].key == kseg[0][e].y ? s[0][2 * rr + e] : -INFINITY);
-    m[rr] = quad_max(mx);
-  }
-}
-
-// FIRST: the tile's first block (m = -inf, l = 0, O = 0: nothing to rescale). FIXED: against a fixed
-// per-row reference (m holds the exponent base -ref * scale * log2 e): no row max, no rescale.
-template <typename T, int D, int BIAS, bool ABIAS, int NT, bool MASKED, bool FIRST, bool FIXED = false>
-__device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFrag<T, D>& qa, const RowInfo (&ri)[2],
-                                          const T* sk, const T* sv, int kb, const unsigned char* smem, float inv,
-                                          float (&m)[2], float (&l)[2], float (&o)[D / 8][4], int lane) {
-  constexpr int LD = Tile<T, D>::kLD;
-  const float c = G.scale * kLog2e;  // logits are s * scale; exp2 units
-  float s[NT][4];
-  int2 kseg[NT][2];
-  block_scores<T, D, BIAS, ABIAS, NT>(G, S, qa, ri, sk, kb, smem, inv, s, kseg, lane);
-  if constexpr (FIXED) {
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[j][e];
-        if constexpr (MASKED) x = ri[e >> 1].key == kseg[j][e & 1].y ? x : -INFINITY;
-        const float p = prim::ex2(fmaf(x, c, m[e >> 1]));
-        l[e >> 1] += p;
-        s[j][e] = p;
-      }
-    accum<T, D, NT>(o, s, sv + kb * LD, lane);
-    return;
-  }
-  float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-  for (int j = 0; j < NT; ++j)
-#pragma unroll
-    for (int e = 0; e < 2; ++e)
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        float x = s[j][2 * rr + e];
-        if constexpr (MASKED) x = ri[rr].key == kseg[j][e].y ? x : -INFINITY;
-        s[j][2 * rr + e] = x;
-        mx[rr] = fmaxf(mx[rr], x);  // scale > 0 (launcher): the same order as the logits
-      }
-  float nb[2], mn[2];
-#pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    mn[rr] = fmaxf(m[rr], quad_max(mx[rr]));
-    // A row with nothing allowed so far keeps base 0 so that exp(-inf - base) = 0, not NaN.
-    nb[rr] = -(mn[rr] == -INFINITY ? 0.f : mn[rr]) * c;
-  }
-  // Rescale O and l only when some row's max moved (after the first blocks it rarely does).
-  if (!FIRST && __any_sync(kFull, mn[0] != m[0] || mn[1] != m[1])) {
+  for (int u = 0; u < R; ++u)
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      const float alpha = prim::ex2(fmaf(m[rr], c, nb[rr]));
-      l[rr] *= alpha;
+      float mx = -INFINITY;
 #pragma unroll
-      for (int dj = 0; dj < D / 8; ++dj) {
-        o[dj][2 * rr] *= alpha;
-        o[dj][2 * rr + 1] *= alpha;
+      for (int e = 0; e < 2; ++e) mx = fmaxf(mx, ri[u][rr].key == kseg[0][e].y ? s[u][0][2 * rr + e] : -INFINITY);
+      m[u][rr] = quad_max(mx);
+    }
+}
+
+// One key block for R row tiles. FIRST: the tiles' first block (m = -inf, l = 0, O = 0: nothing to
+// rescale). FIXED: against a fixed per-row reference (m holds the exponent base -ref * scale * log2 e):
+// no row max, no rescale.
+template <typename T, int D, int BIAS, bool ABIAS, int NT, bool MASKED, bool FIRST, bool FIXED, int R>
+__device__ __forceinline__ void fwd_block(const Geo& G, const Pack& S, const AFrag<T, D> (&qa)[R],
+                                          const RowInfo (&ri)[R][2], const T* sk, const T* sv, int kb,
+                                          const unsigned char* smem, float inv, float (&m)[R][2], float (&l)[R][2],
+                                          float (&o)[R][D / 8][4], int lane) {
+  constexpr int LD = Tile<T, D>::kLD;
+  const float c = G.scale * kLog2e;  // logits are s * scale; exp2 units
+  float s[R][NT][4];
+  int2 kseg[NT][2];
+  block_scores<T, D, BIAS, ABIAS, NT, R>(G, S, qa, ri, sk, kb, smem, inv, s, kseg, lane);
+  if constexpr (FIXED) {
+#pragma unroll
+    for (int u = 0; u < R; ++u)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float x = s[u][j][e];
+          if constexpr (MASKED) x = ri[u][e >> 1].key == kseg[j][e & 1].y ? x : -INFINITY;
+          const float p = prim::ex2(fmaf(x, c, m[u][e >> 1]));
+          l[u][e >> 1] += p;
+          s[u][j][e] = p;
+        }
+  } else {
+    float nb[R][2];
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+      bool moved = false;
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+#pragma unroll
+          for (int rr = 0; rr < 2; ++rr) {
+            float x = s[u][j][2 * rr + e];
+            if constexpr (MASKED) x = ri[u][rr].key == kseg[j][e].y ? x : -INFINITY;
+            s[u][j][2 * rr + e] = x;
+            mx[rr] = fmaxf(mx[rr], x);  // scale > 0 (launcher): the same order as the logits
+          }
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const float mn = fmaxf(m[u][rr], quad_max(mx[rr]));
+        moved |= mn != m[u][rr];
+        // A row with nothing allowed so far keeps base 0 so that exp(-inf - base) = 0, not NaN.
+        nb[u][rr] = -(mn == -INFINITY ? 0.f : mn) * c;
+        mx[rr] = mn;
       }
+      // Rescale O and l only when some row's max moved (after the first blocks it rarely does).
+      if (!FIRST && __any_sync(kFull, moved)) {
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          const float alpha = prim::ex2(fmaf(m[u][rr], c, nb[u][rr]));
+          l[u][rr] *= alpha;
+#pragma unroll
+          for (int dj = 0; dj < D / 8; ++dj) {
+            o[u][dj][2 * rr] *= alpha;
+            o[u][dj][2 * rr + 1] *= alpha;
+          }
+        }
+      }
+      m[u][0] = mx[0];
+      m[u][1] = mx[1];
     }
+#pragma unroll
+    for (int u = 0; u < R; ++u)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float p = prim::ex2(fmaf(s[u][j][e], c, nb[u][e >> 1]));
+          l[u][e >> 1] += p;
+          s[u][j][e] = p;
+        }
   }
-  m[0] = mn[0];
-  m[1] = mn[1];
-#pragma unroll
-  for (int j = 0; j < NT; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float p = prim::ex2(fmaf(s[j][e], c, nb[e >> 1]));
-      l[e >> 1] += p;
-      s[j][e] = p;
-    }
-  accum<T, D, NT>(o, s, sv + kb * LD, lane);
+  accum_rows<T, D, NT, R>(o, s, sv + kb * LD, lane);
 }
 
 // A warp's 16 x D O tile (rows g times mul0, rows g+8 times mul1) through its staging rows (pitch LD) to
@@ -200,151 +217,31 @@ __device__ __forceinline__ void store_tile(const float (&o)[D / 8][4], float mul
   __syncwarp();
 }
 
-// One 16-row query tile of head h: O rows and lse. ONE: one-window packs (align_segments' layout).
-// cen_byte: the head's table center entry (row_info).
-// EIGHT: 8-key tail blocks (one_walk's Q = 8, 24) in their own loop; else the masked 16-key loop takes
-// them at end - 8 (keys past end: padding or other segments' slots, masked, below cap): the cosine
-// kernels, where the extra loop spills a few registers at 128 (sm_80 and sm_90).
-template <typename T, int D, int BIAS, bool ABIAS, bool ONE, bool EIGHT>
-__device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int tile, int h, T* sq,
-                                         const T* sk, const T* sv, int cen_byte, const unsigned char* smem,
-                                         int lane) {
-  using TL = Tile<T, D>;
-  const Geo& G = A.g;
+// A 16-row query tile's rows: Q fragments, row info, and which rows are stored (the rest: padding,
+// never checked or stored). ONE: one-window packs (align_segments' layout: padding slots between
+// segments). No __syncwarp here: store_tile ended the warp's previous tile with one, and qa.load's
+// ldmatrix is .aligned (a converged warp) anyway.
+template <typename T, int D, int BIAS, bool ABIAS, bool ONE>
+__device__ __forceinline__ void tile_rows(const Geo& G, const Pack& S, int tile, int h, const T* sq, int cen_byte,
+                                          AFrag<T, D>& qa, RowInfo (&ri)[2], bool (&stored)[2], int lane) {
   const int g = lane >> 2, r0 = 16 * tile, rows = S.info[0];  // slots in use (padding: tok < 0)
-  // No __syncwarp here: store_rows_warp ended the previous tile with one, and qa.load's ldmatrix is
-  // .aligned (a converged warp) anyway.
-  AFrag<T, D> qa;
-  qa.load(sq + r0 * TL::kLD, lane);
-  const RowInfo ri[2] = {row_info<BIAS, ABIAS>(G, S, r0 + g, cen_byte, h),
-                         row_info<BIAS, ABIAS>(G, S, r0 + g + 8, cen_byte, h)};
-  // Bounds broadcast from lane 0: warp-uniform for the compiler too (no divergence-safe shuffles).
-  // ONE: lo/hi/uni hold the tile's walk (one_walk, computed once per pack), else its key range.
-  const int lo = __shfl_sync(kFull, S.lo[tile], 0), hi = __shfl_sync(kFull, S.hi[tile], 0);
-  const int un = __shfl_sync(kFull, S.uni[tile], 0);
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  float o[D / 8][4];
-#pragma unroll
-  for (int dj = 0; dj < D / 8; ++dj) o[dj][0] = o[dj][1] = o[dj][2] = o[dj][3] = 0.f;
-  using Eight = std::integral_constant<int, 8>;
-  using Four = std::integral_constant<int, 4>;
-  using Two = std::integral_constant<int, 2>;
-  using One = std::integral_constant<int, 1>;
-  // Rows of the tile that are stored (the rest: padding, never checked or stored).
-  bool stored[2];
+  qa.load(sq + r0 * Tile<T, D>::kLD, lane);
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const int q = r0 + g + 8 * rr;
+    ri[rr] = row_info<BIAS, ABIAS>(G, S, q, cen_byte, h);
     stored[rr] = q < rows && (!ONE || S.tok[q] >= 0);
   }
-  if constexpr (ONE) {
-    // The walk (one_walk): a masked prefix [b0, b0 + P), the unmasked middle [lo, hi) = [b0 + P, end - Q)
-    // and a masked suffix [end - Q, end) (Q: 32, 16, 16 + 8 or 8), each block kind in its own loop (block
-    // order is free in the sums). FIXED: against the probe's reference, else online (max and rescale).
-    const int P = un >> 8, Q = un & 255, b0 = lo - P, end = hi + Q;
-    float nb[2];
-    auto walk = [&](auto fixed) {
-      constexpr bool F = decltype(fixed)::value;
-      auto block = [&](auto nt, auto masked, int kb) {
-        fwd_block<T, D, BIAS, ABIAS, decltype(nt)::value, decltype(masked)::value, false, F>(
-            G, S, qa, ri, sk, sv, kb, smem, A.inv_scale, F ? nb : m, l, o, lane);
-      };
-      // Masked 32-key blocks: the prefix's, then a 32-key suffix.
-      const int pm = P >> 5, nm32 = pm + (Q == 32);
-#pragma unroll 1
-      for (int i = 0; i < nm32; ++i) block(Four{}, std::true_type{}, i < pm ? b0 + 32 * i : end - 32);
-      // Masked 16-key blocks: what is left of the prefix, then a 16-key suffix (Q = 16 or 24; !EIGHT: 16-key
-      // blocks from end - Q on, the last at end - 8).
-      constexpr bool E8 = EIGHT && F;  // the online walk (a fallback) never has the 8-key loop
-      const int p16 = (P >> 4) & 1, nm16 = p16 + ((Q >> 4) & 1) + (E8 ? 0 : (Q >> 3) & 1);
-#pragma unroll 1
-      for (int i = 0; i < nm16; ++i)
-        block(Two{}, std::true_type{}, i == 0 && (P & 16) ? b0 + P - 16 : E8 ? end - Q : end - Q + 16 * (i - p16));
-      // A masked 8-key suffix (Q = 8 or 24): a segment's last 1..8 keys. The online walk takes them in a
-      // masked 16-key block at end - 8 instead (keys past end: padding or other segments' slots, masked,
-      // below cap = a multiple of 16): one block kind less there keeps sm_80 at 128 registers unspilled.
-      const int nm8 = E8 ? (Q >> 3) & 1 : 0;
-#pragma unroll 1
-      for (int i = 0; i < nm8; ++i) {
-        if constexpr (F)
-          block(One{}, std::true_type{}, end - 8);
-        else
-          block(Two{}, std::true_type{}, end - 8);
-      }
-      // The unmasked middle in 64-key blocks (one max update, rescale vote and loop step per 64 keys
-      // online), then at most one block of 32 and one of 16.
-      const int m1 = hi;
-      int kb = lo;
-#pragma unroll 1
-      for (; kb + 64 <= m1; kb += 64) block(Eight{}, std::false_type{}, kb);
-#pragma unroll 1
-      for (; kb + 32 <= m1; kb += 32) block(Four{}, std::false_type{}, kb);  // 0 or 1 time
-#pragma unroll 1
-      for (; kb < m1; kb += 16) block(Two{}, std::false_type{}, kb);  // 0 or 1 time
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr) l[rr] = quad_sum(l[rr]);
-    };
-    // Softmax against a fixed reference per row: the largest score over the segment's first 8 keys
-    // (fwd_probe), p = exp2(s c - ref c) summed with no running max and no rescale. Kept when every
-    // stored row's sum of p lies in [LMIN, LMAX]: p <= LMAX stays within the input type (fp16: 2^15),
-    // and O = sum p v stays finite for the V that reach here (v_unsafe: fp16 finite, bf16 |v| < 2^64).
-    // Otherwise (a key far above the probe's, NaN/Inf, a row with no allowed probe key) the tile walks
-    // again online (p <= 1), as before.
-    constexpr bool kHalf = std::is_same<T, __half>::value;
-    constexpr float kLmin = kHalf ? 0.5f : 0x1p-32f, kLmax = kHalf ? 0x1p15f : 0x1p32f;
-    const float c = G.scale * kLog2e;
-    // Pass 0 against the probe's reference; pass 1, the online walk, only after some stored row failed
-    // (a loop, not an if, so that the static rules count the passes that run: 1 at the model's inputs).
-#pragma unroll 1
-    for (int pass = 0; pass < 2; ++pass) {
-      if (pass == 0) {
-        fwd_probe<T, D, BIAS, ABIAS>(G, S, qa, ri, sk, b0, smem, A.inv_scale, m, lane);
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) nb[rr] = -(m[rr] == -INFINITY ? 0.f : m[rr]) * c;
-        walk(std::true_type{});  // fixed reference
-        // (O needs no check: v_unsafe sent V that p <= LMAX could overflow to fwd_exact, and a NaN p
-        // is a NaN l.)
-        bool bad = false;
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) bad |= stored[rr] && !(l[rr] >= kLmin && l[rr] <= kLmax);
-        if (!__any_sync(kFull, bad)) break;
-      } else {
-        m[0] = m[1] = -INFINITY;
-        l[0] = l[1] = 0.f;
-#pragma unroll
-        for (int dj = 0; dj < D / 8; ++dj) o[dj][0] = o[dj][1] = o[dj][2] = o[dj][3] = 0.f;
-        walk(std::false_type{});  // online fallback walk
-      }
-    }
-  } else {
-    // Several windows per pack (tiles span windows: mostly masked blocks): one walk, the block kind
-    // chosen per block.
-    // Blocks of 32 keys, then one of 16 at the end; a block inside one segment needs no mask.
-    const bool uni = un != 0;
-    const int end = round16(hi);
-    auto step = [&](auto nt, auto first, int kb) {
-      constexpr int NT = decltype(nt)::value;
-      constexpr bool F = decltype(first)::value;
-      if (uni && kb >= lo && kb + 8 * NT <= hi)
-        fwd_block<T, D, BIAS, ABIAS, NT, false, F>(G, S, qa, ri, sk, sv, kb, smem, A.inv_scale, m, l, o, lane);
-      else
-        fwd_block<T, D, BIAS, ABIAS, NT, true, F>(G, S, qa, ri, sk, sv, kb, smem, A.inv_scale, m, l, o, lane);
-    };
-    // The first block is peeled (no rescale); a 16-key block can only be the last.
-    int kb = lo & ~15;  // < end: every tile has a key
-    if (kb + 32 <= end)
-      step(Four{}, std::true_type{}, kb);
-    else
-      step(Two{}, std::true_type{}, kb);
-    for (kb += 32; kb < end; kb += 32) {
-      if (kb + 32 <= end)
-        step(Four{}, std::false_type{}, kb);
-      else
-        step(Two{}, std::false_type{}, kb);
-    }
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) l[rr] = quad_sum(l[rr]);
-  }
+}
+
+// A tile's epilogue: the fp32 lse and the O rows (o / l) through the warp's staging rows (the tile's Q
+// rows in sq), for the stored rows.
+template <typename T, int D>
+__device__ __forceinline__ void fwd_finish(const FwdArgs& A, const Pack& S, int tile, int h, T* sq, const float (&m)[2],
+                                           const float (&l)[2], const float (&o)[D / 8][4], const bool (&stored)[2],
+                                           int lane) {
+  const Geo& G = A.g;
+  const int g = lane >> 2, r0 = 16 * tile;
   float lse[2], inv[2];
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
@@ -356,7 +253,182 @@ __device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int ti
     const bool r8 = (lane & 1) != 0;
     if (r8 ? stored[1] : stored[0]) A.lse[S.lrow[r0 + g + (r8 ? 8 : 0)] + h * G.N] = r8 ? lse[1] : lse[0];
   }
-  store_tile<T, D>(o, inv[0], inv[1], sq + r0 * TL::kLD, static_cast<T*>(A.out) + h * D, G.C, S.tok + r0, stored, lane);
+  store_tile<T, D>(o, inv[0], inv[1], sq + r0 * Tile<T, D>::kLD, static_cast<T*>(A.out) + h * D, G.C, S.tok + r0,
+                   stored, lane);
+}
+
+// One 16-row query tile of head h in a pack of several windows (tiles span windows: mostly masked
+// blocks): O rows and lse. One walk, the block kind chosen per block: blocks of 32 keys, then one of
+// 16 at the end; a block inside one segment needs no mask.
+template <typename T, int D, int BIAS, bool ABIAS>
+__device__ __forceinline__ void fwd_tile(const FwdArgs& A, const Pack& S, int tile, int h, T* sq, const T* sk,
+                                         const T* sv, int cen_byte, const unsigned char* smem, int lane) {
+  const Geo& G = A.g;
+  AFrag<T, D> qa[1];
+  RowInfo ri[1][2];
+  bool stored[2];
+  tile_rows<T, D, BIAS, ABIAS, false>(G, S, tile, h, sq, cen_byte, qa[0], ri[0], stored, lane);
+  // Bounds broadcast from lane 0: warp-uniform for the compiler too (no divergence-safe shuffles).
+  const int lo = __shfl_sync(kFull, S.lo[tile], 0), hi = __shfl_sync(kFull, S.hi[tile], 0);
+  const bool uni = __shfl_sync(kFull, S.uni[tile], 0) != 0;
+  float m[1][2] = {{-INFINITY, -INFINITY}}, l[1][2] = {{0.f, 0.f}};
+  float o[1][D / 8][4];
+#pragma unroll
+  for (int dj = 0; dj < D / 8; ++dj) o[0][dj][0] = o[0][dj][1] = o[0][dj][2] = o[0][dj][3] = 0.f;
+  const int end = round16(hi);
+  auto step = [&](auto nt, auto first, int kb) {
+    constexpr int NT = decltype(nt)::value;
+    constexpr bool F = decltype(first)::value;
+    if (uni && kb >= lo && kb + 8 * NT <= hi)
+      fwd_block<T, D, BIAS, ABIAS, NT, false, F, false, 1>(G, S, qa, ri, sk, sv, kb, smem, A.inv_scale, m, l, o, lane);
+    else
+      fwd_block<T, D, BIAS, ABIAS, NT, true, F, false, 1>(G, S, qa, ri, sk, sv, kb, smem, A.inv_scale, m, l, o, lane);
+  };
+  using Four = std::integral_constant<int, 4>;
+  using Two = std::integral_constant<int, 2>;
+  // The first block is peeled (no rescale); a 16-key block can only be the last.
+  int kb = lo & ~15;  // < end: every tile has a key
+  if (kb + 32 <= end)
+    step(Four{}, std::true_type{}, kb);
+  else
+    step(Two{}, std::true_type{}, kb);
+  for (kb += 32; kb < end; kb += 32) {
+    if (kb + 32 <= end)
+      step(Four{}, std::false_type{}, kb);
+    else
+      step(Two{}, std::false_type{}, kb);
+  }
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) l[0][rr] = quad_sum(l[0][rr]);
+  fwd_finish<T, D>(A, S, tile, h, sq, m[0], l[0], o[0], stored, lane);
+}
+
+// A unit of a one-window pack (align_segments' layout): the R consecutive 16-row tiles from `tile`, all
+// of one segment (R = 2: a pair, sharing its walk, each key block's key info and K/V fragments, and the
+// loop steps; R = 1: a segment's odd last tile, or any tile where pairs are off), head h: O rows and lse.
+// EIGHT: 8-key tail blocks (one_walk's Q = 8, 24) in their own loop; else the masked 16-key loop takes
+// them at end - 8 (keys past end: padding or other segments' slots, masked, below cap): the cosine
+// kernels, where the extra loop spills a few registers.
+template <typename T, int D, int BIAS, bool ABIAS, bool EIGHT, int R>
+__device__ __forceinline__ void fwd_unit(const FwdArgs& A, const Pack& S, int tile, int h, T* sq, const T* sk,
+                                         const T* sv, int cen_byte, const unsigned char* smem, int lane) {
+  const Geo& G = A.g;
+  AFrag<T, D> qa[R];
+  RowInfo ri[R][2];
+  bool stored[R][2];
+#pragma unroll
+  for (int u = 0; u < R; ++u) tile_rows<T, D, BIAS, ABIAS, true>(G, S, tile + u, h, sq, cen_byte, qa[u], ri[u], stored[u], lane);
+  // The unit's walk (one_walk, computed once per pack; the same for every tile of a segment), broadcast
+  // from lane 0: warp-uniform for the compiler too.
+  const int lo = __shfl_sync(kFull, S.lo[tile], 0), hi = __shfl_sync(kFull, S.hi[tile], 0);
+  const int un = __shfl_sync(kFull, S.uni[tile], 0);
+  float m[R][2], l[R][2], o[R][D / 8][4], nb[R][2];
+  auto reset = [&]() {
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+      m[u][0] = m[u][1] = -INFINITY;
+      l[u][0] = l[u][1] = 0.f;
+#pragma unroll
+      for (int dj = 0; dj < D / 8; ++dj) o[u][dj][0] = o[u][dj][1] = o[u][dj][2] = o[u][dj][3] = 0.f;
+    }
+  };
+  reset();
+  using Eight = std::integral_constant<int, 8>;
+  using Four = std::integral_constant<int, 4>;
+  using Two = std::integral_constant<int, 2>;
+  using One = std::integral_constant<int, 1>;
+  // The walk (one_walk): a masked prefix [b0, b0 + P), the unmasked middle [lo, hi) = [b0 + P, end - Q)
+  // and a masked suffix [end - Q, end) (Q: 32, 16, 16 + 8 or 8), each block kind in its own loop (block
+  // order is free in the sums). FIXED: against the probe's reference, else online (max and rescale).
+  const int P = (un >> 8) & kWalkP, Q = un & 255, b0 = lo - P, end = hi + Q;
+  auto walk = [&](auto fixed) {
+    constexpr bool F = decltype(fixed)::value;
+    auto block = [&](auto nt, auto masked, int kb) {
+      fwd_block<T, D, BIAS, ABIAS, decltype(nt)::value, decltype(masked)::value, false, F, R>(
+          G, S, qa, ri, sk, sv, kb, smem, A.inv_scale, F ? nb : m, l, o, lane);
+    };
+    // Masked 32-key blocks: the prefix's, then a 32-key suffix.
+    const int pm = P >> 5, nm32 = pm + (Q == 32);
+#pragma unroll 1
+    for (int i = 0; i < nm32; ++i) block(Four{}, std::true_type{}, i < pm ? b0 + 32 * i : end - 32);
+    // Masked 16-key blocks: what is left of the prefix, then a 16-key suffix (Q = 16 or 24; !EIGHT: 16-key
+    // blocks from end - Q on, the last at end - 8).
+    constexpr bool E8 = EIGHT && F;  // the online walk (a fallback) never has the 8-key loop
+    const int p16 = (P >> 4) & 1, nm16 = p16 + ((Q >> 4) & 1) + (E8 ? 0 : (Q >> 3) & 1);
+#pragma unroll 1
+    for (int i = 0; i < nm16; ++i)
+      block(Two{}, std::true_type{}, i == 0 && (P & 16) ? b0 + P - 16 : E8 ? end - Q : end - Q + 16 * (i - p16));
+    // A masked 8-key suffix (Q = 8 or 24): a segment's last 1..8 keys. The online walk takes them in a
+    // masked 16-key block at end - 8 instead (keys past end: padding or other segments' slots, masked,
+    // below cap = a multiple of 16): one block kind less keeps its registers down.
+    const int nm8 = E8 ? (Q >> 3) & 1 : 0;
+#pragma unroll 1
+    for (int i = 0; i < nm8; ++i) {
+      if constexpr (F)
+        block(One{}, std::true_type{}, end - 8);
+      else
+        block(Two{}, std::true_type{}, end - 8);
+    }
+    // The unmasked middle in 64-key blocks (one max update, rescale vote and loop step per 64 keys
+    // online), then at most one block of 32 and one of 16.
+    const int m1 = hi;
+    int kb = lo;
+#pragma unroll 1
+    for (; kb + 64 <= m1; kb += 64) block(Eight{}, std::false_type{}, kb);
+#pragma unroll 1
+    for (; kb + 32 <= m1; kb += 32) block(Four{}, std::false_type{}, kb);  // 0 or 1 time
+#pragma unroll 1
+    for (; kb < m1; kb += 16) block(Two{}, std::false_type{}, kb);  // 0 or 1 time
+#pragma unroll
+    for (int u = 0; u < R; ++u)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) l[u][rr] = quad_sum(l[u][rr]);
+  };
+  // Softmax against a fixed reference per row: the largest score over the segment's first 8 keys
+  // (fwd_probe), p = exp2(s c - ref c) summed with no running max and no rescale. Kept when every
+  // stored row's sum of p lies in [LMIN, LMAX]: p <= LMAX stays within the input type (fp16: 2^15),
+  // and O = sum p v stays finite for the V that reach here (v_unsafe: fp16 finite, bf16 |v| < 2^64).
+  // Otherwise (a key far above the probe's, NaN/Inf, a row with no allowed probe key) the unit walks
+  // again online (p <= 1), as before.
+  constexpr bool kHalf = std::is_same<T, __half>::value;
+  constexpr float kLmin = kHalf ? 0.5f : 0x1p-32f, kLmax = kHalf ? 0x1p15f : 0x1p32f;
+  const float c = G.scale * kLog2e;
+  // Pass 0 against the probe's reference; pass 1, the online walk, only after some stored row failed
+  // (a loop, not an if, so that the static rules count the passes that run: 1 at the model's inputs).
+  // The walk's call lines name the unit kind for the static rules (static_rules.py, via).
+#pragma unroll 1
+  for (int pass = 0; pass < 2; ++pass) {
+    if (pass == 0) {
+      fwd_probe<T, D, BIAS, ABIAS, R>(G, S, qa, ri, sk, b0, smem, A.inv_scale, m, lane);
+#pragma unroll
+      for (int u = 0; u < R; ++u)
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) nb[u][rr] = -(m[u][rr] == -INFINITY ? 0.f : m[u][rr]) * c;
+      if constexpr (R == 2)
+        walk(std::true_type{});  // fixed reference, pair units
+      else
+        walk(std::true_type{});  // fixed reference, single units
+      // (O needs no check: v_unsafe sent V that p <= LMAX could overflow to fwd_exact, and a NaN p
+      // is a NaN l.)
+      bool bad = false;
+#pragma unroll
+      for (int u = 0; u < R; ++u)
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) bad |= stored[u][rr] && !(l[u][rr] >= kLmin && l[u][rr] <= kLmax);
+      if (!__any_sync(kFull, bad)) break;
+    } else {
+      reset();
+      walk(std::false_type{});  // online fallback walk
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < R; ++u) fwd_finish<T, D>(A, S, tile + u, h, sq, m[u], l[u], o[u], stored[u], lane);
+}
+
+// The n-th (from 0) set bit of a warp-uniform mask of tiles (n < popc(mask)): the tile of that unit.
+__device__ __forceinline__ int nth_tile(unsigned mask, int n, int lane) {
+  const bool hit = (mask >> lane & 1u) && __popc(mask & ((1u << lane) - 1u)) == n;
+  return __ffs(__ballot_sync(kFull, hit)) - 1;
 }
 
 // The exact path for a head whose V holds NaN/Inf (or huge bf16 values: v_unsafe): every row over all
@@ -440,6 +512,9 @@ __device__ __forceinline__ void fwd_pack(const FwdArgs& A, unsigned char* smem, 
 #else
   constexpr bool kEight = !COS && !fwd_two_ctas(D, BIAS, ABIAS, ONE);
 #endif
+  // fwd_unit's pair units (two tiles of one segment walked together): head_dim <= 32 without attn_bias
+  // (with it, or larger heads, a pair's state spills at 255 registers).
+  constexpr bool kPairs = D <= 32 && !ABIAS;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   // 32-bit shared-memory offsets (the layout's fields are size_t)
   const unsigned ops = unsigned(L.ops), bstride = unsigned(L.buf_stride), tbytes = unsigned(L.tile_bytes);
@@ -473,6 +548,15 @@ __device__ __forceinline__ void fwd_pack(const FwdArgs& A, unsigned char* smem, 
   // Pack-wide values read right after the barrier (warps converged) and broadcast from lane 0: the
   // compiler then sees warp-uniform loops and emits plain shuffles inside them.
   const int nvalid = __shfl_sync(kFull, S.info[0], 0), ntiles = __shfl_sync(kFull, S.info[1], 0);
+  // One-window packs with pairs: fwd_unit's units as masks of their first tiles (ntiles <= kMaxTiles <= 32),
+  // align_segments' pairs and the single tiles.
+  unsigned heads = 0u, singles = 0u;
+  if constexpr (ONE && kPairs) {
+    const int un = lane < ntiles ? S.uni[lane] : 0;
+    heads = __ballot_sync(kFull, (un & kPairHead) != 0);
+    singles = __ballot_sync(kFull, lane < ntiles && !(un & (kPairHead | kPairTail)));
+  }
+  const int npairs = __popc(heads), nunits = npairs + __popc(singles);
   zero_padding<T, D>(buf(0, 0), 3 * A.nbuf, L.tile_bytes, S.tok, ONE ? 0 : nvalid, G.cap);  // aligned: gaps too
   const T* qkv = static_cast<const T*>(G.qkv);
   const int rw2 = 2 * G.rw - 1;
@@ -513,8 +597,25 @@ __device__ __forceinline__ void fwd_pack(const FwdArgs& A, unsigned char* smem, 
       normalize_rows<T, D, TL::kLD>(buf(b, 1), nvalid, 1.f, nullptr, 0);
     }
     if (!__syncthreads_or(v_unsafe<T, D>(buf(b, 2), nvalid)) && boxed) {
-      for (int t = warp; t < ntiles; t += kWarps)
-        fwd_tile<T, D, BIAS, ABIAS, ONE, kEight>(A, S, t, h, buf(b, 0), buf(b, 1), buf(b, 2), cen_byte, smem, lane);
+      if constexpr (ONE && kPairs) {
+        // Pair units first, then single ones, in one round-robin over the warps (two loops: the static
+        // rules count each).
+        int u = warp;
+#pragma unroll 1
+        for (; u < npairs; u += kWarps)
+          fwd_unit<T, D, BIAS, ABIAS, kEight, 2>(A, S, nth_tile(heads, u, lane), h, buf(b, 0), buf(b, 1), buf(b, 2),
+                                                 cen_byte, smem, lane);
+#pragma unroll 1
+        for (; u < nunits; u += kWarps)
+          fwd_unit<T, D, BIAS, ABIAS, kEight, 1>(A, S, nth_tile(singles, u - npairs, lane), h, buf(b, 0), buf(b, 1),
+                                                 buf(b, 2), cen_byte, smem, lane);
+      } else if constexpr (ONE) {  // every tile a single unit
+        for (int t = warp; t < ntiles; t += kWarps)
+          fwd_unit<T, D, BIAS, ABIAS, kEight, 1>(A, S, t, h, buf(b, 0), buf(b, 1), buf(b, 2), cen_byte, smem, lane);
+      } else {
+        for (int t = warp; t < ntiles; t += kWarps)
+          fwd_tile<T, D, BIAS, ABIAS>(A, S, t, h, buf(b, 0), buf(b, 1), buf(b, 2), cen_byte, smem, lane);
+      }
     } else {
       fwd_exact<T, D, BIAS, ABIAS>(A, S, h, buf(b, 0), buf(b, 1), buf(b, 2), cen_byte, smem, !boxed);
     }

@@ -66,16 +66,18 @@ struct AFrag {
     for (int kk = 0; kk < D / 16; ++kk) prim::ldsm_x4(a[kk], rows + r * LD + 16 * kk + c);
   }
 };
-// scores_add: s += A * B^T (s holds a starting value, e.g. the bias).
-template <typename T, int D, int NT>
-__device__ __forceinline__ void scores_add(float (&s)[NT][4], const AFrag<T, D>& A, const T* B, int lane) {
+// scores_add_rows: s[u] += A[u] * B^T for R row tiles (s holds a starting value, e.g. the bias); each B
+// fragment is loaded once for all of them (the forward's pair units: R = 2).
+template <typename T, int D, int NT, int R>
+__device__ __forceinline__ void scores_add_rows(float (&s)[R][NT][4], const AFrag<T, D> (&A)[R], const T* B, int lane) {
   constexpr int LD = Tile<T, D>::kLD;
   if constexpr (D == 16) {
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       uint32_t r[2];  // matrices: B rows 8j.., cols 0-7 / 8-15 = b0 / b1
       prim::ldsm_x2(r, B + (8 * j + (lane & 7)) * LD + 8 * ((lane >> 3) & 1));
-      prim::mma16816<T>(s[j], A.a[0], r[0], r[1]);
+#pragma unroll
+      for (int u = 0; u < R; ++u) prim::mma16816<T>(s[u][j], A[u].a[0], r[0], r[1]);
     }
   } else {
 #pragma unroll
@@ -84,11 +86,25 @@ __device__ __forceinline__ void scores_add(float (&s)[NT][4], const AFrag<T, D>&
       for (int c = 0; c < D / 32; ++c) {
         uint32_t r[4];  // matrix i: B rows 8j.., cols 32c + 8i: (b0, b1) of k-steps 2c and 2c+1
         prim::ldsm_x4(r, B + (8 * j + (lane & 7)) * LD + 32 * c + 8 * (lane >> 3));
-        prim::mma16816<T>(s[j], A.a[2 * c], r[0], r[1]);
-        prim::mma16816<T>(s[j], A.a[2 * c + 1], r[2], r[3]);
+#pragma unroll
+        for (int u = 0; u < R; ++u) {
+          prim::mma16816<T>(s[u][j], A[u].a[2 * c], r[0], r[1]);
+          prim::mma16816<T>(s[u][j], A[u].a[2 * c + 1], r[2], r[3]);
+        }
       }
     }
   }
+}
+
+// One row tile as a set of one (the R-generic helpers' R = 1).
+template <typename X>
+__device__ __forceinline__ X (&one_of(X& x))[1] { return *reinterpret_cast<X(*)[1]>(&x); }
+template <typename X>
+__device__ __forceinline__ const X (&one_of(const X& x))[1] { return *reinterpret_cast<const X(*)[1]>(&x); }
+
+template <typename T, int D, int NT>
+__device__ __forceinline__ void scores_add(float (&s)[NT][4], const AFrag<T, D>& A, const T* B, int lane) {
+  scores_add_rows<T, D, NT, 1>(one_of(s), one_of(A), B, lane);
 }
 
 template <typename T, int D, int NT>
@@ -98,10 +114,11 @@ __device__ __forceinline__ void scores(float (&s)[NT][4], const AFrag<T, D>& A, 
   scores_add<T, D, NT>(s, A, B, lane);
 }
 
-// c += A * B for one m16k16 A fragment `a` (16 rows x 16 k) and the 16 rows of B at `B` (length D,
-// pitch Tile::kLD): accum's step for a fragment already packed.
-template <typename T, int D>
-__device__ __forceinline__ void accum_frag(float (&c)[D / 8][4], const uint32_t (&a)[4], const T* B, int lane) {
+// c[u] += a[u] * B for R m16k16 A fragments (16 rows x 16 k each) and the 16 rows of B at `B` (length D,
+// pitch Tile::kLD), each B fragment loaded once: accum's step for fragments already packed.
+template <typename T, int D, int R>
+__device__ __forceinline__ void accum_frag_rows(float (&c)[R][D / 8][4], const uint32_t (&a)[R][4], const T* B,
+                                                int lane) {
   constexpr int LD = Tile<T, D>::kLD;
   const int i = lane >> 3;
   const T* rows = B + (8 * (i & 1) + (lane & 7)) * LD + 8 * (i >> 1);
@@ -109,9 +126,17 @@ __device__ __forceinline__ void accum_frag(float (&c)[D / 8][4], const uint32_t 
   for (int dp = 0; dp < D / 16; ++dp) {
     uint32_t r[4];
     prim::ldsm_x4_trans(r, rows + 16 * dp);
-    prim::mma16816<T>(c[2 * dp], a, r[0], r[1]);
-    prim::mma16816<T>(c[2 * dp + 1], a, r[2], r[3]);
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+      prim::mma16816<T>(c[u][2 * dp], a[u], r[0], r[1]);
+      prim::mma16816<T>(c[u][2 * dp + 1], a[u], r[2], r[3]);
+    }
   }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void accum_frag(float (&c)[D / 8][4], const uint32_t (&a)[4], const T* B, int lane) {
+  accum_frag_rows<T, D, 1>(one_of(c), one_of(a), B, lane);
 }
 
 // The A fragment of a 16 x 16 accumulator block p (two n-tiles, rounded to T), as accum packs it.
@@ -123,16 +148,20 @@ __device__ __forceinline__ void pack_frag(uint32_t (&a)[4], const float (&p)[2][
   a[3] = pack2<T>(p[1][2], p[1][3]);
 }
 
-// c += A * B for one m16k8 A fragment `a` (16 rows x 8 k) and the 8 rows of B at `B` (length D, pitch
+// c[u] += a[u] * B for R m16k8 A fragments (16 rows x 8 k) and the 8 rows of B at `B` (length D, pitch
 // Tile::kLD): m16n8k8 steps, one per 8 columns (an odd last n-tile of P, e.g. an 8-key block).
-template <typename T, int D>
-__device__ __forceinline__ void accum_frag8(float (&c)[D / 8][4], const uint32_t (&a)[2], const T* B, int lane) {
+template <typename T, int D, int R>
+__device__ __forceinline__ void accum_frag8_rows(float (&c)[R][D / 8][4], const uint32_t (&a)[R][2], const T* B,
+                                                 int lane) {
   constexpr int LD = Tile<T, D>::kLD;
   if constexpr (D == 16) {
     uint32_t r[2];  // matrix i: B rows 0-7, cols 8i..8i+7, transposed: b0 of n-tile i
     prim::ldsm_x2_trans(r, B + (lane & 7) * LD + 8 * ((lane >> 3) & 1));
-    prim::mma1688<T>(c[0], a, r[0]);
-    prim::mma1688<T>(c[1], a, r[1]);
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+      prim::mma1688<T>(c[u][0], a[u], r[0]);
+      prim::mma1688<T>(c[u][1], a[u], r[1]);
+    }
   } else {
     const T* rows = B + (lane & 7) * LD + 8 * (lane >> 3);
 #pragma unroll
@@ -140,24 +169,38 @@ __device__ __forceinline__ void accum_frag8(float (&c)[D / 8][4], const uint32_t
       uint32_t r[4];  // matrix i: B rows 0-7, cols 32q + 8i.., transposed: b0 of n-tile 4q + i
       prim::ldsm_x4_trans(r, rows + 32 * q);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) prim::mma1688<T>(c[4 * q + i], a, r[i]);
+      for (int u = 0; u < R; ++u)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) prim::mma1688<T>(c[u][4 * q + i], a[u], r[i]);
     }
+  }
+}
+
+// c[u] += P[u] * B for R row tiles: P[u] (16 x 8*NT, accumulator layout) and 8*NT rows of B of length D.
+template <typename T, int D, int NT, int R>
+__device__ __forceinline__ void accum_rows(float (&c)[R][D / 8][4], const float (&p)[R][NT][4], const T* B, int lane) {
+  constexpr int LD = Tile<T, D>::kLD;
+#pragma unroll
+  for (int kk = 0; kk < NT / 2; ++kk) {  // two accumulator n-tiles are one m16k16 A fragment
+    uint32_t a[R][4];
+#pragma unroll
+    for (int u = 0; u < R; ++u) pack_frag<T>(a[u], *reinterpret_cast<const float(*)[2][4]>(p[u] + 2 * kk));
+    accum_frag_rows<T, D, R>(c, a, B + 16 * kk * LD, lane);
+  }
+  if constexpr (NT & 1) {  // an odd last n-tile: one m16k8 A fragment
+    uint32_t a[R][2];
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+      a[u][0] = pack2<T>(p[u][NT - 1][0], p[u][NT - 1][1]);
+      a[u][1] = pack2<T>(p[u][NT - 1][2], p[u][NT - 1][3]);
+    }
+    accum_frag8_rows<T, D, R>(c, a, B + 8 * (NT - 1) * LD, lane);
   }
 }
 
 template <typename T, int D, int NT>
 __device__ __forceinline__ void accum(float (&c)[D / 8][4], const float (&p)[NT][4], const T* B, int lane) {
-  constexpr int LD = Tile<T, D>::kLD;
-#pragma unroll
-  for (int kk = 0; kk < NT / 2; ++kk) {  // two accumulator n-tiles are one m16k16 A fragment
-    uint32_t a[4];
-    pack_frag<T>(a, *reinterpret_cast<const float(*)[2][4]>(p + 2 * kk));
-    accum_frag<T, D>(c, a, B + 16 * kk * LD, lane);
-  }
-  if constexpr (NT & 1) {  // an odd last n-tile: one m16k8 A fragment
-    const uint32_t a[2] = {pack2<T>(p[NT - 1][0], p[NT - 1][1]), pack2<T>(p[NT - 1][2], p[NT - 1][3])};
-    accum_frag8<T, D>(c, a, B + 8 * (NT - 1) * LD, lane);
-  }
+  accum_rows<T, D, NT, 1>(one_of(c), one_of(p), B, lane);
 }
 
 // ---------------------------------------------------------------------------------------------

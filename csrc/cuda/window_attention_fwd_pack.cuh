@@ -118,6 +118,10 @@ __device__ __forceinline__ void load_table_scaled(float* tb, const float* rpb, i
 // blocks (few 16-key blocks: their fixed cost is that of 32). A last 16 keys holding 1..8 of the
 // segment's end in 8 instead (Q = 8, or 24: 16 + 8; the walk ends at round8(hi)): half its pairs, and
 // an odd middle then takes an unmasked 16-key block rather than growing the end to 32.
+// Walks stored in S.uni: P << 8 | Q (P < 2^16, Q < 256), plus align_segments' unit flags: the first and
+// second tile of a pair (fwd_unit: two consecutive tiles of one segment walked together).
+constexpr int kWalkP = 0xffff, kPairHead = 1 << 24, kPairTail = 1 << 25;
+
 __device__ __forceinline__ int3 one_walk(int lo, int hi, bool uni) {
   const int b0 = lo & ~15;
   int end = round16(hi);
@@ -150,8 +154,8 @@ __device__ __forceinline__ void set_walk(const Pack& S, int t, int lo, int hi, b
 // several windows, or whose rounded segments do not fit, stay as the prologue sorted them.
 // All threads; after the prologue's tiles are published (a barrier), before the operand buffers are
 // used (`scratch`: kWarps + kThreads ints of them). On return (before the caller's barrier) the slots,
-// tiles' walks (one_walk) and info[0] (slots in use) / info[1] (tiles) hold the aligned layout, or the
-// prologue's.
+// tiles' walks (one_walk; aligned: with the pair flags kPairHead / kPairTail) and info[0] (slots in use) /
+// info[1] (tiles) hold the aligned layout, or the prologue's.
 __device__ __forceinline__ void align_segments(const Geo& G, const Pack& S, int nvalid, int* scratch) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   int2 seg = make_int2(0, 0);
@@ -214,6 +218,9 @@ __device__ __forceinline__ void align_segments(const Geo& G, const Pack& S, int 
   if (tid < used / 16) {  // slot 16 * tid is a token of the tile's segment (segments start at tiles)
     const int2 sg = S.seg[16 * tid];
     set_walk(S, tid, sg.x, sg.y, true);  // padding rows join the segment's tile: never stored
+    // the segment's tiles in pairs from its first; an odd last one stays single
+    const int k = tid - sg.x / 16, n = round16(sg.y - sg.x) / 16;
+    S.uni[tid] |= (k & 1) ? kPairTail : (k + 1 < n ? kPairHead : 0);
   }
   if (tid == 0) {
     S.info[0] = used;

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -194,6 +195,49 @@ def _eight(c: Ctx) -> bool:
     return len(t) >= 7 and _one(c) and t[6] != "true"
 
 
+def _pairs(c: Ctx) -> bool:
+    """Whether wattn_fwd_kernel walks pair units (window_attention.cu, fwd_pack's kPairs): one-window
+    kernels (T, D, BIAS, ABIAS, ONE, ...) at head_dim <= 32 without attn_bias."""
+    return _one(c) and int(c.tparams[1]) <= 32 and c.tparams[3] != "true"
+
+
+def _units(w: Dict[str, Any], c: Ctx, which: str) -> Tuple[Counter, int]:
+    """(blocks walked, units) of fwd_unit's pair ("p") or single ("s") units (wattn_workload's u32p /
+    u32s); without pairs every tile is a single unit."""
+    if not _pairs(c):
+        return (w["c32"], w["ftiles"]) if which == "s" else (Counter(), 0)
+    u = w["u32" + which]
+    return u, u["n"]
+
+
+# fwd_unit's walk (one-window packs): one loop per block kind; (loop header, blocks per walk from a
+# Counter of (width, masked) blocks, what)
+_WALK: List[Tuple[str, Callable[[Counter, Ctx], float], str]] = [
+    (r"for \(int i = 0; i < nm32; \+\+i\)", lambda k, c: k[(32, True)], "masked 32-key blocks"),
+    (r"for \(int i = 0; i < nm16; \+\+i\)", lambda k, c: k[(16, True)] + (0 if _eight(c) else k[(8, True)]),
+     "masked 16-key blocks (without the 8-key loop also the segments' last 1..8 keys, at end - 8)"),
+    (r"for \(int i = 0; i < nm8; \+\+i\)", lambda k, c: k[(8, True)] if _eight(c) else 0.0,
+     "masked 8-key blocks: a segment's last 1..8 keys"),
+    (r"for \(; kb \+ 64 <= m1; kb \+= 64\)", lambda k, c: k[(64, False)], "unmasked 64-key blocks"),
+    (r"for \(; kb \+ 32 <= m1; kb \+= 32\)", lambda k, c: k[(32, False)],
+     "unmasked 32-key blocks (0 or 1, after the 64-key ones)"),
+    (r"for \(; kb < m1; kb \+= 16\)", lambda k, c: k[(16, False)], "unmasked 16-key blocks (0 or 1)"),
+]
+
+
+def _unit_walk_rules() -> List[Rule]:
+    """The walk's loops per unit kind, told apart by the walk's call line (fwd_unit: '... pair units' /
+    '... single units'): the unit kind's emulated blocks / its units."""
+    def per_unit(f: Callable[[Counter, Ctx], float], which: str) -> Callable[[Ctx], float]:
+        def trips(w: Dict[str, Any], c: Ctx) -> float:
+            k, n = _units(w, c, which)
+            return f(k, c) / n if n else 0.0
+        return _fz(trips)
+    return [Rule(where, per_unit(f, which), f"{what} per {tag} unit (segment ranges, emulated)",
+                 via=rf"fixed reference, {tag} units", kernel=_FUSED)
+            for which, tag in (("p", "pair"), ("s", "single")) for where, f, what in _WALK]
+
+
 def _bwd_one(c: Ctx) -> bool:
     """wattn_bwd_kernel's ONE (the one-pass plan) template argument."""
     return len(c.tparams) > 5 and c.tparams[5] == "true"
@@ -296,36 +340,27 @@ CUDA_RULES: List[Rule] = [
     Rule(r"for \(int i = threadIdx\.x; i < T; i \+= kThreads\)", lambda c: lane_strided(c.p["T"], THREADS_FUSED),
          "the head's table slice: T entries over 256 threads", kernel=_FUSED),
     # forward (window_attention.cu)
-    # fwd_tile's walk, one-window packs (ONE): one loop per block kind, iterations per tile = the
-    # emulated totals / tiles; packs of several windows: one loop, the first block peeled
+    # fwd_tile's walk (packs of several windows): one loop, the first block peeled; fwd_unit's (one-window
+    # packs, ONE): one loop per block kind, iterations per unit = the emulated totals of its kind / units
     Rule(r"for \(kb \+= 32; kb < end; kb \+= 32\)", _fz(lambda w, c: sum(w["c32"].values()) / w["ftiles"] - 1),
          "key blocks (32, or a last 16) per query tile after the peeled first one (segment ranges, emulated)",
          kernel=_FUSED),
     # the online walk after a failed fixed reference (fwd_tile, ONE): never at the model's inputs
     Rule(r"for \(int pass = 0; pass < 2; \+\+pass\)", lambda c: 1.0,
-         "one-window tile's passes: the fixed reference; the online walk again only after the probe's "
+         "one-window unit's passes: the fixed reference; the online walk again only after the probe's "
          "reference fails a row (never at the model's inputs)", kernel=_FUSED),
-    *[Rule(w, lambda c: 0.0, "one-window tile's online walk: only after the probe's reference fails a row "
-           "(never at the model's inputs)", via=r"online fallback walk", kernel=_FUSED)
-      for w in (r"for \(int i = 0; i < nm32; \+\+i\)", r"for \(int i = 0; i < nm16; \+\+i\)",
-                r"for \(int i = 0; i < nm8; \+\+i\)",
-                r"for \(; kb \+ 64 <= m1; kb \+= 64\)", r"for \(; kb \+ 32 <= m1; kb \+= 32\)",
-                r"for \(; kb < m1; kb \+= 16\)")],
-    Rule(r"for \(int i = 0; i < nm32; \+\+i\)", _fz(lambda w, c: w["c32"][(32, True)] / w["ftiles"]),
-         "masked 32-key blocks per query tile (segment ranges, emulated)", kernel=_FUSED),
-    Rule(r"for \(int i = 0; i < nm16; \+\+i\)",
-         _fz(lambda w, c: (w["c32"][(16, True)] + (0 if _eight(c) else w["c32"][(8, True)])) / w["ftiles"]),
-         "masked 16-key blocks per query tile (segment ranges, emulated; without the 8-key loop also the "
-         "segments' last 1..8 keys, at end - 8)", kernel=_FUSED),
-    Rule(r"for \(int i = 0; i < nm8; \+\+i\)", _fz(lambda w, c: w["c32"][(8, True)] / w["ftiles"] if _eight(c) else 0.0),
-         "masked 8-key blocks per query tile: a segment's last 1..8 keys (segment ranges, emulated)", kernel=_FUSED),
-    Rule(r"for \(; kb \+ 64 <= m1; kb \+= 64\)", _fz(lambda w, c: w["c32"][(64, False)] / w["ftiles"]),
-         "unmasked 64-key blocks per query tile (segment ranges, emulated)", kernel=_FUSED),
-    Rule(r"for \(; kb \+ 32 <= m1; kb \+= 32\)", _fz(lambda w, c: w["c32"][(32, False)] / w["ftiles"]),
-         "unmasked 32-key blocks per query tile (0 or 1, after the 64-key ones; segment ranges, emulated)",
-         kernel=_FUSED),
-    Rule(r"for \(; kb < m1; kb \+= 16\)", _fz(lambda w, c: w["c32"][(16, False)] / w["ftiles"]),
-         "unmasked 16-key blocks per query tile (0 or 1; segment ranges, emulated)", kernel=_FUSED),
+    *[Rule(w, lambda c: 0.0, "one-window unit's online walk: only after the probe's reference fails a row "
+           "(never at the model's inputs)", via=r"online fallback walk", kernel=_FUSED) for w, _, _ in _WALK],
+    *_unit_walk_rules(),
+    # a walk loop seen without its call site (no inlining chain in the line info): one tile's share
+    *[Rule(where, _fz(lambda w, c, f=f: f(w["c32"], c) / w["ftiles"]),
+           f"{what} per query tile (segment ranges, emulated; no call site: a tile's share)", kernel=_FUSED)
+      for where, f, what in _WALK],
+    Rule(r"for \(; u < npairs; u \+= kWarps\)", _fz(lambda w, c: _units(w, c, "p")[1] / w["packs"] / 8),
+         "forward pair units (align_segments' pairs), round-robin over the 8 warps: per pack / 8", kernel=_FUSED),
+    Rule(r"for \(; u < nunits; u \+= kWarps\)", _fz(lambda w, c: _units(w, c, "s")[1] / w["packs"] / 8),
+         "forward single units (a segment's odd last tile; every tile without pairs), after the pairs in the "
+         "same round-robin: per pack / 8", kernel=_FUSED),
     Rule(r"for \(int q = threadIdx\.x; q < rows; q \+= kThreads\)", lambda c: 0.0,
          "fwd_exact: only for a head whose V holds NaN/Inf", kernel=_FUSED),
     Rule(r"for \(int d = 0; d < D; \+\+d\)", lambda c: c.p["d"], "fwd_exact dot: D", kernel=_FUSED),

@@ -288,19 +288,25 @@ def _pack_stats(kp: Tuple[Tuple[int, ...], ...], N: int) -> Dict[str, Any]:
     # the forward's tiles: align_segments (window_attention.cu) starts every segment of a one-window
     # pack at a multiple of 16 slots when they still fit in the pack's cap slots; then each tile is
     # one segment's (its padding rows included) and walks that segment's keys
+    # kinds: fwd_unit's units of a one-window pack's aligned layout: a segment's tiles in pairs ("p": the
+    # pair's first tile, "t": its second) and its odd last tile single ("s"); every other tile "s"
     ftiles = []
     if len(kp) == 1 and sum(_round16(c) for c in sizes) <= _round16(N):
         off = 0
         for c in sizes:
-            ftiles += [(off, off + c, True)] * (_round16(c) // 16)
+            n = _round16(c) // 16
+            ftiles += [(off, off + c, True, "t" if k & 1 else "p" if k + 1 < n else "s") for k in range(n)]
             off += _round16(c)
     else:
         for t in range(nt):
             last = min(16 * t + 15, nvalid - 1)
             ftiles.append((segs[16 * t][0], segs[last][1],
-                           last == 16 * t + 15 and segs[16 * t][0] == segs[last][0]))
-    for lo, hi, uni in ftiles:
-        if len(kp) > 1:  # fwd_tile<ONE = false>: 32-key blocks from lo & ~15, a last one of 16
+                           last == 16 * t + 15 and segs[16 * t][0] == segs[last][0], "s"))
+    # u32p / u32s: the blocks walked by the pair / single units (each unit walks its segment once) and
+    # their number ("n")
+    u32p, u32s = Counter(), Counter()
+    for lo, hi, uni, kind in ftiles:
+        if len(kp) > 1:  # fwd_tile (packs of several windows): 32-key blocks from lo & ~15, a last one of 16
             b, end = lo & ~15, _round16(hi)
             while b < end:
                 wd = 32 if b + 32 <= end else 16
@@ -328,12 +334,14 @@ def _pack_stats(kp: Tuple[Tuple[int, ...], ...], N: int) -> Dict[str, Any]:
             if eight and Q:
                 Q, end = Q - 8, end - 8
         mid = end - Q - b0 - P
-        c32[(32, True)] += (P >> 5) + (Q == 32)
-        c32[(16, True)] += ((P >> 4) & 1) + ((Q >> 4) & 1)
-        c32[(8, True)] += (Q >> 3) & 1
-        c32[(64, False)] += mid // 64
-        c32[(32, False)] += mid % 64 // 32
-        c32[(16, False)] += mid % 32 // 16
+        walk = Counter({(32, True): (P >> 5) + (Q == 32), (16, True): ((P >> 4) & 1) + ((Q >> 4) & 1),
+                        (8, True): (Q >> 3) & 1, (64, False): mid // 64, (32, False): mid % 64 // 32,
+                        (16, False): mid % 32 // 16})
+        c32.update(walk)
+        if kind != "t":
+            unit = u32p if kind == "p" else u32s
+            unit.update(walk)
+            unit["n"] += 1
     warps = [max(scan[w:w + 32]) for w in range(0, nvalid, 32)]
     # pack_segment_id (the fused prologue): the first lane of each (window, key) in a warp leads and
     # scans the earlier leaders of its window in token order, up to and including the first match
@@ -351,7 +359,7 @@ def _pack_stats(kp: Tuple[Tuple[int, ...], ...], N: int) -> Dict[str, Any]:
         lscan[n // 32] = max(lscan[n // 32], e - e0 if hit is None else hit - e0 + 1)
     # the legacy kernels run segment_ids on one window at a time: warps of 32 tokens of a window
     wwarps = [max(scan[i + w:i + min(w + 32, N)]) for i in range(0, nvalid, N) for w in range(0, N, 32)]
-    return dict(nvalid=nvalid, tiles=nt, ftiles=len(ftiles), c32=c32, c16=c16, scan=sum(warps), scan_warps=len(warps),
+    return dict(nvalid=nvalid, tiles=nt, ftiles=len(ftiles), c32=c32, c16=c16, u32p=u32p, u32s=u32s, scan=sum(warps), scan_warps=len(warps),
                 lscan=sum(lscan),
                 scan_win=sum(wwarps), scan_win_warps=len(wwarps),
                 shifts_fwd=_assign_shifts([b + 1 for b in tb]),
@@ -369,7 +377,7 @@ def _keys(B: int, H: int, W: int, w: int, shift: int, group: Optional[np.ndarray
 def _aggregate(keys: np.ndarray) -> Dict[str, Any]:
     nwin, N = keys.shape
     P = pick_pack(N, nwin)
-    tot: Dict[str, Any] = dict(c32=Counter(), c16=Counter(), nvalid=Counter())
+    tot: Dict[str, Any] = dict(c32=Counter(), c16=Counter(), u32p=Counter(), u32s=Counter(), nvalid=Counter())
     cache: Dict[Any, Dict[str, Any]] = {}
     for p0 in range(0, nwin, P):
         kp = tuple(tuple(int(x) for x in k) for k in keys[p0:p0 + P])
@@ -378,6 +386,8 @@ def _aggregate(keys: np.ndarray) -> Dict[str, Any]:
         s = cache[kp]
         tot["c32"].update(s["c32"])
         tot["c16"].update(s["c16"])
+        tot["u32p"].update(s["u32p"])
+        tot["u32s"].update(s["u32s"])
         tot["nvalid"][s["nvalid"]] += 1
         for k in ("tiles", "ftiles", "scan", "scan_warps", "lscan", "scan_win", "scan_win_warps", "shifts_fwd", "shifts_bwd"):
             tot[k] = tot.get(k, 0) + s[k]
@@ -391,7 +401,9 @@ def attention_workload(B: int, H: int, W: int, w: int, shift: int, group: bool, 
     """Totals over all packs of a call (memoized): ``tiles`` (16-row tiles of the prologue's
     layout; ``ftiles``: the forward's, after align_segments); ``c32`` / ``c16`` Counters of
     (width, masked) key blocks of the forward / backward walks (each key of each 16-row tile's range
-    in one block of each; the forward's tiles are ``ftiles``); ``nvalid`` Counter of valid slots per
+    in one block of each; the forward's tiles are ``ftiles``); ``u32p`` / ``u32s``: the forward's
+    one-window walks by unit (fwd_unit's pairs / single tiles: blocks walked, as ``c32``, and ``n`` units;
+    packs of several windows: all single, ``u32s`` empty there); ``nvalid`` Counter of valid slots per
     pack; ``scan`` / ``scan_warps``: segment_ids' inner-loop iterations summed over the warps that run
     it (a warp runs until its longest lane is done) and their number (``lscan``: the same for the fused
     prologue's pack_segment_id, whose leaders scan the earlier leaders; ``scan_win`` / ``scan_win_warps``:
