@@ -14,8 +14,8 @@
 // table slice in shared memory at one add per pair, a mask compare only in blocks that straddle
 // a segment boundary, online softmax in fp32 with the max in natural units and exp2 folded into
 // one FFMA, P rounded to the input type for P@V. One-window packs (window 14) sum against a fixed
-// per-row reference instead (fwd_tile: a probe of the segment's first keys; the online walk again
-// for a tile whose check fails). O leaves through the warp's own Q rows with
+// per-row reference instead (fwd_unit: a probe of the segment's first keys; the online walk again
+// for a unit (one or two tiles) whose check fails). O leaves through the warp's own Q rows with
 // 16-byte stores, plus the fp32 lse for the backward. Every input byte is read once.
 //
 // NaN/Inf: scores, biases and masks follow the reference as they are (masked pairs are -inf by
@@ -504,7 +504,7 @@ __device__ __forceinline__ void fwd_pack(const FwdArgs& A, unsigned char* smem, 
   using TL = Tile<T, D>;
   const Geo& G = A.g;
   const Layout& L = A.L;
-  // fwd_tile's 8-key tail loop: only in the kernels with 255 registers (every one-window kernel), not
+  // fwd_unit's 8-key tail loop: only in the kernels with 255 registers (every one-window kernel), not
   // cosine, sm_90. In the cosine kernels and below sm_90 it spills a few registers (ptxas' allocation);
   // the masked 16-key loop takes those tails instead (at end - 8: same pairs, twice the computed ones).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900

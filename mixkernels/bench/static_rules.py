@@ -345,7 +345,7 @@ CUDA_RULES: List[Rule] = [
     Rule(r"for \(kb \+= 32; kb < end; kb \+= 32\)", _fz(lambda w, c: sum(w["c32"].values()) / w["ftiles"] - 1),
          "key blocks (32, or a last 16) per query tile after the peeled first one (segment ranges, emulated)",
          kernel=_FUSED),
-    # the online walk after a failed fixed reference (fwd_tile, ONE): never at the model's inputs
+    # the online walk after a failed fixed reference (fwd_unit): never at the model's inputs
     Rule(r"for \(int pass = 0; pass < 2; \+\+pass\)", lambda c: 1.0,
          "one-window unit's passes: the fixed reference; the online walk again only after the probe's "
          "reference fails a row (never at the model's inputs)", kernel=_FUSED),

@@ -313,7 +313,7 @@ def _pack_stats(kp: Tuple[Tuple[int, ...], ...], N: int) -> Dict[str, Any]:
                 c32[(wd, not (uni and b >= lo and b + wd <= hi))] += 1
                 b += wd
             continue
-        # fwd_tile<ONE = true>: masked prefix [b0, b0 + P) and suffix [end - Q, end), unmasked middle; 32-key blocks,
+        # fwd_unit (one-window packs): masked prefix [b0, b0 + P) and suffix [end - Q, end), unmasked middle; 32-key blocks,
         # 16 where 32 do not fit
         # (one_walk: a last 16 keys holding 1..8 of the segment take an 8-key block, Q = 8 or 24)
         b0, end = lo & ~15, _round16(hi)
