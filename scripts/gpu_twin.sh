@@ -11,7 +11,7 @@
 #   5. runs the Triton-interpreter tests with that Triton and numpy (token ops, losses, headline
 #      cases, window attention: a failure fails the run; TWIN_STRICT_ATTENTION=0 only reports it)
 # Each step prints its time. Knobs: MIXKERNELS_TWIN_VENV (default build/gpu-twin/venv, reused
-# when present), TWIN_ARCHS (default 90: CMake compile-checks 80;90 in CI), MAX_JOBS.
+# when present), TWIN_ARCHS (default 90; CI compile-checks sm_80 with CMake), MAX_JOBS.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

@@ -10,6 +10,7 @@ is built once per source hash under ``build/cuda_emu`` (about a minute on two co
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import glob
 import hashlib
 import os
@@ -24,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU = os.path.join(ROOT, "tests", "cuda_emu")
 SOURCES = [
     "csrc/cuda/window_attention.cu",
+    *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "window_attention_fwd_*.cu"))),
     "csrc/cuda/window_attention_bwd.cu",
     "csrc/cuda/window_attention_legacy.cu",
     "csrc/cuda/window_attention_legacy_bwd.cu",
@@ -77,26 +79,33 @@ def library() -> ctypes.CDLL:
             h.update(fh.read())
     bdir = os.path.join(ROOT, "build", "cuda_emu", h.hexdigest()[:16])
     lib = os.path.join(bdir, "libmk_emu.so")
-    if not os.path.exists(lib):
-        os.makedirs(bdir, exist_ok=True)
-
-        def one(src):
-            obj = os.path.join(bdir, os.path.basename(src) + ".o")
-            lang = ["-x", "c++"] if src.endswith(".cu") else []
-            r = subprocess.run(["nice", "-n", "10", cxx, *flags, *lang, "-c", os.path.join(ROOT, src), "-o", obj],
-                               capture_output=True, text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"emulator build failed on {src}:\n{r.stderr[-8000:]}")
-            return obj
-
-        with ThreadPoolExecutor(int(os.environ.get("MAX_JOBS", "2"))) as ex:
-            objs = list(ex.map(one, SOURCES))
-        r = subprocess.run([cxx, "-shared", "-o", lib + ".tmp", *objs], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"emulator link failed:\n{r.stderr[-4000:]}")
-        os.replace(lib + ".tmp", lib)
+    os.makedirs(bdir, exist_ok=True)
+    # One builder per folder: pytest-xdist workers that need the library together wait for the first.
+    with open(os.path.join(bdir, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(lib):
+            _build(cxx, flags, bdir, lib)
     _LIB = ctypes.CDLL(lib)
     return _LIB
+
+
+def _build(cxx, flags, bdir, lib):
+    """Compile SOURCES into bdir (MAX_JOBS at a time) and link lib."""
+    def one(src):
+        obj = os.path.join(bdir, os.path.basename(src) + ".o")
+        lang = ["-x", "c++"] if src.endswith(".cu") else []
+        r = subprocess.run(["nice", "-n", "10", cxx, *flags, *lang, "-c", os.path.join(ROOT, src), "-o", obj],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"emulator build failed on {src}:\n{r.stderr[-8000:]}")
+        return obj
+
+    with ThreadPoolExecutor(int(os.environ.get("MAX_JOBS", "2"))) as ex:
+        objs = list(ex.map(one, SOURCES))
+    r = subprocess.run([cxx, "-shared", "-o", lib + ".tmp", *objs], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"emulator link failed:\n{r.stderr[-4000:]}")
+    os.replace(lib + ".tmp", lib)
 
 
 def unavailable() -> Optional[str]:

@@ -395,7 +395,7 @@ TAIL_CASES = [
 ]
 
 
-# Both head dims take the 8-key loop (one-window kernels: one CTA per SM, 255 registers; window_attention.cu
+# Both head dims take the 8-key loop (one-window kernels: one CTA per SM, 255 registers; window_attention_fwd.cuh
 # kEight, fwd_two_ctas); the masked 16-key blocks at end - 8 that replace it in the cosine kernels (and
 # below sm_90) are test_segment_tails_fallbacks_and_cosine's "cosine" case.
 @pytest.mark.parametrize("d", [32, 64], ids=["d32", "d64"])

@@ -290,7 +290,7 @@ def test_loop_found_from_source_structure_when_the_back_edge_has_another_line(tm
 
 
 # ---- the rules describe the current attention kernels: every loop of their sources gets a trip count
-_CUDA_ATTN = {"window_attention.cu": "int smem_limit() {", "window_attention_bwd.cu": "struct BwdPlan {",
+_CUDA_ATTN = {"window_attention_fwd.cuh": None, "window_attention_bwd.cu": "struct BwdPlan {",
               "window_attention_common.cuh": None,  # file: where its device code ends (launch plans follow)
               "window_attention_bwd_tiles.cuh": None, "window_attention_bwd_items.cuh": None,
               "window_attention_bwd_box.cuh": None, "window_attention_fwd_pack.cuh": None,
@@ -330,7 +330,7 @@ def test_rules_count_the_forward_walk_per_unit_kind():
     from mixkernels.bench import wattn_workload as ww
 
     wl = ww.attention_workload(128, 56, 56, 14, 0, True)
-    path = os.path.join(_ROOT, "csrc", "cuda", "window_attention.cu")
+    path = os.path.join(_ROOT, "csrc", "cuda", "window_attention_fwd.cuh")
     src = open(path).read().splitlines()
     loop = next(i for i, t in enumerate(src) if "for (; kb + 64 <= m1; kb += 64)" in t)
     calls = {tag: next(i for i, t in enumerate(src) if f"fixed reference, {tag} units" in t) for tag in ("pair", "single")}

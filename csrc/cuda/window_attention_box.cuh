@@ -6,7 +6,7 @@
 // nx = 2ex + 1, center = ey nx + ex.
 //   Backward (window_attention_bwd_box.cuh): ey = min(rh-1, the pack's y span), ex likewise; out-of-range
 //   differences (edge rule 3) still take the table's zero entry (pair_grad's range test).
-//   Forward (window_attention.cu): ey, ex the uncapped spans; box entries whose difference is out of
+//   Forward (window_attention_fwd.cuh): ey, ex the uncapped spans; box entries whose difference is out of
 //   the table's range hold 0 (rule 3), so a pair reads its entry with no range test at all.
 // Packs whose box exceeds the plan's budget (tmax entries) run a whole-table fallback.
 #pragma once

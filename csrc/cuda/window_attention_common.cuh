@@ -1,4 +1,4 @@
-// Shared device code of the fused window-attention kernels (window_attention.cu forward,
+// Shared device code of the fused window-attention kernels (window_attention_fwd.cuh forward,
 // window_attention_bwd.cu backward): warp-tile products on the tensor cores, the pack prologue
 // that sorts a pack's tokens by attention segment, the per-warp work lists, row loads and stores.
 //

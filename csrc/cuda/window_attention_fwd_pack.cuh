@@ -1,4 +1,4 @@
-// Fused window attention forward: the per-pack and per-head staging helpers of window_attention.cu
+// Fused window attention forward: the per-pack and per-head staging helpers of window_attention_fwd.cuh
 // (Q/K/V row loads, padding rows, the V check, the table entries a head reads, the one-window layout
 // with segments aligned to tiles and each tile's walk).
 #pragma once

@@ -24,11 +24,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .. import _buildcfg
+
 __all__ = ["cuda_home", "Build", "CudaLaunch", "build", "capture", "FLAGS"]
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _HERE = os.path.dirname(os.path.abspath(__file__))
-FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-arch=sm_90", "-Xptxas", "-v"]
+# The shipped nvcc flags (csrc/flags.txt) for sm_90, plus ptxas' per-kernel log. MIXKERNELS_NVCC_WERROR=1
+# adds flags.txt's CI-only warnings-as-errors (scripts/static_gate.sh: CI's sm_90 compile check is this build).
+FLAGS = _buildcfg.read_flags(os.path.join(_ROOT, "csrc"))["nvcc"] + ["-arch=sm_90", "-Xptxas", "-v"]
+if os.environ.get("MIXKERNELS_NVCC_WERROR") == "1":
+    FLAGS += _buildcfg.read_flags(os.path.join(_ROOT, "csrc"))["nvcc_ci"]
 
 
 def cuda_home() -> Optional[str]:

@@ -155,7 +155,7 @@ def _tvec(c: Ctx) -> int:
     return int(c.tparams[1]) if len(c.tparams) > 1 and c.tparams[1].isdigit() else 1
 
 
-# ---- fused CUDA window attention (window_attention.cu / _bwd.cu / _common.cuh): the trip counts come
+# ---- fused CUDA window attention (window_attention_fwd.cuh / _bwd.cu / _common.cuh): the trip counts come
 # from the launch plan and the pack prologue emulated on the case's masks (wattn_workload.py).
 # Nested loops get per-entry averages (totals over all
 # packs divided by the enclosing loop's total), so the weighted counts are the totals' averages per
@@ -188,7 +188,7 @@ def _one(c: Ctx) -> bool:
 
 
 def _eight(c: Ctx) -> bool:
-    """Whether wattn_fwd_kernel has its 8-key tail loop (window_attention.cu, kEight on sm_90): a
+    """Whether wattn_fwd_kernel has its 8-key tail loop (window_attention_fwd.cuh, kEight on sm_90): a
     one-window (one CTA per SM, fwd_two_ctas), non-cosine kernel (T, D, BIAS, ABIAS, ONE, PLAN, COS);
     elsewhere the masked 16-key loop takes those tails (at end - 8)."""
     t = c.tparams
@@ -196,7 +196,7 @@ def _eight(c: Ctx) -> bool:
 
 
 def _pairs(c: Ctx) -> bool:
-    """Whether wattn_fwd_kernel walks pair units (window_attention.cu, fwd_pack's kPairs): one-window
+    """Whether wattn_fwd_kernel walks pair units (window_attention_fwd.cuh, fwd_pack's kPairs): one-window
     kernels (T, D, BIAS, ABIAS, ONE, ...) at head_dim <= 32 without attn_bias."""
     return _one(c) and int(c.tparams[1]) <= 32 and c.tparams[3] != "true"
 
@@ -339,7 +339,7 @@ CUDA_RULES: List[Rule] = [
          "store_rows_warp: 16 rows x chunks over 32 lanes", kernel=_FUSED),
     Rule(r"for \(int i = threadIdx\.x; i < T; i \+= kThreads\)", lambda c: lane_strided(c.p["T"], THREADS_FUSED),
          "the head's table slice: T entries over 256 threads", kernel=_FUSED),
-    # forward (window_attention.cu)
+    # forward (window_attention_fwd.cuh)
     # fwd_tile's walk (packs of several windows): one loop, the first block peeled; fwd_unit's (one-window
     # packs, ONE): one loop per block kind, iterations per unit = the emulated totals of its kind / units
     Rule(r"for \(kb \+= 32; kb < end; kb \+= 32\)", _fz(lambda w, c: sum(w["c32"].values()) / w["ftiles"] - 1),

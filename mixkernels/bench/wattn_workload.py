@@ -285,7 +285,7 @@ def _pack_stats(kp: Tuple[Tuple[int, ...], ...], N: int) -> Dict[str, Any]:
         tb.append((end - b0) // 16)
         for b in range(b0, end, 16):  # the backward: 16-key blocks
             c16[(16, not (uni and b >= lo and b + 16 <= hi))] += 1
-    # the forward's tiles: align_segments (window_attention.cu) starts every segment of a one-window
+    # the forward's tiles: align_segments (window_attention_fwd.cuh) starts every segment of a one-window
     # pack at a multiple of 16 slots when they still fit in the pack's cap slots; then each tile is
     # one segment's (its padding rows included) and walks that segment's keys
     # kinds: fwd_unit's units of a one-window pack's aligned layout: a segment's tiles in pairs ("p": the

@@ -1,0 +1,7 @@
+// The fused forward's kernels for bf16, head_dim 16: one instance of launch_forward
+// (window_attention_fwd.cuh) per translation unit, so that builds compile them in parallel.
+#include "window_attention_fwd.cuh"
+
+namespace mixkernels::cuda::wattn {
+template MK_WATTN_FWD_INSTANCE(__nv_bfloat16, 16);
+}  // namespace mixkernels::cuda::wattn
