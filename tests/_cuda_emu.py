@@ -23,17 +23,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU = os.path.join(ROOT, "tests", "cuda_emu")
-SOURCES = [
-    "csrc/cuda/window_attention.cu",
-    *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "window_attention_fwd_*.cu"))),
-    "csrc/cuda/window_attention_bwd.cu",
-    "csrc/cuda/window_attention_legacy.cu",
-    "csrc/cuda/window_attention_legacy_bwd.cu",
-    "csrc/cuda/mixing.cu",
-    "csrc/cuda/windows.cu",
-    "csrc/cuda/uniform.cu",
-    "csrc/cuda/losses.cu",
-    "csrc/cuda/simmim_loss.cu",
+# Every kernel file (torch-free, csrc/cuda/*.cu: the forward's per-(dtype, head_dim) instance files too) and
+# the emulator's runtime.
+SOURCES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))) + [
     "tests/cuda_emu/emu_runtime.cpp",
     "tests/cuda_emu/emu_api.cpp",
 ]

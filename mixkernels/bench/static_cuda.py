@@ -32,9 +32,10 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # The shipped nvcc flags (csrc/flags.txt) for sm_90, plus ptxas' per-kernel log. MIXKERNELS_NVCC_WERROR=1
 # adds flags.txt's CI-only warnings-as-errors (scripts/static_gate.sh: CI's sm_90 compile check is this build).
-FLAGS = _buildcfg.read_flags(os.path.join(_ROOT, "csrc"))["nvcc"] + ["-arch=sm_90", "-Xptxas", "-v"]
+_FLAGS_TXT = _buildcfg.read_flags(os.path.join(_ROOT, "csrc"))
+FLAGS = _FLAGS_TXT["nvcc"] + ["-arch=sm_90", "-Xptxas", "-v"]
 if os.environ.get("MIXKERNELS_NVCC_WERROR") == "1":
-    FLAGS += _buildcfg.read_flags(os.path.join(_ROOT, "csrc"))["nvcc_ci"]
+    FLAGS += _FLAGS_TXT["nvcc_ci"]
 
 
 def cuda_home() -> Optional[str]:
